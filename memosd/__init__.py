@@ -1,0 +1,3 @@
+"""memosd: a memory operating system for language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Domain errors: each has one gRPC status code and one stable reason.
+
+The reasons are the names of ``memos.v1.ErrorReason``; the client maps them
+back to exception classes. ``syscalls/errors.py`` is the one place that turns
+these into gRPC statuses. The kernel raises them and knows nothing of gRPC, so
+codes are named here as strings of ``grpc.StatusCode`` member names.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class MemosError(Exception):
+    """Base of every error a syscall reports to its caller."""
+
+    code: ClassVar[str] = "INTERNAL"
+    reason: ClassVar[str] = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, **metadata: object) -> None:
+        super().__init__(message)
+        self.message = message
+        # Sent as ErrorInfo.metadata: machine-readable context (ids, limits).
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class CubeNotFound(MemosError):
+    code = "NOT_FOUND"
+    reason = "CUBE_NOT_FOUND"
+
+
+class MountNotFound(MemosError):
+    code = "NOT_FOUND"
+    reason = "MOUNT_NOT_FOUND"
+
+
+class RevisionNotFound(MemosError):
+    code = "NOT_FOUND"
+    reason = "REVISION_NOT_FOUND"
+
+
+class ItemNotFound(MemosError):
+    code = "NOT_FOUND"
+    reason = "ITEM_NOT_FOUND"
+
+
+class CubeNameTaken(MemosError):
+    code = "ALREADY_EXISTS"
+    reason = "CUBE_NAME_TAKEN"
+
+
+class InvalidField(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_FIELD"
+
+
+class TextEmpty(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "TEXT_EMPTY"
+
+
+class TextTooLarge(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "TEXT_TOO_LARGE"
+
+
+class TooManyItems(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "TOO_MANY_ITEMS"
+
+
+class InvalidPageToken(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_PAGE_TOKEN"
+
+
+class MalformedRequest(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "MALFORMED_REQUEST"
+
+
+class MountReadOnly(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "MOUNT_READ_ONLY"
+
+
+class CommitConflict(MemosError):
+    code = "ABORTED"
+    reason = "COMMIT_CONFLICT"
+
+
+class StagingFull(MemosError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "STAGING_FULL"
+
+
+class ShuttingDown(MemosError):
+    code = "UNAVAILABLE"
+    reason = "SHUTTING_DOWN"
+
+
+class InternalError(MemosError):
+    code = "INTERNAL"
+    reason = "INTERNAL_ERROR"
+
+
+ALL_ERRORS: tuple[type[MemosError], ...] = (
+    CubeNotFound, MountNotFound, RevisionNotFound, ItemNotFound, CubeNameTaken,
+    InvalidField, TextEmpty, TextTooLarge, TooManyItems, InvalidPageToken,
+    MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
+    InternalError,
+)

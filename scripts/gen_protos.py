@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Regenerate the committed gRPC/protobuf code of the memos-client package.
+
+    python scripts/gen_protos.py          # rewrite clients/python/memos/v1/
+    python scripts/gen_protos.py --check  # exit 1 if the committed code is stale
+
+Generated modules: *_pb2.py, *_pb2_grpc.py and their .pyi stubs (mypy-protobuf).
+The output depends on the grpcio-tools and mypy-protobuf versions pinned in
+clients/python/pyproject.toml's `gen` extra; CI runs --check with those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "protos"
+OUT_ROOT = ROOT / "clients" / "python"
+PACKAGE_DIR = Path("memos") / "v1"
+
+
+def generate(out_root: Path) -> list[Path]:
+    """Run protoc (from grpcio-tools) over protos/memos/v1 into out_root."""
+    import grpc_tools  # imported here so --help works without grpcio-tools
+
+    protos = sorted((PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    (out_root / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}", f"-I{well_known}",
+        f"--python_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        f"--mypy_out={out_root}",
+        f"--mypy_grpc_out={out_root}",
+        *[str(p.relative_to(PROTO_ROOT)) for p in protos],
+    ]
+    subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
+    return sorted(p for p in (out_root / PACKAGE_DIR).iterdir() if _is_generated(p))
+
+
+def _is_generated(path: Path) -> bool:
+    return path.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail if the committed code differs")
+    args = parser.parse_args()
+    target = OUT_ROOT / PACKAGE_DIR
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = generate(Path(tmp))
+        committed = sorted(p for p in target.iterdir() if _is_generated(p)) if target.exists() else []
+        if args.check:
+            stale = sorted(
+                {p.name for p in fresh} ^ {p.name for p in committed}
+                | {p.name for p in fresh if (target / p.name).exists() and not filecmp.cmp(p, target / p.name, shallow=False)}
+            )
+            if stale:
+                print("generated code is stale; run scripts/gen_protos.py:", *stale, sep="\n  ")
+                return 1
+            print(f"generated code is up to date ({len(fresh)} files)")
+            return 0
+        for old in committed:
+            old.unlink()
+        for new in fresh:
+            shutil.copyfile(new, target / new.name)
+            print(f"wrote {(target / new.name).relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
