@@ -1,0 +1,107 @@
+"""``memosctl cube alloc|list|stat|free``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from memos.cli.inputs import UsageError, label
+from memos.cli.output import Output, fmt_map, fmt_time, to_dict
+from memos.client import Client
+from memos.v1 import types_pb2
+
+
+def cube_block(out: Output, cube: types_pb2.Cube) -> None:
+    out.block([
+        ("cube id", cube.cube_id),
+        ("name", cube.name),
+        ("description", cube.description or "-"),
+        ("labels", fmt_map(cube.labels)),
+        ("created", fmt_time(cube.create_time)),
+        ("head revision", cube.head_revision),
+        ("items", cube.item_count),
+        ("versions", cube.version_count),
+        ("mounts", cube.mount_count),
+    ])
+
+
+def _alloc(client: Client, args: argparse.Namespace, out: Output) -> None:
+    cube = client.alloc_cube(args.name, args.description, dict(args.label))
+    if out.json:
+        out.emit_json(to_dict(cube))
+    else:
+        cube_block(out, cube)
+
+
+def _list(client: Client, args: argparse.Namespace, out: Output) -> None:
+    cubes = list(client.list_cubes())
+    if out.json:
+        out.emit_json({"cubes": [to_dict(c) for c in cubes]})
+        return
+    out.table(
+        ["CUBE ID", "NAME", "HEAD", "ITEMS", "MOUNTS", "CREATED", "DESCRIPTION"],
+        [
+            [c.cube_id, c.name, c.head_revision, c.item_count, c.mount_count, fmt_time(c.create_time),
+             c.description or "-"]
+            for c in cubes
+        ],
+    )
+
+
+def _stat(client: Client, args: argparse.Namespace, out: Output) -> None:
+    cube = client.stat_cube(args.cube)
+    if out.json:
+        out.emit_json(to_dict(cube))
+    else:
+        cube_block(out, cube)
+
+
+def _interactive() -> bool:
+    try:
+        return sys.stdin.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams (tests, daemons)
+        return False
+
+
+def _free(client: Client, args: argparse.Namespace, out: Output) -> None:
+    if not args.yes:
+        if not _interactive():
+            raise UsageError(f"refusing to free cube {args.cube!r} without --yes: it deletes all its history")
+        sys.stderr.write(f"Free cube {args.cube!r} with all its revisions and items? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise UsageError("not confirmed; nothing was freed")
+    resp = client.free_cube(args.cube)
+    if out.json:
+        out.emit_json(to_dict(resp))
+        return
+    out.block([
+        ("freed", args.cube),
+        ("revisions deleted", resp.revisions_deleted),
+        ("versions deleted", resp.versions_deleted),
+        ("mounts closed", resp.mounts_closed),
+    ])
+
+
+def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cube = nouns.add_parser("cube", help="allocate, list, inspect and free cubes")
+    verbs = cube.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("alloc", help="create an empty cube")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--description", default="", metavar="D")
+    p.add_argument("--label", type=label, action="append", default=[], metavar="K=V",
+                   help="a label; repeat for more")
+    p.set_defaults(handler=_alloc)
+
+    p = verbs.add_parser("list", help="list cubes")
+    p.set_defaults(handler=_list)
+
+    p = verbs.add_parser("stat", help="show a cube's metadata")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.set_defaults(handler=_stat)
+
+    p = verbs.add_parser("free", help="delete a cube and all its history (irreversible)")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.add_argument("--yes", action="store_true", help="do not ask; required when not interactive")
+    p.set_defaults(handler=_free)

@@ -1,0 +1,113 @@
+"""memosctl: the admin command line of memosd. Nouns then verbs: ``memosctl cube list``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+
+from memos import __version__
+from memos.cli import cubes, history, mem
+from memos.cli.inputs import UsageError
+from memos.cli.output import Output
+from memos.client import DEFAULT_TARGET, Client
+from memos.errors import DeadlineExceeded, MemosError, Unavailable
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_RPC = 3
+EXIT_UNREACHABLE = 4
+
+Handler = Callable[[Client, argparse.Namespace, Output], None]
+
+_EPILOG = """\
+exit codes:
+  0  success
+  1  unexpected failure (a bug; the message says what)
+  2  bad arguments or input (usage)
+  3  the daemon refused or failed the call (the message starts with its reason)
+  4  the daemon is unreachable (not running, wrong --target, no answer within --timeout)
+
+environment:
+  MEMOS_TARGET   default for --target
+  MEMOS_AUTHOR   default author of commits
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memosctl",
+        description="Administer memosd: cubes, their items, and their history.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", default=os.environ.get("MEMOS_TARGET") or DEFAULT_TARGET,
+                        help="the daemon's host:port (default: $MEMOS_TARGET or %(default)s)")
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table",
+                        help="table (default) or one JSON document on stdout")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="deadline of each call (default %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
+    cubes.register(nouns)
+    mem.register(nouns)
+    history.register(nouns)
+    return parser
+
+
+def _unreachable(e: MemosError, client: Client) -> bool:
+    # A reason means the daemon answered (e.g. SHUTTING_DOWN). Without one, UNAVAILABLE is the
+    # transport's "cannot connect"; a DEADLINE_EXCEEDED is a slow daemon only if we are connected.
+    if e.reason:
+        return False
+    if isinstance(e, Unavailable):
+        return True
+    return isinstance(e, DeadlineExceeded) and not client.is_ready(timeout=0.2)
+
+
+def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            handler(client, args, out)
+        except MemosError as e:
+            if _unreachable(e, client):
+                out.stderr.write(f"memosctl: error: {e} (is memosd running at {args.target}?)\n")
+                return EXIT_UNREACHABLE
+            out.stderr.write(f"memosctl: error: {e}\n")
+            return EXIT_RPC
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run memosctl with ``argv`` (default: sys.argv[1:]); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    out = Output(args.output, quiet=args.quiet, stdout=sys.stdout, stderr=sys.stderr)
+    try:
+        return _run(args.handler, args, out)
+    except UsageError as e:
+        sys.stderr.write(f"memosctl: error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("memosctl: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (memosctl log | head): not our failure. Stop Python
+        # from reporting it again when it flushes stdout at exit.
+        with suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as e:
+        sys.stderr.write(f"memosctl: error: unexpected {type(e).__name__}: {e}\n")
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

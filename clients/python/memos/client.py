@@ -1,0 +1,502 @@
+"""The typed, synchronous client of memosd.
+
+It is a thin layer over the generated ``memos.v1`` stub: each method builds one
+request, returns the interesting part of the response as the protobuf message
+itself, and turns gRPC failures into :mod:`memos.errors` exceptions. List calls
+are generators that follow page tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from itertools import islice
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from memos.errors import MountNotFound, from_rpc_error
+from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Anything write() accepts as one item: bare text, a ready ItemInput, or a dict
+# with the keys text/tags/source/event_time/item_id.
+ItemLike = str | types_pb2.ItemInput | Mapping[str, Any]
+# A point in time: a datetime (naive means UTC), an ISO 8601 string, or a Timestamp.
+TimeLike = datetime | str | Timestamp
+
+_SEARCH_MODES = {
+    "hybrid": types_pb2.SEARCH_MODE_HYBRID,
+    "dense": types_pb2.SEARCH_MODE_DENSE,
+    "lexical": types_pb2.SEARCH_MODE_LEXICAL,
+}
+_ITEM_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id"})
+
+_Req = TypeVar("_Req", contravariant=True)
+_Resp = TypeVar("_Resp", covariant=True)
+_T = TypeVar("_T")
+
+
+class _UnaryCall(Protocol[_Req, _Resp]):
+    def __call__(self, request: _Req, timeout: float | None = ...) -> _Resp: ...
+
+
+def parse_time(text: str) -> datetime:
+    """Parse ISO 8601 (a trailing ``Z`` and date-only forms included) into an aware datetime."""
+    # fromisoformat() on Python 3.10 rejects the "Z" suffix.
+    value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def to_timestamp(value: TimeLike) -> Timestamp:
+    """Convert a datetime (naive means UTC), an ISO 8601 string or a Timestamp to a Timestamp."""
+    if isinstance(value, Timestamp):
+        return value
+    if isinstance(value, str):
+        value = parse_time(value)
+    ts = Timestamp()
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    ts.FromDatetime(value)
+    return ts
+
+
+def _item_input(
+    item: ItemLike, tags: Sequence[str], source: str, event_time: Timestamp | None
+) -> types_pb2.ItemInput:
+    if isinstance(item, types_pb2.ItemInput):
+        return item
+    if isinstance(item, str):
+        return types_pb2.ItemInput(text=item, tags=tags, source=source, event_time=event_time)
+    unknown = set(item) - _ITEM_KEYS
+    if unknown:
+        raise ValueError(f"unknown item keys {sorted(unknown)}; expected some of {sorted(_ITEM_KEYS)}")
+    item_tags = item.get("tags", tags)
+    # A bare string would otherwise be split into one tag per character.
+    item_tags = [item_tags] if isinstance(item_tags, str) else list(item_tags)
+    when = item.get("event_time")
+    return types_pb2.ItemInput(
+        item_id=item.get("item_id", ""),
+        text=item.get("text", ""),
+        tags=item_tags,
+        source=item.get("source", source),
+        event_time=to_timestamp(when) if when is not None else event_time,
+    )
+
+
+def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+class SearchResults(list[types_pb2.SearchHit]):
+    """The hits of a search, best first, plus the raw :class:`SearchResponse` for timings and headers."""
+
+    def __init__(self, response: memos_pb2.SearchResponse) -> None:
+        super().__init__(response.hits)
+        self.response = response
+
+    @property
+    def took_us(self) -> int:
+        return self.response.took_us
+
+    @property
+    def embed_us(self) -> int:
+        return self.response.embed_us
+
+
+class Client:
+    """A connection to memosd.
+
+    ``target`` defaults to ``$MEMOS_TARGET`` or ``127.0.0.1:50051``. ``timeout``
+    (seconds, ``None`` for none) applies to every call. A ``channel`` passed in
+    is used as is and stays open on :meth:`close`: its owner closes it.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = 30.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target or os.environ.get("MEMOS_TARGET") or DEFAULT_TARGET
+        self.timeout = timeout
+        self._owns_channel = channel is None
+        self.channel: grpc.Channel = channel or grpc.insecure_channel(
+            self.target,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = memos_pb2_grpc.MemOSStub(self.channel)
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, rpc: _UnaryCall[_Req, _T], request: _Req) -> _T:
+        # The one place a gRPC failure becomes a MemosError.
+        try:
+            return rpc(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def _pages(self, fetch: Callable[[str], tuple[Sequence[_T], str]]) -> Iterator[_T]:
+        token = ""
+        while True:
+            page, token = fetch(token)
+            yield from page
+            if not token:
+                return
+
+    def is_ready(self, timeout: float = 1.0) -> bool:
+        """Whether the channel is (or within ``timeout`` seconds gets) connected to the daemon."""
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            # Stops the future's connectivity polling thread, which would otherwise outlive the channel.
+            ready.cancel()
+        return True
+
+    def health(self, service: str = "") -> str:
+        """The grpc.health.v1 status name of ``service`` ("" is the daemon), e.g. ``"SERVING"``.
+
+        Needs the optional ``grpcio-health-checking`` package (not a dependency
+        of this client); raises ImportError without it.
+        """
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service))
+        name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)  # untyped module
+        return name
+
+    # -- cubes ---------------------------------------------------------------
+
+    def alloc_cube(
+        self, name: str, description: str = "", labels: Mapping[str, str] | None = None
+    ) -> types_pb2.Cube:
+        req = memos_pb2.AllocCubeRequest(name=name, description=description, labels=labels)
+        return self._call(self._stub.AllocCube, req).cube
+
+    def free_cube(self, cube: str) -> memos_pb2.FreeCubeResponse:
+        """Delete a cube (id or name) with everything in it. Irreversible."""
+        return self._call(self._stub.FreeCube, memos_pb2.FreeCubeRequest(cube=cube))
+
+    def stat_cube(self, cube: str) -> types_pb2.Cube:
+        return self._call(self._stub.StatCube, memos_pb2.StatCubeRequest(cube=cube)).cube
+
+    def list_cubes(self, page_size: int = 0) -> Iterator[types_pb2.Cube]:
+        def fetch(token: str) -> tuple[Sequence[types_pb2.Cube], str]:
+            resp = self._call(
+                self._stub.ListCubes, memos_pb2.ListCubesRequest(page_size=page_size, page_token=token)
+            )
+            return resp.cubes, resp.next_page_token
+
+        return self._pages(fetch)
+
+    # -- mounts --------------------------------------------------------------
+
+    def mount(self, cube: str, revision: int = 0, writable: bool = False) -> MountHandle:
+        """Open a mount on a cube (id or name) at ``revision`` (0: HEAD). Use it as a context manager."""
+        mode = types_pb2.MOUNT_MODE_READ_WRITE if writable else types_pb2.MOUNT_MODE_READ_ONLY
+        resp = self._call(self._stub.Mount, memos_pb2.MountRequest(cube=cube, revision=revision, mode=mode))
+        return MountHandle(self, resp.mount)
+
+    def unmount(self, mount_id: str) -> memos_pb2.UnmountResponse:
+        """Close a mount, discarding its staged changes (the response says how many)."""
+        return self._call(self._stub.Unmount, memos_pb2.UnmountRequest(mount_id=mount_id))
+
+    # -- items ---------------------------------------------------------------
+
+    def write_raw(
+        self,
+        mount_id: str,
+        items: Sequence[ItemLike],
+        *,
+        tags: Sequence[str] = (),
+        source: str = "",
+        event_time: TimeLike | None = None,
+    ) -> memos_pb2.WriteResponse:
+        """Like :meth:`write`, returning the whole response (with the mount's staging counts)."""
+        when = to_timestamp(event_time) if event_time is not None else None
+        inputs = [_item_input(item, list(tags), source, when) for item in items]
+        return self._call(self._stub.Write, memos_pb2.WriteRequest(mount_id=mount_id, items=inputs))
+
+    def write(
+        self,
+        mount_id: str,
+        items: Sequence[ItemLike],
+        *,
+        tags: Sequence[str] = (),
+        source: str = "",
+        event_time: TimeLike | None = None,
+    ) -> list[str]:
+        """Stage items in a read-write mount in one call; returns their ids in order.
+
+        ``tags``, ``source`` and ``event_time`` apply to str items and fill the
+        keys a dict item lacks; ItemInput messages are sent unchanged.
+        """
+        resp = self.write_raw(mount_id, items, tags=tags, source=source, event_time=event_time)
+        return list(resp.item_ids)
+
+    def write_many(
+        self,
+        mount_id: str,
+        items: Iterable[ItemLike],
+        batch_size: int = 256,
+        progress: Callable[[int], None] | None = None,
+        *,
+        tags: Sequence[str] = (),
+        source: str = "",
+        event_time: TimeLike | None = None,
+    ) -> list[str]:
+        """Stage any number of items, ``batch_size`` per Write call.
+
+        ``progress`` is called after each call with the number of items it
+        staged (a delta, like ``tqdm.update``). Batches already sent stay staged
+        if a later one fails.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        ids: list[str] = []
+        for batch in _chunks(items, batch_size):
+            ids += self.write(mount_id, batch, tags=tags, source=source, event_time=event_time)
+            if progress is not None:
+                progress(len(batch))
+        return ids
+
+    def read(self, mount_id: str, item_ids: Sequence[str]) -> list[types_pb2.Item]:
+        """Read items by id, as the mount sees them (raises ItemNotFound for an invisible id)."""
+        resp = self._call(self._stub.Read, memos_pb2.ReadRequest(mount_id=mount_id, item_ids=item_ids))
+        return list(resp.items)
+
+    def iter_items(self, mount_id: str, page_size: int = 0) -> Iterator[types_pb2.Item]:
+        """Every item the mount sees, ordered by item id."""
+
+        def fetch(token: str) -> tuple[Sequence[types_pb2.Item], str]:
+            req = memos_pb2.ReadRequest(mount_id=mount_id, page_size=page_size, page_token=token)
+            resp = self._call(self._stub.Read, req)
+            return resp.items, resp.next_page_token
+
+        return self._pages(fetch)
+
+    def forget(self, mount_id: str, item_ids: Sequence[str]) -> types_pb2.Mount:
+        """Stage the removal of items; returns the mount with its new staging counts."""
+        req = memos_pb2.ForgetRequest(mount_id=mount_id, item_ids=item_ids)
+        return self._call(self._stub.Forget, req).mount
+
+    def search(
+        self,
+        mount_ids: str | Sequence[str],
+        query: str,
+        k: int = 10,
+        *,
+        tags_all: Sequence[str] = (),
+        tags_any: Sequence[str] = (),
+        tags_none: Sequence[str] = (),
+        since: TimeLike | None = None,
+        until: TimeLike | None = None,
+        mode: str = "hybrid",
+    ) -> SearchResults:
+        """Top-``k`` items for ``query`` over one or more mounts.
+
+        Returns a list of SearchHit, best first; ``.response`` holds the whole
+        SearchResponse (headers, ``took_us``, ``embed_us``). ``since``/``until``
+        bound the items' event_time as [since, until). ``mode`` is "hybrid",
+        "dense" or "lexical".
+        """
+        if mode not in _SEARCH_MODES:
+            raise ValueError(f"mode must be one of {sorted(_SEARCH_MODES)}, not {mode!r}")
+        window = types_pb2.TimeRange(
+            start=to_timestamp(since) if since is not None else None,
+            end=to_timestamp(until) if until is not None else None,
+        )
+        req = memos_pb2.SearchRequest(
+            mount_ids=_as_list(mount_ids),
+            query=query,
+            k=k,
+            tags=types_pb2.TagFilter(all_of=tags_all, any_of=tags_any, none_of=tags_none),
+            event_time=window,
+            mode=_SEARCH_MODES[mode],
+        )
+        return SearchResults(self._call(self._stub.Search, req))
+
+    # -- history -------------------------------------------------------------
+
+    def commit(self, mount_id: str, message: str = "", author: str = "") -> memos_pb2.CommitResponse:
+        """Apply the mount's staged changes as a new revision (``.revision``); raises CommitConflict."""
+        req = memos_pb2.CommitRequest(mount_id=mount_id, message=message, author=author)
+        return self._call(self._stub.Commit, req)
+
+    def log(self, cube: str, page_size: int = 0) -> Iterator[types_pb2.Revision]:
+        """The cube's revisions, newest first."""
+
+        def fetch(token: str) -> tuple[Sequence[types_pb2.Revision], str]:
+            req = memos_pb2.LogRequest(cube=cube, page_size=page_size, page_token=token)
+            resp = self._call(self._stub.Log, req)
+            return resp.revisions, resp.next_page_token
+
+        return self._pages(fetch)
+
+    def diff(
+        self, cube: str, from_revision: int, to_revision: int = 0, page_size: int = 0
+    ) -> Iterator[types_pb2.ItemChange]:
+        """Items added, changed and forgotten between two revisions (0 as ``to_revision``: HEAD)."""
+
+        def fetch(token: str) -> tuple[Sequence[types_pb2.ItemChange], str]:
+            req = memos_pb2.DiffRequest(
+                cube=cube,
+                from_revision=from_revision,
+                to_revision=to_revision,
+                page_size=page_size,
+                page_token=token,
+            )
+            resp = self._call(self._stub.Diff, req)
+            return resp.changes, resp.next_page_token
+
+        return self._pages(fetch)
+
+    def rollback(self, cube: str, to_revision: int, message: str = "", author: str = "") -> types_pb2.Revision:
+        """Make a new revision whose content equals ``to_revision``'s."""
+        req = memos_pb2.RollbackRequest(cube=cube, to_revision=to_revision, message=message, author=author)
+        return self._call(self._stub.Rollback, req).revision
+
+    def stats(self) -> memos_pb2.StatsResponse:
+        return self._call(self._stub.Stats, memos_pb2.StatsRequest())
+
+
+class MountHandle:
+    """An open mount, with the item and history calls bound to it.
+
+    ``info`` is the Mount message, refreshed from each response that carries it
+    (staging counts; the base revision after a commit). As a context manager it
+    unmounts on exit, discarding whatever is still staged.
+    """
+
+    def __init__(self, client: Client, info: types_pb2.Mount) -> None:
+        self.client = client
+        self.info = info
+
+    @property
+    def mount_id(self) -> str:
+        return self.info.mount_id
+
+    @property
+    def cube_id(self) -> str:
+        return self.info.cube_id
+
+    @property
+    def base_revision(self) -> int:
+        return self.info.base_revision
+
+    def __repr__(self) -> str:
+        return f"MountHandle(mount_id={self.mount_id!r}, cube_id={self.cube_id!r}, base={self.base_revision})"
+
+    def __enter__(self) -> MountHandle:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.unmount()
+
+    def unmount(self) -> int:
+        """Close the mount; returns the number of staged changes discarded (0 if already closed)."""
+        try:
+            discarded: int = self.client.unmount(self.mount_id).discarded_changes
+        except MountNotFound:
+            return 0
+        return discarded
+
+    def _update(self, response: Any) -> None:
+        if response.HasField("mount"):
+            self.info = response.mount
+
+    def write(
+        self,
+        items: Sequence[ItemLike],
+        *,
+        tags: Sequence[str] = (),
+        source: str = "",
+        event_time: TimeLike | None = None,
+    ) -> list[str]:
+        resp = self.client.write_raw(self.mount_id, items, tags=tags, source=source, event_time=event_time)
+        self._update(resp)
+        return list(resp.item_ids)
+
+    def write_many(
+        self,
+        items: Iterable[ItemLike],
+        batch_size: int = 256,
+        progress: Callable[[int], None] | None = None,
+        *,
+        tags: Sequence[str] = (),
+        source: str = "",
+        event_time: TimeLike | None = None,
+    ) -> list[str]:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        ids: list[str] = []
+        for batch in _chunks(items, batch_size):
+            ids += self.write(batch, tags=tags, source=source, event_time=event_time)
+            if progress is not None:
+                progress(len(batch))
+        return ids
+
+    def read(self, item_ids: Sequence[str]) -> list[types_pb2.Item]:
+        return self.client.read(self.mount_id, item_ids)
+
+    def iter_items(self, page_size: int = 0) -> Iterator[types_pb2.Item]:
+        return self.client.iter_items(self.mount_id, page_size)
+
+    def forget(self, item_ids: Sequence[str]) -> types_pb2.Mount:
+        mount = self.client.forget(self.mount_id, item_ids)
+        if mount.mount_id:
+            self.info = mount
+        return mount
+
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        *,
+        tags_all: Sequence[str] = (),
+        tags_any: Sequence[str] = (),
+        tags_none: Sequence[str] = (),
+        since: TimeLike | None = None,
+        until: TimeLike | None = None,
+        mode: str = "hybrid",
+    ) -> SearchResults:
+        return self.client.search(
+            self.mount_id, query, k, tags_all=tags_all, tags_any=tags_any, tags_none=tags_none,
+            since=since, until=until, mode=mode,
+        )
+
+    def commit(self, message: str = "", author: str = "") -> memos_pb2.CommitResponse:
+        resp = self.client.commit(self.mount_id, message, author)
+        self._update(resp)
+        return resp

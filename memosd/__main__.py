@@ -1,0 +1,3 @@
+from memosd.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,407 @@
+"""One frozen configuration tree for the daemon.
+
+Sources, lowest precedence first: built-in defaults, the TOML file, ``MEMOSD_*``
+environment variables, command-line flags. Each source is read into a flat map of
+``section.key`` to a typed, validated value; later sources override earlier ones,
+and only then are the frozen dataclasses built. Validating while reading lets
+every error name the exact key and the source it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from memosd import __version__
+
+ENV_PREFIX = "MEMOSD_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEVICES = ("auto", "cpu", "cuda")
+# The fusion methods the index package understands; keep in step with memosd/index.
+FUSION_METHODS = ("rrf", "linear")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key, its source and what was expected."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    workers: int = 16  # gRPC thread pool size
+    grace_seconds: float = 10.0  # how long in-flight RPCs may drain on SIGTERM
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    sync_commits: bool = True  # fsync the WAL on every Commit
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_item_bytes: int = 32768
+    max_items_per_write: int = 1024
+    max_staged_changes: int = 100_000
+    max_query_bytes: int = 4096
+    max_k: int = 1000
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    model: str = "all-MiniLM-L6-v2"  # a known name, or a local sentence-transformers directory
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    fusion: str = "rrf"
+    rrf_k: int = 60
+    dense_weight: float = 1.0
+    lexical_weight: float = 1.0
+    depth: int = 100  # candidates fetched from each list before fusion
+    exact_below: int = 2048  # brute-force dense search when a filter leaves fewer candidates
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    save_interval_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    config_file: Path | None = None  # the TOML file that was read, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the effective configuration, for logging at start."""
+        out: dict[str, Any] = {"data_dir": str(self.data_dir)}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        out["config_file"] = None if self.config_file is None else str(self.config_file)
+        return out
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "store": StoreConfig,
+    "limits": LimitsConfig,
+    "embedder": EmbedderConfig,
+    "search": SearchConfig,
+    "index": IndexConfig,
+    "log": LogConfig,
+}
+
+# "section.key" -> field type; "data_dir" is the one top-level key.
+_FIELD_TYPES: dict[str, type[Any]] = {"data_dir": Path}
+for _section, _cls in SECTIONS.items():
+    for _name, _type in get_type_hints(_cls).items():
+        _FIELD_TYPES[f"{_section}.{_name}"] = _type
+
+
+def _listen_ok(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return False
+    if host.startswith("[") != host.endswith("]"):  # IPv6 literals are bracketed: "[::1]:50051"
+        return False
+    return 0 <= int(port) <= 65535
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+_POSITIVE_INT = (_positive, "an integer > 0")
+_POSITIVE_NUM = (_positive, "a number > 0")
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "server.listen": (_listen_ok, 'a "host:port" address with port 0-65535'),
+    "server.workers": _POSITIVE_INT,
+    "server.grace_seconds": (_non_negative, "a number >= 0"),
+    "server.max_message_bytes": _POSITIVE_INT,
+    "limits.max_item_bytes": _POSITIVE_INT,
+    "limits.max_items_per_write": _POSITIVE_INT,
+    "limits.max_staged_changes": _POSITIVE_INT,
+    "limits.max_query_bytes": _POSITIVE_INT,
+    "limits.max_k": _POSITIVE_INT,
+    "embedder.model": (bool, "a non-empty model name or directory"),
+    "embedder.device": (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    "embedder.batch_size": _POSITIVE_INT,
+    "search.fusion": (lambda v: v in FUSION_METHODS, f"one of {', '.join(FUSION_METHODS)}"),
+    "search.rrf_k": _POSITIVE_INT,
+    "search.dense_weight": (_non_negative, "a number >= 0"),
+    "search.lexical_weight": (_non_negative, "a number >= 0"),
+    "search.depth": _POSITIVE_INT,
+    "search.exact_below": (_non_negative, "an integer >= 0"),
+    "index.save_interval_seconds": _POSITIVE_NUM,
+    "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
+}
+# Enumerated words are matched case-insensitively ("INFO" is fine).
+_LOWERCASE = {"embedder.device", "search.fusion", "log.level"}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+
+
+def _fail(key: str, raw: object, source: str, expected: str) -> ConfigError:
+    return ConfigError(f"invalid {key} = {raw!r} (from {source}): expected {expected}")
+
+
+def _convert(key: str, raw: object, source: str, *, text: bool) -> Any:
+    """Convert one raw value to its field's type and validate it.
+
+    ``text`` values come from the environment or flags and are parsed; TOML values
+    already have a type, which must match (an int is accepted where a float is due).
+    """
+    typ = _FIELD_TYPES[key]
+    value: Any
+    if text:
+        assert isinstance(raw, str)
+        s = raw.strip()
+        try:
+            if typ is bool:
+                if s.lower() not in _TRUE | _FALSE:
+                    raise ValueError(s)
+                value = s.lower() in _TRUE
+            elif typ is int:
+                value = int(s)
+            elif typ is float:
+                value = float(s)
+            else:
+                value = raw
+        except ValueError:
+            raise _fail(key, raw, source, _TYPE_WORDS[typ]) from None
+    else:
+        if typ is float and type(raw) is int:
+            raw = float(raw)  # `grace_seconds = 5` in TOML means 5.0
+        # An exact type match: bool is a subclass of int, and `workers = true` must not pass as 1.
+        if type(raw) is not (str if typ is Path else typ):
+            raise _fail(key, raw, source, _TYPE_WORDS[typ])
+        value = raw
+    if typ is float and not math.isfinite(value):
+        raise _fail(key, raw, source, "a finite number")
+    if key in _LOWERCASE:
+        value = value.lower()
+    if typ is Path:
+        if not value:
+            raise _fail(key, raw, source, "a non-empty path")
+        value = Path(value)
+    check = _CHECKS.get(key)
+    if check is not None and not check[0](value):
+        raise _fail(key, raw, source, check[1])
+    return value
+
+
+def _known_keys(section: str) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+
+
+def _check_key(key: str, source: str) -> None:
+    if key in _FIELD_TYPES:
+        return
+    section, dot, _ = key.partition(".")
+    if dot and section in SECTIONS:
+        raise ConfigError(f"unknown key {key!r} (from {source}); [{section}] has: {_known_keys(section)}")
+    what = f"no section {section!r}" if dot else "expected data_dir or section.key"
+    raise ConfigError(f"unknown key {key!r} (from {source}): {what}; sections are: {', '.join(SECTIONS)}")
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    home = env.get("HOME")
+    return Path(home) if home else Path.home()
+
+
+def _xdg_dir(env: Mapping[str, str], var: str, fallback: str) -> Path:
+    # The XDG spec says to ignore unset, empty or relative values.
+    value = env.get(var, "")
+    return Path(value) if os.path.isabs(value) else _home(env) / fallback
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where data lives when nothing says otherwise.
+
+    Under systemd with ``StateDirectory=`` the service manager creates the directory,
+    owns it to the service user and exports ``STATE_DIRECTORY``: use it. It is set
+    for system services whether or not they run as root (the unit runs as User=memosd).
+    Otherwise it is per user: ``$XDG_DATA_HOME/memosd`` or ``~/.local/share/memosd``.
+    """
+    env = os.environ if env is None else env
+    state = env.get("STATE_DIRECTORY", "")
+    if state:
+        return Path(state.split(":")[0])  # several StateDirectory= entries are joined by ":"
+    return _xdg_dir(env, "XDG_DATA_HOME", ".local/share") / "memosd"
+
+
+def _abs(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    source = f"config file {path}"
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    values: dict[str, Any] = {}
+    for top, content in doc.items():
+        if top in SECTIONS:
+            if not isinstance(content, dict):
+                raise ConfigError(f"invalid {top} = {content!r} (from {source}): expected a table [{top}]")
+            for name, raw in content.items():
+                key = f"{top}.{name}"
+                _check_key(key, source)
+                values[key] = _convert(key, raw, source, text=False)
+        elif isinstance(content, dict):
+            raise ConfigError(f"unknown section [{top}] (from {source}); sections are: {', '.join(SECTIONS)}")
+        else:
+            _check_key(top, source)  # only data_dir passes
+            # A relative data_dir in the file means relative to the file, not to wherever we started.
+            values[top] = _abs(_convert(top, content, source, text=False), path.parent)
+    return values
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    shortcuts = {"DATA_DIR": "data_dir", "LISTEN": "server.listen"}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        source = f"environment variable {var}"
+        rest = var[len(ENV_PREFIX) :]
+        if rest in shortcuts:
+            key = shortcuts[rest]
+        elif "__" in rest:
+            section, _, name = rest.partition("__")
+            key = f"{section.lower()}.{name.lower()}"
+            _check_key(key, source)
+        else:
+            # Strict, so a typo such as MEMOSD_LOG_LEVEL is reported rather than silently ignored.
+            raise ConfigError(
+                f"unknown environment variable {var}: expected MEMOSD_CONFIG, MEMOSD_DATA_DIR, "
+                f"MEMOSD_LISTEN or MEMOSD_<SECTION>__<KEY> (e.g. MEMOSD_LOG__LEVEL)"
+            )
+        values[key] = _convert(key, env[var], source, text=True)
+    if "data_dir" in values:
+        values["data_dir"] = _abs(values["data_dir"], Path.cwd())
+    return values
+
+
+def _read_flags(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in args.set or ():
+        source = f"flag --set {item}"
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"invalid {source}: expected section.key=value")
+        _check_key(key, source)
+        values[key] = _convert(key, raw, source, text=True)
+    # The named flags win over --set for the same key.
+    for flag, key in (
+        ("--data-dir", "data_dir"),
+        ("--listen", "server.listen"),
+        ("--log-level", "log.level"),
+    ):
+        raw = getattr(args, flag[2:].replace("-", "_"))
+        if raw is not None:
+            values[key] = _convert(key, raw, f"flag {flag}", text=True)
+    if "data_dir" in values:
+        values["data_dir"] = _abs(values["data_dir"], Path.cwd())
+    return values
+
+
+def _config_path(args: argparse.Namespace, env: Mapping[str, str]) -> Path | None:
+    """The TOML file to read: explicit ones must exist, the default one may be absent."""
+    explicit = args.config or env.get(ENV_PREFIX + "CONFIG")
+    if explicit:
+        path = _abs(Path(explicit), Path.cwd())
+        if not path.is_file():
+            origin = "flag --config" if args.config else "environment variable MEMOSD_CONFIG"
+            raise ConfigError(f"config file {path} (from {origin}) does not exist or is not a file")
+        return path
+    default = _xdg_dir(env, "XDG_CONFIG_HOME", ".config") / "memosd" / "memosd.toml"
+    return default if default.is_file() else None
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memosd",
+        description=(
+            "memosd: a memory operating system for language models. Serves versioned "
+            "MemCubes (plaintext, activation and parametric memory) over gRPC."
+        ),
+        epilog=(
+            "Settings come from, lowest precedence first: built-in defaults, the TOML file "
+            "(--config, $MEMOSD_CONFIG, or $XDG_CONFIG_HOME/memosd/memosd.toml if present), "
+            "MEMOSD_* environment variables (MEMOSD_DATA_DIR, MEMOSD_LISTEN, "
+            "MEMOSD_<SECTION>__<KEY> such as MEMOSD_LIMITS__MAX_ITEM_BYTES=65536), "
+            "then these flags. Sections: " + ", ".join(SECTIONS) + "."
+        ),
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", metavar="PATH", help="TOML configuration file")
+    parser.add_argument("--data-dir", metavar="DIR", help="where cubes, indexes and caches are stored")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="gRPC listen address (port 0 picks a free one)")
+    parser.add_argument("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)}")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="set any key, e.g. --set search.rrf_k=30 (repeatable)",
+    )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the effective configuration. Raises ConfigError; bad flag syntax exits via argparse."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = os.environ if env is None else env
+    args = build_arg_parser().parse_args(argv)
+
+    config_file = _config_path(args, env)
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_read_file(config_file))
+    values.update(_read_env(env))
+    values.update(_read_flags(args))
+
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        prefix = name + "."
+        kwargs = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+        sections[name] = cls(**kwargs)
+    data_dir = values.get("data_dir") or default_data_dir(env)
+    return Config(data_dir=data_dir, config_file=config_file, **sections)

@@ -1,0 +1,207 @@
+"""memosd: wiring only. config -> store -> indexes -> kernel -> gRPC server; main().
+
+Data dir layout:
+    store/            RocksDB (the source of truth)
+    index/{cube_id}/  derived indexes: dense.usearch, lexical/ (rebuilt from store when missing/behind)
+    daemon.json       {"pid", "address"} of the running daemon (removed on clean exit)
+    LOCK              held (flock) while a daemon uses the dir
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from memos.v1 import memos_pb2 as pb
+
+from memosd import __version__
+from memosd.config import Config, ConfigError, load_config
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.search import Searcher, SearchSettings
+from memosd.kernel.validate import Limits
+from memosd.logfmt import log_event, setup_logging
+from memosd.sdnotify import SystemdNotifier
+from memosd.store.rocks import SchemaMismatch, Store
+from memosd.syscalls.registry import SERVICE_NAME, generic_handler
+from memosd.syscalls.servicer import MemOSServicer
+
+log = logging.getLogger("memosd.daemon")
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "LOCK", "a+")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StartupError(f"data dir {data_dir} is in use by another memosd; stop it or use --data-dir") from None
+    return handle
+
+
+@dataclass
+class Daemon:
+    config: Config
+    kernel: Kernel
+    server: grpc.Server
+    servicer: MemOSServicer
+    health: health.HealthServicer
+    address: str
+    lock_handle: IO[str]
+    started: float
+    stop_event: threading.Event
+
+    def stats(self) -> pb.StatsResponse:
+        cubes = list(self.kernel.cubes.values())
+        dense = lexical = 0
+        for cube in cubes:
+            d, lx = cube.index.bytes_on_disk()
+            dense, lexical = dense + d, lexical + lx
+        return pb.StatsResponse(
+            version=__version__, uptime_seconds=int(time.time() - self.started), cube_count=len(cubes),
+            mount_count=len(self.kernel.mounts), item_count=sum(c.record.item_count for c in cubes),
+            version_count=sum(c.record.version_count for c in cubes), embedder=self.kernel.embedder.name,
+            embedding_dim=self.kernel.embedder.dim, store_bytes=self.kernel.store.size_bytes(),
+            dense_index_bytes=dense, lexical_index_bytes=lexical, rss_bytes=_rss_bytes(),
+        )
+
+
+def build(config: Config) -> Daemon:
+    """Open everything and bind the port; nothing is served until `server.start()`."""
+    # Imported here: torch and friends take seconds; `memosd --help` should not.
+    from memosd.index.cube_index import CubeIndex
+    from memosd.index.embedder import Embedder
+    from memosd.index.fusion import fuse
+    from memosd.index.lexical import score_adhoc
+
+    lock_handle = _lock_data_dir(config.data_dir)
+    embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
+    try:
+        store = Store(config.data_dir / "store")
+    except SchemaMismatch as error:
+        raise StartupError(str(error)) from None
+    limits = Limits(**vars(config.limits))
+    kernel = Kernel(store, embedder, CubeIndex.open, config.data_dir / "index", limits,
+                    sync_commits=config.store.sync_commits)
+    kernel.open()
+    search = config.search
+    searcher = Searcher(
+        kernel,
+        lambda dense, lexical, k: fuse(dense, lexical, k, rrf_k=search.rrf_k, dense_weight=search.dense_weight,
+                                       lexical_weight=search.lexical_weight),
+        score_adhoc, SearchSettings(depth=search.depth, exact_below=search.exact_below))
+
+    started = time.time()
+    stop_event = threading.Event()
+    options = [("grpc.max_receive_message_length", config.server.max_message_bytes),
+               ("grpc.max_send_message_length", config.server.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.server.workers,
+                                                    thread_name_prefix="syscall"), options=options)
+    daemon_box: list[Daemon] = []
+    servicer = MemOSServicer(kernel, searcher, lambda: daemon_box[0].stats())
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(config.server.listen)
+    except RuntimeError as error:
+        raise StartupError(f"cannot listen on {config.server.listen}: {error}") from None
+    host = config.server.listen.rsplit(":", 1)[0]
+    daemon = Daemon(config, kernel, server, servicer, health_servicer, f"{host}:{port}", lock_handle, started,
+                    stop_event)
+    daemon_box.append(daemon)
+    return daemon
+
+
+def _index_saver(daemon: Daemon) -> None:
+    """Persist changed dense indexes now and then; the store stays the source of truth."""
+    while not daemon.stop_event.wait(daemon.config.index.save_interval_seconds):
+        try:
+            daemon.kernel.save_indexes()
+        except Exception as exc:  # keep serving; the next start catches up from the store
+            log_event(log, "index_save_failed", level=logging.ERROR, error=repr(exc))
+
+
+def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
+    daemon.server.start()
+    for service in ("", SERVICE_NAME):
+        daemon.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    address_file = daemon.config.data_dir / "daemon.json"
+    address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address}))
+    log_event(log, "serving", address=daemon.address, data_dir=daemon.config.data_dir, version=__version__,
+              cubes=len(daemon.kernel.cubes))
+    notifier.ready(f"serving on {daemon.address}")
+    notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
+    threading.Thread(target=_index_saver, args=(daemon,), name="index-saver", daemon=True).start()
+
+    daemon.stop_event.wait()
+    log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
+    notifier.stopping("draining in-flight calls")
+    daemon.health.enter_graceful_shutdown()
+    # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
+    daemon.server.stop(daemon.config.server.grace_seconds).wait()
+    notifier.stop_watchdog()
+    daemon.kernel.close()
+    address_file.unlink(missing_ok=True)
+    daemon.lock_handle.close()
+    log_event(log, "stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as error:
+        print(f"memosd: config error: {error}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level)
+    log_event(log, "starting", version=__version__, pid=os.getpid(), **{
+        k: v for k, v in (("listen", config.server.listen), ("data_dir", config.data_dir),
+                          ("config_file", config.config_file), ("embedder", config.embedder.model))})
+    notifier = SystemdNotifier()
+    try:
+        daemon = build(config)
+    except StartupError as error:
+        log_event(log, "startup_failed", level=logging.ERROR, reason=str(error))
+        print(f"memosd: {error}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log_event(log, "signal", signal=signal.Signals(signum).name)
+        daemon.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    serve(daemon, notifier)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Syscall semantics: cubes, mounts, revisions, search. No gRPC, no torch here."""

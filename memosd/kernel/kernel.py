@@ -1,0 +1,558 @@
+"""The kernel: cube, mount, staging and revision semantics.
+
+Each method is one syscall's meaning, in plain Python values. Durable changes
+are built as one store Batch and written before memory (catalog, indexes) is
+touched, so a crash at any point leaves either the old or the new state; the
+derived indexes catch up from the store at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from memosd.errors import (
+    CubeNameTaken,
+    CubeNotFound,
+    InvalidField,
+    ItemNotFound,
+    MountNotFound,
+    MountReadOnly,
+    RevisionNotFound,
+    StagingFull,
+)
+from memosd.kernel import history, ids, paging, validate
+from memosd.kernel.catalog import Catalog
+from memosd.kernel.ports import EmbedderPort, IndexFactory
+from memosd.kernel.state import CubeState, MountState, meta_of, staged_view, view_of
+from memosd.kernel.types import (
+    CommitResult,
+    CubeInfo,
+    FreeResult,
+    ItemChange,
+    ItemInput,
+    ItemView,
+    MountInfo,
+    Page,
+)
+from memosd.kernel.validate import Limits
+from memosd.logfmt import log_event
+from memosd.store import schema
+from memosd.store.records import (
+    CubeRecord,
+    MountRecord,
+    RevisionRecord,
+    StagedRecord,
+    VersionRecord,
+)
+from memosd.store.rocks import Store
+
+log = logging.getLogger("memosd.kernel")
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class Kernel:
+    def __init__(
+        self, store: Store, embedder: EmbedderPort, index_factory: IndexFactory, index_root: Path,
+        limits: Limits, *, sync_commits: bool = True,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.limits = limits
+        self._index_factory = index_factory
+        self._index_root = index_root
+        self._sync = sync_commits
+        self._lock = threading.RLock()  # guards the cube and mount tables
+        self.cubes: dict[str, CubeState] = {}
+        self.mounts: dict[str, MountState] = {}
+
+    # -- start and stop -------------------------------------------------
+    def open(self) -> None:
+        """Load every cube and mount, re-embedding if the embedder changed, and
+        bring the derived indexes up to the store."""
+        self._index_root.mkdir(parents=True, exist_ok=True)
+        reembed = self._embedder_changed()
+        for record in self.store.iter_cubes():
+            if reembed:
+                self._reembed_cube(record.cube_id)
+            self.cubes[record.cube_id] = self._load_cube(record)
+        for mount in self.store.iter_mounts():
+            self.mounts[mount.mount_id] = self._load_mount(mount, reembed)
+        self.store.put_meta(schema.KEY_EMBEDDER, self.embedder.fingerprint.encode())
+        for orphan in self._index_root.iterdir():
+            if orphan.name not in self.cubes:
+                shutil.rmtree(orphan, ignore_errors=True)
+        log_event(log, "kernel_open", cubes=len(self.cubes), mounts=len(self.mounts))
+
+    def _embedder_changed(self) -> bool:
+        stored = self.store.get_meta(schema.KEY_EMBEDDER)
+        changed = stored is not None and stored.decode() != self.embedder.fingerprint
+        if changed:
+            log_event(log, "embedder_changed", level=logging.WARNING, was=stored, now=self.embedder.fingerprint,
+                      action="re-embedding every item and rebuilding the dense indexes")
+            shutil.rmtree(self._index_root, ignore_errors=True)
+            self._index_root.mkdir(parents=True, exist_ok=True)
+        return changed
+
+    def _reembed_cube(self, cube_id: str) -> None:
+        versions = list(self.store.iter_versions(cube_id))
+        for start in range(0, len(versions), 256):
+            chunk = versions[start:start + 256]
+            vectors = self.embedder.embed([v.text for v in chunk])
+            batch = self.store.batch()
+            for version, vector in zip(chunk, vectors, strict=True):
+                batch.put_vector(cube_id, version.vkey, vector)
+            self.store.write(batch, sync=False)
+
+    def _load_cube(self, record: CubeRecord) -> CubeState:
+        catalog = Catalog()
+        for version in self.store.iter_versions(record.cube_id):
+            catalog.add(meta_of(version))
+        index = self._index_factory(self._index_root / record.cube_id, self.embedder.dim)
+        cube = CubeState(record, catalog, index)
+        self._catch_up_index(cube)
+        return cube
+
+    def _catch_up_index(self, cube: CubeState) -> None:
+        """The indexes are derived: add whatever committed versions they lack."""
+        all_keys = np.fromiter(cube.catalog.by_vkey, dtype=np.uint64, count=len(cube.catalog))
+        missing = cube.index.dense_missing(all_keys)
+        for start in range(0, len(missing), 4096):
+            keys = missing[start:start + 4096]
+            vectors = self.store.get_vectors(cube.cube_id, [int(k) for k in keys])
+            present = [(k, v) for k, v in zip(keys, vectors, strict=True) if v is not None]
+            if present:
+                cube.index.add_dense(np.array([k for k, _ in present], dtype=np.uint64),
+                                     np.stack([v for _, v in present]))
+        watermark = cube.index.lexical_watermark
+        behind = sorted((m for m in cube.catalog.by_vkey.values() if m.vkey > watermark), key=lambda m: m.vkey)
+        for start in range(0, len(behind), 4096):
+            chunk = behind[start:start + 4096]
+            versions = self.store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in chunk])
+            cube.index.add_lexical([(v.vkey, v.text) for v in versions if v is not None])
+        if len(missing) or behind:
+            cube.index_dirty = True
+            log_event(log, "index_caught_up", cube=cube.cube_id, dense_added=len(missing),
+                      lexical_added=len(behind))
+
+    def _load_mount(self, record: MountRecord, reembed: bool) -> MountState:
+        mount = MountState(record)
+        for staged, vector in self.store.iter_staged(record.mount_id):
+            mount.staging[staged.item_id] = staged
+            if staged.kind != "forget":
+                if vector is None or reembed:
+                    vector = self.embedder.embed([staged.text])[0]
+                mount.vectors[staged.item_id] = vector
+        return mount
+
+    def save_indexes(self) -> None:
+        for cube in list(self.cubes.values()):
+            with cube.lock:
+                if cube.index_dirty and not cube.freed:
+                    cube.index.save()
+                    cube.index_dirty = False
+
+    def close(self) -> None:
+        self.save_indexes()
+        for cube in self.cubes.values():
+            cube.index.close()
+        self.store.close()
+
+    # -- lookups --------------------------------------------------------
+    def cube(self, ref: str) -> CubeState:
+        """A cube by id or name."""
+        if not ref:
+            raise InvalidField("cube is empty; give a cube id or name", field="cube")
+        cube = self.cubes.get(ref)
+        if cube is None:
+            cube_id = self.store.cube_id_by_name(ref)
+            cube = self.cubes.get(cube_id) if cube_id else None
+        if cube is None or cube.freed:
+            raise CubeNotFound(f"no cube with id or name {ref!r}", cube=ref)
+        return cube
+
+    def mount_state(self, mount_id: str) -> MountState:
+        if not mount_id:
+            raise InvalidField("mount_id is empty; Mount a cube first and pass its mount_id",
+                               field="mount_id")
+        mount = self.mounts.get(mount_id)
+        if mount is None:
+            raise MountNotFound(f"no open mount {mount_id!r}; it was unmounted, its cube freed, or never "
+                                "existed", mount=mount_id)
+        return mount
+
+    def _cube_of(self, mount: MountState) -> CubeState:
+        cube = self.cubes.get(mount.record.cube_id)
+        if cube is None or cube.freed:
+            raise MountNotFound(f"mount {mount.mount_id!r} was closed: its cube was freed",
+                                mount=mount.mount_id)
+        return cube
+
+    def _mount_count(self, cube_id: str) -> int:
+        return sum(1 for m in self.mounts.values() if m.record.cube_id == cube_id)
+
+    def cube_info(self, cube: CubeState) -> CubeInfo:
+        return CubeInfo(replace(cube.record), self._mount_count(cube.cube_id))
+
+    def mount_info(self, mount: MountState) -> MountInfo:
+        cube = self.cubes.get(mount.record.cube_id)
+        return MountInfo(replace(mount.record), cube.head if cube else 0, *mount.counts())
+
+    # -- cubes ----------------------------------------------------------
+    def alloc_cube(self, name: str, description: str, labels: dict[str, str]) -> CubeInfo:
+        validate.cube_name(name)
+        validate.cube_meta(description, labels)
+        with self._lock:
+            if self.store.cube_id_by_name(name) is not None:
+                raise CubeNameTaken(f"a cube named {name!r} already exists; pick another name", name=name)
+            record = CubeRecord(ids.new_id(ids.CUBE_PREFIX), name, description, dict(labels), _now_ns())
+            batch = self.store.batch()
+            batch.put_cube(record)
+            batch.put_name(name, record.cube_id)
+            self.store.write(batch, sync=self._sync)
+            cube = CubeState(record, Catalog(), self._index_factory(self._index_root / record.cube_id,
+                                                                    self.embedder.dim))
+            self.cubes[record.cube_id] = cube
+        log_event(log, "alloc_cube", cube=record.cube_id, name=name)
+        return self.cube_info(cube)
+
+    def free_cube(self, ref: str) -> FreeResult:
+        with self._lock:
+            cube = self.cube(ref)
+            with cube.lock:
+                mounts = [m for m in self.mounts.values() if m.record.cube_id == cube.cube_id]
+                batch = self.store.batch()
+                batch.delete_cube(cube.record)
+                for mount in mounts:
+                    batch.delete_mount(mount.mount_id)
+                self.store.write(batch, sync=self._sync)
+                cube.freed = True
+                for mount in mounts:
+                    del self.mounts[mount.mount_id]
+                del self.cubes[cube.cube_id]
+                cube.index.destroy()
+        log_event(log, "free_cube", cube=cube.cube_id, revisions=cube.head, versions=len(cube.catalog))
+        return FreeResult(cube.head, len(cube.catalog), len(mounts))
+
+    def list_cubes(self, page_size: int, token: str) -> Page[CubeInfo]:
+        size = paging.page_size(page_size)
+        after = paging.decode_token(token, "cubes") or ""
+        ordered = sorted(cid for cid in self.cubes if cid > str(after))
+        page = [self.cube_info(self.cubes[cid]) for cid in ordered[:size] if cid in self.cubes]
+        more = len(ordered) > size
+        return Page(page, paging.encode_token("cubes", ordered[size - 1]) if more else "")
+
+    # -- mounts ---------------------------------------------------------
+    def mount(self, ref: str, revision: int, writable: bool) -> MountInfo:
+        with self._lock:
+            cube = self.cube(ref)
+            base = cube.head if revision == 0 else revision
+            if base > cube.head:
+                raise RevisionNotFound(
+                    f"cube {cube.record.name!r} has no revision {revision}; HEAD is {cube.head}",
+                    cube=cube.cube_id, revision=revision, head=cube.head)
+            record = MountRecord(ids.new_id(ids.MOUNT_PREFIX), cube.cube_id, base, "rw" if writable else "ro",
+                                 _now_ns())
+            batch = self.store.batch()
+            batch.put_mount(record)
+            self.store.write(batch, sync=False)
+            mount = MountState(record)
+            self.mounts[record.mount_id] = mount
+        return self.mount_info(mount)
+
+    def unmount(self, mount_id: str) -> tuple[MountInfo, int]:
+        with self._lock:
+            mount = self.mount_state(mount_id)
+            with mount.lock:
+                info = self.mount_info(mount)
+                discarded = len(mount.staging)
+                batch = self.store.batch()
+                batch.delete_mount(mount_id)
+                self.store.write(batch, sync=False)
+                del self.mounts[mount_id]
+        return info, discarded
+
+    # -- staging --------------------------------------------------------
+    def _writable(self, mount_id: str) -> tuple[MountState, CubeState]:
+        mount = self.mount_state(mount_id)
+        if not mount.writable:
+            raise MountReadOnly(f"mount {mount_id!r} is read-only; mount the cube with mode "
+                                "MOUNT_MODE_READ_WRITE to write or forget", mount=mount_id)
+        return mount, self._cube_of(mount)
+
+    def _visible_in(self, mount: MountState, cube: CubeState, item_id: str) -> tuple[str, int] | None:
+        """How `item_id` is visible in the mount: (staged kind or "base", base version born), or None."""
+        staged = mount.staging.get(item_id)
+        if staged is not None:
+            return None if staged.kind == "forget" else (staged.kind, staged.base_born)
+        meta = cube.catalog.visible(item_id, mount.record.base)
+        return None if meta is None else ("base", meta.born)
+
+    def write(self, mount_id: str, inputs: Sequence[ItemInput]) -> tuple[list[str], MountInfo]:
+        mount, cube = self._writable(mount_id)
+        validate.items(inputs, self.limits)
+        for i, item in enumerate(inputs):
+            if item.item_id and not ids.ITEM_ID_RE.match(item.item_id):
+                raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
+                                   "to add a new item", field=f"items[{i}].item_id")
+        vectors = self.embedder.embed([item.text for item in inputs])  # slow: outside every lock
+        now = _now_ns()
+        with mount.lock:
+            self._check_mount_open(mount)
+            staged_list: list[StagedRecord] = []
+            new_keys = {item.item_id for item in inputs if not item.item_id}
+            if len(mount.staging) + len(inputs) > self.limits.max_staged_changes and new_keys:
+                raise StagingFull(
+                    f"mount {mount_id!r} has {len(mount.staging)} staged changes; the limit is "
+                    f"{self.limits.max_staged_changes} (limits.max_staged_changes). Commit first",
+                    mount=mount_id)
+            for i, item in enumerate(inputs):
+                staged_list.append(self._stage_put(mount, cube, item, i, now))
+            batch = self.store.batch()
+            for staged, vector in zip(staged_list, vectors, strict=True):
+                batch.put_staged(mount_id, staged, vector)
+            self.store.write(batch, sync=False)
+            for staged, vector in zip(staged_list, vectors, strict=True):
+                mount.staging[staged.item_id] = staged
+                mount.vectors[staged.item_id] = vector
+            return [s.item_id for s in staged_list], self.mount_info(mount)
+
+    def _stage_put(self, mount: MountState, cube: CubeState, item: ItemInput, index: int, now: int) -> StagedRecord:
+        kind, base_born = "add", 0
+        item_id = item.item_id or ids.new_id(ids.ITEM_PREFIX)
+        if item.item_id:
+            seen = self._visible_in(mount, cube, item.item_id)
+            if seen is None:
+                raise ItemNotFound(f"items[{index}].item_id {item.item_id!r} is not visible in mount "
+                                   f"{mount.mount_id!r}", item=item.item_id)
+            kind = "add" if seen[0] == "add" else "edit"
+            base_born = seen[1]
+        return StagedRecord(item_id, kind, base_born, item.text, list(item.tags), item.source,  # type: ignore[arg-type]
+                            item.event_ns or now, now)
+
+    def forget(self, mount_id: str, item_ids: Sequence[str]) -> MountInfo:
+        mount, cube = self._writable(mount_id)
+        if not item_ids:
+            raise InvalidField("item_ids is empty; name the items to forget", field="item_ids")
+        with mount.lock:
+            self._check_mount_open(mount)
+            changes: list[tuple[str, StagedRecord | None]] = []
+            for item_id in dict.fromkeys(item_ids):
+                seen = self._visible_in(mount, cube, item_id)
+                if seen is None:
+                    raise ItemNotFound(f"item {item_id!r} is not visible in mount {mount_id!r}; nothing was "
+                                       "forgotten", item=item_id)
+                kind, base_born = seen
+                # Forgetting an item that exists only in staging just unstages it.
+                changes.append((item_id, None if kind == "add" else StagedRecord(item_id, "forget", base_born)))
+            batch = self.store.batch()
+            for item_id, staged in changes:
+                if staged is None:
+                    batch.delete_staged(mount_id, item_id)
+                else:
+                    batch.put_staged(mount_id, staged, None)
+            self.store.write(batch, sync=False)
+            for item_id, staged in changes:
+                mount.vectors.pop(item_id, None)
+                if staged is None:
+                    del mount.staging[item_id]
+                else:
+                    mount.staging[item_id] = staged
+            return self.mount_info(mount)
+
+    def _check_mount_open(self, mount: MountState) -> None:
+        if self.mounts.get(mount.mount_id) is not mount:
+            raise MountNotFound(f"mount {mount.mount_id!r} was closed", mount=mount.mount_id)
+
+    # -- reads ----------------------------------------------------------
+    def read(self, mount_id: str, item_ids: Sequence[str]) -> tuple[list[ItemView], MountInfo]:
+        mount = self.mount_state(mount_id)
+        cube = self._cube_of(mount)
+        with mount.lock:
+            views = self._views(mount, cube, list(item_ids))
+            missing = [i for i, v in zip(item_ids, views, strict=True) if v is None]
+            if missing:
+                raise ItemNotFound(
+                    f"{len(missing)} item(s) not visible in mount {mount_id!r} at revision "
+                    f"{mount.record.base}: {', '.join(missing[:5])}", items=",".join(missing[:100]))
+            return [v for v in views if v is not None], self.mount_info(mount)
+
+    def _views(self, mount: MountState, cube: CubeState, item_ids: list[str]) -> list[ItemView | None]:
+        views: list[ItemView | None] = [None] * len(item_ids)
+        committed: list[tuple[int, str, int]] = []
+        for pos, item_id in enumerate(item_ids):
+            staged = mount.staging.get(item_id)
+            if staged is not None:
+                views[pos] = None if staged.kind == "forget" else staged_view(staged)
+                continue
+            meta = cube.catalog.visible(item_id, mount.record.base)
+            if meta is not None:
+                committed.append((pos, item_id, meta.born))
+        records = self.store.get_versions(cube.cube_id, [(i, b) for _, i, b in committed])
+        for (pos, _, _), record in zip(committed, records, strict=True):
+            views[pos] = view_of(record) if record else None
+        return views
+
+    def list_items(self, mount_id: str, page_size: int, token: str) -> tuple[Page[ItemView], MountInfo]:
+        mount = self.mount_state(mount_id)
+        cube = self._cube_of(mount)
+        size = paging.page_size(page_size)
+        after = str(paging.decode_token(token, f"items:{mount_id}") or "")
+        with mount.lock:
+            visible = {m.item_id for m in cube.catalog.alive_at(mount.record.base)}
+            for item_id, staged in mount.staging.items():
+                if staged.kind == "forget":
+                    visible.discard(item_id)
+                else:
+                    visible.add(item_id)
+            ordered = sorted(i for i in visible if i > after)
+            views = [v for v in self._views(mount, cube, ordered[:size]) if v is not None]
+            more = len(ordered) > size
+            next_token = paging.encode_token(f"items:{mount_id}", ordered[size - 1]) if more else ""
+            return Page(views, next_token), self.mount_info(mount)
+
+    # -- revisions ------------------------------------------------------
+    def commit(self, mount_id: str, message: str, author: str) -> CommitResult:
+        mount, cube = self._writable(mount_id)
+        with cube.lock, mount.lock:
+            self._check_mount_open(mount)
+            head = cube.head
+            if not mount.staging:
+                mount.record.base = head
+                self._persist_mount(mount)
+                return CommitResult(None, self.mount_info(mount), head)
+            history.check_conflicts(cube.catalog, head, mount.staging)
+            plan = history.plan_commit(cube.catalog, head, mount.staging, mount.vectors, cube.record.next_vkey)
+            revision = self._make_revision(cube, plan, "commit", author, message)
+            # Staging and the mount's new base go in the same batch as the revision.
+            self._write_revision(cube, plan, revision, mount)
+            mount.staging.clear()
+            mount.vectors.clear()
+            log_event(log, "commit", cube=cube.cube_id, revision=revision.number, added=plan.added,
+                      changed=plan.changed, forgotten=plan.forgotten, mount=mount_id)
+            return CommitResult(revision, self.mount_info(mount), revision.number)
+
+    def _persist_mount(self, mount: MountState) -> None:
+        batch = self.store.batch()
+        batch.put_mount(mount.record)
+        self.store.write(batch, sync=False)
+
+    def _make_revision(self, cube: CubeState, plan: history.Plan, kind: str, author: str, message: str,
+                       restored: int = 0) -> RevisionRecord:
+        head = cube.head
+        items = cube.record.item_count + plan.added - plan.forgotten
+        return RevisionRecord(head + 1, head, kind, author or "anonymous", message, _now_ns(),  # type: ignore[arg-type]
+                              plan.added, plan.changed, plan.forgotten, items, restored)
+
+    def _write_revision(self, cube: CubeState, plan: history.Plan, revision: RevisionRecord,
+                        mount: MountState | None = None) -> None:
+        """One synced batch: new versions and vectors, ended versions, the revision, the cube record,
+        and for a commit the mount's cleared staging and new base."""
+        record = replace(cube.record, head=revision.number, item_count=revision.item_count,
+                         version_count=cube.record.version_count + len(plan.born),
+                         next_vkey=cube.record.next_vkey + len(plan.born))
+        batch = self.store.batch()
+        ended: list[VersionRecord] = []
+        stored = self.store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in plan.ended])
+        for old in stored:
+            assert old is not None
+            old.died = revision.number
+            ended.append(old)
+            batch.put_version(cube.cube_id, old)
+        for version, vector in plan.born:
+            batch.put_version(cube.cube_id, version)
+            batch.put_vector(cube.cube_id, version.vkey, vector)
+        batch.put_revision(cube.cube_id, revision)
+        batch.put_cube(record)
+        mount_record = None
+        if mount is not None:
+            mount_record = replace(mount.record, base=revision.number)
+            batch.clear_staging(mount.mount_id)
+            batch.put_mount(mount_record)
+        self.store.write(batch, sync=self._sync)
+        # Durable from here on: now update memory.
+        cube.record = record
+        if mount is not None and mount_record is not None:
+            mount.record = mount_record
+        for meta in plan.ended:
+            meta.died = revision.number
+        for version, _ in plan.born:
+            cube.catalog.add(meta_of(version))
+        if plan.born:
+            keys = np.array([v.vkey for v, _ in plan.born], dtype=np.uint64)
+            cube.index.add(keys, np.stack([vec for _, vec in plan.born]), [v.text for v, _ in plan.born])
+            cube.index_dirty = True
+
+    def rollback(self, ref: str, target: int, message: str, author: str) -> RevisionRecord:
+        cube = self.cube(ref)
+        with cube.lock:
+            head = cube.head
+            if target > head:
+                raise RevisionNotFound(f"cube {cube.record.name!r} has no revision {target}; HEAD is {head}",
+                                       cube=cube.cube_id, revision=target, head=head)
+            if target == head:
+                raise InvalidField(f"to_revision {target} is HEAD already; roll back to an older revision "
+                                   f"(0 to {head - 1})", field="to_revision")
+            plan, revive = history.plan_rollback(cube.catalog, head, target)
+            sources = self.store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in revive])
+            vectors = self.store.get_vectors(cube.cube_id, [m.vkey for m in revive])
+            next_vkey = cube.record.next_vkey
+            now = _now_ns()
+            for source, vector in zip(sources, vectors, strict=True):
+                assert source is not None and vector is not None
+                copy = replace(source, vkey=next_vkey, born=head + 1, died=0, write_ns=now,
+                               origin=source.content_id)
+                next_vkey += 1
+                plan.born.append((copy, vector))
+            revision = self._make_revision(cube, plan, "rollback", author,
+                                           message or f"rollback to revision {target}", restored=target)
+            self._write_revision(cube, plan, revision)
+        log_event(log, "rollback", cube=cube.cube_id, revision=revision.number, restored=target)
+        return revision
+
+    def log(self, ref: str, page_size: int, token: str) -> tuple[Page[RevisionRecord], int]:
+        cube = self.cube(ref)
+        size = paging.page_size(page_size)
+        cursor = paging.decode_token(token, f"log:{cube.cube_id}")
+        newest = cube.head if cursor is None else int(cursor)
+        revisions = []
+        for revision in self.store.iter_revisions(cube.cube_id, newest=newest):
+            revisions.append(revision)
+            if len(revisions) == size:
+                break
+        last = revisions[-1].number if revisions else 0
+        more = last > 1 and len(revisions) == size
+        return Page(revisions, paging.encode_token(f"log:{cube.cube_id}", last - 1) if more else ""), cube.head
+
+    def diff(self, ref: str, older: int, newer: int, page_size: int, token: str) -> tuple[Page[ItemChange], int, int]:
+        cube = self.cube(ref)
+        newer = newer or cube.head
+        for name, rev in (("from_revision", older), ("to_revision", newer)):
+            if rev > cube.head:
+                raise RevisionNotFound(f"{name} {rev}: cube {cube.record.name!r} has revisions 0 to {cube.head}",
+                                       cube=cube.cube_id, revision=rev, head=cube.head)
+        size = paging.page_size(page_size)
+        scope = f"diff:{cube.cube_id}:{older}:{newer}"
+        after = str(paging.decode_token(token, scope) or "")
+        with cube.lock:
+            changes, more = history.diff(cube.catalog, older, newer, after, size)
+        refs = [(m.item_id, m.born) for c in changes for m in (c.before, c.after) if m is not None]
+        records = {(v.item_id, v.born): view_of(v) for v in self.store.get_versions(cube.cube_id, refs) if v}
+        entries = [
+            ItemChange(c.kind, c.item_id,
+                       records.get((c.item_id, c.before.born)) if c.before else None,
+                       records.get((c.item_id, c.after.born)) if c.after else None)
+            for c in changes
+        ]
+        next_token = paging.encode_token(scope, changes[-1].item_id) if more else ""
+        return Page(entries, next_token), older, newer

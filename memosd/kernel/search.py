@@ -1,0 +1,161 @@
+"""Hybrid search over one or more mounts.
+
+Each mount sees its base revision plus its own staged changes. Committed items
+come from the cube's indexes, which hold every version ever committed; a
+version is accepted only if it is alive at the mount's base, not overridden by
+the mount's staging, and passes the filters. Staged items (few) are scored
+directly. The dense lists of all mounts are merged by cosine similarity, the
+lexical lists by BM25, and the two merged lists are fused once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from memosd.errors import InvalidField
+from memosd.kernel import validate
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.ports import AdhocLexical, Fuser, Scored
+from memosd.kernel.state import CubeState, MountState, staged_view, view_of
+from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
+
+MODES = ("hybrid", "dense", "lexical")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    depth: int = 100  # candidates fetched from each list before fusing
+    exact_below: int = 2048  # brute-force dense search when a tag filter leaves fewer versions
+
+
+@dataclass
+class _Candidate:
+    mount: MountState
+    cube: CubeState
+    vkey: int = 0  # committed version, or
+    staged_id: str = ""  # a staged item
+
+
+class Searcher:
+    def __init__(self, kernel: Kernel, fuse: Fuser, adhoc_lexical: AdhocLexical, settings: SearchSettings) -> None:
+        self.kernel = kernel
+        self.fuse = fuse
+        self.adhoc_lexical = adhoc_lexical
+        self.settings = settings
+
+    def search(self, mount_ids: Sequence[str], query: str, k: int, filt: SearchFilter, mode: str) -> SearchResult:
+        started = time.perf_counter_ns()
+        limits = self.kernel.limits
+        if not mount_ids:
+            raise InvalidField("mount_ids is empty; search needs at least one mount", field="mount_ids")
+        validate.text(query, "query", limits.max_query_bytes, "limits.max_query_bytes")
+        k = 10 if k == 0 else k
+        if k > limits.max_k:
+            raise InvalidField(f"k is {k}; at most {limits.max_k} results can be asked for", field="k")
+        if mode not in MODES:
+            raise InvalidField(f"mode {mode!r} is not one of {', '.join(MODES)}", field="mode")
+        mounts = [self.kernel.mount_state(mid) for mid in dict.fromkeys(mount_ids)]
+        cubes = [self.kernel._cube_of(m) for m in mounts]
+
+        embed_ns = 0
+        qvec: np.ndarray | None = None
+        if mode != "lexical":
+            t0 = time.perf_counter_ns()
+            qvec = self.kernel.embedder.embed([query])[0]
+            embed_ns = time.perf_counter_ns() - t0
+
+        depth = max(k, self.settings.depth) if mode == "hybrid" else k
+        candidates: list[_Candidate] = []
+        keys: dict[tuple[str, int], int] = {}  # (mount, vkey) -> index into candidates
+        dense: Scored = []
+        lexical: Scored = []
+        for mount, cube in zip(mounts, cubes, strict=True):
+            with mount.lock:
+                staging = dict(mount.staging)
+                vectors = dict(mount.vectors)
+            base = mount.record.base
+            catalog = cube.catalog
+
+            def accept(vkey: int, catalog=catalog, base=base, staging=staging) -> bool:  # type: ignore[no-untyped-def]
+                meta = catalog.by_vkey.get(vkey)
+                return (meta is not None and meta.alive_at(base) and meta.item_id not in staging
+                        and filt.matches(meta.tags, meta.event_ns))
+
+            def key_of(vkey: int, mount=mount, cube=cube) -> int:  # type: ignore[no-untyped-def]
+                key = keys.get((mount.mount_id, vkey))
+                if key is None:
+                    key = keys[(mount.mount_id, vkey)] = len(candidates)
+                    candidates.append(_Candidate(mount, cube, vkey=vkey))
+                return key
+
+            if qvec is not None:
+                dense += [(key_of(v), s) for v, s in self._dense(cube, qvec, depth, accept, filt)]
+            if mode != "dense":
+                lexical += [(key_of(v), s) for v, s in cube.index.lexical_search(query, depth, accept)]
+            self._staged(mount, cube, staging, vectors, query, qvec, depth, filt, mode, candidates, dense, lexical)
+
+        dense.sort(key=lambda ks: (-ks[1], ks[0]))
+        lexical.sort(key=lambda ks: (-ks[1], ks[0]))
+        fused = self.fuse(dense[:depth], lexical[:depth], k)
+        hits = self._materialize(fused, candidates, mode)
+        headers = [MountHeader(c.cube_id, c.head, m.record.base) for m, c in zip(mounts, cubes, strict=True)]
+        took = time.perf_counter_ns() - started
+        return SearchResult(hits, headers, took // 1000, embed_ns // 1000)
+
+    def _dense(self, cube: CubeState, qvec: np.ndarray, depth: int, accept, filt: SearchFilter) -> Scored:  # type: ignore[no-untyped-def]
+        """HNSW with a filter by oversampling; exact over the few matches of a selective tag filter."""
+        with cube.lock:
+            tagged = cube.catalog.vkeys_with_tags(filt.all_of, filt.any_of)
+        if tagged is not None and len(tagged) <= self.settings.exact_below:
+            keys = np.fromiter((v for v in tagged if accept(v)), dtype=np.uint64)
+            return cube.index.dense_exact(qvec, keys)[:depth] if len(keys) else []
+        return cube.index.dense_search(qvec, depth, accept)
+
+    def _staged(self, mount: MountState, cube: CubeState, staging: dict, vectors: dict,  # type: ignore[type-arg]
+                query: str, qvec: np.ndarray | None, depth: int, filt: SearchFilter, mode: str,
+                candidates: list[_Candidate], dense: Scored, lexical: Scored) -> None:
+        staged = [s for s in staging.values()
+                  if s.kind != "forget" and filt.matches(set(s.tags), s.event_ns)]
+        if not staged:
+            return
+        base_index = len(candidates)
+        candidates.extend(_Candidate(mount, cube, staged_id=s.item_id) for s in staged)
+        if qvec is not None:
+            matrix = np.stack([vectors[s.item_id] for s in staged])
+            sims = matrix @ qvec
+            dense += [(base_index + i, float(sims[i])) for i in np.argsort(-sims)[:depth]]
+        if mode != "dense":
+            docs = [(base_index + i, s.text) for i, s in enumerate(staged)]
+            lexical += self.adhoc_lexical(query, docs, depth)
+
+    def _materialize(self, fused, candidates: list[_Candidate], mode: str) -> list[SearchHit]:  # type: ignore[no-untyped-def]
+        views: dict[int, ItemView] = {}
+        by_cube: dict[str, list[tuple[int, str, int]]] = {}
+        for hit in fused:
+            cand = candidates[hit.key]
+            if cand.staged_id:
+                staged = cand.mount.staging.get(cand.staged_id)
+                if staged is not None and staged.kind != "forget":
+                    views[hit.key] = staged_view(staged)
+                continue
+            meta = cand.cube.catalog.by_vkey[cand.vkey]
+            by_cube.setdefault(cand.cube.cube_id, []).append((hit.key, meta.item_id, meta.born))
+        for cube_id, refs in by_cube.items():
+            records = self.kernel.store.get_versions(cube_id, [(i, b) for _, i, b in refs])
+            for (key, _, _), record in zip(refs, records, strict=True):
+                if record is not None:
+                    views[key] = view_of(record)
+        hits = []
+        for hit in fused:
+            view = views.get(hit.key)
+            if view is None:  # committed away or unstaged while we searched
+                continue
+            cand = candidates[hit.key]
+            hits.append(SearchHit(view, cand.mount.mount_id, cand.cube.cube_id, hit.score, hit.dense_score,
+                                  hit.lexical_score, hit.dense_rank, hit.lexical_rank))
+        return hits
+

@@ -1,0 +1,74 @@
+"""The kernel's live state: open cubes with their catalogs and indexes, and mounts."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memosd.kernel.catalog import Catalog, VersionMeta
+from memosd.kernel.ports import CubeIndexPort
+from memosd.kernel.types import ItemView
+from memosd.store.records import CubeRecord, MountRecord, StagedRecord, VersionRecord
+
+
+@dataclass
+class CubeState:
+    record: CubeRecord
+    catalog: Catalog
+    index: CubeIndexPort
+    # Serializes commits, rollbacks and frees of this cube, and catalog changes.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    index_dirty: bool = False
+    freed: bool = False
+
+    @property
+    def cube_id(self) -> str:
+        return self.record.cube_id
+
+    @property
+    def head(self) -> int:
+        return self.record.head
+
+
+@dataclass
+class MountState:
+    record: MountRecord
+    staging: dict[str, StagedRecord] = field(default_factory=dict)
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def mount_id(self) -> str:
+        return self.record.mount_id
+
+    @property
+    def writable(self) -> bool:
+        return self.record.mode == "rw"
+
+    def counts(self) -> tuple[int, int, int]:
+        adds = edits = forgets = 0
+        for staged in self.staging.values():
+            if staged.kind == "add":
+                adds += 1
+            elif staged.kind == "edit":
+                edits += 1
+            else:
+                forgets += 1
+        return adds, edits, forgets
+
+
+def meta_of(version: VersionRecord) -> VersionMeta:
+    return VersionMeta(version.vkey, version.item_id, version.born, version.died,
+                       frozenset(version.tags), version.event_ns, version.content_id)
+
+
+def view_of(version: VersionRecord) -> ItemView:
+    return ItemView(version.item_id, version.text, tuple(version.tags), version.source,
+                    version.event_ns, version.write_ns, version.born)
+
+
+def staged_view(staged: StagedRecord) -> ItemView:
+    return ItemView(staged.item_id, staged.text, tuple(staged.tags), staged.source,
+                    staged.event_ns, staged.write_ns, 0, staged=True)

@@ -1,0 +1,139 @@
+"""Values the kernel returns to the syscall layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from memosd.store.records import CubeRecord, MountRecord, RevisionRecord
+
+
+@dataclass(frozen=True)
+class ItemView:
+    item_id: str
+    text: str
+    tags: tuple[str, ...]
+    source: str
+    event_ns: int
+    write_ns: int
+    born: int  # 0 while staged
+    staged: bool = False
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    text: str
+    item_id: str = ""
+    tags: tuple[str, ...] = ()
+    source: str = ""
+    event_ns: int = 0  # 0: use the write time
+
+
+@dataclass(frozen=True)
+class CubeInfo:
+    record: CubeRecord
+    mount_count: int
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    record: MountRecord
+    head: int
+    staged_adds: int
+    staged_edits: int
+    staged_forgets: int
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    entries: list[T]
+    next_token: str = ""
+
+
+@dataclass(frozen=True)
+class ItemChange:
+    kind: str  # "added" | "changed" | "forgotten"
+    item_id: str
+    before: ItemView | None
+    after: ItemView | None
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    revision: RevisionRecord | None  # None: nothing was staged
+    mount: MountInfo
+    head: int
+
+
+@dataclass(frozen=True)
+class FreeResult:
+    revisions: int
+    versions: int
+    mounts: int
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    all_of: tuple[str, ...] = ()
+    any_of: tuple[str, ...] = ()
+    none_of: tuple[str, ...] = ()
+    start_ns: int | None = None
+    end_ns: int | None = None
+
+    def matches(self, tags: frozenset[str] | set[str], event_ns: int) -> bool:
+        if any(t not in tags for t in self.all_of):
+            return False
+        if self.any_of and not any(t in tags for t in self.any_of):
+            return False
+        if any(t in tags for t in self.none_of):
+            return False
+        if self.start_ns is not None and event_ns < self.start_ns:
+            return False
+        return self.end_ns is None or event_ns < self.end_ns
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    item: ItemView
+    mount_id: str
+    cube_id: str
+    score: float
+    dense_score: float
+    lexical_score: float
+    dense_rank: int
+    lexical_rank: int
+
+
+@dataclass(frozen=True)
+class MountHeader:
+    cube_id: str
+    head: int
+    read_revision: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[SearchHit]
+    headers: list[MountHeader]
+    took_us: int
+    embed_us: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    version: str
+    uptime_seconds: int
+    cube_count: int
+    mount_count: int
+    item_count: int
+    version_count: int
+    embedder: str
+    embedding_dim: int
+    store_bytes: int
+    dense_index_bytes: int
+    lexical_index_bytes: int
+    rss_bytes: int
+    calls: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,85 @@
+"""Limits on what clients send, with messages that say what to fix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from memosd.errors import InvalidField, TextEmpty, TextTooLarge, TooManyItems
+from memosd.kernel.ids import CUBE_NAME_RE
+from memosd.kernel.types import ItemInput
+
+MAX_TAGS = 64
+MAX_TAG_CHARS = 128
+MAX_SOURCE_CHARS = 2048
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 256
+MAX_DESCRIPTION_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_item_bytes: int = 32768
+    max_items_per_write: int = 1024
+    max_staged_changes: int = 100_000
+    max_query_bytes: int = 4096
+    max_k: int = 1000
+
+
+def text(value: str, what: str, max_bytes: int, limit_name: str) -> None:
+    if not value.strip():
+        raise TextEmpty(f"{what} is empty; send at least one non-blank character", field=what)
+    size = len(value.encode())
+    if size > max_bytes:
+        raise TextTooLarge(
+            f"{what} is {size} bytes; the limit is {max_bytes} ({limit_name}). Split it into smaller items",
+            field=what, size=size, limit=max_bytes,
+        )
+
+
+def tags(values: Sequence[str], what: str) -> None:
+    if len(values) > MAX_TAGS:
+        raise InvalidField(f"{what} has {len(values)} tags; at most {MAX_TAGS} are allowed", field=what)
+    for tag in values:
+        if not tag or len(tag) > MAX_TAG_CHARS or not tag.isprintable():
+            raise InvalidField(
+                f"{what} has tag {tag!r}: tags are 1 to {MAX_TAG_CHARS} printable characters", field=what
+            )
+
+
+def items(inputs: Sequence[ItemInput], limits: Limits) -> None:
+    if not inputs:
+        raise InvalidField("items is empty; send at least one item", field="items")
+    if len(inputs) > limits.max_items_per_write:
+        raise TooManyItems(
+            f"{len(inputs)} items in one write; the limit is {limits.max_items_per_write} "
+            "(limits.max_items_per_write). Send them in several calls",
+            count=len(inputs), limit=limits.max_items_per_write,
+        )
+    for i, item in enumerate(inputs):
+        text(item.text, f"items[{i}].text", limits.max_item_bytes, "limits.max_item_bytes")
+        tags(item.tags, f"items[{i}].tags")
+        if len(item.source) > MAX_SOURCE_CHARS:
+            raise InvalidField(f"items[{i}].source is over {MAX_SOURCE_CHARS} characters",
+                               field=f"items[{i}].source")
+
+
+def cube_name(name: str) -> None:
+    if not CUBE_NAME_RE.match(name):
+        raise InvalidField(
+            f"cube name {name!r} is invalid: use 1 to 64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit", field="name",
+        )
+
+
+def cube_meta(description: str, labels: Mapping[str, str]) -> None:
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidField(f"description is over {MAX_DESCRIPTION_CHARS} characters", field="description")
+    if len(labels) > MAX_LABELS:
+        raise InvalidField(f"{len(labels)} labels; at most {MAX_LABELS} are allowed", field="labels")
+    for key, value in labels.items():
+        if not key or len(key) > 63 or len(value) > MAX_LABEL_CHARS:
+            raise InvalidField(
+                f"label {key!r}: keys are 1 to 63 characters, values at most {MAX_LABEL_CHARS}",
+                field="labels",
+            )

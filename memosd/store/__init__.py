@@ -1,0 +1,1 @@
+"""The versioned cube store: RocksDB (rocksdict), its key schema and records."""

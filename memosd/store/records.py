@@ -1,0 +1,113 @@
+"""Records kept in the store, and their JSON encoding.
+
+Records are plain dataclasses so the kernel can use them directly; the
+encoding is JSON (compact, human-inspectable with `ldb`). Times are integer
+nanoseconds since the Unix epoch, UTC.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+MountMode = Literal["ro", "rw"]
+StagedKind = Literal["add", "edit", "forget"]
+RevisionKind = Literal["commit", "rollback"]
+
+
+@dataclass
+class CubeRecord:
+    cube_id: str
+    name: str
+    description: str
+    labels: dict[str, str]
+    create_ns: int
+    head: int = 0
+    item_count: int = 0
+    version_count: int = 0
+    next_vkey: int = 1
+
+
+@dataclass(frozen=True)
+class RevisionRecord:
+    number: int
+    parent: int
+    kind: RevisionKind
+    author: str
+    message: str
+    create_ns: int
+    added: int
+    changed: int
+    forgotten: int
+    item_count: int
+    restored: int = 0
+
+
+@dataclass
+class VersionRecord:
+    """One version of an item: alive from revision `born` until `died` (0 = still alive).
+
+    `origin` is the vkey of the version whose content this one copies (Rollback
+    revives old content as new versions); 0 means its own vkey. Diff compares
+    content identity by it."""
+
+    item_id: str
+    vkey: int
+    text: str
+    tags: list[str]
+    source: str
+    event_ns: int
+    write_ns: int
+    born: int
+    died: int = 0
+    origin: int = 0
+
+    @property
+    def content_id(self) -> int:
+        return self.origin or self.vkey
+
+
+@dataclass
+class MountRecord:
+    mount_id: str
+    cube_id: str
+    base: int
+    mode: MountMode
+    create_ns: int
+
+
+@dataclass
+class StagedRecord:
+    """A staged change to one item. `base_born` names the version an edit or
+    forget was made against (0 for adds): the commit conflict check."""
+
+    item_id: str
+    kind: StagedKind
+    base_born: int
+    text: str = ""
+    tags: list[str] = field(default_factory=list)
+    source: str = ""
+    event_ns: int = 0
+    write_ns: int = 0
+
+
+R = TypeVar("R")
+
+
+def encode(record: Any) -> bytes:
+    return json.dumps(asdict(record), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode(cls: type[R], raw: bytes) -> R:
+    return cls(**json.loads(raw))
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def decode_vector(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.float32)

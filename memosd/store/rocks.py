@@ -1,0 +1,247 @@
+"""RocksDB access for the kernel: typed reads, and write batches.
+
+Only this module imports rocksdict. A Batch is one atomic RocksDB WriteBatch:
+the kernel builds one per syscall that changes durable state and writes it
+with `sync=True` where the syscall promises durability (Commit, Rollback,
+AllocCube, FreeCube), so a crash never leaves half of it applied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rocksdict import (
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
+
+from memosd.store import schema
+from memosd.store.records import (
+    CubeRecord,
+    MountRecord,
+    RevisionRecord,
+    StagedRecord,
+    VersionRecord,
+    decode,
+    decode_vector,
+    encode,
+    encode_vector,
+)
+
+
+class SchemaMismatch(RuntimeError):
+    """The data dir was written by an incompatible schema version."""
+
+
+def _options() -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.create_missing_column_families(True)
+    opts.set_compression_type(DBCompressionType.lz4())
+    opts.increase_parallelism(max(2, os.cpu_count() or 2))
+    return opts
+
+
+class Batch:
+    """One atomic write: every put and delete lands together or not at all."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._wb = WriteBatch(raw_mode=True)
+
+    def _put(self, cf: str, key: bytes, value: bytes) -> None:
+        self._wb.put(key, value, self._store.handle(cf))
+
+    def _delete(self, cf: str, key: bytes) -> None:
+        self._wb.delete(key, self._store.handle(cf))
+
+    def put_cube(self, cube: CubeRecord) -> None:
+        self._put(schema.CF_CUBES, schema.cube_key(cube.cube_id), encode(cube))
+
+    def put_name(self, name: str, cube_id: str) -> None:
+        self._put(schema.CF_CUBE_NAMES, schema.name_key(name), cube_id.encode())
+
+    def put_revision(self, cube_id: str, rev: RevisionRecord) -> None:
+        self._put(schema.CF_REVISIONS, schema.revision_key(cube_id, rev.number), encode(rev))
+
+    def put_version(self, cube_id: str, version: VersionRecord) -> None:
+        key = schema.version_key(cube_id, version.item_id, version.born)
+        self._put(schema.CF_ITEMS, key, encode(version))
+
+    def put_vector(self, cube_id: str, vkey: int, vector: np.ndarray) -> None:
+        self._put(schema.CF_VECTORS, schema.vector_key(cube_id, vkey), encode_vector(vector))
+
+    def put_mount(self, mount: MountRecord) -> None:
+        self._put(schema.CF_MOUNTS, schema.mount_key(mount.mount_id), encode(mount))
+
+    def put_staged(self, mount_id: str, staged: StagedRecord, vector: np.ndarray | None) -> None:
+        key = schema.staged_key(mount_id, staged.item_id)
+        self._put(schema.CF_STAGING, key, encode(staged))
+        if vector is None:
+            self._delete(schema.CF_STAGED_VECTORS, key)
+        else:
+            self._put(schema.CF_STAGED_VECTORS, key, encode_vector(vector))
+
+    def delete_staged(self, mount_id: str, item_id: str) -> None:
+        key = schema.staged_key(mount_id, item_id)
+        self._delete(schema.CF_STAGING, key)
+        self._delete(schema.CF_STAGED_VECTORS, key)
+
+    def clear_staging(self, mount_id: str) -> None:
+        begin, end = schema.prefix_range(mount_id)
+        for cf in (schema.CF_STAGING, schema.CF_STAGED_VECTORS):
+            self._wb.delete_range(begin, end, self._store.handle(cf))
+
+    def delete_mount(self, mount_id: str) -> None:
+        self._delete(schema.CF_MOUNTS, schema.mount_key(mount_id))
+        self.clear_staging(mount_id)
+
+    def delete_cube(self, cube: CubeRecord) -> None:
+        """Every row of the cube: its record, name, revisions, versions, vectors."""
+        self._delete(schema.CF_CUBES, schema.cube_key(cube.cube_id))
+        self._delete(schema.CF_CUBE_NAMES, schema.name_key(cube.name))
+        begin, end = schema.prefix_range(cube.cube_id)
+        for cf in schema.CUBE_SCOPED:
+            self._wb.delete_range(begin, end, self._store.handle(cf))
+
+    def __len__(self) -> int:
+        return int(self._wb.len())
+
+
+class Store:
+    """The cube store: one RocksDB with a column family per kind of record."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        families = {name: _options() for name in schema.COLUMN_FAMILIES}
+        self._db = Rdict(str(path), _options(), column_families=families)
+        self._cfs: dict[str, Rdict] = {name: self._db.get_column_family(name) for name in families}
+        self._handles: dict[str, Any] = {
+            name: self._db.get_column_family_handle(name) for name in families
+        }
+        self._sync = WriteOptions()
+        self._sync.sync = True
+        self._nosync = WriteOptions()
+        self._check_schema_version()
+
+    def _check_schema_version(self) -> None:
+        found = self._db.get(schema.KEY_SCHEMA_VERSION)
+        if found is None:
+            self._db.put(schema.KEY_SCHEMA_VERSION, schema.SCHEMA_VERSION, self._sync)
+        elif found != schema.SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"data dir {self.path} has store schema version {found.decode()!r}; this memosd "
+                f"reads version {schema.SCHEMA_VERSION.decode()!r}"
+            )
+
+    def handle(self, cf: str) -> Any:
+        return self._handles[cf]
+
+    # -- metadata -------------------------------------------------------
+    def get_meta(self, key: bytes) -> bytes | None:
+        value = self._db.get(key)
+        return None if value is None else bytes(value)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        self._db.put(key, value, self._sync)
+
+    # -- writes ---------------------------------------------------------
+    def batch(self) -> Batch:
+        return Batch(self)
+
+    def write(self, batch: Batch, *, sync: bool) -> None:
+        self._db.write(batch._wb, self._sync if sync else self._nosync)
+
+    # -- reads ----------------------------------------------------------
+    def _scan(self, cf: str, begin: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
+        it = self._cfs[cf].iter()
+        it.seek(begin)
+        while it.valid():
+            key = it.key()
+            if key >= end:
+                break
+            yield key, it.value()
+            it.next()
+
+    def _scan_owner(self, cf: str, owner_id: str) -> Iterator[tuple[bytes, bytes]]:
+        begin, end = schema.prefix_range(owner_id)
+        return self._scan(cf, begin, end)
+
+    def iter_cubes(self) -> Iterator[CubeRecord]:
+        for _key, raw in self._cfs[schema.CF_CUBES].items():
+            yield decode(CubeRecord, raw)
+
+    def get_cube(self, cube_id: str) -> CubeRecord | None:
+        raw = self._cfs[schema.CF_CUBES].get(schema.cube_key(cube_id))
+        return None if raw is None else decode(CubeRecord, raw)
+
+    def get_revision(self, cube_id: str, number: int) -> RevisionRecord | None:
+        raw = self._cfs[schema.CF_REVISIONS].get(schema.revision_key(cube_id, number))
+        return None if raw is None else decode(RevisionRecord, raw)
+
+    def iter_revisions(self, cube_id: str, *, newest: int) -> Iterator[RevisionRecord]:
+        """Revisions from `newest` down to 1."""
+        begin = schema.revision_key(cube_id, 0)
+        it = self._cfs[schema.CF_REVISIONS].iter()
+        it.seek_for_prev(schema.revision_key(cube_id, newest))
+        while it.valid() and it.key() > begin:
+            yield decode(RevisionRecord, it.value())
+            it.prev()
+
+    def iter_versions(self, cube_id: str) -> Iterator[VersionRecord]:
+        for _key, raw in self._scan_owner(schema.CF_ITEMS, cube_id):
+            yield decode(VersionRecord, raw)
+
+    def get_version(self, cube_id: str, item_id: str, born: int) -> VersionRecord | None:
+        raw = self._cfs[schema.CF_ITEMS].get(schema.version_key(cube_id, item_id, born))
+        return None if raw is None else decode(VersionRecord, raw)
+
+    def get_versions(self, cube_id: str, refs: Sequence[tuple[str, int]]) -> list[VersionRecord | None]:
+        keys = [schema.version_key(cube_id, item_id, born) for item_id, born in refs]
+        raws = self._cfs[schema.CF_ITEMS].get(keys) if keys else []
+        return [None if raw is None else decode(VersionRecord, raw) for raw in raws]
+
+    def get_vectors(self, cube_id: str, vkeys: Sequence[int]) -> list[np.ndarray | None]:
+        keys = [schema.vector_key(cube_id, vkey) for vkey in vkeys]
+        raws = self._cfs[schema.CF_VECTORS].get(keys) if keys else []
+        return [None if raw is None else decode_vector(raw) for raw in raws]
+
+    def iter_mounts(self) -> Iterator[MountRecord]:
+        for _key, raw in self._cfs[schema.CF_MOUNTS].items():
+            yield decode(MountRecord, raw)
+
+    def iter_staged(self, mount_id: str) -> Iterator[tuple[StagedRecord, np.ndarray | None]]:
+        vectors = self._cfs[schema.CF_STAGED_VECTORS]
+        for key, raw in self._scan_owner(schema.CF_STAGING, mount_id):
+            vec = vectors.get(key)
+            yield decode(StagedRecord, raw), None if vec is None else decode_vector(vec)
+
+    def cube_id_by_name(self, name: str) -> str | None:
+        raw = self._cfs[schema.CF_CUBE_NAMES].get(schema.name_key(name))
+        return None if raw is None else bytes(raw).decode()
+
+    # -- maintenance ----------------------------------------------------
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def compact(self) -> None:
+        for cf in self._cfs.values():
+            cf.compact_range(None, None)
+
+    def flush(self) -> None:
+        for cf in self._cfs.values():
+            cf.flush(True)
+        self._db.flush(True)
+        self._db.flush_wal(True)
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()

@@ -1,0 +1,97 @@
+"""The key schema of the cube store, drawn in one place.
+
+Every key is ASCII. Ids never contain "/", numbers are fixed-width lowercase
+hex, so byte order is numeric order and a cube's rows form one contiguous
+range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
+"/").
+
+    default                       daemon metadata
+      schema_version              -> "1"  (SCHEMA_VERSION; checked at open)
+      embedder                    -> embedder fingerprint the stored vectors were made with
+    cubes
+      {cube_id}                   -> CubeRecord (json): name, head, counts, next_vkey
+    cube_names
+      {name}                      -> {cube_id}
+    revisions
+      {cube_id}/{rev:016x}        -> RevisionRecord (json): author, message, time, counts
+    items                         every version of every item, all revisions
+      {cube_id}/{item_id}/{born:016x}
+                                  -> VersionRecord (json): vkey, text, tags, source,
+                                     event/write time, born, died (0 = alive at HEAD)
+    vectors
+      {cube_id}/{vkey:016x}       -> float32[dim] embedding of that version
+    mounts
+      {mount_id}                  -> MountRecord (json): cube, base revision, mode
+    staging                       a mount's uncommitted changes (written without sync)
+      {mount_id}/{item_id}        -> StagedRecord (json): kind, base version, content
+    staged_vectors
+      {mount_id}/{item_id}        -> float32[dim] embedding of the staged content
+
+A version key (vkey) is a per-cube counter assigned at commit, so the dense and
+lexical indexes (derived, rebuildable) can say "everything up to vkey N is in".
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = b"1"
+
+CF_DEFAULT = "default"
+CF_CUBES = "cubes"
+CF_CUBE_NAMES = "cube_names"
+CF_REVISIONS = "revisions"
+CF_ITEMS = "items"
+CF_VECTORS = "vectors"
+CF_MOUNTS = "mounts"
+CF_STAGING = "staging"
+CF_STAGED_VECTORS = "staged_vectors"
+
+COLUMN_FAMILIES = (
+    CF_CUBES, CF_CUBE_NAMES, CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_MOUNTS, CF_STAGING, CF_STAGED_VECTORS,
+)
+# Column families whose keys start with "{cube_id}/": deleted by range on FreeCube.
+CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS)
+
+KEY_SCHEMA_VERSION = b"schema_version"
+KEY_EMBEDDER = b"embedder"
+
+
+def _hex(n: int) -> str:
+    return f"{n:016x}"
+
+
+def cube_key(cube_id: str) -> bytes:
+    return cube_id.encode()
+
+
+def name_key(name: str) -> bytes:
+    return name.encode()
+
+
+def revision_key(cube_id: str, revision: int) -> bytes:
+    return f"{cube_id}/{_hex(revision)}".encode()
+
+
+def version_key(cube_id: str, item_id: str, born: int) -> bytes:
+    return f"{cube_id}/{item_id}/{_hex(born)}".encode()
+
+
+def vector_key(cube_id: str, vkey: int) -> bytes:
+    return f"{cube_id}/{_hex(vkey)}".encode()
+
+
+def mount_key(mount_id: str) -> bytes:
+    return mount_id.encode()
+
+
+def staged_key(mount_id: str, item_id: str) -> bytes:
+    return f"{mount_id}/{item_id}".encode()
+
+
+def prefix_range(owner_id: str) -> tuple[bytes, bytes]:
+    """The [begin, end) key range of every row that starts with ``owner_id/``."""
+    return f"{owner_id}/".encode(), f"{owner_id}0".encode()
+
+
+def split_version_key(key: bytes) -> tuple[str, str, int]:
+    cube_id, item_id, born = key.decode().split("/")
+    return cube_id, item_id, int(born, 16)

@@ -1,0 +1,1 @@
+"""gRPC servicers: validate, call the kernel, map errors. Nothing else."""

@@ -1,0 +1,114 @@
+"""Kernel values <-> memos.v1 messages."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from memos.v1 import memos_pb2 as pb
+from memos.v1 import types_pb2 as t
+
+from memosd.errors import InvalidField
+from memosd.kernel.types import (
+    CubeInfo,
+    ItemChange,
+    ItemInput,
+    ItemView,
+    MountHeader,
+    MountInfo,
+    SearchFilter,
+    SearchHit,
+)
+from memosd.store.records import RevisionRecord
+
+_CHANGE_KINDS = {"added": t.CHANGE_KIND_ADDED, "changed": t.CHANGE_KIND_CHANGED,
+                 "forgotten": t.CHANGE_KIND_FORGOTTEN}
+_REVISION_KINDS = {"commit": t.REVISION_KIND_COMMIT, "rollback": t.REVISION_KIND_ROLLBACK}
+SEARCH_MODES = {t.SEARCH_MODE_UNSPECIFIED: "hybrid", t.SEARCH_MODE_HYBRID: "hybrid",
+                t.SEARCH_MODE_DENSE: "dense", t.SEARCH_MODE_LEXICAL: "lexical"}
+
+
+def ts(ns: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(ns)
+    return stamp
+
+
+def header(cube_id: str = "", head: int = 0, read_revision: int = 0) -> t.ResponseHeader:
+    return t.ResponseHeader(cube_id=cube_id, head_revision=head, read_revision=read_revision)
+
+
+def cube(info: CubeInfo) -> t.Cube:
+    r = info.record
+    return t.Cube(cube_id=r.cube_id, name=r.name, description=r.description, labels=r.labels,
+                  create_time=ts(r.create_ns), head_revision=r.head, item_count=r.item_count,
+                  mount_count=info.mount_count, version_count=r.version_count)
+
+
+def mount(info: MountInfo) -> t.Mount:
+    r = info.record
+    mode = t.MOUNT_MODE_READ_WRITE if r.mode == "rw" else t.MOUNT_MODE_READ_ONLY
+    return t.Mount(mount_id=r.mount_id, cube_id=r.cube_id, base_revision=r.base, mode=mode,
+                   create_time=ts(r.create_ns), staged_adds=info.staged_adds, staged_edits=info.staged_edits,
+                   staged_forgets=info.staged_forgets)
+
+
+def mount_header(info: MountInfo) -> t.ResponseHeader:
+    return header(info.record.cube_id, info.head, info.record.base)
+
+
+def item(view: ItemView) -> t.Item:
+    return t.Item(item_id=view.item_id, text=view.text, tags=view.tags, source=view.source,
+                  event_time=ts(view.event_ns), write_time=ts(view.write_ns), born_revision=view.born,
+                  staged=view.staged)
+
+
+def revision(r: RevisionRecord) -> t.Revision:
+    return t.Revision(number=r.number, parent=r.parent, kind=_REVISION_KINDS[r.kind], author=r.author,
+                      message=r.message, create_time=ts(r.create_ns), added=r.added, changed=r.changed,
+                      forgotten=r.forgotten, item_count=r.item_count, restored_revision=r.restored)
+
+
+def change(c: ItemChange) -> t.ItemChange:
+    out = t.ItemChange(kind=_CHANGE_KINDS[c.kind], item_id=c.item_id)
+    if c.before is not None:
+        out.before.CopyFrom(item(c.before))
+    if c.after is not None:
+        out.after.CopyFrom(item(c.after))
+    return out
+
+
+def hit(h: SearchHit) -> t.SearchHit:
+    return t.SearchHit(item=item(h.item), mount_id=h.mount_id, cube_id=h.cube_id, score=h.score,
+                       dense_score=h.dense_score, lexical_score=h.lexical_score, dense_rank=h.dense_rank,
+                       lexical_rank=h.lexical_rank)
+
+
+def search_header(h: MountHeader) -> t.ResponseHeader:
+    return header(h.cube_id, h.head, h.read_revision)
+
+
+def item_inputs(items: list[t.ItemInput]) -> list[ItemInput]:
+    return [ItemInput(text=i.text, item_id=i.item_id, tags=tuple(i.tags), source=i.source,
+                      event_ns=i.event_time.ToNanoseconds() if i.HasField("event_time") else 0)
+            for i in items]
+
+
+def search_filter(req: pb.SearchRequest) -> SearchFilter:
+    start = req.event_time.start.ToNanoseconds() if req.event_time.HasField("start") else None
+    end = req.event_time.end.ToNanoseconds() if req.event_time.HasField("end") else None
+    if start is not None and end is not None and end <= start:
+        raise InvalidField("event_time.end must be after event_time.start", field="event_time")
+    return SearchFilter(tuple(req.tags.all_of), tuple(req.tags.any_of), tuple(req.tags.none_of), start, end)
+
+
+def search_mode(value: int) -> str:
+    if value not in SEARCH_MODES:
+        raise InvalidField(f"mode {value} is not a SearchMode; use SEARCH_MODE_HYBRID, _DENSE or _LEXICAL",
+                           field="mode")
+    return SEARCH_MODES[value]
+
+
+def writable(mode: int) -> bool:
+    if mode not in (t.MOUNT_MODE_UNSPECIFIED, t.MOUNT_MODE_READ_ONLY, t.MOUNT_MODE_READ_WRITE):
+        raise InvalidField(f"mode {mode} is not a MountMode; use MOUNT_MODE_READ_ONLY or "
+                           "MOUNT_MODE_READ_WRITE", field="mode")
+    return bool(mode == t.MOUNT_MODE_READ_WRITE)

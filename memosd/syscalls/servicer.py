@@ -1,0 +1,145 @@
+"""The MemOS service: one short handler per syscall (check, call the kernel, map)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from memos.v1 import memos_pb2 as pb
+
+from memosd.errors import MemosError, ShuttingDown
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.search import Searcher
+from memosd.logfmt import log_event
+from memosd.syscalls import convert as cv
+from memosd.syscalls.errors import internal, to_status
+
+log = logging.getLogger("memosd.syscalls")
+
+Handler = Callable[[Any, grpc.ServicerContext], Any]
+
+
+class MemOSServicer:
+    """Each public method is a syscall; `dispatch` wraps them all with error mapping."""
+
+    def __init__(self, kernel: Kernel, searcher: Searcher, stats: Callable[[], pb.StatsResponse]) -> None:
+        self.kernel = kernel
+        self.searcher = searcher
+        self._stats = stats
+        self.calls: Counter[str] = Counter()
+        self._calls_lock = threading.Lock()
+        self.draining = False
+
+    def dispatch(self, name: str, handler: Handler) -> Handler:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            with self._calls_lock:
+                self.calls[name] += 1
+            try:
+                if self.draining:
+                    raise ShuttingDown("memosd is shutting down; retry against the restarted daemon")
+                response = handler(request, context)
+            except MemosError as error:
+                log_event(log, "syscall", level=logging.INFO, method=name, code=error.code, reason=error.reason,
+                          took_ms=round((time.perf_counter() - started) * 1000, 2))
+                context.abort_with_status(to_status(error))
+            except Exception as exc:
+                context.abort_with_status(to_status(internal(name, exc)))
+            log_event(log, "syscall", level=logging.DEBUG, method=name, code="OK",
+                      took_ms=round((time.perf_counter() - started) * 1000, 2))
+            return response
+
+        return run
+
+    # -- cubes ----------------------------------------------------------
+    def AllocCube(self, req: pb.AllocCubeRequest, ctx: grpc.ServicerContext) -> pb.AllocCubeResponse:
+        info = self.kernel.alloc_cube(req.name, req.description, dict(req.labels))
+        return pb.AllocCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cv.cube(info))
+
+    def FreeCube(self, req: pb.FreeCubeRequest, ctx: grpc.ServicerContext) -> pb.FreeCubeResponse:
+        cube_id = self.kernel.cube(req.cube).cube_id
+        freed = self.kernel.free_cube(req.cube)
+        return pb.FreeCubeResponse(header=cv.header(cube_id), revisions_deleted=freed.revisions,
+                                   versions_deleted=freed.versions, mounts_closed=freed.mounts)
+
+    def StatCube(self, req: pb.StatCubeRequest, ctx: grpc.ServicerContext) -> pb.StatCubeResponse:
+        info = self.kernel.cube_info(self.kernel.cube(req.cube))
+        return pb.StatCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cv.cube(info))
+
+    def ListCubes(self, req: pb.ListCubesRequest, ctx: grpc.ServicerContext) -> pb.ListCubesResponse:
+        page = self.kernel.list_cubes(req.page_size, req.page_token)
+        return pb.ListCubesResponse(header=cv.header(), cubes=[cv.cube(c) for c in page.entries],
+                                    next_page_token=page.next_token)
+
+    # -- mounts ---------------------------------------------------------
+    def Mount(self, req: pb.MountRequest, ctx: grpc.ServicerContext) -> pb.MountResponse:
+        info = self.kernel.mount(req.cube, req.revision, cv.writable(req.mode))
+        return pb.MountResponse(header=cv.mount_header(info), mount=cv.mount(info))
+
+    def Unmount(self, req: pb.UnmountRequest, ctx: grpc.ServicerContext) -> pb.UnmountResponse:
+        info, discarded = self.kernel.unmount(req.mount_id)
+        return pb.UnmountResponse(header=cv.mount_header(info), discarded_changes=discarded)
+
+    # -- items ----------------------------------------------------------
+    def Write(self, req: pb.WriteRequest, ctx: grpc.ServicerContext) -> pb.WriteResponse:
+        item_ids, info = self.kernel.write(req.mount_id, cv.item_inputs(list(req.items)))
+        return pb.WriteResponse(header=cv.mount_header(info), item_ids=item_ids, mount=cv.mount(info))
+
+    def Read(self, req: pb.ReadRequest, ctx: grpc.ServicerContext) -> pb.ReadResponse:
+        if req.item_ids:
+            views, info = self.kernel.read(req.mount_id, list(req.item_ids))
+            return pb.ReadResponse(header=cv.mount_header(info), items=[cv.item(v) for v in views])
+        page, info = self.kernel.list_items(req.mount_id, req.page_size, req.page_token)
+        return pb.ReadResponse(header=cv.mount_header(info), items=[cv.item(v) for v in page.entries],
+                               next_page_token=page.next_token)
+
+    def Forget(self, req: pb.ForgetRequest, ctx: grpc.ServicerContext) -> pb.ForgetResponse:
+        info = self.kernel.forget(req.mount_id, list(req.item_ids))
+        return pb.ForgetResponse(header=cv.mount_header(info), mount=cv.mount(info))
+
+    def Search(self, req: pb.SearchRequest, ctx: grpc.ServicerContext) -> pb.SearchResponse:
+        result = self.searcher.search(list(req.mount_ids), req.query, req.k, cv.search_filter(req),
+                                      cv.search_mode(req.mode))
+        return pb.SearchResponse(headers=[cv.search_header(h) for h in result.headers],
+                                 hits=[cv.hit(h) for h in result.hits], took_us=result.took_us,
+                                 embed_us=result.embed_us)
+
+    # -- revisions ------------------------------------------------------
+    def Commit(self, req: pb.CommitRequest, ctx: grpc.ServicerContext) -> pb.CommitResponse:
+        result = self.kernel.commit(req.mount_id, req.message, req.author)
+        response = pb.CommitResponse(header=cv.header(result.mount.record.cube_id, result.head,
+                                                      result.mount.record.base),
+                                     mount=cv.mount(result.mount))
+        if result.revision is not None:
+            response.revision.CopyFrom(cv.revision(result.revision))
+        return response
+
+    def Log(self, req: pb.LogRequest, ctx: grpc.ServicerContext) -> pb.LogResponse:
+        page, head = self.kernel.log(req.cube, req.page_size, req.page_token)
+        cube_id = self.kernel.cube(req.cube).cube_id
+        return pb.LogResponse(header=cv.header(cube_id, head), revisions=[cv.revision(r) for r in page.entries],
+                              next_page_token=page.next_token)
+
+    def Diff(self, req: pb.DiffRequest, ctx: grpc.ServicerContext) -> pb.DiffResponse:
+        page, older, newer = self.kernel.diff(req.cube, req.from_revision, req.to_revision, req.page_size,
+                                              req.page_token)
+        cube = self.kernel.cube(req.cube)
+        return pb.DiffResponse(header=cv.header(cube.cube_id, cube.head), changes=[cv.change(c) for c in page.entries],
+                               next_page_token=page.next_token, from_revision=older, to_revision=newer)
+
+    def Rollback(self, req: pb.RollbackRequest, ctx: grpc.ServicerContext) -> pb.RollbackResponse:
+        revision = self.kernel.rollback(req.cube, req.to_revision, req.message, req.author)
+        cube_id = self.kernel.cube(req.cube).cube_id
+        return pb.RollbackResponse(header=cv.header(cube_id, revision.number), revision=cv.revision(revision))
+
+    # -- daemon ---------------------------------------------------------
+    def Stats(self, req: pb.StatsRequest, ctx: grpc.ServicerContext) -> pb.StatsResponse:
+        response = self._stats()
+        with self._calls_lock:
+            response.calls.update(self.calls)
+        return response

@@ -1,0 +1,67 @@
+"""Start and stop a real memosd in a subprocess, on port 0, with its own data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STARTUP_SECONDS = 120.0
+
+
+@dataclass
+class DaemonProcess:
+    data_dir: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    log_path: Path | None = None
+
+    def start(self) -> DaemonProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "daemon.json").unlink(missing_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOSD_")}
+        env.update(self.env)
+        args = [sys.executable, "-m", "memosd", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
+                "--log-level", "debug", *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + STARTUP_SECONDS
+        info = self.data_dir / "daemon.json"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"memosd exited with {self.proc.returncode}:\n{self.log()}")
+            if info.exists():
+                try:
+                    data = json.loads(info.read_text())
+                except ValueError:
+                    data = {}
+                if data.get("pid") == self.proc.pid:
+                    self.address = data["address"]
+                    return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"memosd did not start in {STARTUP_SECONDS}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path else ""
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait: the clean shutdown path."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the crash path."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)

@@ -1,0 +1,194 @@
+"""The daemon as a process: restarts, crashes, shutdown, systemd notify, health and reflection."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from memos import Client, MemosError
+
+from daemon_proc import DaemonProcess
+
+
+def write_commit(client: Client, cube: str, texts: list[str], tags: list[str] | None = None) -> int:
+    with client.mount(cube, writable=True) as m:
+        m.write(texts, tags=tags or [])
+        return int(m.commit().revision.number)
+
+
+def test_restart_keeps_everything_and_rebuilds_missing_indexes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = DaemonProcess(data).start()
+    with Client(first.address) as c:
+        c.alloc_cube("keep")
+        write_commit(c, "keep", ["the harbour freezes in January", "owls hunt at night"])
+        write_commit(c, "keep", ["the bakery opens at seven"])
+        kept_open = c.mount("keep", writable=True)  # left open across the restart
+        kept_open.write(["staged but not committed"])
+        staged_mount = kept_open.mount_id
+    assert first.stop() == 0
+    assert not (data / "daemon.json").exists(), "clean shutdown removes daemon.json"
+
+    shutil.rmtree(data / "index")  # the derived indexes are rebuilt from RocksDB
+    second = DaemonProcess(data).start()
+    try:
+        with Client(second.address) as c:
+            assert c.stat_cube("keep").head_revision == 2
+            with c.mount("keep") as m:
+                assert m.search("when does the bakery open", k=1)[0].item.text == "the bakery opens at seven"
+                assert m.search("harbour", k=1, mode="lexical")[0].item.text.startswith("the harbour")
+            # Mounts and their staging survive a restart.
+            assert "staged but not committed" in [i.text for i in c.iter_items(staged_mount)]
+            assert c.commit(staged_mount).revision.number == 3
+    finally:
+        assert second.stop() == 0
+
+
+def test_sigkill_during_commits_loses_no_acknowledged_commit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    daemon = DaemonProcess(data).start()
+    cubes = ["crash-a", "crash-b"]
+    with Client(daemon.address) as c:
+        for cube in cubes:
+            c.alloc_cube(cube)
+    acked: list[tuple[str, int, str]] = []  # (cube, revision, batch tag)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(n: int) -> None:
+        cube = cubes[n % 2]
+        with Client(daemon.address, timeout=10) as c:
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                tag = f"w{n}b{i}"
+                texts = [f"{tag} token{tag}x{j} record" for j in range(3)]
+                try:
+                    revision = write_commit(c, cube, texts, [tag])
+                except MemosError:
+                    return  # the daemon died under us
+                with lock:
+                    acked.append((cube, revision, tag))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.kill()  # SIGKILL with commits in flight
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert len(acked) >= 24, "too few commits before the kill to mean anything"
+
+    restarted = DaemonProcess(data).start()
+    try:
+        with Client(restarted.address) as c:
+            for cube in cubes:
+                head = c.stat_cube(cube).head_revision
+                mine = [(rev, tag) for cb, rev, tag in acked if cb == cube]
+                assert all(rev <= head for rev, _ in mine), "an acknowledged revision is missing"
+                log = {r.number: r for r in c.log(cube)}
+                assert sorted(log) == list(range(1, head + 1)), "revisions must be contiguous"
+                with c.mount(cube) as m:
+                    items = list(m.iter_items())
+                    by_tag: dict[str, list[str]] = {}
+                    for item in items:
+                        by_tag.setdefault(item.tags[0], []).append(item.text)
+                    # Every commit is whole: each batch present has all 3 of its items.
+                    assert all(len(texts) == 3 for texts in by_tag.values()), by_tag
+                    for _, tag in mine:
+                        assert tag in by_tag, f"acknowledged batch {tag} lost"
+                    assert len(items) == 3 * head == log[head].item_count
+                    for rev in range(1, head + 1):
+                        assert log[rev].added == 3 and log[rev].item_count == 3 * rev
+                    # Search agrees with the store: each batch's unique token finds exactly its items.
+                    for tag in list(by_tag)[:: max(1, len(by_tag) // 15)]:
+                        hits = m.search(f"token{tag}x1", k=3, mode="lexical")
+                        assert hits[0].item.tags == [tag]
+                        dense = m.search(by_tag[tag][0], k=1, mode="dense")
+                        assert dense[0].item.text in by_tag[tag] or dense[0].dense_score > 0.95
+                    total = m.search("record", k=1000, mode="lexical")
+                    assert len(total) == len(items), "search sees exactly the committed items"
+    finally:
+        assert restarted.stop() == 0
+
+
+def test_sigterm_drains_and_second_daemon_on_same_dir_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    daemon = DaemonProcess(data).start()
+    try:
+        clash = DaemonProcess(data)
+        with pytest.raises(RuntimeError, match="in use by another memosd"):
+            clash.start()
+    finally:
+        assert daemon.stop() == 0
+    assert "event=stopped" in daemon.log()
+
+
+def test_systemd_notify_protocol(tmp_path: Path) -> None:
+    sock_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(120)
+    daemon = DaemonProcess(tmp_path / "data", env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"})
+    daemon.start()
+    try:
+        messages: list[str] = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        ready = next(m for m in messages if "READY=1" in m)
+        assert f"MAINPID={daemon.proc.pid}" in ready and "STATUS=" in ready  # type: ignore[union-attr]
+        # The daemon answers the watchdog (WATCHDOG_USEC=0.4 s: pings every 0.2 s).
+        pings = 0
+        deadline = time.monotonic() + 10
+        while pings < 3 and time.monotonic() < deadline:
+            pings += listener.recv(4096).decode().count("WATCHDOG=1")
+        assert pings >= 3
+        # It was serving when it said READY.
+        with Client(daemon.address) as c:
+            assert c.stats().version
+    finally:
+        assert daemon.stop() == 0
+    rest = []
+    listener.settimeout(5)
+    try:
+        while True:
+            rest.append(listener.recv(4096).decode())
+    except TimeoutError:
+        pass
+    assert any("STOPPING=1" in m for m in rest)
+    listener.close()
+
+
+def test_health_and_reflection(daemon: DaemonProcess) -> None:
+    with grpc.insecure_channel(daemon.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "memos.v1.MemOS"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in response.list_services_response.service}
+        assert {"memos.v1.MemOS", "grpc.health.v1.Health"} <= names
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="memos.v1.MemOS")
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        assert response.file_descriptor_response.file_descriptor_proto
+
+
+def test_stats(client: Client) -> None:
+    stats = client.stats()
+    assert stats.embedder and stats.embedding_dim == 384
+    assert stats.rss_bytes > 50_000_000 and stats.store_bytes > 0
+    assert stats.calls["Stats"] >= 1
+    assert os.getpid() != 0

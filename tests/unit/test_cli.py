@@ -1,0 +1,521 @@
+"""memosctl against an in-process FAKE MemOS server: the CLI layer only (parsing, output, exit codes).
+
+The fake keeps just enough state (cubes, HEAD items, revisions, mounts with
+staging) to make the commands meaningful; the real daemon is tested end to end
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from memos.cli.main import main
+from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
+
+C = grpc.StatusCode
+
+
+def fail(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="memosd.v1"))
+    context.abort_with_status(rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=[detail])))
+
+
+class FakeMemOS(memos_pb2_grpc.MemOSServicer):
+    """Cubes with HEAD-only items, a log, and mounts that stage writes and forgets until Commit."""
+
+    PAGE = 2  # small, so every list command has to follow page tokens
+
+    def __init__(self) -> None:
+        self.cubes: dict[str, types_pb2.Cube] = {}
+        self.items: dict[str, dict[str, types_pb2.Item]] = {}
+        self.log: dict[str, list[types_pb2.Revision]] = {}
+        self.mounts: dict[str, tuple[types_pb2.Mount, list[types_pb2.Item], list[str]]] = {}
+        self.requests: list[tuple[str, Any]] = []
+        self.slow_stats = 0.0
+        self._seq = 0
+
+    def _id(self, prefix: str) -> str:
+        self._seq += 1
+        return f"{prefix}_{self._seq:04d}"
+
+    def _cube(self, ref: str, context: grpc.ServicerContext) -> types_pb2.Cube:
+        for cube in self.cubes.values():
+            if ref in (cube.cube_id, cube.name):
+                return cube
+        fail(context, C.NOT_FOUND, "CUBE_NOT_FOUND", f"no cube {ref!r}")
+        raise AssertionError
+
+    def _mount(self, mount_id: str, context: grpc.ServicerContext) -> Any:
+        if mount_id not in self.mounts:
+            fail(context, C.NOT_FOUND, "MOUNT_NOT_FOUND", f"no mount {mount_id!r}")
+        return self.mounts[mount_id]
+
+    @staticmethod
+    def _page(values: list[Any], token: str) -> tuple[list[Any], str]:
+        start = int(token or 0)
+        end = start + FakeMemOS.PAGE
+        return values[start:end], str(end) if end < len(values) else ""
+
+    def AllocCube(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if any(c.name == request.name for c in self.cubes.values()):
+            fail(context, C.ALREADY_EXISTS, "CUBE_NAME_TAKEN", f"a cube is named {request.name!r}")
+        cube = types_pb2.Cube(cube_id=self._id("cube"), name=request.name, description=request.description,
+                              labels=request.labels)
+        cube.create_time.FromSeconds(1714560000)
+        self.cubes[cube.cube_id], self.items[cube.cube_id], self.log[cube.cube_id] = cube, {}, []
+        return memos_pb2.AllocCubeResponse(cube=cube)
+
+    def FreeCube(self, request: Any, context: grpc.ServicerContext) -> Any:
+        cube = self._cube(request.cube, context)
+        del self.cubes[cube.cube_id]
+        return memos_pb2.FreeCubeResponse(revisions_deleted=len(self.log.pop(cube.cube_id)))
+
+    def StatCube(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return memos_pb2.StatCubeResponse(cube=self._cube(request.cube, context))
+
+    def ListCubes(self, request: Any, context: grpc.ServicerContext) -> Any:
+        cubes, token = self._page(sorted(self.cubes.values(), key=lambda c: c.cube_id), request.page_token)
+        return memos_pb2.ListCubesResponse(cubes=cubes, next_page_token=token)
+
+    def Mount(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Mount", request))
+        cube = self._cube(request.cube, context)
+        mount = types_pb2.Mount(mount_id=self._id("mnt"), cube_id=cube.cube_id, mode=request.mode,
+                                base_revision=request.revision or cube.head_revision)
+        self.mounts[mount.mount_id] = (mount, [], [])
+        return memos_pb2.MountResponse(mount=mount)
+
+    def Unmount(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _, staged, forgets = self._mount(request.mount_id, context)
+        del self.mounts[request.mount_id]
+        return memos_pb2.UnmountResponse(discarded_changes=len(staged) + len(forgets))
+
+    def Write(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Write", request))
+        mount, staged, _ = self._mount(request.mount_id, context)
+        if mount.mode != types_pb2.MOUNT_MODE_READ_WRITE:
+            fail(context, C.FAILED_PRECONDITION, "MOUNT_READ_ONLY", "read-only mount")
+        if any(not it.text for it in request.items):
+            fail(context, C.INVALID_ARGUMENT, "TEXT_EMPTY", "items[0].text is empty")
+        ids = []
+        for it in request.items:
+            item = types_pb2.Item(item_id=self._id("itm"), text=it.text, tags=it.tags, source=it.source,
+                                  event_time=it.event_time if it.HasField("event_time") else None, staged=True)
+            staged.append(item)
+            ids.append(item.item_id)
+        mount.staged_adds = len(staged)
+        return memos_pb2.WriteResponse(item_ids=ids, mount=mount)
+
+    def _visible(self, mount_id: str, context: grpc.ServicerContext) -> dict[str, types_pb2.Item]:
+        mount, staged, forgets = self._mount(mount_id, context)
+        items = {**self.items[mount.cube_id], **{it.item_id: it for it in staged}}
+        return {k: v for k, v in sorted(items.items()) if k not in forgets}
+
+    def Read(self, request: Any, context: grpc.ServicerContext) -> Any:
+        items = self._visible(request.mount_id, context)
+        if not request.item_ids:
+            page, token = self._page(list(items.values()), request.page_token)
+            return memos_pb2.ReadResponse(items=page, next_page_token=token)
+        missing = [i for i in request.item_ids if i not in items]
+        if missing:
+            fail(context, C.NOT_FOUND, "ITEM_NOT_FOUND", f"no item {missing[0]!r}")
+        return memos_pb2.ReadResponse(items=[items[i] for i in request.item_ids])
+
+    def Forget(self, request: Any, context: grpc.ServicerContext) -> Any:
+        mount, _, forgets = self._mount(request.mount_id, context)
+        forgets.extend(request.item_ids)
+        mount.staged_forgets = len(forgets)
+        return memos_pb2.ForgetResponse(mount=mount)
+
+    def Search(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Search", request))
+        hits: list[types_pb2.SearchHit] = []
+        for mount_id in request.mount_ids:
+            mount = self._mount(mount_id, context)[0]
+            for item in self._visible(mount_id, context).values():
+                if request.query.lower() in item.text.lower():
+                    hits.append(types_pb2.SearchHit(item=item, mount_id=mount_id, cube_id=mount.cube_id,
+                                                    score=0.5, dense_score=0.75, dense_rank=len(hits) + 1))
+        return memos_pb2.SearchResponse(hits=hits[: request.k or 10], took_us=1234)
+
+    def Commit(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Commit", request))
+        mount, staged, forgets = self._mount(request.mount_id, context)
+        cube = self.cubes[mount.cube_id]
+        items = self.items[cube.cube_id]
+        rev = types_pb2.Revision(number=cube.head_revision + 1, parent=cube.head_revision, author=request.author,
+                                 message=request.message, kind=types_pb2.REVISION_KIND_COMMIT,
+                                 added=len(staged), forgotten=len(forgets))
+        for it in staged:
+            it.staged, it.born_revision = False, rev.number
+            items[it.item_id] = it
+        for item_id in forgets:
+            items.pop(item_id, None)
+        rev.item_count = cube.item_count = len(items)
+        cube.head_revision = rev.number
+        self.log[cube.cube_id].insert(0, rev)
+        staged.clear()
+        forgets.clear()
+        mount.base_revision, mount.staged_adds, mount.staged_forgets = rev.number, 0, 0
+        return memos_pb2.CommitResponse(revision=rev, mount=mount)
+
+    def Log(self, request: Any, context: grpc.ServicerContext) -> Any:
+        revs, token = self._page(self.log[self._cube(request.cube, context).cube_id], request.page_token)
+        return memos_pb2.LogResponse(revisions=revs, next_page_token=token)
+
+    def Diff(self, request: Any, context: grpc.ServicerContext) -> Any:
+        items = self.items[self._cube(request.cube, context).cube_id]
+        changes = [types_pb2.ItemChange(kind=types_pb2.CHANGE_KIND_ADDED, item_id=i, after=it)
+                   for i, it in items.items() if it.born_revision > request.from_revision]
+        return memos_pb2.DiffResponse(changes=changes)
+
+    def Rollback(self, request: Any, context: grpc.ServicerContext) -> Any:
+        cube = self._cube(request.cube, context)
+        if request.to_revision >= cube.head_revision:
+            fail(context, C.NOT_FOUND, "REVISION_NOT_FOUND", f"cannot roll back to {request.to_revision}")
+        cube.head_revision += 1
+        rev = types_pb2.Revision(number=cube.head_revision, kind=types_pb2.REVISION_KIND_ROLLBACK,
+                                 restored_revision=request.to_revision, message=request.message)
+        self.log[cube.cube_id].insert(0, rev)
+        return memos_pb2.RollbackResponse(revision=rev)
+
+    def Stats(self, request: Any, context: grpc.ServicerContext) -> Any:
+        time.sleep(self.slow_stats)
+        return memos_pb2.StatsResponse(version="0.1.0-fake", uptime_seconds=3725, cube_count=len(self.cubes),
+                                       embedder="fake", embedding_dim=8, store_bytes=3 * 1024 * 1024,
+                                       calls={"Stats": 1})
+
+
+@pytest.fixture
+def fake() -> FakeMemOS:
+    return FakeMemOS()
+
+
+@pytest.fixture
+def health() -> Any:
+    # grpcio-health-checking is the daemon's dependency, not the client's: the health test skips without it.
+    try:
+        from grpc_health.v1 import health
+    except ImportError:
+        return None
+    return health.HealthServicer()
+
+
+@pytest.fixture
+def target(fake: FakeMemOS, health: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.delenv("MEMOS_AUTHOR", raising=False)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    memos_pb2_grpc.add_MemOSServicer_to_server(fake, server)
+    if health is not None:
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+class Run:
+    """memosctl's exit code and captured output."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def ctl(target: str, capsys: pytest.CaptureFixture[str]) -> Any:
+    def run(*argv: str) -> Run:
+        code = main(["--target", target, "--timeout", "5", *argv])
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# -- cubes -----------------------------------------------------------------------
+
+
+def test_cube_alloc_table_and_json(ctl: Any) -> None:
+    r = ctl("cube", "alloc", "notes", "--description", "my notes", "--label", "team=ml", "--label", "env=dev")
+    assert r.code == 0, r.err
+    assert "name:          notes" in r.out
+    assert "labels:        env=dev,team=ml" in r.out
+    r = ctl("-o", "json", "cube", "alloc", "other")
+    doc = r.json()
+    assert (doc["name"], doc["head_revision"], doc["labels"]) == ("other", "0", {})
+
+
+def test_cube_list_pages_through_everything(ctl: Any) -> None:
+    for name in ("a", "b", "c"):
+        assert ctl("cube", "alloc", name).code == 0
+    r = ctl("cube", "list")
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["CUBE", "ID", "NAME", "HEAD", "ITEMS", "MOUNTS", "CREATED", "DESCRIPTION"]
+    assert [ln.split()[1] for ln in lines[1:]] == ["a", "b", "c"]
+    assert [c["name"] for c in ctl("-o", "json", "cube", "list").json()["cubes"]] == ["a", "b", "c"]
+
+
+def test_cube_stat_missing_is_exit_3(ctl: Any) -> None:
+    r = ctl("cube", "stat", "nope")
+    assert r.code == 3
+    assert r.out == ""
+    assert r.err == "memosctl: error: CUBE_NOT_FOUND: no cube 'nope'\n"
+
+
+def test_cube_alloc_duplicate_is_exit_3(ctl: Any) -> None:
+    assert ctl("cube", "alloc", "dup").code == 0
+    r = ctl("cube", "alloc", "dup")
+    assert (r.code, r.err.startswith("memosctl: error: CUBE_NAME_TAKEN: ")) == (3, True)
+
+
+def test_cube_free_needs_yes(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "doomed")
+    r = ctl("cube", "free", "doomed")
+    assert r.code == 2
+    assert "--yes" in r.err
+    assert len(fake.cubes) == 1
+    r = ctl("cube", "free", "doomed", "--yes")
+    assert r.code == 0, r.err
+    assert "freed:" in r.out and not fake.cubes
+
+
+# -- usage and connectivity -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cube"],
+        ["--output", "xml", "stats"],
+        ["mem", "search", "notes"],
+        ["cube", "alloc", "x", "--label", "novalue"],
+        ["mem", "search", "notes", "-q", "x", "--since", "yesterday"],
+        ["diff", "notes", "one"],
+        ["bogus"],
+    ],
+)
+def test_bad_arguments_are_exit_2(ctl: Any, argv: list[str]) -> None:
+    r = ctl(*argv)
+    assert r.code == 2
+    assert "usage:" in r.err or "error:" in r.err
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "4  the daemon is unreachable" in out
+
+
+def test_closed_port_is_exit_4(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--target", f"127.0.0.1:{closed_port()}", "--timeout", "2", "stats"])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert err.startswith("memosctl: error: UNAVAILABLE: ") and "is memosd running" in err
+
+
+def test_silent_listener_is_exit_4(capsys: pytest.CaptureFixture[str]) -> None:
+    # Accepts TCP but never speaks HTTP/2: the call can only time out, never having connected.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        code = main(["--target", f"127.0.0.1:{s.getsockname()[1]}", "--timeout", "0.5", "stats"])
+    assert code == 4
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+def test_slow_daemon_is_exit_3(ctl: Any, fake: FakeMemOS, target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.slow_stats = 1.0
+    code = main(["--target", target, "--timeout", "0.3", "stats"])
+    assert code == 3
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+# -- mem ---------------------------------------------------------------------------
+
+
+def test_mem_write_args_commits_and_unmounts(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("mem", "write", "notes", "Ada was born in 1815", "Grace wrote a compiler", "--tag", "people",
+            "--source", "unit", "--event-time", "2024-05-01T12:00:00Z")
+    assert r.code == 0, r.err
+    assert "revision:" in r.out and "written:  2" in r.out
+    assert r.out.count("itm_") == 2
+    assert "[" not in r.err  # no progress bar for plain arguments
+    commit = next(req for n, req in fake.requests if n == "Commit")
+    assert commit.message == "memosctl write"
+    items = next(req for n, req in fake.requests if n == "Write").items
+    assert (list(items[0].tags), items[0].source, items[0].event_time.seconds) == (["people"], "unit", 1714564800)
+    assert not fake.mounts
+    assert fake.cubes[next(iter(fake.cubes))].head_revision == 1
+
+
+def test_mem_write_jsonl_shows_progress(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    path = tmp_path / "items.jsonl"
+    lines = [{"text": f"fact {i}", "tags": ["own"]} for i in range(5)]
+    lines[0]["event_time"] = "2020-01-01T00:00:00Z"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    r = ctl("mem", "write", "notes", "--file", str(path), "--batch-size", "2", "--tag", "bulk", "-m", "import")
+    assert r.code == 0, r.err
+    assert "\r" in r.err and "5/5" in r.err and r.err.count("\n") == 1  # one line, redrawn in place
+    writes = [req for n, req in fake.requests if n == "Write"]
+    assert [len(w.items) for w in writes] == [2, 2, 1]
+    assert list(writes[0].items[0].tags) == ["own", "bulk"]
+    assert writes[0].items[0].event_time.seconds == 1577836800
+    assert next(req for n, req in fake.requests if n == "Commit").message == "import"
+
+
+def test_mem_write_json_and_quiet_have_no_progress(ctl: Any, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n')
+    r = ctl("-o", "json", "mem", "write", "notes", "-f", str(path))
+    assert r.code == 0 and r.err == ""
+    doc = r.json()
+    assert doc["committed"] is True and len(doc["item_ids"]) == 2 and doc["revision"]["number"] == "1"
+    r = ctl("-q", "mem", "write", "notes", "-f", str(path))
+    assert r.code == 0 and r.err == ""
+
+
+def test_mem_write_bad_jsonl_is_exit_2_before_mounting(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    r = ctl("mem", "write", "notes", "--file", str(path))
+    assert r.code == 2
+    assert f"{path}:2: unknown keys" in r.err
+    assert not any(n == "Mount" for n, _ in fake.requests)
+    assert ctl("mem", "write", "notes").code == 2  # nothing to write
+
+
+def test_mem_write_failure_commits_nothing(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": ""}\n')
+    r = ctl("mem", "write", "notes", "--file", str(path), "--batch-size", "1")
+    assert r.code == 3 and "TEXT_EMPTY" in r.err
+    assert not fake.mounts and not any(n == "Commit" for n, _ in fake.requests)
+
+
+def test_mem_write_no_commit_then_commit_mount(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("mem", "write", "notes", "staged only", "--no-commit")
+    assert r.code == 0, r.err
+    (mount_id,) = fake.mounts
+    assert f"memosctl commit --mount {mount_id}" in r.err
+    assert f"{mount_id} (not committed)" in r.out
+    r = ctl("commit", "--mount", mount_id, "-m", "later")
+    assert r.code == 0, r.err
+    assert "revision:  1" in r.out and "message:   later" in r.out
+    assert not fake.mounts
+    assert ctl("commit", "--mount", mount_id).code == 3  # gone: MOUNT_NOT_FOUND
+
+
+def test_mem_read_all_and_by_id(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    ids = ctl("-o", "json", "mem", "write", "notes", "a1", "b2", "c3", "--tag", "x").json()["item_ids"]
+    r = ctl("mem", "read", "notes")
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["ITEM", "ID", "REV", "EVENT", "TIME", "TAGS", "SOURCE", "TEXT"]
+    assert [ln.split()[0] for ln in lines[1:]] == ids  # all three, across two pages
+    doc = ctl("-o", "json", "mem", "read", "notes", ids[1]).json()
+    assert [i["text"] for i in doc["items"]] == ["b2"]
+    assert ctl("mem", "read", "notes", "itm_missing").code == 3
+    assert not fake.mounts
+
+
+def test_mem_search_table_and_json(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("cube", "alloc", "other")
+    ctl("mem", "write", "notes", "Ada was born in 1815 " + "and more words " * 20)
+    ctl("mem", "write", "other", "Ada Lovelace")
+    r = ctl("mem", "search", "notes", "other", "-q", "ada", "-k", "5", "--tag", "t1", "--any-tag", "t2",
+            "--not-tag", "t3", "--since", "2024-01-01", "--until", "2025-01-01T00:00:00Z", "--mode", "dense")
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["RANK", "SCORE", "DENSE", "LEXICAL", "ITEM", "ID", "CUBE", "TEXT"]
+    assert lines[1].split()[:4] == ["1", "0.5000", "0.7500", "-"]
+    assert lines[1].split()[5] == "notes" and lines[2].split()[5] == "other"
+    assert lines[1].endswith("…") and len(lines[1]) <= 120
+    req = next(req for n, req in fake.requests if n == "Search")
+    assert (req.k, req.mode, list(req.tags.any_of)) == (5, types_pb2.SEARCH_MODE_DENSE, ["t2"])
+    assert req.event_time.start.seconds == 1704067200 and req.event_time.end.seconds == 1735689600
+    doc = ctl("-o", "json", "mem", "search", "notes", "-q", "ada").json()
+    assert doc["hits"][0]["item"]["text"].startswith("Ada") and doc["took_us"] == "1234"
+    assert not fake.mounts
+
+
+def test_mem_forget_commits(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    ids = ctl("-o", "json", "mem", "write", "notes", "a", "b").json()["item_ids"]
+    r = ctl("mem", "forget", "notes", ids[0], "-m", "gdpr", "--author", "ops")
+    assert r.code == 0, r.err
+    assert "revision:  2" in r.out and "forgotten: 1" in r.out and "author:    ops" in r.out
+    assert [i["item_id"] for i in ctl("-o", "json", "mem", "read", "notes").json()["items"]] == ids[1:]
+
+
+# -- history and stats ------------------------------------------------------------
+
+
+def test_log_diff_rollback(ctl: Any) -> None:
+    ctl("cube", "alloc", "notes")
+    for text in ("one", "two", "three"):
+        ctl("mem", "write", "notes", text, "-m", f"add {text}")
+    r = ctl("log", "notes")
+    lines = r.out.splitlines()
+    assert lines[0].split()[:3] == ["REV", "KIND", "AUTHOR"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["3", "2", "1"]  # three revisions over two pages
+    assert lines[1].endswith("add three")
+    assert len(ctl("-o", "json", "log", "notes", "-n", "2").json()["revisions"]) == 2
+    r = ctl("diff", "notes", "1")
+    assert [ln.split()[:2] for ln in r.out.splitlines()[1:]] == [["+", "added"], ["+", "added"]]
+    r = ctl("rollback", "notes", "1", "-m", "undo")
+    assert r.code == 0, r.err
+    assert "revision:  4" in r.out and "restored:  1" in r.out
+    assert ctl("rollback", "notes", "9").code == 3
+
+
+def test_stats_table_and_json(ctl: Any) -> None:
+    r = ctl("stats")
+    assert r.code == 0, r.err
+    assert "uptime:" in r.out and "1h02m05s" in r.out and "3.0 MiB" in r.out and "calls Stats:" in r.out
+    doc = ctl("-o", "json", "stats").json()
+    assert doc["version"] == "0.1.0-fake" and doc["calls"] == {"Stats": "1"}
+
+
+
+def test_health(ctl: Any, health: Any) -> None:
+    if health is None:
+        pytest.skip("grpcio-health-checking is not installed")
+    from grpc_health.v1 import health_pb2
+
+    r = ctl("health")
+    assert (r.code, r.out) == (0, "SERVING\n")
+    health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    r = ctl("-o", "json", "health")
+    assert r.code == 3 and r.json() == {"status": "NOT_SERVING"}

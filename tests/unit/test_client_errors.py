@@ -1,0 +1,300 @@
+"""memos.Client against an in-process fake MemOS server: error mapping, request building, paging.
+
+The server is real gRPC (port 0); its servicer aborts with google.rpc.Status
+details exactly as memosd does, so the whole decode path is exercised.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from concurrent import futures
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import grpc
+import memos
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from memos import errors
+from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
+
+C = grpc.StatusCode
+# Each memos.v1.ErrorReason with the code the contract gives it and the class the client raises.
+REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
+    "CUBE_NOT_FOUND": (C.NOT_FOUND, errors.CubeNotFound),
+    "MOUNT_NOT_FOUND": (C.NOT_FOUND, errors.MountNotFound),
+    "REVISION_NOT_FOUND": (C.NOT_FOUND, errors.RevisionNotFound),
+    "ITEM_NOT_FOUND": (C.NOT_FOUND, errors.ItemNotFound),
+    "CUBE_NAME_TAKEN": (C.ALREADY_EXISTS, errors.CubeNameTaken),
+    "INVALID_FIELD": (C.INVALID_ARGUMENT, errors.InvalidField),
+    "TEXT_EMPTY": (C.INVALID_ARGUMENT, errors.TextEmpty),
+    "TEXT_TOO_LARGE": (C.INVALID_ARGUMENT, errors.TextTooLarge),
+    "TOO_MANY_ITEMS": (C.INVALID_ARGUMENT, errors.TooManyItems),
+    "INVALID_PAGE_TOKEN": (C.INVALID_ARGUMENT, errors.InvalidPageToken),
+    "MALFORMED_REQUEST": (C.INVALID_ARGUMENT, errors.MalformedRequest),
+    "MOUNT_READ_ONLY": (C.FAILED_PRECONDITION, errors.MountReadOnly),
+    "COMMIT_CONFLICT": (C.ABORTED, errors.CommitConflict),
+    "STAGING_FULL": (C.RESOURCE_EXHAUSTED, errors.StagingFull),
+    "SHUTTING_DOWN": (C.UNAVAILABLE, errors.ShuttingDown),
+    "INTERNAL_ERROR": (C.INTERNAL, errors.InternalError),
+}
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: str = "",
+          domain: str = "memosd.v1", **metadata: str) -> None:
+    details = []
+    if reason:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata))
+        details.append(detail)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+class Fake(memos_pb2_grpc.MemOSServicer):
+    """StatCube fails as its ``cube`` field says ("REASON" or "REASON@domain" or "!CODE"); the rest record."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, Any]] = []
+        self.unmount_fails = False
+
+    def StatCube(self, request: memos_pb2.StatCubeRequest, context: grpc.ServicerContext) -> Any:
+        spec = request.cube
+        if spec.startswith("!"):
+            abort(context, grpc.StatusCode[spec[1:]], f"bare {spec[1:]}")
+        reason, _, domain = spec.partition("@")
+        code = REASONS[reason][0] if reason in REASONS else C.NOT_FOUND
+        abort(context, code, f"failed: {reason}", reason, domain or "memosd.v1", cube=spec, limit="3")
+
+    def ListCubes(self, request: memos_pb2.ListCubesRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("ListCubes", request))
+        start = int(request.page_token or 0)
+        names = [f"c{i}" for i in range(5)]
+        end = start + 2
+        return memos_pb2.ListCubesResponse(
+            cubes=[types_pb2.Cube(name=n) for n in names[start:end]],
+            next_page_token=str(end) if end < len(names) else "",
+        )
+
+    def Mount(self, request: memos_pb2.MountRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Mount", request))
+        return memos_pb2.MountResponse(mount=types_pb2.Mount(mount_id="mnt_1", cube_id="cube_1", mode=request.mode))
+
+    def Unmount(self, request: memos_pb2.UnmountRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Unmount", request))
+        if self.unmount_fails:
+            abort(context, C.NOT_FOUND, "gone", "MOUNT_NOT_FOUND")
+        return memos_pb2.UnmountResponse(discarded_changes=2)
+
+    def Write(self, request: memos_pb2.WriteRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Write", request))
+        n = sum(1 for name, _ in self.requests if name == "Write")
+        ids = [f"itm_{n}_{i}" for i in range(len(request.items))]
+        return memos_pb2.WriteResponse(
+            item_ids=ids, mount=types_pb2.Mount(mount_id=request.mount_id, staged_adds=len(ids))
+        )
+
+    def Search(self, request: memos_pb2.SearchRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Search", request))
+        hits = [types_pb2.SearchHit(item=types_pb2.Item(item_id=f"itm_{i}"), score=1.0 / (i + 1)) for i in range(3)]
+        return memos_pb2.SearchResponse(hits=hits, took_us=1500, embed_us=700)
+
+    def Commit(self, request: memos_pb2.CommitRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Commit", request))
+        return memos_pb2.CommitResponse(
+            revision=types_pb2.Revision(number=4, message=request.message),
+            mount=types_pb2.Mount(mount_id=request.mount_id, cube_id="cube_1", base_revision=4),
+        )
+
+    def of(self, name: str) -> list[Any]:
+        return [req for n, req in self.requests if n == name]
+
+
+@pytest.fixture
+def fake() -> Fake:
+    return Fake()
+
+
+@pytest.fixture
+def client(fake: Fake) -> Iterator[memos.Client]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    memos_pb2_grpc.add_MemOSServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with memos.Client(f"127.0.0.1:{port}", timeout=5) as c:
+        yield c
+    server.stop(None)
+
+
+# -- error mapping -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", sorted(REASONS))
+def test_each_reason_raises_its_class(client: memos.Client, reason: str) -> None:
+    code, cls = REASONS[reason]
+    with pytest.raises(cls) as info:
+        client.stat_cube(reason)
+    e = info.value
+    assert type(e) is cls
+    assert (e.code, e.reason, e.message) == (code, reason, f"failed: {reason}")
+    assert e.metadata == {"cube": reason, "limit": "3"}
+    assert isinstance(e.__cause__, grpc.RpcError)
+    assert str(e) == f"{reason}: failed: {reason}"
+
+
+def test_every_contract_reason_has_a_class() -> None:
+    names = {n for n in types_pb2.ErrorReason.DESCRIPTOR.values_by_name if n != "ERROR_REASON_UNSPECIFIED"}
+    assert names == set(REASONS)
+    for name in names:
+        assert errors.error_class(REASONS[name][0], name).default_reason == name
+
+
+def test_client_codes_agree_with_the_daemons_errors() -> None:
+    daemon_errors = pytest.importorskip("memosd.errors")
+    for cls in daemon_errors.ALL_ERRORS:
+        assert REASONS[cls.reason][0].name == cls.code
+
+
+def test_group_bases_catch_broadly(client: memos.Client) -> None:
+    with pytest.raises(errors.NotFound):
+        client.stat_cube("ITEM_NOT_FOUND")
+    with pytest.raises(errors.InvalidArgument):
+        client.stat_cube("TEXT_TOO_LARGE")
+    with pytest.raises(errors.Unavailable):
+        client.stat_cube("SHUTTING_DOWN")
+    with pytest.raises(memos.MemosError):
+        client.stat_cube("COMMIT_CONFLICT")
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (C.UNAVAILABLE, errors.Unavailable),
+        (C.UNAUTHENTICATED, errors.Unauthenticated),
+        (C.PERMISSION_DENIED, errors.PermissionDenied),
+        (C.UNIMPLEMENTED, errors.Unimplemented),
+        (C.NOT_FOUND, errors.NotFound),
+        (C.DATA_LOSS, errors.DataLoss),
+    ],
+)
+def test_reasonless_errors_map_by_code(client: memos.Client, code: grpc.StatusCode,
+                                       cls: type[errors.MemosError]) -> None:
+    with pytest.raises(cls) as info:
+        client.stat_cube(f"!{code.name}")
+    assert type(info.value) is cls
+    assert (info.value.code, info.value.reason, info.value.metadata) == (code, "", {})
+    assert str(info.value) == f"{code.name}: bare {code.name}"
+
+
+def test_unknown_reason_keeps_reason_and_maps_by_code(client: memos.Client) -> None:
+    with pytest.raises(errors.NotFound) as info:
+        client.stat_cube("SOMETHING_NEW")
+    assert type(info.value) is errors.NotFound
+    assert info.value.reason == "SOMETHING_NEW"
+
+
+def test_foreign_domain_reason_is_not_trusted(client: memos.Client) -> None:
+    with pytest.raises(errors.NotFound) as info:
+        client.stat_cube("CUBE_NOT_FOUND@proxy.example")
+    assert type(info.value) is errors.NotFound
+    assert info.value.reason == "CUBE_NOT_FOUND"
+
+
+def test_unreachable_daemon_is_unavailable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with memos.Client(f"127.0.0.1:{port}", timeout=5) as c:
+        with pytest.raises(errors.Unavailable) as info:
+            c.stats()
+        assert not c.is_ready(timeout=0.1)
+    assert info.value.reason == ""
+
+
+def test_non_call_rpc_error_is_unknown() -> None:
+    e = errors.from_rpc_error(grpc.RpcError("odd"))
+    assert type(e) is errors.Unknown
+    assert e.code == C.UNKNOWN
+
+
+# -- requests and responses ------------------------------------------------------
+
+
+def test_write_builds_items(client: memos.Client, fake: Fake) -> None:
+    when = datetime(2024, 5, 1, 12, 0)  # naive: UTC
+    item = types_pb2.ItemInput(text="as is", tags=["own"])
+    ids = client.write(
+        "mnt_1",
+        ["plain", {"text": "dict", "event_time": "2020-01-01T00:00:00Z"}, {"text": "t", "tags": "one"}, item],
+        tags=["shared"], source="unit", event_time=when,
+    )
+    assert ids == ["itm_1_0", "itm_1_1", "itm_1_2", "itm_1_3"]
+    plain, d, t, passed = fake.of("Write")[0].items
+    assert (list(plain.tags), plain.source) == (["shared"], "unit")
+    assert plain.event_time.ToDatetime(tzinfo=UTC) == when.replace(tzinfo=UTC)
+    assert (list(d.tags), d.source, d.event_time.seconds) == (["shared"], "unit", 1577836800)
+    assert list(t.tags) == ["one"]
+    assert passed == item
+
+
+def test_write_rejects_unknown_item_keys(client: memos.Client) -> None:
+    with pytest.raises(ValueError, match="txt"):
+        client.write("mnt_1", [{"txt": "typo"}])
+
+
+def test_write_many_batches_and_reports_progress(client: memos.Client, fake: Fake) -> None:
+    seen: list[int] = []
+    ids = client.write_many("mnt_1", (f"item {i}" for i in range(5)), batch_size=2, progress=seen.append)
+    assert [len(r.items) for r in fake.of("Write")] == [2, 2, 1]
+    assert seen == [2, 2, 1]
+    assert len(ids) == 5 and len(set(ids)) == 5
+
+
+def test_list_cubes_follows_page_tokens(client: memos.Client, fake: Fake) -> None:
+    assert [c.name for c in client.list_cubes(page_size=2)] == ["c0", "c1", "c2", "c3", "c4"]
+    assert [r.page_token for r in fake.of("ListCubes")] == ["", "2", "4"]
+    assert all(r.page_size == 2 for r in fake.of("ListCubes"))
+
+
+def test_search_request_and_results(client: memos.Client, fake: Fake) -> None:
+    since = datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2)))
+    res = client.search("mnt_1", "q", 3, tags_all=["a"], tags_any=["b", "c"], tags_none=["d"],
+                        since=since, mode="lexical")
+    assert [h.item.item_id for h in res] == ["itm_0", "itm_1", "itm_2"]
+    assert (res.took_us, res.embed_us, len(res.response.hits)) == (1500, 700, 3)
+    req = fake.of("Search")[0]
+    assert list(req.mount_ids) == ["mnt_1"] and req.k == 3 and req.mode == types_pb2.SEARCH_MODE_LEXICAL
+    assert (list(req.tags.all_of), list(req.tags.any_of), list(req.tags.none_of)) == (["a"], ["b", "c"], ["d"])
+    assert req.event_time.HasField("start") and not req.event_time.HasField("end")
+    assert req.event_time.start.ToDatetime(tzinfo=UTC) == since
+    with pytest.raises(ValueError, match="mode"):
+        client.search(["mnt_1"], "q", mode="fuzzy")
+
+
+def test_mount_handle_binds_calls_and_unmounts(client: memos.Client, fake: Fake) -> None:
+    with client.mount("notes", revision=3, writable=True) as m:
+        assert (m.mount_id, m.cube_id) == ("mnt_1", "cube_1")
+        m.write(["a", "b"])
+        assert m.info.staged_adds == 2
+        assert m.commit("msg", "me").revision.number == 4
+        assert m.base_revision == 4
+    mount_req = fake.of("Mount")[0]
+    assert (mount_req.cube, mount_req.revision, mount_req.mode) == ("notes", 3, types_pb2.MOUNT_MODE_READ_WRITE)
+    assert [r.mount_id for r in fake.of("Unmount")] == ["mnt_1"]
+
+
+def test_mount_handle_exit_ignores_mount_not_found(client: memos.Client, fake: Fake) -> None:
+    fake.unmount_fails = True
+    with client.mount("notes") as m:
+        pass
+    assert m.unmount() == 0
+
+
+def test_to_timestamp_treats_naive_as_utc() -> None:
+    naive = memos.to_timestamp(datetime(2024, 1, 1))
+    aware = memos.to_timestamp(datetime(2024, 1, 1, 2, tzinfo=timezone(timedelta(hours=2))))
+    assert naive == aware == memos.to_timestamp("2024-01-01T00:00:00Z")
+    assert memos.parse_time("2024-01-01").tzinfo is not None

@@ -1,0 +1,273 @@
+"""memosd.config: defaults, precedence, and errors that name the key and its source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memosd.config import (
+    Config,
+    ConfigError,
+    LimitsConfig,
+    ServerConfig,
+    build_arg_parser,
+    default_data_dir,
+    load_config,
+)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An empty home, so no real ~/.config/memosd/memosd.toml is picked up."""
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+def env_with(home: Path, **extra: str) -> dict[str, str]:
+    return {"HOME": str(home), **extra}
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults(home: Path) -> None:
+    cfg = load_config([], env_with(home))
+    assert cfg.server == ServerConfig()
+    assert cfg.server.listen == "127.0.0.1:50051"
+    assert cfg.server.workers == 16
+    assert cfg.server.max_message_bytes == 64 * 1024 * 1024
+    assert cfg.store.sync_commits is True
+    assert cfg.limits == LimitsConfig()
+    assert cfg.embedder.model == "all-MiniLM-L6-v2"
+    assert cfg.embedder.device == "auto"
+    assert cfg.search.fusion == "rrf"
+    assert cfg.search.rrf_k == 60
+    assert cfg.search.exact_below == 2048
+    assert cfg.index.save_interval_seconds == 30.0
+    assert cfg.log.level == "info"
+    assert cfg.config_file is None
+    assert cfg.data_dir == home / ".local/share/memosd"
+
+
+def test_per_user_data_dir(home: Path, tmp_path: Path) -> None:
+    assert default_data_dir({"HOME": str(home)}) == home / ".local/share/memosd"
+    xdg = tmp_path / "xdg-data"
+    assert default_data_dir({"HOME": str(home), "XDG_DATA_HOME": str(xdg)}) == xdg / "memosd"
+    # The XDG spec says relative values are ignored.
+    assert default_data_dir({"HOME": str(home), "XDG_DATA_HOME": "rel"}) == home / ".local/share/memosd"
+    # Under systemd with StateDirectory=, the service manager's directory wins.
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(xdg), "STATE_DIRECTORY": "/var/lib/memosd:/var/lib/other"}
+    assert default_data_dir(env) == Path("/var/lib/memosd")
+    assert load_config([], env).data_dir == Path("/var/lib/memosd")
+
+
+def test_precedence_file_env_flag(home: Path, tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path / "memosd.toml",
+        """
+        data_dir = "from-file"
+        [server]
+        listen = "0.0.0.0:1000"
+        workers = 4
+        [limits]
+        max_item_bytes = 111
+        max_k = 5
+        [search]
+        dense_weight = 2
+        """,
+    )
+    # File only.
+    cfg = load_config(["--config", str(path)], env_with(home))
+    assert cfg.config_file == path
+    assert cfg.server.listen == "0.0.0.0:1000"
+    assert cfg.server.workers == 4
+    assert cfg.limits.max_item_bytes == 111
+    assert cfg.search.dense_weight == 2.0 and isinstance(cfg.search.dense_weight, float)
+    assert cfg.data_dir == tmp_path / "from-file"  # relative to the file
+
+    # Env over file.
+    env = env_with(
+        home,
+        MEMOSD_CONFIG=str(path),
+        MEMOSD_LISTEN="127.0.0.1:2000",
+        MEMOSD_LIMITS__MAX_ITEM_BYTES="222",
+        MEMOSD_DATA_DIR=str(tmp_path / "from-env"),
+        MEMOSD_STORE__SYNC_COMMITS="false",
+    )
+    cfg = load_config([], env)
+    assert cfg.server.listen == "127.0.0.1:2000"
+    assert cfg.limits.max_item_bytes == 222
+    assert cfg.limits.max_k == 5  # untouched file value survives
+    assert cfg.server.workers == 4
+    assert cfg.store.sync_commits is False
+    assert cfg.data_dir == tmp_path / "from-env"
+
+    # Flags over env.
+    cfg = load_config(
+        [
+            "--listen",
+            "[::1]:3000",
+            "--set",
+            "limits.max_item_bytes=333",
+            "--set",
+            "server.workers=8",
+            "--data-dir",
+            str(tmp_path / "from-flag"),
+            "--log-level",
+            "DEBUG",
+        ],
+        env,
+    )
+    assert cfg.server.listen == "[::1]:3000"
+    assert cfg.limits.max_item_bytes == 333
+    assert cfg.server.workers == 8
+    assert cfg.data_dir == tmp_path / "from-flag"
+    assert cfg.log.level == "debug"
+
+
+def test_flag_config_beats_env_config(home: Path, tmp_path: Path) -> None:
+    a = write_toml(tmp_path / "a.toml", "[log]\nlevel = 'error'\n")
+    b = write_toml(tmp_path / "b.toml", "[log]\nlevel = 'warning'\n")
+    cfg = load_config(["--config", str(b)], env_with(home, MEMOSD_CONFIG=str(a)))
+    assert cfg.config_file == b and cfg.log.level == "warning"
+
+
+def test_default_config_file_is_optional_and_used_when_present(home: Path) -> None:
+    assert load_config([], env_with(home)).config_file is None
+    path = write_toml(home / ".config/memosd/memosd.toml", "[embedder]\ndevice = 'cpu'\n")
+    cfg = load_config([], env_with(home))
+    assert cfg.config_file == path
+    assert cfg.embedder.device == "cpu"
+
+
+def test_named_flag_beats_set(home: Path) -> None:
+    cfg = load_config(["--listen", "h:1", "--set", "server.listen=h:2"], env_with(home))
+    assert cfg.server.listen == "h:1"
+
+
+def test_file_errors_name_key_and_file(home: Path, tmp_path: Path) -> None:
+    cases = {
+        "[limits]\nmax_item_bytes = 'big'\n": ("limits.max_item_bytes", "an integer"),
+        "[server]\nworkers = true\n": ("server.workers", "an integer"),
+        "[store]\nsync_commits = 1\n": ("store.sync_commits", "a boolean"),
+        "[limits]\nmax_itme_bytes = 1\n": ("limits.max_itme_bytes", "max_item_bytes"),
+        "[nosuch]\nx = 1\n": ("[nosuch]", "sections are: server, store"),
+        "bogus = 1\n": ("bogus", "expected data_dir or section.key"),
+        "server = 3\n": ("server", "a table"),
+        "[embedder]\ndevice = 'tpu'\n": ("embedder.device", "auto, cpu, cuda"),
+        "[limits]\nmax_k = 0\n": ("limits.max_k", "> 0"),
+        "[server]\nlisten = 'localhost'\n": ("server.listen", "host:port"),
+        "[server]\nlisten = 'localhost:70000'\n": ("server.listen", "0-65535"),
+        "[log]\nlevel = 'loud'\n": ("log.level", "debug, info"),
+    }
+    for text, (key, expected) in cases.items():
+        path = write_toml(tmp_path / "bad.toml", text)
+        with pytest.raises(ConfigError) as err:
+            load_config(["--config", str(path)], env_with(home))
+        msg = str(err.value)
+        assert key in msg and str(path) in msg and expected in msg, (text, msg)
+
+
+def test_file_missing_or_not_toml(home: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"flag --config.*does not exist"):
+        load_config(["--config", str(tmp_path / "nope.toml")], env_with(home))
+    with pytest.raises(ConfigError, match="MEMOSD_CONFIG"):
+        load_config([], env_with(home, MEMOSD_CONFIG=str(tmp_path / "nope.toml")))
+    path = write_toml(tmp_path / "broken.toml", "[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(["--config", str(path)], env_with(home))
+
+
+def test_env_errors_name_key_and_variable(home: Path) -> None:
+    cases = {
+        "MEMOSD_LIMITS__MAX_ITEM_BYTES": ("lots", "limits.max_item_bytes", "an integer"),
+        "MEMOSD_LIMITS__MAX_QUERY_BYTES": ("-1", "limits.max_query_bytes", "> 0"),
+        "MEMOSD_STORE__SYNC_COMMITS": ("maybe", "store.sync_commits", "a boolean"),
+        "MEMOSD_SEARCH__DENSE_WEIGHT": ("nan", "search.dense_weight", "finite"),
+        "MEMOSD_SEARCH__NOPE": ("1", "search.nope", "[search] has"),
+        "MEMOSD_NOPE__X": ("1", "nope.x", "no section 'nope'"),
+        "MEMOSD_LOG_LEVEL": ("info", "MEMOSD_LOG_LEVEL", "MEMOSD_LOG__LEVEL"),
+        "MEMOSD_LISTEN": ("nowhere", "server.listen", "host:port"),
+    }
+    for var, (value, key, expected) in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config([], env_with(home, **{var: value}))
+        msg = str(err.value)
+        assert key in msg and var in msg and expected in msg, (var, msg)
+
+
+def test_flag_errors_name_key_and_flag(home: Path) -> None:
+    cases = [
+        (["--set", "limits.max_k=ten"], "limits.max_k", "flag --set limits.max_k=ten", "an integer"),
+        (["--set", "limits.max_k"], "limits.max_k", "flag --set", "section.key=value"),
+        (["--set", "limits.nope=1"], "limits.nope", "flag --set", "[limits] has"),
+        (["--listen", "h:-1"], "server.listen", "flag --listen", "host:port"),
+        (["--log-level", "shout"], "log.level", "flag --log-level", "one of"),
+    ]
+    for argv, key, source, expected in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(argv, env_with(home))
+        msg = str(err.value)
+        assert key in msg and source in msg and expected in msg, (argv, msg)
+
+
+def test_env_values_are_converted(home: Path) -> None:
+    env = env_with(
+        home,
+        MEMOSD_SERVER__GRACE_SECONDS="2.5",
+        MEMOSD_SEARCH__FUSION="RRF",
+        MEMOSD_EMBEDDER__MODEL="/models/minilm",
+        MEMOSD_STORE__SYNC_COMMITS="Yes",
+        MEMOSD_LIMITS__MAX_STAGED_CHANGES="1_000",
+    )
+    cfg = load_config([], env)
+    assert cfg.server.grace_seconds == 2.5
+    assert cfg.search.fusion == "rrf"
+    assert cfg.embedder.model == "/models/minilm"
+    assert cfg.store.sync_commits is True
+    assert cfg.limits.max_staged_changes == 1000
+
+
+def test_unrelated_env_is_ignored(home: Path) -> None:
+    cfg = load_config([], env_with(home, PATH="/bin", MEMOSDX="1"))
+    assert cfg.server.listen == "127.0.0.1:50051"
+
+
+def test_config_is_frozen_and_serialisable(home: Path) -> None:
+    cfg = load_config([], env_with(home))
+    with pytest.raises(AttributeError):
+        cfg.server.workers = 1  # type: ignore[misc]
+    d = cfg.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert d["limits"]["max_item_bytes"] == 32768
+    assert d["data_dir"] == str(cfg.data_dir)
+    assert set(d) == {
+        "data_dir",
+        "server",
+        "store",
+        "limits",
+        "embedder",
+        "search",
+        "index",
+        "log",
+        "config_file",
+    }
+    assert Config(data_dir=Path("/x")).server == ServerConfig()
+
+
+def test_arg_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_arg_parser()
+    assert parser.prog == "memosd"
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("memosd ")
+    help_text = parser.format_help()
+    for flag in ("--config", "--data-dir", "--listen", "--log-level", "--set"):
+        assert flag in help_text
