@@ -21,7 +21,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -97,8 +97,7 @@ def build(config: Config) -> Daemon:
     # Imported here: torch and friends take seconds; `memosd --help` should not.
     from memosd.index.cube_index import CubeIndex
     from memosd.index.embedder import Embedder
-    from memosd.index.fusion import fuse
-    from memosd.index.lexical import score_adhoc
+    from memosd.index.fusion import fuse, single
 
     lock_handle = _lock_data_dir(config.data_dir)
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
@@ -111,11 +110,14 @@ def build(config: Config) -> Daemon:
                     sync_commits=config.store.sync_commits)
     kernel.open()
     search = config.search
-    searcher = Searcher(
-        kernel,
-        lambda dense, lexical, k: fuse(dense, lexical, k, rrf_k=search.rrf_k, dense_weight=search.dense_weight,
-                                       lexical_weight=search.lexical_weight),
-        score_adhoc, SearchSettings(depth=search.depth, exact_below=search.exact_below))
+
+    def rank(dense: list[tuple[int, float]], lexical: list[tuple[int, float]], k: int, mode: str) -> list[Any]:
+        if mode != "hybrid":
+            return single(dense if mode == "dense" else lexical, k, lexical=mode == "lexical")
+        return fuse(dense, lexical, k, method=search.fusion, rrf_k=search.rrf_k,  # type: ignore[arg-type]
+                    dense_weight=search.dense_weight, lexical_weight=search.lexical_weight)
+
+    searcher = Searcher(kernel, rank, SearchSettings(depth=search.depth, exact_below=search.exact_below))
 
     started = time.time()
     stop_event = threading.Event()
@@ -182,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memosd: config error: {error}", file=sys.stderr)
         return 2
     setup_logging(config.log.level)
-    log_event(log, "starting", version=__version__, pid=os.getpid(), **{
-        k: v for k, v in (("listen", config.server.listen), ("data_dir", config.data_dir),
-                          ("config_file", config.config_file), ("embedder", config.embedder.model))})
+    log_event(log, "starting", version=__version__, pid=os.getpid(), listen=config.server.listen,
+              data_dir=config.data_dir, config_file=config.config_file, embedder=config.embedder.model)
     notifier = SystemdNotifier()
     try:
         daemon = build(config)

@@ -10,8 +10,8 @@ one relevant document. The data is read in place, never copied.
     python scripts/eval_fusion_offline.py [--json out.json] [--variants] [--compare-dtypes]
 
 nDCG uses linear gain (rel / log2(rank + 1)), as trec_eval and BEIR do.
-``--variants`` also prints fusion alternatives (RRF depths and weights, convex
-combination); ``--compare-dtypes`` checks f16 against f32 vectors.
+``--variants`` also prints fusion alternatives (RRF depths and weights, linear
+min-max combination); ``--compare-dtypes`` checks f16 against f32 vectors.
 """
 
 from __future__ import annotations
@@ -23,19 +23,21 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+# Run from a checkout without installing: the repo root holds the memosd package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memosd.index.cube_index import CubeIndex, default_depth  # noqa: E402
-from memosd.index.dense import DenseIndex  # noqa: E402
-from memosd.index.embedder import Embedder  # noqa: E402
-from memosd.index.fusion import FusedHit, fuse  # noqa: E402
+from memosd.index.cube_index import CubeIndex, default_depth
+from memosd.index.dense import DenseIndex
+from memosd.index.embedder import Embedder
+from memosd.index.fusion import FusedHit, fuse
 
 DATA = Path("/work/shared/data/retrieval")
 K = 10
@@ -110,7 +112,10 @@ def embed_corpus(emb: Embedder, ds: Dataset, cache: Path | None) -> npt.NDArray[
     return vecs
 
 
-Runner = Callable[[list[tuple[int, float]], list[tuple[int, float]]], list[FusedHit]]
+def fused(
+    dense: list[tuple[int, float]], lexical: list[tuple[int, float]], depth: int, **kw: Any
+) -> list[FusedHit]:
+    return fuse(dense[:depth], lexical[:depth], K, **kw)
 
 
 def evaluate(
@@ -125,6 +130,15 @@ def evaluate(
     max_depth = 200
 
     results: dict[str, dict[str, float]] = {}
+
+    def score(name: str, runs: Sequence[Sequence[FusedHit]]) -> None:
+        nd, rc = [], []
+        for qid, run in zip(qids, runs, strict=True):
+            ranked = [key_to_doc[h.key] for h in run]
+            nd.append(ndcg_at(ranked, ds.qrels[qid], K))
+            rc.append(recall_at(ranked, ds.qrels[qid], K))
+        results[name] = {"ndcg@10": float(np.mean(nd)), "recall@10": float(np.mean(rc))}
+
     with tempfile.TemporaryDirectory(prefix="memosd-eval-") as tmp:
         cube = CubeIndex.open(Path(tmp) / "cube", emb.dim)
         t0 = time.perf_counter()
@@ -146,47 +160,40 @@ def evaluate(
             f"  search depth {max_depth}: dense {1000 * t_dense / n:.2f} ms/q, lexical {1000 * t_lex / n:.2f} ms/q",
             file=sys.stderr,
         )
+        pairs = list(zip(dense_lists, lex_lists, strict=True))
 
-        def score(name: str, run: Runner) -> None:
-            nd, rc = [], []
-            for qid, dl, ll in zip(qids, dense_lists, lex_lists, strict=True):
-                ranked = [key_to_doc[h.key] for h in run(dl, ll)]
-                nd.append(ndcg_at(ranked, ds.qrels[qid], K))
-                rc.append(recall_at(ranked, ds.qrels[qid], K))
-            results[name] = {"ndcg@10": float(np.mean(nd)), "recall@10": float(np.mean(rc))}
-
-        score("dense", lambda d, _l: fuse(d[:K], [], K))
-        score("lexical", lambda _d, lx: fuse([], lx[:K], K))
-        score("hybrid", lambda d, lx: fuse(d[:depth], lx[:depth], K))
-        # The same hybrid through the public CubeIndex.search path, as a check.
-        nd = [
-            ndcg_at([key_to_doc[h.key] for h in cube.search(qv, qt, K)], ds.qrels[qid], K)
-            for qid, qv, qt in zip(qids, qvecs, qtexts, strict=True)
-        ]
-        results["hybrid(CubeIndex.search)"] = {"ndcg@10": float(np.mean(nd)), "recall@10": float("nan")}
+        score("dense", [fused(d, [], K) for d, _ in pairs])
+        score("lexical", [fused([], lx, K) for _, lx in pairs])
+        # The shipped path, end to end: CubeIndex.search with its defaults.
+        score("hybrid", [cube.search(qv, qt, K) for qv, qt in zip(qvecs, qtexts, strict=True)])
 
         if variants:
             for dd in (20, 50, 100, 200):
-                score(f"rrf k=60 depth={dd}", lambda d, lx, dd=dd: fuse(d[:dd], lx[:dd], K))
+                score(f"rrf k=60 depth={dd}", [fused(d, lx, dd) for d, lx in pairs])
             for kr in (10, 30, 100):
-                score(f"rrf k={kr} depth={depth}", lambda d, lx, kr=kr: fuse(d[:depth], lx[:depth], K, k_rrf=kr))
-            for wd in (0.5, 2.0):
-                score(f"rrf w_dense={wd}", lambda d, lx, wd=wd: fuse(d[:depth], lx[:depth], K, w_dense=wd))
-            for a in (0.3, 0.5, 0.7, 0.8):
+                score(f"rrf k={kr} depth={depth}", [fused(d, lx, depth, rrf_k=kr) for d, lx in pairs])
+            for wd in (0.5, 1.5, 2.0, 3.0):
                 score(
-                    f"convex minmax alpha={a}",
-                    lambda d, lx, a=a: fuse(d[:depth], lx[:depth], K, method="convex", alpha=a),
+                    f"rrf dense_weight={wd} depth={depth}",
+                    [fused(d, lx, depth, dense_weight=wd) for d, lx in pairs],
+                )
+            for a in (0.5, 0.6, 0.7, 0.8, 0.9):
+                score(
+                    f"linear minmax alpha={a} depth=50",
+                    [
+                        fused(d, lx, 50, method="linear", dense_weight=a, lexical_weight=1 - a)
+                        for d, lx in pairs
+                    ],
                 )
 
         if compare_dtypes:
             f32 = DenseIndex.open(Path(tmp) / "f32.usearch", emb.dim, dtype="f32")
             f32.add(keys, vecs)
-            same = 0
-            f32_lists = []
-            for qv, dl in zip(qvecs, dense_lists, strict=True):
-                hits = f32.search(qv, max_depth)
-                f32_lists.append(hits)
-                same += [h[0] for h in hits[:K]] == [h[0] for h in dl[:K]]
+            f32_lists = [f32.search(qv, max_depth) for qv in qvecs]
+            same = sum(
+                [h[0] for h in a[:K]] == [h[0] for h in b[:K]]
+                for a, b in zip(f32_lists, dense_lists, strict=True)
+            )
             exact = [cube.dense.search_exact(qv, keys, K) for qv in qvecs]
             overlap = np.mean(
                 [
@@ -199,10 +206,8 @@ def evaluate(
                 f"f16 HNSW recall@10 vs exact scan {overlap:.3f}",
                 file=sys.stderr,
             )
-            it = iter(f32_lists)
-            score("dense f32", lambda _d, _l: fuse(next(it)[:K], [], K))
-            it2 = iter(f32_lists)
-            score("hybrid f32", lambda _d, lx: fuse(next(it2)[:depth], lx[:depth], K))
+            score("dense f32", [fused(d, [], K) for d in f32_lists])
+            score("hybrid f32", [fused(d, lx, depth) for d, (_, lx) in zip(f32_lists, pairs, strict=True)])
             f32.close()
         cube.close(save=False)
     return results
@@ -234,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         for method, m in res.items():
             print(f"{name:<10} {method:<{width}}  {m['ndcg@10']:.4f}   {m['recall@10']:.4f}")
     ok = all(
-        r["hybrid"][m] > max(r["dense"][m], r["lexical"][m]) for r in out.values() for m in ("ndcg@10", "recall@10")
+        r["hybrid"][m] > max(r["dense"][m], r["lexical"][m])
+        for r in out.values()
+        for m in ("ndcg@10", "recall@10")
     )
     print(f"hybrid beats dense and lexical on both metrics everywhere: {ok}")
     if args.json:

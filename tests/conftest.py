@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from daemon_proc import DaemonProcess  # noqa: E402
-from memos import Client  # noqa: E402
+from daemon_proc import DaemonProcess
+from memos import Client
 
 _names = itertools.count()
 

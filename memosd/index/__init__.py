@@ -5,7 +5,7 @@ keyed by vkey (the store's uint64 id of one item version). This layer knows
 nothing of revisions or mounts: visibility is the caller's ``accept`` predicate.
 """
 
-from memosd.index.cube_index import CubeIndex, default_depth
+from memosd.index.cube_index import CubeIndex, StagedItems, default_depth
 from memosd.index.dense import DenseIndex
 from memosd.index.embedder import BUILTIN_MODEL, Embedder
 from memosd.index.fusion import FusedHit, fuse
@@ -18,6 +18,7 @@ __all__ = [
     "Embedder",
     "FusedHit",
     "LexicalIndex",
+    "StagedItems",
     "default_depth",
     "fuse",
     "score_adhoc",

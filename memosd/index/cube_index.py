@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from memosd.index.dense import Accept, DenseIndex, as_keys
+from memosd.index.dense import Accept, DenseIndex, Hits, as_keys
 from memosd.index.fusion import FusedHit, fuse, single
 from memosd.index.lexical import LexicalIndex
 
@@ -31,16 +32,20 @@ LEXICAL_DIR = "lexical"
 Mode = Literal["hybrid", "dense", "lexical"]
 
 # Each list is fetched this deep before fusion (see default_depth).
-MIN_DEPTH = 50
-DEPTH_FACTOR = 5
+MIN_DEPTH = 100
+DEPTH_FACTOR = 10
 
 
 def default_depth(k: int) -> int:
-    """Candidates per list for a top-``k`` hybrid search: max(5k, 50).
+    """Candidates per list for a top-``k`` hybrid search: max(10k, 100).
 
-    RRF only needs a document's rank in each list; a document that one list
-    ranks below ~50 adds < 1/110 and rarely moves into the top 10. On the eval
-    sets depth 50 and 100 gave the same nDCG@10 to 3 decimals (100 costs more).
+    RRF gives a document credit for its rank in *each* list, so the lists must
+    be deep enough that a document one list ranks 60th still gets its share.
+    On the offline eval (scripts/eval_fusion_offline.py, k=10) depth 100 beat
+    depth 50 on dbpedia (nDCG@10 +0.005, recall@10 +0.010) and tied msmarco
+    within noise; 200 changed nothing. Cost: a k=10 hybrid search over 100k
+    items takes ~1.5 ms; with a filter, ``accept`` sees at least 4 x depth
+    candidates per list (see DenseIndex.search on selective filters).
     """
     return max(DEPTH_FACTOR * k, MIN_DEPTH)
 
@@ -58,6 +63,38 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class StagedItems:
+    """A mount's uncommitted items, searched alongside a cube's indexes.
+
+    ``keys`` only need to be distinct from the cube's vkeys (the caller may use
+    provisional ids); ``vectors[i]`` (unit-norm, as Embedder returns them) and
+    ``texts[i]`` belong to ``keys[i]``. They are scored exactly: cosine by a
+    matrix product, BM25 with the cube's own statistics (LexicalIndex.score_staged),
+    so each merges by score into the committed list of the same kind.
+    """
+
+    keys: Sequence[int]
+    vectors: npt.NDArray[np.float32]
+    texts: Sequence[str]
+
+    def __post_init__(self) -> None:
+        if not len(self.keys) == len(self.texts) == self.vectors.shape[0]:
+            raise ValueError("staged keys, vectors and texts differ in length")
+
+    def dense(self, qvec: npt.ArrayLike, accept: Accept | None) -> Hits:
+        q = np.asarray(qvec, dtype=np.float32).reshape(-1)
+        sims = np.asarray(self.vectors, dtype=np.float32) @ q
+        hits = [(int(key), float(sim)) for key, sim in zip(self.keys, sims.tolist(), strict=True)]
+        hits.sort(key=lambda h: (-h[1], h[0]))
+        return [h for h in hits if accept is None or accept(h[0])]
+
+
+def _merge(a: Hits, b: Hits, n: int) -> Hits:
+    """Two score-ordered lists on one scale -> the top ``n`` of both."""
+    return sorted(a + b, key=lambda h: (-h[1], h[0]))[:n]
+
+
 class CubeIndex:
     """One cube's DenseIndex + LexicalIndex, searched together."""
 
@@ -71,7 +108,11 @@ class CubeIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dense = DenseIndex.open(directory / DENSE_FILE, dim)
-        lexical = LexicalIndex.open(directory / LEXICAL_DIR)
+        try:
+            lexical = LexicalIndex.open(directory / LEXICAL_DIR)
+        except BaseException:
+            dense.close()
+            raise
         return cls(directory, dense, lexical)
 
     @property
@@ -113,34 +154,29 @@ class CubeIndex:
         accept: Accept | None = None,
         depth: int | None = None,
         candidates: npt.ArrayLike | None = None,
+        staged: StagedItems | None = None,
     ) -> list[FusedHit]:
         """Top ``k`` for a query given as a vector (dense) and text (lexical).
 
-        ``accept(vkey)`` filters both lists before fusion, so k accepted hits
+        ``accept(key)`` filters both lists before fusion, so k accepted hits
         come back whenever k exist. ``candidates``, when given, restricts the
-        search to those vkeys: dense scores them exactly (the better plan when
-        a filter leaves few items) and lexical accepts only them. ``depth`` is
-        the per-list candidate depth for hybrid (default ``default_depth(k)``).
-        In hybrid mode a missing query part (no qvec, or text with no words)
-        leaves the other list alone, ranked by its RRF score.
+        indexed part of the search to those vkeys: dense scores them exactly
+        (the better plan when a filter leaves few items) and lexical accepts
+        only them. ``staged`` adds a mount's uncommitted items (see
+        StagedItems; ``accept`` applies to them too, ``candidates`` does not).
+        ``depth`` is the per-list candidate depth for hybrid (default
+        ``default_depth(k)``). In hybrid mode a missing query part (no qvec, or
+        text with no words) leaves the other list alone, ranked by its RRF score.
         """
         if k <= 0:
             return []
         cand = np.unique(as_keys(candidates)) if candidates is not None else None
-        if cand is not None:
-            allowed = set(cand.tolist())
-            outer = accept
-
-            def accept_cand(key: int) -> bool:
-                return key in allowed and (outer is None or outer(key))
-
-            accept = accept_cand
         want_dense = mode in ("hybrid", "dense") and qvec is not None
         want_lexical = mode in ("hybrid", "lexical")
         n = k if mode != "hybrid" else (depth if depth is not None else default_depth(k))
         n = max(n, k)
 
-        dense_hits: list[tuple[int, float]] = []
+        dense_hits: Hits = []
         if want_dense:
             assert qvec is not None
             if cand is not None:
@@ -148,13 +184,44 @@ class CubeIndex:
                 dense_hits = [h for h in exact if accept is None or accept(h[0])][:n]
             else:
                 dense_hits = self.dense.search(qvec, n, accept)
-        lexical_hits = self.lexical.search(qtext, n, accept) if want_lexical else []
+        lexical_hits = self.lexical.search(qtext, n, accept, keys=cand) if want_lexical else []
+
+        if staged is not None and len(staged.keys):
+            if want_dense:
+                assert qvec is not None
+                dense_hits = _merge(dense_hits, staged.dense(qvec, accept), n)
+            if want_lexical:
+                docs = list(zip(staged.keys, staged.texts, strict=True))
+                lexical_hits = _merge(lexical_hits, self.lexical.score_staged(qtext, docs, n, accept), n)
 
         if mode == "dense":
             return single(dense_hits, k)
         if mode == "lexical":
             return single(lexical_hits, k, lexical=True)
         return fuse(dense_hits, lexical_hits, k)
+
+    # -- the single-list operations memosd.kernel.ports.CubeIndexPort uses --
+
+    def add_dense(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Dense only (recovery: re-adding what ``dense_missing`` reported)."""
+        self.dense.add(keys, vectors)
+
+    def add_lexical(self, docs: Sequence[tuple[int, str]]) -> None:
+        """Lexical only (recovery: re-adding what lies above ``lexical_watermark``)."""
+        self.lexical.add(docs)
+
+    def dense_search(self, query: npt.ArrayLike, k: int, accept: Accept | None = None) -> Hits:
+        return self.dense.search(query, k, accept)
+
+    def dense_exact(self, query: npt.ArrayLike, keys: npt.ArrayLike) -> Hits:
+        return self.dense.search_exact(query, keys)
+
+    def lexical_search(self, query: str, k: int, accept: Accept | None = None) -> Hits:
+        return self.lexical.search(query, k, accept)
+
+    def lexical_staged(self, query: str, docs: Sequence[tuple[int, str]], k: int) -> Hits:
+        """BM25 of uncommitted docs on this index's scale (see LexicalIndex.score_staged)."""
+        return self.lexical.score_staged(query, docs, k)
 
     # -- recovery and bookkeeping -----------------------------------------
 
@@ -180,9 +247,9 @@ class CubeIndex:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def save(self) -> bool:
+    def save(self) -> None:
         """Persist the dense index if it changed (lexical is always committed)."""
-        return self.dense.save()
+        self.dense.save()
 
     def close(self, save: bool = True) -> None:
         try:

@@ -13,6 +13,11 @@ it. The watermark lives in a small JSON sidecar written (atomically) only
 exactly the prefix the watermark promises. ``add`` is an upsert besides, so a
 replayed add never duplicates a document.
 
+A mount's staged (uncommitted) items are scored by a Python BM25 that
+reproduces tantivy's (same analyzer, k1, b and idf): ``LexicalIndex.score_staged``
+uses the cube's statistics so staged and committed scores merge by value;
+``score_adhoc`` uses the staged items' own.
+
 User queries are text, never tantivy query syntax: they are cut into word
 tokens, run through the same analysis as ``en_stem`` and OR-ed as term
 queries, so no input can raise a syntax error (``AND``, quotes, parentheses
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -48,9 +54,12 @@ TANTIVY_DIR = "tantivy"
 # Writer arena per index. Each open cube holds a writer for its whole life, so
 # this is per-cube resident memory; 50 MB lets a bulk rebuild batch well.
 WRITER_HEAP_BYTES = 50_000_000
-# The in-RAM index for staged items holds a handful of documents; tantivy's
-# minimum arena per thread is 15 MB.
-ADHOC_HEAP_BYTES = 15_000_000
+# Documents per add() whose token count feeds the average-length estimate.
+LENGTH_SAMPLE_PER_ADD = 64
+# tantivy's BM25 parameters (tantivy::query::bm25), mirrored by the Python
+# scorer for staged documents.
+BM25_K1 = 1.2
+BM25_B = 0.75
 
 _WORD = re.compile(r"\w+")
 
@@ -108,11 +117,11 @@ def _make_doc(key: int, text: str) -> tantivy.Document:
     return doc
 
 
-def _search(index: tantivy.Index, query: tantivy.Query, k: int, accept: Accept | None, total: int) -> Hits:
+def _search(searcher: tantivy.Searcher, query: tantivy.Query, k: int, accept: Accept | None) -> Hits:
     """Top ``k`` accepted (vkey, bm25) hits, oversampling 4x and doubling like DenseIndex."""
+    total = int(searcher.num_docs)
     if k <= 0 or total == 0:
         return []
-    searcher = index.searcher()
     decided: dict[int, bool] = {}
     want = k if accept is None else 4 * k
     while True:
@@ -160,15 +169,21 @@ def _write_json_atomic(path: Path, data: dict[str, int]) -> None:
 class LexicalIndex:
     """One cube's BM25 index in a directory. Writes are serialized; searches are not."""
 
-    def __init__(self, directory: Path, index: tantivy.Index, writer: tantivy.IndexWriter, watermark: int):
+    def __init__(self, directory: Path, index: tantivy.Index, sidecar: dict[str, int]) -> None:
         self.directory = directory
         self._index = index
         # tantivy allows one writer per index directory (a lock file), so the
-        # writer is taken once at open and kept for the index's lifetime.
-        self._writer: tantivy.IndexWriter | None = writer
-        self._watermark = watermark
-        self._lock = threading.Lock()
+        # writer, once taken, is kept for the index's lifetime. It is taken on
+        # the first write, not at open: a writer costs ~6 OS threads, and a
+        # cube that is only searched never needs one.
+        self._writer: tantivy.IndexWriter | None = None
         self._closed = False
+        self._watermark = sidecar.get("watermark", 0)
+        # A running sample of document lengths (in tokens), for scoring staged
+        # documents on this index's scale; tantivy does not expose its own.
+        self._len_sum = sidecar.get("len_sum", 0)
+        self._len_n = sidecar.get("len_n", 0)
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, directory: Path) -> LexicalIndex:
@@ -187,21 +202,22 @@ class LexicalIndex:
             (directory / WATERMARK_FILE).unlink(missing_ok=True)
             tdir.mkdir(parents=True)
             index = tantivy.Index(schema, path=str(tdir), reuse=True)
-        writer = index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
-        watermark = cls._read_watermark(directory / WATERMARK_FILE)
-        lex = cls(directory, index, writer, watermark)
+        lex = cls(directory, index, cls._read_sidecar(directory / WATERMARK_FILE))
         lex._drop_above_watermark()
         return lex
 
     @staticmethod
-    def _read_watermark(path: Path) -> int:
+    def _read_sidecar(path: Path) -> dict[str, int]:
         try:
-            return int(json.loads(path.read_text())["watermark"])
+            data = json.loads(path.read_text())
+            out = {"watermark": int(data["watermark"])}
+            out.update({key: int(data[key]) for key in ("len_sum", "len_n") if key in data})
+            return out
         except FileNotFoundError:
-            return 0
+            return {}
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.warning("lexical watermark %s unreadable (%s); treating as 0", path, exc)
-            return 0
+            return {}
 
     def _drop_above_watermark(self) -> None:
         index, schema = self._index, self._index.schema
@@ -218,9 +234,15 @@ class LexicalIndex:
                 "lexical index %s: dropped documents above watermark %d", self.directory, self._watermark
             )
 
-    def _w(self) -> tantivy.IndexWriter:
-        if self._writer is None:
+    def _check_open(self) -> None:
+        if self._closed:
             raise RuntimeError(f"lexical index {self.directory} is closed")
+
+    def _w(self) -> tantivy.IndexWriter:
+        """The writer, taken on first use (callers hold ``_lock``, or are ``open``)."""
+        self._check_open()
+        if self._writer is None:
+            self._writer = self._index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
         return self._writer
 
     # -- writes ------------------------------------------------------------
@@ -229,7 +251,9 @@ class LexicalIndex:
         """Index ``docs`` (vkey, text), commit, and make them searchable at once.
 
         An upsert: any document already indexed under one of the vkeys is
-        replaced, in the same commit.
+        replaced, in the same commit. The watermark contract needs new vkeys
+        to arrive in increasing order across calls (a batch may be unordered):
+        once a call returns, every vkey up to its highest is expected in.
         """
         if not docs:
             return
@@ -244,9 +268,15 @@ class LexicalIndex:
                 writer.add_document(_make_doc(key, text))
             writer.commit()
             self._index.reload()
+            # Analyzing costs ~20 us a document, as much as indexing it, so
+            # only a bounded sample of each batch feeds the length estimate.
+            for text in list(last.values())[:LENGTH_SAMPLE_PER_ADD]:
+                self._len_sum += len(_EN_STEM.analyze(text))
+                self._len_n += 1
             high = max(keys)
             if high > self._watermark:
-                _write_json_atomic(self.directory / WATERMARK_FILE, {"watermark": high})
+                sidecar = {"watermark": high, "len_sum": self._len_sum, "len_n": self._len_n}
+                _write_json_atomic(self.directory / WATERMARK_FILE, sidecar)
                 self._watermark = high
 
     def remove(self, keys: npt.ArrayLike) -> None:
@@ -262,14 +292,51 @@ class LexicalIndex:
 
     # -- reads -------------------------------------------------------------
 
-    def search(self, query: str, k: int, accept: Accept | None = None) -> Hits:
-        """Up to ``k`` accepted (vkey, BM25 score) pairs, best first; [] for a query with no words."""
-        if self._writer is None:
-            raise RuntimeError(f"lexical index {self.directory} is closed")
-        q = build_query(self._index.schema, query)
+    def search(
+        self, query: str, k: int, accept: Accept | None = None, keys: npt.ArrayLike | None = None
+    ) -> Hits:
+        """Up to ``k`` accepted (vkey, BM25 score) pairs, best first; [] for a query with no words.
+
+        ``keys`` restricts the search to those vkeys inside tantivy (a zero-score
+        filter clause), so a selective filter whose few keys the caller knows
+        costs no oversampling; ``accept`` still applies on top.
+        """
+        self._check_open()
+        schema = self._index.schema
+        q = build_query(schema, query)
         if q is None:
             return []
-        return _search(self._index, q, k, accept, self.num_docs)
+        if keys is not None:
+            ks = [int(x) for x in as_keys(keys).tolist()]
+            if not ks:
+                return []
+            only = tantivy.Query.const_score_query(tantivy.Query.term_set_query(schema, VKEY, ks), 0.0)
+            q = tantivy.Query.boolean_query([(tantivy.Occur.Must, q), (tantivy.Occur.Must, only)])
+        return _search(self._index.searcher(), q, k, accept)
+
+    def score_staged(
+        self, query: str, docs: Sequence[tuple[int, str]], k: int, accept: Accept | None = None
+    ) -> Hits:
+        """BM25 of uncommitted ``docs`` as if they were in this index, best first.
+
+        idf uses this index's document frequencies plus the staged documents'
+        own, so the scores are on the scale ``search`` returns and the two
+        lists can be merged by score into one lexical ranking. Approximate:
+        the average document length is estimated from a sample of added
+        documents, and tantivy stores each document's length quantized, so
+        expect agreement to a few percent, not to the last digit.
+        """
+        self._check_open()
+        if k <= 0 or not docs:
+            return []
+        terms = query_terms(query)
+        searcher = self._index.searcher()
+
+        def doc_freq(term: str) -> int:
+            return int(searcher.doc_freq(TEXT, term))
+
+        avg_len = self._len_sum / self._len_n if self._len_n else None
+        return _bm25_staged(terms, docs, k, accept, doc_freq, int(searcher.num_docs), avg_len)
 
     @property
     def watermark(self) -> int:
@@ -285,6 +352,7 @@ class LexicalIndex:
     def close(self) -> None:
         """Let background merges finish and release the writer (and its lock file)."""
         with self._lock:
+            self._closed = True
             writer, self._writer = self._writer, None
             if writer is not None:
                 # Consumes the writer; this is what releases the directory lock.
@@ -292,26 +360,64 @@ class LexicalIndex:
                 del writer
 
 
-def score_adhoc(query: str, docs: Sequence[tuple[int, str]], k: int, accept: Accept | None = None) -> Hits:
-    """BM25 over a few documents in a throwaway in-RAM index (a mount's staged items).
+def _bm25_staged(
+    terms: Counter[str],
+    docs: Sequence[tuple[int, str]],
+    k: int,
+    accept: Accept | None,
+    doc_freq: Callable[[str], int],
+    num_docs: int,
+    avg_len: float | None,
+) -> Hits:
+    """BM25 of ``docs`` for ``terms``, scored the way tantivy scores (see ``score_adhoc``).
 
-    The scores use these documents' own statistics (idf over len(docs)), so
-    they are not comparable with a cube index's scores: fuse by rank, not score.
+    ``doc_freq``/``num_docs``/``avg_len`` are the background statistics
+    *excluding* ``docs``; the staged documents' own are added here.
     """
-    if k <= 0 or not docs:
-        return []
-    schema = build_schema()
-    q = build_query(schema, query)
-    if q is None:
-        return []
-    index = tantivy.Index(schema)
-    writer = index.writer(heap_size=ADHOC_HEAP_BYTES, num_threads=1)
-    last: dict[int, str] = {}
+    last: dict[int, list[str]] = {}
     for key, text in docs:
-        last[int(key)] = text
-    for key, text in last.items():
-        writer.add_document(_make_doc(key, text))
-    writer.commit()
-    writer.wait_merging_threads()
-    index.reload()
-    return _search(index, q, k, accept, len(last))
+        last[int(key)] = _EN_STEM.analyze(text)
+    if not last or not terms:
+        return []
+    n = num_docs + len(last)
+    staged_len = sum(len(t) for t in last.values())
+    if avg_len is None or num_docs == 0:
+        avgdl = staged_len / len(last)
+    else:
+        avgdl = (avg_len * num_docs + staged_len) / n
+    avgdl = max(avgdl, 1.0)
+    tfs = {key: Counter(tokens) for key, tokens in last.items()}
+    weights: dict[str, float] = {}
+    for term, boost in terms.items():
+        df = doc_freq(term) + sum(1 for tf in tfs.values() if term in tf)
+        if df:
+            weights[term] = boost * math.log(1.0 + (n - df + 0.5) / (df + 0.5)) * (1.0 + BM25_K1)
+    scored: Hits = []
+    for key, tf in tfs.items():
+        norm = BM25_K1 * (1.0 - BM25_B + BM25_B * len(last[key]) / avgdl)
+        score = sum(w * tf[t] / (tf[t] + norm) for t, w in weights.items() if t in tf)
+        if score > 0.0:
+            scored.append((key, score))
+    scored.sort(key=lambda h: (-h[1], h[0]))
+    out: Hits = []
+    for key, score in scored:
+        if accept is None or accept(key):
+            out.append((key, score))
+            if len(out) >= k:
+                break
+    return out
+
+
+def score_adhoc(query: str, docs: Sequence[tuple[int, str]], k: int, accept: Accept | None = None) -> Hits:
+    """BM25 over a few documents on their own (a mount's staged, uncommitted items).
+
+    Same analysis and formula as tantivy (k1 = 1.2, b = 0.75, idf
+    ln(1 + (N - df + 0.5) / (df + 0.5))), computed in Python: a throwaway
+    in-RAM tantivy index costs ~13 ms per call in its commit, this ~0.1 ms for
+    ten items. Statistics come from ``docs`` alone, so scores are comparable
+    only among them; to merge staged items into a cube's results by score, use
+    ``LexicalIndex.score_staged``.
+    """
+    if k <= 0:
+        return []
+    return _bm25_staged(query_terms(query), docs, k, accept, lambda _t: 0, 0, None)

@@ -34,7 +34,8 @@ def decode_token(token: str, scope: str) -> str | int | None:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         if data["s"] == scope and isinstance(data["c"], str | int):
-            return data["c"]  # type: ignore[no-any-return]
+            cursor: str | int = data["c"]
+            return cursor
     except (ValueError, KeyError, TypeError):
         pass
     raise InvalidPageToken("page_token was not returned by this call with these arguments; "

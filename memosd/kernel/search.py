@@ -19,7 +19,7 @@ import numpy as np
 from memosd.errors import InvalidField
 from memosd.kernel import validate
 from memosd.kernel.kernel import Kernel
-from memosd.kernel.ports import AdhocLexical, Fuser, Scored
+from memosd.kernel.ports import FusedHitLike, Ranker, Scored
 from memosd.kernel.state import CubeState, MountState, staged_view, view_of
 from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
 
@@ -41,10 +41,9 @@ class _Candidate:
 
 
 class Searcher:
-    def __init__(self, kernel: Kernel, fuse: Fuser, adhoc_lexical: AdhocLexical, settings: SearchSettings) -> None:
+    def __init__(self, kernel: Kernel, rank: Ranker, settings: SearchSettings) -> None:
         self.kernel = kernel
-        self.fuse = fuse
-        self.adhoc_lexical = adhoc_lexical
+        self.rank = rank
         self.settings = settings
 
     def search(self, mount_ids: Sequence[str], query: str, k: int, filt: SearchFilter, mode: str) -> SearchResult:
@@ -100,8 +99,8 @@ class Searcher:
 
         dense.sort(key=lambda ks: (-ks[1], ks[0]))
         lexical.sort(key=lambda ks: (-ks[1], ks[0]))
-        fused = self.fuse(dense[:depth], lexical[:depth], k)
-        hits = self._materialize(fused, candidates, mode)
+        fused = self.rank(dense[:depth], lexical[:depth], k, mode)
+        hits = self._materialize(fused, candidates)
         headers = [MountHeader(c.cube_id, c.head, m.record.base) for m, c in zip(mounts, cubes, strict=True)]
         took = time.perf_counter_ns() - started
         return SearchResult(hits, headers, took // 1000, embed_ns // 1000)
@@ -130,9 +129,9 @@ class Searcher:
             dense += [(base_index + i, float(sims[i])) for i in np.argsort(-sims)[:depth]]
         if mode != "dense":
             docs = [(base_index + i, s.text) for i, s in enumerate(staged)]
-            lexical += self.adhoc_lexical(query, docs, depth)
+            lexical += cube.index.lexical_staged(query, docs, depth)
 
-    def _materialize(self, fused, candidates: list[_Candidate], mode: str) -> list[SearchHit]:  # type: ignore[no-untyped-def]
+    def _materialize(self, fused: Sequence[FusedHitLike], candidates: list[_Candidate]) -> list[SearchHit]:
         views: dict[int, ItemView] = {}
         by_cube: dict[str, list[tuple[int, str, int]]] = {}
         for hit in fused:

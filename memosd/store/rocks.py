@@ -204,14 +204,21 @@ class Store:
         raw = self._cfs[schema.CF_ITEMS].get(schema.version_key(cube_id, item_id, born))
         return None if raw is None else decode(VersionRecord, raw)
 
+    def _multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
+        """One RocksDB MultiGet: much cheaper than a get per key."""
+        if not keys:
+            return []
+        found: list[bytes | None] = self._cfs[cf].get(keys)  # type: ignore[arg-type, assignment]
+        return found
+
     def get_versions(self, cube_id: str, refs: Sequence[tuple[str, int]]) -> list[VersionRecord | None]:
         keys = [schema.version_key(cube_id, item_id, born) for item_id, born in refs]
-        raws = self._cfs[schema.CF_ITEMS].get(keys) if keys else []
+        raws: list[bytes | None] = self._multi_get(schema.CF_ITEMS, keys)
         return [None if raw is None else decode(VersionRecord, raw) for raw in raws]
 
     def get_vectors(self, cube_id: str, vkeys: Sequence[int]) -> list[np.ndarray | None]:
         keys = [schema.vector_key(cube_id, vkey) for vkey in vkeys]
-        raws = self._cfs[schema.CF_VECTORS].get(keys) if keys else []
+        raws: list[bytes | None] = self._multi_get(schema.CF_VECTORS, keys)
         return [None if raw is None else decode_vector(raw) for raw in raws]
 
     def iter_mounts(self) -> Iterator[MountRecord]:

@@ -29,7 +29,8 @@ def to_status(error: MemosError) -> grpc.Status:
     detail.Pack(info)
     code = grpc.StatusCode[error.code]
     status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
-    return rpc_status.to_status(status)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
 
 
 def internal(method: str, exc: BaseException) -> MemosError:

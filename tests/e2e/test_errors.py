@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from daemon_proc import DaemonProcess
 from memos import Client, MemosError
 from memos.v1 import memos_pb2 as pb
 from memos.v1 import types_pb2 as t
 from memos.v1.memos_pb2_grpc import MemOSStub
-
-from daemon_proc import DaemonProcess
 
 
 def expect(call, code: str, reason: str, *words: str) -> MemosError:  # type: ignore[no-untyped-def]

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from daemon_proc import DaemonProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from memos import Client, MemosError
-
-from daemon_proc import DaemonProcess
 
 
 def write_commit(client: Client, cube: str, texts: list[str], tags: list[str] | None = None) -> int:

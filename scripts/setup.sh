@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv and install memosd, memos-client and (with --dev) the test tools.
+# Idempotent: a second run with unchanged pyprojects does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+DEV=0
+[[ "${1:-}" == "--dev" ]] && DEV=1
+
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.memosd-setup-$DEV-$(cat pyproject.toml clients/python/pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [[ -f "$stamp" ]]; then
+  exit 0
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/pip install --quiet --upgrade pip
+# torch first and pinned: on these machines 2.13.0 is a local CPU build, and an
+# unpinned torch (pulled in by sentence-transformers) would fetch GBs of CUDA.
+.venv/bin/pip install --quiet "torch==2.13.0"
+extras=""
+[[ $DEV == 1 ]] && extras="[dev]"
+.venv/bin/pip install --quiet -e clients/python -e ".${extras}"
+rm -f .venv/.memosd-setup-*
+touch "$stamp"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import memosd; print("memosd", memosd.__version__)'))"

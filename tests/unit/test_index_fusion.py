@@ -1,0 +1,95 @@
+"""Fusion: reciprocal rank fusion (default) and the linear (min-max convex) option."""
+
+from __future__ import annotations
+
+import pytest
+
+from memosd.index.fusion import RRF_K, FusedHit, fuse, single
+
+
+def test_rrf_scores_and_ranks() -> None:
+    dense = [(1, 0.9), (2, 0.8), (3, 0.7)]
+    lexical = [(3, 12.0), (4, 9.0)]
+    hits = fuse(dense, lexical, 10)
+    by_key = {h.key: h for h in hits}
+    assert set(by_key) == {1, 2, 3, 4}
+    assert by_key[3].score == pytest.approx(1 / (RRF_K + 3) + 1 / (RRF_K + 1))
+    assert by_key[3].dense_rank == 3 and by_key[3].lexical_rank == 1
+    assert by_key[3].dense_score == 0.7 and by_key[3].lexical_score == 12.0
+    assert by_key[4].dense_rank == 0 and by_key[4].dense_score == 0.0
+    assert by_key[1].lexical_rank == 0 and by_key[1].lexical_score == 0.0
+    assert hits[0].key == 3  # in both lists beats top of one
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_ties_break_by_key() -> None:
+    # Same rank in the other list: identical RRF scores.
+    hits = fuse([(9, 0.5)], [(4, 3.0)], 10)
+    assert [h.key for h in hits] == [4, 9]
+    assert hits[0].score == hits[1].score
+    hits = fuse([(7, 0.5), (5, 0.4)], [(5, 3.0), (7, 2.0)], 10)
+    assert [h.key for h in hits] == [5, 7]
+
+
+def test_k_truncates_and_zero() -> None:
+    dense = [(i, 1.0 - i / 100) for i in range(1, 21)]
+    assert len(fuse(dense, [], 5)) == 5
+    assert fuse(dense, [], 0) == []
+    assert fuse([], [], 5) == []
+
+
+def test_single_list_keeps_order() -> None:
+    dense = [(5, 0.9), (3, 0.8), (8, 0.1)]
+    assert [h.key for h in fuse(dense, [], 10)] == [5, 3, 8]
+    assert [h.key for h in fuse([], dense, 10)] == [5, 3, 8]
+
+
+def test_duplicates_keep_first_position() -> None:
+    hits = fuse([(1, 0.9), (1, 0.1), (2, 0.5)], [], 10)
+    assert [h.key for h in hits] == [1, 2]
+    assert hits[0].dense_rank == 1 and hits[0].dense_score == 0.9
+
+
+def test_weights() -> None:
+    dense = [(1, 0.9)]
+    lexical = [(2, 5.0)]
+    assert fuse(dense, lexical, 2, dense_weight=2.0)[0].key == 1
+    assert fuse(dense, lexical, 2, lexical_weight=2.0)[0].key == 2
+
+
+def test_linear() -> None:
+    dense = [(1, 0.9), (2, 0.5), (3, 0.1)]
+    lexical = [(3, 10.0), (2, 6.0), (1, 2.0)]
+    hits = fuse(dense, lexical, 3, method="linear")
+    by_key = {h.key: h.score for h in hits}
+    assert by_key[1] == pytest.approx(0.5 * 1.0 + 0.5 * 0.0)
+    assert by_key[2] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
+    assert by_key[3] == pytest.approx(0.5 * 0.0 + 0.5 * 1.0)
+    assert [h.key for h in hits] == [1, 2, 3]  # all 0.5: ties by key
+    assert fuse(dense, lexical, 1, method="linear", lexical_weight=0.0)[0].key == 1
+    assert fuse(dense, lexical, 1, method="linear", dense_weight=0.0)[0].key == 3
+    three_to_one = {h.key: h.score for h in fuse(dense, lexical, 3, method="linear", dense_weight=3.0)}
+    assert three_to_one[2] == pytest.approx(0.5)
+    assert three_to_one[1] == pytest.approx(0.75)
+
+
+def test_bad_args() -> None:
+    with pytest.raises(ValueError):
+        fuse([(1, 1.0)], [], 1, method="nope")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        fuse([(1, 1.0)], [], 1, rrf_k=-1)
+    with pytest.raises(ValueError):
+        fuse([(1, 1.0)], [], 1, dense_weight=-1.0)
+
+
+def test_single_helper() -> None:
+    d = single([(3, 0.7), (1, 0.6)], 1)
+    assert d == [FusedHit(3, 0.7, 0.7, 0.0, 1, 0)]
+    lx = single([(3, 7.0), (1, 6.0)], 5, lexical=True)
+    assert lx[1] == FusedHit(1, 6.0, 0.0, 6.0, 0, 2)
+
+
+def test_frozen() -> None:
+    h = fuse([(1, 0.5)], [], 1)[0]
+    with pytest.raises(AttributeError):
+        h.score = 1.0  # type: ignore[misc]
