@@ -26,7 +26,7 @@ ENV_PREFIX = "MEMOSD_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("auto", "cpu", "cuda")
 # The fusion methods the index package understands; keep in step with memosd/index.
-FUSION_METHODS = ("rrf", "linear")
+FUSION_METHODS = ("rrf", "linear", "combsum", "combmnz", "dbsf", "tm2c2")
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ one relevant document. The data is read in place, never copied.
 
 nDCG uses linear gain (rel / log2(rank + 1)), as trec_eval and BEIR do.
 ``--variants`` also prints fusion alternatives (RRF depths and weights, linear
-min-max combination); ``--compare-dtypes`` checks f16 against f32 vectors.
+min-max combination, z-score CombSUM / CombMNZ, DBSF, TM2C2); ``--compare-dtypes`` checks f16 against f32 vectors.
 """
 
 from __future__ import annotations
@@ -185,6 +185,16 @@ def evaluate(
                         for d, lx in pairs
                     ],
                 )
+            # Score-distribution fusions at the shipped depth, parameters from their papers.
+            for method in ("combsum", "combmnz", "dbsf"):
+                score(f"{method} depth={depth}", [fused(d, lx, depth, method=method) for d, lx in pairs])
+            score(
+                f"tm2c2 alpha=0.8 depth={depth}",
+                [
+                    fused(d, lx, depth, method="tm2c2", dense_weight=0.8, lexical_weight=0.2)
+                    for d, lx in pairs
+                ],
+            )
 
         if compare_dtypes:
             f32 = DenseIndex.open(Path(tmp) / "f32.usearch", emb.dim, dtype="f32")

@@ -93,3 +93,67 @@ def test_frozen() -> None:
     h = fuse([(1, 0.5)], [], 1)[0]
     with pytest.raises(AttributeError):
         h.score = 1.0  # type: ignore[misc]
+
+
+# -- score-distribution fusions (non-default methods) --------------------------
+
+DENSE = [(1, 0.9), (2, 0.6), (3, 0.3)]
+LEXICAL = [(3, 12.0), (4, 6.0), (5, 3.0)]
+
+
+@pytest.mark.parametrize("method", ["combsum", "combmnz", "dbsf", "tm2c2"])
+def test_score_methods_cover_union_and_are_sorted(method: str) -> None:
+    hits = fuse(DENSE, LEXICAL, 10, method=method)  # type: ignore[arg-type]
+    assert {h.key for h in hits} == {1, 2, 3, 4, 5}
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert fuse(DENSE, LEXICAL, 2, method=method) == hits[:2]  # type: ignore[arg-type]
+    # One list alone keeps that list's order.
+    assert [h.key for h in fuse(DENSE, [], 10, method=method)] == [1, 2, 3]  # type: ignore[arg-type]
+    assert [h.key for h in fuse([], LEXICAL, 10, method=method)] == [3, 4, 5]  # type: ignore[arg-type]
+
+
+def test_combsum_zscore_values() -> None:
+    hits = {h.key: h.score for h in fuse(DENSE, LEXICAL, 10, method="combsum")}
+    # dense z: (1.2247, 0, -1.2247); lexical z: (1.3363, -0.2673, -1.0690); missing -> list minimum.
+    assert hits[3] == pytest.approx(-1.2247449 + 1.3363062, abs=1e-6)
+    assert hits[1] == pytest.approx(1.2247449 - 1.0690450, abs=1e-6)
+
+
+def test_combmnz_rewards_both_lists() -> None:
+    hits = {h.key: h.score for h in fuse(DENSE, LEXICAL, 10, method="combmnz")}
+    # key 3: (0 + (1.3363 + 1.0690)) * 2
+    assert hits[3] == pytest.approx(2 * (1.3363062 + 1.0690450), abs=1e-6)
+    assert hits[5] == 0.0  # bottom of its only list
+
+
+def test_dbsf_clips_to_unit_interval() -> None:
+    hits = fuse(DENSE, LEXICAL, 10, method="dbsf")
+    by_key = {h.key: h.score for h in hits}
+    # 3 sigma covers the list: dense key 1 -> 0.5 + 1.2247 / 6
+    assert by_key[1] == pytest.approx(0.5 + 1.2247449 / 6, abs=1e-6)
+    assert all(0.0 <= h.score <= 2.0 for h in hits)
+    # A single hit (no spread) counts fully.
+    assert fuse([(7, 0.4)], [], 1, method="dbsf")[0].score == 1.0
+
+
+def test_tm2c2_theoretical_floor() -> None:
+    hits = {
+        h.key: h.score for h in fuse(DENSE, LEXICAL, 10, method="tm2c2", dense_weight=0.8, lexical_weight=0.2)
+    }
+    # dense: s / 0.9 (floor 0); BM25: s / 12 (floor 0); missing -> 0.
+    assert hits[1] == pytest.approx(0.8 * 1.0)
+    assert hits[3] == pytest.approx(0.8 * 0.3 / 0.9 + 0.2 * 1.0)
+    assert hits[5] == pytest.approx(0.2 * 3.0 / 12.0)
+    # Unlike min-max, the bottom of a list keeps a share of its score.
+    linear = {
+        h.key: h.score
+        for h in fuse(DENSE, LEXICAL, 10, method="linear", dense_weight=0.8, lexical_weight=0.2)
+    }
+    assert linear[5] == 0.0
+
+
+def test_methods_match_config() -> None:
+    from memosd.config import FUSION_METHODS
+    from memosd.index.fusion import METHODS
+
+    assert tuple(FUSION_METHODS) == METHODS

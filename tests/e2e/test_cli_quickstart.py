@@ -1,0 +1,61 @@
+"""The README quickstart, run as a user would: memosctl against the running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from daemon_proc import DaemonProcess
+
+MEMOSCTL = [sys.executable, "-m", "memos.cli.main"]
+
+
+def ctl(daemon: DaemonProcess, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MEMOS_TARGET": daemon.address}
+    done = subprocess.run([*MEMOSCTL, *args], capture_output=True, text=True, env=env, timeout=120)
+    if ok:
+        assert done.returncode == 0, f"memosctl {' '.join(args)}: {done.stderr}"
+    return done
+
+
+def as_json(daemon: DaemonProcess, *args: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(ctl(daemon, "-o", "json", *args).stdout)  # type: ignore[no-any-return]
+
+
+def test_readme_quickstart(daemon: DaemonProcess, tmp_path: Path) -> None:
+    ctl(daemon, "cube", "alloc", "qs-notes")
+    ctl(daemon, "mem", "write", "qs-notes", "Ada Lovelace wrote the first published algorithm", "--tag", "people")
+    ctl(daemon, "mem", "write", "qs-notes", "The Analytical Engine was designed by Charles Babbage",
+        "--tag", "machines")
+    table = ctl(daemon, "mem", "search", "qs-notes", "-q", "who designed the engine?", "-k", "2").stdout
+    assert table.splitlines()[1].split()[0] == "1" and "Charles Babbage" in table.splitlines()[1]
+    hits = as_json(daemon, "mem", "search", "qs-notes", "-q", "Ada", "-k", "1")["hits"]
+    ada = hits[0]["item"]["item_id"]
+    assert [r["number"] for r in as_json(daemon, "log", "qs-notes")["revisions"]] in (["2", "1"], [2, 1])
+    ctl(daemon, "mem", "forget", "qs-notes", ada)
+    diff = as_json(daemon, "diff", "qs-notes", "2", "3")["changes"]
+    assert [(c["item_id"], c["kind"]) for c in diff] == [(ada, "CHANGE_KIND_FORGOTTEN")]
+    ctl(daemon, "rollback", "qs-notes", "2")
+    items = as_json(daemon, "mem", "read", "qs-notes")["items"]
+    assert sorted(i["text"] for i in items) == ["Ada Lovelace wrote the first published algorithm",
+                                                 "The Analytical Engine was designed by Charles Babbage"]
+    assert "cubes:" in ctl(daemon, "stats").stdout
+
+
+def test_jsonl_write_shows_progress_and_exit_codes(daemon: DaemonProcess, tmp_path: Path) -> None:
+    ctl(daemon, "cube", "alloc", "qs-bulk")
+    lines = [json.dumps({"text": f"bulk memory {i}", "tags": ["bulk"]}) for i in range(600)]
+    (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
+    done = ctl(daemon, "mem", "write", "qs-bulk", "--file", str(tmp_path / "items.jsonl"))
+    assert "600" in done.stderr  # the progress line counts up to the total
+    assert as_json(daemon, "cube", "stat", "qs-bulk")["item_count"] in ("600", 600)
+    assert ctl(daemon, "cube", "stat", "qs-missing", ok=False).returncode == 3
+    assert ctl(daemon, "cube", "bogus", ok=False).returncode == 2
+    assert ctl(daemon, "cube", "free", "qs-bulk", ok=False).returncode == 2  # needs --yes
+    ctl(daemon, "cube", "free", "qs-bulk", "--yes")
+    unreachable = subprocess.run([*MEMOSCTL, "--target", "127.0.0.1:1", "--timeout", "3", "stats"],
+                                 capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 4
