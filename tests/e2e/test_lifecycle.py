@@ -191,3 +191,37 @@ def test_stats(client: Client) -> None:
     assert stats.rss_bytes > 50_000_000 and stats.store_bytes > 0
     assert stats.calls["Stats"] >= 1
     assert os.getpid() != 0
+
+
+def test_sigterm_lets_an_in_flight_write_finish_and_keeps_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    daemon = DaemonProcess(data).start()
+    with Client(daemon.address) as c:
+        c.alloc_cube("drain")
+        mount = c.mount("drain", writable=True)
+        texts = [f"memory {i}: the quick brown fox jumps over the lazy dog near the river bank" for i in range(1024)]
+        result: dict[str, object] = {}
+
+        def write() -> None:
+            try:
+                result["ids"] = mount.write(texts)  # embedding 1024 items takes seconds here
+            except MemosError as error:
+                result["error"] = error
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.7)
+        assert daemon.proc is not None
+        daemon.proc.terminate()  # SIGTERM while the Write is in flight
+        writer.join(60)
+        assert daemon.proc.wait(60) == 0
+    assert "error" not in result, result.get("error")
+    assert len(result["ids"]) == 1024  # type: ignore[arg-type]
+    restarted = DaemonProcess(data).start()
+    try:
+        with Client(restarted.address) as c:
+            staged = list(c.iter_items(mount.mount_id))
+            assert len(staged) == 1024 and all(i.staged for i in staged)
+            assert c.commit(mount.mount_id).revision.added == 1024
+    finally:
+        assert restarted.stop() == 0

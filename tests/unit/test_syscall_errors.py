@@ -1,0 +1,57 @@
+"""The syscall layer's error mapping, with a stand-in kernel (a unit test of one layer)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+from memos import Client, CubeNotFound, InternalError
+
+from memosd.errors import CubeNotFound as DomainCubeNotFound
+from memosd.syscalls.registry import generic_handler
+from memosd.syscalls.servicer import MemOSServicer
+
+
+class ExplodingKernel:
+    def alloc_cube(self, *args: Any) -> Any:
+        raise RuntimeError("disk path /secret/internal/detail exploded")
+
+    def cube_info(self, cube: Any) -> Any:
+        raise AssertionError("unreachable: cube() raises first")
+
+    def cube(self, ref: str) -> Any:
+        raise DomainCubeNotFound(f"no cube with id or name {ref!r}", cube=ref)
+
+
+@pytest.fixture
+def client() -> Iterator[Client]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = MemOSServicer(ExplodingKernel(), None, lambda: None)  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with Client(f"127.0.0.1:{port}", timeout=10) as c:
+        yield c
+    server.stop(0)
+
+
+def test_unexpected_exception_is_internal_logged_and_not_leaked(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="memosd.syscalls"), pytest.raises(InternalError) as caught:
+        client.alloc_cube("x")
+    error = caught.value
+    assert error.code == grpc.StatusCode.INTERNAL and error.reason == "INTERNAL_ERROR"
+    assert "secret" not in error.message and "exploded" not in error.message
+    ref = error.metadata["ref"]
+    assert ref in error.message
+    logged = [r for r in caplog.records if ref in str(getattr(r, "__dict__", {}))]
+    assert logged and logged[0].exc_info is not None
+    # The server goes on serving, and domain errors keep their reason.
+    with pytest.raises(CubeNotFound) as missing:
+        client.stat_cube("ghost")
+    assert missing.value.metadata == {"cube": "ghost"}
