@@ -310,8 +310,7 @@ class Kernel:
         with mount.lock:
             self._check_mount_open(mount)
             staged_list: list[StagedRecord] = []
-            new_keys = {item.item_id for item in inputs if not item.item_id}
-            if len(mount.staging) + len(inputs) > self.limits.max_staged_changes and new_keys:
+            if len(mount.staging) + len(inputs) > self.limits.max_staged_changes:
                 raise StagingFull(
                     f"mount {mount_id!r} has {len(mount.staging)} staged changes; the limit is "
                     f"{self.limits.max_staged_changes} (limits.max_staged_changes). Commit first",
@@ -344,6 +343,7 @@ class Kernel:
         mount, cube = self._writable(mount_id)
         if not item_ids:
             raise InvalidField("item_ids is empty; name the items to forget", field="item_ids")
+        validate.id_count(item_ids, self.limits)
         with mount.lock:
             self._check_mount_open(mount)
             changes: list[tuple[str, StagedRecord | None]] = []
@@ -378,6 +378,7 @@ class Kernel:
     def read(self, mount_id: str, item_ids: Sequence[str]) -> tuple[list[ItemView], MountInfo]:
         mount = self.mount_state(mount_id)
         cube = self._cube_of(mount)
+        validate.id_count(item_ids, self.limits)
         with mount.lock:
             views = self._views(mount, cube, list(item_ids))
             missing = [i for i, v in zip(item_ids, views, strict=True) if v is None]

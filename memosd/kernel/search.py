@@ -24,6 +24,7 @@ from memosd.kernel.state import CubeState, MountState, staged_view, view_of
 from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
 
 MODES = ("hybrid", "dense", "lexical")
+MAX_MOUNTS = 64
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Searcher:
         limits = self.kernel.limits
         if not mount_ids:
             raise InvalidField("mount_ids is empty; search needs at least one mount", field="mount_ids")
+        if len(mount_ids) > MAX_MOUNTS:
+            raise InvalidField(f"{len(mount_ids)} mounts; one search covers at most {MAX_MOUNTS}",
+                               field="mount_ids")
         validate.text(query, "query", limits.max_query_bytes, "limits.max_query_bytes")
         k = 10 if k == 0 else k
         if k > limits.max_k:

@@ -64,6 +64,15 @@ def items(inputs: Sequence[ItemInput], limits: Limits) -> None:
                                field=f"items[{i}].source")
 
 
+def id_count(item_ids: Sequence[str], limits: Limits) -> None:
+    if len(item_ids) > limits.max_items_per_write:
+        raise TooManyItems(
+            f"{len(item_ids)} item ids in one call; the limit is {limits.max_items_per_write} "
+            "(limits.max_items_per_write). Send them in several calls",
+            count=len(item_ids), limit=limits.max_items_per_write,
+        )
+
+
 def cube_name(name: str) -> None:
     if not CUBE_NAME_RE.match(name):
         raise InvalidField(
