@@ -32,7 +32,6 @@ from memosd import __version__
 from memosd.config import Config, ConfigError, load_config
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.search import Searcher, SearchSettings
-from memosd.kernel.validate import Limits
 from memosd.logfmt import log_event, setup_logging
 from memosd.sdnotify import SystemdNotifier
 from memosd.store.rocks import SchemaMismatch, Store
@@ -105,8 +104,7 @@ def build(config: Config) -> Daemon:
         store = Store(config.data_dir / "store")
     except SchemaMismatch as error:
         raise StartupError(str(error)) from None
-    limits = Limits(**vars(config.limits))
-    kernel = Kernel(store, embedder, CubeIndex.open, config.data_dir / "index", limits,
+    kernel = Kernel(store, embedder, CubeIndex.open, config.data_dir / "index", config.limits,
                     sync_commits=config.store.sync_commits)
     kernel.open()
     search = config.search

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memosd.config import LimitsConfig
 from memosd.errors import (
     CubeNameTaken,
     CubeNotFound,
@@ -42,7 +43,6 @@ from memosd.kernel.types import (
     MountInfo,
     Page,
 )
-from memosd.kernel.validate import Limits
 from memosd.logfmt import log_event
 from memosd.store import schema
 from memosd.store.records import (
@@ -64,7 +64,7 @@ def _now_ns() -> int:
 class Kernel:
     def __init__(
         self, store: Store, embedder: EmbedderPort, index_factory: IndexFactory, index_root: Path,
-        limits: Limits, *, sync_commits: bool = True,
+        limits: LimitsConfig, *, sync_commits: bool = True,
     ) -> None:
         self.store = store
         self.embedder = embedder

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
+from memosd.config import LimitsConfig as Limits
 from memosd.errors import InvalidField, TextEmpty, TextTooLarge, TooManyItems
 from memosd.kernel.ids import CUBE_NAME_RE
 from memosd.kernel.types import ItemInput
@@ -15,15 +15,6 @@ MAX_SOURCE_CHARS = 2048
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 256
 MAX_DESCRIPTION_CHARS = 4096
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_item_bytes: int = 32768
-    max_items_per_write: int = 1024
-    max_staged_changes: int = 100_000
-    max_query_bytes: int = 4096
-    max_k: int = 1000
 
 
 def text(value: str, what: str, max_bytes: int, limit_name: str) -> None:

@@ -22,7 +22,7 @@ from memosd.store.records import RevisionRecord
 _CHANGE_KINDS = {"added": t.CHANGE_KIND_ADDED, "changed": t.CHANGE_KIND_CHANGED,
                  "forgotten": t.CHANGE_KIND_FORGOTTEN}
 _REVISION_KINDS = {"commit": t.REVISION_KIND_COMMIT, "rollback": t.REVISION_KIND_ROLLBACK}
-SEARCH_MODES = {t.SEARCH_MODE_UNSPECIFIED: "hybrid", t.SEARCH_MODE_HYBRID: "hybrid",
+SEARCH_MODES: dict[int, str] = {t.SEARCH_MODE_UNSPECIFIED: "hybrid", t.SEARCH_MODE_HYBRID: "hybrid",
                 t.SEARCH_MODE_DENSE: "dense", t.SEARCH_MODE_LEXICAL: "lexical"}
 
 
