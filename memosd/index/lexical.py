@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -166,6 +166,41 @@ def _write_json_atomic(path: Path, data: dict[str, int]) -> None:
         os.close(fd)
 
 
+class _WriterLRU:
+    """Bounds how many lexical writers are open across all cubes.
+
+    A tantivy writer holds ~6 OS threads and its indexing arena; one per cube
+    that was ever written does not scale to thousands of cubes. The least
+    recently written cubes give theirs back (after their merges finish)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._order: OrderedDict[int, LexicalIndex] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def touch(self, index: LexicalIndex) -> None:
+        with self._lock:
+            self._order[id(index)] = index
+            self._order.move_to_end(id(index))
+            victims = list(self._order.values())[: max(0, len(self._order) - self.capacity)]
+        for victim in victims:
+            # Never block on a victim that is mid-write (and never on ourselves):
+            # it stays open a little longer and is evicted on a later touch.
+            if victim is not index and victim.release_writer(blocking=False):
+                self.forget(victim)
+
+    def forget(self, index: LexicalIndex) -> None:
+        with self._lock:
+            self._order.pop(id(index), None)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+MAX_OPEN_WRITERS = 8
+_open_writers = _WriterLRU(MAX_OPEN_WRITERS)
+
+
 class LexicalIndex:
     """One cube's BM25 index in a directory. Writes are serialized; searches are not."""
 
@@ -243,7 +278,23 @@ class LexicalIndex:
         self._check_open()
         if self._writer is None:
             self._writer = self._index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
+        _open_writers.touch(self)
         return self._writer
+
+    def release_writer(self, *, blocking: bool = True) -> bool:
+        """Let merges finish and drop the writer, freeing its threads and memory.
+
+        The next write takes a new one. Returns False (and keeps the writer)
+        when ``blocking`` is False and a write is in progress."""
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        try:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.wait_merging_threads()  # consumes it: releases the lock file
+            return True
+        finally:
+            self._lock.release()
 
     # -- writes ------------------------------------------------------------
 
@@ -351,6 +402,7 @@ class LexicalIndex:
 
     def close(self) -> None:
         """Let background merges finish and release the writer (and its lock file)."""
+        _open_writers.forget(self)
         with self._lock:
             self._closed = True
             writer, self._writer = self._writer, None

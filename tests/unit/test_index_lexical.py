@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -356,3 +357,26 @@ def test_search_restricted_to_keys(tmp_path: Path) -> None:
     assert keys(ix.search("common", 5, accept=lambda k: k != 3, keys=[3, 7])) == [7]
     assert ix.search("common", 5, keys=[]) == []
     ix.close()
+
+
+def test_open_writers_are_bounded_across_indexes(tmp_path: Path) -> None:
+    """Writing many cubes must not keep a writer (threads, arena) per cube forever."""
+    from memosd.index import lexical as lexical_module
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    indexes = [LexicalIndex.open(tmp_path / f"cube{i}") for i in range(3 * lexical_module.MAX_OPEN_WRITERS)]
+    for i, index in enumerate(indexes):
+        index.add([(1, f"document number {i} about owls")])
+    assert len(lexical_module._open_writers) <= lexical_module.MAX_OPEN_WRITERS
+    # Far fewer threads than one writer (~6 threads) per index would hold.
+    assert threads() - before < 2 * 6 * lexical_module.MAX_OPEN_WRITERS
+    for i, index in enumerate(indexes):
+        assert [key for key, _ in index.search("owls", 5)] == [1]
+        index.add([(2, f"second document {i} about owls")])  # a released index writes again
+        assert index.watermark == 2
+    for index in indexes:
+        index.close()
+    assert len(lexical_module._open_writers) == 0
