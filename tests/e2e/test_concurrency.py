@@ -5,9 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from memos import Client, CommitConflict
-
 from daemon_proc import DaemonProcess
+from memos import Client, CommitConflict
 
 
 def test_concurrent_commits_edits_and_searches_stay_consistent(daemon: DaemonProcess, cube_name: str) -> None:
@@ -27,7 +26,7 @@ def test_concurrent_commits_edits_and_searches_stay_consistent(daemon: DaemonPro
                 with Client(daemon.address, timeout=60) as client:
                     while time.monotonic() < stop:
                         fn(client)
-            except BaseException as error:  # noqa: BLE001 - reported by the test
+            except BaseException as error:
                 errors.append(error)
         return run
 
