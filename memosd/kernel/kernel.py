@@ -191,7 +191,7 @@ class Kernel:
                                 "existed", mount=mount_id)
         return mount
 
-    def _cube_of(self, mount: MountState) -> CubeState:
+    def cube_of(self, mount: MountState) -> CubeState:
         cube = self.cubes.get(mount.record.cube_id)
         if cube is None or cube.freed:
             raise MountNotFound(f"mount {mount.mount_id!r} was closed: its cube was freed",
@@ -288,7 +288,7 @@ class Kernel:
         if not mount.writable:
             raise MountReadOnly(f"mount {mount_id!r} is read-only; mount the cube with mode "
                                 "MOUNT_MODE_READ_WRITE to write or forget", mount=mount_id)
-        return mount, self._cube_of(mount)
+        return mount, self.cube_of(mount)
 
     def _visible_in(self, mount: MountState, cube: CubeState, item_id: str) -> tuple[str, int] | None:
         """How `item_id` is visible in the mount: (staged kind or "base", base version born), or None."""
@@ -377,7 +377,7 @@ class Kernel:
     # -- reads ----------------------------------------------------------
     def read(self, mount_id: str, item_ids: Sequence[str]) -> tuple[list[ItemView], MountInfo]:
         mount = self.mount_state(mount_id)
-        cube = self._cube_of(mount)
+        cube = self.cube_of(mount)
         validate.id_count(item_ids, self.limits)
         with mount.lock:
             views = self._views(mount, cube, list(item_ids))
@@ -406,7 +406,7 @@ class Kernel:
 
     def list_items(self, mount_id: str, page_size: int, token: str) -> tuple[Page[ItemView], MountInfo]:
         mount = self.mount_state(mount_id)
-        cube = self._cube_of(mount)
+        cube = self.cube_of(mount)
         size = paging.page_size(page_size)
         after = str(paging.decode_token(token, f"items:{mount_id}") or "")
         with mount.lock:

@@ -62,7 +62,7 @@ class Searcher:
         if mode not in MODES:
             raise InvalidField(f"mode {mode!r} is not one of {', '.join(MODES)}", field="mode")
         mounts = [self.kernel.mount_state(mid) for mid in dict.fromkeys(mount_ids)]
-        cubes = [self.kernel._cube_of(m) for m in mounts]
+        cubes = [self.kernel.cube_of(m) for m in mounts]
 
         embed_ns = 0
         qvec: np.ndarray | None = None
