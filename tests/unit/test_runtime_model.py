@@ -1,0 +1,328 @@
+"""Model loading: local directories, dtype/device, the fingerprint, the GGUF cache, the real SmolLM2.
+
+Fast tests use a tiny randomly initialised Llama saved with a small byte-level
+BPE tokenizer trained on the spot. One test (test_builtin_smollm2_gguf_then_cache)
+loads the real embedded model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import memosd.runtime.model as rm
+from memosd.runtime import (
+    BUILTIN_MODEL,
+    LoadedModel,
+    ModelLoadError,
+    ModelSpec,
+    load_model,
+    model_fingerprint,
+)
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The capital of France is Paris. Memory cubes hold plaintext, activations and adapters.",
+    "A KV cache is reusable only as an exact token prefix of the same model.",
+] * 20
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    fast.pad_token = fast.eos_token
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def _save_tiny_llama(path: Path, seed: int = 0) -> Path:
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path_factory.mktemp("cache"))
+
+
+def _greedy(lm: LoadedModel, prompt: str, n: int) -> list[int]:
+    ids = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
+    model: Any = lm.model  # transformers types generate() loosely
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    tokens: list[int] = out[0, ids["input_ids"].shape[1] :].tolist()
+    return tokens
+
+
+# --- local directories -------------------------------------------------------------------------
+
+
+def test_load_local_dir(tiny: LoadedModel, tiny_dir: Path) -> None:
+    assert tiny.origin == "dir"
+    assert tiny.name == tiny_dir.name
+    assert tiny.path == tiny_dir
+    assert tiny.device == "cpu"
+    assert tiny.dtype == "float32"
+    assert tiny.context_length == 256
+    assert not tiny.model.training
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in tiny.model.parameters())
+    assert len(tiny.fingerprint) == 16
+    int(tiny.fingerprint, 16)
+    assert tiny.tokenizer.chat_template == _CHAT_TEMPLATE
+    assert len(_greedy(tiny, "The capital of France is", 4)) == 4
+
+
+def test_explicit_dtype(tiny: LoadedModel, tiny_dir: Path, tmp_path: Path) -> None:
+    bf = load_model(ModelSpec(source=str(tiny_dir), device="cpu", dtype="bfloat16"), tmp_path)
+    assert bf.dtype == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in bf.model.parameters())
+    # A cache computed in another dtype is not the same computation.
+    assert bf.fingerprint != tiny.fingerprint
+
+
+def test_auto_resolution() -> None:
+    assert rm.resolve_dtype("auto", "cpu") == torch.float32
+    assert rm.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert rm.resolve_dtype("Float16", "cpu") == torch.float16
+    assert rm.resolve_device("cpu") == "cpu"
+    assert rm.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (ModelSpec(device="cpu", dtype="int8"), "bad dtype"),
+        (ModelSpec(device="tpu"), "bad device"),
+        (ModelSpec(device="cuda:x"), "bad device"),
+        (ModelSpec(source="/nonexistent/model/dir", device="cpu"), "neither"),
+    ],
+)
+def test_bad_specs(spec: ModelSpec, match: str, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=match):
+        load_model(spec, tmp_path)
+
+
+def test_cuda_without_cuda(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            load_model(ModelSpec(source=str(tiny_dir), device=device), tmp_path)
+    assert rm.resolve_device("auto") == "cpu"
+
+
+def test_dir_without_config_or_weights(tiny_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        load_model(ModelSpec(source=str(empty), device="cpu"), tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_model(ModelSpec(source=str(broken), device="cpu"), tmp_path)
+    assert issubclass(ModelLoadError, RuntimeError)
+
+
+# --- the fingerprint ---------------------------------------------------------------------------
+
+
+def test_fingerprint_stable_across_loads_and_locations(
+    tiny: LoadedModel, tiny_dir: Path, tmp_path: Path
+) -> None:
+    again = load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path)
+    assert again.fingerprint == tiny.fingerprint
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, moved)
+    assert load_model(ModelSpec(source=str(moved), device="cpu"), tmp_path).fingerprint == tiny.fingerprint
+    assert model_fingerprint(tiny.model, tiny.tokenizer) == tiny.fingerprint
+
+
+def test_fingerprint_differs_for_other_weights(tiny: LoadedModel, tmp_path: Path) -> None:
+    other = _save_tiny_llama(tmp_path / "seed1", seed=1)
+    assert load_model(ModelSpec(source=str(other), device="cpu"), tmp_path).fingerprint != tiny.fingerprint
+
+
+def test_fingerprint_sensitive_to_one_weight(tiny_dir: Path, tmp_path: Path) -> None:
+    lm = load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path)
+    param = lm.model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        old = param[3, 7].item()
+        param[3, 7] = torch.nextafter(param[3, 7], torch.tensor(float("inf")))  # one ulp
+    assert param[3, 7].item() != old
+    assert model_fingerprint(lm.model, lm.tokenizer) != lm.fingerprint
+
+
+def test_fingerprint_sensitive_to_config_and_tokenizer(tiny_dir: Path, tmp_path: Path) -> None:
+    lm = load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path)
+    lm.model.config.rms_norm_eps = 1e-3
+    changed_config = model_fingerprint(lm.model, lm.tokenizer)
+    assert changed_config != lm.fingerprint
+
+    lm2 = load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path)
+    lm2.tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert model_fingerprint(lm2.model, lm2.tokenizer) not in {lm.fingerprint, changed_config}
+
+    lm3 = load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path)
+    lm3.tokenizer.add_tokens(["<|memory|>"], special_tokens=True)
+    assert model_fingerprint(lm3.model, lm3.tokenizer) != lm.fingerprint
+
+
+# --- the dequantized-weights cache (GGUF loading stubbed with the tiny model) -------------------
+
+
+@pytest.fixture
+def fake_builtin(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Point the builtin model at a fake GGUF whose 'dequantization' loads the tiny model."""
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    calls: list[int] = []
+
+    def fake_dequantize(path: Path) -> tuple[Any, Any]:
+        assert path == gguf
+        calls.append(1)
+        lm = load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path)
+        return lm.model, lm.tokenizer
+
+    monkeypatch.setattr(rm, "builtin_gguf_path", lambda: gguf)
+    monkeypatch.setattr(rm, "dequantize_gguf", fake_dequantize)
+    return calls
+
+
+def test_gguf_cache_built_once_then_reused(
+    fake_builtin: list[int], tiny: LoadedModel, tmp_path: Path
+) -> None:
+    cache = tmp_path / "data"
+    cold = load_model(ModelSpec(device="cpu"), cache)
+    assert cold.origin == "gguf"
+    assert cold.name == BUILTIN_MODEL
+    assert cold.path.parent == cache / "models"
+    assert len(cold.path.name) == 16
+    assert (cold.path / "model.safetensors").is_file()
+    assert (cold.path / rm._CACHE_MARKER).is_file()
+    assert [p.name for p in (cache / "models").iterdir()] == [cold.path.name]  # no temp dirs left
+    warm = load_model(ModelSpec(device="cpu"), cache)
+    assert warm.origin == "cache"
+    assert fake_builtin == [1]
+    assert cold.fingerprint == warm.fingerprint == tiny.fingerprint
+
+
+def test_gguf_cache_damaged_is_rebuilt(fake_builtin: list[int], tiny: LoadedModel, tmp_path: Path) -> None:
+    cache = tmp_path / "data"
+    cold = load_model(ModelSpec(device="cpu"), cache)
+    (cold.path / "model.safetensors").write_bytes(b"")  # e.g. lost in a crash
+    again = load_model(ModelSpec(device="cpu"), cache)
+    assert again.origin == "gguf"
+    assert again.fingerprint == tiny.fingerprint
+    assert fake_builtin == [1, 1]
+    # A directory without the marker was not written by us: rebuilt, not trusted.
+    (again.path / rm._CACHE_MARKER).unlink()
+    assert load_model(ModelSpec(device="cpu"), cache).origin == "gguf"
+
+
+def test_gguf_cache_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF fake")
+
+    def broken(path: Path) -> tuple[Any, Any]:
+        raise ValueError("unsupported quantization")
+
+    monkeypatch.setattr(rm, "builtin_gguf_path", lambda: gguf)
+    monkeypatch.setattr(rm, "dequantize_gguf", broken)
+    with pytest.raises(ModelLoadError, match="unsupported quantization"):
+        load_model(ModelSpec(device="cpu"), tmp_path / "data")
+    assert list((tmp_path / "data" / "models").iterdir()) == []
+
+
+def test_builtin_gguf_is_installed() -> None:
+    path = rm.builtin_gguf_path()
+    assert path.name.endswith(".gguf")
+    assert path.stat().st_size > 50_000_000
+
+
+# --- the real embedded model (the one slow test) -----------------------------------------------
+
+
+def test_builtin_smollm2_gguf_then_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cold load dequantizes the GGUF and caches it; the restart loads the cache: same model."""
+    raw: list[tuple[Any, Any]] = []
+    real_dequantize = rm.dequantize_gguf
+
+    def spy(path: Path) -> tuple[Any, Any]:
+        out = real_dequantize(path)
+        raw.append(out)
+        return out
+
+    monkeypatch.setattr(rm, "dequantize_gguf", spy)
+    spec = ModelSpec(device="cpu")
+
+    t0 = time.perf_counter()
+    cold = load_model(spec, tmp_path)
+    t1 = time.perf_counter()
+    warm = load_model(spec, tmp_path)
+    t2 = time.perf_counter()
+    print(
+        f"\nSmolLM2 cold (GGUF) {t1 - t0:.1f}s, warm (cache) {t2 - t1:.2f}s "
+        f"(load {warm.load_seconds:.2f}s + fingerprint {warm.fingerprint_seconds:.2f}s)"
+    )
+
+    assert (cold.origin, warm.origin) == ("gguf", "cache")
+    assert cold.name == warm.name == BUILTIN_MODEL
+    assert cold.context_length == 8192
+    assert warm.tokenizer.chat_template is not None
+    assert "<|im_start|>" in warm.tokenizer.chat_template
+    assert cold.fingerprint == warm.fingerprint
+    # The dense weights written to the cache are exactly what the GGUF dequantized to.
+    [(gguf_model, gguf_tokenizer)] = raw
+    assert model_fingerprint(gguf_model, gguf_tokenizer) == warm.fingerprint
+    assert t2 - t1 < 10
+
+    prompt = "The capital of France is"
+    ids = gguf_tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        from_gguf = gguf_model.generate(**ids, max_new_tokens=8, do_sample=False)[
+            0, ids["input_ids"].shape[1] :
+        ]
+    assert _greedy(warm, prompt, 8) == from_gguf.tolist() == _greedy(cold, prompt, 8)
+    assert "Paris" in warm.tokenizer.decode(from_gguf)
