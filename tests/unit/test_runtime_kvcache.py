@@ -11,13 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_llama import save_tiny_llama
 
 from memosd.runtime import LoadedModel, ModelSpec, load_model
 from memosd.runtime.kvcache import (
@@ -40,54 +38,15 @@ SALT = b"cube-salt-1"
 CONTEXT = 512
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["A KV cache is reusable only as an exact token prefix."] * 10, trainer)
-    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok, unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>"
-    )
-    fast.pad_token = fast.eos_token
-    return fast
-
-
-def _save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=CONTEXT,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    path = _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), context=CONTEXT)
     return load_model(ModelSpec(source=str(path), device="cpu"), tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
 def other_tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    path = _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-2"), seed=1)
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-2"), seed=1, context=CONTEXT)
     return load_model(ModelSpec(source=str(path), device="cpu"), tmp_path_factory.mktemp("cache2"))
 
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_llama import CHAT_TEMPLATE, save_tiny_llama
 
 import memosd.runtime.model as rm
 from memosd.runtime import (
@@ -27,59 +26,10 @@ from memosd.runtime import (
     model_fingerprint,
 )
 
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_CORPUS = [
-    "The capital of France is Paris. Memory cubes hold plaintext, activations and adapters.",
-    "A KV cache is reusable only as an exact token prefix of the same model.",
-] * 20
-
-
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok, unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>"
-    )
-    fast.pad_token = fast.eos_token
-    fast.chat_template = _CHAT_TEMPLATE
-    return fast
-
-
-def _save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +60,7 @@ def test_load_local_dir(tiny: LoadedModel, tiny_dir: Path) -> None:
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in tiny.model.parameters())
     assert len(tiny.fingerprint) == 16
     int(tiny.fingerprint, 16)
-    assert tiny.tokenizer.chat_template == _CHAT_TEMPLATE
+    assert tiny.tokenizer.chat_template == CHAT_TEMPLATE
     assert len(_greedy(tiny, "The capital of France is", 4)) == 4
 
 
@@ -180,7 +130,7 @@ def test_fingerprint_stable_across_loads_and_locations(
 
 
 def test_fingerprint_differs_for_other_weights(tiny: LoadedModel, tmp_path: Path) -> None:
-    other = _save_tiny_llama(tmp_path / "seed1", seed=1)
+    other = save_tiny_llama(tmp_path / "seed1", seed=1)
     assert load_model(ModelSpec(source=str(other), device="cpu"), tmp_path).fingerprint != tiny.fingerprint
 
 
