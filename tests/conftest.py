@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +38,36 @@ def client(daemon: DaemonProcess) -> Iterator[Client]:
 def cube_name(request: pytest.FixtureRequest) -> str:
     """A fresh, unique cube name per test."""
     return f"t{next(_names)}-{request.node.name[:40]}".replace("[", "-").replace("]", "")
+
+
+@dataclass
+class SmolLM2Build:
+    """The embedded model, loaded once per test session from its GGUF (the cold path)."""
+
+    loaded: Any  # memosd.runtime.LoadedModel
+    cache_dir: Path
+    gguf_model: Any  # the model exactly as the GGUF dequantized, before caching
+    gguf_tokenizer: Any
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def smollm2_build(tmp_path_factory: pytest.TempPathFactory) -> SmolLM2Build:
+    """Real-model tests are few and share this one cold load (~15-20 s on 2 cores)."""
+    import memosd.runtime.model as runtime_model
+
+    raw: list[tuple[Any, Any]] = []
+    real_dequantize = runtime_model.dequantize_gguf
+
+    def spy(path: Path) -> tuple[Any, Any]:
+        out = real_dequantize(path)
+        raw.append(out)
+        return out
+
+    cache_dir = tmp_path_factory.mktemp("smollm2-cache")
+    started = time.perf_counter()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime_model, "dequantize_gguf", spy)
+        loaded = runtime_model.load_model(runtime_model.ModelSpec(device="cpu"), cache_dir)
+    [(gguf_model, gguf_tokenizer)] = raw
+    return SmolLM2Build(loaded, cache_dir, gguf_model, gguf_tokenizer, time.perf_counter() - started)

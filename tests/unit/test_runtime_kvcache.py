@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SmolLM2Build
 from tiny_llama import save_tiny_llama
 
 from memosd.runtime import LoadedModel, ModelSpec, load_model
@@ -309,8 +310,9 @@ def test_reuse_from_a_stored_cache(tiny: LoadedModel) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(ModelSpec(device="cpu"), tmp_path_factory.mktemp("smollm2-cache"))
+def smollm2(smollm2_build: SmolLM2Build) -> LoadedModel:
+    loaded: LoadedModel = smollm2_build.loaded
+    return loaded
 
 
 def _greedy(lm: LoadedModel, ids: list[int], n: int, cache: KVCache | None) -> tuple[list[int], float]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SmolLM2Build
 from tiny_llama import CHAT_TEMPLATE, save_tiny_llama
 
 import memosd.runtime.model as rm
@@ -234,26 +235,14 @@ def test_builtin_gguf_is_installed() -> None:
 # --- the real embedded model (the one slow test) -----------------------------------------------
 
 
-def test_builtin_smollm2_gguf_then_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_builtin_smollm2_gguf_then_cache(smollm2_build: SmolLM2Build) -> None:
     """Cold load dequantizes the GGUF and caches it; the restart loads the cache: same model."""
-    raw: list[tuple[Any, Any]] = []
-    real_dequantize = rm.dequantize_gguf
-
-    def spy(path: Path) -> tuple[Any, Any]:
-        out = real_dequantize(path)
-        raw.append(out)
-        return out
-
-    monkeypatch.setattr(rm, "dequantize_gguf", spy)
-    spec = ModelSpec(device="cpu")
-
-    t0 = time.perf_counter()
-    cold = load_model(spec, tmp_path)
+    cold = smollm2_build.loaded
     t1 = time.perf_counter()
-    warm = load_model(spec, tmp_path)
+    warm = load_model(ModelSpec(device="cpu"), smollm2_build.cache_dir)
     t2 = time.perf_counter()
     print(
-        f"\nSmolLM2 cold (GGUF) {t1 - t0:.1f}s, warm (cache) {t2 - t1:.2f}s "
+        f"\nSmolLM2 cold (GGUF) {smollm2_build.seconds:.1f}s, warm (cache) {t2 - t1:.2f}s "
         f"(load {warm.load_seconds:.2f}s + fingerprint {warm.fingerprint_seconds:.2f}s)"
     )
 
@@ -264,7 +253,7 @@ def test_builtin_smollm2_gguf_then_cache(tmp_path: Path, monkeypatch: pytest.Mon
     assert "<|im_start|>" in warm.tokenizer.chat_template
     assert cold.fingerprint == warm.fingerprint
     # The dense weights written to the cache are exactly what the GGUF dequantized to.
-    [(gguf_model, gguf_tokenizer)] = raw
+    gguf_model, gguf_tokenizer = smollm2_build.gguf_model, smollm2_build.gguf_tokenizer
     assert model_fingerprint(gguf_model, gguf_tokenizer) == warm.fingerprint
     assert t2 - t1 < 10
 
