@@ -22,7 +22,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from memosd.index.dense import Accept, DenseIndex, Hits, as_keys
+from memosd.index.accept import Accept, Hits
+from memosd.index.dense import DenseIndex, as_keys
 from memosd.index.fusion import FusedHit, fuse, single
 from memosd.index.lexical import LexicalIndex
 

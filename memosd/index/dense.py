@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ import numpy.typing as npt
 from usearch.compiled import MetricKind
 from usearch.index import Index
 
+from memosd.fsutil import fsync_path
+from memosd.index.accept import Accept, Hits, take_accepted
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DTYPE = "f16"
 
-Accept = Callable[[int], bool]
-Hits = list[tuple[int, float]]
 
 
 class RWLock:
@@ -88,14 +89,6 @@ def as_keys(keys: npt.ArrayLike) -> npt.NDArray[np.uint64]:
     if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
         raise ValueError("vkeys must be non-negative")
     return np.ascontiguousarray(arr, dtype=np.uint64).reshape(-1)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _new_usearch(dim: int, dtype: str) -> Index:
@@ -244,27 +237,11 @@ class DenseIndex:
 
     @staticmethod
     def _collect(matches: Any, k: int, accept: Accept | None, decided: dict[int, bool]) -> Hits:
-        keys = np.asarray(matches.keys, dtype=np.uint64).reshape(-1)
-        dists = np.asarray(matches.distances, dtype=np.float64).reshape(-1)
-        hits: Hits = []
-        seen: set[int] = set()
-        for key_u, dist in zip(keys.tolist(), dists.tolist(), strict=True):
-            key = int(key_u)
-            if key in seen:
-                continue
-            seen.add(key)
-            if accept is not None:
-                ok = decided.get(key)
-                if ok is None:
-                    ok = decided[key] = bool(accept(key))
-                if not ok:
-                    continue
-            hits.append((key, 1.0 - float(dist)))
-            if len(hits) >= k:
-                break
-        # HNSW returns ascending distance; make equal scores deterministic by key.
-        hits.sort(key=lambda h: (-h[1], h[0]))
-        return hits
+        keys = np.asarray(matches.keys, dtype=np.uint64).reshape(-1).tolist()
+        dists = np.asarray(matches.distances, dtype=np.float64).reshape(-1).tolist()
+        # Cosine distance -> similarity; HNSW returns them best first.
+        ranked = ((int(key), 1.0 - float(dist)) for key, dist in zip(keys, dists, strict=True))
+        return take_accepted(ranked, k, accept, decided)
 
     def search_exact(self, query: npt.ArrayLike, keys: npt.ArrayLike, k: int | None = None) -> Hits:
         """Brute-force cosine over ``keys`` (absent ones skipped), best first, up to ``k``.
@@ -312,7 +289,7 @@ class DenseIndex:
                 with tmp.open("rb+") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, self.path)
-                _fsync_dir(self.path.parent)
+                fsync_path(self.path.parent)
             except BaseException:
                 self._dirty = True
                 raise

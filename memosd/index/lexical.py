@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy.typing as npt
 import tantivy
 
+from memosd.fsutil import fsync_path
+from memosd.index.accept import Accept, Hits, take_accepted
 from memosd.index.dense import as_keys
 
 log = logging.getLogger(__name__)
 
-Accept = Callable[[int], bool]
-Hits = list[tuple[int, float]]
 
 TEXT = "text"
 VKEY = "vkey"
@@ -128,26 +128,10 @@ def _search(searcher: tantivy.Searcher, query: tantivy.Query, k: int, accept: Ac
         limit = min(want, total)
         hits = searcher.search(query, limit, count=False).hits
         keys = searcher.fast_field_values(VKEY, [addr for _, addr in hits]) if hits else []
-        out: Hits = []
-        seen: set[int] = set()
-        for (score, _), key_v in zip(hits, keys, strict=True):
-            if key_v is None:
-                continue
-            key = int(key_v)
-            if key in seen:
-                continue
-            seen.add(key)
-            if accept is not None:
-                ok = decided.get(key)
-                if ok is None:
-                    ok = decided[key] = bool(accept(key))
-                if not ok:
-                    continue
-            out.append((key, float(score)))
-            if len(out) >= k:
-                break
+        ranked = ((int(key), float(score)) for (score, _), key in zip(hits, keys, strict=True)
+                  if key is not None)
+        out = take_accepted(ranked, k, accept, decided)
         if len(out) >= k or len(hits) < limit or limit >= total:
-            out.sort(key=lambda h: (-h[1], h[0]))
             return out
         want *= 2
 
@@ -159,11 +143,7 @@ def _write_json_atomic(path: Path, data: dict[str, int]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 class _WriterLRU:

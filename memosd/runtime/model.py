@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memosd.fsutil import fsync_path, fsync_tree
 from memosd.offline import force_offline
 
 if TYPE_CHECKING:
@@ -235,7 +236,7 @@ def ensure_gguf_cache(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
         del model, tokenizer
         marker = {"format": _CACHE_FORMAT, "source": gguf.name, "gguf_sha256": key}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -243,7 +244,7 @@ def ensure_gguf_cache(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
                 raise
             # Another process built it first; theirs is as good as ours.
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(models)
+        fsync_path(models)
         log.info("dequantized %s into %s in %.1fs", gguf.name, final, time.perf_counter() - started)
     except ModelLoadError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -400,22 +401,3 @@ def _canonical_json(value: Any) -> bytes:
 def _update(h: Any, tag: bytes, data: bytes) -> None:
     h.update(tag + b"\0" + len(data).to_bytes(8, "little"))
     h.update(data)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
