@@ -25,6 +25,8 @@ from memosd import __version__
 ENV_PREFIX = "MEMOSD_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_DTYPES = ("float16", "bfloat16")
 # The fusion methods the index package understands; keep in step with memosd/index.
 FUSION_METHODS = ("rrf", "linear", "combsum", "combmnz", "dbsf", "tm2c2")
 
@@ -78,6 +80,22 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """The in-process model that holds activation memory."""
+
+    model: str = "SmolLM2-135M-Instruct"  # the builtin, a local Hugging Face model directory, or "none"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float32 on cpu, bfloat16 on cuda) | float32 | bfloat16 | float16
+    cache_dir: str = ""  # where the dequantized builtin model is cached; empty means the data dir
+    pool_bytes: int = 1 << 30  # KV pool budget
+    kv_dtype: str = "float16"  # how KV caches are persisted: float16 | bfloat16
+    retrieve_k: int = 4  # items Generate retrieves for the last user message, by default
+    max_tokens: int = 256  # Generate's default max_tokens
+    max_tokens_limit: int = 4096  # the most a request may ask for
+    prefill_chunk: int = 512  # tokens per forward pass when encoding a memory block
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -91,6 +109,7 @@ class Config:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     config_file: Path | None = None  # the TOML file that was read, if any
 
@@ -110,6 +129,7 @@ SECTIONS: dict[str, type[Any]] = {
     "embedder": EmbedderConfig,
     "search": SearchConfig,
     "index": IndexConfig,
+    "runtime": RuntimeConfig,
     "log": LogConfig,
 }
 
@@ -159,10 +179,20 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.depth": _POSITIVE_INT,
     "search.exact_below": (_non_negative, "an integer >= 0"),
     "index.save_interval_seconds": _POSITIVE_NUM,
+    "runtime.model": (bool, 'the builtin model name, a local model directory, or "none"'),
+    "runtime.device": (lambda v: v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()),
+                       "auto, cpu, cuda or cuda:N"),
+    "runtime.dtype": (lambda v: v in MODEL_DTYPES, f"one of {', '.join(MODEL_DTYPES)}"),
+    "runtime.pool_bytes": (_non_negative, "an integer >= 0"),
+    "runtime.kv_dtype": (lambda v: v in KV_DTYPES, f"one of {', '.join(KV_DTYPES)}"),
+    "runtime.retrieve_k": (lambda v: 0 <= v <= 100, "an integer from 0 to 100"),
+    "runtime.max_tokens": _POSITIVE_INT,
+    "runtime.max_tokens_limit": _POSITIVE_INT,
+    "runtime.prefill_chunk": _POSITIVE_INT,
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
 }
 # Enumerated words are matched case-insensitively ("INFO" is fine).
-_LOWERCASE = {"embedder.device", "search.fusion", "log.level"}
+_LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device", "runtime.dtype", "runtime.kv_dtype"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

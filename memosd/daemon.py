@@ -3,6 +3,7 @@
 Data dir layout:
     store/            RocksDB (the source of truth)
     index/{cube_id}/  derived indexes: dense.usearch, lexical/ (rebuilt from store when missing/behind)
+    models/{sha16}/   the builtin model's dequantized weights (runtime.cache_dir, if set, holds it instead)
     daemon.json       {"pid", "address"} of the running daemon (removed on clean exit)
     LOCK              held (flock) while a daemon uses the dir
 """
@@ -29,12 +30,17 @@ from grpc_reflection.v1alpha import reflection
 from memos.v1 import memos_pb2 as pb
 
 from memosd import __version__
-from memosd.config import Config, ConfigError, load_config
+from memosd.activation.activator import Activator
+from memosd.activation.generator import Generator
+from memosd.activation.host import ModelHost
+from memosd.config import Config, ConfigError, SearchConfig, load_config
 from memosd.kernel.kernel import Kernel
+from memosd.kernel.ports import Ranker
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.logfmt import log_event, setup_logging
 from memosd.sdnotify import SystemdNotifier
 from memosd.store.rocks import SchemaMismatch, Store
+from memosd.syscalls import convert_activation
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
 from memosd.syscalls.servicer import MemOSServicer
 
@@ -68,6 +74,8 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
 class Daemon:
     config: Config
     kernel: Kernel
+    host: ModelHost
+    activator: Activator
     server: grpc.Server
     servicer: MemOSServicer
     health: health.HealthServicer
@@ -88,7 +96,22 @@ class Daemon:
             version_count=sum(c.record.version_count for c in cubes), embedder=self.kernel.embedder.name,
             embedding_dim=self.kernel.embedder.dim, store_bytes=self.kernel.store.size_bytes(),
             dense_index_bytes=dense, lexical_index_bytes=lexical, rss_bytes=_rss_bytes(),
+            model=convert_activation.model_stats(self.host),
+            kv_pool=convert_activation.pool_stats(self.host, self.activator.persisted_bytes()),
         )
+
+
+def make_ranker(search: SearchConfig) -> Ranker:
+    """The search ranker the config asks for: one list as is, or both fused."""
+    from memosd.index.fusion import fuse, single
+
+    def rank(dense: list[tuple[int, float]], lexical: list[tuple[int, float]], k: int, mode: str) -> list[Any]:
+        if mode != "hybrid":
+            return single(dense if mode == "dense" else lexical, k, lexical=mode == "lexical")
+        return fuse(dense, lexical, k, method=search.fusion, rrf_k=search.rrf_k,  # type: ignore[arg-type]
+                    dense_weight=search.dense_weight, lexical_weight=search.lexical_weight)
+
+    return rank
 
 
 def build(config: Config) -> Daemon:
@@ -96,7 +119,6 @@ def build(config: Config) -> Daemon:
     # Imported here: torch and friends take seconds; `memosd --help` should not.
     from memosd.index.cube_index import CubeIndex
     from memosd.index.embedder import Embedder
-    from memosd.index.fusion import fuse, single
 
     lock_handle = _lock_data_dir(config.data_dir)
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
@@ -108,14 +130,13 @@ def build(config: Config) -> Daemon:
                     sync_commits=config.store.sync_commits)
     kernel.open()
     search = config.search
-
-    def rank(dense: list[tuple[int, float]], lexical: list[tuple[int, float]], k: int, mode: str) -> list[Any]:
-        if mode != "hybrid":
-            return single(dense if mode == "dense" else lexical, k, lexical=mode == "lexical")
-        return fuse(dense, lexical, k, method=search.fusion, rrf_k=search.rrf_k,  # type: ignore[arg-type]
-                    dense_weight=search.dense_weight, lexical_weight=search.lexical_weight)
-
-    searcher = Searcher(kernel, rank, SearchSettings(depth=search.depth, exact_below=search.exact_below))
+    searcher = Searcher(kernel, make_ranker(search), SearchSettings(depth=search.depth,
+                                                                    exact_below=search.exact_below))
+    # The model loads on the runtime worker in the background; activation syscalls wait for it.
+    model_host = ModelHost(config.runtime, Path(config.runtime.cache_dir).expanduser()
+                           if config.runtime.cache_dir else config.data_dir)
+    activator = Activator(kernel, model_host)
+    generator = Generator(model_host, activator, searcher)
 
     started = time.time()
     stop_event = threading.Event()
@@ -125,7 +146,7 @@ def build(config: Config) -> Daemon:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.server.workers,
                                                     thread_name_prefix="syscall"), options=options)
     daemon_box: list[Daemon] = []
-    servicer = MemOSServicer(kernel, searcher, lambda: daemon_box[0].stats())
+    servicer = MemOSServicer(kernel, searcher, activator, generator, lambda: daemon_box[0].stats())
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -133,10 +154,12 @@ def build(config: Config) -> Daemon:
     try:
         port = server.add_insecure_port(config.server.listen)
     except RuntimeError as error:
+        model_host.close()
+        kernel.close()
         raise StartupError(f"cannot listen on {config.server.listen}: {error}") from None
     host = config.server.listen.rsplit(":", 1)[0]
-    daemon = Daemon(config, kernel, server, servicer, health_servicer, f"{host}:{port}", lock_handle, started,
-                    stop_event)
+    daemon = Daemon(config, kernel, model_host, activator, server, servicer, health_servicer, f"{host}:{port}",
+                    lock_handle, started, stop_event)
     daemon_box.append(daemon)
     return daemon
 
@@ -169,6 +192,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.server.stop(daemon.config.server.grace_seconds).wait()
     notifier.stop_watchdog()
+    daemon.host.close()
     daemon.kernel.close()
     address_file.unlink(missing_ok=True)
     daemon.lock_handle.close()

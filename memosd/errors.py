@@ -99,6 +99,26 @@ class ShuttingDown(MemosError):
     reason = "SHUTTING_DOWN"
 
 
+class CubeEmpty(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "CUBE_EMPTY"
+
+
+class ContextExceeded(MemosError):
+    code = "OUT_OF_RANGE"
+    reason = "CONTEXT_EXCEEDED"
+
+
+class PoolTooSmall(MemosError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "POOL_TOO_SMALL"
+
+
+class ModelUnavailable(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "MODEL_UNAVAILABLE"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -108,5 +128,5 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     CubeNotFound, MountNotFound, RevisionNotFound, ItemNotFound, CubeNameTaken,
     InvalidField, TextEmpty, TextTooLarge, TooManyItems, InvalidPageToken,
     MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
-    InternalError,
+    InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
 )

@@ -22,7 +22,10 @@ _names = itertools.count()
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path_factory.mktemp("memosd") / "data").start()
+    """The session daemon, with the embedded SmolLM2 (loaded in the background after start)."""
+    env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct",
+           "MEMOSD_RUNTIME__CACHE_DIR": str(tmp_path_factory.mktemp("daemon-model-cache"))}
+    proc = DaemonProcess(tmp_path_factory.mktemp("memosd") / "data", env=env).start()
     yield proc
     code = proc.stop()
     assert code == 0, f"daemon exited with {code} on SIGTERM:\n{proc.log()}"

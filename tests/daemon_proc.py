@@ -28,6 +28,9 @@ class DaemonProcess:
         (self.data_dir / "daemon.json").unlink(missing_ok=True)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOSD_")}
+        # No model unless a test asks for one: most daemons here test plaintext memory, and
+        # loading a model in the background would only take CPU from them.
+        env["MEMOSD_RUNTIME__MODEL"] = "none"
         env.update(self.env)
         args = [sys.executable, "-m", "memosd", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
                 "--log-level", "debug", *self.extra_args]

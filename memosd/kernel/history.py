@@ -57,7 +57,9 @@ def plan_commit(
 ) -> Plan:
     plan = Plan()
     revision = head + 1
-    for item_id in sorted(staging):
+    # Write order (write_ns is unique per item of a mount, see Kernel.write): version keys, and
+    # with them memory blocks, follow the order items were written in.
+    for item_id in sorted(staging, key=lambda i: (staging[i].write_ns, i)):
         staged = staging[item_id]
         if staged.kind != "add":
             current = catalog.visible(item_id, head)

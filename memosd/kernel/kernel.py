@@ -315,8 +315,10 @@ class Kernel:
                     f"mount {mount_id!r} has {len(mount.staging)} staged changes; the limit is "
                     f"{self.limits.max_staged_changes} (limits.max_staged_changes). Commit first",
                     mount=mount_id)
+            # Staged after the mount's latest write, one nanosecond apart: write_ns orders the commit.
+            now = max(now, max((s.write_ns for s in mount.staging.values()), default=0) + 1)
             for i, item in enumerate(inputs):
-                staged_list.append(self._stage_put(mount, cube, item, i, now))
+                staged_list.append(self._stage_put(mount, cube, item, i, now + i))
             batch = self.store.batch()
             for staged, vector in zip(staged_list, vectors, strict=True):
                 batch.put_staged(mount_id, staged, vector)

@@ -291,6 +291,13 @@ def _prepare_transformers() -> None:
     # transformers' own per-tensor progress bars (dequantizing, loading,
     # writing shards) would otherwise end up in the daemon's log.
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # The GGUF reader calls tqdm directly, past that switch.
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):  # type: ignore[attr-defined]
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)  # type: ignore[attr-defined]
 
 
 def _load_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -94,6 +94,27 @@ class StagedRecord:
     write_ns: int = 0
 
 
+@dataclass
+class ActivationRecord:
+    """A cube's activation for one model: which revision's memory block it encodes and
+    where its KV cache lies (``chunk_count`` chunks under ``cache_key`` in kv_chunks).
+
+    ``items`` are the block's (item_id, born) in block order and ``token_ids``
+    the block's tokens, so Generate can place the block in a prompt without
+    re-rendering or loading it."""
+
+    cube_id: str
+    fingerprint: str
+    revision: int
+    cache_key: str
+    chunk_count: int
+    persisted_bytes: int
+    stored_dtype: str
+    items: list[list[Any]]
+    token_ids: list[int]
+    create_ns: int
+
+
 R = TypeVar("R")
 
 

@@ -24,6 +24,7 @@ from rocksdict import (
 
 from memosd.store import schema
 from memosd.store.records import (
+    ActivationRecord,
     CubeRecord,
     MountRecord,
     RevisionRecord,
@@ -46,6 +47,18 @@ def _options() -> Options:
     opts.create_missing_column_families(True)
     opts.set_compression_type(DBCompressionType.lz4())
     opts.increase_parallelism(max(2, os.cpu_count() or 2))
+    return opts
+
+
+def _blob_options() -> Options:
+    """KV chunks are megabytes of fp16: keep them in blob files, out of the LSM tree, so
+    compaction does not rewrite them, and do not try to compress them."""
+    opts = _options()
+    opts.set_compression_type(DBCompressionType.none())
+    opts.set_enable_blob_files(True)
+    opts.set_min_blob_size(4096)
+    opts.set_blob_compression_type(DBCompressionType.none())
+    opts.set_enable_blob_gc(True)
     return opts
 
 
@@ -111,6 +124,22 @@ class Batch:
         for cf in schema.CUBE_SCOPED:
             self._wb.delete_range(begin, end, self._store.handle(cf))
 
+    def put_activation(self, record: ActivationRecord, chunks: Sequence[bytes]) -> None:
+        """The record and its chunks, in one batch: a record never points at missing chunks."""
+        for index, chunk in enumerate(chunks):
+            self._put(schema.CF_KV_CHUNKS, schema.kv_chunk_key(record.cube_id, record.cache_key, index), chunk)
+        self._put(schema.CF_ACTIVATIONS, schema.activation_key(record.cube_id, record.fingerprint), encode(record))
+
+    def delete_kv_cache(self, cube_id: str, cache_key: str) -> None:
+        begin, end = schema.kv_cache_range(cube_id, cache_key)
+        self._wb.delete_range(begin, end, self._store.handle(schema.CF_KV_CHUNKS))
+
+    def delete_activations(self, cube_id: str) -> None:
+        """Every activation of the cube, for every model, and all its chunks."""
+        begin, end = schema.prefix_range(cube_id)
+        for cf in (schema.CF_ACTIVATIONS, schema.CF_KV_CHUNKS):
+            self._wb.delete_range(begin, end, self._store.handle(cf))
+
     def __len__(self) -> int:
         return int(self._wb.len())
 
@@ -121,7 +150,9 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        families = {name: _options() for name in schema.COLUMN_FAMILIES}
+        families = {
+            name: _blob_options() if name in schema.BLOB_FAMILIES else _options() for name in schema.COLUMN_FAMILIES
+        }
         self._db = Rdict(str(path), _options(), column_families=families)
         self._cfs: dict[str, Rdict] = {name: self._db.get_column_family(name) for name in families}
         self._handles: dict[str, Any] = {
@@ -235,6 +266,25 @@ class Store:
         raw = self._cfs[schema.CF_CUBE_NAMES].get(schema.name_key(name))
         return None if raw is None else bytes(raw).decode()
 
+    def get_activation(self, cube_id: str, fingerprint: str) -> ActivationRecord | None:
+        raw = self._cfs[schema.CF_ACTIVATIONS].get(schema.activation_key(cube_id, fingerprint))
+        return None if raw is None else decode(ActivationRecord, raw)
+
+    def iter_activations(self, cube_id: str | None = None) -> Iterator[ActivationRecord]:
+        """The activations of one cube (every model), or of every cube."""
+        rows = (self._scan_owner(schema.CF_ACTIVATIONS, cube_id) if cube_id is not None
+                else self._cfs[schema.CF_ACTIVATIONS].items())
+        for _key, raw in rows:
+            yield decode(ActivationRecord, raw)
+
+    def get_kv_chunks(self, record: ActivationRecord) -> list[bytes] | None:
+        """The record's chunks in order, or None if any is missing."""
+        keys = [schema.kv_chunk_key(record.cube_id, record.cache_key, i) for i in range(record.chunk_count)]
+        found = self._multi_get(schema.CF_KV_CHUNKS, keys)
+        if any(chunk is None for chunk in found):
+            return None
+        return [bytes(chunk) for chunk in found if chunk is not None]
+
     # -- maintenance ----------------------------------------------------
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
@@ -251,4 +301,8 @@ class Store:
 
     def close(self) -> None:
         self.flush()
+        # Each column-family handle keeps the database open (and its LOCK held) until it is
+        # dropped, so drop them all before closing: the same process can then reopen it.
+        self._cfs.clear()
+        self._handles.clear()
         self._db.close()

@@ -26,6 +26,12 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
       {mount_id}/{item_id}        -> StagedRecord (json): kind, base version, content
     staged_vectors
       {mount_id}/{item_id}        -> float32[dim] embedding of the staged content
+    activations                   a cube's activation for one model (at most one per model)
+      {cube_id}/{fingerprint}     -> ActivationRecord (json): revision, cache key, block
+                                     items and token ids, chunk count, bytes
+    kv_chunks                     the KV cache blobs (BlobDB files, uncompressed)
+      {cube_id}/{cache_key}/{chunk:08x}
+                                  -> safetensors chunk (fp16/bf16) made by runtime.to_chunks
 
 A version key (vkey) is a per-cube counter assigned at commit, so the dense and
 lexical indexes (derived, rebuildable) can say "everything up to vkey N is in".
@@ -44,12 +50,19 @@ CF_VECTORS = "vectors"
 CF_MOUNTS = "mounts"
 CF_STAGING = "staging"
 CF_STAGED_VECTORS = "staged_vectors"
+CF_ACTIVATIONS = "activations"
+CF_KV_CHUNKS = "kv_chunks"
 
+# Adding a family is backward compatible (RocksDB creates missing ones at open), so it
+# does not bump SCHEMA_VERSION; activations and kv_chunks were added that way.
 COLUMN_FAMILIES = (
     CF_CUBES, CF_CUBE_NAMES, CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_MOUNTS, CF_STAGING, CF_STAGED_VECTORS,
+    CF_ACTIVATIONS, CF_KV_CHUNKS,
 )
 # Column families whose keys start with "{cube_id}/": deleted by range on FreeCube.
-CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS)
+CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS)
+# Large values: stored in blob files, not compressed (fp16 tensors do not compress).
+BLOB_FAMILIES = (CF_KV_CHUNKS,)
 
 KEY_SCHEMA_VERSION = b"schema_version"
 KEY_EMBEDDER = b"embedder"
@@ -85,6 +98,19 @@ def mount_key(mount_id: str) -> bytes:
 
 def staged_key(mount_id: str, item_id: str) -> bytes:
     return f"{mount_id}/{item_id}".encode()
+
+
+def activation_key(cube_id: str, fingerprint: str) -> bytes:
+    return f"{cube_id}/{fingerprint}".encode()
+
+
+def kv_chunk_key(cube_id: str, cache_key: str, index: int) -> bytes:
+    return f"{cube_id}/{cache_key}/{index:08x}".encode()
+
+
+def kv_cache_range(cube_id: str, cache_key: str) -> tuple[bytes, bytes]:
+    """The [begin, end) range of one cache's chunks."""
+    return prefix_range(f"{cube_id}/{cache_key}")
 
 
 def prefix_range(owner_id: str) -> tuple[bytes, bytes]:

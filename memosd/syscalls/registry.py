@@ -53,10 +53,17 @@ def generic_handler(servicer: MemOSServicer) -> grpc.GenericRpcHandler:
     for method in SERVICE.methods:
         request_cls = getattr(memos_pb2, method.input_type.name)
         response_cls = getattr(memos_pb2, method.output_type.name)
-        behaviour = servicer.dispatch(method.name, getattr(servicer, method.name))
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _reject_malformed(behaviour),
-            request_deserializer=_safe_deserializer(request_cls),
-            response_serializer=response_cls.SerializeToString,
-        )
+        implementation = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _reject_malformed(servicer.dispatch_stream(method.name, implementation)),
+                request_deserializer=_safe_deserializer(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _reject_malformed(servicer.dispatch(method.name, implementation)),
+                request_deserializer=_safe_deserializer(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -6,53 +6,91 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from memos.v1 import memos_pb2 as pb
 
+from memosd.activation.activator import Activator
+from memosd.activation.generator import GenerationReport, Generator
 from memosd.errors import MemosError, ShuttingDown
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.search import Searcher
 from memosd.logfmt import log_event
+from memosd.runtime.kvcache import ComputeCancelled
 from memosd.syscalls import convert as cv
+from memosd.syscalls import convert_activation as ca
 from memosd.syscalls.errors import internal, to_status
 
 log = logging.getLogger("memosd.syscalls")
 
 Handler = Callable[[Any, grpc.ServicerContext], Any]
+StreamHandler = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+
+
+def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
+    """Set when the call ends for any reason: the client cancelled, its deadline passed, or it finished."""
+    event = threading.Event()
+    if not context.add_callback(event.set):
+        event.set()  # already over
+    return event
 
 
 class MemOSServicer:
     """Each public method is a syscall; `dispatch` wraps them all with error mapping."""
 
-    def __init__(self, kernel: Kernel, searcher: Searcher, stats: Callable[[], pb.StatsResponse]) -> None:
+    def __init__(self, kernel: Kernel, searcher: Searcher, activator: Activator, generator: Generator,
+                 stats: Callable[[], pb.StatsResponse]) -> None:
         self.kernel = kernel
         self.searcher = searcher
+        self.activator = activator
+        self.generator = generator
         self._stats = stats
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
         self.draining = False
 
+    def _begin(self, name: str) -> None:
+        with self._calls_lock:
+            self.calls[name] += 1
+        if self.draining:
+            raise ShuttingDown("memosd is shutting down; retry against the restarted daemon")
+
+    def _fail(self, name: str, started: float, exc: Exception, context: grpc.ServicerContext) -> None:
+        took_ms = round((time.perf_counter() - started) * 1000, 2)
+        if isinstance(exc, MemosError):
+            log_event(log, "syscall", method=name, code=exc.code, reason=exc.reason, took_ms=took_ms)
+            context.abort_with_status(to_status(exc))
+        if isinstance(exc, ComputeCancelled):  # the caller went away mid-prefill; nobody reads this
+            log_event(log, "syscall", method=name, code="CANCELLED", took_ms=took_ms)
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        context.abort_with_status(to_status(internal(name, exc)))
+
     def dispatch(self, name: str, handler: Handler) -> Handler:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            with self._calls_lock:
-                self.calls[name] += 1
             try:
-                if self.draining:
-                    raise ShuttingDown("memosd is shutting down; retry against the restarted daemon")
+                self._begin(name)
                 response = handler(request, context)
-            except MemosError as error:
-                log_event(log, "syscall", level=logging.INFO, method=name, code=error.code, reason=error.reason,
-                          took_ms=round((time.perf_counter() - started) * 1000, 2))
-                context.abort_with_status(to_status(error))
             except Exception as exc:
-                context.abort_with_status(to_status(internal(name, exc)))
+                self._fail(name, started, exc, context)
             log_event(log, "syscall", level=logging.DEBUG, method=name, code="OK",
                       took_ms=round((time.perf_counter() - started) * 1000, 2))
             return response
+
+        return run
+
+    def dispatch_stream(self, name: str, handler: StreamHandler) -> StreamHandler:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            try:
+                self._begin(name)
+                yield from handler(request, context)
+            except Exception as exc:
+                self._fail(name, started, exc, context)
+            log_event(log, "syscall", level=logging.DEBUG, method=name, code="OK",
+                      took_ms=round((time.perf_counter() - started) * 1000, 2))
 
         return run
 
@@ -64,6 +102,9 @@ class MemOSServicer:
     def FreeCube(self, req: pb.FreeCubeRequest, ctx: grpc.ServicerContext) -> pb.FreeCubeResponse:
         cube_id = self.kernel.cube(req.cube).cube_id
         freed = self.kernel.free_cube(req.cube)
+        # The store rows went with the cube's key range; its pooled KV caches go now.
+        self.activator.drop_pooled(cube_id)
+        self.activator.forget_persisted(cube_id)
         return pb.FreeCubeResponse(header=cv.header(cube_id), revisions_deleted=freed.revisions,
                                    versions_deleted=freed.versions, mounts_closed=freed.mounts)
 
@@ -136,6 +177,23 @@ class MemOSServicer:
         revision = self.kernel.rollback(req.cube, req.to_revision, req.message, req.author)
         cube_id = self.kernel.cube(req.cube).cube_id
         return pb.RollbackResponse(header=cv.header(cube_id, revision.number), revision=cv.revision(revision))
+
+    # -- activation memory ----------------------------------------------
+    def Activate(self, req: pb.ActivateRequest, ctx: grpc.ServicerContext) -> pb.ActivateResponse:
+        outcome = self.activator.activate(req.mount_id, _cancel_event(ctx))
+        head = self.kernel.cubes[outcome.record.cube_id].head if outcome.record.cube_id in self.kernel.cubes else 0
+        return pb.ActivateResponse(header=cv.header(outcome.record.cube_id, head, outcome.record.revision),
+                                   activation=ca.activation(outcome))
+
+    def Evict(self, req: pb.EvictRequest, ctx: grpc.ServicerContext) -> pb.EvictResponse:
+        return ca.evict_response(self.activator.evict(req.cube, req.delete_persisted))
+
+    def Generate(self, req: pb.GenerateRequest, ctx: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        for event in self.generator.generate(ca.generate_params(req), _cancel_event(ctx)):
+            if isinstance(event, GenerationReport):
+                yield pb.GenerateResponse(summary=ca.summary(event))
+            else:
+                yield pb.GenerateResponse(delta=event)
 
     # -- daemon ---------------------------------------------------------
     def Stats(self, req: pb.StatsRequest, ctx: grpc.ServicerContext) -> pb.StatsResponse:

@@ -7,8 +7,11 @@ elsewhere.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -45,6 +48,7 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         self.mounts: dict[str, tuple[types_pb2.Mount, list[types_pb2.Item], list[str]]] = {}
         self.requests: list[tuple[str, Any]] = []
         self.slow_stats = 0.0
+        self.generation_cancelled = threading.Event()
         self._seq = 0
 
     def _id(self, prefix: str) -> str:
@@ -194,9 +198,71 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
 
     def Stats(self, request: Any, context: grpc.ServicerContext) -> Any:
         time.sleep(self.slow_stats)
-        return memos_pb2.StatsResponse(version="0.1.0-fake", uptime_seconds=3725, cube_count=len(self.cubes),
-                                       embedder="fake", embedding_dim=8, store_bytes=3 * 1024 * 1024,
-                                       calls={"Stats": 1})
+        return memos_pb2.StatsResponse(
+            version="0.1.0-fake", uptime_seconds=3725, cube_count=len(self.cubes),
+            embedder="fake", embedding_dim=8, store_bytes=3 * 1024 * 1024, calls={"Stats": 1},
+            model=memos_pb2.ModelStats(state="ready", name="tiny-llama", device="cpu", dtype="float32",
+                                       context_length=2048, active_generations=1),
+            kv_pool=memos_pb2.KVPoolStats(entries=2, bytes_used=1024 * 1024, budget_bytes=64 * 1024 * 1024,
+                                          hits=5, misses=2, persisted_bytes=2 * 1024 * 1024),
+        )
+
+    def Activate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Activate", request))
+        mount = self._mount(request.mount_id, context)[0]
+        n = len(self.items[mount.cube_id])
+        if not n:
+            fail(context, C.FAILED_PRECONDITION, "CUBE_EMPTY", f"revision {mount.base_revision} has no items")
+        return memos_pb2.ActivateResponse(activation=types_pb2.Activation(
+            cube_id=mount.cube_id, revision=mount.base_revision, cache_key="ab" * 32, model_fingerprint="cd" * 32,
+            item_count=n, tokens=40 * n, tokens_computed=40 * n - 30, tokens_reused=30, pool_bytes=2 * 1024 * 1024,
+            persisted_bytes=1024 * 1024, source=types_pb2.ACTIVATION_SOURCE_COMPUTED, took_us=1500, pooled=True,
+        ))
+
+    def Evict(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Evict", request))
+        self._cube(request.cube, context)
+        return memos_pb2.EvictResponse(caches_dropped=1, pool_bytes_freed=2 * 1024 * 1024, took_us=250,
+                                       persisted_bytes_deleted=1024 * 1024 if request.delete_persisted else 0)
+
+    def Generate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Echoes the last message in deltas ("boom" fails midway; "interrupt me" streams until cancelled)."""
+        self.requests.append(("Generate", request))
+        last = request.messages[-1].content
+        if last == "interrupt me":
+            finished = False
+
+            def ended() -> None:  # gRPC stops pulling a cancelled stream, so only a callback sees it
+                if not finished:
+                    self.generation_cancelled.set()
+
+            context.add_callback(ended)
+            yield memos_pb2.GenerateResponse(delta="Once")
+            yield memos_pb2.GenerateResponse(delta=" upon")  # the test's stdout raises KeyboardInterrupt here
+            for _ in range(1000):  # 10 s, far past the test's cancel
+                yield memos_pb2.GenerateResponse(delta=" more")
+                time.sleep(0.01)
+            finished = True
+            return
+        for delta in ("echo", "", ": ", last):
+            yield memos_pb2.GenerateResponse(delta=delta)
+        if last == "boom":
+            fail(context, C.OUT_OF_RANGE, "CONTEXT_EXCEEDED", "the prompt does not fit")
+        memory = []
+        for mount_id in request.mount_ids:
+            mount = self.mounts[mount_id][0]
+            items = list(self.items[mount.cube_id].values())
+            memory.append(types_pb2.MemoryUse(
+                mount_id=mount_id, cube_id=mount.cube_id, revision=mount.base_revision, activated=bool(items),
+                cache_key="ef" * 32 if items else "", cache_source=types_pb2.ACTIVATION_SOURCE_POOL,
+                block_items=[types_pb2.UsedItem(item_id=it.item_id, born_revision=it.born_revision) for it in items],
+                retrieved_items=[types_pb2.UsedItem(item_id=it.item_id, born_revision=it.born_revision, score=0.75)
+                                 for it in items[:1]],
+            ))
+        yield memos_pb2.GenerateResponse(summary=types_pb2.GenerationSummary(
+            finish_reason=types_pb2.FINISH_REASON_END, prompt_tokens=120, reused_tokens=100, prefilled_tokens=20,
+            completion_tokens=11, ttft_us=120_000, total_us=1_120_000, memory=memory, model_fingerprint="cd" * 32,
+        ))
 
 
 @pytest.fixture
@@ -317,6 +383,12 @@ def test_cube_free_needs_yes(ctl: Any, fake: FakeMemOS) -> None:
         ["mem", "search", "notes", "-q", "x", "--since", "yesterday"],
         ["diff", "notes", "one"],
         ["bogus"],
+        ["cube", "activate"],
+        ["cube", "activate", "notes", "--revision", "-1"],
+        ["cube", "evict"],
+        ["chat"],
+        ["chat", "notes", "--max-tokens", "-1"],
+        ["chat", "notes", "-k", "many"],
     ],
 )
 def test_bad_arguments_are_exit_2(ctl: Any, argv: list[str]) -> None:
@@ -504,6 +576,8 @@ def test_stats_table_and_json(ctl: Any) -> None:
     r = ctl("stats")
     assert r.code == 0, r.err
     assert "uptime:" in r.out and "1h02m05s" in r.out and "3.0 MiB" in r.out and "calls Stats:" in r.out
+    assert "tiny-llama (ready, cpu float32, context 2048)" in r.out
+    assert "2 caches, 1.0 MiB of 64.0 MiB" in r.out and "5 hits, 2 misses, 0 evictions" in r.out
     doc = ctl("-o", "json", "stats").json()
     assert doc["version"] == "0.1.0-fake" and doc["calls"] == {"Stats": "1"}
 
@@ -519,3 +593,203 @@ def test_health(ctl: Any, health: Any) -> None:
     health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     r = ctl("-o", "json", "health")
     assert r.code == 3 and r.json() == {"status": "NOT_SERVING"}
+
+
+# -- activation memory and chat ------------------------------------------------------
+
+
+class Recorder(io.TextIOBase):
+    """A stdout that records each write and flush (to see streaming), optionally raising Ctrl-C on a text."""
+
+    def __init__(self, inner: Any, interrupt_on: str | None = None) -> None:
+        self.inner, self.interrupt_on = inner, interrupt_on
+        self.events: list[str] = []
+
+    def write(self, text: str) -> int:
+        if text == self.interrupt_on:
+            self.interrupt_on = None
+            raise KeyboardInterrupt
+        self.events.append(text)
+        return int(self.inner.write(text))
+
+    def flush(self) -> None:
+        self.events.append("<flush>")
+        self.inner.flush()
+
+
+def requests_of(fake: FakeMemOS, name: str) -> list[Any]:
+    return [req for n, req in fake.requests if n == name]
+
+
+def messages_of(req: Any) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in req.messages]
+
+
+def test_cube_activate_table_and_json(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("mem", "write", "notes", "Ada was born in 1815", "Grace wrote a compiler")
+    ctl("mem", "write", "notes", "third")
+    r = ctl("cube", "activate", "notes")
+    assert r.code == 0, r.err
+    block = dict(line.split(":", 1) for line in r.out.splitlines())
+    assert {k: v.strip() for k, v in block.items()} == {
+        "cube id": "cube_0001", "revision": "2", "items": "3", "tokens": "120", "computed": "90", "reused": "30",
+        "pool bytes": "2.0 MiB", "persisted bytes": "1.0 MiB", "source": "computed", "pooled": "yes",
+        "cache key": "ab" * 32, "model": "cd" * 32, "took": "1.5 ms",
+    }
+    doc = ctl("-o", "json", "cube", "activate", "notes", "--revision", "1").json()
+    assert (doc["revision"], doc["tokens"], doc["source"], doc["pooled"]) == (
+        "1", 120, "ACTIVATION_SOURCE_COMPUTED", True)
+    mounts = requests_of(fake, "Mount")[-2:]
+    assert [(m.cube, m.revision, m.mode) for m in mounts] == [
+        ("notes", 0, types_pb2.MOUNT_MODE_READ_ONLY), ("notes", 1, types_pb2.MOUNT_MODE_READ_ONLY)]
+    assert len(requests_of(fake, "Activate")) == 2
+    assert not fake.mounts  # unmounted after each
+
+
+def test_cube_activate_empty_is_exit_3_and_unmounts(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "empty")
+    r = ctl("cube", "activate", "empty")
+    assert (r.code, r.out) == (3, "")
+    assert r.err == "memosctl: error: CUBE_EMPTY: revision 0 has no items\n"
+    assert not fake.mounts
+    assert ctl("cube", "activate", "missing").code == 3
+
+
+def test_cube_evict_and_delete(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("cube", "evict", "notes")
+    assert r.code == 0, r.err
+    assert "evicted:           notes" in r.out and "caches dropped:    1" in r.out
+    assert "pool bytes freed:  2.0 MiB" in r.out and "persisted deleted: 0 B" in r.out and "0.2 ms" in r.out
+    doc = ctl("-o", "json", "cube", "evict", "notes", "--delete").json()
+    assert (doc["caches_dropped"], doc["persisted_bytes_deleted"]) == (1, str(1024 * 1024))
+    assert [(e.cube, e.delete_persisted) for e in requests_of(fake, "Evict")] == [("notes", False), ("notes", True)]
+    assert ctl("cube", "evict", "nope").code == 3
+
+
+def test_chat_one_shot_streams_reply_and_summary(ctl: Any, fake: FakeMemOS, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("cube", "alloc", "other")
+    ctl("mem", "write", "notes", "Ada was born in 1815")
+    stdout = Recorder(sys.stdout)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    r = ctl("chat", "notes", "other", "-m", "when was Ada born?", "--system", "be brief", "--max-tokens", "5",
+            "--temperature", "0.5", "--top-p", "0.9", "--stop", "\n\n", "--stop", "END", "--seed", "7", "-k", "0")
+    assert r.code == 0, r.err
+    assert r.out == "echo: when was Ada born?\n"
+    # Each delta is written and flushed as it arrives; the empty one is not written.
+    assert stdout.events[:6] == ["echo", "<flush>", ": ", "<flush>", "when was Ada born?", "<flush>"]
+    assert r.err == ("prompt 120 tokens (100 reused, 20 prefilled), 11 generated (end), "
+                     "ttft 120.0 ms, total 1120.0 ms, 10.0 tokens/s\n")
+    (req,) = requests_of(fake, "Generate")
+    assert messages_of(req) == [("system", "be brief"), ("user", "when was Ada born?")]
+    mounts = requests_of(fake, "Mount")[-2:]
+    assert [m.cube for m in mounts] == ["notes", "other"]
+    assert all(m.mode == types_pb2.MOUNT_MODE_READ_ONLY for m in mounts)
+    assert list(req.mount_ids) == sorted(req.mount_ids) and len(req.mount_ids) == 2
+    o = req.options
+    assert (o.max_tokens, o.temperature, round(o.top_p, 6), list(o.stop), o.seed) == (5, 0.5, 0.9, ["\n\n", "END"], 7)
+    assert req.HasField("retrieve_k") and req.retrieve_k == 0
+    assert not fake.mounts
+
+
+def test_chat_defaults_leave_options_to_the_daemon(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("-q", "chat", "notes", "-m", "hi")
+    assert (r.code, r.out, r.err) == (0, "echo: hi\n", "")  # -q: no summary line
+    (req,) = requests_of(fake, "Generate")
+    assert messages_of(req) == [("user", "hi")]
+    assert not req.HasField("retrieve_k") and req.options == types_pb2.GenerationOptions()
+
+
+def test_chat_show_memory(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    ids = ctl("-o", "json", "mem", "write", "notes", "a", "b").json()["item_ids"]
+    blank_id = ctl("-o", "json", "cube", "alloc", "blank").json()["cube_id"]
+    r = ctl("chat", "notes", "blank", "-m", "hi", "--show-memory")
+    assert r.code == 0, r.err
+    lines = r.err.splitlines()
+    assert lines[1:] == [
+        "memory used:",
+        f"  notes (cube_0001) at revision 1: activated, KV reused from pool (key {'ef' * 6})",
+        f"    block items (2): {ids[0]}@1, {ids[1]}@1",
+        f"    retrieved (1): {ids[0]}@1 (0.750)",
+        f"  blank ({blank_id}) at revision 0: not activated",
+        "    block items (0): -",
+        "    retrieved (0): -",
+    ]
+
+
+def test_chat_json_is_one_object(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("-o", "json", "chat", "notes", "-m", "hi", "--show-memory")
+    assert r.code == 0 and r.err == ""
+    doc = r.json()
+    assert doc["text"] == "echo: hi"
+    summary = doc["summary"]
+    assert (summary["prompt_tokens"], summary["finish_reason"], summary["ttft_us"]) == (
+        120, "FINISH_REASON_END", "120000")
+    assert summary["memory"][0]["mount_id"] == requests_of(fake, "Generate")[0].mount_ids[0]
+
+
+def test_chat_error_midway_is_exit_3(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("chat", "notes", "-m", "boom")
+    assert r.code == 3
+    assert r.out == "echo: boom\n"  # the partial reply's line is ended
+    assert r.err == "memosctl: error: CONTEXT_EXCEEDED: the prompt does not fit\n"
+    assert not fake.mounts
+
+
+def test_chat_usage_errors(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("chat", "notes", "-m", "  ")
+    assert r.code == 2 and "empty" in r.err
+    assert not requests_of(fake, "Mount")
+    assert ctl("chat", "missing", "-m", "hi").code == 3
+
+
+def test_chat_interactive_keeps_history(ctl: Any, fake: FakeMemOS, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl("cube", "alloc", "notes")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\n\n  second  \n/exit\nnever sent\n"))
+    r = ctl("chat", "notes", "--system", "sys")
+    assert r.code == 0, r.err
+    assert r.out == "echo: first\necho: second\n"  # no prompt: stdin is not a terminal
+    assert r.err.count("tokens/s") == 2
+    one, two = requests_of(fake, "Generate")
+    assert messages_of(one) == [("system", "sys"), ("user", "first")]
+    assert messages_of(two) == [("system", "sys"), ("user", "first"), ("assistant", "echo: first"),
+                                ("user", "second")]
+    assert list(one.mount_ids) == list(two.mount_ids)  # one mount for the whole session
+    assert len(requests_of(fake, "Mount")) == 1 and not fake.mounts
+
+
+def test_chat_interactive_json_and_eof(ctl: Any, fake: FakeMemOS, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl("cube", "alloc", "notes")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo"))  # ends without /exit nor a newline
+    r = ctl("-o", "json", "chat", "notes")
+    assert r.code == 0 and r.err == ""
+    decoder, docs, pos = json.JSONDecoder(), [], 0
+    while pos < len(r.out.rstrip()):
+        doc, pos = decoder.raw_decode(r.out, pos)
+        docs.append(doc)
+        pos += 1
+    assert [d["text"] for d in docs] == ["echo: one", "echo: two"]
+    assert messages_of(requests_of(fake, "Generate")[1])[-2:] == [("assistant", "echo: one"), ("user", "two")]
+
+
+def test_chat_interactive_ctrl_c_cancels_the_reply(ctl: Any, fake: FakeMemOS,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl("cube", "alloc", "notes")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\ninterrupt me\nafter\n"))
+    monkeypatch.setattr(sys, "stdout", Recorder(sys.stdout, interrupt_on=" upon"))
+    r = ctl("chat", "notes")
+    assert r.code == 0, r.err
+    assert r.out == "echo: hello\nOnce\necho: after\n"
+    assert "(reply cancelled)" in r.err
+    assert fake.generation_cancelled.wait(5)  # the daemon saw the call cancelled
+    last = requests_of(fake, "Generate")[-1]
+    # The cancelled turn is not part of the conversation.
+    assert messages_of(last) == [("user", "hello"), ("assistant", "echo: hello"), ("user", "after")]
+    assert not fake.mounts

@@ -7,6 +7,8 @@ details exactly as memosd does, so the whole decode path is exercised.
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta, timezone
@@ -40,6 +42,10 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "STAGING_FULL": (C.RESOURCE_EXHAUSTED, errors.StagingFull),
     "SHUTTING_DOWN": (C.UNAVAILABLE, errors.ShuttingDown),
     "INTERNAL_ERROR": (C.INTERNAL, errors.InternalError),
+    "CUBE_EMPTY": (C.FAILED_PRECONDITION, errors.CubeEmpty),
+    "CONTEXT_EXCEEDED": (C.OUT_OF_RANGE, errors.ContextExceeded),
+    "POOL_TOO_SMALL": (C.RESOURCE_EXHAUSTED, errors.PoolTooSmall),
+    "MODEL_UNAVAILABLE": (C.FAILED_PRECONDITION, errors.ModelUnavailable),
 }
 
 
@@ -60,6 +66,7 @@ class Fake(memos_pb2_grpc.MemOSServicer):
     def __init__(self) -> None:
         self.requests: list[tuple[str, Any]] = []
         self.unmount_fails = False
+        self.generation_cancelled = threading.Event()
 
     def StatCube(self, request: memos_pb2.StatCubeRequest, context: grpc.ServicerContext) -> Any:
         spec = request.cube
@@ -108,6 +115,44 @@ class Fake(memos_pb2_grpc.MemOSServicer):
             revision=types_pb2.Revision(number=4, message=request.message),
             mount=types_pb2.Mount(mount_id=request.mount_id, cube_id="cube_1", base_revision=4),
         )
+
+    def Activate(self, request: memos_pb2.ActivateRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Activate", request))
+        if request.mount_id == "mnt_empty":
+            abort(context, C.FAILED_PRECONDITION, "revision 0 has no items", "CUBE_EMPTY")
+        return memos_pb2.ActivateResponse(activation=types_pb2.Activation(
+            cube_id="cube_1", revision=4, tokens=900, tokens_computed=100, tokens_reused=800,
+            source=types_pb2.ACTIVATION_SOURCE_COMPUTED, pooled=True,
+        ))
+
+    def Evict(self, request: memos_pb2.EvictRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Evict", request))
+        return memos_pb2.EvictResponse(caches_dropped=1, pool_bytes_freed=4096,
+                                       persisted_bytes_deleted=8192 if request.delete_persisted else 0)
+
+    def Generate(self, request: memos_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        """Replies by the last message: "slow" streams until cancelled, "fail..." fails, else a fixed reply."""
+        self.requests.append(("Generate", request))
+        last = request.messages[-1].content if request.messages else ""
+        if last == "fail at once":
+            abort(context, C.FAILED_PRECONDITION, "no model configured", "MODEL_UNAVAILABLE")
+        if last == "slow":
+            # A callback: gRPC may never resume a generator whose call was cancelled while it was suspended.
+            context.add_callback(self.generation_cancelled.set)
+            yield memos_pb2.GenerateResponse(delta="tick")
+            deadline = time.monotonic() + 10
+            while context.is_active() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return
+        for delta in ("Hello", "", ", ", "world"):
+            yield memos_pb2.GenerateResponse(delta=delta)
+        if last == "fail midway":
+            abort(context, C.OUT_OF_RANGE, "the prompt outgrew the context", "CONTEXT_EXCEEDED")
+        yield memos_pb2.GenerateResponse(summary=types_pb2.GenerationSummary(
+            finish_reason=types_pb2.FINISH_REASON_END, prompt_tokens=30, reused_tokens=20, prefilled_tokens=10,
+            completion_tokens=3, ttft_us=1000, total_us=5000,
+            memory=[types_pb2.MemoryUse(mount_id=m, activated=True) for m in request.mount_ids],
+        ))
 
     def of(self, name: str) -> list[Any]:
         return [req for n, req in self.requests if n == name]
@@ -298,3 +343,122 @@ def test_to_timestamp_treats_naive_as_utc() -> None:
     aware = memos.to_timestamp(datetime(2024, 1, 1, 2, tzinfo=timezone(timedelta(hours=2))))
     assert naive == aware == memos.to_timestamp("2024-01-01T00:00:00Z")
     assert memos.parse_time("2024-01-01").tzinfo is not None
+
+
+# -- activation memory and generation -----------------------------------------------
+
+
+def test_activate_and_evict_requests(client: memos.Client, fake: Fake) -> None:
+    act = client.activate("mnt_9")
+    assert (act.cube_id, act.tokens, act.tokens_reused, act.source) == (
+        "cube_1", 900, 800, types_pb2.ACTIVATION_SOURCE_COMPUTED)
+    with client.mount("notes") as m:
+        assert m.activate().revision == 4
+    assert [r.mount_id for r in fake.of("Activate")] == ["mnt_9", "mnt_1"]
+    with pytest.raises(errors.CubeEmpty):
+        client.activate("mnt_empty")
+    assert client.evict("notes").persisted_bytes_deleted == 0
+    resp = client.evict("notes", delete_persisted=True)
+    assert (resp.caches_dropped, resp.pool_bytes_freed, resp.persisted_bytes_deleted) == (1, 4096, 8192)
+    assert [(r.cube, r.delete_persisted) for r in fake.of("Evict")] == [("notes", False), ("notes", True)]
+
+
+def test_generate_builds_the_request(client: memos.Client, fake: Fake) -> None:
+    handle = memos.MountHandle(client, types_pb2.Mount(mount_id="mnt_h"))
+    messages: list[memos.MessageLike] = [
+        types_pb2.ChatMessage(role="system", content="be brief"),
+        ("user", "hi"),
+        {"role": "assistant", "content": "hello"},
+        ("user", "again"),
+    ]
+    client.generate(messages, [handle, "mnt_s"], max_tokens=7, temperature=0.5, top_p=0.9,
+                    stop=["\n\n", "END"], seed=42).text()
+    client.generate("one message", "mnt_s", retrieve_k=0).text()
+    full, short = fake.of("Generate")
+    assert [(m.role, m.content) for m in full.messages] == [
+        ("system", "be brief"), ("user", "hi"), ("assistant", "hello"), ("user", "again")]
+    assert list(full.mount_ids) == ["mnt_h", "mnt_s"]
+    o = full.options
+    assert (o.max_tokens, o.temperature, round(o.top_p, 6), list(o.stop), o.seed) == (
+        7, 0.5, 0.9, ["\n\n", "END"], 42)
+    assert not full.HasField("retrieve_k")  # None: the daemon's default
+    assert [(m.role, m.content) for m in short.messages] == [("user", "one message")]
+    assert list(short.mount_ids) == ["mnt_s"]
+    assert short.HasField("retrieve_k") and short.retrieve_k == 0
+    assert short.options == types_pb2.GenerationOptions()
+
+
+def test_generate_rejects_malformed_messages(client: memos.Client, fake: Fake) -> None:
+    with pytest.raises(TypeError, match="single user message"):
+        client.generate(["user", "hi"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="text"):
+        client.generate([{"role": "user", "text": "hi"}])
+    assert fake.of("Generate") == []
+
+
+def test_generation_iterates_deltas_then_has_the_summary(client: memos.Client, fake: Fake) -> None:
+    gen = client.generate("hi", ["mnt_1"])
+    assert gen.summary is None and gen.first_delta_seconds is None
+    it = iter(gen)
+    assert next(it) == "Hello"
+    assert gen.first_delta_seconds is not None and gen.first_delta_seconds > 0
+    assert gen.summary is None and not gen.done
+    assert list(it) == [", ", "world"]  # the empty delta is skipped
+    assert gen.done and not gen.cancelled
+    assert gen.summary is not None
+    assert (gen.summary.prompt_tokens, gen.summary.completion_tokens) == (30, 3)
+    assert [u.mount_id for u in gen.summary.memory] == ["mnt_1"]
+    assert gen.text() == "Hello, world"  # the deltas already iterated are part of the text
+    assert list(gen) == []
+
+
+def test_generation_text_consumes_the_stream(client: memos.Client) -> None:
+    gen = client.generate("hi")
+    assert gen.text() == "Hello, world"
+    assert gen.summary is not None and gen.summary.finish_reason == types_pb2.FINISH_REASON_END
+
+
+def test_generation_errors_are_converted_while_iterating(client: memos.Client) -> None:
+    gen = client.generate("fail at once")  # nothing is raised before iterating
+    with pytest.raises(errors.ModelUnavailable) as info:
+        next(iter(gen))
+    assert info.value.code == C.FAILED_PRECONDITION and isinstance(info.value.__cause__, grpc.RpcError)
+    gen = client.generate("fail midway")
+    seen: list[str] = []
+    with pytest.raises(errors.ContextExceeded):
+        for delta in gen:
+            seen.append(delta)
+    assert seen == ["Hello", ", ", "world"]
+    assert gen.done and gen.summary is None
+
+
+def test_generation_cancel_ends_iteration_quietly(client: memos.Client, fake: Fake) -> None:
+    gen = client.generate("slow")
+    assert next(gen) == "tick"
+    gen.cancel()
+    assert list(gen) == []
+    assert gen.cancelled and gen.done and gen.summary is None
+    assert gen.text() == "tick"
+    assert fake.generation_cancelled.wait(2)  # the server saw the call end
+    gen.cancel()  # twice is harmless
+
+
+def test_generation_cancel_from_another_thread(client: memos.Client, fake: Fake) -> None:
+    gen = client.generate("slow")
+    threading.Timer(0.3, gen.cancel).start()
+    assert list(gen) == ["tick"]  # blocked in the stream until the cancel, then ends without error
+    assert gen.cancelled and fake.generation_cancelled.wait(2)
+
+
+def test_generation_context_manager_cancels_unfinished(client: memos.Client, fake: Fake) -> None:
+    with client.generate("slow") as gen:
+        assert next(gen) == "tick"
+    assert gen.cancelled and fake.generation_cancelled.wait(2)
+    with client.generate("hi") as done:
+        done.text()
+    assert not done.cancelled and done.summary is not None
+
+
+def test_generation_deadline_is_the_clients_or_its_own(client: memos.Client) -> None:
+    with pytest.raises(errors.DeadlineExceeded):
+        client.generate("slow", timeout=0.2).text()

@@ -255,6 +255,7 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "embedder",
         "search",
         "index",
+        "runtime",
         "log",
         "config_file",
     }
@@ -271,3 +272,15 @@ def test_arg_parser(capsys: pytest.CaptureFixture[str]) -> None:
     help_text = parser.format_help()
     for flag in ("--config", "--data-dir", "--listen", "--log-level", "--set"):
         assert flag in help_text
+
+
+def test_runtime_section(home: Path) -> None:
+    cfg = load_config(["--set", "runtime.device=CUDA:1", "--set", "runtime.pool_bytes=1024"],
+                      env_with(home, MEMOSD_RUNTIME__MODEL="none", MEMOSD_RUNTIME__KV_DTYPE="bfloat16"))
+    assert cfg.runtime.model == "none" and cfg.runtime.device == "cuda:1"
+    assert cfg.runtime.pool_bytes == 1024 and cfg.runtime.kv_dtype == "bfloat16"
+    assert cfg.runtime.retrieve_k == 4 and cfg.runtime.dtype == "auto"
+    for bad in ("runtime.device=tpu", "runtime.kv_dtype=float32", "runtime.retrieve_k=101", "runtime.model=",
+                "runtime.pool_bytes=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(["--set", bad], env_with(home))

@@ -9,6 +9,7 @@ are generators that follow page tokens.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from itertools import islice
@@ -29,6 +30,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 ItemLike = str | types_pb2.ItemInput | Mapping[str, Any]
 # A point in time: a datetime (naive means UTC), an ISO 8601 string, or a Timestamp.
 TimeLike = datetime | str | Timestamp
+# One message of a conversation: a ready ChatMessage, a (role, content) pair, or a
+# mapping with the keys role/content.
+MessageLike = types_pb2.ChatMessage | tuple[str, str] | Mapping[str, str]
 
 _SEARCH_MODES = {
     "hybrid": types_pb2.SEARCH_MODE_HYBRID,
@@ -36,6 +40,7 @@ _SEARCH_MODES = {
     "lexical": types_pb2.SEARCH_MODE_LEXICAL,
 }
 _ITEM_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id"})
+_MESSAGE_KEYS = frozenset({"role", "content"})
 
 _Req = TypeVar("_Req", contravariant=True)
 _Resp = TypeVar("_Resp", covariant=True)
@@ -44,6 +49,14 @@ _T = TypeVar("_T")
 
 class _UnaryCall(Protocol[_Req, _Resp]):
     def __call__(self, request: _Req, timeout: float | None = ...) -> _Resp: ...
+
+
+class _ResponseStream(Protocol):
+    """What a server-streaming stub call returns: an iterator of responses that is also a grpc.Call."""
+
+    def __next__(self) -> memos_pb2.GenerateResponse: ...
+
+    def cancel(self) -> bool: ...
 
 
 def parse_time(text: str) -> datetime:
@@ -89,6 +102,30 @@ def _item_input(
     )
 
 
+def _chat_message(message: MessageLike) -> types_pb2.ChatMessage:
+    if isinstance(message, types_pb2.ChatMessage):
+        return message
+    if isinstance(message, tuple):
+        role, content = message
+        return types_pb2.ChatMessage(role=role, content=content)
+    if isinstance(message, Mapping):
+        unknown = set(message) - _MESSAGE_KEYS
+        if unknown:
+            raise ValueError(f"unknown message keys {sorted(unknown)}; expected {sorted(_MESSAGE_KEYS)}")
+        return types_pb2.ChatMessage(role=message.get("role", ""), content=message.get("content", ""))
+    # A bare str here is most likely a (role, content) pair that lost its tuple.
+    raise TypeError(
+        f"a message is a ChatMessage, a (role, content) tuple or a role/content mapping, not "
+        f"{type(message).__name__}; pass one str as `messages` for a single user message"
+    )
+
+
+def _chat_messages(messages: str | Sequence[MessageLike]) -> list[types_pb2.ChatMessage]:
+    if isinstance(messages, str):
+        return [types_pb2.ChatMessage(role="user", content=messages)]
+    return [_chat_message(m) for m in messages]
+
+
 def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
     it = iter(items)
     while chunk := list(islice(it, size)):
@@ -97,6 +134,82 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
 
 def _as_list(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
+
+
+class Generation:
+    """A streaming Generate call. Iterate it for the text deltas (str, never empty).
+
+    After the stream ends, ``summary`` is the GenerationSummary (None before, and
+    when the call was cancelled). :meth:`text` consumes the rest of the stream
+    and returns the whole reply. :meth:`cancel` stops the call; iteration then
+    ends quietly. As a context manager it cancels an unfinished call on exit.
+    ``first_delta_seconds`` is the client-side time from the call to the first
+    delta (None until one arrives).
+    """
+
+    def __init__(self, stream: _ResponseStream, started: float) -> None:
+        self._stream = stream
+        self._started = started
+        self._parts: list[str] = []
+        self._done = False
+        self._cancelled = False
+        self.summary: types_pb2.GenerationSummary | None = None
+        self.first_delta_seconds: float | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream has ended (completed, failed or cancelled)."""
+        return self._done
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` stopped the call before it completed."""
+        return self._cancelled
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        while not self._done:
+            try:
+                resp = next(self._stream)
+            except StopIteration:
+                self._done = True
+                break
+            except grpc.RpcError as e:
+                self._done = True
+                if self._cancelled:
+                    break
+                raise from_rpc_error(e) from e
+            if resp.HasField("summary"):
+                self.summary = resp.summary
+            if resp.delta:
+                if self.first_delta_seconds is None:
+                    self.first_delta_seconds = time.perf_counter() - self._started
+                self._parts.append(resp.delta)
+                return str(resp.delta)
+        raise StopIteration
+
+    def text(self) -> str:
+        """Consume the stream; the whole reply so far (deltas already iterated included)."""
+        for _ in self:
+            pass
+        return "".join(self._parts)
+
+    def cancel(self) -> None:
+        """Cancel the call if it has not ended; iteration then stops without an error."""
+        if not self._done:
+            self._cancelled = True
+            self._done = True
+            self._stream.cancel()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cancel()
 
 
 class SearchResults(list[types_pb2.SearchHit]):
@@ -388,6 +501,68 @@ class Client:
     def stats(self) -> memos_pb2.StatsResponse:
         return self._call(self._stub.Stats, memos_pb2.StatsRequest())
 
+    # -- activation memory and generation ---------------------------------------
+
+    def activate(self, mount: str | MountHandle) -> types_pb2.Activation:
+        """Encode the cube's items at the mount's base revision into a KV cache (or reuse/load one).
+
+        On a cold cube this runs a prefill of the whole memory block: give the
+        client a ``timeout`` that allows for it. Raises CubeEmpty, ContextExceeded,
+        PoolTooSmall or ModelUnavailable.
+        """
+        req = memos_pb2.ActivateRequest(mount_id=_mount_id(mount))
+        return self._call(self._stub.Activate, req).activation
+
+    def evict(self, cube: str, *, delete_persisted: bool = False) -> memos_pb2.EvictResponse:
+        """Drop a cube's (id or name) KV cache from the pool; ``delete_persisted`` also deactivates it."""
+        req = memos_pb2.EvictRequest(cube=cube, delete_persisted=delete_persisted)
+        return self._call(self._stub.Evict, req)
+
+    def generate(
+        self,
+        messages: str | Sequence[MessageLike],
+        mounts: str | MountHandle | Sequence[str | MountHandle] = (),
+        *,
+        max_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        stop: Sequence[str] = (),
+        seed: int = 0,
+        retrieve_k: int | None = None,
+        bypass_kv_cache: bool = False,
+        timeout: float | None = None,
+    ) -> Generation:
+        """Start generating a reply to ``messages`` with the memory of ``mounts``; returns the stream.
+
+        ``messages`` is one str (a single user message) or a sequence of
+        ChatMessage, (role, content) tuples or role/content mappings; the last
+        must be the user's. ``mounts`` are mount ids or MountHandles. Zero
+        options mean the daemon's defaults (greedy, 256 tokens); ``retrieve_k``
+        None means the daemon's default, 0 no retrieval. ``bypass_kv_cache``
+        prefills activated memory blocks instead of reusing their KV caches
+        (same prompt, full prefill: for measurements). ``timeout`` (default:
+        the client's) bounds the whole stream. Errors are raised while iterating.
+        """
+        if isinstance(mounts, str | MountHandle):
+            mounts = [mounts]
+        req = memos_pb2.GenerateRequest(
+            messages=_chat_messages(messages),
+            mount_ids=[_mount_id(m) for m in mounts],
+            options=types_pb2.GenerationOptions(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(stop), seed=seed,
+                bypass_kv_cache=bypass_kv_cache,
+            ),
+        )
+        if retrieve_k is not None:
+            req.retrieve_k = retrieve_k
+        started = time.perf_counter()
+        stream: _ResponseStream = self._stub.Generate(req, timeout=self.timeout if timeout is None else timeout)
+        return Generation(stream, started)
+
+
+def _mount_id(mount: str | MountHandle) -> str:
+    return mount if isinstance(mount, str) else mount.mount_id
+
 
 class MountHandle:
     """An open mount, with the item and history calls bound to it.
@@ -500,3 +675,6 @@ class MountHandle:
         resp = self.client.commit(self.mount_id, message, author)
         self._update(resp)
         return resp
+
+    def activate(self) -> types_pb2.Activation:
+        return self.client.activate(self.mount_id)

@@ -177,6 +177,22 @@ class InternalError(Internal):
     default_reason = "INTERNAL_ERROR"
 
 
+class CubeEmpty(FailedPrecondition):
+    default_reason = "CUBE_EMPTY"
+
+
+class ContextExceeded(OutOfRange):
+    default_reason = "CONTEXT_EXCEEDED"
+
+
+class PoolTooSmall(ResourceExhausted):
+    default_reason = "POOL_TOO_SMALL"
+
+
+class ModelUnavailable(FailedPrecondition):
+    default_reason = "MODEL_UNAVAILABLE"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MemosError]] = {
     cls.default_code: cls
     for cls in (
@@ -192,7 +208,7 @@ _BY_REASON: dict[str, type[MemosError]] = {
         CubeNotFound, MountNotFound, RevisionNotFound, ItemNotFound, CubeNameTaken,
         InvalidField, TextEmpty, TextTooLarge, TooManyItems, InvalidPageToken,
         MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
-        InternalError,
+        InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
     )
 }
 

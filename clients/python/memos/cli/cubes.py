@@ -1,14 +1,20 @@
-"""``memosctl cube alloc|list|stat|free``."""
+"""``memosctl cube alloc|list|stat|free|activate|evict``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from memos.cli.inputs import UsageError, label
-from memos.cli.output import Output, fmt_map, fmt_time, to_dict
+from memos.cli.inputs import UsageError, label, natural
+from memos.cli.output import Output, fmt_bytes, fmt_map, fmt_ms, fmt_time, to_dict
 from memos.client import Client
-from memos.v1 import types_pb2
+from memos.v1 import memos_pb2, types_pb2
+
+SOURCES = {
+    types_pb2.ACTIVATION_SOURCE_POOL: "pool",
+    types_pb2.ACTIVATION_SOURCE_STORE: "store",
+    types_pb2.ACTIVATION_SOURCE_COMPUTED: "computed",
+}
 
 
 def cube_block(out: Output, cube: types_pb2.Cube) -> None:
@@ -83,6 +89,51 @@ def _free(client: Client, args: argparse.Namespace, out: Output) -> None:
     ])
 
 
+def activation_block(out: Output, act: types_pb2.Activation) -> None:
+    out.block([
+        ("cube id", act.cube_id),
+        ("revision", act.revision),
+        ("items", act.item_count),
+        ("tokens", act.tokens),
+        ("computed", act.tokens_computed),
+        ("reused", act.tokens_reused),
+        ("pool bytes", fmt_bytes(act.pool_bytes)),
+        ("persisted bytes", fmt_bytes(act.persisted_bytes)),
+        ("source", SOURCES.get(act.source, "?")),
+        ("pooled", "yes" if act.pooled else "no"),
+        ("cache key", act.cache_key or "-"),
+        ("model", act.model_fingerprint or "-"),
+        ("took", fmt_ms(act.took_us)),
+    ])
+
+
+def _activate(client: Client, args: argparse.Namespace, out: Output) -> None:
+    with client.mount(args.cube, revision=args.revision) as m:
+        act = m.activate()
+    if out.json:
+        out.emit_json(to_dict(act))
+    else:
+        activation_block(out, act)
+
+
+def evict_block(out: Output, cube: str, resp: memos_pb2.EvictResponse) -> None:
+    out.block([
+        ("evicted", cube),
+        ("caches dropped", resp.caches_dropped),
+        ("pool bytes freed", fmt_bytes(resp.pool_bytes_freed)),
+        ("persisted deleted", fmt_bytes(resp.persisted_bytes_deleted)),
+        ("took", fmt_ms(resp.took_us)),
+    ])
+
+
+def _evict(client: Client, args: argparse.Namespace, out: Output) -> None:
+    resp = client.evict(args.cube, delete_persisted=args.delete)
+    if out.json:
+        out.emit_json(to_dict(resp))
+    else:
+        evict_block(out, args.cube, resp)
+
+
 def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cube = nouns.add_parser("cube", help="allocate, list, inspect and free cubes")
     verbs = cube.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -105,3 +156,19 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("cube", metavar="CUBE", help="cube id or name")
     p.add_argument("--yes", action="store_true", help="do not ask; required when not interactive")
     p.set_defaults(handler=_free)
+
+    p = verbs.add_parser(
+        "activate", help="encode a cube's items as a KV cache of the daemon's model",
+        description="Mount CUBE read-only at REVISION, activate it (compute, load or reuse its KV cache), "
+                    "and unmount. A cold activation runs the model over every item: raise --timeout for "
+                    "large cubes.",
+    )
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.add_argument("--revision", type=natural, default=0, metavar="N", help="activate this revision (default HEAD)")
+    p.set_defaults(handler=_activate)
+
+    p = verbs.add_parser("evict", help="drop a cube's KV cache from the daemon's pool")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.add_argument("--delete", action="store_true",
+                   help="also delete the persisted cache from the store (deactivates the cube)")
+    p.set_defaults(handler=_evict)

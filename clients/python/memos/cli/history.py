@@ -9,7 +9,7 @@ from memos.cli.mem import author_arg, revision_block
 from memos.cli.output import Output, fmt_bytes, fmt_duration, fmt_time, to_dict
 from memos.client import Client
 from memos.errors import MemosError
-from memos.v1 import types_pb2
+from memos.v1 import memos_pb2, types_pb2
 
 _KIND = {
     types_pb2.REVISION_KIND_COMMIT: "commit",
@@ -96,8 +96,32 @@ def _stats(client: Client, args: argparse.Namespace, out: Output) -> None:
         ("dense index", fmt_bytes(s.dense_index_bytes)),
         ("lexical index", fmt_bytes(s.lexical_index_bytes)),
         ("rss", fmt_bytes(s.rss_bytes)),
+        *_model_pairs(s),
         *((f"calls {name}", n) for name, n in sorted(s.calls.items())),
     ])
+
+
+def _model_pairs(s: memos_pb2.StatsResponse) -> list[tuple[str, object]]:
+    # Daemons older than the runtime leave both unset.
+    pairs: list[tuple[str, object]] = []
+    if s.HasField("model"):
+        m = s.model
+        if m.state == "failed":
+            pairs.append(("model", f"failed: {m.error}"))
+        elif m.name:
+            pairs.append(("model", f"{m.name} ({m.state}, {m.device} {m.dtype}, context {m.context_length})"))
+        else:
+            pairs.append(("model", m.state or "-"))
+        if m.state == "ready":
+            pairs.append(("generation", f"{m.active_generations} active, {m.queue_depth} queued"))
+    if s.HasField("kv_pool"):
+        p = s.kv_pool
+        pairs += [
+            ("kv pool", f"{p.entries} caches, {fmt_bytes(p.bytes_used)} of {fmt_bytes(p.budget_bytes)}"),
+            ("kv pool traffic", f"{p.hits} hits, {p.misses} misses, {p.evictions} evictions"),
+            ("kv persisted", fmt_bytes(p.persisted_bytes)),
+        ]
+    return pairs
 
 
 def _health(client: Client, args: argparse.Namespace, out: Output) -> None:

@@ -43,6 +43,11 @@ def fmt_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def fmt_ms(us: int) -> str:
+    """Microseconds as milliseconds."""
+    return f"{us / 1000:.1f} ms"
+
+
 def fmt_duration(seconds: int) -> str:
     minutes, s = divmod(seconds, 60)
     hours, m = divmod(minutes, 60)

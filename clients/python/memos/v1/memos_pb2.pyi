@@ -865,6 +865,8 @@ class StatsResponse(_message.Message):
     LEXICAL_INDEX_BYTES_FIELD_NUMBER: _builtins.int
     RSS_BYTES_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    KV_POOL_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.int
     cube_count: _builtins.int
@@ -887,6 +889,10 @@ class StatsResponse(_message.Message):
     def calls(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Calls served since start, by syscall name."""
 
+    @_builtins.property
+    def model(self) -> Global___ModelStats: ...
+    @_builtins.property
+    def kv_pool(self) -> Global___KVPoolStats: ...
     def __init__(
         self,
         *,
@@ -904,11 +910,268 @@ class StatsResponse(_message.Message):
         lexical_index_bytes: _builtins.int = ...,
         rss_bytes: _builtins.int = ...,
         calls: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        model: Global___ModelStats | None = ...,
+        kv_pool: Global___KVPoolStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "kv_pool", b"kv_pool", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "lexical_index_bytes", b"lexical_index_bytes", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "kv_pool", b"kv_pool", "lexical_index_bytes", b"lexical_index_bytes", "model", b"model", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class ModelStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    ACTIVE_GENERATIONS_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """"disabled", "loading", "ready" or "failed"."""
+    error: _builtins.str
+    """Why loading failed, when state is "failed"."""
+    name: _builtins.str
+    fingerprint: _builtins.str
+    """Digest of the weights, config and tokenizer (16 hex); keys every KV cache."""
+    device: _builtins.str
+    dtype: _builtins.str
+    context_length: _builtins.int
+    queue_depth: _builtins.int
+    """Work queued for the runtime worker, and generations streaming now."""
+    active_generations: _builtins.int
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+        error: _builtins.str = ...,
+        name: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        device: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        context_length: _builtins.int = ...,
+        queue_depth: _builtins.int = ...,
+        active_generations: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_generations", b"active_generations", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "error", b"error", "fingerprint", b"fingerprint", "name", b"name", "queue_depth", b"queue_depth", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
+
+@_typing.final
+class KVPoolStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    BYTES_USED_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    HITS_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    PERSISTED_BYTES_FIELD_NUMBER: _builtins.int
+    entries: _builtins.int
+    bytes_used: _builtins.int
+    budget_bytes: _builtins.int
+    hits: _builtins.int
+    misses: _builtins.int
+    evictions: _builtins.int
+    persisted_bytes: _builtins.int
+    """Bytes of persisted KV caches in the store, over all cubes."""
+    def __init__(
+        self,
+        *,
+        entries: _builtins.int = ...,
+        bytes_used: _builtins.int = ...,
+        budget_bytes: _builtins.int = ...,
+        hits: _builtins.int = ...,
+        misses: _builtins.int = ...,
+        evictions: _builtins.int = ...,
+        persisted_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "bytes_used", b"bytes_used", "entries", b"entries", "evictions", b"evictions", "hits", b"hits", "misses", b"misses", "persisted_bytes", b"persisted_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KVPoolStats: _TypeAlias = KVPoolStats  # noqa: Y015
+
+@_typing.final
+class ActivateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    """A mount of the cube to activate; its base revision is what is encoded."""
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mount_id", b"mount_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateRequest: _TypeAlias = ActivateRequest  # noqa: Y015
+
+@_typing.final
+class ActivateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def activation(self) -> _types_pb2.Activation: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        activation: _types_pb2.Activation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateResponse: _TypeAlias = ActivateResponse  # noqa: Y015
+
+@_typing.final
+class EvictRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    DELETE_PERSISTED_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """The cube's id or name."""
+    delete_persisted: _builtins.bool
+    """Also delete the persisted KV blobs (the cube is then no longer activated)."""
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+        delete_persisted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "delete_persisted", b"delete_persisted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvictRequest: _TypeAlias = EvictRequest  # noqa: Y015
+
+@_typing.final
+class EvictResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CACHES_DROPPED_FIELD_NUMBER: _builtins.int
+    POOL_BYTES_FREED_FIELD_NUMBER: _builtins.int
+    PERSISTED_BYTES_DELETED_FIELD_NUMBER: _builtins.int
+    TOOK_US_FIELD_NUMBER: _builtins.int
+    caches_dropped: _builtins.int
+    """Caches dropped from the pool (0 when none was pooled), and their bytes."""
+    pool_bytes_freed: _builtins.int
+    persisted_bytes_deleted: _builtins.int
+    """Persisted bytes deleted (0 unless delete_persisted)."""
+    took_us: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        caches_dropped: _builtins.int = ...,
+        pool_bytes_freed: _builtins.int = ...,
+        persisted_bytes_deleted: _builtins.int = ...,
+        took_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caches_dropped", b"caches_dropped", "header", b"header", "persisted_bytes_deleted", b"persisted_bytes_deleted", "pool_bytes_freed", b"pool_bytes_freed", "took_us", b"took_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvictResponse: _TypeAlias = EvictResponse  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    MOUNT_IDS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    RETRIEVE_K_FIELD_NUMBER: _builtins.int
+    retrieve_k: _builtins.int
+    """Items to retrieve (hybrid search over the mounts) for the last user
+    message; unset means the daemon default (runtime.retrieve_k), 0 none.
+    """
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]:
+        """The conversation so far; the last message must be from the user."""
+
+    @_builtins.property
+    def mount_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Mounts whose memory to use (0 to 64). The first mount whose cube is
+        activated at its base revision gives the KV prefix.
+        """
+
+    @_builtins.property
+    def options(self) -> _types_pb2.GenerationOptions: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[_types_pb2.ChatMessage] | None = ...,
+        mount_ids: _abc.Iterable[_builtins.str] | None = ...,
+        options: _types_pb2.GenerationOptions | None = ...,
+        retrieve_k: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retrieve_k", b"_retrieve_k", "options", b"options", "retrieve_k", b"retrieve_k"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retrieve_k", b"_retrieve_k", "messages", b"messages", "mount_ids", b"mount_ids", "options", b"options", "retrieve_k", b"retrieve_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__retrieve_k: _TypeAlias = _typing.Literal["retrieve_k"]  # noqa: Y015
+    _WhichOneofArgType__retrieve_k: _TypeAlias = _typing.Literal["_retrieve_k", b"_retrieve_k"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retrieve_k) -> _WhichOneofReturnType__retrieve_k | None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    delta: _builtins.str
+    """Text generated since the previous message; empty in the last message."""
+    @_builtins.property
+    def summary(self) -> _types_pb2.GenerationSummary:
+        """Set in the last message only."""
+
+    def __init__(
+        self,
+        *,
+        delta: _builtins.str = ...,
+        summary: _types_pb2.GenerationSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015

@@ -109,6 +109,21 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.StatsRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Activate = channel.unary_unary(
+                '/memos.v1.MemOS/Activate',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ActivateRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ActivateResponse.FromString,
+                _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/memos.v1.MemOS/Evict',
+                request_serializer=memos_dot_v1_dot_memos__pb2.EvictRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.EvictResponse.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/memos.v1.MemOS/Generate',
+                request_serializer=memos_dot_v1_dot_memos__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class MemOSServicer:
@@ -231,6 +246,40 @@ class MemOSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Activate(self, request, context):
+        """Encodes the cube's items at the mount's base revision (staged changes are
+        not included) into a memory block, in commit order, and computes the
+        block's KV cache with the daemon's model. Loads the cache from the store
+        instead when the same key is persisted, and reuses the unchanged prefix of
+        the cube's previous cache after an append-only commit. Changes: puts the
+        cache in the KV pool (evicting least recently used caches) and persists it
+        as the cube's activation for this model, replacing the previous one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evict(self, request, context):
+        """Drops the cube's KV cache from the pool; with delete_persisted, also
+        deletes its blobs from the store, which deactivates the cube.
+        Changes: the pool, and the store with delete_persisted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Generates a reply to a conversation with the memory of the given mounts:
+        the memory block of an activated mount (its KV cache reused as the
+        prompt prefix, never modified), then the top-k items retrieved for the
+        last user message, then the conversation, in the model's chat template.
+        Streams text deltas; the last message carries the summary.
+        Changes nothing (a cold cache is loaded into the KV pool).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemOSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -308,6 +357,21 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.StatsRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.StatsResponse.SerializeToString,
+            ),
+            'Activate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Activate,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ActivateRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ActivateResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.EvictRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.EvictResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.GenerateRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -715,6 +779,87 @@ class MemOS:
             '/memos.v1.MemOS/Stats',
             memos_dot_v1_dot_memos__pb2.StatsRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Activate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Activate',
+            memos_dot_v1_dot_memos__pb2.ActivateRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ActivateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Evict',
+            memos_dot_v1_dot_memos__pb2.EvictRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memos.v1.MemOS/Generate',
+            memos_dot_v1_dot_memos__pb2.GenerateRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,28 @@ class MemOSStub:
     """
     Stats: _grpc.UnaryUnaryMultiCallable[_memos_pb2.StatsRequest, _memos_pb2.StatsResponse]
     """Daemon-wide statistics. Changes nothing."""
+    Activate: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ActivateRequest, _memos_pb2.ActivateResponse]
+    """Encodes the cube's items at the mount's base revision (staged changes are
+    not included) into a memory block, in commit order, and computes the
+    block's KV cache with the daemon's model. Loads the cache from the store
+    instead when the same key is persisted, and reuses the unchanged prefix of
+    the cube's previous cache after an append-only commit. Changes: puts the
+    cache in the KV pool (evicting least recently used caches) and persists it
+    as the cube's activation for this model, replacing the previous one.
+    """
+    Evict: _grpc.UnaryUnaryMultiCallable[_memos_pb2.EvictRequest, _memos_pb2.EvictResponse]
+    """Drops the cube's KV cache from the pool; with delete_persisted, also
+    deletes its blobs from the store, which deactivates the cube.
+    Changes: the pool, and the store with delete_persisted.
+    """
+    Generate: _grpc.UnaryStreamMultiCallable[_memos_pb2.GenerateRequest, _memos_pb2.GenerateResponse]
+    """Generates a reply to a conversation with the memory of the given mounts:
+    the memory block of an activated mount (its KV cache reused as the
+    prompt prefix, never modified), then the top-k items retrieved for the
+    last user message, then the conversation, in the model's chat template.
+    Streams text deltas; the last message carries the summary.
+    Changes nothing (a cold cache is loaded into the KV pool).
+    """
 
 @_typing.type_check_only
 class MemOSAsyncStub(MemOSStub):
@@ -146,6 +168,28 @@ class MemOSAsyncStub(MemOSStub):
     """
     Stats: _aio.UnaryUnaryMultiCallable[_memos_pb2.StatsRequest, _memos_pb2.StatsResponse]  # type: ignore[assignment]
     """Daemon-wide statistics. Changes nothing."""
+    Activate: _aio.UnaryUnaryMultiCallable[_memos_pb2.ActivateRequest, _memos_pb2.ActivateResponse]  # type: ignore[assignment]
+    """Encodes the cube's items at the mount's base revision (staged changes are
+    not included) into a memory block, in commit order, and computes the
+    block's KV cache with the daemon's model. Loads the cache from the store
+    instead when the same key is persisted, and reuses the unchanged prefix of
+    the cube's previous cache after an append-only commit. Changes: puts the
+    cache in the KV pool (evicting least recently used caches) and persists it
+    as the cube's activation for this model, replacing the previous one.
+    """
+    Evict: _aio.UnaryUnaryMultiCallable[_memos_pb2.EvictRequest, _memos_pb2.EvictResponse]  # type: ignore[assignment]
+    """Drops the cube's KV cache from the pool; with delete_persisted, also
+    deletes its blobs from the store, which deactivates the cube.
+    Changes: the pool, and the store with delete_persisted.
+    """
+    Generate: _aio.UnaryStreamMultiCallable[_memos_pb2.GenerateRequest, _memos_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Generates a reply to a conversation with the memory of the given mounts:
+    the memory block of an activated mount (its KV cache reused as the
+    prompt prefix, never modified), then the top-k items retrieved for the
+    last user message, then the conversation, in the model's chat template.
+    Streams text deltas; the last message carries the summary.
+    Changes nothing (a cold cache is loaded into the KV pool).
+    """
 
 class MemOSServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -288,5 +332,45 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memos_pb2.StatsResponse, _abc.Awaitable[_memos_pb2.StatsResponse]]:
         """Daemon-wide statistics. Changes nothing."""
+
+    @_abc_1.abstractmethod
+    def Activate(
+        self,
+        request: _memos_pb2.ActivateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ActivateResponse, _abc.Awaitable[_memos_pb2.ActivateResponse]]:
+        """Encodes the cube's items at the mount's base revision (staged changes are
+        not included) into a memory block, in commit order, and computes the
+        block's KV cache with the daemon's model. Loads the cache from the store
+        instead when the same key is persisted, and reuses the unchanged prefix of
+        the cube's previous cache after an append-only commit. Changes: puts the
+        cache in the KV pool (evicting least recently used caches) and persists it
+        as the cube's activation for this model, replacing the previous one.
+        """
+
+    @_abc_1.abstractmethod
+    def Evict(
+        self,
+        request: _memos_pb2.EvictRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.EvictResponse, _abc.Awaitable[_memos_pb2.EvictResponse]]:
+        """Drops the cube's KV cache from the pool; with delete_persisted, also
+        deletes its blobs from the store, which deactivates the cube.
+        Changes: the pool, and the store with delete_persisted.
+        """
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _memos_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memos_pb2.GenerateResponse], _abc.AsyncIterator[_memos_pb2.GenerateResponse]]:
+        """Generates a reply to a conversation with the memory of the given mounts:
+        the memory block of an activated mount (its KV cache reused as the
+        prompt prefix, never modified), then the top-k items retrieved for the
+        last user message, then the conversation, in the model's chat template.
+        Streams text deltas; the last message carries the summary.
+        Changes nothing (a cold cache is loaded into the KV pool).
+        """
 
 def add_MemOSServicer_to_server(servicer: MemOSServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -145,6 +145,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[UNAVAILABLE] The daemon is shutting down."""
     INTERNAL_ERROR: _ErrorReason.ValueType  # 16
     """[INTERNAL] An unexpected error; the daemon logged it."""
+    CUBE_EMPTY: _ErrorReason.ValueType  # 17
+    """[FAILED_PRECONDITION] Activate on a revision with no items: nothing to encode."""
+    CONTEXT_EXCEEDED: _ErrorReason.ValueType  # 18
+    """[OUT_OF_RANGE] A memory block or prompt does not fit in the model's context."""
+    POOL_TOO_SMALL: _ErrorReason.ValueType  # 19
+    """[RESOURCE_EXHAUSTED] One KV cache is larger than the whole KV pool budget."""
+    MODEL_UNAVAILABLE: _ErrorReason.ValueType  # 20
+    """[FAILED_PRECONDITION] No model is configured, or it failed to load; the message says why."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -186,7 +194,69 @@ SHUTTING_DOWN: ErrorReason.ValueType  # 15
 """[UNAVAILABLE] The daemon is shutting down."""
 INTERNAL_ERROR: ErrorReason.ValueType  # 16
 """[INTERNAL] An unexpected error; the daemon logged it."""
+CUBE_EMPTY: ErrorReason.ValueType  # 17
+"""[FAILED_PRECONDITION] Activate on a revision with no items: nothing to encode."""
+CONTEXT_EXCEEDED: ErrorReason.ValueType  # 18
+"""[OUT_OF_RANGE] A memory block or prompt does not fit in the model's context."""
+POOL_TOO_SMALL: ErrorReason.ValueType  # 19
+"""[RESOURCE_EXHAUSTED] One KV cache is larger than the whole KV pool budget."""
+MODEL_UNAVAILABLE: ErrorReason.ValueType  # 20
+"""[FAILED_PRECONDITION] No model is configured, or it failed to load; the message says why."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
+class _ActivationSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ActivationSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ActivationSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACTIVATION_SOURCE_UNSPECIFIED: _ActivationSource.ValueType  # 0
+    ACTIVATION_SOURCE_POOL: _ActivationSource.ValueType  # 1
+    """Already in the KV pool under the same key: nothing was done."""
+    ACTIVATION_SOURCE_STORE: _ActivationSource.ValueType  # 2
+    """Loaded from the persisted blobs in the store (no model work)."""
+    ACTIVATION_SOURCE_COMPUTED: _ActivationSource.ValueType  # 3
+    """Computed; tokens_reused > 0 when an earlier cache's prefix was kept."""
+
+class ActivationSource(_ActivationSource, metaclass=_ActivationSourceEnumTypeWrapper):
+    """--- activation memory ---------------------------------------------------
+
+    How Activate obtained a cube's KV cache.
+    """
+
+ACTIVATION_SOURCE_UNSPECIFIED: ActivationSource.ValueType  # 0
+ACTIVATION_SOURCE_POOL: ActivationSource.ValueType  # 1
+"""Already in the KV pool under the same key: nothing was done."""
+ACTIVATION_SOURCE_STORE: ActivationSource.ValueType  # 2
+"""Loaded from the persisted blobs in the store (no model work)."""
+ACTIVATION_SOURCE_COMPUTED: ActivationSource.ValueType  # 3
+"""Computed; tokens_reused > 0 when an earlier cache's prefix was kept."""
+Global___ActivationSource: _TypeAlias = ActivationSource  # noqa: Y015
+
+class _FinishReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
+    FINISH_REASON_END: _FinishReason.ValueType  # 1
+    """The model ended its turn (an end-of-sequence token)."""
+    FINISH_REASON_LENGTH: _FinishReason.ValueType  # 2
+    """max_tokens reached, or the model's context is full."""
+    FINISH_REASON_STOP: _FinishReason.ValueType  # 3
+    """One of the stop strings was produced (it is not included in the text)."""
+
+class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper): ...
+
+FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
+FINISH_REASON_END: FinishReason.ValueType  # 1
+"""The model ended its turn (an end-of-sequence token)."""
+FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
+"""max_tokens reached, or the model's context is full."""
+FINISH_REASON_STOP: FinishReason.ValueType  # 3
+"""One of the stop strings was produced (it is not included in the text)."""
+Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
 class ResponseHeader(_message.Message):
@@ -633,3 +703,274 @@ class SearchHit(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchHit: _TypeAlias = SearchHit  # noqa: Y015
+
+@_typing.final
+class Activation(_message.Message):
+    """A cube's activation: its memory block encoded as a KV cache of the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    CACHE_KEY_FIELD_NUMBER: _builtins.int
+    MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENS_COMPUTED_FIELD_NUMBER: _builtins.int
+    TOKENS_REUSED_FIELD_NUMBER: _builtins.int
+    POOL_BYTES_FIELD_NUMBER: _builtins.int
+    PERSISTED_BYTES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TOOK_US_FIELD_NUMBER: _builtins.int
+    POOLED_FIELD_NUMBER: _builtins.int
+    cube_id: _builtins.str
+    revision: _builtins.int
+    """The revision whose items the memory block holds."""
+    cache_key: _builtins.str
+    """The cache key: chained hash of the block's tokens with the model
+    fingerprint and the cube's salt (64 hex).
+    """
+    model_fingerprint: _builtins.str
+    """The model the cache belongs to (16 hex, as in Stats)."""
+    item_count: _builtins.int
+    """Items in the memory block, and its length in tokens."""
+    tokens: _builtins.int
+    tokens_computed: _builtins.int
+    """Of `tokens`: run through the model by this call, and kept from an
+    earlier cache of this cube (incremental activation).
+    """
+    tokens_reused: _builtins.int
+    pool_bytes: _builtins.int
+    """Bytes the cache holds in the KV pool (model dtype), and persisted in the
+    store (fp16/bf16 safetensors chunks).
+    """
+    persisted_bytes: _builtins.int
+    source: Global___ActivationSource.ValueType
+    took_us: _builtins.int
+    """Server-side time of the call, in microseconds."""
+    pooled: _builtins.bool
+    """Whether the cache is in the KV pool now (false once evicted)."""
+    def __init__(
+        self,
+        *,
+        cube_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        cache_key: _builtins.str = ...,
+        model_fingerprint: _builtins.str = ...,
+        item_count: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        tokens_computed: _builtins.int = ...,
+        tokens_reused: _builtins.int = ...,
+        pool_bytes: _builtins.int = ...,
+        persisted_bytes: _builtins.int = ...,
+        source: Global___ActivationSource.ValueType = ...,
+        took_us: _builtins.int = ...,
+        pooled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cube_id", b"cube_id", "item_count", b"item_count", "model_fingerprint", b"model_fingerprint", "persisted_bytes", b"persisted_bytes", "pool_bytes", b"pool_bytes", "pooled", b"pooled", "revision", b"revision", "source", b"source", "tokens", b"tokens", "tokens_computed", b"tokens_computed", "tokens_reused", b"tokens_reused", "took_us", b"took_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Activation: _TypeAlias = Activation  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """One message of a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user" or "assistant"."""
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class GenerationOptions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    BYPASS_KV_CACHE_FIELD_NUMBER: _builtins.int
+    max_tokens: _builtins.int
+    """Tokens to generate at most; 0 means the daemon default (256)."""
+    temperature: _builtins.float
+    """0 (the default) is greedy decoding; otherwise sampling at this temperature (at most 5)."""
+    top_p: _builtins.float
+    """Nucleus sampling mass, in (0, 1]; 0 means 1 (off). Ignored when greedy."""
+    seed: _builtins.int
+    """Seed for sampling; 0 picks one. The same seed and input give the same text."""
+    bypass_kv_cache: _builtins.bool
+    """Prefill an activated memory block instead of reusing its KV cache: the
+    same prompt, computed in full. For measurements and checks.
+    """
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Generation stops before any of these strings (at most 8, each 1-256 bytes)."""
+
+    def __init__(
+        self,
+        *,
+        max_tokens: _builtins.int = ...,
+        temperature: _builtins.float = ...,
+        top_p: _builtins.float = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+        bypass_kv_cache: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bypass_kv_cache", b"bypass_kv_cache", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationOptions: _TypeAlias = GenerationOptions  # noqa: Y015
+
+@_typing.final
+class UsedItem(_message.Message):
+    """An item that Generate put in the prompt, for traceability."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    BORN_REVISION_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    born_revision: _builtins.int
+    """The revision that made the version used; 0 for a staged version."""
+    score: _builtins.float
+    """The retrieval score; 0 for items of a memory block."""
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        born_revision: _builtins.int = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "item_id", b"item_id", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsedItem: _TypeAlias = UsedItem  # noqa: Y015
+
+@_typing.final
+class MemoryUse(_message.Message):
+    """What one mount contributed to a generation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ACTIVATED_FIELD_NUMBER: _builtins.int
+    CACHE_KEY_FIELD_NUMBER: _builtins.int
+    CACHE_SOURCE_FIELD_NUMBER: _builtins.int
+    BLOCK_ITEMS_FIELD_NUMBER: _builtins.int
+    RETRIEVED_ITEMS_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    cube_id: _builtins.str
+    revision: _builtins.int
+    """The mount's base revision: the revision the memory was read at."""
+    activated: _builtins.bool
+    """True when the cube is activated at this revision and its memory block
+    was in the prompt.
+    """
+    cache_key: _builtins.str
+    """The cache key whose KV was reused as the prompt prefix; empty when this
+    mount's block was prefilled (or it has none).
+    """
+    cache_source: Global___ActivationSource.ValueType
+    """Where the reused cache came from: POOL (hot) or STORE (cold)."""
+    @_builtins.property
+    def block_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsedItem]:
+        """Items of the memory block, in block order."""
+
+    @_builtins.property
+    def retrieved_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsedItem]:
+        """Items retrieved for the last user message."""
+
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+        cube_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        activated: _builtins.bool = ...,
+        cache_key: _builtins.str = ...,
+        cache_source: Global___ActivationSource.ValueType = ...,
+        block_items: _abc.Iterable[Global___UsedItem] | None = ...,
+        retrieved_items: _abc.Iterable[Global___UsedItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated", b"activated", "block_items", b"block_items", "cache_key", b"cache_key", "cache_source", b"cache_source", "cube_id", b"cube_id", "mount_id", b"mount_id", "retrieved_items", b"retrieved_items", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryUse: _TypeAlias = MemoryUse  # noqa: Y015
+
+@_typing.final
+class GenerationSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    REUSED_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFILLED_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    TTFT_US_FIELD_NUMBER: _builtins.int
+    TOTAL_US_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    finish_reason: Global___FinishReason.ValueType
+    prompt_tokens: _builtins.int
+    """prompt_tokens = reused_tokens + prefilled_tokens."""
+    reused_tokens: _builtins.int
+    prefilled_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    ttft_us: _builtins.int
+    """From the request's arrival to the first generated token, and to the end."""
+    total_us: _builtins.int
+    model_fingerprint: _builtins.str
+    @_builtins.property
+    def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryUse]: ...
+    def __init__(
+        self,
+        *,
+        finish_reason: Global___FinishReason.ValueType = ...,
+        prompt_tokens: _builtins.int = ...,
+        reused_tokens: _builtins.int = ...,
+        prefilled_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        ttft_us: _builtins.int = ...,
+        total_us: _builtins.int = ...,
+        memory: _abc.Iterable[Global___MemoryUse] | None = ...,
+        model_fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "memory", b"memory", "model_fingerprint", b"model_fingerprint", "prefilled_tokens", b"prefilled_tokens", "prompt_tokens", b"prompt_tokens", "reused_tokens", b"reused_tokens", "total_us", b"total_us", "ttft_us", b"ttft_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationSummary: _TypeAlias = GenerationSummary  # noqa: Y015

@@ -1,0 +1,283 @@
+"""Activate and Evict: a cube's memory block as a KV cache, pooled and persisted.
+
+One activation per (cube, model fingerprint) is kept in the store: the
+revision it encodes, the block's items and tokens, and its KV cache as
+safetensors chunks. The KV pool holds recently used caches in memory.
+
+Activate renders the block at the mount's base revision and hashes its tokens
+(the chain of ``runtime.block_hashes``, salted with the cube id). Then, in
+order: the cache is in the pool under that key (nothing to do), or persisted
+under it (load it, no model work), or it is computed, reusing the longest
+block-aligned prefix of the cube's previous cache (an append-only commit
+recomputes only the new tokens). A cache is used only under its exact key, so
+a cache of another model, another cube, or other tokens is never served.
+
+Tensor work (compute, to/from chunks) runs on the runtime worker; RocksDB
+reads and writes run on the calling thread; activations of one cube are
+serialized by a per-cube lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from memosd.activation import render
+from memosd.activation.host import ModelHost
+from memosd.errors import ContextExceeded, CubeEmpty, PoolTooSmall
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.state import CubeState
+from memosd.logfmt import log_event
+from memosd.runtime import kvpool
+from memosd.runtime.kvcache import (
+    CacheMismatch,
+    CorruptCache,
+    KVCache,
+    block_hashes,
+    compute_prefix_cache,
+    from_chunks,
+    to_chunks,
+)
+from memosd.runtime.model import LoadedModel
+from memosd.store.records import ActivationRecord
+
+log = logging.getLogger("memosd.activation")
+
+
+@dataclass(frozen=True)
+class ActivationOutcome:
+    record: ActivationRecord
+    source: str  # "pool" | "store" | "computed"
+    tokens_computed: int
+    tokens_reused: int
+    pool_bytes: int
+    pooled: bool
+    took_us: int
+
+
+@dataclass(frozen=True)
+class EvictOutcome:
+    cube_id: str
+    head: int
+    caches_dropped: int
+    pool_bytes_freed: int
+    persisted_bytes_deleted: int
+    took_us: int
+
+
+def cube_salt(cube_id: str) -> bytes:
+    """Keys every cache of the cube apart from every other cube's, even for identical text."""
+    return cube_id.encode()
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int | None:
+    """Bytes of K and V per token for all layers, from the config (None if it does not say)."""
+    import torch
+
+    config: Any = loaded.model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    itemsize: int = getattr(torch, loaded.dtype).itemsize
+    return int(2 * layers * kv_heads * head_dim * itemsize)
+
+
+class Activator:
+    def __init__(self, kernel: Kernel, host: ModelHost) -> None:
+        self.kernel = kernel
+        self.host = host
+        self.store = kernel.store
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        # Persisted bytes per (cube, model), for Stats without reading every record each time.
+        self._persisted = {(r.cube_id, r.fingerprint): r.persisted_bytes for r in self.store.iter_activations()}
+
+    def _cube_lock(self, cube_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(cube_id, threading.Lock())
+
+    # -- Activate ---------------------------------------------------------
+    def activate(self, mount_id: str, cancel: threading.Event | None = None) -> ActivationOutcome:
+        started = time.perf_counter()
+        mount = self.kernel.mount_state(mount_id)
+        cube = self.kernel.cube_of(mount)
+        revision = mount.record.base
+        refs, texts = self.block_items(cube, revision)
+        if not refs:
+            raise CubeEmpty(f"cube {cube.record.name!r} has no items at revision {revision}: there is nothing to "
+                            "activate. Write and commit items first", cube=cube.cube_id, revision=revision)
+        loaded = self.host.model()
+        ids = self.host.run(lambda: render.block_token_ids(loaded.tokenizer, cube.record.name, texts))
+        self._check_fits(loaded, cube, revision, len(ids))
+        salt = cube_salt(cube.cube_id)
+        key = block_hashes(ids, fingerprint=loaded.fingerprint, salt=salt)[-1]
+
+        with self._cube_lock(cube.cube_id):
+            old = self.store.get_activation(cube.cube_id, loaded.fingerprint)
+            computed = reused = 0
+            source = "pool"
+            cache = self.host.pool.get(key)
+            if cache is None and old is not None and old.cache_key == key:
+                cache, source = self.load(old, loaded), "store"
+            if cache is None:
+                previous = self.cache_of(old, loaded)[0] if old is not None else None
+                cache, stats = self.host.run(lambda: compute_prefix_cache(
+                    loaded, ids, salt=salt, reuse=previous, chunk_tokens=self.host.config.prefill_chunk,
+                    cancel=cancel))
+                source, computed, reused = "computed", stats.tokens_computed, stats.tokens_reused
+            self._pool(key, cache, replaces=old.cache_key if old is not None else None)
+            record = self._persist(cube, loaded, revision, refs, cache, old)
+        took_us = int((time.perf_counter() - started) * 1e6)
+        log_event(log, "activate", cube=cube.cube_id, revision=revision, key=key[:16], source=source,
+                  tokens=cache.n_tokens, computed=computed, reused=reused, took_ms=took_us // 1000)
+        return ActivationOutcome(record, source, computed, reused, cache.nbytes, key in self.host.pool, took_us)
+
+    def block_items(self, cube: CubeState, revision: int) -> tuple[list[tuple[str, int]], list[str]]:
+        """The items of the memory block at ``revision``, in commit order: (item_id, born) and texts."""
+        with cube.lock:
+            metas = sorted(cube.catalog.alive_at(revision), key=lambda m: m.vkey)
+        refs = [(m.item_id, m.born) for m in metas]
+        versions = self.store.get_versions(cube.cube_id, refs)
+        return refs, [v.text for v in versions if v is not None]
+
+    def _check_fits(self, loaded: LoadedModel, cube: CubeState, revision: int, n_tokens: int) -> None:
+        if n_tokens >= loaded.context_length:
+            raise ContextExceeded(
+                f"the memory block of cube {cube.record.name!r} at revision {revision} is {n_tokens} tokens; "
+                f"the model's context is {loaded.context_length} and needs room to generate. Forget items, or "
+                "split them over several cubes", cube=cube.cube_id, tokens=n_tokens,
+                context=loaded.context_length)
+        per_token = kv_bytes_per_token(loaded)
+        budget = self.host.pool.budget_bytes
+        if per_token is not None and n_tokens * per_token > budget:
+            raise PoolTooSmall(
+                f"the KV cache of cube {cube.record.name!r} would take {n_tokens * per_token} bytes "
+                f"({n_tokens} tokens); the KV pool holds {budget}. Raise runtime.pool_bytes",
+                cube=cube.cube_id, needed=n_tokens * per_token, budget=budget)
+
+    def _pool(self, key: str, cache: KVCache, *, replaces: str | None) -> None:
+        if replaces is not None and replaces != key:
+            self.host.pool.evict(replaces)  # the cube's previous cache is no longer current
+        try:
+            dropped = self.host.pool.put(key, cache)
+        except kvpool.PoolTooSmall as error:
+            raise PoolTooSmall(f"{error}; raise runtime.pool_bytes", needed=cache.nbytes,
+                               budget=self.host.pool.budget_bytes) from None
+        for victim, victim_cache in dropped:
+            log_event(log, "kv_pool_evict", key=victim[:16], bytes=victim_cache.nbytes, reason="lru")
+
+    def _persist(self, cube: CubeState, loaded: LoadedModel, revision: int, refs: Sequence[tuple[str, int]],
+                 cache: KVCache, old: ActivationRecord | None) -> ActivationRecord:
+        """Make ``cache`` the cube's activation; writes chunks only when the key is new."""
+        items = [[item_id, born] for item_id, born in refs]
+        chunks: list[bytes] = []
+        if old is not None and old.cache_key == cache.key:
+            if old.revision == revision:
+                return old
+            # Same tokens at another revision (e.g. a rollback to equal content): the chunks stand.
+            record = replace(old, revision=revision, items=items, create_ns=time.time_ns())
+        else:
+            dtype_name = self.host.config.kv_dtype
+            chunks = self.host.run(lambda: _chunks(cache, dtype_name))
+            record = ActivationRecord(
+                cube_id=cube.cube_id, fingerprint=loaded.fingerprint, revision=revision, cache_key=cache.key,
+                chunk_count=len(chunks), persisted_bytes=sum(map(len, chunks)), stored_dtype=dtype_name,
+                items=items, token_ids=list(cache.token_ids), create_ns=time.time_ns())
+        with cube.lock:
+            if cube.freed:  # freed while we computed: its rows are gone, write none back
+                return record
+            batch = self.store.batch()
+            batch.put_activation(record, chunks)
+            if old is not None and old.cache_key != cache.key:
+                batch.delete_kv_cache(cube.cube_id, old.cache_key)
+            self.store.write(batch, sync=True)
+            self._persisted[(cube.cube_id, record.fingerprint)] = record.persisted_bytes
+        return record
+
+    # -- caches for Generate ------------------------------------------------
+    def cache_of(self, record: ActivationRecord, loaded: LoadedModel) -> tuple[KVCache | None, str]:
+        """The record's cache from the pool ("pool") or the store ("store", then pooled), or (None, "")."""
+        cache = self.host.pool.get(record.cache_key)
+        if cache is not None:
+            return cache, "pool"
+        cache = self.load(record, loaded)
+        if cache is None:
+            return None, ""
+        # The pool may have shrunk since activation (a config change): then use it unpooled.
+        with contextlib.suppress(PoolTooSmall):
+            self._pool(record.cache_key, cache, replaces=None)
+        return cache, "store"
+
+    def load(self, record: ActivationRecord, loaded: LoadedModel) -> KVCache | None:
+        """The persisted cache, on the model's device and dtype; None (logged) if it is missing or unusable."""
+        chunks = self.store.get_kv_chunks(record)
+        if chunks is None:
+            log_event(log, "kv_cache_missing", level=logging.WARNING, cube=record.cube_id, key=record.cache_key[:16])
+            return None
+        salt = cube_salt(record.cube_id)
+
+        def rebuild() -> KVCache:
+            import torch
+
+            return from_chunks(chunks, expected_fingerprint=loaded.fingerprint, expected_salt=salt,
+                               dtype=getattr(torch, loaded.dtype), device=loaded.device)
+
+        try:
+            cache = self.host.run(rebuild)
+        except (CorruptCache, CacheMismatch) as error:
+            log_event(log, "kv_cache_unusable", level=logging.WARNING, cube=record.cube_id,
+                      key=record.cache_key[:16], error=str(error), action="recomputing")
+            return None
+        if cache.key != record.cache_key:
+            log_event(log, "kv_cache_unusable", level=logging.WARNING, cube=record.cube_id,
+                      key=record.cache_key[:16], error="stored cache has another key", action="recomputing")
+            return None
+        return cache
+
+    # -- Evict --------------------------------------------------------------
+    def evict(self, cube_ref: str, delete_persisted: bool) -> EvictOutcome:
+        started = time.perf_counter()
+        cube = self.kernel.cube(cube_ref)
+        with self._cube_lock(cube.cube_id):
+            dropped = self.drop_pooled(cube.cube_id)
+            deleted = 0
+            if delete_persisted:
+                deleted = sum(r.persisted_bytes for r in self.store.iter_activations(cube.cube_id))
+                with cube.lock:
+                    batch = self.store.batch()
+                    batch.delete_activations(cube.cube_id)
+                    self.store.write(batch, sync=True)
+                self.forget_persisted(cube.cube_id)
+        freed = sum(cache.nbytes for _, cache in dropped)
+        log_event(log, "evict", cube=cube.cube_id, dropped=len(dropped), pool_bytes=freed,
+                  persisted_deleted=deleted)
+        return EvictOutcome(cube.cube_id, cube.head, len(dropped), freed, deleted,
+                            int((time.perf_counter() - started) * 1e6))
+
+    def drop_pooled(self, cube_id: str) -> list[tuple[str, KVCache]]:
+        """Drop every pooled cache of the cube (any model): on Evict, and after FreeCube."""
+        salt = cube_salt(cube_id)
+        return self.host.pool.evict_if(lambda _key, cache: cache.salt == salt)
+
+    def forget_persisted(self, cube_id: str) -> None:
+        """The cube's stored activations are gone (Evict with delete, or FreeCube's range delete)."""
+        for key in [k for k in self._persisted if k[0] == cube_id]:
+            del self._persisted[key]
+
+    def persisted_bytes(self) -> int:
+        return sum(self._persisted.values())
+
+
+def _chunks(cache: KVCache, dtype_name: str) -> list[bytes]:
+    import torch
+
+    return to_chunks(cache, dtype=getattr(torch, dtype_name))

@@ -1,0 +1,306 @@
+"""Generate: a reply to a conversation, with the memory of mounts, streamed.
+
+The prompt is built by ``render``: the memory blocks of the mounts whose cube
+is activated at the mount's revision, the items retrieved for the last user
+message (hybrid search over all the mounts, minus items already in a block),
+then the conversation. The first activated block's KV cache is the prompt's
+prefix: a fresh copy of it is extended by the prefill of the rest, so the
+pooled and stored cache never change. Later blocks are prefilled as tokens.
+
+The work is cut into runtime-worker jobs: the prefill (in chunks, stopping if
+the call is cancelled), then one job per generated token at interactive
+priority, so concurrent generations interleave and a cancelled stream stops
+after at most one token and frees its cache copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from memosd.activation import render
+from memosd.activation.activator import Activator
+from memosd.activation.decode import Sampler, TextStream
+from memosd.activation.host import ModelHost
+from memosd.errors import ContextExceeded, InvalidField
+from memosd.kernel.search import MAX_MOUNTS, Searcher
+from memosd.kernel.types import SearchFilter
+from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
+from memosd.runtime.model import LoadedModel
+from memosd.runtime.worker import PRIORITY_INTERACTIVE
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_TEMPERATURE = 5.0
+MAX_STOPS = 8
+MAX_STOP_BYTES = 256
+MAX_MESSAGES = 1024
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    messages: list[tuple[str, str]]  # (role, content)
+    mount_ids: list[str]
+    max_tokens: int = 0  # 0: the configured default
+    temperature: float = 0.0
+    top_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    retrieve_k: int | None = None  # None: the configured default
+    bypass_kv_cache: bool = False  # prefill activated blocks instead of reusing their caches
+
+
+@dataclass(frozen=True)
+class UsedItem:
+    item_id: str
+    born: int
+    score: float = 0.0
+
+
+@dataclass
+class MemoryUse:
+    mount_id: str
+    cube_id: str
+    revision: int
+    activated: bool = False
+    cache_key: str = ""
+    cache_source: str = ""  # "pool" | "store" when cache_key is set
+    block_items: list[UsedItem] = field(default_factory=list)
+    retrieved_items: list[UsedItem] = field(default_factory=list)
+
+
+@dataclass
+class GenerationReport:
+    finish_reason: str = ""  # "end" | "length" | "stop"
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_us: int = 0
+    total_us: int = 0
+    memory: list[MemoryUse] = field(default_factory=list)
+    model_fingerprint: str = ""
+
+
+@dataclass
+class _Decoding:
+    """One generation's state; its tensors are touched only on the worker thread."""
+
+    cache: Any  # the DynamicCache being extended
+    logits: torch.Tensor | None
+    sampler: Sampler
+    text: TextStream
+    eos: frozenset[int]
+    pending: int | None = None  # the last token picked, not yet run through the model
+
+
+class Generator:
+    def __init__(self, host: ModelHost, activator: Activator, searcher: Searcher) -> None:
+        self.host = host
+        self.activator = activator
+        self.searcher = searcher
+        self.kernel = activator.kernel
+
+    def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[str | GenerationReport]:
+        """Text deltas, then one ``GenerationReport``. Validation errors raise before the first yield."""
+        started = time.perf_counter()
+        max_tokens, k = self._validate(params)
+        mounts = [self.kernel.mount_state(m) for m in dict.fromkeys(params.mount_ids)]
+        cubes = [self.kernel.cube_of(m) for m in mounts]
+        loaded = self.host.model()
+        report = GenerationReport(model_fingerprint=loaded.fingerprint)
+        uses = {m.mount_id: MemoryUse(m.mount_id, c.cube_id, m.record.base) for m, c in zip(mounts, cubes, strict=True)}
+        report.memory = list(uses.values())
+
+        # Memory blocks: each activated cube once, in mount order; the first one's cache is the prefix.
+        block_ids: list[int] = []
+        prefix: KVCache | None = None
+        in_blocks: set[str] = set()
+        seen_cubes: set[str] = set()
+        for mount, cube in zip(mounts, cubes, strict=True):
+            record = self.kernel.store.get_activation(cube.cube_id, loaded.fingerprint)
+            if cube.cube_id in seen_cubes or record is None or record.revision != mount.record.base:
+                continue
+            seen_cubes.add(cube.cube_id)
+            use = uses[mount.mount_id]
+            use.activated = True
+            use.block_items = [UsedItem(item_id, born) for item_id, born in record.items]
+            in_blocks.update(item_id for item_id, _ in record.items)
+            if not block_ids and not params.bypass_kv_cache:
+                prefix, source = self.activator.cache_of(record, loaded)
+                if prefix is not None:
+                    use.cache_key, use.cache_source = record.cache_key, source
+            block_ids.extend(record.token_ids)
+
+        retrieved = self._retrieve(params, k, in_blocks, uses)
+        conversation = [{"role": role, "content": content} for role, content in params.messages]
+        tail = self.host.run(lambda: render.tail_token_ids(loaded.tokenizer, [t for t, _ in retrieved], conversation))
+        prompt = block_ids + tail
+        if len(prompt) >= loaded.context_length:
+            raise ContextExceeded(
+                f"the prompt is {len(prompt)} tokens (memory blocks {len(block_ids)}, retrieved items and "
+                f"conversation {len(tail)}); the model's context is {loaded.context_length}. Shorten the "
+                "conversation, lower retrieve_k, or use fewer activated mounts",
+                tokens=len(prompt), context=loaded.context_length)
+        report.prompt_tokens = len(prompt)
+        report.reused_tokens = prefix.n_tokens if prefix is not None else 0
+        report.prefilled_tokens = report.prompt_tokens - report.reused_tokens
+        max_tokens = min(max_tokens, loaded.context_length - len(prompt))
+
+        self.host.generation_started()
+        try:
+            # The prefill and the first token in one job: nothing queued can slip in between.
+            def start() -> tuple[_Decoding, tuple[int, str]]:
+                state = self._prefill(loaded, params, prefix, prompt, cancel)
+                return state, self._step(loaded, state)
+
+            state, first = self.host.run(start, priority=PRIORITY_INTERACTIVE)
+            report.ttft_us = int((time.perf_counter() - started) * 1e6)
+            yield from self._decode(loaded, state, first, max_tokens, cancel, report)
+        finally:
+            self.host.generation_ended()
+        report.total_us = int((time.perf_counter() - started) * 1e6)
+        yield report
+
+    def _validate(self, params: GenerateParams) -> tuple[int, int]:
+        config = self.host.config
+        if not params.messages:
+            raise InvalidField("messages is empty; send the conversation, ending with a user message",
+                               field="messages")
+        if len(params.messages) > MAX_MESSAGES:
+            raise InvalidField(f"{len(params.messages)} messages; at most {MAX_MESSAGES}", field="messages")
+        for i, (role, _content) in enumerate(params.messages):
+            if role not in render.ROLES:
+                raise InvalidField(f"messages[{i}].role is {role!r}; use one of {', '.join(render.ROLES)}",
+                                   field=f"messages[{i}].role")
+        role, content = params.messages[-1]
+        if role != "user" or not content.strip():
+            raise InvalidField("the last message must be a non-empty user message: it is what is answered",
+                               field=f"messages[{len(params.messages) - 1}]")
+        if len(params.mount_ids) > MAX_MOUNTS:
+            raise InvalidField(f"{len(params.mount_ids)} mounts; at most {MAX_MOUNTS}", field="mount_ids")
+        max_tokens = params.max_tokens or config.max_tokens
+        if max_tokens > config.max_tokens_limit:
+            raise InvalidField(f"options.max_tokens is {max_tokens}; at most {config.max_tokens_limit} "
+                               "(runtime.max_tokens_limit)", field="options.max_tokens")
+        if not 0 <= params.temperature <= MAX_TEMPERATURE:
+            raise InvalidField(f"options.temperature is {params.temperature}; use 0 (greedy) to "
+                               f"{MAX_TEMPERATURE}", field="options.temperature")
+        if not 0 <= params.top_p <= 1:
+            raise InvalidField(f"options.top_p is {params.top_p}; use a value in (0, 1], or 0 for 1",
+                               field="options.top_p")
+        if len(params.stop) > MAX_STOPS or any(not s or len(s.encode()) > MAX_STOP_BYTES for s in params.stop):
+            raise InvalidField(f"options.stop takes at most {MAX_STOPS} strings of 1 to {MAX_STOP_BYTES} bytes",
+                               field="options.stop")
+        k = config.retrieve_k if params.retrieve_k is None else params.retrieve_k
+        if k > self.kernel.limits.max_k:
+            raise InvalidField(f"retrieve_k is {k}; at most {self.kernel.limits.max_k}", field="retrieve_k")
+        return max_tokens, k
+
+    def _retrieve(self, params: GenerateParams, k: int, exclude: set[str],
+                  uses: dict[str, MemoryUse]) -> list[tuple[str, UsedItem]]:
+        """Top-k items for the last user message that are not already in a memory block."""
+        if k == 0 or not uses:
+            return []
+        query = _clip_utf8(params.messages[-1][1], self.kernel.limits.max_query_bytes)
+        result = self.searcher.search(list(uses), query, min(k + len(exclude), self.kernel.limits.max_k),
+                                      SearchFilter(), "hybrid")
+        out: list[tuple[str, UsedItem]] = []
+        for hit in result.hits:
+            if hit.item.item_id in exclude:
+                continue
+            used = UsedItem(hit.item.item_id, hit.item.born, hit.score)
+            uses[hit.mount_id].retrieved_items.append(used)
+            out.append((hit.item.text, used))
+            if len(out) == k:
+                break
+        return out
+
+    # -- on the worker --------------------------------------------------------
+    def _prefill(self, loaded: LoadedModel, params: GenerateParams, prefix: KVCache | None, prompt: Sequence[int],
+                 cancel: threading.Event) -> _Decoding:
+        import torch
+        from transformers import DynamicCache
+
+        if prefix is not None:
+            cache, rest = prepare_generation(loaded, prefix, prompt)
+        else:
+            cache, rest = DynamicCache(), list(prompt)
+        model: Any = loaded.model
+        logits = None
+        step = self.host.config.prefill_chunk
+        with torch.no_grad():
+            for pos in range(0, len(rest), step):
+                if cancel.is_set():
+                    raise ComputeCancelled("generation cancelled during prefill")
+                piece = torch.tensor([rest[pos:pos + step]], dtype=torch.long, device=model.device)
+                logits = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        assert logits is not None
+        sampler = Sampler(temperature=params.temperature, top_p=params.top_p, seed=params.seed, device=model.device)
+        return _Decoding(cache, logits[0, -1], sampler, TextStream(loaded.tokenizer, params.stop), _eos_ids(loaded))
+
+    @staticmethod
+    def _step(loaded: LoadedModel, state: _Decoding) -> tuple[int, str]:
+        """Run the previous token through the model (if any), then pick the next one.
+
+        The forward pass of a token happens only when the one after it is
+        wanted, so the first token comes straight from the prefill's logits
+        and the last one costs no pass at all.
+        """
+        import torch
+
+        if state.pending is not None:
+            model: Any = loaded.model
+            with torch.no_grad():
+                piece = torch.tensor([[state.pending]], dtype=torch.long, device=model.device)
+                out = model(input_ids=piece, past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+            state.logits = out.logits[0, -1]
+        assert state.logits is not None
+        token = state.sampler.pick(state.logits)
+        if token in state.eos:
+            state.pending = None
+            return token, ""
+        state.pending = token
+        return token, state.text.push(token)
+
+    def _decode(self, loaded: LoadedModel, state: _Decoding, first: tuple[int, str], max_tokens: int,
+                cancel: threading.Event, report: GenerationReport) -> Iterator[str]:
+        report.finish_reason = "length"
+        for n in range(max_tokens):
+            if n and cancel.is_set():
+                return
+            token, delta = first if n == 0 else self.host.run(lambda: self._step(loaded, state),
+                                                              priority=PRIORITY_INTERACTIVE)
+            if token in state.eos:
+                report.finish_reason = "end"
+                break
+            report.completion_tokens += 1
+            if delta:
+                yield delta
+            if state.text.stopped:
+                report.finish_reason = "stop"
+                break
+        tail = state.text.flush()
+        if tail:
+            yield tail
+        state.cache = None  # free the generation's KV copy now, not when the stream object dies
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    data = text.encode()
+    return text if len(data) <= limit else data[:limit].decode(errors="ignore")

@@ -1,0 +1,100 @@
+"""The model host: the runtime worker, the model it loads in the background, and the KV pool.
+
+The daemon serves plaintext memory at once; the model loads on the worker
+thread after start (a second from the dequantized cache, ~15 s the first time),
+and activation syscalls that arrive meanwhile wait for it. A model that fails
+to load is reported by those syscalls and by Stats, not by refusing to start:
+plaintext memory does not need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TypeVar
+
+from memosd.config import RuntimeConfig
+from memosd.errors import ModelUnavailable
+from memosd.logfmt import log_event
+from memosd.runtime.kvpool import KVPool
+from memosd.runtime.model import LoadedModel, ModelLoadError, ModelSpec, load_model
+from memosd.runtime.worker import PRIORITY_DEFAULT, RuntimeWorker
+
+log = logging.getLogger("memosd.runtime")
+
+T = TypeVar("T")
+DISABLED = "none"
+
+
+class ModelHost:
+    def __init__(self, config: RuntimeConfig, cache_dir: Path) -> None:
+        self.config = config
+        self.pool = KVPool(config.pool_bytes)
+        self.worker = RuntimeWorker()
+        self.active_generations = 0
+        self._lock = threading.Lock()
+        self._loading: Future[LoadedModel] | None = None
+        if config.model.lower() != DISABLED:
+            spec = ModelSpec(source=config.model, device=config.device, dtype=config.dtype)
+            self._loading = self.worker.submit(lambda: self._load(spec, cache_dir))
+
+    @staticmethod
+    def _load(spec: ModelSpec, cache_dir: Path) -> LoadedModel:
+        try:
+            loaded = load_model(spec, cache_dir)
+        except Exception as error:
+            log_event(log, "model_load_failed", level=logging.ERROR, model=spec.source, error=str(error))
+            raise
+        log_event(log, "model_loaded", model=loaded.name, fingerprint=loaded.fingerprint[:16],
+                  device=loaded.device, dtype=loaded.dtype, origin=loaded.origin,
+                  seconds=round(loaded.load_seconds + loaded.fingerprint_seconds, 2))
+        return loaded
+
+    @property
+    def state(self) -> str:
+        if self._loading is None:
+            return "disabled"
+        if not self._loading.done():
+            return "loading"
+        return "failed" if self._loading.exception() is not None else "ready"
+
+    @property
+    def error(self) -> str:
+        if self._loading is None or not self._loading.done():
+            return ""
+        error = self._loading.exception()
+        return "" if error is None else str(error)
+
+    def loaded_now(self) -> LoadedModel | None:
+        """The model if it is ready, without waiting."""
+        return self._loading.result() if self.state == "ready" and self._loading is not None else None
+
+    def model(self) -> LoadedModel:
+        """The model, waiting for it to finish loading. Raises ``ModelUnavailable``."""
+        if self._loading is None:
+            raise ModelUnavailable("no model is configured (runtime.model = none); set runtime.model to "
+                                   "SmolLM2-135M-Instruct or a local model directory and restart memosd")
+        try:
+            return self._loading.result()
+        except ModelLoadError as error:
+            raise ModelUnavailable(f"the model {self.config.model!r} failed to load: {error}; fix "
+                                   "runtime.model and restart memosd") from None
+
+    def run(self, fn: Callable[[], T], *, priority: int = PRIORITY_DEFAULT) -> T:
+        """Run ``fn`` on the worker thread (the only one that touches torch) and wait for it."""
+        return self.worker.call(fn, priority=priority)
+
+    def generation_started(self) -> None:
+        with self._lock:
+            self.active_generations += 1
+
+    def generation_ended(self) -> None:
+        with self._lock:
+            self.active_generations -= 1
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_pending=True)
+        self.pool.clear()

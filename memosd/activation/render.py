@@ -1,0 +1,74 @@
+"""Memory blocks and prompts: how cube items become tokens, the same way every time.
+
+A KV cache is only reusable for exactly the same tokens, so rendering is a
+contract:
+
+* **The memory block** of a cube at a revision is one system message, in the
+  model's chat template, holding a fixed header and one line per item alive
+  at that revision, in commit order (the version key, which only grows). An
+  append-only commit therefore only appends lines, so the new block shares
+  every token of the old one up to the closing tag, and incremental
+  activation reuses all the full blocks of that prefix. The header names no
+  revision (it would change the first token block on every commit).
+* **The prompt** is the memory blocks, then a system message of the items
+  retrieved for the last user message, then the conversation with the
+  generation prompt. Each part is tokenized on its own (no special tokens
+  added) and the ids are concatenated, so the tokens of a block inside a
+  prompt are exactly the tokens its cache was computed from.
+
+Everything here is pure and runs where the tokenizer is used: the runtime
+worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+BLOCK_HEADER = "Memory from cube {name}. Each line is one remembered item:\n"
+RETRIEVED_HEADER = "Memory items that may be relevant to the user's last message:\n"
+ROLES = ("system", "user", "assistant")
+
+
+def item_line(text: str) -> str:
+    # One line per item: newlines inside an item are kept as spaces, so an
+    # item cannot forge the start of another.
+    return "- " + " ".join(text.split()) + "\n"
+
+
+def block_text(cube_name: str, texts: Sequence[str]) -> str:
+    return BLOCK_HEADER.format(name=cube_name) + "".join(item_line(t) for t in texts)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, generation_prompt: bool) -> str:
+    """``messages`` in the model's chat template; a plain ``Role: text`` layout for models without one."""
+    if getattr(tokenizer, "chat_template", None):
+        text: str = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return text
+    lines = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages]
+    return "".join(lines) + ("Assistant:" if generation_prompt else "")
+
+
+def block_token_ids(tokenizer: Any, cube_name: str, texts: Sequence[str]) -> list[int]:
+    """The memory block of ``texts`` (in block order) as one system message, tokenized."""
+    message = {"role": "system", "content": block_text(cube_name, texts)}
+    return encode(tokenizer, render_chat(tokenizer, [message], generation_prompt=False))
+
+
+def tail_token_ids(
+    tokenizer: Any, retrieved: Sequence[str], conversation: Sequence[Mapping[str, str]]
+) -> list[int]:
+    """Everything after the memory blocks: the retrieved items, the conversation, the generation prompt."""
+    messages: list[Mapping[str, str]] = []
+    if retrieved:
+        content = RETRIEVED_HEADER + "".join(item_line(t) for t in retrieved)
+        messages.append({"role": "system", "content": content})
+    messages.extend(conversation)
+    return encode(tokenizer, render_chat(tokenizer, messages, generation_prompt=True))

@@ -1,0 +1,83 @@
+"""Activation-memory values <-> memos.v1 messages (Activate, Evict, Generate, Stats)."""
+
+from __future__ import annotations
+
+import math
+
+from memos.v1 import memos_pb2 as pb
+from memos.v1 import types_pb2 as t
+
+from memosd.activation.activator import ActivationOutcome, EvictOutcome
+from memosd.activation.generator import GenerateParams, GenerationReport, MemoryUse, UsedItem
+from memosd.activation.host import ModelHost
+from memosd.errors import InvalidField
+
+SOURCES = {"pool": t.ACTIVATION_SOURCE_POOL, "store": t.ACTIVATION_SOURCE_STORE,
+           "computed": t.ACTIVATION_SOURCE_COMPUTED, "": t.ACTIVATION_SOURCE_UNSPECIFIED}
+FINISH = {"end": t.FINISH_REASON_END, "length": t.FINISH_REASON_LENGTH, "stop": t.FINISH_REASON_STOP,
+          "": t.FINISH_REASON_UNSPECIFIED}
+
+
+def activation(outcome: ActivationOutcome) -> t.Activation:
+    r = outcome.record
+    return t.Activation(
+        cube_id=r.cube_id, revision=r.revision, cache_key=r.cache_key, model_fingerprint=r.fingerprint,
+        item_count=len(r.items), tokens=len(r.token_ids), tokens_computed=outcome.tokens_computed,
+        tokens_reused=outcome.tokens_reused, pool_bytes=outcome.pool_bytes, persisted_bytes=r.persisted_bytes,
+        source=SOURCES[outcome.source], took_us=outcome.took_us, pooled=outcome.pooled)
+
+
+def evict_response(outcome: EvictOutcome) -> pb.EvictResponse:
+    return pb.EvictResponse(
+        header=t.ResponseHeader(cube_id=outcome.cube_id, head_revision=outcome.head),
+        caches_dropped=outcome.caches_dropped, pool_bytes_freed=outcome.pool_bytes_freed,
+        persisted_bytes_deleted=outcome.persisted_bytes_deleted, took_us=outcome.took_us)
+
+
+def generate_params(req: pb.GenerateRequest) -> GenerateParams:
+    options = req.options
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(options, name)):
+            raise InvalidField(f"options.{name} must be a finite number", field=f"options.{name}")
+    return GenerateParams(
+        messages=[(m.role, m.content) for m in req.messages], mount_ids=list(req.mount_ids),
+        max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
+        stop=tuple(options.stop), seed=options.seed, bypass_kv_cache=options.bypass_kv_cache,
+        retrieve_k=req.retrieve_k if req.HasField("retrieve_k") else None)
+
+
+def _used(items: list[UsedItem]) -> list[t.UsedItem]:
+    return [t.UsedItem(item_id=u.item_id, born_revision=u.born, score=u.score) for u in items]
+
+
+def _memory(use: MemoryUse) -> t.MemoryUse:
+    return t.MemoryUse(
+        mount_id=use.mount_id, cube_id=use.cube_id, revision=use.revision, activated=use.activated,
+        cache_key=use.cache_key, cache_source=SOURCES[use.cache_source], block_items=_used(use.block_items),
+        retrieved_items=_used(use.retrieved_items))
+
+
+def summary(report: GenerationReport) -> t.GenerationSummary:
+    return t.GenerationSummary(
+        finish_reason=FINISH[report.finish_reason], prompt_tokens=report.prompt_tokens,
+        reused_tokens=report.reused_tokens, prefilled_tokens=report.prefilled_tokens,
+        completion_tokens=report.completion_tokens, ttft_us=report.ttft_us, total_us=report.total_us,
+        memory=[_memory(u) for u in report.memory], model_fingerprint=report.model_fingerprint)
+
+
+def model_stats(host: ModelHost) -> pb.ModelStats:
+    stats = pb.ModelStats(state=host.state, error=host.error, queue_depth=host.worker.queue_depth,
+                          active_generations=host.active_generations)
+    loaded = host.loaded_now()
+    if loaded is not None:
+        stats.name, stats.fingerprint, stats.device = loaded.name, loaded.fingerprint, loaded.device
+        stats.dtype, stats.context_length = loaded.dtype, loaded.context_length
+    else:
+        stats.name = host.config.model
+    return stats
+
+
+def pool_stats(host: ModelHost, persisted_bytes: int) -> pb.KVPoolStats:
+    s = host.pool.stats()
+    return pb.KVPoolStats(entries=s.entries, bytes_used=s.bytes_used, budget_bytes=s.budget_bytes, hits=s.hits,
+                          misses=s.misses, evictions=s.evictions, persisted_bytes=persisted_bytes)
