@@ -433,5 +433,9 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         prefix = name + "."
         kwargs = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
         sections[name] = cls(**kwargs)
+    runtime: RuntimeConfig = sections["runtime"]
+    if runtime.max_tokens > runtime.max_tokens_limit:
+        raise ConfigError(f"runtime.max_tokens = {runtime.max_tokens} is above runtime.max_tokens_limit = "
+                          f"{runtime.max_tokens_limit}: the default reply length must be one a request may ask for")
     data_dir = values.get("data_dir") or default_data_dir(env)
     return Config(data_dir=data_dir, config_file=config_file, **sections)

@@ -188,7 +188,7 @@ class Kernel:
         mount = self.mounts.get(mount_id)
         if mount is None:
             raise MountNotFound(f"no open mount {mount_id!r}; it was unmounted, its cube freed, or never "
-                                "existed", mount=mount_id)
+                                "existed. Mount the cube again and use the new mount_id", mount=mount_id)
         return mount
 
     def cube_of(self, mount: MountState) -> CubeState:

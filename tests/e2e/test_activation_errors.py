@@ -45,13 +45,14 @@ _names = itertools.count()
 def kv_bytes_per_token(model_dir: Path) -> int:
     """K and V bytes per token over all layers, from the tiny config, at float32 (the cpu dtype)."""
     config = json.loads((model_dir / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    return 2 * int(config["num_hidden_layers"]) * int(config["num_key_value_heads"]) * head_dim * 4
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model", seed=0, context=CONTEXT)
+    path: Path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model", seed=0, context=CONTEXT)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +154,8 @@ def test_activate_empty_cube_is_cube_empty(tc: Client, cube_name: str) -> None:
         m.write(["staged, not committed"])  # Activate encodes the base revision: staged items do not count
         expect(m.activate, CubeEmpty, grpc.StatusCode.FAILED_PRECONDITION, cube_name, "revision 0",
                "Write and commit items first")
-        assert m.info.staged_adds == 1
-        assert [i.text for i in m.iter_items()] == ["staged, not committed"]
-        m.commit()
+        assert [(i.text, i.staged) for i in m.iter_items()] == [("staged, not committed", True)]
+        assert m.commit().revision.added == 1  # the refused Activate left the staging area alone
     # Every item forgotten: the new revision is empty too, and the old one still holds the item.
     with tc.mount(cube_name, writable=True) as m:
         m.forget([i.item_id for i in m.iter_items()])

@@ -29,7 +29,14 @@ from memosd.activation.generator import GenerateParams, GenerationReport, Genera
 from memosd.activation.host import ModelHost
 from memosd.config import LimitsConfig, RuntimeConfig, SearchConfig
 from memosd.daemon import make_ranker
-from memosd.errors import ContextExceeded, CubeEmpty, InvalidField, ModelUnavailable, MountNotFound, PoolTooSmall
+from memosd.errors import (
+    ContextExceeded,
+    CubeEmpty,
+    InvalidField,
+    ModelUnavailable,
+    MountNotFound,
+    PoolTooSmall,
+)
 from memosd.index.cube_index import CubeIndex
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.search import Searcher, SearchSettings
@@ -234,7 +241,7 @@ def test_pool_too_small_is_refused_before_any_work(tmp_path: Path, tiny_dir: Pat
         mount = commit_items(small, "facts", FACTS)
         per_token = kv_bytes_per_token(small.loaded)
         assert per_token == 2 * 2 * 2 * 16 * 4  # k+v, 2 layers, 2 KV heads, head_dim 16, fp32
-        with pytest.raises(PoolTooSmall, match="runtime.pool_bytes"):
+        with pytest.raises(PoolTooSmall, match=r"runtime\.pool_bytes"):
             small.activator.activate(mount)
         assert list(small.kernel.store.iter_activations()) == [] and len(small.host.pool) == 0
     finally:
@@ -442,7 +449,7 @@ def test_a_daemon_without_a_model_says_so(tmp_path: Path) -> None:
     try:
         r.kernel.alloc_cube("facts", "", {})
         mount = commit_items(r, "facts", FACTS)
-        with pytest.raises(ModelUnavailable, match="runtime.model"):
+        with pytest.raises(ModelUnavailable, match=r"runtime\.model"):
             r.activator.activate(mount)
         assert r.host.state == "disabled"
     finally:

@@ -284,3 +284,10 @@ def test_runtime_section(home: Path) -> None:
                 "runtime.pool_bytes=-1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(["--set", bad], env_with(home))
+
+
+def test_default_reply_length_must_be_within_the_limit(home: Path) -> None:
+    with pytest.raises(ConfigError, match="max_tokens_limit"):
+        load_config(["--set", "runtime.max_tokens_limit=64"], env_with(home))
+    assert load_config(["--set", "runtime.max_tokens_limit=64", "--set", "runtime.max_tokens=64"],
+                       env_with(home)).runtime.max_tokens == 64
