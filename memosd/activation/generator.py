@@ -138,7 +138,8 @@ class Generator:
 
         retrieved = self._retrieve(params, k, in_blocks, uses)
         conversation = [{"role": role, "content": content} for role, content in params.messages]
-        tail = self.host.run(lambda: render.tail_token_ids(loaded.tokenizer, [t for t, _ in retrieved], conversation))
+        tail = self.host.run(lambda: render.tail_token_ids(
+            loaded.tokenizer, [t for t, _ in retrieved], conversation, after_block=bool(block_ids)))
         prompt = block_ids + tail
         if len(prompt) >= loaded.context_length:
             raise ContextExceeded(

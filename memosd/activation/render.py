@@ -63,12 +63,30 @@ def block_token_ids(tokenizer: Any, cube_name: str, texts: Sequence[str]) -> lis
 
 
 def tail_token_ids(
-    tokenizer: Any, retrieved: Sequence[str], conversation: Sequence[Mapping[str, str]]
+    tokenizer: Any,
+    retrieved: Sequence[str],
+    conversation: Sequence[Mapping[str, str]],
+    *,
+    after_block: bool = False,
 ) -> list[int]:
-    """Everything after the memory blocks: the retrieved items, the conversation, the generation prompt."""
+    """Everything after the memory blocks: the retrieved items, the conversation, the generation prompt.
+
+    ``after_block``: memory blocks come first, and they are system messages,
+    so this part is rendered as the continuation of a chat that already has
+    one. That keeps templates from adding their default system prompt here
+    (SmolLM2's adds ~20 tokens that every request would prefill, after the
+    memory, for nothing).
+    """
     messages: list[Mapping[str, str]] = []
     if retrieved:
         content = RETRIEVED_HEADER + "".join(item_line(t) for t in retrieved)
         messages.append({"role": "system", "content": content})
     messages.extend(conversation)
-    return encode(tokenizer, render_chat(tokenizer, messages, generation_prompt=True))
+    text = render_chat(tokenizer, messages, generation_prompt=True)
+    if after_block:
+        opening = [{"role": "system", "content": ""}]
+        head = render_chat(tokenizer, opening, generation_prompt=False)
+        whole = render_chat(tokenizer, [*opening, *messages], generation_prompt=True)
+        if whole.startswith(head):  # the template renders messages one after another (ChatML and most)
+            text = whole[len(head):]
+    return encode(tokenizer, text)
