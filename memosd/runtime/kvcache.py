@@ -449,7 +449,7 @@ def _shared_dynamic_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.T
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(keys, values, strict=True)):
         cache.update(k[:, :, :0], v[:, :, :0], i)  # creates layer i (plain full attention), copies nothing
-        layer = cache.layers[i]
+        layer: Any = cache.layers[i]  # a DynamicLayer: update() made it
         layer.keys, layer.values = k, v
     return cache
 
