@@ -55,6 +55,7 @@ class LimitsConfig:
     max_staged_changes: int = 100_000
     max_query_bytes: int = 4096
     max_k: int = 1000
+    max_adapter_bytes: int = 256 << 20  # both files of an uploaded adapter together
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class RuntimeConfig:
     max_tokens: int = 256  # Generate's default max_tokens
     max_tokens_limit: int = 4096  # the most a request may ask for
     prefill_chunk: int = 512  # tokens per forward pass when encoding a memory block
+    max_adapters: int = 8  # LoRA adapters resident in the model at once
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "limits.max_staged_changes": _POSITIVE_INT,
     "limits.max_query_bytes": _POSITIVE_INT,
     "limits.max_k": _POSITIVE_INT,
+    "limits.max_adapter_bytes": _POSITIVE_INT,
     "embedder.model": (bool, "a non-empty model name or directory"),
     "embedder.device": (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
     "embedder.batch_size": _POSITIVE_INT,
@@ -189,6 +192,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.max_tokens": _POSITIVE_INT,
     "runtime.max_tokens_limit": _POSITIVE_INT,
     "runtime.prefill_chunk": _POSITIVE_INT,
+    "runtime.max_adapters": _POSITIVE_INT,
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
 }
 # Enumerated words are matched case-insensitively ("INFO" is fine).

@@ -38,6 +38,8 @@ from memosd.kernel.kernel import Kernel
 from memosd.kernel.ports import Ranker
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.logfmt import log_event, setup_logging
+from memosd.parametric.adapters import AdapterService
+from memosd.parametric.jobs import JobManager
 from memosd.sdnotify import SystemdNotifier
 from memosd.store.rocks import SchemaMismatch, Store
 from memosd.syscalls import convert_activation
@@ -98,7 +100,16 @@ class Daemon:
             dense_index_bytes=dense, lexical_index_bytes=lexical, rss_bytes=_rss_bytes(),
             model=convert_activation.model_stats(self.host),
             kv_pool=convert_activation.pool_stats(self.host, self.activator.persisted_bytes()),
+            adapters=self._adapter_stats(cubes),
         )
+
+    def _adapter_stats(self, cubes: list[Any]) -> pb.AdapterPoolStats:
+        pool = self.host.adapters
+        stored = {(c.cube_id, a.digest): a.config_bytes + a.weights_bytes for c in cubes for a in c.adapters}
+        return pb.AdapterPoolStats(resident=len(pool), max_resident=pool.max_resident, loads=pool.loads,
+                                   evictions=pool.evictions, stored=len(stored), stored_bytes=sum(stored.values()),
+                                   switches=pool.switches, switch_us_total=int(pool.switch_seconds * 1e6),
+                                   load_us_total=int(pool.load_seconds * 1e6))
 
 
 def make_ranker(search: SearchConfig) -> Ranker:
@@ -135,7 +146,8 @@ def build(config: Config) -> Daemon:
     # The model loads on the runtime worker in the background; activation syscalls wait for it.
     model_host = ModelHost(config.runtime, Path(config.runtime.cache_dir).expanduser()
                            if config.runtime.cache_dir else config.data_dir)
-    activator = Activator(kernel, model_host)
+    adapters = AdapterService(kernel, model_host)
+    activator = Activator(kernel, model_host, adapters)
     generator = Generator(model_host, activator, searcher)
 
     started = time.time()
@@ -146,7 +158,8 @@ def build(config: Config) -> Daemon:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.server.workers,
                                                     thread_name_prefix="syscall"), options=options)
     daemon_box: list[Daemon] = []
-    servicer = MemOSServicer(kernel, searcher, activator, generator, lambda: daemon_box[0].stats())
+    jobs = JobManager(kernel, model_host)
+    servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, lambda: daemon_box[0].stats())
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -192,6 +205,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.server.stop(daemon.config.server.grace_seconds).wait()
     notifier.stop_watchdog()
+    daemon.servicer.jobs.close()
     daemon.host.close()
     daemon.kernel.close()
     address_file.unlink(missing_ok=True)

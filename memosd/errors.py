@@ -119,6 +119,41 @@ class ModelUnavailable(MemosError):
     reason = "MODEL_UNAVAILABLE"
 
 
+class AdapterInvalid(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "ADAPTER_INVALID"
+
+
+class AdapterTooLarge(MemosError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "ADAPTER_TOO_LARGE"
+
+
+class AdapterMismatch(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "ADAPTER_MISMATCH"
+
+
+class AdapterNotFound(MemosError):
+    code = "NOT_FOUND"
+    reason = "ADAPTER_NOT_FOUND"
+
+
+class JobNotFound(MemosError):
+    code = "NOT_FOUND"
+    reason = "JOB_NOT_FOUND"
+
+
+class TrainingInProgress(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "TRAINING_IN_PROGRESS"
+
+
+class JobFinished(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "JOB_FINISHED"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -128,5 +163,6 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     CubeNotFound, MountNotFound, RevisionNotFound, ItemNotFound, CubeNameTaken,
     InvalidField, TextEmpty, TextTooLarge, TooManyItems, InvalidPageToken,
     MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
-    InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
+    InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
+    AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished,
 )

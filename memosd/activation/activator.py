@@ -33,9 +33,11 @@ from memosd.errors import ContextExceeded, CubeEmpty, PoolTooSmall
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.state import CubeState
 from memosd.logfmt import log_event
+from memosd.parametric.adapters import AdapterService
 from memosd.runtime import kvpool
 from memosd.runtime.kvcache import (
     CacheMismatch,
+    ComputeStats,
     CorruptCache,
     KVCache,
     block_hashes,
@@ -68,6 +70,7 @@ class EvictOutcome:
     pool_bytes_freed: int
     persisted_bytes_deleted: int
     took_us: int
+    adapters_unloaded: int = 0
 
 
 def cube_salt(cube_id: str) -> bytes:
@@ -92,9 +95,10 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int | None:
 
 
 class Activator:
-    def __init__(self, kernel: Kernel, host: ModelHost) -> None:
+    def __init__(self, kernel: Kernel, host: ModelHost, adapters: AdapterService) -> None:
         self.kernel = kernel
         self.host = host
+        self.adapters = adapters
         self.store = kernel.store
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -118,8 +122,14 @@ class Activator:
         loaded = self.host.model()
         ids = self.host.run(lambda: render.block_token_ids(loaded.tokenizer, cube.record.name, texts))
         self._check_fits(loaded, cube, revision, len(ids))
+        # A cube with an adapter is activated under it: the adapter becomes resident, and its digest is
+        # in the cache key, so this cache is never used under another adapter or the base model.
+        adapter = cube.adapter_at(revision)
+        if adapter is not None:
+            self.adapters.make_resident(cube.cube_id, adapter)
+        extra = adapter.digest.encode() if adapter is not None else b""
         salt = cube_salt(cube.cube_id)
-        key = block_hashes(ids, fingerprint=loaded.fingerprint, salt=salt)[-1]
+        key = block_hashes(ids, fingerprint=loaded.fingerprint, salt=salt, extra=extra)[-1]
 
         with self._cube_lock(cube.cube_id):
             old = self.store.get_activation(cube.cube_id, loaded.fingerprint)
@@ -130,9 +140,13 @@ class Activator:
                 cache, source = self.load(old, loaded), "store"
             if cache is None:
                 previous = self.cache_of(old, loaded)[0] if old is not None else None
-                cache, stats = self.host.run(lambda: compute_prefix_cache(
-                    loaded, ids, salt=salt, reuse=previous, chunk_tokens=self.host.config.prefill_chunk,
-                    cancel=cancel))
+
+                def compute() -> tuple[KVCache, ComputeStats]:
+                    self.adapters.prepare(loaded, cube.cube_id, adapter)
+                    return compute_prefix_cache(loaded, ids, salt=salt, extra=extra, reuse=previous,
+                                                chunk_tokens=self.host.config.prefill_chunk, cancel=cancel)
+
+                cache, stats = self.host.run(compute)
                 source, computed, reused = "computed", stats.tokens_computed, stats.tokens_reused
             self._pool(key, cache, replaces=old.cache_key if old is not None else None)
             record = self._persist(cube, loaded, revision, refs, cache, old)
@@ -191,7 +205,8 @@ class Activator:
             record = ActivationRecord(
                 cube_id=cube.cube_id, fingerprint=loaded.fingerprint, revision=revision, cache_key=cache.key,
                 chunk_count=len(chunks), persisted_bytes=sum(map(len, chunks)), stored_dtype=dtype_name,
-                items=items, token_ids=list(cache.token_ids), create_ns=time.time_ns())
+                items=items, token_ids=list(cache.token_ids), create_ns=time.time_ns(),
+                adapter_digest=cache.extra.decode())
         with cube.lock:
             if cube.freed:  # freed while we computed: its rows are gone, write none back
                 return record
@@ -258,10 +273,11 @@ class Activator:
                     self.store.write(batch, sync=True)
                 self.forget_persisted(cube.cube_id)
         freed = sum(cache.nbytes for _, cache in dropped)
+        unloaded = self.adapters.unload_cube(cube.cube_id, list(cube.adapters))
         log_event(log, "evict", cube=cube.cube_id, dropped=len(dropped), pool_bytes=freed,
-                  persisted_deleted=deleted)
+                  persisted_deleted=deleted, adapters_unloaded=unloaded)
         return EvictOutcome(cube.cube_id, cube.head, len(dropped), freed, deleted,
-                            int((time.perf_counter() - started) * 1e6))
+                            int((time.perf_counter() - started) * 1e6), unloaded)
 
     def drop_pooled(self, cube_id: str) -> list[tuple[str, KVCache]]:
         """Drop every pooled cache of the cube (any model): on Evict, and after FreeCube."""

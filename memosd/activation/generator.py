@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +25,13 @@ from memosd.activation import render
 from memosd.activation.activator import Activator
 from memosd.activation.decode import Sampler, TextStream
 from memosd.activation.host import ModelHost
-from memosd.errors import ContextExceeded, InvalidField
+from memosd.errors import AdapterNotFound, ContextExceeded, InvalidField
 from memosd.kernel.search import MAX_MOUNTS, Searcher
 from memosd.kernel.types import SearchFilter
 from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_INTERACTIVE
+from memosd.store.records import AdapterRecord
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +53,7 @@ class GenerateParams:
     seed: int = 0
     retrieve_k: int | None = None  # None: the configured default
     bypass_kv_cache: bool = False  # prefill activated blocks instead of reusing their caches
+    adapter_mount_id: str = ""  # generate with this mount's cube's adapter; "" for the base model
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class GenerationReport:
     total_us: int = 0
     memory: list[MemoryUse] = field(default_factory=list)
     model_fingerprint: str = ""
+    adapter_digest: str = ""  # the adapter generated with; "" for the base model
 
 
 @dataclass
@@ -95,6 +98,7 @@ class _Decoding:
     sampler: Sampler
     text: TextStream
     eos: frozenset[int]
+    prepare: Callable[[], None]  # puts the model in this generation's adapter state; run before each step
     pending: int | None = None  # the last token picked, not yet run through the model
 
 
@@ -112,7 +116,11 @@ class Generator:
         mounts = [self.kernel.mount_state(m) for m in dict.fromkeys(params.mount_ids)]
         cubes = [self.kernel.cube_of(m) for m in mounts]
         loaded = self.host.model()
-        report = GenerationReport(model_fingerprint=loaded.fingerprint)
+        adapter_cube, adapter = self._adapter(params)
+        digest = adapter.digest if adapter is not None else ""
+        if adapter is not None:
+            self.activator.adapters.make_resident(adapter_cube, adapter)
+        report = GenerationReport(model_fingerprint=loaded.fingerprint, adapter_digest=digest)
         uses = {m.mount_id: MemoryUse(m.mount_id, c.cube_id, m.record.base) for m, c in zip(mounts, cubes, strict=True)}
         report.memory = list(uses.values())
 
@@ -130,7 +138,8 @@ class Generator:
             use.activated = True
             use.block_items = [UsedItem(item_id, born) for item_id, born in record.items]
             in_blocks.update(item_id for item_id, _ in record.items)
-            if not block_ids and not params.bypass_kv_cache:
+            # A cache computed under another adapter (or none) is never reused: its block is prefilled.
+            if not block_ids and not params.bypass_kv_cache and record.adapter_digest == digest:
                 prefix, source = self.activator.cache_of(record, loaded)
                 if prefix is not None:
                     use.cache_key, use.cache_source = record.cache_key, source
@@ -155,8 +164,12 @@ class Generator:
         self.host.generation_started()
         try:
             # The prefill and the first token in one job: nothing queued can slip in between.
+            def prepare() -> None:
+                self.activator.adapters.prepare(loaded, adapter_cube, adapter)
+
             def start() -> tuple[_Decoding, tuple[int, str]]:
-                state = self._prefill(loaded, params, prefix, prompt, cancel)
+                prepare()
+                state = self._prefill(loaded, params, prefix, prompt, cancel, prepare)
                 return state, self._step(loaded, state)
 
             state, first = self.host.run(start, priority=PRIORITY_INTERACTIVE)
@@ -166,6 +179,19 @@ class Generator:
             self.host.generation_ended()
         report.total_us = int((time.perf_counter() - started) * 1e6)
         yield report
+
+    def _adapter(self, params: GenerateParams) -> tuple[str, AdapterRecord | None]:
+        """The cube and the adapter the request generates with (None: the base model)."""
+        if not params.adapter_mount_id:
+            return "", None
+        mount = self.kernel.mount_state(params.adapter_mount_id)
+        cube = self.kernel.cube_of(mount)
+        adapter, _ = self.kernel.adapter_in(mount)
+        if adapter is None:
+            raise AdapterNotFound(f"options.adapter_mount_id names a mount of cube {cube.record.name!r}, which "
+                                  f"has no adapter at revision {mount.record.base}; import or train one, or leave "
+                                  "it empty for the base model", cube=cube.cube_id, revision=mount.record.base)
+        return cube.cube_id, adapter
 
     def _validate(self, params: GenerateParams) -> tuple[int, int]:
         config = self.host.config
@@ -223,7 +249,7 @@ class Generator:
 
     # -- on the worker --------------------------------------------------------
     def _prefill(self, loaded: LoadedModel, params: GenerateParams, prefix: KVCache | None, prompt: Sequence[int],
-                 cancel: threading.Event) -> _Decoding:
+                 cancel: threading.Event, prepare: Callable[[], None]) -> _Decoding:
         import torch
         from transformers import DynamicCache
 
@@ -242,7 +268,8 @@ class Generator:
                 logits = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         assert logits is not None
         sampler = Sampler(temperature=params.temperature, top_p=params.top_p, seed=params.seed, device=model.device)
-        return _Decoding(cache, logits[0, -1], sampler, TextStream(loaded.tokenizer, params.stop), _eos_ids(loaded))
+        return _Decoding(cache, logits[0, -1], sampler, TextStream(loaded.tokenizer, params.stop), _eos_ids(loaded),
+                         prepare)
 
     @staticmethod
     def _step(loaded: LoadedModel, state: _Decoding) -> tuple[int, str]:
@@ -255,6 +282,7 @@ class Generator:
         import torch
 
         if state.pending is not None:
+            state.prepare()  # other requests' jobs may have switched the adapter since the last step
             model: Any = loaded.model
             with torch.no_grad():
                 piece = torch.tensor([[state.pending]], dtype=torch.long, device=model.device)

@@ -19,6 +19,7 @@ from typing import TypeVar
 from memosd.config import RuntimeConfig
 from memosd.errors import ModelUnavailable
 from memosd.logfmt import log_event
+from memosd.runtime.adapters import AdapterPool
 from memosd.runtime.kvpool import KVPool
 from memosd.runtime.model import LoadedModel, ModelLoadError, ModelSpec, load_model
 from memosd.runtime.worker import PRIORITY_DEFAULT, RuntimeWorker
@@ -33,6 +34,7 @@ class ModelHost:
     def __init__(self, config: RuntimeConfig, cache_dir: Path) -> None:
         self.config = config
         self.pool = KVPool(config.pool_bytes)
+        self.adapters = AdapterPool(config.max_adapters)  # touched only on the worker
         self.worker = RuntimeWorker()
         self.active_generations = 0
         self._lock = threading.Lock()

@@ -15,6 +15,7 @@ import time
 CUBE_PREFIX = "cube_"
 ITEM_PREFIX = "itm_"
 MOUNT_PREFIX = "mnt_"
+JOB_PREFIX = "job_"
 
 _BODY = r"[a-z2-7]{20}"
 CUBE_ID_RE = re.compile(rf"^{CUBE_PREFIX}{_BODY}$")

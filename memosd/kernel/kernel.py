@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from memosd.config import LimitsConfig
 from memosd.errors import (
     CubeNameTaken,
     CubeNotFound,
+    InternalError,
     InvalidField,
     ItemNotFound,
     MountNotFound,
@@ -29,7 +30,7 @@ from memosd.errors import (
     RevisionNotFound,
     StagingFull,
 )
-from memosd.kernel import history, ids, paging, validate
+from memosd.kernel import adapters, history, ids, paging, validate
 from memosd.kernel.catalog import Catalog
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.state import CubeState, MountState, meta_of, staged_view, view_of
@@ -46,13 +47,15 @@ from memosd.kernel.types import (
 from memosd.logfmt import log_event
 from memosd.store import schema
 from memosd.store.records import (
+    AdapterRecord,
     CubeRecord,
     MountRecord,
     RevisionRecord,
+    StagedAdapterRecord,
     StagedRecord,
     VersionRecord,
 )
-from memosd.store.rocks import Store
+from memosd.store.rocks import Batch, Store
 
 log = logging.getLogger("memosd.kernel")
 
@@ -119,7 +122,7 @@ class Kernel:
         for version in self.store.iter_versions(record.cube_id):
             catalog.add(meta_of(version))
         index = self._index_factory(self._index_root / record.cube_id, self.embedder.dim)
-        cube = CubeState(record, catalog, index)
+        cube = CubeState(record, catalog, index, adapters=list(self.store.iter_adapters(record.cube_id)))
         self._catch_up_index(cube)
         return cube
 
@@ -146,7 +149,7 @@ class Kernel:
                       lexical_added=len(behind))
 
     def _load_mount(self, record: MountRecord, reembed: bool) -> MountState:
-        mount = MountState(record)
+        mount = MountState(record, staged_adapter=self.store.get_staged_adapter(record.mount_id))
         for staged, vector in self.store.iter_staged(record.mount_id):
             mount.staging[staged.item_id] = staged
             if staged.kind != "forget":
@@ -206,7 +209,8 @@ class Kernel:
 
     def mount_info(self, mount: MountState) -> MountInfo:
         cube = self.cubes.get(mount.record.cube_id)
-        return MountInfo(replace(mount.record), cube.head if cube else 0, *mount.counts())
+        return MountInfo(replace(mount.record), cube.head if cube else 0, *mount.counts(),
+                         staged_adapter=mount.staged_adapter is not None)
 
     # -- cubes ----------------------------------------------------------
     def alloc_cube(self, name: str, description: str, labels: dict[str, str]) -> CubeInfo:
@@ -275,9 +279,10 @@ class Kernel:
             mount = self.mount_state(mount_id)
             with mount.lock:
                 info = self.mount_info(mount)
-                discarded = len(mount.staging)
+                discarded = len(mount.staging) + (mount.staged_adapter is not None)
                 batch = self.store.batch()
                 batch.delete_mount(mount_id)
+                self._drop_staged_files(batch, mount)
                 self.store.write(batch, sync=False)
                 del self.mounts[mount_id]
         return info, discarded
@@ -341,10 +346,10 @@ class Kernel:
         return StagedRecord(item_id, kind, base_born, item.text, list(item.tags), item.source,  # type: ignore[arg-type]
                             item.event_ns or now, now)
 
-    def forget(self, mount_id: str, item_ids: Sequence[str]) -> MountInfo:
+    def forget(self, mount_id: str, item_ids: Sequence[str], adapter: bool = False) -> MountInfo:
         mount, cube = self._writable(mount_id)
-        if not item_ids:
-            raise InvalidField("item_ids is empty; name the items to forget", field="item_ids")
+        if not item_ids and not adapter:
+            raise InvalidField("item_ids is empty; name the items to forget (or set adapter)", field="item_ids")
         validate.id_count(item_ids, self.limits)
         with mount.lock:
             self._check_mount_open(mount)
@@ -363,7 +368,9 @@ class Kernel:
                     batch.delete_staged(mount_id, item_id)
                 else:
                     batch.put_staged(mount_id, staged, None)
+            staged_adapter = self._stage_adapter_removal(batch, mount, cube) if adapter else mount.staged_adapter
             self.store.write(batch, sync=False)
+            mount.staged_adapter = staged_adapter
             for item_id, staged in changes:
                 mount.vectors.pop(item_id, None)
                 if staged is None:
@@ -371,6 +378,82 @@ class Kernel:
                 else:
                     mount.staging[item_id] = staged
             return self.mount_info(mount)
+
+    # -- adapters -------------------------------------------------------
+    def adapter_in(self, mount: MountState) -> tuple[AdapterRecord | None, bool]:
+        """The adapter the mount sees, and whether it is its staged one."""
+        staged = mount.staged_adapter
+        if staged is not None:
+            return staged.version(), True
+        return self.cube_of(mount).adapter_at(mount.record.base), False
+
+    def adapter_files(self, cube_id: str, adapter: AdapterRecord) -> tuple[bytes, bytes]:
+        files = self.store.get_adapter_files(cube_id, adapter.digest)
+        if files is None:
+            raise InternalError(f"the files of adapter {adapter.digest[:12]} are missing from the store")
+        return files
+
+    def stage_adapter(self, mount_id: str, adapter: AdapterRecord, config: bytes, weights: bytes) -> MountInfo:
+        """Stage ``adapter`` (its files are written now, under its digest) in a read-write mount."""
+        mount, cube = self._writable(mount_id)
+        with mount.lock:
+            self._check_mount_open(mount)
+            current = cube.adapter_at(mount.record.base)
+            staged = StagedAdapterRecord("put", current.born if current else 0, asdict(adapter))
+            batch = self.store.batch()
+            self._drop_staged_files(batch, mount, keep=adapter.digest)
+            batch.put_adapter_files(cube.cube_id, adapter.digest, config, weights)
+            batch.put_staged_adapter(mount_id, staged)
+            self.store.write(batch, sync=False)
+            mount.staged_adapter = staged
+            return self.mount_info(mount)
+
+    def _stage_adapter_removal(self, batch: Batch, mount: MountState, cube: CubeState) -> StagedAdapterRecord | None:
+        current = cube.adapter_at(mount.record.base)
+        if mount.staged_adapter is not None and mount.staged_adapter.kind == "put":
+            # Removing an adapter that was only staged just unstages it.
+            self._drop_staged_files(batch, mount)
+            batch.delete_staged_adapter(mount.mount_id)
+            return None
+        if current is None:
+            raise ItemNotFound(f"mount {mount.mount_id!r} sees no adapter at revision {mount.record.base}; "
+                               "there is none to forget", item="adapter")
+        staged = StagedAdapterRecord("remove", current.born)
+        batch.put_staged_adapter(mount.mount_id, staged)
+        return staged
+
+    def _drop_staged_files(self, batch: Batch, mount: MountState, keep: str = "") -> None:
+        """Delete the files of the mount's staged adapter unless a committed version (or ``keep``) uses them."""
+        staged = mount.staged_adapter.version() if mount.staged_adapter is not None else None
+        cube = self.cubes.get(mount.record.cube_id)
+        if staged is None or cube is None or staged.digest == keep:
+            return
+        if all(a.digest != staged.digest for a in cube.adapters):
+            batch.delete_adapter_files(cube.cube_id, staged.digest)
+
+    def commit_adapter(self, ref: str, since: int, adapter: AdapterRecord, config: bytes, weights: bytes,
+                       message: str, author: str) -> RevisionRecord:
+        """Commit ``adapter`` as the cube's at a new revision (a training job's result), with its files.
+
+        Refused (COMMIT_CONFLICT) if the cube's adapter changed since revision ``since``."""
+        cube = self.cube(ref)
+        with cube.lock:
+            head = cube.head
+            adapters.check_unchanged_since(cube, since, head)
+            adapter_plan = adapters.plan_to(cube.adapter_at(head), adapter, head + 1)
+            if adapter_plan is None:  # the same bytes as the current adapter: still record the training
+                adapter_plan = adapters.AdapterPlan(cube.adapter_at(head), replace(adapter, born=head + 1))
+            plan = history.Plan()
+            revision = self._make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan)
+            self._write_revision(cube, plan, revision, adapter_plan=adapter_plan, adapter_files=(config, weights))
+        log_event(log, "commit_adapter", cube=cube.cube_id, revision=revision.number, digest=adapter.digest[:16])
+        return revision
+
+    def adapter_change(self, ref: str, older: int, newer: int) -> tuple[AdapterRecord | None, AdapterRecord | None]:
+        """The cube's adapter at two revisions (for Diff)."""
+        cube = self.cube(ref)
+        newer = newer or cube.head
+        return cube.adapter_at(older), cube.adapter_at(newer)
 
     def _check_mount_open(self, mount: MountState) -> None:
         if self.mounts.get(mount.mount_id) is not mount:
@@ -430,35 +513,42 @@ class Kernel:
         with cube.lock, mount.lock:
             self._check_mount_open(mount)
             head = cube.head
-            if not mount.staging:
+            adapter_plan = adapters.plan_staged(cube, head, mount.staged_adapter)
+            if not mount.staging and adapter_plan is None:
                 mount.record.base = head
-                self._persist_mount(mount)
+                batch = self.store.batch()
+                batch.put_mount(mount.record)
+                if mount.staged_adapter is not None:  # a staged change that changes nothing
+                    self._drop_staged_files(batch, mount)
+                    batch.delete_staged_adapter(mount_id)
+                self.store.write(batch, sync=False)
+                mount.staged_adapter = None
                 return CommitResult(None, self.mount_info(mount), head)
             history.check_conflicts(cube.catalog, head, mount.staging)
             plan = history.plan_commit(cube.catalog, head, mount.staging, mount.vectors, cube.record.next_vkey)
-            revision = self._make_revision(cube, plan, "commit", author, message)
+            revision = self._make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan)
             # Staging and the mount's new base go in the same batch as the revision.
-            self._write_revision(cube, plan, revision, mount)
+            self._write_revision(cube, plan, revision, mount, adapter_plan)
             mount.staging.clear()
             mount.vectors.clear()
+            mount.staged_adapter = None
             log_event(log, "commit", cube=cube.cube_id, revision=revision.number, added=plan.added,
                       changed=plan.changed, forgotten=plan.forgotten, mount=mount_id)
             return CommitResult(revision, self.mount_info(mount), revision.number)
 
-    def _persist_mount(self, mount: MountState) -> None:
-        batch = self.store.batch()
-        batch.put_mount(mount.record)
-        self.store.write(batch, sync=False)
-
     def _make_revision(self, cube: CubeState, plan: history.Plan, kind: str, author: str, message: str,
-                       restored: int = 0) -> RevisionRecord:
+                       restored: int = 0, adapter_plan: adapters.AdapterPlan | None = None) -> RevisionRecord:
         head = cube.head
         items = cube.record.item_count + plan.added - plan.forgotten
+        current = cube.adapter_at(head)
+        digest = adapter_plan.digest_after if adapter_plan is not None else (current.digest if current else "")
         return RevisionRecord(head + 1, head, kind, author or "anonymous", message, _now_ns(),  # type: ignore[arg-type]
-                              plan.added, plan.changed, plan.forgotten, items, restored)
+                              plan.added, plan.changed, plan.forgotten, items, restored,
+                              adapter_changed=adapter_plan is not None, adapter_digest=digest)
 
     def _write_revision(self, cube: CubeState, plan: history.Plan, revision: RevisionRecord,
-                        mount: MountState | None = None) -> None:
+                        mount: MountState | None = None, adapter_plan: adapters.AdapterPlan | None = None,
+                        adapter_files: tuple[bytes, bytes] | None = None) -> None:
         """One synced batch: new versions and vectors, ended versions, the revision, the cube record,
         and for a commit the mount's cleared staging and new base."""
         record = replace(cube.record, head=revision.number, item_count=revision.item_count,
@@ -475,6 +565,13 @@ class Kernel:
         for version, vector in plan.born:
             batch.put_version(cube.cube_id, version)
             batch.put_vector(cube.cube_id, version.vkey, vector)
+        if adapter_plan is not None:
+            if adapter_plan.ended is not None:
+                batch.put_adapter(cube.cube_id, replace(adapter_plan.ended, died=revision.number))
+            if adapter_plan.born is not None:
+                batch.put_adapter(cube.cube_id, adapter_plan.born)
+                if adapter_files is not None:
+                    batch.put_adapter_files(cube.cube_id, adapter_plan.born.digest, *adapter_files)
         batch.put_revision(cube.cube_id, revision)
         batch.put_cube(record)
         mount_record = None
@@ -491,6 +588,11 @@ class Kernel:
             meta.died = revision.number
         for version, _ in plan.born:
             cube.catalog.add(meta_of(version))
+        if adapter_plan is not None:
+            if adapter_plan.ended is not None:
+                adapter_plan.ended.died = revision.number
+            if adapter_plan.born is not None:
+                cube.adapters.append(adapter_plan.born)
         if plan.born:
             keys = np.array([v.vkey for v, _ in plan.born], dtype=np.uint64)
             cube.index.add(keys, np.stack([vec for _, vec in plan.born]), [v.text for v, _ in plan.born])
@@ -517,9 +619,11 @@ class Kernel:
                                origin=source.content_id)
                 next_vkey += 1
                 plan.born.append((copy, vector))
+            adapter_plan = adapters.plan_to(cube.adapter_at(head), cube.adapter_at(target), head + 1)
             revision = self._make_revision(cube, plan, "rollback", author,
-                                           message or f"rollback to revision {target}", restored=target)
-            self._write_revision(cube, plan, revision)
+                                           message or f"rollback to revision {target}", restored=target,
+                                           adapter_plan=adapter_plan)
+            self._write_revision(cube, plan, revision, adapter_plan=adapter_plan)
         log_event(log, "rollback", cube=cube.cube_id, revision=revision.number, restored=target)
         return revision
 

@@ -10,7 +10,14 @@ import numpy as np
 from memosd.kernel.catalog import Catalog, VersionMeta
 from memosd.kernel.ports import CubeIndexPort
 from memosd.kernel.types import ItemView
-from memosd.store.records import CubeRecord, MountRecord, StagedRecord, VersionRecord
+from memosd.store.records import (
+    AdapterRecord,
+    CubeRecord,
+    MountRecord,
+    StagedAdapterRecord,
+    StagedRecord,
+    VersionRecord,
+)
 
 
 @dataclass
@@ -22,10 +29,19 @@ class CubeState:
     lock: threading.RLock = field(default_factory=threading.RLock)
     index_dirty: bool = False
     freed: bool = False
+    # Every version of the cube's adapter, oldest first (a few at most; see kernel/adapters.py).
+    adapters: list[AdapterRecord] = field(default_factory=list)
 
     @property
     def cube_id(self) -> str:
         return self.record.cube_id
+
+    def adapter_at(self, revision: int) -> AdapterRecord | None:
+        """The adapter current at ``revision``, or None."""
+        for adapter in reversed(self.adapters):
+            if adapter.born <= revision and (adapter.died == 0 or adapter.died > revision):
+                return adapter
+        return None
 
     @property
     def head(self) -> int:
@@ -37,6 +53,7 @@ class MountState:
     record: MountRecord
     staging: dict[str, StagedRecord] = field(default_factory=dict)
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    staged_adapter: StagedAdapterRecord | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property

@@ -42,6 +42,7 @@ class MountInfo:
     staged_adds: int
     staged_edits: int
     staged_forgets: int
+    staged_adapter: bool = False
 
 
 T = TypeVar("T")

@@ -44,6 +44,8 @@ class RevisionRecord:
     forgotten: int
     item_count: int
     restored: int = 0
+    adapter_changed: bool = False
+    adapter_digest: str = ""  # the adapter current at this revision; "" for none
 
 
 @dataclass
@@ -113,6 +115,71 @@ class ActivationRecord:
     items: list[list[Any]]
     token_ids: list[int]
     create_ns: int
+    adapter_digest: str = ""  # the cube's adapter the cache was computed under; "" for the base model
+
+
+@dataclass
+class AdapterRecord:
+    """One version of a cube's adapter: current from revision ``born`` until ``died`` (0 = at HEAD).
+
+    ``digest`` is sha256 over the config bytes then the weights bytes; the
+    files are in ``adapter_blobs`` under it. ``lineage`` says where it came
+    from: {"origin": "imported" | "trained", ...} (see AdapterLineage)."""
+
+    digest: str
+    config_bytes: int
+    weights_bytes: int
+    rank: int
+    target_modules: list[str]
+    base_model: str
+    lineage: dict[str, Any]
+    born: int = 0
+    died: int = 0
+
+
+@dataclass
+class StagedAdapterRecord:
+    """A mount's staged adapter change: "put" (``adapter`` holds the fields of an
+    AdapterRecord) or "remove". ``base_born`` is the born revision of the adapter
+    the mount saw (0 = none): the commit conflict check."""
+
+    kind: Literal["put", "remove"]
+    base_born: int
+    adapter: dict[str, Any] | None = None
+
+    def version(self) -> AdapterRecord | None:
+        return None if self.adapter is None else AdapterRecord(**self.adapter)
+
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class JobRecord:
+    """A background job (memory training) and its progress; persisted so a restart never loses one."""
+
+    job_id: str
+    cube_id: str
+    revision: int  # the revision whose items are trained
+    settings: dict[str, Any]
+    message: str
+    author: str
+    create_ns: int
+    state: JobState = "queued"
+    step: int = 0
+    total_steps: int = 0
+    loss: float = 0.0
+    eta_seconds: float = 0.0
+    start_ns: int = 0
+    end_ns: int = 0
+    error: str = ""
+    result_revision: int = 0
+    adapter_digest: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_JOB_STATES
 
 
 R = TypeVar("R")

@@ -25,9 +25,12 @@ from rocksdict import (
 from memosd.store import schema
 from memosd.store.records import (
     ActivationRecord,
+    AdapterRecord,
     CubeRecord,
+    JobRecord,
     MountRecord,
     RevisionRecord,
+    StagedAdapterRecord,
     StagedRecord,
     VersionRecord,
     decode,
@@ -111,10 +114,32 @@ class Batch:
         begin, end = schema.prefix_range(mount_id)
         for cf in (schema.CF_STAGING, schema.CF_STAGED_VECTORS):
             self._wb.delete_range(begin, end, self._store.handle(cf))
+        self._delete(schema.CF_STAGED_ADAPTERS, schema.mount_key(mount_id))
 
     def delete_mount(self, mount_id: str) -> None:
         self._delete(schema.CF_MOUNTS, schema.mount_key(mount_id))
         self.clear_staging(mount_id)
+
+    # -- adapters ---------------------------------------------------------
+    def put_adapter(self, cube_id: str, adapter: AdapterRecord) -> None:
+        self._put(schema.CF_ADAPTERS, schema.adapter_key(cube_id, adapter.born), encode(adapter))
+
+    def put_adapter_files(self, cube_id: str, digest: str, config: bytes, weights: bytes) -> None:
+        self._put(schema.CF_ADAPTER_BLOBS, schema.adapter_config_key(cube_id, digest), config)
+        step = schema.ADAPTER_CHUNK_BYTES
+        for index, start in enumerate(range(0, max(len(weights), 1), step)):
+            self._put(schema.CF_ADAPTER_BLOBS, schema.adapter_weights_key(cube_id, digest, index),
+                      weights[start:start + step])
+
+    def delete_adapter_files(self, cube_id: str, digest: str) -> None:
+        begin, end = schema.adapter_blob_range(cube_id, digest)
+        self._wb.delete_range(begin, end, self._store.handle(schema.CF_ADAPTER_BLOBS))
+
+    def put_staged_adapter(self, mount_id: str, staged: StagedAdapterRecord) -> None:
+        self._put(schema.CF_STAGED_ADAPTERS, schema.mount_key(mount_id), encode(staged))
+
+    def delete_staged_adapter(self, mount_id: str) -> None:
+        self._delete(schema.CF_STAGED_ADAPTERS, schema.mount_key(mount_id))
 
     def delete_cube(self, cube: CubeRecord) -> None:
         """Every row of the cube: its record, name, revisions, versions, vectors."""
@@ -265,6 +290,36 @@ class Store:
     def cube_id_by_name(self, name: str) -> str | None:
         raw = self._cfs[schema.CF_CUBE_NAMES].get(schema.name_key(name))
         return None if raw is None else bytes(raw).decode()
+
+    def iter_adapters(self, cube_id: str) -> Iterator[AdapterRecord]:
+        """The cube's adapter versions, oldest first."""
+        for _key, raw in self._scan_owner(schema.CF_ADAPTERS, cube_id):
+            yield decode(AdapterRecord, raw)
+
+    def get_adapter_files(self, cube_id: str, digest: str) -> tuple[bytes, bytes] | None:
+        """(config, weights) of the adapter, or None if its blobs are missing."""
+        config = self._cfs[schema.CF_ADAPTER_BLOBS].get(schema.adapter_config_key(cube_id, digest))
+        if config is None:
+            return None
+        begin = schema.adapter_weights_key(cube_id, digest, 0)
+        _, end = schema.prefix_range(f"{cube_id}/{digest}/w")
+        weights = b"".join(bytes(v) for _k, v in self._scan(schema.CF_ADAPTER_BLOBS, begin, end))
+        return bytes(config), weights
+
+    def get_staged_adapter(self, mount_id: str) -> StagedAdapterRecord | None:
+        raw = self._cfs[schema.CF_STAGED_ADAPTERS].get(schema.mount_key(mount_id))
+        return None if raw is None else decode(StagedAdapterRecord, raw)
+
+    def iter_jobs(self) -> Iterator[JobRecord]:
+        """Every kept job, oldest first (job ids sort by creation time)."""
+        for _key, raw in self._cfs[schema.CF_JOBS].items():
+            yield decode(JobRecord, raw)
+
+    def put_job(self, job: JobRecord, *, sync: bool = False) -> None:
+        self._cfs[schema.CF_JOBS].put(job.job_id.encode(), encode(job), self._sync if sync else self._nosync)
+
+    def delete_job(self, job_id: str) -> None:
+        self._cfs[schema.CF_JOBS].delete(job_id.encode(), self._nosync)
 
     def get_activation(self, cube_id: str, fingerprint: str) -> ActivationRecord | None:
         raw = self._cfs[schema.CF_ACTIVATIONS].get(schema.activation_key(cube_id, fingerprint))

@@ -32,6 +32,16 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
     kv_chunks                     the KV cache blobs (BlobDB files, uncompressed)
       {cube_id}/{cache_key}/{chunk:08x}
                                   -> safetensors chunk (fp16/bf16) made by runtime.to_chunks
+    adapters                      every version of a cube's adapter (at most one per revision)
+      {cube_id}/{born:016x}       -> AdapterRecord (json): digest, sizes, rank, targets, lineage, died
+    adapter_blobs                 adapter files by digest (BlobDB files, uncompressed)
+      {cube_id}/{digest}/c        -> adapter_config.json bytes
+      {cube_id}/{digest}/w/{chunk:08x}
+                                  -> adapter_model.safetensors bytes, in 8 MiB pieces
+    staged_adapters
+      {mount_id}                  -> StagedAdapterRecord (json): put (with the adapter) or remove
+    jobs                          background jobs, the last MAX_JOBS kept
+      {job_id}                    -> JobRecord (json): cube, revision, settings, state, progress, result
 
 A version key (vkey) is a per-cube counter assigned at commit, so the dense and
 lexical indexes (derived, rebuildable) can say "everything up to vkey N is in".
@@ -52,17 +62,22 @@ CF_STAGING = "staging"
 CF_STAGED_VECTORS = "staged_vectors"
 CF_ACTIVATIONS = "activations"
 CF_KV_CHUNKS = "kv_chunks"
+CF_ADAPTERS = "adapters"
+CF_ADAPTER_BLOBS = "adapter_blobs"
+CF_STAGED_ADAPTERS = "staged_adapters"
+CF_JOBS = "jobs"
 
 # Adding a family is backward compatible (RocksDB creates missing ones at open), so it
 # does not bump SCHEMA_VERSION; activations and kv_chunks were added that way.
 COLUMN_FAMILIES = (
     CF_CUBES, CF_CUBE_NAMES, CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_MOUNTS, CF_STAGING, CF_STAGED_VECTORS,
-    CF_ACTIVATIONS, CF_KV_CHUNKS,
+    CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS, CF_STAGED_ADAPTERS, CF_JOBS,
 )
 # Column families whose keys start with "{cube_id}/": deleted by range on FreeCube.
-CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS)
+CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS)
 # Large values: stored in blob files, not compressed (fp16 tensors do not compress).
-BLOB_FAMILIES = (CF_KV_CHUNKS,)
+BLOB_FAMILIES = (CF_KV_CHUNKS, CF_ADAPTER_BLOBS)
+ADAPTER_CHUNK_BYTES = 8 << 20
 
 KEY_SCHEMA_VERSION = b"schema_version"
 KEY_EMBEDDER = b"embedder"
@@ -111,6 +126,22 @@ def kv_chunk_key(cube_id: str, cache_key: str, index: int) -> bytes:
 def kv_cache_range(cube_id: str, cache_key: str) -> tuple[bytes, bytes]:
     """The [begin, end) range of one cache's chunks."""
     return prefix_range(f"{cube_id}/{cache_key}")
+
+
+def adapter_key(cube_id: str, born: int) -> bytes:
+    return f"{cube_id}/{_hex(born)}".encode()
+
+
+def adapter_config_key(cube_id: str, digest: str) -> bytes:
+    return f"{cube_id}/{digest}/c".encode()
+
+
+def adapter_weights_key(cube_id: str, digest: str, index: int) -> bytes:
+    return f"{cube_id}/{digest}/w/{index:08x}".encode()
+
+
+def adapter_blob_range(cube_id: str, digest: str) -> tuple[bytes, bytes]:
+    return prefix_range(f"{cube_id}/{digest}")
 
 
 def prefix_range(owner_id: str) -> tuple[bytes, bytes]:

@@ -17,7 +17,7 @@ from memosd.kernel.types import (
     SearchFilter,
     SearchHit,
 )
-from memosd.store.records import RevisionRecord
+from memosd.store.records import AdapterRecord, JobRecord, RevisionRecord
 
 _CHANGE_KINDS = {"added": t.CHANGE_KIND_ADDED, "changed": t.CHANGE_KIND_CHANGED,
                  "forgotten": t.CHANGE_KIND_FORGOTTEN}
@@ -48,7 +48,7 @@ def mount(info: MountInfo) -> t.Mount:
     mode = t.MOUNT_MODE_READ_WRITE if r.mode == "rw" else t.MOUNT_MODE_READ_ONLY
     return t.Mount(mount_id=r.mount_id, cube_id=r.cube_id, base_revision=r.base, mode=mode,
                    create_time=ts(r.create_ns), staged_adds=info.staged_adds, staged_edits=info.staged_edits,
-                   staged_forgets=info.staged_forgets)
+                   staged_forgets=info.staged_forgets, staged_adapter=info.staged_adapter)
 
 
 def mount_header(info: MountInfo) -> t.ResponseHeader:
@@ -64,7 +64,8 @@ def item(view: ItemView) -> t.Item:
 def revision(r: RevisionRecord) -> t.Revision:
     return t.Revision(number=r.number, parent=r.parent, kind=_REVISION_KINDS[r.kind], author=r.author,
                       message=r.message, create_time=ts(r.create_ns), added=r.added, changed=r.changed,
-                      forgotten=r.forgotten, item_count=r.item_count, restored_revision=r.restored)
+                      forgotten=r.forgotten, item_count=r.item_count, restored_revision=r.restored,
+                      adapter_changed=r.adapter_changed, adapter_digest=r.adapter_digest)
 
 
 def change(c: ItemChange) -> t.ItemChange:
@@ -112,3 +113,61 @@ def writable(mode: int) -> bool:
         raise InvalidField(f"mode {mode} is not a MountMode; use MOUNT_MODE_READ_ONLY or "
                            "MOUNT_MODE_READ_WRITE", field="mode")
     return bool(mode == t.MOUNT_MODE_READ_WRITE)
+
+
+def adapter(a: AdapterRecord, *, staged: bool = False) -> t.Adapter:
+    lineage = dict(a.lineage)
+    return t.Adapter(
+        digest=a.digest, born_revision=0 if staged else a.born, staged=staged, config_bytes=a.config_bytes,
+        weights_bytes=a.weights_bytes, rank=a.rank, target_modules=a.target_modules, base_model=a.base_model,
+        lineage=t.AdapterLineage(
+            origin=str(lineage.get("origin", "")), source_cube_id=str(lineage.get("source_cube_id", "")),
+            source_revision=int(lineage.get("source_revision", 0)),
+            source_item_ids=[str(i) for i in lineage.get("source_item_ids", [])],
+            job_id=str(lineage.get("job_id", "")),
+            settings={str(k): str(v) for k, v in dict(lineage.get("settings", {})).items()},
+            model_fingerprint=str(lineage.get("model_fingerprint", "")),
+            create_time=ts(int(lineage.get("create_ns", 0)))))
+
+
+def adapter_change(before: AdapterRecord | None, after: AdapterRecord | None) -> t.AdapterChange | None:
+    if (before.digest if before else "") == (after.digest if after else ""):
+        return None
+    kind = "added" if before is None else "forgotten" if after is None else "changed"
+    out = t.AdapterChange(kind=_CHANGE_KINDS[kind])
+    if before is not None:
+        out.before.CopyFrom(adapter(before))
+    if after is not None:
+        out.after.CopyFrom(adapter(after))
+    return out
+
+
+_JOB_STATES = {"queued": t.JOB_STATE_QUEUED, "running": t.JOB_STATE_RUNNING, "succeeded": t.JOB_STATE_SUCCEEDED,
+               "failed": t.JOB_STATE_FAILED, "cancelled": t.JOB_STATE_CANCELLED}
+# TrainSettings field -> runtime TrainSettings keyword (0 in the request means "the default").
+TRAIN_SETTINGS = {"steps": "max_steps", "rank": "rank", "learning_rate": "lr", "seed": "seed"}
+
+
+def train_settings(settings: t.TrainSettings) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    for field, key in TRAIN_SETTINGS.items():
+        value = getattr(settings, field)
+        if value:
+            out[key] = value
+    if settings.rank:
+        out["alpha"] = 2 * settings.rank  # keep the scale alpha/rank the defaults use
+    return out
+
+
+def job(j: JobRecord) -> t.Job:
+    settings = t.TrainSettings(**{field: j.settings[key] for field, key in TRAIN_SETTINGS.items()
+                                  if key in j.settings})
+    out = t.Job(job_id=j.job_id, state=_JOB_STATES[j.state], cube_id=j.cube_id, revision=j.revision,
+                settings=settings, step=j.step, total_steps=j.total_steps, loss=j.loss, eta_seconds=j.eta_seconds,
+                create_time=ts(j.create_ns), error=j.error, result_revision=j.result_revision,
+                adapter_digest=j.adapter_digest)
+    if j.start_ns:
+        out.start_time.CopyFrom(ts(j.start_ns))
+    if j.end_ns:
+        out.end_time.CopyFrom(ts(j.end_ns))
+    return out

@@ -24,14 +24,16 @@ def activation(outcome: ActivationOutcome) -> t.Activation:
         cube_id=r.cube_id, revision=r.revision, cache_key=r.cache_key, model_fingerprint=r.fingerprint,
         item_count=len(r.items), tokens=len(r.token_ids), tokens_computed=outcome.tokens_computed,
         tokens_reused=outcome.tokens_reused, pool_bytes=outcome.pool_bytes, persisted_bytes=r.persisted_bytes,
-        source=SOURCES[outcome.source], took_us=outcome.took_us, pooled=outcome.pooled)
+        source=SOURCES[outcome.source], took_us=outcome.took_us, pooled=outcome.pooled,
+        adapter_digest=r.adapter_digest)
 
 
 def evict_response(outcome: EvictOutcome) -> pb.EvictResponse:
     return pb.EvictResponse(
         header=t.ResponseHeader(cube_id=outcome.cube_id, head_revision=outcome.head),
         caches_dropped=outcome.caches_dropped, pool_bytes_freed=outcome.pool_bytes_freed,
-        persisted_bytes_deleted=outcome.persisted_bytes_deleted, took_us=outcome.took_us)
+        persisted_bytes_deleted=outcome.persisted_bytes_deleted, took_us=outcome.took_us,
+        adapters_unloaded=outcome.adapters_unloaded)
 
 
 def generate_params(req: pb.GenerateRequest) -> GenerateParams:
@@ -43,6 +45,7 @@ def generate_params(req: pb.GenerateRequest) -> GenerateParams:
         messages=[(m.role, m.content) for m in req.messages], mount_ids=list(req.mount_ids),
         max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
         stop=tuple(options.stop), seed=options.seed, bypass_kv_cache=options.bypass_kv_cache,
+        adapter_mount_id=options.adapter_mount_id,
         retrieve_k=req.retrieve_k if req.HasField("retrieve_k") else None)
 
 

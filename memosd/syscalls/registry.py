@@ -7,6 +7,7 @@ INVALID_ARGUMENT / MALFORMED_REQUEST, like every other bad input.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -48,22 +49,49 @@ def _reject_malformed(handler: Any) -> Any:
     return run
 
 
+def _unimplemented(name: str) -> Any:
+    def run(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      f"{name} is in the wire contract but not implemented by this memosd yet (see README)")
+
+    return run
+
+
 def generic_handler(servicer: MemOSServicer) -> grpc.GenericRpcHandler:
     handlers = {}
     for method in SERVICE.methods:
         request_cls = getattr(memos_pb2, method.input_type.name)
         response_cls = getattr(memos_pb2, method.output_type.name)
-        implementation = getattr(servicer, method.name)
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _reject_malformed(servicer.dispatch_stream(method.name, implementation)),
-                request_deserializer=_safe_deserializer(request_cls),
-                response_serializer=response_cls.SerializeToString,
-            )
+        implementation = getattr(servicer, method.name, None)
+        options: dict[str, Any] = {"request_deserializer": _safe_deserializer(request_cls),
+                                   "response_serializer": response_cls.SerializeToString}
+        if method.client_streaming:
+            # The handler receives an iterator of requests; each is checked as it is read.
+            behaviour = (servicer.dispatch(method.name, _checked_stream(implementation)) if implementation
+                         else _unimplemented(method.name))
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(behaviour, **options)
+        elif method.server_streaming:
+            behaviour = (servicer.dispatch_stream(method.name, implementation) if implementation
+                         else _unimplemented(method.name))
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_reject_malformed(behaviour), **options)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _reject_malformed(servicer.dispatch(method.name, implementation)),
-                request_deserializer=_safe_deserializer(request_cls),
-                response_serializer=response_cls.SerializeToString,
-            )
+            behaviour = servicer.dispatch(method.name, implementation) if implementation else _unimplemented(
+                method.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_reject_malformed(behaviour), **options)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _checked_stream(handler: Any) -> Any:
+    """A client-streaming handler whose requests raise MalformedRequest when undecodable."""
+    def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        def checked() -> Iterator[Any]:
+            for request in requests:
+                if isinstance(request, _Malformed):
+                    raise MalformedRequest(
+                        f"a streamed message is not a valid {request.message_type} ({request.error}); "
+                        "send messages built from protos/memos/v1/memos.proto")
+                yield request
+
+        return handler(checked(), context)
+
+    return run

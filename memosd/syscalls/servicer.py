@@ -18,6 +18,8 @@ from memosd.errors import MemosError, ShuttingDown
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.search import Searcher
 from memosd.logfmt import log_event
+from memosd.parametric.adapters import AdapterService
+from memosd.parametric.jobs import JobManager
 from memosd.runtime.kvcache import ComputeCancelled
 from memosd.syscalls import convert as cv
 from memosd.syscalls import convert_activation as ca
@@ -41,11 +43,13 @@ class MemOSServicer:
     """Each public method is a syscall; `dispatch` wraps them all with error mapping."""
 
     def __init__(self, kernel: Kernel, searcher: Searcher, activator: Activator, generator: Generator,
-                 stats: Callable[[], pb.StatsResponse]) -> None:
+                 adapters: AdapterService, jobs: JobManager, stats: Callable[[], pb.StatsResponse]) -> None:
         self.kernel = kernel
         self.searcher = searcher
         self.activator = activator
         self.generator = generator
+        self.adapters = adapters
+        self.jobs = jobs
         self._stats = stats
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
@@ -100,8 +104,10 @@ class MemOSServicer:
         return pb.AllocCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cv.cube(info))
 
     def FreeCube(self, req: pb.FreeCubeRequest, ctx: grpc.ServicerContext) -> pb.FreeCubeResponse:
-        cube_id = self.kernel.cube(req.cube).cube_id
+        cube = self.kernel.cube(req.cube)
+        cube_id, versions = cube.cube_id, list(cube.adapters)
         freed = self.kernel.free_cube(req.cube)
+        self.adapters.unload_cube(cube_id, versions)
         # The store rows went with the cube's key range; its pooled KV caches go now.
         self.activator.drop_pooled(cube_id)
         self.activator.forget_persisted(cube_id)
@@ -140,7 +146,7 @@ class MemOSServicer:
                                next_page_token=page.next_token)
 
     def Forget(self, req: pb.ForgetRequest, ctx: grpc.ServicerContext) -> pb.ForgetResponse:
-        info = self.kernel.forget(req.mount_id, list(req.item_ids))
+        info = self.kernel.forget(req.mount_id, list(req.item_ids), adapter=req.adapter)
         return pb.ForgetResponse(header=cv.mount_header(info), mount=cv.mount(info))
 
     def Search(self, req: pb.SearchRequest, ctx: grpc.ServicerContext) -> pb.SearchResponse:
@@ -170,8 +176,13 @@ class MemOSServicer:
         page, older, newer = self.kernel.diff(req.cube, req.from_revision, req.to_revision, req.page_size,
                                               req.page_token)
         cube = self.kernel.cube(req.cube)
-        return pb.DiffResponse(header=cv.header(cube.cube_id, cube.head), changes=[cv.change(c) for c in page.entries],
-                               next_page_token=page.next_token, from_revision=older, to_revision=newer)
+        response = pb.DiffResponse(header=cv.header(cube.cube_id, cube.head),
+                                   changes=[cv.change(c) for c in page.entries], next_page_token=page.next_token,
+                                   from_revision=older, to_revision=newer)
+        adapter_change = cv.adapter_change(*self.kernel.adapter_change(req.cube, older, newer))
+        if adapter_change is not None and not req.page_token:
+            response.adapter_change.CopyFrom(adapter_change)
+        return response
 
     def Rollback(self, req: pb.RollbackRequest, ctx: grpc.ServicerContext) -> pb.RollbackResponse:
         revision = self.kernel.rollback(req.cube, req.to_revision, req.message, req.author)
@@ -194,6 +205,38 @@ class MemOSServicer:
                 yield pb.GenerateResponse(summary=ca.summary(event))
             else:
                 yield pb.GenerateResponse(delta=event)
+
+    # -- parametric memory ----------------------------------------------
+    def ImportAdapter(self, requests: Iterator[pb.ImportAdapterRequest],
+                      ctx: grpc.ServicerContext) -> pb.ImportAdapterResponse:
+        record, info = self.adapters.import_adapter(requests)
+        return pb.ImportAdapterResponse(header=cv.mount_header(info), adapter=cv.adapter(record, staged=True),
+                                        mount=cv.mount(info))
+
+    def ExportAdapter(self, req: pb.ExportAdapterRequest,
+                      ctx: grpc.ServicerContext) -> Iterator[pb.ExportAdapterResponse]:
+        adapter, staged, mount, chunks = self.adapters.export(req.mount_id)
+        yield pb.ExportAdapterResponse(adapter=cv.adapter(adapter, staged=staged),
+                                       header=cv.mount_header(self.kernel.mount_info(mount)))
+        for chunk in chunks:
+            yield pb.ExportAdapterResponse(chunk=chunk)
+
+    def Train(self, req: pb.TrainRequest, ctx: grpc.ServicerContext) -> pb.TrainResponse:
+        job = self.jobs.train(req.mount_id, cv.train_settings(req.settings), req.message, req.author)
+        cube = self.kernel.cubes.get(job.cube_id)
+        return pb.TrainResponse(header=cv.header(job.cube_id, cube.head if cube else 0, job.revision),
+                                job=cv.job(job))
+
+    def WatchJob(self, req: pb.WatchJobRequest, ctx: grpc.ServicerContext) -> Iterator[pb.WatchJobResponse]:
+        for job in self.jobs.watch(req.job_id, _cancel_event(ctx)):
+            yield pb.WatchJobResponse(job=cv.job(job))
+
+    def CancelJob(self, req: pb.CancelJobRequest, ctx: grpc.ServicerContext) -> pb.CancelJobResponse:
+        return pb.CancelJobResponse(job=cv.job(self.jobs.cancel(req.job_id)))
+
+    def ListJobs(self, req: pb.ListJobsRequest, ctx: grpc.ServicerContext) -> pb.ListJobsResponse:
+        cube_id = self.kernel.cube(req.cube).cube_id if req.cube else ""
+        return pb.ListJobsResponse(jobs=[cv.job(j) for j in self.jobs.list_jobs(cube_id)])
 
     # -- daemon ---------------------------------------------------------
     def Stats(self, req: pb.StatsRequest, ctx: grpc.ServicerContext) -> pb.StatsResponse:

@@ -11,24 +11,20 @@ without the cache.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from activation_rig import Rig, commit_items, open_rig, run_generation
 from tiny_llama import save_tiny_llama
 
 from memosd.activation import render
-from memosd.activation.activator import Activator, cube_salt, kv_bytes_per_token
-from memosd.activation.generator import GenerateParams, GenerationReport, Generator
-from memosd.activation.host import ModelHost
-from memosd.config import LimitsConfig, RuntimeConfig, SearchConfig
-from memosd.daemon import make_ranker
+from memosd.activation.activator import cube_salt, kv_bytes_per_token
+from memosd.activation.generator import GenerateParams, GenerationReport
 from memosd.errors import (
     ContextExceeded,
     CubeEmpty,
@@ -37,13 +33,9 @@ from memosd.errors import (
     MountNotFound,
     PoolTooSmall,
 )
-from memosd.index.cube_index import CubeIndex
-from memosd.kernel.kernel import Kernel
-from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.types import ItemInput
 from memosd.runtime.kvcache import BLOCK, ComputeCancelled, KVCache, prepare_generation
 from memosd.runtime.model import LoadedModel
-from memosd.store.rocks import Store
 
 CONTEXT = 1024
 FACTS = [
@@ -56,53 +48,9 @@ FACTS = [
 ]
 
 
-class HashEmbedder:
-    """Deterministic unit vectors from a text hash: enough for search to run."""
-
-    name = "hash-embedder"
-    dim = 16
-    fingerprint = "hash-embedder/1"
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        rows = []
-        for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            rows.append(v / np.linalg.norm(v))
-        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), context=CONTEXT)
-
-
-@dataclass
-class Rig:
-    """A kernel with activation memory, as the daemon wires it."""
-
-    kernel: Kernel
-    host: ModelHost
-    activator: Activator
-    generator: Generator
-
-    @property
-    def loaded(self) -> LoadedModel:
-        return self.host.model()
-
-    def close(self) -> None:
-        self.host.close()
-        self.kernel.close()
-
-
-def open_rig(data: Path, model: str, **runtime: Any) -> Rig:
-    store = Store(data / "store")
-    kernel = Kernel(store, HashEmbedder(), CubeIndex.open, data / "index", LimitsConfig(), sync_commits=False)
-    kernel.open()
-    host = ModelHost(RuntimeConfig(model=model, device="cpu", retrieve_k=0, **runtime), data)
-    activator = Activator(kernel, host)
-    searcher = Searcher(kernel, make_ranker(SearchConfig()), SearchSettings())
-    return Rig(kernel, host, activator, Generator(host, activator, searcher))
 
 
 @pytest.fixture
@@ -110,14 +58,6 @@ def rig(tmp_path: Path, tiny_dir: Path) -> Iterator[Rig]:
     r = open_rig(tmp_path, str(tiny_dir))
     yield r
     r.close()
-
-
-def commit_items(rig: Rig, cube: str, texts: Sequence[str]) -> str:
-    """Write and commit ``texts`` through a fresh read-write mount; returns the mount id."""
-    mount = rig.kernel.mount(cube, 0, True).record.mount_id
-    rig.kernel.write(mount, [ItemInput(text=t) for t in texts])
-    rig.kernel.commit(mount, "add", "test")
-    return mount
 
 
 def prompt_for(rig: Rig, cache: KVCache, question: str) -> list[int]:
@@ -144,17 +84,6 @@ def pooled(rig: Rig, key: str) -> KVCache:
     cache = rig.host.pool.get(key)
     assert cache is not None
     return cache
-
-
-def run_generation(rig: Rig, params: GenerateParams) -> tuple[str, GenerationReport]:
-    text, report = "", None
-    for event in rig.generator.generate(params, threading.Event()):
-        if isinstance(event, GenerationReport):
-            report = event
-        else:
-            text += event
-    assert report is not None
-    return text, report
 
 
 # --- Activate --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import socket
@@ -37,7 +38,12 @@ def fail(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, mess
 
 
 class FakeMemOS(memos_pb2_grpc.MemOSServicer):
-    """Cubes with HEAD-only items, a log, and mounts that stage writes and forgets until Commit."""
+    """Cubes with HEAD-only items, a log, and mounts that stage writes and forgets until Commit.
+
+    Parametric memory: each cube has an adapter history (the adapter at each
+    revision), mounts stage an imported adapter or its removal, and training
+    jobs run as the Train message says (see :meth:`WatchJob`).
+    """
 
     PAGE = 2  # small, so every list command has to follow page tokens
 
@@ -50,6 +56,16 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         self.slow_stats = 0.0
         self.generation_cancelled = threading.Event()
         self._seq = 0
+        # cube id -> [(revision, (adapter, config, weights) or None for none)], oldest first
+        self.adapter_log: dict[str, list[tuple[int, tuple[types_pb2.Adapter, bytes, bytes] | None]]] = {}
+        # mount id -> the staged adapter, or None for a staged removal
+        self.staged_adapters: dict[str, tuple[types_pb2.Adapter, bytes, bytes] | None] = {}
+        self.uploads: list[tuple[Any, list[Any]]] = []  # ImportAdapter: (header, chunks)
+        self.export_truncated = False  # ExportAdapter drops its last chunk
+        self.jobs: dict[str, types_pb2.Job] = {}
+        self.job_changed = threading.Condition()
+        self.watch_cancelled = threading.Event()
+        self.scripts: dict[str, tuple[str, str]] = {}  # job id -> (Train message, author)
 
     def _id(self, prefix: str) -> str:
         self._seq += 1
@@ -105,7 +121,8 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
     def Unmount(self, request: Any, context: grpc.ServicerContext) -> Any:
         _, staged, forgets = self._mount(request.mount_id, context)
         del self.mounts[request.mount_id]
-        return memos_pb2.UnmountResponse(discarded_changes=len(staged) + len(forgets))
+        adapter = self.staged_adapters.pop(request.mount_id, False) is not False
+        return memos_pb2.UnmountResponse(discarded_changes=len(staged) + len(forgets) + adapter)
 
     def Write(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.requests.append(("Write", request))
@@ -139,9 +156,13 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         return memos_pb2.ReadResponse(items=[items[i] for i in request.item_ids])
 
     def Forget(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Forget", request))
         mount, _, forgets = self._mount(request.mount_id, context)
         forgets.extend(request.item_ids)
         mount.staged_forgets = len(forgets)
+        if request.adapter:
+            self.staged_adapters[request.mount_id] = None
+            mount.staged_adapter = True
         return memos_pb2.ForgetResponse(mount=mount)
 
     def Search(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -169,22 +190,54 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         for item_id in forgets:
             items.pop(item_id, None)
         rev.item_count = cube.item_count = len(items)
+        if request.mount_id in self.staged_adapters:
+            self._set_adapter(cube.cube_id, rev, self.staged_adapters.pop(request.mount_id))
+        else:
+            current = self._adapter_at(cube.cube_id, cube.head_revision)
+            rev.adapter_digest = current[0].digest if current else ""
         cube.head_revision = rev.number
         self.log[cube.cube_id].insert(0, rev)
         staged.clear()
         forgets.clear()
         mount.base_revision, mount.staged_adds, mount.staged_forgets = rev.number, 0, 0
+        mount.staged_adapter = False
         return memos_pb2.CommitResponse(revision=rev, mount=mount)
+
+    def _set_adapter(self, cube_id: str, rev: types_pb2.Revision,
+                     adapter: tuple[types_pb2.Adapter, bytes, bytes] | None) -> None:
+        if adapter is not None:
+            meta = types_pb2.Adapter()
+            meta.CopyFrom(adapter[0])
+            meta.born_revision, meta.staged = rev.number, False
+            adapter = (meta, adapter[1], adapter[2])
+        self.adapter_log.setdefault(cube_id, []).append((rev.number, adapter))
+        rev.adapter_changed, rev.adapter_digest = True, adapter[0].digest if adapter else ""
+
+    def _adapter_at(self, cube_id: str, revision: int) -> tuple[types_pb2.Adapter, bytes, bytes] | None:
+        current = None
+        for number, adapter in self.adapter_log.get(cube_id, []):
+            if number <= revision:
+                current = adapter
+        return current
 
     def Log(self, request: Any, context: grpc.ServicerContext) -> Any:
         revs, token = self._page(self.log[self._cube(request.cube, context).cube_id], request.page_token)
         return memos_pb2.LogResponse(revisions=revs, next_page_token=token)
 
     def Diff(self, request: Any, context: grpc.ServicerContext) -> Any:
-        items = self.items[self._cube(request.cube, context).cube_id]
+        cube = self._cube(request.cube, context)
+        items = self.items[cube.cube_id]
+        to = request.to_revision or cube.head_revision
         changes = [types_pb2.ItemChange(kind=types_pb2.CHANGE_KIND_ADDED, item_id=i, after=it)
-                   for i, it in items.items() if it.born_revision > request.from_revision]
-        return memos_pb2.DiffResponse(changes=changes)
+                   for i, it in items.items() if request.from_revision < it.born_revision <= to]
+        resp = memos_pb2.DiffResponse(changes=changes, from_revision=request.from_revision, to_revision=to)
+        before, after = self._adapter_at(cube.cube_id, request.from_revision), self._adapter_at(cube.cube_id, to)
+        if (before and before[0].digest) != (after and after[0].digest):
+            kind = (types_pb2.CHANGE_KIND_CHANGED if before and after
+                    else types_pb2.CHANGE_KIND_ADDED if after else types_pb2.CHANGE_KIND_FORGOTTEN)
+            resp.adapter_change.CopyFrom(types_pb2.AdapterChange(
+                kind=kind, before=before[0] if before else None, after=after[0] if after else None))
+        return resp
 
     def Rollback(self, request: Any, context: grpc.ServicerContext) -> Any:
         cube = self._cube(request.cube, context)
@@ -205,6 +258,8 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
                                        context_length=2048, active_generations=1),
             kv_pool=memos_pb2.KVPoolStats(entries=2, bytes_used=1024 * 1024, budget_bytes=64 * 1024 * 1024,
                                           hits=5, misses=2, persisted_bytes=2 * 1024 * 1024),
+            adapters=memos_pb2.AdapterPoolStats(resident=1, max_resident=4, loads=3, evictions=2, stored=2,
+                                                stored_bytes=5 * 1024 * 1024),
         )
 
     def Activate(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -213,16 +268,164 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         n = len(self.items[mount.cube_id])
         if not n:
             fail(context, C.FAILED_PRECONDITION, "CUBE_EMPTY", f"revision {mount.base_revision} has no items")
+        adapter = self._adapter_at(mount.cube_id, mount.base_revision)
         return memos_pb2.ActivateResponse(activation=types_pb2.Activation(
             cube_id=mount.cube_id, revision=mount.base_revision, cache_key="ab" * 32, model_fingerprint="cd" * 32,
             item_count=n, tokens=40 * n, tokens_computed=40 * n - 30, tokens_reused=30, pool_bytes=2 * 1024 * 1024,
             persisted_bytes=1024 * 1024, source=types_pb2.ACTIVATION_SOURCE_COMPUTED, took_us=1500, pooled=True,
+            adapter_digest=adapter[0].digest if adapter else "",
         ))
+
+    # -- parametric memory ---------------------------------------------------------
+
+    def ImportAdapter(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        messages = list(request_iterator)
+        header, chunks = messages[0].header, [m.chunk for m in messages[1:]]
+        self.uploads.append((header, chunks))
+        mount = self._mount(header.mount_id, context)[0]
+        if mount.mode != types_pb2.MOUNT_MODE_READ_WRITE:
+            fail(context, C.FAILED_PRECONDITION, "MOUNT_READ_ONLY", "read-only mount")
+        config = b"".join(c.data for c in chunks if c.file == types_pb2.ADAPTER_FILE_CONFIG)
+        weights = b"".join(c.data for c in chunks if c.file == types_pb2.ADAPTER_FILE_WEIGHTS)
+        if (len(config), len(weights)) != (header.config_bytes, header.weights_bytes):
+            fail(context, C.INVALID_ARGUMENT, "ADAPTER_INVALID", "the upload is truncated")
+        try:
+            cfg = json.loads(config)
+        except ValueError:
+            fail(context, C.INVALID_ARGUMENT, "ADAPTER_INVALID", "adapter_config.json is not JSON")
+        adapter = types_pb2.Adapter(
+            digest=hashlib.sha256(config + weights).hexdigest(), staged=True, config_bytes=len(config),
+            weights_bytes=len(weights), rank=cfg.get("r", 0), target_modules=cfg.get("target_modules", []),
+            base_model=cfg.get("base_model_name_or_path", ""),
+            lineage=types_pb2.AdapterLineage(origin="imported", model_fingerprint="cd" * 8),
+        )
+        adapter.lineage.create_time.FromSeconds(1714560000)
+        self.staged_adapters[header.mount_id] = (adapter, config, weights)
+        mount.staged_adapter = True
+        return memos_pb2.ImportAdapterResponse(adapter=adapter, mount=mount)
+
+    def ExportAdapter(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("ExportAdapter", request))
+        mount = self._mount(request.mount_id, context)[0]
+        if request.mount_id in self.staged_adapters:
+            adapter = self.staged_adapters[request.mount_id]
+        else:
+            adapter = self._adapter_at(mount.cube_id, mount.base_revision)
+        if adapter is None:
+            fail(context, C.NOT_FOUND, "ADAPTER_NOT_FOUND", f"no adapter at revision {mount.base_revision}")
+            return
+        meta, config, weights = adapter
+        yield memos_pb2.ExportAdapterResponse(adapter=meta)
+        chunks = [types_pb2.AdapterChunk(file=file, data=data[i:i + 1000])
+                  for file, data in ((types_pb2.ADAPTER_FILE_CONFIG, config), (types_pb2.ADAPTER_FILE_WEIGHTS, weights))
+                  for i in range(0, len(data), 1000)]
+        for chunk in chunks[:-1] if self.export_truncated else chunks:
+            yield memos_pb2.ExportAdapterResponse(chunk=chunk)
+
+    def _job_update(self, job: types_pb2.Job, **fields: Any) -> None:
+        with self.job_changed:
+            for k, v in fields.items():
+                setattr(job, k, v)
+            self.job_changed.notify_all()
+
+    def Train(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Train", request))
+        mount = self._mount(request.mount_id, context)[0]
+        if any(j.cube_id == mount.cube_id and j.state in (types_pb2.JOB_STATE_QUEUED, types_pb2.JOB_STATE_RUNNING)
+               for j in self.jobs.values()):
+            fail(context, C.FAILED_PRECONDITION, "TRAINING_IN_PROGRESS", f"{mount.cube_id} is training")
+        job = types_pb2.Job(job_id=self._id("job"), state=types_pb2.JOB_STATE_QUEUED, cube_id=mount.cube_id,
+                            revision=mount.base_revision, settings=request.settings,
+                            total_steps=request.settings.steps or 4)
+        job.create_time.FromSeconds(1714560000)
+        self.jobs[job.job_id] = job
+        # The script the job follows: its message says how it ends.
+        self.scripts[job.job_id] = (request.message, request.author)
+        return memos_pb2.TrainResponse(job=job)
+
+    def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Runs the job as it is watched: its steps, then by its Train message "fail" fails, "cancelled" is
+        cancelled after step 1, "hang" runs step 1 then waits for CancelJob; anything else succeeds,
+        committing a trained adapter."""
+        self.requests.append(("WatchJob", request))
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            fail(context, C.NOT_FOUND, "JOB_NOT_FOUND", f"no job {request.job_id!r}")
+            return
+        finished = False
+
+        def ended() -> None:  # gRPC stops pulling a cancelled stream, so only a callback sees it
+            if not finished:
+                self.watch_cancelled.set()
+                with self.job_changed:  # wakes a "hang" step waiting for the job to end
+                    self.job_changed.notify_all()
+
+        context.add_callback(ended)
+        terminal = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
+        if job.state in terminal:
+            finished = True
+            yield memos_pb2.WatchJobResponse(job=job)
+            return
+        message, author = self.scripts[job.job_id]
+        yield memos_pb2.WatchJobResponse(job=job)
+        for step in range(1, job.total_steps + 1):
+            if job.state in terminal:
+                break
+            self._job_update(job, state=types_pb2.JOB_STATE_RUNNING, step=step, loss=2.0 / step,
+                             eta_seconds=float(job.total_steps - step) * 30)
+            yield memos_pb2.WatchJobResponse(job=job)
+            if message == "hang":
+                with self.job_changed:
+                    self.job_changed.wait_for(lambda: job.state in terminal or not context.is_active(), timeout=10)
+            elif message == "cancelled":
+                self._job_update(job, state=types_pb2.JOB_STATE_CANCELLED, eta_seconds=0.0)
+            time.sleep(0.01)
+        if job.state not in terminal:
+            if message == "fail":
+                self._job_update(job, state=types_pb2.JOB_STATE_FAILED, error="loss diverged", eta_seconds=0.0)
+            else:
+                cube = self.cubes[job.cube_id]
+                cube.head_revision += 1
+                rev = types_pb2.Revision(number=cube.head_revision, parent=cube.head_revision - 1, author=author,
+                                         message=message, kind=types_pb2.REVISION_KIND_COMMIT,
+                                         item_count=cube.item_count)
+                config, weights = b'{"r": 8}', b"T" * 4096
+                meta = types_pb2.Adapter(
+                    digest=hashlib.sha256(config + weights).hexdigest(), config_bytes=len(config),
+                    weights_bytes=len(weights), rank=8, target_modules=["q_proj", "v_proj"],
+                    lineage=types_pb2.AdapterLineage(origin="trained", source_cube_id=job.cube_id,
+                                                     source_revision=job.revision, job_id=job.job_id,
+                                                     source_item_ids=list(self.items[job.cube_id]),
+                                                     settings={"steps": str(job.total_steps)}))
+                self._set_adapter(job.cube_id, rev, (meta, config, weights))
+                self.log[job.cube_id].insert(0, rev)
+                self._job_update(job, state=types_pb2.JOB_STATE_SUCCEEDED, result_revision=rev.number,
+                                 adapter_digest=meta.digest, eta_seconds=0.0)
+        finished = True
+        yield memos_pb2.WatchJobResponse(job=job)
+
+    def CancelJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("CancelJob", request))
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            fail(context, C.NOT_FOUND, "JOB_NOT_FOUND", f"no job {request.job_id!r}")
+            raise AssertionError
+        if job.state not in (types_pb2.JOB_STATE_QUEUED, types_pb2.JOB_STATE_RUNNING):
+            fail(context, C.FAILED_PRECONDITION, "JOB_FINISHED", f"job {job.job_id} has ended")
+        self._job_update(job, state=types_pb2.JOB_STATE_CANCELLED, eta_seconds=0.0)
+        return memos_pb2.CancelJobResponse(job=job)
+
+    def ListJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("ListJobs", request))
+        cube_id = self._cube(request.cube, context).cube_id if request.cube else ""
+        jobs = [j for j in reversed(self.jobs.values()) if cube_id in ("", j.cube_id)]
+        return memos_pb2.ListJobsResponse(jobs=jobs)
 
     def Evict(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.requests.append(("Evict", request))
         self._cube(request.cube, context)
         return memos_pb2.EvictResponse(caches_dropped=1, pool_bytes_freed=2 * 1024 * 1024, took_us=250,
+                                       adapters_unloaded=1,
                                        persisted_bytes_deleted=1024 * 1024 if request.delete_persisted else 0)
 
     def Generate(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -389,6 +592,16 @@ def test_cube_free_needs_yes(ctl: Any, fake: FakeMemOS) -> None:
         ["chat"],
         ["chat", "notes", "--max-tokens", "-1"],
         ["chat", "notes", "-k", "many"],
+        ["adapter"],
+        ["adapter", "import", "notes"],
+        ["adapter", "export", "notes", "out", "--revision", "x"],
+        ["adapter", "show"],
+        ["train"],
+        ["train", "notes", "--steps", "-1"],
+        ["train", "notes", "--lr", "fast"],
+        ["job"],
+        ["job", "watch"],
+        ["job", "cancel"],
     ],
 )
 def test_bad_arguments_are_exit_2(ctl: Any, argv: list[str]) -> None:
@@ -578,8 +791,11 @@ def test_stats_table_and_json(ctl: Any) -> None:
     assert "uptime:" in r.out and "1h02m05s" in r.out and "3.0 MiB" in r.out and "calls Stats:" in r.out
     assert "tiny-llama (ready, cpu float32, context 2048)" in r.out
     assert "2 caches, 1.0 MiB of 64.0 MiB" in r.out and "5 hits, 2 misses, 0 evictions" in r.out
+    assert "adapters:" in r.out and "1 of 4 resident, 3 loads, 2 evictions" in r.out
+    assert "2 (5.0 MiB)" in r.out
     doc = ctl("-o", "json", "stats").json()
     assert doc["version"] == "0.1.0-fake" and doc["calls"] == {"Stats": "1"}
+    assert doc["adapters"]["max_resident"] == 4 and doc["adapters"]["stored_bytes"] == str(5 * 1024 * 1024)
 
 
 
@@ -635,7 +851,7 @@ def test_cube_activate_table_and_json(ctl: Any, fake: FakeMemOS) -> None:
     assert {k: v.strip() for k, v in block.items()} == {
         "cube id": "cube_0001", "revision": "2", "items": "3", "tokens": "120", "computed": "90", "reused": "30",
         "pool bytes": "2.0 MiB", "persisted bytes": "1.0 MiB", "source": "computed", "pooled": "yes",
-        "cache key": "ab" * 32, "model": "cd" * 32, "took": "1.5 ms",
+        "cache key": "ab" * 32, "model": "cd" * 32, "adapter": "-", "took": "1.5 ms",
     }
     doc = ctl("-o", "json", "cube", "activate", "notes", "--revision", "1").json()
     assert (doc["revision"], doc["tokens"], doc["source"], doc["pooled"]) == (
@@ -661,6 +877,7 @@ def test_cube_evict_and_delete(ctl: Any, fake: FakeMemOS) -> None:
     r = ctl("cube", "evict", "notes")
     assert r.code == 0, r.err
     assert "evicted:           notes" in r.out and "caches dropped:    1" in r.out
+    assert "adapters unloaded: 1" in r.out
     assert "pool bytes freed:  2.0 MiB" in r.out and "persisted deleted: 0 B" in r.out and "0.2 ms" in r.out
     doc = ctl("-o", "json", "cube", "evict", "notes", "--delete").json()
     assert (doc["caches_dropped"], doc["persisted_bytes_deleted"]) == (1, str(1024 * 1024))
@@ -793,3 +1010,321 @@ def test_chat_interactive_ctrl_c_cancels_the_reply(ctl: Any, fake: FakeMemOS,
     # The cancelled turn is not part of the conversation.
     assert messages_of(last) == [("user", "hello"), ("assistant", "echo: hello"), ("user", "after")]
     assert not fake.mounts
+
+
+# -- parametric memory: adapters -------------------------------------------------------
+
+ADAPTER_CONFIG = json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"],
+                             "base_model_name_or_path": "tiny-llama"}).encode()
+
+
+def make_adapter(path: Path, weights: bytes = bytes(range(256)) * 9) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_bytes(ADAPTER_CONFIG)
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    return path
+
+
+def block_of(out: str) -> dict[str, str]:
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+
+
+def test_adapter_import_uploads_commits_and_unmounts(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("mem", "write", "notes", "a fact")
+    src = make_adapter(tmp_path / "lora")
+    r = ctl("adapter", "import", "notes", str(src), "-m", "add lora", "--author", "ops")
+    assert r.code == 0, r.err
+    weights = (src / "adapter_model.safetensors").read_bytes()
+    digest = hashlib.sha256(ADAPTER_CONFIG + weights).hexdigest()
+    (header, chunks), = fake.uploads
+    assert (header.config_bytes, header.weights_bytes, header.digest) == (len(ADAPTER_CONFIG), len(weights), digest)
+    assert [c.file for c in chunks] == [types_pb2.ADAPTER_FILE_CONFIG, types_pb2.ADAPTER_FILE_WEIGHTS]
+    assert b"".join(c.data for c in chunks) == ADAPTER_CONFIG + weights
+    mount = requests_of(fake, "Mount")[-1]
+    assert (mount.cube, mount.revision, mount.mode) == ("notes", 0, types_pb2.MOUNT_MODE_READ_WRITE)
+    commit = requests_of(fake, "Commit")[-1]
+    assert (commit.message, commit.author) == ("add lora", "ops")
+    block = block_of(r.out)
+    assert block["digest"] == digest and block["revision"] == "2" and block["born revision"] == "2"
+    assert (block["rank"], block["target modules"], block["base model"]) == ("8", "q_proj,v_proj", "tiny-llama")
+    assert (block["config bytes"], block["weights bytes"], block["origin"]) == (
+        f"{len(ADAPTER_CONFIG)} B", "2.2 KiB", "imported")
+    assert not fake.mounts
+    doc = ctl("-o", "json", "adapter", "import", "notes", str(src)).json()
+    assert doc["adapter"]["digest"] == digest and doc["revision"]["number"] == "3"
+    assert (doc["adapter"]["born_revision"], doc["adapter"]["staged"]) == ("3", False)
+    assert requests_of(fake, "Commit")[-1].message == "memosctl adapter import"
+
+
+def test_adapter_import_bad_directory_is_exit_2_before_mounting(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    src = make_adapter(tmp_path / "lora")
+    (src / "adapter_model.safetensors").unlink()
+    r = ctl("adapter", "import", "notes", str(src))
+    assert r.code == 2 and "adapter_model.safetensors" in r.err
+    r = ctl("adapter", "import", "notes", str(tmp_path / "missing"))
+    assert r.code == 2 and "not a directory" in r.err
+    assert not requests_of(fake, "Mount") and not fake.uploads
+
+
+def test_adapter_import_refused_commits_nothing(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    src = make_adapter(tmp_path / "lora")
+    (src / "adapter_config.json").write_text("not json")
+    r = ctl("adapter", "import", "notes", str(src))
+    assert (r.code, r.out) == (3, "")
+    assert r.err == "memosctl: error: ADAPTER_INVALID: adapter_config.json is not JSON\n"
+    assert not requests_of(fake, "Commit") and not fake.mounts
+
+
+def test_adapter_export_writes_identical_files(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    src = make_adapter(tmp_path / "lora")
+    ctl("adapter", "import", "notes", str(src))
+    ctl("mem", "write", "notes", "later")
+    dest = tmp_path / "out" / "lora"
+    r = ctl("adapter", "export", "notes", str(dest))
+    assert r.code == 0, r.err
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (dest / name).read_bytes() == (src / name).read_bytes()
+    block = block_of(r.out)
+    assert (block["revision"], block["born revision"], block["rank"]) == ("2", "1", "8")
+    assert str(dest / "adapter_model.safetensors") in block["written"]
+    doc = ctl("-o", "json", "adapter", "export", "notes", str(tmp_path / "again"), "--revision", "1").json()
+    assert doc["revision"] == 1 and doc["files"] == [str(tmp_path / "again" / "adapter_config.json"),
+                                                       str(tmp_path / "again" / "adapter_model.safetensors")]
+    assert requests_of(fake, "Mount")[-1].revision == 1
+    assert requests_of(fake, "Mount")[-1].mode == types_pb2.MOUNT_MODE_READ_ONLY
+    assert not fake.mounts
+
+
+def test_adapter_export_size_mismatch_is_exit_3_and_writes_nothing(ctl: Any, fake: FakeMemOS,
+                                                                   tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("adapter", "import", "notes", str(make_adapter(tmp_path / "lora")))
+    fake.export_truncated = True
+    r = ctl("adapter", "export", "notes", str(tmp_path / "out"))
+    assert r.code == 3 and r.err.startswith("memosctl: error: DATA_LOSS: ")
+    assert not (tmp_path / "out").exists() and not fake.mounts
+
+
+def test_adapter_show_and_missing(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("adapter", "show", "notes")
+    assert r.code == 3 and "ADAPTER_NOT_FOUND" in r.err
+    src = make_adapter(tmp_path / "lora")
+    ctl("adapter", "import", "notes", str(src))
+    before = set(tmp_path.iterdir())
+    r = ctl("adapter", "show", "notes")
+    assert r.code == 0, r.err
+    block = block_of(r.out)
+    assert (block["cube id"], block["revision"], block["born revision"], block["origin"]) == (
+        "cube_0001", "1", "1", "imported")
+    assert "trained from" not in block and set(tmp_path.iterdir()) == before  # metadata only, no files
+    doc = ctl("-o", "json", "adapter", "show", "notes", "--revision", "1").json()
+    assert doc["adapter"]["rank"] == 8 and doc["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    assert not fake.mounts
+
+
+def test_adapter_remove_forgets_and_commits(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("adapter", "import", "notes", str(make_adapter(tmp_path / "lora")))
+    r = ctl("adapter", "remove", "notes", "--author", "ops")
+    assert r.code == 0, r.err
+    (forget,) = requests_of(fake, "Forget")
+    assert (list(forget.item_ids), forget.adapter) == ([], True)
+    assert requests_of(fake, "Mount")[-1].mode == types_pb2.MOUNT_MODE_READ_WRITE
+    commit = requests_of(fake, "Commit")[-1]
+    assert (commit.message, commit.author) == ("memosctl adapter remove", "ops")
+    block = block_of(r.out)
+    assert (block["revision"], block["adapter"]) == ("2", "removed")
+    assert ctl("adapter", "show", "notes").code == 3
+    assert ctl("adapter", "show", "notes", "--revision", "1").code == 0  # history keeps it
+    assert not fake.mounts
+
+
+def test_log_and_diff_show_adapter_changes(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("mem", "write", "notes", "one", "-m", "add one")
+    src = make_adapter(tmp_path / "lora")
+    digest = ctl("-o", "json", "adapter", "import", "notes", str(src), "-m", "lora").json()["adapter"]["digest"]
+    ctl("mem", "write", "notes", "two", "-m", "add two")
+    ctl("adapter", "remove", "notes", "-m", "drop lora")
+    lines = ctl("log", "notes").out.splitlines()
+    assert lines[0].split() == ["REV", "KIND", "AUTHOR", "CREATED", "ADDED", "CHANGED", "FORGOTTEN", "ITEMS",
+                                "ADAPTER", "MESSAGE"]
+    marks = {ln.split()[0]: ln.split()[8] for ln in lines[1:]}  # the ADAPTER column
+    assert marks == {"4": "removed", "3": "-", "2": digest[:12], "1": "-"}
+    assert lines[1].endswith("drop lora")
+    doc = ctl("-o", "json", "log", "notes").json()
+    assert [(r["adapter_changed"], r["adapter_digest"]) for r in doc["revisions"]] == [
+        (True, ""), (False, digest), (True, digest), (False, "")]
+
+    r = ctl("diff", "notes", "1", "3")
+    rows = [ln.split(None, 3) for ln in r.out.splitlines()[1:]]
+    assert rows[0][:3] == ["+", "added", "adapter"]
+    assert rows[0][3].startswith(f"{digest[:12]} (rank 8, 2.2 KiB, imported)")
+    assert [row[:2] for row in rows[1:]] == [["+", "added"]]
+    r = ctl("diff", "notes", "2", "4")
+    assert r.out.splitlines()[1].split() == ["-", "forgotten", "adapter", digest[:12], "removed"]
+    doc = ctl("-o", "json", "diff", "notes", "0", "2").json()
+    assert doc["adapter_change"]["kind"] == "CHANGE_KIND_ADDED"
+    assert doc["adapter_change"]["after"]["digest"] == digest and "before" not in doc["adapter_change"]
+    assert ctl("-o", "json", "diff", "notes", "0", "1").json()["adapter_change"] is None
+    r = ctl("diff", "notes", "0", "1")
+    assert "adapter" not in r.out
+
+
+def test_chat_adapter_uses_that_cubes_mount(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    other_id = ctl("-o", "json", "cube", "alloc", "other").json()["cube_id"]
+    assert ctl("chat", "notes", "other", "-m", "hi", "--adapter", "other").code == 0
+    assert ctl("chat", "notes", "other", "-m", "hi", "--adapter", other_id).code == 0
+    assert ctl("chat", "notes", "other", "-m", "hi", "--adapter", "notes").code == 0
+    by_name, by_id, first = requests_of(fake, "Generate")
+    assert by_name.options.adapter_mount_id == by_name.mount_ids[1]
+    assert by_id.options.adapter_mount_id == by_id.mount_ids[1]
+    assert first.options.adapter_mount_id == first.mount_ids[0]
+    r = ctl("chat", "notes", "-m", "hi", "--adapter", "other")
+    assert r.code == 2 and "--adapter 'other' is not one of the chat's cubes" in r.err
+    assert len(requests_of(fake, "Generate")) == 3 and not fake.mounts
+
+
+# -- parametric memory: training jobs ---------------------------------------------------
+
+
+class InterruptingStderr(io.TextIOBase):
+    """A stderr that raises KeyboardInterrupt (once) on the first write containing ``marker``."""
+
+    def __init__(self, inner: Any, marker: str) -> None:
+        self.inner, self.marker = inner, marker
+
+    def write(self, text: str) -> int:
+        if self.marker and self.marker in text:
+            self.marker = ""
+            raise KeyboardInterrupt
+        return int(self.inner.write(text))
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+def test_train_shows_progress_and_succeeds(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("mem", "write", "notes", "a", "b")
+    r = ctl("train", "notes", "--steps", "3", "--rank", "8", "--lr", "0.001", "--seed", "7", "-m", "learn",
+            "--author", "ops")
+    assert r.code == 0, r.err
+    (req,) = requests_of(fake, "Train")
+    s = req.settings
+    assert (s.steps, s.rank, round(s.learning_rate, 9), s.seed, req.message, req.author) == (
+        3, 8, 0.001, 7, "learn", "ops")
+    mount = requests_of(fake, "Mount")[-1]
+    assert (mount.cube, mount.revision, mount.mode) == ("notes", 0, types_pb2.MOUNT_MODE_READ_ONLY)
+    assert "job job_0006: training cube cube_0001 at revision 1 (Ctrl-C cancels it)" in r.err
+    assert "\r" in r.err and "step 1/3" in r.err and "loss 2.0000" in r.err and "eta 1m00s" in r.err
+    assert "step 3/3 100%" in r.err
+    block = block_of(r.out)
+    assert (block["job id"], block["state"], block["step"], block["result revision"]) == (
+        "job_0006", "succeeded", "3/3", "2")
+    assert block["settings"] == "steps 3, rank 8, lr 0.001, seed 7"
+    assert len(block["adapter"]) == 64
+    assert not fake.mounts
+    # The trained adapter is the cube's, with its lineage.
+    shown = block_of(ctl("adapter", "show", "notes").out)
+    assert (shown["origin"], shown["trained from"], shown["job"]) == (
+        "trained", "cube_0001 at revision 1 (2 items)", "job_0006")
+
+
+def test_train_json_and_quiet_have_no_progress(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("-o", "json", "train", "notes")
+    assert r.code == 0 and "\r" not in r.err and "step" not in r.err  # the note, but no progress frames
+    doc = r.json()
+    assert (doc["state"], doc["step"], doc["total_steps"]) == ("JOB_STATE_SUCCEEDED", 4, 4)
+    assert requests_of(fake, "Train")[0].settings == types_pb2.TrainSettings()
+    assert requests_of(fake, "Train")[0].message == "memosctl train"
+    r = ctl("-q", "train", "notes")
+    assert r.code == 0 and r.err == ""
+
+
+@pytest.mark.parametrize(("message", "state", "error"), [
+    ("fail", "failed", "memosctl: error: JOB_FAILED: job job_0003 failed: loss diverged\n"),
+    ("cancelled", "cancelled", "memosctl: error: JOB_CANCELLED: job job_0003 was cancelled\n"),
+])
+def test_train_that_does_not_succeed_is_exit_3(ctl: Any, fake: FakeMemOS, message: str, state: str,
+                                               error: str) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("train", "notes", "-m", message)
+    assert r.code == 3
+    assert r.err.endswith(error)
+    assert block_of(r.out)["state"] == state
+    assert fake.cubes["cube_0001"].head_revision == 0 and not fake.mounts
+    doc = ctl("-o", "json", "job", "watch", "job_0003")
+    assert doc.code == 3 and doc.json()["state"] == f"JOB_STATE_{state.upper()}"
+
+
+def test_train_detach_returns_at_once(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    started = time.monotonic()
+    r = ctl("train", "notes", "--detach", "-m", "hang")
+    assert r.code == 0, r.err
+    assert time.monotonic() - started < 2
+    assert block_of(r.out)["state"] == "queued"
+    assert "memosctl job watch job_0003" in r.err
+    assert not requests_of(fake, "WatchJob") and not fake.mounts
+    r = ctl("train", "notes", "--detach")  # refused: the cube is busy
+    assert r.code == 3 and "TRAINING_IN_PROGRESS" in r.err and not fake.mounts
+    assert ctl("-o", "json", "train", "notes", "--detach").code == 3
+
+
+def test_train_ctrl_c_cancels_the_job(ctl: Any, fake: FakeMemOS, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl("cube", "alloc", "notes")
+    monkeypatch.setattr(sys, "stderr", InterruptingStderr(sys.stderr, "step 1/"))
+    r = ctl("train", "notes", "-m", "hang")
+    assert r.code == 130
+    assert "memosctl: cancelled job job_0003" in r.err and "interrupted" in r.err
+    assert fake.watch_cancelled.wait(5)  # the watch was closed
+    assert [c.job_id for c in requests_of(fake, "CancelJob")] == ["job_0003"]
+    assert fake.jobs["job_0003"].state == types_pb2.JOB_STATE_CANCELLED
+    assert not fake.mounts
+
+
+def test_job_list_watch_cancel(ctl: Any, fake: FakeMemOS, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("cube", "alloc", "other")
+    assert ctl("-q", "train", "notes").code == 0  # job_0004 succeeds
+    assert ctl("train", "other", "--detach", "-m", "hang").code == 0  # job_0006 queued
+    r = ctl("job", "list")
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["JOB", "ID", "STATE", "CUBE", "ID", "REV", "STEP", "LOSS", "CREATED", "RESULT"]
+    assert [ln.split()[:2] for ln in lines[1:]] == [["job_0006", "queued"], ["job_0004", "succeeded"]]
+    assert "revision 1, adapter " in lines[2]
+    doc = ctl("-o", "json", "job", "list", "notes").json()
+    assert [j["job_id"] for j in doc["jobs"]] == ["job_0004"]
+    assert requests_of(fake, "ListJobs")[-1].cube == "notes"
+
+    r = ctl("job", "watch", "job_0004")  # already finished: its final state at once
+    assert r.code == 0 and block_of(r.out)["state"] == "succeeded"
+
+    # Ctrl-C while watching stops the watch only; the job goes on.
+    monkeypatch.setattr(sys, "stderr", InterruptingStderr(sys.stderr, "step 1/"))
+    r = ctl("job", "watch", "job_0006")
+    assert r.code == 130 and not requests_of(fake, "CancelJob")
+    assert fake.jobs["job_0006"].state == types_pb2.JOB_STATE_RUNNING
+
+    r = ctl("job", "cancel", "job_0006")
+    assert r.code == 0, r.err
+    assert block_of(r.out)["state"] == "cancelled"
+    r = ctl("job", "cancel", "job_0006")
+    assert r.code == 3 and "JOB_FINISHED" in r.err
+    r = ctl("job", "watch", "job_0006")
+    assert r.code == 3 and "JOB_CANCELLED" in r.err
+
+
+def test_job_not_found_is_exit_3_without_progress_junk(ctl: Any) -> None:
+    r = ctl("job", "watch", "job_nope")
+    assert (r.code, r.out) == (3, "")
+    assert r.err == "memosctl: error: JOB_NOT_FOUND: no job 'job_nope'\n"
+    assert ctl("job", "cancel", "job_nope").code == 3

@@ -6,12 +6,14 @@ details exactly as memosd does, so the whole decode path is exercised.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,6 +48,13 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "CONTEXT_EXCEEDED": (C.OUT_OF_RANGE, errors.ContextExceeded),
     "POOL_TOO_SMALL": (C.RESOURCE_EXHAUSTED, errors.PoolTooSmall),
     "MODEL_UNAVAILABLE": (C.FAILED_PRECONDITION, errors.ModelUnavailable),
+    "ADAPTER_INVALID": (C.INVALID_ARGUMENT, errors.AdapterInvalid),
+    "ADAPTER_TOO_LARGE": (C.RESOURCE_EXHAUSTED, errors.AdapterTooLarge),
+    "ADAPTER_MISMATCH": (C.FAILED_PRECONDITION, errors.AdapterMismatch),
+    "ADAPTER_NOT_FOUND": (C.NOT_FOUND, errors.AdapterNotFound),
+    "JOB_NOT_FOUND": (C.NOT_FOUND, errors.JobNotFound),
+    "TRAINING_IN_PROGRESS": (C.FAILED_PRECONDITION, errors.TrainingInProgress),
+    "JOB_FINISHED": (C.FAILED_PRECONDITION, errors.JobFinished),
 }
 
 
@@ -67,6 +76,11 @@ class Fake(memos_pb2_grpc.MemOSServicer):
         self.requests: list[tuple[str, Any]] = []
         self.unmount_fails = False
         self.generation_cancelled = threading.Event()
+        self.watch_cancelled = threading.Event()
+        # What ExportAdapter serves: the Adapter it announces, then these files' chunks.
+        self.export_config = b'{"r": 4}'
+        self.export_weights = bytes(range(256)) * 5
+        self.export_adapter: types_pb2.Adapter | None = None
 
     def StatCube(self, request: memos_pb2.StatCubeRequest, context: grpc.ServicerContext) -> Any:
         spec = request.cube
@@ -153,6 +167,90 @@ class Fake(memos_pb2_grpc.MemOSServicer):
             completion_tokens=3, ttft_us=1000, total_us=5000,
             memory=[types_pb2.MemoryUse(mount_id=m, activated=True) for m in request.mount_ids],
         ))
+
+    def Forget(self, request: memos_pb2.ForgetRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Forget", request))
+        return memos_pb2.ForgetResponse(mount=types_pb2.Mount(
+            mount_id=request.mount_id, staged_forgets=len(request.item_ids), staged_adapter=request.adapter))
+
+    def Diff(self, request: memos_pb2.DiffRequest, context: grpc.ServicerContext) -> Any:
+        """Two pages of one change each; the first carries an adapter change when ``cube`` is "adapted"."""
+        self.requests.append(("Diff", request))
+        page = int(request.page_token or 0)
+        resp = memos_pb2.DiffResponse(
+            changes=[types_pb2.ItemChange(kind=types_pb2.CHANGE_KIND_ADDED, item_id=f"itm_{page}")],
+            next_page_token="" if page else "1", from_revision=request.from_revision, to_revision=7,
+        )
+        if request.cube == "adapted" and not page:
+            resp.adapter_change.CopyFrom(types_pb2.AdapterChange(
+                kind=types_pb2.CHANGE_KIND_ADDED, after=types_pb2.Adapter(digest="ab" * 32)))
+        return resp
+
+    def ImportAdapter(self, request_iterator: Iterator[memos_pb2.ImportAdapterRequest],
+                      context: grpc.ServicerContext) -> Any:
+        messages = list(request_iterator)
+        self.requests.append(("ImportAdapter", messages))
+        header = messages[0].header
+        if header.mount_id == "mnt_bad":
+            abort(context, C.FAILED_PRECONDITION, "rank 4 adapter for another model", "ADAPTER_MISMATCH")
+        adapter = types_pb2.Adapter(digest=header.digest, staged=True, config_bytes=header.config_bytes,
+                                    weights_bytes=header.weights_bytes, rank=4)
+        mount = types_pb2.Mount(mount_id=header.mount_id, cube_id="cube_1", staged_adapter=True)
+        return memos_pb2.ImportAdapterResponse(adapter=adapter, mount=mount)
+
+    def ExportAdapter(self, request: memos_pb2.ExportAdapterRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("ExportAdapter", request))
+        if request.mount_id == "mnt_none":
+            abort(context, C.NOT_FOUND, "cube_1 has no adapter at revision 4", "ADAPTER_NOT_FOUND")
+        config, weights = self.export_config, self.export_weights
+        adapter = self.export_adapter or types_pb2.Adapter(
+            digest=hashlib.sha256(config + weights).hexdigest(), born_revision=4, config_bytes=len(config),
+            weights_bytes=len(weights), rank=4)
+        yield memos_pb2.ExportAdapterResponse(adapter=adapter, header=types_pb2.ResponseHeader(cube_id="cube_1"))
+        for file, data in ((types_pb2.ADAPTER_FILE_CONFIG, config), (types_pb2.ADAPTER_FILE_WEIGHTS, weights)):
+            for start in range(0, len(data), 500):
+                yield memos_pb2.ExportAdapterResponse(chunk=types_pb2.AdapterChunk(file=file,
+                                                                                   data=data[start:start + 500]))
+
+    def Train(self, request: memos_pb2.TrainRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Train", request))
+        if request.mount_id == "mnt_busy":
+            abort(context, C.FAILED_PRECONDITION, "cube_1 is training (job_0)", "TRAINING_IN_PROGRESS")
+        return memos_pb2.TrainResponse(job=types_pb2.Job(
+            job_id="job_1", state=types_pb2.JOB_STATE_QUEUED, cube_id="cube_1", revision=4,
+            settings=request.settings))
+
+    def WatchJob(self, request: memos_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Any:
+        """job_1 runs 3 steps and succeeds; job_slow runs until the watch is cancelled; others do not exist."""
+        self.requests.append(("WatchJob", request))
+        if request.job_id == "job_slow":
+            context.add_callback(self.watch_cancelled.set)
+            yield memos_pb2.WatchJobResponse(job=types_pb2.Job(job_id="job_slow", state=types_pb2.JOB_STATE_RUNNING))
+            deadline = time.monotonic() + 10
+            while context.is_active() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return
+        if request.job_id != "job_1":
+            abort(context, C.NOT_FOUND, f"no job {request.job_id!r}", "JOB_NOT_FOUND")
+        yield memos_pb2.WatchJobResponse(job=types_pb2.Job(job_id="job_1", state=types_pb2.JOB_STATE_QUEUED))
+        for step in (1, 2, 3):
+            yield memos_pb2.WatchJobResponse(job=types_pb2.Job(
+                job_id="job_1", state=types_pb2.JOB_STATE_RUNNING, step=step, total_steps=3, loss=1.0 / step))
+        yield memos_pb2.WatchJobResponse(job=types_pb2.Job(
+            job_id="job_1", state=types_pb2.JOB_STATE_SUCCEEDED, step=3, total_steps=3, result_revision=5,
+            adapter_digest="cd" * 32))
+
+    def CancelJob(self, request: memos_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("CancelJob", request))
+        if request.job_id == "job_done":
+            abort(context, C.FAILED_PRECONDITION, "job_done has succeeded", "JOB_FINISHED")
+        return memos_pb2.CancelJobResponse(job=types_pb2.Job(job_id=request.job_id,
+                                                             state=types_pb2.JOB_STATE_CANCELLED))
+
+    def ListJobs(self, request: memos_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("ListJobs", request))
+        jobs = [types_pb2.Job(job_id="job_2", cube_id="cube_2"), types_pb2.Job(job_id="job_1", cube_id="cube_1")]
+        return memos_pb2.ListJobsResponse(jobs=[j for j in jobs if request.cube in ("", j.cube_id)])
 
     def of(self, name: str) -> list[Any]:
         return [req for n, req in self.requests if n == name]
@@ -462,3 +560,196 @@ def test_generation_context_manager_cancels_unfinished(client: memos.Client, fak
 def test_generation_deadline_is_the_clients_or_its_own(client: memos.Client) -> None:
     with pytest.raises(errors.DeadlineExceeded):
         client.generate("slow", timeout=0.2).text()
+
+
+def test_generate_adapter_mount(client: memos.Client, fake: Fake) -> None:
+    handle = memos.MountHandle(client, types_pb2.Mount(mount_id="mnt_h"))
+    client.generate("hi", ["mnt_a", handle], adapter_mount=handle).text()
+    client.generate("hi", "mnt_a", adapter_mount="mnt_a", bypass_kv_cache=True).text()
+    with_handle, with_id = fake.of("Generate")
+    assert with_handle.options.adapter_mount_id == "mnt_h"
+    assert (with_id.options.adapter_mount_id, with_id.options.bypass_kv_cache) == ("mnt_a", True)
+
+
+# -- parametric memory ---------------------------------------------------------------
+
+
+def adapter_dir(path: Path, config: bytes = b'{"r": 4, "target_modules": ["q_proj"]}',
+                weights: bytes = b"W" * 2500) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_bytes(config)
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_import_adapter_sends_header_then_chunks(client: memos.Client, fake: Fake) -> None:
+    config, weights = b'{"r": 4}', bytes(range(256)) * 10
+    resp = client.import_adapter("mnt_1", (config, weights), chunk_bytes=1000)
+    (messages,) = fake.of("ImportAdapter")
+    header = messages[0].header
+    assert messages[0].WhichOneof("part") == "header"
+    assert (header.mount_id, header.config_bytes, header.weights_bytes) == ("mnt_1", len(config), len(weights))
+    assert header.digest == hashlib.sha256(config + weights).hexdigest() == memos.client.adapter_digest(
+        config, weights)
+    chunks = [m.chunk for m in messages[1:]]
+    assert all(m.WhichOneof("part") == "chunk" for m in messages[1:])
+    # The config first, then the weights, each cut in chunk_bytes pieces.
+    assert [(c.file, len(c.data)) for c in chunks] == [
+        (types_pb2.ADAPTER_FILE_CONFIG, len(config)), (types_pb2.ADAPTER_FILE_WEIGHTS, 1000),
+        (types_pb2.ADAPTER_FILE_WEIGHTS, 1000), (types_pb2.ADAPTER_FILE_WEIGHTS, 560)]
+    assert b"".join(c.data for c in chunks if c.file == types_pb2.ADAPTER_FILE_CONFIG) == config
+    assert b"".join(c.data for c in chunks if c.file == types_pb2.ADAPTER_FILE_WEIGHTS) == weights
+    assert (resp.adapter.digest, resp.adapter.staged, resp.mount.staged_adapter) == (header.digest, True, True)
+
+
+def test_import_adapter_from_a_directory_through_a_handle(client: memos.Client, fake: Fake, tmp_path: Path) -> None:
+    path = adapter_dir(tmp_path / "lora")
+    with client.mount("notes", writable=True) as m:
+        resp = m.import_adapter(str(path))
+        assert m.info.staged_adapter  # the handle took the response's mount
+    (messages,) = fake.of("ImportAdapter")
+    data = b"".join(msg.chunk.data for msg in messages[1:])
+    assert data == (path / "adapter_config.json").read_bytes() + (path / "adapter_model.safetensors").read_bytes()
+    assert len(messages) == 3  # header, one chunk per file (default 1 MiB chunks)
+    assert resp.adapter.weights_bytes == 2500
+    client.import_adapter("mnt_1", path)  # a Path works too
+    assert len(fake.of("ImportAdapter")) == 2
+
+
+def test_import_adapter_rejects_a_bad_source_before_sending(client: memos.Client, fake: Fake,
+                                                             tmp_path: Path) -> None:
+    path = adapter_dir(tmp_path / "lora")
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors"):
+        client.import_adapter("mnt_1", path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        client.import_adapter("mnt_1", tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a directory"):
+        client.import_adapter("mnt_1", tmp_path / "missing")
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        client.import_adapter("mnt_1", (b"{}", b"w"), chunk_bytes=0)
+    with pytest.raises(TypeError):
+        client.import_adapter("mnt_1", ("{}", "w"))  # type: ignore[arg-type]
+    assert fake.of("ImportAdapter") == []
+
+
+def test_import_adapter_errors_are_converted(client: memos.Client) -> None:
+    with pytest.raises(errors.AdapterMismatch) as info:
+        client.import_adapter("mnt_bad", (b"{}", b"w" * 10))
+    assert info.value.code == C.FAILED_PRECONDITION and "another model" in info.value.message
+
+
+def test_export_adapter_returns_and_writes_identical_bytes(client: memos.Client, fake: Fake,
+                                                           tmp_path: Path) -> None:
+    adapter, config, weights = client.export_adapter("mnt_1")
+    assert (config, weights) == (fake.export_config, fake.export_weights)
+    assert (adapter.born_revision, adapter.weights_bytes) == (4, len(weights))
+    out = tmp_path / "a" / "b"  # created, parents included
+    with client.mount("notes") as m:
+        adapter2, config2, weights2 = m.export_adapter(out)
+    assert (adapter2, config2, weights2) == (adapter, config, weights)
+    assert (out / "adapter_config.json").read_bytes() == fake.export_config
+    assert (out / "adapter_model.safetensors").read_bytes() == fake.export_weights
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # What was exported imports back byte for byte.
+    client.import_adapter("mnt_1", out)
+    header = fake.of("ImportAdapter")[0][0].header
+    assert header.digest == adapter.digest
+
+
+def test_export_adapter_detects_a_size_mismatch(client: memos.Client, fake: Fake, tmp_path: Path) -> None:
+    config, weights = fake.export_config, fake.export_weights
+    fake.export_adapter = types_pb2.Adapter(digest=hashlib.sha256(config + weights).hexdigest(),
+                                            config_bytes=len(config), weights_bytes=len(weights) + 1)
+    with pytest.raises(errors.DataLoss, match=rf"{len(config)} \+ {len(weights)} bytes \(config \+ weights\), not the {len(config)} \+ {len(weights) + 1}"):
+        client.export_adapter("mnt_1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+    fake.export_adapter = types_pb2.Adapter(digest="00" * 32, config_bytes=len(config),
+                                            weights_bytes=len(weights))
+    with pytest.raises(errors.DataLoss, match="digest"):
+        client.export_adapter("mnt_1")
+
+
+def test_export_adapter_errors_are_converted(client: memos.Client) -> None:
+    with pytest.raises(errors.AdapterNotFound) as info:
+        client.export_adapter("mnt_none")
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+
+
+def test_forget_adapter_without_items(client: memos.Client, fake: Fake) -> None:
+    mount = client.forget("mnt_1", adapter=True)
+    assert mount.staged_adapter
+    with client.mount("notes", writable=True) as m:
+        m.forget(["itm_1"])
+        assert m.info.staged_forgets == 1 and not m.info.staged_adapter
+    first, second = fake.of("Forget")
+    assert (list(first.item_ids), first.adapter) == ([], True)
+    assert (list(second.item_ids), second.adapter) == (["itm_1"], False)
+
+
+def test_diff_carries_the_adapter_change(client: memos.Client, fake: Fake) -> None:
+    diff = client.diff("adapted", 2)
+    assert diff.adapter_change is None  # nothing fetched yet
+    assert [c.item_id for c in diff] == ["itm_0", "itm_1"]  # both pages
+    assert diff.adapter_change is not None and diff.adapter_change.after.digest == "ab" * 32
+    assert (diff.from_revision, diff.to_revision) == (2, 7)
+    plain = client.diff("notes", 1).fetch_first()
+    assert plain.adapter_change is None and len(fake.of("Diff")) == 3
+    assert len(list(plain)) == 2
+
+
+def test_train_builds_the_request(client: memos.Client, fake: Fake) -> None:
+    job = client.train("mnt_1", steps=50, rank=8, learning_rate=1e-3, seed=7, message="learn", author="me")
+    assert (job.job_id, job.state, job.settings.steps) == ("job_1", types_pb2.JOB_STATE_QUEUED, 50)
+    with client.mount("notes") as m:
+        m.train()
+    full, default = fake.of("Train")
+    assert (full.mount_id, full.message, full.author) == ("mnt_1", "learn", "me")
+    s = full.settings
+    assert (s.steps, s.rank, round(s.learning_rate, 9), s.seed) == (50, 8, 1e-3, 7)
+    assert default.mount_id == "mnt_1" and default.settings == types_pb2.TrainSettings()
+    with pytest.raises(errors.TrainingInProgress):
+        client.train("mnt_busy")
+
+
+def test_watch_job_yields_every_state(client: memos.Client) -> None:
+    jobs = list(client.watch_job("job_1"))
+    assert [(j.state, j.step) for j in jobs] == [
+        (types_pb2.JOB_STATE_QUEUED, 0), (types_pb2.JOB_STATE_RUNNING, 1), (types_pb2.JOB_STATE_RUNNING, 2),
+        (types_pb2.JOB_STATE_RUNNING, 3), (types_pb2.JOB_STATE_SUCCEEDED, 3)]
+    assert jobs[-1].state in memos.client.JOB_TERMINAL_STATES
+    with pytest.raises(errors.JobNotFound):
+        list(client.watch_job("job_nope"))
+
+
+def test_wait_job_returns_the_final_state(client: memos.Client) -> None:
+    seen: list[int] = []
+    job = client.wait_job("job_1", on_update=lambda j: seen.append(j.step))
+    assert (job.state, job.result_revision, job.adapter_digest) == (types_pb2.JOB_STATE_SUCCEEDED, 5, "cd" * 32)
+    assert seen == [0, 1, 2, 3, 3]
+    with pytest.raises(errors.JobNotFound):
+        client.wait_job("job_nope")
+
+
+def test_watch_job_closed_early_cancels_the_stream(client: memos.Client, fake: Fake) -> None:
+    watch = client.watch_job("job_slow")
+    assert next(watch).state == types_pb2.JOB_STATE_RUNNING
+    watch.close()
+    assert fake.watch_cancelled.wait(2)
+    assert fake.of("CancelJob") == []  # the job itself is left alone
+
+
+def test_watch_job_timeout(client: memos.Client) -> None:
+    with pytest.raises(errors.DeadlineExceeded):
+        client.wait_job("job_slow", timeout=0.2)
+
+
+def test_cancel_and_list_jobs(client: memos.Client, fake: Fake) -> None:
+    assert client.cancel_job("job_1").state == types_pb2.JOB_STATE_CANCELLED
+    with pytest.raises(errors.JobFinished):
+        client.cancel_job("job_done")
+    assert [r.job_id for r in fake.of("CancelJob")] == ["job_1", "job_done"]
+    assert [j.job_id for j in client.list_jobs()] == ["job_2", "job_1"]
+    assert [j.job_id for j in client.list_jobs("cube_1")] == ["job_1"]
+    assert [r.cube for r in fake.of("ListJobs")] == ["", "cube_1"]

@@ -30,7 +30,7 @@ class ExplodingKernel:
 @pytest.fixture
 def client() -> Iterator[Client]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = MemOSServicer(ExplodingKernel(), None, None, None, lambda: None)  # type: ignore[arg-type]
+    servicer = MemOSServicer(ExplodingKernel(), None, None, None, None, None, lambda: None)  # type: ignore[arg-type]
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -3,14 +3,18 @@
 It is a thin layer over the generated ``memos.v1`` stub: each method builds one
 request, returns the interesting part of the response as the protobuf message
 itself, and turns gRPC failures into :mod:`memos.errors` exceptions. List calls
-are generators that follow page tokens.
+are generators that follow page tokens; streaming calls convert their errors
+while they are iterated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from datetime import datetime, timezone
 from itertools import islice
 from types import TracebackType
@@ -19,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from memos.errors import MountNotFound, from_rpc_error
+from memos.errors import DataLoss, MountNotFound, Unknown, from_rpc_error
 from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -33,6 +37,16 @@ TimeLike = datetime | str | Timestamp
 # One message of a conversation: a ready ChatMessage, a (role, content) pair, or a
 # mapping with the keys role/content.
 MessageLike = types_pb2.ChatMessage | tuple[str, str] | Mapping[str, str]
+# A peft LoRA adapter: a directory holding its two files, or their bytes (config, weights).
+AdapterSource = str | os.PathLike[str] | tuple[bytes, bytes]
+
+# The two files of a peft adapter directory.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# States a job never leaves.
+JOB_TERMINAL_STATES = frozenset(
+    {types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED}
+)
 
 _SEARCH_MODES = {
     "hybrid": types_pb2.SEARCH_MODE_HYBRID,
@@ -136,6 +150,64 @@ def _as_list(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def adapter_digest(config: bytes, weights: bytes) -> str:
+    """The digest naming an adapter: sha256 over its config bytes then its weights bytes (64 hex)."""
+    h = hashlib.sha256(config)
+    h.update(weights)
+    return h.hexdigest()
+
+
+def load_adapter_dir(directory: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """The (config, weights) bytes of a peft adapter directory; ValueError when one of the files is missing."""
+    path = os.fspath(directory)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory; an adapter is a directory holding "
+                         f"{ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}")
+    files = []
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"{path!r} holds no {name}: not a peft LoRA adapter directory")
+        with open(file, "rb") as f:
+            files.append(f.read())
+    return files[0], files[1]
+
+
+def _adapter_bytes(source: AdapterSource) -> tuple[bytes, bytes]:
+    if isinstance(source, tuple):
+        if len(source) != 2 or not all(isinstance(b, bytes | bytearray | memoryview) for b in source):
+            raise TypeError("an adapter given as a tuple is (config_bytes, weights_bytes)")
+        return bytes(source[0]), bytes(source[1])
+    return load_adapter_dir(source)
+
+
+def _adapter_upload(
+    mount_id: str, config: bytes, weights: bytes, chunk_bytes: int
+) -> Iterator[memos_pb2.ImportAdapterRequest]:
+    yield memos_pb2.ImportAdapterRequest(header=memos_pb2.AdapterUpload(
+        mount_id=mount_id, config_bytes=len(config), weights_bytes=len(weights),
+        digest=adapter_digest(config, weights),
+    ))
+    for file, data in ((types_pb2.ADAPTER_FILE_CONFIG, config), (types_pb2.ADAPTER_FILE_WEIGHTS, weights)):
+        view = memoryview(data)
+        for start in range(0, len(data), chunk_bytes):
+            chunk = types_pb2.AdapterChunk(file=file, data=bytes(view[start:start + chunk_bytes]))
+            yield memos_pb2.ImportAdapterRequest(chunk=chunk)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    # Through a temporary name, so a reader never sees half a file.
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class Generation:
     """A streaming Generate call. Iterate it for the text deltas (str, never empty).
 
@@ -226,6 +298,53 @@ class SearchResults(list[types_pb2.SearchHit]):
     @property
     def embed_us(self) -> int:
         return self.response.embed_us
+
+
+class DiffChanges(Iterator[types_pb2.ItemChange]):
+    """The item changes of a diff, fetched page by page as they are iterated.
+
+    ``adapter_change`` is the AdapterChange once the first page has arrived
+    (None before, and when the cube's adapter is the same at both revisions);
+    ``from_revision``/``to_revision`` are the revisions compared as the daemon
+    resolved them (a ``to_revision`` of 0 becomes HEAD's number). Call
+    :meth:`fetch_first` to know them before iterating.
+    """
+
+    def __init__(self, fetch: Callable[[str], memos_pb2.DiffResponse]) -> None:
+        self._fetch = fetch
+        self._pending: deque[types_pb2.ItemChange] = deque()
+        self._token = ""
+        self._started = False
+        self.adapter_change: types_pb2.AdapterChange | None = None
+        self.from_revision = 0
+        self.to_revision = 0
+
+    def _load(self) -> None:
+        resp = self._fetch(self._token)
+        if not self._started:
+            self._started = True
+            self.from_revision, self.to_revision = resp.from_revision, resp.to_revision
+            if resp.HasField("adapter_change"):
+                self.adapter_change = resp.adapter_change
+        self._pending.extend(resp.changes)
+        self._token = resp.next_page_token
+
+    def fetch_first(self) -> DiffChanges:
+        """Fetch the first page now, if iterating has not already."""
+        if not self._started:
+            self._load()
+        return self
+
+    def __iter__(self) -> DiffChanges:
+        return self
+
+    def __next__(self) -> types_pb2.ItemChange:
+        self.fetch_first()
+        while not self._pending and self._token:
+            self._load()
+        if not self._pending:
+            raise StopIteration
+        return self._pending.popleft()
 
 
 class Client:
@@ -417,9 +536,13 @@ class Client:
 
         return self._pages(fetch)
 
-    def forget(self, mount_id: str, item_ids: Sequence[str]) -> types_pb2.Mount:
-        """Stage the removal of items; returns the mount with its new staging counts."""
-        req = memos_pb2.ForgetRequest(mount_id=mount_id, item_ids=item_ids)
+    def forget(self, mount_id: str, item_ids: Sequence[str] = (), *, adapter: bool = False) -> types_pb2.Mount:
+        """Stage the removal of items, and with ``adapter`` of the cube's adapter; returns the mount.
+
+        ``item_ids`` may be empty when ``adapter`` is set. The mount returned
+        carries the new staging counts (``staged_adapter`` included).
+        """
+        req = memos_pb2.ForgetRequest(mount_id=mount_id, item_ids=item_ids, adapter=adapter)
         return self._call(self._stub.Forget, req).mount
 
     def search(
@@ -475,12 +598,14 @@ class Client:
 
         return self._pages(fetch)
 
-    def diff(
-        self, cube: str, from_revision: int, to_revision: int = 0, page_size: int = 0
-    ) -> Iterator[types_pb2.ItemChange]:
-        """Items added, changed and forgotten between two revisions (0 as ``to_revision``: HEAD)."""
+    def diff(self, cube: str, from_revision: int, to_revision: int = 0, page_size: int = 0) -> DiffChanges:
+        """Items added, changed and forgotten between two revisions (0 as ``to_revision``: HEAD).
 
-        def fetch(token: str) -> tuple[Sequence[types_pb2.ItemChange], str]:
+        An iterator of ItemChange; its ``adapter_change`` says how the cube's
+        adapter differs (see :class:`DiffChanges`).
+        """
+
+        def fetch(token: str) -> memos_pb2.DiffResponse:
             req = memos_pb2.DiffRequest(
                 cube=cube,
                 from_revision=from_revision,
@@ -488,10 +613,9 @@ class Client:
                 page_size=page_size,
                 page_token=token,
             )
-            resp = self._call(self._stub.Diff, req)
-            return resp.changes, resp.next_page_token
+            return self._call(self._stub.Diff, req)
 
-        return self._pages(fetch)
+        return DiffChanges(fetch)
 
     def rollback(self, cube: str, to_revision: int, message: str = "", author: str = "") -> types_pb2.Revision:
         """Make a new revision whose content equals ``to_revision``'s."""
@@ -530,6 +654,7 @@ class Client:
         seed: int = 0,
         retrieve_k: int | None = None,
         bypass_kv_cache: bool = False,
+        adapter_mount: str | MountHandle | None = None,
         timeout: float | None = None,
     ) -> Generation:
         """Start generating a reply to ``messages`` with the memory of ``mounts``; returns the stream.
@@ -540,7 +665,9 @@ class Client:
         options mean the daemon's defaults (greedy, 256 tokens); ``retrieve_k``
         None means the daemon's default, 0 no retrieval. ``bypass_kv_cache``
         prefills activated memory blocks instead of reusing their KV caches
-        (same prompt, full prefill: for measurements). ``timeout`` (default:
+        (same prompt, full prefill: for measurements). ``adapter_mount`` (a
+        mount id or MountHandle, usually one of ``mounts``) generates with that
+        mount's cube's adapter; None is the base model. ``timeout`` (default:
         the client's) bounds the whole stream. Errors are raised while iterating.
         """
         if isinstance(mounts, str | MountHandle):
@@ -551,6 +678,7 @@ class Client:
             options=types_pb2.GenerationOptions(
                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(stop), seed=seed,
                 bypass_kv_cache=bypass_kv_cache,
+                adapter_mount_id=_mount_id(adapter_mount) if adapter_mount is not None else "",
             ),
         )
         if retrieve_k is not None:
@@ -558,6 +686,156 @@ class Client:
         started = time.perf_counter()
         stream: _ResponseStream = self._stub.Generate(req, timeout=self.timeout if timeout is None else timeout)
         return Generation(stream, started)
+
+    # -- parametric memory -----------------------------------------------------
+
+    def import_adapter(
+        self,
+        mount: str | MountHandle,
+        source: AdapterSource,
+        *,
+        chunk_bytes: int = 1 << 20,
+        timeout: float | None = None,
+    ) -> memos_pb2.ImportAdapterResponse:
+        """Upload a peft LoRA adapter into a read-write mount's staging area; Commit makes it the cube's.
+
+        ``source`` is a directory holding adapter_config.json and
+        adapter_model.safetensors (ValueError when one is missing), or the two
+        files' bytes as ``(config, weights)``. The upload states the exact sizes
+        and the sha256 digest, then streams the files in ``chunk_bytes`` pieces.
+        Returns the response: the staged ``adapter`` and the ``mount``. Raises
+        AdapterInvalid, AdapterTooLarge or AdapterMismatch. ``timeout``
+        (default: the client's) bounds the whole upload.
+        """
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be at least 1")
+        config, weights = _adapter_bytes(source)
+        requests = _adapter_upload(_mount_id(mount), config, weights, chunk_bytes)
+        try:
+            resp: memos_pb2.ImportAdapterResponse = self._stub.ImportAdapter(
+                requests, timeout=self.timeout if timeout is None else timeout
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return resp
+
+    def export_adapter(
+        self,
+        mount: str | MountHandle,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[types_pb2.Adapter, bytes, bytes]:
+        """Download the adapter a mount sees (staged, or at its base revision): ``(adapter, config, weights)``.
+
+        With ``directory``, also writes adapter_config.json and
+        adapter_model.safetensors there (creating it; files of those names are
+        replaced). Raises AdapterNotFound when the cube has none, and DataLoss
+        when what arrived does not match the adapter's sizes or digest (nothing
+        is written then). ``timeout`` (default: the client's) bounds the download.
+        """
+        req = memos_pb2.ExportAdapterRequest(mount_id=_mount_id(mount))
+        stream = self._stub.ExportAdapter(req, timeout=self.timeout if timeout is None else timeout)
+        adapter: types_pb2.Adapter | None = None
+        parts: dict[int, list[bytes]] = {types_pb2.ADAPTER_FILE_CONFIG: [], types_pb2.ADAPTER_FILE_WEIGHTS: []}
+        try:
+            for resp in stream:
+                if adapter is None and resp.HasField("adapter"):
+                    adapter = resp.adapter
+                if resp.HasField("chunk"):
+                    if resp.chunk.file not in parts:
+                        raise DataLoss(f"the export sent a chunk of unknown file {resp.chunk.file}")
+                    parts[resp.chunk.file].append(resp.chunk.data)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()  # a no-op once the stream has ended
+        if adapter is None:
+            raise DataLoss("the export ended before sending the adapter")
+        config = b"".join(parts[types_pb2.ADAPTER_FILE_CONFIG])
+        weights = b"".join(parts[types_pb2.ADAPTER_FILE_WEIGHTS])
+        if (len(config), len(weights)) != (adapter.config_bytes, adapter.weights_bytes):
+            raise DataLoss(
+                f"the export of adapter {adapter.digest[:12] or '?'} delivered {len(config)} + {len(weights)} "
+                f"bytes (config + weights), not the {adapter.config_bytes} + {adapter.weights_bytes} it announced"
+            )
+        if adapter.digest and adapter_digest(config, weights) != adapter.digest:
+            raise DataLoss(f"the exported files do not hash to the adapter's digest {adapter.digest}")
+        if directory is not None:
+            path = os.fspath(directory)
+            os.makedirs(path, exist_ok=True)
+            _write_file(os.path.join(path, ADAPTER_CONFIG_FILE), config)
+            _write_file(os.path.join(path, ADAPTER_WEIGHTS_FILE), weights)
+        return adapter, config, weights
+
+    # -- jobs ------------------------------------------------------------------
+
+    def train(
+        self,
+        mount: str | MountHandle,
+        *,
+        steps: int = 0,
+        rank: int = 0,
+        learning_rate: float = 0.0,
+        seed: int = 0,
+        message: str = "",
+        author: str = "",
+    ) -> types_pb2.Job:
+        """Start training the cube's items at the mount's base revision into a LoRA adapter.
+
+        Returns the Job at once (queued); on success the daemon commits the
+        adapter as a new revision with ``message`` and ``author``. Zero
+        settings mean the daemon's defaults. Raises TrainingInProgress when the
+        cube already has a job queued or running.
+        """
+        req = memos_pb2.TrainRequest(
+            mount_id=_mount_id(mount),
+            settings=types_pb2.TrainSettings(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed),
+            message=message,
+            author=author,
+        )
+        return self._call(self._stub.Train, req).job
+
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Generator[types_pb2.Job, None, None]:
+        """The job's state on every change, ending after its final state.
+
+        ``timeout`` bounds the whole watch; None (the default) waits as long
+        as the job runs. Closing the iterator early cancels the watch (not the
+        job). Raises JobNotFound while iterating.
+        """
+        stream = self._stub.WatchJob(memos_pb2.WatchJobRequest(job_id=job_id), timeout=timeout)
+        try:
+            for resp in stream:
+                yield resp.job
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()
+
+    def wait_job(
+        self,
+        job_id: str,
+        on_update: Callable[[types_pb2.Job], None] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> types_pb2.Job:
+        """Watch a job until it ends and return its final state; ``on_update`` sees every state on the way."""
+        last: types_pb2.Job | None = None
+        for job in self.watch_job(job_id, timeout):
+            last = job
+            if on_update is not None:
+                on_update(job)
+        if last is None:
+            raise Unknown(f"the watch of job {job_id} ended without a state")
+        return last
+
+    def cancel_job(self, job_id: str) -> types_pb2.Job:
+        """Stop a queued or running job (the cube is left unchanged); raises JobFinished if it has ended."""
+        return self._call(self._stub.CancelJob, memos_pb2.CancelJobRequest(job_id=job_id)).job
+
+    def list_jobs(self, cube: str = "") -> list[types_pb2.Job]:
+        """The daemon's recent jobs, newest first; only a cube's (id or name) when ``cube`` is given."""
+        return list(self._call(self._stub.ListJobs, memos_pb2.ListJobsRequest(cube=cube)).jobs)
 
 
 def _mount_id(mount: str | MountHandle) -> str:
@@ -648,8 +926,8 @@ class MountHandle:
     def iter_items(self, page_size: int = 0) -> Iterator[types_pb2.Item]:
         return self.client.iter_items(self.mount_id, page_size)
 
-    def forget(self, item_ids: Sequence[str]) -> types_pb2.Mount:
-        mount = self.client.forget(self.mount_id, item_ids)
+    def forget(self, item_ids: Sequence[str] = (), *, adapter: bool = False) -> types_pb2.Mount:
+        mount = self.client.forget(self.mount_id, item_ids, adapter=adapter)
         if mount.mount_id:
             self.info = mount
         return mount
@@ -678,3 +956,30 @@ class MountHandle:
 
     def activate(self) -> types_pb2.Activation:
         return self.client.activate(self.mount_id)
+
+    def import_adapter(
+        self, source: AdapterSource, *, chunk_bytes: int = 1 << 20, timeout: float | None = None
+    ) -> memos_pb2.ImportAdapterResponse:
+        resp = self.client.import_adapter(self.mount_id, source, chunk_bytes=chunk_bytes, timeout=timeout)
+        self._update(resp)
+        return resp
+
+    def export_adapter(
+        self, directory: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+    ) -> tuple[types_pb2.Adapter, bytes, bytes]:
+        return self.client.export_adapter(self.mount_id, directory, timeout=timeout)
+
+    def train(
+        self,
+        *,
+        steps: int = 0,
+        rank: int = 0,
+        learning_rate: float = 0.0,
+        seed: int = 0,
+        message: str = "",
+        author: str = "",
+    ) -> types_pb2.Job:
+        return self.client.train(
+            self.mount_id, steps=steps, rank=rank, learning_rate=learning_rate, seed=seed,
+            message=message, author=author,
+        )

@@ -193,6 +193,34 @@ class ModelUnavailable(FailedPrecondition):
     default_reason = "MODEL_UNAVAILABLE"
 
 
+class AdapterInvalid(InvalidArgument):
+    default_reason = "ADAPTER_INVALID"
+
+
+class AdapterTooLarge(ResourceExhausted):
+    default_reason = "ADAPTER_TOO_LARGE"
+
+
+class AdapterMismatch(FailedPrecondition):
+    default_reason = "ADAPTER_MISMATCH"
+
+
+class AdapterNotFound(NotFound):
+    default_reason = "ADAPTER_NOT_FOUND"
+
+
+class JobNotFound(NotFound):
+    default_reason = "JOB_NOT_FOUND"
+
+
+class TrainingInProgress(FailedPrecondition):
+    default_reason = "TRAINING_IN_PROGRESS"
+
+
+class JobFinished(FailedPrecondition):
+    default_reason = "JOB_FINISHED"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MemosError]] = {
     cls.default_code: cls
     for cls in (
@@ -209,6 +237,8 @@ _BY_REASON: dict[str, type[MemosError]] = {
         InvalidField, TextEmpty, TextTooLarge, TooManyItems, InvalidPageToken,
         MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
         InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
+        AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
+        TrainingInProgress, JobFinished,
     )
 }
 

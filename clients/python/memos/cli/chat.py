@@ -65,8 +65,12 @@ def memory_lines(s: types_pb2.GenerationSummary, names: Mapping[str, str]) -> li
 class _Chat:
     """The mounted cubes and generation options shared by every turn."""
 
-    def __init__(self, client: Client, args: argparse.Namespace, out: Output, mounts: list[MountHandle]) -> None:
+    def __init__(
+        self, client: Client, args: argparse.Namespace, out: Output, mounts: list[MountHandle],
+        adapter_mount: MountHandle | None = None,
+    ) -> None:
         self.client, self.args, self.out, self.mounts = client, args, out, mounts
+        self.adapter_mount = adapter_mount
         # Show cubes as the user named them, not by their ids.
         self.names = {m.mount_id: cube for m, cube in zip(mounts, args.cubes, strict=True)}
 
@@ -75,7 +79,7 @@ class _Chat:
         a, out = self.args, self.out
         gen = self.client.generate(
             messages, self.mounts, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-            stop=a.stop, seed=a.seed, retrieve_k=a.retrieve_k,
+            stop=a.stop, seed=a.seed, retrieve_k=a.retrieve_k, adapter_mount=self.adapter_mount,
         )
         started = False  # whether a partial line is on stdout
         with gen:  # cancels the call if anything below fails
@@ -159,13 +163,25 @@ def _interactive(chat: _Chat, history: list[MessageLike]) -> None:
             history.append(("assistant", text))
 
 
+def _adapter_mount(cube: str, cubes: list[str], mounts: list[MountHandle]) -> MountHandle:
+    """The mount of the chat's cube named ``cube`` (as given on the command line, or by its id)."""
+    for name, m in zip(cubes, mounts, strict=True):
+        if cube == name:
+            return m
+    for m in mounts:
+        if cube == m.cube_id:
+            return m
+    raise UsageError(f"--adapter {cube!r} is not one of the chat's cubes ({', '.join(cubes)})")
+
+
 def _chat(client: Client, args: argparse.Namespace, out: Output) -> None:
     if args.message is not None and not args.message.strip():
         raise UsageError("-m/--message is empty")
     history: list[MessageLike] = [("system", args.system)] if args.system else []
     with ExitStack() as stack:
         mounts = [stack.enter_context(client.mount(cube)) for cube in args.cubes]
-        chat = _Chat(client, args, out, mounts)
+        adapter = _adapter_mount(args.adapter, args.cubes, mounts) if args.adapter is not None else None
+        chat = _Chat(client, args, out, mounts, adapter)
         if args.message is not None:
             chat.reply([*history, ("user", args.message)], interactive=False)
         else:
@@ -181,7 +197,8 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     f"messages from stdin, one a line, until end of input or {EXIT_COMMAND} (Ctrl-C "
                     "cancels the reply in progress). The reply streams to stdout, a summary of tokens "
                     "and timings goes to stderr; with -o json each reply is one JSON object "
-                    '{"text", "summary"} instead. --timeout bounds each whole reply.',
+                    '{"text", "summary"} instead. --timeout bounds each whole reply. With --adapter, '
+                    "the model generates with that cube's LoRA adapter (at HEAD).",
     )
     p.add_argument("cubes", nargs="+", metavar="CUBE", help="cube ids or names")
     p.add_argument("-m", "--message", metavar="TEXT", help="send this one message and exit")
@@ -196,6 +213,8 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=natural, default=0, metavar="N", help="sampling seed; 0 picks one")
     p.add_argument("-k", "--retrieve-k", type=natural, default=None, metavar="N",
                    help="items to retrieve for each message (default: the daemon's; 0 none)")
+    p.add_argument("--adapter", metavar="CUBE",
+                   help="generate with this cube's adapter; one of the chat's cubes (name or id)")
     p.add_argument("--show-memory", action="store_true",
                    help="after each reply, list on stderr the cubes, revisions and items it used")
     p.set_defaults(handler=_chat)

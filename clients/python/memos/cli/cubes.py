@@ -103,6 +103,7 @@ def activation_block(out: Output, act: types_pb2.Activation) -> None:
         ("pooled", "yes" if act.pooled else "no"),
         ("cache key", act.cache_key or "-"),
         ("model", act.model_fingerprint or "-"),
+        ("adapter", act.adapter_digest or "-"),
         ("took", fmt_ms(act.took_us)),
     ])
 
@@ -120,6 +121,7 @@ def evict_block(out: Output, cube: str, resp: memos_pb2.EvictResponse) -> None:
     out.block([
         ("evicted", cube),
         ("caches dropped", resp.caches_dropped),
+        ("adapters unloaded", resp.adapters_unloaded),
         ("pool bytes freed", fmt_bytes(resp.pool_bytes_freed)),
         ("persisted deleted", fmt_bytes(resp.persisted_bytes_deleted)),
         ("took", fmt_ms(resp.took_us)),

@@ -40,35 +40,61 @@ def _unmount(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.block([("unmounted", args.mount), ("discarded changes", resp.discarded_changes)])
 
 
+def _adapter_mark(r: types_pb2.Revision) -> str:
+    """What a revision did to the cube's adapter: its new digest (short), "removed", or "-" for nothing."""
+    if not r.adapter_changed:
+        return "-"
+    return r.adapter_digest[:12] if r.adapter_digest else "removed"
+
+
 def _log(client: Client, args: argparse.Namespace, out: Output) -> None:
     revs = list(islice(client.log(args.cube), args.limit or None))
     if out.json:
         out.emit_json({"revisions": [to_dict(r) for r in revs]})
         return
     out.table(
-        ["REV", "KIND", "AUTHOR", "CREATED", "ADDED", "CHANGED", "FORGOTTEN", "ITEMS", "MESSAGE"],
+        ["REV", "KIND", "AUTHOR", "CREATED", "ADDED", "CHANGED", "FORGOTTEN", "ITEMS", "ADAPTER", "MESSAGE"],
         [
             [r.number, _KIND.get(r.kind, "?"), r.author or "-", fmt_time(r.create_time), r.added, r.changed,
-             r.forgotten, r.item_count,
+             r.forgotten, r.item_count, _adapter_mark(r),
              f"(restores {r.restored_revision}) {r.message}" if r.restored_revision else r.message or "-"]
             for r in revs
         ],
     )
 
 
+def _adapter_text(change: types_pb2.AdapterChange) -> str:
+    def one(a: types_pb2.Adapter) -> str:
+        return f"{a.digest[:12]} (rank {a.rank}, {fmt_bytes(a.weights_bytes)}, {a.lineage.origin or '?'})"
+
+    before = change.before if change.HasField("before") else None
+    after = change.after if change.HasField("after") else None
+    if before is not None and after is not None:
+        return f"{before.digest[:12]} -> {one(after)}"
+    if after is not None:
+        return one(after)
+    if before is not None:
+        return f"{before.digest[:12]} removed"
+    return "-"
+
+
 def _diff(client: Client, args: argparse.Namespace, out: Output) -> None:
-    changes = list(client.diff(args.cube, args.from_revision, args.to_revision))
+    diff = client.diff(args.cube, args.from_revision, args.to_revision)
+    changes = list(diff)
+    adapter = diff.adapter_change
     if out.json:
         out.emit_json({"from_revision": args.from_revision, "to_revision": args.to_revision,
-                       "changes": [to_dict(c) for c in changes]})
+                       "changes": [to_dict(c) for c in changes],
+                       "adapter_change": to_dict(adapter) if adapter is not None else None})
         return
-    out.table(
-        ["CHANGE", "ITEM ID", "TEXT"],
-        [
-            [_CHANGE.get(c.kind, "?"), c.item_id, c.after.text if c.HasField("after") else c.before.text]
-            for c in changes
-        ],
-    )
+    rows: list[list[object]] = []
+    if adapter is not None:
+        rows.append([_CHANGE.get(adapter.kind, "?"), "adapter", _adapter_text(adapter)])
+    rows += [
+        [_CHANGE.get(c.kind, "?"), c.item_id, c.after.text if c.HasField("after") else c.before.text]
+        for c in changes
+    ]
+    out.table(["CHANGE", "ITEM ID", "TEXT"], rows)
 
 
 def _rollback(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -121,6 +147,12 @@ def _model_pairs(s: memos_pb2.StatsResponse) -> list[tuple[str, object]]:
             ("kv pool traffic", f"{p.hits} hits, {p.misses} misses, {p.evictions} evictions"),
             ("kv persisted", fmt_bytes(p.persisted_bytes)),
         ]
+    if s.HasField("adapters"):
+        a = s.adapters
+        pairs += [
+            ("adapters", f"{a.resident} of {a.max_resident} resident, {a.loads} loads, {a.evictions} evictions"),
+            ("adapters stored", f"{a.stored} ({fmt_bytes(a.stored_bytes)})"),
+        ]
     return pairs
 
 
@@ -151,7 +183,7 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-n", "--limit", type=int, default=0, metavar="N", help="show at most N revisions")
     p.set_defaults(handler=_log)
 
-    p = nouns.add_parser("diff", help="items added, changed and forgotten between two revisions")
+    p = nouns.add_parser("diff", help="items (and the adapter) added, changed and forgotten between two revisions")
     p.add_argument("cube", metavar="CUBE", help="cube id or name")
     p.add_argument("from_revision", type=int, metavar="FROM", help="the older revision (0: empty cube)")
     p.add_argument("to_revision", type=int, nargs="?", default=0, metavar="TO", help="the newer one (default HEAD)")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from memos import __version__
-from memos.cli import chat, cubes, history, mem
+from memos.cli import adapter, chat, cubes, history, jobs, mem
 from memos.cli.inputs import UsageError
 from memos.cli.output import Output
 from memos.client import DEFAULT_TARGET, Client
@@ -40,7 +40,8 @@ environment:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memosctl",
-        description="Administer memosd: cubes, their items, their history, and chat with their memory.",
+        description="Administer memosd: cubes, their items, adapters and history, training jobs, and chat "
+                    "with their memory.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     cubes.register(nouns)
     mem.register(nouns)
     history.register(nouns)
+    adapter.register(nouns)
+    jobs.register(nouns)
     chat.register(nouns)
     return parser
 

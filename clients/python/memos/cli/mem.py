@@ -34,6 +34,7 @@ def revision_block(out: Output, rev: types_pb2.Revision, extra: Sequence[tuple[s
         ("changed", rev.changed),
         ("forgotten", rev.forgotten),
         ("items", rev.item_count),
+        *([("adapter", rev.adapter_digest or "removed")] if rev.adapter_changed else []),
     ])
 
 

@@ -10,6 +10,12 @@ _BAR_WIDTH = 28
 _MIN_INTERVAL_S = 0.1
 
 
+def bar(frac: float) -> str:
+    """``[####....]`` filled to ``frac`` (0 to 1)."""
+    filled = int(min(max(frac, 0.0), 1.0) * _BAR_WIDTH)
+    return f"[{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]"
+
+
 class Progress:
     """Counts items done out of ``total``; ``update`` takes a delta. Does nothing when disabled."""
 
@@ -28,10 +34,11 @@ class Progress:
         self._drawn_done = -1
         self._closed = False
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, *, force: bool = False) -> None:
+        """Count ``n`` more done; redraw unless the last frame is too recent (``force``: redraw anyway)."""
         self.done += n
         now = time.monotonic()
-        if now - self._last_draw >= _MIN_INTERVAL_S or self.done >= self.total:
+        if force or now - self._last_draw >= _MIN_INTERVAL_S or self.done >= self.total:
             self._draw(now)
 
     def close(self) -> None:
@@ -47,12 +54,12 @@ class Progress:
 
     def render(self, now: float) -> str:
         frac = min(self.done / self.total, 1.0) if self.total else 1.0
-        filled = int(frac * _BAR_WIDTH)
+        return f"{self.label} {bar(frac)} {self.done}/{self.total} {frac:4.0%} {self.detail(now)}"
+
+    def detail(self, now: float) -> str:
+        """What follows the count: the rate. Subclasses show something else."""
         elapsed = max(now - self._start, 1e-9)
-        return (
-            f"{self.label} [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}] "
-            f"{self.done}/{self.total} {frac:4.0%} {self.done / elapsed:.0f} {self.unit}/s"
-        )
+        return f"{self.done / elapsed:.0f} {self.unit}/s"
 
     def _draw(self, now: float) -> None:
         if not self.enabled:

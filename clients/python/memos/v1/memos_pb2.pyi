@@ -461,7 +461,10 @@ class ForgetRequest(_message.Message):
 
     MOUNT_ID_FIELD_NUMBER: _builtins.int
     ITEM_IDS_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
+    adapter: _builtins.bool
+    """Also stage the removal of the cube's adapter (item_ids may then be empty)."""
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -469,10 +472,11 @@ class ForgetRequest(_message.Message):
         *,
         mount_id: _builtins.str = ...,
         item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        adapter: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids", "mount_id", b"mount_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "item_ids", b"item_ids", "mount_id", b"mount_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -734,6 +738,7 @@ class DiffResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FROM_REVISION_FIELD_NUMBER: _builtins.int
     TO_REVISION_FIELD_NUMBER: _builtins.int
+    ADAPTER_CHANGE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     from_revision: _builtins.int
     to_revision: _builtins.int
@@ -741,6 +746,12 @@ class DiffResponse(_message.Message):
     def header(self) -> _types_pb2.ResponseHeader: ...
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ItemChange]: ...
+    @_builtins.property
+    def adapter_change(self) -> _types_pb2.AdapterChange:
+        """Set when the cube's adapter differs between the two revisions (on the
+        first page only).
+        """
+
     def __init__(
         self,
         *,
@@ -749,10 +760,11 @@ class DiffResponse(_message.Message):
         next_page_token: _builtins.str = ...,
         from_revision: _builtins.int = ...,
         to_revision: _builtins.int = ...,
+        adapter_change: _types_pb2.AdapterChange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter_change", b"adapter_change", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "from_revision", b"from_revision", "header", b"header", "next_page_token", b"next_page_token", "to_revision", b"to_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_change", b"adapter_change", "changes", b"changes", "from_revision", b"from_revision", "header", b"header", "next_page_token", b"next_page_token", "to_revision", b"to_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -867,6 +879,7 @@ class StatsResponse(_message.Message):
     CALLS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     KV_POOL_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.int
     cube_count: _builtins.int
@@ -893,6 +906,8 @@ class StatsResponse(_message.Message):
     def model(self) -> Global___ModelStats: ...
     @_builtins.property
     def kv_pool(self) -> Global___KVPoolStats: ...
+    @_builtins.property
+    def adapters(self) -> Global___AdapterPoolStats: ...
     def __init__(
         self,
         *,
@@ -912,14 +927,63 @@ class StatsResponse(_message.Message):
         calls: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         model: Global___ModelStats | None = ...,
         kv_pool: Global___KVPoolStats | None = ...,
+        adapters: Global___AdapterPoolStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "kv_pool", b"kv_pool", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "header", b"header", "kv_pool", b"kv_pool", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "kv_pool", b"kv_pool", "lexical_index_bytes", b"lexical_index_bytes", "model", b"model", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "calls", b"calls", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "kv_pool", b"kv_pool", "lexical_index_bytes", b"lexical_index_bytes", "model", b"model", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class AdapterPoolStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESIDENT_FIELD_NUMBER: _builtins.int
+    MAX_RESIDENT_FIELD_NUMBER: _builtins.int
+    LOADS_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    STORED_BYTES_FIELD_NUMBER: _builtins.int
+    SWITCHES_FIELD_NUMBER: _builtins.int
+    SWITCH_US_TOTAL_FIELD_NUMBER: _builtins.int
+    LOAD_US_TOTAL_FIELD_NUMBER: _builtins.int
+    resident: _builtins.int
+    """Adapters loaded into the model now, and the most that may be."""
+    max_resident: _builtins.int
+    loads: _builtins.int
+    evictions: _builtins.int
+    stored: _builtins.int
+    """Adapters held by any revision of any cube."""
+    stored_bytes: _builtins.int
+    switches: _builtins.int
+    """Time spent switching the model between adapters (and the base model), and
+    loading adapters into it, since start: totals and counts, for means.
+    """
+    switch_us_total: _builtins.int
+    load_us_total: _builtins.int
+    def __init__(
+        self,
+        *,
+        resident: _builtins.int = ...,
+        max_resident: _builtins.int = ...,
+        loads: _builtins.int = ...,
+        evictions: _builtins.int = ...,
+        stored: _builtins.int = ...,
+        stored_bytes: _builtins.int = ...,
+        switches: _builtins.int = ...,
+        switch_us_total: _builtins.int = ...,
+        load_us_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evictions", b"evictions", "load_us_total", b"load_us_total", "loads", b"loads", "max_resident", b"max_resident", "resident", b"resident", "stored", b"stored", "stored_bytes", b"stored_bytes", "switch_us_total", b"switch_us_total", "switches", b"switches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterPoolStats: _TypeAlias = AdapterPoolStats  # noqa: Y015
 
 @_typing.final
 class ModelStats(_message.Message):
@@ -1079,10 +1143,13 @@ class EvictResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
+    ADAPTERS_UNLOADED_FIELD_NUMBER: _builtins.int
     CACHES_DROPPED_FIELD_NUMBER: _builtins.int
     POOL_BYTES_FREED_FIELD_NUMBER: _builtins.int
     PERSISTED_BYTES_DELETED_FIELD_NUMBER: _builtins.int
     TOOK_US_FIELD_NUMBER: _builtins.int
+    adapters_unloaded: _builtins.int
+    """Adapters of the cube unloaded from the model (0 or 1)."""
     caches_dropped: _builtins.int
     """Caches dropped from the pool (0 when none was pooled), and their bytes."""
     pool_bytes_freed: _builtins.int
@@ -1095,6 +1162,7 @@ class EvictResponse(_message.Message):
         self,
         *,
         header: _types_pb2.ResponseHeader | None = ...,
+        adapters_unloaded: _builtins.int = ...,
         caches_dropped: _builtins.int = ...,
         pool_bytes_freed: _builtins.int = ...,
         persisted_bytes_deleted: _builtins.int = ...,
@@ -1102,7 +1170,7 @@ class EvictResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caches_dropped", b"caches_dropped", "header", b"header", "persisted_bytes_deleted", b"persisted_bytes_deleted", "pool_bytes_freed", b"pool_bytes_freed", "took_us", b"took_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_unloaded", b"adapters_unloaded", "caches_dropped", b"caches_dropped", "header", b"header", "persisted_bytes_deleted", b"persisted_bytes_deleted", "pool_bytes_freed", b"pool_bytes_freed", "took_us", b"took_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1175,3 +1243,316 @@ class GenerateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class ImportAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___AdapterUpload:
+        """First message only."""
+
+    @_builtins.property
+    def chunk(self) -> _types_pb2.AdapterChunk:
+        """Every later message."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___AdapterUpload | None = ...,
+        chunk: _types_pb2.AdapterChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ImportAdapterRequest: _TypeAlias = ImportAdapterRequest  # noqa: Y015
+
+@_typing.final
+class AdapterUpload(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    CONFIG_BYTES_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    """A read-write mount of the cube."""
+    config_bytes: _builtins.int
+    """The exact sizes of the two files; the upload must deliver them."""
+    weights_bytes: _builtins.int
+    digest: _builtins.str
+    """Optional: the expected digest (sha256 over config then weights, 64 hex)."""
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+        config_bytes: _builtins.int = ...,
+        weights_bytes: _builtins.int = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_bytes", b"config_bytes", "digest", b"digest", "mount_id", b"mount_id", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterUpload: _TypeAlias = AdapterUpload  # noqa: Y015
+
+@_typing.final
+class ImportAdapterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    MOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def adapter(self) -> _types_pb2.Adapter: ...
+    @_builtins.property
+    def mount(self) -> _types_pb2.Mount: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        adapter: _types_pb2.Adapter | None = ...,
+        mount: _types_pb2.Mount | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "header", b"header", "mount", b"mount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "header", b"header", "mount", b"mount"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportAdapterResponse: _TypeAlias = ImportAdapterResponse  # noqa: Y015
+
+@_typing.final
+class ExportAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mount_id", b"mount_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAdapterRequest: _TypeAlias = ExportAdapterRequest  # noqa: Y015
+
+@_typing.final
+class ExportAdapterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapter(self) -> _types_pb2.Adapter:
+        """The first message: the adapter, and the header."""
+
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def chunk(self) -> _types_pb2.AdapterChunk:
+        """Every later message."""
+
+    def __init__(
+        self,
+        *,
+        adapter: _types_pb2.Adapter | None = ...,
+        header: _types_pb2.ResponseHeader | None = ...,
+        chunk: _types_pb2.AdapterChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAdapterResponse: _TypeAlias = ExportAdapterResponse  # noqa: Y015
+
+@_typing.final
+class TrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    """A mount of the cube to train; its base revision's items are the data."""
+    message: _builtins.str
+    """Recorded on the revision that commits the adapter."""
+    author: _builtins.str
+    @_builtins.property
+    def settings(self) -> _types_pb2.TrainSettings: ...
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+        settings: _types_pb2.TrainSettings | None = ...,
+        message: _builtins.str = ...,
+        author: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "message", b"message", "mount_id", b"mount_id", "settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainRequest: _TypeAlias = TrainRequest  # noqa: Y015
+
+@_typing.final
+class TrainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def job(self) -> _types_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        job: _types_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainResponse: _TypeAlias = TrainResponse  # noqa: Y015
+
+@_typing.final
+class WatchJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
+
+@_typing.final
+class WatchJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _types_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _types_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _types_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _types_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """Only this cube's jobs (id or name); empty for all."""
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Job]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[_types_pb2.Job] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015

@@ -124,6 +124,36 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ImportAdapter = channel.stream_unary(
+                '/memos.v1.MemOS/ImportAdapter',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ImportAdapterRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ImportAdapterResponse.FromString,
+                _registered_method=True)
+        self.ExportAdapter = channel.unary_stream(
+                '/memos.v1.MemOS/ExportAdapter',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ExportAdapterRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ExportAdapterResponse.FromString,
+                _registered_method=True)
+        self.Train = channel.unary_unary(
+                '/memos.v1.MemOS/Train',
+                request_serializer=memos_dot_v1_dot_memos__pb2.TrainRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.TrainResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/memos.v1.MemOS/WatchJob',
+                request_serializer=memos_dot_v1_dot_memos__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/memos.v1.MemOS/CancelJob',
+                request_serializer=memos_dot_v1_dot_memos__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/memos.v1.MemOS/ListJobs',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class MemOSServicer:
@@ -280,6 +310,60 @@ class MemOSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportAdapter(self, request_iterator, context):
+        """Uploads a peft LoRA adapter (adapter_config.json and
+        adapter_model.safetensors) into a read-write mount's staging area; Commit
+        makes it the cube's adapter at the new revision. Client streaming: the
+        first message is the header, then chunks of the two files. The adapter is
+        checked against the runtime's model before it is staged.
+        Changes: the mount's staging area only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAdapter(self, request, context):
+        """Streams the adapter the mount sees (staged, or at its base revision)
+        back, byte-identical: the first message carries the Adapter, then chunks.
+        Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Train(self, request, context):
+        """Starts memory training: distills the cube's items at the mount's base
+        revision into a LoRA adapter, as a background job; returns the Job at
+        once. On success the adapter is committed to the cube as a new revision,
+        with its lineage. Changes: adds a job; later a revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Streams a job's state on every change, ending after its final state.
+        Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops a queued or running job; the cube is left unchanged.
+        Changes: the job's state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemOSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -372,6 +456,36 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.GenerateRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ImportAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportAdapter,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ImportAdapterRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ImportAdapterResponse.SerializeToString,
+            ),
+            'ExportAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAdapter,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ExportAdapterRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ExportAdapterResponse.SerializeToString,
+            ),
+            'Train': grpc.unary_unary_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.TrainRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.TrainResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.WatchJobRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.CancelJobRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ListJobsRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -860,6 +974,168 @@ class MemOS:
             '/memos.v1.MemOS/Generate',
             memos_dot_v1_dot_memos__pb2.GenerateRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/memos.v1.MemOS/ImportAdapter',
+            memos_dot_v1_dot_memos__pb2.ImportAdapterRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ImportAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memos.v1.MemOS/ExportAdapter',
+            memos_dot_v1_dot_memos__pb2.ExportAdapterRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ExportAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Train',
+            memos_dot_v1_dot_memos__pb2.TrainRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.TrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memos.v1.MemOS/WatchJob',
+            memos_dot_v1_dot_memos__pb2.WatchJobRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/CancelJob',
+            memos_dot_v1_dot_memos__pb2.CancelJobRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/ListJobs',
+            memos_dot_v1_dot_memos__pb2.ListJobsRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,6 +113,35 @@ class MemOSStub:
     Streams text deltas; the last message carries the summary.
     Changes nothing (a cold cache is loaded into the KV pool).
     """
+    ImportAdapter: _grpc.StreamUnaryMultiCallable[_memos_pb2.ImportAdapterRequest, _memos_pb2.ImportAdapterResponse]
+    """Uploads a peft LoRA adapter (adapter_config.json and
+    adapter_model.safetensors) into a read-write mount's staging area; Commit
+    makes it the cube's adapter at the new revision. Client streaming: the
+    first message is the header, then chunks of the two files. The adapter is
+    checked against the runtime's model before it is staged.
+    Changes: the mount's staging area only.
+    """
+    ExportAdapter: _grpc.UnaryStreamMultiCallable[_memos_pb2.ExportAdapterRequest, _memos_pb2.ExportAdapterResponse]
+    """Streams the adapter the mount sees (staged, or at its base revision)
+    back, byte-identical: the first message carries the Adapter, then chunks.
+    Changes nothing.
+    """
+    Train: _grpc.UnaryUnaryMultiCallable[_memos_pb2.TrainRequest, _memos_pb2.TrainResponse]
+    """Starts memory training: distills the cube's items at the mount's base
+    revision into a LoRA adapter, as a background job; returns the Job at
+    once. On success the adapter is committed to the cube as a new revision,
+    with its lineage. Changes: adds a job; later a revision.
+    """
+    WatchJob: _grpc.UnaryStreamMultiCallable[_memos_pb2.WatchJobRequest, _memos_pb2.WatchJobResponse]
+    """Streams a job's state on every change, ending after its final state.
+    Changes nothing.
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_memos_pb2.CancelJobRequest, _memos_pb2.CancelJobResponse]
+    """Stops a queued or running job; the cube is left unchanged.
+    Changes: the job's state.
+    """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ListJobsRequest, _memos_pb2.ListJobsResponse]
+    """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
 
 @_typing.type_check_only
 class MemOSAsyncStub(MemOSStub):
@@ -190,6 +219,35 @@ class MemOSAsyncStub(MemOSStub):
     Streams text deltas; the last message carries the summary.
     Changes nothing (a cold cache is loaded into the KV pool).
     """
+    ImportAdapter: _aio.StreamUnaryMultiCallable[_memos_pb2.ImportAdapterRequest, _memos_pb2.ImportAdapterResponse]  # type: ignore[assignment]
+    """Uploads a peft LoRA adapter (adapter_config.json and
+    adapter_model.safetensors) into a read-write mount's staging area; Commit
+    makes it the cube's adapter at the new revision. Client streaming: the
+    first message is the header, then chunks of the two files. The adapter is
+    checked against the runtime's model before it is staged.
+    Changes: the mount's staging area only.
+    """
+    ExportAdapter: _aio.UnaryStreamMultiCallable[_memos_pb2.ExportAdapterRequest, _memos_pb2.ExportAdapterResponse]  # type: ignore[assignment]
+    """Streams the adapter the mount sees (staged, or at its base revision)
+    back, byte-identical: the first message carries the Adapter, then chunks.
+    Changes nothing.
+    """
+    Train: _aio.UnaryUnaryMultiCallable[_memos_pb2.TrainRequest, _memos_pb2.TrainResponse]  # type: ignore[assignment]
+    """Starts memory training: distills the cube's items at the mount's base
+    revision into a LoRA adapter, as a background job; returns the Job at
+    once. On success the adapter is committed to the cube as a new revision,
+    with its lineage. Changes: adds a job; later a revision.
+    """
+    WatchJob: _aio.UnaryStreamMultiCallable[_memos_pb2.WatchJobRequest, _memos_pb2.WatchJobResponse]  # type: ignore[assignment]
+    """Streams a job's state on every change, ending after its final state.
+    Changes nothing.
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_memos_pb2.CancelJobRequest, _memos_pb2.CancelJobResponse]  # type: ignore[assignment]
+    """Stops a queued or running job; the cube is left unchanged.
+    Changes: the job's state.
+    """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_memos_pb2.ListJobsRequest, _memos_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
 
 class MemOSServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -372,5 +430,70 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         Streams text deltas; the last message carries the summary.
         Changes nothing (a cold cache is loaded into the KV pool).
         """
+
+    @_abc_1.abstractmethod
+    def ImportAdapter(
+        self,
+        request_iterator: _MaybeAsyncIterator[_memos_pb2.ImportAdapterRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ImportAdapterResponse, _abc.Awaitable[_memos_pb2.ImportAdapterResponse]]:
+        """Uploads a peft LoRA adapter (adapter_config.json and
+        adapter_model.safetensors) into a read-write mount's staging area; Commit
+        makes it the cube's adapter at the new revision. Client streaming: the
+        first message is the header, then chunks of the two files. The adapter is
+        checked against the runtime's model before it is staged.
+        Changes: the mount's staging area only.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportAdapter(
+        self,
+        request: _memos_pb2.ExportAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memos_pb2.ExportAdapterResponse], _abc.AsyncIterator[_memos_pb2.ExportAdapterResponse]]:
+        """Streams the adapter the mount sees (staged, or at its base revision)
+        back, byte-identical: the first message carries the Adapter, then chunks.
+        Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def Train(
+        self,
+        request: _memos_pb2.TrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.TrainResponse, _abc.Awaitable[_memos_pb2.TrainResponse]]:
+        """Starts memory training: distills the cube's items at the mount's base
+        revision into a LoRA adapter, as a background job; returns the Job at
+        once. On success the adapter is committed to the cube as a new revision,
+        with its lineage. Changes: adds a job; later a revision.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _memos_pb2.WatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memos_pb2.WatchJobResponse], _abc.AsyncIterator[_memos_pb2.WatchJobResponse]]:
+        """Streams a job's state on every change, ending after its final state.
+        Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _memos_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.CancelJobResponse, _abc.Awaitable[_memos_pb2.CancelJobResponse]]:
+        """Stops a queued or running job; the cube is left unchanged.
+        Changes: the job's state.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _memos_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ListJobsResponse, _abc.Awaitable[_memos_pb2.ListJobsResponse]]:
+        """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
 
 def add_MemOSServicer_to_server(servicer: MemOSServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

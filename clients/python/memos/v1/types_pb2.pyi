@@ -153,6 +153,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[RESOURCE_EXHAUSTED] One KV cache is larger than the whole KV pool budget."""
     MODEL_UNAVAILABLE: _ErrorReason.ValueType  # 20
     """[FAILED_PRECONDITION] No model is configured, or it failed to load; the message says why."""
+    ADAPTER_INVALID: _ErrorReason.ValueType  # 21
+    """[INVALID_ARGUMENT] An adapter upload is truncated, corrupt or not a peft LoRA adapter."""
+    ADAPTER_TOO_LARGE: _ErrorReason.ValueType  # 22
+    """[RESOURCE_EXHAUSTED] An adapter upload exceeds limits.max_adapter_bytes."""
+    ADAPTER_MISMATCH: _ErrorReason.ValueType  # 23
+    """[FAILED_PRECONDITION] The adapter does not fit the runtime's model; the message names the mismatch."""
+    ADAPTER_NOT_FOUND: _ErrorReason.ValueType  # 24
+    """[NOT_FOUND] The mount's cube has no adapter at that revision."""
+    JOB_NOT_FOUND: _ErrorReason.ValueType  # 25
+    """[NOT_FOUND] No job with that id."""
+    TRAINING_IN_PROGRESS: _ErrorReason.ValueType  # 26
+    """[FAILED_PRECONDITION] The cube already has a training job queued or running."""
+    JOB_FINISHED: _ErrorReason.ValueType  # 27
+    """[FAILED_PRECONDITION] The job has already finished; it cannot be cancelled."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -202,6 +216,20 @@ POOL_TOO_SMALL: ErrorReason.ValueType  # 19
 """[RESOURCE_EXHAUSTED] One KV cache is larger than the whole KV pool budget."""
 MODEL_UNAVAILABLE: ErrorReason.ValueType  # 20
 """[FAILED_PRECONDITION] No model is configured, or it failed to load; the message says why."""
+ADAPTER_INVALID: ErrorReason.ValueType  # 21
+"""[INVALID_ARGUMENT] An adapter upload is truncated, corrupt or not a peft LoRA adapter."""
+ADAPTER_TOO_LARGE: ErrorReason.ValueType  # 22
+"""[RESOURCE_EXHAUSTED] An adapter upload exceeds limits.max_adapter_bytes."""
+ADAPTER_MISMATCH: ErrorReason.ValueType  # 23
+"""[FAILED_PRECONDITION] The adapter does not fit the runtime's model; the message names the mismatch."""
+ADAPTER_NOT_FOUND: ErrorReason.ValueType  # 24
+"""[NOT_FOUND] The mount's cube has no adapter at that revision."""
+JOB_NOT_FOUND: ErrorReason.ValueType  # 25
+"""[NOT_FOUND] No job with that id."""
+TRAINING_IN_PROGRESS: ErrorReason.ValueType  # 26
+"""[FAILED_PRECONDITION] The cube already has a training job queued or running."""
+JOB_FINISHED: ErrorReason.ValueType  # 27
+"""[FAILED_PRECONDITION] The job has already finished; it cannot be cancelled."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _ActivationSource:
@@ -257,6 +285,51 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 FINISH_REASON_STOP: FinishReason.ValueType  # 3
 """One of the stop strings was produced (it is not included in the text)."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _AdapterFile:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdapterFileEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterFile.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADAPTER_FILE_UNSPECIFIED: _AdapterFile.ValueType  # 0
+    ADAPTER_FILE_CONFIG: _AdapterFile.ValueType  # 1
+    """adapter_config.json"""
+    ADAPTER_FILE_WEIGHTS: _AdapterFile.ValueType  # 2
+    """adapter_model.safetensors"""
+
+class AdapterFile(_AdapterFile, metaclass=_AdapterFileEnumTypeWrapper):
+    """The two files of a peft adapter directory."""
+
+ADAPTER_FILE_UNSPECIFIED: AdapterFile.ValueType  # 0
+ADAPTER_FILE_CONFIG: AdapterFile.ValueType  # 1
+"""adapter_config.json"""
+ADAPTER_FILE_WEIGHTS: AdapterFile.ValueType  # 2
+"""adapter_model.safetensors"""
+Global___AdapterFile: _TypeAlias = AdapterFile  # noqa: Y015
+
+class _JobState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
+    JOB_STATE_QUEUED: _JobState.ValueType  # 1
+    JOB_STATE_RUNNING: _JobState.ValueType  # 2
+    JOB_STATE_SUCCEEDED: _JobState.ValueType  # 3
+    JOB_STATE_FAILED: _JobState.ValueType  # 4
+    JOB_STATE_CANCELLED: _JobState.ValueType  # 5
+
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
+
+JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
+JOB_STATE_QUEUED: JobState.ValueType  # 1
+JOB_STATE_RUNNING: JobState.ValueType  # 2
+JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
+JOB_STATE_FAILED: JobState.ValueType  # 4
+JOB_STATE_CANCELLED: JobState.ValueType  # 5
+Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
 class ResponseHeader(_message.Message):
@@ -471,6 +544,7 @@ class Mount(_message.Message):
     STAGED_ADDS_FIELD_NUMBER: _builtins.int
     STAGED_EDITS_FIELD_NUMBER: _builtins.int
     STAGED_FORGETS_FIELD_NUMBER: _builtins.int
+    STAGED_ADAPTER_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     cube_id: _builtins.str
     base_revision: _builtins.int
@@ -480,6 +554,8 @@ class Mount(_message.Message):
     """Staged, uncommitted changes."""
     staged_edits: _builtins.int
     staged_forgets: _builtins.int
+    staged_adapter: _builtins.bool
+    """A staged adapter change: an imported adapter, or the removal of the cube's."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -493,10 +569,11 @@ class Mount(_message.Message):
         staged_adds: _builtins.int = ...,
         staged_edits: _builtins.int = ...,
         staged_forgets: _builtins.int = ...,
+        staged_adapter: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "create_time", b"create_time", "cube_id", b"cube_id", "mode", b"mode", "mount_id", b"mount_id", "staged_adds", b"staged_adds", "staged_edits", b"staged_edits", "staged_forgets", b"staged_forgets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "create_time", b"create_time", "cube_id", b"cube_id", "mode", b"mode", "mount_id", b"mount_id", "staged_adapter", b"staged_adapter", "staged_adds", b"staged_adds", "staged_edits", b"staged_edits", "staged_forgets", b"staged_forgets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,6 +596,8 @@ class Revision(_message.Message):
     FORGOTTEN_FIELD_NUMBER: _builtins.int
     ITEM_COUNT_FIELD_NUMBER: _builtins.int
     RESTORED_REVISION_FIELD_NUMBER: _builtins.int
+    ADAPTER_CHANGED_FIELD_NUMBER: _builtins.int
+    ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     parent: _builtins.int
     """The revision it was made on top of (number - 1)."""
@@ -532,6 +611,11 @@ class Revision(_message.Message):
     """Items alive at this revision."""
     restored_revision: _builtins.int
     """For REVISION_KIND_ROLLBACK: the revision whose content it restored."""
+    adapter_changed: _builtins.bool
+    """Whether this revision changed the cube's adapter, and the digest of the
+    adapter it holds ("" for none).
+    """
+    adapter_digest: _builtins.str
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -548,10 +632,12 @@ class Revision(_message.Message):
         forgotten: _builtins.int = ...,
         item_count: _builtins.int = ...,
         restored_revision: _builtins.int = ...,
+        adapter_changed: _builtins.bool = ...,
+        adapter_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "author", b"author", "changed", b"changed", "create_time", b"create_time", "forgotten", b"forgotten", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "restored_revision", b"restored_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changed", b"adapter_changed", "adapter_digest", b"adapter_digest", "added", b"added", "author", b"author", "changed", b"changed", "create_time", b"create_time", "forgotten", b"forgotten", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "restored_revision", b"restored_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -723,6 +809,7 @@ class Activation(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     TOOK_US_FIELD_NUMBER: _builtins.int
     POOLED_FIELD_NUMBER: _builtins.int
+    ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
     cube_id: _builtins.str
     revision: _builtins.int
     """The revision whose items the memory block holds."""
@@ -750,6 +837,10 @@ class Activation(_message.Message):
     """Server-side time of the call, in microseconds."""
     pooled: _builtins.bool
     """Whether the cache is in the KV pool now (false once evicted)."""
+    adapter_digest: _builtins.str
+    """The cube's adapter at this revision, which the cache was computed under
+    ("" for the base model); it is now resident in the adapter pool.
+    """
     def __init__(
         self,
         *,
@@ -766,10 +857,11 @@ class Activation(_message.Message):
         source: Global___ActivationSource.ValueType = ...,
         took_us: _builtins.int = ...,
         pooled: _builtins.bool = ...,
+        adapter_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cube_id", b"cube_id", "item_count", b"item_count", "model_fingerprint", b"model_fingerprint", "persisted_bytes", b"persisted_bytes", "pool_bytes", b"pool_bytes", "pooled", b"pooled", "revision", b"revision", "source", b"source", "tokens", b"tokens", "tokens_computed", b"tokens_computed", "tokens_reused", b"tokens_reused", "took_us", b"took_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_digest", b"adapter_digest", "cache_key", b"cache_key", "cube_id", b"cube_id", "item_count", b"item_count", "model_fingerprint", b"model_fingerprint", "persisted_bytes", b"persisted_bytes", "pool_bytes", b"pool_bytes", "pooled", b"pooled", "revision", b"revision", "source", b"source", "tokens", b"tokens", "tokens_computed", b"tokens_computed", "tokens_reused", b"tokens_reused", "took_us", b"took_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -809,6 +901,7 @@ class GenerationOptions(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    ADAPTER_MOUNT_ID_FIELD_NUMBER: _builtins.int
     BYPASS_KV_CACHE_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """Tokens to generate at most; 0 means the daemon default (256)."""
@@ -818,6 +911,10 @@ class GenerationOptions(_message.Message):
     """Nucleus sampling mass, in (0, 1]; 0 means 1 (off). Ignored when greedy."""
     seed: _builtins.int
     """Seed for sampling; 0 picks one. The same seed and input give the same text."""
+    adapter_mount_id: _builtins.str
+    """A mount whose cube's adapter (at the mount's revision, or staged there)
+    to generate with; empty for the base model.
+    """
     bypass_kv_cache: _builtins.bool
     """Prefill an activated memory block instead of reusing its KV cache: the
     same prompt, computed in full. For measurements and checks.
@@ -834,11 +931,12 @@ class GenerationOptions(_message.Message):
         top_p: _builtins.float = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         seed: _builtins.int = ...,
+        adapter_mount_id: _builtins.str = ...,
         bypass_kv_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bypass_kv_cache", b"bypass_kv_cache", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mount_id", b"adapter_mount_id", "bypass_kv_cache", b"bypass_kv_cache", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -974,3 +1072,288 @@ class GenerationSummary(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationSummary: _TypeAlias = GenerationSummary  # noqa: Y015
+
+@_typing.final
+class AdapterLineage(_message.Message):
+    """--- parametric memory ---------------------------------------------------
+
+    Where an adapter came from.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SettingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    SOURCE_CUBE_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_REVISION_FIELD_NUMBER: _builtins.int
+    SOURCE_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    """"imported" or "trained"."""
+    source_cube_id: _builtins.str
+    """For trained adapters: the cube, revision and items it was trained from,
+    the job and its settings.
+    """
+    source_revision: _builtins.int
+    job_id: _builtins.str
+    model_fingerprint: _builtins.str
+    """The model it was trained for, or validated against at import."""
+    @_builtins.property
+    def source_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        origin: _builtins.str = ...,
+        source_cube_id: _builtins.str = ...,
+        source_revision: _builtins.int = ...,
+        source_item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        job_id: _builtins.str = ...,
+        settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        model_fingerprint: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "job_id", b"job_id", "model_fingerprint", b"model_fingerprint", "origin", b"origin", "settings", b"settings", "source_cube_id", b"source_cube_id", "source_item_ids", b"source_item_ids", "source_revision", b"source_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterLineage: _TypeAlias = AdapterLineage  # noqa: Y015
+
+@_typing.final
+class Adapter(_message.Message):
+    """A LoRA adapter: a cube's parametric memory at one revision (at most one)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    BORN_REVISION_FIELD_NUMBER: _builtins.int
+    STAGED_FIELD_NUMBER: _builtins.int
+    CONFIG_BYTES_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """sha256 of the two files (64 hex): names the adapter everywhere, the KV
+    cache key included.
+    """
+    born_revision: _builtins.int
+    """The revision that made this adapter current; 0 while only staged."""
+    staged: _builtins.bool
+    config_bytes: _builtins.int
+    """Bytes of adapter_config.json and adapter_model.safetensors."""
+    weights_bytes: _builtins.int
+    rank: _builtins.int
+    base_model: _builtins.str
+    """base_model_name_or_path from the adapter's config."""
+    @_builtins.property
+    def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def lineage(self) -> Global___AdapterLineage: ...
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        born_revision: _builtins.int = ...,
+        staged: _builtins.bool = ...,
+        config_bytes: _builtins.int = ...,
+        weights_bytes: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        base_model: _builtins.str = ...,
+        lineage: Global___AdapterLineage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "born_revision", b"born_revision", "config_bytes", b"config_bytes", "digest", b"digest", "lineage", b"lineage", "rank", b"rank", "staged", b"staged", "target_modules", b"target_modules", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Adapter: _TypeAlias = Adapter  # noqa: Y015
+
+@_typing.final
+class AdapterChunk(_message.Message):
+    """A piece of one adapter file, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    file: Global___AdapterFile.ValueType
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        file: Global___AdapterFile.ValueType = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterChunk: _TypeAlias = AdapterChunk  # noqa: Y015
+
+@_typing.final
+class AdapterChange(_message.Message):
+    """How the cube's adapter differs between two revisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    kind: Global___ChangeKind.ValueType
+    @_builtins.property
+    def before(self) -> Global___Adapter:
+        """The adapter at the older revision; unset when it had none."""
+
+    @_builtins.property
+    def after(self) -> Global___Adapter:
+        """The adapter at the newer revision; unset when it has none."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___ChangeKind.ValueType = ...,
+        before: Global___Adapter | None = ...,
+        after: Global___Adapter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterChange: _TypeAlias = AdapterChange  # noqa: Y015
+
+@_typing.final
+class TrainSettings(_message.Message):
+    """Memory training settings; 0 means the daemon's default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    steps: _builtins.int
+    rank: _builtins.int
+    learning_rate: _builtins.float
+    seed: _builtins.int
+    def __init__(
+        self,
+        *,
+        steps: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        learning_rate: _builtins.float = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learning_rate", b"learning_rate", "rank", b"rank", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainSettings: _TypeAlias = TrainSettings  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
+    """A background job (memory training)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESULT_REVISION_FIELD_NUMBER: _builtins.int
+    ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    state: Global___JobState.ValueType
+    cube_id: _builtins.str
+    """The cube trained, and the revision whose items it trains from."""
+    revision: _builtins.int
+    step: _builtins.int
+    total_steps: _builtins.int
+    loss: _builtins.float
+    """The training loss at the last step."""
+    eta_seconds: _builtins.float
+    """Estimated seconds until the job ends (while running)."""
+    error: _builtins.str
+    """Why the job failed (JOB_STATE_FAILED)."""
+    result_revision: _builtins.int
+    """On success: the revision that committed the adapter, and its digest."""
+    adapter_digest: _builtins.str
+    @_builtins.property
+    def settings(self) -> Global___TrainSettings: ...
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
+        cube_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        settings: Global___TrainSettings | None = ...,
+        step: _builtins.int = ...,
+        total_steps: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        eta_seconds: _builtins.float = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        error: _builtins.str = ...,
+        result_revision: _builtins.int = ...,
+        adapter_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "settings", b"settings", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_digest", b"adapter_digest", "create_time", b"create_time", "cube_id", b"cube_id", "end_time", b"end_time", "error", b"error", "eta_seconds", b"eta_seconds", "job_id", b"job_id", "loss", b"loss", "result_revision", b"result_revision", "revision", b"revision", "settings", b"settings", "start_time", b"start_time", "state", b"state", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015

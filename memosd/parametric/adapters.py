@@ -1,0 +1,162 @@
+"""ImportAdapter, ExportAdapter, and making a cube's adapter resident for the model.
+
+An upload is received whole (sizes declared up front, so a short or long
+stream is caught), checked as a peft LoRA adapter and against the runtime's
+model on the worker thread, and only then staged in the mount: a refused
+upload changes nothing. Export streams the stored files back unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from memos.v1 import memos_pb2 as pb
+from memos.v1 import types_pb2 as t
+
+from memosd.activation.host import ModelHost
+from memosd.errors import AdapterInvalid, AdapterMismatch, AdapterNotFound, AdapterTooLarge, InvalidField
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.state import MountState
+from memosd.kernel.types import MountInfo
+from memosd.logfmt import log_event
+from memosd.runtime import adapters as rt
+from memosd.runtime.model import LoadedModel
+from memosd.store.records import AdapterRecord
+
+log = logging.getLogger("memosd.parametric")
+
+EXPORT_CHUNK_BYTES = 1 << 20
+_FILES = {t.ADAPTER_FILE_CONFIG: 0, t.ADAPTER_FILE_WEIGHTS: 1}
+
+
+@dataclass(frozen=True)
+class Upload:
+    mount_id: str
+    config: bytes
+    weights: bytes
+    digest: str  # as the client declared it; "" if it did not
+
+
+def receive(requests: Iterator[pb.ImportAdapterRequest], limit: int) -> Upload:
+    """Reassemble an upload: a header, then chunks. Raises AdapterInvalid / AdapterTooLarge / InvalidField."""
+    first = next(requests, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidField("the first ImportAdapter message must be the header (mount_id and file sizes)",
+                           field="header")
+    header = first.header
+    declared = (header.config_bytes, header.weights_bytes)
+    if sum(declared) > limit:
+        raise AdapterTooLarge(f"the adapter is {sum(declared)} bytes; the daemon takes at most {limit} "
+                              "(limits.max_adapter_bytes)", size=sum(declared), limit=limit)
+    if not header.config_bytes or not header.weights_bytes:
+        raise AdapterInvalid("the header must give the sizes of both adapter_config.json and "
+                             "adapter_model.safetensors")
+    parts: list[list[bytes]] = [[], []]
+    sizes = [0, 0]
+    for request in requests:
+        if request.WhichOneof("part") != "chunk" or request.chunk.file not in _FILES:
+            raise InvalidField("after the header, every message must be a chunk of ADAPTER_FILE_CONFIG or "
+                               "ADAPTER_FILE_WEIGHTS", field="chunk.file")
+        index = _FILES[request.chunk.file]
+        sizes[index] += len(request.chunk.data)
+        if sizes[index] > declared[index]:
+            raise AdapterInvalid(f"more bytes of {_name(index)} than the {declared[index]} the header declared")
+        parts[index].append(request.chunk.data)
+    for index in (0, 1):
+        if sizes[index] != declared[index]:
+            raise AdapterInvalid(f"the upload is truncated: {sizes[index]} of {declared[index]} bytes of "
+                                 f"{_name(index)} arrived; send the whole file")
+    return Upload(header.mount_id, b"".join(parts[0]), b"".join(parts[1]), header.digest)
+
+
+def _name(index: int) -> str:
+    return ("adapter_config.json", "adapter_model.safetensors")[index]
+
+
+class AdapterService:
+    def __init__(self, kernel: Kernel, host: ModelHost) -> None:
+        self.kernel = kernel
+        self.host = host
+
+    def import_adapter(self, requests: Iterator[pb.ImportAdapterRequest]) -> tuple[AdapterRecord, MountInfo]:
+        upload = receive(requests, self.kernel.limits.max_adapter_bytes)
+        self.kernel.mount_state(upload.mount_id)  # an unknown mount fails before the model is involved
+        digest = rt.adapter_digest(upload.config, upload.weights)
+        if upload.digest and upload.digest.lower() != digest:
+            raise AdapterInvalid(f"the upload's digest is {digest}, not the {upload.digest} the header declared: "
+                                 "the bytes were damaged on the way", digest=digest)
+        loaded = self.host.model()
+
+        def check() -> rt.ParsedAdapter:
+            parsed = rt.parse_adapter(upload.config, upload.weights)
+            rt.check_fits(loaded, parsed)
+            return parsed
+
+        try:
+            parsed = self.host.run(check)
+        except rt.AdapterMismatch as error:
+            raise AdapterMismatch(f"{error}; it cannot be used with this model", digest=digest) from None
+        except rt.AdapterInvalid as error:
+            raise AdapterInvalid(str(error), digest=digest) from None
+        record = AdapterRecord(
+            digest=digest, config_bytes=len(upload.config), weights_bytes=len(upload.weights), rank=parsed.rank,
+            target_modules=parsed.target_modules, base_model=parsed.base_model,
+            lineage={"origin": "imported", "model_fingerprint": loaded.fingerprint, "create_ns": time.time_ns()})
+        info = self.kernel.stage_adapter(upload.mount_id, record, upload.config, upload.weights)
+        log_event(log, "import_adapter", mount=upload.mount_id, digest=digest[:16], rank=parsed.rank,
+                  bytes=len(upload.config) + len(upload.weights))
+        return record, info
+
+    def export(self, mount_id: str) -> tuple[AdapterRecord, bool, MountState, Iterator[t.AdapterChunk]]:
+        """The adapter the mount sees, whether it is staged, and its files as chunks."""
+        mount = self.kernel.mount_state(mount_id)
+        cube = self.kernel.cube_of(mount)
+        adapter, staged = self.kernel.adapter_in(mount)
+        if adapter is None:
+            raise AdapterNotFound(f"cube {cube.record.name!r} has no adapter at revision {mount.record.base}"
+                                  f"{' in this mount' if mount.staged_adapter else ''}; import or train one",
+                                  cube=cube.cube_id, revision=mount.record.base)
+        config, weights = self.kernel.adapter_files(cube.cube_id, adapter)
+
+        def chunks() -> Iterator[t.AdapterChunk]:
+            for kind, data in ((t.ADAPTER_FILE_CONFIG, config), (t.ADAPTER_FILE_WEIGHTS, weights)):
+                for start in range(0, len(data), EXPORT_CHUNK_BYTES):
+                    yield t.AdapterChunk(file=kind, data=data[start:start + EXPORT_CHUNK_BYTES])
+
+        return adapter, staged, mount, chunks()
+
+    # -- residency (for Activate, Generate, Evict) -----------------------------
+    def prepare(self, loaded: LoadedModel, cube_id: str, adapter: AdapterRecord | None) -> None:
+        """On the worker, before model work: run with ``adapter`` (loading it if it is not resident), or
+        with the base model for None. Called by every job, since another request may have unloaded it."""
+        pool = self.host.adapters
+        if adapter is None:
+            pool.use(loaded, None)
+            return
+        if not pool.touch(adapter.digest):
+            config, weights = self.kernel.adapter_files(cube_id, adapter)
+            parsed = rt.parse_adapter(config, weights)
+            rt.check_fits(loaded, parsed)
+            dropped = pool.ensure(loaded, parsed)
+            log_event(log, "adapter_loaded", cube=cube_id, digest=adapter.digest[:16], unloaded=len(dropped))
+        pool.use(loaded, adapter.digest)
+
+    def make_resident(self, cube_id: str, adapter: AdapterRecord) -> None:
+        """Load the adapter into the model now (Activate), unless it is resident."""
+        loaded = self.host.model()
+        try:
+            self.host.run(lambda: self.prepare(loaded, cube_id, adapter))
+        except rt.AdapterError as error:  # it passed at import: another model is configured now
+            raise AdapterMismatch(f"the adapter {adapter.digest[:12]} of cube {cube_id} does not fit the "
+                                  f"runtime's model: {error}", digest=adapter.digest) from None
+
+    def unload_cube(self, cube_id: str, versions: list[AdapterRecord]) -> int:
+        """Unload every adapter version of the cube that is resident; returns how many."""
+        loaded = self.host.loaded_now()
+        if loaded is None:
+            return 0
+        digests = {a.digest for a in versions}
+        return self.host.run(lambda: sum(self.host.adapters.unload(loaded, d) for d in digests))

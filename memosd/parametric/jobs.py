@@ -1,0 +1,276 @@
+"""Train, WatchJob, CancelJob, ListJobs: memory training as background jobs.
+
+A job trains a LoRA adapter from a cube's items at one revision, on its own
+thread, which hands each optimizer step to the runtime worker at background
+priority (so chats and activations keep their turn between steps). When the
+steps are done the adapter is exported and committed to the cube as a new
+revision, with its lineage. A job that fails or is cancelled leaves the cube
+unchanged. Jobs are persisted at every state change and step; a job that was
+queued or running when the daemon stopped is marked failed at the next start,
+so none is ever lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from memosd.activation.host import ModelHost
+from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
+from memosd.kernel import ids
+from memosd.kernel.kernel import Kernel
+from memosd.logfmt import log_event
+from memosd.runtime.adapters import adapter_digest
+from memosd.runtime.model import LoadedModel
+from memosd.runtime.worker import PRIORITY_BACKGROUND
+from memosd.store.records import AdapterRecord, JobRecord
+
+log = logging.getLogger("memosd.jobs")
+
+MAX_JOBS = 100
+MAX_STEPS = 100_000
+_PEFT_PREFIX = "base_model.model."  # how peft names the keys of a saved adapter
+
+
+class Trainer(Protocol):
+    """What a job needs from a trainer (``memosd.runtime.lora_train.LoraTrainer``)."""
+
+    total_steps: int
+
+    @property
+    def done(self) -> bool: ...
+
+    def step(self) -> Any: ...  # -> StepResult with .step and .loss
+
+    def export(self) -> Any: ...  # -> AdapterExport with .state_dict and .config
+
+    def close(self) -> None: ...
+
+
+TrainerFactory = Callable[[LoadedModel, Sequence[str], dict[str, Any]], Trainer]
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """Refuse bad settings now, not in the background. Raises InvalidField."""
+    from memosd.runtime.lora_train import TrainSettings
+
+    try:
+        TrainSettings(**settings)
+    except (TypeError, ValueError) as error:
+        raise InvalidField(f"bad training settings: {error}", field="settings") from None
+
+
+def default_trainer(loaded: LoadedModel, items: Sequence[str], settings: dict[str, Any]) -> Trainer:
+    from memosd.runtime.lora_train import LoraTrainer, TrainSettings
+
+    return LoraTrainer(loaded, items, TrainSettings(**settings))
+
+
+class JobManager:
+    def __init__(self, kernel: Kernel, host: ModelHost, trainer: TrainerFactory = default_trainer) -> None:
+        self.kernel = kernel
+        self.host = host
+        self._make_trainer = trainer
+        self._cond = threading.Condition()
+        self._jobs: dict[str, JobRecord] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopping = False
+        for job in kernel.store.iter_jobs():
+            if not job.finished:
+                job = replace(job, state="failed", end_ns=time.time_ns(),
+                              error=f"memosd stopped while the job was {job.state}; nothing was committed. "
+                                    "Start the training again")
+                kernel.store.put_job(job, sync=True)
+                log_event(log, "job_failed_at_restart", job=job.job_id, cube=job.cube_id)
+            self._jobs[job.job_id] = job
+
+    # -- syscalls ---------------------------------------------------------------
+    def train(self, mount_id: str, settings: dict[str, Any], message: str, author: str) -> JobRecord:
+        mount = self.kernel.mount_state(mount_id)
+        cube = self.kernel.cube_of(mount)
+        revision = mount.record.base
+        steps = int(settings.get("max_steps", 0))
+        if not 0 <= steps <= MAX_STEPS:
+            raise InvalidField(f"settings.steps is {steps}; use 1 to {MAX_STEPS}, or 0 for the default",
+                               field="settings.steps")
+        check_settings(settings)
+        with cube.lock:
+            metas = sorted(cube.catalog.alive_at(revision), key=lambda m: m.vkey)
+        if not metas:
+            raise CubeEmpty(f"cube {cube.record.name!r} has no items at revision {revision}: there is nothing to "
+                            "train on. Write and commit items first", cube=cube.cube_id, revision=revision)
+        self.host.model()  # refuse now, not in the background, when there is no model
+        with self._cond:
+            busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished]
+            if busy:
+                raise TrainingInProgress(
+                    f"cube {cube.record.name!r} already has training job {busy[0].job_id} ({busy[0].state}); "
+                    "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
+            job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
+                            time.time_ns())
+            self._save(job)
+            self._cancel[job.job_id] = threading.Event()
+            self._prune()
+        thread = threading.Thread(target=self._run, args=(job.job_id, [(m.item_id, m.born) for m in metas]),
+                                  name=f"train-{job.job_id}", daemon=True)
+        self._threads[job.job_id] = thread
+        thread.start()
+        log_event(log, "train", job=job.job_id, cube=cube.cube_id, revision=revision, items=len(metas))
+        return job
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._cond:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r}; ListJobs shows the last {MAX_JOBS}", job=job_id)
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.finished:
+            raise JobFinished(f"job {job_id} already ended ({job.state}); there is nothing to cancel",
+                              job=job_id, state=job.state)
+        self._cancel[job_id].set()
+        log_event(log, "cancel_job", job=job_id)
+        # The job thread ends it at its next step boundary; wait a little so the answer shows the outcome.
+        deadline = time.monotonic() + 30
+        with self._cond:
+            while not self._jobs[job_id].finished and time.monotonic() < deadline:
+                self._cond.wait(0.5)
+            return self._jobs[job_id]
+
+    def list_jobs(self, cube_id: str = "") -> list[JobRecord]:
+        with self._cond:
+            jobs = [j for j in self._jobs.values() if not cube_id or j.cube_id == cube_id]
+        return sorted(jobs, key=lambda j: j.job_id, reverse=True)
+
+    def watch(self, job_id: str, stop: threading.Event) -> Iterator[JobRecord]:
+        """The job now, then again at every change, until it ends (or ``stop`` is set: the caller left)."""
+        last = self.get(job_id)
+        yield last
+        while not last.finished and not stop.is_set():
+            with self._cond:
+                self._cond.wait_for(lambda seen=last: self._jobs[job_id] is not seen or stop.is_set(),  # type: ignore[misc]
+                                    timeout=1.0)
+                current = self._jobs[job_id]
+            if current is not last:
+                last = current
+                yield last
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop every job at its next step (they end failed: the daemon is stopping) and wait for them."""
+        with self._cond:
+            self._stopping = True
+        for event in self._cancel.values():
+            event.set()
+        for thread in list(self._threads.values()):
+            thread.join(timeout)
+
+    # -- the job thread -----------------------------------------------------------
+    def _run(self, job_id: str, refs: list[tuple[str, int]]) -> None:
+        cancel = self._cancel[job_id]
+        job = self._update(job_id, state="running", start_ns=time.time_ns())
+        trainer: Trainer | None = None
+        try:
+            loaded = self.host.model()
+            texts = [v.text for v in self.kernel.store.get_versions(job.cube_id, refs) if v is not None]
+            trainer = self.host.run(lambda: self._make_trainer(loaded, texts, job.settings),
+                                    priority=PRIORITY_BACKGROUND)
+            job = self._update(job_id, total_steps=trainer.total_steps)
+            started = time.monotonic()
+            while not trainer.done:
+                if cancel.is_set():
+                    raise _Stopped()
+                result = self.host.run(lambda: self._step(trainer), priority=PRIORITY_BACKGROUND)
+                elapsed = time.monotonic() - started
+                eta = elapsed / result.step * (trainer.total_steps - result.step)
+                job = self._update(job_id, step=result.step, loss=float(result.loss), eta_seconds=eta)
+            exported = self.host.run(trainer.export, priority=PRIORITY_BACKGROUND)
+            config, weights = self.host.run(lambda: _serialize(exported, loaded), priority=PRIORITY_BACKGROUND)
+            record = self._adapter_record(job, loaded, refs, config, weights)
+            revision = self.kernel.commit_adapter(job.cube_id, job.revision, record, config, weights,
+                                                  job.message or f"memory training ({job_id})",
+                                                  job.author or "memosd-train")
+            self._update(job_id, state="succeeded", end_ns=time.time_ns(), eta_seconds=0.0,
+                         result_revision=revision.number, adapter_digest=record.digest)
+            log_event(log, "job_succeeded", job=job_id, cube=job.cube_id, revision=revision.number,
+                      steps=job.step, loss=round(job.loss, 4))
+        except _Stopped:
+            state, why = ("failed", "memosd stopped while the job ran; start it again") if self._stopping else (
+                "cancelled", "")
+            self._update(job_id, state=state, end_ns=time.time_ns(), error=why, eta_seconds=0.0)
+            log_event(log, f"job_{state}", job=job_id)
+        except Exception as error:  # reported on the job; the daemon goes on
+            why = error.message if isinstance(error, MemosError) else f"{type(error).__name__}: {error}"
+            self._update(job_id, state="failed", end_ns=time.time_ns(), error=why, eta_seconds=0.0)
+            log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why,
+                      exc_info=None if isinstance(error, MemosError) else error)
+        finally:
+            if trainer is not None:
+                self.host.run(lambda: self._close(trainer))
+
+    def _step(self, trainer: Trainer) -> Any:
+        try:
+            return trainer.step()
+        finally:
+            self.host.adapters.invalidate()  # the trainer switched the model's adapter state
+
+    def _close(self, trainer: Trainer) -> None:
+        try:
+            trainer.close()
+        finally:
+            self.host.adapters.invalidate()
+
+    def _adapter_record(self, job: JobRecord, loaded: LoadedModel, refs: list[tuple[str, int]], config: bytes,
+                        weights: bytes) -> AdapterRecord:
+        cfg = json.loads(config)
+        return AdapterRecord(
+            digest=adapter_digest(config, weights), config_bytes=len(config), weights_bytes=len(weights),
+            rank=int(cfg.get("r", 0)), target_modules=sorted(cfg.get("target_modules") or []),
+            base_model=str(cfg.get("base_model_name_or_path") or ""),
+            lineage={"origin": "trained", "source_cube_id": job.cube_id, "source_revision": job.revision,
+                     "source_item_ids": [item_id for item_id, _ in refs], "job_id": job.job_id,
+                     "settings": {k: str(v) for k, v in job.settings.items()},
+                     "model_fingerprint": loaded.fingerprint, "create_ns": time.time_ns()})
+
+    # -- state ----------------------------------------------------------------------
+    def _update(self, job_id: str, **changes: Any) -> JobRecord:
+        with self._cond:
+            job = replace(self._jobs[job_id], **changes)
+            self._save(job)
+            return job
+
+    def _save(self, job: JobRecord) -> None:
+        """Persist and publish (called with the condition held). State changes are synced, steps not."""
+        self.kernel.store.put_job(job, sync=job.finished)
+        self._jobs[job.job_id] = job
+        self._cond.notify_all()
+
+    def _prune(self) -> None:
+        finished = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.job_id)
+        for job in finished[: max(0, len(self._jobs) - MAX_JOBS)]:
+            self.kernel.store.delete_job(job.job_id)
+            del self._jobs[job.job_id]
+            self._cancel.pop(job.job_id, None)
+            self._threads.pop(job.job_id, None)
+
+
+class _Stopped(Exception):
+    """The job was cancelled, or the daemon is stopping."""
+
+
+def _serialize(exported: Any, loaded: LoadedModel) -> tuple[bytes, bytes]:
+    """adapter_config.json and adapter_model.safetensors bytes, as PeftModel.save_pretrained writes them."""
+    from safetensors.torch import save
+
+    config = dict(exported.config)
+    config["base_model_name_or_path"] = loaded.name
+    tensors = {k if k.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + k: v.contiguous()
+               for k, v in exported.state_dict.items()}
+    return json.dumps(config, indent=2, sort_keys=True).encode(), save(tensors, metadata={"format": "pt"})

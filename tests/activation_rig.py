@@ -1,0 +1,99 @@
+"""An in-process kernel with activation and parametric memory, wired as the daemon wires it, for tests.
+
+The model is whatever directory a test gives (usually the tiny random Llama);
+the embedder is a deterministic stand-in, since search quality is not what
+these tests check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memosd.activation.activator import Activator
+from memosd.activation.generator import GenerateParams, GenerationReport, Generator
+from memosd.activation.host import ModelHost
+from memosd.config import LimitsConfig, RuntimeConfig, SearchConfig
+from memosd.daemon import make_ranker
+from memosd.index.cube_index import CubeIndex
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.search import Searcher, SearchSettings
+from memosd.kernel.types import ItemInput
+from memosd.parametric.adapters import AdapterService
+from memosd.parametric.jobs import JobManager
+from memosd.runtime.model import LoadedModel
+from memosd.store.rocks import Store
+
+
+class HashEmbedder:
+    """Deterministic unit vectors from a text hash: enough for search to run."""
+
+    name = "hash-embedder"
+    dim = 16
+    fingerprint = "hash-embedder/1"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        rows = []
+        for text in texts:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            rows.append(v / np.linalg.norm(v))
+        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+
+@dataclass
+class Rig:
+    """A kernel with activation memory, as the daemon wires it."""
+
+    kernel: Kernel
+    host: ModelHost
+    activator: Activator
+    generator: Generator
+    adapters: AdapterService
+    jobs: JobManager
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.host.model()
+
+    def close(self) -> None:
+        self.jobs.close()
+        self.host.close()
+        self.kernel.close()
+
+
+def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, **runtime: Any) -> Rig:
+    store = Store(data / "store")
+    kernel = Kernel(store, HashEmbedder(), CubeIndex.open, data / "index", limits or LimitsConfig(),
+                    sync_commits=False)
+    kernel.open()
+    host = ModelHost(RuntimeConfig(model=model, device="cpu", retrieve_k=0, **runtime), data)
+    adapters = AdapterService(kernel, host)
+    activator = Activator(kernel, host, adapters)
+    searcher = Searcher(kernel, make_ranker(SearchConfig()), SearchSettings())
+    return Rig(kernel, host, activator, Generator(host, activator, searcher), adapters, JobManager(kernel, host))
+
+
+def commit_items(rig: Rig, cube: str, texts: Sequence[str]) -> str:
+    """Write and commit ``texts`` through a fresh read-write mount; returns the mount id."""
+    mount = rig.kernel.mount(cube, 0, True).record.mount_id
+    rig.kernel.write(mount, [ItemInput(text=t) for t in texts])
+    rig.kernel.commit(mount, "add", "test")
+    return mount
+
+
+def run_generation(rig: Rig, params: GenerateParams) -> tuple[str, GenerationReport]:
+    text, report = "", None
+    for event in rig.generator.generate(params, threading.Event()):
+        if isinstance(event, GenerationReport):
+            report = event
+        else:
+            text += event
+    assert report is not None
+    return text, report

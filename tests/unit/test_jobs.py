@@ -1,0 +1,170 @@
+"""Memory training jobs in process: Train, WatchJob, CancelJob, ListJobs, over the real trainer.
+
+The model is the tiny random Llama: these tests check the job machinery
+(progress, commit with lineage, refusals, cancellation, restarts), not what
+the adapter learns; scripts/eval_memory_training.py measures that on SmolLM2.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from activation_rig import Rig, commit_items, open_rig
+from tiny_llama import save_tiny_llama
+
+from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, TrainingInProgress
+from memosd.store.records import JobRecord
+
+FACTS = ["The capital of Vellmora is Quistarn.", "Q: Who founded Tamsel?\nA: Orin Vask", "Owls hunt at night."]
+QUICK = {"max_steps": 3, "rank": 4, "alpha": 8, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), context=512)
+
+
+@pytest.fixture
+def rig(tmp_path: Path, tiny_dir: Path) -> Iterator[Rig]:
+    r = open_rig(tmp_path, str(tiny_dir))
+    yield r
+    r.close()
+
+
+def wait(rig: Rig, job_id: str) -> list[JobRecord]:
+    return list(rig.jobs.watch(job_id, threading.Event()))
+
+
+def test_train_reports_progress_and_commits_the_adapter_with_its_lineage(rig: Rig) -> None:
+    rig.kernel.alloc_cube("c", "", {})
+    mount = commit_items(rig, "c", FACTS)
+    job = rig.jobs.train(mount, dict(QUICK), "learn the facts", "tester")
+    assert job.state == "queued" and job.revision == 1
+    seen = wait(rig, job.job_id)
+    final = seen[-1]
+    assert final.state == "succeeded", final.error
+    steps = [j.step for j in seen if j.state == "running" and j.step]
+    assert steps == sorted(steps) and steps[-1] == final.total_steps == 3
+    assert final.result_revision == 2 and final.adapter_digest
+    cube = rig.kernel.cube("c")
+    adapter = cube.adapter_at(2)
+    assert adapter is not None and adapter.digest == final.adapter_digest
+    lineage = adapter.lineage
+    assert lineage["origin"] == "trained" and lineage["source_cube_id"] == cube.cube_id
+    assert lineage["source_revision"] == 1 and lineage["job_id"] == job.job_id
+    assert len(lineage["source_item_ids"]) == len(FACTS) and lineage["settings"]["max_steps"] == "3"
+    revision = rig.kernel.log("c", 1, "")[0].entries[0]
+    assert revision.adapter_changed and revision.message == "learn the facts" and revision.author == "tester"
+    # The trained adapter is a valid peft adapter for the model: it exports and loads.
+    mount_at_head = rig.kernel.mount("c", 0, False).record.mount_id
+    rig.adapters.make_resident(cube.cube_id, adapter)
+    assert adapter.digest in rig.host.adapters
+    assert rig.adapters.export(mount_at_head)[0].digest == adapter.digest
+    assert [j.job_id for j in rig.jobs.list_jobs(cube.cube_id)] == [job.job_id]
+
+
+def test_training_leaves_the_base_model_unchanged(rig: Rig) -> None:
+    import torch
+
+    rig.kernel.alloc_cube("c", "", {})
+    mount = commit_items(rig, "c", FACTS)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            out: torch.Tensor = rig.loaded.model(input_ids=ids).logits
+        return out
+
+    before = rig.host.run(logits)
+    assert wait(rig, rig.jobs.train(mount, dict(QUICK), "", "").job_id)[-1].state == "succeeded"
+    rig.host.run(lambda: rig.host.adapters.use(rig.loaded, None))
+    torch.testing.assert_close(rig.host.run(logits), before)
+
+
+def test_refusals_come_before_any_work(rig: Rig) -> None:
+    rig.kernel.alloc_cube("empty", "", {})
+    empty = rig.kernel.mount("empty", 0, True).record.mount_id
+    with pytest.raises(CubeEmpty, match="nothing to train on"):
+        rig.jobs.train(empty, {}, "", "")
+    rig.kernel.alloc_cube("c", "", {})
+    mount = commit_items(rig, "c", FACTS)
+    with pytest.raises(InvalidField, match="settings"):
+        rig.jobs.train(mount, {"lr": -1.0}, "", "")
+    with pytest.raises(JobNotFound):
+        rig.jobs.cancel("job_nope")
+    assert rig.jobs.list_jobs() == []
+
+
+def test_a_second_training_of_the_same_cube_is_refused_and_cancel_stops_the_first(rig: Rig) -> None:
+    rig.kernel.alloc_cube("c", "", {})
+    mount = commit_items(rig, "c", FACTS)
+    first = rig.jobs.train(mount, {**QUICK, "max_steps": 10_000}, "", "")
+    with pytest.raises(TrainingInProgress, match=first.job_id):
+        rig.jobs.train(mount, dict(QUICK), "", "")
+    deadline = time.monotonic() + 60
+    while rig.jobs.get(first.job_id).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancelled = rig.jobs.cancel(first.job_id)
+    assert cancelled.state == "cancelled" and 2 <= cancelled.step < 10_000
+    cube = rig.kernel.cube("c")
+    assert cube.head == 1 and cube.adapter_at(1) is None  # the cube is unchanged
+    with pytest.raises(JobFinished):
+        rig.jobs.cancel(first.job_id)
+    # The cube can be trained again.
+    assert wait(rig, rig.jobs.train(mount, dict(QUICK), "", "").job_id)[-1].state == "succeeded"
+
+
+def test_no_job_is_lost_across_a_stop_or_a_crash(tmp_path: Path, tiny_dir: Path) -> None:
+    first = open_rig(tmp_path, str(tiny_dir))
+    first.kernel.alloc_cube("c", "", {})
+    mount = commit_items(first, "c", FACTS)
+    stopped = first.jobs.train(mount, {**QUICK, "max_steps": 10_000}, "", "")
+    while first.jobs.get(stopped.job_id).step < 1:
+        time.sleep(0.05)
+    first.close()  # a clean stop ends the job as failed, saying why
+    # A crash leaves a job marked running in the store; the next start must not pretend it still runs.
+    crashed = JobRecord("job_zzzzzzzzzzzzzzzzzzzz", stopped.cube_id, 1, {}, "", "", time.time_ns(), state="running")
+    from memosd.store.rocks import Store
+
+    store = Store(tmp_path / "store")
+    store.put_job(crashed, sync=True)
+    store.close()
+    second = open_rig(tmp_path, str(tiny_dir))
+    try:
+        after_stop = second.jobs.get(stopped.job_id)
+        assert after_stop.state == "failed" and "stopped" in after_stop.error
+        after_crash = second.jobs.get(crashed.job_id)
+        assert after_crash.state == "failed" and "was running" in after_crash.error
+        assert second.kernel.cube("c").head == 1
+    finally:
+        second.close()
+
+
+def test_training_coexists_with_resident_adapters_and_generation(rig: Rig, tmp_path: Path, tiny_dir: Path) -> None:
+    from activation_rig import run_generation
+    from test_parametric import import_and_commit, make_adapter
+
+    from memosd.activation.generator import GenerateParams
+
+    rig.kernel.alloc_cube("a", "", {})
+    commit_items(rig, "a", FACTS)
+    adapter_mount = import_and_commit(rig, "a", make_adapter(tiny_dir, tmp_path / "adapter", seed=3))
+    with_adapter = GenerateParams([("user", "Tell me about owls.")], [], max_tokens=16,
+                                  adapter_mount_id=adapter_mount)
+    base = GenerateParams([("user", "Tell me about owls.")], [], max_tokens=16)
+    solo_adapter, solo_base = run_generation(rig, with_adapter)[0], run_generation(rig, base)[0]
+    rig.kernel.alloc_cube("c", "", {})
+    mount = commit_items(rig, "c", FACTS)
+    job = rig.jobs.train(mount, {**QUICK, "max_steps": 10_000}, "", "")
+    while rig.jobs.get(job.job_id).step < 2:
+        time.sleep(0.05)
+    # Between training steps, generations run with their own adapter (or none), untouched by the trainee.
+    assert run_generation(rig, with_adapter)[0] == solo_adapter
+    assert run_generation(rig, base)[0] == solo_base
+    assert rig.jobs.cancel(job.job_id).state == "cancelled"
+    assert run_generation(rig, with_adapter)[0] == solo_adapter
+    assert run_generation(rig, base)[0] == solo_base
