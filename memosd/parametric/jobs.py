@@ -187,7 +187,7 @@ class JobManager:
             while not trainer.done:
                 if cancel.is_set():
                     raise _Stopped()
-                result = self.host.run(lambda: self._step(trainer), priority=PRIORITY_BACKGROUND)
+                result = self.host.run(lambda: self._step(trainer, loaded), priority=PRIORITY_BACKGROUND)
                 elapsed = time.monotonic() - started
                 eta = elapsed / result.step * (trainer.total_steps - result.step)
                 job = self._update(job_id, step=result.step, loss=float(result.loss), eta_seconds=eta)
@@ -213,19 +213,19 @@ class JobManager:
                       exc_info=None if isinstance(error, MemosError) else error)
         finally:
             if trainer is not None:
-                self.host.run(lambda: self._close(trainer))
+                self.host.run(lambda: self._close(trainer, loaded))
 
-    def _step(self, trainer: Trainer) -> Any:
+    def _step(self, trainer: Trainer, loaded: LoadedModel) -> Any:
         try:
             return trainer.step()
         finally:
-            self.host.adapters.invalidate()  # the trainer switched the model's adapter state
+            self.host.adapters.invalidate(loaded)  # the trainer switched the model's adapter state
 
-    def _close(self, trainer: Trainer) -> None:
+    def _close(self, trainer: Trainer, loaded: LoadedModel) -> None:
         try:
             trainer.close()
         finally:
-            self.host.adapters.invalidate()
+            self.host.adapters.invalidate(loaded)
 
     def _adapter_record(self, job: JobRecord, loaded: LoadedModel, refs: list[tuple[str, int]], config: bytes,
                         weights: bytes) -> AdapterRecord:

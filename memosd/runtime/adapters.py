@@ -255,9 +255,10 @@ class AdapterPool:
         self._layers = [m for m in loaded.model.modules() if isinstance(m, BaseTunerLayer)]
         self._active = "?"  # adding or removing an adapter may have changed the active one
 
-    def invalidate(self) -> None:
-        """Someone else (a training step) changed which adapter the model runs with: set it again next time."""
-        self._active = "?"
+    def invalidate(self, loaded: LoadedModel) -> None:
+        """Someone else (a training step) changed the model's LoRA layers or which adapter runs:
+        find the layers again and set the state afresh next time."""
+        self._refresh_layers(loaded)
 
     def unload(self, loaded: LoadedModel, digest: str) -> bool:
         name = self._resident.pop(digest, None)

@@ -38,7 +38,7 @@ SmolLM2 that includes the template's default system prompt), and the loss
 covers only the reply tokens and the end-of-turn token.
 
 **The shared model.** The daemon has one model. ``LoraTrainer`` wraps it with
-peft in place (``get_peft_model``), but keeps the LoRA layers *disabled*
+LoRA layers in place (a named adapter, ``add_adapter``), but keeps them *disabled*
 outside ``step`` (and outside ``adapter_enabled()``), so any work the daemon
 runs between steps sees the base model's exact outputs. ``close`` unloads the
 LoRA layers without merging and restores every parameter's ``requires_grad``
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -301,7 +302,7 @@ class LoraTrainer:
 
     def __init__(self, lm: LoadedModel, items: Sequence[str], settings: TrainSettings | None = None) -> None:
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         self.settings = s = settings or TrainSettings()
         self._lm = lm
@@ -328,10 +329,17 @@ class LoraTrainer:
             task_type="CAUSAL_LM",
         )
         torch.manual_seed(s.seed)  # LoRA A matrices are initialised from the global generator
-        self._peft: Any = get_peft_model(model, self.lora_config)
-        self._params = [p for p in self._peft.parameters() if p.requires_grad]  # the LoRA weights only
-        # Off between steps (this also clears their requires_grad; enabling sets it again).
-        self._peft.base_model.disable_adapter_layers()
+        # A named adapter added through transformers' PEFT integration, not a PeftModel wrapper: the
+        # daemon's model may hold resident adapters (memosd.runtime.adapters) beside it, which a
+        # wrapper's unload() would destroy. Only this adapter's weights are trained.
+        self._name = f"memosd_train_{secrets.token_hex(4)}"
+        model.add_adapter(self.lora_config, adapter_name=self._name)
+        self._peft: Any = model
+        self._params = [p for n, p in model.named_parameters() if f".{self._name}." in n]
+        for p in self._params:
+            p.requires_grad_(True)
+        # Off between steps, so whatever runs between steps sees the model as it was.
+        model.disable_adapters()
         self._optim = torch.optim.AdamW(self._params, lr=s.lr, weight_decay=s.weight_decay, foreach=False)
         self._gen = torch.Generator().manual_seed(s.seed)
         self._order: list[int] = []
@@ -441,13 +449,13 @@ class LoraTrainer:
     # true of Llama-style models (no logit scaling or soft-capping).
 
     def _hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        decoder = self._peft.get_base_model().get_decoder()
+        decoder = self._peft.get_decoder()
         out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         hidden: torch.Tensor = out.last_hidden_state
         return hidden
 
     def _head(self) -> Any:
-        return self._peft.get_base_model().get_output_embeddings()
+        return self._peft.get_output_embeddings()
 
     def _kl_positions(self, index: int) -> list[int]:
         """Up to ``kl_positions`` positions (evenly spaced) whose next token is a prompt token of example ``index``."""
@@ -520,13 +528,14 @@ class LoraTrainer:
         """The peft model with the LoRA layers on (in train or eval mode); off again and eval mode after."""
         if self._closed:
             raise RuntimeError("the trainer is closed")
-        self._peft.base_model.enable_adapter_layers()
+        self._peft.enable_adapters()
+        self._peft.set_adapter(self._name)  # the active one, and the only one with gradients
         self._peft.train(train)
         try:
             yield self._peft
         finally:
             self._peft.train(False)
-            self._peft.base_model.disable_adapter_layers()
+            self._peft.disable_adapters()
 
     def export(self) -> AdapterExport:
         """The adapter as peft saves it: ``adapter_model`` state dict (CPU copies) and ``adapter_config.json``."""
@@ -534,7 +543,7 @@ class LoraTrainer:
 
         if self._closed:
             raise RuntimeError("the trainer is closed")
-        state = get_peft_model_state_dict(self._peft)
+        state = get_peft_model_state_dict(self._peft, adapter_name=self._name)
         tensors = {k: v.detach().to("cpu").clone() for k, v in state.items()}
         return AdapterExport(state_dict=tensors, config=adapter_config_dict(self.lora_config))
 
@@ -544,14 +553,14 @@ class LoraTrainer:
             return
         self._closed = True
         self._optim.state.clear()
-        base = self._peft.unload()  # replaces every LoRA layer by its original base layer
-        for name, p in base.named_parameters():
+        model = self._peft
+        # Removes this adapter only; other adapters' LoRA weights stay, and with the last one
+        # transformers forgets its PEFT config too.
+        model.delete_adapter(self._name)
+        for name, p in model.named_parameters():
             if name in self._requires_grad:
                 p.requires_grad_(self._requires_grad[name])
-        base.train(self._was_training)
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in vars(base):
-                delattr(base, attr)
+        model.train(self._was_training)
         self._params = []
 
     def __enter__(self) -> LoraTrainer:
