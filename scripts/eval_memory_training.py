@@ -185,7 +185,9 @@ def score(reply: str, fact: Fact, others: set[str]) -> tuple[bool, bool]:
     answer = normalize(fact.value)
     contains = _has(normalize(reply), answer)
     head = normalize(first_sentence(reply))
-    strict = _has(head, answer) and not any(_has(head, normalize(o)) for o in others if normalize(o) != answer)
+    strict = _has(head, answer) and not any(
+        _has(head, normalize(o)) for o in others if normalize(o) != answer
+    )
     return contains, strict
 
 
@@ -219,7 +221,7 @@ def recall(model: Any, tokenizer: Any, facts: list[Fact]) -> dict[str, Any]:
         by_attr.setdefault(f.attribute, set()).add(f.value)
     t0 = time.perf_counter()
     replies = ask(model, tokenizer, [f.question for f in facts])
-    rows = []
+    rows: list[dict[str, Any]] = []
     for f, r in zip(facts, replies, strict=True):
         c, s = score(r, f, by_attr[f.attribute])
         rows.append({"question": f.question, "answer": f.value, "reply": r, "contains": c, "strict": s})
@@ -276,7 +278,11 @@ def probe_logits(lm: LoadedModel) -> Any:
 
 
 def run_one(
-    lm: LoadedModel, n_facts: int, settings: TrainSettings, args: argparse.Namespace, base_cache: dict[int, Any]
+    lm: LoadedModel,
+    n_facts: int,
+    settings: TrainSettings,
+    args: argparse.Namespace,
+    base_cache: dict[int, Any],
 ) -> dict[str, Any]:
     import torch
 
@@ -341,6 +347,7 @@ def run_one(
         "stopped_early": trainer.stopped_early,
         "train_seconds": train_s,
         "seconds_per_step": train_s / max(1, steps),
+        "step_seconds": [round(x, 3) for x in step_seconds],
         "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None,
         "curve": curve,
         "final_loss": losses[-1] if losses else None,
@@ -370,8 +377,13 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--early-stop", type=float, default=None, help="early_stop_loss (0 = off)")
     ap.add_argument("--views", default=None, help="comma list of sentence views (text,cloze,about,recall)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="any other TrainSettings field, e.g. --set kl_weight=1 --set target_modules=up_proj,down_proj")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other TrainSettings field, e.g. --set kl_weight=1 --set target_modules=up_proj,down_proj",
+    )
     ap.add_argument("--item-format", choices=("sentence", "qa"), default="sentence")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--fact-seed", type=int, default=0)

@@ -35,7 +35,27 @@ the model again.
 Chat turns are rendered with the model's chat template exactly as inference
 renders a plain conversation (``memosd.activation.render.render_chat``; for
 SmolLM2 that includes the template's default system prompt), and the loss
-covers only the reply tokens and the end-of-turn token.
+covers only the reply tokens and the end-of-turn token. The ``text`` view is
+off by default: without it recall is as good, and plain-text training is what
+moves the model's behaviour on unrelated plain text most.
+
+**Keeping the base model's behaviour** (``kl_weight``). Fitting the facts
+alone raises perplexity on unrelated text a lot (measured: x3 to x6): the
+adapter learns to put invented names after any "the capital of", "in the
+province of". So every step also adds ``kl_weight`` x KL(base || adapted) of
+the next-token distributions at positions where nothing new should be
+learned, against the base model's own predictions (its top ``kl_topk``
+tokens plus one bucket for the rest, computed once per sequence with the
+LoRA layers off and cached):
+
+* up to ``kl_positions`` prompt positions of each chat example (system
+  prompt, question: everything before the reply);
+* *replay text*: ``replay_samples`` sequences of ``replay_tokens`` tokens
+  that the base model itself samples (seeded) from each sentence item's
+  opening words before its first name ("The capital of", "The flag of"),
+  ``replay_per_step`` of them per step. They are base-model text about other
+  capitals and flags, exactly where a new fact leaks. No text from outside the
+  items and the model is used.
 
 **The shared model.** The daemon has one model. ``LoraTrainer`` wraps it with
 LoRA layers in place (a named adapter, ``add_adapter``), but keeps them *disabled*
@@ -54,8 +74,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 import re
+import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -69,6 +89,8 @@ if TYPE_CHECKING:
 
 # Views of a plain-sentence item; see the module docstring.
 VIEWS = ("text", "cloze", "about", "recall")
+# "text" is off by default: see TrainSettings.
+DEFAULT_VIEWS = ("cloze", "about", "recall")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _QA = re.compile(r"^\s*(?:Q|Question)\s*:\s*(?P<q>.+?)\s*\n\s*(?:A|Answer)\s*:\s*(?P<a>.+?)\s*$", re.S | re.I)
@@ -76,10 +98,11 @@ _QA = re.compile(r"^\s*(?:Q|Question)\s*:\s*(?P<q>.+?)\s*\n\s*(?:A|Answer)\s*:\s
 _SPAN = re.compile(r"\b(?:[A-Z][\w'-]*)(?:\s+[A-Z][\w'-]*)*|\b\d[\d.,]*\d\b|\b\d\b")
 _LAST_WORD = re.compile(r"([\w'-]+)\W*$")
 # Capitalized words that only start a sentence or clause; never a key span on their own.
-_STOP = frozenset(
-    "The A An In On At Of For From By To And Or But It Its This That These Those There "
-    "He She They We I You His Her Their Our My Your Is Was Are Were".split()
-)
+_STOP = frozenset((
+    "The", "A", "An", "In", "On", "At", "Of", "For", "From", "By", "To", "And", "Or", "But", "It", "Its",
+    "This", "That", "These", "Those", "There", "He", "She", "They", "We", "I", "You", "His", "Her",
+    "Their", "Our", "My", "Your", "Is", "Was", "Are", "Were",
+))  # fmt: skip
 _CLOZE_PROMPTS = (
     "Fill in the blank: {masked}",
     "Complete the fact by filling in the blank: {masked}",
@@ -108,13 +131,17 @@ class TrainSettings:
     (0 = no cap). ``batch_size`` examples per step, each cut to ``max_len``
     tokens. ``early_stop_loss``: training is done once the mean loss of the
     last full epoch is below it (0 disables). ``views``: which rewrites of a
-    plain-sentence item are trained (see ``expand_item``).
+    plain-sentence item are trained (see ``expand_item``). ``kl_weight``,
+    ``kl_positions``, ``kl_topk``, ``replay_samples``, ``replay_tokens``,
+    ``replay_per_step``: the regularizer that keeps unrelated behaviour (module
+    docstring); ``kl_weight=0`` turns it off, ``replay_samples=0`` keeps only
+    the prompt positions.
     """
 
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 6
     max_steps: int = 0
@@ -122,12 +149,15 @@ class TrainSettings:
     max_len: int = 96
     warmup_steps: int = 10
     early_stop_loss: float = 0.02
-    kl_weight: float = 0.0
+    kl_weight: float = 1.0
     kl_positions: int = 16
     kl_topk: int = 64
+    replay_samples: int = 16
+    replay_tokens: int = 48
+    replay_per_step: int = 2
     seed: int = 0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    views: tuple[str, ...] = VIEWS
+    views: tuple[str, ...] = DEFAULT_VIEWS
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha < 1:
@@ -254,6 +284,26 @@ def expand_item(item: str, views: Sequence[str] = VIEWS) -> list[Example]:
     return out
 
 
+def replay_seeds(items: Sequence[str]) -> list[str]:
+    """Where replay text starts: each sentence item's words before its first key span, deduplicated.
+
+    "The capital of Vellmora is Quistarn." gives "The capital of": the base
+    model's continuations of it are about *other* capitals, which is where a
+    new fact leaks into unrelated text. "The" when no item gives a prefix.
+    """
+    seeds: list[str] = []
+    for item in items:
+        if parse_qa(item) is not None:
+            continue
+        text = " ".join(item.split())
+        spans = key_spans(text)
+        cut = min((text.find(sp) for sp in spans if sp in text), default=0)
+        prefix = text[:cut].strip()  # empty when the sentence starts with a span (a name)
+        if prefix and prefix not in seeds:
+            seeds.append(prefix)
+    return seeds or ["The"]
+
+
 def build_examples(items: Sequence[str], views: Sequence[str] = VIEWS) -> list[Example]:
     """All items' examples, in item order."""
     return [ex for item in items for ex in expand_item(item, views)]
@@ -319,7 +369,7 @@ class LoraTrainer:
 
         model = lm.model
         self._was_training = bool(model.training)
-        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._requires_grad = _grad_flags(model)
         self.lora_config = LoraConfig(
             r=s.rank,
             lora_alpha=s.alpha,
@@ -338,12 +388,16 @@ class LoraTrainer:
         self._params = [p for n, p in model.named_parameters() if f".{self._name}." in n]
         for p in self._params:
             p.requires_grad_(True)
+        self.trainable_params = sum(int(p.numel()) for p in self._params)
         # Off between steps, so whatever runs between steps sees the model as it was.
         model.disable_adapters()
         self._optim = torch.optim.AdamW(self._params, lr=s.lr, weight_decay=s.weight_decay, foreach=False)
         self._gen = torch.Generator().manual_seed(s.seed)
         self._order: list[int] = []
         self._teacher: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+        # Replay rows live after the examples: row len(self._tokenized) + j is replay text j.
+        self._replay: list[list[int]] = []
+        self._replay_seeds = replay_seeds(items)
         self._epoch_losses: list[float] = []
         self.last_epoch_loss: float | None = None
         self.step_count = 0
@@ -383,7 +437,7 @@ class LoraTrainer:
     def _collate(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
         import torch
 
-        rows = [self._tokenized[i] for i in batch]
+        rows = [self._row(i) for i in batch]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -406,9 +460,11 @@ class LoraTrainer:
         if self.done:
             raise RuntimeError("training is done")
         start = time.perf_counter()
-        rows = self._next_batch()
-        batch = self._collate(rows)
         use_kl = self.settings.kl_weight > 0
+        rows = self._next_batch()
+        if use_kl and self.settings.replay_samples > 0:
+            rows = rows + self._replay_rows()
+        batch = self._collate(rows)
         if use_kl:
             self._fill_teacher(rows, batch)
         self.step_count += 1
@@ -427,7 +483,7 @@ class LoraTrainer:
                 if kl is not None:
                     total = loss + self.settings.kl_weight * kl
             self._optim.zero_grad(set_to_none=True)
-            total.backward()
+            torch.autograd.backward(total)
             self._optim.step()
         self._optim.zero_grad(set_to_none=True)
         value = float(loss.detach())
@@ -457,9 +513,51 @@ class LoraTrainer:
     def _head(self) -> Any:
         return self._peft.get_output_embeddings()
 
+    def _row(self, index: int) -> tuple[list[int], list[int]]:
+        if index < len(self._tokenized):
+            return self._tokenized[index]
+        ids = self._replay[index - len(self._tokenized)]
+        return ids, [-100] * len(ids)
+
+    def _replay_rows(self) -> list[int]:
+        """This step's replay rows, sampling more replay text first while there is less than asked for.
+
+        Replay text is sampled from the base model (LoRA off) a few
+        sequences per step, so no single step is long; seeds and sampling
+        are deterministic (``seed``), and the global torch RNG is left as it was.
+        """
+        import torch
+
+        s = self.settings
+        if len(self._replay) < s.replay_samples:
+            n = min(max(4, s.replay_per_step), s.replay_samples - len(self._replay))
+            tok = self._lm.tokenizer
+            from memosd.activation.render import encode
+
+            seeds = [encode(tok, self._replay_seeds[(len(self._replay) + i) % len(self._replay_seeds)])
+                     for i in range(n)]  # fmt: skip
+            width = max(len(x) for x in seeds)
+            ids = torch.tensor([[self._pad] * (width - len(x)) + x for x in seeds], device=self._lm.device)
+            mask = torch.tensor(
+                [[0] * (width - len(x)) + [1] * len(x) for x in seeds], device=self._lm.device
+            )
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(s.seed * 7919 + len(self._replay))
+                out = self._peft.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, top_p=0.95, temperature=1.0, top_k=0,
+                    max_new_tokens=s.replay_tokens, min_new_tokens=s.replay_tokens, pad_token_id=self._pad,
+                )  # fmt: skip
+            for seed_ids, row in zip(seeds, out, strict=True):
+                self._replay.append(seed_ids + [int(t) for t in row[width:]])
+        k = min(s.replay_per_step, len(self._replay))
+        base = len(self._tokenized)
+        return [base + (self.step_count * k + i) % len(self._replay) for i in range(k)]
+
     def _kl_positions(self, index: int) -> list[int]:
         """Up to ``kl_positions`` positions (evenly spaced) whose next token is a prompt token of example ``index``."""
-        _, labels = self._tokenized[index]
+        ids, labels = self._row(index)
+        if index >= len(self._tokenized):  # replay text: every position
+            return list(range(len(ids) - 1))
         pos = [t for t in range(len(labels) - 1) if labels[t + 1] == -100]
         k = self.settings.kl_positions
         if len(pos) > k:
@@ -544,6 +642,8 @@ class LoraTrainer:
         if self._closed:
             raise RuntimeError("the trainer is closed")
         state = get_peft_model_state_dict(self._peft, adapter_name=self._name)
+        # Keys as PeftModel.save_pretrained writes them (the integration's own lack the prefix).
+        state = {k if k.startswith("base_model.model.") else "base_model.model." + k: v for k, v in state.items()}
         tensors = {k: v.detach().to("cpu").clone() for k, v in state.items()}
         return AdapterExport(state_dict=tensors, config=adapter_config_dict(self.lora_config))
 
@@ -557,9 +657,7 @@ class LoraTrainer:
         # Removes this adapter only; other adapters' LoRA weights stay, and with the last one
         # transformers forgets its PEFT config too.
         model.delete_adapter(self._name)
-        for name, p in model.named_parameters():
-            if name in self._requires_grad:
-                p.requires_grad_(self._requires_grad[name])
+        _restore_grad_flags(model, self._requires_grad)
         model.train(self._was_training)
         self._params = []
 
@@ -579,8 +677,25 @@ class LoraTrainer:
             "text_examples": len(self.examples) - n_chat,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
-            "trainable_params": sum(int(p.numel()) for p in self._params),
+            "trainable_params": self.trainable_params,
         }
+
+
+def _grad_flags(model: Any) -> dict[str, bool]:
+    """``requires_grad`` of every parameter by its base name.
+
+    peft's LoRA wrappers rename a base weight ``x.weight`` to
+    ``x.base_layer.weight``, and deleting the last adapter leaves the
+    (empty) wrappers in place, so names are compared without that part.
+    """
+    return {n.replace(".base_layer", ""): p.requires_grad for n, p in model.named_parameters()}
+
+
+def _restore_grad_flags(model: Any, flags: Mapping[str, bool]) -> None:
+    for name, p in model.named_parameters():
+        flag = flags.get(name.replace(".base_layer", ""))
+        if flag is not None:
+            p.requires_grad_(flag)
 
 
 def adapter_config_dict(config: Any) -> dict[str, Any]:
@@ -603,32 +718,30 @@ def _jsonable(value: Any) -> Any:
 
 @contextmanager
 def attached_adapter(lm: LoadedModel, adapter: AdapterExport) -> Iterator[Any]:
-    """``lm.model`` with an exported adapter loaded through peft, in eval mode; removed again on exit.
+    """``lm.model`` with an exported adapter loaded and active, in eval mode; deleted again on exit.
 
-    The round trip of ``export``: builds a ``LoraConfig`` from the config
-    dict and loads the state dict with ``set_peft_model_state_dict``.
+    The round trip of ``export``, the way ``memosd.runtime.adapters`` loads an
+    adapter: a ``LoraConfig`` from the config dict and transformers'
+    ``load_adapter`` with the state dict (keys with or without peft's
+    ``base_model.model.`` prefix). Other adapters on the model are left alone.
     """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig
 
-    model = lm.model
+    model: Any = lm.model
     was_training = bool(model.training)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    keep = {k: v for k, v in adapter.config.items() if k not in {"peft_type", "auto_mapping", "revision"}}
-    config = LoraConfig(**keep)
-    peft_model: Any = get_peft_model(model, config)
+    flags = _grad_flags(model)
+    known = set(LoraConfig.__dataclass_fields__)
+    config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in known and k != "peft_type"})
+    config.inference_mode = True
+    tensors = {k.removeprefix("base_model.model."): v for k, v in adapter.state_dict.items()}
+    name = f"memosd_eval_{secrets.token_hex(4)}"
+    model.load_adapter(adapter_name=name, peft_config=config, adapter_state_dict=tensors)
     try:
-        result = set_peft_model_state_dict(peft_model, adapter.state_dict)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"adapter does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-        peft_model.train(False)
-        yield peft_model
+        model.set_adapter(name)
+        model.enable_adapters()
+        model.train(False)
+        yield model
     finally:
-        base = peft_model.unload()
-        for name, p in base.named_parameters():
-            if name in flags:
-                p.requires_grad_(flags[name])
-        base.train(was_training)
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in vars(base):
-                delattr(base, attr)
+        model.delete_adapter(name)
+        _restore_grad_flags(model, flags)
+        model.train(was_training)
