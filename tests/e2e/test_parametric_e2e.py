@@ -91,6 +91,8 @@ def test_import_commit_export_diff_and_generate_with_an_adapter(
     assert revision.adapter_changed and revision.adapter_digest == imported.adapter.digest
     adapter, config, weights = tc.export_adapter(mount, tmp_path / "exported")
     assert adapter.born_revision == revision.number and adapter.lineage.origin == "imported"
+    assert (config, weights) == ((source / "adapter_config.json").read_bytes(),
+                                 (source / "adapter_model.safetensors").read_bytes())
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "exported" / name).read_bytes() == (source / name).read_bytes()
     changes = tc.diff("adapted", 1, revision.number)
