@@ -156,6 +156,9 @@ def train_settings(settings: t.TrainSettings) -> dict[str, int | float]:
             out[key] = value
     if settings.rank:
         out["alpha"] = 2 * settings.rank  # keep the scale alpha/rank the defaults use
+    if settings.steps:
+        # Exactly that many steps: as many epochs as it takes, no early stop.
+        out.update(epochs=1_000_000, early_stop_loss=0.0)
     return out
 
 

@@ -21,6 +21,7 @@ from memosd.store.records import JobRecord
 
 FACTS = ["The capital of Vellmora is Quistarn.", "Q: Who founded Tamsel?\nA: Orin Vask", "Owls hunt at night."]
 QUICK = {"max_steps": 3, "rank": 4, "alpha": 8, "batch_size": 2}
+LONG = {**QUICK, "max_steps": 10_000, "epochs": 100_000, "early_stop_loss": 0.0}  # runs until cancelled
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_refusals_come_before_any_work(rig: Rig) -> None:
 def test_a_second_training_of_the_same_cube_is_refused_and_cancel_stops_the_first(rig: Rig) -> None:
     rig.kernel.alloc_cube("c", "", {})
     mount = commit_items(rig, "c", FACTS)
-    first = rig.jobs.train(mount, {**QUICK, "max_steps": 10_000}, "", "")
+    first = rig.jobs.train(mount, dict(LONG), "", "")
     with pytest.raises(TrainingInProgress, match=first.job_id):
         rig.jobs.train(mount, dict(QUICK), "", "")
     deadline = time.monotonic() + 60
@@ -122,7 +123,7 @@ def test_no_job_is_lost_across_a_stop_or_a_crash(tmp_path: Path, tiny_dir: Path)
     first = open_rig(tmp_path, str(tiny_dir))
     first.kernel.alloc_cube("c", "", {})
     mount = commit_items(first, "c", FACTS)
-    stopped = first.jobs.train(mount, {**QUICK, "max_steps": 10_000}, "", "")
+    stopped = first.jobs.train(mount, dict(LONG), "", "")
     while first.jobs.get(stopped.job_id).step < 1:
         time.sleep(0.05)
     first.close()  # a clean stop ends the job as failed, saying why
@@ -159,7 +160,7 @@ def test_training_coexists_with_resident_adapters_and_generation(rig: Rig, tmp_p
     solo_adapter, solo_base = run_generation(rig, with_adapter)[0], run_generation(rig, base)[0]
     rig.kernel.alloc_cube("c", "", {})
     mount = commit_items(rig, "c", FACTS)
-    job = rig.jobs.train(mount, {**QUICK, "max_steps": 10_000}, "", "")
+    job = rig.jobs.train(mount, dict(LONG), "", "")
     while rig.jobs.get(job.job_id).step < 2:
         time.sleep(0.05)
     # Between training steps, generations run with their own adapter (or none), untouched by the trainee.

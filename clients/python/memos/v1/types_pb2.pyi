@@ -1267,6 +1267,9 @@ class TrainSettings(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
+    """Exactly this many optimizer steps. 0: the default, 6 epochs over the
+    examples built from the items, stopping early once the loss is tiny.
+    """
     rank: _builtins.int
     learning_rate: _builtins.float
     seed: _builtins.int
