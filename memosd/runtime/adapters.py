@@ -209,6 +209,9 @@ class AdapterPool:
         known = set(LoraConfig.__dataclass_fields__)
         config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in known and k != "peft_type"})
         config.inference_mode = True
+        # The weights come from the file: no initialisation. (peft's default, True, would zero
+        # lora_B in update_layer, over the tensors handed to it: the adapter would do nothing.)
+        config.init_lora_weights = False
         name = _name(adapter.digest)
         model: Any = loaded.model
         if not _add_to_existing_layers(model, name, adapter, config):
