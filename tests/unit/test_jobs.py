@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
+import torch
 from activation_rig import Rig, commit_items, open_rig
 from tiny_llama import save_tiny_llama
 
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, TrainingInProgress
+from memosd.parametric.jobs import JobManager, default_trainer
 from memosd.store.records import JobRecord
 
 FACTS = ["The capital of Vellmora is Quistarn.", "Q: Who founded Tamsel?\nA: Orin Vask", "Owls hunt at night."]
@@ -169,3 +172,74 @@ def test_training_coexists_with_resident_adapters_and_generation(rig: Rig, tmp_p
     assert rig.jobs.cancel(job.job_id).state == "cancelled"
     assert run_generation(rig, with_adapter)[0] == solo_adapter
     assert run_generation(rig, base)[0] == solo_base
+
+
+class _RecordingTrainer:
+    """The real trainer, also keeping its own adapter-enabled logits on a probe at export time."""
+
+    probe: ClassVar[list[int]] = [1, 5, 9, 13, 17, 21]
+    logits: ClassVar[dict[str, torch.Tensor]] = {}
+
+    def __init__(self, loaded: Any, items: Sequence[str], settings: dict[str, Any]) -> None:
+        self._inner = default_trainer(loaded, items, settings)
+        self.total_steps = self._inner.total_steps
+
+    @property
+    def done(self) -> bool:
+        return self._inner.done
+
+    def step(self) -> Any:
+        return self._inner.step()
+
+    def export(self) -> Any:
+        with torch.no_grad(), self._inner.adapter_enabled() as model:
+            _RecordingTrainer.logits["trained"] = model(torch.tensor([self.probe])).logits[0].clone()
+        return self._inner.export()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.parametrize("others_resident", [False, True])
+def test_the_committed_adapter_computes_what_the_trainer_trained(
+    tmp_path: Path, tiny_dir: Path, others_resident: bool
+) -> None:
+    """Loaded from the store into the adapter pool (alone, or beside other resident adapters), the trained
+    adapter gives the logits the trainer saw, and they differ from the base model's."""
+    from test_parametric import import_and_commit, make_adapter
+
+    rig = open_rig(tmp_path, str(tiny_dir))
+    rig.jobs = JobManager(rig.kernel, rig.host, _RecordingTrainer)
+    try:
+        if others_resident:  # LoRA layers on every target already: the pool's fast path loads the trained one
+            rig.kernel.alloc_cube("o", "", {})
+            commit_items(rig, "o", FACTS)
+            targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+            other = import_and_commit(rig, "o", make_adapter(tiny_dir, tmp_path / "other", seed=5, targets=targets))
+            rig.adapters.make_resident(rig.kernel.cube("o").cube_id,
+                                       rig.kernel.adapter_in(rig.kernel.mounts[other])[0])
+        rig.kernel.alloc_cube("c", "", {})
+        mount = commit_items(rig, "c", FACTS)
+        job = wait(rig, rig.jobs.train(mount, {**QUICK, "max_steps": 8, "lr": 5e-3}, "", "").job_id)[-1]
+        assert job.state == "succeeded", job.error
+        cube = rig.kernel.cube("c")
+        adapter = cube.adapter_at(job.result_revision)
+        assert adapter is not None
+        loaded = rig.loaded
+        probe = torch.tensor([_RecordingTrainer.probe])
+
+        def logits(digest: str | None) -> torch.Tensor:
+            def run() -> torch.Tensor:
+                if digest is None:
+                    rig.host.adapters.use(loaded, None)
+                else:
+                    rig.adapters.prepare(loaded, cube.cube_id, adapter)
+                with torch.no_grad():
+                    return loaded.model(probe).logits[0].clone()
+            return rig.host.run(run)
+
+        trained, base = logits(adapter.digest), logits(None)
+        torch.testing.assert_close(trained, _RecordingTrainer.logits["trained"], rtol=1e-4, atol=1e-4)
+        assert (trained - base).abs().max() > 1e-3
+    finally:
+        rig.close()

@@ -306,30 +306,3 @@ def test_generate_with_a_cube_without_adapter_says_so(rig: Rig) -> None:
     mount = commit_items(rig, "c", FACTS)
     with pytest.raises(AdapterNotFound, match="import or train one"):
         run_generation(rig, GenerateParams([("user", "hi")], [mount], adapter_mount_id=mount))
-
-
-def test_an_adapter_whose_config_says_init_lora_weights_keeps_its_weights(
-    rig: Rig, adapter_a: tuple[bytes, bytes], adapter_b: tuple[bytes, bytes]
-) -> None:
-    """Trained adapters' configs carry peft's default init_lora_weights=True; loading must not re-init."""
-    rig.kernel.alloc_cube("c", "", {})
-    commit_items(rig, "c", FACTS)
-    first = import_and_commit(rig, "c", adapter_b)  # LoRA layers exist: the next load takes the fast path
-    rig.adapters.make_resident(rig.kernel.cube("c").cube_id, rig.kernel.adapter_in(rig.kernel.mounts[first])[0])
-    config, weights = adapter_a
-    as_trained = json.dumps({**json.loads(config), "init_lora_weights": True}).encode()
-    rig.kernel.alloc_cube("t", "", {})
-    commit_items(rig, "t", FACTS)
-    mount = import_and_commit(rig, "t", (as_trained, weights))
-    adapter = rig.kernel.adapter_in(rig.kernel.mounts[mount])[0]
-    assert adapter is not None
-    rig.adapters.make_resident(rig.kernel.cube("t").cube_id, adapter)
-    stored = {k.removeprefix("base_model.model."): v for k, v in load(weights).items()}
-    name = f"m_{adapter.digest[:16]}"
-    for path, module in rig.loaded.model.named_modules():
-        lora_b = getattr(module, "lora_B", None)
-        if lora_b is not None and name in lora_b:
-            torch.testing.assert_close(lora_b[name].weight, stored[f"{path}.lora_B.weight"])
-            break
-    else:
-        raise AssertionError("the adapter was not loaded into any LoRA layer")
