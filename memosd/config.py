@@ -103,6 +103,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    # Off only for measurements on a trusted machine: every call then acts as an admin.
+    auth: bool = True
+    audit: bool = True  # the hash-chained audit log of every syscall
+    # TLS: both files (PEM) serve TLS; client_ca_file also demands client certificates signed by it (mTLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -113,6 +124,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     config_file: Path | None = None  # the TOML file that was read, if any
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +145,7 @@ SECTIONS: dict[str, type[Any]] = {
     "index": IndexConfig,
     "runtime": RuntimeConfig,
     "log": LogConfig,
+    "security": SecurityConfig,
 }
 
 # "section.key" -> field type; "data_dir" is the one top-level key.
@@ -441,5 +454,11 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     if runtime.max_tokens > runtime.max_tokens_limit:
         raise ConfigError(f"runtime.max_tokens = {runtime.max_tokens} is above runtime.max_tokens_limit = "
                           f"{runtime.max_tokens_limit}: the default reply length must be one a request may ask for")
+    security: SecurityConfig = sections["security"]
+    if bool(security.tls_cert_file) != bool(security.tls_key_file):
+        raise ConfigError("security.tls_cert_file and security.tls_key_file go together: give both to serve TLS")
+    if security.tls_client_ca_file and not security.tls_cert_file:
+        raise ConfigError("security.tls_client_ca_file (mTLS) needs TLS: set security.tls_cert_file and "
+                          "security.tls_key_file too")
     data_dir = values.get("data_dir") or default_data_dir(env)
     return Config(data_dir=data_dir, config_file=config_file, **sections)

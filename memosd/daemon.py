@@ -5,6 +5,7 @@ Data dir layout:
     index/{cube_id}/  derived indexes: dense.usearch, lexical/ (rebuilt from store when missing/behind)
     models/{sha16}/   the builtin model's dequantized weights (runtime.cache_dir, if set, holds it instead)
     daemon.json       {"pid", "address"} of the running daemon (removed on clean exit)
+    admin.token       the bootstrap admin's token (mode 0600), written at first start
     LOCK              held (flock) while a daemon uses the dir
 """
 
@@ -34,6 +35,9 @@ from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.host import ModelHost
 from memosd.config import Config, ConfigError, SearchConfig, load_config
+from memosd.governance.access import AccessControl
+from memosd.governance.audit import AuditLog
+from memosd.governance.principals import Principals
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.ports import Ranker
 from memosd.kernel.search import Searcher, SearchSettings
@@ -43,6 +47,7 @@ from memosd.parametric.jobs import JobManager
 from memosd.sdnotify import SystemdNotifier
 from memosd.store.rocks import SchemaMismatch, Store
 from memosd.syscalls import convert_activation
+from memosd.syscalls.gate import Gate
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
 from memosd.syscalls.servicer import MemOSServicer
 
@@ -125,6 +130,23 @@ def make_ranker(search: SearchConfig) -> Ranker:
     return rank
 
 
+def _add_port(server: grpc.Server, config: Config) -> int:
+    """Plain gRPC by default (loopback); TLS, and mTLS with a client CA, when security.tls_* say so."""
+    security = config.security
+    if not security.tls_cert_file:
+        return int(server.add_insecure_port(config.server.listen))
+    try:
+        key = Path(security.tls_key_file).expanduser().read_bytes()
+        cert = Path(security.tls_cert_file).expanduser().read_bytes()
+        client_ca = (Path(security.tls_client_ca_file).expanduser().read_bytes()
+                     if security.tls_client_ca_file else None)
+    except OSError as error:
+        raise StartupError(f"cannot read a TLS file: {error}; check security.tls_*") from None
+    credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                              require_client_auth=client_ca is not None)
+    return int(server.add_secure_port(config.server.listen, credentials))
+
+
 def build(config: Config) -> Daemon:
     """Open everything and bind the port; nothing is served until `server.start()`."""
     # Imported here: torch and friends take seconds; `memosd --help` should not.
@@ -159,13 +181,24 @@ def build(config: Config) -> Daemon:
                                                     thread_name_prefix="syscall"), options=options)
     daemon_box: list[Daemon] = []
     jobs = JobManager(kernel, model_host)
-    servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, lambda: daemon_box[0].stats())
+    principals = Principals(store)
+    token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
+    if token_file is not None:
+        log_event(log, "admin_created", token_file=str(token_file),
+                  hint="the admin's token; memosctl reads it from there, or pass it with --token-file")
+    if not config.security.auth:
+        log_event(log, "auth_disabled", level=logging.WARNING,
+                  hint="security.auth = false: every caller acts as an admin; never do this outside a benchmark")
+    access = AccessControl(kernel, principals)
+    gate = Gate(principals, access, AuditLog(store, enabled=config.security.audit), jobs, auth=config.security.auth)
+    servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, lambda: daemon_box[0].stats(),
+                             gate)
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.server.listen)
+        port = _add_port(server, config)
     except RuntimeError as error:
         model_host.close()
         kernel.close()

@@ -154,6 +154,26 @@ class JobFinished(MemosError):
     reason = "JOB_FINISHED"
 
 
+class Unauthenticated(MemosError):
+    code = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MemosError):
+    code = "PERMISSION_DENIED"
+    reason = "PERMISSION_DENIED"
+
+
+class PrincipalNotFound(MemosError):
+    code = "NOT_FOUND"
+    reason = "PRINCIPAL_NOT_FOUND"
+
+
+class PrincipalNameTaken(MemosError):
+    code = "ALREADY_EXISTS"
+    reason = "PRINCIPAL_NAME_TAKEN"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -164,5 +184,6 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     InvalidField, TextEmpty, TextTooLarge, TooManyItems, InvalidPageToken,
     MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
     InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
-    AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished,
+    AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished, Unauthenticated,
+    PermissionDenied, PrincipalNotFound, PrincipalNameTaken,
 )

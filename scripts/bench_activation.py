@@ -132,7 +132,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data", extra_args=["--log-level", "warning"], env=env).start()
         try:
-            with Client(daemon.address, timeout=600) as client:
+            with Client(daemon.address, token=daemon.token, timeout=600) as client:
                 # Calibrate characters per token on a few passages (the block adds a header).
                 probe = client.activate(fill(client, "calibration", passages[:20]))
                 chars_per_token = sum(len(p) + 3 for p in passages[:20]) / probe.tokens

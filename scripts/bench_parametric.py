@@ -133,7 +133,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data", extra_args=["--log-level", "warning"], env=env).start()
         try:
-            with Client(daemon.address, timeout=600) as client:
+            with Client(daemon.address, token=daemon.token, timeout=600) as client:
                 while client.stats().model.state == "loading":
                     time.sleep(0.2)
                 model_dir = next((args.model_cache / "models").glob("*/config.json")).parent

@@ -106,7 +106,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data", extra_args=["--log-level", "warning"]).start()
         try:
-            with Client(daemon.address, timeout=300) as client:
+            with Client(daemon.address, token=daemon.token, timeout=300) as client:
                 client.alloc_cube("bench")
                 mount = client.mount("bench", writable=True)
                 written = 0

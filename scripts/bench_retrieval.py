@@ -67,7 +67,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data", extra_args=["--log-level", "warning"]).start()
         try:
-            with Client(daemon.address, timeout=600) as client:
+            with Client(daemon.address, token=daemon.token, timeout=600) as client:
                 for name in ("msmarco", "dbpedia"):
                     results[name] = evaluate(client, args.data / name)
         finally:

@@ -33,7 +33,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture
 def client(daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(daemon.address, timeout=60) as c:
+    with Client(daemon.address, token=daemon.token, timeout=60) as c:
         yield c
 
 

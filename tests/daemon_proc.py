@@ -53,6 +53,16 @@ class DaemonProcess:
         self.kill()
         raise RuntimeError(f"memosd did not start in {STARTUP_SECONDS}s:\n{self.log()}")
 
+    @property
+    def token(self) -> str:
+        """The bootstrap admin's token, which the daemon wrote at its first start."""
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str]]:
+        """Call metadata carrying the admin token, for raw stubs."""
+        return (("authorization", f"Bearer {self.token}"),)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:] if self.log_path else ""
 

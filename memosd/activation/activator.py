@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -210,6 +210,9 @@ class Activator:
         with cube.lock:
             if cube.freed:  # freed while we computed: its rows are gone, write none back
                 return record
+            if any(item_id in cube.purged for item_id, _ in refs):  # purged while we computed: keep no copy
+                self.host.pool.evict(cache.key)
+                return record
             batch = self.store.batch()
             batch.put_activation(record, chunks)
             if old is not None and old.cache_key != cache.key:
@@ -284,9 +287,10 @@ class Activator:
         salt = cube_salt(cube_id)
         return self.host.pool.evict_if(lambda _key, cache: cache.salt == salt)
 
-    def forget_persisted(self, cube_id: str) -> None:
-        """The cube's stored activations are gone (Evict with delete, or FreeCube's range delete)."""
-        for key in [k for k in self._persisted if k[0] == cube_id]:
+    def forget_persisted(self, cube_id: str, fingerprints: Collection[str] | None = None) -> None:
+        """The cube's stored activations are gone (Evict with delete, or FreeCube's range delete), or those
+        for these model fingerprints (a Purge deleted them)."""
+        for key in [k for k in self._persisted if k[0] == cube_id and (fingerprints is None or k[1] in fingerprints)]:
             del self._persisted[key]
 
     def persisted_bytes(self) -> int:

@@ -39,6 +39,18 @@ class Catalog:
         for tag in meta.tags:
             self.by_tag.setdefault(tag, set()).add(meta.vkey)
 
+    def remove_item(self, item_id: str) -> list[VersionMeta]:
+        """Forget every version of the item (Purge), as if it had never been committed."""
+        versions = self.by_item.pop(item_id, [])
+        for meta in versions:
+            del self.by_vkey[meta.vkey]
+            for tag in meta.tags:
+                keys = self.by_tag[tag]
+                keys.discard(meta.vkey)
+                if not keys:
+                    del self.by_tag[tag]
+        return versions
+
     def visible(self, item_id: str, revision: int) -> VersionMeta | None:
         for meta in reversed(self.by_item.get(item_id, ())):
             if meta.alive_at(revision):

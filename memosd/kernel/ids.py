@@ -16,11 +16,14 @@ CUBE_PREFIX = "cube_"
 ITEM_PREFIX = "itm_"
 MOUNT_PREFIX = "mnt_"
 JOB_PREFIX = "job_"
+PURGE_PREFIX = "prg_"
+PRINCIPAL_PREFIX = "prn_"
 
 _BODY = r"[a-z2-7]{20}"
 CUBE_ID_RE = re.compile(rf"^{CUBE_PREFIX}{_BODY}$")
 ITEM_ID_RE = re.compile(rf"^{ITEM_PREFIX}{_BODY}$")
 MOUNT_ID_RE = re.compile(rf"^{MOUNT_PREFIX}{_BODY}$")
+PRINCIPAL_ID_RE = re.compile(rf"^{PRINCIPAL_PREFIX}{_BODY}$")
 CUBE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

@@ -12,7 +12,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -30,9 +30,11 @@ from memosd.errors import (
     RevisionNotFound,
     StagingFull,
 )
+from memosd.fsutil import fsync_path
 from memosd.kernel import adapters, history, ids, paging, validate
 from memosd.kernel.catalog import Catalog
 from memosd.kernel.ports import EmbedderPort, IndexFactory
+from memosd.kernel.purge import run_purge, taint_on_commit
 from memosd.kernel.state import CubeState, MountState, meta_of, staged_view, view_of
 from memosd.kernel.types import (
     CommitResult,
@@ -50,6 +52,7 @@ from memosd.store.records import (
     AdapterRecord,
     CubeRecord,
     MountRecord,
+    PurgeReceipt,
     RevisionRecord,
     StagedAdapterRecord,
     StagedRecord,
@@ -58,6 +61,12 @@ from memosd.store.records import (
 from memosd.store.rocks import Batch, Store
 
 log = logging.getLogger("memosd.kernel")
+
+
+def mount_not_found(mount_id: str) -> MountNotFound:
+    """The one refusal for a mount id that is unknown, closed, or someone else's: they look the same."""
+    return MountNotFound(f"no open mount {mount_id!r}; it was unmounted, its cube freed, or never existed. "
+                         "Mount the cube again and use the new mount_id", mount=mount_id)
 
 
 def _now_ns() -> int:
@@ -122,7 +131,8 @@ class Kernel:
         for version in self.store.iter_versions(record.cube_id):
             catalog.add(meta_of(version))
         index = self._index_factory(self._index_root / record.cube_id, self.embedder.dim)
-        cube = CubeState(record, catalog, index, adapters=list(self.store.iter_adapters(record.cube_id)))
+        cube = CubeState(record, catalog, index, adapters=list(self.store.iter_adapters(record.cube_id)),
+                         purged={i: p.purge_id for p in self.store.iter_purges(record.cube_id) for i in p.item_ids})
         self._catch_up_index(cube)
         return cube
 
@@ -147,6 +157,25 @@ class Kernel:
             cube.index_dirty = True
             log_event(log, "index_caught_up", cube=cube.cube_id, dense_added=len(missing),
                       lexical_added=len(behind))
+
+    def reset_index(self, cube: CubeState) -> None:
+        """Delete the cube's index files and put empty indexes in their place (Purge).
+
+        From here on a crash rebuilds them from the store at start. Call refill_index after."""
+        directory = self._index_root / cube.cube_id
+        cube.index.destroy()
+        try:
+            if directory.exists():
+                shutil.rmtree(directory)  # destroy() ignores errors; this raises them
+            fsync_path(self._index_root)
+        finally:
+            cube.index = self._index_factory(directory, self.embedder.dim)
+
+    def refill_index(self, cube: CubeState) -> None:
+        """Add every committed version the indexes lack, from the store, and save them."""
+        self._catch_up_index(cube)
+        cube.index.save()
+        cube.index_dirty = False
 
     def _load_mount(self, record: MountRecord, reembed: bool) -> MountState:
         mount = MountState(record, staged_adapter=self.store.get_staged_adapter(record.mount_id))
@@ -190,8 +219,7 @@ class Kernel:
                                field="mount_id")
         mount = self.mounts.get(mount_id)
         if mount is None:
-            raise MountNotFound(f"no open mount {mount_id!r}; it was unmounted, its cube freed, or never "
-                                "existed. Mount the cube again and use the new mount_id", mount=mount_id)
+            raise mount_not_found(mount_id)
         return mount
 
     def cube_of(self, mount: MountState) -> CubeState:
@@ -213,13 +241,14 @@ class Kernel:
                          staged_adapter=mount.staged_adapter is not None)
 
     # -- cubes ----------------------------------------------------------
-    def alloc_cube(self, name: str, description: str, labels: dict[str, str]) -> CubeInfo:
+    def alloc_cube(self, name: str, description: str, labels: dict[str, str], owner: str = "") -> CubeInfo:
         validate.cube_name(name)
         validate.cube_meta(description, labels)
         with self._lock:
             if self.store.cube_id_by_name(name) is not None:
                 raise CubeNameTaken(f"a cube named {name!r} already exists; pick another name", name=name)
-            record = CubeRecord(ids.new_id(ids.CUBE_PREFIX), name, description, dict(labels), _now_ns())
+            record = CubeRecord(ids.new_id(ids.CUBE_PREFIX), name, description, dict(labels), _now_ns(),
+                                owner=owner)
             batch = self.store.batch()
             batch.put_cube(record)
             batch.put_name(name, record.cube_id)
@@ -248,16 +277,17 @@ class Kernel:
         log_event(log, "free_cube", cube=cube.cube_id, revisions=cube.head, versions=len(cube.catalog))
         return FreeResult(cube.head, len(cube.catalog), len(mounts))
 
-    def list_cubes(self, page_size: int, token: str) -> Page[CubeInfo]:
+    def list_cubes(self, page_size: int, token: str, visible: Callable[[CubeRecord], bool] = lambda _: True
+                   ) -> Page[CubeInfo]:
         size = paging.page_size(page_size)
         after = paging.decode_token(token, "cubes") or ""
-        ordered = sorted(cid for cid in self.cubes if cid > str(after))
+        ordered = sorted(cid for cid, cube in self.cubes.items() if cid > str(after) and visible(cube.record))
         page = [self.cube_info(self.cubes[cid]) for cid in ordered[:size] if cid in self.cubes]
         more = len(ordered) > size
         return Page(page, paging.encode_token("cubes", ordered[size - 1]) if more else "")
 
     # -- mounts ---------------------------------------------------------
-    def mount(self, ref: str, revision: int, writable: bool) -> MountInfo:
+    def mount(self, ref: str, revision: int, writable: bool, principal: str = "") -> MountInfo:
         with self._lock:
             cube = self.cube(ref)
             base = cube.head if revision == 0 else revision
@@ -266,7 +296,7 @@ class Kernel:
                     f"cube {cube.record.name!r} has no revision {revision}; HEAD is {cube.head}",
                     cube=cube.cube_id, revision=revision, head=cube.head)
             record = MountRecord(ids.new_id(ids.MOUNT_PREFIX), cube.cube_id, base, "rw" if writable else "ro",
-                                 _now_ns())
+                                 _now_ns(), principal)
             batch = self.store.batch()
             batch.put_mount(record)
             self.store.write(batch, sync=False)
@@ -300,7 +330,7 @@ class Kernel:
         staged = mount.staging.get(item_id)
         if staged is not None:
             return None if staged.kind == "forget" else (staged.kind, staged.base_born)
-        meta = cube.catalog.visible(item_id, mount.record.base)
+        meta = None if item_id in cube.purging else cube.catalog.visible(item_id, mount.record.base)
         return None if meta is None else ("base", meta.born)
 
     def write(self, mount_id: str, inputs: Sequence[ItemInput]) -> tuple[list[str], MountInfo]:
@@ -440,6 +470,7 @@ class Kernel:
         with cube.lock:
             head = cube.head
             adapters.check_unchanged_since(cube, since, head)
+            adapter = taint_on_commit(cube, adapter)
             adapter_plan = adapters.plan_to(cube.adapter_at(head), adapter, head + 1)
             if adapter_plan is None:  # the same bytes as the current adapter: still record the training
                 adapter_plan = adapters.AdapterPlan(cube.adapter_at(head), replace(adapter, born=head + 1))
@@ -448,6 +479,17 @@ class Kernel:
             self._write_revision(cube, plan, revision, adapter_plan=adapter_plan, adapter_files=(config, weights))
         log_event(log, "commit_adapter", cube=cube.cube_id, revision=revision.number, digest=adapter.digest[:16])
         return revision
+
+    # -- purge ----------------------------------------------------------
+    def purge(self, ref: str, item_ids: Sequence[str], source: str = "", tags: Sequence[str] = ()) -> PurgeReceipt:
+        """Remove items from every revision, both indexes and every KV cache of the cube, flag the adapters
+        trained on them, and scrub the store (see kernel/purge.py). Items are selected by id, and/or by the
+        source or any of the tags of any of their versions (or staged copies)."""
+        return run_purge(self, ref, item_ids, source, tags)
+
+    def purges(self, ref: str) -> list[PurgeReceipt]:
+        """The cube's purge receipts, oldest first."""
+        return list(self.store.iter_purges(self.cube(ref).cube_id))
 
     def adapter_change(self, ref: str, older: int, newer: int) -> tuple[AdapterRecord | None, AdapterRecord | None]:
         """The cube's adapter at two revisions (for Diff)."""

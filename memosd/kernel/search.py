@@ -145,7 +145,9 @@ class Searcher:
                 if staged is not None and staged.kind != "forget":
                     views[hit.key] = staged_view(staged)
                 continue
-            meta = cand.cube.catalog.by_vkey[cand.vkey]
+            meta = cand.cube.catalog.by_vkey.get(cand.vkey)
+            if meta is None:  # purged while we searched
+                continue
             by_cube.setdefault(cand.cube.cube_id, []).append((hit.key, meta.item_id, meta.born))
         for cube_id, refs in by_cube.items():
             records = self.kernel.store.get_versions(cube_id, [(i, b) for _, i, b in refs])

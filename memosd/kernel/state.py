@@ -31,6 +31,10 @@ class CubeState:
     freed: bool = False
     # Every version of the cube's adapter, oldest first (a few at most; see kernel/adapters.py).
     adapters: list[AdapterRecord] = field(default_factory=list)
+    # Purged item id -> the purge that removed it (from the purges family): the tombstones.
+    purged: dict[str, str] = field(default_factory=dict)
+    # Items a running Purge removes: no mount may stage a change to them meanwhile.
+    purging: frozenset[str] = frozenset()
 
     @property
     def cube_id(self) -> str:

@@ -136,13 +136,14 @@ class AdapterService:
         if adapter is None:
             pool.use(loaded, None)
             return
-        if not pool.touch(adapter.digest):
+        key = rt.pool_key(cube_id, adapter.digest)
+        if not pool.touch(key):
             config, weights = self.kernel.adapter_files(cube_id, adapter)
             parsed = rt.parse_adapter(config, weights)
             rt.check_fits(loaded, parsed)
-            dropped = pool.ensure(loaded, parsed)
+            dropped = pool.ensure(loaded, parsed, key)
             log_event(log, "adapter_loaded", cube=cube_id, digest=adapter.digest[:16], unloaded=len(dropped))
-        pool.use(loaded, adapter.digest)
+        pool.use(loaded, key)
 
     def make_resident(self, cube_id: str, adapter: AdapterRecord) -> None:
         """Load the adapter into the model now (Activate), unless it is resident."""
@@ -158,5 +159,5 @@ class AdapterService:
         loaded = self.host.loaded_now()
         if loaded is None:
             return 0
-        digests = {a.digest for a in versions}
-        return self.host.run(lambda: sum(self.host.adapters.unload(loaded, d) for d in digests))
+        keys = {rt.pool_key(cube_id, a.digest) for a in versions}
+        return self.host.run(lambda: sum(self.host.adapters.unload(loaded, k) for k in keys))

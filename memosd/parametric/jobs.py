@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from memosd.activation.host import ModelHost
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
@@ -128,8 +128,13 @@ class JobManager:
         with self._cond:
             job = self._jobs.get(job_id)
         if job is None:
-            raise JobNotFound(f"no job {job_id!r}; ListJobs shows the last {MAX_JOBS}", job=job_id)
+            self.not_found(job_id)
         return job
+
+    @staticmethod
+    def not_found(job_id: str) -> NoReturn:
+        """The refusal for an unknown job id, and for a job of a cube the caller cannot see."""
+        raise JobNotFound(f"no job {job_id!r}; ListJobs shows the last {MAX_JOBS}", job=job_id)
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)

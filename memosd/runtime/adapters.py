@@ -122,7 +122,8 @@ def check_fits(loaded: LoadedModel, adapter: ParsedAdapter) -> None:
 
 
 def _add_to_existing_layers(model: Any, name: str, adapter: ParsedAdapter, config: Any) -> bool:
-    """Add ``adapter`` to LoRA layers already in the model (another adapter put them there).
+    """Add ``adapter`` to LoRA layers already in the model (an adapter, resident or unloaded since, put them
+    there).
 
     transformers' ``load_adapter`` re-walks and re-matches every module of the
     model (~200 ms on SmolLM2) even when each target already is a LoRA layer;
@@ -134,8 +135,6 @@ def _add_to_existing_layers(model: Any, name: str, adapter: ParsedAdapter, confi
     import torch
     from peft.tuners.lora import LoraLayer
 
-    if not getattr(model, "_hf_peft_config_loaded", False) or not hasattr(model, "peft_config"):
-        return False  # no adapter left registered: transformers sets the model up again
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter.tensors.items():
         path, _, rest = key.partition(".lora_")
@@ -144,6 +143,11 @@ def _add_to_existing_layers(model: Any, name: str, adapter: ParsedAdapter, confi
     layers = {path: modules.get(path) for path in pairs}
     if not all(isinstance(layers[p], LoraLayer) and len(pair) == 2 for p, pair in pairs.items()):
         return False
+    if not getattr(model, "_hf_peft_config_loaded", False) or not hasattr(model, "peft_config"):
+        # The last adapter was deleted: its LoRA wrappers stay in the model (empty), but transformers
+        # forgot its PEFT state. Register it again, as its load_adapter would, and reuse the wrappers.
+        model.peft_config = {}
+        model._hf_peft_config_loaded = True
     with torch.device("meta"), _no_linear_init():
         for path, pair in pairs.items():
             layer: Any = layers[path]
@@ -166,8 +170,14 @@ def _no_linear_init() -> Iterator[None]:
         torch.nn.Linear.reset_parameters = original  # type: ignore[method-assign]
 
 
-def _name(digest: str) -> str:
-    return f"m_{digest[:16]}"
+def pool_key(cube_id: str, digest: str) -> str:
+    """What the pool keys a resident adapter by: the cube and the digest. Two cubes holding the same
+    adapter bytes each get their own copy: nothing loaded for one cube is ever used for another."""
+    return f"{cube_id}/{digest}"
+
+
+def _name(key: str) -> str:
+    return f"m_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 class AdapterPool:
@@ -193,10 +203,12 @@ class AdapterPool:
     def resident(self) -> list[str]:
         return list(self._resident)
 
-    def ensure(self, loaded: LoadedModel, adapter: ParsedAdapter) -> list[str]:
-        """Make ``adapter`` resident (most recently used); returns the digests unloaded for room."""
-        if adapter.digest in self._resident:
-            self._resident.move_to_end(adapter.digest)
+    def ensure(self, loaded: LoadedModel, adapter: ParsedAdapter, key: str = "") -> list[str]:
+        """Make ``adapter`` resident under ``key`` (``pool_key``; its digest when empty), most recently used;
+        returns the keys unloaded for room."""
+        key = key or adapter.digest
+        if key in self._resident:
+            self._resident.move_to_end(key)
             return []
         from peft import LoraConfig
 
@@ -212,12 +224,12 @@ class AdapterPool:
         # The weights come from the file: no initialisation. (peft's default, True, would zero
         # lora_B in update_layer, over the tensors handed to it: the adapter would do nothing.)
         config.init_lora_weights = False
-        name = _name(adapter.digest)
+        name = _name(key)
         model: Any = loaded.model
         if not _add_to_existing_layers(model, name, adapter, config):
             # The first adapter on these modules: transformers' PEFT integration injects the LoRA layers.
             model.load_adapter(adapter_name=name, peft_config=config, adapter_state_dict=dict(adapter.tensors))
-        self._resident[adapter.digest] = name
+        self._resident[key] = name
         self._refresh_layers(loaded)
         self.loads += 1
         self.load_seconds += time.perf_counter() - started

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class CubeRecord:
     item_count: int = 0
     version_count: int = 0
     next_vkey: int = 1
+    owner: str = ""  # principal id; "" for cubes made before governance: only admins reach them
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class MountRecord:
     base: int
     mode: MountMode
     create_ns: int
+    principal: str = ""  # who opened it: only that principal can use the mount
 
 
 @dataclass
@@ -135,6 +137,8 @@ class AdapterRecord:
     lineage: dict[str, Any]
     born: int = 0
     died: int = 0
+    # The purges (purge ids) that removed items of its lineage: it was trained on text that is gone.
+    tainted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +184,99 @@ class JobRecord:
     @property
     def finished(self) -> bool:
         return self.state in TERMINAL_JOB_STATES
+
+
+@dataclass
+class PrincipalRecord:
+    """A user or an agent. ``token_hash`` is sha256 (hex) of the token's secret part: the token itself is
+    never stored."""
+
+    principal_id: str
+    name: str
+    kind: Literal["user", "agent"]
+    admin: bool
+    token_hash: str
+    create_ns: int
+    created_by: str = ""
+    disabled: bool = False
+
+
+@dataclass
+class GrantRecord:
+    """Rights of one principal on one cube. ``expire_ns`` 0 = no expiry."""
+
+    cube_id: str
+    principal_id: str
+    rights: list[str]
+    granted_by: str
+    update_ns: int
+    expire_ns: int = 0
+
+
+@dataclass(frozen=True)
+class PurgedVersion:
+    item_id: str
+    born: int
+    vkey: int
+
+
+@dataclass(frozen=True)
+class PurgedActivation:
+    """An activation deleted with its KV cache (``cache_key``): its block held a purged item."""
+
+    fingerprint: str
+    cache_key: str
+    revision: int
+    persisted_bytes: int
+
+
+class TaintedAdapter(NamedTuple):
+    """An adapter version whose lineage lists a purged item (stored as [digest, born])."""
+
+    digest: str
+    born: int
+
+
+@dataclass
+class PurgeReceipt:
+    """What one Purge removed and flagged, returned to the caller and kept in ``purges``.
+
+    Ids and counts only, never text (nor the selector: a source or tag may itself
+    name what was purged). ``staged`` is [mount_id, item_id] pairs. The index
+    counts are the versions the cube's dense and lexical indexes held before
+    they were rebuilt without the items. An empty receipt (no items, purge_id
+    "") means the selector matched nothing and nothing was done."""
+
+    purge_id: str
+    cube_id: str
+    time_ns: int
+    item_ids: list[str] = field(default_factory=list)
+    versions: list[PurgedVersion] = field(default_factory=list)
+    vectors_removed: int = 0
+    staged: list[list[str]] = field(default_factory=list)
+    dense_entries_removed: int = 0
+    lexical_entries_removed: int = 0
+    activations: list[PurgedActivation] = field(default_factory=list)
+    adapters_tainted: list[TaintedAdapter] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # decode() hands nested records over as dicts and lists.
+        self.versions = [PurgedVersion(**v) if isinstance(v, dict) else v for v in self.versions]
+        self.activations = [PurgedActivation(**a) if isinstance(a, dict) else a for a in self.activations]
+        self.adapters_tainted = [TaintedAdapter(*a) for a in self.adapters_tainted]
+
+    @property
+    def versions_removed(self) -> int:
+        return len(self.versions)
+
+    @property
+    def staged_removed(self) -> int:
+        return len(self.staged)
+
+    @property
+    def kv_caches_deleted(self) -> list[str]:
+        """The cache keys of the deleted activations (the pool may hold copies under them)."""
+        return [a.cache_key for a in self.activations]
 
 
 R = TypeVar("R")

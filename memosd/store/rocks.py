@@ -9,12 +9,15 @@ AllocCube, FreeCube), so a crash never leaves half of it applied.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rocksdict import (
+    BottommostLevelCompaction,
+    CompactOptions,
     DBCompressionType,
     Options,
     Rdict,
@@ -29,6 +32,7 @@ from memosd.store.records import (
     CubeRecord,
     JobRecord,
     MountRecord,
+    PurgeReceipt,
     RevisionRecord,
     StagedAdapterRecord,
     StagedRecord,
@@ -53,6 +57,10 @@ def _options() -> Options:
     return opts
 
 
+# RocksDB's default: a compaction rewrites the live blobs of the oldest quarter of the blob files.
+BLOB_GC_AGE_CUTOFF = 0.25
+
+
 def _blob_options() -> Options:
     """KV chunks are megabytes of fp16: keep them in blob files, out of the LSM tree, so
     compaction does not rewrite them, and do not try to compress them."""
@@ -62,6 +70,7 @@ def _blob_options() -> Options:
     opts.set_min_blob_size(4096)
     opts.set_blob_compression_type(DBCompressionType.none())
     opts.set_enable_blob_gc(True)
+    opts.set_blob_gc_age_cutoff(BLOB_GC_AGE_CUTOFF)
     return opts
 
 
@@ -93,6 +102,11 @@ class Batch:
 
     def put_vector(self, cube_id: str, vkey: int, vector: np.ndarray) -> None:
         self._put(schema.CF_VECTORS, schema.vector_key(cube_id, vkey), encode_vector(vector))
+
+    def delete_version(self, cube_id: str, item_id: str, born: int, vkey: int) -> None:
+        """One version and its vector (Purge: history itself forgets it)."""
+        self._delete(schema.CF_ITEMS, schema.version_key(cube_id, item_id, born))
+        self._delete(schema.CF_VECTORS, schema.vector_key(cube_id, vkey))
 
     def put_mount(self, mount: MountRecord) -> None:
         self._put(schema.CF_MOUNTS, schema.mount_key(mount.mount_id), encode(mount))
@@ -159,6 +173,14 @@ class Batch:
         begin, end = schema.kv_cache_range(cube_id, cache_key)
         self._wb.delete_range(begin, end, self._store.handle(schema.CF_KV_CHUNKS))
 
+    def delete_activation(self, record: ActivationRecord) -> None:
+        """One activation and its chunks."""
+        self._delete(schema.CF_ACTIVATIONS, schema.activation_key(record.cube_id, record.fingerprint))
+        self.delete_kv_cache(record.cube_id, record.cache_key)
+
+    def put_purge(self, receipt: PurgeReceipt) -> None:
+        self._put(schema.CF_PURGES, schema.purge_key(receipt.cube_id, receipt.purge_id), encode(receipt))
+
     def delete_activations(self, cube_id: str) -> None:
         """Every activation of the cube, for every model, and all its chunks."""
         begin, end = schema.prefix_range(cube_id)
@@ -186,6 +208,7 @@ class Store:
         self._sync = WriteOptions()
         self._sync.sync = True
         self._nosync = WriteOptions()
+        self._scrub_lock = threading.Lock()
         self._check_schema_version()
 
     def _check_schema_version(self) -> None:
@@ -321,6 +344,29 @@ class Store:
     def delete_job(self, job_id: str) -> None:
         self._cfs[schema.CF_JOBS].delete(job_id.encode(), self._nosync)
 
+    # -- governance rows (principals, grants, audit): plain keys and values ---------------------
+    def put_row(self, cf: str, key: bytes, value: bytes, *, sync: bool) -> None:
+        self._cfs[cf].put(key, value, self._sync if sync else self._nosync)
+
+    def delete_row(self, cf: str, key: bytes, *, sync: bool) -> None:
+        self._cfs[cf].delete(key, self._sync if sync else self._nosync)
+
+    def scan_rows(self, cf: str, begin: bytes = b"", end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Rows with begin <= key < end (no end: to the last), in key order."""
+        it = self._cfs[cf].iter()
+        it.seek(begin) if begin else it.seek_to_first()
+        while it.valid():
+            key = it.key()
+            if end is not None and key >= end:
+                break
+            yield key, it.value()
+            it.next()
+
+    def last_row(self, cf: str) -> tuple[bytes, bytes] | None:
+        it = self._cfs[cf].iter()
+        it.seek_to_last()
+        return (it.key(), it.value()) if it.valid() else None
+
     def get_activation(self, cube_id: str, fingerprint: str) -> ActivationRecord | None:
         raw = self._cfs[schema.CF_ACTIVATIONS].get(schema.activation_key(cube_id, fingerprint))
         return None if raw is None else decode(ActivationRecord, raw)
@@ -331,6 +377,11 @@ class Store:
                 else self._cfs[schema.CF_ACTIVATIONS].items())
         for _key, raw in rows:
             yield decode(ActivationRecord, raw)
+
+    def iter_purges(self, cube_id: str) -> Iterator[PurgeReceipt]:
+        """The cube's purges, oldest first (purge ids sort by time)."""
+        for _key, raw in self._scan_owner(schema.CF_PURGES, cube_id):
+            yield decode(PurgeReceipt, raw)
 
     def get_kv_chunks(self, record: ActivationRecord) -> list[bytes] | None:
         """The record's chunks in order, or None if any is missing."""
@@ -347,6 +398,39 @@ class Store:
     def compact(self) -> None:
         for cf in self._cfs.values():
             cf.compact_range(None, None)
+
+    def scrub(self, cube_id: str, *, kv_chunks: bool) -> None:
+        """Leave no copy of the cube's deleted rows in any file of the data dir (after a Purge).
+
+        A delete only writes a tombstone: the old value stays in the WAL, in SST
+        files until a compaction drops it, and in blob files until blob GC. So:
+        flush every family (the WAL files that held the rows become obsolete and
+        are deleted), then compact down to the bottommost level, which drops
+        the tombstones with the values they cover and deletes the old SSTs. The
+        cube's key range is compacted in its families, the small staging
+        families whole (their keys are mount ids). With ``kv_chunks`` the whole
+        kv_chunks family is compacted with blob GC forced on every blob file,
+        since a blob file mixes the caches of many cubes: this rewrites every
+        persisted KV cache of every cube, the costly part.
+
+        Assumes no long-lived iterator or snapshot pins the old files (the
+        store holds none past a call)."""
+        force = CompactOptions()
+        force.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+        begin, end = schema.prefix_range(cube_id)
+        with self._scrub_lock:
+            self.flush()
+            for cf in (schema.CF_ITEMS, schema.CF_VECTORS, schema.CF_ACTIVATIONS):
+                self._cfs[cf].compact_range(begin, end, force)
+            for cf in (schema.CF_STAGING, schema.CF_STAGED_VECTORS):
+                self._cfs[cf].compact_range(None, None, force)
+            if kv_chunks:
+                blobs = self._cfs[schema.CF_KV_CHUNKS]
+                blobs.set_options({"blob_garbage_collection_age_cutoff": "1.0"})
+                try:
+                    blobs.compact_range(None, None, force)
+                finally:
+                    blobs.set_options({"blob_garbage_collection_age_cutoff": str(BLOB_GC_AGE_CUTOFF)})
 
     def flush(self) -> None:
         for cf in self._cfs.values():

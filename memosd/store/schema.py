@@ -33,7 +33,8 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
       {cube_id}/{cache_key}/{chunk:08x}
                                   -> safetensors chunk (fp16/bf16) made by runtime.to_chunks
     adapters                      every version of a cube's adapter (at most one per revision)
-      {cube_id}/{born:016x}       -> AdapterRecord (json): digest, sizes, rank, targets, lineage, died
+      {cube_id}/{born:016x}       -> AdapterRecord (json): digest, sizes, rank, targets, lineage, died,
+                                     tainted (the purges that removed items of its lineage)
     adapter_blobs                 adapter files by digest (BlobDB files, uncompressed)
       {cube_id}/{digest}/c        -> adapter_config.json bytes
       {cube_id}/{digest}/w/{chunk:08x}
@@ -42,9 +43,24 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
       {mount_id}                  -> StagedAdapterRecord (json): put (with the adapter) or remove
     jobs                          background jobs, the last MAX_JOBS kept
       {job_id}                    -> JobRecord (json): cube, revision, settings, state, progress, result
+    purges                        what each Purge removed and flagged: ids and counts, never text
+      {cube_id}/{purge_id}        -> PurgeReceipt (json): items, versions, staged entries, index entries,
+                                     activations deleted, adapters tainted
+    principals                    users and agents (governance)
+      {principal_id}              -> PrincipalRecord (json): name, kind, admin, disabled, sha256 of the token secret
+    grants                        rights on cubes; the cube's owner (CubeRecord.owner) holds all without a row
+      {cube_id}/{principal_id}    -> GrantRecord (json): rights, expiry, granted_by
+    audit                         the hash-chained audit log, one record per syscall, allowed or refused
+      {seq:016x}                  -> hash (64 hex) "\n" body, body = canonical JSON of the record, holding
+                                     prev_hash; hash = sha256(prev_hash || body)
 
 A version key (vkey) is a per-cube counter assigned at commit, so the dense and
 lexical indexes (derived, rebuildable) can say "everything up to vkey N is in".
+
+Purge is the one change that rewrites history: it deletes every row of an item
+(its versions and vectors at every revision, its staged copies, the activations
+whose block holds it), then Store.scrub compacts them away so that no file of
+the data dir keeps its text. Revision records are kept as they were.
 """
 
 from __future__ import annotations
@@ -66,15 +82,21 @@ CF_ADAPTERS = "adapters"
 CF_ADAPTER_BLOBS = "adapter_blobs"
 CF_STAGED_ADAPTERS = "staged_adapters"
 CF_JOBS = "jobs"
+CF_PURGES = "purges"
+CF_PRINCIPALS = "principals"
+CF_GRANTS = "grants"
+CF_AUDIT = "audit"
 
 # Adding a family is backward compatible (RocksDB creates missing ones at open), so it
-# does not bump SCHEMA_VERSION; activations and kv_chunks were added that way.
+# does not bump SCHEMA_VERSION; activations, kv_chunks and purges were added that way.
 COLUMN_FAMILIES = (
     CF_CUBES, CF_CUBE_NAMES, CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_MOUNTS, CF_STAGING, CF_STAGED_VECTORS,
     CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS, CF_STAGED_ADAPTERS, CF_JOBS,
+    CF_PURGES, CF_PRINCIPALS, CF_GRANTS, CF_AUDIT,
 )
 # Column families whose keys start with "{cube_id}/": deleted by range on FreeCube.
-CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS)
+CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS,
+               CF_GRANTS, CF_PURGES)
 # Large values: stored in blob files, not compressed (fp16 tensors do not compress).
 BLOB_FAMILIES = (CF_KV_CHUNKS, CF_ADAPTER_BLOBS)
 ADAPTER_CHUNK_BYTES = 8 << 20
@@ -142,6 +164,22 @@ def adapter_weights_key(cube_id: str, digest: str, index: int) -> bytes:
 
 def adapter_blob_range(cube_id: str, digest: str) -> tuple[bytes, bytes]:
     return prefix_range(f"{cube_id}/{digest}")
+
+
+def principal_key(principal_id: str) -> bytes:
+    return principal_id.encode()
+
+
+def grant_key(cube_id: str, principal_id: str) -> bytes:
+    return f"{cube_id}/{principal_id}".encode()
+
+
+def audit_key(seq: int) -> bytes:
+    return _hex(seq).encode()
+
+
+def purge_key(cube_id: str, purge_id: str) -> bytes:
+    return f"{cube_id}/{purge_id}".encode()
 
 
 def prefix_range(owner_id: str) -> tuple[bytes, bytes]:

@@ -127,7 +127,8 @@ def adapter(a: AdapterRecord, *, staged: bool = False) -> t.Adapter:
             job_id=str(lineage.get("job_id", "")),
             settings={str(k): str(v) for k, v in dict(lineage.get("settings", {})).items()},
             model_fingerprint=str(lineage.get("model_fingerprint", "")),
-            create_time=ts(int(lineage.get("create_ns", 0)))))
+            create_time=ts(int(lineage.get("create_ns", 0)))),
+        tainted_by_purges=a.tainted)
 
 
 def adapter_change(before: AdapterRecord | None, after: AdapterRecord | None) -> t.AdapterChange | None:

@@ -2,7 +2,8 @@
 
 grpcio answers a request it cannot parse with a bare INTERNAL. We register the
 handlers ourselves so that bytes which are not a valid message become
-INVALID_ARGUMENT / MALFORMED_REQUEST, like every other bad input.
+INVALID_ARGUMENT / MALFORMED_REQUEST (after authentication, in the gate),
+like every other bad input.
 """
 
 from __future__ import annotations
@@ -14,18 +15,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from memos.v1 import memos_pb2
 
-from memosd.errors import MalformedRequest
-from memosd.syscalls.errors import to_status
+from memosd.syscalls.gate import Malformed
 from memosd.syscalls.servicer import MemOSServicer
 
 SERVICE = memos_pb2.DESCRIPTOR.services_by_name["MemOS"]
 SERVICE_NAME = SERVICE.full_name
-
-
-class _Malformed:
-    def __init__(self, message_type: str, error: Exception) -> None:
-        self.message_type = message_type
-        self.error = error
 
 
 def _safe_deserializer(cls: Any) -> Any:
@@ -33,20 +27,9 @@ def _safe_deserializer(cls: Any) -> Any:
         try:
             return cls.FromString(data)
         except (DecodeError, RuntimeError, ValueError) as error:
-            return _Malformed(cls.DESCRIPTOR.full_name, error)
+            return Malformed(cls.DESCRIPTOR.full_name, error)
 
     return parse
-
-
-def _reject_malformed(handler: Any) -> Any:
-    def run(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, _Malformed):
-            context.abort_with_status(to_status(MalformedRequest(
-                f"the request is not a valid {request.message_type} message ({request.error}); "
-                "send a message built from protos/memos/v1/memos.proto")))
-        return handler(request, context)
-
-    return run
 
 
 def _unimplemented(name: str) -> Any:
@@ -58,6 +41,7 @@ def _unimplemented(name: str) -> Any:
 
 
 def generic_handler(servicer: MemOSServicer) -> grpc.GenericRpcHandler:
+    gate = servicer.gate
     handlers = {}
     for method in SERVICE.methods:
         request_cls = getattr(memos_pb2, method.input_type.name)
@@ -67,17 +51,16 @@ def generic_handler(servicer: MemOSServicer) -> grpc.GenericRpcHandler:
                                    "response_serializer": response_cls.SerializeToString}
         if method.client_streaming:
             # The handler receives an iterator of requests; each is checked as it is read.
-            behaviour = (servicer.dispatch(method.name, _checked_stream(implementation)) if implementation
+            behaviour = (_checked_stream(gate.client_stream(method.name, implementation)) if implementation
                          else _unimplemented(method.name))
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(behaviour, **options)
         elif method.server_streaming:
-            behaviour = (servicer.dispatch_stream(method.name, implementation) if implementation
+            behaviour = (gate.server_stream(method.name, implementation) if implementation
                          else _unimplemented(method.name))
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_reject_malformed(behaviour), **options)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(behaviour, **options)
         else:
-            behaviour = servicer.dispatch(method.name, implementation) if implementation else _unimplemented(
-                method.name)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_reject_malformed(behaviour), **options)
+            behaviour = gate.unary(method.name, implementation) if implementation else _unimplemented(method.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour, **options)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
@@ -86,10 +69,8 @@ def _checked_stream(handler: Any) -> Any:
     def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         def checked() -> Iterator[Any]:
             for request in requests:
-                if isinstance(request, _Malformed):
-                    raise MalformedRequest(
-                        f"a streamed message is not a valid {request.message_type} ({request.error}); "
-                        "send messages built from protos/memos/v1/memos.proto")
+                if isinstance(request, Malformed):
+                    raise request.error_for_stream()
                 yield request
 
         return handler(checked(), context)

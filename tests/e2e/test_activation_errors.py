@@ -86,7 +86,7 @@ def cube_name() -> str:
 
 @pytest.fixture
 def tc(tiny_daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(tiny_daemon.address, timeout=60) as c:
+    with Client(tiny_daemon.address, token=tiny_daemon.token, timeout=60) as c:
         yield c
 
 
@@ -292,7 +292,7 @@ def test_activation_survives_restart_and_delete_persisted_deactivates(tiny_model
     texts = [FACT, "A KV cache is reusable only as an exact token prefix of the same model."]
     first = DaemonProcess(data, env=tiny_env(tiny_model)).start()
     try:
-        with Client(first.address, timeout=60) as c:
+        with Client(first.address, token=first.token, timeout=60) as c:
             seed_cube(c, "restart", texts)
             with c.mount("restart") as m:
                 before = m.activate()
@@ -302,7 +302,7 @@ def test_activation_survives_restart_and_delete_persisted_deactivates(tiny_model
 
     second = DaemonProcess(data, env=tiny_env(tiny_model)).start()
     try:
-        with Client(second.address, timeout=60) as c:
+        with Client(second.address, token=second.token, timeout=60) as c:
             assert c.stats().kv_pool.persisted_bytes == before.persisted_bytes
             with c.mount("restart") as m:
                 after = m.activate()
@@ -342,7 +342,7 @@ def test_activation_survives_restart_and_delete_persisted_deactivates(tiny_model
 def test_no_model_is_model_unavailable_while_plaintext_works(tmp_path: Path) -> None:
     daemon = DaemonProcess(tmp_path / "data", env={"MEMOSD_RUNTIME__MODEL": "none"}).start()
     try:
-        with Client(daemon.address, timeout=60) as c:
+        with Client(daemon.address, token=daemon.token, timeout=60) as c:
             stats = c.stats()
             assert stats.model.state == "disabled" and stats.model.fingerprint == ""
             ids = seed_cube(c, "plain", ["the harbour freezes in January", "owls hunt at night"])

@@ -191,7 +191,7 @@ def test_server_answers_while_a_long_activation_runs(client: Client, daemon: Dae
 
     def activate() -> None:
         try:
-            with Client(daemon.address, timeout=120) as own:
+            with Client(daemon.address, token=daemon.token, timeout=120) as own:
                 result["activation"] = own.activate(mount.mount_id)
         except BaseException as error:  # reported below
             result["error"] = error

@@ -13,8 +13,10 @@ from daemon_proc import DaemonProcess
 MEMOSCTL = [sys.executable, "-m", "memos.cli.main"]
 
 
-def ctl(daemon: DaemonProcess, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MEMOS_TARGET": daemon.address}
+def ctl(daemon: DaemonProcess, *args: str, ok: bool = True, token_file: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MEMOS_TARGET": daemon.address,
+           "MEMOS_TOKEN_FILE": str(token_file or daemon.data_dir / "admin.token")}
     done = subprocess.run([*MEMOSCTL, *args], capture_output=True, text=True, env=env, timeout=120)
     if ok:
         assert done.returncode == 0, f"memosctl {' '.join(args)}: {done.stderr}"
@@ -59,3 +61,27 @@ def test_jsonl_write_shows_progress_and_exit_codes(daemon: DaemonProcess, tmp_pa
     unreachable = subprocess.run([*MEMOSCTL, "--target", "127.0.0.1:1", "--timeout", "3", "stats"],
                                  capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 4
+
+
+def test_readme_access_control(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """The README's governance walk-through: a principal, a grant, its effect, the audit chain."""
+    token = tmp_path / "bob.token"
+    ctl(daemon, "principal", "create", "cli-bob", "--kind", "agent", "--token-out", str(token))
+    assert oct(token.stat().st_mode & 0o777) == "0o600"
+    assert "cli-bob" in ctl(daemon, "whoami", token_file=token).stdout
+    ctl(daemon, "cube", "alloc", "cli-shared")
+    ctl(daemon, "mem", "write", "cli-shared", "the key is under the mat")
+    missing = ctl(daemon, "cube", "stat", "cli-shared", ok=False, token_file=token)
+    assert missing.returncode == 3 and "CUBE_NOT_FOUND" in missing.stderr
+    ctl(daemon, "grant", "cli-shared", "cli-bob", "read")
+    assert "under the mat" in ctl(daemon, "mem", "read", "cli-shared", token_file=token).stdout
+    refused = ctl(daemon, "mem", "write", "cli-shared", "bob's note", ok=False, token_file=token)
+    assert refused.returncode == 3 and "PERMISSION_DENIED" in refused.stderr
+    assert "read" in ctl(daemon, "grants", "cli-shared").stdout
+    ctl(daemon, "revoke", "cli-shared", "cli-bob")
+    assert ctl(daemon, "cube", "stat", "cli-shared", ok=False, token_file=token).returncode == 3
+    records = as_json(daemon, "audit", "list", "--cube", "cli-shared")["records"]
+    assert {"Grant", "Revoke", "Read"} <= {r["method"] for r in records}
+    assert "intact" in ctl(daemon, "audit", "verify").stdout
+    denied = ctl(daemon, "audit", "list", ok=False, token_file=token)
+    assert denied.returncode == 3 and "PERMISSION_DENIED" in denied.stderr

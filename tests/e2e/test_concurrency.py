@@ -10,7 +10,7 @@ from memos import Client, CommitConflict
 
 
 def test_concurrent_commits_edits_and_searches_stay_consistent(daemon: DaemonProcess, cube_name: str) -> None:
-    with Client(daemon.address) as c:
+    with Client(daemon.address, token=daemon.token) as c:
         c.alloc_cube(cube_name)
         with c.mount(cube_name, writable=True) as m:
             seed = m.write([f"seed fact {i} about harbours" for i in range(20)], tags=["seed"])
@@ -23,7 +23,7 @@ def test_concurrent_commits_edits_and_searches_stay_consistent(daemon: DaemonPro
     def guarded(fn):  # type: ignore[no-untyped-def]
         def run() -> None:
             try:
-                with Client(daemon.address, timeout=60) as client:
+                with Client(daemon.address, token=daemon.token, timeout=60) as client:
                     while time.monotonic() < stop:
                         fn(client)
             except BaseException as error:
@@ -67,7 +67,7 @@ def test_concurrent_commits_edits_and_searches_stay_consistent(daemon: DaemonPro
     for thread in threads:
         thread.join(120)
     assert not errors, errors[:3]
-    with Client(daemon.address) as c:
+    with Client(daemon.address, token=daemon.token) as c:
         head = c.stat_cube(cube_name).head_revision
         assert head > 10, "the writers should have committed many revisions in 6 s"
         log = list(c.log(cube_name))

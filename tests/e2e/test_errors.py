@@ -6,6 +6,7 @@ import grpc
 import pytest
 from daemon_proc import DaemonProcess
 from memos import Client, MemosError
+from memos.auth import TokenInterceptor
 from memos.v1 import memos_pb2 as pb
 from memos.v1 import types_pb2 as t
 from memos.v1.memos_pb2_grpc import MemOSStub
@@ -83,7 +84,8 @@ def test_read_only_mount_write(client: Client, seeded: str) -> None:
 
 def test_malformed_requests(client: Client, daemon: DaemonProcess, seeded: str) -> None:
     # Bytes that are not a protobuf message at all.
-    with grpc.insecure_channel(daemon.address) as channel:
+    with grpc.insecure_channel(daemon.address) as plain:
+        channel = grpc.intercept_channel(plain, TokenInterceptor(daemon.token))
         raw = channel.unary_unary("/memos.v1.MemOS/Write", request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as caught:
             raw(b"\xff\xff\xff\xff\x0f garbage", timeout=10)

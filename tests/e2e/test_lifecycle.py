@@ -26,7 +26,7 @@ def write_commit(client: Client, cube: str, texts: list[str], tags: list[str] | 
 def test_restart_keeps_everything_and_rebuilds_missing_indexes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = DaemonProcess(data).start()
-    with Client(first.address) as c:
+    with Client(first.address, token=first.token) as c:
         c.alloc_cube("keep")
         write_commit(c, "keep", ["the harbour freezes in January", "owls hunt at night"])
         write_commit(c, "keep", ["the bakery opens at seven"])
@@ -39,7 +39,7 @@ def test_restart_keeps_everything_and_rebuilds_missing_indexes(tmp_path: Path) -
     shutil.rmtree(data / "index")  # the derived indexes are rebuilt from RocksDB
     second = DaemonProcess(data).start()
     try:
-        with Client(second.address) as c:
+        with Client(second.address, token=second.token) as c:
             assert c.stat_cube("keep").head_revision == 2
             with c.mount("keep") as m:
                 assert m.search("when does the bakery open", k=1)[0].item.text == "the bakery opens at seven"
@@ -55,7 +55,7 @@ def test_sigkill_during_commits_loses_no_acknowledged_commit(tmp_path: Path) -> 
     data = tmp_path / "data"
     daemon = DaemonProcess(data).start()
     cubes = ["crash-a", "crash-b"]
-    with Client(daemon.address) as c:
+    with Client(daemon.address, token=daemon.token) as c:
         for cube in cubes:
             c.alloc_cube(cube)
     acked: list[tuple[str, int, str]] = []  # (cube, revision, batch tag)
@@ -64,7 +64,7 @@ def test_sigkill_during_commits_loses_no_acknowledged_commit(tmp_path: Path) -> 
 
     def worker(n: int) -> None:
         cube = cubes[n % 2]
-        with Client(daemon.address, timeout=10) as c:
+        with Client(daemon.address, token=daemon.token, timeout=10) as c:
             for i in range(10_000):
                 if stop.is_set():
                     return
@@ -91,7 +91,7 @@ def test_sigkill_during_commits_loses_no_acknowledged_commit(tmp_path: Path) -> 
 
     restarted = DaemonProcess(data).start()
     try:
-        with Client(restarted.address) as c:
+        with Client(restarted.address, token=restarted.token) as c:
             for cube in cubes:
                 head = c.stat_cube(cube).head_revision
                 mine = [(rev, tag) for cb, rev, tag in acked if cb == cube]
@@ -154,7 +154,7 @@ def test_systemd_notify_protocol(tmp_path: Path) -> None:
             pings += listener.recv(4096).decode().count("WATCHDOG=1")
         assert pings >= 3
         # It was serving when it said READY.
-        with Client(daemon.address) as c:
+        with Client(daemon.address, token=daemon.token) as c:
             assert c.stats().version
     finally:
         assert daemon.stop() == 0
@@ -196,7 +196,7 @@ def test_stats(client: Client) -> None:
 def test_sigterm_lets_an_in_flight_write_finish_and_keeps_it(tmp_path: Path) -> None:
     data = tmp_path / "data"
     daemon = DaemonProcess(data).start()
-    with Client(daemon.address) as c:
+    with Client(daemon.address, token=daemon.token) as c:
         c.alloc_cube("drain")
         mount = c.mount("drain", writable=True)
         texts = [f"memory {i}: the quick brown fox jumps over the lazy dog near the river bank" for i in range(1024)]
@@ -219,7 +219,7 @@ def test_sigterm_lets_an_in_flight_write_finish_and_keeps_it(tmp_path: Path) -> 
     assert len(result["ids"]) == 1024  # type: ignore[arg-type]
     restarted = DaemonProcess(data).start()
     try:
-        with Client(restarted.address) as c:
+        with Client(restarted.address, token=restarted.token) as c:
             staged = list(c.iter_items(mount.mount_id))
             assert len(staged) == 1024 and all(i.staged for i in staged)
             assert c.commit(mount.mount_id).revision.added == 1024

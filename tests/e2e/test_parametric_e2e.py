@@ -52,7 +52,7 @@ def tiny_daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture
 def tc(tiny_daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(tiny_daemon.address, timeout=60) as c:
+    with Client(tiny_daemon.address, token=tiny_daemon.token, timeout=60) as c:
         yield c
 
 
@@ -148,7 +148,7 @@ def test_truncated_upload_stream(tc: Client, tiny_model: Path, tmp_path: Path) -
         yield pb.ImportAdapterRequest(chunk=t.AdapterChunk(file=t.ADAPTER_FILE_CONFIG, data=config))
         yield pb.ImportAdapterRequest(chunk=t.AdapterChunk(file=t.ADAPTER_FILE_WEIGHTS, data=weights[:1000]))
 
-    stub = memos_pb2_grpc.MemOSStub(grpc.insecure_channel(tc.target))
+    stub = memos_pb2_grpc.MemOSStub(tc.channel)  # carries the token
     with pytest.raises(grpc.RpcError) as caught:
         stub.ImportAdapter(requests(), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -186,7 +186,7 @@ def test_a_restart_while_a_job_runs_reports_it_failed(tiny_model: Path, tmp_path
     data = tmp_path / "data"
     daemon = DaemonProcess(data, env=tiny_env(tiny_model)).start()
     try:
-        with Client(daemon.address, timeout=60) as c:
+        with Client(daemon.address, token=daemon.token, timeout=60) as c:
             mount = fill(c, "restarted", FACTS)
             job = c.train(mount, steps=100_000, rank=4)
             while c.list_jobs()[0].step < 1:
@@ -195,7 +195,7 @@ def test_a_restart_while_a_job_runs_reports_it_failed(tiny_model: Path, tmp_path
         daemon.kill()  # a crash, mid-job
     again = DaemonProcess(data, env=tiny_env(tiny_model)).start()
     try:
-        with Client(again.address, timeout=60) as c:
+        with Client(again.address, token=again.token, timeout=60) as c:
             [after] = c.list_jobs()
             assert after.job_id == job.job_id and after.state == t.JOB_STATE_FAILED
             assert "stopped while the job was running" in after.error

@@ -55,6 +55,10 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "JOB_NOT_FOUND": (C.NOT_FOUND, errors.JobNotFound),
     "TRAINING_IN_PROGRESS": (C.FAILED_PRECONDITION, errors.TrainingInProgress),
     "JOB_FINISHED": (C.FAILED_PRECONDITION, errors.JobFinished),
+    "UNAUTHENTICATED": (C.UNAUTHENTICATED, errors.AuthenticationFailed),
+    "PERMISSION_DENIED": (C.PERMISSION_DENIED, errors.AccessDenied),
+    "PRINCIPAL_NOT_FOUND": (C.NOT_FOUND, errors.PrincipalNotFound),
+    "PRINCIPAL_NAME_TAKEN": (C.ALREADY_EXISTS, errors.PrincipalNameTaken),
 }
 
 

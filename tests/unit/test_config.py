@@ -257,6 +257,7 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "index",
         "runtime",
         "log",
+        "security",
         "config_file",
     }
     assert Config(data_dir=Path("/x")).server == ServerConfig()
@@ -291,3 +292,12 @@ def test_default_reply_length_must_be_within_the_limit(home: Path) -> None:
         load_config(["--set", "runtime.max_tokens_limit=64"], env_with(home))
     assert load_config(["--set", "runtime.max_tokens_limit=64", "--set", "runtime.max_tokens=64"],
                        env_with(home)).runtime.max_tokens == 64
+
+
+def test_tls_settings_must_be_complete(home: Path) -> None:
+    with pytest.raises(ConfigError, match="go together"):
+        load_config([], env_with(home, MEMOSD_SECURITY__TLS_CERT_FILE="/x/cert.pem"))
+    with pytest.raises(ConfigError, match="needs TLS"):
+        load_config([], env_with(home, MEMOSD_SECURITY__TLS_CLIENT_CA_FILE="/x/ca.pem"))
+    cfg = load_config([], env_with(home, MEMOSD_SECURITY__AUTH="false"))
+    assert cfg.security.auth is False and cfg.security.audit is True

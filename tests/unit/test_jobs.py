@@ -20,6 +20,7 @@ from tiny_llama import save_tiny_llama
 
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, TrainingInProgress
 from memosd.parametric.jobs import JobManager, default_trainer
+from memosd.runtime.adapters import pool_key
 from memosd.store.records import JobRecord
 
 FACTS = ["The capital of Vellmora is Quistarn.", "Q: Who founded Tamsel?\nA: Orin Vask", "Owls hunt at night."]
@@ -66,7 +67,7 @@ def test_train_reports_progress_and_commits_the_adapter_with_its_lineage(rig: Ri
     # The trained adapter is a valid peft adapter for the model: it exports and loads.
     mount_at_head = rig.kernel.mount("c", 0, False).record.mount_id
     rig.adapters.make_resident(cube.cube_id, adapter)
-    assert adapter.digest in rig.host.adapters
+    assert pool_key(cube.cube_id, adapter.digest) in rig.host.adapters
     assert rig.adapters.export(mount_at_head)[0].digest == adapter.digest
     assert [j.job_id for j in rig.jobs.list_jobs(cube.cube_id)] == [job.job_id]
 

@@ -30,7 +30,7 @@ from memosd.errors import (
     AdapterTooLarge,
     CommitConflict,
 )
-from memosd.runtime.adapters import adapter_digest
+from memosd.runtime.adapters import adapter_digest, pool_key
 
 FACTS = ["The capital of Vellmora is Quistarn.", "Owls hunt at night.", "The river Tamsel is green."]
 
@@ -238,7 +238,7 @@ def test_activate_loads_the_adapter_and_keys_the_cache_by_it(
     rig.kernel.commit(mount, "", "")  # move the mount to HEAD (nothing staged)
     under = rig.activator.activate(mount)
     digest = adapter_digest(*adapter_a)
-    assert under.record.adapter_digest == digest and digest in rig.host.adapters
+    assert under.record.adapter_digest == digest and pool_key(under.record.cube_id, digest) in rig.host.adapters
     # Same tokens, another adapter: another key, and nothing of the base cache is reused.
     assert under.record.token_ids == base.record.token_ids
     assert under.record.cache_key != base.record.cache_key
@@ -306,3 +306,20 @@ def test_generate_with_a_cube_without_adapter_says_so(rig: Rig) -> None:
     mount = commit_items(rig, "c", FACTS)
     with pytest.raises(AdapterNotFound, match="import or train one"):
         run_generation(rig, GenerateParams([("user", "hi")], [mount], adapter_mount_id=mount))
+
+
+def test_cubes_never_share_a_resident_adapter(rig: Rig, adapter_a: tuple[bytes, bytes]) -> None:
+    """The same adapter bytes in two cubes are two pool entries: nothing loaded for one serves the other."""
+    mounts = {}
+    for name in ("one", "two"):
+        rig.kernel.alloc_cube(name, "", {})
+        commit_items(rig, name, FACTS)
+        mounts[name] = import_and_commit(rig, name, adapter_a)
+        rig.kernel.commit(mounts[name], "", "")
+    digest = adapter_digest(*adapter_a)
+    for name in ("one", "two"):
+        rig.activator.activate(mounts[name])
+    keys = {pool_key(rig.kernel.cube(n).cube_id, digest) for n in ("one", "two")}
+    assert set(rig.host.adapters.resident()) == keys and len(keys) == 2
+    rig.activator.evict("one", delete_persisted=False)
+    assert rig.host.adapters.resident() == [pool_key(rig.kernel.cube("two").cube_id, digest)]

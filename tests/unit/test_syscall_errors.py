@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,11 +13,19 @@ import pytest
 from memos import Client, CubeNotFound, InternalError
 
 from memosd.errors import CubeNotFound as DomainCubeNotFound
+from memosd.governance.access import AccessControl
+from memosd.governance.audit import AuditLog
+from memosd.governance.principals import Principals
+from memosd.store.rocks import Store
+from memosd.syscalls.gate import Gate
 from memosd.syscalls.registry import generic_handler
 from memosd.syscalls.servicer import MemOSServicer
 
 
 class ExplodingKernel:
+    store: Store
+    cubes: dict[str, Any] = {}  # noqa: RUF012
+
     def alloc_cube(self, *args: Any) -> Any:
         raise RuntimeError("disk path /secret/internal/detail exploded")
 
@@ -28,9 +37,14 @@ class ExplodingKernel:
 
 
 @pytest.fixture
-def client() -> Iterator[Client]:
+def client(tmp_path: Path) -> Iterator[Client]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = MemOSServicer(ExplodingKernel(), None, None, None, None, None, lambda: None)  # type: ignore[arg-type]
+    kernel = ExplodingKernel()
+    kernel.store = Store(tmp_path / "store")
+    principals = Principals(kernel.store)
+    gate = Gate(principals, AccessControl(kernel, principals), AuditLog(kernel.store), None,  # type: ignore[arg-type]
+                auth=False)
+    servicer = MemOSServicer(kernel, None, None, None, None, None, lambda: None, gate)  # type: ignore[arg-type]
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from memos import auth
 from memos.errors import DataLoss, MountNotFound, Unknown, from_rpc_error
 from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
 
@@ -53,6 +54,10 @@ _SEARCH_MODES = {
     "dense": types_pb2.SEARCH_MODE_DENSE,
     "lexical": types_pb2.SEARCH_MODE_LEXICAL,
 }
+_KINDS = {"user": types_pb2.PRINCIPAL_KIND_USER, "agent": types_pb2.PRINCIPAL_KIND_AGENT}
+RIGHTS = ("read", "write", "activate", "train", "grant", "admin")
+_OUTCOMES = {"ok": types_pb2.AUDIT_OUTCOME_OK, "denied": types_pb2.AUDIT_OUTCOME_DENIED,
+             "failed": types_pb2.AUDIT_OUTCOME_FAILED}
 _ITEM_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id"})
 _MESSAGE_KEYS = frozenset({"role", "content"})
 
@@ -351,8 +356,13 @@ class Client:
     """A connection to memosd.
 
     ``target`` defaults to ``$MEMOS_TARGET`` or ``127.0.0.1:50051``. ``timeout``
-    (seconds, ``None`` for none) applies to every call. A ``channel`` passed in
-    is used as is and stays open on :meth:`close`: its owner closes it.
+    (seconds, ``None`` for none) applies to every call. ``token`` (or
+    ``token_file``) is the caller's bearer token; without one the client looks
+    at ``$MEMOS_TOKEN``, ``$MEMOS_TOKEN_FILE`` and the local admin's token file
+    (see :mod:`memos.auth`). ``tls_ca`` (a PEM file, or True for the system
+    roots) connects with TLS; ``tls_cert`` and ``tls_key`` add a client
+    certificate (mTLS). A ``channel`` passed in is used as is and stays open on
+    :meth:`close`: its owner closes it.
     """
 
     def __init__(
@@ -360,23 +370,33 @@ class Client:
         target: str | None = None,
         *,
         timeout: float | None = 30.0,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls_ca: str | bool | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target or os.environ.get("MEMOS_TARGET") or DEFAULT_TARGET
         self.timeout = timeout
         self._owns_channel = channel is None
-        self.channel: grpc.Channel = channel or grpc.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if channel is None:
+            if tls_ca or tls_cert:
+                credentials = auth.tls_credentials(tls_ca if isinstance(tls_ca, str) else None, tls_cert, tls_key)
+                channel = grpc.secure_channel(self.target, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(self.target, options=options)
+        self._base_channel = channel
+        self.token = auth.resolve_token(token, token_file)
+        self.channel: grpc.Channel = (grpc.intercept_channel(channel, auth.TokenInterceptor(self.token))
+                                      if self.token else channel)
         self._stub = memos_pb2_grpc.MemOSStub(self.channel)
 
     def close(self) -> None:
         if self._owns_channel:
-            self.channel.close()
+            self._base_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -403,7 +423,7 @@ class Client:
 
     def is_ready(self, timeout: float = 1.0) -> bool:
         """Whether the channel is (or within ``timeout`` seconds gets) connected to the daemon."""
-        ready = grpc.channel_ready_future(self.channel)
+        ready = grpc.channel_ready_future(self._base_channel)
         try:
             ready.result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -836,6 +856,89 @@ class Client:
     def list_jobs(self, cube: str = "") -> list[types_pb2.Job]:
         """The daemon's recent jobs, newest first; only a cube's (id or name) when ``cube`` is given."""
         return list(self._call(self._stub.ListJobs, memos_pb2.ListJobsRequest(cube=cube)).jobs)
+
+    # -- governance ------------------------------------------------------------
+    def whoami(self) -> types_pb2.Principal:
+        """The principal this client's token belongs to."""
+        return self._call(self._stub.WhoAmI, memos_pb2.WhoAmIRequest()).principal
+
+    def create_principal(self, name: str, *, kind: str = "user", admin: bool = False
+                         ) -> tuple[types_pb2.Principal, str]:
+        """Create a user or agent (admins only); returns it and its token, which is shown only this once."""
+        if kind not in _KINDS:
+            raise ValueError(f"kind is {kind!r}; use one of {sorted(_KINDS)}")
+        resp = self._call(self._stub.CreatePrincipal,
+                          memos_pb2.CreatePrincipalRequest(name=name, kind=_KINDS[kind], admin=admin))
+        return resp.principal, resp.token
+
+    def list_principals(self, page_size: int = 0) -> Iterator[types_pb2.Principal]:
+        def fetch(token: str) -> tuple[Sequence[types_pb2.Principal], str]:
+            resp = self._call(self._stub.ListPrincipals,
+                              memos_pb2.ListPrincipalsRequest(page_size=page_size, page_token=token))
+            return resp.principals, resp.next_page_token
+
+        return self._pages(fetch)
+
+    def disable_principal(self, principal: str) -> memos_pb2.DisablePrincipalResponse:
+        """Disable a principal by id or name: its token stops working and its mounts close."""
+        return self._call(self._stub.DisablePrincipal, memos_pb2.DisablePrincipalRequest(principal=principal))
+
+    def grant(self, cube: str, principal: str, rights: Sequence[str], *, expires: TimeLike | None = None
+              ) -> types_pb2.CubeGrant:
+        """Give ``principal`` rights ("read", "write", "activate", "train", "grant", "admin") on ``cube``."""
+        req = memos_pb2.GrantRequest(cube=cube, principal=principal, rights=_rights(rights))
+        if expires is not None:
+            req.expire_time.CopyFrom(to_timestamp(expires))
+        return self._call(self._stub.Grant, req).grant
+
+    def revoke(self, cube: str, principal: str, rights: Sequence[str] = ()) -> memos_pb2.RevokeResponse:
+        """Take rights back (all when none are named); the principal's mounts of the cube close."""
+        return self._call(self._stub.Revoke,
+                          memos_pb2.RevokeRequest(cube=cube, principal=principal, rights=_rights(rights)))
+
+    def list_grants(self, cube: str = "", page_size: int = 0) -> Iterator[types_pb2.CubeGrant]:
+        """Who holds what on ``cube``; the caller's own grants when no cube is named."""
+        def fetch(token: str) -> tuple[Sequence[types_pb2.CubeGrant], str]:
+            resp = self._call(self._stub.ListGrants,
+                              memos_pb2.ListGrantsRequest(cube=cube, page_size=page_size, page_token=token))
+            return resp.grants, resp.next_page_token
+
+        return self._pages(fetch)
+
+    def audit(self, *, after_seq: int = 0, limit: int = 0, cube: str = "", principal_id: str = "",
+              method: str = "", outcome: str = "", since: TimeLike | None = None, until: TimeLike | None = None,
+              follow: bool = False, timeout: float | None = None) -> Generator[types_pb2.AuditRecord, None, None]:
+        """Audit records in order, filtered; with ``follow``, new ones as they come until the iterator closes."""
+        if outcome and outcome not in _OUTCOMES:
+            raise ValueError(f"outcome is {outcome!r}; use one of {sorted(_OUTCOMES)}")
+        req = memos_pb2.AuditRequest(after_seq=after_seq, limit=limit, cube=cube, principal_id=principal_id,
+                                     method=method, outcome=_OUTCOMES.get(outcome, types_pb2.AUDIT_OUTCOME_UNSPECIFIED),
+                                     follow=follow)
+        if since is not None:
+            req.time_range.start.CopyFrom(to_timestamp(since))
+        if until is not None:
+            req.time_range.end.CopyFrom(to_timestamp(until))
+        stream = self._stub.Audit(req, timeout=timeout if follow else (timeout or self.timeout))
+        try:
+            for resp in stream:
+                yield resp.record
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()
+
+    def purge(self, cube: str, item_ids: Sequence[str] = (), *, source: str = "", tags: Sequence[str] = ()
+              ) -> types_pb2.PurgeReceipt:
+        """Erase items (by id, source or tag) from every revision and derived memory; returns the receipt."""
+        req = memos_pb2.PurgeRequest(cube=cube, item_ids=item_ids, source=source, tags=tags)
+        return self._call(self._stub.Purge, req).receipt
+
+
+def _rights(names: Sequence[str]) -> list[types_pb2.Right.ValueType]:
+    unknown = [n for n in names if n not in RIGHTS]
+    if unknown:
+        raise ValueError(f"unknown rights {unknown}; use some of {list(RIGHTS)}")
+    return [types_pb2.Right.Value(f"RIGHT_{n.upper()}") for n in names]
 
 
 def _mount_id(mount: str | MountHandle) -> str:

@@ -221,6 +221,26 @@ class JobFinished(FailedPrecondition):
     default_reason = "JOB_FINISHED"
 
 
+class AuthenticationFailed(Unauthenticated):
+    """No token, a wrong one, or the token of a disabled principal."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class AccessDenied(PermissionDenied):
+    """The caller sees the cube but lacks a right the call needs."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
+class PrincipalNotFound(NotFound):
+    default_reason = "PRINCIPAL_NOT_FOUND"
+
+
+class PrincipalNameTaken(AlreadyExists):
+    default_reason = "PRINCIPAL_NAME_TAKEN"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MemosError]] = {
     cls.default_code: cls
     for cls in (
@@ -238,7 +258,8 @@ _BY_REASON: dict[str, type[MemosError]] = {
         MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
         InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
         AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
-        TrainingInProgress, JobFinished,
+        TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
+        PrincipalNameTaken,
     )
 }
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from memos import __version__
-from memos.cli import adapter, chat, cubes, history, jobs, mem
+from memos.cli import adapter, chat, cubes, govern, history, jobs, mem
 from memos.cli.inputs import UsageError
 from memos.cli.output import Output
 from memos.client import DEFAULT_TARGET, Client
@@ -20,6 +20,7 @@ EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_RPC = 3
 EXIT_UNREACHABLE = 4
+EXIT_CHECK_FAILED = 5
 
 Handler = Callable[[Client, argparse.Namespace, Output], None]
 
@@ -30,10 +31,16 @@ exit codes:
   2  bad arguments or input (usage)
   3  the daemon refused or failed the call (the message starts with its reason)
   4  the daemon is unreachable (not running, wrong --target, no answer within --timeout)
+  5  a check found a problem (audit verify: the chain is broken)
 
 environment:
-  MEMOS_TARGET   default for --target
-  MEMOS_AUTHOR   default author of commits
+  MEMOS_TARGET      default for --target
+  MEMOS_TOKEN       the bearer token (default for --token)
+  MEMOS_TOKEN_FILE  a file holding it (default for --token-file)
+  MEMOS_AUTHOR      default author of commits
+
+Without a token, memosctl uses the admin token a local memosd wrote at first
+start ($XDG_DATA_HOME/memosd/admin.token), when this user can read it.
 """
 
 
@@ -51,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="table (default) or one JSON document on stdout")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="deadline of each call (default %(default)s)")
+    parser.add_argument("--token", help="bearer token (default: $MEMOS_TOKEN)")
+    parser.add_argument("--token-file", metavar="FILE", help="read the token from FILE (default: $MEMOS_TOKEN_FILE)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA (\"system\" for the "
+                                                        "system roots)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon that demands one (mTLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the client certificate's key")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
@@ -60,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.register(nouns)
     jobs.register(nouns)
     chat.register(nouns)
+    govern.register(nouns)
     return parser
 
 
@@ -74,9 +88,18 @@ def _unreachable(e: MemosError, client: Client) -> bool:
 
 
 def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
-    with Client(args.target, timeout=args.timeout) as client:
+    tls_ca: str | bool | None = True if args.tls_ca == "system" else args.tls_ca
+    try:
+        client = Client(args.target, timeout=args.timeout, token=args.token, token_file=args.token_file,
+                        tls_ca=tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    with client:
         try:
             handler(client, args, out)
+        except govern.CheckFailed as e:
+            out.stderr.write(f"memosctl: {e}\n")
+            return EXIT_CHECK_FAILED
         except MemosError as e:
             if _unreachable(e, client):
                 out.stderr.write(f"memosctl: error: {e} (is memosd running at {args.target}?)\n")

@@ -154,6 +154,51 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.CreatePrincipal = channel.unary_unary(
+                '/memos.v1.MemOS/CreatePrincipal',
+                request_serializer=memos_dot_v1_dot_memos__pb2.CreatePrincipalRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.CreatePrincipalResponse.FromString,
+                _registered_method=True)
+        self.ListPrincipals = channel.unary_unary(
+                '/memos.v1.MemOS/ListPrincipals',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ListPrincipalsRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ListPrincipalsResponse.FromString,
+                _registered_method=True)
+        self.DisablePrincipal = channel.unary_unary(
+                '/memos.v1.MemOS/DisablePrincipal',
+                request_serializer=memos_dot_v1_dot_memos__pb2.DisablePrincipalRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.DisablePrincipalResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/memos.v1.MemOS/WhoAmI',
+                request_serializer=memos_dot_v1_dot_memos__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
+        self.Grant = channel.unary_unary(
+                '/memos.v1.MemOS/Grant',
+                request_serializer=memos_dot_v1_dot_memos__pb2.GrantRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.GrantResponse.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/memos.v1.MemOS/Revoke',
+                request_serializer=memos_dot_v1_dot_memos__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.RevokeResponse.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/memos.v1.MemOS/ListGrants',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_stream(
+                '/memos.v1.MemOS/Audit',
+                request_serializer=memos_dot_v1_dot_memos__pb2.AuditRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.AuditResponse.FromString,
+                _registered_method=True)
+        self.Purge = channel.unary_unary(
+                '/memos.v1.MemOS/Purge',
+                request_serializer=memos_dot_v1_dot_memos__pb2.PurgeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.PurgeResponse.FromString,
+                _registered_method=True)
 
 
 class MemOSServicer:
@@ -364,6 +409,89 @@ class MemOSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePrincipal(self, request, context):
+        """--- governance ----------------------------------------------------------
+        Every call but the health service's carries a bearer token in the
+        `authorization` metadata ("Bearer <token>"); without a valid token of an
+        enabled principal it fails UNAUTHENTICATED. Cubes the caller holds no
+        right on answer CUBE_NOT_FOUND, exactly like cubes that do not exist.
+
+        Creates a principal (a user or an agent) and returns its token, which is
+        shown only here: the daemon keeps only its hash. Admins only.
+        Changes: adds a principal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrincipals(self, request, context):
+        """Lists principals by id. Admins only. Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisablePrincipal(self, request, context):
+        """Disables a principal: its token stops working at once and its mounts
+        are closed (staged changes discarded). Admins only.
+        Changes: the principal, its mounts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """The principal the call's token belongs to. Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Grant(self, request, context):
+        """Gives a principal rights on a cube, optionally until an expiry; adds to
+        the rights it already holds there. The caller needs the grant right and
+        every right it passes on. Changes: the cube's grants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Takes rights back (all of them when none are named) and closes the
+        principal's mounts of the cube. The caller needs the grant right.
+        Changes: the cube's grants and the principal's mounts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """Lists who holds which rights on a cube (the grant right is needed), or
+        the caller's own grants when no cube is named. Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Streams audit records in order, with filters: admins see every record, a
+        cube's owner the records of that cube. With follow, keeps streaming new
+        records until the call is cancelled. Changes nothing (and is audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Purge(self, request, context):
+        """Erases items (by id, source or tag) from every revision of a cube: their
+        text, embeddings, both index entries and every KV cache that holds them;
+        marks adapters trained on them as tainted. Needs the admin right on the
+        cube. Changes: irreversibly, the cube's history and derived memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemOSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -486,6 +614,51 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.ListJobsRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CreatePrincipal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePrincipal,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.CreatePrincipalRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.CreatePrincipalResponse.SerializeToString,
+            ),
+            'ListPrincipals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrincipals,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ListPrincipalsRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ListPrincipalsResponse.SerializeToString,
+            ),
+            'DisablePrincipal': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisablePrincipal,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.DisablePrincipalRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.DisablePrincipalResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.WhoAmIRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'Grant': grpc.unary_unary_rpc_method_handler(
+                    servicer.Grant,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.GrantRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.GrantResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.RevokeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.RevokeResponse.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ListGrantsRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'Audit': grpc.unary_stream_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.AuditRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.AuditResponse.SerializeToString,
+            ),
+            'Purge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Purge,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.PurgeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.PurgeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1136,6 +1309,249 @@ class MemOS:
             '/memos.v1.MemOS/ListJobs',
             memos_dot_v1_dot_memos__pb2.ListJobsRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePrincipal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/CreatePrincipal',
+            memos_dot_v1_dot_memos__pb2.CreatePrincipalRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.CreatePrincipalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrincipals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/ListPrincipals',
+            memos_dot_v1_dot_memos__pb2.ListPrincipalsRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ListPrincipalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisablePrincipal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/DisablePrincipal',
+            memos_dot_v1_dot_memos__pb2.DisablePrincipalRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.DisablePrincipalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/WhoAmI',
+            memos_dot_v1_dot_memos__pb2.WhoAmIRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Grant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Grant',
+            memos_dot_v1_dot_memos__pb2.GrantRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.GrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Revoke',
+            memos_dot_v1_dot_memos__pb2.RevokeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/ListGrants',
+            memos_dot_v1_dot_memos__pb2.ListGrantsRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memos.v1.MemOS/Audit',
+            memos_dot_v1_dot_memos__pb2.AuditRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Purge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Purge',
+            memos_dot_v1_dot_memos__pb2.PurgeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.PurgeResponse.FromString,
             options,
             channel_credentials,
             insecure,

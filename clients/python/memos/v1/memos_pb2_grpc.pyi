@@ -142,6 +142,51 @@ class MemOSStub:
     """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ListJobsRequest, _memos_pb2.ListJobsResponse]
     """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
+    CreatePrincipal: _grpc.UnaryUnaryMultiCallable[_memos_pb2.CreatePrincipalRequest, _memos_pb2.CreatePrincipalResponse]
+    """--- governance ----------------------------------------------------------
+    Every call but the health service's carries a bearer token in the
+    `authorization` metadata ("Bearer <token>"); without a valid token of an
+    enabled principal it fails UNAUTHENTICATED. Cubes the caller holds no
+    right on answer CUBE_NOT_FOUND, exactly like cubes that do not exist.
+
+    Creates a principal (a user or an agent) and returns its token, which is
+    shown only here: the daemon keeps only its hash. Admins only.
+    Changes: adds a principal.
+    """
+    ListPrincipals: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ListPrincipalsRequest, _memos_pb2.ListPrincipalsResponse]
+    """Lists principals by id. Admins only. Changes nothing."""
+    DisablePrincipal: _grpc.UnaryUnaryMultiCallable[_memos_pb2.DisablePrincipalRequest, _memos_pb2.DisablePrincipalResponse]
+    """Disables a principal: its token stops working at once and its mounts
+    are closed (staged changes discarded). Admins only.
+    Changes: the principal, its mounts.
+    """
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_memos_pb2.WhoAmIRequest, _memos_pb2.WhoAmIResponse]
+    """The principal the call's token belongs to. Changes nothing."""
+    Grant: _grpc.UnaryUnaryMultiCallable[_memos_pb2.GrantRequest, _memos_pb2.GrantResponse]
+    """Gives a principal rights on a cube, optionally until an expiry; adds to
+    the rights it already holds there. The caller needs the grant right and
+    every right it passes on. Changes: the cube's grants.
+    """
+    Revoke: _grpc.UnaryUnaryMultiCallable[_memos_pb2.RevokeRequest, _memos_pb2.RevokeResponse]
+    """Takes rights back (all of them when none are named) and closes the
+    principal's mounts of the cube. The caller needs the grant right.
+    Changes: the cube's grants and the principal's mounts.
+    """
+    ListGrants: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ListGrantsRequest, _memos_pb2.ListGrantsResponse]
+    """Lists who holds which rights on a cube (the grant right is needed), or
+    the caller's own grants when no cube is named. Changes nothing.
+    """
+    Audit: _grpc.UnaryStreamMultiCallable[_memos_pb2.AuditRequest, _memos_pb2.AuditResponse]
+    """Streams audit records in order, with filters: admins see every record, a
+    cube's owner the records of that cube. With follow, keeps streaming new
+    records until the call is cancelled. Changes nothing (and is audited).
+    """
+    Purge: _grpc.UnaryUnaryMultiCallable[_memos_pb2.PurgeRequest, _memos_pb2.PurgeResponse]
+    """Erases items (by id, source or tag) from every revision of a cube: their
+    text, embeddings, both index entries and every KV cache that holds them;
+    marks adapters trained on them as tainted. Needs the admin right on the
+    cube. Changes: irreversibly, the cube's history and derived memory.
+    """
 
 @_typing.type_check_only
 class MemOSAsyncStub(MemOSStub):
@@ -248,6 +293,51 @@ class MemOSAsyncStub(MemOSStub):
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_memos_pb2.ListJobsRequest, _memos_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
+    CreatePrincipal: _aio.UnaryUnaryMultiCallable[_memos_pb2.CreatePrincipalRequest, _memos_pb2.CreatePrincipalResponse]  # type: ignore[assignment]
+    """--- governance ----------------------------------------------------------
+    Every call but the health service's carries a bearer token in the
+    `authorization` metadata ("Bearer <token>"); without a valid token of an
+    enabled principal it fails UNAUTHENTICATED. Cubes the caller holds no
+    right on answer CUBE_NOT_FOUND, exactly like cubes that do not exist.
+
+    Creates a principal (a user or an agent) and returns its token, which is
+    shown only here: the daemon keeps only its hash. Admins only.
+    Changes: adds a principal.
+    """
+    ListPrincipals: _aio.UnaryUnaryMultiCallable[_memos_pb2.ListPrincipalsRequest, _memos_pb2.ListPrincipalsResponse]  # type: ignore[assignment]
+    """Lists principals by id. Admins only. Changes nothing."""
+    DisablePrincipal: _aio.UnaryUnaryMultiCallable[_memos_pb2.DisablePrincipalRequest, _memos_pb2.DisablePrincipalResponse]  # type: ignore[assignment]
+    """Disables a principal: its token stops working at once and its mounts
+    are closed (staged changes discarded). Admins only.
+    Changes: the principal, its mounts.
+    """
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_memos_pb2.WhoAmIRequest, _memos_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """The principal the call's token belongs to. Changes nothing."""
+    Grant: _aio.UnaryUnaryMultiCallable[_memos_pb2.GrantRequest, _memos_pb2.GrantResponse]  # type: ignore[assignment]
+    """Gives a principal rights on a cube, optionally until an expiry; adds to
+    the rights it already holds there. The caller needs the grant right and
+    every right it passes on. Changes: the cube's grants.
+    """
+    Revoke: _aio.UnaryUnaryMultiCallable[_memos_pb2.RevokeRequest, _memos_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Takes rights back (all of them when none are named) and closes the
+    principal's mounts of the cube. The caller needs the grant right.
+    Changes: the cube's grants and the principal's mounts.
+    """
+    ListGrants: _aio.UnaryUnaryMultiCallable[_memos_pb2.ListGrantsRequest, _memos_pb2.ListGrantsResponse]  # type: ignore[assignment]
+    """Lists who holds which rights on a cube (the grant right is needed), or
+    the caller's own grants when no cube is named. Changes nothing.
+    """
+    Audit: _aio.UnaryStreamMultiCallable[_memos_pb2.AuditRequest, _memos_pb2.AuditResponse]  # type: ignore[assignment]
+    """Streams audit records in order, with filters: admins see every record, a
+    cube's owner the records of that cube. With follow, keeps streaming new
+    records until the call is cancelled. Changes nothing (and is audited).
+    """
+    Purge: _aio.UnaryUnaryMultiCallable[_memos_pb2.PurgeRequest, _memos_pb2.PurgeResponse]  # type: ignore[assignment]
+    """Erases items (by id, source or tag) from every revision of a cube: their
+    text, embeddings, both index entries and every KV cache that holds them;
+    marks adapters trained on them as tainted. Needs the admin right on the
+    cube. Changes: irreversibly, the cube's history and derived memory.
+    """
 
 class MemOSServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -495,5 +585,104 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memos_pb2.ListJobsResponse, _abc.Awaitable[_memos_pb2.ListJobsResponse]]:
         """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
+
+    @_abc_1.abstractmethod
+    def CreatePrincipal(
+        self,
+        request: _memos_pb2.CreatePrincipalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.CreatePrincipalResponse, _abc.Awaitable[_memos_pb2.CreatePrincipalResponse]]:
+        """--- governance ----------------------------------------------------------
+        Every call but the health service's carries a bearer token in the
+        `authorization` metadata ("Bearer <token>"); without a valid token of an
+        enabled principal it fails UNAUTHENTICATED. Cubes the caller holds no
+        right on answer CUBE_NOT_FOUND, exactly like cubes that do not exist.
+
+        Creates a principal (a user or an agent) and returns its token, which is
+        shown only here: the daemon keeps only its hash. Admins only.
+        Changes: adds a principal.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPrincipals(
+        self,
+        request: _memos_pb2.ListPrincipalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ListPrincipalsResponse, _abc.Awaitable[_memos_pb2.ListPrincipalsResponse]]:
+        """Lists principals by id. Admins only. Changes nothing."""
+
+    @_abc_1.abstractmethod
+    def DisablePrincipal(
+        self,
+        request: _memos_pb2.DisablePrincipalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.DisablePrincipalResponse, _abc.Awaitable[_memos_pb2.DisablePrincipalResponse]]:
+        """Disables a principal: its token stops working at once and its mounts
+        are closed (staged changes discarded). Admins only.
+        Changes: the principal, its mounts.
+        """
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _memos_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.WhoAmIResponse, _abc.Awaitable[_memos_pb2.WhoAmIResponse]]:
+        """The principal the call's token belongs to. Changes nothing."""
+
+    @_abc_1.abstractmethod
+    def Grant(
+        self,
+        request: _memos_pb2.GrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.GrantResponse, _abc.Awaitable[_memos_pb2.GrantResponse]]:
+        """Gives a principal rights on a cube, optionally until an expiry; adds to
+        the rights it already holds there. The caller needs the grant right and
+        every right it passes on. Changes: the cube's grants.
+        """
+
+    @_abc_1.abstractmethod
+    def Revoke(
+        self,
+        request: _memos_pb2.RevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.RevokeResponse, _abc.Awaitable[_memos_pb2.RevokeResponse]]:
+        """Takes rights back (all of them when none are named) and closes the
+        principal's mounts of the cube. The caller needs the grant right.
+        Changes: the cube's grants and the principal's mounts.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGrants(
+        self,
+        request: _memos_pb2.ListGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ListGrantsResponse, _abc.Awaitable[_memos_pb2.ListGrantsResponse]]:
+        """Lists who holds which rights on a cube (the grant right is needed), or
+        the caller's own grants when no cube is named. Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def Audit(
+        self,
+        request: _memos_pb2.AuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memos_pb2.AuditResponse], _abc.AsyncIterator[_memos_pb2.AuditResponse]]:
+        """Streams audit records in order, with filters: admins see every record, a
+        cube's owner the records of that cube. With follow, keeps streaming new
+        records until the call is cancelled. Changes nothing (and is audited).
+        """
+
+    @_abc_1.abstractmethod
+    def Purge(
+        self,
+        request: _memos_pb2.PurgeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.PurgeResponse, _abc.Awaitable[_memos_pb2.PurgeResponse]]:
+        """Erases items (by id, source or tag) from every revision of a cube: their
+        text, embeddings, both index entries and every KV cache that holds them;
+        marks adapters trained on them as tainted. Needs the admin right on the
+        cube. Changes: irreversibly, the cube's history and derived memory.
+        """
 
 def add_MemOSServicer_to_server(servicer: MemOSServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -167,6 +167,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[FAILED_PRECONDITION] The cube already has a training job queued or running."""
     JOB_FINISHED: _ErrorReason.ValueType  # 27
     """[FAILED_PRECONDITION] The job has already finished; it cannot be cancelled."""
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 28
+    """[UNAUTHENTICATED] The call carries no token, a wrong one, or one of a disabled principal."""
+    PERMISSION_DENIED: _ErrorReason.ValueType  # 29
+    """[PERMISSION_DENIED] The caller can see the cube but lacks a right the call needs; the message names it."""
+    PRINCIPAL_NOT_FOUND: _ErrorReason.ValueType  # 30
+    """[NOT_FOUND] No principal with that id or name."""
+    PRINCIPAL_NAME_TAKEN: _ErrorReason.ValueType  # 31
+    """[ALREADY_EXISTS] Another principal has that name."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -230,6 +238,14 @@ TRAINING_IN_PROGRESS: ErrorReason.ValueType  # 26
 """[FAILED_PRECONDITION] The cube already has a training job queued or running."""
 JOB_FINISHED: ErrorReason.ValueType  # 27
 """[FAILED_PRECONDITION] The job has already finished; it cannot be cancelled."""
+UNAUTHENTICATED: ErrorReason.ValueType  # 28
+"""[UNAUTHENTICATED] The call carries no token, a wrong one, or one of a disabled principal."""
+PERMISSION_DENIED: ErrorReason.ValueType  # 29
+"""[PERMISSION_DENIED] The caller can see the cube but lacks a right the call needs; the message names it."""
+PRINCIPAL_NOT_FOUND: ErrorReason.ValueType  # 30
+"""[NOT_FOUND] No principal with that id or name."""
+PRINCIPAL_NAME_TAKEN: ErrorReason.ValueType  # 31
+"""[ALREADY_EXISTS] Another principal has that name."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _ActivationSource:
@@ -331,6 +347,87 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _PrincipalKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrincipalKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PrincipalKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRINCIPAL_KIND_UNSPECIFIED: _PrincipalKind.ValueType  # 0
+    PRINCIPAL_KIND_USER: _PrincipalKind.ValueType  # 1
+    PRINCIPAL_KIND_AGENT: _PrincipalKind.ValueType  # 2
+
+class PrincipalKind(_PrincipalKind, metaclass=_PrincipalKindEnumTypeWrapper):
+    """--- governance ----------------------------------------------------------"""
+
+PRINCIPAL_KIND_UNSPECIFIED: PrincipalKind.ValueType  # 0
+PRINCIPAL_KIND_USER: PrincipalKind.ValueType  # 1
+PRINCIPAL_KIND_AGENT: PrincipalKind.ValueType  # 2
+Global___PrincipalKind: _TypeAlias = PrincipalKind  # noqa: Y015
+
+class _Right:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RightEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Right.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RIGHT_UNSPECIFIED: _Right.ValueType  # 0
+    RIGHT_READ: _Right.ValueType  # 1
+    """Mount read-only, Read, Search, Log, Diff, StatCube, ExportAdapter, WatchJob, ListJobs."""
+    RIGHT_WRITE: _Right.ValueType  # 2
+    """Mount read-write, Write, Forget, ImportAdapter, Commit, Rollback."""
+    RIGHT_ACTIVATE: _Right.ValueType  # 3
+    """Activate, Evict, and using the cube's KV cache and adapter in Generate."""
+    RIGHT_TRAIN: _Right.ValueType  # 4
+    """Train, CancelJob."""
+    RIGHT_GRANT: _Right.ValueType  # 5
+    """Grant (rights the granter holds), Revoke, ListGrants."""
+    RIGHT_ADMIN: _Right.ValueType  # 6
+    """FreeCube, Purge."""
+
+class Right(_Right, metaclass=_RightEnumTypeWrapper):
+    """What a principal may do with a cube. The cube's owner holds them all."""
+
+RIGHT_UNSPECIFIED: Right.ValueType  # 0
+RIGHT_READ: Right.ValueType  # 1
+"""Mount read-only, Read, Search, Log, Diff, StatCube, ExportAdapter, WatchJob, ListJobs."""
+RIGHT_WRITE: Right.ValueType  # 2
+"""Mount read-write, Write, Forget, ImportAdapter, Commit, Rollback."""
+RIGHT_ACTIVATE: Right.ValueType  # 3
+"""Activate, Evict, and using the cube's KV cache and adapter in Generate."""
+RIGHT_TRAIN: Right.ValueType  # 4
+"""Train, CancelJob."""
+RIGHT_GRANT: Right.ValueType  # 5
+"""Grant (rights the granter holds), Revoke, ListGrants."""
+RIGHT_ADMIN: Right.ValueType  # 6
+"""FreeCube, Purge."""
+Global___Right: _TypeAlias = Right  # noqa: Y015
+
+class _AuditOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_OUTCOME_UNSPECIFIED: _AuditOutcome.ValueType  # 0
+    AUDIT_OUTCOME_OK: _AuditOutcome.ValueType  # 1
+    """The call was allowed and succeeded."""
+    AUDIT_OUTCOME_DENIED: _AuditOutcome.ValueType  # 2
+    """Refused: no valid token, no right, or an invisible cube."""
+    AUDIT_OUTCOME_FAILED: _AuditOutcome.ValueType  # 3
+    """Allowed, but it failed (bad input, conflict, internal error...)."""
+
+class AuditOutcome(_AuditOutcome, metaclass=_AuditOutcomeEnumTypeWrapper): ...
+
+AUDIT_OUTCOME_UNSPECIFIED: AuditOutcome.ValueType  # 0
+AUDIT_OUTCOME_OK: AuditOutcome.ValueType  # 1
+"""The call was allowed and succeeded."""
+AUDIT_OUTCOME_DENIED: AuditOutcome.ValueType  # 2
+"""Refused: no valid token, no right, or an invisible cube."""
+AUDIT_OUTCOME_FAILED: AuditOutcome.ValueType  # 3
+"""Allowed, but it failed (bad input, conflict, internal error...)."""
+Global___AuditOutcome: _TypeAlias = AuditOutcome  # noqa: Y015
+
 @_typing.final
 class ResponseHeader(_message.Message):
     """Carried by every response. Where the call concerns one cube, it names the
@@ -398,6 +495,7 @@ class Cube(_message.Message):
     ITEM_COUNT_FIELD_NUMBER: _builtins.int
     MOUNT_COUNT_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
+    OWNER_PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
     cube_id: _builtins.str
     """Daemon-assigned, immutable ("cube_" + 20 lowercase base32 characters)."""
     name: _builtins.str
@@ -411,6 +509,8 @@ class Cube(_message.Message):
     """Open mounts of this cube."""
     version_count: _builtins.int
     """Item versions held across all revisions (history included)."""
+    owner_principal_id: _builtins.str
+    """The principal that allocated the cube: it holds every right on it."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -427,10 +527,11 @@ class Cube(_message.Message):
         item_count: _builtins.int = ...,
         mount_count: _builtins.int = ...,
         version_count: _builtins.int = ...,
+        owner_principal_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "owner_principal_id", b"owner_principal_id", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -545,6 +646,7 @@ class Mount(_message.Message):
     STAGED_EDITS_FIELD_NUMBER: _builtins.int
     STAGED_FORGETS_FIELD_NUMBER: _builtins.int
     STAGED_ADAPTER_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     cube_id: _builtins.str
     base_revision: _builtins.int
@@ -556,6 +658,8 @@ class Mount(_message.Message):
     staged_forgets: _builtins.int
     staged_adapter: _builtins.bool
     """A staged adapter change: an imported adapter, or the removal of the cube's."""
+    principal_id: _builtins.str
+    """The principal that opened the mount: only it can use the mount."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -570,10 +674,11 @@ class Mount(_message.Message):
         staged_edits: _builtins.int = ...,
         staged_forgets: _builtins.int = ...,
         staged_adapter: _builtins.bool = ...,
+        principal_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "create_time", b"create_time", "cube_id", b"cube_id", "mode", b"mode", "mount_id", b"mount_id", "staged_adapter", b"staged_adapter", "staged_adds", b"staged_adds", "staged_edits", b"staged_edits", "staged_forgets", b"staged_forgets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "create_time", b"create_time", "cube_id", b"cube_id", "mode", b"mode", "mount_id", b"mount_id", "principal_id", b"principal_id", "staged_adapter", b"staged_adapter", "staged_adds", b"staged_adds", "staged_edits", b"staged_edits", "staged_forgets", b"staged_forgets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1161,6 +1266,7 @@ class Adapter(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
+    TAINTED_BY_PURGES_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     """sha256 of the two files (64 hex): names the adapter everywhere, the KV
     cache key included.
@@ -1178,6 +1284,12 @@ class Adapter(_message.Message):
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def lineage(self) -> Global___AdapterLineage: ...
+    @_builtins.property
+    def tainted_by_purges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Purges that erased items in this adapter's lineage: the adapter may
+        still hold what they said. Empty for a clean adapter.
+        """
+
     def __init__(
         self,
         *,
@@ -1190,10 +1302,11 @@ class Adapter(_message.Message):
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
         base_model: _builtins.str = ...,
         lineage: Global___AdapterLineage | None = ...,
+        tainted_by_purges: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "born_revision", b"born_revision", "config_bytes", b"config_bytes", "digest", b"digest", "lineage", b"lineage", "rank", b"rank", "staged", b"staged", "target_modules", b"target_modules", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "born_revision", b"born_revision", "config_bytes", b"config_bytes", "digest", b"digest", "lineage", b"lineage", "rank", b"rank", "staged", b"staged", "tainted_by_purges", b"tainted_by_purges", "target_modules", b"target_modules", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1360,3 +1473,249 @@ class Job(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class Principal(_message.Message):
+    """Someone who calls memosd: a user or an agent, with its own token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ADMIN_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    principal_id: _builtins.str
+    name: _builtins.str
+    kind: Global___PrincipalKind.ValueType
+    admin: _builtins.bool
+    disabled: _builtins.bool
+    created_by: _builtins.str
+    """The principal that created it; empty for the bootstrap admin."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        principal_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: Global___PrincipalKind.ValueType = ...,
+        admin: _builtins.bool = ...,
+        disabled: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        created_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "create_time", b"create_time", "created_by", b"created_by", "disabled", b"disabled", "kind", b"kind", "name", b"name", "principal_id", b"principal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Principal: _TypeAlias = Principal  # noqa: Y015
+
+@_typing.final
+class CubeGrant(_message.Message):
+    """The rights one principal holds on one cube."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
+    RIGHTS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    GRANTED_BY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    cube_id: _builtins.str
+    principal_id: _builtins.str
+    granted_by: _builtins.str
+    owner: _builtins.bool
+    """The principal owns the cube (it holds every right; this cannot be revoked)."""
+    expired: _builtins.bool
+    """The expiry has passed: the grant counts as no grant."""
+    @_builtins.property
+    def rights(self) -> _containers.RepeatedScalarFieldContainer[Global___Right.ValueType]: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset: no expiry."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cube_id: _builtins.str = ...,
+        principal_id: _builtins.str = ...,
+        rights: _abc.Iterable[Global___Right.ValueType] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        granted_by: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.bool = ...,
+        expired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube_id", b"cube_id", "expire_time", b"expire_time", "expired", b"expired", "granted_by", b"granted_by", "owner", b"owner", "principal_id", b"principal_id", "rights", b"rights", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CubeGrant: _TypeAlias = CubeGrant  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """One audited syscall. Records are chained: hash = hex sha256(body), where
+    body is the record's canonical JSON exactly as stored (sorted keys, no
+    spaces, ASCII), and holds prev_hash, the previous record's hash (64 zeros
+    for the first). The other fields are decoded from body.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    principal_id: _builtins.str
+    method: _builtins.str
+    cube_id: _builtins.str
+    revision: _builtins.int
+    outcome: Global___AuditOutcome.ValueType
+    code: _builtins.str
+    """The gRPC status code name ("OK", "NOT_FOUND", ...) and the error reason."""
+    reason: _builtins.str
+    mount_id: _builtins.str
+    body: _builtins.bytes
+    prev_hash: _builtins.str
+    hash: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Items read or used (e.g. what went into a Generate answer)."""
+
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other artifacts read or used: "kv:<cache key>", "adapter:<digest>", "job:<id>"..."""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        principal_id: _builtins.str = ...,
+        method: _builtins.str = ...,
+        cube_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        outcome: Global___AuditOutcome.ValueType = ...,
+        code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        mount_id: _builtins.str = ...,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        artifacts: _abc.Iterable[_builtins.str] | None = ...,
+        body: _builtins.bytes = ...,
+        prev_hash: _builtins.str = ...,
+        hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "body", b"body", "code", b"code", "cube_id", b"cube_id", "hash", b"hash", "item_ids", b"item_ids", "method", b"method", "mount_id", b"mount_id", "outcome", b"outcome", "prev_hash", b"prev_hash", "principal_id", b"principal_id", "reason", b"reason", "revision", b"revision", "seq", b"seq", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class PurgeReceipt(_message.Message):
+    """What a Purge removed and flagged."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGE_ID_FIELD_NUMBER: _builtins.int
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    VERSIONS_REMOVED_FIELD_NUMBER: _builtins.int
+    VECTORS_REMOVED_FIELD_NUMBER: _builtins.int
+    STAGED_REMOVED_FIELD_NUMBER: _builtins.int
+    DENSE_ENTRIES_REMOVED_FIELD_NUMBER: _builtins.int
+    LEXICAL_ENTRIES_REMOVED_FIELD_NUMBER: _builtins.int
+    KV_CACHES_DELETED_FIELD_NUMBER: _builtins.int
+    ADAPTERS_TAINTED_FIELD_NUMBER: _builtins.int
+    purge_id: _builtins.str
+    cube_id: _builtins.str
+    versions_removed: _builtins.int
+    vectors_removed: _builtins.int
+    staged_removed: _builtins.int
+    dense_entries_removed: _builtins.int
+    lexical_entries_removed: _builtins.int
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def kv_caches_deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """KV caches deleted (cache keys), from the pool and the store."""
+
+    @_builtins.property
+    def adapters_tainted(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaintedAdapter]:
+        """Adapters whose lineage includes a purged item, now marked tainted."""
+
+    def __init__(
+        self,
+        *,
+        purge_id: _builtins.str = ...,
+        cube_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        versions_removed: _builtins.int = ...,
+        vectors_removed: _builtins.int = ...,
+        staged_removed: _builtins.int = ...,
+        dense_entries_removed: _builtins.int = ...,
+        lexical_entries_removed: _builtins.int = ...,
+        kv_caches_deleted: _abc.Iterable[_builtins.str] | None = ...,
+        adapters_tainted: _abc.Iterable[Global___TaintedAdapter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_tainted", b"adapters_tainted", "cube_id", b"cube_id", "dense_entries_removed", b"dense_entries_removed", "item_ids", b"item_ids", "kv_caches_deleted", b"kv_caches_deleted", "lexical_entries_removed", b"lexical_entries_removed", "purge_id", b"purge_id", "staged_removed", b"staged_removed", "time", b"time", "vectors_removed", b"vectors_removed", "versions_removed", b"versions_removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeReceipt: _TypeAlias = PurgeReceipt  # noqa: Y015
+
+@_typing.final
+class TaintedAdapter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    BORN_REVISION_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    born_revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        born_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaintedAdapter: _TypeAlias = TaintedAdapter  # noqa: Y015

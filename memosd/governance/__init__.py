@@ -1,0 +1,1 @@
+"""Governance: principals and tokens, rights on cubes, the audit log."""

@@ -1,0 +1,195 @@
+"""Rights on cubes: who holds what, and the one check every syscall goes through.
+
+A cube's owner (``CubeRecord.owner``) and admins hold every right; anyone
+else holds what an unexpired grant gives them. A caller holding no right on a
+cube cannot tell it from a cube that does not exist: the refusal is
+CUBE_NOT_FOUND with the kernel's own message. A caller that sees the cube but
+lacks a right gets PERMISSION_DENIED naming it. Mounts belong to the principal
+that opened them; anyone else's mount id is MOUNT_NOT_FOUND, like an unknown one.
+
+Rights are checked on every call, not only at Mount, so a revoked or expired
+grant stops a principal's next call through a mount it still holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from memosd.errors import CubeNotFound, InvalidField, PermissionDenied
+from memosd.governance.principals import Principals
+from memosd.kernel.kernel import Kernel, mount_not_found
+from memosd.kernel.state import CubeState, MountState
+from memosd.store import schema
+from memosd.store.records import CubeRecord, GrantRecord, PrincipalRecord, decode, encode
+
+
+class Right(StrEnum):
+    READ = "read"
+    WRITE = "write"
+    ACTIVATE = "activate"
+    TRAIN = "train"
+    GRANT = "grant"
+    ADMIN = "admin"
+
+
+ALL_RIGHTS = frozenset(Right)
+# The caller when authentication is switched off (auth.enabled = false): it may do anything.
+ANONYMOUS_ADMIN = PrincipalRecord("", "anonymous", "user", True, "", 0)
+
+
+@dataclass(frozen=True)
+class GrantView:
+    """What one principal holds on one cube, as ListGrants shows it."""
+
+    cube_id: str
+    principal_id: str
+    rights: frozenset[Right]
+    granted_by: str = ""
+    update_ns: int = 0
+    expire_ns: int = 0
+    owner: bool = False
+
+    @property
+    def expired(self) -> bool:
+        return bool(self.expire_ns) and self.expire_ns <= time.time_ns()
+
+
+class AccessControl:
+    def __init__(self, kernel: Kernel, principals: Principals) -> None:
+        self.kernel = kernel
+        self.principals = principals
+        self._lock = threading.Lock()
+        self._grants: dict[tuple[str, str], GrantRecord] = {}
+        for _, raw in kernel.store.scan_rows(schema.CF_GRANTS):
+            grant = decode(GrantRecord, raw)
+            self._grants[(grant.cube_id, grant.principal_id)] = grant
+
+    # -- the check -------------------------------------------------------------
+    def rights(self, caller: PrincipalRecord, cube: CubeRecord) -> frozenset[Right]:
+        if caller.admin or (cube.owner and cube.owner == caller.principal_id):
+            return ALL_RIGHTS
+        grant = self._grants.get((cube.cube_id, caller.principal_id))
+        if grant is None or (grant.expire_ns and grant.expire_ns <= time.time_ns()):
+            return frozenset()
+        return frozenset(Right(r) for r in grant.rights)
+
+    def visible(self, caller: PrincipalRecord, cube: CubeRecord) -> bool:
+        return bool(self.rights(caller, cube))
+
+    def cube(self, caller: PrincipalRecord, ref: str, needed: Iterable[Right]) -> CubeState:
+        """The cube ``ref`` names, if the caller holds ``needed`` on it."""
+        cube = self.kernel.cube(ref)
+        self._require(caller, cube, ref, frozenset(needed))
+        return cube
+
+    def mount(self, caller: PrincipalRecord, mount_id: str, needed: Iterable[Right]) -> MountState:
+        """The caller's own open mount, if it (still) holds ``needed`` on the mount's cube."""
+        mount = self.kernel.mount_state(mount_id)
+        if mount.record.principal != caller.principal_id and not (caller.admin and not mount.record.principal):
+            raise mount_not_found(mount_id)
+        cube = self.kernel.cube_of(mount)
+        if not self.visible(caller, cube.record):
+            raise mount_not_found(mount_id)
+        self._require(caller, cube, cube.record.name, frozenset(needed))
+        return mount
+
+    def _require(self, caller: PrincipalRecord, cube: CubeState, ref: str, needed: frozenset[Right]) -> None:
+        held = self.rights(caller, cube.record)
+        if not held:
+            raise CubeNotFound(f"no cube with id or name {ref!r}", cube=ref)
+        missing = sorted(needed - held)
+        if missing:
+            raise PermissionDenied(
+                f"principal {caller.name!r} lacks the {', '.join(missing)} right{'s' if len(missing) > 1 else ''} "
+                f"on cube {cube.record.name!r}; its owner, or a principal holding the grant right, can Grant it",
+                cube=cube.cube_id, missing=",".join(missing))
+
+    # -- grants ---------------------------------------------------------------------
+    def grant(self, caller: PrincipalRecord, ref: str, principal_ref: str, rights: Iterable[Right],
+              expire_ns: int) -> GrantView:
+        wanted = frozenset(rights)
+        if not wanted:
+            raise InvalidField("rights is empty; name at least one right to grant", field="rights")
+        if expire_ns and expire_ns <= time.time_ns():
+            raise InvalidField("expire_time is in the past; give a future time, or none for no expiry",
+                               field="expire_time")
+        cube = self.cube(caller, ref, {Right.GRANT})
+        beyond = sorted(wanted - self.rights(caller, cube.record))
+        if beyond:
+            raise PermissionDenied(f"principal {caller.name!r} cannot grant rights it does not hold: "
+                                   f"{', '.join(beyond)}", cube=cube.cube_id)
+        grantee = self.principals.get(principal_ref)
+        with self._lock:
+            key = (cube.cube_id, grantee.principal_id)
+            held = self._grants.get(key)
+            current = set(held.rights) if held and not (held.expire_ns and held.expire_ns <= time.time_ns()) else set()
+            record = GrantRecord(cube.cube_id, grantee.principal_id, sorted(current | {str(r) for r in wanted}),
+                                 caller.principal_id, time.time_ns(), expire_ns)
+            self._save(record)
+        return self._view(cube.record, grantee.principal_id)
+
+    def revoke(self, caller: PrincipalRecord, ref: str, principal_ref: str, rights: Iterable[Right]
+               ) -> tuple[GrantView, int]:
+        """Take ``rights`` (all when empty) back; closes the principal's mounts of the cube."""
+        cube = self.cube(caller, ref, {Right.GRANT})
+        grantee = self.principals.get(principal_ref)
+        if cube.record.owner == grantee.principal_id:
+            raise InvalidField(f"principal {grantee.name!r} owns cube {cube.record.name!r}; an owner's rights "
+                               "cannot be revoked", field="principal")
+        taken = {str(r) for r in rights}
+        with self._lock:
+            key = (cube.cube_id, grantee.principal_id)
+            held = self._grants.get(key)
+            if held is not None:
+                left = sorted(set(held.rights) - taken) if taken else []
+                if left:
+                    self._save(GrantRecord(held.cube_id, held.principal_id, left, caller.principal_id,
+                                           time.time_ns(), held.expire_ns))
+                else:
+                    del self._grants[key]
+                    self.kernel.store.delete_row(schema.CF_GRANTS, schema.grant_key(*key), sync=True)
+        closed = self.close_mounts(grantee.principal_id, cube.cube_id)
+        return self._view(cube.record, grantee.principal_id), closed
+
+    def list_grants(self, caller: PrincipalRecord, ref: str) -> list[GrantView]:
+        """Everyone's rights on a cube (needs the grant right), or the caller's own grants for ref ""."""
+        if ref:
+            cube = self.cube(caller, ref, {Right.GRANT})
+            views = [self._view(cube.record, cube.record.owner)] if cube.record.owner else []
+            return views + [self._view(cube.record, pid) for (cid, pid) in sorted(self._grants) if cid == cube.cube_id]
+        mine = [c.record for c in self.kernel.cubes.values() if c.record.owner == caller.principal_id]
+        granted = [self.kernel.cubes[cid].record for (cid, pid) in sorted(self._grants)
+                   if pid == caller.principal_id and cid in self.kernel.cubes]
+        return [self._view(record, caller.principal_id) for record in mine + granted]
+
+    def close_mounts(self, principal_id: str, cube_id: str = "") -> int:
+        """Unmount the principal's mounts (of one cube, or all); staged changes are discarded."""
+        doomed = [m.mount_id for m in list(self.kernel.mounts.values())
+                  if m.record.principal == principal_id and (not cube_id or m.record.cube_id == cube_id)]
+        for mount_id in doomed:
+            self.kernel.unmount(mount_id)
+        return len(doomed)
+
+    def forget_cube(self, cube_id: str) -> None:
+        """FreeCube deleted the cube's grant rows with its key range; drop them from memory too."""
+        with self._lock:
+            for key in [k for k in self._grants if k[0] == cube_id]:
+                del self._grants[key]
+
+    def _view(self, cube: CubeRecord, principal_id: str) -> GrantView:
+        if cube.owner and cube.owner == principal_id:
+            return GrantView(cube.cube_id, principal_id, ALL_RIGHTS, owner=True, update_ns=cube.create_ns)
+        grant = self._grants.get((cube.cube_id, principal_id))
+        if grant is None:
+            return GrantView(cube.cube_id, principal_id, frozenset())
+        return GrantView(cube.cube_id, principal_id, frozenset(Right(r) for r in grant.rights), grant.granted_by,
+                         grant.update_ns, grant.expire_ns)
+
+    def _save(self, record: GrantRecord) -> None:
+        self.kernel.store.put_row(schema.CF_GRANTS, schema.grant_key(record.cube_id, record.principal_id),
+                                  encode(record), sync=True)
+        self._grants[(record.cube_id, record.principal_id)] = record

@@ -1,0 +1,132 @@
+"""Principals (users and agents) and their bearer tokens.
+
+A token is ``mtk.{principal_id}.{secret}``: the id says whose it is, so
+checking one is a dictionary lookup plus one constant-time comparison of
+sha256(secret) against the stored hash, with no timing signal about other
+principals' tokens. The secret (32 random bytes) is never stored; a lost
+token cannot be recovered, only replaced by a new principal.
+
+On first start, when the store has no principal, the daemon creates ``admin``
+and writes its token to a file only its owner can read (0600).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+from memosd.errors import InvalidField, PrincipalNameTaken, PrincipalNotFound, Unauthenticated
+from memosd.kernel import ids
+from memosd.kernel.paging import decode_token, encode_token, page_size
+from memosd.kernel.types import Page
+from memosd.store import schema
+from memosd.store.records import PrincipalRecord, decode, encode
+from memosd.store.rocks import Store
+
+TOKEN_PREFIX = "mtk"
+ADMIN_NAME = "admin"
+ADMIN_TOKEN_FILE = "admin.token"
+Kind = Literal["user", "agent"]
+
+_NO_TOKEN = ("this call needs a token: send metadata 'authorization: Bearer <token>' (memosctl: --token, "
+             "--token-file or MEMOS_TOKEN). The admin token is in the file memosd logged at first start")
+_BAD_TOKEN = "the token is not valid (wrong, or of a disabled principal); ask an admin for a token"
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mint_token(principal_id: str) -> tuple[str, str]:
+    """A new token for the principal, and the hash to store."""
+    secret = secrets.token_urlsafe(32)
+    return f"{TOKEN_PREFIX}.{principal_id}.{secret}", _hash(secret)
+
+
+class Principals:
+    """Every principal, held in memory (there are few) and written through to the store, synced."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._by_id: dict[str, PrincipalRecord] = {
+            p.principal_id: p for p in (decode(PrincipalRecord, raw) for _, raw in store.scan_rows(
+                schema.CF_PRINCIPALS))}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    # -- authentication -------------------------------------------------------
+    def authenticate(self, token: str) -> PrincipalRecord:
+        """The enabled principal a token belongs to. Raises ``Unauthenticated``."""
+        if not token:
+            raise Unauthenticated(_NO_TOKEN)
+        prefix, _, rest = token.partition(".")
+        principal_id, _, secret = rest.partition(".")
+        principal = self._by_id.get(principal_id) if prefix == TOKEN_PREFIX else None
+        # Compare even for an unknown id, so both refusals take the same time.
+        expected = principal.token_hash if principal is not None else "0" * 64
+        if not hmac.compare_digest(_hash(secret), expected) or principal is None or principal.disabled:
+            raise Unauthenticated(_BAD_TOKEN)
+        return principal
+
+    # -- management -----------------------------------------------------------
+    def create(self, name: str, kind: Kind, admin: bool, created_by: str) -> tuple[PrincipalRecord, str]:
+        if not ids.CUBE_NAME_RE.match(name):
+            raise InvalidField(f"principal name {name!r} is invalid: use 1-64 characters of [A-Za-z0-9._-], "
+                               "starting with a letter or digit", field="name")
+        with self._lock:
+            if any(p.name == name for p in self._by_id.values()):
+                raise PrincipalNameTaken(f"a principal named {name!r} exists; pick another name", name=name)
+            principal_id = ids.new_id(ids.PRINCIPAL_PREFIX)
+            token, token_hash = mint_token(principal_id)
+            record = PrincipalRecord(principal_id, name, kind, admin, token_hash, time.time_ns(), created_by)
+            self._save(record)
+        return record, token
+
+    def get(self, ref: str) -> PrincipalRecord:
+        """By id or name. Raises ``PrincipalNotFound``."""
+        found = self._by_id.get(ref) or next((p for p in self._by_id.values() if p.name == ref), None)
+        if found is None:
+            raise PrincipalNotFound(f"no principal with id or name {ref!r}; list them with ListPrincipals",
+                                    principal=ref)
+        return found
+
+    def disable(self, ref: str) -> PrincipalRecord:
+        with self._lock:
+            record = replace(self.get(ref), disabled=True)
+            self._save(record)
+        return record
+
+    def list(self, requested: int, token: str) -> Page[PrincipalRecord]:
+        size = page_size(requested)
+        after = str(decode_token(token, "principals") or "")
+        rows = sorted((p for p in self._by_id.values() if p.principal_id > after), key=lambda p: p.principal_id)
+        page = rows[:size]
+        more = len(rows) > size
+        return Page(page, encode_token("principals", page[-1].principal_id) if more else "")
+
+    def bootstrap_admin(self, data_dir: Path) -> Path | None:
+        """On an empty store, create the admin principal and write its token to ``data_dir/admin.token``
+        (mode 0600, created exclusively). Returns the file's path, or None when principals exist."""
+        if self._by_id:
+            return None
+        path = data_dir / ADMIN_TOKEN_FILE
+        path.unlink(missing_ok=True)  # a stale file from a wiped store must not survive with an old token
+        _, token = self.create(ADMIN_NAME, "user", True, "")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return path
+
+    def _save(self, record: PrincipalRecord) -> None:
+        self.store.put_row(schema.CF_PRINCIPALS, schema.principal_key(record.principal_id), encode(record),
+                           sync=True)
+        self._by_id[record.principal_id] = record

@@ -1,0 +1,177 @@
+"""Purge: remove items from every revision of a cube, its indexes and KV caches, and from the disk.
+
+Forget hides an item from later revisions and history keeps it; Purge deletes
+it from history itself. For each selected item, one synced batch deletes every
+version (all revisions) with its vector, its staged copies in the cube's open
+mounts, and every activation of the cube (with its KV cache chunks) whose block
+holds it; marks tainted every adapter version whose lineage lists it; and keeps
+a receipt (ids and counts only) in ``purges``. The catalog then forgets the
+items, so no read, list, search, diff or rollback at any revision sees them
+again; ``CubeState.purged`` keeps their ids (the tombstones). Revision records
+stay as they were: their counts (added, item_count, ...) may now overstate
+what a revision holds.
+
+Order, for crash safety: the indexes are derived, but at start they are only
+*added to* (what they lack), so an index that still held a purged version
+would keep it forever. The cube's index files are therefore deleted (empty
+indexes take their place) before the batch is written, and refilled from the
+store after it. A crash before the batch leaves the store as it was and the
+indexes are rebuilt from it at start; a crash after it rebuilds them without
+the items. Last, Store.scrub compacts the deleted rows out of every file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from memosd.errors import CubeNotFound, InvalidField, ItemNotFound
+from memosd.kernel import ids, validate
+from memosd.kernel.state import CubeState, MountState
+from memosd.logfmt import log_event
+from memosd.store.records import (
+    AdapterRecord,
+    CubeRecord,
+    PurgedActivation,
+    PurgedVersion,
+    PurgeReceipt,
+    TaintedAdapter,
+)
+from memosd.store.rocks import Batch, Store
+
+if TYPE_CHECKING:
+    from memosd.kernel.kernel import Kernel
+
+log = logging.getLogger("memosd.kernel")
+
+
+@dataclass
+class _Plan:
+    receipt: PurgeReceipt
+    batch: Batch
+    record: CubeRecord  # the cube record after the purge
+    tainted: list[AdapterRecord]
+
+
+def run_purge(kernel: Kernel, ref: str, item_ids: Sequence[str], source: str,
+              tags: Sequence[str]) -> PurgeReceipt:
+    """Kernel.purge (see the module doc)."""
+    started = time.perf_counter()
+    wanted_tags = frozenset(t for t in tags if t)
+    if not item_ids and not source and not wanted_tags:
+        raise InvalidField("nothing selects the items to purge: give item_ids, a source, or tags",
+                           field="item_ids")
+    validate.id_count(item_ids, kernel.limits)
+    cube = kernel.cube(ref)
+    with cube.lock:
+        if cube.freed:
+            raise CubeNotFound(f"no cube with id or name {ref!r}", cube=ref)
+        mounts = sorted((m for m in list(kernel.mounts.values()) if m.record.cube_id == cube.cube_id),
+                        key=lambda m: m.mount_id)
+        reset = False
+        try:
+            with contextlib.ExitStack() as held:
+                for mount in mounts:  # no staging of the cube changes while we look and delete
+                    held.enter_context(mount.lock)
+                targets = _select(kernel.store, cube, mounts, item_ids, source, wanted_tags)
+                if not targets:
+                    return PurgeReceipt("", cube.cube_id, time.time_ns())
+                cube.purging = frozenset(targets)  # and mounts opened meanwhile cannot stage them
+                plan = _plan(kernel.store, cube, mounts, targets)
+                reset = True
+                kernel.reset_index(cube)
+                kernel.store.write(plan.batch, sync=True)
+                # Durable from here on: now update memory.
+                _apply(cube, mounts, plan)
+        finally:
+            cube.purging = frozenset()
+            if reset:  # from the store: without the items, or with them if the batch failed
+                kernel.refill_index(cube)
+    kernel.store.scrub(cube.cube_id, kv_chunks=bool(plan.receipt.activations))
+    receipt = plan.receipt
+    log_event(log, "purge", cube=cube.cube_id, purge=receipt.purge_id, items=len(receipt.item_ids),
+              versions=len(receipt.versions), staged=len(receipt.staged), activations=len(receipt.activations),
+              adapters_tainted=len(receipt.adapters_tainted), took_ms=int((time.perf_counter() - started) * 1000))
+    return receipt
+
+
+def _select(store: Store, cube: CubeState, mounts: Sequence[MountState], item_ids: Sequence[str], source: str,
+            tags: frozenset[str]) -> list[str]:
+    """The named items, and every item a version or staged copy of which has ``source`` or one of ``tags``."""
+    staged_ids = {item_id for mount in mounts for item_id in mount.staging}
+    missing = [i for i in dict.fromkeys(item_ids) if i not in cube.catalog.by_item and i not in staged_ids]
+    if missing:
+        purged = sum(1 for i in missing if i in cube.purged)
+        raise ItemNotFound(
+            f"{len(missing)} item(s) are not in cube {cube.record.name!r}"
+            + (f" ({purged} of them purged already)" if purged else "")
+            + f": {', '.join(missing[:5])}; nothing was purged", items=",".join(missing[:100]))
+    chosen = set(item_ids)
+    if source or tags:
+        def selected(item_source: str, item_tags: Sequence[str]) -> bool:
+            return (bool(source) and item_source == source) or not tags.isdisjoint(item_tags)
+
+        chosen.update(v.item_id for v in store.iter_versions(cube.cube_id) if selected(v.source, v.tags))
+        chosen.update(s.item_id for m in mounts for s in m.staging.values() if selected(s.source, s.tags))
+    return sorted(chosen)
+
+
+def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: list[str]) -> _Plan:
+    """Everything the purge removes and flags, as one batch and its receipt; changes nothing yet."""
+    cube_id, purge_id, chosen = cube.cube_id, ids.new_id(ids.PURGE_PREFIX), set(targets)
+    batch = store.batch()
+    versions = [PurgedVersion(m.item_id, m.born, m.vkey) for i in targets for m in cube.catalog.by_item.get(i, ())]
+    for version in versions:
+        batch.delete_version(cube_id, version.item_id, version.born, version.vkey)
+    vkeys = [v.vkey for v in versions]
+    vectors = sum(1 for vec in store.get_vectors(cube_id, vkeys) if vec is not None)
+    staged = [[m.mount_id, i] for m in mounts for i in targets if i in m.staging]
+    for mount_id, item_id in staged:
+        batch.delete_staged(mount_id, item_id)
+    activations = [r for r in store.iter_activations(cube_id) if any(i in chosen for i, _born in r.items)]
+    for activation in activations:
+        batch.delete_activation(activation)
+    tainted = [a for a in cube.adapters if chosen.intersection(a.lineage.get("source_item_ids", ()))]
+    for adapter in tainted:
+        batch.put_adapter(cube_id, replace(adapter, tainted=[*adapter.tainted, purge_id]))
+    alive = sum(1 for i in targets if cube.catalog.visible(i, cube.head) is not None)
+    record = replace(cube.record, item_count=cube.record.item_count - alive,
+                     version_count=cube.record.version_count - len(versions))
+    batch.put_cube(record)
+    keys = np.array(vkeys, dtype=np.uint64)
+    receipt = PurgeReceipt(
+        purge_id, cube_id, time.time_ns(), targets, versions, vectors, staged,
+        dense_entries_removed=len(keys) - len(cube.index.dense_missing(keys)),
+        # The lexical index holds every version up to its watermark.
+        lexical_entries_removed=sum(1 for k in vkeys if k <= cube.index.lexical_watermark),
+        activations=[PurgedActivation(r.fingerprint, r.cache_key, r.revision, r.persisted_bytes)
+                     for r in activations],
+        adapters_tainted=[TaintedAdapter(a.digest, a.born) for a in tainted])
+    batch.put_purge(receipt)
+    return _Plan(receipt, batch, record, tainted)
+
+
+def _apply(cube: CubeState, mounts: Sequence[MountState], plan: _Plan) -> None:
+    receipt = plan.receipt
+    cube.record = plan.record
+    for item_id in receipt.item_ids:
+        cube.catalog.remove_item(item_id)
+        cube.purged[item_id] = receipt.purge_id
+    by_id = {m.mount_id: m for m in mounts}
+    for mount_id, item_id in receipt.staged:
+        by_id[mount_id].staging.pop(item_id, None)
+        by_id[mount_id].vectors.pop(item_id, None)
+    for adapter in plan.tainted:
+        adapter.tainted = [*adapter.tainted, receipt.purge_id]
+
+
+def taint_on_commit(cube: CubeState, adapter: AdapterRecord) -> AdapterRecord:
+    """An adapter trained on items purged since (its job ran meanwhile) is committed tainted."""
+    purges = {cube.purged[i] for i in adapter.lineage.get("source_item_ids", ()) if i in cube.purged}
+    return replace(adapter, tainted=sorted({*adapter.tainted, *purges})) if purges else adapter
