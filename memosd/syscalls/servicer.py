@@ -143,7 +143,8 @@ class MemOSServicer(GovernanceHandlers):
     def Activate(self, req: pb.ActivateRequest, call: Call) -> pb.ActivateResponse:
         outcome = self.activator.activate(req.mount_id, call.cancelled())
         digest = outcome.record.adapter_digest
-        call.note(artifacts=[f"kv:{outcome.record.cache_key}", f"adapter:{digest}" if digest else ""])
+        call.note(items=[str(item_id) for item_id, _born in outcome.record.items],
+                  artifacts=[f"kv:{outcome.record.cache_key}", f"adapter:{digest}" if digest else ""])
         head = self.kernel.cubes[outcome.record.cube_id].head if outcome.record.cube_id in self.kernel.cubes else 0
         return pb.ActivateResponse(header=cv.header(outcome.record.cube_id, head, outcome.record.revision),
                                    activation=ca.activation(outcome))

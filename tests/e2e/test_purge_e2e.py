@@ -38,6 +38,8 @@ def test_purge_leaves_no_trace(tmp_path: Path) -> None:
             c.generate("What is the vault code?", [mount], max_tokens=4).text()
             generated = [r for r in c.audit(method="Generate")][-1]  # what memory went into the answer
             assert canary_id in generated.item_ids and f"kv:{first.cache_key}" in generated.artifacts
+            activated = [r for r in c.audit(method="Activate")][-1]
+            assert canary_id in activated.item_ids and f"kv:{first.cache_key}" in activated.artifacts
             job = c.wait_job(c.train(mount, steps=2, rank=4).job_id)
             assert job.state == t.JOB_STATE_SUCCEEDED, job.error
             with pytest.raises(InvalidField):
