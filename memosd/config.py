@@ -103,6 +103,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    enabled: bool = True  # the MemScheduler loop (it acts only on cubes whose policy is auto)
+    interval_seconds: float = 2.0  # between passes
+    max_per_tick: int = 2  # background activations per pass at most
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     # Off only for measurements on a trusted machine: every call then acts as an admin.
     auth: bool = True
@@ -111,6 +118,20 @@ class SecurityConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    enabled: bool = True  # the lifecycle loop: TTL expiry, then purging expired items after the grace period
+    interval_seconds: float = 60.0  # between passes
+    expire_grace_seconds: float = 86400.0  # an expired item is purged this long after its TTL ended
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus metrics at http://<listen>/metrics, unauthenticated (like node_exporter): keep it on
+    # loopback or behind a firewall. "" turns them off; port 0 picks a free one (written to daemon.json).
+    listen: str = "127.0.0.1:9464"
 
 
 @dataclass(frozen=True)
@@ -125,6 +146,9 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     config_file: Path | None = None  # the TOML file that was read, if any
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +170,9 @@ SECTIONS: dict[str, type[Any]] = {
     "runtime": RuntimeConfig,
     "log": LogConfig,
     "security": SecurityConfig,
+    "scheduler": SchedulerConfig,
+    "lifecycle": LifecycleConfig,
+    "metrics": MetricsConfig,
 }
 
 # "section.key" -> field type; "data_dir" is the one top-level key.
@@ -195,6 +222,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.depth": _POSITIVE_INT,
     "search.exact_below": (_non_negative, "an integer >= 0"),
     "index.save_interval_seconds": _POSITIVE_NUM,
+    "scheduler.interval_seconds": _POSITIVE_NUM,
+    "scheduler.max_per_tick": _POSITIVE_INT,
+    "lifecycle.interval_seconds": _POSITIVE_NUM,
+    "lifecycle.expire_grace_seconds": (_non_negative, "a number >= 0"),
     "runtime.model": (bool, 'the builtin model name, a local model directory, or "none"'),
     "runtime.device": (lambda v: v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()),
                        "auto, cpu, cuda or cuda:N"),
@@ -207,6 +238,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.prefill_chunk": _POSITIVE_INT,
     "runtime.max_adapters": _POSITIVE_INT,
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
+    "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
 }
 # Enumerated words are matched case-insensitively ("INFO" is fine).
 _LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device", "runtime.dtype", "runtime.kv_dtype"}

@@ -4,7 +4,7 @@ Data dir layout:
     store/            RocksDB (the source of truth)
     index/{cube_id}/  derived indexes: dense.usearch, lexical/ (rebuilt from store when missing/behind)
     models/{sha16}/   the builtin model's dequantized weights (runtime.cache_dir, if set, holds it instead)
-    daemon.json       {"pid", "address"} of the running daemon (removed on clean exit)
+    daemon.json       {"pid", "address", "metrics_address"} of the running daemon (removed on clean exit)
     admin.token       the bootstrap admin's token (mode 0600), written at first start
     LOCK              held (flock) while a daemon uses the dir
 """
@@ -34,6 +34,7 @@ from memosd import __version__
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.host import ModelHost
+from memosd.activation.scheduler import Scheduler
 from memosd.config import Config, ConfigError, SearchConfig, load_config
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
@@ -41,7 +42,10 @@ from memosd.governance.principals import Principals
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.ports import Ranker
 from memosd.kernel.search import Searcher, SearchSettings
+from memosd.kernel.usage import UsageTracker
+from memosd.lifecycle import LifecycleLoop
 from memosd.logfmt import log_event, setup_logging
+from memosd.metrics import Metrics, MetricsServer
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.sdnotify import SystemdNotifier
@@ -90,6 +94,8 @@ class Daemon:
     lock_handle: IO[str]
     started: float
     stop_event: threading.Event
+    metrics_server: MetricsServer | None = None  # None: metrics.listen = ""
+    lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
 
     def stats(self) -> pb.StatsResponse:
         cubes = list(self.kernel.cubes.values())
@@ -169,7 +175,8 @@ def build(config: Config) -> Daemon:
     model_host = ModelHost(config.runtime, Path(config.runtime.cache_dir).expanduser()
                            if config.runtime.cache_dir else config.data_dir)
     adapters = AdapterService(kernel, model_host)
-    activator = Activator(kernel, model_host, adapters)
+    usage = UsageTracker(store)
+    activator = Activator(kernel, model_host, adapters, usage)
     generator = Generator(model_host, activator, searcher)
 
     started = time.time()
@@ -190,9 +197,19 @@ def build(config: Config) -> Daemon:
         log_event(log, "auth_disabled", level=logging.WARNING,
                   hint="security.auth = false: every caller acts as an admin; never do this outside a benchmark")
     access = AccessControl(kernel, principals)
-    gate = Gate(principals, access, AuditLog(store, enabled=config.security.audit), jobs, auth=config.security.auth)
+    metrics = Metrics() if config.metrics.listen else None
+    audit = AuditLog(store, enabled=config.security.audit)
+    gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics)
+    scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
+                           interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
+                 if config.scheduler.enabled else None)
     servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, lambda: daemon_box[0].stats(),
-                             gate)
+                             gate, usage, scheduler)
+    # The loop's own changes are not syscalls, so it appends their audit records itself; it purges
+    # through the servicer, like Purge (the KV pool's copies and usage counts go too).
+    lifecycle = (LifecycleLoop(kernel, audit, servicer.erase, interval=config.lifecycle.interval_seconds,
+                               grace_seconds=config.lifecycle.expire_grace_seconds)
+                 if config.lifecycle.enabled else None)
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -203,10 +220,21 @@ def build(config: Config) -> Daemon:
         model_host.close()
         kernel.close()
         raise StartupError(f"cannot listen on {config.server.listen}: {error}") from None
+    metrics_server = None
+    if metrics is not None:
+        try:
+            metrics_server = MetricsServer(config.metrics.listen, metrics.registry)
+        except OSError as error:
+            model_host.close()
+            kernel.close()
+            raise StartupError(f"cannot serve metrics on {config.metrics.listen}: {error}; set metrics.listen to "
+                               'a free "host:port", or "" to turn metrics off') from None
     host = config.server.listen.rsplit(":", 1)[0]
     daemon = Daemon(config, kernel, model_host, activator, server, servicer, health_servicer, f"{host}:{port}",
-                    lock_handle, started, stop_event)
+                    lock_handle, started, stop_event, metrics_server, lifecycle)
     daemon_box.append(daemon)
+    if metrics is not None:
+        metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
 
 
@@ -220,13 +248,24 @@ def _index_saver(daemon: Daemon) -> None:
 
 
 def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
+    if daemon.servicer.usage is not None:
+        daemon.servicer.usage.start()  # its flusher runs only while the daemon serves
+    if daemon.servicer.scheduler is not None:
+        daemon.servicer.scheduler.start()
+    if daemon.lifecycle is not None:
+        daemon.lifecycle.start()
     daemon.server.start()
+    metrics_address = ""
+    if daemon.metrics_server is not None:
+        daemon.metrics_server.start()
+        metrics_address = daemon.metrics_server.address
     for service in ("", SERVICE_NAME):
         daemon.health.set(service, health_pb2.HealthCheckResponse.SERVING)
     address_file = daemon.config.data_dir / "daemon.json"
-    address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address}))
-    log_event(log, "serving", address=daemon.address, data_dir=daemon.config.data_dir, version=__version__,
-              cubes=len(daemon.kernel.cubes))
+    address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address,
+                                        "metrics_address": metrics_address}))
+    log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off",
+              data_dir=daemon.config.data_dir, version=__version__, cubes=len(daemon.kernel.cubes))
     notifier.ready(f"serving on {daemon.address}")
     notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
     threading.Thread(target=_index_saver, args=(daemon,), name="index-saver", daemon=True).start()
@@ -237,9 +276,17 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
     daemon.health.enter_graceful_shutdown()
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.server.stop(daemon.config.server.grace_seconds).wait()
+    if daemon.metrics_server is not None:  # before the parts it reads are closed
+        daemon.metrics_server.stop()
     notifier.stop_watchdog()
+    if daemon.servicer.scheduler is not None:
+        daemon.servicer.scheduler.close()  # cancels a background activation between chunks
+    if daemon.lifecycle is not None:
+        daemon.lifecycle.close()  # finishes its current step (a commit or a purge) first
     daemon.servicer.jobs.close()
     daemon.host.close()
+    if daemon.servicer.usage is not None:
+        daemon.servicer.usage.close()  # the last counts, before the store closes
     daemon.kernel.close()
     address_file.unlink(missing_ok=True)
     daemon.lock_handle.close()

@@ -174,6 +174,11 @@ class PrincipalNameTaken(MemosError):
     reason = "PRINCIPAL_NAME_TAKEN"
 
 
+class CubeFrozen(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "CUBE_FROZEN"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -185,5 +190,5 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
     InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
     AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished, Unauthenticated,
-    PermissionDenied, PrincipalNotFound, PrincipalNameTaken,
+    PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen,
 )

@@ -25,6 +25,7 @@ from memosd.index.cube_index import CubeIndex
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.types import ItemInput
+from memosd.kernel.usage import UsageTracker
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.runtime.model import LoadedModel
@@ -75,7 +76,8 @@ def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, **runti
     kernel.open()
     host = ModelHost(RuntimeConfig(model=model, device="cpu", retrieve_k=0, **runtime), data)
     adapters = AdapterService(kernel, host)
-    activator = Activator(kernel, host, adapters)
+    usage = UsageTracker(store)
+    activator = Activator(kernel, host, adapters, usage)
     searcher = Searcher(kernel, make_ranker(SearchConfig()), SearchSettings())
     return Rig(kernel, host, activator, Generator(host, activator, searcher), adapters, JobManager(kernel, host))
 

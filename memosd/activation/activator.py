@@ -23,15 +23,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from memosd.activation import render
+from memosd.activation import render, select
 from memosd.activation.host import ModelHost
 from memosd.errors import ContextExceeded, CubeEmpty, PoolTooSmall
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.state import CubeState
+from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
 from memosd.parametric.adapters import AdapterService
 from memosd.runtime import kvpool
@@ -46,6 +47,7 @@ from memosd.runtime.kvcache import (
     to_chunks,
 )
 from memosd.runtime.model import LoadedModel
+from memosd.runtime.worker import PRIORITY_BACKGROUND
 from memosd.store.records import ActivationRecord
 
 log = logging.getLogger("memosd.activation")
@@ -95,10 +97,12 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int | None:
 
 
 class Activator:
-    def __init__(self, kernel: Kernel, host: ModelHost, adapters: AdapterService) -> None:
+    def __init__(self, kernel: Kernel, host: ModelHost, adapters: AdapterService,
+                 usage: UsageTracker | None = None) -> None:
         self.kernel = kernel
         self.host = host
         self.adapters = adapters
+        self.usage = usage
         self.store = kernel.store
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -110,14 +114,22 @@ class Activator:
             return self._locks.setdefault(cube_id, threading.Lock())
 
     # -- Activate ---------------------------------------------------------
-    def activate(self, mount_id: str, cancel: threading.Event | None = None) -> ActivationOutcome:
-        started = time.perf_counter()
+    def activate(self, mount_id: str, cancel: threading.Event | None = None,
+                 selector: select.Selector = select.ALL) -> ActivationOutcome:
+        """Activate: the mount's cube at its base revision, as an interactive call."""
+        select.check(selector)
         mount = self.kernel.mount_state(mount_id)
-        cube = self.kernel.cube_of(mount)
-        revision = mount.record.base
-        refs, texts = self.block_items(cube, revision)
+        return self.activate_cube(self.kernel.cube_of(mount), mount.record.base, cancel, selector)
+
+    def activate_cube(self, cube: CubeState, revision: int, cancel: threading.Event | None = None,
+                      selector: select.Selector = select.ALL, *, background: bool = False) -> ActivationOutcome:
+        """Encode ``selector``'s items of ``cube`` at ``revision``. In the ``background`` (the scheduler), the
+        prefill goes to the worker one chunk at a time at background priority: a Generate waits one chunk."""
+        started = time.perf_counter()
+        refs, texts, label = self.block_items(cube, revision, selector)
         if not refs:
-            raise CubeEmpty(f"cube {cube.record.name!r} has no items at revision {revision}: there is nothing to "
+            what = "items" if selector.kind == "all" else f"items selected by {label}"
+            raise CubeEmpty(f"cube {cube.record.name!r} has no {what} at revision {revision}: there is nothing to "
                             "activate. Write and commit items first", cube=cube.cube_id, revision=revision)
         loaded = self.host.model()
         ids = self.host.run(lambda: render.block_token_ids(loaded.tokenizer, cube.record.name, texts))
@@ -146,22 +158,39 @@ class Activator:
                     return compute_prefix_cache(loaded, ids, salt=salt, extra=extra, reuse=previous,
                                                 chunk_tokens=self.host.config.prefill_chunk, cancel=cancel)
 
-                cache, stats = self.host.run(compute)
+                if background:
+                    def step(piece: Callable[[], Any]) -> Any:
+                        def run() -> Any:
+                            self.adapters.prepare(loaded, cube.cube_id, adapter)  # others ran in between
+                            return piece()
+                        return self.host.run(run, priority=PRIORITY_BACKGROUND)
+
+                    cache, stats = compute_prefix_cache(loaded, ids, salt=salt, extra=extra, reuse=previous,
+                                                        chunk_tokens=self.host.config.prefill_chunk,
+                                                        cancel=cancel, step=step)
+                else:
+                    cache, stats = self.host.run(compute)
                 source, computed, reused = "computed", stats.tokens_computed, stats.tokens_reused
             self._pool(key, cache, replaces=old.cache_key if old is not None else None)
-            record = self._persist(cube, loaded, revision, refs, cache, old)
+            record = self._persist(cube, loaded, revision, refs, cache, old, label)
         took_us = int((time.perf_counter() - started) * 1e6)
         log_event(log, "activate", cube=cube.cube_id, revision=revision, key=key[:16], source=source,
                   tokens=cache.n_tokens, computed=computed, reused=reused, took_ms=took_us // 1000)
         return ActivationOutcome(record, source, computed, reused, cache.nbytes, key in self.host.pool, took_us)
 
-    def block_items(self, cube: CubeState, revision: int) -> tuple[list[tuple[str, int]], list[str]]:
-        """The items of the memory block at ``revision``, in commit order: (item_id, born) and texts."""
-        with cube.lock:
-            metas = sorted(cube.catalog.alive_at(revision), key=lambda m: m.vkey)
+    def block_items(self, cube: CubeState, revision: int, selector: select.Selector = select.ALL
+                    ) -> tuple[list[tuple[str, int]], list[str], str]:
+        """The items ``selector`` picks at ``revision``, in commit order: (item_id, born), texts, and the
+        selector's label (with the working set's size resolved)."""
+        size = int(cube.record.policy.get("working_set_size") or select.DEFAULT_WORKING_SET)
+        usage = self.usage.items(cube.cube_id) if self.usage is not None and selector.kind == "working_set" else {}
+        now = time.time_ns()
+        with cube.lock:  # archived and expired items are not memory to activate
+            metas = select.select((m for m in cube.catalog.alive_at(revision) if not m.hidden(now)),
+                                  selector, usage, size)
         refs = [(m.item_id, m.born) for m in metas]
         versions = self.store.get_versions(cube.cube_id, refs)
-        return refs, [v.text for v in versions if v is not None]
+        return refs, [v.text for v in versions if v is not None], selector.label(size)
 
     def _check_fits(self, loaded: LoadedModel, cube: CubeState, revision: int, n_tokens: int) -> None:
         if n_tokens >= loaded.context_length:
@@ -190,15 +219,16 @@ class Activator:
             log_event(log, "kv_pool_evict", key=victim[:16], bytes=victim_cache.nbytes, reason="lru")
 
     def _persist(self, cube: CubeState, loaded: LoadedModel, revision: int, refs: Sequence[tuple[str, int]],
-                 cache: KVCache, old: ActivationRecord | None) -> ActivationRecord:
+                 cache: KVCache, old: ActivationRecord | None, selector: str = "all") -> ActivationRecord:
         """Make ``cache`` the cube's activation; writes chunks only when the key is new."""
         items = [[item_id, born] for item_id, born in refs]
         chunks: list[bytes] = []
         if old is not None and old.cache_key == cache.key:
-            if old.revision == revision:
+            if old.revision == revision and old.selector == selector:
                 return old
-            # Same tokens at another revision (e.g. a rollback to equal content): the chunks stand.
-            record = replace(old, revision=revision, items=items, create_ns=time.time_ns())
+            # Same tokens at another revision (e.g. a rollback to equal content), or picked by another
+            # selector: the chunks stand.
+            record = replace(old, revision=revision, items=items, create_ns=time.time_ns(), selector=selector)
         else:
             dtype_name = self.host.config.kv_dtype
             chunks = self.host.run(lambda: _chunks(cache, dtype_name))
@@ -206,7 +236,7 @@ class Activator:
                 cube_id=cube.cube_id, fingerprint=loaded.fingerprint, revision=revision, cache_key=cache.key,
                 chunk_count=len(chunks), persisted_bytes=sum(map(len, chunks)), stored_dtype=dtype_name,
                 items=items, token_ids=list(cache.token_ids), create_ns=time.time_ns(),
-                adapter_digest=cache.extra.decode())
+                adapter_digest=cache.extra.decode(), selector=selector)
         with cube.lock:
             if cube.freed:  # freed while we computed: its rows are gone, write none back
                 return record

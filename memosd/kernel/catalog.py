@@ -20,9 +20,25 @@ class VersionMeta:
     tags: frozenset[str]
     event_ns: int
     content_id: int  # equal for versions with the same content (see VersionRecord.origin)
+    speaker: str = ""  # a conversation turn's (see kernel/conversation.py); "" for other items
+    session_id: str = ""
+    state: str = "active"  # lifecycle: active | archived | expired (VersionRecord.state)
+    expire_ns: int = 0  # the TTL's end; 0: none
 
     def alive_at(self, revision: int) -> bool:
         return self.born <= revision and (self.died == 0 or self.died > revision)
+
+    def expired(self, now_ns: int) -> bool:
+        """Expired: committed so, or past its TTL (the lifecycle loop has not committed it yet)."""
+        return self.state == "expired" or 0 < self.expire_ns <= now_ns
+
+    def hidden(self, now_ns: int, include_archived: bool = False) -> bool:
+        """Left out of Search and memory blocks: expired, or archived unless asked for."""
+        return self.expired(now_ns) or (self.state == "archived" and not include_archived)
+
+    def same_as(self, other: VersionMeta) -> bool:
+        """The same content and lifecycle (Diff and Rollback compare versions by this)."""
+        return (self.content_id, self.state, self.expire_ns) == (other.content_id, other.state, other.expire_ns)
 
 
 class Catalog:
@@ -30,25 +46,36 @@ class Catalog:
         self.by_item: dict[str, list[VersionMeta]] = {}
         self.by_vkey: dict[int, VersionMeta] = {}
         self.by_tag: dict[str, set[int]] = {}
+        # Like by_tag, for the conversation filters; by_session also orders a session's turns.
+        self.by_speaker: dict[str, set[int]] = {}
+        self.by_session: dict[str, set[int]] = {}
+
+    def _postings(self, meta: VersionMeta) -> Iterator[tuple[dict[str, set[int]], str]]:
+        for tag in meta.tags:
+            yield self.by_tag, tag
+        if meta.speaker:
+            yield self.by_speaker, meta.speaker
+        if meta.session_id:
+            yield self.by_session, meta.session_id
 
     def add(self, meta: VersionMeta) -> None:
         versions = self.by_item.setdefault(meta.item_id, [])
         versions.append(meta)
         versions.sort(key=lambda v: v.born)
         self.by_vkey[meta.vkey] = meta
-        for tag in meta.tags:
-            self.by_tag.setdefault(tag, set()).add(meta.vkey)
+        for postings, value in self._postings(meta):
+            postings.setdefault(value, set()).add(meta.vkey)
 
     def remove_item(self, item_id: str) -> list[VersionMeta]:
         """Forget every version of the item (Purge), as if it had never been committed."""
         versions = self.by_item.pop(item_id, [])
         for meta in versions:
             del self.by_vkey[meta.vkey]
-            for tag in meta.tags:
-                keys = self.by_tag[tag]
+            for postings, value in self._postings(meta):
+                keys = postings[value]
                 keys.discard(meta.vkey)
                 if not keys:
-                    del self.by_tag[tag]
+                    del postings[value]
         return versions
 
     def visible(self, item_id: str, revision: int) -> VersionMeta | None:
@@ -67,18 +94,21 @@ class Catalog:
     def item_ids_at(self, revision: int) -> list[str]:
         return sorted(meta.item_id for meta in self.alive_at(revision))
 
-    def vkeys_with_tags(self, all_of: Iterable[str], any_of: Iterable[str]) -> set[int] | None:
-        """Versions carrying all of `all_of` and one of `any_of`; None when neither narrows."""
+    def vkeys_with_tags(self, all_of: Iterable[str], any_of: Iterable[str], speakers: Iterable[str] = (),
+                        session_ids: Iterable[str] = ()) -> set[int] | None:
+        """Versions carrying all of `all_of` and one of `any_of`, said by one of `speakers`, in one of
+        `session_ids`; None when nothing narrows."""
         result: set[int] | None = None
         for tag in all_of:
             keys = self.by_tag.get(tag, set())
             result = set(keys) if result is None else result & keys
-        any_list = list(any_of)
-        if any_list:
-            union: set[int] = set()
-            for tag in any_list:
-                union |= self.by_tag.get(tag, set())
-            result = union if result is None else result & union
+        for postings, wanted in ((self.by_tag, list(any_of)), (self.by_speaker, list(speakers)),
+                                 (self.by_session, list(session_ids))):
+            if wanted:
+                union: set[int] = set()
+                for value in wanted:
+                    union |= postings.get(value, set())
+                result = union if result is None else result & union
         return result
 
     def __len__(self) -> int:

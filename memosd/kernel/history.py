@@ -73,7 +73,8 @@ def plan_commit(
         else:
             plan.changed += 1
         version = VersionRecord(item_id, next_vkey, staged.text, list(staged.tags), staged.source,
-                                staged.event_ns, staged.write_ns, revision)
+                                staged.event_ns, staged.write_ns, revision,
+                                speaker=staged.speaker, session_id=staged.session_id, expire_ns=staged.expire_ns)
         next_vkey += 1
         plan.born.append((version, vectors[item_id]))
     return plan
@@ -87,7 +88,7 @@ def plan_rollback(catalog: Catalog, head: int, target: int) -> tuple[Plan, list[
     for item_id in sorted(catalog.by_item):
         at_head = catalog.visible(item_id, head)
         at_target = catalog.visible(item_id, target)
-        if at_head is at_target or (at_head and at_target and at_head.content_id == at_target.content_id):
+        if at_head is at_target or (at_head and at_target and at_head.same_as(at_target)):
             continue
         if at_head is not None:
             plan.ended.append(at_head)
@@ -116,7 +117,7 @@ def diff(catalog: Catalog, older: int, newer: int, after_id: str, limit: int) ->
     for item_id in sorted(i for i in catalog.by_item if i > after_id):
         before = catalog.visible(item_id, older)
         after = catalog.visible(item_id, newer)
-        if before is after or (before and after and before.content_id == after.content_id):
+        if before is after or (before and after and before.same_as(after)):
             continue
         if len(changes) == limit:
             return changes, True

@@ -20,6 +20,7 @@ import numpy as np
 
 from memosd.config import LimitsConfig
 from memosd.errors import (
+    CubeFrozen,
     CubeNameTaken,
     CubeNotFound,
     InternalError,
@@ -32,7 +33,8 @@ from memosd.errors import (
 )
 from memosd.fsutil import fsync_path
 from memosd.kernel import adapters, history, ids, paging, validate
-from memosd.kernel.catalog import Catalog
+from memosd.kernel.catalog import Catalog, VersionMeta
+from memosd.kernel.conversation import SessionOrder, plan_ingest
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import run_purge, taint_on_commit
 from memosd.kernel.state import CubeState, MountState, meta_of, staged_view, view_of
@@ -40,9 +42,11 @@ from memosd.kernel.types import (
     CommitResult,
     CubeInfo,
     FreeResult,
+    IngestResult,
     ItemChange,
     ItemInput,
     ItemView,
+    Message,
     MountInfo,
     Page,
 )
@@ -71,6 +75,18 @@ def mount_not_found(mount_id: str) -> MountNotFound:
 
 def _now_ns() -> int:
     return time.time_ns()
+
+
+MAX_TTL_SECONDS = 100 * 365 * 86400
+ITEM_STATES = ("active", "archived")  # what SetItemState sets; "expired" is only the lifecycle loop's
+
+
+def check_thawed(cube: CubeState, action: str) -> None:
+    """Refuse ``action`` (something that would commit to the cube) while the cube is frozen."""
+    if cube.record.frozen:
+        raise CubeFrozen(f"cube {cube.record.name!r} is frozen (read-only): {action} is refused. Reads, "
+                         "searches and activations still work; ThawCube (memosctl cube thaw) accepts "
+                         "commits again", cube=cube.cube_id)
 
 
 class Kernel:
@@ -277,6 +293,31 @@ class Kernel:
         log_event(log, "free_cube", cube=cube.cube_id, revisions=cube.head, versions=len(cube.catalog))
         return FreeResult(cube.head, len(cube.catalog), len(mounts))
 
+    def set_policy(self, ref: str, policy: dict[str, object]) -> CubeInfo:
+        """Replace the cube's scheduler policy (validated by the caller); written synced."""
+        cube = self.cube(ref)
+        with cube.lock:
+            record = replace(cube.record, policy=dict(policy))
+            batch = self.store.batch()
+            batch.put_cube(record)
+            self.store.write(batch, sync=True)
+            cube.record = record
+        log_event(log, "set_policy", cube=cube.cube_id, policy=",".join(f"{k}={v}" for k, v in policy.items()))
+        return self.cube_info(cube)
+
+    def set_frozen(self, ref: str, frozen: bool) -> CubeInfo:
+        """Freeze (read-only: commits refused with CUBE_FROZEN) or thaw the cube; written synced."""
+        cube = self.cube(ref)
+        with cube.lock:
+            if cube.record.frozen != frozen:
+                record = replace(cube.record, frozen=frozen)
+                batch = self.store.batch()
+                batch.put_cube(record)
+                self.store.write(batch, sync=True)
+                cube.record = record
+        log_event(log, "freeze_cube" if frozen else "thaw_cube", cube=cube.cube_id)
+        return self.cube_info(cube)
+
     def list_cubes(self, page_size: int, token: str, visible: Callable[[CubeRecord], bool] = lambda _: True
                    ) -> Page[CubeInfo]:
         size = paging.page_size(page_size)
@@ -295,6 +336,8 @@ class Kernel:
                 raise RevisionNotFound(
                     f"cube {cube.record.name!r} has no revision {revision}; HEAD is {cube.head}",
                     cube=cube.cube_id, revision=revision, head=cube.head)
+            if writable:
+                check_thawed(cube, "a read-write mount")
             record = MountRecord(ids.new_id(ids.MOUNT_PREFIX), cube.cube_id, base, "rw" if writable else "ro",
                                  _now_ns(), principal)
             batch = self.store.batch()
@@ -323,7 +366,9 @@ class Kernel:
         if not mount.writable:
             raise MountReadOnly(f"mount {mount_id!r} is read-only; mount the cube with mode "
                                 "MOUNT_MODE_READ_WRITE to write or forget", mount=mount_id)
-        return mount, self.cube_of(mount)
+        cube = self.cube_of(mount)
+        check_thawed(cube, "writing to it")
+        return mount, cube
 
     def _visible_in(self, mount: MountState, cube: CubeState, item_id: str) -> tuple[str, int] | None:
         """How `item_id` is visible in the mount: (staged kind or "base", base version born), or None."""
@@ -337,6 +382,9 @@ class Kernel:
         mount, cube = self._writable(mount_id)
         validate.items(inputs, self.limits)
         for i, item in enumerate(inputs):
+            if not 0 <= item.ttl_seconds <= MAX_TTL_SECONDS:
+                raise InvalidField(f"items[{i}].ttl_seconds is {item.ttl_seconds}; use 0 (no TTL) to "
+                                   f"{MAX_TTL_SECONDS} (100 years)", field=f"items[{i}].ttl_seconds")
             if item.item_id and not ids.ITEM_ID_RE.match(item.item_id):
                 raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                    "to add a new item", field=f"items[{i}].item_id")
@@ -373,8 +421,10 @@ class Kernel:
                                    f"{mount.mount_id!r}", item=item.item_id)
             kind = "add" if seen[0] == "add" else "edit"
             base_born = seen[1]
+        expire_ns = now + item.ttl_seconds * 1_000_000_000 if item.ttl_seconds else 0
         return StagedRecord(item_id, kind, base_born, item.text, list(item.tags), item.source,  # type: ignore[arg-type]
-                            item.event_ns or now, now)
+                            item.event_ns or now, now, speaker=item.speaker, session_id=item.session_id,
+                            expire_ns=expire_ns)
 
     def forget(self, mount_id: str, item_ids: Sequence[str], adapter: bool = False) -> MountInfo:
         mount, cube = self._writable(mount_id)
@@ -468,6 +518,7 @@ class Kernel:
         Refused (COMMIT_CONFLICT) if the cube's adapter changed since revision ``since``."""
         cube = self.cube(ref)
         with cube.lock:
+            check_thawed(cube, "committing the trained adapter")
             head = cube.head
             adapters.check_unchanged_since(cube, since, head)
             adapter = taint_on_commit(cube, adapter)
@@ -488,8 +539,8 @@ class Kernel:
         return run_purge(self, ref, item_ids, source, tags)
 
     def purges(self, ref: str) -> list[PurgeReceipt]:
-        """The cube's purge receipts, oldest first."""
-        return list(self.store.iter_purges(self.cube(ref).cube_id))
+        """The cube's purge receipts, oldest first (ids made in the same millisecond sort at random)."""
+        return sorted(self.store.iter_purges(self.cube(ref).cube_id), key=lambda r: r.time_ns)
 
     def adapter_change(self, ref: str, older: int, newer: int) -> tuple[AdapterRecord | None, AdapterRecord | None]:
         """The cube's adapter at two revisions (for Diff)."""
@@ -513,7 +564,9 @@ class Kernel:
                 raise ItemNotFound(
                     f"{len(missing)} item(s) not visible in mount {mount_id!r} at revision "
                     f"{mount.record.base}: {', '.join(missing[:5])}", items=",".join(missing[:100]))
-            return [v for v in views if v is not None], self.mount_info(mount)
+            seen = (mount.record.base, dict(mount.staging))
+            info = self.mount_info(mount)
+        return self._linked(cube, *seen, [v for v in views if v is not None]), info
 
     def _views(self, mount: MountState, cube: CubeState, item_ids: list[str]) -> list[ItemView | None]:
         views: list[ItemView | None] = [None] * len(item_ids)
@@ -531,6 +584,16 @@ class Kernel:
             views[pos] = view_of(record) if record else None
         return views
 
+    def _linked(self, cube: CubeState, base: int, staging: dict[str, StagedRecord], views: list[ItemView]
+                ) -> list[ItemView]:
+        """Conversation turns with their previous and next turns, as a mount at ``base`` with ``staging``
+        (a snapshot) sees them. Called without the mount's lock: ordering a session takes the cube's, and
+        a commit takes the cube's lock before the mount's."""
+        if not any(v.session_id for v in views):
+            return views
+        order = SessionOrder(self.store, cube, base, staging)
+        return [order.link(v) for v in views]
+
     def list_items(self, mount_id: str, page_size: int, token: str) -> tuple[Page[ItemView], MountInfo]:
         mount = self.mount_state(mount_id)
         cube = self.cube_of(mount)
@@ -547,13 +610,16 @@ class Kernel:
             views = [v for v in self._views(mount, cube, ordered[:size]) if v is not None]
             more = len(ordered) > size
             next_token = paging.encode_token(f"items:{mount_id}", ordered[size - 1]) if more else ""
-            return Page(views, next_token), self.mount_info(mount)
+            seen = (mount.record.base, dict(mount.staging))
+            info = self.mount_info(mount)
+        return Page(self._linked(cube, *seen, views), next_token), info
 
     # -- revisions ------------------------------------------------------
     def commit(self, mount_id: str, message: str, author: str) -> CommitResult:
         mount, cube = self._writable(mount_id)
         with cube.lock, mount.lock:
             self._check_mount_open(mount)
+            check_thawed(cube, "Commit")
             head = cube.head
             adapter_plan = adapters.plan_staged(cube, head, mount.staged_adapter)
             if not mount.staging and adapter_plan is None:
@@ -578,6 +644,30 @@ class Kernel:
                       changed=plan.changed, forgotten=plan.forgotten, mount=mount_id)
             return CommitResult(revision, self.mount_info(mount), revision.number)
 
+    def ingest(self, mount_id: str, messages: Sequence[Message], *, tags: Sequence[str] = (), source: str = "",
+               message: str = "", author: str = "") -> IngestResult:
+        """Commit a conversation, one item per message, as one new revision (see kernel/conversation.py).
+
+        Appends never conflict, so this commits directly rather than through the mount's staging, which
+        it leaves as it was; the mount moves to the new revision, as after a Commit."""
+        mount, cube = self._writable(mount_id)
+        validate.messages(messages, self.limits)
+        validate.tags(tags, "tags")
+        if len(source) > validate.MAX_SOURCE_CHARS:
+            raise InvalidField(f"source is over {validate.MAX_SOURCE_CHARS} characters", field="source")
+        vectors = self.embedder.embed([m.text for m in messages])  # slow: outside every lock
+        with cube.lock, mount.lock:
+            self._check_mount_open(mount)
+            check_thawed(cube, "Ingest")
+            item_ids, plan = plan_ingest(messages, vectors, revision=cube.head + 1,
+                                         next_vkey=cube.record.next_vkey, now=_now_ns(), tags=tags, source=source)
+            revision = self._make_revision(cube, plan, "commit", author,
+                                           message or f"ingest {len(messages)} messages")
+            self._write_revision(cube, plan, revision, mount, keep_staging=True)
+            log_event(log, "ingest", cube=cube.cube_id, revision=revision.number, added=plan.added,
+                      sessions=len({m.session_id for m in messages}), mount=mount_id)
+            return IngestResult(item_ids, revision, self.mount_info(mount))
+
     def _make_revision(self, cube: CubeState, plan: history.Plan, kind: str, author: str, message: str,
                        restored: int = 0, adapter_plan: adapters.AdapterPlan | None = None) -> RevisionRecord:
         head = cube.head
@@ -590,9 +680,9 @@ class Kernel:
 
     def _write_revision(self, cube: CubeState, plan: history.Plan, revision: RevisionRecord,
                         mount: MountState | None = None, adapter_plan: adapters.AdapterPlan | None = None,
-                        adapter_files: tuple[bytes, bytes] | None = None) -> None:
+                        adapter_files: tuple[bytes, bytes] | None = None, keep_staging: bool = False) -> None:
         """One synced batch: new versions and vectors, ended versions, the revision, the cube record,
-        and for a commit the mount's cleared staging and new base."""
+        and for a commit the mount's cleared staging (kept by an ingest) and new base."""
         record = replace(cube.record, head=revision.number, item_count=revision.item_count,
                          version_count=cube.record.version_count + len(plan.born),
                          next_vkey=cube.record.next_vkey + len(plan.born))
@@ -619,7 +709,8 @@ class Kernel:
         mount_record = None
         if mount is not None:
             mount_record = replace(mount.record, base=revision.number)
-            batch.clear_staging(mount.mount_id)
+            if not keep_staging:
+                batch.clear_staging(mount.mount_id)
             batch.put_mount(mount_record)
         self.store.write(batch, sync=self._sync)
         # Durable from here on: now update memory.
@@ -643,6 +734,7 @@ class Kernel:
     def rollback(self, ref: str, target: int, message: str, author: str) -> RevisionRecord:
         cube = self.cube(ref)
         with cube.lock:
+            check_thawed(cube, "Rollback")
             head = cube.head
             if target > head:
                 raise RevisionNotFound(f"cube {cube.record.name!r} has no revision {target}; HEAD is {head}",
@@ -667,6 +759,95 @@ class Kernel:
                                            adapter_plan=adapter_plan)
             self._write_revision(cube, plan, revision, adapter_plan=adapter_plan)
         log_event(log, "rollback", cube=cube.cube_id, revision=revision.number, restored=target)
+        return revision
+
+    # -- lifecycle ------------------------------------------------------
+    def set_item_state(self, ref: str, item_ids: Sequence[str], state: str, message: str, author: str
+                       ) -> RevisionRecord | None:
+        """Archive items (left out of Search and memory blocks, kept) or restore them (active; restoring an
+        expired item also drops its TTL), as one new revision at HEAD. Each change is a new version with the
+        same content, so Diff shows it as changed and Rollback undoes it. Items already in that state change
+        nothing; None when none changed (no revision)."""
+        if state not in ITEM_STATES:
+            raise InvalidField(f"state {state!r} cannot be set; use one of {', '.join(ITEM_STATES)} (items "
+                               "expire through their TTL)", field="state")
+        if not item_ids:
+            raise InvalidField("item_ids is empty; name the items to change", field="item_ids")
+        validate.id_count(item_ids, self.limits)
+        cube = self.cube(ref)
+        now = _now_ns()
+        with cube.lock:
+            check_thawed(cube, "changing item states")
+            changes: list[tuple[VersionMeta, str, int]] = []
+            missing: list[str] = []
+            for item_id in dict.fromkeys(item_ids):
+                meta = None if item_id in cube.purging else cube.catalog.visible(item_id, cube.head)
+                if meta is None:
+                    missing.append(item_id)
+                    continue
+                expired = meta.expired(now)
+                if state == "archived" and meta.state != "archived" and not expired:
+                    changes.append((meta, "archived", meta.expire_ns))
+                elif state == "active" and (meta.state != "active" or expired):
+                    changes.append((meta, "active", 0 if expired else meta.expire_ns))
+            if missing:
+                raise ItemNotFound(f"{len(missing)} item(s) not alive at HEAD (revision {cube.head}) of cube "
+                                   f"{cube.record.name!r}: {', '.join(missing[:5])}; nothing was changed",
+                                   items=",".join(missing[:100]))
+            if not changes:
+                return None
+            verb = "archive" if state == "archived" else "restore"
+            revision = self._restate(cube, changes, author,
+                                     message or f"{verb} {len(changes)} item{'s' if len(changes) > 1 else ''}")
+        log_event(log, "set_item_state", cube=cube.cube_id, revision=revision.number, state=state,
+                  items=len(changes))
+        return revision
+
+    def expire_due(self, ref: str, author: str = "memosd") -> tuple[RevisionRecord | None, list[str]]:
+        """Commit the items alive at HEAD whose TTL has passed as "expired" (the lifecycle loop); the
+        revision (None when none was due, or the cube is frozen) and the expired item ids."""
+        cube = self.cube(ref)
+        now = _now_ns()
+        with cube.lock:
+            if cube.record.frozen:  # read-only: Search leaves them out anyway, by their TTL
+                return None, []
+            due = [(m, "expired", m.expire_ns) for m in cube.catalog.alive_at(cube.head)
+                   if m.state != "expired" and 0 < m.expire_ns <= now and m.item_id not in cube.purging]
+            if not due:
+                return None, []
+            due.sort(key=lambda change: change[0].vkey)
+            revision = self._restate(cube, due, author, f"expire {len(due)} item{'s' if len(due) > 1 else ''} "
+                                                         "(TTL passed)")
+        log_event(log, "expire_items", cube=cube.cube_id, revision=revision.number, items=len(due))
+        return revision, [m.item_id for m, _, _ in due]
+
+    def expired_past_grace(self, ref: str, grace_ns: int) -> list[str]:
+        """Items whose HEAD version is expired and whose TTL ended more than ``grace_ns`` ago (to purge)."""
+        cube = self.cube(ref)
+        now = _now_ns()
+        with cube.lock:
+            return sorted(m.item_id for m in cube.catalog.alive_at(cube.head)
+                          if m.state == "expired" and m.expire_ns + grace_ns <= now)
+
+    def _restate(self, cube: CubeState, changes: Sequence[tuple[VersionMeta, str, int]], author: str,
+                 message: str) -> RevisionRecord:
+        """One revision giving each item a new version with the same content and a new (state, expire_ns).
+        Called with the cube's lock held."""
+        head = cube.head
+        metas = [m for m, _, _ in changes]
+        sources = self.store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in metas])
+        vectors = self.store.get_vectors(cube.cube_id, [m.vkey for m in metas])
+        plan = history.Plan(ended=list(metas), changed=len(changes))
+        next_vkey = cube.record.next_vkey
+        now = _now_ns()
+        for (_, state, expire_ns), source, vector in zip(changes, sources, vectors, strict=True):
+            if source is None or vector is None:
+                raise InternalError(f"a version of item {metas[0].item_id} is missing from the store")
+            plan.born.append((replace(source, vkey=next_vkey, born=head + 1, died=0, write_ns=now,
+                                      origin=source.content_id, state=state, expire_ns=expire_ns), vector))
+            next_vkey += 1
+        revision = self._make_revision(cube, plan, "commit", author, message)
+        self._write_revision(cube, plan, revision)
         return revision
 
     def log(self, ref: str, page_size: int, token: str) -> tuple[Page[RevisionRecord], int]:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from memosd.errors import InvalidField
 from memosd.kernel import validate
+from memosd.kernel.conversation import MAX_CONTEXT_TURNS, SessionOrder
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.ports import FusedHitLike, Ranker, Scored
 from memosd.kernel.state import CubeState, MountState, staged_view, view_of
 from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
+from memosd.store.records import StagedRecord
 
 MODES = ("hybrid", "dense", "lexical")
 MAX_MOUNTS = 64
@@ -47,7 +49,8 @@ class Searcher:
         self.rank = rank
         self.settings = settings
 
-    def search(self, mount_ids: Sequence[str], query: str, k: int, filt: SearchFilter, mode: str) -> SearchResult:
+    def search(self, mount_ids: Sequence[str], query: str, k: int, filt: SearchFilter, mode: str,
+               context_turns: int = 0) -> SearchResult:
         started = time.perf_counter_ns()
         limits = self.kernel.limits
         if not mount_ids:
@@ -61,6 +64,11 @@ class Searcher:
             raise InvalidField(f"k is {k}; at most {limits.max_k} results can be asked for", field="k")
         if mode not in MODES:
             raise InvalidField(f"mode {mode!r} is not one of {', '.join(MODES)}", field="mode")
+        validate.filter_values(filt.speakers, "speakers")
+        validate.filter_values(filt.session_ids, "session_ids")
+        if not 0 <= context_turns <= MAX_CONTEXT_TURNS:
+            raise InvalidField(f"context_turns is {context_turns}; at most {MAX_CONTEXT_TURNS} turns before and "
+                               "after each hit can be asked for", field="context_turns")
         mounts = [self.kernel.mount_state(mid) for mid in dict.fromkeys(mount_ids)]
         cubes = [self.kernel.cube_of(m) for m in mounts]
 
@@ -74,19 +82,23 @@ class Searcher:
         depth = max(k, self.settings.depth) if mode == "hybrid" else k
         candidates: list[_Candidate] = []
         keys: dict[tuple[str, int], int] = {}  # (mount, vkey) -> index into candidates
+        seen: dict[str, tuple[int, dict[str, StagedRecord]]] = {}  # mount -> the base and staging searched
         dense: Scored = []
         lexical: Scored = []
+        now = time.time_ns()  # archived and expired items are left out (kernel/catalog.py VersionMeta.hidden)
         for mount, cube in zip(mounts, cubes, strict=True):
             with mount.lock:
                 staging = dict(mount.staging)
                 vectors = dict(mount.vectors)
-            base = mount.record.base
+                base = mount.record.base
+            seen[mount.mount_id] = (base, staging)
             catalog = cube.catalog
 
             def accept(vkey: int, catalog=catalog, base=base, staging=staging) -> bool:  # type: ignore[no-untyped-def]
                 meta = catalog.by_vkey.get(vkey)
                 return (meta is not None and meta.alive_at(base) and meta.item_id not in staging
-                        and filt.matches(meta.tags, meta.event_ns))
+                        and not meta.hidden(now, filt.include_archived)
+                        and filt.matches(meta.tags, meta.event_ns, meta.speaker, meta.session_id))
 
             def key_of(vkey: int, mount=mount, cube=cube) -> int:  # type: ignore[no-untyped-def]
                 key = keys.get((mount.mount_id, vkey))
@@ -104,15 +116,16 @@ class Searcher:
         dense.sort(key=lambda ks: (-ks[1], ks[0]))
         lexical.sort(key=lambda ks: (-ks[1], ks[0]))
         fused = self.rank(dense[:depth], lexical[:depth], k, mode)
-        hits = self._materialize(fused, candidates)
+        hits = self._turns(self._materialize(fused, candidates), mounts, cubes, seen, context_turns)
         headers = [MountHeader(c.cube_id, c.head, m.record.base) for m, c in zip(mounts, cubes, strict=True)]
         took = time.perf_counter_ns() - started
         return SearchResult(hits, headers, took // 1000, embed_ns // 1000)
 
     def _dense(self, cube: CubeState, qvec: np.ndarray, depth: int, accept, filt: SearchFilter) -> Scored:  # type: ignore[no-untyped-def]
-        """HNSW with a filter by oversampling; exact over the few matches of a selective tag filter."""
+        """HNSW with a filter by oversampling; exact over the few matches of a selective tag, speaker or
+        session filter."""
         with cube.lock:
-            tagged = cube.catalog.vkeys_with_tags(filt.all_of, filt.any_of)
+            tagged = cube.catalog.vkeys_with_tags(filt.all_of, filt.any_of, filt.speakers, filt.session_ids)
         if tagged is not None and len(tagged) <= self.settings.exact_below:
             keys = np.fromiter((v for v in tagged if accept(v)), dtype=np.uint64)
             return cube.index.dense_exact(qvec, keys)[:depth] if len(keys) else []
@@ -121,8 +134,10 @@ class Searcher:
     def _staged(self, mount: MountState, cube: CubeState, staging: dict, vectors: dict,  # type: ignore[type-arg]
                 query: str, qvec: np.ndarray | None, depth: int, filt: SearchFilter, mode: str,
                 candidates: list[_Candidate], dense: Scored, lexical: Scored) -> None:
+        now = time.time_ns()
         staged = [s for s in staging.values()
-                  if s.kind != "forget" and filt.matches(set(s.tags), s.event_ns)]
+                  if s.kind != "forget" and not 0 < s.expire_ns <= now
+                  and filt.matches(set(s.tags), s.event_ns, s.speaker, s.session_id)]
         if not staged:
             return
         base_index = len(candidates)
@@ -134,6 +149,23 @@ class Searcher:
         if mode != "dense":
             docs = [(base_index + i, s.text) for i, s in enumerate(staged)]
             lexical += cube.index.lexical_staged(query, docs, depth)
+
+    def _turns(self, hits: list[SearchHit], mounts: list[MountState], cubes: list[CubeState],
+               seen: dict[str, tuple[int, dict[str, StagedRecord]]], context_turns: int) -> list[SearchHit]:
+        """Conversation turns among the hits get their previous and next turns and, with ``context_turns``,
+        their neighbours; as each hit's mount saw its session when this search read its staging."""
+        if not any(h.item.session_id for h in hits):
+            return hits
+        orders = {m.mount_id: SessionOrder(self.kernel.store, c, *seen[m.mount_id])
+                  for m, c in zip(mounts, cubes, strict=True)}
+        out = [replace(h, item=orders[h.mount_id].link(h.item)) for h in hits]
+        if context_turns:
+            for mount_id, order in orders.items():  # one store read per mount
+                mine = [i for i, h in enumerate(out) if h.mount_id == mount_id and h.item.session_id]
+                around = order.context([out[i].item for i in mine], context_turns)
+                for i, (before, after) in zip(mine, around, strict=True):
+                    out[i] = replace(out[i], context_before=before, context_after=after)
+        return out
 
     def _materialize(self, fused: Sequence[FusedHitLike], candidates: list[_Candidate]) -> list[SearchHit]:
         views: dict[int, ItemView] = {}

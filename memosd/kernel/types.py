@@ -18,6 +18,13 @@ class ItemView:
     write_ns: int
     born: int  # 0 while staged
     staged: bool = False
+    speaker: str = ""
+    session_id: str = ""
+    # The neighbouring turns of its session as the reading mount sees it (kernel/conversation.py).
+    prev_item_id: str = ""
+    next_item_id: str = ""
+    state: str = "active"  # lifecycle: active | archived | expired
+    expire_ns: int = 0  # the TTL's end; 0: none
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,26 @@ class ItemInput:
     tags: tuple[str, ...] = ()
     source: str = ""
     event_ns: int = 0  # 0: use the write time
+    speaker: str = ""
+    session_id: str = ""
+    ttl_seconds: int = 0  # 0: no TTL; else the item expires this long after the write
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation given to Ingest."""
+
+    speaker: str
+    text: str
+    session_id: str
+    time_ns: int = 0  # 0: the ingest time
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    item_ids: list[str]  # in request order
+    revision: RevisionRecord
+    mount: MountInfo
 
 
 @dataclass(frozen=True)
@@ -83,8 +110,16 @@ class SearchFilter:
     none_of: tuple[str, ...] = ()
     start_ns: int | None = None
     end_ns: int | None = None
+    speakers: tuple[str, ...] = ()  # any of; empty: any speaker
+    session_ids: tuple[str, ...] = ()  # any of; empty: any session
+    include_archived: bool = False  # archived items are left out unless asked for; expired ones always
 
-    def matches(self, tags: frozenset[str] | set[str], event_ns: int) -> bool:
+    def matches(self, tags: frozenset[str] | set[str], event_ns: int, speaker: str = "",
+                session_id: str = "") -> bool:
+        if self.speakers and speaker not in self.speakers:
+            return False
+        if self.session_ids and session_id not in self.session_ids:
+            return False
         if any(t not in tags for t in self.all_of):
             return False
         if self.any_of and not any(t in tags for t in self.any_of):
@@ -106,6 +141,9 @@ class SearchHit:
     lexical_score: float
     dense_rank: int
     lexical_rank: int
+    # The turns around the hit in its session (Search's context_turns), oldest first.
+    context_before: tuple[ItemView, ...] = ()
+    context_after: tuple[ItemView, ...] = ()
 
 
 @dataclass(frozen=True)

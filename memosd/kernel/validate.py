@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from memosd.config import LimitsConfig as Limits
 from memosd.errors import InvalidField, TextEmpty, TextTooLarge, TooManyItems
 from memosd.kernel.ids import CUBE_NAME_RE
-from memosd.kernel.types import ItemInput
+from memosd.kernel.types import ItemInput, Message
 
 MAX_TAGS = 64
 MAX_TAG_CHARS = 128
@@ -15,6 +15,9 @@ MAX_SOURCE_CHARS = 2048
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 256
 MAX_DESCRIPTION_CHARS = 4096
+MAX_SPEAKER_CHARS = 128
+MAX_SESSION_CHARS = 256
+MAX_FILTER_VALUES = 64  # speakers / session ids in one search filter
 
 
 def text(value: str, what: str, max_bytes: int, limit_name: str) -> None:
@@ -53,6 +56,45 @@ def items(inputs: Sequence[ItemInput], limits: Limits) -> None:
         if len(item.source) > MAX_SOURCE_CHARS:
             raise InvalidField(f"items[{i}].source is over {MAX_SOURCE_CHARS} characters",
                                field=f"items[{i}].source")
+        speaker(item.speaker, f"items[{i}].speaker", required=False)
+        session_id(item.session_id, f"items[{i}].session_id", required=False)
+
+
+def _name(value: str, what: str, max_chars: int, required: bool) -> None:
+    if not value and not required:
+        return
+    if not value.strip() or len(value) > max_chars or not value.isprintable():
+        raise InvalidField(f"{what} is {value!r}: give 1 to {max_chars} printable characters, not only blanks",
+                           field=what)
+
+
+def speaker(value: str, what: str, *, required: bool) -> None:
+    _name(value, what, MAX_SPEAKER_CHARS, required)
+
+
+def session_id(value: str, what: str, *, required: bool) -> None:
+    _name(value, what, MAX_SESSION_CHARS, required)
+
+
+def messages(values: Sequence[Message], limits: Limits) -> None:
+    """A conversation for Ingest: every message has a speaker, a text and a session."""
+    if not values:
+        raise InvalidField("messages is empty; send at least one message", field="messages")
+    if len(values) > limits.max_items_per_write:
+        raise TooManyItems(
+            f"{len(values)} messages in one ingest; the limit is {limits.max_items_per_write} "
+            "(limits.max_items_per_write). Send them in several calls: turns of one session are linked "
+            "across calls", count=len(values), limit=limits.max_items_per_write,
+        )
+    for i, message in enumerate(values):
+        speaker(message.speaker, f"messages[{i}].speaker", required=True)
+        text(message.text, f"messages[{i}].text", limits.max_item_bytes, "limits.max_item_bytes")
+        session_id(message.session_id, f"messages[{i}].session_id", required=True)
+
+
+def filter_values(values: Sequence[str], what: str) -> None:
+    if len(values) > MAX_FILTER_VALUES:
+        raise InvalidField(f"{what} has {len(values)} values; at most {MAX_FILTER_VALUES} are allowed", field=what)
 
 
 def id_count(item_ids: Sequence[str], limits: Limits) -> None:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, Protocol
 from memosd.activation.host import ModelHost
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
 from memosd.kernel import ids
-from memosd.kernel.kernel import Kernel
+from memosd.kernel.kernel import Kernel, check_thawed
 from memosd.logfmt import log_event
 from memosd.runtime.adapters import adapter_digest
 from memosd.runtime.model import LoadedModel
@@ -94,6 +94,7 @@ class JobManager:
     def train(self, mount_id: str, settings: dict[str, Any], message: str, author: str) -> JobRecord:
         mount = self.kernel.mount_state(mount_id)
         cube = self.kernel.cube_of(mount)
+        check_thawed(cube, "Train (its result would be committed)")
         revision = mount.record.base
         steps = int(settings.get("max_steps", 0))
         if not 0 <= steps <= MAX_STEPS:

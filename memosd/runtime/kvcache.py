@@ -38,7 +38,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -287,6 +287,7 @@ def compute_prefix_cache(
     reuse: KVCache | None = None,
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
     cancel: threading.Event | None = None,
+    step: Callable[[Callable[[], Any]], Any] | None = None,
 ) -> tuple[KVCache, ComputeStats]:
     """Run the model over ``token_ids`` and return its KV cache.
 
@@ -297,6 +298,12 @@ def compute_prefix_cache(
     matches). The whole sequence is computed in ``chunk_tokens`` pieces, so a
     long prefix does not hold the activations of every token at once; setting
     ``cancel`` stops between pieces with ``ComputeCancelled``.
+
+    ``step`` runs each piece of model work (the reuse copy, every chunk's
+    forward pass, the final gather); by default inline, on the caller's thread,
+    which must then be the runtime worker. A background caller passes a step
+    that queues each piece on the worker at background priority, so
+    interactive work waits for one chunk at most, not the whole prefix.
 
     Raises ``EmptyPrefix``, ``PrefixTooLong`` (the prefix must leave room for
     at least one more token), ``UnsupportedModel``.
@@ -322,6 +329,7 @@ def compute_prefix_cache(
     same_key_space = reuse is not None and (reuse.fingerprint, reuse.salt, reuse.extra) == (
         loaded.fingerprint, salt, extra
     )  # fmt: skip
+    run: Callable[[Callable[[], Any]], Any] = step or (lambda fn: fn())
     if reuse is not None and same_key_space:
         reused = _reusable_tokens(reuse, hashes, len(ids))
         if reused:
@@ -329,9 +337,9 @@ def compute_prefix_cache(
             # Copy onto the model's device/dtype: a reuse cache may come from a
             # store in fp16, and the new tokens must attend to exactly what a
             # fresh prefill would give, as closely as the cast allows.
-            dyn = _dynamic_cache(
+            dyn = run(lambda: _dynamic_cache(
                 base.keys, base.values, device=loaded.model.device, dtype=_model_dtype(loaded)
-            )
+            ))
     if dyn is None:
         from transformers import DynamicCache
 
@@ -339,17 +347,21 @@ def compute_prefix_cache(
 
     model: Any = loaded.model  # transformers types forward() loosely
     device = model.device
-    with torch.no_grad():
-        for pos in range(reused, len(ids), chunk_tokens):
-            if cancel is not None and cancel.is_set():
-                raise ComputeCancelled(f"prefix computation cancelled after {pos - reused} tokens")
-            piece = torch.tensor([ids[pos : pos + chunk_tokens]], dtype=torch.long, device=device)
+
+    def forward(piece_ids: list[int]) -> None:
+        with torch.no_grad():  # per piece: no_grad is per thread, and a step may run on another
+            piece = torch.tensor([piece_ids], dtype=torch.long, device=device)
             # logits_to_keep=1: the logits of a prefix are not needed, and the LM
             # head over a 50k vocabulary for every token is a fifth of the work on
             # a small model. Positions come from the cache length.
             model(input_ids=piece, past_key_values=dyn, use_cache=True, logits_to_keep=1)
 
-    keys, values = _layer_tensors(dyn)
+    for pos in range(reused, len(ids), chunk_tokens):
+        if cancel is not None and cancel.is_set():
+            raise ComputeCancelled(f"prefix computation cancelled after {pos - reused} tokens")
+        run(lambda piece_ids=ids[pos : pos + chunk_tokens]: forward(piece_ids))  # type: ignore[misc]
+
+    keys, values = run(lambda: _layer_tensors(dyn))
     cache = KVCache(
         keys=keys, values=values, token_ids=tuple(ids), fingerprint=loaded.fingerprint, salt=salt, extra=extra
     )

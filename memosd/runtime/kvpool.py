@@ -77,6 +77,11 @@ class KVPool:
         with self._lock:
             return list(self._entries)
 
+    def entries(self) -> list[tuple[str, KVCache]]:
+        """(key, cache) pairs, least recently used first, without touching recency or the counters."""
+        with self._lock:
+            return list(self._entries.items())
+
     def get(self, key: str) -> KVCache | None:
         """The cache under ``key`` (now the most recently used), or None. Counts a hit or a miss."""
         with self._lock:

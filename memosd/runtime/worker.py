@@ -19,6 +19,7 @@ import heapq
 import itertools
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class RuntimeWorker:
         self._seq = itertools.count()
         self._closed = False
         self._running = False
+        self.started: Counter[int] = Counter()  # jobs started, by priority (what ran ahead of what)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -135,6 +137,7 @@ class RuntimeWorker:
                 if not job.future.set_running_or_notify_cancel():
                     continue  # cancelled while queued
                 self._running = True
+                self.started[job.priority] += 1
             self._run(job)
             # Drop the reference before sleeping, so a finished job's tensors can be freed.
             del job

@@ -30,6 +30,12 @@ class CubeRecord:
     version_count: int = 0
     next_vkey: int = 1
     owner: str = ""  # principal id; "" for cubes made before governance: only admins reach them
+    # The scheduler's view of the cube (SetCubePolicy): schedule "manual" | "auto", working_set_size,
+    # drift_threshold. Empty: manual, with the defaults.
+    policy: dict[str, Any] = field(default_factory=dict)
+    # FreezeCube: read-only; everything that would commit (rw Mount, Write, Forget, Commit, Ingest,
+    # Rollback, ImportAdapter, Train) is refused with CUBE_FROZEN until ThawCube. Purge is still allowed.
+    frozen: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,17 @@ class VersionRecord:
 
     `origin` is the vkey of the version whose content this one copies (Rollback
     revives old content as new versions); 0 means its own vkey. Diff compares
-    content identity by it."""
+    content identity by it.
+
+    `speaker` and `session_id` are a conversation turn's (Ingest); "" for
+    other items and for rows written before they existed. A turn's previous
+    and next turns are not stored: they are derived when read (kernel/
+    conversation.py), so no old row is rewritten to link a new turn.
+
+    `state` is the item's lifecycle state at this version ("active",
+    "archived" or "expired"; see ARCHITECTURE.md "Lifecycle"): a state change
+    is a new version with the same content. `expire_ns` is when a TTL ends
+    (0: none); the lifecycle loop then commits the item as "expired"."""
 
     item_id: str
     vkey: int
@@ -67,6 +83,10 @@ class VersionRecord:
     born: int
     died: int = 0
     origin: int = 0
+    speaker: str = ""
+    session_id: str = ""
+    state: str = "active"
+    expire_ns: int = 0
 
     @property
     def content_id(self) -> int:
@@ -96,6 +116,9 @@ class StagedRecord:
     source: str = ""
     event_ns: int = 0
     write_ns: int = 0
+    speaker: str = ""
+    session_id: str = ""
+    expire_ns: int = 0  # from the write's ttl_seconds; 0: none
 
 
 @dataclass
@@ -118,6 +141,7 @@ class ActivationRecord:
     token_ids: list[int]
     create_ns: int
     adapter_digest: str = ""  # the cube's adapter the cache was computed under; "" for the base model
+    selector: str = "all"  # which items the block holds: all | items | tag:<t> | working_set:<n>
 
 
 @dataclass

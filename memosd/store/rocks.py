@@ -87,6 +87,12 @@ class Batch:
     def _delete(self, cf: str, key: bytes) -> None:
         self._wb.delete(key, self._store.handle(cf))
 
+    def put_row(self, cf: str, key: bytes, value: bytes) -> None:
+        self._put(cf, key, value)
+
+    def delete_row(self, cf: str, key: bytes) -> None:
+        self._delete(cf, key)
+
     def put_cube(self, cube: CubeRecord) -> None:
         self._put(schema.CF_CUBES, schema.cube_key(cube.cube_id), encode(cube))
 

@@ -17,7 +17,9 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
     items                         every version of every item, all revisions
       {cube_id}/{item_id}/{born:016x}
                                   -> VersionRecord (json): vkey, text, tags, source,
-                                     event/write time, born, died (0 = alive at HEAD)
+                                     event/write time, born, died (0 = alive at HEAD),
+                                     speaker, session_id (conversation turns; a turn's
+                                     neighbours are derived at read time, not stored)
     vectors
       {cube_id}/{vkey:016x}       -> float32[dim] embedding of that version
     mounts
@@ -50,6 +52,9 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
       {principal_id}              -> PrincipalRecord (json): name, kind, admin, disabled, sha256 of the token secret
     grants                        rights on cubes; the cube's owner (CubeRecord.owner) holds all without a row
       {cube_id}/{principal_id}    -> GrantRecord (json): rights, expiry, granted_by
+    usage                         what Search, Read and Generate used (statistics, flushed in batches)
+      {cube_id}/#                 -> the cube's counters (json): searches, reads, generations, item hits, last use
+      {cube_id}/{item_id}         -> [hits, last_used_ns]
     audit                         the hash-chained audit log, one record per syscall, allowed or refused
       {seq:016x}                  -> hash (64 hex) "\n" body, body = canonical JSON of the record, holding
                                      prev_hash; hash = sha256(prev_hash || body)
@@ -86,17 +91,18 @@ CF_PURGES = "purges"
 CF_PRINCIPALS = "principals"
 CF_GRANTS = "grants"
 CF_AUDIT = "audit"
+CF_USAGE = "usage"
 
 # Adding a family is backward compatible (RocksDB creates missing ones at open), so it
 # does not bump SCHEMA_VERSION; activations, kv_chunks and purges were added that way.
 COLUMN_FAMILIES = (
     CF_CUBES, CF_CUBE_NAMES, CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_MOUNTS, CF_STAGING, CF_STAGED_VECTORS,
     CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS, CF_STAGED_ADAPTERS, CF_JOBS,
-    CF_PURGES, CF_PRINCIPALS, CF_GRANTS, CF_AUDIT,
+    CF_PURGES, CF_PRINCIPALS, CF_GRANTS, CF_AUDIT, CF_USAGE,
 )
 # Column families whose keys start with "{cube_id}/": deleted by range on FreeCube.
 CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS,
-               CF_GRANTS, CF_PURGES)
+               CF_GRANTS, CF_PURGES, CF_USAGE)
 # Large values: stored in blob files, not compressed (fp16 tensors do not compress).
 BLOB_FAMILIES = (CF_KV_CHUNKS, CF_ADAPTER_BLOBS)
 ADAPTER_CHUNK_BYTES = 8 << 20
@@ -172,6 +178,10 @@ def principal_key(principal_id: str) -> bytes:
 
 def grant_key(cube_id: str, principal_id: str) -> bytes:
     return f"{cube_id}/{principal_id}".encode()
+
+
+def usage_key(cube_id: str, item_id: str) -> bytes:
+    return f"{cube_id}/{item_id}".encode()
 
 
 def audit_key(seq: int) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from memos.v1 import memos_pb2 as pb
 from memos.v1 import types_pb2 as t
@@ -12,11 +14,13 @@ from memosd.kernel.types import (
     ItemChange,
     ItemInput,
     ItemView,
+    Message,
     MountHeader,
     MountInfo,
     SearchFilter,
     SearchHit,
 )
+from memosd.kernel.usage import CubeUsage, ItemUsage
 from memosd.store.records import AdapterRecord, JobRecord, RevisionRecord
 
 _CHANGE_KINDS = {"added": t.CHANGE_KIND_ADDED, "changed": t.CHANGE_KIND_CHANGED,
@@ -36,11 +40,59 @@ def header(cube_id: str = "", head: int = 0, read_revision: int = 0) -> t.Respon
     return t.ResponseHeader(cube_id=cube_id, head_revision=head, read_revision=read_revision)
 
 
-def cube(info: CubeInfo) -> t.Cube:
+def cube(info: CubeInfo, usage: CubeUsage | None = None) -> t.Cube:
     r = info.record
-    return t.Cube(cube_id=r.cube_id, name=r.name, description=r.description, labels=r.labels,
-                  create_time=ts(r.create_ns), head_revision=r.head, item_count=r.item_count,
-                  mount_count=info.mount_count, version_count=r.version_count)
+    message = t.Cube(cube_id=r.cube_id, name=r.name, description=r.description, labels=r.labels,
+                     create_time=ts(r.create_ns), head_revision=r.head, item_count=r.item_count,
+                     mount_count=info.mount_count, version_count=r.version_count, owner_principal_id=r.owner,
+                     frozen=r.frozen)
+    message.policy.CopyFrom(policy(r.policy))
+    if usage is not None:
+        message.usage.CopyFrom(t.CubeUsage(searches=usage.searches, reads=usage.reads,
+                                           generations=usage.generations, item_hits=usage.item_hits,
+                                           items_tracked=usage.items_tracked))
+        if usage.last_used_ns:
+            message.usage.last_used_time.CopyFrom(ts(usage.last_used_ns))
+    return message
+
+
+_SCHEDULES = {"manual": t.SCHEDULE_POLICY_MANUAL, "auto": t.SCHEDULE_POLICY_AUTO_ACTIVATE}
+
+
+def policy(values: dict[str, Any]) -> t.CubePolicy:
+    """A cube's stored policy, with the defaults filled in."""
+    from memosd.activation.select import DEFAULT_DRIFT, DEFAULT_TRAIN_MIN_ITEMS, DEFAULT_WORKING_SET
+
+    return t.CubePolicy(schedule=_SCHEDULES.get(str(values.get("schedule", "manual")), t.SCHEDULE_POLICY_MANUAL),
+                        working_set_size=int(values.get("working_set_size") or DEFAULT_WORKING_SET),
+                        drift_threshold=float(values.get("drift_threshold") or DEFAULT_DRIFT),
+                        train_after_seconds=int(values.get("train_after_seconds") or 0),
+                        train_min_items=int(values.get("train_min_items") or DEFAULT_TRAIN_MIN_ITEMS))
+
+
+def policy_values(message: t.CubePolicy) -> dict[str, Any]:
+    """A SetCubePolicy request's policy as stored; raises InvalidField."""
+    from memosd.activation.select import MAX_WORKING_SET
+
+    schedule = {v: k for k, v in _SCHEDULES.items()}.get(message.schedule)
+    if message.schedule != t.SCHEDULE_POLICY_UNSPECIFIED and schedule is None:
+        raise InvalidField(f"policy.schedule {message.schedule} is not a SchedulePolicy", field="policy.schedule")
+    if message.working_set_size > MAX_WORKING_SET:
+        raise InvalidField(f"policy.working_set_size is {message.working_set_size}; at most {MAX_WORKING_SET}",
+                           field="policy.working_set_size")
+    if not 0 <= message.drift_threshold <= 1:
+        raise InvalidField(f"policy.drift_threshold is {message.drift_threshold}; use 0 (the default) to 1",
+                           field="policy.drift_threshold")
+    values: dict[str, Any] = {"schedule": schedule or "manual"}
+    if message.working_set_size:
+        values["working_set_size"] = int(message.working_set_size)
+    if message.drift_threshold:
+        values["drift_threshold"] = round(float(message.drift_threshold), 4)
+    if message.train_after_seconds:
+        values["train_after_seconds"] = int(message.train_after_seconds)
+    if message.train_min_items:
+        values["train_min_items"] = int(message.train_min_items)
+    return values
 
 
 def mount(info: MountInfo) -> t.Mount:
@@ -48,17 +100,39 @@ def mount(info: MountInfo) -> t.Mount:
     mode = t.MOUNT_MODE_READ_WRITE if r.mode == "rw" else t.MOUNT_MODE_READ_ONLY
     return t.Mount(mount_id=r.mount_id, cube_id=r.cube_id, base_revision=r.base, mode=mode,
                    create_time=ts(r.create_ns), staged_adds=info.staged_adds, staged_edits=info.staged_edits,
-                   staged_forgets=info.staged_forgets, staged_adapter=info.staged_adapter)
+                   staged_forgets=info.staged_forgets, staged_adapter=info.staged_adapter,
+                   principal_id=r.principal)
 
 
 def mount_header(info: MountInfo) -> t.ResponseHeader:
     return header(info.record.cube_id, info.head, info.record.base)
 
 
-def item(view: ItemView) -> t.Item:
-    return t.Item(item_id=view.item_id, text=view.text, tags=view.tags, source=view.source,
-                  event_time=ts(view.event_ns), write_time=ts(view.write_ns), born_revision=view.born,
-                  staged=view.staged)
+ITEM_STATES = {"active": t.ITEM_STATE_ACTIVE, "archived": t.ITEM_STATE_ARCHIVED, "expired": t.ITEM_STATE_EXPIRED}
+
+
+def item_state(value: int) -> str:
+    """SetItemState's state; raises InvalidField for the states it cannot set."""
+    if value == t.ITEM_STATE_ARCHIVED:
+        return "archived"
+    if value == t.ITEM_STATE_ACTIVE:
+        return "active"
+    raise InvalidField(f"state {value} cannot be set; use ITEM_STATE_ARCHIVED or ITEM_STATE_ACTIVE (items "
+                       "expire only through their TTL)", field="state")
+
+
+def item(view: ItemView, usage: ItemUsage | None = None) -> t.Item:
+    message = t.Item(item_id=view.item_id, text=view.text, tags=view.tags, source=view.source,
+                     event_time=ts(view.event_ns), write_time=ts(view.write_ns), born_revision=view.born,
+                     staged=view.staged, speaker=view.speaker, session_id=view.session_id,
+                     prev_item_id=view.prev_item_id, next_item_id=view.next_item_id,
+                     state=ITEM_STATES.get(view.state, t.ITEM_STATE_ACTIVE))
+    if view.expire_ns:
+        message.expire_time.CopyFrom(ts(view.expire_ns))
+    if usage is not None and usage.hits:
+        message.hit_count = usage.hits
+        message.last_used_time.CopyFrom(ts(usage.last_used_ns))
+    return message
 
 
 def revision(r: RevisionRecord) -> t.Revision:
@@ -80,7 +154,8 @@ def change(c: ItemChange) -> t.ItemChange:
 def hit(h: SearchHit) -> t.SearchHit:
     return t.SearchHit(item=item(h.item), mount_id=h.mount_id, cube_id=h.cube_id, score=h.score,
                        dense_score=h.dense_score, lexical_score=h.lexical_score, dense_rank=h.dense_rank,
-                       lexical_rank=h.lexical_rank)
+                       lexical_rank=h.lexical_rank, context_before=[item(v) for v in h.context_before],
+                       context_after=[item(v) for v in h.context_after])
 
 
 def search_header(h: MountHeader) -> t.ResponseHeader:
@@ -89,8 +164,15 @@ def search_header(h: MountHeader) -> t.ResponseHeader:
 
 def item_inputs(items: list[t.ItemInput]) -> list[ItemInput]:
     return [ItemInput(text=i.text, item_id=i.item_id, tags=tuple(i.tags), source=i.source,
-                      event_ns=i.event_time.ToNanoseconds() if i.HasField("event_time") else 0)
+                      event_ns=i.event_time.ToNanoseconds() if i.HasField("event_time") else 0,
+                      speaker=i.speaker, session_id=i.session_id, ttl_seconds=i.ttl_seconds)
             for i in items]
+
+
+def messages(values: list[t.ConversationMessage]) -> list[Message]:
+    return [Message(speaker=m.speaker, text=m.text, session_id=m.session_id,
+                    time_ns=m.time.ToNanoseconds() if m.HasField("time") else 0)
+            for m in values]
 
 
 def search_filter(req: pb.SearchRequest) -> SearchFilter:
@@ -98,7 +180,9 @@ def search_filter(req: pb.SearchRequest) -> SearchFilter:
     end = req.event_time.end.ToNanoseconds() if req.event_time.HasField("end") else None
     if start is not None and end is not None and end <= start:
         raise InvalidField("event_time.end must be after event_time.start", field="event_time")
-    return SearchFilter(tuple(req.tags.all_of), tuple(req.tags.any_of), tuple(req.tags.none_of), start, end)
+    return SearchFilter(tuple(req.tags.all_of), tuple(req.tags.any_of), tuple(req.tags.none_of), start, end,
+                        speakers=tuple(req.speakers), session_ids=tuple(req.session_ids),
+                        include_archived=req.include_archived)
 
 
 def search_mode(value: int) -> str:

@@ -10,6 +10,7 @@ from memos.v1 import types_pb2 as t
 from memosd.activation.activator import ActivationOutcome, EvictOutcome
 from memosd.activation.generator import GenerateParams, GenerationReport, MemoryUse, UsedItem
 from memosd.activation.host import ModelHost
+from memosd.activation.select import ALL, Selector
 from memosd.errors import InvalidField
 
 SOURCES = {"pool": t.ACTIVATION_SOURCE_POOL, "store": t.ACTIVATION_SOURCE_STORE,
@@ -25,7 +26,21 @@ def activation(outcome: ActivationOutcome) -> t.Activation:
         item_count=len(r.items), tokens=len(r.token_ids), tokens_computed=outcome.tokens_computed,
         tokens_reused=outcome.tokens_reused, pool_bytes=outcome.pool_bytes, persisted_bytes=r.persisted_bytes,
         source=SOURCES[outcome.source], took_us=outcome.took_us, pooled=outcome.pooled,
-        adapter_digest=r.adapter_digest)
+        adapter_digest=r.adapter_digest, selector=r.selector)
+
+
+def selector(request: pb.ActivateRequest) -> Selector:
+    """The ActivationSelector of a request (unset: all items)."""
+    if not request.HasField("selector"):
+        return ALL
+    which = request.selector.WhichOneof("kind")
+    if which == "items":
+        return Selector("items", item_ids=tuple(request.selector.items.item_ids))
+    if which == "tag":
+        return Selector("tag", tag=request.selector.tag)
+    if which == "working_set":
+        return Selector("working_set", size=request.selector.working_set)
+    return ALL
 
 
 def evict_response(outcome: EvictOutcome) -> pb.EvictResponse:

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from memos.v1 import memos_pb2 as pb
@@ -30,6 +30,9 @@ from memosd.runtime.kvcache import ComputeCancelled
 from memosd.store.records import PrincipalRecord
 from memosd.syscalls.errors import internal, to_status
 from memosd.syscalls.policy import authorize
+
+if TYPE_CHECKING:
+    from memosd.metrics import Metrics
 
 log = logging.getLogger("memosd.syscalls")
 
@@ -83,12 +86,13 @@ Handler = Callable[[Any, Call], Any]
 
 class Gate:
     def __init__(self, principals: Principals, access: AccessControl, audit: AuditLog, jobs: JobManager, *,
-                 auth: bool = True) -> None:
+                 auth: bool = True, metrics: Metrics | None = None) -> None:
         self.principals = principals
         self.access = access
         self.audit = audit
         self.jobs = jobs
         self.auth = auth
+        self.metrics = metrics  # None: metrics are off
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
         self.draining = False
@@ -134,9 +138,10 @@ class Gate:
     def _close(self, entry: AuditEntry, started: float, error: Exception | None, response: Any = None) -> None:
         if response is not None:
             _note_header(entry, response)
-        took_ms = round((time.perf_counter() - started) * 1000, 2)
+        seconds = time.perf_counter() - started
+        took_ms = round(seconds * 1000, 2)
         if error is None:
-            log_event(log, "syscall", level=logging.DEBUG, method=entry.method, code="OK", took_ms=took_ms)
+            log_event(log, "syscall", level=logging.DEBUG, method=entry.method, code=entry.code, took_ms=took_ms)
         elif isinstance(error, MemosError):
             entry.code, entry.reason = error.code, error.reason
             log_event(log, "syscall", method=entry.method, code=error.code, reason=error.reason, took_ms=took_ms)
@@ -145,6 +150,8 @@ class Gate:
             log_event(log, "syscall", method=entry.method, code="CANCELLED", took_ms=took_ms)
         else:
             entry.code, entry.reason = "INTERNAL", "INTERNAL_ERROR"
+        if self.metrics is not None:  # entry.code is final here, for every outcome and shape
+            self.metrics.observe_call(entry.method, entry.code, seconds)
         self.audit.append(entry)
 
     @staticmethod
@@ -196,6 +203,8 @@ class Gate:
             try:
                 for response in handler(request, self._open(method, request, context, entry)):
                     _note_header(entry, response)
+                    if self.metrics is not None:
+                        self.metrics.observe_response(method, response)
                     yield response
             except GeneratorExit:  # the client went away mid-stream
                 entry.code = "CANCELLED"

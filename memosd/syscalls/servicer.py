@@ -13,8 +13,11 @@ from memos.v1 import types_pb2 as t
 
 from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerationReport, Generator
+from memosd.activation.scheduler import Scheduler
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.search import Searcher
+from memosd.kernel.types import ItemView
+from memosd.kernel.usage import CubeUsage, UsageTracker
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.syscalls import convert as cv
@@ -28,7 +31,7 @@ class MemOSServicer(GovernanceHandlers):
 
     def __init__(self, kernel: Kernel, searcher: Searcher, activator: Activator, generator: Generator,
                  adapters: AdapterService, jobs: JobManager, stats: Callable[[], pb.StatsResponse],
-                 gate: Gate) -> None:
+                 gate: Gate, usage: UsageTracker | None = None, scheduler: Scheduler | None = None) -> None:
         self.kernel = kernel
         self.searcher = searcher
         self.activator = activator
@@ -38,6 +41,8 @@ class MemOSServicer(GovernanceHandlers):
         self._stats = stats
         self.gate = gate
         self.access = gate.access
+        self.usage = usage
+        self.scheduler = scheduler
 
     # -- cubes ----------------------------------------------------------
     def AllocCube(self, req: pb.AllocCubeRequest, call: Call) -> pb.AllocCubeResponse:
@@ -53,17 +58,21 @@ class MemOSServicer(GovernanceHandlers):
         self.activator.drop_pooled(cube_id)
         self.activator.forget_persisted(cube_id)
         self.access.forget_cube(cube_id)
+        if self.usage is not None:
+            self.usage.forget_cube(cube_id)
         return pb.FreeCubeResponse(header=cv.header(cube_id), revisions_deleted=freed.revisions,
                                    versions_deleted=freed.versions, mounts_closed=freed.mounts)
 
     def StatCube(self, req: pb.StatCubeRequest, call: Call) -> pb.StatCubeResponse:
         info = self.kernel.cube_info(self.kernel.cube(req.cube))
-        return pb.StatCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cv.cube(info))
+        return pb.StatCubeResponse(header=cv.header(info.record.cube_id, info.record.head),
+                                   cube=cv.cube(info, self._cube_usage(info.record.cube_id)))
 
     def ListCubes(self, req: pb.ListCubesRequest, call: Call) -> pb.ListCubesResponse:
         page = self.kernel.list_cubes(req.page_size, req.page_token,
                                       lambda cube: self.access.visible(call.caller, cube))
-        return pb.ListCubesResponse(header=cv.header(), cubes=[cv.cube(c) for c in page.entries],
+        return pb.ListCubesResponse(header=cv.header(),
+                                    cubes=[cv.cube(c, self._cube_usage(c.record.cube_id)) for c in page.entries],
                                     next_page_token=page.next_token)
 
     # -- mounts ---------------------------------------------------------
@@ -86,10 +95,13 @@ class MemOSServicer(GovernanceHandlers):
         if req.item_ids:
             views, info = self.kernel.read(req.mount_id, list(req.item_ids))
             call.note(items=[v.item_id for v in views])
-            return pb.ReadResponse(header=cv.mount_header(info), items=[cv.item(v) for v in views])
+            cube_id = info.record.cube_id
+            self._record("read", [cube_id], [(cube_id, v.item_id) for v in views if not v.staged])
+            return pb.ReadResponse(header=cv.mount_header(info), items=[self._item(cube_id, v) for v in views])
         page, info = self.kernel.list_items(req.mount_id, req.page_size, req.page_token)
         call.note(items=[v.item_id for v in page.entries])
-        return pb.ReadResponse(header=cv.mount_header(info), items=[cv.item(v) for v in page.entries],
+        return pb.ReadResponse(header=cv.mount_header(info),
+                               items=[self._item(info.record.cube_id, v) for v in page.entries],
                                next_page_token=page.next_token)
 
     def Forget(self, req: pb.ForgetRequest, call: Call) -> pb.ForgetResponse:
@@ -99,15 +111,29 @@ class MemOSServicer(GovernanceHandlers):
 
     def Search(self, req: pb.SearchRequest, call: Call) -> pb.SearchResponse:
         result = self.searcher.search(list(req.mount_ids), req.query, req.k, cv.search_filter(req),
-                                      cv.search_mode(req.mode))
-        call.note(items=[h.item.item_id for h in result.hits])
+                                      cv.search_mode(req.mode), req.context_turns)
+        # The context turns are returned too, so the audit record names them (after the hits).
+        call.note(items=list(dict.fromkeys([*(h.item.item_id for h in result.hits),
+                                            *(c.item_id for h in result.hits
+                                              for c in (*h.context_before, *h.context_after))])))
+        self._record("search", [h.cube_id for h in result.headers],
+                     [(h.cube_id, h.item.item_id) for h in result.hits if not h.item.staged])
         return pb.SearchResponse(headers=[cv.search_header(h) for h in result.headers],
                                  hits=[cv.hit(h) for h in result.hits], took_us=result.took_us,
                                  embed_us=result.embed_us)
 
+    def Ingest(self, req: pb.IngestRequest, call: Call) -> pb.IngestResponse:
+        result = self.kernel.ingest(req.mount_id, cv.messages(list(req.messages)), tags=list(req.tags),
+                                    source=req.source, message=req.commit_message,
+                                    author=req.author or call.caller.name)
+        call.note(items=result.item_ids, revision=result.revision.number)
+        r = result.mount.record
+        return pb.IngestResponse(header=cv.header(r.cube_id, result.mount.head, r.base), item_ids=result.item_ids,
+                                 revision=cv.revision(result.revision), mount=cv.mount(result.mount))
+
     # -- revisions ------------------------------------------------------
     def Commit(self, req: pb.CommitRequest, call: Call) -> pb.CommitResponse:
-        result = self.kernel.commit(req.mount_id, req.message, req.author)
+        result = self.kernel.commit(req.mount_id, req.message, req.author or call.caller.name)
         response = pb.CommitResponse(header=cv.header(result.mount.record.cube_id, result.head,
                                                       result.mount.record.base),
                                      mount=cv.mount(result.mount))
@@ -135,13 +161,13 @@ class MemOSServicer(GovernanceHandlers):
         return response
 
     def Rollback(self, req: pb.RollbackRequest, call: Call) -> pb.RollbackResponse:
-        revision = self.kernel.rollback(req.cube, req.to_revision, req.message, req.author)
+        revision = self.kernel.rollback(req.cube, req.to_revision, req.message, req.author or call.caller.name)
         cube_id = self.kernel.cube(req.cube).cube_id
         return pb.RollbackResponse(header=cv.header(cube_id, revision.number), revision=cv.revision(revision))
 
     # -- activation memory ----------------------------------------------
     def Activate(self, req: pb.ActivateRequest, call: Call) -> pb.ActivateResponse:
-        outcome = self.activator.activate(req.mount_id, call.cancelled())
+        outcome = self.activator.activate(req.mount_id, call.cancelled(), ca.selector(req))
         digest = outcome.record.adapter_digest
         call.note(items=[str(item_id) for item_id, _born in outcome.record.items],
                   artifacts=[f"kv:{outcome.record.cache_key}", f"adapter:{digest}" if digest else ""])
@@ -157,6 +183,9 @@ class MemOSServicer(GovernanceHandlers):
             if isinstance(event, GenerationReport):
                 summary = ca.summary(event)
                 _note_generation(call, summary, event.adapter_digest)
+                self._record("generate", [use.cube_id for use in summary.memory],
+                             [(use.cube_id, u.item_id) for use in summary.memory
+                              for u in [*use.block_items, *use.retrieved_items] if u.born_revision])
                 yield pb.GenerateResponse(summary=summary)
             else:
                 yield pb.GenerateResponse(delta=event)
@@ -178,7 +207,8 @@ class MemOSServicer(GovernanceHandlers):
             yield pb.ExportAdapterResponse(chunk=chunk)
 
     def Train(self, req: pb.TrainRequest, call: Call) -> pb.TrainResponse:
-        job = self.jobs.train(req.mount_id, cv.train_settings(req.settings), req.message, req.author)
+        job = self.jobs.train(req.mount_id, cv.train_settings(req.settings), req.message,
+                              req.author or call.caller.name)
         call.note(artifacts=[f"job:{job.job_id}"])
         cube = self.kernel.cubes.get(job.cube_id)
         return pb.TrainResponse(header=cv.header(job.cube_id, cube.head if cube else 0, job.revision),
@@ -202,6 +232,60 @@ class MemOSServicer(GovernanceHandlers):
         response = self._stats()
         response.calls.update(self.gate.calls)
         return response
+
+    def SetCubePolicy(self, req: pb.SetCubePolicyRequest, call: Call) -> pb.SetCubePolicyResponse:
+        info = self.kernel.set_policy(req.cube, cv.policy_values(req.policy))
+        return pb.SetCubePolicyResponse(header=cv.header(info.record.cube_id, info.record.head),
+                                        cube=cv.cube(info, self._cube_usage(info.record.cube_id)))
+
+    def FreezeCube(self, req: pb.FreezeCubeRequest, call: Call) -> pb.FreezeCubeResponse:
+        info = self.kernel.set_frozen(req.cube, True)
+        return pb.FreezeCubeResponse(header=cv.header(info.record.cube_id, info.record.head),
+                                     cube=cv.cube(info, self._cube_usage(info.record.cube_id)))
+
+    def ThawCube(self, req: pb.ThawCubeRequest, call: Call) -> pb.ThawCubeResponse:
+        info = self.kernel.set_frozen(req.cube, False)
+        return pb.ThawCubeResponse(header=cv.header(info.record.cube_id, info.record.head),
+                                   cube=cv.cube(info, self._cube_usage(info.record.cube_id)))
+
+    def SetItemState(self, req: pb.SetItemStateRequest, call: Call) -> pb.SetItemStateResponse:
+        revision = self.kernel.set_item_state(req.cube, list(req.item_ids), cv.item_state(req.state), req.message,
+                                              req.author or call.caller.name)
+        cube = self.kernel.cube(req.cube)
+        call.note(items=list(dict.fromkeys(req.item_ids)), revision=revision.number if revision else 0)
+        response = pb.SetItemStateResponse(header=cv.header(cube.cube_id, cube.head))
+        if revision is not None:
+            response.revision.CopyFrom(cv.revision(revision))
+        return response
+
+    def SchedulerStatus(self, req: pb.SchedulerStatusRequest, call: Call) -> pb.SchedulerStatusResponse:
+        stats = self._stats()
+        response = pb.SchedulerStatusResponse(enabled=self.scheduler is not None,
+                                              queue_depth=stats.model.queue_depth)
+        response.kv_pool.CopyFrom(stats.kv_pool)
+        response.adapters.CopyFrom(stats.adapters)
+        if self.scheduler is not None:
+            state, decisions = self.scheduler.status()
+            response.interval_seconds = self.scheduler.interval
+            response.running_cube_id = state.running
+            response.pending_cube_ids.extend(state.pending)
+            response.ticks, response.activations = state.ticks, state.activations
+            response.decisions.extend(
+                pb.SchedulerDecision(time=cv.ts(d.time_ns), cube_id=d.cube_id, action=d.action, reason=d.reason,
+                                     tokens_reused=d.tokens_reused, tokens_computed=d.tokens_computed)
+                for d in decisions)
+        return response
+
+    # -- usage ----------------------------------------------------------
+    def _record(self, kind: str, cube_ids: list[str], items: list[tuple[str, str]]) -> None:
+        if self.usage is not None:
+            self.usage.record(kind, cube_ids, items)
+
+    def _cube_usage(self, cube_id: str) -> CubeUsage | None:
+        return self.usage.cube(cube_id) if self.usage is not None else None
+
+    def _item(self, cube_id: str, view: ItemView) -> t.Item:
+        return cv.item(view, self.usage.item(cube_id, view.item_id) if self.usage is not None else None)
 
 
 def _note_generation(call: Call, summary: t.GenerationSummary, adapter_digest: str) -> None:

@@ -698,6 +698,22 @@ def test_mem_write_bad_jsonl_is_exit_2_before_mounting(ctl: Any, fake: FakeMemOS
     assert ctl("mem", "write", "notes").code == 2  # nothing to write
 
 
+def test_ingest_bad_conversation_is_exit_2_before_mounting(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    path = tmp_path / "chat.jsonl"
+    for lines, needle in [
+        ('{"speaker": "u", "text": "hi", "session_id": "s"}\n{"speaker": "u", "txt": "typo"}\n', ":2: unknown keys"),
+        ('{"speaker": "", "text": "hi", "session_id": "s"}\n', "'speaker' must be a non-empty string"),
+        ('{"speaker": "u", "text": "hi"}\n', "'session_id' must be a non-empty string (or give --session)"),
+        ('{"speaker": "u", "text": "hi", "session_id": "s", "time": "yesterday"}\n', "not an ISO 8601 time"),
+    ]:
+        path.write_text(lines)
+        r = ctl("ingest", "notes", "--file", str(path))
+        assert r.code == 2 and needle in r.err, r.err
+    assert ctl("ingest", "notes", "--file", str(path), "--batch-size", "0").code == 2
+    assert not any(n == "Mount" for n, _ in fake.requests)
+
+
 def test_mem_write_failure_commits_nothing(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
     ctl("cube", "alloc", "notes")
     path = tmp_path / "items.jsonl"
@@ -726,7 +742,7 @@ def test_mem_read_all_and_by_id(ctl: Any, fake: FakeMemOS) -> None:
     ids = ctl("-o", "json", "mem", "write", "notes", "a1", "b2", "c3", "--tag", "x").json()["item_ids"]
     r = ctl("mem", "read", "notes")
     lines = r.out.splitlines()
-    assert lines[0].split() == ["ITEM", "ID", "REV", "EVENT", "TIME", "TAGS", "SOURCE", "TEXT"]
+    assert lines[0].split() == ["ITEM", "ID", "REV", "STATE", "EVENT", "TIME", "TAGS", "SOURCE", "TEXT"]
     assert [ln.split()[0] for ln in lines[1:]] == ids  # all three, across two pages
     doc = ctl("-o", "json", "mem", "read", "notes", ids[1]).json()
     assert [i["text"] for i in doc["items"]] == ["b2"]
@@ -851,7 +867,7 @@ def test_cube_activate_table_and_json(ctl: Any, fake: FakeMemOS) -> None:
     assert {k: v.strip() for k, v in block.items()} == {
         "cube id": "cube_0001", "revision": "2", "items": "3", "tokens": "120", "computed": "90", "reused": "30",
         "pool bytes": "2.0 MiB", "persisted bytes": "1.0 MiB", "source": "computed", "pooled": "yes",
-        "cache key": "ab" * 32, "model": "cd" * 32, "adapter": "-", "took": "1.5 ms",
+        "cache key": "ab" * 32, "model": "cd" * 32, "adapter": "-", "selector": "all", "took": "1.5 ms",
     }
     doc = ctl("-o", "json", "cube", "activate", "notes", "--revision", "1").json()
     assert (doc["revision"], doc["tokens"], doc["source"], doc["pooled"]) == (

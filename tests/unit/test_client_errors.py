@@ -59,6 +59,7 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "PERMISSION_DENIED": (C.PERMISSION_DENIED, errors.AccessDenied),
     "PRINCIPAL_NOT_FOUND": (C.NOT_FOUND, errors.PrincipalNotFound),
     "PRINCIPAL_NAME_TAKEN": (C.ALREADY_EXISTS, errors.PrincipalNameTaken),
+    "CUBE_FROZEN": (C.FAILED_PRECONDITION, errors.CubeFrozen),
 }
 
 

@@ -258,6 +258,9 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "runtime",
         "log",
         "security",
+        "scheduler",
+        "lifecycle",
+        "metrics",
         "config_file",
     }
     assert Config(data_dir=Path("/x")).server == ServerConfig()

@@ -478,8 +478,8 @@ def test_an_activation_that_read_the_block_before_a_purge_keeps_no_copy(rig: Any
     mount, target = committed_facts(rig)
     read_block = Activator.block_items
 
-    def purged_meanwhile(self: Activator, cube: Any, revision: int) -> Any:
-        block = read_block(self, cube, revision)
+    def purged_meanwhile(self: Activator, cube: Any, revision: int, selector: Any = None) -> Any:
+        block = read_block(self, cube, revision) if selector is None else read_block(self, cube, revision, selector)
         receipt = rig.kernel.purge("facts", [target])
         rig.activator.drop_pooled(receipt.cube_id)
         return block

@@ -24,20 +24,23 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from memos import auth
-from memos.errors import DataLoss, MountNotFound, Unknown, from_rpc_error
+from memos.errors import DataLoss, MountNotFound, TooManyItems, Unknown, from_rpc_error
 from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Anything write() accepts as one item: bare text, a ready ItemInput, or a dict
-# with the keys text/tags/source/event_time/item_id.
+# with the keys text/tags/source/event_time/item_id/speaker/session_id.
 ItemLike = str | types_pb2.ItemInput | Mapping[str, Any]
 # A point in time: a datetime (naive means UTC), an ISO 8601 string, or a Timestamp.
 TimeLike = datetime | str | Timestamp
 # One message of a conversation: a ready ChatMessage, a (role, content) pair, or a
 # mapping with the keys role/content.
 MessageLike = types_pb2.ChatMessage | tuple[str, str] | Mapping[str, str]
+# One message of a conversation to ingest: a ready ConversationMessage, or a mapping with the keys
+# speaker/text/time/session_id (time: a TimeLike).
+ConversationLike = types_pb2.ConversationMessage | Mapping[str, Any]
 # A peft LoRA adapter: a directory holding its two files, or their bytes (config, weights).
 AdapterSource = str | os.PathLike[str] | tuple[bytes, bytes]
 
@@ -58,8 +61,12 @@ _KINDS = {"user": types_pb2.PRINCIPAL_KIND_USER, "agent": types_pb2.PRINCIPAL_KI
 RIGHTS = ("read", "write", "activate", "train", "grant", "admin")
 _OUTCOMES = {"ok": types_pb2.AUDIT_OUTCOME_OK, "denied": types_pb2.AUDIT_OUTCOME_DENIED,
              "failed": types_pb2.AUDIT_OUTCOME_FAILED}
-_ITEM_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id"})
+_ITEM_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id", "speaker", "session_id", "ttl_seconds"})
+_ITEM_STATES = {"active": types_pb2.ITEM_STATE_ACTIVE, "archived": types_pb2.ITEM_STATE_ARCHIVED}
 _MESSAGE_KEYS = frozenset({"role", "content"})
+_CONVERSATION_KEYS = frozenset({"speaker", "text", "time", "session_id"})
+# The daemon's default limits.max_items_per_write: messages per Ingest call unless told otherwise.
+DEFAULT_INGEST_BATCH = 1024
 
 _Req = TypeVar("_Req", contravariant=True)
 _Resp = TypeVar("_Resp", covariant=True)
@@ -99,12 +106,13 @@ def to_timestamp(value: TimeLike) -> Timestamp:
 
 
 def _item_input(
-    item: ItemLike, tags: Sequence[str], source: str, event_time: Timestamp | None
+    item: ItemLike, tags: Sequence[str], source: str, event_time: Timestamp | None, ttl_seconds: int = 0
 ) -> types_pb2.ItemInput:
     if isinstance(item, types_pb2.ItemInput):
         return item
     if isinstance(item, str):
-        return types_pb2.ItemInput(text=item, tags=tags, source=source, event_time=event_time)
+        return types_pb2.ItemInput(text=item, tags=tags, source=source, event_time=event_time,
+                                   ttl_seconds=ttl_seconds)
     unknown = set(item) - _ITEM_KEYS
     if unknown:
         raise ValueError(f"unknown item keys {sorted(unknown)}; expected some of {sorted(_ITEM_KEYS)}")
@@ -118,6 +126,26 @@ def _item_input(
         tags=item_tags,
         source=item.get("source", source),
         event_time=to_timestamp(when) if when is not None else event_time,
+        speaker=item.get("speaker", ""),
+        session_id=item.get("session_id", ""),
+        ttl_seconds=int(item.get("ttl_seconds", ttl_seconds)),
+    )
+
+
+def _conversation_message(message: ConversationLike, session_id: str) -> types_pb2.ConversationMessage:
+    if isinstance(message, types_pb2.ConversationMessage):
+        return message
+    if not isinstance(message, Mapping):
+        raise TypeError(f"a conversation message is a ConversationMessage or a mapping with the keys "
+                        f"{sorted(_CONVERSATION_KEYS)}, not {type(message).__name__}")
+    unknown = set(message) - _CONVERSATION_KEYS
+    if unknown:
+        raise ValueError(f"unknown message keys {sorted(unknown)}; expected some of {sorted(_CONVERSATION_KEYS)}")
+    when = message.get("time")
+    return types_pb2.ConversationMessage(
+        speaker=message.get("speaker", ""), text=message.get("text", ""),
+        time=to_timestamp(when) if when is not None else None,
+        session_id=message.get("session_id") or session_id,
     )
 
 
@@ -492,10 +520,11 @@ class Client:
         tags: Sequence[str] = (),
         source: str = "",
         event_time: TimeLike | None = None,
+        ttl_seconds: int = 0,
     ) -> memos_pb2.WriteResponse:
         """Like :meth:`write`, returning the whole response (with the mount's staging counts)."""
         when = to_timestamp(event_time) if event_time is not None else None
-        inputs = [_item_input(item, list(tags), source, when) for item in items]
+        inputs = [_item_input(item, list(tags), source, when, ttl_seconds) for item in items]
         return self._call(self._stub.Write, memos_pb2.WriteRequest(mount_id=mount_id, items=inputs))
 
     def write(
@@ -506,13 +535,16 @@ class Client:
         tags: Sequence[str] = (),
         source: str = "",
         event_time: TimeLike | None = None,
+        ttl_seconds: int = 0,
     ) -> list[str]:
         """Stage items in a read-write mount in one call; returns their ids in order.
 
-        ``tags``, ``source`` and ``event_time`` apply to str items and fill the
-        keys a dict item lacks; ItemInput messages are sent unchanged.
+        ``tags``, ``source``, ``event_time`` and ``ttl_seconds`` (the item expires that long after the
+        write; 0: never) apply to str items and fill the keys a dict item lacks; ItemInput messages are
+        sent unchanged.
         """
-        resp = self.write_raw(mount_id, items, tags=tags, source=source, event_time=event_time)
+        resp = self.write_raw(mount_id, items, tags=tags, source=source, event_time=event_time,
+                              ttl_seconds=ttl_seconds)
         return list(resp.item_ids)
 
     def write_many(
@@ -525,6 +557,7 @@ class Client:
         tags: Sequence[str] = (),
         source: str = "",
         event_time: TimeLike | None = None,
+        ttl_seconds: int = 0,
     ) -> list[str]:
         """Stage any number of items, ``batch_size`` per Write call.
 
@@ -536,7 +569,8 @@ class Client:
             raise ValueError("batch_size must be at least 1")
         ids: list[str] = []
         for batch in _chunks(items, batch_size):
-            ids += self.write(mount_id, batch, tags=tags, source=source, event_time=event_time)
+            ids += self.write(mount_id, batch, tags=tags, source=source, event_time=event_time,
+                              ttl_seconds=ttl_seconds)
             if progress is not None:
                 progress(len(batch))
         return ids
@@ -565,6 +599,73 @@ class Client:
         req = memos_pb2.ForgetRequest(mount_id=mount_id, item_ids=item_ids, adapter=adapter)
         return self._call(self._stub.Forget, req).mount
 
+    def ingest(
+        self,
+        mount: str | MountHandle,
+        messages: Sequence[ConversationLike],
+        *,
+        session_id: str = "",
+        tags: Sequence[str] = (),
+        source: str = "",
+        commit_message: str = "",
+        author: str = "",
+    ) -> memos_pb2.IngestResponse:
+        """Commit a conversation into a read-write mount's cube, one item per message, as one revision.
+
+        Each message has a speaker, a text, a session id (``session_id`` fills it for messages without
+        one) and optionally a time. Returns the response: ``item_ids`` (request order), ``revision`` and
+        the ``mount``, now at that revision; the mount's other staged changes stay staged.
+        """
+        req = memos_pb2.IngestRequest(
+            mount_id=_mount_id(mount), messages=[_conversation_message(m, session_id) for m in messages],
+            commit_message=commit_message, author=author, tags=tags, source=source,
+        )
+        return self._call(self._stub.Ingest, req)
+
+    def ingest_many(
+        self,
+        mount: str | MountHandle,
+        messages: Iterable[ConversationLike],
+        batch_size: int = DEFAULT_INGEST_BATCH,
+        progress: Callable[[int], None] | None = None,
+        *,
+        session_id: str = "",
+        tags: Sequence[str] = (),
+        source: str = "",
+        commit_message: str = "",
+        author: str = "",
+    ) -> list[memos_pb2.IngestResponse]:
+        """Ingest any number of messages, ``batch_size`` per Ingest call: one revision per call.
+
+        Turns of a session are linked across calls. A batch over the daemon's limit
+        (``limits.max_items_per_write``) is refused whole and resent in batches of that limit.
+        ``progress`` is called with each committed batch's size. Batches already committed stay
+        committed if a later one fails.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        responses: list[memos_pb2.IngestResponse] = []
+        pending = [_conversation_message(m, session_id) for m in messages]
+        start = 0
+        while start < len(pending):
+            batch = pending[start:start + batch_size]
+            try:
+                resp = self.ingest(mount, batch, tags=tags, source=source, commit_message=commit_message,
+                                   author=author)
+            except TooManyItems as e:
+                limit = int(e.metadata.get("limit", "0") or 0)
+                if not 0 < limit < len(batch):
+                    raise
+                batch_size = limit  # the refused batch committed nothing: send it again, smaller
+                continue
+            if isinstance(mount, MountHandle):
+                mount.info = resp.mount
+            responses.append(resp)
+            start += len(batch)
+            if progress is not None:
+                progress(len(batch))
+        return responses
+
     def search(
         self,
         mount_ids: str | Sequence[str],
@@ -577,13 +678,21 @@ class Client:
         since: TimeLike | None = None,
         until: TimeLike | None = None,
         mode: str = "hybrid",
+        speakers: Sequence[str] = (),
+        session_ids: Sequence[str] = (),
+        context_turns: int = 0,
+        include_archived: bool = False,
     ) -> SearchResults:
         """Top-``k`` items for ``query`` over one or more mounts.
 
         Returns a list of SearchHit, best first; ``.response`` holds the whole
         SearchResponse (headers, ``took_us``, ``embed_us``). ``since``/``until``
         bound the items' event_time as [since, until). ``mode`` is "hybrid",
-        "dense" or "lexical".
+        "dense" or "lexical". ``speakers`` / ``session_ids`` keep conversation
+        turns said by one of them / in one of them; ``context_turns`` (0 to 10)
+        returns that many turns before and after each hit in its session
+        (``hit.context_before``, ``hit.context_after``, oldest first). Archived
+        items are left out unless ``include_archived``; expired ones always are.
         """
         if mode not in _SEARCH_MODES:
             raise ValueError(f"mode must be one of {sorted(_SEARCH_MODES)}, not {mode!r}")
@@ -598,6 +707,10 @@ class Client:
             tags=types_pb2.TagFilter(all_of=tags_all, any_of=tags_any, none_of=tags_none),
             event_time=window,
             mode=_SEARCH_MODES[mode],
+            speakers=_as_list(speakers),
+            session_ids=_as_list(session_ids),
+            context_turns=context_turns,
+            include_archived=include_archived,
         )
         return SearchResults(self._call(self._stub.Search, req))
 
@@ -647,15 +760,72 @@ class Client:
 
     # -- activation memory and generation ---------------------------------------
 
-    def activate(self, mount: str | MountHandle) -> types_pb2.Activation:
+    def activate(self, mount: str | MountHandle, *, items: Sequence[str] | None = None, tag: str | None = None,
+                 working_set: int | None = None) -> types_pb2.Activation:
         """Encode the cube's items at the mount's base revision into a KV cache (or reuse/load one).
 
-        On a cold cube this runs a prefill of the whole memory block: give the
-        client a ``timeout`` that allows for it. Raises CubeEmpty, ContextExceeded,
-        PoolTooSmall or ModelUnavailable.
+        By default the block holds every item; ``items`` (ids), ``tag``, or
+        ``working_set`` (the top N by usage; 0 for the cube policy's N) select
+        fewer (at most one of them). On a cold cube this runs a prefill of the
+        whole block: give the client a ``timeout`` that allows for it. Raises
+        CubeEmpty, ContextExceeded, PoolTooSmall or ModelUnavailable.
         """
         req = memos_pb2.ActivateRequest(mount_id=_mount_id(mount))
+        chosen = [name for name, value in (("items", items), ("tag", tag), ("working_set", working_set))
+                  if value is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"give at most one selector; got {chosen}")
+        if items is not None:
+            req.selector.items.item_ids.extend(items)
+        elif tag is not None:
+            req.selector.tag = tag
+        elif working_set is not None:
+            req.selector.working_set = working_set
         return self._call(self._stub.Activate, req).activation
+
+    def set_cube_policy(self, cube: str, *, schedule: str = "manual", working_set_size: int = 0,
+                        drift_threshold: float = 0.0, train_after_seconds: int = 0,
+                        train_min_items: int = 0) -> types_pb2.Cube:
+        """How the scheduler treats ``cube``: "manual", or "auto" (keep its working set activated); with
+        ``train_after_seconds``, it also trains an adapter once the items have been stable that long."""
+        schedules = {"manual": types_pb2.SCHEDULE_POLICY_MANUAL, "auto": types_pb2.SCHEDULE_POLICY_AUTO_ACTIVATE}
+        if schedule not in schedules:
+            raise ValueError(f"schedule is {schedule!r}; use 'manual' or 'auto'")
+        policy = types_pb2.CubePolicy(schedule=schedules[schedule], working_set_size=working_set_size,
+                                      drift_threshold=drift_threshold, train_after_seconds=train_after_seconds,
+                                      train_min_items=train_min_items)
+        return self._call(self._stub.SetCubePolicy, memos_pb2.SetCubePolicyRequest(cube=cube, policy=policy)).cube
+
+    def freeze_cube(self, cube: str) -> types_pb2.Cube:
+        """Make ``cube`` read-only: commits (and rw mounts, writes, rollbacks, training) fail CubeFrozen."""
+        return self._call(self._stub.FreezeCube, memos_pb2.FreezeCubeRequest(cube=cube)).cube
+
+    def thaw_cube(self, cube: str) -> types_pb2.Cube:
+        """Accept commits to a frozen ``cube`` again."""
+        return self._call(self._stub.ThawCube, memos_pb2.ThawCubeRequest(cube=cube)).cube
+
+    def set_item_state(self, cube: str, item_ids: Sequence[str], state: str, *, message: str = "",
+                       author: str = "") -> types_pb2.Revision | None:
+        """Archive ("archived") or restore ("active") items at HEAD as one new revision; None when no item
+        changed (all were in that state already)."""
+        if state not in _ITEM_STATES:
+            raise ValueError(f"state is {state!r}; use one of {sorted(_ITEM_STATES)}")
+        req = memos_pb2.SetItemStateRequest(cube=cube, item_ids=item_ids, state=_ITEM_STATES[state],
+                                            message=message, author=author)
+        resp = self._call(self._stub.SetItemState, req)
+        return resp.revision if resp.HasField("revision") else None
+
+    def archive(self, cube: str, item_ids: Sequence[str], *, message: str = "") -> types_pb2.Revision | None:
+        """Archive items: kept and readable, left out of Search (unless include_archived) and memory blocks."""
+        return self.set_item_state(cube, item_ids, "archived", message=message)
+
+    def restore(self, cube: str, item_ids: Sequence[str], *, message: str = "") -> types_pb2.Revision | None:
+        """Make archived (or expired, not yet purged) items active again."""
+        return self.set_item_state(cube, item_ids, "active", message=message)
+
+    def scheduler_status(self) -> memos_pb2.SchedulerStatusResponse:
+        """The scheduler's running task, pending cubes, pool usage and recent decisions (admins)."""
+        return self._call(self._stub.SchedulerStatus, memos_pb2.SchedulerStatusRequest())
 
     def evict(self, cube: str, *, delete_persisted: bool = False) -> memos_pb2.EvictResponse:
         """Drop a cube's (id or name) KV cache from the pool; ``delete_persisted`` also deactivates it."""
@@ -999,8 +1169,10 @@ class MountHandle:
         tags: Sequence[str] = (),
         source: str = "",
         event_time: TimeLike | None = None,
+        ttl_seconds: int = 0,
     ) -> list[str]:
-        resp = self.client.write_raw(self.mount_id, items, tags=tags, source=source, event_time=event_time)
+        resp = self.client.write_raw(self.mount_id, items, tags=tags, source=source, event_time=event_time,
+                                     ttl_seconds=ttl_seconds)
         self._update(resp)
         return list(resp.item_ids)
 
@@ -1013,12 +1185,13 @@ class MountHandle:
         tags: Sequence[str] = (),
         source: str = "",
         event_time: TimeLike | None = None,
+        ttl_seconds: int = 0,
     ) -> list[str]:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         ids: list[str] = []
         for batch in _chunks(items, batch_size):
-            ids += self.write(batch, tags=tags, source=source, event_time=event_time)
+            ids += self.write(batch, tags=tags, source=source, event_time=event_time, ttl_seconds=ttl_seconds)
             if progress is not None:
                 progress(len(batch))
         return ids
@@ -1046,19 +1219,55 @@ class MountHandle:
         since: TimeLike | None = None,
         until: TimeLike | None = None,
         mode: str = "hybrid",
+        speakers: Sequence[str] = (),
+        session_ids: Sequence[str] = (),
+        context_turns: int = 0,
+        include_archived: bool = False,
     ) -> SearchResults:
         return self.client.search(
             self.mount_id, query, k, tags_all=tags_all, tags_any=tags_any, tags_none=tags_none,
-            since=since, until=until, mode=mode,
+            since=since, until=until, mode=mode, speakers=speakers, session_ids=session_ids,
+            context_turns=context_turns, include_archived=include_archived,
         )
+
+    def ingest(
+        self,
+        messages: Sequence[ConversationLike],
+        *,
+        session_id: str = "",
+        tags: Sequence[str] = (),
+        source: str = "",
+        commit_message: str = "",
+        author: str = "",
+    ) -> memos_pb2.IngestResponse:
+        resp = self.client.ingest(self, messages, session_id=session_id, tags=tags, source=source,
+                                  commit_message=commit_message, author=author)
+        self._update(resp)
+        return resp
+
+    def ingest_many(
+        self,
+        messages: Iterable[ConversationLike],
+        batch_size: int = DEFAULT_INGEST_BATCH,
+        progress: Callable[[int], None] | None = None,
+        *,
+        session_id: str = "",
+        tags: Sequence[str] = (),
+        source: str = "",
+        commit_message: str = "",
+        author: str = "",
+    ) -> list[memos_pb2.IngestResponse]:
+        return self.client.ingest_many(self, messages, batch_size, progress, session_id=session_id, tags=tags,
+                                       source=source, commit_message=commit_message, author=author)
 
     def commit(self, message: str = "", author: str = "") -> memos_pb2.CommitResponse:
         resp = self.client.commit(self.mount_id, message, author)
         self._update(resp)
         return resp
 
-    def activate(self) -> types_pb2.Activation:
-        return self.client.activate(self.mount_id)
+    def activate(self, *, items: Sequence[str] | None = None, tag: str | None = None,
+                 working_set: int | None = None) -> types_pb2.Activation:
+        return self.client.activate(self.mount_id, items=items, tag=tag, working_set=working_set)
 
     def import_adapter(
         self, source: AdapterSource, *, chunk_bytes: int = 1 << 20, timeout: float | None = None

@@ -241,6 +241,12 @@ class PrincipalNameTaken(AlreadyExists):
     default_reason = "PRINCIPAL_NAME_TAKEN"
 
 
+class CubeFrozen(FailedPrecondition):
+    """The cube is frozen (read-only) until ThawCube: nothing can be committed to it."""
+
+    default_reason = "CUBE_FROZEN"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MemosError]] = {
     cls.default_code: cls
     for cls in (
@@ -259,7 +265,7 @@ _BY_REASON: dict[str, type[MemosError]] = {
         InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
         AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
         TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
-        PrincipalNameTaken,
+        PrincipalNameTaken, CubeFrozen,
     )
 }
 

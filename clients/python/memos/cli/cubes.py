@@ -1,4 +1,4 @@
-"""``memosctl cube alloc|list|stat|free|activate|evict``."""
+"""``memosctl cube alloc|list|stat|free|activate|evict|policy|freeze|thaw``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ SOURCES = {
 
 
 def cube_block(out: Output, cube: types_pb2.Cube) -> None:
+    u = cube.usage
     out.block([
         ("cube id", cube.cube_id),
         ("name", cube.name),
@@ -28,6 +29,10 @@ def cube_block(out: Output, cube: types_pb2.Cube) -> None:
         ("items", cube.item_count),
         ("versions", cube.version_count),
         ("mounts", cube.mount_count),
+        ("owner", cube.owner_principal_id or "-"),
+        ("frozen", "yes (read-only)" if cube.frozen else "no"),
+        ("usage", f"{u.searches} searches, {u.reads} reads, {u.generations} generations, {u.item_hits} item hits"
+                  f" ({u.items_tracked} items tracked), last used {fmt_time(u.last_used_time)}"),
     ])
 
 
@@ -104,17 +109,50 @@ def activation_block(out: Output, act: types_pb2.Activation) -> None:
         ("cache key", act.cache_key or "-"),
         ("model", act.model_fingerprint or "-"),
         ("adapter", act.adapter_digest or "-"),
+        ("selector", act.selector or "all"),
         ("took", fmt_ms(act.took_us)),
     ])
 
 
 def _activate(client: Client, args: argparse.Namespace, out: Output) -> None:
     with client.mount(args.cube, revision=args.revision) as m:
-        act = m.activate()
+        act = m.activate(items=args.item, tag=args.tag, working_set=args.working_set)
     if out.json:
         out.emit_json(to_dict(act))
     else:
         activation_block(out, act)
+
+
+def _policy(client: Client, args: argparse.Namespace, out: Output) -> None:
+    if args.auto or args.manual or args.working_set or args.drift or args.train_after is not None:
+        current = client.stat_cube(args.cube).policy
+        auto = args.auto or (not args.manual and current.schedule == types_pb2.SCHEDULE_POLICY_AUTO_ACTIVATE)
+        cube = client.set_cube_policy(args.cube, schedule="auto" if auto else "manual",
+                                      working_set_size=args.working_set or current.working_set_size,
+                                      drift_threshold=args.drift or current.drift_threshold,
+                                      train_after_seconds=(current.train_after_seconds if args.train_after is None
+                                                           else args.train_after),
+                                      train_min_items=current.train_min_items)
+    else:
+        cube = client.stat_cube(args.cube)
+    if out.json:
+        out.emit_json(to_dict(cube.policy))
+        return
+    policy = cube.policy
+    out.block([("cube", cube.cube_id),
+               ("schedule", "auto" if policy.schedule == types_pb2.SCHEDULE_POLICY_AUTO_ACTIVATE else "manual"),
+               ("working set", policy.working_set_size), ("drift threshold", f"{policy.drift_threshold:g}"),
+               ("train after", f"{policy.train_after_seconds} s stable, {policy.train_min_items}+ items"
+                               if policy.train_after_seconds else "never")])
+
+
+def _freeze(client: Client, args: argparse.Namespace, out: Output) -> None:
+    cube = client.freeze_cube(args.cube) if args.verb == "freeze" else client.thaw_cube(args.cube)
+    if out.json:
+        out.emit_json(to_dict(cube))
+    else:
+        out.block([("cube", cube.cube_id), ("name", cube.name), ("head revision", cube.head_revision),
+                   ("frozen", "yes (read-only)" if cube.frozen else "no")])
 
 
 def evict_block(out: Output, cube: str, resp: memos_pb2.EvictResponse) -> None:
@@ -167,7 +205,37 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("cube", metavar="CUBE", help="cube id or name")
     p.add_argument("--revision", type=natural, default=0, metavar="N", help="activate this revision (default HEAD)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--item", action="append", metavar="ID", help="only these items (repeatable)")
+    which.add_argument("--tag", help="only the items with this tag")
+    which.add_argument("--working-set", type=natural, nargs="?", const=0, metavar="N",
+                       help="only the cube's working set: its N most used items (default: the policy's N)")
     p.set_defaults(handler=_activate)
+
+    p = verbs.add_parser("policy", help="how the scheduler treats a cube: manual, or auto-activation",
+                         description="Show (no options) or set the cube's scheduler policy. With --auto the "
+                                     "daemon keeps the cube's working set activated at HEAD in the background.")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--auto", action="store_true", help="auto-activate the working set")
+    mode.add_argument("--manual", action="store_true", help="nothing happens on its own (the default)")
+    p.add_argument("--working-set", type=natural, default=0, metavar="N", help="N of the working set (default 32)")
+    p.add_argument("--drift", type=float, default=0.0, metavar="F",
+                   help="re-activate when this fraction of the working set changed (default 0.25)")
+    p.add_argument("--train-after", type=natural, metavar="SECONDS",
+                   help="train an adapter once the items are unchanged this long (0: never, the default)")
+    p.set_defaults(handler=_policy)
+
+    p = verbs.add_parser("freeze", help="make a cube read-only: commits are refused until it is thawed",
+                         description="Freeze CUBE: read-write mounts, writes, commits, ingests, rollbacks, adapter "
+                                     "imports and training are refused (CUBE_FROZEN). Reads, searches, "
+                                     "activations and purge still work. Needs the admin right.")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.set_defaults(handler=_freeze)
+
+    p = verbs.add_parser("thaw", help="accept commits to a frozen cube again")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.set_defaults(handler=_freeze)
 
     p = verbs.add_parser("evict", help="drop a cube's KV cache from the daemon's pool")
     p.add_argument("cube", metavar="CUBE", help="cube id or name")

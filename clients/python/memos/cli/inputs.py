@@ -11,6 +11,7 @@ from typing import Any
 from memos.client import parse_time
 
 _JSONL_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id"})
+_CONVERSATION_KEYS = frozenset({"speaker", "text", "time", "session_id"})
 
 
 class UsageError(Exception):
@@ -70,8 +71,8 @@ def _item(line: str, where: str) -> dict[str, Any]:
     return doc
 
 
-def load_jsonl(path: str) -> list[dict[str, Any]]:
-    """Items from a JSONL file ("-": stdin), validated before anything is sent; blank lines are skipped."""
+def _lines(path: str) -> list[tuple[str, str]]:
+    """The non-blank lines of a file ("-": stdin), each with where it is ("file:line")."""
     name = "<stdin>" if path == "-" else path
     try:
         if path == "-":
@@ -81,4 +82,40 @@ def load_jsonl(path: str) -> list[dict[str, Any]]:
                 lines = f.read().splitlines()
     except OSError as e:
         raise UsageError(f"cannot read {name}: {e.strerror}") from None
-    return [_item(line, f"{name}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+    return [(line, f"{name}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def load_jsonl(path: str) -> list[dict[str, Any]]:
+    """Items from a JSONL file ("-": stdin), validated before anything is sent; blank lines are skipped."""
+    return [_item(line, where) for line, where in _lines(path)]
+
+
+def _message(line: str, where: str, session_id: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not JSON: {e.msg}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{where}: expected a JSON object")
+    unknown = set(doc) - _CONVERSATION_KEYS
+    if unknown:
+        raise UsageError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_CONVERSATION_KEYS)}")
+    doc.setdefault("session_id", session_id)
+    # The daemon refuses these too, but a file goes in several calls: checking it all first commits nothing
+    # of a file with a bad line.
+    for key in ("speaker", "text", "session_id"):
+        if not isinstance(doc.get(key), str) or not doc[key].strip():
+            hint = " (or give --session)" if key == "session_id" else ""
+            raise UsageError(f"{where}: {key!r} must be a non-empty string{hint}")
+    if "time" in doc:
+        try:
+            doc["time"] = parse_time(str(doc["time"]))
+        except ValueError:
+            raise UsageError(f"{where}: \"time\" is not an ISO 8601 time") from None
+    return doc
+
+
+def load_conversation(path: str, session_id: str = "") -> list[dict[str, Any]]:
+    """Conversation messages from a JSONL file ("-": stdin), all validated before anything is sent;
+    ``session_id`` is the session of lines that name none."""
+    return [_message(line, where, session_id) for line, where in _lines(path)]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from memos import __version__
-from memos.cli import adapter, chat, cubes, govern, history, jobs, mem
+from memos.cli import adapter, chat, cubes, govern, history, ingest, jobs, mem, sched
 from memos.cli.inputs import UsageError
 from memos.cli.output import Output
 from memos.client import DEFAULT_TARGET, Client
@@ -69,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
     cubes.register(nouns)
     mem.register(nouns)
+    ingest.register(nouns)
     history.register(nouns)
     adapter.register(nouns)
     jobs.register(nouns)
     chat.register(nouns)
     govern.register(nouns)
+    sched.register(nouns)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``memosctl mem write|read|search|forget``: plaintext items, each through a short-lived mount."""
+"""``memosctl mem write|read|search|forget|archive|restore``: plaintext items (most through a short-lived mount)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from memos.cli.inputs import UsageError, iso_time, load_jsonl
+from memos.cli.inputs import UsageError, iso_time, load_jsonl, natural
 from memos.cli.output import Output, fmt_time, to_dict
 from memos.client import Client, ItemLike, MountHandle
 from memos.errors import MemosError
@@ -20,7 +20,7 @@ DEFAULT_FORGET_MESSAGE = "memosctl forget"
 
 def author_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--author", default=os.environ.get("MEMOS_AUTHOR", ""),
-                   help="recorded in the log (default: $MEMOS_AUTHOR; the daemon says 'anonymous')")
+                   help="recorded in the log (default: $MEMOS_AUTHOR; the daemon records the caller's principal name)")
 
 
 def revision_block(out: Output, rev: types_pb2.Revision, extra: Sequence[tuple[str, object]] = ()) -> None:
@@ -57,7 +57,7 @@ def _write(client: Client, args: argparse.Namespace, out: Output) -> None:
         progress = out.progress(len(items), "writing") if args.file is not None else None
         ids = handle.write_many(
             items, args.batch_size, progress.update if progress else None,
-            tags=args.tag, source=args.source, event_time=args.event_time,
+            tags=args.tag, source=args.source, event_time=args.event_time, ttl_seconds=args.ttl,
         )
         if progress:
             progress.close()
@@ -88,10 +88,14 @@ def _write(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 def _item_rows(items: Sequence[types_pb2.Item]) -> list[list[object]]:
     return [
-        [it.item_id, it.born_revision or "staged", fmt_time(it.event_time), ",".join(it.tags) or "-",
-         it.source or "-", it.text]
+        [it.item_id, it.born_revision or "staged", _STATES.get(it.state, "active"), fmt_time(it.event_time),
+         ",".join(it.tags) or "-", it.source or "-", it.text]
         for it in items
     ]
+
+
+_STATES = {types_pb2.ITEM_STATE_ACTIVE: "active", types_pb2.ITEM_STATE_ARCHIVED: "archived",
+           types_pb2.ITEM_STATE_EXPIRED: "expired"}
 
 
 def _read(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -101,7 +105,12 @@ def _read(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.json:
         out.emit_json({"cube_id": m.cube_id, "revision": base, "items": [to_dict(i) for i in items]})
     else:
-        out.table(["ITEM ID", "REV", "EVENT TIME", "TAGS", "SOURCE", "TEXT"], _item_rows(items))
+        out.table(["ITEM ID", "REV", "STATE", "EVENT TIME", "TAGS", "SOURCE", "TEXT"], _item_rows(items))
+
+
+def _said(item: types_pb2.Item) -> str:
+    """A conversation turn's text after its speaker."""
+    return f"{item.speaker}: {item.text}" if item.speaker else item.text
 
 
 def _search(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -113,21 +122,23 @@ def _search(client: Client, args: argparse.Namespace, out: Output) -> None:
             [m.mount_id for m in mounts], args.query, args.k,
             tags_all=args.tag, tags_any=args.any_tag, tags_none=args.not_tag,
             since=args.since, until=args.until, mode=args.mode,
+            speakers=args.speaker, session_ids=args.session, context_turns=args.context,
+            include_archived=args.include_archived,
         )
     if out.json:
         out.emit_json(to_dict(results.response))
         return
     # Show cubes as the user named them, not by their ids.
     names = {m.cube_id: cube for m, cube in zip(mounts, args.cubes, strict=True)}
-    out.table(
-        ["RANK", "SCORE", "DENSE", "LEXICAL", "ITEM ID", "CUBE", "TEXT"],
-        [
-            [rank, f"{h.score:.4f}", f"{h.dense_score:.4f}" if h.dense_rank else "-",
-             f"{h.lexical_score:.3f}" if h.lexical_rank else "-", h.item.item_id,
-             names.get(h.cube_id, h.cube_id), h.item.text]
-            for rank, h in enumerate(results, 1)
-        ],
-    )
+    rows: list[list[object]] = []
+    for rank, h in enumerate(results, 1):
+        cube = names.get(h.cube_id, h.cube_id)
+        # Context turns go around their hit, unranked and indented.
+        rows += [["-", "-", "-", "-", c.item_id, cube, "  | " + _said(c)] for c in h.context_before]
+        rows.append([rank, f"{h.score:.4f}", f"{h.dense_score:.4f}" if h.dense_rank else "-",
+                     f"{h.lexical_score:.3f}" if h.lexical_rank else "-", h.item.item_id, cube, _said(h.item)])
+        rows += [["-", "-", "-", "-", c.item_id, cube, "  | " + _said(c)] for c in h.context_after]
+    out.table(["RANK", "SCORE", "DENSE", "LEXICAL", "ITEM ID", "CUBE", "TEXT"], rows)
     out.note(f"{len(results)} hits in {results.took_us / 1000:.1f} ms")
 
 
@@ -139,6 +150,17 @@ def _forget(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.emit_json({"cube_id": m.cube_id, "revision": to_dict(rev)})
     else:
         revision_block(out, rev, [("cube id", m.cube_id)])
+
+
+def _set_state(client: Client, args: argparse.Namespace, out: Output) -> None:
+    state = "archived" if args.verb == "archive" else "active"
+    rev = client.set_item_state(args.cube, args.item_ids, state, message=args.message, author=args.author)
+    if out.json:
+        out.emit_json({"cube": args.cube, "state": state, "revision": to_dict(rev) if rev is not None else None})
+    elif rev is None:
+        out.block([("cube", args.cube), ("revision", f"none: every item was {state} already")])
+    else:
+        revision_block(out, rev, [("cube", args.cube), ("state", state)])
 
 
 def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -160,6 +182,9 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--no-commit", action="store_true",
                    help="stage only, leaving the mount open; prints the mount id for 'commit --mount'")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="items per Write call")
+    p.add_argument("--ttl", type=natural, default=0, metavar="SECONDS",
+                   help="the items expire SECONDS after the write (left out, then purged after the daemon's "
+                        "lifecycle.expire_grace_seconds); default: never")
     author_arg(p)
     p.set_defaults(handler=_write)
 
@@ -179,7 +204,14 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--since", type=iso_time, metavar="ISO", help="event time at or after")
     p.add_argument("--until", type=iso_time, metavar="ISO", help="event time before")
     p.add_argument("--mode", choices=["hybrid", "dense", "lexical"], default="hybrid")
+    p.add_argument("--speaker", action="append", default=[], metavar="S",
+                   help="conversation turns said by S (repeat: any of them)")
+    p.add_argument("--session", action="append", default=[], metavar="ID",
+                   help="conversation turns of session ID (repeat: any of them)")
+    p.add_argument("--context", type=natural, default=0, metavar="N",
+                   help="also show up to N turns before and after each hit in its session (0 to 10)")
     p.add_argument("--revision", type=int, default=0, metavar="N", help="search at this revision (default HEAD)")
+    p.add_argument("--include-archived", action="store_true", help="also return archived items")
     p.set_defaults(handler=_search)
 
     p = verbs.add_parser("forget", help="forget items and commit")
@@ -188,3 +220,12 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-m", "--message", default=DEFAULT_FORGET_MESSAGE, help="commit message")
     author_arg(p)
     p.set_defaults(handler=_forget)
+
+    for verb, what in (("archive", "archive items: kept and readable, left out of search and memory blocks"),
+                       ("restore", "restore archived (or expired, not yet purged) items")):
+        p = verbs.add_parser(verb, help=f"{what}; commits a revision")
+        p.add_argument("cube", metavar="CUBE", help="cube id or name")
+        p.add_argument("item_ids", nargs="+", metavar="ITEM_ID")
+        p.add_argument("-m", "--message", default="", help="commit message (default: '<verb> N items')")
+        author_arg(p)
+        p.set_defaults(handler=_set_state)

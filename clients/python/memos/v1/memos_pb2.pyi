@@ -517,11 +517,21 @@ class SearchRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    SPEAKERS_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    CONTEXT_TURNS_FIELD_NUMBER: _builtins.int
+    INCLUDE_ARCHIVED_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     """1 byte to max_item_bytes of UTF-8."""
     k: _builtins.int
     """Results to return: 1 to 1000; 0 means 10."""
     mode: _types_pb2.SearchMode.ValueType
+    context_turns: _builtins.int
+    """Return up to this many turns before and after each hit, from the hit's
+    session (SearchHit.context_before / context_after): 0 (none) to 10.
+    """
+    include_archived: _builtins.bool
+    """Also return archived items (expired ones never are)."""
     @_builtins.property
     def mount_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """One or more mounts, of the same cube or of several."""
@@ -532,6 +542,14 @@ class SearchRequest(_message.Message):
     def event_time(self) -> _types_pb2.TimeRange:
         """Filter on the items' event_time."""
 
+    @_builtins.property
+    def speakers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Conversation filters: the item's speaker, or its session, is one of
+        these (at most 64 each; empty: any).
+        """
+
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -541,10 +559,14 @@ class SearchRequest(_message.Message):
         tags: _types_pb2.TagFilter | None = ...,
         event_time: _types_pb2.TimeRange | None = ...,
         mode: _types_pb2.SearchMode.ValueType = ...,
+        speakers: _abc.Iterable[_builtins.str] | None = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        context_turns: _builtins.int = ...,
+        include_archived: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "tags", b"tags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "k", b"k", "mode", b"mode", "mount_ids", b"mount_ids", "query", b"query", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_turns", b"context_turns", "event_time", b"event_time", "include_archived", b"include_archived", "k", b"k", "mode", b"mode", "mount_ids", b"mount_ids", "query", b"query", "session_ids", b"session_ids", "speakers", b"speakers", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -584,6 +606,90 @@ class SearchResponse(_message.Message):
 Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
 
 @_typing.final
+class IngestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    COMMIT_MESSAGE_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    """A read-write mount of the cube."""
+    commit_message: _builtins.str
+    """The revision's message; "ingest N messages" when empty."""
+    author: _builtins.str
+    """Free text recorded in the log; the calling principal's name when empty."""
+    source: _builtins.str
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ConversationMessage]:
+        """1 to the daemon's max_items_per_write (default 1024) messages. Their
+        items are committed grouped by session (in order of first appearance),
+        then in time order, then in the order given.
+        """
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags and source given to every item."""
+
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+        messages: _abc.Iterable[_types_pb2.ConversationMessage] | None = ...,
+        commit_message: _builtins.str = ...,
+        author: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "commit_message", b"commit_message", "messages", b"messages", "mount_id", b"mount_id", "source", b"source", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestRequest: _TypeAlias = IngestRequest  # noqa: Y015
+
+@_typing.final
+class IngestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    MOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the new items, in request order."""
+
+    @_builtins.property
+    def revision(self) -> _types_pb2.Revision:
+        """The revision the call made."""
+
+    @_builtins.property
+    def mount(self) -> _types_pb2.Mount:
+        """The mount, now based at that revision (its staging counts unchanged)."""
+
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        revision: _types_pb2.Revision | None = ...,
+        mount: _types_pb2.Mount | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "mount", b"mount", "revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "item_ids", b"item_ids", "mount", b"mount", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestResponse: _TypeAlias = IngestResponse  # noqa: Y015
+
+@_typing.final
 class CommitRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -593,7 +699,7 @@ class CommitRequest(_message.Message):
     mount_id: _builtins.str
     message: _builtins.str
     author: _builtins.str
-    """Free text recorded in the log; "anonymous" when empty."""
+    """Free text recorded in the log; the calling principal's name when empty."""
     def __init__(
         self,
         *,
@@ -1076,16 +1182,22 @@ class ActivateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MOUNT_ID_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     """A mount of the cube to activate; its base revision is what is encoded."""
+    @_builtins.property
+    def selector(self) -> _types_pb2.ActivationSelector:
+        """Which items the memory block holds; unset: all of them."""
+
     def __init__(
         self,
         *,
         mount_id: _builtins.str = ...,
+        selector: _types_pb2.ActivationSelector | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mount_id", b"mount_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mount_id", b"mount_id", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2023,3 +2135,310 @@ class PurgeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PurgeResponse: _TypeAlias = PurgeResponse  # noqa: Y015
+
+@_typing.final
+class SetCubePolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """Cube id or name."""
+    @_builtins.property
+    def policy(self) -> _types_pb2.CubePolicy: ...
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+        policy: _types_pb2.CubePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCubePolicyRequest: _TypeAlias = SetCubePolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetCubePolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CUBE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def cube(self) -> _types_pb2.Cube: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        cube: _types_pb2.Cube | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCubePolicyResponse: _TypeAlias = SetCubePolicyResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerStatusRequest: _TypeAlias = SchedulerStatusRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    RUNNING_CUBE_ID_FIELD_NUMBER: _builtins.int
+    PENDING_CUBE_IDS_FIELD_NUMBER: _builtins.int
+    TICKS_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    KV_POOL_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    interval_seconds: _builtins.float
+    running_cube_id: _builtins.str
+    """The cube being activated in the background now; empty when idle."""
+    ticks: _builtins.int
+    activations: _builtins.int
+    queue_depth: _builtins.int
+    """Jobs waiting for the runtime worker."""
+    @_builtins.property
+    def pending_cube_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Auto cubes not yet looked at in the current pass, hottest first."""
+
+    @_builtins.property
+    def kv_pool(self) -> Global___KVPoolStats: ...
+    @_builtins.property
+    def adapters(self) -> Global___AdapterPoolStats: ...
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SchedulerDecision]:
+        """Newest last."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        interval_seconds: _builtins.float = ...,
+        running_cube_id: _builtins.str = ...,
+        pending_cube_ids: _abc.Iterable[_builtins.str] | None = ...,
+        ticks: _builtins.int = ...,
+        activations: _builtins.int = ...,
+        queue_depth: _builtins.int = ...,
+        kv_pool: Global___KVPoolStats | None = ...,
+        adapters: Global___AdapterPoolStats | None = ...,
+        decisions: _abc.Iterable[Global___SchedulerDecision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "kv_pool", b"kv_pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "adapters", b"adapters", "decisions", b"decisions", "enabled", b"enabled", "interval_seconds", b"interval_seconds", "kv_pool", b"kv_pool", "pending_cube_ids", b"pending_cube_ids", "queue_depth", b"queue_depth", "running_cube_id", b"running_cube_id", "ticks", b"ticks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerStatusResponse: _TypeAlias = SchedulerStatusResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerDecision(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TOKENS_REUSED_FIELD_NUMBER: _builtins.int
+    TOKENS_COMPUTED_FIELD_NUMBER: _builtins.int
+    cube_id: _builtins.str
+    action: _builtins.str
+    """"activate", "skip", "defer", "evict" or "fail"."""
+    reason: _builtins.str
+    tokens_reused: _builtins.int
+    tokens_computed: _builtins.int
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        cube_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        tokens_reused: _builtins.int = ...,
+        tokens_computed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cube_id", b"cube_id", "reason", b"reason", "time", b"time", "tokens_computed", b"tokens_computed", "tokens_reused", b"tokens_reused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerDecision: _TypeAlias = SchedulerDecision  # noqa: Y015
+
+@_typing.final
+class FreezeCubeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """Cube id or name."""
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeCubeRequest: _TypeAlias = FreezeCubeRequest  # noqa: Y015
+
+@_typing.final
+class FreezeCubeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CUBE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def cube(self) -> _types_pb2.Cube: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        cube: _types_pb2.Cube | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeCubeResponse: _TypeAlias = FreezeCubeResponse  # noqa: Y015
+
+@_typing.final
+class ThawCubeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """Cube id or name."""
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThawCubeRequest: _TypeAlias = ThawCubeRequest  # noqa: Y015
+
+@_typing.final
+class ThawCubeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CUBE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def cube(self) -> _types_pb2.Cube: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        cube: _types_pb2.Cube | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThawCubeResponse: _TypeAlias = ThawCubeResponse  # noqa: Y015
+
+@_typing.final
+class SetItemStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """Cube id or name."""
+    state: _types_pb2.ItemState.ValueType
+    """ITEM_STATE_ARCHIVED or ITEM_STATE_ACTIVE."""
+    message: _builtins.str
+    """The revision's message; "archive N items" / "restore N items" when empty."""
+    author: _builtins.str
+    """Free text recorded in the log; the calling principal's name when empty."""
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Items alive at HEAD: 1 to max_ids_per_call."""
+
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        state: _types_pb2.ItemState.ValueType = ...,
+        message: _builtins.str = ...,
+        author: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "cube", b"cube", "item_ids", b"item_ids", "message", b"message", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetItemStateRequest: _TypeAlias = SetItemStateRequest  # noqa: Y015
+
+@_typing.final
+class SetItemStateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def revision(self) -> _types_pb2.Revision:
+        """The new revision; unset when no item changed."""
+
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        revision: _types_pb2.Revision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetItemStateResponse: _TypeAlias = SetItemStateResponse  # noqa: Y015

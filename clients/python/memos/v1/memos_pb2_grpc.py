@@ -84,6 +84,11 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.SearchRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.Ingest = channel.unary_unary(
+                '/memos.v1.MemOS/Ingest',
+                request_serializer=memos_dot_v1_dot_memos__pb2.IngestRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.IngestResponse.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/memos.v1.MemOS/Commit',
                 request_serializer=memos_dot_v1_dot_memos__pb2.CommitRequest.SerializeToString,
@@ -153,6 +158,31 @@ class MemOSStub:
                 '/memos.v1.MemOS/ListJobs',
                 request_serializer=memos_dot_v1_dot_memos__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.SetCubePolicy = channel.unary_unary(
+                '/memos.v1.MemOS/SetCubePolicy',
+                request_serializer=memos_dot_v1_dot_memos__pb2.SetCubePolicyRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.SetCubePolicyResponse.FromString,
+                _registered_method=True)
+        self.SchedulerStatus = channel.unary_unary(
+                '/memos.v1.MemOS/SchedulerStatus',
+                request_serializer=memos_dot_v1_dot_memos__pb2.SchedulerStatusRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.SchedulerStatusResponse.FromString,
+                _registered_method=True)
+        self.FreezeCube = channel.unary_unary(
+                '/memos.v1.MemOS/FreezeCube',
+                request_serializer=memos_dot_v1_dot_memos__pb2.FreezeCubeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.FreezeCubeResponse.FromString,
+                _registered_method=True)
+        self.ThawCube = channel.unary_unary(
+                '/memos.v1.MemOS/ThawCube',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ThawCubeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ThawCubeResponse.FromString,
+                _registered_method=True)
+        self.SetItemState = channel.unary_unary(
+                '/memos.v1.MemOS/SetItemState',
+                request_serializer=memos_dot_v1_dot_memos__pb2.SetItemStateRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.SetItemStateResponse.FromString,
                 _registered_method=True)
         self.CreatePrincipal = channel.unary_unary(
                 '/memos.v1.MemOS/CreatePrincipal',
@@ -275,7 +305,22 @@ class MemOSServicer:
 
     def Search(self, request, context):
         """Hybrid (dense + BM25) top-k over one or more mounts, each at its base
-        revision plus its staged changes, with tag and time filters. Changes nothing.
+        revision plus its staged changes, with tag, time, speaker and session
+        filters, and optionally the conversation turns around each hit.
+        Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ingest(self, request, context):
+        """Takes a conversation (speaker, text, time, session of each message) and
+        commits every message as one item, with its speaker and session, in one
+        new revision, as Write then Commit would; the messages are embedded
+        before the call returns. Turns of a session are linked (Item.prev_item_id,
+        next_item_id) in time order, across calls too. Only these items are
+        committed: the mount's other staged changes stay staged.
+        Changes: adds a revision; moves the mount's base to it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -404,6 +449,56 @@ class MemOSServicer:
 
     def ListJobs(self, request, context):
         """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCubePolicy(self, request, context):
+        """Sets how the scheduler treats a cube (manual, or auto-activation of its
+        working set) and the working set's size. Needs the admin right.
+        Changes: the cube's policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SchedulerStatus(self, request, context):
+        """The scheduler now: the cube it is activating, the auto cubes still to
+        look at in this pass, each pool's usage and hit counts, and its recent
+        decisions with their reasons. Admins only. Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FreezeCube(self, request, context):
+        """--- lifecycle -------------------------------------------------------------
+        Freezes a cube: it becomes read-only. Everything that would commit to it
+        (a read-write Mount, Write, Forget, Commit, Ingest, Rollback,
+        ImportAdapter, Train) fails FAILED_PRECONDITION / CUBE_FROZEN until
+        ThawCube; reads, searches, activations and Purge (erasure) still work.
+        Needs the admin right. Changes: the cube's frozen flag (idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ThawCube(self, request, context):
+        """Thaws a frozen cube: commits are accepted again. Needs the admin right.
+        Changes: the cube's frozen flag (idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetItemState(self, request, context):
+        """Archives items (left out of Search and memory blocks, but kept and
+        readable) or restores them (ITEM_STATE_ACTIVE; restoring an expired item
+        also drops its TTL) at HEAD, as one new revision: each changed item gets a
+        new version with the same content, so Log, Diff and Rollback see it.
+        Items already in that state change nothing (no revision when none
+        changes). Needs the write right. Changes: adds a revision.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -545,6 +640,11 @@ def add_MemOSServicer_to_server(servicer, server):
                     request_deserializer=memos_dot_v1_dot_memos__pb2.SearchRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.SearchResponse.SerializeToString,
             ),
+            'Ingest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ingest,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.IngestRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.IngestResponse.SerializeToString,
+            ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.CommitRequest.FromString,
@@ -614,6 +714,31 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.ListJobsRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'SetCubePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCubePolicy,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.SetCubePolicyRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.SetCubePolicyResponse.SerializeToString,
+            ),
+            'SchedulerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SchedulerStatus,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.SchedulerStatusRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.SchedulerStatusResponse.SerializeToString,
+            ),
+            'FreezeCube': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeCube,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.FreezeCubeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.FreezeCubeResponse.SerializeToString,
+            ),
+            'ThawCube': grpc.unary_unary_rpc_method_handler(
+                    servicer.ThawCube,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ThawCubeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ThawCubeResponse.SerializeToString,
+            ),
+            'SetItemState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetItemState,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.SetItemStateRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.SetItemStateResponse.SerializeToString,
             ),
             'CreatePrincipal': grpc.unary_unary_rpc_method_handler(
                     servicer.CreatePrincipal,
@@ -931,6 +1056,33 @@ class MemOS:
             '/memos.v1.MemOS/Search',
             memos_dot_v1_dot_memos__pb2.SearchRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ingest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Ingest',
+            memos_dot_v1_dot_memos__pb2.IngestRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.IngestResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1309,6 +1461,141 @@ class MemOS:
             '/memos.v1.MemOS/ListJobs',
             memos_dot_v1_dot_memos__pb2.ListJobsRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCubePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/SetCubePolicy',
+            memos_dot_v1_dot_memos__pb2.SetCubePolicyRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.SetCubePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SchedulerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/SchedulerStatus',
+            memos_dot_v1_dot_memos__pb2.SchedulerStatusRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.SchedulerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeCube(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/FreezeCube',
+            memos_dot_v1_dot_memos__pb2.FreezeCubeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.FreezeCubeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ThawCube(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/ThawCube',
+            memos_dot_v1_dot_memos__pb2.ThawCubeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ThawCubeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetItemState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/SetItemState',
+            memos_dot_v1_dot_memos__pb2.SetItemStateRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.SetItemStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

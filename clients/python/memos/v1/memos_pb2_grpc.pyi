@@ -71,7 +71,18 @@ class MemOSStub:
     """
     Search: _grpc.UnaryUnaryMultiCallable[_memos_pb2.SearchRequest, _memos_pb2.SearchResponse]
     """Hybrid (dense + BM25) top-k over one or more mounts, each at its base
-    revision plus its staged changes, with tag and time filters. Changes nothing.
+    revision plus its staged changes, with tag, time, speaker and session
+    filters, and optionally the conversation turns around each hit.
+    Changes nothing.
+    """
+    Ingest: _grpc.UnaryUnaryMultiCallable[_memos_pb2.IngestRequest, _memos_pb2.IngestResponse]
+    """Takes a conversation (speaker, text, time, session of each message) and
+    commits every message as one item, with its speaker and session, in one
+    new revision, as Write then Commit would; the messages are embedded
+    before the call returns. Turns of a session are linked (Item.prev_item_id,
+    next_item_id) in time order, across calls too. Only these items are
+    committed: the mount's other staged changes stay staged.
+    Changes: adds a revision; moves the mount's base to it.
     """
     Commit: _grpc.UnaryUnaryMultiCallable[_memos_pb2.CommitRequest, _memos_pb2.CommitResponse]
     """Applies a mount's staged changes atomically as a new revision (one synced
@@ -142,6 +153,36 @@ class MemOSStub:
     """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ListJobsRequest, _memos_pb2.ListJobsResponse]
     """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
+    SetCubePolicy: _grpc.UnaryUnaryMultiCallable[_memos_pb2.SetCubePolicyRequest, _memos_pb2.SetCubePolicyResponse]
+    """Sets how the scheduler treats a cube (manual, or auto-activation of its
+    working set) and the working set's size. Needs the admin right.
+    Changes: the cube's policy.
+    """
+    SchedulerStatus: _grpc.UnaryUnaryMultiCallable[_memos_pb2.SchedulerStatusRequest, _memos_pb2.SchedulerStatusResponse]
+    """The scheduler now: the cube it is activating, the auto cubes still to
+    look at in this pass, each pool's usage and hit counts, and its recent
+    decisions with their reasons. Admins only. Changes nothing.
+    """
+    FreezeCube: _grpc.UnaryUnaryMultiCallable[_memos_pb2.FreezeCubeRequest, _memos_pb2.FreezeCubeResponse]
+    """--- lifecycle -------------------------------------------------------------
+    Freezes a cube: it becomes read-only. Everything that would commit to it
+    (a read-write Mount, Write, Forget, Commit, Ingest, Rollback,
+    ImportAdapter, Train) fails FAILED_PRECONDITION / CUBE_FROZEN until
+    ThawCube; reads, searches, activations and Purge (erasure) still work.
+    Needs the admin right. Changes: the cube's frozen flag (idempotent).
+    """
+    ThawCube: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ThawCubeRequest, _memos_pb2.ThawCubeResponse]
+    """Thaws a frozen cube: commits are accepted again. Needs the admin right.
+    Changes: the cube's frozen flag (idempotent).
+    """
+    SetItemState: _grpc.UnaryUnaryMultiCallable[_memos_pb2.SetItemStateRequest, _memos_pb2.SetItemStateResponse]
+    """Archives items (left out of Search and memory blocks, but kept and
+    readable) or restores them (ITEM_STATE_ACTIVE; restoring an expired item
+    also drops its TTL) at HEAD, as one new revision: each changed item gets a
+    new version with the same content, so Log, Diff and Rollback see it.
+    Items already in that state change nothing (no revision when none
+    changes). Needs the write right. Changes: adds a revision.
+    """
     CreatePrincipal: _grpc.UnaryUnaryMultiCallable[_memos_pb2.CreatePrincipalRequest, _memos_pb2.CreatePrincipalResponse]
     """--- governance ----------------------------------------------------------
     Every call but the health service's carries a bearer token in the
@@ -222,7 +263,18 @@ class MemOSAsyncStub(MemOSStub):
     """
     Search: _aio.UnaryUnaryMultiCallable[_memos_pb2.SearchRequest, _memos_pb2.SearchResponse]  # type: ignore[assignment]
     """Hybrid (dense + BM25) top-k over one or more mounts, each at its base
-    revision plus its staged changes, with tag and time filters. Changes nothing.
+    revision plus its staged changes, with tag, time, speaker and session
+    filters, and optionally the conversation turns around each hit.
+    Changes nothing.
+    """
+    Ingest: _aio.UnaryUnaryMultiCallable[_memos_pb2.IngestRequest, _memos_pb2.IngestResponse]  # type: ignore[assignment]
+    """Takes a conversation (speaker, text, time, session of each message) and
+    commits every message as one item, with its speaker and session, in one
+    new revision, as Write then Commit would; the messages are embedded
+    before the call returns. Turns of a session are linked (Item.prev_item_id,
+    next_item_id) in time order, across calls too. Only these items are
+    committed: the mount's other staged changes stay staged.
+    Changes: adds a revision; moves the mount's base to it.
     """
     Commit: _aio.UnaryUnaryMultiCallable[_memos_pb2.CommitRequest, _memos_pb2.CommitResponse]  # type: ignore[assignment]
     """Applies a mount's staged changes atomically as a new revision (one synced
@@ -293,6 +345,36 @@ class MemOSAsyncStub(MemOSStub):
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_memos_pb2.ListJobsRequest, _memos_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
+    SetCubePolicy: _aio.UnaryUnaryMultiCallable[_memos_pb2.SetCubePolicyRequest, _memos_pb2.SetCubePolicyResponse]  # type: ignore[assignment]
+    """Sets how the scheduler treats a cube (manual, or auto-activation of its
+    working set) and the working set's size. Needs the admin right.
+    Changes: the cube's policy.
+    """
+    SchedulerStatus: _aio.UnaryUnaryMultiCallable[_memos_pb2.SchedulerStatusRequest, _memos_pb2.SchedulerStatusResponse]  # type: ignore[assignment]
+    """The scheduler now: the cube it is activating, the auto cubes still to
+    look at in this pass, each pool's usage and hit counts, and its recent
+    decisions with their reasons. Admins only. Changes nothing.
+    """
+    FreezeCube: _aio.UnaryUnaryMultiCallable[_memos_pb2.FreezeCubeRequest, _memos_pb2.FreezeCubeResponse]  # type: ignore[assignment]
+    """--- lifecycle -------------------------------------------------------------
+    Freezes a cube: it becomes read-only. Everything that would commit to it
+    (a read-write Mount, Write, Forget, Commit, Ingest, Rollback,
+    ImportAdapter, Train) fails FAILED_PRECONDITION / CUBE_FROZEN until
+    ThawCube; reads, searches, activations and Purge (erasure) still work.
+    Needs the admin right. Changes: the cube's frozen flag (idempotent).
+    """
+    ThawCube: _aio.UnaryUnaryMultiCallable[_memos_pb2.ThawCubeRequest, _memos_pb2.ThawCubeResponse]  # type: ignore[assignment]
+    """Thaws a frozen cube: commits are accepted again. Needs the admin right.
+    Changes: the cube's frozen flag (idempotent).
+    """
+    SetItemState: _aio.UnaryUnaryMultiCallable[_memos_pb2.SetItemStateRequest, _memos_pb2.SetItemStateResponse]  # type: ignore[assignment]
+    """Archives items (left out of Search and memory blocks, but kept and
+    readable) or restores them (ITEM_STATE_ACTIVE; restoring an expired item
+    also drops its TTL) at HEAD, as one new revision: each changed item gets a
+    new version with the same content, so Log, Diff and Rollback see it.
+    Items already in that state change nothing (no revision when none
+    changes). Needs the write right. Changes: adds a revision.
+    """
     CreatePrincipal: _aio.UnaryUnaryMultiCallable[_memos_pb2.CreatePrincipalRequest, _memos_pb2.CreatePrincipalResponse]  # type: ignore[assignment]
     """--- governance ----------------------------------------------------------
     Every call but the health service's carries a bearer token in the
@@ -430,7 +512,24 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memos_pb2.SearchResponse, _abc.Awaitable[_memos_pb2.SearchResponse]]:
         """Hybrid (dense + BM25) top-k over one or more mounts, each at its base
-        revision plus its staged changes, with tag and time filters. Changes nothing.
+        revision plus its staged changes, with tag, time, speaker and session
+        filters, and optionally the conversation turns around each hit.
+        Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def Ingest(
+        self,
+        request: _memos_pb2.IngestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.IngestResponse, _abc.Awaitable[_memos_pb2.IngestResponse]]:
+        """Takes a conversation (speaker, text, time, session of each message) and
+        commits every message as one item, with its speaker and session, in one
+        new revision, as Write then Commit would; the messages are embedded
+        before the call returns. Turns of a session are linked (Item.prev_item_id,
+        next_item_id) in time order, across calls too. Only these items are
+        committed: the mount's other staged changes stay staged.
+        Changes: adds a revision; moves the mount's base to it.
         """
 
     @_abc_1.abstractmethod
@@ -585,6 +684,66 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memos_pb2.ListJobsResponse, _abc.Awaitable[_memos_pb2.ListJobsResponse]]:
         """Lists jobs, newest first (the daemon keeps the last 100). Changes nothing."""
+
+    @_abc_1.abstractmethod
+    def SetCubePolicy(
+        self,
+        request: _memos_pb2.SetCubePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.SetCubePolicyResponse, _abc.Awaitable[_memos_pb2.SetCubePolicyResponse]]:
+        """Sets how the scheduler treats a cube (manual, or auto-activation of its
+        working set) and the working set's size. Needs the admin right.
+        Changes: the cube's policy.
+        """
+
+    @_abc_1.abstractmethod
+    def SchedulerStatus(
+        self,
+        request: _memos_pb2.SchedulerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.SchedulerStatusResponse, _abc.Awaitable[_memos_pb2.SchedulerStatusResponse]]:
+        """The scheduler now: the cube it is activating, the auto cubes still to
+        look at in this pass, each pool's usage and hit counts, and its recent
+        decisions with their reasons. Admins only. Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def FreezeCube(
+        self,
+        request: _memos_pb2.FreezeCubeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.FreezeCubeResponse, _abc.Awaitable[_memos_pb2.FreezeCubeResponse]]:
+        """--- lifecycle -------------------------------------------------------------
+        Freezes a cube: it becomes read-only. Everything that would commit to it
+        (a read-write Mount, Write, Forget, Commit, Ingest, Rollback,
+        ImportAdapter, Train) fails FAILED_PRECONDITION / CUBE_FROZEN until
+        ThawCube; reads, searches, activations and Purge (erasure) still work.
+        Needs the admin right. Changes: the cube's frozen flag (idempotent).
+        """
+
+    @_abc_1.abstractmethod
+    def ThawCube(
+        self,
+        request: _memos_pb2.ThawCubeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ThawCubeResponse, _abc.Awaitable[_memos_pb2.ThawCubeResponse]]:
+        """Thaws a frozen cube: commits are accepted again. Needs the admin right.
+        Changes: the cube's frozen flag (idempotent).
+        """
+
+    @_abc_1.abstractmethod
+    def SetItemState(
+        self,
+        request: _memos_pb2.SetItemStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.SetItemStateResponse, _abc.Awaitable[_memos_pb2.SetItemStateResponse]]:
+        """Archives items (left out of Search and memory blocks, but kept and
+        readable) or restores them (ITEM_STATE_ACTIVE; restoring an expired item
+        also drops its TTL) at HEAD, as one new revision: each changed item gets a
+        new version with the same content, so Log, Diff and Rollback see it.
+        Items already in that state change nothing (no revision when none
+        changes). Needs the write right. Changes: adds a revision.
+        """
 
     @_abc_1.abstractmethod
     def CreatePrincipal(

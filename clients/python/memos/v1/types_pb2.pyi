@@ -20,6 +20,37 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ItemState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ItemStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ITEM_STATE_UNSPECIFIED: _ItemState.ValueType  # 0
+    ITEM_STATE_ACTIVE: _ItemState.ValueType  # 1
+    ITEM_STATE_ARCHIVED: _ItemState.ValueType  # 2
+    """Set by SetItemState; kept, restored by SetItemState(ACTIVE)."""
+    ITEM_STATE_EXPIRED: _ItemState.ValueType  # 3
+    """Its TTL passed (committed by the daemon, author "memosd"); purged after
+    lifecycle.expire_grace_seconds. Only the daemon sets it.
+    """
+
+class ItemState(_ItemState, metaclass=_ItemStateEnumTypeWrapper):
+    """An item's lifecycle state. Archived and expired items are left out of
+    Search (archived ones come back with include_archived) and of memory
+    blocks, but Read returns them. Every change is a committed revision.
+    """
+
+ITEM_STATE_UNSPECIFIED: ItemState.ValueType  # 0
+ITEM_STATE_ACTIVE: ItemState.ValueType  # 1
+ITEM_STATE_ARCHIVED: ItemState.ValueType  # 2
+"""Set by SetItemState; kept, restored by SetItemState(ACTIVE)."""
+ITEM_STATE_EXPIRED: ItemState.ValueType  # 3
+"""Its TTL passed (committed by the daemon, author "memosd"); purged after
+lifecycle.expire_grace_seconds. Only the daemon sets it.
+"""
+Global___ItemState: _TypeAlias = ItemState  # noqa: Y015
+
 class _MountMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -175,6 +206,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[NOT_FOUND] No principal with that id or name."""
     PRINCIPAL_NAME_TAKEN: _ErrorReason.ValueType  # 31
     """[ALREADY_EXISTS] Another principal has that name."""
+    CUBE_FROZEN: _ErrorReason.ValueType  # 32
+    """[FAILED_PRECONDITION] The cube is frozen (FreezeCube): nothing can be committed to it until ThawCube."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -246,6 +279,8 @@ PRINCIPAL_NOT_FOUND: ErrorReason.ValueType  # 30
 """[NOT_FOUND] No principal with that id or name."""
 PRINCIPAL_NAME_TAKEN: ErrorReason.ValueType  # 31
 """[ALREADY_EXISTS] Another principal has that name."""
+CUBE_FROZEN: ErrorReason.ValueType  # 32
+"""[FAILED_PRECONDITION] The cube is frozen (FreezeCube): nothing can be committed to it until ThawCube."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _ActivationSource:
@@ -276,6 +311,33 @@ ACTIVATION_SOURCE_STORE: ActivationSource.ValueType  # 2
 ACTIVATION_SOURCE_COMPUTED: ActivationSource.ValueType  # 3
 """Computed; tokens_reused > 0 when an earlier cache's prefix was kept."""
 Global___ActivationSource: _TypeAlias = ActivationSource  # noqa: Y015
+
+class _SchedulePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SchedulePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SchedulePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_POLICY_UNSPECIFIED: _SchedulePolicy.ValueType  # 0
+    SCHEDULE_POLICY_MANUAL: _SchedulePolicy.ValueType  # 1
+    """Nothing happens on its own (the default)."""
+    SCHEDULE_POLICY_AUTO_ACTIVATE: _SchedulePolicy.ValueType  # 2
+    """The scheduler keeps the cube's working set activated at HEAD: it
+    re-activates it in the background when the set has drifted past the
+    threshold and the KV pool has room.
+    """
+
+class SchedulePolicy(_SchedulePolicy, metaclass=_SchedulePolicyEnumTypeWrapper): ...
+
+SCHEDULE_POLICY_UNSPECIFIED: SchedulePolicy.ValueType  # 0
+SCHEDULE_POLICY_MANUAL: SchedulePolicy.ValueType  # 1
+"""Nothing happens on its own (the default)."""
+SCHEDULE_POLICY_AUTO_ACTIVATE: SchedulePolicy.ValueType  # 2
+"""The scheduler keeps the cube's working set activated at HEAD: it
+re-activates it in the background when the set has drifted past the
+threshold and the KV pool has room.
+"""
+Global___SchedulePolicy: _TypeAlias = SchedulePolicy  # noqa: Y015
 
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -496,6 +558,9 @@ class Cube(_message.Message):
     MOUNT_COUNT_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
     OWNER_PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    FROZEN_FIELD_NUMBER: _builtins.int
     cube_id: _builtins.str
     """Daemon-assigned, immutable ("cube_" + 20 lowercase base32 characters)."""
     name: _builtins.str
@@ -511,10 +576,18 @@ class Cube(_message.Message):
     """Item versions held across all revisions (history included)."""
     owner_principal_id: _builtins.str
     """The principal that allocated the cube: it holds every right on it."""
+    frozen: _builtins.bool
+    """Frozen (FreezeCube): read-only until ThawCube; commits are refused with CUBE_FROZEN."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def usage(self) -> Global___CubeUsage:
+        """How its memory has been used (statistics kept in memory and flushed in batches)."""
+
+    @_builtins.property
+    def policy(self) -> Global___CubePolicy: ...
     def __init__(
         self,
         *,
@@ -528,14 +601,57 @@ class Cube(_message.Message):
         mount_count: _builtins.int = ...,
         version_count: _builtins.int = ...,
         owner_principal_id: _builtins.str = ...,
+        usage: Global___CubeUsage | None = ...,
+        policy: Global___CubePolicy | None = ...,
+        frozen: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "policy", b"policy", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "owner_principal_id", b"owner_principal_id", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "frozen", b"frozen", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "owner_principal_id", b"owner_principal_id", "policy", b"policy", "usage", b"usage", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cube: _TypeAlias = Cube  # noqa: Y015
+
+@_typing.final
+class CubeUsage(_message.Message):
+    """What Search, Read (by ids) and Generate used of a cube."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEARCHES_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
+    GENERATIONS_FIELD_NUMBER: _builtins.int
+    ITEM_HITS_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    ITEMS_TRACKED_FIELD_NUMBER: _builtins.int
+    searches: _builtins.int
+    """Calls over a mount of the cube."""
+    reads: _builtins.int
+    generations: _builtins.int
+    item_hits: _builtins.int
+    """Item uses: returned by Search, read by id, or put in a Generate prompt."""
+    items_tracked: _builtins.int
+    """Items with usage kept (the least recently used are dropped past a bound)."""
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        searches: _builtins.int = ...,
+        reads: _builtins.int = ...,
+        generations: _builtins.int = ...,
+        item_hits: _builtins.int = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        items_tracked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generations", b"generations", "item_hits", b"item_hits", "items_tracked", b"items_tracked", "last_used_time", b"last_used_time", "reads", b"reads", "searches", b"searches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CubeUsage: _TypeAlias = CubeUsage  # noqa: Y015
 
 @_typing.final
 class Item(_message.Message):
@@ -551,6 +667,14 @@ class Item(_message.Message):
     WRITE_TIME_FIELD_NUMBER: _builtins.int
     BORN_REVISION_FIELD_NUMBER: _builtins.int
     STAGED_FIELD_NUMBER: _builtins.int
+    HIT_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    SPEAKER_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PREV_ITEM_ID_FIELD_NUMBER: _builtins.int
+    NEXT_ITEM_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """Daemon-assigned, stable across versions ("itm_" + 20 base32 characters)."""
     text: _builtins.str
@@ -560,6 +684,23 @@ class Item(_message.Message):
     """The revision that made this version; 0 while it is only staged."""
     staged: _builtins.bool
     """True when this version is a mount's staged, uncommitted change."""
+    hit_count: _builtins.int
+    """How often the item was used (Search hit, Read by id, in a Generate prompt), and when last."""
+    speaker: _builtins.str
+    """Conversation turns (see Ingest): who said it and the session it belongs
+    to; both "" for other items. Search can filter on them.
+    """
+    session_id: _builtins.str
+    prev_item_id: _builtins.str
+    """The turns right before and after this one in its session, as the mount
+    that read it sees the session (its base revision plus its staging), in
+    event_time order, then write order. "" at either end of a session, for
+    items without a session, and in Diff. Filled by Read and Search; they are
+    derived when read, not stored, so they follow Forget, Rollback and Purge.
+    """
+    next_item_id: _builtins.str
+    state: Global___ItemState.ValueType
+    """Its lifecycle state at this version (SetItemState, TTL expiry)."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -569,6 +710,12 @@ class Item(_message.Message):
     @_builtins.property
     def write_time(self) -> _timestamp_pb2.Timestamp:
         """When the daemon received this version of the item."""
+
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When its TTL ends (ItemInput.ttl_seconds); unset for no TTL."""
 
     def __init__(
         self,
@@ -581,10 +728,18 @@ class Item(_message.Message):
         write_time: _timestamp_pb2.Timestamp | None = ...,
         born_revision: _builtins.int = ...,
         staged: _builtins.bool = ...,
+        hit_count: _builtins.int = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        speaker: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        prev_item_id: _builtins.str = ...,
+        next_item_id: _builtins.str = ...,
+        state: Global___ItemState.ValueType = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "write_time", b"write_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "write_time", b"write_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "event_time", b"event_time", "item_id", b"item_id", "source", b"source", "staged", b"staged", "tags", b"tags", "text", b"text", "write_time", b"write_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "event_time", b"event_time", "expire_time", b"expire_time", "hit_count", b"hit_count", "item_id", b"item_id", "last_used_time", b"last_used_time", "next_item_id", b"next_item_id", "prev_item_id", b"prev_item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "staged", b"staged", "state", b"state", "tags", b"tags", "text", b"text", "write_time", b"write_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -601,6 +756,9 @@ class ItemInput(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
+    SPEAKER_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """Empty to add a new item (the daemon assigns its id); set to replace the
     item with this id, which must be visible in the mount.
@@ -608,6 +766,15 @@ class ItemInput(_message.Message):
     text: _builtins.str
     """1 byte to the daemon's max_item_bytes (default 32 KiB) of UTF-8."""
     source: _builtins.str
+    speaker: _builtins.str
+    """Optional conversation metadata (Ingest sets both): at most 128 and 256
+    printable characters.
+    """
+    session_id: _builtins.str
+    ttl_seconds: _builtins.int
+    """Time to live: the item expires this many seconds after the write
+    (0: never; at most 100 years). See ItemState.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -622,14 +789,57 @@ class ItemInput(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         source: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
+        speaker: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "item_id", b"item_id", "source", b"source", "tags", b"tags", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "item_id", b"item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "tags", b"tags", "text", b"text", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ItemInput: _TypeAlias = ItemInput  # noqa: Y015
+
+@_typing.final
+class ConversationMessage(_message.Message):
+    """One message of a conversation, for Ingest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEAKER_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    speaker: _builtins.str
+    """Who said it ("user", "assistant", a name): 1 to 128 printable characters."""
+    text: _builtins.str
+    """1 byte to the daemon's max_item_bytes of UTF-8."""
+    session_id: _builtins.str
+    """The conversation it belongs to: 1 to 256 printable characters. Turns of
+    one session are linked in time order, across Ingest calls too.
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it was said; when unset the daemon uses the ingest time (keeping
+        the order the messages were given in).
+        """
+
+    def __init__(
+        self,
+        *,
+        speaker: _builtins.str = ...,
+        text: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "speaker", b"speaker", "text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversationMessage: _TypeAlias = ConversationMessage  # noqa: Y015
 
 @_typing.final
 class Mount(_message.Message):
@@ -860,6 +1070,8 @@ class SearchHit(_message.Message):
     LEXICAL_SCORE_FIELD_NUMBER: _builtins.int
     DENSE_RANK_FIELD_NUMBER: _builtins.int
     LEXICAL_RANK_FIELD_NUMBER: _builtins.int
+    CONTEXT_BEFORE_FIELD_NUMBER: _builtins.int
+    CONTEXT_AFTER_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     cube_id: _builtins.str
     score: _builtins.float
@@ -875,6 +1087,16 @@ class SearchHit(_message.Message):
     lexical_rank: _builtins.int
     @_builtins.property
     def item(self) -> Global___Item: ...
+    @_builtins.property
+    def context_before(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """With SearchRequest.context_turns: the hit's neighbouring turns in its
+        session (as the mount sees it), whatever the filters. context_before is
+        oldest first and ends with the turn right before the hit; context_after
+        starts with the turn right after it. Empty for items without a session.
+        """
+
+    @_builtins.property
+    def context_after(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
     def __init__(
         self,
         *,
@@ -886,10 +1108,12 @@ class SearchHit(_message.Message):
         lexical_score: _builtins.float = ...,
         dense_rank: _builtins.int = ...,
         lexical_rank: _builtins.int = ...,
+        context_before: _abc.Iterable[Global___Item] | None = ...,
+        context_after: _abc.Iterable[Global___Item] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube_id", b"cube_id", "dense_rank", b"dense_rank", "dense_score", b"dense_score", "item", b"item", "lexical_rank", b"lexical_rank", "lexical_score", b"lexical_score", "mount_id", b"mount_id", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_after", b"context_after", "context_before", b"context_before", "cube_id", b"cube_id", "dense_rank", b"dense_rank", "dense_score", b"dense_score", "item", b"item", "lexical_rank", b"lexical_rank", "lexical_score", b"lexical_score", "mount_id", b"mount_id", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -915,6 +1139,7 @@ class Activation(_message.Message):
     TOOK_US_FIELD_NUMBER: _builtins.int
     POOLED_FIELD_NUMBER: _builtins.int
     ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
     cube_id: _builtins.str
     revision: _builtins.int
     """The revision whose items the memory block holds."""
@@ -946,6 +1171,8 @@ class Activation(_message.Message):
     """The cube's adapter at this revision, which the cache was computed under
     ("" for the base model); it is now resident in the adapter pool.
     """
+    selector: _builtins.str
+    """Which items the block holds: "all", "items", "tag:<tag>" or "working_set:<n>"."""
     def __init__(
         self,
         *,
@@ -963,14 +1190,118 @@ class Activation(_message.Message):
         took_us: _builtins.int = ...,
         pooled: _builtins.bool = ...,
         adapter_digest: _builtins.str = ...,
+        selector: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_digest", b"adapter_digest", "cache_key", b"cache_key", "cube_id", b"cube_id", "item_count", b"item_count", "model_fingerprint", b"model_fingerprint", "persisted_bytes", b"persisted_bytes", "pool_bytes", b"pool_bytes", "pooled", b"pooled", "revision", b"revision", "source", b"source", "tokens", b"tokens", "tokens_computed", b"tokens_computed", "tokens_reused", b"tokens_reused", "took_us", b"took_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_digest", b"adapter_digest", "cache_key", b"cache_key", "cube_id", b"cube_id", "item_count", b"item_count", "model_fingerprint", b"model_fingerprint", "persisted_bytes", b"persisted_bytes", "pool_bytes", b"pool_bytes", "pooled", b"pooled", "revision", b"revision", "selector", b"selector", "source", b"source", "tokens", b"tokens", "tokens_computed", b"tokens_computed", "tokens_reused", b"tokens_reused", "took_us", b"took_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Activation: _TypeAlias = Activation  # noqa: Y015
+
+@_typing.final
+class ActivationSelector(_message.Message):
+    """Which of a cube's items an activation encodes (in commit order, whatever
+    the selector). Unset: all items alive at the mount's revision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALL_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    WORKING_SET_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    tag: _builtins.str
+    """Items holding this tag."""
+    working_set: _builtins.int
+    """The cube's working set: its top N items by a usage score that blends
+    frequency and recency (Search hits, reads, Generate prompts); items
+    never used fill it newest first. 0 means the cube policy's N.
+    """
+    @_builtins.property
+    def items(self) -> Global___ItemIdList: ...
+    def __init__(
+        self,
+        *,
+        all: _builtins.bool = ...,
+        items: Global___ItemIdList | None = ...,
+        tag: _builtins.str = ...,
+        working_set: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "items", b"items", "kind", b"kind", "tag", b"tag", "working_set", b"working_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "items", b"items", "kind", b"kind", "tag", b"tag", "working_set", b"working_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["all", "items", "tag", "working_set"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ActivationSelector: _TypeAlias = ActivationSelector  # noqa: Y015
+
+@_typing.final
+class ItemIdList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemIdList: _TypeAlias = ItemIdList  # noqa: Y015
+
+@_typing.final
+class CubePolicy(_message.Message):
+    """How the scheduler treats a cube."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    WORKING_SET_SIZE_FIELD_NUMBER: _builtins.int
+    DRIFT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    TRAIN_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    TRAIN_MIN_ITEMS_FIELD_NUMBER: _builtins.int
+    schedule: Global___SchedulePolicy.ValueType
+    working_set_size: _builtins.int
+    """N of the working set; 0 means the default (32)."""
+    drift_threshold: _builtins.float
+    """Re-activate when this fraction of the working set differs from the
+    activated items; 0 means the default (0.25).
+    """
+    train_after_seconds: _builtins.int
+    """Promotion to parametric memory: when no commit has changed the cube's
+    items for this long, and it holds at least train_min_items items, the
+    scheduler starts memory training (Train) unless the cube's adapter was
+    already trained on exactly these items. 0 (the default) never trains.
+    """
+    train_min_items: _builtins.int
+    """0 means the default (10)."""
+    def __init__(
+        self,
+        *,
+        schedule: Global___SchedulePolicy.ValueType = ...,
+        working_set_size: _builtins.int = ...,
+        drift_threshold: _builtins.float = ...,
+        train_after_seconds: _builtins.int = ...,
+        train_min_items: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift_threshold", b"drift_threshold", "schedule", b"schedule", "train_after_seconds", b"train_after_seconds", "train_min_items", b"train_min_items", "working_set_size", b"working_set_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CubePolicy: _TypeAlias = CubePolicy  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):

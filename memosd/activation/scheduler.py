@@ -1,0 +1,248 @@
+"""The MemScheduler: keeps the working set of auto cubes activated, under the KV pool's budget.
+
+Every ``interval`` seconds, ``tick`` looks at each cube whose policy is
+``auto`` and decides, with a reason it records:
+
+* **skip** when its activation (for the loaded model) is at HEAD, in the pool,
+  and its items are within ``drift_threshold`` of the working set (1 - Jaccard);
+* **activate** the working set at HEAD otherwise, in the background: the
+  prefill goes to the runtime worker one chunk at a time at background
+  priority, so interactive work waits at most one chunk; the previous cache's
+  unchanged prefix blocks are reused (blocks are in commit order);
+* **defer** when the pool has no room for it even after evicting caches of
+  cubes colder than this one (by last use); the pool itself never exceeds its
+  budget, since every put evicts least recently used caches first.
+
+Promotion to parametric memory (any cube whose policy sets
+``train_after_seconds``; off by default): **train** when no commit has
+changed its items for that long, it has ``train_min_items``, no job of it is
+queued or running, and its adapter was not already trained on exactly these
+items. Training is a normal background job (JobManager), committed with its
+lineage by author ``memosd-scheduler``.
+
+The hottest cubes (most recent use) are considered first. One tick activates
+at most ``max_per_tick`` cubes, so a burst of drift does not monopolise the
+worker. ``status`` is what ``memosctl sched status`` shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from memosd.activation import select
+from memosd.activation.activator import Activator, cube_salt, kv_bytes_per_token
+from memosd.activation.host import ModelHost
+from memosd.errors import MemosError
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.state import CubeState
+from memosd.kernel.usage import UsageTracker
+from memosd.logfmt import log_event
+from memosd.parametric.jobs import JobManager
+from memosd.runtime.kvcache import ComputeCancelled
+
+log = logging.getLogger("memosd.scheduler")
+
+
+@dataclass(frozen=True)
+class Decision:
+    time_ns: int
+    cube_id: str
+    action: str  # "activate" | "skip" | "defer" | "evict" | "train" | "fail"
+    reason: str
+    tokens_reused: int = 0
+    tokens_computed: int = 0
+
+
+@dataclass
+class SchedulerState:
+    running: str = ""  # the cube being activated now, "" when idle
+    pending: list[str] = field(default_factory=list)  # auto cubes not yet looked at in this tick
+    ticks: int = 0
+    activations: int = 0
+
+
+class Scheduler:
+    def __init__(self, kernel: Kernel, activator: Activator, host: ModelHost, usage: UsageTracker, *,
+                 jobs: JobManager | None = None, interval: float = 2.0, max_per_tick: int = 2,
+                 history: int = 100) -> None:
+        self.kernel = kernel
+        self.jobs = jobs
+        self.activator = activator
+        self.host = host
+        self.usage = usage
+        self.interval = interval
+        self.max_per_tick = max_per_tick
+        self.decisions: deque[Decision] = deque(maxlen=history)
+        self.state = SchedulerState()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one pass ------------------------------------------------------------------
+    def tick(self) -> list[Decision]:
+        """Look at every auto cube once; returns this pass's decisions."""
+        loaded = self.host.loaded_now()
+        if loaded is None:
+            return []
+        cubes = [c for c in list(self.kernel.cubes.values())
+                 if c.record.policy.get("schedule") == "auto" and c.head > 0 and not c.freed]
+        cubes.sort(key=lambda c: self.usage.cube(c.cube_id).last_used_ns, reverse=True)
+        made: list[Decision] = []
+        activated = 0
+        with self._lock:
+            self.state.pending = [c.cube_id for c in cubes]
+            self.state.ticks += 1
+        for cube in cubes:
+            if self._stop.is_set():
+                break
+            with self._lock:
+                self.state.pending.remove(cube.cube_id)
+            decision = self._consider(cube, loaded, budget_left=activated < self.max_per_tick)
+            activated += decision.action == "activate"
+            if decision.action != "skip" or not self._last_was(decision):
+                self._record(decision)
+            made.append(decision)
+        for cube in list(self.kernel.cubes.values()):
+            promoted = self._promote(cube)
+            if promoted is not None:
+                self._record(promoted)
+                made.append(promoted)
+        return made
+
+    def _promote(self, cube: CubeState) -> Decision | None:
+        """Start memory training for a cube whose items have been stable long enough (policy; off by default)."""
+        after = int(cube.record.policy.get("train_after_seconds") or 0)
+        if not after or self.jobs is None or cube.freed or cube.head == 0:
+            return None
+        now = time.time_ns()
+        head = cube.head
+        changed_at = next((r.create_ns for r in self.kernel.store.iter_revisions(cube.cube_id, newest=head)
+                           if r.added or r.changed or r.forgotten), 0)
+        with cube.lock:
+            alive = {(m.item_id, m.born) for m in cube.catalog.alive_at(head)}
+        minimum = int(cube.record.policy.get("train_min_items") or select.DEFAULT_TRAIN_MIN_ITEMS)
+        if len(alive) < minimum or now - changed_at < after * 10**9:
+            return None
+        if any(j.cube_id == cube.cube_id and not j.finished for j in self.jobs.list_jobs(cube.cube_id)):
+            return None
+        adapter = cube.adapter_at(head)
+        if adapter is not None and adapter.lineage.get("origin") == "trained":
+            source = int(adapter.lineage.get("source_revision", -1))
+            with cube.lock:
+                trained_on = {(m.item_id, m.born) for m in cube.catalog.alive_at(source)}
+            if trained_on == alive:
+                return None  # the adapter already holds exactly these items
+        mount = self.kernel.mount(cube.cube_id, head, False, "memosd")
+        try:
+            job = self.jobs.train(mount.record.mount_id, {}, f"scheduled memory training of revision {head}",
+                                  "memosd-scheduler")
+        except MemosError as error:
+            return Decision(now, cube.cube_id, "fail", f"training not started: {error}")
+        finally:
+            self.kernel.unmount(mount.record.mount_id)  # the job holds what it needs (revision and items)
+        log_event(log, "sched_train", cube=cube.cube_id, revision=head, job=job.job_id)
+        return Decision(now, cube.cube_id, "train", f"{len(alive)} items unchanged for {after} s; job {job.job_id}")
+
+    def _consider(self, cube: CubeState, loaded: Any, *, budget_left: bool) -> Decision:
+        now = time.time_ns()
+        size = int(cube.record.policy.get("working_set_size") or select.DEFAULT_WORKING_SET)
+        threshold = float(cube.record.policy.get("drift_threshold") or select.DEFAULT_DRIFT)
+        head = cube.head
+        with cube.lock:
+            alive = (m for m in cube.catalog.alive_at(head) if not m.hidden(now))  # as Activator.block_items
+            wanted = [m.item_id for m in select.working_set(alive, self.usage.items(cube.cube_id), size, now)]
+        record = self.kernel.store.get_activation(cube.cube_id, loaded.fingerprint)
+        if record is not None:
+            moved = select.drift([item_id for item_id, _ in record.items], wanted)
+            pooled = record.cache_key in self.host.pool
+            if record.revision == head and pooled and moved <= threshold:
+                return Decision(now, cube.cube_id, "skip", f"fresh: drift {moved:.2f} <= {threshold:.2f}")
+            why = (f"drift {moved:.2f} > {threshold:.2f}" if moved > threshold
+                   else f"revision {record.revision} -> {head}" if record.revision != head else "not in the pool")
+        else:
+            why = "never activated"
+        if not budget_left:
+            return Decision(now, cube.cube_id, "defer", f"{why}; {self.max_per_tick} activations this tick already")
+        room = self._make_room(cube, loaded, record.token_ids if record is not None else None, size)
+        if not room:
+            return Decision(now, cube.cube_id, "defer", f"{why}; the KV pool has no room (colder caches only "
+                                                        "may be evicted)")
+        with self._lock:
+            self.state.running = cube.cube_id
+        try:
+            outcome = self.activator.activate_cube(cube, head, self._stop, select.Selector("working_set", size=size),
+                                                   background=True)
+        except (MemosError, ComputeCancelled) as error:
+            return Decision(now, cube.cube_id, "fail", f"{why}; {error}")
+        finally:
+            with self._lock:
+                self.state.running = ""
+        with self._lock:
+            self.state.activations += 1
+        log_event(log, "sched_activate", cube=cube.cube_id, revision=head, reason=why,
+                  reused=outcome.tokens_reused, computed=outcome.tokens_computed)
+        return Decision(now, cube.cube_id, "activate", why, outcome.tokens_reused, outcome.tokens_computed)
+
+    def _make_room(self, cube: CubeState, loaded: Any, tokens: Any, size: int) -> bool:
+        """Whether the pool can take the cube's cache, evicting caches of colder cubes if needed."""
+        per_token = kv_bytes_per_token(loaded) or 0
+        # The last activation's size is the best guess; without one, ~64 tokens an item.
+        estimate = per_token * (len(tokens) if tokens is not None else 64 * size)
+        pool = self.host.pool
+        if estimate > pool.budget_bytes:
+            return False
+        mine = self.usage.cube(cube.cube_id).last_used_ns
+        owner = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
+        while pool.budget_bytes - pool.bytes_used < estimate:
+            colder = [(self.usage.cube(owner.get(cache.salt, "")).last_used_ns, key, owner.get(cache.salt, ""))
+                      for key, cache in pool.entries() if owner.get(cache.salt) != cube.cube_id]
+            colder = [entry for entry in colder if entry[0] < mine]
+            if not colder:
+                return False
+            _, victim, victim_cube = min(colder)
+            pool.evict(victim)
+            self._record(Decision(time.time_ns(), victim_cube, "evict",
+                                  f"room for {cube.cube_id}, which was used more recently"))
+        return True
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _record(self, decision: Decision) -> None:
+        with self._lock:
+            self.decisions.append(decision)
+
+    def _last_was(self, decision: Decision) -> bool:
+        """Whether the cube's last recorded decision was the same (skips are recorded once, not every tick)."""
+        with self._lock:
+            for earlier in reversed(self.decisions):
+                if earlier.cube_id == decision.cube_id:
+                    return (earlier.action, earlier.reason.split(":")[0]) == (decision.action,
+                                                                             decision.reason.split(":")[0])
+        return False
+
+    def status(self) -> tuple[SchedulerState, list[Decision]]:
+        with self._lock:
+            return SchedulerState(self.state.running, list(self.state.pending), self.state.ticks,
+                                  self.state.activations), list(self.decisions)
+
+    # -- the loop ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception as error:  # the loop must outlive one bad pass; it is logged
+                log_event(log, "sched_error", level=logging.ERROR, error=f"{type(error).__name__}: {error}",
+                          exc_info=error)
+
+    def close(self) -> None:
+        self._stop.set()  # also cancels a background activation between chunks
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,100 @@
+"""The lifecycle loop: what the daemon does to cubes on its own, as time passes.
+
+Every ``lifecycle.interval_seconds`` it passes over every cube:
+
+1. items alive at HEAD whose TTL has passed are committed as "expired" in one
+   revision (author "memosd"; a frozen cube is skipped: it is read-only, and
+   Search leaves those items out by their TTL anyway);
+2. items whose HEAD version is expired and whose TTL ended more than
+   ``lifecycle.expire_grace_seconds`` ago are purged exactly as by the Purge
+   syscall (``erase``: every version, vector, staged copy and KV cache,
+   pooled or stored, and their usage counts).
+
+The gate audits syscalls only, so each change made here is appended to the
+audit log by the loop itself, with principal_id "" and the methods
+``Lifecycle.Expire`` and ``Lifecycle.Purge``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from memosd.errors import MemosError
+from memosd.governance.audit import AuditEntry
+from memosd.kernel.kernel import Kernel
+from memosd.logfmt import log_event
+from memosd.store.records import PurgeReceipt
+
+log = logging.getLogger("memosd.lifecycle")
+
+AUTHOR = "memosd"
+
+
+class AuditSink(Protocol):
+    def append(self, entry: AuditEntry) -> None: ...
+
+
+Erase = Callable[[str, list[str]], PurgeReceipt]  # (cube, item ids) -> receipt, as the Purge syscall does it
+
+
+class LifecycleLoop:
+    def __init__(self, kernel: Kernel, audit: AuditSink | None, erase: Erase, *, interval: float,
+                 grace_seconds: float) -> None:
+        self.kernel = kernel
+        self.audit = audit
+        self.erase = erase
+        self.interval = interval
+        self.grace_ns = int(grace_seconds * 1_000_000_000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> None:
+        """One pass over every cube."""
+        for cube_id in list(self.kernel.cubes):
+            if self._stop.is_set():
+                return
+            try:
+                self._expire(cube_id)
+                self._purge(cube_id)
+            except MemosError as error:  # freed meanwhile, or a commit refused: the next pass tries again
+                log_event(log, "lifecycle_skipped", cube=cube_id, reason=error.reason, error=error.message)
+
+    def _expire(self, cube_id: str) -> None:
+        revision, item_ids = self.kernel.expire_due(cube_id, AUTHOR)
+        if revision is not None:
+            self._audit("Lifecycle.Expire", cube_id, revision.number, item_ids)
+
+    def _purge(self, cube_id: str) -> None:
+        item_ids = self.kernel.expired_past_grace(cube_id, self.grace_ns)
+        if not item_ids:
+            return
+        receipt = self.erase(cube_id, item_ids)
+        if receipt.item_ids:
+            self._audit("Lifecycle.Purge", cube_id, 0, list(receipt.item_ids), [f"purge:{receipt.purge_id}"])
+            log_event(log, "purge_expired", cube=cube_id, items=len(receipt.item_ids), purge=receipt.purge_id)
+
+    def _audit(self, method: str, cube_id: str, revision: int, item_ids: list[str],
+               artifacts: list[str] | None = None) -> None:
+        if self.audit is not None:
+            self.audit.append(AuditEntry(principal_id="", method=method, cube_id=cube_id, revision=revision,
+                                         item_ids=item_ids, artifacts=artifacts or []))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lifecycle", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception as error:  # the loop must outlive one bad pass; it is logged
+                log_event(log, "lifecycle_error", level=logging.ERROR, error=f"{type(error).__name__}: {error}",
+                          exc_info=error)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

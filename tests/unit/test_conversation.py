@@ -1,0 +1,220 @@
+"""Conversation ingest in process: items with speaker and session, turns linked at read time (across Ingest
+calls, following Forget and the revision read), search filters by speaker and session, context turns.
+
+A kernel over a real RocksDB store and real indexes with a deterministic embedder; searches that check
+which item is found are lexical (the stand-in embedder knows no meaning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from activation_rig import HashEmbedder
+
+from memosd.config import LimitsConfig, SearchConfig
+from memosd.daemon import make_ranker
+from memosd.errors import InvalidField, MountReadOnly, TextEmpty, TooManyItems
+from memosd.index.cube_index import CubeIndex
+from memosd.kernel.conversation import ingest_order
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.search import Searcher, SearchSettings
+from memosd.kernel.types import ItemInput, ItemView, Message, SearchFilter, SearchHit
+from memosd.store.rocks import Store
+
+S = 1_000_000_000  # one second in ns
+T0 = 1_700_000_000 * S
+
+
+def open_kernel(data: Path, limits: LimitsConfig | None = None) -> Kernel:
+    kernel = Kernel(Store(data / "store"), HashEmbedder(), CubeIndex.open, data / "index", limits or LimitsConfig(),
+                    sync_commits=False)
+    kernel.open()
+    return kernel
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[Kernel]:
+    k = open_kernel(tmp_path / "data", LimitsConfig(max_items_per_write=8))
+    k.alloc_cube("c", "", {})
+    yield k
+    if k.store._cfs:  # not closed by the test
+        k.close()
+
+
+def searcher(kernel: Kernel) -> Searcher:
+    return Searcher(kernel, make_ranker(SearchConfig()), SearchSettings())
+
+
+def rw(kernel: Kernel) -> str:
+    return kernel.mount("c", 0, True).record.mount_id
+
+
+def chat(session: str, *turns: tuple[str, str], start: int = 0) -> list[Message]:
+    """Turns one second apart from T0 + ``start`` seconds."""
+    return [Message(speaker, text, session, T0 + (start + i) * S) for i, (speaker, text) in enumerate(turns)]
+
+
+def by_text(views: Sequence[ItemView]) -> dict[str, ItemView]:
+    return {v.text: v for v in views}
+
+
+def read_all(kernel: Kernel, mount_id: str) -> dict[str, ItemView]:
+    return by_text(kernel.list_items(mount_id, 1000, "")[0].entries)
+
+
+def chain(items: dict[str, ItemView], first: str) -> list[str]:
+    """The texts of a session followed from ``first`` along next links, checking prev links agree."""
+    ids = {v.item_id: v for v in items.values()}
+    out, view = [first], items[first]
+    assert view.prev_item_id == ""
+    while view.next_item_id:
+        nxt = ids[view.next_item_id]
+        assert nxt.prev_item_id == view.item_id
+        out.append(nxt.text)
+        view = nxt
+    return out
+
+
+def test_commit_order_groups_sessions_in_order_of_appearance_then_time_then_given_order() -> None:
+    messages = [Message("u", "b2", "b", 5), Message("u", "a1", "a", 9), Message("u", "b1", "b", 1),
+                Message("u", "b0", "b", 0), Message("u", "a0", "a", 9)]
+    # "b0" has no time: it is the ingest time (100), after b's timed turns.
+    assert [messages[i].text for i in ingest_order(messages, now=100)] == ["b1", "b2", "b0", "a1", "a0"]
+
+
+def test_ingest_commits_one_revision_of_turns_with_speaker_session_and_links(kernel: Kernel) -> None:
+    mount = rw(kernel)
+    [staged] = kernel.write(mount, [ItemInput("a note staged before the ingest")])[0]
+    conversation = [*chat("s1", ("user", "hello there"), ("assistant", "hi, how can I help"), ("user", "book a table")),
+                    *chat("s2", ("user", "what is the weather"), ("assistant", "sunny"))]
+    # Given out of time order within s1: committed and linked in time order.
+    given = [conversation[2], conversation[0], conversation[3], conversation[1], conversation[4]]
+    result = kernel.ingest(mount, given, tags=("chat",), source="test", message="", author="me")
+    assert result.revision.number == 1 and result.revision.added == 5
+    assert result.revision.message == "ingest 5 messages" and result.revision.author == "me"
+    assert len(result.item_ids) == 5 and result.mount.record.base == 1
+    assert result.mount.staged_adds == 1  # the staged note is neither committed nor dropped
+
+    items = read_all(kernel, mount)
+    assert items["a note staged before the ingest"].item_id == staged and items["sunny"].session_id == "s2"
+    assert chain(items, "hello there") == ["hello there", "hi, how can I help", "book a table"]
+    assert chain(items, "what is the weather") == ["what is the weather", "sunny"]
+    hello = items["hello there"]
+    assert (hello.speaker, hello.session_id, hello.tags, hello.source, hello.event_ns) == (
+        "user", "s1", ("chat",), "test", T0)
+    # Item ids come back in request order.
+    assert [kernel.read(mount, [i])[0][0].text for i in result.item_ids] == [m.text for m in given]
+    # Read by id links too, and so does an item staged by Write with a session: it joins the session.
+    kernel.write(mount, [ItemInput("a late staged turn", speaker="user", session_id="s2", event_ns=T0 + 9 * S)])
+    [sunny] = kernel.read(mount, [items["sunny"].item_id])[0]
+    assert sunny.next_item_id == read_all(kernel, mount)["a late staged turn"].item_id
+    kernel.commit(mount, "the staged turns", "me")  # Write's speaker and session are committed with it
+    late = read_all(kernel, mount)["a late staged turn"]
+    assert (late.speaker, late.session_id, late.born, late.prev_item_id) == ("user", "s2", 2, sunny.item_id)
+
+
+def test_a_later_ingest_continues_the_session_and_old_revisions_keep_their_links(kernel: Kernel) -> None:
+    mount = rw(kernel)
+    kernel.ingest(mount, chat("s", ("user", "first question"), ("assistant", "first answer")))
+    kernel.ingest(mount, chat("s", ("user", "second question"), ("assistant", "second answer"), start=10))
+    now = read_all(kernel, mount)
+    assert chain(now, "first question") == ["first question", "first answer", "second question", "second answer"]
+    # The old item was not rewritten to link it: still one version, born at revision 1.
+    assert now["first answer"].born == 1 and kernel.cube("c").record.version_count == 4
+    at_one = kernel.mount("c", 1, False).record.mount_id
+    assert chain(read_all(kernel, at_one), "first question") == ["first question", "first answer"]
+
+
+def test_links_skip_a_forgotten_turn(kernel: Kernel) -> None:
+    mount = rw(kernel)
+    kernel.ingest(mount, chat("s", ("a", "one"), ("b", "two"), ("a", "three")))
+    kernel.forget(mount, [read_all(kernel, mount)["two"].item_id])
+    assert chain(read_all(kernel, mount), "one") == ["one", "three"]  # staged forget
+    kernel.commit(mount, "forget", "me")
+    assert chain(read_all(kernel, mount), "one") == ["one", "three"]
+
+
+def test_search_filters_by_speaker_session_and_time(kernel: Kernel) -> None:
+    mount = rw(kernel)
+    kernel.ingest(mount, [*chat("s1", ("alice", "pizza tonight"), ("bob", "pizza sounds good")),
+                          *chat("s2", ("alice", "pizza again"), ("carol", "no more pizza"), start=100)])
+    kernel.write(mount, [ItemInput("staged pizza from carol", speaker="carol", session_id="s3")])
+    search = searcher(kernel)
+
+    def texts(filt: SearchFilter, mode: str = "lexical") -> set[str]:
+        return {h.item.text for h in search.search([mount], "pizza", 10, filt, mode).hits}
+
+    assert texts(SearchFilter(speakers=("alice",))) == {"pizza tonight", "pizza again"}
+    assert texts(SearchFilter(speakers=("carol",)), "dense") == {"no more pizza", "staged pizza from carol"}
+    assert texts(SearchFilter(session_ids=("s1",))) == {"pizza tonight", "pizza sounds good"}
+    assert texts(SearchFilter(speakers=("alice", "bob"), session_ids=("s2",)), "hybrid") == {"pizza again"}
+    assert texts(SearchFilter(start_ns=T0 + 100 * S, session_ids=("s1", "s2"))) == {"pizza again", "no more pizza"}
+    assert texts(SearchFilter(speakers=("nobody",))) == set()
+
+
+def hit_for(hits: list[SearchHit], text: str) -> SearchHit:
+    [hit] = [h for h in hits if h.item.text == text]
+    return hit
+
+
+def test_search_returns_the_turns_around_each_hit_in_order(kernel: Kernel) -> None:
+    mount = rw(kernel)
+    turns = [("user" if i % 2 == 0 else "assistant", f"turn {i} " + ("zebra" if i == 4 else "plain")) for i in range(8)]
+    kernel.ingest(mount, chat("s", *turns))
+    search = searcher(kernel)
+    [hit] = search.search([mount], "zebra", 1, SearchFilter(), "lexical", context_turns=2).hits
+    assert [v.text for v in hit.context_before] == ["turn 2 plain", "turn 3 plain"]
+    assert [v.text for v in hit.context_after] == ["turn 5 plain", "turn 6 plain"]
+    assert hit.item.prev_item_id == hit.context_before[-1].item_id
+    assert hit.item.next_item_id == hit.context_after[0].item_id
+    assert hit.context_after[0].prev_item_id == hit.item.item_id  # context turns are linked too
+    # Context ignores the filters (the other speaker's turns are the context), and stops at the session's end.
+    [hit] = search.search([mount], "zebra", 1, SearchFilter(speakers=("user",)), "lexical", context_turns=10).hits
+    assert [v.text for v in hit.context_before] == [f"turn {i} plain" for i in range(4)]
+    assert [v.text for v in hit.context_after] == [f"turn {i} plain" for i in range(5, 8)]
+    [plain] = search.search([mount], "zebra", 1, SearchFilter(), "lexical").hits
+    assert plain.context_before == () and plain.context_after == () and plain.item.next_item_id
+    with pytest.raises(InvalidField, match="context_turns"):
+        search.search([mount], "zebra", 1, SearchFilter(), "lexical", context_turns=11)
+
+
+def test_bad_conversations_are_refused_whole(kernel: Kernel) -> None:
+    mount = rw(kernel)
+    ok = chat("s", ("user", "fine"))[0]
+    cases = [
+        ([ok, Message("", "no speaker", "s")], InvalidField, "messages\\[1\\].speaker"),
+        ([ok, Message("   ", "blank speaker", "s")], InvalidField, "messages\\[1\\].speaker"),
+        ([ok, Message("user", " ", "s")], TextEmpty, "messages\\[1\\].text"),
+        ([ok, Message("user", "no session", "")], InvalidField, "messages\\[1\\].session_id"),
+        ([ok] * 9, TooManyItems, "max_items_per_write"),
+        ([], InvalidField, "messages is empty"),
+    ]
+    for messages, error, match in cases:
+        with pytest.raises(error, match=match):
+            kernel.ingest(mount, messages)
+    with pytest.raises(MountReadOnly):
+        kernel.ingest(kernel.mount("c", 0, False).record.mount_id, [ok])
+    assert kernel.cube("c").head == 0 and len(kernel.cube("c").catalog) == 0
+
+
+def test_turns_survive_a_restart_and_a_purge_leaves_no_link(tmp_path: Path) -> None:
+    kernel = open_kernel(tmp_path / "data")
+    kernel.alloc_cube("c", "", {})
+    mount = rw(kernel)
+    kernel.ingest(mount, chat("s", ("a", "alpha"), ("b", "bravo secret"), ("a", "charlie")))
+    kernel.close()
+    kernel = open_kernel(tmp_path / "data")
+    try:
+        mount = rw(kernel)
+        items = read_all(kernel, mount)
+        assert chain(items, "alpha") == ["alpha", "bravo secret", "charlie"]
+        assert items["bravo secret"].speaker == "b"
+        hits = searcher(kernel).search([mount], "charlie", 5, SearchFilter(session_ids=("s",)), "lexical").hits
+        assert [h.item.text for h in hits] == ["charlie"]
+        kernel.purge("c", [items["bravo secret"].item_id])
+        assert chain(read_all(kernel, mount), "alpha") == ["alpha", "charlie"]
+        assert kernel.cube("c").catalog.vkeys_with_tags((), (), speakers=("b",)) == set()
+    finally:
+        kernel.close()

@@ -1,0 +1,98 @@
+"""Item lifecycle in process: memory blocks leave archived and expired items out, and one pass of the
+lifecycle loop expires, audits and purges (with a fake audit sink)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from activation_rig import Rig, open_rig
+
+from memosd.activation import select
+from memosd.governance.audit import AuditEntry
+from memosd.kernel.types import ItemInput
+from memosd.lifecycle import LifecycleLoop
+from memosd.store.records import PurgeReceipt
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = open_rig(tmp_path, "none")
+    yield r
+    r.close()
+
+
+def _commit(rig: Rig, cube: str, items: list[ItemInput]) -> list[str]:
+    mount = rig.kernel.mount(cube, 0, True).record.mount_id
+    ids, _ = rig.kernel.write(mount, items)
+    rig.kernel.commit(mount, "add", "test")
+    rig.kernel.unmount(mount)
+    return ids
+
+
+def test_memory_blocks_leave_archived_and_expired_items_out(rig: Rig) -> None:
+    rig.kernel.alloc_cube("blocks", "", {})
+    kept, archived, brief = _commit(rig, "blocks", [ItemInput("kept"), ItemInput("archived"),
+                                                     ItemInput("brief", ttl_seconds=1)])
+    rig.kernel.set_item_state("blocks", [archived], "archived", "", "test")
+    cube = rig.kernel.cube("blocks")
+    refs, texts, _ = rig.activator.block_items(cube, cube.head, select.ALL)
+    assert [i for i, _ in refs] == [kept, brief] and texts == ["kept", "brief"]
+    time.sleep(1.05)  # past the TTL, before the loop has committed it: already left out
+    refs, _, _ = rig.activator.block_items(cube, cube.head, select.ALL)
+    assert [i for i, _ in refs] == [kept]
+
+
+def test_set_item_state_changes_nothing_for_items_already_in_that_state(rig: Rig) -> None:
+    rig.kernel.alloc_cube("noop", "", {})
+    (item,) = _commit(rig, "noop", [ItemInput("x")])
+    assert rig.kernel.set_item_state("noop", [item], "active", "", "test") is None
+    assert rig.kernel.cube("noop").head == 1
+
+
+class _Audit:
+    def __init__(self) -> None:
+        self.entries: list[AuditEntry] = []
+
+    def append(self, entry: AuditEntry) -> None:
+        self.entries.append(entry)
+
+
+def test_one_loop_pass_expires_then_purges_after_the_grace_and_audits_both(rig: Rig) -> None:
+    rig.kernel.alloc_cube("ttl", "", {})
+    (brief, lasting) = _commit(rig, "ttl", [ItemInput("brief", ttl_seconds=1), ItemInput("lasting")])
+    audit = _Audit()
+    erased: list[list[str]] = []
+
+    def erase(cube: str, item_ids: list[str]) -> PurgeReceipt:
+        erased.append(item_ids)
+        return rig.kernel.purge(cube, item_ids)
+
+    loop = LifecycleLoop(rig.kernel, audit, erase, interval=60, grace_seconds=0.5)
+    loop.tick()
+    assert rig.kernel.cube("ttl").head == 1 and not audit.entries  # nothing due yet
+    time.sleep(1.05)
+    loop.tick()  # expired, but the grace has not passed yet
+    cube = rig.kernel.cube("ttl")
+    assert cube.head == 2 and cube.catalog.visible(brief, 2).state == "expired"  # type: ignore[union-attr]
+    assert [(e.method, e.principal_id, e.revision, e.item_ids) for e in audit.entries] == [
+        ("Lifecycle.Expire", "", 2, [brief])]
+    assert not erased
+    time.sleep(0.5)
+    loop.tick()
+    assert erased == [[brief]] and rig.kernel.cube("ttl").catalog.visible(brief, 1) is None
+    assert [e.method for e in audit.entries] == ["Lifecycle.Expire", "Lifecycle.Purge"]
+    assert audit.entries[1].item_ids == [brief] and audit.entries[1].artifacts[0].startswith("purge:")
+    assert rig.kernel.cube("ttl").catalog.visible(lasting, 2) is not None
+
+
+def test_the_loop_does_not_commit_expiry_to_a_frozen_cube(rig: Rig) -> None:
+    rig.kernel.alloc_cube("cold", "", {})
+    _commit(rig, "cold", [ItemInput("brief", ttl_seconds=1)])
+    rig.kernel.set_frozen("cold", True)
+    time.sleep(1.05)
+    audit = _Audit()
+    LifecycleLoop(rig.kernel, audit, lambda c, i: rig.kernel.purge(c, i), interval=60, grace_seconds=0).tick()
+    assert rig.kernel.cube("cold").head == 1 and not audit.entries
