@@ -179,6 +179,11 @@ class CubeFrozen(MemosError):
     reason = "CUBE_FROZEN"
 
 
+class RevisionCompacted(MemosError):
+    code = "OUT_OF_RANGE"
+    reason = "REVISION_COMPACTED"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -190,5 +195,5 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
     InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
     AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished, Unauthenticated,
-    PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen,
+    PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen, RevisionCompacted,
 )

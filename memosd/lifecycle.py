@@ -8,11 +8,13 @@ Every ``lifecycle.interval_seconds`` it passes over every cube:
 2. items whose HEAD version is expired and whose TTL ended more than
    ``lifecycle.expire_grace_seconds`` ago are purged exactly as by the Purge
    syscall (``erase``: every version, vector, staged copy and KV cache,
-   pooled or stored, and their usage counts).
+   pooled or stored, and their usage counts);
+3. a cube with a retention policy (and not frozen) is compacted
+   (``Kernel.compact``, like the Compact syscall).
 
 The gate audits syscalls only, so each change made here is appended to the
 audit log by the loop itself, with principal_id "" and the methods
-``Lifecycle.Expire`` and ``Lifecycle.Purge``.
+``Lifecycle.Expire``, ``Lifecycle.Purge`` and ``Lifecycle.Compact``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class LifecycleLoop:
             try:
                 self._expire(cube_id)
                 self._purge(cube_id)
+                self._compact(cube_id)
             except MemosError as error:  # freed meanwhile, or a commit refused: the next pass tries again
                 log_event(log, "lifecycle_skipped", cube=cube_id, reason=error.reason, error=error.message)
 
@@ -75,6 +78,15 @@ class LifecycleLoop:
         if receipt.item_ids:
             self._audit("Lifecycle.Purge", cube_id, 0, list(receipt.item_ids), [f"purge:{receipt.purge_id}"])
             log_event(log, "purge_expired", cube=cube_id, items=len(receipt.item_ids), purge=receipt.purge_id)
+
+    def _compact(self, cube_id: str) -> None:
+        cube = self.kernel.cubes.get(cube_id)
+        if cube is None or cube.record.frozen or not cube.record.retention:
+            return
+        result = self.kernel.compact(cube_id)
+        if result.revisions_compacted or result.versions_removed:
+            self._audit("Lifecycle.Compact", cube_id, result.oldest_revision, [],
+                        [f"compacted:{result.revisions_compacted}:{result.versions_removed}"])
 
     def _audit(self, method: str, cube_id: str, revision: int, item_ids: list[str],
                artifacts: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The MemScheduler under a skewed workload: TTFT and KV pool hit rate with the scheduler on and off.
 
-    .venv/bin/python scripts/bench_scheduler.py               # 12 cubes, 200 measured requests each; ~6 min
+    .venv/bin/python scripts/bench_scheduler.py               # 12 cubes, 200 measured requests each; ~3 min
     .venv/bin/python scripts/bench_scheduler.py --cubes 24 --pool-caches 6 --requests 400
     .venv/bin/python scripts/bench_scheduler.py --think-ms 500    # idle gaps between requests
 
@@ -31,12 +31,16 @@ round), so drift on a shared machine hits both alike. While one daemon runs a
 round the other is idle, and an enabled scheduler works in that idle time.
 
 Reported per daemon over the measured phase: TTFT p50/p99/mean (and its
-Activate and Generate parts), where the Activate found the cache (pool, store,
-computed; "request hit rate" = served from the pool), the pool hit rate from
-Stats deltas (every pool lookup: the Activate's, the Generate's and, when on,
-the scheduler's own), pool evictions, the scheduler's activations and
-decisions, and the daemon's CPU seconds. Prints a table and writes JSON
-(--json, default bench-out/bench_scheduler.json).
+Activate and Generate parts, and its median for pool hits and store loads
+apart), where the Activate found the cache (pool, store, computed; "request
+hit rate" = served from the pool), the pool hit rate from Stats deltas (every
+pool lookup: the Activate's, the Generate's and, when on, the scheduler's
+own), pool evictions, the scheduler's activations and decisions (whether the
+next request for a cube it activated found it pooled, whether one it evicted
+then missed, and evictions it undid within the same pass), and the daemon's
+CPU seconds. For reference, the hit rates that a plain LRU and a pool pinned
+to the hottest cubes would have on the same sequence are simulated. Prints a
+table and writes JSON (--json, default bench-out/bench_scheduler.json).
 """
 
 from __future__ import annotations
@@ -218,11 +222,17 @@ def pinned_hit_rate(sizes: list[int], budget: int, rank_to_cube: list[int], meas
     return sum(cube in kept for cube in measured) / max(1, len(measured)), len(kept)
 
 
-def judge_decisions(decisions: list[dict[str, Any]], runs: list[dict[str, Any]], ids: list[str]) -> dict[str, int]:
+def judge_decisions(decisions: list[dict[str, Any]], runs: list[dict[str, Any]], ids: list[str],
+                    interval: float) -> dict[str, int]:
     """Whether the next request for a cube after a scheduler activation found it in the pool (the activation
-    was used), and after a scheduler eviction had to load it (the eviction cost a miss)."""
+    was used), and after a scheduler eviction had to load it (the eviction cost a miss); and how many
+    evictions the same pass (within half an interval) undid by activating the evicted cube again."""
     out = Counter[str]()
-    for d in decisions:
+    for index, d in enumerate(decisions):
+        # An eviction followed, within the same pass, by the activation of the very cache it evicted.
+        if d["action"] == "evict" and any(e["action"] == "activate" and e["cube"] == d["cube"]
+                                          and e["time_ns"] - d["time_ns"] < interval * 5e8 for e in decisions[index + 1:]):
+            out["evict_undone_in_same_pass"] += 1
         if d["action"] not in ("activate", "evict") or d["cube"] not in ids:
             continue
         cube = ids.index(d["cube"])
@@ -234,6 +244,17 @@ def judge_decisions(decisions: list[dict[str, Any]], runs: list[dict[str, Any]],
         else:
             out["evict_then_miss" if following[0]["source"] != "pool" else "evict_then_hit"] += 1
     return dict(out)
+
+
+def to_json(value: Any, depth: int = 0) -> str:
+    """Indented JSON, except that a list of plain values, or each object in a list, takes one line."""
+    pad = "  " * (depth + 1)
+    if isinstance(value, dict) and value:
+        inner = ",\n".join(f"{pad}{json.dumps(str(k))}: {to_json(v, depth + 1)}" for k, v in value.items())
+        return "{\n" + inner + "\n" + "  " * depth + "}"
+    if isinstance(value, list | tuple) and any(isinstance(v, dict | list | tuple) for v in value):
+        return "[\n" + ",\n".join(pad + json.dumps(v) for v in value) + "\n" + "  " * depth + "]"
+    return json.dumps(value)
 
 
 def snapshot(side: Side) -> dict[str, Any]:
@@ -251,13 +272,17 @@ def summarize(runs: list[dict[str, Any]], before: dict[str, Any], after: dict[st
         return {"p50": pct(values, 50), "p99": pct(values, 99), "mean": statistics.fmean(values)}
 
     sources = Counter(r["source"] for r in runs)
+    by_source = {source: {"p50": pct([r["ttft_ms"] for r in runs if r["source"] == source], 50),
+                          "activate_p50": pct([r["activate_ms"] for r in runs if r["source"] == source], 50),
+                          "generate_p50": pct([r["generate_ms"] for r in runs if r["source"] == source], 50)}
+                 for source in sources}
     hot_runs = [r for r in runs if r["cube"] in hot]
     cold_runs = [r for r in runs if r["cube"] not in hot]
     hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
     return {
         "requests": len(runs), "ttft_ms": part("ttft_ms"), "activate_ms": part("activate_ms"),
         "generate_ms": part("generate_ms"), "daemon_ttft_ms": part("daemon_ttft_ms"),
-        "activate_source": dict(sources),
+        "activate_source": dict(sources), "ttft_ms_by_source": by_source,
         "request_hit_rate": sources["pool"] / len(runs),
         "request_hit_rate_hot": sum(r["source"] == "pool" for r in hot_runs) / max(1, len(hot_runs)),
         "request_hit_rate_rest": sum(r["source"] == "pool" for r in cold_runs) / max(1, len(cold_runs)),
@@ -383,15 +408,24 @@ def main() -> int:
             result["modes"] = {
                 mode: summarize(runs[mode], before[mode], after[mode], hot,
                                 measured_decisions if mode == "on" else []) for mode in MODES}
+            # The decisions that moved a cache (skips and defers are only counted), by cube name.
+            by_id = {m.cube_id: names[i] for i, m in enumerate(sides["on"].mounts)}
+
+            def named(reason: str) -> str:
+                for cube_id, name in by_id.items():
+                    reason = reason.replace(f"cube_{cube_id}", name).replace(cube_id, name)
+                return reason
+
             result["scheduler_decisions"] = [
-                {"time_ns": d.time.ToNanoseconds(), "cube": d.cube_id, "action": d.action, "reason": d.reason,
-                 "tokens_reused": d.tokens_reused, "tokens_computed": d.tokens_computed}
-                for d in sorted(measured_decisions, key=lambda d: d.time.ToNanoseconds())]
-            cube_ids = [m.cube_id for m in sides["on"].mounts]
+                {"time_ns": d.time.ToNanoseconds(), "cube": by_id.get(d.cube_id, d.cube_id), "action": d.action,
+                 "reason": named(d.reason), "tokens_reused": d.tokens_reused, "tokens_computed": d.tokens_computed}
+                for d in sorted(measured_decisions, key=lambda d: d.time.ToNanoseconds())
+                if d.action not in ("skip", "defer")]
             result["modes"]["on"]["scheduler_effect"] = judge_decisions(
-                result["scheduler_decisions"], runs["on"], cube_ids)
-            result["runs"] = {mode: [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
-                                     for r in rs] for mode, rs in runs.items()}
+                result["scheduler_decisions"], runs["on"], names, interval)
+            result["runs"] = {mode: {key: [names[r[key]] if key == "cube" else
+                                           round(r[key], 1) if isinstance(r[key], float) else r[key] for r in rs]
+                                     for key in rs[0]} for mode, rs in runs.items()}
         finally:
             for side in sides.values():
                 side.stop()
@@ -415,6 +449,10 @@ def main() -> int:
     def served(mode: dict[str, Any]) -> str:
         return " / ".join(str(mode["activate_source"].get(s, 0)) for s in ("pool", "store", "computed"))
 
+    def by_source(mode: dict[str, Any], key: str = "p50") -> str:
+        parts = mode["ttft_ms_by_source"]
+        return " / ".join(f"{parts[s][key]:.1f}" if s in parts else "-" for s in ("pool", "store"))
+
     rows = [
         ("TTFT p50 (Activate + Generate), ms", ms(on, "ttft_ms", "p50"), ms(off, "ttft_ms", "p50")),
         ("TTFT p99, ms", ms(on, "ttft_ms", "p99"), ms(off, "ttft_ms", "p99")),
@@ -423,6 +461,8 @@ def main() -> int:
          f"{ms(off, 'activate_ms', 'p50')} / {ms(off, 'activate_ms', 'p99')}"),
         ("  Generate p50 / p99, ms", f"{ms(on, 'generate_ms', 'p50')} / {ms(on, 'generate_ms', 'p99')}",
          f"{ms(off, 'generate_ms', 'p50')} / {ms(off, 'generate_ms', 'p99')}"),
+        ("TTFT p50 of a pool hit / a store load, ms", by_source(on), by_source(off)),
+        ("  their Generate part, p50, ms", by_source(on, "generate_p50"), by_source(off, "generate_p50")),
         ("Activate served from pool / store / computed", served(on), served(off)),
         ("request hit rate (Activate from the pool)", share(on["request_hit_rate"]), share(off["request_hit_rate"])),
         (f"  on the {len(hot)} hottest cubes / the rest",
@@ -439,6 +479,8 @@ def main() -> int:
          f"{effect.get('activate_then_hit', 0)} / {effect.get('activate_then_miss', 0)}", "-"),
         ("  next request for the cube: evict -> miss / hit",
          f"{effect.get('evict_then_miss', 0)} / {effect.get('evict_then_hit', 0)}", "-"),
+        ("  evictions undone by an activation in the same pass", str(effect.get("evict_undone_in_same_pass", 0)),
+         "-"),
         ("daemon CPU during the measured phase, s", f"{on['daemon_cpu_s']:.1f}", f"{off['daemon_cpu_s']:.1f}"),
     ]
     width = max(len(r[0]) for r in rows)
@@ -450,7 +492,7 @@ def main() -> int:
           f"{share(ref['lru_simulated_hit_rate'])}; a pool that held only the {ref['pinned_hottest_cubes']} "
           f"hottest cubes {share(ref['pinned_hottest_hit_rate'])}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    args.json.write_text(to_json(result) + "\n")
     print(f"\nwrote {args.json}")
     return 0
 

@@ -147,7 +147,8 @@ class Activator:
             old = self.store.get_activation(cube.cube_id, loaded.fingerprint)
             computed = reused = 0
             source = "pool"
-            cache = self.host.pool.get(key)
+            # The scheduler looks without counting: pool hit rates are about what callers asked for.
+            cache = self.host.pool.peek(key) if background else self.host.pool.get(key)
             if cache is None and old is not None and old.cache_key == key:
                 cache, source = self.load(old, loaded), "store"
             if cache is None:

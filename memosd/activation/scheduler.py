@@ -20,7 +20,12 @@ queued or running, and its adapter was not already trained on exactly these
 items. Training is a normal background job (JobManager), committed with its
 lineage by author ``memosd-scheduler``.
 
-The hottest cubes (most recent use) are considered first. One tick activates
+The hottest cubes are considered first: heat is a decayed count of the
+calls that used the cube (Search, Read, Generate, Activate; halved every
+10 minutes), so frequency and recency both count. While the scheduler runs,
+the KV pool evicts by the same heat (coldest cube first) instead of plain
+LRU, so a cold cube's Activate cannot push out a hot cube's cache; the
+adapter pool likewise unloads the coldest cube's adapter first. One tick activates
 at most ``max_per_tick`` cubes, so a burst of drift does not monopolise the
 worker. ``status`` is what ``memosctl sched status`` shows.
 """
@@ -82,6 +87,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._salts: dict[bytes, str] = {}
 
     # -- one pass ------------------------------------------------------------------
     def tick(self) -> list[Decision]:
@@ -91,7 +97,8 @@ class Scheduler:
             return []
         cubes = [c for c in list(self.kernel.cubes.values())
                  if c.record.policy.get("schedule") == "auto" and c.head > 0 and not c.freed]
-        cubes.sort(key=lambda c: self.usage.cube(c.cube_id).last_used_ns, reverse=True)
+        now = time.time_ns()
+        cubes.sort(key=lambda c: self.usage.heat(c.cube_id, now), reverse=True)
         made: list[Decision] = []
         activated = 0
         with self._lock:
@@ -104,7 +111,7 @@ class Scheduler:
                 self.state.pending.remove(cube.cube_id)
             decision = self._consider(cube, loaded, budget_left=activated < self.max_per_tick)
             activated += decision.action == "activate"
-            if decision.action != "skip" or not self._last_was(decision):
+            if decision.action not in ("skip", "defer") or not self._last_was(decision):
                 self._record(decision)
             made.append(decision)
         for cube in list(self.kernel.cubes.values()):
@@ -117,7 +124,7 @@ class Scheduler:
     def _promote(self, cube: CubeState) -> Decision | None:
         """Start memory training for a cube whose items have been stable long enough (policy; off by default)."""
         after = int(cube.record.policy.get("train_after_seconds") or 0)
-        if not after or self.jobs is None or cube.freed or cube.head == 0:
+        if not after or self.jobs is None or cube.freed or cube.head == 0 or cube.record.frozen:
             return None
         now = time.time_ns()
         head = cube.head
@@ -189,26 +196,45 @@ class Scheduler:
         return Decision(now, cube.cube_id, "activate", why, outcome.tokens_reused, outcome.tokens_computed)
 
     def _make_room(self, cube: CubeState, loaded: Any, tokens: Any, size: int) -> bool:
-        """Whether the pool can take the cube's cache, evicting caches of colder cubes if needed."""
+        """Whether the pool can take the cube's cache, evicting caches of colder cubes (by heat) if that
+        makes enough room; nothing is evicted when it would not."""
         per_token = kv_bytes_per_token(loaded) or 0
         # The last activation's size is the best guess; without one, ~64 tokens an item.
         estimate = per_token * (len(tokens) if tokens is not None else 64 * size)
         pool = self.host.pool
         if estimate > pool.budget_bytes:
             return False
-        mine = self.usage.cube(cube.cube_id).last_used_ns
-        owner = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
-        while pool.budget_bytes - pool.bytes_used < estimate:
-            colder = [(self.usage.cube(owner.get(cache.salt, "")).last_used_ns, key, owner.get(cache.salt, ""))
-                      for key, cache in pool.entries() if owner.get(cache.salt) != cube.cube_id]
-            colder = [entry for entry in colder if entry[0] < mine]
-            if not colder:
-                return False
-            _, victim, victim_cube = min(colder)
-            pool.evict(victim)
-            self._record(Decision(time.time_ns(), victim_cube, "evict",
-                                  f"room for {cube.cube_id}, which was used more recently"))
+        now = time.time_ns()
+        mine = self.usage.heat(cube.cube_id, now)
+        free = pool.budget_bytes - pool.bytes_used
+        victims: list[tuple[str, str, int]] = []
+        for heat, key, owner_id, nbytes in sorted(self._pooled(now)):
+            if free >= estimate:
+                break
+            if owner_id == cube.cube_id or heat >= mine:
+                continue
+            victims.append((key, owner_id, nbytes))
+            free += nbytes
+        if free < estimate:
+            return False
+        for key, owner_id, _ in victims:
+            pool.evict(key)
+            self._record(Decision(now, owner_id, "evict", f"room for {cube.cube_id}, which is hotter"))
         return True
+
+    def _pooled(self, now: int) -> list[tuple[float, str, str, int]]:
+        """(heat of its cube, key, cube id, bytes) of every pooled cache."""
+        owner = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
+        return [(self.usage.heat(owner.get(cache.salt, ""), now), key, owner.get(cache.salt, ""), cache.nbytes)
+                for key, cache in self.host.pool.entries()]
+
+    def cache_heat(self, cache: Any) -> float:
+        """The pool's eviction rank while the scheduler runs: the heat of the cache's cube (coldest first)."""
+        owner = self._salts.get(cache.salt)
+        if owner is None:
+            self._salts = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
+            owner = self._salts.get(cache.salt, "")
+        return self.usage.heat(owner)
 
     # -- bookkeeping --------------------------------------------------------------------
     def _record(self, decision: Decision) -> None:
@@ -231,6 +257,9 @@ class Scheduler:
 
     # -- the loop ------------------------------------------------------------------------
     def start(self) -> None:
+        # From now on the KV pool evicts the coldest cube's cache first, whoever needs the room.
+        self.host.pool.rank = self.cache_heat
+        self.host.adapters.rank = lambda key: self.usage.heat(key.partition("/")[0])  # key: "{cube_id}/{digest}"
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 

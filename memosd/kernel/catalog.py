@@ -78,6 +78,21 @@ class Catalog:
                     del postings[value]
         return versions
 
+    def remove_versions(self, metas: Iterable[VersionMeta]) -> None:
+        """Drop versions no kept revision can see (compaction); an item left with none is dropped."""
+        for meta in metas:
+            versions = self.by_item.get(meta.item_id, [])
+            versions[:] = [v for v in versions if v.vkey != meta.vkey]
+            if not versions:
+                self.by_item.pop(meta.item_id, None)
+            self.by_vkey.pop(meta.vkey, None)
+            for postings, value in self._postings(meta):
+                keys = postings.get(value)
+                if keys is not None:
+                    keys.discard(meta.vkey)
+                    if not keys:
+                        del postings[value]
+
     def visible(self, item_id: str, revision: int) -> VersionMeta | None:
         for meta in reversed(self.by_item.get(item_id, ())):
             if meta.alive_at(revision):

@@ -28,12 +28,14 @@ from memosd.errors import (
     ItemNotFound,
     MountNotFound,
     MountReadOnly,
+    RevisionCompacted,
     RevisionNotFound,
     StagingFull,
 )
 from memosd.fsutil import fsync_path
 from memosd.kernel import adapters, history, ids, paging, validate
 from memosd.kernel.catalog import Catalog, VersionMeta
+from memosd.kernel.compact import CompactResult, oldest_readable, run_compact
 from memosd.kernel.conversation import SessionOrder, plan_ingest
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import run_purge, taint_on_commit
@@ -79,6 +81,16 @@ def _now_ns() -> int:
 
 MAX_TTL_SECONDS = 100 * 365 * 86400
 ITEM_STATES = ("active", "archived")  # what SetItemState sets; "expired" is only the lifecycle loop's
+
+
+def check_readable(cube: CubeState, revision: int, action: str) -> None:
+    """Refuse ``action`` at a revision compaction removed the content of (revision 0, the empty cube, stays)."""
+    oldest = oldest_readable(cube)
+    if 1 <= revision < oldest:
+        raise RevisionCompacted(
+            f"revision {revision} of cube {cube.record.name!r} was compacted by its retention policy: its log "
+            f"entry stays but its content is gone. Revisions {oldest} to {cube.head} (HEAD) remain; {action} "
+            "one of those", cube=cube.cube_id, revision=revision, oldest=oldest, head=cube.head)
 
 
 def check_thawed(cube: CubeState, action: str) -> None:
@@ -318,6 +330,31 @@ class Kernel:
         log_event(log, "freeze_cube" if frozen else "thaw_cube", cube=cube.cube_id)
         return self.cube_info(cube)
 
+    def set_retention(self, ref: str, keep_last: int, keep_seconds: float) -> CubeInfo:
+        """Set which revisions compaction keeps (0 turns a rule off); written synced. Compacts nothing."""
+        if keep_last < 0:
+            raise InvalidField(f"retention.keep_last is {keep_last}; use 0 (off) or more", field="retention.keep_last")
+        if not 0 <= keep_seconds < float("inf"):
+            raise InvalidField(f"retention.keep_seconds is {keep_seconds}; use 0 (off) or a number of seconds",
+                               field="retention.keep_seconds")
+        retention = {k: v for k, v in (("keep_last", keep_last), ("keep_seconds", keep_seconds)) if v}
+        cube = self.cube(ref)
+        with cube.lock:
+            record = replace(cube.record, retention=retention)
+            batch = self.store.batch()
+            batch.put_cube(record)
+            self.store.write(batch, sync=True)
+            cube.record = record
+        log_event(log, "set_retention", cube=cube.cube_id, keep_last=keep_last, keep_seconds=keep_seconds)
+        return self.cube_info(cube)
+
+    def compact(self, ref: str) -> CompactResult:
+        """Apply the cube's retention policy now (kernel/compact.py); refused on a frozen cube."""
+        cube = self.cube(ref)
+        with cube.lock:  # reentrant: run_compact takes it again
+            check_thawed(cube, "compaction")
+            return run_compact(self, cube)
+
     def list_cubes(self, page_size: int, token: str, visible: Callable[[CubeRecord], bool] = lambda _: True
                    ) -> Page[CubeInfo]:
         size = paging.page_size(page_size)
@@ -331,20 +368,22 @@ class Kernel:
     def mount(self, ref: str, revision: int, writable: bool, principal: str = "") -> MountInfo:
         with self._lock:
             cube = self.cube(ref)
-            base = cube.head if revision == 0 else revision
-            if base > cube.head:
-                raise RevisionNotFound(
-                    f"cube {cube.record.name!r} has no revision {revision}; HEAD is {cube.head}",
-                    cube=cube.cube_id, revision=revision, head=cube.head)
-            if writable:
-                check_thawed(cube, "a read-write mount")
-            record = MountRecord(ids.new_id(ids.MOUNT_PREFIX), cube.cube_id, base, "rw" if writable else "ro",
-                                 _now_ns(), principal)
-            batch = self.store.batch()
-            batch.put_mount(record)
-            self.store.write(batch, sync=False)
-            mount = MountState(record)
-            self.mounts[record.mount_id] = mount
+            with cube.lock:  # a compaction cannot remove the revision between the check and the mount
+                base = cube.head if revision == 0 else revision
+                if base > cube.head:
+                    raise RevisionNotFound(
+                        f"cube {cube.record.name!r} has no revision {revision}; HEAD is {cube.head}",
+                        cube=cube.cube_id, revision=revision, head=cube.head)
+                check_readable(cube, base, "mount")
+                if writable:
+                    check_thawed(cube, "a read-write mount")
+                record = MountRecord(ids.new_id(ids.MOUNT_PREFIX), cube.cube_id, base, "rw" if writable else "ro",
+                                     _now_ns(), principal)
+                batch = self.store.batch()
+                batch.put_mount(record)
+                self.store.write(batch, sync=False)
+                mount = MountState(record)
+                self.mounts[record.mount_id] = mount
         return self.mount_info(mount)
 
     def unmount(self, mount_id: str) -> tuple[MountInfo, int]:
@@ -546,6 +585,8 @@ class Kernel:
         """The cube's adapter at two revisions (for Diff)."""
         cube = self.cube(ref)
         newer = newer or cube.head
+        check_readable(cube, older, "diff")
+        check_readable(cube, newer, "diff")
         return cube.adapter_at(older), cube.adapter_at(newer)
 
     def _check_mount_open(self, mount: MountState) -> None:
@@ -742,6 +783,7 @@ class Kernel:
             if target == head:
                 raise InvalidField(f"to_revision {target} is HEAD already; roll back to an older revision "
                                    f"(0 to {head - 1})", field="to_revision")
+            check_readable(cube, target, "roll back to")
             plan, revive = history.plan_rollback(cube.catalog, head, target)
             sources = self.store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in revive])
             vectors = self.store.get_vectors(cube.cube_id, [m.vkey for m in revive])
@@ -874,7 +916,9 @@ class Kernel:
         size = paging.page_size(page_size)
         scope = f"diff:{cube.cube_id}:{older}:{newer}"
         after = str(paging.decode_token(token, scope) or "")
-        with cube.lock:
+        with cube.lock:  # a compaction waits for it, or came first and is seen here
+            check_readable(cube, older, "diff")
+            check_readable(cube, newer, "diff")
             changes, more = history.diff(cube.catalog, older, newer, after, size)
         refs = [(m.item_id, m.born) for c in changes for m in (c.before, c.after) if m is not None]
         records = {(v.item_id, v.born): view_of(v) for v in self.store.get_versions(cube.cube_id, refs) if v}

@@ -26,7 +26,8 @@ from memosd.store import schema
 from memosd.store.rocks import Store
 
 CUBE_ROW = "#"  # sorts before "itm_": the cube's own counters
-KINDS = ("search", "read", "generate")
+KINDS = ("search", "read", "generate", "activate")
+HEAT_HALF_LIFE_SECONDS = 600.0
 
 
 @dataclass
@@ -37,6 +38,16 @@ class CubeUsage:
     item_hits: int = 0
     last_used_ns: int = 0
     items_tracked: int = 0
+    # A decayed count of calls (Search, Read, Generate, Activate): +1 per call, halved every half-life.
+    # The scheduler ranks cubes by it: frequency and recency together, unlike last_used_ns alone.
+    heat: float = 0.0
+
+    def heat_at(self, now_ns: int, half_life_s: float = HEAT_HALF_LIFE_SECONDS) -> float:
+        return self.heat * _decay(now_ns - self.last_used_ns, half_life_s)
+
+
+def _decay(age_ns: int, half_life_s: float) -> float:
+    return math.exp(-math.log(2) * max(0, age_ns) / 1e9 / half_life_s)
 
 
 @dataclass
@@ -72,14 +83,16 @@ class UsageTracker:
                 self._items.setdefault(cube_id, {})[item_id] = ItemUsage(int(hits), int(last))
 
     # -- recording ------------------------------------------------------------------
-    def record(self, kind: str, cube_ids: Iterable[str], items: Iterable[tuple[str, str]]) -> None:
+    def record(self, kind: str, cube_ids: Iterable[str], items: Iterable[tuple[str, str]] = ()) -> None:
         """One call of ``kind`` over ``cube_ids`` used ``items`` ((cube_id, item_id) pairs)."""
         now = time.time_ns()
-        field = {"search": "searches", "read": "reads", "generate": "generations"}[kind]
+        field = {"search": "searches", "read": "reads", "generate": "generations"}.get(kind)
         with self._lock:
             for cube_id in set(cube_ids):
                 cube = self._cubes.setdefault(cube_id, CubeUsage())
-                setattr(cube, field, getattr(cube, field) + 1)
+                if field is not None:  # "activate" heats the cube but is not a use of its items
+                    setattr(cube, field, getattr(cube, field) + 1)
+                cube.heat = cube.heat_at(now) + 1
                 cube.last_used_ns = now
                 self._dirty.add((cube_id, CUBE_ROW))
             for cube_id, item_id in items:
@@ -107,6 +120,11 @@ class UsageTracker:
             usage = replace(self._cubes.get(cube_id, CubeUsage()))
             usage.items_tracked = len(self._items.get(cube_id, {}))
         return usage
+
+    def heat(self, cube_id: str, now_ns: int | None = None) -> float:
+        with self._lock:
+            cube = self._cubes.get(cube_id)
+            return cube.heat_at(now_ns if now_ns is not None else time.time_ns()) if cube else 0.0
 
     def item(self, cube_id: str, item_id: str) -> ItemUsage:
         with self._lock:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -193,6 +193,9 @@ class AdapterPool:
         self.switches = 0
         self.switch_seconds = 0.0
         self.load_seconds = 0.0
+        # Eviction order: None is least recently used; the scheduler installs a rank (the heat of the key's
+        # cube) so the coldest cube's adapter is unloaded first.
+        self.rank: Callable[[str], float] | None = None
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._resident
@@ -214,7 +217,7 @@ class AdapterPool:
 
         dropped = []
         while len(self._resident) >= self.max_resident:
-            victim = next(iter(self._resident))
+            victim = self._victim()
             self.unload(loaded, victim)
             dropped.append(victim)
         started = time.perf_counter()
@@ -234,6 +237,14 @@ class AdapterPool:
         self.loads += 1
         self.load_seconds += time.perf_counter() - started
         return dropped
+
+    def _victim(self) -> str:
+        """The least recently used adapter, or with ``rank`` set, the lowest ranked (ties: least recent)."""
+        if self.rank is None:
+            return next(iter(self._resident))
+        rank = self.rank
+        order = {key: i for i, key in enumerate(self._resident)}
+        return min(self._resident, key=lambda key: (rank(key), order[key]))
 
     def touch(self, digest: str) -> bool:
         """Mark a resident adapter as used; False if it is not resident."""

@@ -49,6 +49,9 @@ class KVPool:
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        # Eviction order: None is least recently used; the scheduler installs a rank (its cube heat) so the
+        # coldest cube's cache goes first, whoever triggers the eviction.
+        self.rank: Callable[[KVCache], float] | None = None
 
     @property
     def budget_bytes(self) -> int:
@@ -111,13 +114,28 @@ class KVPool:
             if old is not None:
                 self._used -= old.nbytes
             while self._used + size > self._budget:
-                victim_key, victim = self._entries.popitem(last=False)
+                victim_key = self._victim()
+                victim = self._entries.pop(victim_key)
                 self._used -= victim.nbytes
                 self._evictions += 1
                 dropped.append((victim_key, victim))
             self._entries[key] = cache
             self._used += size
         return dropped
+
+    def _victim(self) -> str:
+        """The entry to evict: the least recently used, or, with ``rank`` set, the lowest ranked (ties: the
+        least recently used). Called with the lock held and at least one entry."""
+        if self.rank is None:
+            return next(iter(self._entries))
+        rank = self.rank
+        order = {key: i for i, key in enumerate(self._entries)}
+        return min(self._entries, key=lambda key: (rank(self._entries[key]), order[key]))
+
+    def peek(self, key: str) -> KVCache | None:
+        """The cache under ``key``, without touching recency or the counters (background work looking)."""
+        with self._lock:
+            return self._entries.get(key)
 
     def evict(self, key: str) -> KVCache | None:
         """Drop ``key``; returns the dropped cache, or None if it was not pooled."""

@@ -36,6 +36,10 @@ class CubeRecord:
     # FreezeCube: read-only; everything that would commit (rw Mount, Write, Forget, Commit, Ingest,
     # Rollback, ImportAdapter, Train) is refused with CUBE_FROZEN until ThawCube. Purge is still allowed.
     frozen: bool = False
+    # SetRetention: {"keep_last": N, "keep_seconds": T}; empty: keep every revision (no compaction).
+    retention: dict[str, Any] = field(default_factory=dict)
+    # Revisions 1 .. compacted_below - 1 are compacted (Compact): reading them is REVISION_COMPACTED.
+    compacted_below: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class RevisionRecord:
     restored: int = 0
     adapter_changed: bool = False
     adapter_digest: str = ""  # the adapter current at this revision; "" for none
+    compacted: bool = False  # the versions only it could see were removed (Compact); its log entry stays
 
 
 @dataclass

@@ -45,7 +45,9 @@ def cube(info: CubeInfo, usage: CubeUsage | None = None) -> t.Cube:
     message = t.Cube(cube_id=r.cube_id, name=r.name, description=r.description, labels=r.labels,
                      create_time=ts(r.create_ns), head_revision=r.head, item_count=r.item_count,
                      mount_count=info.mount_count, version_count=r.version_count, owner_principal_id=r.owner,
-                     frozen=r.frozen)
+                     frozen=r.frozen, oldest_revision=max(1, r.compacted_below),
+                     retention=t.Retention(keep_last=int(r.retention.get("keep_last", 0)),
+                                           keep_seconds=float(r.retention.get("keep_seconds", 0.0))))
     message.policy.CopyFrom(policy(r.policy))
     if usage is not None:
         message.usage.CopyFrom(t.CubeUsage(searches=usage.searches, reads=usage.reads,
@@ -139,7 +141,7 @@ def revision(r: RevisionRecord) -> t.Revision:
     return t.Revision(number=r.number, parent=r.parent, kind=_REVISION_KINDS[r.kind], author=r.author,
                       message=r.message, create_time=ts(r.create_ns), added=r.added, changed=r.changed,
                       forgotten=r.forgotten, item_count=r.item_count, restored_revision=r.restored,
-                      adapter_changed=r.adapter_changed, adapter_digest=r.adapter_digest)
+                      adapter_changed=r.adapter_changed, adapter_digest=r.adapter_digest, compacted=r.compacted)
 
 
 def change(c: ItemChange) -> t.ItemChange:

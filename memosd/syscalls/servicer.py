@@ -168,6 +168,7 @@ class MemOSServicer(GovernanceHandlers):
     # -- activation memory ----------------------------------------------
     def Activate(self, req: pb.ActivateRequest, call: Call) -> pb.ActivateResponse:
         outcome = self.activator.activate(req.mount_id, call.cancelled(), ca.selector(req))
+        self._record("activate", [outcome.record.cube_id], [])  # heats the cube: it is about to be used
         digest = outcome.record.adapter_digest
         call.note(items=[str(item_id) for item_id, _born in outcome.record.items],
                   artifacts=[f"kv:{outcome.record.cache_key}", f"adapter:{digest}" if digest else ""])
@@ -257,6 +258,20 @@ class MemOSServicer(GovernanceHandlers):
         if revision is not None:
             response.revision.CopyFrom(cv.revision(revision))
         return response
+
+    def SetRetention(self, req: pb.SetRetentionRequest, call: Call) -> pb.SetRetentionResponse:
+        info = self.kernel.set_retention(req.cube, req.retention.keep_last, req.retention.keep_seconds)
+        return pb.SetRetentionResponse(header=cv.header(info.record.cube_id, info.record.head),
+                                       cube=cv.cube(info, self._cube_usage(info.record.cube_id)))
+
+    def Compact(self, req: pb.CompactRequest, call: Call) -> pb.CompactResponse:
+        result = self.kernel.compact(req.cube)
+        call.note(revision=result.oldest_revision,
+                  artifacts=[f"compacted:{result.revisions_compacted}:{result.versions_removed}"])
+        cube = self.kernel.cube(req.cube)
+        return pb.CompactResponse(header=cv.header(cube.cube_id, cube.head),
+                                  revisions_compacted=result.revisions_compacted,
+                                  versions_removed=result.versions_removed, oldest_revision=result.oldest_revision)
 
     def SchedulerStatus(self, req: pb.SchedulerStatusRequest, call: Call) -> pb.SchedulerStatusResponse:
         stats = self._stats()

@@ -1,5 +1,5 @@
 """The cube and item lifecycle through a real daemon over gRPC (issue 6, point 4): freeze and thaw,
-archive and restore, TTL expiry and the purge after the grace period."""
+archive and restore, TTL expiry and the purge after the grace period, retention and compaction."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from daemon_proc import DaemonProcess
-from memos import Client, CubeFrozen, InvalidField, ItemNotFound, PermissionDenied
+from memos import Client, CubeFrozen, InvalidField, ItemNotFound, PermissionDenied, RevisionCompacted
 from memos.v1 import memos_pb2, types_pb2
 
 GRACE_SECONDS = 1.0
@@ -225,3 +225,114 @@ def test_memosctl_archive_restore_ttl_and_include_archived(admin: Client, lifecy
     assert "archived" in ctl("mem", "read", "cli-shelf", heron)
     ctl("mem", "restore", "cli-shelf", heron)
     assert heron in ctl("mem", "search", "cli-shelf", "-q", "water", "--mode", "lexical")
+
+
+def _history(admin: Client, cube: str) -> dict[str, str]:
+    """Five revisions: a is written, edited twice; b and c are added. Returns the ids."""
+    admin.alloc_cube(cube)
+    with admin.mount(cube, writable=True) as m:
+        (a,) = m.write(["alpha one"])
+        m.commit("r1")
+        m.write([{"item_id": a, "text": "alpha two"}])
+        m.commit("r2")
+        (b,) = m.write(["beta"])
+        m.commit("r3")
+        m.write([{"item_id": a, "text": "alpha three"}])
+        m.commit("r4")
+        (c,) = m.write(["gamma"])
+        m.commit("r5")
+    return {"a": a, "b": b, "c": c}
+
+
+def test_compaction_keeps_the_last_n_revisions_and_older_ones_are_out_of_range(admin: Client) -> None:
+    ids = _history(admin, "annals")
+    assert admin.stat_cube("annals").version_count == 5
+    cube = admin.set_retention("annals", keep_last=2)
+    assert cube.retention.keep_last == 2 and cube.oldest_revision == 1  # nothing compacted yet
+
+    done = admin.compact("annals")
+    # Revisions 4 and 5 are kept; "alpha one" (died at 2) and "alpha two" (died at 4) are deleted.
+    assert (done.revisions_compacted, done.versions_removed, done.oldest_revision) == (3, 2, 4)
+    stat = admin.stat_cube("annals")
+    assert (stat.version_count, stat.item_count, stat.oldest_revision, stat.head_revision) == (3, 3, 4, 5)
+    assert [(r.number, r.compacted) for r in admin.log("annals")] == [
+        (5, False), (4, False), (3, True), (2, True), (1, True)]  # the log entries stay
+
+    refusals = {
+        "Mount": lambda: admin.mount("annals", revision=2),
+        "Diff": lambda: list(admin.diff("annals", 3, 5)),
+        "Rollback": lambda: admin.rollback("annals", 1),
+    }
+    for name, attempt in refusals.items():
+        with pytest.raises(RevisionCompacted) as refused:
+            attempt()
+        assert refused.value.code == grpc.StatusCode.OUT_OF_RANGE, name
+        assert "compacted" in refused.value.message and "Revisions 4 to 5 (HEAD) remain" in refused.value.message
+
+    with admin.mount("annals", revision=4) as m:  # the kept revisions read as before
+        assert sorted(i.text for i in m.iter_items()) == ["alpha three", "beta"]
+        assert [h.item.text for h in m.search("alpha", k=5, mode="lexical")] == ["alpha three"]
+        assert [h.item.item_id for h in m.search("alpha three", k=1, mode="dense")] == [ids["a"]]
+    assert [c.item_id for c in admin.diff("annals", 4, 5)] == [ids["c"]]
+    assert admin.rollback("annals", 4).number == 6
+
+    again = admin.compact("annals")  # keep_last 2 now keeps 5 and 6; gamma (died at 6) is seen at 5: kept
+    assert (again.revisions_compacted, again.versions_removed, again.oldest_revision) == (1, 0, 5)
+    compactions = [r for r in admin.audit(cube=stat.cube_id, method="Compact")]
+    assert [r.revision for r in compactions] == [4, 5]
+
+
+def test_an_open_mount_keeps_its_revision_through_compaction(admin: Client) -> None:
+    _history(admin, "pinned")
+    admin.set_retention("pinned", keep_last=1)
+    reader = admin.mount("pinned", revision=2)
+    assert admin.compact("pinned").oldest_revision == 2
+    assert sorted(i.text for i in reader.iter_items()) == ["alpha two"]
+    reader.unmount()
+    assert admin.compact("pinned").oldest_revision == 5
+
+
+def test_the_lifecycle_loop_compacts_revisions_older_than_keep_seconds(admin: Client) -> None:
+    admin.alloc_cube("aging")
+    cube_id = admin.stat_cube("aging").cube_id
+    with admin.mount("aging", writable=True) as m:
+        (item,) = m.write(["first draft"])
+        m.commit("old")
+        time.sleep(1.5)
+        m.write([{"item_id": item, "text": "second draft"}])
+        m.commit("new")
+    admin.set_retention("aging", keep_seconds=1.0)
+    _wait_for("the loop's compaction", lambda: admin.stat_cube("aging").oldest_revision == 2)
+    _wait_for("its audit record", lambda: any(r.method == "Lifecycle.Compact" for r in admin.audit(cube=cube_id)))
+    (record,) = [r for r in admin.audit(cube=cube_id) if r.method == "Lifecycle.Compact"]
+    assert (record.principal_id, record.revision, list(record.artifacts)) == ("", 2, ["compacted:1:1"])
+    with pytest.raises(RevisionCompacted):
+        admin.mount("aging", revision=1)
+
+
+def test_a_frozen_cube_is_not_compacted(admin: Client) -> None:
+    _history(admin, "held")
+    admin.set_retention("held", keep_last=1)
+    admin.freeze_cube("held")
+    with pytest.raises(CubeFrozen):
+        admin.compact("held")
+    assert admin.stat_cube("held").oldest_revision == 1
+    admin.thaw_cube("held")
+
+
+def test_memosctl_cube_retention_compact_and_log(admin: Client, lifecycle_daemon: DaemonProcess) -> None:
+    _history(admin, "cli-annals")
+    env = {**os.environ, "MEMOS_TARGET": lifecycle_daemon.address,
+           "MEMOS_TOKEN_FILE": str(lifecycle_daemon.data_dir / "admin.token")}
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "memos.cli.main", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    assert "last 2 revisions" in ctl("cube", "retention", "cli-annals", "--keep-last", "2").stdout
+    compacted = ctl("cube", "compact", "cli-annals")
+    assert compacted.returncode == 0 and "oldest kept:" in compacted.stdout
+    assert admin.stat_cube("cli-annals").oldest_revision == 4
+    assert "[compacted] r3" in ctl("log", "cli-annals").stdout
+    refused = ctl("mem", "read", "cli-annals", "--revision", "2")
+    assert refused.returncode == 3 and "REVISION_COMPACTED" in refused.stderr

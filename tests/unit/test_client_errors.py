@@ -60,6 +60,7 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "PRINCIPAL_NOT_FOUND": (C.NOT_FOUND, errors.PrincipalNotFound),
     "PRINCIPAL_NAME_TAKEN": (C.ALREADY_EXISTS, errors.PrincipalNameTaken),
     "CUBE_FROZEN": (C.FAILED_PRECONDITION, errors.CubeFrozen),
+    "REVISION_COMPACTED": (C.OUT_OF_RANGE, errors.RevisionCompacted),
 }
 
 

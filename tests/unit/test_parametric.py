@@ -323,3 +323,25 @@ def test_cubes_never_share_a_resident_adapter(rig: Rig, adapter_a: tuple[bytes, 
     assert set(rig.host.adapters.resident()) == keys and len(keys) == 2
     rig.activator.evict("one", delete_persisted=False)
     assert rig.host.adapters.resident() == [pool_key(rig.kernel.cube("two").cube_id, digest)]
+
+
+def test_with_a_rank_the_coldest_cubes_adapter_is_unloaded_first(tmp_path: Path, tiny_dir: Path,
+                                                                  adapter_a: tuple[bytes, bytes]) -> None:
+    r = open_rig(tmp_path, str(tiny_dir), max_adapters=2)
+    try:
+        mounts = {}
+        for name in ("cold", "warm", "new"):
+            r.kernel.alloc_cube(name, "", {})
+            commit_items(r, name, FACTS)
+            mounts[name] = import_and_commit(r, name, adapter_a)
+            r.kernel.commit(mounts[name], "", "")
+        heat = {r.kernel.cube("cold").cube_id: 1.0, r.kernel.cube("warm").cube_id: 5.0,
+                r.kernel.cube("new").cube_id: 0.0}
+        r.host.adapters.rank = lambda key: heat[key.partition("/")[0]]
+        r.activator.activate(mounts["warm"])
+        r.activator.activate(mounts["cold"])  # the most recently used, but the coldest cube
+        r.activator.activate(mounts["new"])
+        digest = adapter_digest(*adapter_a)
+        assert set(r.host.adapters.resident()) == {pool_key(r.kernel.cube(n).cube_id, digest) for n in ("warm", "new")}
+    finally:
+        r.close()

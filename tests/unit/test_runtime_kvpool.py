@@ -91,3 +91,20 @@ def test_thread_safety() -> None:
         t.join()
     assert not errors
     assert pool.bytes_used == sum(caches[int(k)].nbytes for k in pool) <= pool.budget_bytes
+
+
+def test_a_rank_evicts_the_lowest_ranked_first_and_peek_counts_nothing() -> None:
+    pool = KVPool(budget_bytes=32 * 30)
+    heat = {b"hot": 5.0, b"warm": 2.0, b"cold": 0.5, b"new": 0.1}
+    pool.rank = lambda cache: heat[cache.salt]
+    for salt in (b"cold", b"hot", b"warm"):
+        pool.put(salt.decode(), _cache(10, salt))
+    assert pool.get("cold") is not None  # the most recently used now, and still the first to go
+    dropped = pool.put("new", _cache(10, b"new"))
+    assert [k for k, _ in dropped] == ["cold"] and set(pool.keys()) == {"hot", "warm", "new"}
+    dropped = pool.put("hot2", _cache(10, b"hot"))  # ties with "hot": the new entry is never its own victim
+    assert [k for k, _ in dropped] == ["new"]
+    before = pool.stats()
+    assert pool.peek("warm") is not None and pool.peek("cold") is None
+    after = pool.stats()
+    assert (after.hits, after.misses) == (before.hits, before.misses) and pool.keys()[-1] == "hot2"

@@ -228,3 +228,27 @@ def test_stable_cubes_are_promoted_to_parametric_memory_once(rig: Rig) -> None:
     assert adapter is not None and adapter.lineage["source_revision"] == 1
     assert all(m.record.principal != "memosd" for m in rig.kernel.mounts.values())  # its mount was closed
     assert [d for d in scheduler.tick() if d.action == "train"] == []  # the adapter holds these items already
+
+
+def test_room_is_made_only_from_colder_cubes_and_only_when_enough(rig: Rig) -> None:
+    from memosd.activation.activator import kv_bytes_per_token
+
+    mounts = {}
+    for name in ("cold", "hot", "target"):
+        rig.kernel.alloc_cube(name, "", {})
+        mounts[name] = commit_items(rig, name, FACTS[:2])
+    cold, hot = rig.activator.activate(mounts["cold"]), rig.activator.activate(mounts["hot"])
+    rig.host.pool._budget = cold.pool_bytes + hot.pool_bytes
+    tracker = usage_of(rig)
+    for name, calls in (("hot", 10), ("target", 5), ("cold", 1)):
+        for _ in range(calls):
+            tracker.record("search", [rig.kernel.cube(name).cube_id])
+    scheduler = Scheduler(rig.kernel, rig.activator, rig.host, tracker)
+    per_token = kv_bytes_per_token(rig.loaded) or 1
+    target = rig.kernel.cube("target")
+    needs_both = [0] * ((cold.pool_bytes + hot.pool_bytes) // per_token)
+    assert not scheduler._make_room(target, rig.loaded, needs_both, 2)
+    assert cold.record.cache_key in rig.host.pool and hot.record.cache_key in rig.host.pool  # nothing evicted
+    needs_one = [0] * (cold.pool_bytes // per_token)
+    assert scheduler._make_room(target, rig.loaded, needs_one, 2)
+    assert cold.record.cache_key not in rig.host.pool and hot.record.cache_key in rig.host.pool

@@ -804,6 +804,18 @@ class Client:
         """Accept commits to a frozen ``cube`` again."""
         return self._call(self._stub.ThawCube, memos_pb2.ThawCubeRequest(cube=cube)).cube
 
+    def set_retention(self, cube: str, *, keep_last: int = 0, keep_seconds: float = 0.0) -> types_pb2.Cube:
+        """Which revisions compaction keeps: the last ``keep_last`` and/or those younger than ``keep_seconds``
+        (0 turns a rule off; both 0: keep everything). HEAD and revisions open mounts read at are always kept."""
+        req = memos_pb2.SetRetentionRequest(
+            cube=cube, retention=types_pb2.Retention(keep_last=keep_last, keep_seconds=keep_seconds))
+        return self._call(self._stub.SetRetention, req).cube
+
+    def compact(self, cube: str) -> memos_pb2.CompactResponse:
+        """Apply the retention policy now: delete what no kept revision sees; older revisions read as
+        RevisionCompacted (their log entries stay, marked ``compacted``)."""
+        return self._call(self._stub.Compact, memos_pb2.CompactRequest(cube=cube))
+
     def set_item_state(self, cube: str, item_ids: Sequence[str], state: str, *, message: str = "",
                        author: str = "") -> types_pb2.Revision | None:
         """Archive ("archived") or restore ("active") items at HEAD as one new revision; None when no item

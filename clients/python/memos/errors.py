@@ -247,6 +247,12 @@ class CubeFrozen(FailedPrecondition):
     default_reason = "CUBE_FROZEN"
 
 
+class RevisionCompacted(OutOfRange):
+    """The revision was compacted by the cube's retention policy; the message names the revisions left."""
+
+    default_reason = "REVISION_COMPACTED"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MemosError]] = {
     cls.default_code: cls
     for cls in (
@@ -265,7 +271,7 @@ _BY_REASON: dict[str, type[MemosError]] = {
         InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
         AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
         TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
-        PrincipalNameTaken, CubeFrozen,
+        PrincipalNameTaken, CubeFrozen, RevisionCompacted,
     )
 }
 

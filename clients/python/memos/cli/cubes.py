@@ -1,4 +1,4 @@
-"""``memosctl cube alloc|list|stat|free|activate|evict|policy|freeze|thaw``."""
+"""``memosctl cube alloc|list|stat|free|activate|evict|policy|freeze|thaw|retention|compact``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def cube_block(out: Output, cube: types_pb2.Cube) -> None:
         ("mounts", cube.mount_count),
         ("owner", cube.owner_principal_id or "-"),
         ("frozen", "yes (read-only)" if cube.frozen else "no"),
+        ("retention", _retention_text(cube.retention)),
+        ("oldest kept", cube.oldest_revision or 1),
         ("usage", f"{u.searches} searches, {u.reads} reads, {u.generations} generations, {u.item_hits} item hits"
                   f" ({u.items_tracked} items tracked), last used {fmt_time(u.last_used_time)}"),
     ])
@@ -155,6 +157,38 @@ def _freeze(client: Client, args: argparse.Namespace, out: Output) -> None:
                    ("frozen", "yes (read-only)" if cube.frozen else "no")])
 
 
+def _retention_text(r: types_pb2.Retention) -> str:
+    rules = ([f"last {r.keep_last} revisions"] if r.keep_last else []) + \
+        ([f"revisions younger than {r.keep_seconds:g} s"] if r.keep_seconds else [])
+    return " or ".join(rules) if rules else "keep everything"
+
+
+def _retention(client: Client, args: argparse.Namespace, out: Output) -> None:
+    if args.keep_last is not None or args.keep_seconds is not None:
+        current = client.stat_cube(args.cube).retention
+        keep_last = current.keep_last if args.keep_last is None else args.keep_last
+        keep_seconds = current.keep_seconds if args.keep_seconds is None else args.keep_seconds
+        cube = client.set_retention(args.cube, keep_last=keep_last, keep_seconds=keep_seconds)
+    else:
+        cube = client.stat_cube(args.cube)
+    if out.json:
+        out.emit_json({"cube_id": cube.cube_id, "retention": to_dict(cube.retention),
+                       "oldest_revision": cube.oldest_revision})
+    else:
+        out.block([("cube", cube.cube_id), ("retention", _retention_text(cube.retention)),
+                   ("head revision", cube.head_revision), ("oldest kept", cube.oldest_revision or 1)])
+
+
+def _compact(client: Client, args: argparse.Namespace, out: Output) -> None:
+    resp = client.compact(args.cube)
+    if out.json:
+        out.emit_json(to_dict(resp))
+    else:
+        out.block([("cube", resp.header.cube_id), ("revisions compacted", resp.revisions_compacted),
+                   ("versions removed", resp.versions_removed), ("oldest kept", resp.oldest_revision),
+                   ("head revision", resp.header.head_revision)])
+
+
 def evict_block(out: Output, cube: str, resp: memos_pb2.EvictResponse) -> None:
     out.block([
         ("evicted", cube),
@@ -236,6 +270,22 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = verbs.add_parser("thaw", help="accept commits to a frozen cube again")
     p.add_argument("cube", metavar="CUBE", help="cube id or name")
     p.set_defaults(handler=_freeze)
+
+    p = verbs.add_parser("retention", help="show or set which revisions compaction keeps",
+                         description="Show (no options) or set CUBE's retention policy: compaction keeps HEAD, the "
+                                     "revisions open mounts read at, and the revisions either rule keeps. 0 turns a "
+                                     "rule off. Nothing is compacted until 'cube compact' or the daemon's lifecycle "
+                                     "loop runs. Needs the admin right.")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.add_argument("--keep-last", type=natural, metavar="N", help="keep the last N revisions")
+    p.add_argument("--keep-seconds", type=float, metavar="T", help="keep the revisions younger than T seconds")
+    p.set_defaults(handler=_retention)
+
+    p = verbs.add_parser("compact", help="apply the retention policy now (irreversible)",
+                         description="Delete the item versions no kept revision can see; older revisions stay in "
+                                     "the log, marked compacted, and reading at them fails REVISION_COMPACTED.")
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.set_defaults(handler=_compact)
 
     p = verbs.add_parser("evict", help="drop a cube's KV cache from the daemon's pool")
     p.add_argument("cube", metavar="CUBE", help="cube id or name")

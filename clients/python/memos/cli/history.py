@@ -57,7 +57,8 @@ def _log(client: Client, args: argparse.Namespace, out: Output) -> None:
         [
             [r.number, _KIND.get(r.kind, "?"), r.author or "-", fmt_time(r.create_time), r.added, r.changed,
              r.forgotten, r.item_count, _adapter_mark(r),
-             f"(restores {r.restored_revision}) {r.message}" if r.restored_revision else r.message or "-"]
+             ("[compacted] " if r.compacted else "")
+             + (f"(restores {r.restored_revision}) {r.message}" if r.restored_revision else r.message or "-")]
             for r in revs
         ],
     )

@@ -2442,3 +2442,103 @@ class SetItemStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetItemStateResponse: _TypeAlias = SetItemStateResponse  # noqa: Y015
+
+@_typing.final
+class SetRetentionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """Cube id or name."""
+    @_builtins.property
+    def retention(self) -> _types_pb2.Retention: ...
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+        retention: _types_pb2.Retention | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "retention", b"retention"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRetentionRequest: _TypeAlias = SetRetentionRequest  # noqa: Y015
+
+@_typing.final
+class SetRetentionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CUBE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def cube(self) -> _types_pb2.Cube: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        cube: _types_pb2.Cube | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRetentionResponse: _TypeAlias = SetRetentionResponse  # noqa: Y015
+
+@_typing.final
+class CompactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """Cube id or name."""
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactRequest: _TypeAlias = CompactRequest  # noqa: Y015
+
+@_typing.final
+class CompactResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    REVISIONS_COMPACTED_FIELD_NUMBER: _builtins.int
+    VERSIONS_REMOVED_FIELD_NUMBER: _builtins.int
+    OLDEST_REVISION_FIELD_NUMBER: _builtins.int
+    revisions_compacted: _builtins.int
+    """Revisions newly marked compacted by this call."""
+    versions_removed: _builtins.int
+    """Item versions deleted (text and vector)."""
+    oldest_revision: _builtins.int
+    """The oldest revision still readable."""
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        revisions_compacted: _builtins.int = ...,
+        versions_removed: _builtins.int = ...,
+        oldest_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "oldest_revision", b"oldest_revision", "revisions_compacted", b"revisions_compacted", "versions_removed", b"versions_removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactResponse: _TypeAlias = CompactResponse  # noqa: Y015

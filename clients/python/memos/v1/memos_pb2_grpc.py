@@ -184,6 +184,16 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.SetItemStateRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.SetItemStateResponse.FromString,
                 _registered_method=True)
+        self.SetRetention = channel.unary_unary(
+                '/memos.v1.MemOS/SetRetention',
+                request_serializer=memos_dot_v1_dot_memos__pb2.SetRetentionRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.SetRetentionResponse.FromString,
+                _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/memos.v1.MemOS/Compact',
+                request_serializer=memos_dot_v1_dot_memos__pb2.CompactRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.CompactResponse.FromString,
+                _registered_method=True)
         self.CreatePrincipal = channel.unary_unary(
                 '/memos.v1.MemOS/CreatePrincipal',
                 request_serializer=memos_dot_v1_dot_memos__pb2.CreatePrincipalRequest.SerializeToString,
@@ -504,6 +514,26 @@ class MemOSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRetention(self, request, context):
+        """Sets which revisions compaction keeps: the last N, and/or those younger
+        than T (HEAD always). Needs the admin right. Changes: the cube's policy
+        (nothing is compacted until Compact or the lifecycle loop runs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Compact(self, request, context):
+        """Compacts the cube now by its retention policy: item versions no kept
+        revision can see (text and vectors) are deleted and the older revisions
+        are marked compacted (their log entries stay; reading at them is
+        OUT_OF_RANGE / REVISION_COMPACTED). The lifecycle loop does the same.
+        Needs the admin right; refused on a frozen cube. Changes: history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreatePrincipal(self, request, context):
         """--- governance ----------------------------------------------------------
         Every call but the health service's carries a bearer token in the
@@ -739,6 +769,16 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.SetItemState,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.SetItemStateRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.SetItemStateResponse.SerializeToString,
+            ),
+            'SetRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetention,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.SetRetentionRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.SetRetentionResponse.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.CompactRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.CompactResponse.SerializeToString,
             ),
             'CreatePrincipal': grpc.unary_unary_rpc_method_handler(
                     servicer.CreatePrincipal,
@@ -1596,6 +1636,60 @@ class MemOS:
             '/memos.v1.MemOS/SetItemState',
             memos_dot_v1_dot_memos__pb2.SetItemStateRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.SetItemStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/SetRetention',
+            memos_dot_v1_dot_memos__pb2.SetRetentionRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.SetRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Compact',
+            memos_dot_v1_dot_memos__pb2.CompactRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.CompactResponse.FromString,
             options,
             channel_credentials,
             insecure,

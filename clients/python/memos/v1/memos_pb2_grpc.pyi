@@ -183,6 +183,18 @@ class MemOSStub:
     Items already in that state change nothing (no revision when none
     changes). Needs the write right. Changes: adds a revision.
     """
+    SetRetention: _grpc.UnaryUnaryMultiCallable[_memos_pb2.SetRetentionRequest, _memos_pb2.SetRetentionResponse]
+    """Sets which revisions compaction keeps: the last N, and/or those younger
+    than T (HEAD always). Needs the admin right. Changes: the cube's policy
+    (nothing is compacted until Compact or the lifecycle loop runs).
+    """
+    Compact: _grpc.UnaryUnaryMultiCallable[_memos_pb2.CompactRequest, _memos_pb2.CompactResponse]
+    """Compacts the cube now by its retention policy: item versions no kept
+    revision can see (text and vectors) are deleted and the older revisions
+    are marked compacted (their log entries stay; reading at them is
+    OUT_OF_RANGE / REVISION_COMPACTED). The lifecycle loop does the same.
+    Needs the admin right; refused on a frozen cube. Changes: history.
+    """
     CreatePrincipal: _grpc.UnaryUnaryMultiCallable[_memos_pb2.CreatePrincipalRequest, _memos_pb2.CreatePrincipalResponse]
     """--- governance ----------------------------------------------------------
     Every call but the health service's carries a bearer token in the
@@ -374,6 +386,18 @@ class MemOSAsyncStub(MemOSStub):
     new version with the same content, so Log, Diff and Rollback see it.
     Items already in that state change nothing (no revision when none
     changes). Needs the write right. Changes: adds a revision.
+    """
+    SetRetention: _aio.UnaryUnaryMultiCallable[_memos_pb2.SetRetentionRequest, _memos_pb2.SetRetentionResponse]  # type: ignore[assignment]
+    """Sets which revisions compaction keeps: the last N, and/or those younger
+    than T (HEAD always). Needs the admin right. Changes: the cube's policy
+    (nothing is compacted until Compact or the lifecycle loop runs).
+    """
+    Compact: _aio.UnaryUnaryMultiCallable[_memos_pb2.CompactRequest, _memos_pb2.CompactResponse]  # type: ignore[assignment]
+    """Compacts the cube now by its retention policy: item versions no kept
+    revision can see (text and vectors) are deleted and the older revisions
+    are marked compacted (their log entries stay; reading at them is
+    OUT_OF_RANGE / REVISION_COMPACTED). The lifecycle loop does the same.
+    Needs the admin right; refused on a frozen cube. Changes: history.
     """
     CreatePrincipal: _aio.UnaryUnaryMultiCallable[_memos_pb2.CreatePrincipalRequest, _memos_pb2.CreatePrincipalResponse]  # type: ignore[assignment]
     """--- governance ----------------------------------------------------------
@@ -743,6 +767,30 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         new version with the same content, so Log, Diff and Rollback see it.
         Items already in that state change nothing (no revision when none
         changes). Needs the write right. Changes: adds a revision.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRetention(
+        self,
+        request: _memos_pb2.SetRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.SetRetentionResponse, _abc.Awaitable[_memos_pb2.SetRetentionResponse]]:
+        """Sets which revisions compaction keeps: the last N, and/or those younger
+        than T (HEAD always). Needs the admin right. Changes: the cube's policy
+        (nothing is compacted until Compact or the lifecycle loop runs).
+        """
+
+    @_abc_1.abstractmethod
+    def Compact(
+        self,
+        request: _memos_pb2.CompactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.CompactResponse, _abc.Awaitable[_memos_pb2.CompactResponse]]:
+        """Compacts the cube now by its retention policy: item versions no kept
+        revision can see (text and vectors) are deleted and the older revisions
+        are marked compacted (their log entries stay; reading at them is
+        OUT_OF_RANGE / REVISION_COMPACTED). The lifecycle loop does the same.
+        Needs the admin right; refused on a frozen cube. Changes: history.
         """
 
     @_abc_1.abstractmethod

@@ -208,6 +208,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[ALREADY_EXISTS] Another principal has that name."""
     CUBE_FROZEN: _ErrorReason.ValueType  # 32
     """[FAILED_PRECONDITION] The cube is frozen (FreezeCube): nothing can be committed to it until ThawCube."""
+    REVISION_COMPACTED: _ErrorReason.ValueType  # 33
+    """[OUT_OF_RANGE] The revision was compacted (the cube's retention policy); the message names the revisions left."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -281,6 +283,8 @@ PRINCIPAL_NAME_TAKEN: ErrorReason.ValueType  # 31
 """[ALREADY_EXISTS] Another principal has that name."""
 CUBE_FROZEN: ErrorReason.ValueType  # 32
 """[FAILED_PRECONDITION] The cube is frozen (FreezeCube): nothing can be committed to it until ThawCube."""
+REVISION_COMPACTED: ErrorReason.ValueType  # 33
+"""[OUT_OF_RANGE] The revision was compacted (the cube's retention policy); the message names the revisions left."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _ActivationSource:
@@ -561,6 +565,8 @@ class Cube(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     FROZEN_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    OLDEST_REVISION_FIELD_NUMBER: _builtins.int
     cube_id: _builtins.str
     """Daemon-assigned, immutable ("cube_" + 20 lowercase base32 characters)."""
     name: _builtins.str
@@ -578,6 +584,10 @@ class Cube(_message.Message):
     """The principal that allocated the cube: it holds every right on it."""
     frozen: _builtins.bool
     """Frozen (FreezeCube): read-only until ThawCube; commits are refused with CUBE_FROZEN."""
+    oldest_revision: _builtins.int
+    """The oldest revision that can still be read (mounted, diffed, rolled back
+    to); older ones are compacted. 1 when nothing was compacted.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -588,6 +598,10 @@ class Cube(_message.Message):
 
     @_builtins.property
     def policy(self) -> Global___CubePolicy: ...
+    @_builtins.property
+    def retention(self) -> Global___Retention:
+        """Which revisions compaction keeps (SetRetention); unset fields keep everything."""
+
     def __init__(
         self,
         *,
@@ -604,14 +618,45 @@ class Cube(_message.Message):
         usage: Global___CubeUsage | None = ...,
         policy: Global___CubePolicy | None = ...,
         frozen: _builtins.bool = ...,
+        retention: Global___Retention | None = ...,
+        oldest_revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "policy", b"policy", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "policy", b"policy", "retention", b"retention", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "frozen", b"frozen", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "owner_principal_id", b"owner_principal_id", "policy", b"policy", "usage", b"usage", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "frozen", b"frozen", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "oldest_revision", b"oldest_revision", "owner_principal_id", b"owner_principal_id", "policy", b"policy", "retention", b"retention", "usage", b"usage", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cube: _TypeAlias = Cube  # noqa: Y015
+
+@_typing.final
+class Retention(_message.Message):
+    """A cube's retention policy. Compaction keeps HEAD, the revisions open mounts
+    read at, and the revisions either rule keeps; 0 turns a rule off, and with
+    both 0 nothing is compacted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEEP_LAST_FIELD_NUMBER: _builtins.int
+    KEEP_SECONDS_FIELD_NUMBER: _builtins.int
+    keep_last: _builtins.int
+    """The last N revisions (HEAD included)."""
+    keep_seconds: _builtins.float
+    """The revisions younger than this many seconds."""
+    def __init__(
+        self,
+        *,
+        keep_last: _builtins.int = ...,
+        keep_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_last", b"keep_last", "keep_seconds", b"keep_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Retention: _TypeAlias = Retention  # noqa: Y015
 
 @_typing.final
 class CubeUsage(_message.Message):
@@ -913,6 +958,7 @@ class Revision(_message.Message):
     RESTORED_REVISION_FIELD_NUMBER: _builtins.int
     ADAPTER_CHANGED_FIELD_NUMBER: _builtins.int
     ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
+    COMPACTED_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     parent: _builtins.int
     """The revision it was made on top of (number - 1)."""
@@ -931,6 +977,10 @@ class Revision(_message.Message):
     adapter it holds ("" for none).
     """
     adapter_digest: _builtins.str
+    compacted: _builtins.bool
+    """True once compaction removed what only this revision could see: the log
+    entry stays, reading at it is OUT_OF_RANGE / REVISION_COMPACTED.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -949,10 +999,11 @@ class Revision(_message.Message):
         restored_revision: _builtins.int = ...,
         adapter_changed: _builtins.bool = ...,
         adapter_digest: _builtins.str = ...,
+        compacted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changed", b"adapter_changed", "adapter_digest", b"adapter_digest", "added", b"added", "author", b"author", "changed", b"changed", "create_time", b"create_time", "forgotten", b"forgotten", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "restored_revision", b"restored_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changed", b"adapter_changed", "adapter_digest", b"adapter_digest", "added", b"added", "author", b"author", "changed", b"changed", "compacted", b"compacted", "create_time", b"create_time", "forgotten", b"forgotten", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "restored_revision", b"restored_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,5 +1,6 @@
-"""Item lifecycle in process: memory blocks leave archived and expired items out, and one pass of the
-lifecycle loop expires, audits and purges (with a fake audit sink)."""
+"""Lifecycle in process: memory blocks leave archived and expired items out; one pass of the lifecycle
+loop expires, audits and purges (with a fake audit sink); compaction leaves the indexes holding only
+what is kept, and survives a restart."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from activation_rig import Rig, open_rig
 
 from memosd.activation import select
+from memosd.errors import RevisionCompacted
 from memosd.governance.audit import AuditEntry
 from memosd.kernel.types import ItemInput
 from memosd.lifecycle import LifecycleLoop
@@ -96,3 +99,33 @@ def test_the_loop_does_not_commit_expiry_to_a_frozen_cube(rig: Rig) -> None:
     audit = _Audit()
     LifecycleLoop(rig.kernel, audit, lambda c, i: rig.kernel.purge(c, i), interval=60, grace_seconds=0).tick()
     assert rig.kernel.cube("cold").head == 1 and not audit.entries
+
+
+def test_compaction_leaves_the_indexes_holding_only_kept_versions_and_survives_a_restart(tmp_path: Path) -> None:
+    rig = open_rig(tmp_path, "none")
+    rig.kernel.alloc_cube("annals", "", {})
+    (item,) = _commit(rig, "annals", [ItemInput("alpha one")])
+    for text in ("alpha two", "alpha three"):
+        _commit(rig, "annals", [ItemInput(text, item_id=item)])
+    cube = rig.kernel.cube("annals")
+    old = [m.vkey for m in cube.catalog.by_item[item] if m.died]
+    (live,) = [m.vkey for m in cube.catalog.by_item[item] if not m.died]
+    rig.kernel.set_retention("annals", 1, 0.0)
+    result = rig.kernel.compact("annals")
+    assert (result.revisions_compacted, result.versions_removed, result.oldest_revision) == (2, 2, 3)
+    cube = rig.kernel.cube("annals")
+    assert len(cube.index.dense_missing(np.array(old, dtype=np.uint64))) == len(old)  # gone from USearch
+    assert not len(cube.index.dense_missing(np.array([live], dtype=np.uint64)))
+    assert [k for k, _ in cube.index.lexical_search("alpha", 10)] == [live]  # and from tantivy
+    rig.close()
+
+    reopened = open_rig(tmp_path, "none")
+    try:
+        cube = reopened.kernel.cube("annals")
+        assert [m.vkey for m in cube.catalog.by_item[item]] == [live] and cube.record.compacted_below == 3
+        with pytest.raises(RevisionCompacted):
+            reopened.kernel.mount("annals", 2, False)
+        assert [r.compacted for r in reopened.kernel.store.iter_revisions(cube.cube_id, newest=3)] == [
+            False, True, True]
+    finally:
+        reopened.close()
