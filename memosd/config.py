@@ -94,6 +94,8 @@ class RuntimeConfig:
     max_tokens: int = 256  # Generate's default max_tokens
     max_tokens_limit: int = 4096  # the most a request may ask for
     prefill_chunk: int = 512  # tokens per forward pass when encoding a memory block
+    # ... when the scheduler encodes one in the background: a Generate waits for at most one such chunk
+    background_chunk: int = 128
     max_adapters: int = 8  # LoRA adapters resident in the model at once
 
 
@@ -236,6 +238,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.max_tokens": _POSITIVE_INT,
     "runtime.max_tokens_limit": _POSITIVE_INT,
     "runtime.prefill_chunk": _POSITIVE_INT,
+    "runtime.background_chunk": _POSITIVE_INT,
     "runtime.max_adapters": _POSITIVE_INT,
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),

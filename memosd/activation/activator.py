@@ -167,7 +167,7 @@ class Activator:
                         return self.host.run(run, priority=PRIORITY_BACKGROUND)
 
                     cache, stats = compute_prefix_cache(loaded, ids, salt=salt, extra=extra, reuse=previous,
-                                                        chunk_tokens=self.host.config.prefill_chunk,
+                                                        chunk_tokens=self.host.config.background_chunk,
                                                         cancel=cancel, step=step)
                 else:
                     cache, stats = self.host.run(compute)

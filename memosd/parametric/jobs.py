@@ -102,10 +102,12 @@ class JobManager:
                                field="settings.steps")
         check_settings(settings)
         with cube.lock:
-            metas = sorted(cube.catalog.alive_at(revision), key=lambda m: m.vkey)
+            now = time.time_ns()  # archived and expired items are not memory to learn
+            metas = sorted((m for m in cube.catalog.alive_at(revision) if not m.hidden(now)), key=lambda m: m.vkey)
         if not metas:
-            raise CubeEmpty(f"cube {cube.record.name!r} has no items at revision {revision}: there is nothing to "
-                            "train on. Write and commit items first", cube=cube.cube_id, revision=revision)
+            raise CubeEmpty(f"cube {cube.record.name!r} has no active items at revision {revision}: there is nothing "
+                            "to train on. Write and commit items (or restore archived ones) first",
+                            cube=cube.cube_id, revision=revision)
         self.host.model()  # refuse now, not in the background, when there is no model
         with self._cond:
             busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished]

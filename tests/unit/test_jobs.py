@@ -101,6 +101,14 @@ def test_refusals_come_before_any_work(rig: Rig) -> None:
         rig.jobs.train(mount, {"lr": -1.0}, "", "")
     with pytest.raises(JobNotFound):
         rig.jobs.cancel("job_nope")
+    # Archived items are not memory to learn: a cube of only archived items has nothing to train on.
+    rig.kernel.alloc_cube("archived", "", {})
+    commit_items(rig, "archived", FACTS[:1])
+    only = rig.kernel.cube("archived").catalog.item_ids_at(1)
+    rig.kernel.set_item_state("archived", only, "archived", "archive", "test")
+    at_head = rig.kernel.mount("archived", 0, False).record.mount_id
+    with pytest.raises(CubeEmpty, match="no active items"):
+        rig.jobs.train(at_head, {}, "", "")
     assert rig.jobs.list_jobs() == []
 
 

@@ -135,7 +135,7 @@ def test_auto_activation_converges_and_reuses_the_prefix(rig: Rig) -> None:
 
 
 def test_background_activation_yields_to_interactive_work_between_chunks(tmp_path: Path, tiny_dir: Path) -> None:
-    rig = open_rig(tmp_path, str(tiny_dir), prefill_chunk=8)  # many small steps
+    rig = open_rig(tmp_path, str(tiny_dir), background_chunk=8)  # many small steps
     try:
         rig.kernel.alloc_cube("long", "", {})
         commit_items(rig, "long", FACTS[:10])
