@@ -40,6 +40,13 @@ def rig(tmp_path: Path, tiny_dir: Path) -> Iterator[Rig]:
     r.close()
 
 
+@pytest.fixture(scope="module")
+def adapter_files(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    from test_parametric import make_adapter
+
+    return make_adapter(tiny_dir, tmp_path_factory.mktemp("adapter"), seed=4)
+
+
 def usage_of(rig: Rig) -> UsageTracker:
     tracker = rig.activator.usage
     assert tracker is not None
@@ -170,12 +177,16 @@ OPS = st.lists(st.tuples(st.sampled_from(["activate", "working_set", "evict", "u
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
-def test_the_kv_pool_never_exceeds_its_budget(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-                                              ops: list[tuple[str, int]]) -> None:
+def test_the_kv_and_adapter_pools_never_exceed_their_budgets(
+    tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, adapter_files: tuple[bytes, bytes],
+    ops: list[tuple[str, int]],
+) -> None:
+    from test_parametric import import_and_commit
+
     from memosd.activation.activator import kv_bytes_per_token
     from memosd.errors import PoolTooSmall
 
-    rig = open_rig(tmp_path_factory.mktemp("budget"), str(tiny_dir), pool_bytes=1)
+    rig = open_rig(tmp_path_factory.mktemp("budget"), str(tiny_dir), pool_bytes=1, max_adapters=1)
     try:
         per_token = kv_bytes_per_token(rig.loaded) or 1
         rig.host.pool._budget = per_token * 160
@@ -183,8 +194,12 @@ def test_the_kv_pool_never_exceeds_its_budget(tiny_dir: Path, tmp_path_factory: 
         for i, name in enumerate(names):
             rig.kernel.alloc_cube(name, "", {})
             commit_items(rig, name, FACTS[i: i + 2 + i])
+            if i % 2 == 0:  # half the cubes carry an adapter: activating them loads it (one entry per cube)
+                import_and_commit(rig, name, adapter_files)
             rig.kernel.set_policy(name, {"schedule": "auto", "working_set_size": 2})
         scheduler = Scheduler(rig.kernel, rig.activator, rig.host, usage_of(rig), max_per_tick=4)
+        scheduler.start()  # installs the heat ranks in both pools; its own loop is stopped at once
+        scheduler.close()
         for op, k in ops:
             name = names[k]
             mount = rig.kernel.mount(name, 0, False).record.mount_id
@@ -206,6 +221,7 @@ def test_the_kv_pool_never_exceeds_its_budget(tiny_dir: Path, tmp_path_factory: 
             stats = rig.host.pool.stats()
             assert stats.bytes_used <= stats.budget_bytes
             assert stats.bytes_used == sum(c.nbytes for _, c in rig.host.pool.entries())
+            assert len(rig.host.adapters) <= rig.host.adapters.max_resident
     finally:
         rig.close()
 
