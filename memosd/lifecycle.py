@@ -28,6 +28,7 @@ from memosd.errors import MemosError
 from memosd.governance.audit import AuditEntry
 from memosd.kernel.kernel import Kernel
 from memosd.logfmt import log_event
+from memosd.periodic import Periodic
 from memosd.store.records import PurgeReceipt
 
 log = logging.getLogger("memosd.lifecycle")
@@ -51,7 +52,7 @@ class LifecycleLoop:
         self.interval = interval
         self.grace_ns = int(grace_seconds * 1_000_000_000)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic(self.tick, interval, "lifecycle", log, self._stop)
 
     def tick(self) -> None:
         """One pass over every cube."""
@@ -95,18 +96,7 @@ class LifecycleLoop:
                                          item_ids=item_ids, artifacts=artifacts or []))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lifecycle", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.tick()
-            except Exception as error:  # the loop must outlive one bad pass; it is logged
-                log_event(log, "lifecycle_error", level=logging.ERROR, error=f"{type(error).__name__}: {error}",
-                          exc_info=error)
+        self._loop.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._loop.close()

@@ -48,6 +48,7 @@ from memosd.kernel.state import CubeState
 from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
 from memosd.parametric.jobs import JobManager
+from memosd.periodic import Periodic
 from memosd.runtime.kvcache import ComputeCancelled
 
 log = logging.getLogger("memosd.scheduler")
@@ -85,8 +86,8 @@ class Scheduler:
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.state = SchedulerState()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()  # also cancels a background activation between chunks
+        self._loop = Periodic(self.tick, interval, "scheduler", log, self._stop)
         self._salts: dict[bytes, str] = {}
 
     # -- one pass ------------------------------------------------------------------
@@ -260,18 +261,7 @@ class Scheduler:
         # From now on the KV pool evicts the coldest cube's cache first, whoever needs the room.
         self.host.pool.rank = self.cache_heat
         self.host.adapters.rank = lambda key: self.usage.heat(key.partition("/")[0])  # key: "{cube_id}/{digest}"
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.tick()
-            except Exception as error:  # the loop must outlive one bad pass; it is logged
-                log_event(log, "sched_error", level=logging.ERROR, error=f"{type(error).__name__}: {error}",
-                          exc_info=error)
+        self._loop.start()
 
     def close(self) -> None:
-        self._stop.set()  # also cancels a background activation between chunks
-        if self._thread is not None:
-            self._thread.join()
+        self._loop.close()

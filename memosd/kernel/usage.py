@@ -16,15 +16,18 @@ so FreeCube's range delete takes them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
+from memosd.periodic import Periodic
 from memosd.store import schema
 from memosd.store.rocks import Store
 
+log = logging.getLogger("memosd.usage")
 CUBE_ROW = "#"  # sorts before "itm_": the cube's own counters
 KINDS = ("search", "read", "generate", "activate")
 HEAT_HALF_LIFE_SECONDS = 600.0
@@ -72,8 +75,7 @@ class UsageTracker:
         self._items: dict[str, dict[str, ItemUsage]] = {}
         self._dirty: set[tuple[str, str]] = set()  # (cube_id, item_id or CUBE_ROW)
         self._dropped: set[tuple[str, str]] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic(self.flush, flush_seconds, "usage_flush", log)
         for key, raw in store.scan_rows(schema.CF_USAGE):
             cube_id, _, item_id = bytes(key).decode().partition("/")
             if item_id == CUBE_ROW:
@@ -181,15 +183,8 @@ class UsageTracker:
         return len(rows) + len(dropped)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="usage-flush", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_seconds):
-            self.flush()
+        self._loop.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._loop.close()
         self.flush()
