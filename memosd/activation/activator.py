@@ -183,7 +183,7 @@ class Activator:
                     ) -> tuple[list[tuple[str, int]], list[str], str]:
         """The items ``selector`` picks at ``revision``, in commit order: (item_id, born), texts, and the
         selector's label (with the working set's size resolved)."""
-        size = int(cube.record.policy.get("working_set_size") or select.DEFAULT_WORKING_SET)
+        size = select.Policy.of(cube.record.policy).working_set_size
         usage = self.usage.items(cube.cube_id) if self.usage is not None and selector.kind == "working_set" else {}
         now = time.time_ns()
         with cube.lock:  # archived and expired items are not memory to activate

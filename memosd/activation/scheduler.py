@@ -97,7 +97,7 @@ class Scheduler:
         if loaded is None:
             return []
         cubes = [c for c in list(self.kernel.cubes.values())
-                 if c.record.policy.get("schedule") == "auto" and c.head > 0 and not c.freed]
+                 if select.Policy.of(c.record.policy).schedule == "auto" and c.head > 0 and not c.freed]
         now = time.time_ns()
         cubes.sort(key=lambda c: self.usage.heat(c.cube_id, now), reverse=True)
         made: list[Decision] = []
@@ -124,7 +124,8 @@ class Scheduler:
 
     def _promote(self, cube: CubeState) -> Decision | None:
         """Start memory training for a cube whose items have been stable long enough (policy; off by default)."""
-        after = int(cube.record.policy.get("train_after_seconds") or 0)
+        policy = select.Policy.of(cube.record.policy)
+        after = policy.train_after_seconds
         if not after or self.jobs is None or cube.freed or cube.head == 0 or cube.record.frozen:
             return None
         now = time.time_ns()
@@ -133,8 +134,7 @@ class Scheduler:
                            if r.added or r.changed or r.forgotten), 0)
         with cube.lock:
             alive = {(m.item_id, m.born) for m in cube.catalog.alive_at(head)}
-        minimum = int(cube.record.policy.get("train_min_items") or select.DEFAULT_TRAIN_MIN_ITEMS)
-        if len(alive) < minimum or now - changed_at < after * 10**9:
+        if len(alive) < policy.train_min_items or now - changed_at < after * 10**9:
             return None
         if any(j.cube_id == cube.cube_id and not j.finished for j in self.jobs.list_jobs(cube.cube_id)):
             return None
@@ -158,8 +158,8 @@ class Scheduler:
 
     def _consider(self, cube: CubeState, loaded: Any, *, budget_left: bool) -> Decision:
         now = time.time_ns()
-        size = int(cube.record.policy.get("working_set_size") or select.DEFAULT_WORKING_SET)
-        threshold = float(cube.record.policy.get("drift_threshold") or select.DEFAULT_DRIFT)
+        policy = select.Policy.of(cube.record.policy)
+        size, threshold = policy.working_set_size, policy.drift_threshold
         head = cube.head
         with cube.lock:
             alive = (m for m in cube.catalog.alive_at(head) if not m.hidden(now))  # as Activator.block_items
@@ -225,17 +225,20 @@ class Scheduler:
 
     def _pooled(self, now: int) -> list[tuple[float, str, str, int]]:
         """(heat of its cube, key, cube id, bytes) of every pooled cache."""
-        owner = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
-        return [(self.usage.heat(owner.get(cache.salt, ""), now), key, owner.get(cache.salt, ""), cache.nbytes)
+        return [(self.usage.heat(self._owner(cache.salt), now), key, self._owner(cache.salt), cache.nbytes)
                 for key, cache in self.host.pool.entries()]
+
+    def _owner(self, salt: bytes) -> str:
+        """The cube a cache's salt belongs to ("" for one freed since); the map is rebuilt on a miss."""
+        owner = self._salts.get(salt)
+        if owner is None:
+            self._salts = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
+            owner = self._salts.get(salt, "")
+        return owner
 
     def cache_heat(self, cache: Any) -> float:
         """The pool's eviction rank while the scheduler runs: the heat of the cache's cube (coldest first)."""
-        owner = self._salts.get(cache.salt)
-        if owner is None:
-            self._salts = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
-            owner = self._salts.get(cache.salt, "")
-        return self.usage.heat(owner)
+        return self.usage.heat(self._owner(cache.salt))
 
     # -- bookkeeping --------------------------------------------------------------------
     def _record(self, decision: Decision) -> None:

@@ -28,6 +28,29 @@ HALF_LIFE_SECONDS = 3600.0  # usage an hour old counts half
 
 
 @dataclass(frozen=True)
+class Policy:
+    """A cube's scheduler policy (CubeRecord.policy, as SetCubePolicy stored it) with the defaults applied."""
+
+    schedule: str = "manual"  # "manual" | "auto"
+    working_set_size: int = DEFAULT_WORKING_SET
+    drift_threshold: float = DEFAULT_DRIFT
+    train_after_seconds: int = 0  # 0: never trains
+    train_min_items: int = DEFAULT_TRAIN_MIN_ITEMS
+
+    @classmethod
+    def of(cls, stored: Mapping[str, object]) -> Policy:
+        def number(key: str, default: float) -> float:
+            value = stored.get(key)
+            return float(value) if isinstance(value, int | float) and value else default
+
+        return cls(schedule=str(stored.get("schedule") or "manual"),
+                   working_set_size=int(number("working_set_size", DEFAULT_WORKING_SET)),
+                   drift_threshold=number("drift_threshold", DEFAULT_DRIFT),
+                   train_after_seconds=int(number("train_after_seconds", 0)),
+                   train_min_items=int(number("train_min_items", DEFAULT_TRAIN_MIN_ITEMS)))
+
+
+@dataclass(frozen=True)
 class Selector:
     kind: Literal["all", "items", "tag", "working_set"] = "all"
     item_ids: tuple[str, ...] = ()

@@ -63,13 +63,12 @@ _SCHEDULES = {"manual": t.SCHEDULE_POLICY_MANUAL, "auto": t.SCHEDULE_POLICY_AUTO
 
 def policy(values: dict[str, Any]) -> t.CubePolicy:
     """A cube's stored policy, with the defaults filled in."""
-    from memosd.activation.select import DEFAULT_DRIFT, DEFAULT_TRAIN_MIN_ITEMS, DEFAULT_WORKING_SET
+    from memosd.activation.select import Policy
 
-    return t.CubePolicy(schedule=_SCHEDULES.get(str(values.get("schedule", "manual")), t.SCHEDULE_POLICY_MANUAL),
-                        working_set_size=int(values.get("working_set_size") or DEFAULT_WORKING_SET),
-                        drift_threshold=float(values.get("drift_threshold") or DEFAULT_DRIFT),
-                        train_after_seconds=int(values.get("train_after_seconds") or 0),
-                        train_min_items=int(values.get("train_min_items") or DEFAULT_TRAIN_MIN_ITEMS))
+    p = Policy.of(values)
+    return t.CubePolicy(schedule=_SCHEDULES.get(p.schedule, t.SCHEDULE_POLICY_MANUAL),
+                        working_set_size=p.working_set_size, drift_threshold=p.drift_threshold,
+                        train_after_seconds=p.train_after_seconds, train_min_items=p.train_min_items)
 
 
 def policy_values(message: t.CubePolicy) -> dict[str, Any]:

@@ -128,11 +128,11 @@ def authorize(access: AccessControl, jobs: JobManager, caller: PrincipalRecord, 
         target.cube_id = access.cube(caller, _field(request, rule.cube), needed).cube_id
     for path in rule.mounts:
         value = _field(request, path)
-        for mount_id in ([value] if isinstance(value, str) else list(value)):
-            if mount_id or path == "mount_id" or path == "header.mount_id":
-                mount = access.mount(caller, mount_id, needed)
-                target.cube_id = target.cube_id or mount.record.cube_id
-                target.mount_id = target.mount_id or mount.mount_id
+        # An empty id names no mount: nothing to check, and the handler refuses it as missing.
+        for mount_id in filter(None, [value] if isinstance(value, str) else list(value)):
+            mount = access.mount(caller, mount_id, needed)
+            target.cube_id = target.cube_id or mount.record.cube_id
+            target.mount_id = target.mount_id or mount.mount_id
     if rule.job:
         job = jobs.get(_field(request, rule.job))
         job_cube = access.kernel.cubes.get(job.cube_id)
