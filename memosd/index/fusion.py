@@ -44,6 +44,11 @@ alone msmarco 0.720 / 0.220, dbpedia 0.381 / 0.276):
     dbsf                  msmarco 0.788 / 0.221   dbpedia 0.475 / 0.321
     tm2c2 alpha=0.8       msmarco 0.802 / 0.222   dbpedia 0.502 / 0.336
 
+scripts/eval_fusion_sweep.py repeats this over exact scores (every passage's
+cosine and BM25, so nothing is imputed for a key missing from one list): 0 of
+68 RRF / TM2C2 settings beat dense and BM25 on both metrics of both sets, and
+one dbpedia question accounts for all of TM2C2's loss there (BENCHMARKS.md).
+
 None beats dense on dbpedia; the per-query paired differences from dense are
 well inside noise on 40 queries (RRF - dense, dbpedia nDCG@10: -0.026, 95%
 bootstrap CI [-0.071, +0.016]), and msmarco's recall@10 is capped at 0.2237

@@ -84,6 +84,12 @@ _EN_STEM = (
 )
 
 
+def analyze(text: str) -> list[str]:
+    """The terms the index stores for ``text``, in order (the ``en_stem`` analysis)."""
+    tokens: list[str] = _EN_STEM.analyze(text)
+    return tokens
+
+
 def query_terms(text: str) -> Counter[str]:
     """The analyzed terms of a user query, with their counts."""
     terms: Counter[str] = Counter()
@@ -302,7 +308,7 @@ class LexicalIndex:
             # Analyzing costs ~20 us a document, as much as indexing it, so
             # only a bounded sample of each batch feeds the length estimate.
             for text in list(last.values())[:LENGTH_SAMPLE_PER_ADD]:
-                self._len_sum += len(_EN_STEM.analyze(text))
+                self._len_sum += len(analyze(text))
                 self._len_n += 1
             high = max(keys)
             if high > self._watermark:
@@ -408,7 +414,7 @@ def _bm25_staged(
     """
     last: dict[int, list[str]] = {}
     for key, text in docs:
-        last[int(key)] = _EN_STEM.analyze(text)
+        last[int(key)] = analyze(text)
     if not last or not terms:
         return []
     n = num_docs + len(last)
