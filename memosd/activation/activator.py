@@ -31,6 +31,7 @@ from memosd.activation import render, select
 from memosd.activation.host import ModelHost
 from memosd.errors import ContextExceeded, CubeEmpty, PoolTooSmall
 from memosd.kernel.kernel import Kernel
+from memosd.kernel.memory_text import memory_text
 from memosd.kernel.state import CubeState
 from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
@@ -191,7 +192,7 @@ class Activator:
                                   selector, usage, size)
         refs = [(m.item_id, m.born) for m in metas]
         versions = self.store.get_versions(cube.cube_id, refs)
-        return refs, [v.text for v in versions if v is not None], selector.label(size)
+        return refs, [memory_text(v.text, v.speaker) for v in versions if v is not None], selector.label(size)
 
     def _check_fits(self, loaded: LoadedModel, cube: CubeState, revision: int, n_tokens: int) -> None:
         if n_tokens >= loaded.context_length:

@@ -26,6 +26,7 @@ from memosd.activation.activator import Activator
 from memosd.activation.decode import Sampler, TextStream
 from memosd.activation.host import ModelHost
 from memosd.errors import AdapterNotFound, ContextExceeded, InvalidField
+from memosd.kernel.memory_text import memory_text
 from memosd.kernel.search import MAX_MOUNTS, Searcher
 from memosd.kernel.types import SearchFilter
 from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
@@ -242,7 +243,7 @@ class Generator:
                 continue
             used = UsedItem(hit.item.item_id, hit.item.born, hit.score)
             uses[hit.mount_id].retrieved_items.append(used)
-            out.append((hit.item.text, used))
+            out.append((memory_text(hit.item.text, hit.item.speaker), used))
             if len(out) == k:
                 break
         return out

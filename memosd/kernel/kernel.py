@@ -37,6 +37,7 @@ from memosd.kernel import adapters, history, ids, paging, validate
 from memosd.kernel.catalog import Catalog, VersionMeta
 from memosd.kernel.compact import CompactResult, oldest_readable, run_compact
 from memosd.kernel.conversation import SessionOrder, plan_ingest
+from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE, memory_text
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import run_purge, taint_on_commit
 from memosd.kernel.state import CubeState, MountState, meta_of, staged_view, view_of
@@ -118,8 +119,8 @@ class Kernel:
 
     # -- start and stop -------------------------------------------------
     def open(self) -> None:
-        """Load every cube and mount, re-embedding if the embedder changed, and
-        bring the derived indexes up to the store."""
+        """Load every cube and mount, re-embedding if the embedder or the memory-text recipe changed,
+        and bring the derived indexes up to the store."""
         self._index_root.mkdir(parents=True, exist_ok=True)
         reembed = self._embedder_changed()
         for record in self.store.iter_cubes():
@@ -128,18 +129,23 @@ class Kernel:
             self.cubes[record.cube_id] = self._load_cube(record)
         for mount in self.store.iter_mounts():
             self.mounts[mount.mount_id] = self._load_mount(mount, reembed)
-        self.store.put_meta(schema.KEY_EMBEDDER, self.embedder.fingerprint.encode())
+        self.store.put_meta(schema.KEY_EMBEDDER, self._index_recipe.encode())
         for orphan in self._index_root.iterdir():
             if orphan.name not in self.cubes:
                 shutil.rmtree(orphan, ignore_errors=True)
         log_event(log, "kernel_open", cubes=len(self.cubes), mounts=len(self.mounts))
 
+    @property
+    def _index_recipe(self) -> str:
+        """What the vectors and indexes are made of: the embedder and the memory-text format."""
+        return f"{self.embedder.fingerprint} text={MEMORY_TEXT_RECIPE}"
+
     def _embedder_changed(self) -> bool:
         stored = self.store.get_meta(schema.KEY_EMBEDDER)
-        changed = stored is not None and stored.decode() != self.embedder.fingerprint
+        changed = stored is not None and stored.decode() != self._index_recipe
         if changed:
-            log_event(log, "embedder_changed", level=logging.WARNING, was=stored, now=self.embedder.fingerprint,
-                      action="re-embedding every item and rebuilding the dense indexes")
+            log_event(log, "embedder_changed", level=logging.WARNING, was=stored, now=self._index_recipe,
+                      action="re-embedding every item and rebuilding the indexes")
             shutil.rmtree(self._index_root, ignore_errors=True)
             self._index_root.mkdir(parents=True, exist_ok=True)
         return changed
@@ -148,7 +154,7 @@ class Kernel:
         versions = list(self.store.iter_versions(cube_id))
         for start in range(0, len(versions), 256):
             chunk = versions[start:start + 256]
-            vectors = self.embedder.embed([v.text for v in chunk])
+            vectors = self.embedder.embed([memory_text(v.text, v.speaker) for v in chunk])
             batch = self.store.batch()
             for version, vector in zip(chunk, vectors, strict=True):
                 batch.put_vector(cube_id, version.vkey, vector)
@@ -180,7 +186,7 @@ class Kernel:
         for start in range(0, len(behind), 4096):
             chunk = behind[start:start + 4096]
             versions = self.store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in chunk])
-            cube.index.add_lexical([(v.vkey, v.text) for v in versions if v is not None])
+            cube.index.add_lexical([(v.vkey, memory_text(v.text, v.speaker)) for v in versions if v is not None])
         if len(missing) or behind:
             cube.index_dirty = True
             log_event(log, "index_caught_up", cube=cube.cube_id, dense_added=len(missing),
@@ -211,7 +217,7 @@ class Kernel:
             mount.staging[staged.item_id] = staged
             if staged.kind != "forget":
                 if vector is None or reembed:
-                    vector = self.embedder.embed([staged.text])[0]
+                    vector = self.embedder.embed([memory_text(staged.text, staged.speaker)])[0]
                 mount.vectors[staged.item_id] = vector
         return mount
 
@@ -427,7 +433,7 @@ class Kernel:
             if item.item_id and not ids.ITEM_ID_RE.match(item.item_id):
                 raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                    "to add a new item", field=f"items[{i}].item_id")
-        vectors = self.embedder.embed([item.text for item in inputs])  # slow: outside every lock
+        vectors = self.embedder.embed([memory_text(item.text, item.speaker) for item in inputs])  # slow: outside every lock
         now = _now_ns()
         with mount.lock:
             self._check_mount_open(mount)
@@ -696,7 +702,7 @@ class Kernel:
         validate.tags(tags, "tags")
         if len(source) > validate.MAX_SOURCE_CHARS:
             raise InvalidField(f"source is over {validate.MAX_SOURCE_CHARS} characters", field="source")
-        vectors = self.embedder.embed([m.text for m in messages])  # slow: outside every lock
+        vectors = self.embedder.embed([memory_text(m.text, m.speaker) for m in messages])  # slow: outside every lock
         with cube.lock, mount.lock:
             self._check_mount_open(mount)
             check_thawed(cube, "Ingest")
@@ -769,7 +775,8 @@ class Kernel:
                 cube.adapters.append(adapter_plan.born)
         if plan.born:
             keys = np.array([v.vkey for v, _ in plan.born], dtype=np.uint64)
-            cube.index.add(keys, np.stack([vec for _, vec in plan.born]), [v.text for v, _ in plan.born])
+            cube.index.add(keys, np.stack([vec for _, vec in plan.born]),
+                            [memory_text(v.text, v.speaker) for v, _ in plan.born])
             cube.index_dirty = True
 
     def rollback(self, ref: str, target: int, message: str, author: str) -> RevisionRecord:

@@ -20,6 +20,7 @@ from memosd.errors import InvalidField
 from memosd.kernel import validate
 from memosd.kernel.conversation import MAX_CONTEXT_TURNS, SessionOrder
 from memosd.kernel.kernel import Kernel
+from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import FusedHitLike, Ranker, Scored
 from memosd.kernel.state import CubeState, MountState, staged_view, view_of
 from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
@@ -147,7 +148,7 @@ class Searcher:
             sims = matrix @ qvec
             dense += [(base_index + i, float(sims[i])) for i in np.argsort(-sims)[:depth]]
         if mode != "dense":
-            docs = [(base_index + i, s.text) for i, s in enumerate(staged)]
+            docs = [(base_index + i, memory_text(s.text, s.speaker)) for i, s in enumerate(staged)]
             lexical += cube.index.lexical_staged(query, docs, depth)
 
     def _turns(self, hits: list[SearchHit], mounts: list[MountState], cubes: list[CubeState],

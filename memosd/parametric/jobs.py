@@ -24,6 +24,7 @@ from memosd.activation.host import ModelHost
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
 from memosd.kernel import ids
 from memosd.kernel.kernel import Kernel, check_thawed
+from memosd.kernel.memory_text import memory_text
 from memosd.logfmt import log_event
 from memosd.runtime.adapters import adapter_digest
 from memosd.runtime.model import LoadedModel
@@ -187,7 +188,8 @@ class JobManager:
         trainer: Trainer | None = None
         try:
             loaded = self.host.model()
-            texts = [v.text for v in self.kernel.store.get_versions(job.cube_id, refs) if v is not None]
+            versions = self.kernel.store.get_versions(job.cube_id, refs)
+            texts = [memory_text(v.text, v.speaker) for v in versions if v is not None]
             trainer = self.host.run(lambda: self._make_trainer(loaded, texts, job.settings),
                                     priority=PRIORITY_BACKGROUND)
             job = self._update(job_id, total_steps=trainer.total_steps)

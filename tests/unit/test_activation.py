@@ -387,3 +387,26 @@ def test_a_daemon_without_a_model_says_so(tmp_path: Path) -> None:
 
 def test_salt_is_the_cube_id() -> None:
     assert cube_salt("cube_a") != cube_salt("cube_b")
+
+
+def test_the_model_sees_who_said_each_turn(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory block and the retrieved items carry a turn's speaker (kernel/memory_text.py)."""
+    rig.kernel.alloc_cube("chat", "", {})
+    mount = rig.kernel.mount("chat", 0, True).record.mount_id
+    rig.kernel.write(mount, [ItemInput("I adopted a dog", speaker="Caroline", session_id="s"),
+                             ItemInput("A plain note")])
+    rig.kernel.commit(mount, "add", "test")
+    cube = rig.kernel.cube("chat")
+    _, texts, _ = rig.activator.block_items(cube, cube.head)
+    assert texts == ["Caroline: I adopted a dog", "A plain note"]
+
+    shown: list[list[str]] = []
+    real = render.tail_token_ids
+
+    def spy(tokenizer: Any, retrieved: Sequence[str], *args: Any, **kw: Any) -> list[int]:
+        shown.append(list(retrieved))
+        return real(tokenizer, retrieved, *args, **kw)
+
+    monkeypatch.setattr(render, "tail_token_ids", spy)
+    run_generation(rig, GenerateParams([("user", "Caroline adopted a dog?")], [mount], max_tokens=1, retrieve_k=2))
+    assert shown and set(shown[-1]) == {"Caroline: I adopted a dog", "A plain note"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from activation_rig import HashEmbedder
 
@@ -19,8 +20,10 @@ from memosd.errors import InvalidField, MountReadOnly, TextEmpty, TooManyItems
 from memosd.index.cube_index import CubeIndex
 from memosd.kernel.conversation import ingest_order
 from memosd.kernel.kernel import Kernel
+from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.types import ItemInput, ItemView, Message, SearchFilter, SearchHit
+from memosd.store import schema
 from memosd.store.rocks import Store
 
 S = 1_000_000_000  # one second in ns
@@ -216,5 +219,55 @@ def test_turns_survive_a_restart_and_a_purge_leaves_no_link(tmp_path: Path) -> N
         kernel.purge("c", [items["bravo secret"].item_id])
         assert chain(read_all(kernel, mount), "alpha") == ["alpha", "charlie"]
         assert kernel.cube("c").catalog.vkeys_with_tags((), (), speakers=("b",)) == set()
+    finally:
+        kernel.close()
+
+
+def test_a_question_that_names_the_speaker_finds_their_turns(kernel: Kernel) -> None:
+    """Turns are indexed as "<speaker>: <text>" (kernel/memory_text.py); Search and Read return the words alone."""
+    mount = rw(kernel)
+    kernel.ingest(mount, chat("s", ("Caroline", "I adopted a dog last week"), ("Melanie", "I painted a lake")))
+    kernel.write(mount, [ItemInput("I still have not committed this", speaker="Gustavo", session_id="s")])
+    search = searcher(kernel)
+
+    def top(query: str) -> str:
+        return search.search([mount], query, 1, SearchFilter(), "lexical").hits[0].item.text
+
+    assert top("And Caroline?") == "I adopted a dog last week"
+    assert top("what did melanie do") == "I painted a lake"
+    assert top("Gustavo") == "I still have not committed this"  # a staged turn, scored outside the index
+    kernel.commit(mount, "", "")
+    assert top("Gustavo") == "I still have not committed this"  # and the same turn in the index
+    cube = kernel.cube("c")
+    metas = sorted(cube.catalog.by_vkey.values(), key=lambda m: m.vkey)
+    stored = kernel.store.get_vectors(cube.cube_id, [m.vkey for m in metas])
+    want = HashEmbedder().embed(["Caroline: I adopted a dog last week", "Melanie: I painted a lake",
+                                 "Gustavo: I still have not committed this"])
+    for got, expected in zip(stored, want, strict=True):
+        assert got is not None and np.allclose(got, expected, atol=1e-3)
+
+
+def test_a_store_indexed_under_another_memory_text_recipe_is_reindexed_at_start(tmp_path: Path) -> None:
+    kernel = open_kernel(tmp_path / "data")
+    kernel.alloc_cube("c", "", {})
+    kernel.ingest(rw(kernel), chat("s", ("Caroline", "I adopted a dog")))
+    cube = kernel.cube("c")
+    [vkey] = cube.catalog.by_vkey
+    # What an older daemon left: its recipe stamp (the embedder's fingerprint alone), bare-text vectors and indexes.
+    batch = kernel.store.batch()
+    batch.put_vector(cube.cube_id, vkey, HashEmbedder().embed(["I adopted a dog"])[0])
+    kernel.store.write(batch, sync=True)
+    kernel.store.put_meta(schema.KEY_EMBEDDER, HashEmbedder.fingerprint.encode())
+    kernel.close()
+    kernel = open_kernel(tmp_path / "data")
+    try:
+        cube = kernel.cube("c")
+        [vector] = kernel.store.get_vectors(cube.cube_id, [vkey])
+        assert vector is not None and np.allclose(vector, HashEmbedder().embed(["Caroline: I adopted a dog"])[0],
+                                                  atol=1e-3)
+        stamp = kernel.store.get_meta(schema.KEY_EMBEDDER)
+        assert stamp is not None and stamp.decode().endswith(f"text={MEMORY_TEXT_RECIPE}")
+        hits = searcher(kernel).search([rw(kernel)], "caroline", 1, SearchFilter(), "lexical").hits
+        assert [h.item.text for h in hits] == ["I adopted a dog"]
     finally:
         kernel.close()
