@@ -90,6 +90,10 @@ def test_ingest_search_filters_context_and_links_across_calls(client: Client) ->
         assert {h.item.speaker for h in hits} == {"assistant"}
         assert hits[0].item.text.startswith("Try yudofu")
         assert {h.item.session_id for h in m.search("error in my script", k=10, session_ids=["code"])} == {"code"}
+        # Turns are indexed as "<speaker>: <text>": naming the speaker finds their turns, with no filter.
+        named = m.search("assistant", k=10, mode="lexical")
+        assert sorted(h.item.text for h in named) == sorted(t for s, t in [*TRIP, *CODE] if s == "assistant")
+        assert not any(h.item.text.startswith("assistant:") for h in named)  # the text is the words alone
         late = m.search("anything", k=20, since=T0 + timedelta(days=1))
         assert sorted(h.item.text for h in late) == sorted(t for _, t in CODE)
 
