@@ -81,6 +81,11 @@ def cube_salt(cube_id: str) -> bytes:
     return cube_id.encode()
 
 
+def salt_cube(salt: bytes) -> str:
+    """The id of the cube whose caches carry ``salt`` (the inverse of ``cube_salt``)."""
+    return salt.decode()
+
+
 def kv_bytes_per_token(loaded: LoadedModel) -> int | None:
     """Bytes of K and V per token for all layers, from the config (None if it does not say)."""
     import torch

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memosd.activation import select
-from memosd.activation.activator import Activator, cube_salt, kv_bytes_per_token
+from memosd.activation.activator import Activator, kv_bytes_per_token, salt_cube
 from memosd.activation.host import ModelHost
 from memosd.errors import MemosError
 from memosd.kernel.kernel import Kernel
@@ -88,7 +88,6 @@ class Scheduler:
         self._lock = threading.Lock()
         self._stop = threading.Event()  # also cancels a background activation between chunks
         self._loop = Periodic(self.tick, interval, "scheduler", log, self._stop)
-        self._salts: dict[bytes, str] = {}
 
     # -- one pass ------------------------------------------------------------------
     def tick(self) -> list[Decision]:
@@ -117,7 +116,7 @@ class Scheduler:
             made.append(decision)
         for cube in list(self.kernel.cubes.values()):
             promoted = self._promote(cube)
-            if promoted is not None:
+            if promoted is not None and (promoted.action != "fail" or not self._last_was(promoted)):
                 self._record(promoted)
                 made.append(promoted)
         return made
@@ -132,17 +131,20 @@ class Scheduler:
         head = cube.head
         changed_at = next((r.create_ns for r in self.kernel.store.iter_revisions(cube.cube_id, newest=head)
                            if r.added or r.changed or r.forgotten), 0)
-        with cube.lock:
-            alive = {(m.item_id, m.born) for m in cube.catalog.alive_at(head)}
+        with cube.lock:  # archived and expired items are not trained on (as JobManager.train)
+            alive = {(m.item_id, m.born) for m in cube.catalog.alive_at(head) if not m.hidden(now)}
         if len(alive) < policy.train_min_items or now - changed_at < after * 10**9:
             return None
-        if any(j.cube_id == cube.cube_id and not j.finished for j in self.jobs.list_jobs(cube.cube_id)):
+        jobs = self.jobs.list_jobs(cube.cube_id)
+        if any(not j.finished for j in jobs):
             return None
+        if any(j.state in ("failed", "cancelled") and j.create_ns >= changed_at for j in jobs):
+            return None  # these items were tried: a failure or a cancel stands until they change
         adapter = cube.adapter_at(head)
         if adapter is not None and adapter.lineage.get("origin") == "trained":
             source = int(adapter.lineage.get("source_revision", -1))
             with cube.lock:
-                trained_on = {(m.item_id, m.born) for m in cube.catalog.alive_at(source)}
+                trained_on = {(m.item_id, m.born) for m in cube.catalog.alive_at(source) if not m.hidden(now)}
             if trained_on == alive:
                 return None  # the adapter already holds exactly these items
         mount = self.kernel.mount(cube.cube_id, head, False, "memosd")
@@ -176,7 +178,8 @@ class Scheduler:
             why = "never activated"
         if not budget_left:
             return Decision(now, cube.cube_id, "defer", f"{why}; {self.max_per_tick} activations this tick already")
-        room = self._make_room(cube, loaded, record.token_ids if record is not None else None, size)
+        room = self._make_room(cube, loaded, record.token_ids if record is not None else None, size,
+                               replaces=record.cache_key if record is not None else "")
         if not room:
             return Decision(now, cube.cube_id, "defer", f"{why}; the KV pool has no room (colder caches only "
                                                         "may be evicted)")
@@ -196,9 +199,10 @@ class Scheduler:
                   reused=outcome.tokens_reused, computed=outcome.tokens_computed)
         return Decision(now, cube.cube_id, "activate", why, outcome.tokens_reused, outcome.tokens_computed)
 
-    def _make_room(self, cube: CubeState, loaded: Any, tokens: Any, size: int) -> bool:
+    def _make_room(self, cube: CubeState, loaded: Any, tokens: Any, size: int, *, replaces: str = "") -> bool:
         """Whether the pool can take the cube's cache, evicting caches of colder cubes (by heat) if that
-        makes enough room; nothing is evicted when it would not."""
+        makes enough room; nothing is evicted when it would not. The cache under ``replaces`` (the cube's
+        last) counts as room: the new one takes its place."""
         per_token = kv_bytes_per_token(loaded) or 0
         # The last activation's size is the best guess; without one, ~64 tokens an item.
         estimate = per_token * (len(tokens) if tokens is not None else 64 * size)
@@ -207,7 +211,8 @@ class Scheduler:
             return False
         now = time.time_ns()
         mine = self.usage.heat(cube.cube_id, now)
-        free = pool.budget_bytes - pool.bytes_used
+        replaced = pool.peek(replaces) if replaces else None
+        free = pool.budget_bytes - pool.bytes_used + (replaced.nbytes if replaced is not None else 0)
         victims: list[tuple[str, str, int]] = []
         for heat, key, owner_id, nbytes in sorted(self._pooled(now)):
             if free >= estimate:
@@ -229,12 +234,9 @@ class Scheduler:
                 for key, cache in self.host.pool.entries()]
 
     def _owner(self, salt: bytes) -> str:
-        """The cube a cache's salt belongs to ("" for one freed since); the map is rebuilt on a miss."""
-        owner = self._salts.get(salt)
-        if owner is None:
-            self._salts = {cube_salt(c.cube_id): c.cube_id for c in list(self.kernel.cubes.values())}
-            owner = self._salts.get(salt, "")
-        return owner
+        """The cube a cache's salt belongs to ("" for one freed since)."""
+        cube_id = salt_cube(salt)
+        return cube_id if cube_id in self.kernel.cubes else ""
 
     def cache_heat(self, cache: Any) -> float:
         """The pool's eviction rank while the scheduler runs: the heat of the cache's cube (coldest first)."""

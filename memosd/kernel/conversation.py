@@ -71,13 +71,17 @@ class SessionOrder:
     """The sessions of one cube as one mount sees them; each session is ordered once, when first asked for.
 
     ``staging`` is the mount's staging as the caller read it (a snapshot, so that the links agree with the
-    items the call returns)."""
+    items the call returns). With ``hidden_at`` (Search), turns hidden then (expired; archived unless
+    ``include_archived``) are left out; without it (Read), every turn the mount sees counts."""
 
-    def __init__(self, store: Store, cube: CubeState, base: int, staging: Mapping[str, StagedRecord]) -> None:
+    def __init__(self, store: Store, cube: CubeState, base: int, staging: Mapping[str, StagedRecord], *,
+                 hidden_at: int = 0, include_archived: bool = True) -> None:
         self._store = store
         self._cube = cube
         self._base = base
         self._staging = staging
+        self._hidden_at = hidden_at
+        self._include_archived = include_archived
         self._sessions: dict[str, tuple[list[_Turn], dict[str, int]]] = {}
 
     def _session(self, session_id: str) -> tuple[list[_Turn], dict[str, int]]:
@@ -90,10 +94,12 @@ class SessionOrder:
         keyed: list[tuple[tuple[int, int, int], _Turn]] = []
         for vkey in vkeys:
             meta = catalog.by_vkey.get(vkey)
-            if meta is not None and meta.alive_at(self._base) and meta.item_id not in self._staging:
+            if (meta is not None and meta.alive_at(self._base) and meta.item_id not in self._staging
+                    and not (self._hidden_at and meta.hidden(self._hidden_at, self._include_archived))):
                 keyed.append(((meta.event_ns, 0, meta.vkey), _Turn(meta.item_id, meta.born)))
         for staged in self._staging.values():
-            if staged.kind != "forget" and staged.session_id == session_id:
+            if (staged.kind != "forget" and staged.session_id == session_id
+                    and not (self._hidden_at and 0 < staged.expire_ns <= self._hidden_at)):
                 keyed.append(((staged.event_ns, 1, staged.write_ns), _Turn(staged.item_id, 0, staged)))
         keyed.sort(key=lambda entry: entry[0])
         turns = [turn for _, turn in keyed]

@@ -117,7 +117,8 @@ class Searcher:
         dense.sort(key=lambda ks: (-ks[1], ks[0]))
         lexical.sort(key=lambda ks: (-ks[1], ks[0]))
         fused = self.rank(dense[:depth], lexical[:depth], k, mode)
-        hits = self._turns(self._materialize(fused, candidates), mounts, cubes, seen, context_turns)
+        hits = self._turns(self._materialize(fused, candidates), mounts, cubes, seen, context_turns,
+                           filt.include_archived)
         headers = [MountHeader(c.cube_id, c.head, m.record.base) for m, c in zip(mounts, cubes, strict=True)]
         took = time.perf_counter_ns() - started
         return SearchResult(hits, headers, took // 1000, embed_ns // 1000)
@@ -152,12 +153,16 @@ class Searcher:
             lexical += cube.index.lexical_staged(query, docs, depth)
 
     def _turns(self, hits: list[SearchHit], mounts: list[MountState], cubes: list[CubeState],
-               seen: dict[str, tuple[int, dict[str, StagedRecord]]], context_turns: int) -> list[SearchHit]:
+               seen: dict[str, tuple[int, dict[str, StagedRecord]]], context_turns: int,
+               include_archived: bool) -> list[SearchHit]:
         """Conversation turns among the hits get their previous and next turns and, with ``context_turns``,
-        their neighbours; as each hit's mount saw its session when this search read its staging."""
+        their neighbours; as each hit's mount saw its session when this search read its staging. Turns
+        Search leaves out (expired; archived unless asked for) are neither neighbours nor context."""
         if not any(h.item.session_id for h in hits):
             return hits
-        orders = {m.mount_id: SessionOrder(self.kernel.store, c, *seen[m.mount_id])
+        now = time.time_ns()
+        orders = {m.mount_id: SessionOrder(self.kernel.store, c, *seen[m.mount_id], hidden_at=now,
+                                           include_archived=include_archived)
                   for m, c in zip(mounts, cubes, strict=True)}
         out = [replace(h, item=orders[h.mount_id].link(h.item)) for h in hits]
         if context_turns:

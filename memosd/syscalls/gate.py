@@ -97,6 +97,11 @@ class Gate:
         self._calls_lock = threading.Lock()
         self.draining = False
 
+    def call_counts(self) -> dict[str, int]:
+        """A copy of the per-method call counts (a call may be counting one right now)."""
+        with self._calls_lock:
+            return dict(self.calls)
+
     # -- the steps ---------------------------------------------------------------
     def _caller(self, context: grpc.ServicerContext) -> PrincipalRecord:
         if not self.auth:

@@ -12,6 +12,7 @@ from memos.v1 import types_pb2 as t
 from memosd.errors import InvalidField
 from memosd.governance.access import AccessControl, GrantView, Right
 from memosd.governance.audit import StoredRecord
+from memosd.kernel.paging import decode_token, encode_token, page_size
 from memosd.store.records import PrincipalRecord, PurgeReceipt
 from memosd.syscalls import convert as cv
 from memosd.syscalls.gate import Call
@@ -144,14 +145,17 @@ class GovernanceHandlers:
                                  grant=grant(view), mounts_closed=closed)
 
     def ListGrants(self, req: pb.ListGrantsRequest, call: Call) -> pb.ListGrantsResponse:
-        views = self.access.list_grants(call.caller, req.cube)
-        after = req.page_token
-        rows = [v for v in views if f"{v.cube_id}/{v.principal_id}" > after] if after else views
-        size = req.page_size or 100
+        # Paged in "cube id/principal id" order; the cursor is the last row's key.
+        def key(v: GrantView) -> str:
+            return f"{v.cube_id}/{v.principal_id}"
+
+        scope = f"grants/{req.cube}"
+        size, after = page_size(req.page_size), str(decode_token(req.page_token, scope) or "")
+        rows = sorted((v for v in self.access.list_grants(call.caller, req.cube) if key(v) > after), key=key)
         page = rows[:size]
         more = len(rows) > size
-        return pb.ListGrantsResponse(grants=[grant(v) for v in page],
-                                     next_page_token=f"{page[-1].cube_id}/{page[-1].principal_id}" if more else "")
+        token = encode_token(scope, key(page[-1])) if more else ""
+        return pb.ListGrantsResponse(grants=[grant(v) for v in page], next_page_token=token)
 
     # -- audit ------------------------------------------------------------------------------
     def Audit(self, req: pb.AuditRequest, call: Call) -> Iterator[pb.AuditResponse]:

@@ -231,7 +231,7 @@ class MemOSServicer(GovernanceHandlers):
     # -- daemon ---------------------------------------------------------
     def Stats(self, req: pb.StatsRequest, call: Call) -> pb.StatsResponse:
         response = self._stats()
-        response.calls.update(self.gate.calls)
+        response.calls.update(self.gate.call_counts())
         return response
 
     def SetCubePolicy(self, req: pb.SetCubePolicyRequest, call: Call) -> pb.SetCubePolicyResponse:

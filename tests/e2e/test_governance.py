@@ -366,3 +366,22 @@ def test_tls_and_mtls(tmp_path: Path) -> None:
             memos_pb2_grpc.MemOSStub(plain).WhoAmI(memos_pb2.WhoAmIRequest(), timeout=5)
     finally:
         proc.stop()
+
+
+def test_list_grants_pages_return_every_row_once(daemon: DaemonProcess, admin: Client, alice: Client) -> None:
+    with _user(daemon, admin, "dana") as dana:
+        owned = [_cube(dana, f"dana-{i}") for i in range(3)]
+        for i in range(3):
+            alice_cube = _cube(alice, f"for-dana-{i}")
+            alice.grant(alice_cube, "dana", ["read"])
+        for name in ("admin", "alice"):
+            dana.grant(owned[0], name, ["read"])
+
+        def keys(grants: Iterator[t.CubeGrant]) -> list[tuple[str, str]]:
+            return [(g.cube_id, g.principal_id) for g in grants]
+
+        for cube in ("", owned[0]):
+            whole = keys(dana.list_grants(cube))
+            assert len(whole) == (6 if not cube else 3)
+            assert keys(dana.list_grants(cube, page_size=1)) == sorted(whole)
+            assert keys(dana.list_grants(cube, page_size=2)) == sorted(whole)

@@ -268,3 +268,40 @@ def test_room_is_made_only_from_colder_cubes_and_only_when_enough(rig: Rig) -> N
     needs_one = [0] * (cold.pool_bytes // per_token)
     assert scheduler._make_room(target, rig.loaded, needs_one, 2)
     assert cold.record.cache_key not in rig.host.pool and hot.record.cache_key in rig.host.pool
+
+
+def test_a_cancelled_training_is_not_restarted_until_the_items_change(rig: Rig) -> None:
+    rig.kernel.alloc_cube("stable", "", {})
+    commit_items(rig, "stable", FACTS[:3])
+    rig.kernel.set_policy("stable", {"train_after_seconds": 1, "train_min_items": 3})
+    scheduler = Scheduler(rig.kernel, rig.activator, rig.host, usage_of(rig), jobs=rig.jobs)
+    mount = rig.kernel.mount("stable", 0, False).record.mount_id
+    job = rig.jobs.train(mount, {"max_steps": 10_000, "epochs": 100_000, "early_stop_loss": 0.0}, "long", "test")
+    rig.jobs.cancel(job.job_id)
+    assert list(rig.jobs.watch(job.job_id, threading.Event()))[-1].state == "cancelled"
+    time.sleep(1.1)
+    assert [d for d in scheduler.tick() if d.action == "train"] == []  # the cancel stands for these items
+    commit_items(rig, "stable", ["fact 99: a new item"])
+    time.sleep(1.1)
+    assert len([d for d in scheduler.tick() if d.action == "train"]) == 1  # new items: tried again
+
+
+def test_the_cubes_own_last_cache_counts_as_room(rig: Rig) -> None:
+    from memosd.activation.activator import kv_bytes_per_token
+
+    mounts = {}
+    for name in ("own", "hot"):
+        rig.kernel.alloc_cube(name, "", {})
+        mounts[name] = commit_items(rig, name, FACTS[:2])
+    own, hot = rig.activator.activate(mounts["own"]), rig.activator.activate(mounts["hot"])
+    rig.host.pool._budget = own.pool_bytes + hot.pool_bytes
+    tracker = usage_of(rig)
+    for _ in range(10):
+        tracker.record("search", [rig.kernel.cube("hot").cube_id])
+    scheduler = Scheduler(rig.kernel, rig.activator, rig.host, tracker)
+    per_token = kv_bytes_per_token(rig.loaded) or 1
+    tokens = [0] * (own.pool_bytes // per_token)
+    cube = rig.kernel.cube("own")
+    assert not scheduler._make_room(cube, rig.loaded, tokens, 2)  # the only other cache is hotter
+    assert scheduler._make_room(cube, rig.loaded, tokens, 2, replaces=own.record.cache_key)
+    assert own.record.cache_key in rig.host.pool and hot.record.cache_key in rig.host.pool  # nothing evicted
