@@ -119,39 +119,52 @@ class Kernel:
 
     # -- start and stop -------------------------------------------------
     def open(self) -> None:
-        """Load every cube and mount, re-embedding if the embedder or the memory-text recipe changed,
-        and bring the derived indexes up to the store."""
+        """Load every cube and mount, re-embedding if the embedder changed (every item) or the memory-text
+        recipe did (only turns: other items read the same under every recipe), and bring the derived
+        indexes up to the store."""
         self._index_root.mkdir(parents=True, exist_ok=True)
         reembed = self._embedder_changed()
+        retext = not reembed and self._memory_text_changed()
         for record in self.store.iter_cubes():
             if reembed:
                 self._reembed_cube(record.cube_id)
+            elif retext and self._reembed_cube(record.cube_id, turns_only=True):
+                shutil.rmtree(self._index_root / record.cube_id, ignore_errors=True)  # rebuilt from the store
             self.cubes[record.cube_id] = self._load_cube(record)
         for mount in self.store.iter_mounts():
-            self.mounts[mount.mount_id] = self._load_mount(mount, reembed)
-        self.store.put_meta(schema.KEY_EMBEDDER, self._index_recipe.encode())
+            self.mounts[mount.mount_id] = self._load_mount(mount, reembed, retext)
+        self.store.put_meta(schema.KEY_EMBEDDER, self.embedder.fingerprint.encode())
+        self.store.put_meta(schema.KEY_MEMORY_TEXT, MEMORY_TEXT_RECIPE.encode())
         for orphan in self._index_root.iterdir():
             if orphan.name not in self.cubes:
                 shutil.rmtree(orphan, ignore_errors=True)
         log_event(log, "kernel_open", cubes=len(self.cubes), mounts=len(self.mounts))
 
-    @property
-    def _index_recipe(self) -> str:
-        """What the vectors and indexes are made of: the embedder and the memory-text format."""
-        return f"{self.embedder.fingerprint} text={MEMORY_TEXT_RECIPE}"
-
     def _embedder_changed(self) -> bool:
         stored = self.store.get_meta(schema.KEY_EMBEDDER)
-        changed = stored is not None and stored.decode() != self._index_recipe
+        changed = stored is not None and stored.decode() != self.embedder.fingerprint
         if changed:
-            log_event(log, "embedder_changed", level=logging.WARNING, was=stored, now=self._index_recipe,
+            log_event(log, "embedder_changed", level=logging.WARNING, was=stored, now=self.embedder.fingerprint,
                       action="re-embedding every item and rebuilding the indexes")
             shutil.rmtree(self._index_root, ignore_errors=True)
             self._index_root.mkdir(parents=True, exist_ok=True)
         return changed
 
-    def _reembed_cube(self, cube_id: str) -> None:
-        versions = list(self.store.iter_versions(cube_id))
+    def _memory_text_changed(self) -> bool:
+        """Whether a store with items was indexed under another memory-text recipe (or before there was one)."""
+        if self.store.get_meta(schema.KEY_EMBEDDER) is None:
+            return False  # a new store
+        stored = self.store.get_meta(schema.KEY_MEMORY_TEXT)
+        changed = stored is None or stored.decode() != MEMORY_TEXT_RECIPE
+        if changed:
+            log_event(log, "memory_text_changed", level=logging.WARNING, was=stored, now=MEMORY_TEXT_RECIPE,
+                      action="re-embedding conversation turns and rebuilding the indexes of their cubes")
+        return changed
+
+    def _reembed_cube(self, cube_id: str, *, turns_only: bool = False) -> int:
+        """Recompute the stored vectors of the cube's versions (with ``turns_only``, of those with a speaker);
+        returns how many."""
+        versions = [v for v in self.store.iter_versions(cube_id) if v.speaker or not turns_only]
         for start in range(0, len(versions), 256):
             chunk = versions[start:start + 256]
             vectors = self.embedder.embed([memory_text(v.text, v.speaker) for v in chunk])
@@ -159,6 +172,7 @@ class Kernel:
             for version, vector in zip(chunk, vectors, strict=True):
                 batch.put_vector(cube_id, version.vkey, vector)
             self.store.write(batch, sync=False)
+        return len(versions)
 
     def _load_cube(self, record: CubeRecord) -> CubeState:
         catalog = Catalog()
@@ -211,12 +225,12 @@ class Kernel:
         cube.index.save()
         cube.index_dirty = False
 
-    def _load_mount(self, record: MountRecord, reembed: bool) -> MountState:
+    def _load_mount(self, record: MountRecord, reembed: bool, retext: bool) -> MountState:
         mount = MountState(record, staged_adapter=self.store.get_staged_adapter(record.mount_id))
         for staged, vector in self.store.iter_staged(record.mount_id):
             mount.staging[staged.item_id] = staged
             if staged.kind != "forget":
-                if vector is None or reembed:
+                if vector is None or reembed or (retext and staged.speaker):
                     vector = self.embedder.embed([memory_text(staged.text, staged.speaker)])[0]
                 mount.vectors[staged.item_id] = vector
         return mount
@@ -889,9 +903,9 @@ class Kernel:
         plan = history.Plan(ended=list(metas), changed=len(changes))
         next_vkey = cube.record.next_vkey
         now = _now_ns()
-        for (_, state, expire_ns), source, vector in zip(changes, sources, vectors, strict=True):
+        for (meta, state, expire_ns), source, vector in zip(changes, sources, vectors, strict=True):
             if source is None or vector is None:
-                raise InternalError(f"a version of item {metas[0].item_id} is missing from the store")
+                raise InternalError(f"a version of item {meta.item_id} is missing from the store")
             plan.born.append((replace(source, vkey=next_vkey, born=head + 1, died=0, write_ns=now,
                                       origin=source.content_id, state=state, expire_ns=expire_ns), vector))
             next_vkey += 1

@@ -10,9 +10,9 @@ her turns in BM25 and in the embedding, and the model can tell who said
 what. The stored text, and what Read and Search return as the item's text,
 stay the words alone.
 
-``MEMORY_TEXT_RECIPE`` names this format. The kernel stores it with the
-embedder's fingerprint, so a store indexed under another recipe is
-re-embedded and re-indexed at start, like one indexed by another embedder.
+``MEMORY_TEXT_RECIPE`` names this format. The kernel stores it in the store's
+metadata; at start, a store made under another recipe has its turns (the
+only items the recipe changes) re-embedded and their cubes re-indexed.
 """
 
 from __future__ import annotations

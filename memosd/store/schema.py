@@ -8,6 +8,7 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
     default                       daemon metadata
       schema_version              -> "1"  (SCHEMA_VERSION; checked at open)
       embedder                    -> embedder fingerprint the stored vectors were made with
+      memory_text                 -> the memory-text recipe (kernel/memory_text.py) they were made under
     cubes
       {cube_id}                   -> CubeRecord (json): name, head, counts, next_vkey
     cube_names
@@ -57,7 +58,7 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
       {cube_id}/{item_id}         -> [hits, last_used_ns]
     audit                         the hash-chained audit log, one record per syscall, allowed or refused
       {seq:016x}                  -> hash (64 hex) "\n" body, body = canonical JSON of the record, holding
-                                     prev_hash; hash = sha256(prev_hash || body)
+                                     prev_hash; hash = sha256(body)
 
 A version key (vkey) is a per-cube counter assigned at commit, so the dense and
 lexical indexes (derived, rebuildable) can say "everything up to vkey N is in".
@@ -109,6 +110,7 @@ ADAPTER_CHUNK_BYTES = 8 << 20
 
 KEY_SCHEMA_VERSION = b"schema_version"
 KEY_EMBEDDER = b"embedder"
+KEY_MEMORY_TEXT = b"memory_text"
 
 
 def _hex(n: int) -> str:

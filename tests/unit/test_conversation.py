@@ -7,6 +7,7 @@ which item is found are lexical (the stand-in embedder knows no meaning).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -250,24 +251,55 @@ def test_a_question_that_names_the_speaker_finds_their_turns(kernel: Kernel) -> 
 def test_a_store_indexed_under_another_memory_text_recipe_is_reindexed_at_start(tmp_path: Path) -> None:
     kernel = open_kernel(tmp_path / "data")
     kernel.alloc_cube("c", "", {})
-    kernel.ingest(rw(kernel), chat("s", ("Caroline", "I adopted a dog")))
+    mount = rw(kernel)
+    kernel.ingest(mount, chat("s", ("Caroline", "I adopted a dog")))
+    kernel.write(mount, [ItemInput("a note with no speaker")])
+    kernel.commit(mount, "", "")
     cube = kernel.cube("c")
-    [vkey] = cube.catalog.by_vkey
-    # What an older daemon left: its recipe stamp (the embedder's fingerprint alone), bare-text vectors and indexes.
+    turn, note = sorted(cube.catalog.by_vkey)
+    # What an older daemon left: another recipe's stamp and bare-text vectors and indexes. The note's vector
+    # is a marker: items without a speaker read the same under every recipe, so it must be left alone.
+    marker = np.zeros(HashEmbedder.dim, np.float32)
+    marker[0] = 1.0
     batch = kernel.store.batch()
-    batch.put_vector(cube.cube_id, vkey, HashEmbedder().embed(["I adopted a dog"])[0])
+    batch.put_vector(cube.cube_id, turn, HashEmbedder().embed(["I adopted a dog"])[0])
+    batch.put_vector(cube.cube_id, note, marker)
     kernel.store.write(batch, sync=True)
-    kernel.store.put_meta(schema.KEY_EMBEDDER, HashEmbedder.fingerprint.encode())
+    kernel.store.put_meta(schema.KEY_MEMORY_TEXT, b"bare-text/0")
     kernel.close()
     kernel = open_kernel(tmp_path / "data")
     try:
         cube = kernel.cube("c")
-        [vector] = kernel.store.get_vectors(cube.cube_id, [vkey])
+        vector, kept = kernel.store.get_vectors(cube.cube_id, [turn, note])
         assert vector is not None and np.allclose(vector, HashEmbedder().embed(["Caroline: I adopted a dog"])[0],
                                                   atol=1e-3)
-        stamp = kernel.store.get_meta(schema.KEY_EMBEDDER)
-        assert stamp is not None and stamp.decode().endswith(f"text={MEMORY_TEXT_RECIPE}")
+        assert kept is not None and np.allclose(kept, marker, atol=1e-3)
+        stamp = kernel.store.get_meta(schema.KEY_MEMORY_TEXT)
+        assert stamp is not None and stamp.decode() == MEMORY_TEXT_RECIPE
         hits = searcher(kernel).search([rw(kernel)], "caroline", 1, SearchFilter(), "lexical").hits
         assert [h.item.text for h in hits] == ["I adopted a dog"]
     finally:
         kernel.close()
+
+
+def test_context_turns_leave_out_what_search_leaves_out(kernel: Kernel) -> None:
+    mount = rw(kernel)
+    result = kernel.ingest(mount, chat("s", ("a", "turn zero"), ("b", "turn one archived"), ("a", "turn two zebra"),
+                                       ("b", "turn three")))
+    kernel.set_item_state("c", [result.item_ids[1]], "archived", "", "")
+    mount = rw(kernel)  # at the new head
+    kernel.write(mount, [ItemInput("turn four expiring", session_id="s", speaker="a", ttl_seconds=1,
+                                   event_ns=T0 + 10 * S)])
+    time.sleep(1.1)
+    search = searcher(kernel)
+
+    def around(include_archived: bool) -> tuple[list[str], list[str]]:
+        [hit] = search.search([mount], "zebra", 1, SearchFilter(include_archived=include_archived), "lexical",
+                              context_turns=3).hits
+        return [v.text for v in hit.context_before], [v.text for v in hit.context_after]
+
+    assert around(False) == (["turn zero"], ["turn three"])  # archived left out; the expired turn never shows
+    assert around(True) == (["turn zero", "turn one archived"], ["turn three"])
+    # Read still links every turn the mount sees, the archived one included.
+    items = read_all(kernel, mount)
+    assert items["turn two zebra"].prev_item_id == items["turn one archived"].item_id
