@@ -158,7 +158,10 @@ class Activator:
             if cache is None and old is not None and old.cache_key == key:
                 cache, source = self.load(old, loaded), "store"
             if cache is None:
-                previous = self.cache_of(old, loaded)[0] if old is not None else None
+                # The last cache is only a prefix to reuse, replaced below: look without counting or pooling.
+                previous = self.host.pool.peek(old.cache_key) if old is not None else None
+                if previous is None and old is not None:
+                    previous = self.load(old, loaded)
 
                 def compute() -> tuple[KVCache, ComputeStats]:
                     self.adapters.prepare(loaded, cube.cube_id, adapter)

@@ -123,6 +123,9 @@ class AccessControl:
             raise PermissionDenied(f"principal {caller.name!r} cannot grant rights it does not hold: "
                                    f"{', '.join(beyond)}", cube=cube.cube_id)
         grantee = self.principals.get(principal_ref)
+        if cube.record.owner == grantee.principal_id:
+            raise InvalidField(f"principal {grantee.name!r} owns cube {cube.record.name!r} and holds every right "
+                               "on it already", field="principal")
         with self._lock:
             key = (cube.cube_id, grantee.principal_id)
             held = self._grants.get(key)

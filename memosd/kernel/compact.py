@@ -9,9 +9,10 @@ versions (rows and vectors) are deleted, and the revisions below ``oldest``
 are marked ``compacted`` (their log entries stay). Reading, mounting, diffing
 or rolling back to a compacted revision is REVISION_COMPACTED.
 
-Like Purge, the cube's indexes are reset before the synced batch and refilled
-from the store after it, so they never hold a deleted version for long and a
-crash rebuilds them from the store.
+After the synced batch the dead versions' entries are removed from the
+cube's indexes (no rebuild: the indexes are derived, and an entry a crash
+leaves behind is never returned, as search accepts only versions the catalog
+knows). Purge, which must leave no trace of what it erases, rebuilds them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from memosd.kernel.catalog import VersionMeta
 from memosd.kernel.state import CubeState, MountState
@@ -92,17 +95,14 @@ def run_compact(kernel: Kernel, cube: CubeState) -> CompactResult:
             marked += 1
         record = replace(cube.record, compacted_below=keep, version_count=cube.record.version_count - len(dead))
         batch.put_cube(record)
-        reset = bool(dead)
-        try:
-            if reset:
-                kernel.reset_index(cube)
-            kernel.store.write(batch, sync=True)
-            # Durable from here on: now update memory.
-            cube.record = record
-            cube.catalog.remove_versions(dead)
-        finally:
-            if reset:  # from the store: without the versions, or with them if the batch failed
-                kernel.refill_index(cube)
+        kernel.store.write(batch, sync=True)
+        # Durable from here on: now update memory. The indexes drop the dead versions' entries; one left
+        # behind by a crash here is harmless, as search accepts only keys the catalog knows.
+        cube.record = record
+        cube.catalog.remove_versions(dead)
+        if dead:
+            cube.index.remove(np.array([m.vkey for m in dead], dtype=np.uint64))
+            cube.index_dirty = True
     log_event(log, "compact", cube=cube.cube_id, oldest=keep, revisions=marked, versions=len(dead),
               took_ms=int((time.perf_counter() - started) * 1000))
     return CompactResult(cube.cube_id, marked, len(dead), keep)

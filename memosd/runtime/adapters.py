@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memosd.runtime.eviction import coldest
+
 if TYPE_CHECKING:
     import torch
 
@@ -240,11 +242,7 @@ class AdapterPool:
 
     def _victim(self) -> str:
         """The least recently used adapter, or with ``rank`` set, the lowest ranked (ties: least recent)."""
-        if self.rank is None:
-            return next(iter(self._resident))
-        rank = self.rank
-        order = {key: i for i, key in enumerate(self._resident)}
-        return min(self._resident, key=lambda key: (rank(key), order[key]))
+        return coldest(self._resident, self.rank)
 
     def touch(self, digest: str) -> bool:
         """Mark a resident adapter as used; False if it is not resident."""

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from memosd.runtime.eviction import coldest
 from memosd.runtime.kvcache import KVCache, KVCacheError
 
 
@@ -126,11 +127,8 @@ class KVPool:
     def _victim(self) -> str:
         """The entry to evict: the least recently used, or, with ``rank`` set, the lowest ranked (ties: the
         least recently used). Called with the lock held and at least one entry."""
-        if self.rank is None:
-            return next(iter(self._entries))
         rank = self.rank
-        order = {key: i for i, key in enumerate(self._entries)}
-        return min(self._entries, key=lambda key: (rank(self._entries[key]), order[key]))
+        return coldest(self._entries, None if rank is None else lambda key: rank(self._entries[key]))
 
     def peek(self, key: str) -> KVCache | None:
         """The cache under ``key``, without touching recency or the counters (background work looking)."""
