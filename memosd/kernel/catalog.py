@@ -41,14 +41,19 @@ class VersionMeta:
         return (self.content_id, self.state, self.expire_ns) == (other.content_id, other.state, other.expire_ns)
 
 
+_TTL = "ttl"
+
+
 class Catalog:
     def __init__(self) -> None:
         self.by_item: dict[str, list[VersionMeta]] = {}
         self.by_vkey: dict[int, VersionMeta] = {}
         self.by_tag: dict[str, set[int]] = {}
-        # Like by_tag, for the conversation filters; by_session also orders a session's turns.
+        # Like by_tag, for the conversation filters.
         self.by_speaker: dict[str, set[int]] = {}
         self.by_session: dict[str, set[int]] = {}
+        # Versions with a TTL, under the one key _TTL: the lifecycle loop looks at these only.
+        self._with_ttl: dict[str, set[int]] = {}
 
     def _postings(self, meta: VersionMeta) -> Iterator[tuple[dict[str, set[int]], str]]:
         for tag in meta.tags:
@@ -57,6 +62,8 @@ class Catalog:
             yield self.by_speaker, meta.speaker
         if meta.session_id:
             yield self.by_session, meta.session_id
+        if meta.expire_ns:
+            yield self._with_ttl, _TTL
 
     def add(self, meta: VersionMeta) -> None:
         versions = self.by_item.setdefault(meta.item_id, [])
@@ -105,6 +112,13 @@ class Catalog:
                 if meta.alive_at(revision):
                     yield meta
                     break
+
+    def alive_with_ttl(self, revision: int) -> Iterator[VersionMeta]:
+        """The versions alive at ``revision`` that carry a TTL (expired ones included)."""
+        for vkey in sorted(self._with_ttl.get(_TTL, ())):
+            meta = self.by_vkey[vkey]
+            if meta.alive_at(revision):
+                yield meta
 
     def item_ids_at(self, revision: int) -> list[str]:
         return sorted(meta.item_id for meta in self.alive_at(revision))

@@ -874,7 +874,7 @@ class Kernel:
         with cube.lock:
             if cube.record.frozen:  # read-only: Search leaves them out anyway, by their TTL
                 return None, []
-            due = [(m, "expired", m.expire_ns) for m in cube.catalog.alive_at(cube.head)
+            due = [(m, "expired", m.expire_ns) for m in cube.catalog.alive_with_ttl(cube.head)
                    if m.state != "expired" and 0 < m.expire_ns <= now and m.item_id not in cube.purging]
             if not due:
                 return None, []
@@ -889,7 +889,7 @@ class Kernel:
         cube = self.cube(ref)
         now = _now_ns()
         with cube.lock:
-            return sorted(m.item_id for m in cube.catalog.alive_at(cube.head)
+            return sorted(m.item_id for m in cube.catalog.alive_with_ttl(cube.head)
                           if m.state == "expired" and m.expire_ns + grace_ns <= now)
 
     def _restate(self, cube: CubeState, changes: Sequence[tuple[VersionMeta, str, int]], author: str,

@@ -117,7 +117,11 @@ def _select(store: Store, cube: CubeState, mounts: Sequence[MountState], item_id
         def selected(item_source: str, item_tags: Sequence[str]) -> bool:
             return (bool(source) and item_source == source) or not tags.isdisjoint(item_tags)
 
-        chosen.update(v.item_id for v in store.iter_versions(cube.cube_id) if selected(v.source, v.tags))
+        if source:  # the catalog does not keep sources: read the versions
+            chosen.update(v.item_id for v in store.iter_versions(cube.cube_id) if selected(v.source, v.tags))
+        else:  # by tag alone, the catalog's postings (every kept version's) answer without reading the store
+            chosen.update(cube.catalog.by_vkey[vkey].item_id for tag in tags
+                          for vkey in cube.catalog.by_tag.get(tag, ()))
         chosen.update(s.item_id for m in mounts for s in m.staging.values() if selected(s.source, s.tags))
     return sorted(chosen)
 

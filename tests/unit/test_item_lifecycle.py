@@ -129,3 +129,17 @@ def test_compaction_leaves_the_indexes_holding_only_kept_versions_and_survives_a
             False, True, True]
     finally:
         reopened.close()
+
+
+def test_the_catalog_lists_the_live_versions_with_a_ttl() -> None:
+    from memosd.kernel.catalog import Catalog, VersionMeta
+
+    catalog = Catalog()
+    catalog.add(VersionMeta(1, "a", 1, 2, frozenset(), 0, 1, expire_ns=5))  # replaced at 2 by a TTL-less one
+    catalog.add(VersionMeta(2, "a", 2, 0, frozenset(), 0, 1))
+    catalog.add(VersionMeta(3, "b", 1, 0, frozenset(), 0, 2, expire_ns=9))
+    catalog.add(VersionMeta(4, "c", 1, 0, frozenset(), 0, 3))
+    assert [m.vkey for m in catalog.alive_with_ttl(1)] == [1, 3]
+    assert [m.vkey for m in catalog.alive_with_ttl(2)] == [3]
+    catalog.remove_item("b")
+    assert list(catalog.alive_with_ttl(2)) == []
