@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from memosd.errors import InvalidField, PrincipalNameTaken, PrincipalNotFound, Unauthenticated
+from memosd.fsutil import fsync_path
 from memosd.kernel import ids
 from memosd.kernel.paging import decode_token, encode_token, page_size
 from memosd.kernel.types import Page
@@ -115,15 +116,30 @@ class Principals:
 
     def bootstrap_admin(self, data_dir: Path) -> Path | None:
         """On an empty store, create the admin principal and write its token to ``data_dir/admin.token``
-        (mode 0600, created exclusively). Returns the file's path, or None when principals exist."""
+        (mode 0600, created exclusively). Returns the file's path, or None when principals exist.
+
+        The token is written (to a side file, synced) before the principal is saved, and renamed into place
+        after: a crash never leaves an admin whose token is nowhere. A start that finds the side file of an
+        interrupted bootstrap finishes the rename."""
+        path, pending = data_dir / ADMIN_TOKEN_FILE, data_dir / f"{ADMIN_TOKEN_FILE}.new"
         if self._by_id:
+            if pending.exists() and not path.exists():
+                os.replace(pending, path)
+                fsync_path(data_dir)
             return None
-        path = data_dir / ADMIN_TOKEN_FILE
         path.unlink(missing_ok=True)  # a stale file from a wiped store must not survive with an old token
-        _, token = self.create(ADMIN_NAME, "user", True, "")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        pending.unlink(missing_ok=True)
+        principal_id = ids.new_id(ids.PRINCIPAL_PREFIX)
+        token, token_hash = mint_token(principal_id)
+        fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with self._lock:
+            self._save(PrincipalRecord(principal_id, ADMIN_NAME, "user", True, token_hash, time.time_ns(), ""))
+        os.replace(pending, path)
+        fsync_path(data_dir)
         return path
 
     def _save(self, record: PrincipalRecord) -> None:
