@@ -35,3 +35,12 @@ def test_every_call_that_touches_a_cube_names_how_it_finds_it() -> None:
             assert rule.cube or rule.mounts or rule.job, name
             assert rule.rights or rule.rights_of or rule.owner_or_admin or name == "Unmount", name
     assert RULES["Generate"].rights == {Right.READ, Right.ACTIVATE}
+
+
+def test_every_syscall_is_implemented() -> None:
+    """Nothing answers UNIMPLEMENTED (README): the servicer has a handler for every method of the contract.
+    The generated base servicer's NotImplementedError stubs are never registered (syscalls/registry.py)."""
+    from memosd.syscalls.servicer import MemOSServicer
+
+    missing = [m.name for m in SERVICE.methods if not callable(getattr(MemOSServicer, m.name, None))]
+    assert missing == []
