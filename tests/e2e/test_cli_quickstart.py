@@ -69,6 +69,13 @@ def test_readme_access_control(daemon: DaemonProcess, tmp_path: Path) -> None:
     ctl(daemon, "principal", "create", "cli-bob", "--kind", "agent", "--token-out", str(token))
     assert oct(token.stat().st_mode & 0o777) == "0o600"
     assert "cli-bob" in ctl(daemon, "whoami", token_file=token).stdout
+    # A token file that exists is never overwritten, and then no principal is made (its token would be lost).
+    taken = ctl(daemon, "principal", "create", "cli-carol", "--token-out", str(token), ok=False)
+    assert taken.returncode == 2 and "--token-out" in taken.stderr
+    assert "cli-carol" not in ctl(daemon, "principal", "list").stdout
+    # A refused create leaves no empty token file behind.
+    again = ctl(daemon, "principal", "create", "cli-bob", "--token-out", str(tmp_path / "dup.token"), ok=False)
+    assert again.returncode == 3 and not (tmp_path / "dup.token").exists()
     ctl(daemon, "cube", "alloc", "cli-shared")
     ctl(daemon, "mem", "write", "cli-shared", "the key is under the mat")
     missing = ctl(daemon, "cube", "stat", "cli-shared", ok=False, token_file=token)

@@ -42,9 +42,23 @@ def _principal_rows(principals: list[types_pb2.Principal]) -> list[list[object]]
 
 # -- principals -------------------------------------------------------------------------------
 def _principal_create(client: Client, args: argparse.Namespace, out: Output) -> None:
-    principal, token = client.create_principal(args.name, kind=args.kind, admin=args.admin)
+    # The file is made before the principal, so a path that cannot take the token refuses the call
+    # instead of leaving a principal whose token was shown to no one.
+    fd = -1
     if args.token_out:
-        fd = os.open(args.token_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(args.token_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as error:
+            raise UsageError(f"--token-out {args.token_out}: {error.strerror}; name a new file "
+                             "(it is never overwritten)") from None
+    try:
+        principal, token = client.create_principal(args.name, kind=args.kind, admin=args.admin)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+            os.unlink(args.token_out)
+        raise
+    if fd >= 0:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
     if out.json:
