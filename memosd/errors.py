@@ -184,6 +184,26 @@ class RevisionCompacted(MemosError):
     reason = "REVISION_COMPACTED"
 
 
+class DiskFull(MemosError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "DISK_FULL"
+
+
+class QuotaExceeded(MemosError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "QUOTA_EXCEEDED"
+
+
+class StreamIdle(MemosError):
+    code = "DEADLINE_EXCEEDED"
+    reason = "STREAM_IDLE"
+
+
+class RequestIdReused(MemosError):
+    code = "INVALID_ARGUMENT"
+    reason = "REQUEST_ID_REUSED"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"

@@ -61,6 +61,10 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "PRINCIPAL_NAME_TAKEN": (C.ALREADY_EXISTS, errors.PrincipalNameTaken),
     "CUBE_FROZEN": (C.FAILED_PRECONDITION, errors.CubeFrozen),
     "REVISION_COMPACTED": (C.OUT_OF_RANGE, errors.RevisionCompacted),
+    "DISK_FULL": (C.RESOURCE_EXHAUSTED, errors.DiskFull),
+    "QUOTA_EXCEEDED": (C.RESOURCE_EXHAUSTED, errors.QuotaExceeded),
+    "STREAM_IDLE": (C.DEADLINE_EXCEEDED, errors.StreamIdle),
+    "REQUEST_ID_REUSED": (C.INVALID_ARGUMENT, errors.RequestIdReused),
 }
 
 

@@ -253,6 +253,30 @@ class RevisionCompacted(OutOfRange):
     default_reason = "REVISION_COMPACTED"
 
 
+class DiskFull(ResourceExhausted):
+    """The daemon's disk is full: writes are refused (reads still work) until space is freed."""
+
+    default_reason = "DISK_FULL"
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A per-principal limit was reached; the message and metadata name it."""
+
+    default_reason = "QUOTA_EXCEEDED"
+
+
+class StreamIdle(DeadlineExceeded):
+    """A client stream sent nothing for longer than the daemon's idle timeout."""
+
+    default_reason = "STREAM_IDLE"
+
+
+class RequestIdReused(InvalidArgument):
+    """A request id was reused for a different request."""
+
+    default_reason = "REQUEST_ID_REUSED"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MemosError]] = {
     cls.default_code: cls
     for cls in (
@@ -271,7 +295,8 @@ _BY_REASON: dict[str, type[MemosError]] = {
         InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable,
         AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
         TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
-        PrincipalNameTaken, CubeFrozen, RevisionCompacted,
+        PrincipalNameTaken, CubeFrozen, RevisionCompacted, DiskFull, QuotaExceeded, StreamIdle,
+        RequestIdReused,
     )
 }
 

@@ -210,6 +210,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[FAILED_PRECONDITION] The cube is frozen (FreezeCube): nothing can be committed to it until ThawCube."""
     REVISION_COMPACTED: _ErrorReason.ValueType  # 33
     """[OUT_OF_RANGE] The revision was compacted (the cube's retention policy); the message names the revisions left."""
+    DISK_FULL: _ErrorReason.ValueType  # 34
+    """[RESOURCE_EXHAUSTED] The data directory's disk is full: writes are refused, reads still work. Free space
+    (or grow the volume); writes resume by themselves.
+    """
+    QUOTA_EXCEEDED: _ErrorReason.ValueType  # 35
+    """[RESOURCE_EXHAUSTED] A per-principal limit ([quotas]) was reached; the message and metadata name the limit."""
+    STREAM_IDLE: _ErrorReason.ValueType  # 36
+    """[DEADLINE_EXCEEDED] A client stream sent nothing for longer than its idle timeout; the daemon closed it."""
+    REQUEST_ID_REUSED: _ErrorReason.ValueType  # 37
+    """[INVALID_ARGUMENT] A request id was reused for a different request; choose a new id for a new request."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -285,6 +295,16 @@ CUBE_FROZEN: ErrorReason.ValueType  # 32
 """[FAILED_PRECONDITION] The cube is frozen (FreezeCube): nothing can be committed to it until ThawCube."""
 REVISION_COMPACTED: ErrorReason.ValueType  # 33
 """[OUT_OF_RANGE] The revision was compacted (the cube's retention policy); the message names the revisions left."""
+DISK_FULL: ErrorReason.ValueType  # 34
+"""[RESOURCE_EXHAUSTED] The data directory's disk is full: writes are refused, reads still work. Free space
+(or grow the volume); writes resume by themselves.
+"""
+QUOTA_EXCEEDED: ErrorReason.ValueType  # 35
+"""[RESOURCE_EXHAUSTED] A per-principal limit ([quotas]) was reached; the message and metadata name the limit."""
+STREAM_IDLE: ErrorReason.ValueType  # 36
+"""[DEADLINE_EXCEEDED] A client stream sent nothing for longer than its idle timeout; the daemon closed it."""
+REQUEST_ID_REUSED: ErrorReason.ValueType  # 37
+"""[INVALID_ARGUMENT] A request id was reused for a different request; choose a new id for a new request."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _ActivationSource:
