@@ -79,6 +79,8 @@ class ModelHost:
         if self._loading is None:
             raise ModelUnavailable("no model is configured (runtime.model = none); set runtime.model to "
                                    "SmolLM2-135M-Instruct or a local model directory and restart memosd")
+        if self.adapters.broken:  # a load changed the base model: serve nothing with it (see AdapterPool)
+            raise ModelUnavailable(self.adapters.broken)
         try:
             return self._loading.result()
         except ModelLoadError as error:

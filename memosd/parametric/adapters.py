@@ -12,12 +12,20 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from memos.v1 import memos_pb2 as pb
 from memos.v1 import types_pb2 as t
 
 from memosd.activation.host import ModelHost
-from memosd.errors import AdapterInvalid, AdapterMismatch, AdapterNotFound, AdapterTooLarge, InvalidField
+from memosd.errors import (
+    AdapterInvalid,
+    AdapterMismatch,
+    AdapterNotFound,
+    AdapterTooLarge,
+    InvalidField,
+    ModelUnavailable,
+)
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.state import MountState
 from memosd.kernel.types import MountInfo
@@ -72,6 +80,20 @@ def receive(requests: Iterator[pb.ImportAdapterRequest], limit: int) -> Upload:
     return Upload(header.mount_id, b"".join(parts[0]), b"".join(parts[1]), header.digest)
 
 
+def validate(loaded: LoadedModel, config: bytes, weights: bytes | Path, digest: str) -> rt.ParsedAdapter:
+    """On the worker: check an upload's files as a supported peft LoRA adapter (the config's allow-list, the
+    weights' keys, dtypes, shapes and values) and against the model, without keeping its tensors. Raises
+    AdapterInvalid (naming the key at fault) / AdapterMismatch."""
+    try:
+        parsed = rt.parse_adapter(config, weights, keep_tensors=False, digest=digest)
+        rt.check_fits(loaded, parsed)
+    except rt.AdapterMismatch as error:
+        raise AdapterMismatch(f"{error}; it cannot be used with this model", digest=digest) from None
+    except rt.AdapterInvalid as error:
+        raise AdapterInvalid(str(error), digest=digest, **({"key": error.key} if error.key else {})) from None
+    return parsed
+
+
 def _name(index: int) -> str:
     return ("adapter_config.json", "adapter_model.safetensors")[index]
 
@@ -89,18 +111,7 @@ class AdapterService:
             raise AdapterInvalid(f"the upload's digest is {digest}, not the {upload.digest} the header declared: "
                                  "the bytes were damaged on the way", digest=digest)
         loaded = self.host.model()
-
-        def check() -> rt.ParsedAdapter:
-            parsed = rt.parse_adapter(upload.config, upload.weights)
-            rt.check_fits(loaded, parsed)
-            return parsed
-
-        try:
-            parsed = self.host.run(check)
-        except rt.AdapterMismatch as error:
-            raise AdapterMismatch(f"{error}; it cannot be used with this model", digest=digest) from None
-        except rt.AdapterInvalid as error:
-            raise AdapterInvalid(str(error), digest=digest) from None
+        parsed = self.host.run(lambda: validate(loaded, upload.config, upload.weights, digest))
         record = AdapterRecord(
             digest=digest, config_bytes=len(upload.config), weights_bytes=len(upload.weights), rank=parsed.rank,
             target_modules=parsed.target_modules, base_model=parsed.base_model,
@@ -134,25 +145,30 @@ class AdapterService:
         with the base model for None. Called by every job, since another request may have unloaded it."""
         pool = self.host.adapters
         if adapter is None:
-            pool.use(loaded, None)
+            try:
+                pool.use(loaded, None)
+            except rt.BaseModelChanged as error:
+                raise ModelUnavailable(str(error)) from None
             return
         key = rt.pool_key(cube_id, adapter.digest)
-        if not pool.touch(key):
-            config, weights = self.kernel.adapter_files(cube_id, adapter)
-            parsed = rt.parse_adapter(config, weights)
-            rt.check_fits(loaded, parsed)
-            dropped = pool.ensure(loaded, parsed, key)
-            log_event(log, "adapter_loaded", cube=cube_id, digest=adapter.digest[:16], unloaded=len(dropped))
-        pool.use(loaded, key)
+        try:
+            if not pool.touch(key):
+                config, weights = self.kernel.adapter_files(cube_id, adapter)
+                parsed = rt.parse_adapter(config, weights, digest=adapter.digest)
+                rt.check_fits(loaded, parsed)
+                dropped = pool.ensure(loaded, parsed, key)
+                log_event(log, "adapter_loaded", cube=cube_id, digest=adapter.digest[:16], unloaded=len(dropped))
+            pool.use(loaded, key)
+        except rt.BaseModelChanged as error:
+            raise ModelUnavailable(str(error)) from None
+        except rt.AdapterError as error:  # it passed at import: another model (or an older memosd's check)
+            raise AdapterMismatch(f"the adapter {adapter.digest[:12]} of cube {cube_id} cannot be used with "
+                                  f"the runtime's model: {error}", digest=adapter.digest) from None
 
     def make_resident(self, cube_id: str, adapter: AdapterRecord) -> None:
         """Load the adapter into the model now (Activate), unless it is resident."""
         loaded = self.host.model()
-        try:
-            self.host.run(lambda: self.prepare(loaded, cube_id, adapter))
-        except rt.AdapterError as error:  # it passed at import: another model is configured now
-            raise AdapterMismatch(f"the adapter {adapter.digest[:12]} of cube {cube_id} does not fit the "
-                                  f"runtime's model: {error}", digest=adapter.digest) from None
+        self.host.run(lambda: self.prepare(loaded, cube_id, adapter))
 
     def unload_cube(self, cube_id: str, versions: list[AdapterRecord]) -> int:
         """Unload every adapter version of the cube that is resident; returns how many."""
