@@ -532,7 +532,7 @@ class Kernel:
             raise InternalError(f"the files of adapter {adapter.digest[:12]} are missing from the store")
         return files
 
-    def stage_adapter(self, mount_id: str, adapter: AdapterRecord, config: bytes, weights: bytes) -> MountInfo:
+    def stage_adapter(self, mount_id: str, adapter: AdapterRecord, config: bytes, weights: bytes | Path) -> MountInfo:
         """Stage ``adapter`` (its files are written now, under its digest) in a read-write mount."""
         mount, cube = self._writable(mount_id)
         with mount.lock:

@@ -1,16 +1,21 @@
 """ImportAdapter, ExportAdapter, and making a cube's adapter resident for the model.
 
-An upload is received whole (sizes declared up front, so a short or long
-stream is caught), checked as a peft LoRA adapter and against the runtime's
-model on the worker thread, and only then staged in the mount: a refused
-upload changes nothing. Export streams the stored files back unchanged.
+An upload is checked against its header as it arrives (the declared sizes
+against ``limits.max_adapter_bytes`` before any chunk is read; a stream is
+refused at the first chunk past what the header declared), its weights spooled
+to a file under ``<data dir>/uploads/`` (not a growing buffer), validated from
+there tensor by tensor on the worker thread (``validate``), and only then
+staged in the mount: a refused upload changes nothing and leaves no file. Export streams the stored files back unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,19 +42,26 @@ from memosd.store.records import AdapterRecord
 log = logging.getLogger("memosd.parametric")
 
 EXPORT_CHUNK_BYTES = 1 << 20
+SPOOL_PREFIX = "upload-"
+SPOOL_READ_BYTES = 1 << 20
 _FILES = {t.ADAPTER_FILE_CONFIG: 0, t.ADAPTER_FILE_WEIGHTS: 1}
 
 
 @dataclass(frozen=True)
 class Upload:
     mount_id: str
-    config: bytes
-    weights: bytes
-    digest: str  # as the client declared it; "" if it did not
+    config: bytes  # at most rt.MAX_CONFIG_BYTES
+    weights: Path  # the spool file (deleted when ``receive`` exits)
+    weights_bytes: int
+    digest: str  # sha256 of the config bytes, then the weights bytes
+    declared_digest: str  # as the client declared it; "" if it did not
 
 
-def receive(requests: Iterator[pb.ImportAdapterRequest], limit: int) -> Upload:
-    """Reassemble an upload: a header, then chunks. Raises AdapterInvalid / AdapterTooLarge / InvalidField."""
+@contextmanager
+def receive(requests: Iterator[pb.ImportAdapterRequest], limit: int, spool: Path) -> Iterator[Upload]:
+    """Receive an upload: a header, then chunks, checked against the header as they come. The weights are
+    spooled to a file under ``spool`` (never a growing buffer) that is deleted on exit, whatever happens.
+    Raises AdapterInvalid / AdapterTooLarge / InvalidField."""
     first = next(requests, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidField("the first ImportAdapter message must be the header (mount_id and file sizes)",
@@ -62,22 +74,41 @@ def receive(requests: Iterator[pb.ImportAdapterRequest], limit: int) -> Upload:
     if not header.config_bytes or not header.weights_bytes:
         raise AdapterInvalid("the header must give the sizes of both adapter_config.json and "
                              "adapter_model.safetensors")
-    parts: list[list[bytes]] = [[], []]
+    if header.config_bytes > rt.MAX_CONFIG_BYTES:
+        raise AdapterInvalid(f"adapter_config.json is {header.config_bytes} bytes; at most {rt.MAX_CONFIG_BYTES} "
+                             "are accepted", key="adapter_config.json")
+    spool.mkdir(parents=True, exist_ok=True)
+    config = bytearray()
     sizes = [0, 0]
-    for request in requests:
-        if request.WhichOneof("part") != "chunk" or request.chunk.file not in _FILES:
-            raise InvalidField("after the header, every message must be a chunk of ADAPTER_FILE_CONFIG or "
-                               "ADAPTER_FILE_WEIGHTS", field="chunk.file")
-        index = _FILES[request.chunk.file]
-        sizes[index] += len(request.chunk.data)
-        if sizes[index] > declared[index]:
-            raise AdapterInvalid(f"more bytes of {_name(index)} than the {declared[index]} the header declared")
-        parts[index].append(request.chunk.data)
-    for index in (0, 1):
-        if sizes[index] != declared[index]:
-            raise AdapterInvalid(f"the upload is truncated: {sizes[index]} of {declared[index]} bytes of "
-                                 f"{_name(index)} arrived; send the whole file")
-    return Upload(header.mount_id, b"".join(parts[0]), b"".join(parts[1]), header.digest)
+    with tempfile.NamedTemporaryFile(dir=spool, prefix=SPOOL_PREFIX) as weights:
+        for request in requests:
+            if request.WhichOneof("part") != "chunk" or request.chunk.file not in _FILES:
+                raise InvalidField("after the header, every message must be a chunk of ADAPTER_FILE_CONFIG or "
+                                   "ADAPTER_FILE_WEIGHTS", field="chunk.file")
+            index = _FILES[request.chunk.file]
+            sizes[index] += len(request.chunk.data)
+            if sizes[index] > declared[index]:  # at the first chunk past the header's size
+                raise AdapterInvalid(f"more bytes of {_name(index)} than the {declared[index]} the header "
+                                     "declared")
+            if index == 0:
+                config += request.chunk.data
+            else:
+                weights.write(request.chunk.data)
+        for index in (0, 1):
+            if sizes[index] != declared[index]:
+                raise AdapterInvalid(f"the upload is truncated: {sizes[index]} of {declared[index]} bytes of "
+                                     f"{_name(index)} arrived; send the whole file")
+        weights.flush()
+        # The digest covers the config first: chunks of the two files may come in any order, so the weights
+        # are hashed from the file once both are whole.
+        digest = hashlib.sha256(config)
+        weights.seek(0)
+        buffer = bytearray(SPOOL_READ_BYTES)
+        view = memoryview(buffer)
+        while size := weights.readinto(buffer):
+            digest.update(view[:size])
+        yield Upload(header.mount_id, bytes(config), Path(weights.name), sizes[1], digest.hexdigest(),
+                     header.digest)
 
 
 def validate(loaded: LoadedModel, config: bytes, weights: bytes | Path, digest: str) -> rt.ParsedAdapter:
@@ -102,23 +133,27 @@ class AdapterService:
     def __init__(self, kernel: Kernel, host: ModelHost) -> None:
         self.kernel = kernel
         self.host = host
+        # Uploads being received, beside the store (the data dir); what a crash left there is deleted now.
+        self.spool = kernel.store.path.parent / "uploads"
+        for stale in self.spool.glob(SPOOL_PREFIX + "*"):
+            stale.unlink(missing_ok=True)
 
     def import_adapter(self, requests: Iterator[pb.ImportAdapterRequest]) -> tuple[AdapterRecord, MountInfo]:
-        upload = receive(requests, self.kernel.limits.max_adapter_bytes)
-        self.kernel.mount_state(upload.mount_id)  # an unknown mount fails before the model is involved
-        digest = rt.adapter_digest(upload.config, upload.weights)
-        if upload.digest and upload.digest.lower() != digest:
-            raise AdapterInvalid(f"the upload's digest is {digest}, not the {upload.digest} the header declared: "
-                                 "the bytes were damaged on the way", digest=digest)
-        loaded = self.host.model()
-        parsed = self.host.run(lambda: validate(loaded, upload.config, upload.weights, digest))
-        record = AdapterRecord(
-            digest=digest, config_bytes=len(upload.config), weights_bytes=len(upload.weights), rank=parsed.rank,
-            target_modules=parsed.target_modules, base_model=parsed.base_model,
-            lineage={"origin": "imported", "model_fingerprint": loaded.fingerprint, "create_ns": time.time_ns()})
-        info = self.kernel.stage_adapter(upload.mount_id, record, upload.config, upload.weights)
+        with receive(requests, self.kernel.limits.max_adapter_bytes, self.spool) as upload:
+            self.kernel.mount_state(upload.mount_id)  # an unknown mount fails before the model is involved
+            digest = upload.digest
+            if upload.declared_digest and upload.declared_digest.lower() != digest:
+                raise AdapterInvalid(f"the upload's digest is {digest}, not the {upload.declared_digest} the "
+                                     "header declared: the bytes were damaged on the way", digest=digest)
+            loaded = self.host.model()
+            parsed = self.host.run(lambda: validate(loaded, upload.config, upload.weights, digest))
+            record = AdapterRecord(
+                digest=digest, config_bytes=len(upload.config), weights_bytes=upload.weights_bytes,
+                rank=parsed.rank, target_modules=parsed.target_modules, base_model=parsed.base_model,
+                lineage={"origin": "imported", "model_fingerprint": loaded.fingerprint, "create_ns": time.time_ns()})
+            info = self.kernel.stage_adapter(upload.mount_id, record, upload.config, upload.weights)
         log_event(log, "import_adapter", mount=upload.mount_id, digest=digest[:16], rank=parsed.rank,
-                  bytes=len(upload.config) + len(upload.weights))
+                  bytes=len(upload.config) + upload.weights_bytes)
         return record, info
 
     def export(self, mount_id: str) -> tuple[AdapterRecord, bool, MountState, Iterator[t.AdapterChunk]]:

@@ -144,12 +144,21 @@ class Batch:
     def put_adapter(self, cube_id: str, adapter: AdapterRecord) -> None:
         self._put(schema.CF_ADAPTERS, schema.adapter_key(cube_id, adapter.born), encode(adapter))
 
-    def put_adapter_files(self, cube_id: str, digest: str, config: bytes, weights: bytes) -> None:
+    def put_adapter_files(self, cube_id: str, digest: str, config: bytes, weights: bytes | Path) -> None:
+        """The adapter's files under its digest; ``weights`` as bytes or a file, read piece by piece."""
         self._put(schema.CF_ADAPTER_BLOBS, schema.adapter_config_key(cube_id, digest), config)
         step = schema.ADAPTER_CHUNK_BYTES
-        for index, start in enumerate(range(0, max(len(weights), 1), step)):
-            self._put(schema.CF_ADAPTER_BLOBS, schema.adapter_weights_key(cube_id, digest, index),
-                      weights[start:start + step])
+        if isinstance(weights, bytes):
+            for index, start in enumerate(range(0, max(len(weights), 1), step)):
+                self._put(schema.CF_ADAPTER_BLOBS, schema.adapter_weights_key(cube_id, digest, index),
+                          weights[start:start + step])
+            return
+        with weights.open("rb") as f:
+            index = 0
+            while piece := f.read(step):
+                self._put(schema.CF_ADAPTER_BLOBS, schema.adapter_weights_key(cube_id, digest, index), piece)
+                del piece  # one piece in Python at a time: the batch has its copy
+                index += 1
 
     def delete_adapter_files(self, cube_id: str, digest: str) -> None:
         begin, end = schema.adapter_blob_range(cube_id, digest)

@@ -17,6 +17,7 @@ from safetensors.torch import save
 from tiny_llama import save_tiny_llama
 
 from memosd.errors import AdapterInvalid as AdapterInvalidError
+from memosd.errors import AdapterTooLarge as AdapterTooLargeError
 from memosd.errors import ModelUnavailable
 from memosd.runtime import adapters as rt
 from memosd.runtime.lora_train import DEFAULT_TARGETS, adapter_config_dict
@@ -295,11 +296,13 @@ def rig(tmp_path: Path, tiny_dir: Path) -> Iterator[Rig]:
     r.close()
 
 
-def upload(mount_id: str, config: bytes, weights: bytes) -> Iterator[pb.ImportAdapterRequest]:
+def upload(mount_id: str, config: bytes, weights: bytes, chunk: int = 0) -> Iterator[pb.ImportAdapterRequest]:
     yield pb.ImportAdapterRequest(header=pb.AdapterUpload(mount_id=mount_id, config_bytes=len(config),
                                                           weights_bytes=len(weights)))
     for kind, data in ((t.ADAPTER_FILE_CONFIG, config), (t.ADAPTER_FILE_WEIGHTS, weights)):
-        yield pb.ImportAdapterRequest(chunk=t.AdapterChunk(file=kind, data=data))
+        step = chunk or len(data)
+        for start in range(0, len(data), step):
+            yield pb.ImportAdapterRequest(chunk=t.AdapterChunk(file=kind, data=data[start:start + step]))
 
 
 def test_a_refused_import_names_the_key_and_stages_nothing(rig: Rig) -> None:
@@ -321,3 +324,84 @@ def test_a_model_changed_by_a_load_is_unavailable_to_everyone(rig: Rig) -> None:
         rig.host.model()
     with pytest.raises(ModelUnavailable, match="changed the base model"):  # work queued before it broke
         rig.host.run(lambda: rig.adapters.prepare(lm, "c", None))
+
+
+# --- the upload is checked against its header as it arrives and spooled to disk -------------------------
+
+
+def counted(requests: Iterator[pb.ImportAdapterRequest], seen: list[int]) -> Iterator[pb.ImportAdapterRequest]:
+    for request in requests:
+        seen[0] += 1
+        yield request
+
+
+def test_uploads_are_refused_at_the_header_or_the_first_chunk_too_many_and_leave_nothing(rig: Rig) -> None:
+    rig.kernel.alloc_cube("c", "", {})
+    mount = commit_items(rig, "c", ["one fact"])
+    lm = rig.loaded
+    config = json.dumps(peft_config(lm.name, r=4)).encode()
+    weights = save(lora_weights(lm, 4, ["q_proj", "v_proj"]))
+    limit = rig.kernel.limits.max_adapter_bytes
+
+    def header(config_bytes: int, weights_bytes: int) -> pb.ImportAdapterRequest:
+        return pb.ImportAdapterRequest(header=pb.AdapterUpload(mount_id=mount, config_bytes=config_bytes,
+                                                               weights_bytes=weights_bytes))
+
+    chunks = list(upload(mount, config, weights))[1:]
+    seen = [0]
+    with pytest.raises(AdapterTooLargeError):  # the declared size alone: no chunk is read
+        rig.adapters.import_adapter(counted(iter([header(len(config), limit), *chunks]), seen))
+    assert seen == [1]
+    seen = [0]
+    with pytest.raises(AdapterInvalidError, match=r"adapter_config\.json is"):
+        rig.adapters.import_adapter(counted(iter([header(rt.MAX_CONFIG_BYTES + 1, len(weights)), *chunks]), seen))
+    assert seen == [1]
+    seen = [0]
+    short = [header(len(config), len(weights) - 1), *chunks, *chunks]  # one byte too many in the last chunk
+    with pytest.raises(AdapterInvalidError, match=r"more bytes of adapter_model\.safetensors"):
+        rig.adapters.import_adapter(counted(iter(short), seen))
+    assert seen == [3]  # header, config, the weights chunk past the size; the rest never read
+    for bad in (json.dumps({**peft_config(lm.name, r=4), "use_dora": True}).encode(), b"{oops"):
+        with pytest.raises(AdapterInvalidError):
+            rig.adapters.import_adapter(upload(mount, bad, weights))
+    assert list(rig.adapters.spool.iterdir()) == []  # no spool file left
+    assert rig.kernel.mounts[mount].staged_adapter is None
+    assert rig.kernel.store.get_adapter_files("c", "0" * 64) is None
+    record, _ = rig.adapters.import_adapter(upload(mount, config, weights))
+    assert list(rig.adapters.spool.iterdir()) == []
+    cube_id = rig.kernel.mounts[mount].record.cube_id
+    assert rig.kernel.store.get_adapter_files(cube_id, record.digest) == (config, weights)
+
+
+def test_an_upload_is_not_buffered_in_memory(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights go to a spool file as they arrive and into the store piece by piece: the daemon's Python
+    heap grows by a piece of them, not by the upload (which the old reassembly held twice: the chunks and
+    their join). Pieces of 1 MiB here, so that the tiny model's largest adapter is many pieces."""
+    import tracemalloc
+
+    from memosd.store import schema
+
+    monkeypatch.setattr(schema, "ADAPTER_CHUNK_BYTES", 1 << 20)
+
+    rig.kernel.alloc_cube("c", "", {})
+    mount = commit_items(rig, "c", ["one fact"])
+    lm = rig.loaded
+    rank = 1024  # ~8 MiB of float32 weights for every linear layer of the tiny model
+    config = json.dumps(peft_config(lm.name, r=rank, target_modules=list(DEFAULT_TARGETS))).encode()
+    weights = save(lora_weights(lm, rank, list(DEFAULT_TARGETS)))
+    requests = list(upload(mount, config, weights, chunk=256 << 10))
+    tracemalloc.start()
+    try:
+        rig.adapters.import_adapter(iter(requests))
+        _, peak = tracemalloc.get_traced_memory()
+
+    finally:
+        tracemalloc.stop()
+    assert len(weights) > 8 << 20
+    assert peak < len(weights) // 2, f"{peak} bytes held at peak for a {len(weights)} byte upload"
+    assert exported_weights(rig, mount) == weights
+
+
+def exported_weights(rig: Rig, mount_id: str) -> bytes:
+    _, _, _, chunks = rig.adapters.export(mount_id)
+    return b"".join(c.data for c in chunks if c.file == t.ADAPTER_FILE_WEIGHTS)
