@@ -405,3 +405,17 @@ def test_an_upload_is_not_buffered_in_memory(rig: Rig, monkeypatch: pytest.Monke
 def exported_weights(rig: Rig, mount_id: str) -> bytes:
     _, _, _, chunks = rig.adapters.export(mount_id)
     return b"".join(c.data for c in chunks if c.file == t.ADAPTER_FILE_WEIGHTS)
+
+
+def test_what_training_exports_passes_the_checks(lm: LoadedModel) -> None:
+    """The daemon's own adapters (a Train job's result, as jobs._serialize writes it) load through the same
+    checks: the allow-list must accept everything the trainer writes."""
+    from memosd.parametric.jobs import _serialize
+    from memosd.runtime.lora_train import LoraTrainer, TrainSettings
+
+    with LoraTrainer(lm, ["Owls hunt at night."], TrainSettings(rank=2, alpha=4, max_steps=1)) as trainer:
+        trainer.step()
+        config, weights = _serialize(trainer.export(), lm)
+    parsed = rt.parse_adapter(config, weights)
+    rt.check_fits(lm, parsed)
+    assert parsed.rank == 2 and parsed.target_modules == sorted(DEFAULT_TARGETS)
