@@ -295,7 +295,10 @@ class Kernel:
         validate.cube_meta(description, labels)
         with self._lock:
             if self.store.cube_id_by_name(name) is not None:
-                raise CubeNameTaken(f"a cube named {name!r} already exists; pick another name", name=name)
+                # Names are one namespace for every principal (docs/ARCHITECTURE.md): the refusal says the
+                # name is in use, never by which cube or whose, and reads the same whether the caller can see it.
+                raise CubeNameTaken(f"the cube name {name!r} is in use (cube names are shared by all "
+                                    "principals, visible cubes or not); pick another name", name=name)
             record = CubeRecord(ids.new_id(ids.CUBE_PREFIX), name, description, dict(labels), _now_ns(),
                                 owner=owner)
             batch = self.store.batch()
