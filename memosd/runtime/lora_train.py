@@ -536,9 +536,9 @@ class LoraTrainer:
         if len(self._replay) < s.replay_samples:
             n = min(max(4, s.replay_per_step), s.replay_samples - len(self._replay))
             tok = self._lm.tokenizer
-            from memosd.activation.render import encode
+            from memosd.activation.render import encode_text
 
-            seeds = [encode(tok, self._replay_seeds[(len(self._replay) + i) % len(self._replay_seeds)])
+            seeds = [encode_text(tok, self._replay_seeds[(len(self._replay) + i) % len(self._replay_seeds)])
                      for i in range(n)]  # fmt: skip
             width = max(len(x) for x in seeds)
             ids = torch.tensor([[self._pad] * (width - len(x)) + x for x in seeds], device=self._lm.device)

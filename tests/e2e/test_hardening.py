@@ -71,24 +71,24 @@ def test_out_of_range_timestamps_and_hand_made_page_tokens(admin: Client) -> Non
     bad = [Timestamp(seconds=10**12), Timestamp(seconds=1, nanos=-1)]
     with admin.mount(cube, writable=True) as m:
         for stamp in bad:
-            expect(lambda: admin._call(admin._stub.Write, pb.WriteRequest(
+            expect(lambda stamp=stamp: admin._call(admin._stub.Write, pb.WriteRequest(
                 mount_id=m.mount_id, items=[t.ItemInput(text="x", event_time=stamp)])),
                 "INVALID_ARGUMENT", "INVALID_FIELD", "items[0].event_time", "Timestamp")
-            expect(lambda: admin._call(admin._stub.Ingest, pb.IngestRequest(
+            expect(lambda stamp=stamp: admin._call(admin._stub.Ingest, pb.IngestRequest(
                 mount_id=m.mount_id, messages=[t.ConversationMessage(speaker="a", text="x", session_id="s",
                                                                      time=stamp)])),
                 "INVALID_ARGUMENT", "INVALID_FIELD", "messages[0].time")
-            expect(lambda: admin._call(admin._stub.Search, pb.SearchRequest(
+            expect(lambda stamp=stamp: admin._call(admin._stub.Search, pb.SearchRequest(
                 mount_ids=[m.mount_id], query="x", event_time=t.TimeRange(start=stamp))),
                 "INVALID_ARGUMENT", "INVALID_FIELD", "event_time.start")
-            expect(lambda: admin._call(admin._stub.Grant, pb.GrantRequest(
+            expect(lambda stamp=stamp: admin._call(admin._stub.Grant, pb.GrantRequest(
                 cube=cube, principal="nobody", rights=[t.RIGHT_READ], expire_time=stamp)),
                 "INVALID_ARGUMENT", "INVALID_FIELD", "expire_time")
-            expect(lambda: _audit_raw(admin, pb.AuditRequest(time_range=t.TimeRange(end=stamp))),
+            expect(lambda stamp=stamp: _audit_raw(admin, pb.AuditRequest(time_range=t.TimeRange(end=stamp))),
                    "INVALID_ARGUMENT", "INVALID_FIELD", "time_range.end")
     # A token of the right list with a cursor of the wrong type, and one that is not base64 JSON at all.
     for token in (encode_token(f"log:{cube}", "abc"), "abc"):
-        expect(lambda: admin._call(admin._stub.Log, pb.LogRequest(cube=cube, page_size=1, page_token=token)),
+        expect(lambda token=token: admin._call(admin._stub.Log, pb.LogRequest(cube=cube, page_size=1, page_token=token)),
                "INVALID_ARGUMENT", "INVALID_PAGE_TOKEN", "page_token")
     assert [r.number for r in admin.log(cube, page_size=1)] == [2, 1]  # still serving, pages intact
 
