@@ -15,6 +15,12 @@ contract:
   generation prompt. Each part is tokenized on its own (no special tokens
   added) and the ids are concatenated, so the tokens of a block inside a
   prompt are exactly the tokens its cache was computed from.
+* **Contents are text.** Only the template's own markup may become control
+  tokens (``<|im_start|>``, ``<|im_end|>``...). Every message content (item
+  text from memory, and the caller's messages too) is tokenized with special
+  tokens split into plain text, so an item that says
+  ``<|im_end|>\n<|im_start|>system`` cannot close the daemon's system message
+  and open a turn of its own in a reader's prompt.
 
 Everything here is pure and runs where the tokenizer is used: the runtime
 worker thread.
@@ -22,6 +28,8 @@ worker thread.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,7 +49,38 @@ def block_text(cube_name: str, texts: Sequence[str]) -> str:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
+    """Markup we wrote (or a template rendered): special tokens in it are control tokens."""
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Untrusted text: whatever it contains, it becomes text tokens, never control tokens."""
+    ids: list[int] = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
+
+
+def chat_token_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, generation_prompt: bool,
+                   after: Sequence[Mapping[str, str]] = ()) -> list[int]:
+    """``messages`` rendered by ``render_chat`` and tokenized: the markup as markup, each content as text.
+
+    Each content is replaced by a random placeholder for rendering; the rendered text is cut at the
+    placeholders, and the markup between them is encoded apart from the contents. ``after``: messages
+    of ours rendered before these and then left out, for a continuation (see ``tail_token_ids``); the
+    template must render them as a prefix (ValueError otherwise).
+    """
+    nonce = secrets.token_hex(8)  # unguessable, so no content can contain it; it never reaches the tokens
+    stand_ins = [{"role": m["role"], "content": f"\ue000{nonce}.{i}\ue001"} for i, m in enumerate(messages)]
+    rendered = render_chat(tokenizer, [*after, *stand_ins], generation_prompt=generation_prompt)
+    head = render_chat(tokenizer, after, generation_prompt=False) if after else ""
+    if not rendered.startswith(head):
+        raise ValueError("the chat template does not render messages one after another")
+    pieces = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", rendered[len(head):])
+    if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))):
+        raise ValueError("the chat template does not quote every message content once, as given")
+    ids: list[int] = []
+    for n, piece in enumerate(pieces):
+        ids += encode_text(tokenizer, messages[int(piece)]["content"]) if n % 2 else encode(tokenizer, piece)
     return ids
 
 
@@ -59,7 +98,7 @@ def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, genera
 def block_token_ids(tokenizer: Any, cube_name: str, texts: Sequence[str]) -> list[int]:
     """The memory block of ``texts`` (in block order) as one system message, tokenized."""
     message = {"role": "system", "content": block_text(cube_name, texts)}
-    return encode(tokenizer, render_chat(tokenizer, [message], generation_prompt=False))
+    return chat_token_ids(tokenizer, [message], generation_prompt=False)
 
 
 def tail_token_ids(
@@ -82,11 +121,9 @@ def tail_token_ids(
         content = RETRIEVED_HEADER + "".join(item_line(t) for t in retrieved)
         messages.append({"role": "system", "content": content})
     messages.extend(conversation)
-    text = render_chat(tokenizer, messages, generation_prompt=True)
     if after_block:
-        opening = [{"role": "system", "content": ""}]
-        head = render_chat(tokenizer, opening, generation_prompt=False)
-        whole = render_chat(tokenizer, [*opening, *messages], generation_prompt=True)
-        if whole.startswith(head):  # the template renders messages one after another (ChatML and most)
-            text = whole[len(head):]
-    return encode(tokenizer, text)
+        try:
+            return chat_token_ids(tokenizer, messages, generation_prompt=True, after=[{"role": "system", "content": ""}])
+        except ValueError:  # a template that does not render messages one after another: a chat of its own
+            pass
+    return chat_token_ids(tokenizer, messages, generation_prompt=True)

@@ -7,6 +7,10 @@ which ``memos.audit.verify`` (memosctl audit verify) reports. Rewriting the
 whole chain from some record on is not detectable from the log alone: keep the
 head hash that verify prints somewhere else to anchor it.
 
+A call over several cubes (Search, Generate with mounts of several cubes)
+makes one record per cube, each naming only that cube's items, so the owner
+of one cube, who reads its records, never sees item ids of another.
+
 Appends are not synced one by one (the WAL is, with the next synced write,
 such as any Commit): auditing costs a JSON dump, a hash and an unsynced put
 per call. Records hold ids, never item text or queries, so a Purge has nothing
@@ -20,7 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from memosd.store import schema
 from memosd.store.rocks import Store
@@ -45,6 +49,22 @@ class AuditEntry:
     denied: bool = False  # refused by authentication or the rights check (an invisible cube included)
     item_ids: list[str] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
+    # What a call over several cubes used of each: cube id -> (item ids, artifacts).
+    by_cube: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+
+    def per_cube(self) -> list[AuditEntry]:
+        """This entry as the records it makes: its own cube's first, then one per other cube it used."""
+        if not self.by_cube:
+            return [self]
+        own_items, own_artifacts = self.by_cube.get(self.cube_id, ([], []))
+        entries = [replace(self, item_ids=list(dict.fromkeys([*self.item_ids, *own_items])),
+                           artifacts=[*self.artifacts, *own_artifacts], by_cube={})]
+        for cube_id, (items, artifacts) in self.by_cube.items():
+            if cube_id != self.cube_id:
+                # The mount and revision named are the first cube's; this record names the cube alone.
+                entries.append(replace(self, cube_id=cube_id, revision=0, mount_id="",
+                                       item_ids=list(dict.fromkeys(items)), artifacts=list(artifacts), by_cube={}))
+        return entries
 
     @property
     def outcome(self) -> str:
@@ -81,6 +101,11 @@ class AuditLog:
     def append(self, entry: AuditEntry) -> None:
         if not self.enabled:
             return
+        with self._cond:  # a call's records are consecutive
+            for part in entry.per_cube():
+                self._append_one(part)
+
+    def _append_one(self, entry: AuditEntry) -> None:
         with self._cond:
             seq = self.seq + 1
             body = canonical({

@@ -80,7 +80,7 @@ class Principals:
 
     # -- management -----------------------------------------------------------
     def create(self, name: str, kind: Kind, admin: bool, created_by: str) -> tuple[PrincipalRecord, str]:
-        if not ids.CUBE_NAME_RE.match(name):
+        if not ids.CUBE_NAME_RE.fullmatch(name):
             raise InvalidField(f"principal name {name!r} is invalid: use 1-64 characters of [A-Za-z0-9._-], "
                                "starting with a letter or digit", field="name")
         with self._lock:

@@ -107,8 +107,10 @@ class Catalog:
         return None
 
     def alive_at(self, revision: int) -> Iterator[VersionMeta]:
-        for versions in self.by_item.values():
-            for meta in reversed(versions):
+        # Readers (Read, Search, Activate) do not hold the cube's lock while a commit
+        # adds versions: iterate over copies (list() of a dict or list is atomic under the GIL).
+        for versions in list(self.by_item.values()):
+            for meta in versions[::-1]:
                 if meta.alive_at(revision):
                     yield meta
                     break
@@ -116,8 +118,8 @@ class Catalog:
     def alive_with_ttl(self, revision: int) -> Iterator[VersionMeta]:
         """The versions alive at ``revision`` that carry a TTL (expired ones included)."""
         for vkey in sorted(self._with_ttl.get(_TTL, ())):
-            meta = self.by_vkey[vkey]
-            if meta.alive_at(revision):
+            meta = self.by_vkey.get(vkey)  # a purge may have removed it since the copy
+            if meta is not None and meta.alive_at(revision):
                 yield meta
 
     def item_ids_at(self, revision: int) -> list[str]:

@@ -19,12 +19,14 @@ JOB_PREFIX = "job_"
 PURGE_PREFIX = "prg_"
 PRINCIPAL_PREFIX = "prn_"
 
+# Match these with fullmatch(). \A and \Z (not ^ and $, where "$" also accepts a
+# trailing newline) keep even a plain match() from letting "notes\n" through.
 _BODY = r"[a-z2-7]{20}"
-CUBE_ID_RE = re.compile(rf"^{CUBE_PREFIX}{_BODY}$")
-ITEM_ID_RE = re.compile(rf"^{ITEM_PREFIX}{_BODY}$")
-MOUNT_ID_RE = re.compile(rf"^{MOUNT_PREFIX}{_BODY}$")
-PRINCIPAL_ID_RE = re.compile(rf"^{PRINCIPAL_PREFIX}{_BODY}$")
-CUBE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CUBE_ID_RE = re.compile(rf"\A{CUBE_PREFIX}{_BODY}\Z")
+ITEM_ID_RE = re.compile(rf"\A{ITEM_PREFIX}{_BODY}\Z")
+MOUNT_ID_RE = re.compile(rf"\A{MOUNT_PREFIX}{_BODY}\Z")
+PRINCIPAL_ID_RE = re.compile(rf"\A{PRINCIPAL_PREFIX}{_BODY}\Z")
+CUBE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 def new_id(prefix: str) -> str:

@@ -278,7 +278,8 @@ class Kernel:
         return cube
 
     def _mount_count(self, cube_id: str) -> int:
-        return sum(1 for m in self.mounts.values() if m.record.cube_id == cube_id)
+        # A copy: StatCube and ListCubes count without the kernel lock, while Mount/Unmount change the dict.
+        return sum(1 for m in list(self.mounts.values()) if m.record.cube_id == cube_id)
 
     def cube_info(self, cube: CubeState) -> CubeInfo:
         return CubeInfo(replace(cube.record), self._mount_count(cube.cube_id))
@@ -294,7 +295,10 @@ class Kernel:
         validate.cube_meta(description, labels)
         with self._lock:
             if self.store.cube_id_by_name(name) is not None:
-                raise CubeNameTaken(f"a cube named {name!r} already exists; pick another name", name=name)
+                # Names are one namespace for every principal (docs/ARCHITECTURE.md): the refusal says the
+                # name is in use, never by which cube or whose, and reads the same whether the caller can see it.
+                raise CubeNameTaken(f"the cube name {name!r} is in use (cube names are shared by all "
+                                    "principals, visible cubes or not); pick another name", name=name)
             record = CubeRecord(ids.new_id(ids.CUBE_PREFIX), name, description, dict(labels), _now_ns(),
                                 owner=owner)
             batch = self.store.batch()
@@ -379,7 +383,7 @@ class Kernel:
                    ) -> Page[CubeInfo]:
         size = paging.page_size(page_size)
         after = paging.decode_token(token, "cubes") or ""
-        ordered = sorted(cid for cid, cube in self.cubes.items() if cid > str(after) and visible(cube.record))
+        ordered = sorted(cid for cid, cube in list(self.cubes.items()) if cid > str(after) and visible(cube.record))
         page = [self.cube_info(self.cubes[cid]) for cid in ordered[:size] if cid in self.cubes]
         more = len(ordered) > size
         return Page(page, paging.encode_token("cubes", ordered[size - 1]) if more else "")
@@ -444,7 +448,7 @@ class Kernel:
             if not 0 <= item.ttl_seconds <= MAX_TTL_SECONDS:
                 raise InvalidField(f"items[{i}].ttl_seconds is {item.ttl_seconds}; use 0 (no TTL) to "
                                    f"{MAX_TTL_SECONDS} (100 years)", field=f"items[{i}].ttl_seconds")
-            if item.item_id and not ids.ITEM_ID_RE.match(item.item_id):
+            if item.item_id and not ids.ITEM_ID_RE.fullmatch(item.item_id):
                 raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                    "to add a new item", field=f"items[{i}].item_id")
         vectors = self.embedder.embed([memory_text(item.text, item.speaker) for item in inputs])  # slow: outside every lock
@@ -916,8 +920,8 @@ class Kernel:
     def log(self, ref: str, page_size: int, token: str) -> tuple[Page[RevisionRecord], int]:
         cube = self.cube(ref)
         size = paging.page_size(page_size)
-        cursor = paging.decode_token(token, f"log:{cube.cube_id}")
-        newest = cube.head if cursor is None else int(cursor)
+        cursor = paging.decode_int_token(token, f"log:{cube.cube_id}")
+        newest = cube.head if cursor is None else cursor
         revisions = []
         for revision in self.store.iter_revisions(cube.cube_id, newest=newest):
             revisions.append(revision)
@@ -934,6 +938,9 @@ class Kernel:
             if rev > cube.head:
                 raise RevisionNotFound(f"{name} {rev}: cube {cube.record.name!r} has revisions 0 to {cube.head}",
                                        cube=cube.cube_id, revision=rev, head=cube.head)
+        if older > newer:  # reversed, the change kinds would read inverted (an add as a forget)
+            raise InvalidField(f"from_revision {older} is after to_revision {newer}; swap them to see what "
+                               f"changed from {newer} to {older}", field="from_revision")
         size = paging.page_size(page_size)
         scope = f"diff:{cube.cube_id}:{older}:{newer}"
         after = str(paging.decode_token(token, scope) or "")

@@ -38,5 +38,17 @@ def decode_token(token: str, scope: str) -> str | int | None:
             return cursor
     except (ValueError, KeyError, TypeError):
         pass
-    raise InvalidPageToken("page_token was not returned by this call with these arguments; "
-                           "start again with an empty page_token", field="page_token")
+    raise _invalid()
+
+
+def decode_int_token(token: str, scope: str) -> int | None:
+    """Like decode_token, for lists whose cursor is a number (Log's revision): a hand-made one is refused."""
+    cursor = decode_token(token, scope)
+    if cursor is None or (type(cursor) is int and 0 <= cursor < 2**63):
+        return cursor
+    raise _invalid()
+
+
+def _invalid() -> InvalidPageToken:
+    return InvalidPageToken("page_token was not returned by this call with these arguments; "
+                            "start again with an empty page_token", field="page_token")

@@ -107,7 +107,7 @@ def id_count(item_ids: Sequence[str], limits: Limits) -> None:
 
 
 def cube_name(name: str) -> None:
-    if not CUBE_NAME_RE.match(name):
+    if not CUBE_NAME_RE.fullmatch(name):
         raise InvalidField(
             f"cube name {name!r} is invalid: use 1 to 64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit", field="name",
@@ -120,8 +120,9 @@ def cube_meta(description: str, labels: Mapping[str, str]) -> None:
     if len(labels) > MAX_LABELS:
         raise InvalidField(f"{len(labels)} labels; at most {MAX_LABELS} are allowed", field="labels")
     for key, value in labels.items():
-        if not key or len(key) > 63 or len(value) > MAX_LABEL_CHARS:
+        # Printable, like tags: a newline would let two labels look alike in listings.
+        if not key or len(key) > 63 or len(value) > MAX_LABEL_CHARS or not (key + value).isprintable():
             raise InvalidField(
-                f"label {key!r}: keys are 1 to 63 characters, values at most {MAX_LABEL_CHARS}",
+                f"label {key!r}: keys are 1 to 63 printable characters, values at most {MAX_LABEL_CHARS}",
                 field="labels",
             )

@@ -317,10 +317,11 @@ def tokenize_example(tokenizer: Any, example: Example, max_len: int) -> tuple[li
     turn with. The two parts are tokenized separately, so the prompt tokens
     are exactly the ones inference feeds.
     """
-    from memosd.activation.render import encode, render_chat
+    from memosd.activation.render import chat_token_ids, encode, encode_text, render_chat
 
+    # Item text is tokenized as text, as inference does (render.py): it never trains on forged control tokens.
     if not example.is_chat:
-        ids = encode(tokenizer, example.text)
+        ids = encode_text(tokenizer, example.text)
         eos = tokenizer.eos_token_id
         if isinstance(eos, int) and not getattr(tokenizer, "chat_template", None):
             ids = [*ids, eos]
@@ -332,8 +333,11 @@ def tokenize_example(tokenizer: Any, example: Example, max_len: int) -> tuple[li
     if not whole.startswith(prompt):  # a template that renders the last turn differently
         raise ValueError("the chat template does not render a reply as a continuation of its prompt")
     reply = whole[len(prompt) :].rstrip("\n")  # the turn's end token, not the newline after it
-    p_ids = encode(tokenizer, prompt)
-    r_ids = encode(tokenizer, reply)
+    content = messages[-1]["content"]
+    if not reply.startswith(content):
+        raise ValueError("the chat template does not render a reply's content as given")
+    p_ids = chat_token_ids(tokenizer, messages[:-1], generation_prompt=True)
+    r_ids = encode_text(tokenizer, content) + encode(tokenizer, reply[len(content):])
     ids = (p_ids + r_ids)[:max_len]
     labels = ([-100] * len(p_ids) + r_ids)[:max_len]
     return ids, labels
@@ -532,9 +536,9 @@ class LoraTrainer:
         if len(self._replay) < s.replay_samples:
             n = min(max(4, s.replay_per_step), s.replay_samples - len(self._replay))
             tok = self._lm.tokenizer
-            from memosd.activation.render import encode
+            from memosd.activation.render import encode_text
 
-            seeds = [encode(tok, self._replay_seeds[(len(self._replay) + i) % len(self._replay_seeds)])
+            seeds = [encode_text(tok, self._replay_seeds[(len(self._replay) + i) % len(self._replay_seeds)])
                      for i in range(n)]  # fmt: skip
             width = max(len(x) for x in seeds)
             ids = torch.tensor([[self._pad] * (width - len(x)) + x for x in seeds], device=self._lm.device)

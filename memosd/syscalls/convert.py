@@ -36,6 +36,16 @@ def ts(ns: int) -> Timestamp:
     return stamp
 
 
+def nanos(stamp: Timestamp, what: str) -> int:
+    """A client's Timestamp in nanoseconds; one outside protobuf's range (years 1-9999, nanos 0-999,999,999)
+    is the caller's mistake."""
+    try:
+        return int(stamp.ToNanoseconds())
+    except ValueError:
+        raise InvalidField(f"{what} is not a valid Timestamp: seconds must be within years 1 to 9999 and nanos "
+                           "within 0 to 999,999,999", field=what) from None
+
+
 def header(cube_id: str = "", head: int = 0, read_revision: int = 0) -> t.ResponseHeader:
     return t.ResponseHeader(cube_id=cube_id, head_revision=head, read_revision=read_revision)
 
@@ -165,20 +175,20 @@ def search_header(h: MountHeader) -> t.ResponseHeader:
 
 def item_inputs(items: list[t.ItemInput]) -> list[ItemInput]:
     return [ItemInput(text=i.text, item_id=i.item_id, tags=tuple(i.tags), source=i.source,
-                      event_ns=i.event_time.ToNanoseconds() if i.HasField("event_time") else 0,
+                      event_ns=nanos(i.event_time, f"items[{n}].event_time") if i.HasField("event_time") else 0,
                       speaker=i.speaker, session_id=i.session_id, ttl_seconds=i.ttl_seconds)
-            for i in items]
+            for n, i in enumerate(items)]
 
 
 def messages(values: list[t.ConversationMessage]) -> list[Message]:
     return [Message(speaker=m.speaker, text=m.text, session_id=m.session_id,
-                    time_ns=m.time.ToNanoseconds() if m.HasField("time") else 0)
-            for m in values]
+                    time_ns=nanos(m.time, f"messages[{n}].time") if m.HasField("time") else 0)
+            for n, m in enumerate(values)]
 
 
 def search_filter(req: pb.SearchRequest) -> SearchFilter:
-    start = req.event_time.start.ToNanoseconds() if req.event_time.HasField("start") else None
-    end = req.event_time.end.ToNanoseconds() if req.event_time.HasField("end") else None
+    start = nanos(req.event_time.start, "event_time.start") if req.event_time.HasField("start") else None
+    end = nanos(req.event_time.end, "event_time.end") if req.event_time.HasField("end") else None
     if start is not None and end is not None and end <= start:
         raise InvalidField("event_time.end must be after event_time.start", field="event_time")
     return SearchFilter(tuple(req.tags.all_of), tuple(req.tags.any_of), tuple(req.tags.none_of), start, end,

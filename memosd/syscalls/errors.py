@@ -23,12 +23,42 @@ DOMAIN = "memosd.v1"
 log = logging.getLogger("memosd.syscalls")
 
 
+# What a refusal may quote. Messages and metadata travel as trailers, and clients refuse trailers over
+# 16 KiB (grpc-message percent-encodes, so one non-ASCII byte takes three): a huge name or id sent
+# back whole would turn NOT_FOUND into RESOURCE_EXHAUSTED on the client.
+MAX_QUOTED_BYTES = 200  # one client value inside a message, or one metadata value
+MAX_MESSAGE_BYTES = 1024
+
+
+def shorten(text: str, max_bytes: int) -> str:
+    """``text`` if it fits in ``max_bytes`` of UTF-8; else its start and end around a note of what was cut."""
+    if len(text.encode()) <= max_bytes:
+        return text
+    marker = f"...[{len(text)} characters, shortened]..."
+    if len(marker.encode()) >= max_bytes:
+        return text.encode()[:max_bytes].decode(errors="ignore")
+    budget = (max_bytes - len(marker.encode())) // 2
+    head = text.encode()[:budget].decode(errors="ignore")
+    tail = text.encode()[-budget:].decode(errors="ignore") if budget else ""
+    return head + marker + tail
+
+
+def capped(message: str, metadata: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The message and metadata an error may send: long client values shortened wherever they are quoted."""
+    short = {key: shorten(value, MAX_QUOTED_BYTES) for key, value in metadata.items()}
+    for key, value in metadata.items():
+        if short[key] != value:  # the message usually quotes the same value (as repr or as is)
+            message = message.replace(repr(value), repr(short[key])).replace(value, short[key])
+    return shorten(message, MAX_MESSAGE_BYTES), short
+
+
 def to_status(error: MemosError) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    message, metadata = capped(error.message, error.metadata)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     code = grpc.StatusCode[error.code]
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
     converted: grpc.Status = rpc_status.to_status(status)
     return converted
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from memos.v1 import memos_pb2 as pb
 
-from memosd.errors import MalformedRequest, MemosError, ShuttingDown
+from memosd.errors import MalformedRequest, MemosError, ShuttingDown, Unauthenticated
 from memosd.governance.access import ANONYMOUS_ADMIN, AccessControl
 from memosd.governance.audit import AuditEntry, AuditLog
 from memosd.governance.principals import Principals
@@ -73,6 +73,12 @@ class Call:
         if revision:
             self.entry.revision = revision
 
+    def note_cube(self, cube_id: str, *, items: Any = (), artifacts: Any = ()) -> None:
+        """What a call over several cubes used of one of them: each cube's audit record names its own only."""
+        cube_items, cube_artifacts = self.entry.by_cube.setdefault(cube_id, ([], []))
+        cube_items.extend(items)
+        cube_artifacts.extend(a for a in artifacts if a)
+
     def cancelled(self) -> threading.Event:
         """Set when the call ends for any reason: the client cancelled, its deadline passed, or it finished."""
         event = threading.Event()
@@ -106,9 +112,14 @@ class Gate:
     def _caller(self, context: grpc.ServicerContext) -> PrincipalRecord:
         if not self.auth:
             return ANONYMOUS_ADMIN
+        values = [v for k, v in context.invocation_metadata() or () if k == AUTH_METADATA]
+        if len(values) > 1:
+            # Which one would win depends on proxies and libraries; refuse rather than pick.
+            raise Unauthenticated(f"the call carries {len(values)} authorization headers; send one: "
+                                  "authorization: Bearer <token>")
         token = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == AUTH_METADATA and isinstance(value, str):
+        for value in values:
+            if isinstance(value, str):
                 token = value[len(_BEARER):].strip() if value.lower().startswith(_BEARER) else value.strip()
         return self.principals.authenticate(token)
 

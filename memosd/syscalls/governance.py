@@ -132,7 +132,7 @@ class GovernanceHandlers:
 
     # -- grants ---------------------------------------------------------------------------
     def Grant(self, req: pb.GrantRequest, call: Call) -> pb.GrantResponse:
-        expire_ns = req.expire_time.ToNanoseconds() if req.HasField("expire_time") else 0
+        expire_ns = cv.nanos(req.expire_time, "expire_time") if req.HasField("expire_time") else 0
         view = self.access.grant(call.caller, req.cube, req.principal, rights(list(req.rights)), expire_ns)
         call.note(artifacts=[f"principal:{view.principal_id}"])
         return pb.GrantResponse(header=cv.header(view.cube_id, self.kernel.cubes[view.cube_id].head),
@@ -160,6 +160,9 @@ class GovernanceHandlers:
     # -- audit ------------------------------------------------------------------------------
     def Audit(self, req: pb.AuditRequest, call: Call) -> Iterator[pb.AuditResponse]:
         cube_id = call.entry.cube_id  # resolved by the rights check (an owner must name its cube)
+        for bound in ("start", "end"):  # checked before the first record, not when one is compared
+            if req.time_range.HasField(bound):
+                cv.nanos(getattr(req.time_range, bound), f"time_range.{bound}")
         log = self.gate.audit
         stop = call.cancelled()
         sent, after = 0, req.after_seq

@@ -112,10 +112,13 @@ class MemOSServicer(GovernanceHandlers):
     def Search(self, req: pb.SearchRequest, call: Call) -> pb.SearchResponse:
         result = self.searcher.search(list(req.mount_ids), req.query, req.k, cv.search_filter(req),
                                       cv.search_mode(req.mode), req.context_turns)
-        # The context turns are returned too, so the audit record names them (after the hits).
-        call.note(items=list(dict.fromkeys([*(h.item.item_id for h in result.hits),
-                                            *(c.item_id for h in result.hits
-                                              for c in (*h.context_before, *h.context_after))])))
+        # Every cube searched gets a record (audit.py), naming its hits, then the context turns returned.
+        for header in result.headers:
+            call.note_cube(header.cube_id)
+        for h in result.hits:
+            call.note_cube(h.cube_id, items=[h.item.item_id])
+        for h in result.hits:
+            call.note_cube(h.cube_id, items=[c.item_id for c in (*h.context_before, *h.context_after)])
         self._record("search", [h.cube_id for h in result.headers],
                      [(h.cube_id, h.item.item_id) for h in result.hits if not h.item.staged])
         return pb.SearchResponse(headers=[cv.search_header(h) for h in result.headers],
@@ -306,6 +309,6 @@ class MemOSServicer(GovernanceHandlers):
 def _note_generation(call: Call, summary: t.GenerationSummary, adapter_digest: str) -> None:
     """What memory went into the answer: the block and retrieved items, the KV caches and the adapter."""
     for use in summary.memory:
-        call.note(items=[u.item_id for u in use.block_items] + [u.item_id for u in use.retrieved_items],
-                  artifacts=[f"kv:{use.cache_key}" if use.cache_key else ""])
+        call.note_cube(use.cube_id, items=[u.item_id for u in use.block_items] + [u.item_id for u in use.retrieved_items],
+                       artifacts=[f"kv:{use.cache_key}" if use.cache_key else ""])
     call.note(artifacts=[f"adapter:{adapter_digest}" if adapter_digest else ""])
