@@ -13,8 +13,10 @@ fails loudly rather than skipping: a full disk cannot be faked end to end.
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +144,9 @@ def test_a_full_disk_is_read_only_until_space_is_freed(daemon: DaemonProcess, ad
     assert stats.disk_full and stats.disk_free_bytes < 1 << 20
     assert admin.health("") == "SERVING" and admin.health("memos.v1.MemOS") == "SERVING"
     assert admin.health(WRITES_HEALTH) == "NOT_SERVING"
+    metrics_address = json.loads((daemon.data_dir / "daemon.json").read_text())["metrics_address"]
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=30) as scraped:
+        assert "memosd_disk_full 1.0" in scraped.read().decode()
 
     filler.unlink()
     deadline = time.monotonic() + RECOVERY_DEADLINE_S
