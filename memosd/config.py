@@ -46,6 +46,7 @@ class ServerConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     sync_commits: bool = True  # fsync the WAL on every Commit
+    disk_check_seconds: float = 2.0  # while the disk is full: how often to look for room again
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class SecurityConfig:
     # Off only for measurements on a trusted machine: every call then acts as an admin.
     auth: bool = True
     audit: bool = True  # the hash-chained audit log of every syscall
+    # Refusals without a valid token: the first per method in each window is recorded, the rest are
+    # counted into one record at its end (0: a record each).
+    audit_unauthenticated_window_seconds: float = 60.0
     # TLS: both files (PEM) serve TLS; client_ca_file also demands client certificates signed by it (mTLS).
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -224,6 +228,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.depth": _POSITIVE_INT,
     "search.exact_below": (_non_negative, "an integer >= 0"),
     "index.save_interval_seconds": _POSITIVE_NUM,
+    "store.disk_check_seconds": _POSITIVE_NUM,
+    "security.audit_unauthenticated_window_seconds": (_non_negative, "a number >= 0"),
     "scheduler.interval_seconds": _POSITIVE_NUM,
     "scheduler.max_per_tick": _POSITIVE_INT,
     "lifecycle.interval_seconds": _POSITIVE_NUM,

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from memosd.activation.generator import Generator
 from memosd.activation.host import ModelHost
 from memosd.activation.scheduler import Scheduler
 from memosd.config import Config, ConfigError, SearchConfig, load_config
+from memosd.errors import DiskFull
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
@@ -48,14 +50,20 @@ from memosd.logfmt import log_event, setup_logging
 from memosd.metrics import Metrics, MetricsServer
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
+from memosd.periodic import Periodic
 from memosd.sdnotify import SystemdNotifier
-from memosd.store.rocks import SchemaMismatch, Store
+from memosd.store.rocks import PROBE_MIN_FREE_BYTES, SchemaMismatch, Store
+from memosd.store.space import free_bytes, is_no_space
 from memosd.syscalls import convert_activation
 from memosd.syscalls.gate import Gate
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
 from memosd.syscalls.servicer import MemOSServicer
 
 log = logging.getLogger("memosd.daemon")
+
+# The health service's name for the write path: NOT_SERVING while the disk is full (reads are still served,
+# so "" and memos.v1.MemOS stay SERVING and health-checked channels keep sending reads).
+WRITES_HEALTH_SERVICE = f"{SERVICE_NAME}/writes"
 
 
 class StartupError(RuntimeError):
@@ -68,6 +76,11 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+def _disk_full_at_start(data_dir: Path) -> str:
+    return (f"the disk of data dir {data_dir} is full ({free_bytes(data_dir)} bytes free); free space or grow "
+            "the volume, then start memosd again")
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:
@@ -94,6 +107,7 @@ class Daemon:
     lock_handle: IO[str]
     started: float
     stop_event: threading.Event
+    audit: AuditLog
     metrics_server: MetricsServer | None = None  # None: metrics.listen = ""
     lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
 
@@ -111,7 +125,8 @@ class Daemon:
             dense_index_bytes=dense, lexical_index_bytes=lexical, rss_bytes=_rss_bytes(),
             model=convert_activation.model_stats(self.host),
             kv_pool=convert_activation.pool_stats(self.host, self.activator.persisted_bytes()),
-            adapters=self._adapter_stats(cubes),
+            adapters=self._adapter_stats(cubes), disk_full=self.kernel.store.space.full,
+            disk_free_bytes=self.kernel.store.space.free_bytes(), audit_unaudited_calls=self.audit.unaudited_calls,
         )
 
     def _adapter_stats(self, cubes: list[Any]) -> pb.AdapterPoolStats:
@@ -160,6 +175,8 @@ def build(config: Config) -> Daemon:
     from memosd.index.embedder import Embedder
 
     lock_handle = _lock_data_dir(config.data_dir)
+    if free_bytes(config.data_dir) < PROBE_MIN_FREE_BYTES:
+        raise StartupError(_disk_full_at_start(config.data_dir))
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
     try:
         store = Store(config.data_dir / "store")
@@ -198,7 +215,8 @@ def build(config: Config) -> Daemon:
                   hint="security.auth = false: every caller acts as an admin; never do this outside a benchmark")
     access = AccessControl(kernel, principals)
     metrics = Metrics() if config.metrics.listen else None
-    audit = AuditLog(store, enabled=config.security.audit)
+    audit = AuditLog(store, enabled=config.security.audit,
+                     unauthenticated_window=config.security.audit_unauthenticated_window_seconds)
     gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics)
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
@@ -213,6 +231,9 @@ def build(config: Config) -> Daemon:
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    store.space.on_change(lambda full: health_servicer.set(
+        WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING if full
+        else health_pb2.HealthCheckResponse.SERVING))
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = _add_port(server, config)
@@ -231,7 +252,7 @@ def build(config: Config) -> Daemon:
                                'a free "host:port", or "" to turn metrics off') from None
     host = config.server.listen.rsplit(":", 1)[0]
     daemon = Daemon(config, kernel, model_host, activator, server, servicer, health_servicer, f"{host}:{port}",
-                    lock_handle, started, stop_event, metrics_server, lifecycle)
+                    lock_handle, started, stop_event, audit, metrics_server, lifecycle)
     daemon_box.append(daemon)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
@@ -247,7 +268,24 @@ def _index_saver(daemon: Daemon) -> None:
             log_event(log, "index_save_failed", level=logging.ERROR, error=repr(exc))
 
 
-def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
+def _watch_disk(daemon: Daemon) -> None:
+    """While the disk is full, look for room again; close the audit log's ended windows."""
+    daemon.kernel.store.recheck_space()
+    daemon.audit.tick()
+
+
+def _at_shutdown(step: str, fn: Callable[[], object]) -> None:
+    """A shutdown step that needs the disk: with the disk full, log it and go on to close the store."""
+    try:
+        fn()
+    except DiskFull:
+        log_event(log, "shutdown_step_skipped", level=logging.WARNING, step=step, reason="disk full")
+
+
+def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
+    """Serve until SIGTERM; returns the exit code (1: the start failed for lack of disk space)."""
+    disk_watch = Periodic(lambda: _watch_disk(daemon), daemon.config.store.disk_check_seconds, "disk_watch", log)
+    disk_watch.start()
     if daemon.servicer.usage is not None:
         daemon.servicer.usage.start()  # its flusher runs only while the daemon serves
     if daemon.servicer.scheduler is not None:
@@ -261,14 +299,27 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
         metrics_address = daemon.metrics_server.address
     for service in ("", SERVICE_NAME):
         daemon.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    daemon.health.set(WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING
+                      if daemon.kernel.store.space.full else health_pb2.HealthCheckResponse.SERVING)
     address_file = daemon.config.data_dir / "daemon.json"
-    address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address,
-                                        "metrics_address": metrics_address}))
-    log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off",
-              data_dir=daemon.config.data_dir, version=__version__, cubes=len(daemon.kernel.cubes))
-    notifier.ready(f"serving on {daemon.address}")
-    notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
-    threading.Thread(target=_index_saver, args=(daemon,), name="index-saver", daemon=True).start()
+    exit_code = 0
+    try:
+        address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address,
+                                            "metrics_address": metrics_address}))
+    except OSError as error:  # the disk filled up during the start: stop cleanly, as if asked to
+        if not is_no_space(error):
+            raise
+        reason = _disk_full_at_start(daemon.config.data_dir)
+        log_event(log, "startup_failed", level=logging.ERROR, reason=reason)
+        print(f"memosd: {reason}", file=sys.stderr)
+        daemon.stop_event.set()
+        exit_code = 1
+    else:
+        log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off",
+                  data_dir=daemon.config.data_dir, version=__version__, cubes=len(daemon.kernel.cubes))
+        notifier.ready(f"serving on {daemon.address}")
+        notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
+        threading.Thread(target=_index_saver, args=(daemon,), name="index-saver", daemon=True).start()
 
     daemon.stop_event.wait()
     log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
@@ -286,11 +337,14 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
     daemon.servicer.jobs.close()
     daemon.host.close()
     if daemon.servicer.usage is not None:
-        daemon.servicer.usage.close()  # the last counts, before the store closes
-    daemon.kernel.close()
+        _at_shutdown("usage_flush", daemon.servicer.usage.close)  # the last counts, before the store closes
+    disk_watch.close()
+    daemon.audit.close()  # pending aggregate records (kept in memory only if the disk is still full)
+    daemon.kernel.close()  # with the disk full: the index save and the flush are skipped and logged
     address_file.unlink(missing_ok=True)
     daemon.lock_handle.close()
-    log_event(log, "stopped")
+    log_event(log, "stopped", disk_full=daemon.kernel.store.space.full)
+    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         log_event(log, "startup_failed", level=logging.ERROR, reason=str(error))
         print(f"memosd: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # the disk filled up while opening: RocksDB is crash-safe, exiting is enough
+        if not is_no_space(error):
+            raise
+        reason = _disk_full_at_start(config.data_dir)
+        log_event(log, "startup_failed", level=logging.ERROR, reason=reason)
+        print(f"memosd: {reason}", file=sys.stderr)
+        return 1
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log_event(log, "signal", signal=signal.Signals(signum).name)
@@ -316,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    serve(daemon, notifier)
-    return 0
+    return serve(daemon, notifier)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ class _LiveCollector(Collector):
         yield _gauge("memosd_mounts", "Open mounts.", s.mount_count)
         yield _gauge("memosd_items", "Items at the cubes' HEAD.", s.item_count)
         yield _gauge("memosd_store_bytes", "RocksDB's size on disk.", s.store_bytes)
+        yield _gauge("memosd_disk_full", "1 while the data dir's disk is full (writes refused, reads served).",
+                     int(s.disk_full))
+        yield _gauge("memosd_disk_free_bytes", "Bytes free on the data dir's file system.", s.disk_free_bytes)
         index = GaugeMetricFamily("memosd_index_bytes", "Index files on disk, all cubes.", labels=("kind",))
         index.add_metric(("dense",), s.dense_index_bytes)
         index.add_metric(("lexical",), s.lexical_index_bytes)

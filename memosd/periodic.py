@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from memosd.errors import DiskFull
 from memosd.logfmt import log_event
 
 
@@ -32,6 +33,8 @@ class Periodic:
         while not self.stop.wait(self.interval):
             try:
                 self.fn()
+            except DiskFull as error:  # expected while the disk is full: no traceback every pass
+                log_event(self.log, f"{self.name}_skipped", level=logging.WARNING, reason=error.reason)
             except Exception as error:  # the loop must outlive one bad pass
                 log_event(self.log, f"{self.name}_error", level=logging.ERROR,
                           error=f"{type(error).__name__}: {error}", exc_info=error)

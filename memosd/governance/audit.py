@@ -15,6 +15,21 @@ Appends are not synced one by one (the WAL is, with the next synced write,
 such as any Commit): auditing costs a JSON dump, a hash and an unsynced put
 per call. Records hold ids, never item text or queries, so a Purge has nothing
 to erase here.
+
+Two kinds of *aggregate* record stand for several calls; they carry
+``aggregate``, ``count`` and ``first_ns`` (the first call; ``time_ns`` is the
+last), and together with the plain records every call is counted exactly once:
+
+- ``"unauthenticated"``: calls refused for a missing or bad token are recorded
+  one per (method, code, reason) and window (``security.audit_unauthenticated_
+  window_seconds``): the first as itself, the rest counted into one aggregate
+  when the window ends, so tokenless callers cannot fill the disk.
+- ``"disk_full"``: calls made while the disk is full (reads are still served)
+  cannot be appended. They are counted per (method, principal, cube, outcome,
+  code, reason) in memory and written as aggregates once the disk has room
+  again; the append never fails the call. A crash or SIGKILL while the disk
+  is full loses those counts (Stats' ``audit_unaudited_calls`` and the log
+  still show them).
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from memosd.errors import DiskFull
 from memosd.store import schema
 from memosd.store.rocks import Store
 
@@ -88,38 +104,144 @@ def canonical(fields: dict[str, object]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+@dataclass
+class _Tally:
+    """Calls that one aggregate record will stand for."""
+
+    fields: dict[str, object]  # the record's call fields (principal, method, outcome, ...)
+    count: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+
+    def add(self, time_ns: int, count: int = 1, first_ns: int = 0) -> None:
+        self.first_ns = min(self.first_ns or time_ns, first_ns or time_ns)
+        self.last_ns = max(self.last_ns, time_ns)
+        self.count += count
+
+
+@dataclass
+class _Window:
+    opened: float  # time.monotonic()
+    suppressed: _Tally
+
+
+def _call_fields(entry: AuditEntry) -> dict[str, object]:
+    return {"principal_id": entry.principal_id, "method": entry.method, "cube_id": entry.cube_id,
+            "revision": entry.revision, "mount_id": entry.mount_id, "outcome": entry.outcome, "code": entry.code,
+            "reason": entry.reason, "item_ids": entry.item_ids, "artifacts": entry.artifacts}
+
+
+def _tally_key(fields: dict[str, object]) -> tuple[object, ...]:
+    return (fields["method"], fields["principal_id"], fields["cube_id"], fields["outcome"], fields["code"],
+            fields["reason"])
+
+
 class AuditLog:
-    def __init__(self, store: Store, *, enabled: bool = True) -> None:
+    def __init__(self, store: Store, *, enabled: bool = True, unauthenticated_window: float = 60.0) -> None:
         self.store = store
         self.enabled = enabled
+        self.unauthenticated_window = unauthenticated_window  # 0: every refusal is its own record
         self._cond = threading.Condition()
         last = store.last_row(schema.CF_AUDIT)
         self.seq = int(last[0], 16) if last else 0
         self.head = bytes(last[1][:64]).decode() if last else GENESIS
         self.appended = 0
+        self.unaudited_calls = 0  # since start: calls that could not be appended as themselves (disk full)
+        self._unaudited: dict[tuple[object, ...], _Tally] = {}
+        self._windows: dict[tuple[object, ...], _Window] = {}
 
     def append(self, entry: AuditEntry) -> None:
+        """Record one call. Never raises DiskFull: a call the disk has no room for is counted instead."""
         if not self.enabled:
             return
-        with self._cond:  # a call's records are consecutive
+        now_ns = time.time_ns()
+        with self._cond:  # a call's records (one per cube it touched) are consecutive
+            self._write_unaudited()
             for part in entry.per_cube():
-                self._append_one(part)
+                fields = _call_fields(part)
+                if part.reason == "UNAUTHENTICATED" and self._in_open_window(fields, now_ns):
+                    continue
+                if not self._write({**fields, "time_ns": now_ns}):
+                    self._count_unaudited(fields, now_ns)
 
-    def _append_one(self, entry: AuditEntry) -> None:
+    def tick(self) -> None:
+        """Close the windows that ended and write what the disk had no room for (the daemon calls this
+        every few seconds)."""
         with self._cond:
-            seq = self.seq + 1
-            body = canonical({
-                "seq": seq, "time_ns": time.time_ns(), "principal_id": entry.principal_id, "method": entry.method,
-                "cube_id": entry.cube_id, "revision": entry.revision, "mount_id": entry.mount_id,
-                "outcome": entry.outcome, "code": entry.code, "reason": entry.reason,
-                "item_ids": entry.item_ids, "artifacts": entry.artifacts, "prev_hash": self.head,
-            })
-            digest = hashlib.sha256(body).hexdigest()
-            self.store.put_row(schema.CF_AUDIT, schema.audit_key(seq), digest.encode() + b"\n" + body, sync=False)
-            self.seq, self.head = seq, digest
-            self.appended += 1
-            self._cond.notify_all()
+            now = time.monotonic()
+            for key, window in list(self._windows.items()):
+                if now - window.opened >= self.unauthenticated_window:
+                    self._close_window(key, window)
+            self._write_unaudited()
 
+    def close(self) -> None:
+        """Write every pending aggregate (best effort: the disk may still be full)."""
+        with self._cond:
+            for key, window in list(self._windows.items()):
+                self._close_window(key, window)
+            self._write_unaudited()
+
+    def pending_unaudited(self) -> int:
+        with self._cond:
+            return sum(tally.count for tally in self._unaudited.values())
+
+    # -- under self._cond ------------------------------------------------------------------
+    def _write(self, fields: dict[str, object]) -> bool:
+        """Append one record after the head; False (nothing changed) when the disk is full."""
+        seq = self.seq + 1
+        body = canonical({**fields, "seq": seq, "prev_hash": self.head})
+        digest = hashlib.sha256(body).hexdigest()
+        try:
+            self.store.put_row(schema.CF_AUDIT, schema.audit_key(seq), digest.encode() + b"\n" + body, sync=False)
+        except DiskFull:
+            return False
+        self.seq, self.head = seq, digest
+        self.appended += 1
+        self._cond.notify_all()
+        return True
+
+    def _write_aggregate(self, tally: _Tally, kind: str) -> bool:
+        return self._write({**tally.fields, "item_ids": [], "artifacts": [], "aggregate": kind,
+                            "count": tally.count, "first_ns": tally.first_ns, "time_ns": tally.last_ns})
+
+    def _count_unaudited(self, fields: dict[str, object], time_ns: int, count: int = 1, first_ns: int = 0) -> None:
+        key = _tally_key(fields)
+        tally = self._unaudited.get(key)
+        if tally is None:
+            tally = self._unaudited[key] = _Tally({**fields, "revision": 0, "mount_id": ""})
+        tally.add(time_ns, count, first_ns)
+        self.unaudited_calls += count
+
+    def _write_unaudited(self) -> None:
+        if not self._unaudited or self.store.space.full:
+            return
+        for key, tally in list(self._unaudited.items()):
+            if not self._write_aggregate(tally, "disk_full"):
+                return
+            del self._unaudited[key]
+
+    def _in_open_window(self, fields: dict[str, object], time_ns: int) -> bool:
+        """Count an unauthenticated refusal into its open window (True), or open a new window whose
+        first refusal the caller records as itself (False)."""
+        if self.unauthenticated_window <= 0:
+            return False
+        key = (fields["method"], fields["code"], fields["reason"])
+        window = self._windows.get(key)
+        if window is not None and time.monotonic() - window.opened < self.unauthenticated_window:
+            window.suppressed.add(time_ns)
+            return True
+        if window is not None:
+            self._close_window(key, window)
+        self._windows[key] = _Window(time.monotonic(), _Tally(fields))
+        return False
+
+    def _close_window(self, key: tuple[object, ...], window: _Window) -> None:
+        del self._windows[key]
+        tally = window.suppressed
+        if tally.count and not self._write_aggregate(tally, "unauthenticated"):
+            self._count_unaudited(tally.fields, tally.last_ns, tally.count, tally.first_ns)
+
+    # -- reading -----------------------------------------------------------------------------
     def read(self, after_seq: int = 0) -> Iterator[StoredRecord]:
         """Records after ``after_seq``, in key order, as stored (unchecked)."""
         for key, raw in self.store.scan_rows(schema.CF_AUDIT, schema.audit_key(after_seq + 1)):

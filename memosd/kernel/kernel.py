@@ -23,6 +23,7 @@ from memosd.errors import (
     CubeFrozen,
     CubeNameTaken,
     CubeNotFound,
+    DiskFull,
     InternalError,
     InvalidField,
     ItemNotFound,
@@ -66,6 +67,7 @@ from memosd.store.records import (
     VersionRecord,
 )
 from memosd.store.rocks import Batch, Store
+from memosd.store.space import is_no_space
 
 log = logging.getLogger("memosd.kernel")
 
@@ -243,7 +245,11 @@ class Kernel:
                     cube.index_dirty = False
 
     def close(self) -> None:
-        self.save_indexes()
+        try:
+            self.save_indexes()
+        except Exception as error:  # derived data: the next start catches the indexes up from the store
+            log_event(log, "index_save_failed", level=logging.ERROR, error=type(error).__name__,
+                      disk_full=is_no_space(error), hint="the indexes are caught up from the store at the next start")
         for cube in self.cubes.values():
             cube.index.close()
         self.store.close()
@@ -405,8 +411,14 @@ class Kernel:
                                      _now_ns(), principal)
                 batch = self.store.batch()
                 batch.put_mount(record)
-                self.store.write(batch, sync=False)
-                mount = MountState(record)
+                try:
+                    self.store.write(batch, sync=False)
+                    persisted = True
+                except DiskFull:
+                    if writable:
+                        raise
+                    persisted = False  # a read-only mount needs no disk: reads go on while the disk is full
+                mount = MountState(record, persisted=persisted)
                 self.mounts[record.mount_id] = mount
         return self.mount_info(mount)
 
@@ -416,10 +428,11 @@ class Kernel:
             with mount.lock:
                 info = self.mount_info(mount)
                 discarded = len(mount.staging) + (mount.staged_adapter is not None)
-                batch = self.store.batch()
-                batch.delete_mount(mount_id)
-                self._drop_staged_files(batch, mount)
-                self.store.write(batch, sync=False)
+                if mount.persisted:
+                    batch = self.store.batch()
+                    batch.delete_mount(mount_id)
+                    self._drop_staged_files(batch, mount)
+                    self.store.write(batch, sync=False)
                 del self.mounts[mount_id]
         return info, discarded
 

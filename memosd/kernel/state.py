@@ -59,6 +59,8 @@ class MountState:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     staged_adapter: StagedAdapterRecord | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # False: a read-only mount made while the disk was full, held in memory only (gone at a restart)
+    persisted: bool = True
 
     @property
     def mount_id(self) -> str:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
+from memosd.errors import DiskFull
 from memosd.periodic import Periodic
 from memosd.store import schema
 from memosd.store.rocks import Store
@@ -179,7 +180,13 @@ class UsageTracker:
             batch.put_row(schema.CF_USAGE, key, value)
         for cube_id, item_id in dropped:
             batch.delete_row(schema.CF_USAGE, schema.usage_key(cube_id, item_id))
-        self.store.write(batch, sync=False)
+        try:
+            self.store.write(batch, sync=False)
+        except DiskFull:  # keep the counts for the next flush, once the disk has room again
+            with self._lock:
+                self._dirty |= dirty - self._dropped
+                self._dropped |= dropped - self._dirty
+            raise
         return len(rows) + len(dropped)
 
     def start(self) -> None:

@@ -4,13 +4,21 @@ Only this module imports rocksdict. A Batch is one atomic RocksDB WriteBatch:
 the kernel builds one per syscall that changes durable state and writes it
 with `sync=True` where the syscall promises durability (Commit, Rollback,
 AllocCube, FreeCube), so a crash never leaves half of it applied.
+
+Every write goes through ``_writing``: while the disk is full (the NOSPACE
+alarm, store/space.py) it is refused at once with ``DiskFull``; a write that
+fails for lack of space raises the alarm and becomes ``DiskFull``. Reads never
+look at the alarm.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,8 @@ from rocksdict import (
     WriteOptions,
 )
 
+from memosd.errors import DiskFull, MemosError
+from memosd.logfmt import log_event
 from memosd.store import schema
 from memosd.store.records import (
     ActivationRecord,
@@ -42,6 +52,12 @@ from memosd.store.records import (
     encode,
     encode_vector,
 )
+from memosd.store.space import DiskSpace, is_no_space
+
+log = logging.getLogger("memosd.store")
+# The alarm is lowered only once this much is free: RocksDB itself resumes only with a write buffer (64 MiB)
+# free, and a probe write on a disk with a few bytes left would just raise it again.
+PROBE_MIN_FREE_BYTES = 1 << 20
 
 
 class SchemaMismatch(RuntimeError):
@@ -209,9 +225,10 @@ class Batch:
 class Store:
     """The cube store: one RocksDB with a column family per kind of record."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, space: DiskSpace | None = None) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
+        self.space = space or DiskSpace(path)
         families = {
             name: _blob_options() if name in schema.BLOB_FAMILIES else _options() for name in schema.COLUMN_FAMILIES
         }
@@ -229,7 +246,8 @@ class Store:
     def _check_schema_version(self) -> None:
         found = self._db.get(schema.KEY_SCHEMA_VERSION)
         if found is None:
-            self._db.put(schema.KEY_SCHEMA_VERSION, schema.SCHEMA_VERSION, self._sync)
+            with self._writing():
+                self._db.put(schema.KEY_SCHEMA_VERSION, schema.SCHEMA_VERSION, self._sync)
         elif found != schema.SCHEMA_VERSION:
             raise SchemaMismatch(
                 f"data dir {self.path} has store schema version {found.decode()!r}; this memosd "
@@ -239,20 +257,52 @@ class Store:
     def handle(self, cf: str) -> Any:
         return self._handles[cf]
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around every write: refused while the disk is full; "no space" becomes DiskFull (no path, no
+        RocksDB text) and raises the alarm."""
+        self.space.refuse_if_full()
+        try:
+            yield
+        except MemosError:
+            raise
+        except Exception as error:
+            if is_no_space(error):
+                raise self.space.trip(error) from None
+            raise
+
+    def recheck_space(self) -> bool:
+        """While the disk is full: lower the alarm once there is room and RocksDB takes a small synced
+        probe write again (it resumes by itself after ENOSPC). Returns whether the disk is still full."""
+        if not self.space.full:
+            return False
+        if self.space.free_bytes() < PROBE_MIN_FREE_BYTES:
+            return True
+        try:
+            self._db.put(schema.KEY_SPACE_PROBE, str(time.time_ns()).encode(), self._sync)
+        except Exception as error:
+            if is_no_space(error):  # RocksDB has not resumed yet (it polls every 5 s), or space went again
+                return True
+            raise
+        self.space.clear()
+        return False
+
     # -- metadata -------------------------------------------------------
     def get_meta(self, key: bytes) -> bytes | None:
         value = self._db.get(key)
         return None if value is None else bytes(value)
 
     def put_meta(self, key: bytes, value: bytes) -> None:
-        self._db.put(key, value, self._sync)
+        with self._writing():
+            self._db.put(key, value, self._sync)
 
     # -- writes ---------------------------------------------------------
     def batch(self) -> Batch:
         return Batch(self)
 
     def write(self, batch: Batch, *, sync: bool) -> None:
-        self._db.write(batch._wb, self._sync if sync else self._nosync)
+        with self._writing():
+            self._db.write(batch._wb, self._sync if sync else self._nosync)
 
     # -- reads ----------------------------------------------------------
     def _scan(self, cf: str, begin: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -354,17 +404,21 @@ class Store:
             yield decode(JobRecord, raw)
 
     def put_job(self, job: JobRecord, *, sync: bool = False) -> None:
-        self._cfs[schema.CF_JOBS].put(job.job_id.encode(), encode(job), self._sync if sync else self._nosync)
+        with self._writing():
+            self._cfs[schema.CF_JOBS].put(job.job_id.encode(), encode(job), self._sync if sync else self._nosync)
 
     def delete_job(self, job_id: str) -> None:
-        self._cfs[schema.CF_JOBS].delete(job_id.encode(), self._nosync)
+        with self._writing():
+            self._cfs[schema.CF_JOBS].delete(job_id.encode(), self._nosync)
 
     # -- governance rows (principals, grants, audit): plain keys and values ---------------------
     def put_row(self, cf: str, key: bytes, value: bytes, *, sync: bool) -> None:
-        self._cfs[cf].put(key, value, self._sync if sync else self._nosync)
+        with self._writing():
+            self._cfs[cf].put(key, value, self._sync if sync else self._nosync)
 
     def delete_row(self, cf: str, key: bytes, *, sync: bool) -> None:
-        self._cfs[cf].delete(key, self._sync if sync else self._nosync)
+        with self._writing():
+            self._cfs[cf].delete(key, self._sync if sync else self._nosync)
 
     def scan_rows(self, cf: str, begin: bytes = b"", end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """Rows with begin <= key < end (no end: to the last), in key order."""
@@ -411,8 +465,9 @@ class Store:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
     def compact(self) -> None:
-        for cf in self._cfs.values():
-            cf.compact_range(None, None)
+        with self._writing():
+            for cf in self._cfs.values():
+                cf.compact_range(None, None)
 
     def scrub(self, cube_id: str, *, kv_chunks: bool) -> None:
         """Leave no copy of the cube's deleted rows in any file of the data dir (after a Purge).
@@ -433,7 +488,7 @@ class Store:
         force = CompactOptions()
         force.set_bottommost_level_compaction(BottommostLevelCompaction.force())
         begin, end = schema.prefix_range(cube_id)
-        with self._scrub_lock:
+        with self._scrub_lock, self._writing():
             self.flush()
             for cf in (schema.CF_ITEMS, schema.CF_VECTORS, schema.CF_ACTIVATIONS):
                 self._cfs[cf].compact_range(begin, end, force)
@@ -448,15 +503,24 @@ class Store:
                     blobs.set_options({"blob_garbage_collection_age_cutoff": str(BLOB_GC_AGE_CUTOFF)})
 
     def flush(self) -> None:
-        for cf in self._cfs.values():
-            cf.flush(True)
-        self._db.flush(True)
-        self._db.flush_wal(True)
+        with self._writing():
+            for cf in self._cfs.values():
+                cf.flush(True)
+            self._db.flush(True)
+            self._db.flush_wal(True)
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        except DiskFull:  # nothing is lost: what the memtables hold is in the WAL, replayed at the next open
+            log_event(log, "store_flush_skipped", level=logging.WARNING, reason="disk full",
+                      hint="the WAL is replayed at the next start")
         # Each column-family handle keeps the database open (and its LOCK held) until it is
         # dropped, so drop them all before closing: the same process can then reopen it.
         self._cfs.clear()
         self._handles.clear()
-        self._db.close()
+        try:
+            self._db.close()
+        except Exception as error:  # close() flushes first, which fails the same way; the DB still closes
+            if not is_no_space(error):
+                raise

@@ -111,6 +111,8 @@ ADAPTER_CHUNK_BYTES = 8 << 20
 KEY_SCHEMA_VERSION = b"schema_version"
 KEY_EMBEDDER = b"embedder"
 KEY_MEMORY_TEXT = b"memory_text"
+# Written (synced) only while the disk is full: the write that tells whether RocksDB takes writes again.
+KEY_SPACE_PROBE = b"space_probe"
 
 
 def _hex(n: int) -> str:

@@ -28,6 +28,7 @@ from memosd.logfmt import log_event
 from memosd.parametric.jobs import JobManager
 from memosd.runtime.kvcache import ComputeCancelled
 from memosd.store.records import PrincipalRecord
+from memosd.store.space import is_no_space
 from memosd.syscalls.errors import internal, to_status
 from memosd.syscalls.policy import authorize
 
@@ -151,7 +152,15 @@ class Gate:
     def _open(self, method: str, request: Any, context: grpc.ServicerContext, entry: AuditEntry) -> Call:
         return self._authorize(self._authenticate(method, context, entry), method, request, context, entry)
 
+    def _disk_full(self, error: Exception) -> Exception:
+        """A raw "no space" error from an index or file write is DiskFull too: no path or library text leaks."""
+        if isinstance(error, MemosError) or not is_no_space(error):
+            return error
+        return self.audit.store.space.trip(error)
+
     def _close(self, entry: AuditEntry, started: float, error: Exception | None, response: Any = None) -> None:
+        if error is not None:
+            error = self._disk_full(error)
         if response is not None:
             _note_header(entry, response)
         seconds = time.perf_counter() - started
@@ -168,10 +177,10 @@ class Gate:
             entry.code, entry.reason = "INTERNAL", "INTERNAL_ERROR"
         if self.metrics is not None:  # entry.code is final here, for every outcome and shape
             self.metrics.observe_call(entry.method, entry.code, seconds)
-        self.audit.append(entry)
+        self.audit.append(entry)  # never fails the call: with the disk full it is counted instead
 
-    @staticmethod
-    def _abort(method: str, error: Exception, context: grpc.ServicerContext) -> None:
+    def _abort(self, method: str, error: Exception, context: grpc.ServicerContext) -> None:
+        error = self._disk_full(error)
         if isinstance(error, MemosError):
             context.abort_with_status(to_status(error))
         if isinstance(error, ComputeCancelled):  # the caller went away mid-prefill; nobody reads this

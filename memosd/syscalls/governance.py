@@ -73,6 +73,10 @@ def audit_record(stored: StoredRecord) -> t.AuditRecord:
     record.item_ids.extend(str(i) for i in fields.get("item_ids", []))
     record.artifacts.extend(str(a) for a in fields.get("artifacts", []))
     record.prev_hash = str(fields.get("prev_hash", ""))
+    record.aggregate = str(fields.get("aggregate", ""))
+    record.count = int(fields.get("count", 1))
+    if record.aggregate:
+        record.first_time.CopyFrom(cv.ts(int(fields.get("first_ns", 0))))
     return record
 
 

@@ -987,6 +987,9 @@ class StatsResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     KV_POOL_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    DISK_FULL_FIELD_NUMBER: _builtins.int
+    DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    AUDIT_UNAUDITED_CALLS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.int
     cube_count: _builtins.int
@@ -1003,6 +1006,16 @@ class StatsResponse(_message.Message):
     lexical_index_bytes: _builtins.int
     rss_bytes: _builtins.int
     """Resident set size of the daemon, in bytes."""
+    disk_full: _builtins.bool
+    """The data directory's disk is full: writes are refused with DISK_FULL until
+    it has room again; reads are served.
+    """
+    disk_free_bytes: _builtins.int
+    """Bytes free on the data directory's file system."""
+    audit_unaudited_calls: _builtins.int
+    """Calls since start that could not be audited one by one because the disk was
+    full; they are written as "disk_full" aggregate records once it has room.
+    """
     @_builtins.property
     def header(self) -> _types_pb2.ResponseHeader: ...
     @_builtins.property
@@ -1035,10 +1048,13 @@ class StatsResponse(_message.Message):
         model: Global___ModelStats | None = ...,
         kv_pool: Global___KVPoolStats | None = ...,
         adapters: Global___AdapterPoolStats | None = ...,
+        disk_full: _builtins.bool = ...,
+        disk_free_bytes: _builtins.int = ...,
+        audit_unaudited_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "header", b"header", "kv_pool", b"kv_pool", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "calls", b"calls", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "kv_pool", b"kv_pool", "lexical_index_bytes", b"lexical_index_bytes", "model", b"model", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "audit_unaudited_calls", b"audit_unaudited_calls", "calls", b"calls", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "disk_free_bytes", b"disk_free_bytes", "disk_full", b"disk_full", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "kv_pool", b"kv_pool", "lexical_index_bytes", b"lexical_index_bytes", "model", b"model", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1991,6 +1991,9 @@ class AuditRecord(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_TIME_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     principal_id: _builtins.str
     method: _builtins.str
@@ -2004,6 +2007,13 @@ class AuditRecord(_message.Message):
     body: _builtins.bytes
     prev_hash: _builtins.str
     hash: _builtins.str
+    aggregate: _builtins.str
+    """Empty for a record of one call. An aggregate record stands for `count` calls
+    from `first_time` to `time`: "unauthenticated" (refusals without a valid token
+    after the first of their window) or "disk_full" (calls made while the disk was
+    full, written once it had room again).
+    """
+    count: _builtins.int
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -2014,6 +2024,8 @@ class AuditRecord(_message.Message):
     def artifacts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other artifacts read or used: "kv:<cache key>", "adapter:<digest>", "job:<id>"..."""
 
+    @_builtins.property
+    def first_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -2032,10 +2044,13 @@ class AuditRecord(_message.Message):
         body: _builtins.bytes = ...,
         prev_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
+        aggregate: _builtins.str = ...,
+        count: _builtins.int = ...,
+        first_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_time", b"first_time", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "body", b"body", "code", b"code", "cube_id", b"cube_id", "hash", b"hash", "item_ids", b"item_ids", "method", b"method", "mount_id", b"mount_id", "outcome", b"outcome", "prev_hash", b"prev_hash", "principal_id", b"principal_id", "reason", b"reason", "revision", b"revision", "seq", b"seq", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "artifacts", b"artifacts", "body", b"body", "code", b"code", "count", b"count", "cube_id", b"cube_id", "first_time", b"first_time", "hash", b"hash", "item_ids", b"item_ids", "method", b"method", "mount_id", b"mount_id", "outcome", b"outcome", "prev_hash", b"prev_hash", "principal_id", b"principal_id", "reason", b"reason", "revision", b"revision", "seq", b"seq", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
