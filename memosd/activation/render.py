@@ -40,6 +40,21 @@ def block_text(cube_name: str, texts: Sequence[str]) -> str:
     return BLOCK_HEADER.format(name=cube_name) + "".join(item_line(t) for t in texts)
 
 
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most bytes of text one token of the vocabulary stands for (special tokens included).
+
+    Each token is measured two ways, keeping the larger: its decoded text and its vocabulary string
+    (byte-level BPE writes one character per byte; SentencePiece writes "▁" for a space), so the bound
+    holds for both kinds of tokenizer. A text of B bytes is then at least B / this many tokens."""
+    ids = list(range(len(tokenizer)))
+    decoded = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    sizes = [max(len(text.encode()), len(str(piece or "").encode())) for text, piece in zip(decoded, pieces,
+                                                                                          strict=True)]
+    return max(sizes, default=0) or 1
+
+
 def encode(tokenizer: Any, text: str) -> list[int]:
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids
