@@ -60,6 +60,20 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class QuotasConfig:
+    """What one principal may hold at once, whoever grants it rights; 0 turns a limit off.
+
+    The defaults are far above what an agent uses (a handful of mounts; staging is committed every few
+    thousand items at most) and bound what a careless or hostile principal can make the daemon keep."""
+
+    # Open mounts across all cubes: each is a persisted record and memory the daemon keeps until Unmount.
+    max_mounts_per_principal: int = 1024
+    # Staged text and vectors across the principal's mounts (held in memory until Commit or Unmount):
+    # ~100,000 typical items (1 KB of text, a 1.5 KB vector).
+    max_staged_bytes_per_principal: int = 256 << 20
+
+
+@dataclass(frozen=True)
 class EmbedderConfig:
     model: str = "all-MiniLM-L6-v2"  # a known name, or a local sentence-transformers directory
     device: str = "auto"  # auto | cpu | cuda
@@ -146,6 +160,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -170,6 +185,7 @@ SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "store": StoreConfig,
     "limits": LimitsConfig,
+    "quotas": QuotasConfig,
     "embedder": EmbedderConfig,
     "search": SearchConfig,
     "index": IndexConfig,
@@ -218,6 +234,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "limits.max_query_bytes": _POSITIVE_INT,
     "limits.max_k": _POSITIVE_INT,
     "limits.max_adapter_bytes": _POSITIVE_INT,
+    "quotas.max_mounts_per_principal": (_non_negative, "an integer >= 0 (0: no limit)"),
+    "quotas.max_staged_bytes_per_principal": (_non_negative, "an integer >= 0 (0: no limit)"),
     "embedder.model": (bool, "a non-empty model name or directory"),
     "embedder.device": (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
     "embedder.batch_size": _POSITIVE_INT,

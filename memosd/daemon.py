@@ -38,7 +38,7 @@ from memosd.activation.host import ModelHost
 from memosd.activation.scheduler import Scheduler
 from memosd.config import Config, ConfigError, SearchConfig, load_config
 from memosd.errors import DiskFull
-from memosd.governance.access import AccessControl
+from memosd.governance.access import AccessControl, Right
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
 from memosd.kernel.kernel import Kernel
@@ -183,7 +183,7 @@ def build(config: Config) -> Daemon:
     except SchemaMismatch as error:
         raise StartupError(str(error)) from None
     kernel = Kernel(store, embedder, CubeIndex.open, config.data_dir / "index", config.limits,
-                    sync_commits=config.store.sync_commits)
+                    sync_commits=config.store.sync_commits, quotas=config.quotas)
     kernel.open()
     search = config.search
     searcher = Searcher(kernel, make_ranker(search), SearchSettings(depth=search.depth,
@@ -204,7 +204,6 @@ def build(config: Config) -> Daemon:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.server.workers,
                                                     thread_name_prefix="syscall"), options=options)
     daemon_box: list[Daemon] = []
-    jobs = JobManager(kernel, model_host)
     principals = Principals(store)
     token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
     if token_file is not None:
@@ -214,6 +213,9 @@ def build(config: Config) -> Daemon:
         log_event(log, "auth_disabled", level=logging.WARNING,
                   hint="security.auth = false: every caller acts as an admin; never do this outside a benchmark")
     access = AccessControl(kernel, principals)
+    # A job commits its result only while the principal that started it still holds the train right.
+    jobs = JobManager(kernel, model_host,
+                      commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube))
     metrics = Metrics() if config.metrics.listen else None
     audit = AuditLog(store, enabled=config.security.audit,
                      unauthenticated_window=config.security.audit_unauthenticated_window_seconds)

@@ -41,6 +41,10 @@ MAX_TEMPERATURE = 5.0
 MAX_STOPS = 8
 MAX_STOP_BYTES = 256
 MAX_MESSAGES = 1024
+# A conversation of B bytes is at least B / longest_token_bytes tokens. Twice that many bytes are let
+# through to the tokenizer, for tokenizers whose normalizer shrinks text (NFKC folds some 3-byte characters
+# into 2 bytes): the bound must never refuse a prompt that fits, only bound what reaches the worker.
+PROMPT_BYTES_SLACK = 2
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class Generator:
         mounts = [self.kernel.mount_state(m) for m in dict.fromkeys(params.mount_ids)]
         cubes = [self.kernel.cube_of(m) for m in mounts]
         loaded = self.host.model()
+        self._check_prompt_bytes(params, loaded)  # before any tokenizing: that runs on the one worker
         adapter_cube, adapter = self._adapter(params)
         digest = adapter.digest if adapter is not None else ""
         if adapter is not None:
@@ -180,6 +185,20 @@ class Generator:
             self.host.generation_ended()
         report.total_us = int((time.perf_counter() - started) * 1e6)
         yield report
+
+    def _check_prompt_bytes(self, params: GenerateParams, loaded: LoadedModel) -> None:
+        """Refuse a conversation whose bytes alone cannot fit the context (CONTEXT_EXCEEDED), so a huge one
+        never reaches the worker, where its tokenization would hold up every other generation."""
+        token_bytes = self.host.token_bytes
+        if not token_bytes:  # not measured (a host built without a model load): the token count decides
+            return
+        size = sum(len(content.encode()) for _, content in params.messages)
+        limit = loaded.context_length * token_bytes * PROMPT_BYTES_SLACK
+        if size > limit:
+            raise ContextExceeded(
+                f"the conversation is {size} bytes; the model's context is {loaded.context_length} tokens and no "
+                f"token stands for more than {token_bytes} bytes, so no conversation over {limit} bytes can fit. "
+                "Shorten the conversation", bytes=size, limit=limit, context=loaded.context_length)
 
     def _adapter(self, params: GenerateParams) -> tuple[str, AdapterRecord | None]:
         """The cube and the adapter the request generates with (None: the base model)."""

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
+from memosd.activation import render
 from memosd.config import RuntimeConfig
 from memosd.errors import ModelUnavailable
 from memosd.logfmt import log_event
@@ -37,21 +38,24 @@ class ModelHost:
         self.adapters = AdapterPool(config.max_adapters)  # touched only on the worker
         self.worker = RuntimeWorker()
         self.active_generations = 0
+        # The most bytes of text one token of the loaded model stands for (render.longest_token_bytes):
+        # Generate refuses a conversation too long for the context by its bytes, before tokenizing it.
+        self.token_bytes = 0
         self._lock = threading.Lock()
         self._loading: Future[LoadedModel] | None = None
         if config.model.lower() != DISABLED:
             spec = ModelSpec(source=config.model, device=config.device, dtype=config.dtype)
             self._loading = self.worker.submit(lambda: self._load(spec, cache_dir))
 
-    @staticmethod
-    def _load(spec: ModelSpec, cache_dir: Path) -> LoadedModel:
+    def _load(self, spec: ModelSpec, cache_dir: Path) -> LoadedModel:
         try:
             loaded = load_model(spec, cache_dir)
+            self.token_bytes = render.longest_token_bytes(loaded.tokenizer)  # set before the model is ready
         except Exception as error:
             log_event(log, "model_load_failed", level=logging.ERROR, model=spec.source, error=str(error))
             raise
         log_event(log, "model_loaded", model=loaded.name, fingerprint=loaded.fingerprint[:16],
-                  device=loaded.device, dtype=loaded.dtype, origin=loaded.origin,
+                  device=loaded.device, dtype=loaded.dtype, origin=loaded.origin, token_bytes=self.token_bytes,
                   seconds=round(loaded.load_seconds + loaded.fingerprint_seconds, 2))
         return loaded
 

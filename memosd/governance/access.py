@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -76,6 +77,23 @@ class AccessControl:
         if grant is None or (grant.expire_ns and grant.expire_ns <= time.time_ns()):
             return frozenset()
         return frozenset(Right(r) for r in grant.rights)
+
+    @contextmanager
+    def still_holds(self, principal_id: str, right: Right, cube: CubeState) -> Iterator[None]:
+        """Refuse unless ``principal_id`` is enabled and holds ``right`` on ``cube`` now, and keep it so for the
+        body: Grant, Revoke and DisablePrincipal wait for it, so one that lands first wins. A training job
+        commits its result inside this, as the principal that started it (under the cube's lock, which is
+        taken before these locks and never after them)."""
+        with self._lock, self.principals.lock:
+            principal = self.principals.get(principal_id)
+            if principal.disabled or right not in self.rights(principal, cube.record):
+                why = ("was disabled" if principal.disabled
+                       else f"no longer holds the {right} right (revoked, or its grant expired)")
+                raise PermissionDenied(
+                    f"principal {principal.name!r}, which started the job, {why}: nothing was committed to cube "
+                    f"{cube.record.name!r}. Train again once the right is back", cube=cube.cube_id,
+                    missing=str(right), principal=principal_id)
+            yield
 
     def visible(self, caller: PrincipalRecord, cube: CubeRecord) -> bool:
         return bool(self.rights(caller, cube))

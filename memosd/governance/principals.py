@@ -64,6 +64,11 @@ class Principals:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while principals change (create, disable): holding it keeps them as they are."""
+        return self._lock
+
     # -- authentication -------------------------------------------------------
     def authenticate(self, token: str) -> PrincipalRecord:
         """The enabled principal a token belongs to. Raises ``Unauthenticated``."""

@@ -13,12 +13,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from memosd.config import LimitsConfig
+from memosd.config import LimitsConfig, QuotasConfig
 from memosd.errors import (
     CubeFrozen,
     CubeNameTaken,
@@ -41,6 +42,7 @@ from memosd.kernel.conversation import SessionOrder, plan_ingest
 from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE, memory_text
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import run_purge, taint_on_commit
+from memosd.kernel.quotas import Quotas, staged_bytes
 from memosd.kernel.state import CubeState, MountState, meta_of, staged_view, view_of
 from memosd.kernel.types import (
     CommitResult,
@@ -107,11 +109,12 @@ def check_thawed(cube: CubeState, action: str) -> None:
 class Kernel:
     def __init__(
         self, store: Store, embedder: EmbedderPort, index_factory: IndexFactory, index_root: Path,
-        limits: LimitsConfig, *, sync_commits: bool = True,
+        limits: LimitsConfig, *, sync_commits: bool = True, quotas: QuotasConfig | None = None,
     ) -> None:
         self.store = store
         self.embedder = embedder
         self.limits = limits
+        self.quotas = Quotas(quotas or QuotasConfig())  # told of every mount and staging change
         self._index_factory = index_factory
         self._index_root = index_root
         self._sync = sync_commits
@@ -134,7 +137,8 @@ class Kernel:
                 shutil.rmtree(self._index_root / record.cube_id, ignore_errors=True)  # rebuilt from the store
             self.cubes[record.cube_id] = self._load_cube(record)
         for mount in self.store.iter_mounts():
-            self.mounts[mount.mount_id] = self._load_mount(mount, reembed, retext)
+            loaded = self.mounts[mount.mount_id] = self._load_mount(mount, reembed, retext)
+            self.quotas.opened(mount.principal, mount.cube_id, self._staged_total(loaded))
         self.store.put_meta(schema.KEY_EMBEDDER, self.embedder.fingerprint.encode())
         self.store.put_meta(schema.KEY_MEMORY_TEXT, MEMORY_TEXT_RECIPE.encode())
         for orphan in self._index_root.iterdir():
@@ -284,8 +288,7 @@ class Kernel:
         return cube
 
     def _mount_count(self, cube_id: str) -> int:
-        # A copy: StatCube and ListCubes count without the kernel lock, while Mount/Unmount change the dict.
-        return sum(1 for m in list(self.mounts.values()) if m.record.cube_id == cube_id)
+        return self.quotas.cube_mounts(cube_id)  # counted at every open and close, not scanned
 
     def cube_info(self, cube: CubeState) -> CubeInfo:
         return CubeInfo(replace(cube.record), self._mount_count(cube.cube_id))
@@ -330,6 +333,7 @@ class Kernel:
                 cube.freed = True
                 for mount in mounts:
                     del self.mounts[mount.mount_id]
+                    self.quotas.closed(mount.record.principal, cube.cube_id, self._staged_total(mount))
                 del self.cubes[cube.cube_id]
                 cube.index.destroy()
         log_event(log, "free_cube", cube=cube.cube_id, revisions=cube.head, versions=len(cube.catalog))
@@ -407,6 +411,7 @@ class Kernel:
                 check_readable(cube, base, "mount")
                 if writable:
                     check_thawed(cube, "a read-write mount")
+                self.quotas.check_mount(principal)  # under the kernel's lock: two Mounts cannot both pass
                 record = MountRecord(ids.new_id(ids.MOUNT_PREFIX), cube.cube_id, base, "rw" if writable else "ro",
                                      _now_ns(), principal)
                 batch = self.store.batch()
@@ -420,6 +425,7 @@ class Kernel:
                     persisted = False  # a read-only mount needs no disk: reads go on while the disk is full
                 mount = MountState(record, persisted=persisted)
                 self.mounts[record.mount_id] = mount
+                self.quotas.opened(principal, cube.cube_id)
         return self.mount_info(mount)
 
     def unmount(self, mount_id: str) -> tuple[MountInfo, int]:
@@ -434,7 +440,17 @@ class Kernel:
                     self._drop_staged_files(batch, mount)
                     self.store.write(batch, sync=False)
                 del self.mounts[mount_id]
+                self.quotas.closed(mount.record.principal, mount.record.cube_id, self._staged_total(mount))
         return info, discarded
+
+    # -- quotas ---------------------------------------------------------
+    @staticmethod
+    def _item_bytes(mount: MountState, item_id: str) -> int:
+        """What the mount's staged change of ``item_id`` (if any) counts against the staged-bytes quota."""
+        return staged_bytes(mount.staging.get(item_id), mount.vectors.get(item_id))
+
+    def _staged_total(self, mount: MountState) -> int:
+        return sum(self._item_bytes(mount, item_id) for item_id in mount.staging)
 
     # -- staging --------------------------------------------------------
     def _writable(self, mount_id: str) -> tuple[MountState, CubeState]:
@@ -464,6 +480,10 @@ class Kernel:
             if item.item_id and not ids.ITEM_ID_RE.fullmatch(item.item_id):
                 raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                    "to add a new item", field=f"items[{i}].item_id")
+        # Refused before the embedding (the costly part) when it cannot fit; checked exactly below.
+        vector_bytes = self.embedder.dim * 4  # float32
+        self.quotas.check_staged(mount.record.principal, sum(len(item.text.encode()) + vector_bytes for item in inputs)
+                                 - sum(self._item_bytes(mount, item.item_id) for item in inputs if item.item_id))
         vectors = self.embedder.embed([memory_text(item.text, item.speaker) for item in inputs])  # slow: outside every lock
         now = _now_ns()
         with mount.lock:
@@ -478,13 +498,16 @@ class Kernel:
             now = max(now, max((s.write_ns for s in mount.staging.values()), default=0) + 1)
             for i, item in enumerate(inputs):
                 staged_list.append(self._stage_put(mount, cube, item, i, now + i))
-            batch = self.store.batch()
-            for staged, vector in zip(staged_list, vectors, strict=True):
-                batch.put_staged(mount_id, staged, vector)
-            self.store.write(batch, sync=False)
-            for staged, vector in zip(staged_list, vectors, strict=True):
-                mount.staging[staged.item_id] = staged
-                mount.vectors[staged.item_id] = vector
+            after = {s.item_id: staged_bytes(s, v) for s, v in zip(staged_list, vectors, strict=True)}
+            delta = sum(after.values()) - sum(self._item_bytes(mount, item_id) for item_id in after)
+            with self.quotas.staging(mount.record.principal, delta):
+                batch = self.store.batch()
+                for staged, vector in zip(staged_list, vectors, strict=True):
+                    batch.put_staged(mount_id, staged, vector)
+                self.store.write(batch, sync=False)
+                for staged, vector in zip(staged_list, vectors, strict=True):
+                    mount.staging[staged.item_id] = staged
+                    mount.vectors[staged.item_id] = vector
             return [s.item_id for s in staged_list], self.mount_info(mount)
 
     def _stage_put(self, mount: MountState, cube: CubeState, item: ItemInput, index: int, now: int) -> StagedRecord:
@@ -525,14 +548,16 @@ class Kernel:
                 else:
                     batch.put_staged(mount_id, staged, None)
             staged_adapter = self._stage_adapter_removal(batch, mount, cube) if adapter else mount.staged_adapter
-            self.store.write(batch, sync=False)
-            mount.staged_adapter = staged_adapter
-            for item_id, staged in changes:
-                mount.vectors.pop(item_id, None)
-                if staged is None:
-                    del mount.staging[item_id]
-                else:
-                    mount.staging[item_id] = staged
+            freed = sum(self._item_bytes(mount, item_id) for item_id in dict(changes))  # a forget holds no text
+            with self.quotas.staging(mount.record.principal, -freed):
+                self.store.write(batch, sync=False)
+                mount.staged_adapter = staged_adapter
+                for item_id, staged in changes:
+                    mount.vectors.pop(item_id, None)
+                    if staged is None:
+                        del mount.staging[item_id]
+                    else:
+                        mount.staging[item_id] = staged
             return self.mount_info(mount)
 
     # -- adapters -------------------------------------------------------
@@ -588,12 +613,14 @@ class Kernel:
             batch.delete_adapter_files(cube.cube_id, staged.digest)
 
     def commit_adapter(self, ref: str, since: int, adapter: AdapterRecord, config: bytes, weights: bytes,
-                       message: str, author: str) -> RevisionRecord:
+                       message: str, author: str,
+                       guard: Callable[[CubeState], AbstractContextManager[object]] | None = None) -> RevisionRecord:
         """Commit ``adapter`` as the cube's at a new revision (a training job's result), with its files.
 
-        Refused (COMMIT_CONFLICT) if the cube's adapter changed since revision ``since``."""
+        Refused (COMMIT_CONFLICT) if the cube's adapter changed since revision ``since``; ``guard`` is entered
+        under the cube's lock around the checks and the write (the job's principal still holds its right)."""
         cube = self.cube(ref)
-        with cube.lock:
+        with cube.lock, guard(cube) if guard is not None else nullcontext():
             check_thawed(cube, "committing the trained adapter")
             head = cube.head
             adapters.check_unchanged_since(cube, since, head)
@@ -715,6 +742,7 @@ class Kernel:
             revision = self._make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan)
             # Staging and the mount's new base go in the same batch as the revision.
             self._write_revision(cube, plan, revision, mount, adapter_plan)
+            self.quotas.unstaged(mount.record.principal, self._staged_total(mount))
             mount.staging.clear()
             mount.vectors.clear()
             mount.staged_adapter = None

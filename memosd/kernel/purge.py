@@ -33,6 +33,7 @@ import numpy as np
 
 from memosd.errors import CubeNotFound, InvalidField, ItemNotFound
 from memosd.kernel import ids, validate
+from memosd.kernel.quotas import staged_bytes
 from memosd.kernel.state import CubeState, MountState
 from memosd.logfmt import log_event
 from memosd.store.records import (
@@ -88,7 +89,7 @@ def run_purge(kernel: Kernel, ref: str, item_ids: Sequence[str], source: str,
                 kernel.reset_index(cube)
                 kernel.store.write(plan.batch, sync=True)
                 # Durable from here on: now update memory.
-                _apply(cube, mounts, plan)
+                _apply(kernel, cube, mounts, plan)
         finally:
             cube.purging = frozenset()
             if reset:  # from the store: without the items, or with them if the batch failed
@@ -161,7 +162,7 @@ def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: 
     return _Plan(receipt, batch, record, tainted)
 
 
-def _apply(cube: CubeState, mounts: Sequence[MountState], plan: _Plan) -> None:
+def _apply(kernel: Kernel, cube: CubeState, mounts: Sequence[MountState], plan: _Plan) -> None:
     receipt = plan.receipt
     cube.record = plan.record
     for item_id in receipt.item_ids:
@@ -169,8 +170,10 @@ def _apply(cube: CubeState, mounts: Sequence[MountState], plan: _Plan) -> None:
         cube.purged[item_id] = receipt.purge_id
     by_id = {m.mount_id: m for m in mounts}
     for mount_id, item_id in receipt.staged:
-        by_id[mount_id].staging.pop(item_id, None)
-        by_id[mount_id].vectors.pop(item_id, None)
+        mount = by_id[mount_id]
+        # The staged copy leaves its principal's staged-bytes quota with it.
+        kernel.quotas.unstaged(mount.record.principal, staged_bytes(mount.staging.pop(item_id, None),
+                                                                    mount.vectors.pop(item_id, None)))
     for adapter in plan.tainted:
         adapter.tainted = [*adapter.tainted, receipt.purge_id]
 

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, NoReturn, Protocol
 
@@ -25,6 +26,7 @@ from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, Mem
 from memosd.kernel import ids
 from memosd.kernel.kernel import Kernel, check_thawed
 from memosd.kernel.memory_text import memory_text
+from memosd.kernel.state import CubeState
 from memosd.logfmt import log_event
 from memosd.runtime.adapters import adapter_digest
 from memosd.runtime.model import LoadedModel
@@ -54,6 +56,9 @@ class Trainer(Protocol):
 
 
 TrainerFactory = Callable[[LoadedModel, Sequence[str], dict[str, Any]], Trainer]
+# (principal id, cube) -> held around the commit of a job's result: refuses (PermissionDenied) unless the
+# principal still holds the train right, and keeps it so meanwhile (AccessControl.still_holds).
+CommitGuard = Callable[[str, CubeState], AbstractContextManager[object]]
 
 
 def check_settings(settings: dict[str, Any]) -> None:
@@ -73,10 +78,12 @@ def default_trainer(loaded: LoadedModel, items: Sequence[str], settings: dict[st
 
 
 class JobManager:
-    def __init__(self, kernel: Kernel, host: ModelHost, trainer: TrainerFactory = default_trainer) -> None:
+    def __init__(self, kernel: Kernel, host: ModelHost, trainer: TrainerFactory = default_trainer,
+                 commit_guard: CommitGuard | None = None) -> None:
         self.kernel = kernel
         self.host = host
         self._make_trainer = trainer
+        self._commit_guard = commit_guard  # None: no rights to check (in-process tests without governance)
         self._cond = threading.Condition()
         self._jobs: dict[str, JobRecord] = {}
         self._cancel: dict[str, threading.Event] = {}
@@ -92,7 +99,10 @@ class JobManager:
             self._jobs[job.job_id] = job
 
     # -- syscalls ---------------------------------------------------------------
-    def train(self, mount_id: str, settings: dict[str, Any], message: str, author: str) -> JobRecord:
+    def train(self, mount_id: str, settings: dict[str, Any], message: str, author: str,
+              principal: str = "") -> JobRecord:
+        """Start a job training the mount's cube at its revision; ``principal`` (who asked) must still hold
+        the train right when the result is committed ("": memosd itself, the scheduler)."""
         mount = self.kernel.mount_state(mount_id)
         cube = self.kernel.cube_of(mount)
         check_thawed(cube, "Train (its result would be committed)")
@@ -117,7 +127,7 @@ class JobManager:
                     f"cube {cube.record.name!r} already has training job {busy[0].job_id} ({busy[0].state}); "
                     "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
             job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
-                            time.time_ns())
+                            time.time_ns(), principal=principal)
             self._save(job)
             self._cancel[job.job_id] = threading.Event()
             self._prune()
@@ -206,7 +216,7 @@ class JobManager:
             record = self._adapter_record(job, loaded, refs, config, weights)
             revision = self.kernel.commit_adapter(job.cube_id, job.revision, record, config, weights,
                                                   job.message or f"memory training ({job_id})",
-                                                  job.author or "memosd-train")
+                                                  job.author or "memosd-train", guard=self._guard(job))
             self._update(job_id, state="succeeded", end_ns=time.time_ns(), eta_seconds=0.0,
                          result_revision=revision.number, adapter_digest=record.digest)
             log_event(log, "job_succeeded", job=job_id, cube=job.cube_id, revision=revision.number,
@@ -224,6 +234,13 @@ class JobManager:
         finally:
             if trainer is not None:
                 self.host.run(lambda: self._close(trainer, loaded))
+
+    def _guard(self, job: JobRecord) -> Callable[[CubeState], AbstractContextManager[object]] | None:
+        """What the commit of the job's result is held under: its principal's train right, checked again."""
+        guard, principal = self._commit_guard, job.principal
+        if guard is None or not principal:
+            return None
+        return lambda cube: guard(principal, cube)
 
     def _step(self, trainer: Trainer, loaded: LoadedModel) -> Any:
         try:

@@ -209,6 +209,7 @@ class JobRecord:
     error: str = ""
     result_revision: int = 0
     adapter_digest: str = ""
+    principal: str = ""  # who started it (its right is checked again at commit); "": memosd itself
 
     @property
     def finished(self) -> bool:

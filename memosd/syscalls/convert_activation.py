@@ -85,7 +85,8 @@ def summary(report: GenerationReport) -> t.GenerationSummary:
 
 def model_stats(host: ModelHost) -> pb.ModelStats:
     stats = pb.ModelStats(state=host.state, error=host.error, queue_depth=host.worker.queue_depth,
-                          active_generations=host.active_generations)
+                          active_generations=host.active_generations,
+                          worker_jobs_started=sum(host.worker.started.values()))
     loaded = host.loaded_now()
     if loaded is not None:
         stats.name, stats.fingerprint, stats.device = loaded.name, loaded.fingerprint, loaded.device

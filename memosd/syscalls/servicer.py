@@ -212,7 +212,7 @@ class MemOSServicer(GovernanceHandlers):
 
     def Train(self, req: pb.TrainRequest, call: Call) -> pb.TrainResponse:
         job = self.jobs.train(req.mount_id, cv.train_settings(req.settings), req.message,
-                              req.author or call.caller.name)
+                              req.author or call.caller.name, principal=call.caller.principal_id)
         call.note(artifacts=[f"job:{job.job_id}"])
         cube = self.kernel.cubes.get(job.cube_id)
         return pb.TrainResponse(header=cv.header(job.cube_id, cube.head if cube else 0, job.revision),

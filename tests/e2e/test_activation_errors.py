@@ -270,6 +270,32 @@ def test_generate_prompt_longer_than_context_is_context_exceeded(tc: Client, cub
     assert_serving(tc, cube_name, [FACT])
 
 
+def test_a_huge_prompt_is_refused_by_its_bytes_before_the_worker_sees_it(tc: Client, tiny_daemon: DaemonProcess,
+                                                                         cube_name: str) -> None:
+    """16 MiB of conversation is refused at once: no worker job starts for it (tokenizing it there would
+    hold up every other generation), and another principal's generation, streaming meanwhile, completes."""
+    seed_cube(tc, cube_name, [FACT])
+    huge = "owls hunt at night " * ((16 << 20) // 19)
+    before = tc.stats().model
+    assert before.queue_depth == 0 and before.active_generations == 0  # nothing else uses the worker now
+    error = expect(lambda: tc.generate(huge).text(), ContextExceeded, grpc.StatusCode.OUT_OF_RANGE,
+                   f"context is {CONTEXT} tokens", "Shorten the conversation")
+    assert int(error.metadata["bytes"]) == len(huge) > int(error.metadata["limit"])
+    assert tc.stats().model.worker_jobs_started == before.worker_jobs_started
+    # Several messages count together, whatever their roles.
+    pieces = [("user", huge[:len(huge) // 2]), ("assistant", "ok"), ("user", huge[len(huge) // 2:])]
+    expect(lambda: tc.generate(pieces).text(), ContextExceeded, grpc.StatusCode.OUT_OF_RANGE)
+    _, token = tc.create_principal(f"{cube_name}-other", kind="agent")
+    with Client(tiny_daemon.address, token=token, timeout=60) as other:
+        stream = other.generate("short question", max_tokens=MAX_TOKENS)
+        next(stream, None)  # it is streaming now
+        with tc.mount(cube_name) as m:
+            expect(lambda: tc.generate(huge, m).text(), ContextExceeded, grpc.StatusCode.OUT_OF_RANGE)
+        stream.text()
+        assert stream.summary is not None and stream.summary.completion_tokens > 0
+    assert_serving(tc, cube_name, [FACT])
+
+
 # -- Evict -----------------------------------------------------------------------------------------
 
 

@@ -410,3 +410,18 @@ def test_the_model_sees_who_said_each_turn(rig: Rig, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(render, "tail_token_ids", spy)
     run_generation(rig, GenerateParams([("user", "Caroline adopted a dog?")], [mount], max_tokens=1, retrieve_k=2))
     assert shown and set(shown[-1]) == {"Caroline: I adopted a dog", "A plain note"}
+
+
+def test_no_text_is_fewer_tokens_than_its_bytes_over_the_longest_token() -> None:
+    """The bound Generate refuses huge prompts by: B bytes of text are at least B / longest_token_bytes
+    tokens, for ordinary text, runs of one character and the vocabulary's own longest tokens."""
+    from tiny_llama import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    longest = render.longest_token_bytes(tokenizer)
+    vocab_texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    longest_texts = sorted(vocab_texts, key=lambda text: len(text.encode()))[-20:]
+    assert max(len(text.encode()) for text in vocab_texts) <= longest
+    for text in ["The capital of France is Paris. " * 50, " " * 5000, "é" * 3000, "".join(longest_texts) * 20,
+                 "<|im_start|>user\nhi<|im_end|>" * 100]:
+        assert len(render.encode(tokenizer, text)) * longest >= len(text.encode()), text[:40]

@@ -252,6 +252,7 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "server",
         "store",
         "limits",
+        "quotas",
         "embedder",
         "search",
         "index",
@@ -264,6 +265,14 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "config_file",
     }
     assert Config(data_dir=Path("/x")).server == ServerConfig()
+
+
+def test_quotas_come_from_the_environment_and_zero_turns_one_off(home: Path) -> None:
+    cfg = load_config([], env_with(home, MEMOSD_QUOTAS__MAX_MOUNTS_PER_PRINCIPAL="0",
+                                   MEMOSD_QUOTAS__MAX_STAGED_BYTES_PER_PRINCIPAL="4096"))
+    assert (cfg.quotas.max_mounts_per_principal, cfg.quotas.max_staged_bytes_per_principal) == (0, 4096)
+    with pytest.raises(ConfigError, match=r"quotas\.max_mounts_per_principal"):
+        load_config([], env_with(home, MEMOSD_QUOTAS__MAX_MOUNTS_PER_PRINCIPAL="-1"))
 
 
 def test_arg_parser(capsys: pytest.CaptureFixture[str]) -> None:

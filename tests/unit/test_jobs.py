@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,9 +20,11 @@ from activation_rig import Rig, commit_items, open_rig
 from tiny_llama import save_tiny_llama
 
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, TrainingInProgress
+from memosd.governance.access import AccessControl, Right
+from memosd.governance.principals import Principals
 from memosd.parametric.jobs import JobManager, default_trainer
 from memosd.runtime.adapters import pool_key
-from memosd.store.records import JobRecord
+from memosd.store.records import JobRecord, PrincipalRecord
 
 FACTS = ["The capital of Vellmora is Quistarn.", "Q: Who founded Tamsel?\nA: Orin Vask", "Owls hunt at night."]
 QUICK = {"max_steps": 3, "rank": 4, "alpha": 8, "batch_size": 2}
@@ -252,3 +255,109 @@ def test_the_committed_adapter_computes_what_the_trainer_trained(
         assert (trained - base).abs().max() > 1e-3
     finally:
         rig.close()
+
+
+# -- the train right, checked again when the result is committed ------------------------------------------
+
+
+class _PausedTrainer:
+    """The real trainer, whose job thread stops once the steps are done (before the export and the commit)
+    until the test releases it: a revoke, a disable or an expiry lands exactly there."""
+
+    reached: ClassVar[threading.Event]
+    release: ClassVar[threading.Event]
+
+    def __init__(self, loaded: Any, items: Sequence[str], settings: dict[str, Any]) -> None:
+        self._inner = default_trainer(loaded, items, settings)
+        self.total_steps = self._inner.total_steps
+
+    @property
+    def done(self) -> bool:  # read on the job thread, not the worker
+        if not self._inner.done:
+            return False
+        _PausedTrainer.reached.set()
+        assert _PausedTrainer.release.wait(120), "the test never released the job"
+        return True
+
+    def step(self) -> Any:
+        return self._inner.step()
+
+    def export(self) -> Any:
+        return self._inner.export()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@dataclass
+class _Governed:
+    rig: Rig
+    access: AccessControl
+    owner: PrincipalRecord
+    trainer: PrincipalRecord
+    cube_id: str
+
+    def start(self, **grant: Any) -> JobRecord:
+        """Grant the trainer principal read, write and train (with ``grant``'s expire_ns), start a Train as
+        it, and wait until its steps are done and it waits to commit."""
+        self.access.grant(self.owner, "c", self.trainer.principal_id, [Right.READ, Right.WRITE, Right.TRAIN],
+                          grant.get("expire_ns", 0))
+        mount = self.rig.kernel.mount("c", 0, False, self.trainer.principal_id).record.mount_id
+        job = self.rig.jobs.train(mount, dict(QUICK), "", self.trainer.name, principal=self.trainer.principal_id)
+        assert _PausedTrainer.reached.wait(120), "the job never finished its steps"
+        return job
+
+    def finish(self, job: JobRecord) -> JobRecord:
+        _PausedTrainer.release.set()
+        return wait(self.rig, job.job_id)[-1]
+
+
+@pytest.fixture
+def governed(rig: Rig) -> Iterator[_Governed]:
+    _PausedTrainer.reached, _PausedTrainer.release = threading.Event(), threading.Event()
+    principals = Principals(rig.kernel.store)
+    access = AccessControl(rig.kernel, principals)
+    owner, _ = principals.create("owner", "user", False, "")
+    trainer, _ = principals.create("trainer", "agent", False, "")
+    rig.jobs.close()
+    rig.jobs = JobManager(rig.kernel, rig.host, _PausedTrainer,
+                          commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube))
+    cube_id = rig.kernel.alloc_cube("c", "", {}, owner=owner.principal_id).record.cube_id
+    commit_items(rig, "c", FACTS)
+    yield _Governed(rig, access, owner, trainer, cube_id)
+    _PausedTrainer.release.set()
+
+
+def _assert_nothing_committed(g: _Governed, job: JobRecord, reason: str) -> None:
+    assert job.state == "failed" and job.result_revision == 0 and not job.adapter_digest
+    assert reason in job.error and "nothing was committed" in job.error and "'trainer'" in job.error
+    cube = g.rig.kernel.cube("c")
+    assert cube.head == 1 and cube.adapter_at(cube.head) is None and not cube.adapters
+
+
+def test_a_job_whose_principal_still_holds_train_commits(governed: _Governed) -> None:
+    job = governed.finish(governed.start())
+    assert job.state == "succeeded", job.error
+    assert governed.rig.kernel.cube("c").adapter_at(job.result_revision) is not None
+
+
+def test_a_train_right_revoked_while_the_job_ran_stops_its_commit(governed: _Governed) -> None:
+    job = governed.start()
+    governed.access.revoke(governed.owner, "c", governed.trainer.principal_id, [Right.TRAIN])
+    _assert_nothing_committed(governed, governed.finish(job), "no longer holds the train right")
+
+
+def test_a_principal_disabled_while_its_job_ran_commits_nothing(governed: _Governed) -> None:
+    job = governed.start()
+    governed.access.principals.disable(governed.trainer.principal_id)
+    _assert_nothing_committed(governed, governed.finish(job), "was disabled")
+
+
+def test_a_grant_that_expires_while_the_job_runs_stops_its_commit(governed: _Governed) -> None:
+    expire_ns = time.time_ns() + 2_000_000_000  # past the job's start (checked at Train), before its commit
+    job = governed.start(expire_ns=expire_ns)
+    # A generous deadline: the grant's own clock is what the check reads, so wait for it to pass.
+    deadline = time.monotonic() + 60
+    while time.time_ns() <= expire_ns and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _assert_nothing_committed(governed, governed.finish(job), "no longer holds the train right")

@@ -1121,6 +1121,7 @@ class ModelStats(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     ACTIVE_GENERATIONS_FIELD_NUMBER: _builtins.int
+    WORKER_JOBS_STARTED_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """"disabled", "loading", "ready" or "failed"."""
     error: _builtins.str
@@ -1134,6 +1135,8 @@ class ModelStats(_message.Message):
     queue_depth: _builtins.int
     """Work queued for the runtime worker, and generations streaming now."""
     active_generations: _builtins.int
+    worker_jobs_started: _builtins.int
+    """Pieces of work the runtime worker has started since start (a prefill, a token, a training step)."""
     def __init__(
         self,
         *,
@@ -1146,10 +1149,11 @@ class ModelStats(_message.Message):
         context_length: _builtins.int = ...,
         queue_depth: _builtins.int = ...,
         active_generations: _builtins.int = ...,
+        worker_jobs_started: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_generations", b"active_generations", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "error", b"error", "fingerprint", b"fingerprint", "name", b"name", "queue_depth", b"queue_depth", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_generations", b"active_generations", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "error", b"error", "fingerprint", b"fingerprint", "name", b"name", "queue_depth", b"queue_depth", "state", b"state", "worker_jobs_started", b"worker_jobs_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
