@@ -19,6 +19,7 @@ from memos.v1 import types_pb2 as t
 from memosd.activation.host import ModelHost
 from memosd.errors import AdapterInvalid, AdapterMismatch, AdapterNotFound, AdapterTooLarge, InvalidField
 from memosd.kernel.kernel import Kernel
+from memosd.kernel.requests import Claim, RequestRef
 from memosd.kernel.state import MountState
 from memosd.kernel.types import MountInfo
 from memosd.logfmt import log_event
@@ -81,13 +82,23 @@ class AdapterService:
         self.kernel = kernel
         self.host = host
 
-    def import_adapter(self, requests: Iterator[pb.ImportAdapterRequest]) -> tuple[AdapterRecord, MountInfo]:
+    def import_adapter(self, requests: Iterator[pb.ImportAdapterRequest], request: RequestRef | None = None
+                       ) -> tuple[AdapterRecord, MountInfo]:
+        """Receive, check and stage an upload; with a request id (the header's), a retry of the same upload
+        gets the first call's adapter back and stages nothing (kernel/requests.py)."""
         upload = receive(requests, self.kernel.limits.max_adapter_bytes)
-        self.kernel.mount_state(upload.mount_id)  # an unknown mount fails before the model is involved
+        mount = self.kernel.mount_state(upload.mount_id)  # an unknown mount fails before the model is involved
         digest = rt.adapter_digest(upload.config, upload.weights)
         if upload.digest and upload.digest.lower() != digest:
             raise AdapterInvalid(f"the upload's digest is {digest}, not the {upload.digest} the header declared: "
                                  "the bytes were damaged on the way", digest=digest)
+        cube_id = self.kernel.cube_of(mount).cube_id
+        with self.kernel.requests.claim(cube_id, request, "import_adapter", upload.mount_id, digest) as claim:
+            if claim.done is not None and claim.done.adapter is not None:
+                return AdapterRecord(**claim.done.adapter), self.kernel.mount_info(mount)
+            return self._check_and_stage(upload, digest, claim)
+
+    def _check_and_stage(self, upload: Upload, digest: str, claim: Claim) -> tuple[AdapterRecord, MountInfo]:
         loaded = self.host.model()
 
         def check() -> rt.ParsedAdapter:
@@ -105,7 +116,7 @@ class AdapterService:
             digest=digest, config_bytes=len(upload.config), weights_bytes=len(upload.weights), rank=parsed.rank,
             target_modules=parsed.target_modules, base_model=parsed.base_model,
             lineage={"origin": "imported", "model_fingerprint": loaded.fingerprint, "create_ns": time.time_ns()})
-        info = self.kernel.stage_adapter(upload.mount_id, record, upload.config, upload.weights)
+        info = self.kernel.stage_adapter(upload.mount_id, record, upload.config, upload.weights, claim)
         log_event(log, "import_adapter", mount=upload.mount_id, digest=digest[:16], rank=parsed.rank,
                   bytes=len(upload.config) + len(upload.weights))
         return record, info
