@@ -35,6 +35,8 @@ MAX_REQUEST_ID_CHARS = 128
 REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 # The lifecycle loop runs often; a sweep reads every kept id, so it runs at most this often.
 SWEEP_INTERVAL_SECONDS = 60.0
+# A record whose items a Purge erased keeps no digest of their text, only this prefix and the purge id.
+PURGED_DIGEST = "purged:"
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,11 @@ class RequestIds:
         record = self._store.get_request(cube_id, ref.principal_id, ref.request_id)
         if record is None or record.time_ns < time.time_ns() - self._ttl_ns:
             return None
+        if record.digest.startswith(PURGED_DIGEST):
+            raise RequestIdReused(
+                f"request_id {ref.request_id!r} named a {record.kind} whose items were purged since "
+                f"({record.digest.removeprefix(PURGED_DIGEST)}); it is not applied again. A new request "
+                "needs a new id", request_id=ref.request_id, kind=record.kind)
         if record.kind != kind or record.digest != digest:
             raise RequestIdReused(
                 f"request_id {ref.request_id!r} was already used on this cube by another request "

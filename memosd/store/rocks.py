@@ -397,6 +397,11 @@ class Store:
         raw = self._cfs[schema.CF_REQUEST_IDS].get(schema.request_key(cube_id, principal_id, request_id))
         return None if raw is None else decode(RequestRecord, raw)
 
+    def iter_requests(self, cube_id: str) -> Iterator[tuple[bytes, RequestRecord]]:
+        """The cube's request ids: (key, record)."""
+        for key, raw in self._scan_owner(schema.CF_REQUEST_IDS, cube_id):
+            yield bytes(key), decode(RequestRecord, raw)
+
     def delete_requests_before(self, time_ns: int) -> int:
         """Delete every request id recorded before ``time_ns`` (one unsynced batch); returns how many."""
         batch = self.batch()
@@ -445,7 +450,7 @@ class Store:
         begin, end = schema.prefix_range(cube_id)
         with self._scrub_lock:
             self.flush()
-            for cf in (schema.CF_ITEMS, schema.CF_VECTORS, schema.CF_ACTIVATIONS):
+            for cf in (schema.CF_ITEMS, schema.CF_VECTORS, schema.CF_ACTIVATIONS, schema.CF_REQUEST_IDS):
                 self._cfs[cf].compact_range(begin, end, force)
             for cf in (schema.CF_STAGING, schema.CF_STAGED_VECTORS):
                 self._cfs[cf].compact_range(None, None, force)

@@ -235,3 +235,20 @@ def test_free_cube_removes_its_ids(kernel: Kernel) -> None:
     assert kernel.store.get_request(cube_id, ALICE, "req-1") is not None
     kernel.free_cube("c")
     assert kernel.store.get_request(cube_id, ALICE, "req-1") is None
+
+
+def test_purge_drops_the_digest_of_a_request_whose_items_it_erased(kernel: Kernel) -> None:
+    mount_id = rw(kernel)
+    first = kernel.ingest(mount_id, chat("secret", "other"), request=ref("req-1"))
+    kernel.ingest(mount_id, chat("unrelated"), request=ref("req-2"))
+    cube_id = kernel.cube("c").cube_id
+    kept = kernel.store.get_request(cube_id, ALICE, "req-2")
+    receipt = kernel.purge("c", [first.item_ids[0]])
+    record = kernel.store.get_request(cube_id, ALICE, "req-1")
+    assert record is not None and record.digest == f"purged:{receipt.purge_id}"  # no hash of the text left
+    assert kernel.store.get_request(cube_id, ALICE, "req-2") == kept
+    # A late retry is refused, not applied again: the purged text does not come back.
+    with pytest.raises(RequestIdReused) as info:
+        kernel.ingest(mount_id, chat("secret", "other"), request=ref("req-1"))
+    assert "purged" in info.value.message
+    assert revisions(kernel) == [2, 1]
