@@ -57,6 +57,8 @@ class LimitsConfig:
     max_query_bytes: int = 4096
     max_k: int = 1000
     max_adapter_bytes: int = 256 << 20  # both files of an uploaded adapter together
+    # How long a request id (Write, Ingest, Commit, ImportAdapter) is remembered: retries within it are safe.
+    request_id_ttl_seconds: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "limits.max_adapter_bytes": _POSITIVE_INT,
     "quotas.max_mounts_per_principal": (_non_negative, "an integer >= 0 (0: no limit)"),
     "quotas.max_staged_bytes_per_principal": (_non_negative, "an integer >= 0 (0: no limit)"),
+    "limits.request_id_ttl_seconds": _POSITIVE_NUM,
     "embedder.model": (bool, "a non-empty model name or directory"),
     "embedder.device": (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
     "embedder.batch_size": _POSITIVE_INT,

@@ -12,6 +12,9 @@ Every ``lifecycle.interval_seconds`` it passes over every cube:
 3. a cube with a retention policy (and not frozen) is compacted
    (``Kernel.compact``, like the Compact syscall).
 
+Then request ids older than ``limits.request_id_ttl_seconds`` are deleted (at most once a minute; see
+kernel/requests.py).
+
 The gate audits syscalls only, so each change made here is appended to the
 audit log by the loop itself, with principal_id "" and the methods
 ``Lifecycle.Expire``, ``Lifecycle.Purge`` and ``Lifecycle.Compact``.
@@ -65,6 +68,9 @@ class LifecycleLoop:
                 self._compact(cube_id)
             except MemosError as error:  # freed meanwhile, or a commit refused: the next pass tries again
                 log_event(log, "lifecycle_skipped", cube=cube_id, reason=error.reason, error=error.message)
+        swept = self.kernel.requests.sweep()
+        if swept:
+            log_event(log, "request_ids_swept", removed=swept)
 
     def _expire(self, cube_id: str) -> None:
         revision, item_ids = self.kernel.expire_due(cube_id, AUTHOR)

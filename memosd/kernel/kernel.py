@@ -43,6 +43,7 @@ from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE, memory_text
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import run_purge, taint_on_commit
 from memosd.kernel.quotas import Quotas, staged_bytes
+from memosd.kernel.requests import Claim, RequestIds, RequestRef
 from memosd.kernel.state import CubeState, MountState, meta_of, staged_view, view_of
 from memosd.kernel.types import (
     CommitResult,
@@ -121,6 +122,7 @@ class Kernel:
         self._lock = threading.RLock()  # guards the cube and mount tables
         self.cubes: dict[str, CubeState] = {}
         self.mounts: dict[str, MountState] = {}
+        self.requests = RequestIds(store, limits.request_id_ttl_seconds)
 
     # -- start and stop -------------------------------------------------
     def open(self) -> None:
@@ -470,7 +472,9 @@ class Kernel:
         meta = None if item_id in cube.purging else cube.catalog.visible(item_id, mount.record.base)
         return None if meta is None else ("base", meta.born)
 
-    def write(self, mount_id: str, inputs: Sequence[ItemInput]) -> tuple[list[str], MountInfo]:
+    def write(self, mount_id: str, inputs: Sequence[ItemInput], request: RequestRef | None = None
+              ) -> tuple[list[str], MountInfo]:
+        """Stage items; with a request id, a retry gets the first call's item ids and stages nothing."""
         mount, cube = self._writable(mount_id)
         validate.items(inputs, self.limits)
         for i, item in enumerate(inputs):
@@ -480,6 +484,14 @@ class Kernel:
             if item.item_id and not ids.ITEM_ID_RE.fullmatch(item.item_id):
                 raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                    "to add a new item", field=f"items[{i}].item_id")
+        with self.requests.claim(cube.cube_id, request, "write", mount_id, list(inputs)) as claim:
+            if claim.done is not None:
+                return list(claim.done.item_ids), self.mount_info(mount)
+            return self._stage_items(mount, cube, inputs, claim)
+
+    def _stage_items(self, mount: MountState, cube: CubeState, inputs: Sequence[ItemInput], claim: Claim
+                     ) -> tuple[list[str], MountInfo]:
+        mount_id = mount.mount_id
         # Refused before the embedding (the costly part) when it cannot fit; checked exactly below.
         vector_bytes = self.embedder.dim * 4  # float32
         self.quotas.check_staged(mount.record.principal, sum(len(item.text.encode()) + vector_bytes for item in inputs)
@@ -504,6 +516,7 @@ class Kernel:
                 batch = self.store.batch()
                 for staged, vector in zip(staged_list, vectors, strict=True):
                     batch.put_staged(mount_id, staged, vector)
+                claim.record(batch, mount_id, item_ids=[s.item_id for s in staged_list])  # with the staging it names
                 self.store.write(batch, sync=False)
                 for staged, vector in zip(staged_list, vectors, strict=True):
                     mount.staging[staged.item_id] = staged
@@ -574,8 +587,10 @@ class Kernel:
             raise InternalError(f"the files of adapter {adapter.digest[:12]} are missing from the store")
         return files
 
-    def stage_adapter(self, mount_id: str, adapter: AdapterRecord, config: bytes, weights: bytes | Path) -> MountInfo:
-        """Stage ``adapter`` (its files are written now, under its digest) in a read-write mount."""
+    def stage_adapter(self, mount_id: str, adapter: AdapterRecord, config: bytes, weights: bytes | Path,
+                      claim: Claim | None = None) -> MountInfo:
+        """Stage ``adapter`` (its files are written now, under its digest) in a read-write mount; ``claim``
+        records the upload's request id in the same batch."""
         mount, cube = self._writable(mount_id)
         with mount.lock:
             self._check_mount_open(mount)
@@ -585,6 +600,8 @@ class Kernel:
             self._drop_staged_files(batch, mount, keep=adapter.digest)
             batch.put_adapter_files(cube.cube_id, adapter.digest, config, weights)
             batch.put_staged_adapter(mount_id, staged)
+            if claim is not None:
+                claim.record(batch, mount_id, adapter=asdict(adapter))
             self.store.write(batch, sync=False)
             mount.staged_adapter = staged
             return self.mount_info(mount)
@@ -720,8 +737,22 @@ class Kernel:
         return Page(self._linked(cube, *seen, views), next_token), info
 
     # -- revisions ------------------------------------------------------
-    def commit(self, mount_id: str, message: str, author: str) -> CommitResult:
+    def commit(self, mount_id: str, message: str, author: str, request: RequestRef | None = None) -> CommitResult:
+        """Commit the mount's staging as a new revision; with a request id, a retry gets the first result."""
         mount, cube = self._writable(mount_id)
+        with self.requests.claim(cube.cube_id, request, "commit", mount_id, message, author) as claim:
+            if claim.done is not None:
+                return self._commit_replay(cube, mount, claim.done.revision)
+            return self._commit(cube, mount, message, author, claim)
+
+    def _commit_replay(self, cube: CubeState, mount: MountState, number: int) -> CommitResult:
+        revision = self.store.get_revision(cube.cube_id, number) if number else None
+        if number and revision is None:
+            raise InternalError(f"revision {number} of a recorded request is missing from the store")
+        return CommitResult(revision, self.mount_info(mount), number or cube.head)
+
+    def _commit(self, cube: CubeState, mount: MountState, message: str, author: str, claim: Claim) -> CommitResult:
+        mount_id = mount.mount_id
         with cube.lock, mount.lock:
             self._check_mount_open(mount)
             check_thawed(cube, "Commit")
@@ -731,6 +762,7 @@ class Kernel:
                 mount.record.base = head
                 batch = self.store.batch()
                 batch.put_mount(mount.record)
+                claim.record(batch, mount_id)  # made no revision: a retry makes none either
                 if mount.staged_adapter is not None:  # a staged change that changes nothing
                     self._drop_staged_files(batch, mount)
                     batch.delete_staged_adapter(mount_id)
@@ -739,9 +771,11 @@ class Kernel:
                 return CommitResult(None, self.mount_info(mount), head)
             history.check_conflicts(cube.catalog, head, mount.staging)
             plan = history.plan_commit(cube.catalog, head, mount.staging, mount.vectors, cube.record.next_vkey)
-            revision = self._make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan)
-            # Staging and the mount's new base go in the same batch as the revision.
-            self._write_revision(cube, plan, revision, mount, adapter_plan)
+            revision = self._make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan,
+                                           request_id=claim.request_id)
+            # Staging, the mount's new base and the request id go in the same batch as the revision.
+            self._write_revision(cube, plan, revision, mount, adapter_plan,
+                                 also=lambda batch: claim.record(batch, mount_id, revision=revision.number))
             self.quotas.unstaged(mount.record.principal, self._staged_total(mount))
             mount.staging.clear()
             mount.vectors.clear()
@@ -751,44 +785,59 @@ class Kernel:
             return CommitResult(revision, self.mount_info(mount), revision.number)
 
     def ingest(self, mount_id: str, messages: Sequence[Message], *, tags: Sequence[str] = (), source: str = "",
-               message: str = "", author: str = "") -> IngestResult:
+               message: str = "", author: str = "", request: RequestRef | None = None) -> IngestResult:
         """Commit a conversation, one item per message, as one new revision (see kernel/conversation.py).
 
         Appends never conflict, so this commits directly rather than through the mount's staging, which
-        it leaves as it was; the mount moves to the new revision, as after a Commit."""
+        it leaves as it was; the mount moves to the new revision, as after a Commit. With a request id, a
+        retry (even one sent while this call still runs) gets this call's result and commits nothing."""
         mount, cube = self._writable(mount_id)
         validate.messages(messages, self.limits)
         validate.tags(tags, "tags")
         if len(source) > validate.MAX_SOURCE_CHARS:
             raise InvalidField(f"source is over {validate.MAX_SOURCE_CHARS} characters", field="source")
-        vectors = self.embedder.embed([memory_text(m.text, m.speaker) for m in messages])  # slow: outside every lock
-        with cube.lock, mount.lock:
-            self._check_mount_open(mount)
-            check_thawed(cube, "Ingest")
-            item_ids, plan = plan_ingest(messages, vectors, revision=cube.head + 1,
-                                         next_vkey=cube.record.next_vkey, now=_now_ns(), tags=tags, source=source)
-            revision = self._make_revision(cube, plan, "commit", author,
-                                           message or f"ingest {len(messages)} messages")
-            self._write_revision(cube, plan, revision, mount, keep_staging=True)
-            log_event(log, "ingest", cube=cube.cube_id, revision=revision.number, added=plan.added,
-                      sessions=len({m.session_id for m in messages}), mount=mount_id)
-            return IngestResult(item_ids, revision, self.mount_info(mount))
+        with self.requests.claim(cube.cube_id, request, "ingest", mount_id, list(messages), list(tags), source,
+                                 message, author) as claim:
+            if claim.done is not None:
+                revision = self.store.get_revision(cube.cube_id, claim.done.revision)
+                if revision is None:
+                    raise InternalError(f"revision {claim.done.revision} of a recorded request is missing")
+                return IngestResult(list(claim.done.item_ids), revision, self.mount_info(mount))
+            vectors = self.embedder.embed([memory_text(m.text, m.speaker) for m in messages])  # slow: outside every lock
+            with cube.lock, mount.lock:
+                self._check_mount_open(mount)
+                check_thawed(cube, "Ingest")
+                item_ids, plan = plan_ingest(messages, vectors, revision=cube.head + 1,
+                                             next_vkey=cube.record.next_vkey, now=_now_ns(), tags=tags, source=source)
+                revision = self._make_revision(cube, plan, "commit", author,
+                                               message or f"ingest {len(messages)} messages",
+                                               request_id=claim.request_id)
+                self._write_revision(cube, plan, revision, mount, keep_staging=True,
+                                     also=lambda batch: claim.record(batch, mount_id, revision=revision.number,
+                                                                     item_ids=item_ids))
+                log_event(log, "ingest", cube=cube.cube_id, revision=revision.number, added=plan.added,
+                          sessions=len({m.session_id for m in messages}), mount=mount_id)
+                return IngestResult(item_ids, revision, self.mount_info(mount))
 
     def _make_revision(self, cube: CubeState, plan: history.Plan, kind: str, author: str, message: str,
-                       restored: int = 0, adapter_plan: adapters.AdapterPlan | None = None) -> RevisionRecord:
+                       restored: int = 0, adapter_plan: adapters.AdapterPlan | None = None,
+                       request_id: str = "") -> RevisionRecord:
         head = cube.head
         items = cube.record.item_count + plan.added - plan.forgotten
         current = cube.adapter_at(head)
         digest = adapter_plan.digest_after if adapter_plan is not None else (current.digest if current else "")
         return RevisionRecord(head + 1, head, kind, author or "anonymous", message, _now_ns(),  # type: ignore[arg-type]
                               plan.added, plan.changed, plan.forgotten, items, restored,
-                              adapter_changed=adapter_plan is not None, adapter_digest=digest)
+                              adapter_changed=adapter_plan is not None, adapter_digest=digest,
+                              request_id=request_id)
 
     def _write_revision(self, cube: CubeState, plan: history.Plan, revision: RevisionRecord,
                         mount: MountState | None = None, adapter_plan: adapters.AdapterPlan | None = None,
-                        adapter_files: tuple[bytes, bytes] | None = None, keep_staging: bool = False) -> None:
+                        adapter_files: tuple[bytes, bytes] | None = None, keep_staging: bool = False,
+                        also: Callable[[Batch], None] | None = None) -> None:
         """One synced batch: new versions and vectors, ended versions, the revision, the cube record,
-        and for a commit the mount's cleared staging (kept by an ingest) and new base."""
+        for a commit the mount's cleared staging (kept by an ingest) and new base, and what ``also`` adds
+        (the call's request id)."""
         record = replace(cube.record, head=revision.number, item_count=revision.item_count,
                          version_count=cube.record.version_count + len(plan.born),
                          next_vkey=cube.record.next_vkey + len(plan.born))
@@ -818,6 +867,8 @@ class Kernel:
             if not keep_staging:
                 batch.clear_staging(mount.mount_id)
             batch.put_mount(mount_record)
+        if also is not None:
+            also(batch)
         self.store.write(batch, sync=self._sync)
         # Durable from here on: now update memory.
         cube.record = record

@@ -32,6 +32,7 @@ from memosd.errors import (
     ModelUnavailable,
 )
 from memosd.kernel.kernel import Kernel
+from memosd.kernel.requests import RequestRef
 from memosd.kernel.state import MountState
 from memosd.kernel.types import MountInfo
 from memosd.logfmt import log_event
@@ -138,20 +139,28 @@ class AdapterService:
         for stale in self.spool.glob(SPOOL_PREFIX + "*"):
             stale.unlink(missing_ok=True)
 
-    def import_adapter(self, requests: Iterator[pb.ImportAdapterRequest]) -> tuple[AdapterRecord, MountInfo]:
+    def import_adapter(self, requests: Iterator[pb.ImportAdapterRequest], request: RequestRef | None = None
+                       ) -> tuple[AdapterRecord, MountInfo]:
+        """Receive, check and stage an upload; with a request id (the header's), a retry of the same upload
+        gets the first call's adapter back and stages nothing (kernel/requests.py)."""
         with receive(requests, self.kernel.limits.max_adapter_bytes, self.spool) as upload:
-            self.kernel.mount_state(upload.mount_id)  # an unknown mount fails before the model is involved
+            mount = self.kernel.mount_state(upload.mount_id)  # an unknown mount fails before the model is involved
             digest = upload.digest
             if upload.declared_digest and upload.declared_digest.lower() != digest:
                 raise AdapterInvalid(f"the upload's digest is {digest}, not the {upload.declared_digest} the "
                                      "header declared: the bytes were damaged on the way", digest=digest)
-            loaded = self.host.model()
-            parsed = self.host.run(lambda: validate(loaded, upload.config, upload.weights, digest))
-            record = AdapterRecord(
-                digest=digest, config_bytes=len(upload.config), weights_bytes=upload.weights_bytes,
-                rank=parsed.rank, target_modules=parsed.target_modules, base_model=parsed.base_model,
-                lineage={"origin": "imported", "model_fingerprint": loaded.fingerprint, "create_ns": time.time_ns()})
-            info = self.kernel.stage_adapter(upload.mount_id, record, upload.config, upload.weights)
+            cube_id = self.kernel.cube_of(mount).cube_id
+            with self.kernel.requests.claim(cube_id, request, "import_adapter", upload.mount_id, digest) as claim:
+                if claim.done is not None and claim.done.adapter is not None:
+                    return AdapterRecord(**claim.done.adapter), self.kernel.mount_info(mount)
+                loaded = self.host.model()
+                parsed = self.host.run(lambda: validate(loaded, upload.config, upload.weights, digest))
+                record = AdapterRecord(
+                    digest=digest, config_bytes=len(upload.config), weights_bytes=upload.weights_bytes,
+                    rank=parsed.rank, target_modules=parsed.target_modules, base_model=parsed.base_model,
+                    lineage={"origin": "imported", "model_fingerprint": loaded.fingerprint,
+                             "create_ns": time.time_ns()})
+                info = self.kernel.stage_adapter(upload.mount_id, record, upload.config, upload.weights, claim)
         log_event(log, "import_adapter", mount=upload.mount_id, digest=digest[:16], rank=parsed.rank,
                   bytes=len(upload.config) + upload.weights_bytes)
         return record, info

@@ -58,6 +58,7 @@ class RevisionRecord:
     adapter_changed: bool = False
     adapter_digest: str = ""  # the adapter current at this revision; "" for none
     compacted: bool = False  # the versions only it could see were removed (Compact); its log entry stays
+    request_id: str = ""  # the client's request id of the Commit or Ingest that made it
 
 
 @dataclass
@@ -307,6 +308,28 @@ class PurgeReceipt:
     def kv_caches_deleted(self) -> list[str]:
         """The cache keys of the deleted activations (the pool may hold copies under them)."""
         return [a.cache_key for a in self.activations]
+
+
+RequestKind = Literal["write", "ingest", "commit", "import_adapter"]
+
+
+@dataclass
+class RequestRecord:
+    """The first outcome of a call that carried a request id (``request_ids``; see kernel/requests.py).
+
+    ``digest`` is sha256 over the call's kind and inputs: a retry with the same id and digest gets this
+    result back and changes nothing; another digest is REQUEST_ID_REUSED. ``revision`` is the revision an
+    Ingest or Commit made (0: a Commit with nothing staged), ``item_ids`` the items a Write staged or an
+    Ingest committed, ``adapter`` the fields of the AdapterRecord an ImportAdapter staged. Ids only, never
+    text."""
+
+    kind: RequestKind
+    digest: str
+    time_ns: int
+    mount_id: str
+    revision: int = 0
+    item_ids: list[str] = field(default_factory=list)
+    adapter: dict[str, Any] | None = None
 
 
 R = TypeVar("R")

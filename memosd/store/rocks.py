@@ -43,6 +43,7 @@ from memosd.store.records import (
     JobRecord,
     MountRecord,
     PurgeReceipt,
+    RequestRecord,
     RevisionRecord,
     StagedAdapterRecord,
     StagedRecord,
@@ -211,6 +212,9 @@ class Batch:
 
     def put_purge(self, receipt: PurgeReceipt) -> None:
         self._put(schema.CF_PURGES, schema.purge_key(receipt.cube_id, receipt.purge_id), encode(receipt))
+
+    def put_request(self, cube_id: str, principal_id: str, request_id: str, record: RequestRecord) -> None:
+        self._put(schema.CF_REQUEST_IDS, schema.request_key(cube_id, principal_id, request_id), encode(record))
 
     def delete_activations(self, cube_id: str) -> None:
         """Every activation of the cube, for every model, and all its chunks."""
@@ -452,6 +456,26 @@ class Store:
         for _key, raw in self._scan_owner(schema.CF_PURGES, cube_id):
             yield decode(PurgeReceipt, raw)
 
+    def get_request(self, cube_id: str, principal_id: str, request_id: str) -> RequestRecord | None:
+        raw = self._cfs[schema.CF_REQUEST_IDS].get(schema.request_key(cube_id, principal_id, request_id))
+        return None if raw is None else decode(RequestRecord, raw)
+
+    def iter_requests(self, cube_id: str) -> Iterator[tuple[bytes, RequestRecord]]:
+        """The cube's request ids: (key, record)."""
+        for key, raw in self._scan_owner(schema.CF_REQUEST_IDS, cube_id):
+            yield bytes(key), decode(RequestRecord, raw)
+
+    def delete_requests_before(self, time_ns: int) -> int:
+        """Delete every request id recorded before ``time_ns`` (one unsynced batch); returns how many."""
+        batch = self.batch()
+        for key, raw in self.scan_rows(schema.CF_REQUEST_IDS):
+            if decode(RequestRecord, raw).time_ns < time_ns:
+                batch.delete_row(schema.CF_REQUEST_IDS, bytes(key))
+        removed = len(batch)
+        if removed:
+            self.write(batch, sync=False)
+        return removed
+
     def get_kv_chunks(self, record: ActivationRecord) -> list[bytes] | None:
         """The record's chunks in order, or None if any is missing."""
         keys = [schema.kv_chunk_key(record.cube_id, record.cache_key, i) for i in range(record.chunk_count)]
@@ -490,7 +514,7 @@ class Store:
         begin, end = schema.prefix_range(cube_id)
         with self._scrub_lock, self._writing():
             self.flush()
-            for cf in (schema.CF_ITEMS, schema.CF_VECTORS, schema.CF_ACTIVATIONS):
+            for cf in (schema.CF_ITEMS, schema.CF_VECTORS, schema.CF_ACTIVATIONS, schema.CF_REQUEST_IDS):
                 self._cfs[cf].compact_range(begin, end, force)
             for cf in (schema.CF_STAGING, schema.CF_STAGED_VECTORS):
                 self._cfs[cf].compact_range(None, None, force)

@@ -56,6 +56,11 @@ range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
     usage                         what Search, Read and Generate used (statistics, flushed in batches)
       {cube_id}/#                 -> the cube's counters (json): searches, reads, generations, item hits, last use
       {cube_id}/{item_id}         -> [hits, last_used_ns]
+    request_ids                   client-chosen request ids of Write, Ingest, Commit and ImportAdapter,
+                                  kept limits.request_id_ttl_seconds (the lifecycle loop sweeps them)
+      {cube_id}/{principal_id}/{request_id}
+                                  -> RequestRecord (json): kind, sha256 of the request, time, mount,
+                                     revision, item ids (the first call's result; never text)
     audit                         the hash-chained audit log, one record per syscall, allowed or refused
       {seq:016x}                  -> hash (64 hex) "\n" body, body = canonical JSON of the record, holding
                                      prev_hash; hash = sha256(body)
@@ -93,17 +98,18 @@ CF_PRINCIPALS = "principals"
 CF_GRANTS = "grants"
 CF_AUDIT = "audit"
 CF_USAGE = "usage"
+CF_REQUEST_IDS = "request_ids"
 
 # Adding a family is backward compatible (RocksDB creates missing ones at open), so it
 # does not bump SCHEMA_VERSION; activations, kv_chunks and purges were added that way.
 COLUMN_FAMILIES = (
     CF_CUBES, CF_CUBE_NAMES, CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_MOUNTS, CF_STAGING, CF_STAGED_VECTORS,
     CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS, CF_STAGED_ADAPTERS, CF_JOBS,
-    CF_PURGES, CF_PRINCIPALS, CF_GRANTS, CF_AUDIT, CF_USAGE,
+    CF_PURGES, CF_PRINCIPALS, CF_GRANTS, CF_AUDIT, CF_USAGE, CF_REQUEST_IDS,
 )
 # Column families whose keys start with "{cube_id}/": deleted by range on FreeCube.
 CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS,
-               CF_GRANTS, CF_PURGES, CF_USAGE)
+               CF_GRANTS, CF_PURGES, CF_USAGE, CF_REQUEST_IDS)
 # Large values: stored in blob files, not compressed (fp16 tensors do not compress).
 BLOB_FAMILIES = (CF_KV_CHUNKS, CF_ADAPTER_BLOBS)
 ADAPTER_CHUNK_BYTES = 8 << 20
@@ -194,6 +200,10 @@ def audit_key(seq: int) -> bytes:
 
 def purge_key(cube_id: str, purge_id: str) -> bytes:
     return f"{cube_id}/{purge_id}".encode()
+
+
+def request_key(cube_id: str, principal_id: str, request_id: str) -> bytes:
+    return f"{cube_id}/{principal_id}/{request_id}".encode()
 
 
 def prefix_range(owner_id: str) -> tuple[bytes, bytes]:

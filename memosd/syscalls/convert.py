@@ -150,7 +150,8 @@ def revision(r: RevisionRecord) -> t.Revision:
     return t.Revision(number=r.number, parent=r.parent, kind=_REVISION_KINDS[r.kind], author=r.author,
                       message=r.message, create_time=ts(r.create_ns), added=r.added, changed=r.changed,
                       forgotten=r.forgotten, item_count=r.item_count, restored_revision=r.restored,
-                      adapter_changed=r.adapter_changed, adapter_digest=r.adapter_digest, compacted=r.compacted)
+                      adapter_changed=r.adapter_changed, adapter_digest=r.adapter_digest, compacted=r.compacted,
+                      request_id=r.request_id)
 
 
 def change(c: ItemChange) -> t.ItemChange:

@@ -6,6 +6,7 @@ around every handler, in ``gate.Gate``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 from memos.v1 import memos_pb2 as pb
@@ -15,6 +16,7 @@ from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerationReport, Generator
 from memosd.activation.scheduler import Scheduler
 from memosd.kernel.kernel import Kernel
+from memosd.kernel.requests import RequestRef, request_ref
 from memosd.kernel.search import Searcher
 from memosd.kernel.types import ItemView
 from memosd.kernel.usage import CubeUsage, UsageTracker
@@ -87,7 +89,8 @@ class MemOSServicer(GovernanceHandlers):
 
     # -- items ----------------------------------------------------------
     def Write(self, req: pb.WriteRequest, call: Call) -> pb.WriteResponse:
-        item_ids, info = self.kernel.write(req.mount_id, cv.item_inputs(list(req.items)))
+        item_ids, info = self.kernel.write(req.mount_id, cv.item_inputs(list(req.items)),
+                                           request=request_ref(call.caller.principal_id, req.request_id))
         call.note(items=item_ids)
         return pb.WriteResponse(header=cv.mount_header(info), item_ids=item_ids, mount=cv.mount(info))
 
@@ -128,7 +131,8 @@ class MemOSServicer(GovernanceHandlers):
     def Ingest(self, req: pb.IngestRequest, call: Call) -> pb.IngestResponse:
         result = self.kernel.ingest(req.mount_id, cv.messages(list(req.messages)), tags=list(req.tags),
                                     source=req.source, message=req.commit_message,
-                                    author=req.author or call.caller.name)
+                                    author=req.author or call.caller.name,
+                                    request=request_ref(call.caller.principal_id, req.request_id))
         call.note(items=result.item_ids, revision=result.revision.number)
         r = result.mount.record
         return pb.IngestResponse(header=cv.header(r.cube_id, result.mount.head, r.base), item_ids=result.item_ids,
@@ -136,7 +140,8 @@ class MemOSServicer(GovernanceHandlers):
 
     # -- revisions ------------------------------------------------------
     def Commit(self, req: pb.CommitRequest, call: Call) -> pb.CommitResponse:
-        result = self.kernel.commit(req.mount_id, req.message, req.author or call.caller.name)
+        result = self.kernel.commit(req.mount_id, req.message, req.author or call.caller.name,
+                                    request=request_ref(call.caller.principal_id, req.request_id))
         response = pb.CommitResponse(header=cv.header(result.mount.record.cube_id, result.head,
                                                       result.mount.record.base),
                                      mount=cv.mount(result.mount))
@@ -197,7 +202,8 @@ class MemOSServicer(GovernanceHandlers):
     # -- parametric memory ----------------------------------------------
     def ImportAdapter(self, requests: Iterator[pb.ImportAdapterRequest],
                       call: Call) -> pb.ImportAdapterResponse:
-        record, info = self.adapters.import_adapter(requests)
+        requests, request = _upload_request_id(requests, call.caller.principal_id)
+        record, info = self.adapters.import_adapter(requests, request)
         return pb.ImportAdapterResponse(header=cv.mount_header(info), adapter=cv.adapter(record, staged=True),
                                         mount=cv.mount(info))
 
@@ -304,6 +310,16 @@ class MemOSServicer(GovernanceHandlers):
 
     def _item(self, cube_id: str, view: ItemView) -> t.Item:
         return cv.item(view, self.usage.item(cube_id, view.item_id) if self.usage is not None else None)
+
+
+def _upload_request_id(requests: Iterator[pb.ImportAdapterRequest], principal_id: str
+                       ) -> tuple[Iterator[pb.ImportAdapterRequest], RequestRef | None]:
+    """The upload's request id (from its header, the first message), and the stream as it was."""
+    first = next(requests, None)
+    if first is None:
+        return iter(()), None
+    request_id = first.header.request_id if first.WhichOneof("part") == "header" else ""
+    return itertools.chain([first], requests), request_ref(principal_id, request_id, "header.request_id")
 
 
 def _note_generation(call: Call, summary: t.GenerationSummary, adapter_digest: str) -> None:

@@ -2,16 +2,20 @@
 
 from memos.client import (
     DEFAULT_TARGET,
+    NO_RETRY,
     AdapterSource,
     Client,
     ConversationLike,
+    Deadlines,
     DiffChanges,
     Generation,
     ItemLike,
     MessageLike,
     MountHandle,
+    RetryPolicy,
     SearchResults,
     TimeLike,
+    new_request_id,
     parse_time,
     to_timestamp,
 )
@@ -49,6 +53,7 @@ from memos.errors import (
     OutOfRange,
     PermissionDenied,
     PoolTooSmall,
+    RequestIdReused,
     ResourceExhausted,
     RevisionCompacted,
     RevisionNotFound,
@@ -69,6 +74,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGET",
+    "NO_RETRY",
     "Aborted",
     "AdapterInvalid",
     "AdapterMismatch",
@@ -87,6 +93,7 @@ __all__ = [
     "CubeNotFound",
     "DataLoss",
     "DeadlineExceeded",
+    "Deadlines",
     "DiffChanges",
     "FailedPrecondition",
     "Generation",
@@ -110,7 +117,9 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "PoolTooSmall",
+    "RequestIdReused",
     "ResourceExhausted",
+    "RetryPolicy",
     "RevisionCompacted",
     "RevisionNotFound",
     "SearchResults",
@@ -126,6 +135,7 @@ __all__ = [
     "Unimplemented",
     "Unknown",
     "from_rpc_error",
+    "new_request_id",
     "parse_time",
     "to_timestamp",
 ]

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import islice
 from types import TracebackType
@@ -67,10 +70,68 @@ _MESSAGE_KEYS = frozenset({"role", "content"})
 _CONVERSATION_KEYS = frozenset({"speaker", "text", "time", "session_id"})
 # The daemon's default limits.max_items_per_write: messages per Ingest call unless told otherwise.
 DEFAULT_INGEST_BATCH = 1024
+# The daemon's default max_tokens of a Generate: what a stream's deadline allows for when none is given.
+DEFAULT_MAX_TOKENS = 256
+_MIB = 1 << 20
+
+# What is retried. Write, Ingest, Commit and ImportAdapter carry a request id, so resending the same request
+# after a lost answer (a deadline, a dropped connection) returns the first call's result: safe on both codes.
+# Read-only calls are retried when the daemon could not be reached; calls that change state without a request
+# id are never retried (a retry could apply them twice).
+_RETRY_WITH_ID = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_RETRY_READ = frozenset({grpc.StatusCode.UNAVAILABLE})
+_NO_RETRY: frozenset[grpc.StatusCode] = frozenset()
 
 _Req = TypeVar("_Req", contravariant=True)
 _Resp = TypeVar("_Resp", covariant=True)
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How calls whose answer was lost are retried (see ``Client``).
+
+    ``attempts`` in all (1: never retry). Before retry n (1, 2, ...) the client waits a random time between
+    half and all of ``backoff * multiplier ** (n - 1)`` seconds, at most ``max_backoff``: exponential backoff
+    with jitter, so many clients that lost the daemon together do not return together."""
+
+    attempts: int = 4
+    backoff: float = 0.25
+    multiplier: float = 2.0
+    max_backoff: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts is {self.attempts}; use 1 (no retries) or more")
+        if self.backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("RetryPolicy needs backoff >= 0, max_backoff >= 0 and multiplier >= 1")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        ceiling = min(self.max_backoff, self.backoff * self.multiplier ** (retry - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How a long call's deadline grows beyond the client's ``timeout`` (the base, for every call).
+
+    Write and Ingest get ``per_item`` seconds more per item or message (the daemon embeds them before it
+    answers: about 50 ms a message on two busy cores), ImportAdapter ``per_mib`` per MiB uploaded, and a
+    Generate stream ``per_token`` per token it may generate (``max_tokens``, or the daemon's default 256),
+    so a long reply on a slow CPU is not cut off. Zeros make every call's deadline the base."""
+
+    per_item: float = 0.1
+    per_mib: float = 1.0
+    per_token: float = 0.5
+
+
+def new_request_id() -> str:
+    """A fresh request id (a uuid4): what the client sends with Write, Ingest, Commit and ImportAdapter."""
+    return str(uuid.uuid4())
 
 
 class _UnaryCall(Protocol[_Req, _Resp]):
@@ -215,11 +276,11 @@ def _adapter_bytes(source: AdapterSource) -> tuple[bytes, bytes]:
 
 
 def _adapter_upload(
-    mount_id: str, config: bytes, weights: bytes, chunk_bytes: int
+    mount_id: str, config: bytes, weights: bytes, chunk_bytes: int, request_id: str = ""
 ) -> Iterator[memos_pb2.ImportAdapterRequest]:
     yield memos_pb2.ImportAdapterRequest(header=memos_pb2.AdapterUpload(
         mount_id=mount_id, config_bytes=len(config), weights_bytes=len(weights),
-        digest=adapter_digest(config, weights),
+        digest=adapter_digest(config, weights), request_id=request_id,
     ))
     for file, data in ((types_pb2.ADAPTER_FILE_CONFIG, config), (types_pb2.ADAPTER_FILE_WEIGHTS, weights)):
         view = memoryview(data)
@@ -384,7 +445,15 @@ class Client:
     """A connection to memosd.
 
     ``target`` defaults to ``$MEMOS_TARGET`` or ``127.0.0.1:50051``. ``timeout``
-    (seconds, ``None`` for none) applies to every call. ``token`` (or
+    (seconds, ``None`` for none) is every call's deadline; long calls get more,
+    as ``deadlines`` says (per item of a Write or Ingest, per MiB of an adapter
+    upload, per token of a Generate stream). Write, Ingest, Commit and
+    ImportAdapter send a request id (a fresh uuid4 unless one is passed as
+    ``request_id``) and are retried with it on UNAVAILABLE and
+    DEADLINE_EXCEEDED: the daemon returns the first call's result to a retry,
+    so nothing is applied twice. Read-only calls are retried on UNAVAILABLE;
+    other calls are never retried. ``retry`` sets the attempts and backoff
+    (``NO_RETRY`` turns retrying off). ``token`` (or
     ``token_file``) is the caller's bearer token; without one the client looks
     at ``$MEMOS_TOKEN``, ``$MEMOS_TOKEN_FILE`` and the local admin's token file
     (see :mod:`memos.auth`). ``tls_ca`` (a PEM file, or True for the system
@@ -404,9 +473,13 @@ class Client:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         channel: grpc.Channel | None = None,
+        retry: RetryPolicy | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.target = target or os.environ.get("MEMOS_TARGET") or DEFAULT_TARGET
         self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.deadlines = deadlines or Deadlines()
         self._owns_channel = channel is None
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
@@ -434,12 +507,29 @@ class Client:
     ) -> None:
         self.close()
 
-    def _call(self, rpc: _UnaryCall[_Req, _T], request: _Req) -> _T:
+    def _call(self, rpc: _UnaryCall[_Req, _T], request: _Req, *,
+              retry_on: frozenset[grpc.StatusCode] = _NO_RETRY, timeout: float | None = None) -> _T:
+        """One unary call (``timeout``: the deadline, when longer than the client's), retried as ``retry_on``
+        allows, with the same request each time."""
+        deadline = self.timeout if timeout is None else timeout
+        return self._retrying(lambda: rpc(request, timeout=deadline), retry_on)
+
+    def _retrying(self, attempt: Callable[[], _T], retry_on: frozenset[grpc.StatusCode]) -> _T:
         # The one place a gRPC failure becomes a MemosError.
-        try:
-            return rpc(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
+        retries = 0
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else None
+                retries += 1
+                if code not in retry_on or retries >= self.retry.attempts:
+                    raise from_rpc_error(e) from e
+            time.sleep(self.retry.delay(retries))
+
+    def _longer(self, extra: float) -> float | None:
+        """The client's timeout plus ``extra`` seconds (None stays None: no deadline)."""
+        return None if self.timeout is None else self.timeout + extra
 
     def _pages(self, fetch: Callable[[str], tuple[Sequence[_T], str]]) -> Iterator[_T]:
         token = ""
@@ -487,12 +577,13 @@ class Client:
         return self._call(self._stub.FreeCube, memos_pb2.FreeCubeRequest(cube=cube))
 
     def stat_cube(self, cube: str) -> types_pb2.Cube:
-        return self._call(self._stub.StatCube, memos_pb2.StatCubeRequest(cube=cube)).cube
+        return self._call(self._stub.StatCube, memos_pb2.StatCubeRequest(cube=cube), retry_on=_RETRY_READ).cube
 
     def list_cubes(self, page_size: int = 0) -> Iterator[types_pb2.Cube]:
         def fetch(token: str) -> tuple[Sequence[types_pb2.Cube], str]:
             resp = self._call(
-                self._stub.ListCubes, memos_pb2.ListCubesRequest(page_size=page_size, page_token=token)
+                self._stub.ListCubes, memos_pb2.ListCubesRequest(page_size=page_size, page_token=token),
+                retry_on=_RETRY_READ,
             )
             return resp.cubes, resp.next_page_token
 
@@ -521,11 +612,14 @@ class Client:
         source: str = "",
         event_time: TimeLike | None = None,
         ttl_seconds: int = 0,
+        request_id: str = "",
     ) -> memos_pb2.WriteResponse:
         """Like :meth:`write`, returning the whole response (with the mount's staging counts)."""
         when = to_timestamp(event_time) if event_time is not None else None
         inputs = [_item_input(item, list(tags), source, when, ttl_seconds) for item in items]
-        return self._call(self._stub.Write, memos_pb2.WriteRequest(mount_id=mount_id, items=inputs))
+        req = memos_pb2.WriteRequest(mount_id=mount_id, items=inputs, request_id=request_id or new_request_id())
+        return self._call(self._stub.Write, req, retry_on=_RETRY_WITH_ID,
+                          timeout=self._longer(self.deadlines.per_item * len(inputs)))
 
     def write(
         self,
@@ -536,15 +630,17 @@ class Client:
         source: str = "",
         event_time: TimeLike | None = None,
         ttl_seconds: int = 0,
+        request_id: str = "",
     ) -> list[str]:
         """Stage items in a read-write mount in one call; returns their ids in order.
 
         ``tags``, ``source``, ``event_time`` and ``ttl_seconds`` (the item expires that long after the
         write; 0: never) apply to str items and fill the keys a dict item lacks; ItemInput messages are
-        sent unchanged.
+        sent unchanged. ``request_id`` (default: a fresh uuid4) makes a resent call return the first
+        one's ids without staging them again.
         """
         resp = self.write_raw(mount_id, items, tags=tags, source=source, event_time=event_time,
-                              ttl_seconds=ttl_seconds)
+                              ttl_seconds=ttl_seconds, request_id=request_id)
         return list(resp.item_ids)
 
     def write_many(
@@ -577,7 +673,8 @@ class Client:
 
     def read(self, mount_id: str, item_ids: Sequence[str]) -> list[types_pb2.Item]:
         """Read items by id, as the mount sees them (raises ItemNotFound for an invisible id)."""
-        resp = self._call(self._stub.Read, memos_pb2.ReadRequest(mount_id=mount_id, item_ids=item_ids))
+        resp = self._call(self._stub.Read, memos_pb2.ReadRequest(mount_id=mount_id, item_ids=item_ids),
+                          retry_on=_RETRY_READ)
         return list(resp.items)
 
     def iter_items(self, mount_id: str, page_size: int = 0) -> Iterator[types_pb2.Item]:
@@ -585,7 +682,7 @@ class Client:
 
         def fetch(token: str) -> tuple[Sequence[types_pb2.Item], str]:
             req = memos_pb2.ReadRequest(mount_id=mount_id, page_size=page_size, page_token=token)
-            resp = self._call(self._stub.Read, req)
+            resp = self._call(self._stub.Read, req, retry_on=_RETRY_READ)
             return resp.items, resp.next_page_token
 
         return self._pages(fetch)
@@ -609,18 +706,23 @@ class Client:
         source: str = "",
         commit_message: str = "",
         author: str = "",
+        request_id: str = "",
     ) -> memos_pb2.IngestResponse:
         """Commit a conversation into a read-write mount's cube, one item per message, as one revision.
 
         Each message has a speaker, a text, a session id (``session_id`` fills it for messages without
         one) and optionally a time. Returns the response: ``item_ids`` (request order), ``revision`` and
         the ``mount``, now at that revision; the mount's other staged changes stay staged.
+        ``request_id`` (default: a fresh uuid4) makes a resent call return the first one's revision and
+        items without committing again.
         """
         req = memos_pb2.IngestRequest(
             mount_id=_mount_id(mount), messages=[_conversation_message(m, session_id) for m in messages],
             commit_message=commit_message, author=author, tags=tags, source=source,
+            request_id=request_id or new_request_id(),
         )
-        return self._call(self._stub.Ingest, req)
+        return self._call(self._stub.Ingest, req, retry_on=_RETRY_WITH_ID,
+                          timeout=self._longer(self.deadlines.per_item * len(req.messages)))
 
     def ingest_many(
         self,
@@ -712,21 +814,25 @@ class Client:
             context_turns=context_turns,
             include_archived=include_archived,
         )
-        return SearchResults(self._call(self._stub.Search, req))
+        return SearchResults(self._call(self._stub.Search, req, retry_on=_RETRY_READ))
 
     # -- history -------------------------------------------------------------
 
-    def commit(self, mount_id: str, message: str = "", author: str = "") -> memos_pb2.CommitResponse:
-        """Apply the mount's staged changes as a new revision (``.revision``); raises CommitConflict."""
-        req = memos_pb2.CommitRequest(mount_id=mount_id, message=message, author=author)
-        return self._call(self._stub.Commit, req)
+    def commit(self, mount_id: str, message: str = "", author: str = "", *, request_id: str = ""
+               ) -> memos_pb2.CommitResponse:
+        """Apply the mount's staged changes as a new revision (``.revision``); raises CommitConflict.
+
+        ``request_id`` (default: a fresh uuid4) makes a resent call return the first one's revision."""
+        req = memos_pb2.CommitRequest(mount_id=mount_id, message=message, author=author,
+                                      request_id=request_id or new_request_id())
+        return self._call(self._stub.Commit, req, retry_on=_RETRY_WITH_ID)
 
     def log(self, cube: str, page_size: int = 0) -> Iterator[types_pb2.Revision]:
         """The cube's revisions, newest first."""
 
         def fetch(token: str) -> tuple[Sequence[types_pb2.Revision], str]:
             req = memos_pb2.LogRequest(cube=cube, page_size=page_size, page_token=token)
-            resp = self._call(self._stub.Log, req)
+            resp = self._call(self._stub.Log, req, retry_on=_RETRY_READ)
             return resp.revisions, resp.next_page_token
 
         return self._pages(fetch)
@@ -746,7 +852,7 @@ class Client:
                 page_size=page_size,
                 page_token=token,
             )
-            return self._call(self._stub.Diff, req)
+            return self._call(self._stub.Diff, req, retry_on=_RETRY_READ)
 
         return DiffChanges(fetch)
 
@@ -756,7 +862,7 @@ class Client:
         return self._call(self._stub.Rollback, req).revision
 
     def stats(self) -> memos_pb2.StatsResponse:
-        return self._call(self._stub.Stats, memos_pb2.StatsRequest())
+        return self._call(self._stub.Stats, memos_pb2.StatsRequest(), retry_on=_RETRY_READ)
 
     # -- activation memory and generation ---------------------------------------
 
@@ -869,8 +975,9 @@ class Client:
         prefills activated memory blocks instead of reusing their KV caches
         (same prompt, full prefill: for measurements). ``adapter_mount`` (a
         mount id or MountHandle, usually one of ``mounts``) generates with that
-        mount's cube's adapter; None is the base model. ``timeout`` (default:
-        the client's) bounds the whole stream. Errors are raised while iterating.
+        mount's cube's adapter; None is the base model. ``timeout`` bounds the
+        whole stream (default: the client's plus ``deadlines.per_token`` for each
+        token it may generate). Errors are raised while iterating.
         """
         if isinstance(mounts, str | MountHandle):
             mounts = [mounts]
@@ -886,7 +993,9 @@ class Client:
         if retrieve_k is not None:
             req.retrieve_k = retrieve_k
         started = time.perf_counter()
-        stream: _ResponseStream = self._stub.Generate(req, timeout=self.timeout if timeout is None else timeout)
+        if timeout is None:
+            timeout = self._longer(self.deadlines.per_token * (max_tokens or DEFAULT_MAX_TOKENS))
+        stream: _ResponseStream = self._stub.Generate(req, timeout=timeout)
         return Generation(stream, started)
 
     # -- parametric memory -----------------------------------------------------
@@ -898,6 +1007,7 @@ class Client:
         *,
         chunk_bytes: int = 1 << 20,
         timeout: float | None = None,
+        request_id: str = "",
     ) -> memos_pb2.ImportAdapterResponse:
         """Upload a peft LoRA adapter into a read-write mount's staging area; Commit makes it the cube's.
 
@@ -906,20 +1016,24 @@ class Client:
         files' bytes as ``(config, weights)``. The upload states the exact sizes
         and the sha256 digest, then streams the files in ``chunk_bytes`` pieces.
         Returns the response: the staged ``adapter`` and the ``mount``. Raises
-        AdapterInvalid, AdapterTooLarge or AdapterMismatch. ``timeout``
-        (default: the client's) bounds the whole upload.
+        AdapterInvalid, AdapterTooLarge or AdapterMismatch. ``timeout`` bounds
+        the whole upload (default: the client's plus ``deadlines.per_mib`` per
+        MiB). The upload carries ``request_id`` (default: a fresh uuid4) and is
+        resent with it when its answer is lost: the daemon stages it once.
         """
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be at least 1")
         config, weights = _adapter_bytes(source)
-        requests = _adapter_upload(_mount_id(mount), config, weights, chunk_bytes)
-        try:
-            resp: memos_pb2.ImportAdapterResponse = self._stub.ImportAdapter(
-                requests, timeout=self.timeout if timeout is None else timeout
-            )
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
-        return resp
+        mount_id, request_id = _mount_id(mount), request_id or new_request_id()
+        if timeout is None:
+            timeout = self._longer(self.deadlines.per_mib * (len(config) + len(weights)) / _MIB)
+
+        def upload() -> memos_pb2.ImportAdapterResponse:
+            requests = _adapter_upload(mount_id, config, weights, chunk_bytes, request_id)
+            resp: memos_pb2.ImportAdapterResponse = self._stub.ImportAdapter(requests, timeout=timeout)
+            return resp
+
+        return self._retrying(upload, _RETRY_WITH_ID)
 
     def export_adapter(
         self,
@@ -1037,12 +1151,12 @@ class Client:
 
     def list_jobs(self, cube: str = "") -> list[types_pb2.Job]:
         """The daemon's recent jobs, newest first; only a cube's (id or name) when ``cube`` is given."""
-        return list(self._call(self._stub.ListJobs, memos_pb2.ListJobsRequest(cube=cube)).jobs)
+        return list(self._call(self._stub.ListJobs, memos_pb2.ListJobsRequest(cube=cube), retry_on=_RETRY_READ).jobs)
 
     # -- governance ------------------------------------------------------------
     def whoami(self) -> types_pb2.Principal:
         """The principal this client's token belongs to."""
-        return self._call(self._stub.WhoAmI, memos_pb2.WhoAmIRequest()).principal
+        return self._call(self._stub.WhoAmI, memos_pb2.WhoAmIRequest(), retry_on=_RETRY_READ).principal
 
     def create_principal(self, name: str, *, kind: str = "user", admin: bool = False
                          ) -> tuple[types_pb2.Principal, str]:
@@ -1182,9 +1296,10 @@ class MountHandle:
         source: str = "",
         event_time: TimeLike | None = None,
         ttl_seconds: int = 0,
+        request_id: str = "",
     ) -> list[str]:
         resp = self.client.write_raw(self.mount_id, items, tags=tags, source=source, event_time=event_time,
-                                     ttl_seconds=ttl_seconds)
+                                     ttl_seconds=ttl_seconds, request_id=request_id)
         self._update(resp)
         return list(resp.item_ids)
 
@@ -1251,9 +1366,10 @@ class MountHandle:
         source: str = "",
         commit_message: str = "",
         author: str = "",
+        request_id: str = "",
     ) -> memos_pb2.IngestResponse:
         resp = self.client.ingest(self, messages, session_id=session_id, tags=tags, source=source,
-                                  commit_message=commit_message, author=author)
+                                  commit_message=commit_message, author=author, request_id=request_id)
         self._update(resp)
         return resp
 
@@ -1272,8 +1388,8 @@ class MountHandle:
         return self.client.ingest_many(self, messages, batch_size, progress, session_id=session_id, tags=tags,
                                        source=source, commit_message=commit_message, author=author)
 
-    def commit(self, message: str = "", author: str = "") -> memos_pb2.CommitResponse:
-        resp = self.client.commit(self.mount_id, message, author)
+    def commit(self, message: str = "", author: str = "", *, request_id: str = "") -> memos_pb2.CommitResponse:
+        resp = self.client.commit(self.mount_id, message, author, request_id=request_id)
         self._update(resp)
         return resp
 
@@ -1282,9 +1398,11 @@ class MountHandle:
         return self.client.activate(self.mount_id, items=items, tag=tag, working_set=working_set)
 
     def import_adapter(
-        self, source: AdapterSource, *, chunk_bytes: int = 1 << 20, timeout: float | None = None
+        self, source: AdapterSource, *, chunk_bytes: int = 1 << 20, timeout: float | None = None,
+        request_id: str = "",
     ) -> memos_pb2.ImportAdapterResponse:
-        resp = self.client.import_adapter(self.mount_id, source, chunk_bytes=chunk_bytes, timeout=timeout)
+        resp = self.client.import_adapter(self.mount_id, source, chunk_bytes=chunk_bytes, timeout=timeout,
+                                          request_id=request_id)
         self._update(resp)
         return resp
 

@@ -197,8 +197,9 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     f"messages from stdin, one a line, until end of input or {EXIT_COMMAND} (Ctrl-C "
                     "cancels the reply in progress). The reply streams to stdout, a summary of tokens "
                     "and timings goes to stderr; with -o json each reply is one JSON object "
-                    '{"text", "summary"} instead. --timeout bounds each whole reply. With --adapter, '
-                    "the model generates with that cube's LoRA adapter (at HEAD).",
+                    '{"text", "summary"} instead. A reply\'s deadline is --timeout plus 0.5 s for each token '
+                    "it may generate (--max-tokens, or the daemon's 256), so a long reply on a slow CPU is "
+                    "not cut off. With --adapter, the model generates with that cube's LoRA adapter (at HEAD).",
     )
     p.add_argument("cubes", nargs="+", metavar="CUBE", help="cube ids or names")
     p.add_argument("-m", "--message", metavar="TEXT", help="send this one message and exit")

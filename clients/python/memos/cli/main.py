@@ -12,7 +12,7 @@ from memos import __version__
 from memos.cli import adapter, chat, cubes, govern, history, ingest, jobs, mem, sched
 from memos.cli.inputs import UsageError
 from memos.cli.output import Output
-from memos.client import DEFAULT_TARGET, Client
+from memos.client import DEFAULT_TARGET, Client, RetryPolicy
 from memos.errors import DeadlineExceeded, MemosError, Unavailable
 
 EXIT_OK = 0
@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table",
                         help="table (default) or one JSON document on stdout")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="deadline of each call (default %(default)s)")
+                        help="deadline of each call (default %(default)s); writes, ingests, adapter uploads "
+                             "and chat replies get more per item, MiB or token")
+    parser.add_argument("--retries", type=int, default=RetryPolicy.attempts - 1, metavar="N",
+                        help="resend a write, ingest, commit or adapter upload whose answer was lost (deadline "
+                             "or unreachable daemon) up to N times, with the same request id so it is applied "
+                             "once; reads are resent when the daemon is unreachable (default %(default)s)")
     parser.add_argument("--token", help="bearer token (default: $MEMOS_TOKEN)")
     parser.add_argument("--token-file", metavar="FILE", help="read the token from FILE (default: $MEMOS_TOKEN_FILE)")
     parser.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA (\"system\" for the "
@@ -91,9 +96,12 @@ def _unreachable(e: MemosError, client: Client) -> bool:
 
 def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
     tls_ca: str | bool | None = True if args.tls_ca == "system" else args.tls_ca
+    if args.retries < 0:
+        raise UsageError(f"--retries must be 0 or more, not {args.retries}")
     try:
         client = Client(args.target, timeout=args.timeout, token=args.token, token_file=args.token_file,
-                        tls_ca=tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                        tls_ca=tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        retry=RetryPolicy(attempts=args.retries + 1))
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
     with client:

@@ -344,7 +344,14 @@ class WriteRequest(_message.Message):
 
     MOUNT_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
+    request_id: _builtins.str
+    """Optional, client-chosen (1 to 128 of A-Z a-z 0-9 . _ : -; a uuid4 fits): a retry
+    with the same id and the same request returns the first call's result and
+    changes nothing; the same id with another request is REQUEST_ID_REUSED.
+    Scoped to the cube and the calling principal, kept limits.request_id_ttl_seconds.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ItemInput]:
         """1 to the daemon's max_items_per_write (default 1024) items."""
@@ -354,10 +361,11 @@ class WriteRequest(_message.Message):
         *,
         mount_id: _builtins.str = ...,
         items: _abc.Iterable[_types_pb2.ItemInput] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "mount_id", b"mount_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "mount_id", b"mount_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -615,6 +623,7 @@ class IngestRequest(_message.Message):
     AUTHOR_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     """A read-write mount of the cube."""
     commit_message: _builtins.str
@@ -622,6 +631,12 @@ class IngestRequest(_message.Message):
     author: _builtins.str
     """Free text recorded in the log; the calling principal's name when empty."""
     source: _builtins.str
+    request_id: _builtins.str
+    """Optional, client-chosen (1 to 128 of A-Z a-z 0-9 . _ : -; a uuid4 fits): a retry
+    with the same id and the same request returns the first call's result and
+    changes nothing; the same id with another request is REQUEST_ID_REUSED.
+    Scoped to the cube and the calling principal, kept limits.request_id_ttl_seconds.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ConversationMessage]:
         """1 to the daemon's max_items_per_write (default 1024) messages. Their
@@ -642,10 +657,11 @@ class IngestRequest(_message.Message):
         author: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         source: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "commit_message", b"commit_message", "messages", b"messages", "mount_id", b"mount_id", "source", b"source", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "commit_message", b"commit_message", "messages", b"messages", "mount_id", b"mount_id", "request_id", b"request_id", "source", b"source", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -696,20 +712,28 @@ class CommitRequest(_message.Message):
     MOUNT_ID_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     AUTHOR_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     message: _builtins.str
     author: _builtins.str
     """Free text recorded in the log; the calling principal's name when empty."""
+    request_id: _builtins.str
+    """Optional, client-chosen (1 to 128 of A-Z a-z 0-9 . _ : -; a uuid4 fits): a retry
+    with the same id and the same request returns the first call's result and
+    changes nothing; the same id with another request is REQUEST_ID_REUSED.
+    Scoped to the cube and the calling principal, kept limits.request_id_ttl_seconds.
+    """
     def __init__(
         self,
         *,
         mount_id: _builtins.str = ...,
         message: _builtins.str = ...,
         author: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "message", b"message", "mount_id", b"mount_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "message", b"message", "mount_id", b"mount_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1415,6 +1439,7 @@ class AdapterUpload(_message.Message):
     CONFIG_BYTES_FIELD_NUMBER: _builtins.int
     WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     """A read-write mount of the cube."""
     config_bytes: _builtins.int
@@ -1422,6 +1447,12 @@ class AdapterUpload(_message.Message):
     weights_bytes: _builtins.int
     digest: _builtins.str
     """Optional: the expected digest (sha256 over config then weights, 64 hex)."""
+    request_id: _builtins.str
+    """Optional, client-chosen (1 to 128 of A-Z a-z 0-9 . _ : -; a uuid4 fits): a retry
+    with the same id and the same request returns the first call's result and
+    changes nothing; the same id with another request is REQUEST_ID_REUSED.
+    Scoped to the cube and the calling principal, kept limits.request_id_ttl_seconds.
+    """
     def __init__(
         self,
         *,
@@ -1429,10 +1460,11 @@ class AdapterUpload(_message.Message):
         config_bytes: _builtins.int = ...,
         weights_bytes: _builtins.int = ...,
         digest: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_bytes", b"config_bytes", "digest", b"digest", "mount_id", b"mount_id", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_bytes", b"config_bytes", "digest", b"digest", "mount_id", b"mount_id", "request_id", b"request_id", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

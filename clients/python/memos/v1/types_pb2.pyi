@@ -979,6 +979,7 @@ class Revision(_message.Message):
     ADAPTER_CHANGED_FIELD_NUMBER: _builtins.int
     ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
     COMPACTED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     parent: _builtins.int
     """The revision it was made on top of (number - 1)."""
@@ -1001,6 +1002,8 @@ class Revision(_message.Message):
     """True once compaction removed what only this revision could see: the log
     entry stays, reading at it is OUT_OF_RANGE / REVISION_COMPACTED.
     """
+    request_id: _builtins.str
+    """The request id of the Commit or Ingest that made it ("" when none was given)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1020,10 +1023,11 @@ class Revision(_message.Message):
         adapter_changed: _builtins.bool = ...,
         adapter_digest: _builtins.str = ...,
         compacted: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changed", b"adapter_changed", "adapter_digest", b"adapter_digest", "added", b"added", "author", b"author", "changed", b"changed", "compacted", b"compacted", "create_time", b"create_time", "forgotten", b"forgotten", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "restored_revision", b"restored_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changed", b"adapter_changed", "adapter_digest", b"adapter_digest", "added", b"added", "author", b"author", "changed", b"changed", "compacted", b"compacted", "create_time", b"create_time", "forgotten", b"forgotten", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "request_id", b"request_id", "restored_revision", b"restored_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
