@@ -104,5 +104,15 @@ class ModelHost:
             self.active_generations -= 1
 
     def close(self) -> None:
-        self.worker.shutdown(wait=True, cancel_pending=True)
+        """Stop the worker after its current job; a model still loading is abandoned, not awaited.
+
+        The first load dequantizes the GGUF (tens of seconds, minutes on a busy machine), and it touches
+        only the model cache, which is written to a temporary directory and renamed when whole: a SIGTERM
+        during it must not wait for it (systemd would kill the daemon before RocksDB closes). The worker is
+        a daemon thread, so the process exits without it.
+        """
+        loading = self._loading is not None and not self._loading.done()
+        if loading:
+            log_event(log, "model_load_abandoned", model=self.config.model)
+        self.worker.shutdown(wait=not loading, cancel_pending=True)
         self.pool.clear()
