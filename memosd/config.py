@@ -38,9 +38,21 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
-    workers: int = 16  # gRPC thread pool size
+    workers: int = 16  # the syscall executor: threads that run handlers (streams wait holding none)
+    upload_workers: int = 4  # threads that consume client streams (ImportAdapter), apart from the above
+    stream_idle_seconds: float = 60.0  # a client stream with no message for this long ends with STREAM_IDLE
     grace_seconds: float = 10.0  # how long in-flight RPCs may drain on SIGTERM
     max_message_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class QuotasConfig:
+    """Per-principal limits (admins included); over one, a call is refused with QUOTA_EXCEEDED before any work."""
+
+    max_streams_per_principal: int = 64  # open streaming calls of every kind together
+    max_generations_per_principal: int = 16  # concurrent Generate streams
+    max_uploads_per_principal: int = 4  # concurrent ImportAdapter uploads
+    max_follows_per_principal: int = 8  # concurrent Audit(follow) streams
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,7 @@ class MetricsConfig:
 class Config:
     data_dir: Path
     server: ServerConfig = field(default_factory=ServerConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -164,6 +177,7 @@ class Config:
 
 SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
+    "quotas": QuotasConfig,
     "store": StoreConfig,
     "limits": LimitsConfig,
     "embedder": EmbedderConfig,
@@ -206,7 +220,13 @@ _POSITIVE_NUM = (_positive, "a number > 0")
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "server.listen": (_listen_ok, 'a "host:port" address with port 0-65535'),
     "server.workers": _POSITIVE_INT,
+    "server.upload_workers": _POSITIVE_INT,
+    "server.stream_idle_seconds": _POSITIVE_NUM,
     "server.grace_seconds": (_non_negative, "a number >= 0"),
+    "quotas.max_streams_per_principal": _POSITIVE_INT,
+    "quotas.max_generations_per_principal": _POSITIVE_INT,
+    "quotas.max_uploads_per_principal": _POSITIVE_INT,
+    "quotas.max_follows_per_principal": _POSITIVE_INT,
     "server.max_message_bytes": _POSITIVE_INT,
     "limits.max_item_bytes": _POSITIVE_INT,
     "limits.max_items_per_write": _POSITIVE_INT,

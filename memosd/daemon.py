@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -27,6 +26,7 @@ from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from memos.v1 import memos_pb2 as pb
 
@@ -36,6 +36,7 @@ from memosd.activation.generator import Generator
 from memosd.activation.host import ModelHost
 from memosd.activation.scheduler import Scheduler
 from memosd.config import Config, ConfigError, SearchConfig, load_config
+from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
@@ -87,9 +88,10 @@ class Daemon:
     kernel: Kernel
     host: ModelHost
     activator: Activator
-    server: grpc.Server
+    server: grpc.aio.Server
+    loop: EventLoopThread  # the server's event loop
     servicer: MemOSServicer
-    health: health.HealthServicer
+    health: health_aio.HealthServicer
     address: str
     lock_handle: IO[str]
     started: float
@@ -136,7 +138,7 @@ def make_ranker(search: SearchConfig) -> Ranker:
     return rank
 
 
-def _add_port(server: grpc.Server, config: Config) -> int:
+def _add_port(server: grpc.aio.Server, config: Config) -> int:
     """Plain gRPC by default (loopback); TLS, and mTLS with a client CA, when security.tls_* say so."""
     security = config.security
     if not security.tls_cert_file:
@@ -181,11 +183,6 @@ def build(config: Config) -> Daemon:
 
     started = time.time()
     stop_event = threading.Event()
-    options = [("grpc.max_receive_message_length", config.server.max_message_bytes),
-               ("grpc.max_send_message_length", config.server.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.server.workers,
-                                                    thread_name_prefix="syscall"), options=options)
     daemon_box: list[Daemon] = []
     jobs = JobManager(kernel, model_host)
     principals = Principals(store)
@@ -199,7 +196,8 @@ def build(config: Config) -> Daemon:
     access = AccessControl(kernel, principals)
     metrics = Metrics() if config.metrics.listen else None
     audit = AuditLog(store, enabled=config.security.audit)
-    gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics)
+    gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics, server=config.server,
+                quotas=config.quotas)
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
@@ -210,13 +208,12 @@ def build(config: Config) -> Daemon:
     lifecycle = (LifecycleLoop(kernel, audit, servicer.erase, interval=config.lifecycle.interval_seconds,
                                grace_seconds=config.lifecycle.expire_grace_seconds)
                  if config.lifecycle.enabled else None)
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    loop = EventLoopThread()
     try:
-        port = _add_port(server, config)
+        server, health_servicer, port = loop.call(_make_server(config, servicer))
     except RuntimeError as error:
+        loop.close()
+        gate.close()
         model_host.close()
         kernel.close()
         raise StartupError(f"cannot listen on {config.server.listen}: {error}") from None
@@ -230,12 +227,32 @@ def build(config: Config) -> Daemon:
             raise StartupError(f"cannot serve metrics on {config.metrics.listen}: {error}; set metrics.listen to "
                                'a free "host:port", or "" to turn metrics off') from None
     host = config.server.listen.rsplit(":", 1)[0]
-    daemon = Daemon(config, kernel, model_host, activator, server, servicer, health_servicer, f"{host}:{port}",
-                    lock_handle, started, stop_event, metrics_server, lifecycle)
+    daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
+                    f"{host}:{port}", lock_handle, started, stop_event, metrics_server, lifecycle)
     daemon_box.append(daemon)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
+
+
+async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.aio.Server, health_aio.HealthServicer,
+                                                                        int]:
+    """The asyncio gRPC server (made on its loop): MemOS, health (answered on the loop, whatever the
+    executor is doing), reflection; bound, not started."""
+    options = [("grpc.max_receive_message_length", config.server.max_message_bytes),
+               ("grpc.max_send_message_length", config.server.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return server, health_servicer, _add_port(server, config)
+
+
+async def _set_health(servicer: health_aio.HealthServicer, status: Any) -> None:
+    for service in ("", SERVICE_NAME):
+        await servicer.set(service, status)
 
 
 def _index_saver(daemon: Daemon) -> None:
@@ -254,13 +271,12 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
         daemon.servicer.scheduler.start()
     if daemon.lifecycle is not None:
         daemon.lifecycle.start()
-    daemon.server.start()
+    daemon.loop.call(daemon.server.start())
     metrics_address = ""
     if daemon.metrics_server is not None:
         daemon.metrics_server.start()
         metrics_address = daemon.metrics_server.address
-    for service in ("", SERVICE_NAME):
-        daemon.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    daemon.loop.call(_set_health(daemon.health, health_pb2.HealthCheckResponse.SERVING))
     address_file = daemon.config.data_dir / "daemon.json"
     address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address,
                                         "metrics_address": metrics_address}))
@@ -273,9 +289,11 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> None:
     daemon.stop_event.wait()
     log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
     notifier.stopping("draining in-flight calls")
-    daemon.health.enter_graceful_shutdown()
+    daemon.loop.call(daemon.health.enter_graceful_shutdown())
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
-    daemon.server.stop(daemon.config.server.grace_seconds).wait()
+    daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))
+    daemon.servicer.gate.close()
+    daemon.loop.close()
     if daemon.metrics_server is not None:  # before the parts it reads are closed
         daemon.metrics_server.stop()
     notifier.stop_watchdog()

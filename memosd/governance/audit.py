@@ -20,8 +20,11 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
+from memosd.park import done_future, resolve
 from memosd.store import schema
 from memosd.store.rocks import Store
 
@@ -77,6 +80,7 @@ class AuditLog:
         self.seq = int(last[0], 16) if last else 0
         self.head = bytes(last[1][:64]).decode() if last else GENESIS
         self.appended = 0
+        self._waiters: list[Future[Any]] = []  # beyond(): resolved at the next append
 
     def append(self, entry: AuditEntry) -> None:
         if not self.enabled:
@@ -94,12 +98,25 @@ class AuditLog:
             self.seq, self.head = seq, digest
             self.appended += 1
             self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            resolve(waiter)
 
     def read(self, after_seq: int = 0) -> Iterator[StoredRecord]:
         """Records after ``after_seq``, in key order, as stored (unchecked)."""
         for key, raw in self.store.scan_rows(schema.CF_AUDIT, schema.audit_key(after_seq + 1)):
             value = bytes(raw)
             yield StoredRecord(int(key, 16), value[:64].decode(errors="replace"), value[65:])
+
+    def beyond(self, seq: int) -> Future[Any]:
+        """A future done once a record after ``seq`` exists: Audit(follow) parks on it (see memosd.park)."""
+        with self._cond:
+            if self.seq > seq:
+                return done_future()
+            self._waiters = [w for w in self._waiters if not w.done()]  # drop the ones followers cancelled
+            waiter: Future[Any] = Future()
+            self._waiters.append(waiter)
+            return waiter
 
     def wait_beyond(self, seq: int, timeout: float) -> bool:
         """Block until a record after ``seq`` exists, or ``timeout`` passes; True if one does."""
