@@ -23,13 +23,13 @@ _WHAT = {STREAMS: "streaming calls", GENERATIONS: "Generate streams", UPLOADS: "
 
 
 def stream_kinds(method: str, request: Any) -> tuple[str, ...]:
-    """The limits a streaming call of ``method`` counts against."""
+    """The limits a streaming call of ``method`` counts against (its kind's first: the refusal names it)."""
     if method == "Generate":
-        return STREAMS, GENERATIONS
+        return GENERATIONS, STREAMS
     if method == "ImportAdapter":
-        return STREAMS, UPLOADS
+        return UPLOADS, STREAMS
     if method == "Audit" and getattr(request, "follow", False) is True:
-        return STREAMS, FOLLOWS
+        return FOLLOWS, STREAMS
     return (STREAMS,)
 
 
