@@ -177,7 +177,6 @@ class Config:
 
 SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
-    "quotas": QuotasConfig,
     "store": StoreConfig,
     "limits": LimitsConfig,
     "embedder": EmbedderConfig,
@@ -189,6 +188,7 @@ SECTIONS: dict[str, type[Any]] = {
     "scheduler": SchedulerConfig,
     "lifecycle": LifecycleConfig,
     "metrics": MetricsConfig,
+    "quotas": QuotasConfig,
 }
 
 # "section.key" -> field type; "data_dir" is the one top-level key.
