@@ -10,6 +10,7 @@ p50/p99. Run it against any checkout (PYTHONPATH picks the memosd measured):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -67,7 +68,12 @@ def measure(daemon: DaemonProcess, args: Any) -> int:
     request = memos_pb2.GenerateRequest(messages=[types_pb2.ChatMessage(role="user", content="Tell me a story.")])
     request.options.max_tokens = args.max_tokens
     generations = [stub.Generate(request, metadata=md) for _ in range(args.generations)]
-    drained = [threading.Thread(target=lambda g=g: sum(1 for _ in g), daemon=True) for g in generations]
+    def drain(generation: Any) -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            for _ in generation:
+                pass
+
+    drained = [threading.Thread(target=drain, args=(g,), daemon=True) for g in generations]
     for thread in drained:
         thread.start()
     time.sleep(1.0)  # let every stream reach the daemon
