@@ -38,7 +38,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
-    workers: int = 16  # gRPC thread pool size
+    workers: int = 16  # the syscall executor: threads that run handlers (streams wait holding none)
+    upload_workers: int = 4  # threads that consume client streams (ImportAdapter), apart from the above
+    stream_idle_seconds: float = 60.0  # a client stream with no message for this long ends with STREAM_IDLE
     grace_seconds: float = 10.0  # how long in-flight RPCs may drain on SIGTERM
     max_message_bytes: int = 64 * 1024 * 1024
 
@@ -73,6 +75,11 @@ class QuotasConfig:
     # Staged text and vectors across the principal's mounts (held in memory until Commit or Unmount):
     # ~100,000 typical items (1 KB of text, a 1.5 KB vector).
     max_staged_bytes_per_principal: int = 256 << 20
+    # Streams (a stream holds no thread while it waits, but each is state and a share of the executor):
+    max_streams_per_principal: int = 64  # open streaming calls of every kind together
+    max_generations_per_principal: int = 16  # concurrent Generate streams
+    max_uploads_per_principal: int = 4  # concurrent ImportAdapter uploads
+    max_follows_per_principal: int = 8  # concurrent Audit(follow) streams
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,13 @@ _POSITIVE_NUM = (_positive, "a number > 0")
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "server.listen": (_listen_ok, 'a "host:port" address with port 0-65535'),
     "server.workers": _POSITIVE_INT,
+    "server.upload_workers": _POSITIVE_INT,
+    "server.stream_idle_seconds": _POSITIVE_NUM,
     "server.grace_seconds": (_non_negative, "a number >= 0"),
+    "quotas.max_streams_per_principal": _POSITIVE_INT,
+    "quotas.max_generations_per_principal": _POSITIVE_INT,
+    "quotas.max_uploads_per_principal": _POSITIVE_INT,
+    "quotas.max_follows_per_principal": _POSITIVE_INT,
     "server.max_message_bytes": _POSITIVE_INT,
     "limits.max_item_bytes": _POSITIVE_INT,
     "limits.max_items_per_write": _POSITIVE_INT,

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -28,6 +27,7 @@ from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from memos.v1 import memos_pb2 as pb
 
@@ -38,6 +38,7 @@ from memosd.activation.host import ModelHost
 from memosd.activation.scheduler import Scheduler
 from memosd.config import Config, ConfigError, SearchConfig, load_config
 from memosd.errors import DiskFull
+from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl, Right
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
@@ -100,9 +101,10 @@ class Daemon:
     kernel: Kernel
     host: ModelHost
     activator: Activator
-    server: grpc.Server
+    server: grpc.aio.Server
+    loop: EventLoopThread  # the server's event loop
     servicer: MemOSServicer
-    health: health.HealthServicer
+    health: health_aio.HealthServicer
     address: str
     lock_handle: IO[str]
     started: float
@@ -151,7 +153,7 @@ def make_ranker(search: SearchConfig) -> Ranker:
     return rank
 
 
-def _add_port(server: grpc.Server, config: Config) -> int:
+def _add_port(server: grpc.aio.Server, config: Config) -> int:
     """Plain gRPC by default (loopback); TLS, and mTLS with a client CA, when security.tls_* say so."""
     security = config.security
     if not security.tls_cert_file:
@@ -198,11 +200,6 @@ def build(config: Config) -> Daemon:
 
     started = time.time()
     stop_event = threading.Event()
-    options = [("grpc.max_receive_message_length", config.server.max_message_bytes),
-               ("grpc.max_send_message_length", config.server.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.server.workers,
-                                                    thread_name_prefix="syscall"), options=options)
     daemon_box: list[Daemon] = []
     principals = Principals(store)
     token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
@@ -219,7 +216,8 @@ def build(config: Config) -> Daemon:
     metrics = Metrics() if config.metrics.listen else None
     audit = AuditLog(store, enabled=config.security.audit,
                      unauthenticated_window=config.security.audit_unauthenticated_window_seconds)
-    gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics)
+    gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics, server=config.server,
+                quotas=config.quotas)
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
@@ -230,16 +228,12 @@ def build(config: Config) -> Daemon:
     lifecycle = (LifecycleLoop(kernel, audit, servicer.erase, interval=config.lifecycle.interval_seconds,
                                grace_seconds=config.lifecycle.expire_grace_seconds)
                  if config.lifecycle.enabled else None)
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    store.space.on_change(lambda full: health_servicer.set(
-        WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING if full
-        else health_pb2.HealthCheckResponse.SERVING))
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    loop = EventLoopThread()
     try:
-        port = _add_port(server, config)
+        server, health_servicer, port = loop.call(_make_server(config, servicer))
     except RuntimeError as error:
+        loop.close()
+        gate.close()
         model_host.close()
         kernel.close()
         raise StartupError(f"cannot listen on {config.server.listen}: {error}") from None
@@ -248,17 +242,45 @@ def build(config: Config) -> Daemon:
         try:
             metrics_server = MetricsServer(config.metrics.listen, metrics.registry)
         except OSError as error:
+            loop.close()
+            gate.close()
             model_host.close()
             kernel.close()
             raise StartupError(f"cannot serve metrics on {config.metrics.listen}: {error}; set metrics.listen to "
                                'a free "host:port", or "" to turn metrics off') from None
     host = config.server.listen.rsplit(":", 1)[0]
-    daemon = Daemon(config, kernel, model_host, activator, server, servicer, health_servicer, f"{host}:{port}",
-                    lock_handle, started, stop_event, audit, metrics_server, lifecycle)
+    # Called from whichever thread noticed: scheduled on the loop, never awaited (it may be the loop's thread).
+    store.space.on_change(lambda full: loop.submit(health_servicer.set(
+        WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING if full
+        else health_pb2.HealthCheckResponse.SERVING)))
+    daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
+                    f"{host}:{port}", lock_handle, started, stop_event, audit, metrics_server, lifecycle)
     daemon_box.append(daemon)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
+
+
+async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.aio.Server, health_aio.HealthServicer,
+                                                                        int]:
+    """The asyncio gRPC server (made on its loop): MemOS, health (answered on the loop, whatever the
+    executor is doing), reflection; bound, not started."""
+    options = [("grpc.max_receive_message_length", config.server.max_message_bytes),
+               ("grpc.max_send_message_length", config.server.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return server, health_servicer, _add_port(server, config)
+
+
+async def _set_health(servicer: health_aio.HealthServicer, full: bool) -> None:
+    for service in ("", SERVICE_NAME):
+        await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await servicer.set(WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING if full
+                       else health_pb2.HealthCheckResponse.SERVING)
 
 
 def _index_saver(daemon: Daemon) -> None:
@@ -294,15 +316,12 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
         daemon.servicer.scheduler.start()
     if daemon.lifecycle is not None:
         daemon.lifecycle.start()
-    daemon.server.start()
+    daemon.loop.call(daemon.server.start())
     metrics_address = ""
     if daemon.metrics_server is not None:
         daemon.metrics_server.start()
         metrics_address = daemon.metrics_server.address
-    for service in ("", SERVICE_NAME):
-        daemon.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    daemon.health.set(WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING
-                      if daemon.kernel.store.space.full else health_pb2.HealthCheckResponse.SERVING)
+    daemon.loop.call(_set_health(daemon.health, daemon.kernel.store.space.full))
     address_file = daemon.config.data_dir / "daemon.json"
     exit_code = 0
     try:
@@ -326,9 +345,11 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
     daemon.stop_event.wait()
     log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
     notifier.stopping("draining in-flight calls")
-    daemon.health.enter_graceful_shutdown()
+    daemon.loop.call(daemon.health.enter_graceful_shutdown())
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
-    daemon.server.stop(daemon.config.server.grace_seconds).wait()
+    daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))
+    daemon.servicer.gate.close()
+    daemon.loop.close()
     if daemon.metrics_server is not None:  # before the parts it reads are closed
         daemon.metrics_server.stop()
     notifier.stop_watchdog()

@@ -10,7 +10,10 @@ pooled and stored cache never change. Later blocks are prefilled as tokens.
 The work is cut into runtime-worker jobs: the prefill (in chunks, stopping if
 the call is cancelled), then one job per generated token at interactive
 priority, so concurrent generations interleave and a cancelled stream stops
-after at most one token and frees its cache copy.
+after at most one token and frees its cache copy. With ``park`` (the gRPC
+path), every wait on the worker (and on the model load) is a ``Park`` yielded
+to the gate, which awaits it on the event loop: a generation holds no syscall
+thread while its tokens are computed.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator as Steps
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from memosd.activation import render
 from memosd.activation.activator import Activator
@@ -29,9 +33,10 @@ from memosd.errors import AdapterNotFound, ContextExceeded, InvalidField
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.search import MAX_MOUNTS, Searcher
 from memosd.kernel.types import SearchFilter
+from memosd.park import Park
 from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
 from memosd.runtime.model import LoadedModel
-from memosd.runtime.worker import PRIORITY_INTERACTIVE
+from memosd.runtime.worker import PRIORITY_DEFAULT, PRIORITY_INTERACTIVE
 from memosd.store.records import AdapterRecord
 
 if TYPE_CHECKING:
@@ -45,6 +50,8 @@ MAX_MESSAGES = 1024
 # through to the tokenizer, for tokenizers whose normalizer shrinks text (NFKC folds some 3-byte characters
 # into 2 bytes): the bound must never refuse a prompt that fits, only bound what reaches the worker.
 PROMPT_BYTES_SLACK = 2
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,12 +121,18 @@ class Generator:
         self.searcher = searcher
         self.kernel = activator.kernel
 
-    def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[str | GenerationReport]:
-        """Text deltas, then one ``GenerationReport``. Validation errors raise before the first yield."""
+    def generate(self, params: GenerateParams, cancel: threading.Event, *,
+                 park: bool = False) -> Iterator[str | GenerationReport | Park]:
+        """Text deltas, then one ``GenerationReport``. Validation errors raise before the first delta.
+
+        With ``park``, waits are yielded as ``Park`` (see memosd.park) instead of blocking the thread."""
         started = time.perf_counter()
         max_tokens, k = self._validate(params)
         mounts = [self.kernel.mount_state(m) for m in dict.fromkeys(params.mount_ids)]
         cubes = [self.kernel.cube_of(m) for m in mounts]
+        loading = self.host.loading
+        if park and loading is not None and not loading.done():
+            yield Park(loading)  # the model is still loading; host.model() then returns (or raises) at once
         loaded = self.host.model()
         self._check_prompt_bytes(params, loaded)  # before any tokenizing: that runs on the one worker
         adapter_cube, adapter = self._adapter(params)
@@ -153,8 +166,8 @@ class Generator:
 
         retrieved = self._retrieve(params, k, in_blocks, uses)
         conversation = [{"role": role, "content": content} for role, content in params.messages]
-        tail = self.host.run(lambda: render.tail_token_ids(
-            loaded.tokenizer, [t for t, _ in retrieved], conversation, after_block=bool(block_ids)))
+        tail = yield from self._on_worker(lambda: render.tail_token_ids(
+            loaded.tokenizer, [t for t, _ in retrieved], conversation, after_block=bool(block_ids)), park)
         prompt = block_ids + tail
         if len(prompt) >= loaded.context_length:
             raise ContextExceeded(
@@ -178,9 +191,9 @@ class Generator:
                 state = self._prefill(loaded, params, prefix, prompt, cancel, prepare)
                 return state, self._step(loaded, state)
 
-            state, first = self.host.run(start, priority=PRIORITY_INTERACTIVE)
+            state, first = yield from self._on_worker(start, park, PRIORITY_INTERACTIVE)
             report.ttft_us = int((time.perf_counter() - started) * 1e6)
-            yield from self._decode(loaded, state, first, max_tokens, cancel, report)
+            yield from self._decode(loaded, state, first, max_tokens, cancel, report, park)
         finally:
             self.host.generation_ended()
         report.total_us = int((time.perf_counter() - started) * 1e6)
@@ -199,6 +212,14 @@ class Generator:
                 f"the conversation is {size} bytes; the model's context is {loaded.context_length} tokens and no "
                 f"token stands for more than {token_bytes} bytes, so no conversation over {limit} bytes can fit. "
                 "Shorten the conversation", bytes=size, limit=limit, context=loaded.context_length)
+
+    def _on_worker(self, fn: Callable[[], T], park: bool, priority: int = PRIORITY_DEFAULT) -> Steps[Park, None, T]:
+        """``fn``'s result, run on the runtime worker; with ``park`` the wait is a yielded ``Park``."""
+        if not park:
+            return self.host.run(fn, priority=priority)
+        future = self.host.worker.submit(fn, priority=priority)
+        yield Park(future)
+        return future.result()
 
     def _adapter(self, params: GenerateParams) -> tuple[str, AdapterRecord | None]:
         """The cube and the adapter the request generates with (None: the base model)."""
@@ -317,13 +338,16 @@ class Generator:
         return token, state.text.push(token)
 
     def _decode(self, loaded: LoadedModel, state: _Decoding, first: tuple[int, str], max_tokens: int,
-                cancel: threading.Event, report: GenerationReport) -> Iterator[str]:
+                cancel: threading.Event, report: GenerationReport, park: bool) -> Iterator[str | Park]:
         report.finish_reason = "length"
         for n in range(max_tokens):
             if n and cancel.is_set():
                 return
-            token, delta = first if n == 0 else self.host.run(lambda: self._step(loaded, state),
-                                                              priority=PRIORITY_INTERACTIVE)
+            if n == 0:
+                token, delta = first
+            else:
+                token, delta = yield from self._on_worker(lambda: self._step(loaded, state), park,
+                                                          PRIORITY_INTERACTIVE)
             if token in state.eos:
                 report.finish_reason = "end"
                 break

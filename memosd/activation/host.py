@@ -60,6 +60,11 @@ class ModelHost:
         return loaded
 
     @property
+    def loading(self) -> Future[LoadedModel] | None:
+        """The model load's future (None: no model is configured)."""
+        return self._loading
+
+    @property
     def state(self) -> str:
         if self._loading is None:
             return "disabled"

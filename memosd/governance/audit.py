@@ -39,9 +39,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from memosd.errors import DiskFull
+from memosd.park import done_future, resolve
 from memosd.store import schema
 from memosd.store.rocks import Store
 
@@ -149,6 +152,7 @@ class AuditLog:
         self.unaudited_calls = 0  # since start: calls that could not be appended as themselves (disk full)
         self._unaudited: dict[tuple[object, ...], _Tally] = {}
         self._windows: dict[tuple[object, ...], _Window] = {}
+        self._waiters: list[Future[Any]] = []  # beyond(): resolved at the next append
 
     def append(self, entry: AuditEntry) -> None:
         """Record one call. Never raises DiskFull: a call the disk has no room for is counted instead."""
@@ -198,6 +202,9 @@ class AuditLog:
         self.seq, self.head = seq, digest
         self.appended += 1
         self._cond.notify_all()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:  # Audit(follow) streams parked on beyond()
+            resolve(waiter)
         return True
 
     def _write_aggregate(self, tally: _Tally, kind: str) -> bool:
@@ -247,6 +254,16 @@ class AuditLog:
         for key, raw in self.store.scan_rows(schema.CF_AUDIT, schema.audit_key(after_seq + 1)):
             value = bytes(raw)
             yield StoredRecord(int(key, 16), value[:64].decode(errors="replace"), value[65:])
+
+    def beyond(self, seq: int) -> Future[Any]:
+        """A future done once a record after ``seq`` exists: Audit(follow) parks on it (see memosd.park)."""
+        with self._cond:
+            if self.seq > seq:
+                return done_future()
+            self._waiters = [w for w in self._waiters if not w.done()]  # drop the ones followers cancelled
+            waiter: Future[Any] = Future()
+            self._waiters.append(waiter)
+            return waiter
 
     def wait_beyond(self, seq: int, timeout: float) -> bool:
         """Block until a record after ``seq`` exists, or ``timeout`` passes; True if one does."""

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, NoReturn, Protocol
@@ -28,6 +29,7 @@ from memosd.kernel.kernel import Kernel, check_thawed
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.state import CubeState
 from memosd.logfmt import log_event
+from memosd.park import Park, done_future, resolve
 from memosd.runtime.adapters import adapter_digest
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
@@ -86,6 +88,7 @@ class JobManager:
         self._commit_guard = commit_guard  # None: no rights to check (in-process tests without governance)
         self._cond = threading.Condition()
         self._jobs: dict[str, JobRecord] = {}
+        self._watchers: dict[str, list[Future[Any]]] = {}  # job id -> waiters for its next change
         self._cancel: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = False
@@ -169,18 +172,35 @@ class JobManager:
             jobs = [j for j in self._jobs.values() if not cube_id or j.cube_id == cube_id]
         return sorted(jobs, key=lambda j: j.job_id, reverse=True)
 
-    def watch(self, job_id: str, stop: threading.Event) -> Iterator[JobRecord]:
-        """The job now, then again at every change, until it ends (or ``stop`` is set: the caller left)."""
+    def watch(self, job_id: str, stop: threading.Event, *, park: bool = False) -> Iterator[JobRecord | Park]:
+        """The job now, then again at every change, until it ends (or ``stop`` is set: the caller left).
+
+        With ``park`` it waits for a change by yielding ``Park`` (the gate awaits it holding no thread)."""
         last = self.get(job_id)
         yield last
         while not last.finished and not stop.is_set():
             with self._cond:
-                self._cond.wait_for(lambda seen=last: self._jobs[job_id] is not seen or stop.is_set(),  # type: ignore[misc]
-                                    timeout=1.0)
+                if park:
+                    changed = self._changed(job_id, last)
+                else:
+                    self._cond.wait_for(lambda seen=last: self._jobs[job_id] is not seen or stop.is_set(),  # type: ignore[misc]
+                                        timeout=1.0)
+            if park:
+                yield Park(changed)
+            with self._cond:
                 current = self._jobs[job_id]
             if current is not last:
                 last = current
                 yield last
+
+    def _changed(self, job_id: str, seen: JobRecord) -> Future[Any]:
+        """A future done when the job's record is no longer ``seen`` (called with the condition held)."""
+        if self._jobs[job_id] is not seen:
+            return done_future()
+        waiters = [w for w in self._watchers.get(job_id, []) if not w.done()]
+        waiter: Future[Any] = Future()
+        self._watchers[job_id] = [*waiters, waiter]
+        return waiter
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop every job at its next step (they end failed: the daemon is stopping) and wait for them."""
@@ -278,6 +298,8 @@ class JobManager:
         self.kernel.store.put_job(job, sync=job.finished)
         self._jobs[job.job_id] = job
         self._cond.notify_all()
+        for waiter in self._watchers.pop(job.job_id, []):
+            resolve(waiter)
 
     def _prune(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.job_id)

@@ -4,31 +4,50 @@ One place for all of it, so no handler can forget a step: ``Gate.wrap``
 returns the gRPC behaviour for a handler of any of the three shapes (unary,
 server-streaming, client-streaming). Handlers receive a ``Call`` that names
 the caller and collects what the call read or used, for its audit record.
+
+Threading. The server is gRPC's asyncio server; the behaviours here are
+coroutines on its event loop, and the handlers (synchronous, like all kernel
+code) run on a bounded executor. Nothing waits on the loop's thread or holds
+an executor thread while it waits for someone else: a server stream's
+generator is stepped one item at a time on the executor, and a step that would
+block yields ``Park(future)`` (memosd.park), which is awaited on the loop. A
+client stream is read on the loop, each message within
+``server.stream_idle_seconds`` (else STREAM_IDLE), and handed to the handler's
+thread (on its own small executor) as a plain iterator. Streams are admitted
+against per-principal limits (``admission``) before any work.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from memos.v1 import memos_pb2 as pb
 
-from memosd.errors import MalformedRequest, MemosError, ShuttingDown, Unauthenticated
+from memosd.config import QuotasConfig, ServerConfig
+from memosd.errors import MalformedRequest, MemosError, ShuttingDown, StreamIdle, Unauthenticated
 from memosd.governance.access import ANONYMOUS_ADMIN, AccessControl
 from memosd.governance.audit import AuditEntry, AuditLog
 from memosd.governance.principals import Principals
 from memosd.logfmt import log_event
 from memosd.parametric.jobs import JobManager
+from memosd.park import Park
 from memosd.runtime.kvcache import ComputeCancelled
 from memosd.store.records import PrincipalRecord
 from memosd.store.space import is_no_space
+from memosd.syscalls.admission import Admission, Slot, stream_kinds
 from memosd.syscalls.errors import internal, to_status
 from memosd.syscalls.policy import authorize
 
@@ -36,6 +55,7 @@ if TYPE_CHECKING:
     from memosd.metrics import Metrics
 
 log = logging.getLogger("memosd.syscalls")
+T = TypeVar("T")
 
 AUTH_METADATA = "authorization"
 _BEARER = "bearer "
@@ -62,7 +82,7 @@ class Call:
     """One syscall in progress: who made it, and what it touched (for the audit record)."""
 
     method: str
-    context: grpc.ServicerContext
+    done: threading.Event  # set when the call ends for any reason (see cancelled())
     caller: PrincipalRecord
     entry: AuditEntry = field(repr=False)
 
@@ -82,18 +102,19 @@ class Call:
 
     def cancelled(self) -> threading.Event:
         """Set when the call ends for any reason: the client cancelled, its deadline passed, or it finished."""
-        event = threading.Event()
-        if not self.context.add_callback(event.set):
-            event.set()  # already over
-        return event
+        return self.done
 
 
 Handler = Callable[[Any, Call], Any]
 
 
+_END = object()  # a stream is over: next(steps, _END), or a client stream's last message was read
+
+
 class Gate:
     def __init__(self, principals: Principals, access: AccessControl, audit: AuditLog, jobs: JobManager, *,
-                 auth: bool = True, metrics: Metrics | None = None) -> None:
+                 auth: bool = True, metrics: Metrics | None = None, server: ServerConfig | None = None,
+                 quotas: QuotasConfig | None = None) -> None:
         self.principals = principals
         self.access = access
         self.audit = audit
@@ -103,41 +124,57 @@ class Gate:
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
         self.draining = False
+        server = server or ServerConfig()
+        self.idle_seconds = server.stream_idle_seconds
+        self.admission = Admission(quotas or QuotasConfig())
+        # Handlers run here; waits do not (see the module docstring), so this bounds CPU work, not streams.
+        self.executor = ThreadPoolExecutor(max_workers=server.workers, thread_name_prefix="syscall")
+        # A client stream's handler blocks between messages (for at most stream_idle_seconds each):
+        # on threads of its own, uploads can only ever delay other uploads.
+        self.upload_executor = ThreadPoolExecutor(max_workers=server.upload_workers, thread_name_prefix="upload")
 
     def call_counts(self) -> dict[str, int]:
         """A copy of the per-method call counts (a call may be counting one right now)."""
         with self._calls_lock:
             return dict(self.calls)
 
+    def close(self) -> None:
+        """After the server stopped: no new work; what runs finishes on its own (it sees its call ended)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.upload_executor.shutdown(wait=False, cancel_futures=True)
+
     # -- the steps ---------------------------------------------------------------
-    def _caller(self, context: grpc.ServicerContext) -> PrincipalRecord:
+    @staticmethod
+    def _token(context: Any) -> list[str]:
+        """The call's authorization header values (normally one), as sent."""
+        return [value for key, value in context.invocation_metadata() or () if key == AUTH_METADATA]
+
+    def _caller(self, values: list[str]) -> PrincipalRecord:
         if not self.auth:
             return ANONYMOUS_ADMIN
-        values = [v for k, v in context.invocation_metadata() or () if k == AUTH_METADATA]
         if len(values) > 1:
             # Which one would win depends on proxies and libraries; refuse rather than pick.
             raise Unauthenticated(f"the call carries {len(values)} authorization headers; send one: "
                                   "authorization: Bearer <token>")
-        token = ""
-        for value in values:
-            if isinstance(value, str):
-                token = value[len(_BEARER):].strip() if value.lower().startswith(_BEARER) else value.strip()
+        value = values[0] if values and isinstance(values[0], str) else ""
+        token = value[len(_BEARER):].strip() if value.lower().startswith(_BEARER) else value.strip()
         return self.principals.authenticate(token)
 
-    def _authenticate(self, method: str, context: grpc.ServicerContext, entry: AuditEntry) -> PrincipalRecord:
+    def _authenticate(self, method: str, token: list[str], entry: AuditEntry) -> PrincipalRecord:
+        """Who calls (in memory: a dict lookup and a hash, so the event loop may do it)."""
         with self._calls_lock:
             self.calls[method] += 1
         if self.draining:
             raise ShuttingDown("memosd is shutting down; retry against the restarted daemon")
         try:
-            caller = self._caller(context)
+            caller = self._caller(token)
         except MemosError:
             entry.denied = True
             raise
         entry.principal_id = caller.principal_id
         return caller
 
-    def _authorize(self, caller: PrincipalRecord, method: str, request: Any, context: grpc.ServicerContext,
+    def _authorize(self, caller: PrincipalRecord, method: str, request: Any, done: threading.Event,
                    entry: AuditEntry) -> Call:
         if isinstance(request, Malformed):
             raise request.error_for_call()
@@ -147,10 +184,7 @@ class Gate:
             entry.denied = True
             raise
         entry.cube_id, entry.mount_id = target.cube_id, target.mount_id
-        return Call(method, context, caller, entry)
-
-    def _open(self, method: str, request: Any, context: grpc.ServicerContext, entry: AuditEntry) -> Call:
-        return self._authorize(self._authenticate(method, context, entry), method, request, context, entry)
+        return Call(method, done, caller, entry)
 
     def _disk_full(self, error: Exception) -> Exception:
         """A raw "no space" error from an index or file write is DiskFull too: no path or library text leaks."""
@@ -179,69 +213,235 @@ class Gate:
             self.metrics.observe_call(entry.method, entry.code, seconds)
         self.audit.append(entry)  # never fails the call: with the disk full it is counted instead
 
-    def _abort(self, method: str, error: Exception, context: grpc.ServicerContext) -> None:
+    async def _abort(self, method: str, error: Exception, context: Any) -> None:
         error = self._disk_full(error)
         if isinstance(error, MemosError):
-            context.abort_with_status(to_status(error))
+            await context.abort_with_status(to_status(error))
         if isinstance(error, ComputeCancelled):  # the caller went away mid-prefill; nobody reads this
-            context.abort(grpc.StatusCode.CANCELLED, str(error))
-        context.abort_with_status(to_status(internal(method, error)))
+            await context.abort(grpc.StatusCode.CANCELLED, str(error))
+        await context.abort_with_status(to_status(internal(method, error)))
+
+    async def _receive(self, requests: AsyncIterator[Any], method: str) -> Any:
+        """A client stream's next message (``_END`` after the last), waiting at most ``idle_seconds``."""
+        try:
+            message = await asyncio.wait_for(anext(requests), self.idle_seconds)
+        except StopAsyncIteration:
+            return _END
+        except TimeoutError:
+            raise StreamIdle(f"the {method} stream sent no message for {self.idle_seconds:g} s "
+                             "(server.stream_idle_seconds); send its messages without pausing that long",
+                             idle_seconds=f"{self.idle_seconds:g}") from None
+        if isinstance(message, Malformed):
+            raise message.error_for_stream()
+        return message
 
     # -- the three shapes ------------------------------------------------------------
-    def unary(self, method: str, handler: Handler) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
+    def unary(self, method: str, handler: Handler) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def run(request: Any, context: Any) -> Any:
             started, entry = time.perf_counter(), AuditEntry(method)
-            try:
-                response = handler(request, self._open(method, request, context, entry))
-            except Exception as error:
-                self._close(entry, started, error)
-                self._abort(method, error, context)
-            self._close(entry, started, None, response)
+            token, done = self._token(context), _done_event(context)
+
+            def work() -> tuple[Any, Exception | None]:
+                try:
+                    caller = self._authenticate(method, token, entry)
+                    response = handler(request, self._authorize(caller, method, request, done, entry))
+                except Exception as error:
+                    self._close(entry, started, error)
+                    return None, error
+                self._close(entry, started, None, response)
+                return response, None
+
+            # Shielded: a call the client abandons still finishes its audit record (its handler sees
+            # `done` set and stops early where it can).
+            response, error = await asyncio.shield(asyncio.get_running_loop().run_in_executor(self.executor, work))
+            if error is not None:
+                await self._abort(method, error, context)
             return response
 
         return run
 
-    def client_stream(self, method: str, handler: Handler) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
+    def client_stream(self, method: str, handler: Handler) -> Callable[[AsyncIterator[Any], Any], Awaitable[Any]]:
         """The first message (the header) is what the rights are checked against."""
         request_type = getattr(pb, _input_type(method))
 
-        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            started, entry = time.perf_counter(), AuditEntry(method)
+        async def run(requests: AsyncIterator[Any], context: Any) -> Any:
+            stream = _Stream(self, method, context)
+            feed = _Feed(asyncio.get_running_loop())
+            stream.on_done(feed.close)
+            pump: asyncio.Task[None] | None = None
             try:
-                caller = self._authenticate(method, context, entry)
-                first = next(requests, None)
-                call = self._authorize(caller, method, first if first is not None else request_type(), context,
-                                       entry)
-                response = handler(chain([first] if first is not None else [], requests), call)
+                caller = self._authenticate(method, stream.token, stream.entry)
+                stream.slot = self.admission.admit(caller.principal_id, stream_kinds(method, None))
+                first = await self._receive(requests, method)
+                header = request_type() if first is _END else first
+                call = await stream.run(lambda: self._authorize(caller, method, header, stream.done, stream.entry))
+                if first is _END:
+                    messages: Iterator[Any] = iter(())
+                else:
+                    pump = asyncio.ensure_future(feed.pump(lambda: self._receive(requests, method)))
+                    messages = chain([first], feed.messages())
+                response = await stream.run(lambda: handler(messages, call), self.upload_executor)
             except Exception as error:
-                self._close(entry, started, error)
-                self._abort(method, error, context)
-            self._close(entry, started, None, response)
+                await stream.run(partial(stream.finish, error))
+                await self._abort(method, error, context)
+            finally:
+                if pump is not None:
+                    pump.cancel()
+            await stream.run(lambda: stream.finish(None, response))
             return response
 
         return run
 
-    def server_stream(self, method: str, handler: Handler) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            started, entry = time.perf_counter(), AuditEntry(method)
-            error: Exception | None = None
+    def server_stream(self, method: str, handler: Handler) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        async def run(request: Any, context: Any) -> AsyncIterator[Any]:
+            stream = _Stream(self, method, context)
             try:
-                for response in handler(request, self._open(method, request, context, entry)):
-                    _note_header(entry, response)
+                caller = self._authenticate(method, stream.token, stream.entry)
+                stream.slot = self.admission.admit(caller.principal_id, stream_kinds(method, request))
+
+                def start() -> Iterator[Any]:
+                    return iter(handler(request, self._authorize(caller, method, request, stream.done,
+                                                                 stream.entry)))
+
+                stream.steps = await stream.run(start)
+                while True:
+                    response = await stream.run(lambda: next(stream.steps, _END))  # type: ignore[arg-type]
+                    if response is _END:
+                        break
+                    if isinstance(response, Park):
+                        await _park(response)
+                        continue
+                    _note_header(stream.entry, response)
                     if self.metrics is not None:
                         self.metrics.observe_response(method, response)
                     yield response
-            except GeneratorExit:  # the client went away mid-stream
-                entry.code = "CANCELLED"
-                raise
-            except Exception as failure:
-                error = failure
-            finally:
-                self._close(entry, started, error)
-            if error is not None:
-                self._abort(method, error, context)
+            except Exception as error:
+                await stream.run(partial(stream.finish, error))
+                await self._abort(method, error, context)
+            await stream.run(lambda: stream.finish(None))
 
         return run
+
+
+class _Stream:
+    """A streaming call's state, shared by the event loop and the executor threads that run its steps."""
+
+    def __init__(self, gate: Gate, method: str, context: Any) -> None:
+        self.gate = gate
+        self.started, self.entry = time.perf_counter(), AuditEntry(method)
+        self.token = gate._token(context)
+        self.done = threading.Event()
+        self.slot: Slot | None = None
+        self.steps: Iterator[Any] | None = None  # a server stream's handler generator
+        self._step: Future[Any] | None = None  # the executor work of this call running (or queued) now
+        self._closed = False
+        self._lock = threading.Lock()
+        self._on_done: list[Callable[[], None]] = []
+        context.add_done_callback(self._call_done)
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        self._on_done.append(callback)
+
+    async def run(self, fn: Callable[[], T], executor: Executor | None = None) -> T:
+        """``fn`` on the executor, awaited; cancelling the call cancels it if it has not started."""
+        self._step = (executor or self.gate.executor).submit(fn)
+        return await asyncio.wrap_future(self._step)
+
+    def finish(self, error: Exception | None, response: Any = None) -> None:
+        """The call's audit record and metrics, once (on an executor thread: it writes to RocksDB)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.gate._close(self.entry, self.started, error, response)
+
+    def _call_done(self, _context: Any) -> None:
+        """On the loop, when the RPC ends for any reason: free the slot; clean up after a caller that left."""
+        self.done.set()
+        if self.slot is not None:
+            self.slot.release()
+        for callback in self._on_done:
+            callback()
+        with self._lock:
+            if self._closed:
+                return
+        step = self._step
+        if step is None or step.done():
+            self._cleanup()
+        else:  # never close a generator while a step runs in it
+            step.add_done_callback(lambda _: self._cleanup())
+
+    def _cleanup(self) -> None:
+        def work() -> None:
+            close = getattr(self.steps, "close", None)
+            if close is not None:
+                try:
+                    close()  # runs the handler's finally blocks (a generation's accounting, say)
+                except Exception as error:  # logged; the call is over either way
+                    log_event(log, "stream_close_failed", level=logging.WARNING, method=self.entry.method,
+                              error=repr(error))
+            self.entry.code = "CANCELLED"
+            self.finish(None)
+
+        try:
+            self.gate.executor.submit(work)
+        except RuntimeError:  # the executor is shut down (the daemon is stopping)
+            work()
+
+
+class _Feed:
+    """A client stream's messages, read on the event loop, handed to the handler's thread as an iterator.
+
+    At most ``BUFFER`` messages wait in between: no more is read until the handler takes one."""
+
+    BUFFER = 2
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._room = asyncio.Semaphore(self.BUFFER)
+
+    async def pump(self, receive: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            while True:
+                await self._room.acquire()
+                message = await receive()
+                self._queue.put(message)
+                if message is _END:
+                    return
+        except Exception as error:  # STREAM_IDLE, MALFORMED_REQUEST: the handler raises it
+            self._queue.put(error)
+
+    def close(self) -> None:
+        """The call ended: wake a handler that waits for a message."""
+        self._queue.put(ComputeCancelled("the client stream ended before its last message"))
+
+    def messages(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is stopping
+                self._loop.call_soon_threadsafe(self._room.release)
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+async def _park(park: Park) -> None:
+    """Wait on the loop until ``park.future`` is done; the generator reads its result (or error) itself."""
+    waiting = asyncio.wrap_future(park.future)
+    try:
+        await asyncio.wait([waiting])
+    except asyncio.CancelledError:
+        waiting.cancel()  # cancels the work behind it if it has not started (a queued token, say)
+        raise
+
+
+def _done_event(context: Any) -> threading.Event:
+    event = threading.Event()
+    context.add_done_callback(lambda _context: event.set())
+    return event
 
 
 def _input_type(method: str) -> str:

@@ -13,6 +13,7 @@ from memosd.errors import InvalidField
 from memosd.governance.access import AccessControl, GrantView, Right
 from memosd.governance.audit import StoredRecord
 from memosd.kernel.paging import decode_token, encode_token, page_size
+from memosd.park import Park
 from memosd.store.records import PrincipalRecord, PurgeReceipt
 from memosd.syscalls import convert as cv
 from memosd.syscalls.gate import Call
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 _KINDS = {t.PRINCIPAL_KIND_USER: "user", t.PRINCIPAL_KIND_AGENT: "agent"}
 _RIGHTS = {getattr(t, f"RIGHT_{r.name}"): r for r in Right}
 _OUTCOMES = {"ok": t.AUDIT_OUTCOME_OK, "denied": t.AUDIT_OUTCOME_DENIED, "failed": t.AUDIT_OUTCOME_FAILED}
-FOLLOW_POLL_SECONDS = 1.0
 
 
 def principal(record: PrincipalRecord) -> t.Principal:
@@ -162,13 +162,12 @@ class GovernanceHandlers:
         return pb.ListGrantsResponse(grants=[grant(v) for v in page], next_page_token=token)
 
     # -- audit ------------------------------------------------------------------------------
-    def Audit(self, req: pb.AuditRequest, call: Call) -> Iterator[pb.AuditResponse]:
+    def Audit(self, req: pb.AuditRequest, call: Call) -> Iterator[pb.AuditResponse | Park]:
         cube_id = call.entry.cube_id  # resolved by the rights check (an owner must name its cube)
         for bound in ("start", "end"):  # checked before the first record, not when one is compared
             if req.time_range.HasField(bound):
                 cv.nanos(getattr(req.time_range, bound), f"time_range.{bound}")
         log = self.gate.audit
-        stop = call.cancelled()
         sent, after = 0, req.after_seq
         while True:
             for stored in log.read(after):
@@ -179,11 +178,11 @@ class GovernanceHandlers:
                     sent += 1
                     if req.limit and sent >= req.limit:
                         return
-            if not req.follow or stop.is_set():
+            if not req.follow:
                 return
-            log.wait_beyond(after, FOLLOW_POLL_SECONDS)
-            if stop.is_set():
-                return
+            # Following: wait for the next record on the event loop (no thread held); the gate ends
+            # the wait when the caller cancels or the daemon stops.
+            yield Park(log.beyond(after))
 
     # -- erasure ---------------------------------------------------------------------------
     def erase(self, cube: str, item_ids: list[str], source: str = "", tags: list[str] | None = None

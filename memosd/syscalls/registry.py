@@ -8,7 +8,6 @@ like every other bad input.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -33,9 +32,9 @@ def _safe_deserializer(cls: Any) -> Any:
 
 
 def _unimplemented(name: str) -> Any:
-    def run(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      f"{name} is in the wire contract but not implemented by this memosd yet (see README)")
+    async def run(request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{name} is in the wire contract but not implemented by this memosd yet (see README)")
 
     return run
 
@@ -50,8 +49,8 @@ def generic_handler(servicer: MemOSServicer) -> grpc.GenericRpcHandler:
         options: dict[str, Any] = {"request_deserializer": _safe_deserializer(request_cls),
                                    "response_serializer": response_cls.SerializeToString}
         if method.client_streaming:
-            # The handler receives an iterator of requests; each is checked as it is read.
-            behaviour = (_checked_stream(gate.client_stream(method.name, implementation)) if implementation
+            # The handler receives an iterator of requests; each is checked as it is read (in the gate).
+            behaviour = (gate.client_stream(method.name, implementation) if implementation
                          else _unimplemented(method.name))
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(behaviour, **options)
         elif method.server_streaming:
@@ -62,17 +61,3 @@ def generic_handler(servicer: MemOSServicer) -> grpc.GenericRpcHandler:
             behaviour = gate.unary(method.name, implementation) if implementation else _unimplemented(method.name)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour, **options)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
-def _checked_stream(handler: Any) -> Any:
-    """A client-streaming handler whose requests raise MalformedRequest when undecodable."""
-    def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        def checked() -> Iterator[Any]:
-            for request in requests:
-                if isinstance(request, Malformed):
-                    raise request.error_for_stream()
-                yield request
-
-        return handler(checked(), context)
-
-    return run

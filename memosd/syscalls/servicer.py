@@ -22,6 +22,7 @@ from memosd.kernel.types import ItemView
 from memosd.kernel.usage import CubeUsage, UsageTracker
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
+from memosd.park import Park
 from memosd.syscalls import convert as cv
 from memosd.syscalls import convert_activation as ca
 from memosd.syscalls.gate import Call, Gate
@@ -187,9 +188,11 @@ class MemOSServicer(GovernanceHandlers):
     def Evict(self, req: pb.EvictRequest, call: Call) -> pb.EvictResponse:
         return ca.evict_response(self.activator.evict(req.cube, req.delete_persisted))
 
-    def Generate(self, req: pb.GenerateRequest, call: Call) -> Iterator[pb.GenerateResponse]:
-        for event in self.generator.generate(ca.generate_params(req), call.cancelled()):
-            if isinstance(event, GenerationReport):
+    def Generate(self, req: pb.GenerateRequest, call: Call) -> Iterator[pb.GenerateResponse | Park]:
+        for event in self.generator.generate(ca.generate_params(req), call.cancelled(), park=True):
+            if isinstance(event, Park):
+                yield event  # a wait on the runtime worker: the gate awaits it holding no thread
+            elif isinstance(event, GenerationReport):
                 summary = ca.summary(event)
                 _note_generation(call, summary, event.adapter_digest)
                 self._record("generate", [use.cube_id for use in summary.memory],
@@ -224,9 +227,9 @@ class MemOSServicer(GovernanceHandlers):
         return pb.TrainResponse(header=cv.header(job.cube_id, cube.head if cube else 0, job.revision),
                                 job=cv.job(job))
 
-    def WatchJob(self, req: pb.WatchJobRequest, call: Call) -> Iterator[pb.WatchJobResponse]:
-        for job in self.jobs.watch(req.job_id, call.cancelled()):
-            yield pb.WatchJobResponse(job=cv.job(job))
+    def WatchJob(self, req: pb.WatchJobRequest, call: Call) -> Iterator[pb.WatchJobResponse | Park]:
+        for job in self.jobs.watch(req.job_id, call.cancelled(), park=True):
+            yield job if isinstance(job, Park) else pb.WatchJobResponse(job=cv.job(job))
 
     def CancelJob(self, req: pb.CancelJobRequest, call: Call) -> pb.CancelJobResponse:
         return pb.CancelJobResponse(job=cv.job(self.jobs.cancel(req.job_id)))

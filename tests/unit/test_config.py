@@ -193,6 +193,8 @@ def test_env_errors_name_key_and_variable(home: Path) -> None:
         "MEMOSD_SEARCH__NOPE": ("1", "search.nope", "[search] has"),
         "MEMOSD_NOPE__X": ("1", "nope.x", "no section 'nope'"),
         "MEMOSD_LOG_LEVEL": ("info", "MEMOSD_LOG_LEVEL", "MEMOSD_LOG__LEVEL"),
+        "MEMOSD_QUOTAS__MAX_FOLLOWS_PER_PRINCIPAL": ("0", "quotas.max_follows_per_principal", "> 0"),
+        "MEMOSD_SERVER__STREAM_IDLE_SECONDS": ("0", "server.stream_idle_seconds", "> 0"),
         "MEMOSD_LISTEN": ("nowhere", "server.listen", "host:port"),
     }
     for var, (value, key, expected) in cases.items():

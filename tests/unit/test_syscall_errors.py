@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 from memos import Client, CubeNotFound, InternalError
 
 from memosd.errors import CubeNotFound as DomainCubeNotFound
+from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
@@ -38,19 +38,27 @@ class ExplodingKernel:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[Client]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    loop = EventLoopThread()
     kernel = ExplodingKernel()
     kernel.store = Store(tmp_path / "store")
     principals = Principals(kernel.store)
     gate = Gate(principals, AccessControl(kernel, principals), AuditLog(kernel.store), None,  # type: ignore[arg-type]
                 auth=False)
     servicer = MemOSServicer(kernel, None, None, None, None, None, lambda: None, gate)  # type: ignore[arg-type]
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+
+    async def make() -> tuple[grpc.aio.Server, int]:  # the daemon's server: asyncio, made on its loop
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((generic_handler(servicer),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = loop.call(make())
     with Client(f"127.0.0.1:{port}", timeout=10) as c:
         yield c
-    server.stop(0)
+    loop.call(server.stop(0))
+    gate.close()
+    loop.close()
 
 
 def test_unexpected_exception_is_internal_logged_and_not_leaked(
