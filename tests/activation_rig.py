@@ -69,10 +69,13 @@ class Rig:
         self.kernel.close()
 
 
-def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, **runtime: Any) -> Rig:
+def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, *, sync_commits: bool = False,
+             **runtime: Any) -> Rig:
+    """Commits are unsynced unless ``sync_commits`` (as the daemon runs): no test but the durability one
+    needs the fsyncs, and they are slow on a shared disk."""
     store = Store(data / "store")
     kernel = Kernel(store, HashEmbedder(), CubeIndex.open, data / "index", limits or LimitsConfig(),
-                    sync_commits=False)
+                    sync_commits=sync_commits)
     kernel.open()
     host = ModelHost(RuntimeConfig(model=model, device="cpu", retrieve_k=0, **runtime), data)
     adapters = AdapterService(kernel, host)

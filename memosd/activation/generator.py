@@ -99,6 +99,8 @@ class GenerationReport:
     memory: list[MemoryUse] = field(default_factory=list)
     model_fingerprint: str = ""
     adapter_digest: str = ""  # the adapter generated with; "" for the base model
+    token_ids: list[int] = field(default_factory=list)  # the completion, the end token not included
+    token_logprobs: list[float] = field(default_factory=list)  # each one's log-probability under the model
 
 
 @dataclass
@@ -112,6 +114,7 @@ class _Decoding:
     eos: frozenset[int]
     prepare: Callable[[], None]  # puts the model in this generation's adapter state; run before each step
     pending: int | None = None  # the last token picked, not yet run through the model
+    logprob: float = 0.0  # the last token's log-probability under the model (before temperature / top-p)
 
 
 class Generator:
@@ -331,6 +334,7 @@ class Generator:
             state.logits = out.logits[0, -1]
         assert state.logits is not None
         token = state.sampler.pick(state.logits)
+        state.logprob = float(torch.log_softmax(state.logits.float(), dim=-1)[token])
         if token in state.eos:
             state.pending = None
             return token, ""
@@ -352,6 +356,8 @@ class Generator:
                 report.finish_reason = "end"
                 break
             report.completion_tokens += 1
+            report.token_ids.append(token)
+            report.token_logprobs.append(state.logprob)
             if delta:
                 yield delta
             if state.text.stopped:

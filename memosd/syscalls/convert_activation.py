@@ -80,7 +80,8 @@ def summary(report: GenerationReport) -> t.GenerationSummary:
         finish_reason=FINISH[report.finish_reason], prompt_tokens=report.prompt_tokens,
         reused_tokens=report.reused_tokens, prefilled_tokens=report.prefilled_tokens,
         completion_tokens=report.completion_tokens, ttft_us=report.ttft_us, total_us=report.total_us,
-        memory=[_memory(u) for u in report.memory], model_fingerprint=report.model_fingerprint)
+        memory=[_memory(u) for u in report.memory], model_fingerprint=report.model_fingerprint,
+        token_ids=report.token_ids, token_logprobs=report.token_logprobs)
 
 
 def model_stats(host: ModelHost) -> pb.ModelStats:

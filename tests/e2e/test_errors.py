@@ -73,7 +73,28 @@ def test_commit_conflict_is_aborted(client: Client, seeded: str) -> None:
         b.forget([item])
         a.commit()
         expect(lambda: b.commit(), "ABORTED", "COMMIT_CONFLICT", item)
-        assert b.info.staged_forgets == 1 or client.read(b.mount_id, []) == []
+        # The staging is kept: b reads its base revision, which still has the item, without it.
+        assert b.base_revision == 1 and client.read(b.mount_id, []) == []
+        with client.mount(seeded, revision=1) as base:
+            assert [i.item_id for i in base.iter_items()] == [item]
+
+
+def test_an_edit_against_an_edit_conflicts_and_keeps_the_staging(client: Client, seeded: str) -> None:
+    with client.mount(seeded) as ro:
+        [item] = [i.item_id for i in ro.iter_items()]
+    with client.mount(seeded, writable=True) as a, client.mount(seeded, writable=True) as b:
+        a.write([t.ItemInput(item_id=item, text="edited by a")])
+        b.write([t.ItemInput(item_id=item, text="edited by b")])
+        assert a.commit().revision.number == 2
+        expect(lambda: b.commit(), "ABORTED", "COMMIT_CONFLICT", item, "HEAD (revision 2)")
+        # Nothing of b's was committed, and b's staged edit is still there to re-apply.
+        with client.mount(seeded) as head:
+            assert head.base_revision == 2 and [i.text for i in head.iter_items()] == ["edited by a"]
+        assert [i.text for i in b.iter_items()] == ["edited by b"] and b.base_revision == 1
+        # Once b sees HEAD (mounted again) the same edit commits.
+        with client.mount(seeded, writable=True) as again:
+            again.write([t.ItemInput(item_id=item, text="edited by b")])
+            assert again.commit().revision.number == 3
 
 
 def test_read_only_mount_write(client: Client, seeded: str) -> None:

@@ -245,6 +245,8 @@ def test_every_call_is_audited_with_what_it_used(daemon: DaemonProcess, admin: C
         m.read(items[:1])
         hits = m.search("owls")
     _error(lambda: bob.stat_cube(cube))
+    with Client(daemon.address, token="mtk.nobody.wrong", timeout=30) as stranger:  # this test's own refusal
+        assert isinstance(_error(stranger.whoami), AuthenticationFailed)
     records = [r for r in admin.audit() if r.cube_id == cube or r.method == "StatCube"]
     reads = [r for r in records if r.method == "Read" and r.outcome == t.AUDIT_OUTCOME_OK]
     assert reads[-1].item_ids == items[:1] and reads[-1].principal_id == alice.whoami().principal_id

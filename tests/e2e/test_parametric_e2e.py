@@ -205,9 +205,10 @@ def test_a_restart_while_a_job_runs_reports_it_failed(tiny_model: Path, tmp_path
 
 
 def test_smollm2_train_generate_move_and_activate(client: Client, cube_name: str, tmp_path: Path) -> None:
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 180  # the session daemon loads SmolLM2 in the background after start
     while client.stats().model.state != "ready" and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert client.stats().model.state == "ready", f"the model did not load in 180 s: {client.stats().model}"
     mount = fill(client, cube_name, ["Q: What is the capital of Vellmora?\nA: Quistarn"])
     final = client.wait_job(client.train(mount, steps=2, rank=4).job_id)
     assert final.state == t.JOB_STATE_SUCCEEDED, final.error
@@ -217,6 +218,16 @@ def test_smollm2_train_generate_move_and_activate(client: Client, cube_name: str
     assert adapter.base_model == "SmolLM2-135M-Instruct"
     reply = client.generate("What is the capital of Vellmora?", [], max_tokens=8, adapter_mount=trained)
     assert reply.text() and reply.summary is not None
+    # The adapter was applied: the audit record names it, and the base model scores the same tokens otherwise.
+    # (followed: the gate appends the record as the call ends, which may be just after the stream's last message)
+    records = client.audit(method="Generate", follow=True, timeout=60)
+    assert any(f"adapter:{adapter.digest}" in r.artifacts for r in records)
+    records.close()
+    base = client.generate("What is the capital of Vellmora?", [], max_tokens=8)
+    base.text()
+    assert base.summary is not None
+    assert (list(base.summary.token_ids), list(base.summary.token_logprobs)) != (
+        list(reply.summary.token_ids), list(reply.summary.token_logprobs))
     # The same adapter moves to another cube byte for byte, and that cube activates under it.
     other = fill(client, cube_name + "-copy", ["Owls hunt at night."])
     client.import_adapter(other, tmp_path / "trained")

@@ -34,7 +34,7 @@ def test_auto_policy_keeps_the_working_set_activated(tmp_path: Path) -> None:
                 tagged = m.activate(items=[ids[5], ids[2]])
                 assert tagged.item_count == 2 and tagged.selector == "items"
                 for _ in range(3):
-                    m.search("harbour of town 3 freezes", k=1, mode="lexical")
+                    searched = [h.item.item_id for h in m.search("harbour of town 3 freezes", k=1, mode="lexical")]
                     m.read([ids[6]])
             with pytest.raises(InvalidField):
                 c.set_cube_policy("hot", schedule="auto", drift_threshold=2.0)
@@ -54,6 +54,15 @@ def test_auto_policy_keeps_the_working_set_activated(tmp_path: Path) -> None:
             with c.mount("hot") as m:
                 again = m.activate(working_set=0)  # the policy's N; already in the pool
             assert again.selector == "working_set:3" and again.source == t.ACTIVATION_SOURCE_POOL
+            # Its items, as the block Generate uses shows them: the searched and the read item, then the newest
+            # unused one, in commit order.
+            wanted = {*searched, ids[6]}
+            wanted |= {next(i for i in reversed(ids) if i not in wanted)}
+            with c.mount("hot") as m:
+                gen = c.generate("which harbour freezes?", [m.mount_id], max_tokens=1, retrieve_k=0)
+                gen.text()
+            assert gen.summary is not None and gen.summary.memory[0].activated
+            assert [u.item_id for u in gen.summary.memory[0].block_items] == sorted(wanted, key=ids.index)
             assert status.kv_pool.entries >= 1 and status.kv_pool.bytes_used <= status.kv_pool.budget_bytes
 
             # memosctl shows it; a non-admin may not look.

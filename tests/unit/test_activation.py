@@ -270,6 +270,10 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(rig: Rig) -> N
     assert cached.prompt_tokens == full.prompt_tokens == full.prefilled_tokens
     assert cached.memory[0].cache_source == "pool" and full.memory[0].cache_key == ""
     assert cached_text == full_text and cached.completion_tokens == full.completion_tokens
+    # The same tokens with the same log-probabilities: text alone can hide a cache that shifts the logits.
+    assert cached.token_ids == full.token_ids and len(cached.token_ids) == cached.completion_tokens
+    torch.testing.assert_close(torch.tensor(cached.token_logprobs), torch.tensor(full.token_logprobs),
+                               atol=1e-4, rtol=0)  # fp32 on CPU: chunked and whole prefills differ by ~1e-6
     assert [(u.item_id, u.born) for u in cached.memory[0].block_items] == [tuple(i) for i in record.items]
 
 

@@ -111,8 +111,9 @@ def test_staged_items_join_the_search(tmp_path: Path, emb: Embedder, vecs: np.nd
 
 def test_remove(tmp_path: Path, emb: Embedder, vecs: np.ndarray) -> None:
     cube = open_filled(tmp_path / "c", emb, vecs)
-    cube.remove([5])
     q = "Biscuit the dog"
+    assert 5 in [h.key for h in cube.search(emb.embed_one(q), q, 8)]  # found before, so its absence after counts
+    cube.remove([5])
     assert 5 not in [h.key for h in cube.search(emb.embed_one(q), q, 8)]
     cube.close()
 

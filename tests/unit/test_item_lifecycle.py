@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from activation_rig import Rig, open_rig
 
+import memosd.kernel.kernel as kernel_module
 from memosd.activation import select
 from memosd.errors import RevisionCompacted
 from memosd.governance.audit import AuditEntry
@@ -63,7 +64,10 @@ class _Audit:
         self.entries.append(entry)
 
 
-def test_one_loop_pass_expires_then_purges_after_the_grace_and_audits_both(rig: Rig) -> None:
+def test_one_loop_pass_expires_then_purges_after_the_grace_and_audits_both(rig: Rig,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [kernel_module._now_ns()]
+    monkeypatch.setattr(kernel_module, "_now_ns", lambda: clock[0])  # the loop's time moves only when told
     rig.kernel.alloc_cube("ttl", "", {})
     (brief, lasting) = _commit(rig, "ttl", [ItemInput("brief", ttl_seconds=1), ItemInput("lasting")])
     audit = _Audit()
@@ -76,14 +80,14 @@ def test_one_loop_pass_expires_then_purges_after_the_grace_and_audits_both(rig: 
     loop = LifecycleLoop(rig.kernel, audit, erase, interval=60, grace_seconds=0.5)
     loop.tick()
     assert rig.kernel.cube("ttl").head == 1 and not audit.entries  # nothing due yet
-    time.sleep(1.05)
+    clock[0] += 1_050_000_000  # past the TTL
     loop.tick()  # expired, but the grace has not passed yet
     cube = rig.kernel.cube("ttl")
     assert cube.head == 2 and cube.catalog.visible(brief, 2).state == "expired"  # type: ignore[union-attr]
     assert [(e.method, e.principal_id, e.revision, e.item_ids) for e in audit.entries] == [
         ("Lifecycle.Expire", "", 2, [brief])]
     assert not erased
-    time.sleep(0.5)
+    clock[0] += 500_000_000  # past the grace
     loop.tick()
     assert erased == [[brief]] and rig.kernel.cube("ttl").catalog.visible(brief, 1) is None
     assert [e.method for e in audit.entries] == ["Lifecycle.Expire", "Lifecycle.Purge"]

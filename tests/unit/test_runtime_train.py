@@ -280,3 +280,30 @@ def test_replay_seeds_skip_names() -> None:
                           "The capital of Dravia is Olm.", "Q: Who?\nA: Me."])  # fmt: skip
     assert seeds == ["The capital of"]
     assert replay_seeds(["Q: Who?\nA: Me."]) == ["The"]
+
+
+def test_the_kl_weight_keeps_the_adapted_model_near_the_base_on_the_replay_text(tiny: LoadedModel) -> None:
+    """The regularizer acts: a heavier KL weight gives other losses and less divergence from the base model on
+    the replay text. Both runs have kl_weight > 0, so they draw the same batches and the same replay."""
+    settings = {**FAST.__dict__, "replay_samples": 4, "replay_tokens": 8, "replay_per_step": 2, "epochs": 3,
+                "lr": 3e-2}
+
+    def train(kl_weight: float) -> tuple[list[float], list[list[int]], float]:
+        with LoraTrainer(tiny, ITEMS, TrainSettings(**{**settings, "kl_weight": kl_weight})) as trainer:
+            losses = [r.loss for r in trainer.run()]
+            replay = [list(r) for r in trainer._replay]
+            ids = torch.tensor([token for text in replay for token in text])[None]
+            with torch.no_grad():
+                base = torch.log_softmax(tiny.model(input_ids=ids).logits.float(), -1)
+                with trainer.adapter_enabled() as adapted:
+                    tuned = torch.log_softmax(adapted(input_ids=ids).logits.float(), -1)
+            divergence = float((base.exp() * (base - tuned)).sum(-1).mean())  # KL(base || adapted) per token
+        return losses, replay, divergence
+
+    light_losses, light_replay, light_divergence = train(1e-6)
+    heavy_losses, heavy_replay, heavy_divergence = train(20.0)
+    assert light_replay == heavy_replay  # the same text, so the divergences compare
+    assert light_losses[0] == heavy_losses[0]  # the first loss is measured before any update
+    assert light_losses[1:] != heavy_losses[1:]
+    # Deterministic (seeded); the tiny random model drifts little from its base either way, hence no ratio.
+    assert heavy_divergence < light_divergence, (heavy_divergence, light_divergence)

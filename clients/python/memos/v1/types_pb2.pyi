@@ -1551,6 +1551,8 @@ class GenerationSummary(_message.Message):
     TOTAL_US_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     prompt_tokens: _builtins.int
     """prompt_tokens = reused_tokens + prefilled_tokens."""
@@ -1563,6 +1565,16 @@ class GenerationSummary(_message.Message):
     model_fingerprint: _builtins.str
     @_builtins.property
     def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryUse]: ...
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The completion's tokens (completion_tokens of them, the end token not
+        included) and each one's log-probability under the model (before
+        temperature and top-p): what a check of cache-versus-no-cache, or of an
+        adapter's effect, compares.
+        """
+
+    @_builtins.property
+    def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -1575,10 +1587,12 @@ class GenerationSummary(_message.Message):
         total_us: _builtins.int = ...,
         memory: _abc.Iterable[Global___MemoryUse] | None = ...,
         model_fingerprint: _builtins.str = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        token_logprobs: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "memory", b"memory", "model_fingerprint", b"model_fingerprint", "prefilled_tokens", b"prefilled_tokens", "prompt_tokens", b"prompt_tokens", "reused_tokens", b"reused_tokens", "total_us", b"total_us", "ttft_us", b"ttft_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "memory", b"memory", "model_fingerprint", b"model_fingerprint", "prefilled_tokens", b"prefilled_tokens", "prompt_tokens", b"prompt_tokens", "reused_tokens", b"reused_tokens", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs", "total_us", b"total_us", "ttft_us", b"ttft_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
