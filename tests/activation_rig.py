@@ -78,6 +78,11 @@ def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, *, sync
                     sync_commits=sync_commits)
     kernel.open()
     host = ModelHost(RuntimeConfig(model=model, device="cpu", retrieve_k=0, **runtime), data)
+    # Wait for the background load (a no-op queued behind it; a failed load is the test's to see): tests load
+    # models on their own thread too (make_adapter), and transformers' meta-device init during one
+    # from_pretrained is process-global, so a load racing it gets meta tensors ("Cannot copy out of meta
+    # tensor"). The daemon never races: every model load runs on its one worker.
+    host.run(lambda: None)
     adapters = AdapterService(kernel, host)
     usage = UsageTracker(store)
     activator = Activator(kernel, host, adapters, usage)
