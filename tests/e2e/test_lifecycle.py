@@ -224,8 +224,7 @@ def test_sigterm_lets_an_in_flight_write_finish_and_keeps_it(tmp_path: Path) -> 
     assert "error" not in result, result.get("error")
     assert len(result["ids"]) == 1024  # type: ignore[arg-type]
     # The Write was still in flight at SIGTERM: the daemon logged its end after it began stopping.
-    assert daemon.log_path is not None
-    log = daemon.log_path.read_text(errors="replace")
+    log = daemon.full_log()
     stopping = log.index("event=stopping")
     assert "event=syscall method=Write" in log[stopping:], log[-20000:]
     restarted = DaemonProcess(data).start()
