@@ -67,7 +67,12 @@ class DaemonProcess:
         return (("authorization", f"Bearer {self.token}"),)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path else ""
+        """The log's tail, for failure messages."""
+        return self.full_log()[-20000:]
+
+    def full_log(self) -> str:
+        """The whole log, for assertions on what it says: a line early on may be far from the tail."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait: the clean shutdown path."""

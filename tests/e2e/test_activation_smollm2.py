@@ -238,14 +238,18 @@ def test_cancelled_stream_frees_the_runtime_at_once(client: Client) -> None:
     gen.cancel()
     assert gen.cancelled and gen.summary is None
     assert list(gen) == []  # iteration ends quietly after cancel
-    # 400 tokens take ~10-25 s here; a cancelled stream stops after at most one more token.
-    cancelled_at = time.monotonic()
+    jobs_at_cancel = client.stats().model.worker_jobs_started
+    # Freed is judged by the work done, not by how fast: each token is one worker job, and a stream that
+    # ran on would start ~400 more. The deadline only bounds a hang (a loaded 2-core machine is slow).
+    deadline = time.monotonic() + 300
     while True:
         model = client.stats().model
         if model.active_generations == 0 and model.queue_depth == 0:
             break
-        assert time.monotonic() - cancelled_at < 5.0, f"still generating 5 s after cancel: {model}"
+        assert time.monotonic() < deadline, f"still generating 300 s after cancel: {model}"
         time.sleep(0.05)
+    # A few tokens may already be under way when the cancel lands; nowhere near the 400 asked for.
+    assert model.worker_jobs_started - jobs_at_cancel < 50, model
     text, summary = ask(client, [], "Say hello.", max_tokens=8, retrieve_k=0)
     assert text.strip() and 0 < summary.completion_tokens <= 8
     assert summary.reused_tokens == 0 and not summary.memory

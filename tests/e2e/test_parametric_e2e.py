@@ -173,13 +173,21 @@ def test_training_jobs_run_refuse_and_cancel(tc: Client) -> None:
     long_job = tc.train(mount, steps=100_000, rank=4)
     with pytest.raises(TrainingInProgress, match=long_job.job_id):
         tc.train(mount, steps=3)
-    while tc.list_jobs("trained")[0].step < 1:
-        time.sleep(0.05)
+    wait_for_a_step(tc, long_job.job_id)
     cancelled = tc.cancel_job(long_job.job_id)
     assert cancelled.state == t.JOB_STATE_CANCELLED
     assert tc.stat_cube("trained").head_revision == 2  # unchanged by the cancelled job
     with pytest.raises(JobFinished):
         tc.cancel_job(long_job.job_id)
+
+
+def wait_for_a_step(c: Client, job_id: str) -> None:
+    """Poll until the job has taken a training step; the generous deadline (a loaded 2-core machine is
+    slow) makes a job that never runs fail here, with a message, rather than hang the test run."""
+    deadline = time.monotonic() + 300
+    while not any(j.job_id == job_id and j.step >= 1 for j in c.list_jobs()):
+        assert time.monotonic() < deadline, f"job {job_id} took no step in 300 s: {c.list_jobs()}"
+        time.sleep(0.05)
 
 
 def test_a_restart_while_a_job_runs_reports_it_failed(tiny_model: Path, tmp_path: Path) -> None:
@@ -189,8 +197,7 @@ def test_a_restart_while_a_job_runs_reports_it_failed(tiny_model: Path, tmp_path
         with Client(daemon.address, token=daemon.token, timeout=60) as c:
             mount = fill(c, "restarted", FACTS)
             job = c.train(mount, steps=100_000, rank=4)
-            while c.list_jobs()[0].step < 1:
-                time.sleep(0.05)
+            wait_for_a_step(c, job.job_id)
     finally:
         daemon.kill()  # a crash, mid-job
     again = DaemonProcess(data, env=tiny_env(tiny_model)).start()

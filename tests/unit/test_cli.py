@@ -1283,10 +1283,8 @@ def test_train_that_does_not_succeed_is_exit_3(ctl: Any, fake: FakeMemOS, messag
 
 def test_train_detach_returns_at_once(ctl: Any, fake: FakeMemOS) -> None:
     ctl("cube", "alloc", "notes")
-    started = time.monotonic()
-    r = ctl("train", "notes", "--detach", "-m", "hang")
+    r = ctl("train", "notes", "--detach", "-m", "hang")  # a job that waits for CancelJob; detach must not watch it
     assert r.code == 0, r.err
-    assert time.monotonic() - started < 2
     assert block_of(r.out)["state"] == "queued"
     assert "memosctl job watch job_0003" in r.err
     assert not requests_of(fake, "WatchJob") and not fake.mounts

@@ -188,7 +188,7 @@ def test_purge_removes_staged_copies_from_every_open_mount(tmp_path: Path, kerne
     kernel.alloc_cube("c", "", {})
     a, b = commit(kernel, "c", [ItemInput("alpha"), ItemInput("beta")])
     editing = kernel.mount("c", 0, True).record.mount_id
-    kernel.write(editing, [ItemInput("alpha, edited", item_id=a), ItemInput("gamma")])
+    (_, gamma), _ = kernel.write(editing, [ItemInput("alpha, edited", item_id=a), ItemInput("gamma")])
     forgetting = kernel.mount("c", 0, True).record.mount_id
     kernel.forget(forgetting, [a])
     adding = kernel.mount("c", 0, True).record.mount_id
@@ -211,12 +211,16 @@ def test_purge_removes_staged_copies_from_every_open_mount(tmp_path: Path, kerne
     kernel.commit(editing, "gamma", "test")  # the rest of the staging commits as usual
     assert {v.text for v in kernel.list_items(editing, 0, "")[0].entries} == {"beta", "gamma"}
     assert [s.item_id for s, _ in kernel.store.iter_staged(adding)] == []
+    assert ids_at(kernel, "c", 0) == {b, gamma}
 
     kernel.close()
     again = open_kernel(tmp_path / "first")
-    try:
+    try:  # reopened from RocksDB alone: the purge held, and nothing purged came back
         assert again.mounts[adding].staging == {} and again.mounts[forgetting].staging == {}
-        assert ids_at(again, "c", 0) == {b} | {i for i in ids_at(again, "c", 0) if i != b}
+        assert ids_at(again, "c", 0) == {b, gamma}
+        assert found(again, "c", 0, "alpha edited crm export", "lexical") == set()
+        with pytest.raises(ItemNotFound):
+            again.read(adding, [a])
     finally:
         again.close()
 

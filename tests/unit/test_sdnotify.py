@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,34 +129,55 @@ def test_watchdog_interval() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
 
 
+class HealthCheck:
+    """A health check the test flips, which counts the watchdog's calls so the test can wait on them."""
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.unhealthy_calls = 0
+        self.changed = threading.Condition()
+
+    def __call__(self) -> bool:
+        with self.changed:
+            if not self.healthy:
+                self.unhealthy_calls += 1
+                self.changed.notify_all()
+            return self.healthy
+
+    def wait_unhealthy_calls(self, n: int) -> None:
+        """Wait until the watchdog has seen `n` more unhealthy checks (the deadline only bounds a hang)."""
+        with self.changed:
+            target = self.unhealthy_calls + n
+            assert self.changed.wait_for(lambda: self.unhealthy_calls >= target, timeout=60)
+
+
 def test_watchdog_pings_while_healthy(fs_systemd: FakeSystemd) -> None:
     env = {"NOTIFY_SOCKET": fs_systemd.address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}
     n = SystemdNotifier(env)
     assert n.watchdog_interval() == 0.2
-    healthy = threading.Event()
-    healthy.set()
-    thread = n.start_watchdog(healthy.is_set)
+    check = HealthCheck()
+    thread = n.start_watchdog(check)
     assert thread is not None and thread.daemon and thread.is_alive()
-    assert n.start_watchdog(healthy.is_set) is thread  # one pinger only
+    assert n.start_watchdog(check) is thread  # one pinger only
     # Pings every 0.1 s: the first comes at once, several more follow.
     for _ in range(3):
         assert fs_systemd.recv() == {"WATCHDOG": "1"}
 
-    # Unhealthy: pings stop (so systemd would restart us) ...
-    healthy.clear()
-    time.sleep(0.25)  # let a ping already under way land
+    # Unhealthy: pings stop (so systemd would restart us) ... The loop pings right after a healthy check,
+    # so once it has made an unhealthy one, every ping of an earlier check is already in the socket.
+    with check.changed:
+        check.healthy = False
+    check.wait_unhealthy_calls(1)
     fs_systemd.pending()
-    time.sleep(0.35)
+    check.wait_unhealthy_calls(3)
     assert fs_systemd.pending() == 0
     # ... and resume on recovery.
-    healthy.set()
+    with check.changed:
+        check.healthy = True
     assert fs_systemd.recv() == {"WATCHDOG": "1"}
 
     n.stop_watchdog()
-    assert not thread.is_alive()
-    fs_systemd.pending()
-    time.sleep(0.3)
-    assert fs_systemd.pending() == 0
+    assert not thread.is_alive()  # joined: nothing pings any more
 
 
 def test_watchdog_survives_raising_health_check(fs_systemd: FakeSystemd) -> None:
