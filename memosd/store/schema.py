@@ -119,6 +119,8 @@ KEY_EMBEDDER = b"embedder"
 KEY_MEMORY_TEXT = b"memory_text"
 # Written (synced) only while the disk is full: the write that tells whether RocksDB takes writes again.
 KEY_SPACE_PROBE = b"space_probe"
+# The item id of a cube's own usage row: "#" sorts before every item id ("itm_..."), so it comes first.
+USAGE_CUBE_ROW = "#"
 
 
 def _hex(n: int) -> str:
@@ -191,11 +193,25 @@ def grant_key(cube_id: str, principal_id: str) -> bytes:
 
 
 def usage_key(cube_id: str, item_id: str) -> bytes:
+    """``item_id`` USAGE_CUBE_ROW: the cube's own counters."""
     return f"{cube_id}/{item_id}".encode()
+
+
+def split_usage_key(key: bytes) -> tuple[str, str]:
+    cube_id, _, item_id = bytes(key).decode().partition("/")
+    return cube_id, item_id
 
 
 def audit_key(seq: int) -> bytes:
     return _hex(seq).encode()
+
+
+def audit_seq(key: bytes) -> int:
+    return int(key, 16)
+
+
+def job_key(job_id: str) -> bytes:
+    return job_id.encode()
 
 
 def purge_key(cube_id: str, purge_id: str) -> bytes:
@@ -204,6 +220,12 @@ def purge_key(cube_id: str, purge_id: str) -> bytes:
 
 def request_key(cube_id: str, principal_id: str, request_id: str) -> bytes:
     return f"{cube_id}/{principal_id}/{request_id}".encode()
+
+
+def split_request_key(key: bytes) -> tuple[str, str, str]:
+    """(cube_id, principal_id, request_id); a request id is the client's and may itself hold "/"."""
+    cube_id, principal_id, request_id = bytes(key).decode().split("/", 2)
+    return cube_id, principal_id, request_id
 
 
 def prefix_range(owner_id: str) -> tuple[bytes, bytes]:
