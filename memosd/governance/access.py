@@ -24,8 +24,7 @@ from memosd.errors import CubeNotFound, InvalidField, PermissionDenied
 from memosd.governance.principals import Principals
 from memosd.kernel.kernel import Kernel, mount_not_found
 from memosd.kernel.state import CubeState, MountState
-from memosd.store import schema
-from memosd.store.records import CubeRecord, GrantRecord, PrincipalRecord, decode, encode
+from memosd.store.records import CubeRecord, GrantRecord, PrincipalRecord
 
 
 class Right(StrEnum):
@@ -65,8 +64,7 @@ class AccessControl:
         self.principals = principals
         self._lock = threading.Lock()
         self._grants: dict[tuple[str, str], GrantRecord] = {}
-        for _, raw in kernel.store.scan_rows(schema.CF_GRANTS):
-            grant = decode(GrantRecord, raw)
+        for grant in kernel.store.iter_grants():
             self._grants[(grant.cube_id, grant.principal_id)] = grant
 
     # -- the check -------------------------------------------------------------
@@ -172,7 +170,7 @@ class AccessControl:
                                            time.time_ns(), held.expire_ns))
                 else:
                     del self._grants[key]
-                    self.kernel.store.delete_row(schema.CF_GRANTS, schema.grant_key(*key), sync=True)
+                    self.kernel.store.delete_grant(*key)
         closed = self.close_mounts(grantee.principal_id, cube.cube_id)
         return self._view(cube.record, grantee.principal_id), closed
 
@@ -211,6 +209,5 @@ class AccessControl:
                          grant.update_ns, grant.expire_ns)
 
     def _save(self, record: GrantRecord) -> None:
-        self.kernel.store.put_row(schema.CF_GRANTS, schema.grant_key(record.cube_id, record.principal_id),
-                                  encode(record), sync=True)
+        self.kernel.store.put_grant(record)
         self._grants[(record.cube_id, record.principal_id)] = record

@@ -45,7 +45,7 @@ from typing import Any
 
 from memosd.errors import DiskFull
 from memosd.park import done_future, resolve
-from memosd.store import schema
+from memosd.store.records import StoredRecord
 from memosd.store.rocks import Store
 
 GENESIS = "0" * 64
@@ -92,17 +92,6 @@ class AuditEntry:
         return "denied" if self.denied or self.reason in _DENIED_REASONS else "failed"
 
 
-@dataclass(frozen=True)
-class StoredRecord:
-    seq: int  # from the key
-    hash: str
-    body: bytes
-
-    def fields(self) -> dict[str, object]:
-        parsed: dict[str, object] = json.loads(self.body)
-        return parsed
-
-
 def canonical(fields: dict[str, object]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -145,9 +134,9 @@ class AuditLog:
         self.enabled = enabled
         self.unauthenticated_window = unauthenticated_window  # 0: every refusal is its own record
         self._cond = threading.Condition()
-        last = store.last_row(schema.CF_AUDIT)
-        self.seq = int(last[0], 16) if last else 0
-        self.head = bytes(last[1][:64]).decode() if last else GENESIS
+        last = store.last_audit()
+        self.seq = last.seq if last else 0
+        self.head = last.hash if last else GENESIS
         self.appended = 0
         self.unaudited_calls = 0  # since start: calls that could not be appended as themselves (disk full)
         self._unaudited: dict[tuple[object, ...], _Tally] = {}
@@ -196,7 +185,7 @@ class AuditLog:
         body = canonical({**fields, "seq": seq, "prev_hash": self.head})
         digest = hashlib.sha256(body).hexdigest()
         try:
-            self.store.put_row(schema.CF_AUDIT, schema.audit_key(seq), digest.encode() + b"\n" + body, sync=False)
+            self.store.put_audit(StoredRecord(seq, digest, body))
         except DiskFull:
             return False
         self.seq, self.head = seq, digest
@@ -251,9 +240,7 @@ class AuditLog:
     # -- reading -----------------------------------------------------------------------------
     def read(self, after_seq: int = 0) -> Iterator[StoredRecord]:
         """Records after ``after_seq``, in key order, as stored (unchecked)."""
-        for key, raw in self.store.scan_rows(schema.CF_AUDIT, schema.audit_key(after_seq + 1)):
-            value = bytes(raw)
-            yield StoredRecord(int(key, 16), value[:64].decode(errors="replace"), value[65:])
+        return self.store.iter_audit(after_seq)
 
     def beyond(self, seq: int) -> Future[Any]:
         """A future done once a record after ``seq`` exists: Audit(follow) parks on it (see memosd.park)."""

@@ -27,8 +27,7 @@ from memosd.fsutil import fsync_path
 from memosd.kernel import ids
 from memosd.kernel.paging import decode_token, encode_token, page_size
 from memosd.kernel.types import Page
-from memosd.store import schema
-from memosd.store.records import PrincipalRecord, decode, encode
+from memosd.store.records import PrincipalRecord
 from memosd.store.rocks import Store
 
 TOKEN_PREFIX = "mtk"
@@ -57,9 +56,7 @@ class Principals:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._by_id: dict[str, PrincipalRecord] = {
-            p.principal_id: p for p in (decode(PrincipalRecord, raw) for _, raw in store.scan_rows(
-                schema.CF_PRINCIPALS))}
+        self._by_id: dict[str, PrincipalRecord] = {p.principal_id: p for p in store.iter_principals()}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -148,6 +145,5 @@ class Principals:
         return path
 
     def _save(self, record: PrincipalRecord) -> None:
-        self.store.put_row(schema.CF_PRINCIPALS, schema.principal_key(record.principal_id), encode(record),
-                           sync=True)
+        self.store.put_principal(record)
         self._by_id[record.principal_id] = record

@@ -37,7 +37,6 @@ from memosd.kernel.quotas import staged_bytes
 from memosd.kernel.requests import PURGED_DIGEST
 from memosd.kernel.state import CubeState, MountState
 from memosd.logfmt import log_event
-from memosd.store import schema
 from memosd.store.records import (
     AdapterRecord,
     CubeRecord,
@@ -45,7 +44,6 @@ from memosd.store.records import (
     PurgedVersion,
     PurgeReceipt,
     TaintedAdapter,
-    encode,
 )
 from memosd.store.rocks import Batch, Store
 
@@ -145,11 +143,12 @@ def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: 
     activations = [r for r in store.iter_activations(cube_id) if any(i in chosen for i, _born in r.items)]
     for activation in activations:
         batch.delete_activation(activation)
-    for key, request in store.iter_requests(cube_id):
+    for principal_id, request_id, request in store.iter_requests(cube_id):
         # A request's digest hashes the purged text: drop it. A retry under the id is then refused
         # (REQUEST_ID_REUSED), never applied again.
         if chosen.intersection(request.item_ids):
-            batch.put_row(schema.CF_REQUEST_IDS, key, encode(replace(request, digest=f"{PURGED_DIGEST}{purge_id}")))
+            batch.put_request(cube_id, principal_id, request_id,
+                              replace(request, digest=f"{PURGED_DIGEST}{purge_id}"))
     tainted = [a for a in cube.adapters if chosen.intersection(a.lineage.get("source_item_ids", ()))]
     for adapter in tainted:
         batch.put_adapter(cube_id, replace(adapter, tainted=[*adapter.tainted, purge_id]))

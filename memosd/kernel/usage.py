@@ -8,62 +8,31 @@ enough: a background thread writes what changed in one unsynced batch every
 ``flush_seconds`` and at close, so a crash loses at most that window of
 counts, which are statistics, not memory.
 
-Rows (column family ``usage``): ``{cube_id}/#`` -> the cube's counters,
-``{cube_id}/{item_id}`` -> [hits, last_used_ns]; both in the cube's key range,
-so FreeCube's range delete takes them.
+The rows (column family ``usage``, see store/schema.py) are the cube's
+counters (CubeUsage) and one ItemUsage per tracked item, all in the cube's key
+range, so FreeCube's range delete takes them. The record types live in
+store/records.py, beside the store's accessors; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 from memosd.errors import DiskFull
 from memosd.periodic import Periodic
 from memosd.store import schema
+from memosd.store.records import HEAT_HALF_LIFE_SECONDS, CubeUsage, ItemUsage
 from memosd.store.rocks import Store
 
+__all__ = ["CUBE_ROW", "HEAT_HALF_LIFE_SECONDS", "KINDS", "CubeUsage", "ItemUsage", "UsageTracker"]
+
 log = logging.getLogger("memosd.usage")
-CUBE_ROW = "#"  # sorts before "itm_": the cube's own counters
+CUBE_ROW = schema.USAGE_CUBE_ROW
 KINDS = ("search", "read", "generate", "activate")
-HEAT_HALF_LIFE_SECONDS = 600.0
-
-
-@dataclass
-class CubeUsage:
-    searches: int = 0
-    reads: int = 0
-    generations: int = 0
-    item_hits: int = 0
-    last_used_ns: int = 0
-    items_tracked: int = 0
-    # A decayed count of calls (Search, Read, Generate, Activate): +1 per call, halved every half-life.
-    # The scheduler ranks cubes by it: frequency and recency together, unlike last_used_ns alone.
-    heat: float = 0.0
-
-    def heat_at(self, now_ns: int, half_life_s: float = HEAT_HALF_LIFE_SECONDS) -> float:
-        return self.heat * _decay(now_ns - self.last_used_ns, half_life_s)
-
-
-def _decay(age_ns: int, half_life_s: float) -> float:
-    return math.exp(-math.log(2) * max(0, age_ns) / 1e9 / half_life_s)
-
-
-@dataclass
-class ItemUsage:
-    hits: int = 0
-    last_used_ns: int = 0
-
-    def score(self, now_ns: int, half_life_s: float) -> float:
-        """Frequency and recency blended: each hit counts, halved every ``half_life_s`` since the last use.
-        (An approximation of a decayed hit count that needs only the last use time.)"""
-        age = max(0.0, (now_ns - self.last_used_ns) / 1e9)
-        return self.hits * math.exp(-math.log(2) * age / half_life_s)
 
 
 class UsageTracker:
@@ -77,13 +46,11 @@ class UsageTracker:
         self._dirty: set[tuple[str, str]] = set()  # (cube_id, item_id or CUBE_ROW)
         self._dropped: set[tuple[str, str]] = set()
         self._loop = Periodic(self.flush, flush_seconds, "usage_flush", log)
-        for key, raw in store.scan_rows(schema.CF_USAGE):
-            cube_id, _, item_id = bytes(key).decode().partition("/")
-            if item_id == CUBE_ROW:
-                self._cubes[cube_id] = CubeUsage(**json.loads(raw))
+        for cube_id, item_id, stored in store.iter_usage():
+            if isinstance(stored, CubeUsage):
+                self._cubes[cube_id] = stored
             else:
-                hits, last = json.loads(raw)
-                self._items.setdefault(cube_id, {})[item_id] = ItemUsage(int(hits), int(last))
+                self._items.setdefault(cube_id, {})[item_id] = stored
 
     # -- recording ------------------------------------------------------------------
     def record(self, kind: str, cube_ids: Iterable[str], items: Iterable[tuple[str, str]] = ()) -> None:
@@ -162,24 +129,23 @@ class UsageTracker:
         with self._lock:
             dirty, dropped = self._dirty, self._dropped
             self._dirty, self._dropped = set(), set()
-            rows: list[tuple[bytes, bytes]] = []
+            # Copies, taken under the lock: the batch is built outside it while calls go on counting.
+            rows: list[tuple[str, str, CubeUsage | ItemUsage]] = []
             for cube_id, item_id in dirty:
-                if item_id == CUBE_ROW:
-                    cube = self._cubes.get(cube_id)
-                    if cube is not None:
-                        rows.append((schema.usage_key(cube_id, CUBE_ROW), json.dumps(asdict(cube)).encode()))
-                else:
-                    usage = self._items.get(cube_id, {}).get(item_id)
-                    if usage is not None:
-                        rows.append((schema.usage_key(cube_id, item_id),
-                                     json.dumps([usage.hits, usage.last_used_ns]).encode()))
+                found = (self._cubes.get(cube_id) if item_id == CUBE_ROW
+                         else self._items.get(cube_id, {}).get(item_id))
+                if found is not None:
+                    rows.append((cube_id, item_id, replace(found)))
         if not rows and not dropped:
             return 0
         batch = self.store.batch()
-        for key, value in rows:
-            batch.put_row(schema.CF_USAGE, key, value)
+        for cube_id, item_id, usage in rows:
+            if isinstance(usage, CubeUsage):
+                batch.put_cube_usage(cube_id, usage)
+            else:
+                batch.put_item_usage(cube_id, item_id, usage)
         for cube_id, item_id in dropped:
-            batch.delete_row(schema.CF_USAGE, schema.usage_key(cube_id, item_id))
+            batch.delete_item_usage(cube_id, item_id)
         try:
             self.store.write(batch, sync=False)
         except DiskFull:  # keep the counts for the next flush, once the disk has room again

@@ -8,6 +8,7 @@ nanoseconds since the Unix epoch, UTC.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -332,6 +333,58 @@ class RequestRecord:
     adapter: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class StoredRecord:
+    """One audit record as stored (``audit``): its hash and canonical JSON body (governance/audit.py)."""
+
+    seq: int  # from the key
+    hash: str
+    body: bytes
+
+    def fields(self) -> dict[str, object]:
+        parsed: dict[str, object] = json.loads(self.body)
+        return parsed
+
+
+HEAT_HALF_LIFE_SECONDS = 600.0
+
+
+@dataclass
+class CubeUsage:
+    """A cube's usage counters (``usage``, the ``{cube_id}/#`` row; kept by kernel/usage.py)."""
+
+    searches: int = 0
+    reads: int = 0
+    generations: int = 0
+    item_hits: int = 0
+    last_used_ns: int = 0
+    items_tracked: int = 0
+    # A decayed count of calls (Search, Read, Generate, Activate): +1 per call, halved every half-life.
+    # The scheduler ranks cubes by it: frequency and recency together, unlike last_used_ns alone.
+    heat: float = 0.0
+
+    def heat_at(self, now_ns: int, half_life_s: float = HEAT_HALF_LIFE_SECONDS) -> float:
+        return self.heat * _decay(now_ns - self.last_used_ns, half_life_s)
+
+
+def _decay(age_ns: int, half_life_s: float) -> float:
+    return math.exp(-math.log(2) * max(0, age_ns) / 1e9 / half_life_s)
+
+
+@dataclass
+class ItemUsage:
+    """One item's usage (``usage``, the ``{cube_id}/{item_id}`` row, stored as [hits, last_used_ns])."""
+
+    hits: int = 0
+    last_used_ns: int = 0
+
+    def score(self, now_ns: int, half_life_s: float) -> float:
+        """Frequency and recency blended: each hit counts, halved every ``half_life_s`` since the last use.
+        (An approximation of a decayed hit count that needs only the last use time.)"""
+        age = max(0.0, (now_ns - self.last_used_ns) / 1e9)
+        return self.hits * math.exp(-math.log(2) * age / half_life_s)
+
+
 R = TypeVar("R")
 
 
@@ -349,3 +402,33 @@ def encode_vector(vector: np.ndarray) -> bytes:
 
 def decode_vector(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.float32)
+
+
+# Usage rows keep json.dumps' default separators (", ", ": "), not encode()'s compact ones: that is how
+# they were always written, and the bytes on disk stay the same.
+def encode_cube_usage(usage: CubeUsage) -> bytes:
+    return json.dumps(asdict(usage)).encode()
+
+
+def decode_cube_usage(raw: bytes) -> CubeUsage:
+    return CubeUsage(**json.loads(raw))
+
+
+def encode_item_usage(usage: ItemUsage) -> bytes:
+    return json.dumps([usage.hits, usage.last_used_ns]).encode()
+
+
+def decode_item_usage(raw: bytes) -> ItemUsage:
+    hits, last = json.loads(raw)
+    return ItemUsage(int(hits), int(last))
+
+
+def encode_audit(record: StoredRecord) -> bytes:
+    """hash (64 hex) "\n" body."""
+    return record.hash.encode() + b"\n" + record.body
+
+
+def decode_audit(seq: int, raw: bytes, *, errors: str = "replace") -> StoredRecord:
+    """``errors`` applies to the hash: "replace" lets verify report a mangled one instead of failing."""
+    value = bytes(raw)
+    return StoredRecord(seq, value[:64].decode(errors=errors), value[65:])

@@ -1,6 +1,9 @@
-"""RocksDB access for the kernel: typed reads, and write batches.
+"""RocksDB access for the kernel and governance: typed reads and writes, and write batches.
 
-Only this module imports rocksdict. A Batch is one atomic RocksDB WriteBatch:
+Only this module imports rocksdict, and only the store package uses raw rows
+(``put_row``, ``delete_row``, ``scan_rows``): everyone else reads and writes
+records through the typed accessors, so every key is made by a function of
+store/schema.py (tests/unit/test_store_schema.py checks both). A Batch is one atomic RocksDB WriteBatch:
 the kernel builds one per syscall that changes durable state and writes it
 with `sync=True` where the syscall promises durability (Commit, Rollback,
 AllocCube, FreeCube), so a crash never leaves half of it applied.
@@ -40,17 +43,28 @@ from memosd.store.records import (
     ActivationRecord,
     AdapterRecord,
     CubeRecord,
+    CubeUsage,
+    GrantRecord,
+    ItemUsage,
     JobRecord,
     MountRecord,
+    PrincipalRecord,
     PurgeReceipt,
     RequestRecord,
     RevisionRecord,
     StagedAdapterRecord,
     StagedRecord,
+    StoredRecord,
     VersionRecord,
     decode,
+    decode_audit,
+    decode_cube_usage,
+    decode_item_usage,
     decode_vector,
     encode,
+    encode_audit,
+    encode_cube_usage,
+    encode_item_usage,
     encode_vector,
 )
 from memosd.store.space import DiskSpace, is_no_space
@@ -103,12 +117,6 @@ class Batch:
 
     def _delete(self, cf: str, key: bytes) -> None:
         self._wb.delete(key, self._store.handle(cf))
-
-    def put_row(self, cf: str, key: bytes, value: bytes) -> None:
-        self._put(cf, key, value)
-
-    def delete_row(self, cf: str, key: bytes) -> None:
-        self._delete(cf, key)
 
     def put_cube(self, cube: CubeRecord) -> None:
         self._put(schema.CF_CUBES, schema.cube_key(cube.cube_id), encode(cube))
@@ -215,6 +223,16 @@ class Batch:
 
     def put_request(self, cube_id: str, principal_id: str, request_id: str, record: RequestRecord) -> None:
         self._put(schema.CF_REQUEST_IDS, schema.request_key(cube_id, principal_id, request_id), encode(record))
+
+    # -- usage (statistics; kernel/usage.py) -------------------------------
+    def put_cube_usage(self, cube_id: str, usage: CubeUsage) -> None:
+        self._put(schema.CF_USAGE, schema.usage_key(cube_id, schema.USAGE_CUBE_ROW), encode_cube_usage(usage))
+
+    def put_item_usage(self, cube_id: str, item_id: str, usage: ItemUsage) -> None:
+        self._put(schema.CF_USAGE, schema.usage_key(cube_id, item_id), encode_item_usage(usage))
+
+    def delete_item_usage(self, cube_id: str, item_id: str) -> None:
+        self._delete(schema.CF_USAGE, schema.usage_key(cube_id, item_id))
 
     def delete_activations(self, cube_id: str) -> None:
         """Every activation of the cube, for every model, and all its chunks."""
@@ -409,13 +427,58 @@ class Store:
 
     def put_job(self, job: JobRecord, *, sync: bool = False) -> None:
         with self._writing():
-            self._cfs[schema.CF_JOBS].put(job.job_id.encode(), encode(job), self._sync if sync else self._nosync)
+            self._cfs[schema.CF_JOBS].put(schema.job_key(job.job_id), encode(job), self._sync if sync else self._nosync)
 
     def delete_job(self, job_id: str) -> None:
         with self._writing():
-            self._cfs[schema.CF_JOBS].delete(job_id.encode(), self._nosync)
+            self._cfs[schema.CF_JOBS].delete(schema.job_key(job_id), self._nosync)
 
-    # -- governance rows (principals, grants, audit): plain keys and values ---------------------
+    # -- governance: principals and grants (written synced), the audit log (appended unsynced) -----
+    def iter_principals(self) -> Iterator[PrincipalRecord]:
+        for _key, raw in self.scan_rows(schema.CF_PRINCIPALS):
+            yield decode(PrincipalRecord, raw)
+
+    def put_principal(self, record: PrincipalRecord) -> None:
+        self.put_row(schema.CF_PRINCIPALS, schema.principal_key(record.principal_id), encode(record), sync=True)
+
+    def iter_grants(self) -> Iterator[GrantRecord]:
+        for _key, raw in self.scan_rows(schema.CF_GRANTS):
+            yield decode(GrantRecord, raw)
+
+    def put_grant(self, record: GrantRecord) -> None:
+        self.put_row(schema.CF_GRANTS, schema.grant_key(record.cube_id, record.principal_id), encode(record),
+                     sync=True)
+
+    def delete_grant(self, cube_id: str, principal_id: str) -> None:
+        self.delete_row(schema.CF_GRANTS, schema.grant_key(cube_id, principal_id), sync=True)
+
+    def put_audit(self, record: StoredRecord) -> None:
+        """Not synced: the WAL is, with the next synced write (see governance/audit.py)."""
+        self.put_row(schema.CF_AUDIT, schema.audit_key(record.seq), encode_audit(record), sync=False)
+
+    def iter_audit(self, after_seq: int = 0) -> Iterator[StoredRecord]:
+        """Records after ``after_seq``, in seq order, as stored (unchecked)."""
+        for key, raw in self.scan_rows(schema.CF_AUDIT, schema.audit_key(after_seq + 1)):
+            yield decode_audit(schema.audit_seq(key), raw)
+
+    def last_audit(self) -> StoredRecord | None:
+        """The newest record. Its hash is decoded strictly: the chain's head is never a guess."""
+        it = self._cfs[schema.CF_AUDIT].iter()
+        it.seek_to_last()
+        return decode_audit(schema.audit_seq(it.key()), it.value(), errors="strict") if it.valid() else None
+
+    # -- usage (kernel/usage.py); written through Batch, one unsynced batch per flush ---------------
+    def iter_usage(self) -> Iterator[tuple[str, str, CubeUsage | ItemUsage]]:
+        """Every usage row as (cube_id, item_id, usage): a CubeUsage where item_id is
+        schema.USAGE_CUBE_ROW, else the item's ItemUsage."""
+        for key, raw in self.scan_rows(schema.CF_USAGE):
+            cube_id, item_id = schema.split_usage_key(key)
+            if item_id == schema.USAGE_CUBE_ROW:
+                yield cube_id, item_id, decode_cube_usage(raw)
+            else:
+                yield cube_id, item_id, decode_item_usage(raw)
+
+    # -- raw rows: for the store package (and tests that tamper with rows) only -------------------
     def put_row(self, cf: str, key: bytes, value: bytes, *, sync: bool) -> None:
         with self._writing():
             self._cfs[cf].put(key, value, self._sync if sync else self._nosync)
@@ -434,11 +497,6 @@ class Store:
                 break
             yield key, it.value()
             it.next()
-
-    def last_row(self, cf: str) -> tuple[bytes, bytes] | None:
-        it = self._cfs[cf].iter()
-        it.seek_to_last()
-        return (it.key(), it.value()) if it.valid() else None
 
     def get_activation(self, cube_id: str, fingerprint: str) -> ActivationRecord | None:
         raw = self._cfs[schema.CF_ACTIVATIONS].get(schema.activation_key(cube_id, fingerprint))
@@ -460,17 +518,18 @@ class Store:
         raw = self._cfs[schema.CF_REQUEST_IDS].get(schema.request_key(cube_id, principal_id, request_id))
         return None if raw is None else decode(RequestRecord, raw)
 
-    def iter_requests(self, cube_id: str) -> Iterator[tuple[bytes, RequestRecord]]:
-        """The cube's request ids: (key, record)."""
+    def iter_requests(self, cube_id: str) -> Iterator[tuple[str, str, RequestRecord]]:
+        """The cube's request ids: (principal_id, request_id, record)."""
         for key, raw in self._scan_owner(schema.CF_REQUEST_IDS, cube_id):
-            yield bytes(key), decode(RequestRecord, raw)
+            _cube_id, principal_id, request_id = schema.split_request_key(key)
+            yield principal_id, request_id, decode(RequestRecord, raw)
 
     def delete_requests_before(self, time_ns: int) -> int:
         """Delete every request id recorded before ``time_ns`` (one unsynced batch); returns how many."""
         batch = self.batch()
         for key, raw in self.scan_rows(schema.CF_REQUEST_IDS):
             if decode(RequestRecord, raw).time_ns < time_ns:
-                batch.delete_row(schema.CF_REQUEST_IDS, bytes(key))
+                batch._delete(schema.CF_REQUEST_IDS, bytes(key))
         removed = len(batch)
         if removed:
             self.write(batch, sync=False)

@@ -1,69 +1,70 @@
-"""The key schema of the cube store, drawn in one place.
+"""The key schema of the cube store: every column family, its keys and its values, drawn here only.
 
 Every key is ASCII. Ids never contain "/", numbers are fixed-width lowercase
 hex, so byte order is numeric order and a cube's rows form one contiguous
 range per column family (``cube_id/`` .. ``cube_id0``; "0" sorts right after
-"/").
+"/"). FreeCube deletes that range in every family whose keys all start with
+``{cube_id}/`` (CUBE_SCOPED).
 
-    default                       daemon metadata
-      schema_version              -> "1"  (SCHEMA_VERSION; checked at open)
-      embedder                    -> embedder fingerprint the stored vectors were made with
+The tree below is the one drawing of the schema, and tests/unit/test_store_schema.py
+holds it to the code: its families are exactly those Store opens, each key is
+drawn as the ``str.format`` template the store's accessor writes (written
+through the accessor and read back raw), and a value named by a class is that
+record of store/records.py, encoded as JSON by ``records.encode`` unless said
+otherwise. The fields of a record are documented on its class, not here.
+
+    default                       daemon metadata (Store.get_meta / put_meta)
+      schema_version              -> "1" (SCHEMA_VERSION; checked at open: a mismatch refuses to start)
+      embedder                    -> fingerprint of the embedder that made the stored vectors
       memory_text                 -> the memory-text recipe (kernel/memory_text.py) they were made under
+      space_probe                 -> time_ns of the last probe write while the disk was full
     cubes
-      {cube_id}                   -> CubeRecord (json): name, head, counts, next_vkey
+      {cube_id}                   -> CubeRecord
     cube_names
-      {name}                      -> {cube_id}
+      {name}                      -> the cube id (ASCII)
     revisions
-      {cube_id}/{rev:016x}        -> RevisionRecord (json): author, message, time, counts
+      {cube_id}/{rev:016x}        -> RevisionRecord
     items                         every version of every item, all revisions
       {cube_id}/{item_id}/{born:016x}
-                                  -> VersionRecord (json): vkey, text, tags, source,
-                                     event/write time, born, died (0 = alive at HEAD),
-                                     speaker, session_id (conversation turns; a turn's
-                                     neighbours are derived at read time, not stored)
+                                  -> VersionRecord
     vectors
-      {cube_id}/{vkey:016x}       -> float32[dim] embedding of that version
+      {cube_id}/{vkey:016x}       -> float32[dim], the embedding of that version
     mounts
-      {mount_id}                  -> MountRecord (json): cube, base revision, mode
-    staging                       a mount's uncommitted changes (written without sync)
-      {mount_id}/{item_id}        -> StagedRecord (json): kind, base version, content
+      {mount_id}                  -> MountRecord
+    staging                       a mount's uncommitted changes
+      {mount_id}/{item_id}        -> StagedRecord
     staged_vectors
-      {mount_id}/{item_id}        -> float32[dim] embedding of the staged content
+      {mount_id}/{item_id}        -> float32[dim], the embedding of the staged content (none for a forget)
     activations                   a cube's activation for one model (at most one per model)
-      {cube_id}/{fingerprint}     -> ActivationRecord (json): revision, cache key, block
-                                     items and token ids, chunk count, bytes
+      {cube_id}/{fingerprint}     -> ActivationRecord
     kv_chunks                     the KV cache blobs (BlobDB files, uncompressed)
       {cube_id}/{cache_key}/{chunk:08x}
-                                  -> safetensors chunk (fp16/bf16) made by runtime.to_chunks
+                                  -> a safetensors chunk (fp16/bf16) made by runtime.kvcache.to_chunks
     adapters                      every version of a cube's adapter (at most one per revision)
-      {cube_id}/{born:016x}       -> AdapterRecord (json): digest, sizes, rank, targets, lineage, died,
-                                     tainted (the purges that removed items of its lineage)
+      {cube_id}/{born:016x}       -> AdapterRecord
     adapter_blobs                 adapter files by digest (BlobDB files, uncompressed)
       {cube_id}/{digest}/c        -> adapter_config.json bytes
       {cube_id}/{digest}/w/{chunk:08x}
-                                  -> adapter_model.safetensors bytes, in 8 MiB pieces
+                                  -> adapter_model.safetensors bytes, in ADAPTER_CHUNK_BYTES (8 MiB) pieces
     staged_adapters
-      {mount_id}                  -> StagedAdapterRecord (json): put (with the adapter) or remove
-    jobs                          background jobs, the last MAX_JOBS kept
-      {job_id}                    -> JobRecord (json): cube, revision, settings, state, progress, result
+      {mount_id}                  -> StagedAdapterRecord
+    jobs                          background jobs (training), the last parametric.jobs.MAX_JOBS kept
+      {job_id}                    -> JobRecord
     purges                        what each Purge removed and flagged: ids and counts, never text
-      {cube_id}/{purge_id}        -> PurgeReceipt (json): items, versions, staged entries, index entries,
-                                     activations deleted, adapters tainted
+      {cube_id}/{purge_id}        -> PurgeReceipt
     principals                    users and agents (governance)
-      {principal_id}              -> PrincipalRecord (json): name, kind, admin, disabled, sha256 of the token secret
+      {principal_id}              -> PrincipalRecord
     grants                        rights on cubes; the cube's owner (CubeRecord.owner) holds all without a row
-      {cube_id}/{principal_id}    -> GrantRecord (json): rights, expiry, granted_by
+      {cube_id}/{principal_id}    -> GrantRecord
     usage                         what Search, Read and Generate used (statistics, flushed in batches)
-      {cube_id}/#                 -> the cube's counters (json): searches, reads, generations, item hits, last use
-      {cube_id}/{item_id}         -> [hits, last_used_ns]
-    request_ids                   client-chosen request ids of Write, Ingest, Commit and ImportAdapter,
-                                  kept limits.request_id_ttl_seconds (the lifecycle loop sweeps them)
+      {cube_id}/#                 -> CubeUsage, as json.dumps with its default separators
+      {cube_id}/{item_id}         -> ItemUsage, as the JSON list [hits, last_used_ns]
+    request_ids                   client-chosen request ids, kept limits.request_id_ttl_seconds
       {cube_id}/{principal_id}/{request_id}
-                                  -> RequestRecord (json): kind, sha256 of the request, time, mount,
-                                     revision, item ids (the first call's result; never text)
+                                  -> RequestRecord (a request id may itself hold "/": it is the key's rest)
     audit                         the hash-chained audit log, one record per syscall, allowed or refused
-      {seq:016x}                  -> hash (64 hex) "\n" body, body = canonical JSON of the record, holding
-                                     prev_hash; hash = sha256(body)
+      {seq:016x}                  -> StoredRecord, as hash (64 hex) "\n" body; body = canonical JSON of the
+                                     record, holding seq and prev_hash; hash = sha256(body)
 
 A version key (vkey) is a per-cube counter assigned at commit, so the dense and
 lexical indexes (derived, rebuildable) can say "everything up to vkey N is in".
@@ -119,6 +120,8 @@ KEY_EMBEDDER = b"embedder"
 KEY_MEMORY_TEXT = b"memory_text"
 # Written (synced) only while the disk is full: the write that tells whether RocksDB takes writes again.
 KEY_SPACE_PROBE = b"space_probe"
+# The item id of a cube's own usage row: "#" sorts before every item id ("itm_..."), so it comes first.
+USAGE_CUBE_ROW = "#"
 
 
 def _hex(n: int) -> str:
@@ -191,11 +194,25 @@ def grant_key(cube_id: str, principal_id: str) -> bytes:
 
 
 def usage_key(cube_id: str, item_id: str) -> bytes:
+    """``item_id`` USAGE_CUBE_ROW: the cube's own counters."""
     return f"{cube_id}/{item_id}".encode()
+
+
+def split_usage_key(key: bytes) -> tuple[str, str]:
+    cube_id, _, item_id = bytes(key).decode().partition("/")
+    return cube_id, item_id
 
 
 def audit_key(seq: int) -> bytes:
     return _hex(seq).encode()
+
+
+def audit_seq(key: bytes) -> int:
+    return int(key, 16)
+
+
+def job_key(job_id: str) -> bytes:
+    return job_id.encode()
 
 
 def purge_key(cube_id: str, purge_id: str) -> bytes:
@@ -204,6 +221,12 @@ def purge_key(cube_id: str, purge_id: str) -> bytes:
 
 def request_key(cube_id: str, principal_id: str, request_id: str) -> bytes:
     return f"{cube_id}/{principal_id}/{request_id}".encode()
+
+
+def split_request_key(key: bytes) -> tuple[str, str, str]:
+    """(cube_id, principal_id, request_id); a request id is the client's and may itself hold "/"."""
+    cube_id, principal_id, request_id = bytes(key).decode().split("/", 2)
+    return cube_id, principal_id, request_id
 
 
 def prefix_range(owner_id: str) -> tuple[bytes, bytes]:

@@ -11,10 +11,9 @@ from memos.v1 import types_pb2 as t
 
 from memosd.errors import InvalidField
 from memosd.governance.access import AccessControl, GrantView, Right
-from memosd.governance.audit import StoredRecord
 from memosd.kernel.paging import decode_token, encode_token, page_size
 from memosd.park import Park
-from memosd.store.records import PrincipalRecord, PurgeReceipt
+from memosd.store.records import PrincipalRecord, PurgeReceipt, StoredRecord
 from memosd.syscalls import convert as cv
 from memosd.syscalls.gate import Call
 
