@@ -448,8 +448,9 @@ def test_client_calls_on_a_mount_take_its_handle_and_refresh_it(client: memos.Cl
     assert client.commit(handle, "msg").revision.number == 4
     assert handle.base_revision == 4
     client.search([handle, "mnt_2"], "q")
+    client.search(iter(["mnt_3", handle]), "q")  # any iterable of mounts, as before handles were taken
     assert [r.mount_id for r in fake.of("Write") + fake.of("Forget") + fake.of("Commit")] == ["mnt_h"] * 3
-    assert list(fake.of("Search")[0].mount_ids) == ["mnt_h", "mnt_2"]
+    assert [list(r.mount_ids) for r in fake.of("Search")] == [["mnt_h", "mnt_2"], ["mnt_3", "mnt_h"]]
 
 
 def test_mount_handle_write_many_refreshes_after_each_batch(client: memos.Client, fake: Fake) -> None:

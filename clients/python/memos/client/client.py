@@ -845,8 +845,8 @@ def _mount_id(mount: str | MountHandle) -> str:
 
 
 def _mount_ids(mounts: str | MountHandle | Sequence[str | MountHandle]) -> list[str]:
-    # A str is a Sequence too, and a MountHandle is not one: either is a single mount.
-    if isinstance(mounts, str) or not isinstance(mounts, Sequence):
+    # A str is iterable too, and a MountHandle is not: either is a single mount (any other iterable is many).
+    if isinstance(mounts, str) or not isinstance(mounts, Iterable):
         return [_mount_id(mounts)]
     return [_mount_id(m) for m in mounts]
 
