@@ -34,8 +34,8 @@ class MountCall(Generic[_P, _R]):
         self.name = method.__name__
         self.__doc__ = method.__doc__
         # What inspect and help() show for the bound call: the method's parameters after self and the mount.
-        parameters = list(inspect.signature(method).parameters.values())[2:]
-        self.signature = inspect.signature(method).replace(parameters=parameters)
+        signature = inspect.signature(method)
+        self.signature = signature.replace(parameters=list(signature.parameters.values())[2:])
 
     def __set_name__(self, owner: type[MountHandle], name: str) -> None:
         self.name = name
