@@ -439,6 +439,29 @@ def test_mount_handle_binds_calls_and_unmounts(client: memos.Client, fake: Fake)
     assert [r.mount_id for r in fake.of("Unmount")] == ["mnt_1"]
 
 
+def test_client_calls_on_a_mount_take_its_handle_and_refresh_it(client: memos.Client, fake: Fake) -> None:
+    handle = memos.MountHandle(client, types_pb2.Mount(mount_id="mnt_h"))
+    assert client.write(handle, ["a", "b"]) == ["itm_1_0", "itm_1_1"]
+    assert handle.info.staged_adds == 2
+    client.forget(handle, ["itm_1_0"])
+    assert handle.info.staged_forgets == 1
+    assert client.commit(handle, "msg").revision.number == 4
+    assert handle.base_revision == 4
+    client.search([handle, "mnt_2"], "q")
+    client.search(iter(["mnt_3", handle]), "q")  # any iterable of mounts, as before handles were taken
+    assert [r.mount_id for r in fake.of("Write") + fake.of("Forget") + fake.of("Commit")] == ["mnt_h"] * 3
+    assert [list(r.mount_ids) for r in fake.of("Search")] == [["mnt_h", "mnt_2"], ["mnt_3", "mnt_h"]]
+
+
+def test_mount_handle_write_many_refreshes_after_each_batch(client: memos.Client, fake: Fake) -> None:
+    with client.mount("notes", writable=True) as m:
+        # The fake's staged_adds is each Write's own count: what the handle shows as each batch ends.
+        seen: list[int] = []
+        ids = m.write_many(["a", "b", "c"], 2, lambda n: seen.append(m.info.staged_adds))
+        assert [len(r.items) for r in fake.of("Write")] == [2, 1]
+        assert len(ids) == 3 and seen == [2, 1]
+
+
 def test_mount_handle_exit_ignores_mount_not_found(client: memos.Client, fake: Fake) -> None:
     fake.unmount_fails = True
     with client.mount("notes") as m:
