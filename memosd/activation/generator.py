@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from memosd.activation import render
 from memosd.activation.activator import Activator
 from memosd.activation.decode import Sampler, TextStream
-from memosd.activation.host import ModelHost
 from memosd.errors import AdapterNotFound, ContextExceeded, InvalidField
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.search import MAX_MOUNTS, Searcher
 from memosd.kernel.types import SearchFilter
 from memosd.park import Park
+from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_DEFAULT, PRIORITY_INTERACTIVE

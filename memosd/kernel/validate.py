@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from memosd.config import LimitsConfig as Limits
-from memosd.errors import InvalidField, TextEmpty, TextTooLarge, TooManyItems
+from memosd.errors import AdapterInvalid, AdapterTooLarge, InvalidField, TextEmpty, TextTooLarge, TooManyItems
 from memosd.kernel.ids import CUBE_NAME_RE
 from memosd.kernel.types import ItemInput, Message
+from memosd.runtime.adapters import MAX_CONFIG_BYTES
 
 MAX_TAGS = 64
 MAX_TAG_CHARS = 128
@@ -126,3 +127,18 @@ def cube_meta(description: str, labels: Mapping[str, str]) -> None:
                 f"label {key!r}: keys are 1 to 63 printable characters, values at most {MAX_LABEL_CHARS}",
                 field="labels",
             )
+
+
+def adapter_upload(config_bytes: int, weights_bytes: int, limit: int) -> None:
+    """An ImportAdapter header's declared sizes, checked before any chunk is read (``limit``:
+    limits.max_adapter_bytes). Raises AdapterTooLarge / AdapterInvalid."""
+    declared = config_bytes + weights_bytes
+    if declared > limit:
+        raise AdapterTooLarge(f"the adapter is {declared} bytes; the daemon takes at most {limit} "
+                              "(limits.max_adapter_bytes)", size=declared, limit=limit)
+    if not config_bytes or not weights_bytes:
+        raise AdapterInvalid("the header must give the sizes of both adapter_config.json and "
+                             "adapter_model.safetensors")
+    if config_bytes > MAX_CONFIG_BYTES:
+        raise AdapterInvalid(f"adapter_config.json is {config_bytes} bytes; at most {MAX_CONFIG_BYTES} "
+                             "are accepted", key="adapter_config.json")

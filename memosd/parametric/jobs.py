@@ -22,7 +22,6 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, NoReturn, Protocol
 
-from memosd.activation.host import ModelHost
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
 from memosd.kernel import ids
 from memosd.kernel.kernel import Kernel, check_thawed
@@ -31,6 +30,7 @@ from memosd.kernel.state import CubeState
 from memosd.logfmt import log_event
 from memosd.park import Park, done_future, resolve
 from memosd.runtime.adapters import adapter_digest
+from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 from memosd.store.records import AdapterRecord, JobRecord
@@ -39,7 +39,6 @@ log = logging.getLogger("memosd.jobs")
 
 MAX_JOBS = 100
 MAX_STEPS = 100_000
-_PEFT_PREFIX = "base_model.model."  # how peft names the keys of a saved adapter
 
 
 class Trainer(Protocol):
@@ -231,8 +230,10 @@ class JobManager:
                 elapsed = time.monotonic() - started
                 eta = elapsed / result.step * (trainer.total_steps - result.step)
                 job = self._update(job_id, step=result.step, loss=float(result.loss), eta_seconds=eta)
+            from memosd.runtime.lora_train import serialize  # imported when used, as the trainer is
+
             exported = self.host.run(trainer.export, priority=PRIORITY_BACKGROUND)
-            config, weights = self.host.run(lambda: _serialize(exported, loaded), priority=PRIORITY_BACKGROUND)
+            config, weights = self.host.run(lambda: serialize(exported, loaded), priority=PRIORITY_BACKGROUND)
             record = self._adapter_record(job, loaded, refs, config, weights)
             revision = self.kernel.commit_adapter(job.cube_id, job.revision, record, config, weights,
                                                   job.message or f"memory training ({job_id})",
@@ -312,14 +313,3 @@ class JobManager:
 
 class _Stopped(Exception):
     """The job was cancelled, or the daemon is stopping."""
-
-
-def _serialize(exported: Any, loaded: LoadedModel) -> tuple[bytes, bytes]:
-    """adapter_config.json and adapter_model.safetensors bytes, as PeftModel.save_pretrained writes them."""
-    from safetensors.torch import save
-
-    config = dict(exported.config)
-    config["base_model_name_or_path"] = loaded.name
-    tensors = {k if k.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + k: v.contiguous()
-               for k, v in exported.state_dict.items()}
-    return json.dumps(config, indent=2, sort_keys=True).encode(), save(tensors, metadata={"format": "pt"})
