@@ -23,7 +23,6 @@ from memosd.errors import (
 )
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.requests import RequestRef
-from memosd.kernel.state import MountState
 from memosd.kernel.types import MountInfo
 from memosd.logfmt import log_event
 from memosd.runtime import adapters as rt
@@ -93,8 +92,9 @@ class AdapterService:
                   bytes=len(upload.config) + upload.weights_bytes)
         return record, info
 
-    def export(self, mount_id: str) -> tuple[AdapterRecord, bool, MountState, tuple[bytes, bytes]]:
-        """The adapter the mount sees, whether it is staged, and its files (config, weights) as stored."""
+    def export(self, mount_id: str) -> tuple[AdapterRecord, bool, MountInfo, tuple[bytes, bytes]]:
+        """The adapter the mount sees, whether it is staged, the mount, and its files (config, weights) as
+        stored."""
         mount = self.kernel.mount_state(mount_id)
         cube = self.kernel.cube_of(mount)
         adapter, staged = self.kernel.adapter_in(mount)
@@ -102,7 +102,7 @@ class AdapterService:
             raise AdapterNotFound(f"cube {cube.record.name!r} has no adapter at revision {mount.record.base}"
                                   f"{' in this mount' if mount.staged_adapter else ''}; import or train one",
                                   cube=cube.cube_id, revision=mount.record.base)
-        return adapter, staged, mount, self.kernel.adapter_files(cube.cube_id, adapter)
+        return adapter, staged, self.kernel.mount_info(mount), self.kernel.adapter_files(cube.cube_id, adapter)
 
     # -- residency (for Activate, Generate, Evict) -----------------------------
     def prepare(self, loaded: LoadedModel, cube_id: str, adapter: AdapterRecord | None) -> None:

@@ -21,7 +21,6 @@ from memos.v1 import types_pb2 as t
 from memosd.errors import AdapterInvalid, InvalidField
 from memosd.kernel import validate
 from memosd.kernel.requests import RequestRef
-from memosd.kernel.state import MountState
 from memosd.kernel.types import MountInfo
 from memosd.parametric.adapters import SPOOL_PREFIX, AdapterService, Upload
 from memosd.store.records import AdapterRecord
@@ -85,7 +84,7 @@ def receive(requests: Iterator[pb.ImportAdapterRequest], limit: int, spool: Path
                      header.digest)
 
 
-def export(service: AdapterService, mount_id: str) -> tuple[AdapterRecord, bool, MountState, Iterator[t.AdapterChunk]]:
+def export(service: AdapterService, mount_id: str) -> tuple[AdapterRecord, bool, MountInfo, Iterator[t.AdapterChunk]]:
     """The adapter the mount sees, whether it is staged, and its files as chunks (config, then weights)."""
     adapter, staged, mount, files = service.export(mount_id)
 

@@ -215,8 +215,7 @@ class MemOSServicer(GovernanceHandlers):
                       call: Call) -> Iterator[pb.ExportAdapterResponse]:
         adapter, staged, mount, chunks = adapter_stream.export(self.adapters, req.mount_id)
         call.note(artifacts=[f"adapter:{adapter.digest}"])
-        yield pb.ExportAdapterResponse(adapter=cv.adapter(adapter, staged=staged),
-                                       header=cv.mount_header(self.kernel.mount_info(mount)))
+        yield pb.ExportAdapterResponse(adapter=cv.adapter(adapter, staged=staged), header=cv.mount_header(mount))
         for chunk in chunks:
             yield pb.ExportAdapterResponse(chunk=chunk)
 
