@@ -36,7 +36,6 @@ from memosd.runtime.tokens import chat_token_ids
 
 BLOCK_HEADER = "Memory from cube {name}. Each line is one remembered item:\n"
 RETRIEVED_HEADER = "Memory items that may be relevant to the user's last message:\n"
-ROLES = ("system", "user", "assistant")
 
 
 def item_line(text: str) -> str:

@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any, NoReturn, Protocol
 
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
-from memosd.kernel import ids
+from memosd.kernel import ids, validate
 from memosd.kernel.kernel import Kernel, check_thawed
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.state import CubeState
@@ -38,7 +38,6 @@ from memosd.store.records import AdapterRecord, JobRecord
 log = logging.getLogger("memosd.jobs")
 
 MAX_JOBS = 100
-MAX_STEPS = 100_000
 
 
 class Trainer(Protocol):
@@ -110,9 +109,7 @@ class JobManager:
         check_thawed(cube, "Train (its result would be committed)")
         revision = mount.record.base
         steps = int(settings.get("max_steps", 0))
-        if not 0 <= steps <= MAX_STEPS:
-            raise InvalidField(f"settings.steps is {steps}; use 1 to {MAX_STEPS}, or 0 for the default",
-                               field="settings.steps")
+        validate.train_steps(steps)
         check_settings(settings)
         with cube.lock:
             now = time.time_ns()  # archived and expired items are not memory to learn
