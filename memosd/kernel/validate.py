@@ -9,6 +9,7 @@ kernel (the lifecycle loop, the scheduler) alike. The limits that operators set 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ MAX_TEMPERATURE = 5.0
 MAX_STOPS = 8
 MAX_STOP_BYTES = 256
 MAX_STEPS = 100_000  # optimizer steps of one Train job
+MAX_REQUEST_ID_CHARS = 128
+REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 
 
 def text(value: str, what: str, max_bytes: int, limit_name: str) -> None:
@@ -146,6 +149,20 @@ def cube_name(name: str) -> None:
             f"cube name {name!r} is invalid: use 1 to 64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit", field="name",
         )
+
+
+def request_id(value: str, field: str) -> None:
+    """A call's request id (not empty: no id is checked by the caller)."""
+    if not REQUEST_ID_RE.match(value):
+        raise InvalidField(f"{field} {value[:40]!r} is not a request id: use 1 to {MAX_REQUEST_ID_CHARS} of "
+                           "A-Z a-z 0-9 . _ : - (a uuid4 fits), or leave it empty", field=field)
+
+
+def principal_name(name: str) -> None:
+    # The same characters as a cube name: both are shown in listings, audit records and tokens' owners.
+    if not CUBE_NAME_RE.fullmatch(name):
+        raise InvalidField(f"principal name {name!r} is invalid: use 1-64 characters of [A-Za-z0-9._-], "
+                           "starting with a letter or digit", field="name")
 
 
 def cube_meta(description: str, labels: Mapping[str, str]) -> None:
