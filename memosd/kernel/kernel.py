@@ -85,8 +85,6 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-
-
 def check_readable(cube: CubeState, revision: int, action: str) -> None:
     """Refuse ``action`` at a revision compaction removed the content of (revision 0, the empty cube, stays)."""
     oldest = oldest_readable(cube)
