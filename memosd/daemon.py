@@ -34,7 +34,6 @@ from memos.v1 import memos_pb2 as pb
 from memosd import __version__
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
-from memosd.activation.host import ModelHost
 from memosd.activation.scheduler import Scheduler
 from memosd.config import Config, ConfigError, SearchConfig, load_config
 from memosd.errors import DiskFull
@@ -52,6 +51,7 @@ from memosd.metrics import Metrics, MetricsServer
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.periodic import Periodic
+from memosd.runtime.host import ModelHost
 from memosd.sdnotify import SystemdNotifier
 from memosd.store.rocks import PROBE_MIN_FREE_BYTES, SchemaMismatch, Store
 from memosd.store.space import free_bytes, is_no_space

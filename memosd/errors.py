@@ -1,6 +1,6 @@
 """Domain errors: each has one gRPC status code and one stable reason.
 
-The reasons are the names of ``memos.v1.ErrorReason``; the client maps them
+The reasons are the names of the protocol's ``ErrorReason`` enum; the client maps them
 back to exception classes. ``syscalls/errors.py`` is the one place that turns
 these into gRPC statuses. The kernel raises them and knows nothing of gRPC, so
 codes are named here as strings of ``grpc.StatusCode`` member names.

@@ -31,7 +31,7 @@ SYSCALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # A pooled prefix on a GPU (a few ms) to a full prefill of thousands of tokens on CPU (seconds).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-Snapshot = Callable[[], Any]  # returns a memos.v1 StatsResponse (Daemon.stats)
+Snapshot = Callable[[], Any]  # returns the Stats syscall's response message (Daemon.stats)
 
 
 class Metrics:

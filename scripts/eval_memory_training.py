@@ -195,7 +195,7 @@ def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int = 
     """Greedy closed-book replies, each question alone in a fresh chat (batched, left-padded)."""
     import torch
 
-    from memosd.activation.render import encode, render_chat
+    from memosd.runtime.tokens import encode, render_chat
 
     replies: list[str] = []
     prompts = [encode(tokenizer, render_chat(tokenizer, [{"role": "user", "content": q}], generation_prompt=True))
@@ -253,7 +253,7 @@ def perplexity(model: Any, tokenizer: Any, passages: list[str], max_tokens: int 
     """exp(mean token NLL) over all passages, each cut to ``max_tokens`` tokens, as plain text."""
     import torch
 
-    from memosd.activation.render import encode
+    from memosd.runtime.tokens import encode
 
     total, count = 0.0, 0
     with torch.no_grad():

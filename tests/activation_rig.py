@@ -18,7 +18,6 @@ import numpy as np
 
 from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerateParams, GenerationReport, Generator
-from memosd.activation.host import ModelHost
 from memosd.config import LimitsConfig, RuntimeConfig, SearchConfig
 from memosd.daemon import make_ranker
 from memosd.index.cube_index import CubeIndex
@@ -28,6 +27,7 @@ from memosd.kernel.types import ItemInput
 from memosd.kernel.usage import UsageTracker
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
+from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
 from memosd.store.rocks import Store
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from memosd.activation import render, select
-from memosd.activation.host import ModelHost
 from memosd.errors import ContextExceeded, CubeEmpty, PoolTooSmall
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.memory_text import memory_text
@@ -37,6 +36,7 @@ from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
 from memosd.parametric.adapters import AdapterService
 from memosd.runtime import kvpool
+from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import (
     CacheMismatch,
     ComputeStats,

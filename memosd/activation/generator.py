@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from memosd.activation import render
 from memosd.activation.activator import Activator
 from memosd.activation.decode import Sampler, TextStream
-from memosd.activation.host import ModelHost
-from memosd.errors import AdapterNotFound, ContextExceeded, InvalidField
+from memosd.errors import AdapterNotFound, ContextExceeded
+from memosd.kernel import validate
 from memosd.kernel.memory_text import memory_text
-from memosd.kernel.search import MAX_MOUNTS, Searcher
+from memosd.kernel.search import Searcher
 from memosd.kernel.types import SearchFilter
 from memosd.park import Park
+from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_DEFAULT, PRIORITY_INTERACTIVE
@@ -42,10 +43,6 @@ from memosd.store.records import AdapterRecord
 if TYPE_CHECKING:
     import torch
 
-MAX_TEMPERATURE = 5.0
-MAX_STOPS = 8
-MAX_STOP_BYTES = 256
-MAX_MESSAGES = 1024
 # A conversation of B bytes is at least B / longest_token_bytes tokens. Twice that many bytes are let
 # through to the tokenizer, for tokenizers whose normalizer shrinks text (NFKC folds some 3-byte characters
 # into 2 bytes): the bound must never refuse a prompt that fits, only bound what reaches the worker.
@@ -239,37 +236,10 @@ class Generator:
 
     def _validate(self, params: GenerateParams) -> tuple[int, int]:
         config = self.host.config
-        if not params.messages:
-            raise InvalidField("messages is empty; send the conversation, ending with a user message",
-                               field="messages")
-        if len(params.messages) > MAX_MESSAGES:
-            raise InvalidField(f"{len(params.messages)} messages; at most {MAX_MESSAGES}", field="messages")
-        for i, (role, _content) in enumerate(params.messages):
-            if role not in render.ROLES:
-                raise InvalidField(f"messages[{i}].role is {role!r}; use one of {', '.join(render.ROLES)}",
-                                   field=f"messages[{i}].role")
-        role, content = params.messages[-1]
-        if role != "user" or not content.strip():
-            raise InvalidField("the last message must be a non-empty user message: it is what is answered",
-                               field=f"messages[{len(params.messages) - 1}]")
-        if len(params.mount_ids) > MAX_MOUNTS:
-            raise InvalidField(f"{len(params.mount_ids)} mounts; at most {MAX_MOUNTS}", field="mount_ids")
         max_tokens = params.max_tokens or config.max_tokens
-        if max_tokens > config.max_tokens_limit:
-            raise InvalidField(f"options.max_tokens is {max_tokens}; at most {config.max_tokens_limit} "
-                               "(runtime.max_tokens_limit)", field="options.max_tokens")
-        if not 0 <= params.temperature <= MAX_TEMPERATURE:
-            raise InvalidField(f"options.temperature is {params.temperature}; use 0 (greedy) to "
-                               f"{MAX_TEMPERATURE}", field="options.temperature")
-        if not 0 <= params.top_p <= 1:
-            raise InvalidField(f"options.top_p is {params.top_p}; use a value in (0, 1], or 0 for 1",
-                               field="options.top_p")
-        if len(params.stop) > MAX_STOPS or any(not s or len(s.encode()) > MAX_STOP_BYTES for s in params.stop):
-            raise InvalidField(f"options.stop takes at most {MAX_STOPS} strings of 1 to {MAX_STOP_BYTES} bytes",
-                               field="options.stop")
         k = config.retrieve_k if params.retrieve_k is None else params.retrieve_k
-        if k > self.kernel.limits.max_k:
-            raise InvalidField(f"retrieve_k is {k}; at most {self.kernel.limits.max_k}", field="retrieve_k")
+        validate.generate(params.messages, params.mount_ids, max_tokens, config.max_tokens_limit, params.temperature,
+                          params.top_p, params.stop, k, self.kernel.limits)
         return max_tokens, k
 
     def _retrieve(self, params: GenerateParams, k: int, exclude: set[str],

@@ -41,7 +41,6 @@ from typing import Any
 
 from memosd.activation import select
 from memosd.activation.activator import Activator, kv_bytes_per_token, salt_cube
-from memosd.activation.host import ModelHost
 from memosd.errors import MemosError
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.state import CubeState
@@ -49,6 +48,7 @@ from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
 from memosd.parametric.jobs import JobManager
 from memosd.periodic import Periodic
+from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled
 
 log = logging.getLogger("memosd.scheduler")

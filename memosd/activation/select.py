@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from memosd.errors import InvalidField, ItemNotFound
+from memosd.kernel import validate
 from memosd.kernel.catalog import VersionMeta
 from memosd.kernel.usage import ItemUsage
 
 DEFAULT_WORKING_SET = 32
 DEFAULT_DRIFT = 0.25
 DEFAULT_TRAIN_MIN_ITEMS = 10
-MAX_WORKING_SET = 10_000
 HALF_LIFE_SECONDS = 3600.0  # usage an hour old counts half
 
 
@@ -73,9 +73,7 @@ def check(selector: Selector) -> None:
         raise InvalidField("selector.items is empty; list the item ids to activate", field="selector.items")
     if selector.kind == "tag" and not selector.tag:
         raise InvalidField("selector.tag is empty; name the tag whose items to activate", field="selector.tag")
-    if selector.size > MAX_WORKING_SET:
-        raise InvalidField(f"selector.working_set is {selector.size}; at most {MAX_WORKING_SET}",
-                           field="selector.working_set")
+    validate.working_set_size(selector.size, "selector.working_set")
 
 
 def working_set(alive: Iterable[VersionMeta], usage: Mapping[str, ItemUsage], size: int,

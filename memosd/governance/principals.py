@@ -22,9 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from memosd.errors import InvalidField, PrincipalNameTaken, PrincipalNotFound, Unauthenticated
+from memosd.errors import PrincipalNameTaken, PrincipalNotFound, Unauthenticated
 from memosd.fsutil import fsync_path
-from memosd.kernel import ids
+from memosd.kernel import ids, validate
 from memosd.kernel.paging import decode_token, encode_token, page_size
 from memosd.kernel.types import Page
 from memosd.store.records import PrincipalRecord
@@ -82,9 +82,7 @@ class Principals:
 
     # -- management -----------------------------------------------------------
     def create(self, name: str, kind: Kind, admin: bool, created_by: str) -> tuple[PrincipalRecord, str]:
-        if not ids.CUBE_NAME_RE.fullmatch(name):
-            raise InvalidField(f"principal name {name!r} is invalid: use 1-64 characters of [A-Za-z0-9._-], "
-                               "starting with a letter or digit", field="name")
+        validate.principal_name(name)
         with self._lock:
             if any(p.name == name for p in self._by_id.values()):
                 raise PrincipalNameTaken(f"a principal named {name!r} exists; pick another name", name=name)

@@ -29,8 +29,6 @@ from memosd.kernel.types import ItemView, Message
 from memosd.store.records import StagedRecord, VersionRecord
 from memosd.store.rocks import Store
 
-MAX_CONTEXT_TURNS = 10
-
 
 def ingest_order(messages: Sequence[Message], now: int) -> list[int]:
     """Indexes of ``messages`` in commit order: grouped by session (in order of first appearance), then by

@@ -85,10 +85,6 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-MAX_TTL_SECONDS = 100 * 365 * 86400
-ITEM_STATES = ("active", "archived")  # what SetItemState sets; "expired" is only the lifecycle loop's
-
-
 def check_readable(cube: CubeState, revision: int, action: str) -> None:
     """Refuse ``action`` at a revision compaction removed the content of (revision 0, the empty cube, stays)."""
     oldest = oldest_readable(cube)
@@ -342,7 +338,8 @@ class Kernel:
         return FreeResult(cube.head, len(cube.catalog), len(mounts))
 
     def set_policy(self, ref: str, policy: dict[str, object]) -> CubeInfo:
-        """Replace the cube's scheduler policy (validated by the caller); written synced."""
+        """Replace the cube's scheduler policy; written synced."""
+        policy = validate.policy(policy)
         cube = self.cube(ref)
         with cube.lock:
             record = replace(cube.record, policy=dict(policy))
@@ -368,11 +365,7 @@ class Kernel:
 
     def set_retention(self, ref: str, keep_last: int, keep_seconds: float) -> CubeInfo:
         """Set which revisions compaction keeps (0 turns a rule off); written synced. Compacts nothing."""
-        if keep_last < 0:
-            raise InvalidField(f"retention.keep_last is {keep_last}; use 0 (off) or more", field="retention.keep_last")
-        if not 0 <= keep_seconds < float("inf"):
-            raise InvalidField(f"retention.keep_seconds is {keep_seconds}; use 0 (off) or a number of seconds",
-                               field="retention.keep_seconds")
+        validate.retention(keep_last, keep_seconds)
         retention = {k: v for k, v in (("keep_last", keep_last), ("keep_seconds", keep_seconds)) if v}
         cube = self.cube(ref)
         with cube.lock:
@@ -477,13 +470,7 @@ class Kernel:
         """Stage items; with a request id, a retry gets the first call's item ids and stages nothing."""
         mount, cube = self._writable(mount_id)
         validate.items(inputs, self.limits)
-        for i, item in enumerate(inputs):
-            if not 0 <= item.ttl_seconds <= MAX_TTL_SECONDS:
-                raise InvalidField(f"items[{i}].ttl_seconds is {item.ttl_seconds}; use 0 (no TTL) to "
-                                   f"{MAX_TTL_SECONDS} (100 years)", field=f"items[{i}].ttl_seconds")
-            if item.item_id and not ids.ITEM_ID_RE.fullmatch(item.item_id):
-                raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
-                                   "to add a new item", field=f"items[{i}].item_id")
+        validate.item_fields(inputs)
         with self.requests.claim(cube.cube_id, request, "write", mount_id, list(inputs)) as claim:
             if claim.done is not None:
                 return list(claim.done.item_ids), self.mount_info(mount)
@@ -794,8 +781,7 @@ class Kernel:
         mount, cube = self._writable(mount_id)
         validate.messages(messages, self.limits)
         validate.tags(tags, "tags")
-        if len(source) > validate.MAX_SOURCE_CHARS:
-            raise InvalidField(f"source is over {validate.MAX_SOURCE_CHARS} characters", field="source")
+        validate.source(source, "source")
         with self.requests.claim(cube.cube_id, request, "ingest", mount_id, list(messages), list(tags), source,
                                  message, author) as claim:
             if claim.done is not None:
@@ -927,9 +913,7 @@ class Kernel:
         expired item also drops its TTL), as one new revision at HEAD. Each change is a new version with the
         same content, so Diff shows it as changed and Rollback undoes it. Items already in that state change
         nothing; None when none changed (no revision)."""
-        if state not in ITEM_STATES:
-            raise InvalidField(f"state {state!r} cannot be set; use one of {', '.join(ITEM_STATES)} (items "
-                               "expire through their TTL)", field="state")
+        validate.item_state(state)
         if not item_ids:
             raise InvalidField("item_ids is empty; name the items to change", field="item_ids")
         validate.id_count(item_ids, self.limits)

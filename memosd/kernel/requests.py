@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -27,12 +26,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
-from memosd.errors import InvalidField, RequestIdReused
+from memosd.errors import RequestIdReused
+from memosd.kernel import validate
 from memosd.store.records import RequestKind, RequestRecord
 from memosd.store.rocks import Batch, Store
 
-MAX_REQUEST_ID_CHARS = 128
-REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 # The lifecycle loop runs often; a sweep reads every kept id, so it runs at most this often.
 SWEEP_INTERVAL_SECONDS = 60.0
 # A record whose items a Purge erased keeps no digest of their text, only this prefix and the purge id.
@@ -51,9 +49,7 @@ def request_ref(principal_id: str, request_id: str, field: str = "request_id") -
     """The validated reference of a call's request id; None when the call has none."""
     if not request_id:
         return None
-    if not REQUEST_ID_RE.match(request_id):
-        raise InvalidField(f"{field} {request_id[:40]!r} is not a request id: use 1 to {MAX_REQUEST_ID_CHARS} of "
-                           "A-Z a-z 0-9 . _ : - (a uuid4 fits), or leave it empty", field=field)
+    validate.request_id(request_id, field)
     return RequestRef(principal_id, request_id)
 
 

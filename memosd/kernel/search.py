@@ -16,9 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from memosd.errors import InvalidField
 from memosd.kernel import validate
-from memosd.kernel.conversation import MAX_CONTEXT_TURNS, SessionOrder
+from memosd.kernel.conversation import SessionOrder
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import FusedHitLike, Ranker, Scored
@@ -27,7 +26,6 @@ from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, 
 from memosd.store.records import StagedRecord
 
 MODES = ("hybrid", "dense", "lexical")
-MAX_MOUNTS = 64
 
 
 @dataclass(frozen=True)
@@ -53,23 +51,8 @@ class Searcher:
     def search(self, mount_ids: Sequence[str], query: str, k: int, filt: SearchFilter, mode: str,
                context_turns: int = 0) -> SearchResult:
         started = time.perf_counter_ns()
-        limits = self.kernel.limits
-        if not mount_ids:
-            raise InvalidField("mount_ids is empty; search needs at least one mount", field="mount_ids")
-        if len(mount_ids) > MAX_MOUNTS:
-            raise InvalidField(f"{len(mount_ids)} mounts; one search covers at most {MAX_MOUNTS}",
-                               field="mount_ids")
-        validate.text(query, "query", limits.max_query_bytes, "limits.max_query_bytes")
-        k = 10 if k == 0 else k
-        if k > limits.max_k:
-            raise InvalidField(f"k is {k}; at most {limits.max_k} results can be asked for", field="k")
-        if mode not in MODES:
-            raise InvalidField(f"mode {mode!r} is not one of {', '.join(MODES)}", field="mode")
-        validate.filter_values(filt.speakers, "speakers")
-        validate.filter_values(filt.session_ids, "session_ids")
-        if not 0 <= context_turns <= MAX_CONTEXT_TURNS:
-            raise InvalidField(f"context_turns is {context_turns}; at most {MAX_CONTEXT_TURNS} turns before and "
-                               "after each hit can be asked for", field="context_turns")
+        k = validate.search(mount_ids, query, k, mode, MODES, filt.speakers, filt.session_ids, context_turns,
+                            self.kernel.limits)
         mounts = [self.kernel.mount_state(mid) for mid in dict.fromkeys(mount_ids)]
         cubes = [self.kernel.cube_of(m) for m in mounts]
 

@@ -1,13 +1,23 @@
-"""Limits on what clients send, with messages that say what to fix."""
+"""Every semantic bound on what clients send (lengths, ranges, counts, policy and retention bounds, the
+MAX_* limits), with messages that say what to fix.
+
+One home, so that every caller shares the same checks: the syscall handlers (after ``syscalls/convert*.py``
+has checked the wire shape: enums, required fields, oneofs) and the daemon's own background callers of the
+kernel (the lifecycle loop, the scheduler) alike. The limits that operators set are ``config.LimitsConfig``
+(``limits.*``); the fixed ones are the constants here.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from memosd.config import LimitsConfig as Limits
-from memosd.errors import InvalidField, TextEmpty, TextTooLarge, TooManyItems
-from memosd.kernel.ids import CUBE_NAME_RE
+from memosd.errors import AdapterInvalid, AdapterTooLarge, InvalidField, TextEmpty, TextTooLarge, TooManyItems
+from memosd.kernel.ids import CUBE_NAME_RE, ITEM_ID_RE
 from memosd.kernel.types import ItemInput, Message
+from memosd.runtime.adapters import MAX_CONFIG_BYTES
 
 MAX_TAGS = 64
 MAX_TAG_CHARS = 128
@@ -18,6 +28,19 @@ MAX_DESCRIPTION_CHARS = 4096
 MAX_SPEAKER_CHARS = 128
 MAX_SESSION_CHARS = 256
 MAX_FILTER_VALUES = 64  # speakers / session ids in one search filter
+MAX_TTL_SECONDS = 100 * 365 * 86400
+ITEM_STATES = ("active", "archived")  # what SetItemState sets; "expired" is only the lifecycle loop's
+MAX_WORKING_SET = 10_000  # items in a working set (a cube's policy, an Activate selector)
+MAX_MOUNTS = 64  # mounts one Search or Generate reads
+MAX_CONTEXT_TURNS = 10  # session turns before and after each search hit
+CHAT_ROLES = ("system", "user", "assistant")  # the roles of a Generate conversation
+MAX_MESSAGES = 1024  # messages in one Generate conversation
+MAX_TEMPERATURE = 5.0
+MAX_STOPS = 8
+MAX_STOP_BYTES = 256
+MAX_STEPS = 100_000  # optimizer steps of one Train job
+MAX_REQUEST_ID_CHARS = 128
+REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 
 
 def text(value: str, what: str, max_bytes: int, limit_name: str) -> None:
@@ -53,11 +76,25 @@ def items(inputs: Sequence[ItemInput], limits: Limits) -> None:
     for i, item in enumerate(inputs):
         text(item.text, f"items[{i}].text", limits.max_item_bytes, "limits.max_item_bytes")
         tags(item.tags, f"items[{i}].tags")
-        if len(item.source) > MAX_SOURCE_CHARS:
-            raise InvalidField(f"items[{i}].source is over {MAX_SOURCE_CHARS} characters",
-                               field=f"items[{i}].source")
+        source(item.source, f"items[{i}].source")
         speaker(item.speaker, f"items[{i}].speaker", required=False)
         session_id(item.session_id, f"items[{i}].session_id", required=False)
+
+
+def item_fields(inputs: Sequence[ItemInput]) -> None:
+    """A write's TTLs and item ids (after ``items``, which checks their texts and labels first)."""
+    for i, item in enumerate(inputs):
+        if not 0 <= item.ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidField(f"items[{i}].ttl_seconds is {item.ttl_seconds}; use 0 (no TTL) to "
+                               f"{MAX_TTL_SECONDS} (100 years)", field=f"items[{i}].ttl_seconds")
+        if item.item_id and not ITEM_ID_RE.fullmatch(item.item_id):
+            raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
+                               "to add a new item", field=f"items[{i}].item_id")
+
+
+def source(value: str, what: str) -> None:
+    if len(value) > MAX_SOURCE_CHARS:
+        raise InvalidField(f"{what} is over {MAX_SOURCE_CHARS} characters", field=what)
 
 
 def _name(value: str, what: str, max_chars: int, required: bool) -> None:
@@ -114,6 +151,20 @@ def cube_name(name: str) -> None:
         )
 
 
+def request_id(value: str, field: str) -> None:
+    """A call's request id (not empty: no id is checked by the caller)."""
+    if not REQUEST_ID_RE.match(value):
+        raise InvalidField(f"{field} {value[:40]!r} is not a request id: use 1 to {MAX_REQUEST_ID_CHARS} of "
+                           "A-Z a-z 0-9 . _ : - (a uuid4 fits), or leave it empty", field=field)
+
+
+def principal_name(name: str) -> None:
+    # The same characters as a cube name: both are shown in listings, audit records and tokens' owners.
+    if not CUBE_NAME_RE.fullmatch(name):
+        raise InvalidField(f"principal name {name!r} is invalid: use 1-64 characters of [A-Za-z0-9._-], "
+                           "starting with a letter or digit", field="name")
+
+
 def cube_meta(description: str, labels: Mapping[str, str]) -> None:
     if len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidField(f"description is over {MAX_DESCRIPTION_CHARS} characters", field="description")
@@ -126,3 +177,115 @@ def cube_meta(description: str, labels: Mapping[str, str]) -> None:
                 f"label {key!r}: keys are 1 to 63 printable characters, values at most {MAX_LABEL_CHARS}",
                 field="labels",
             )
+
+
+def adapter_upload(config_bytes: int, weights_bytes: int, limit: int) -> None:
+    """An ImportAdapter header's declared sizes, checked before any chunk is read (``limit``:
+    limits.max_adapter_bytes). Raises AdapterTooLarge / AdapterInvalid."""
+    declared = config_bytes + weights_bytes
+    if declared > limit:
+        raise AdapterTooLarge(f"the adapter is {declared} bytes; the daemon takes at most {limit} "
+                              "(limits.max_adapter_bytes)", size=declared, limit=limit)
+    if not config_bytes or not weights_bytes:
+        raise AdapterInvalid("the header must give the sizes of both adapter_config.json and "
+                             "adapter_model.safetensors")
+    if config_bytes > MAX_CONFIG_BYTES:
+        raise AdapterInvalid(f"adapter_config.json is {config_bytes} bytes; at most {MAX_CONFIG_BYTES} "
+                             "are accepted", key="adapter_config.json")
+
+
+def item_state(state: str) -> None:
+    """SetItemState's target state: archived or active (an item expires only through its TTL)."""
+    if state not in ITEM_STATES:
+        raise InvalidField(f"state {state!r} cannot be set; use ITEM_STATE_ARCHIVED or ITEM_STATE_ACTIVE (items "
+                           "expire only through their TTL)", field="state")
+
+
+def working_set_size(size: int, what: str) -> None:
+    if size > MAX_WORKING_SET:
+        raise InvalidField(f"{what} is {size}; at most {MAX_WORKING_SET}", field=what)
+
+
+def policy(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A cube's scheduler policy, bounded, as it is stored (the drift threshold to 4 decimals)."""
+    stored = dict(values)
+    working_set_size(int(stored.get("working_set_size", 0)), "policy.working_set_size")
+    if "drift_threshold" in stored:
+        drift = float(stored["drift_threshold"])
+        if not 0 <= drift <= 1:
+            raise InvalidField(f"policy.drift_threshold is {stored['drift_threshold']}; use 0 (the default) to 1",
+                               field="policy.drift_threshold")
+        stored["drift_threshold"] = round(drift, 4)
+    return stored
+
+
+def retention(keep_last: int, keep_seconds: float) -> None:
+    """Which revisions compaction keeps; 0 turns a rule off."""
+    if keep_last < 0:
+        raise InvalidField(f"retention.keep_last is {keep_last}; use 0 (off) or more", field="retention.keep_last")
+    if not 0 <= keep_seconds < float("inf"):
+        raise InvalidField(f"retention.keep_seconds is {keep_seconds}; use 0 (off) or a number of seconds",
+                           field="retention.keep_seconds")
+
+
+def search(mount_ids: Sequence[str], query: str, k: int, mode: str, modes: Sequence[str], speakers: Sequence[str],
+           session_ids: Sequence[str], context_turns: int, limits: Limits) -> int:
+    """A Search's arguments; returns k (0: the default, 10)."""
+    if not mount_ids:
+        raise InvalidField("mount_ids is empty; search needs at least one mount", field="mount_ids")
+    if len(mount_ids) > MAX_MOUNTS:
+        raise InvalidField(f"{len(mount_ids)} mounts; one search covers at most {MAX_MOUNTS}",
+                           field="mount_ids")
+    text(query, "query", limits.max_query_bytes, "limits.max_query_bytes")
+    k = 10 if k == 0 else k
+    if k > limits.max_k:
+        raise InvalidField(f"k is {k}; at most {limits.max_k} results can be asked for", field="k")
+    if mode not in modes:
+        raise InvalidField(f"mode {mode!r} is not one of {', '.join(modes)}", field="mode")
+    filter_values(speakers, "speakers")
+    filter_values(session_ids, "session_ids")
+    if not 0 <= context_turns <= MAX_CONTEXT_TURNS:
+        raise InvalidField(f"context_turns is {context_turns}; at most {MAX_CONTEXT_TURNS} turns before and "
+                           "after each hit can be asked for", field="context_turns")
+    return k
+
+
+def generate(messages: Sequence[tuple[str, str]], mount_ids: Sequence[str], max_tokens: int, max_tokens_limit: int,
+             temperature: float, top_p: float, stop: Sequence[str], k: int, limits: Limits) -> None:
+    """A Generate's conversation and options (``max_tokens`` and ``k`` with the configured defaults applied;
+    ``max_tokens_limit``: runtime.max_tokens_limit)."""
+    if not messages:
+        raise InvalidField("messages is empty; send the conversation, ending with a user message",
+                           field="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidField(f"{len(messages)} messages; at most {MAX_MESSAGES}", field="messages")
+    for i, (role, _content) in enumerate(messages):
+        if role not in CHAT_ROLES:
+            raise InvalidField(f"messages[{i}].role is {role!r}; use one of {', '.join(CHAT_ROLES)}",
+                               field=f"messages[{i}].role")
+    role, content = messages[-1]
+    if role != "user" or not content.strip():
+        raise InvalidField("the last message must be a non-empty user message: it is what is answered",
+                           field=f"messages[{len(messages) - 1}]")
+    if len(mount_ids) > MAX_MOUNTS:
+        raise InvalidField(f"{len(mount_ids)} mounts; at most {MAX_MOUNTS}", field="mount_ids")
+    if max_tokens > max_tokens_limit:
+        raise InvalidField(f"options.max_tokens is {max_tokens}; at most {max_tokens_limit} "
+                           "(runtime.max_tokens_limit)", field="options.max_tokens")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidField(f"options.temperature is {temperature}; use 0 (greedy) to "
+                           f"{MAX_TEMPERATURE}", field="options.temperature")
+    if not 0 <= top_p <= 1:
+        raise InvalidField(f"options.top_p is {top_p}; use a value in (0, 1], or 0 for 1",
+                           field="options.top_p")
+    if len(stop) > MAX_STOPS or any(not s or len(s.encode()) > MAX_STOP_BYTES for s in stop):
+        raise InvalidField(f"options.stop takes at most {MAX_STOPS} strings of 1 to {MAX_STOP_BYTES} bytes",
+                           field="options.stop")
+    if k > limits.max_k:
+        raise InvalidField(f"retrieve_k is {k}; at most {limits.max_k}", field="retrieve_k")
+
+
+def train_steps(steps: int) -> None:
+    if not 0 <= steps <= MAX_STEPS:
+        raise InvalidField(f"settings.steps is {steps}; use 1 to {MAX_STEPS}, or 0 for the default",
+                           field="settings.steps")

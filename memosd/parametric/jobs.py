@@ -22,15 +22,15 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, NoReturn, Protocol
 
-from memosd.activation.host import ModelHost
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
-from memosd.kernel import ids
+from memosd.kernel import ids, validate
 from memosd.kernel.kernel import Kernel, check_thawed
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.state import CubeState
 from memosd.logfmt import log_event
 from memosd.park import Park, done_future, resolve
 from memosd.runtime.adapters import adapter_digest
+from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 from memosd.store.records import AdapterRecord, JobRecord
@@ -38,8 +38,6 @@ from memosd.store.records import AdapterRecord, JobRecord
 log = logging.getLogger("memosd.jobs")
 
 MAX_JOBS = 100
-MAX_STEPS = 100_000
-_PEFT_PREFIX = "base_model.model."  # how peft names the keys of a saved adapter
 
 
 class Trainer(Protocol):
@@ -111,9 +109,7 @@ class JobManager:
         check_thawed(cube, "Train (its result would be committed)")
         revision = mount.record.base
         steps = int(settings.get("max_steps", 0))
-        if not 0 <= steps <= MAX_STEPS:
-            raise InvalidField(f"settings.steps is {steps}; use 1 to {MAX_STEPS}, or 0 for the default",
-                               field="settings.steps")
+        validate.train_steps(steps)
         check_settings(settings)
         with cube.lock:
             now = time.time_ns()  # archived and expired items are not memory to learn
@@ -231,8 +227,10 @@ class JobManager:
                 elapsed = time.monotonic() - started
                 eta = elapsed / result.step * (trainer.total_steps - result.step)
                 job = self._update(job_id, step=result.step, loss=float(result.loss), eta_seconds=eta)
+            from memosd.runtime.lora_train import serialize  # imported when used, as the trainer is
+
             exported = self.host.run(trainer.export, priority=PRIORITY_BACKGROUND)
-            config, weights = self.host.run(lambda: _serialize(exported, loaded), priority=PRIORITY_BACKGROUND)
+            config, weights = self.host.run(lambda: serialize(exported, loaded), priority=PRIORITY_BACKGROUND)
             record = self._adapter_record(job, loaded, refs, config, weights)
             revision = self.kernel.commit_adapter(job.cube_id, job.revision, record, config, weights,
                                                   job.message or f"memory training ({job_id})",
@@ -312,14 +310,3 @@ class JobManager:
 
 class _Stopped(Exception):
     """The job was cancelled, or the daemon is stopping."""
-
-
-def _serialize(exported: Any, loaded: LoadedModel) -> tuple[bytes, bytes]:
-    """adapter_config.json and adapter_model.safetensors bytes, as PeftModel.save_pretrained writes them."""
-    from safetensors.torch import save
-
-    config = dict(exported.config)
-    config["base_model_name_or_path"] = loaded.name
-    tensors = {k if k.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + k: v.contiguous()
-               for k, v in exported.state_dict.items()}
-    return json.dumps(config, indent=2, sort_keys=True).encode(), save(tensors, metadata={"format": "pt"})

@@ -33,7 +33,7 @@ the model again.
   the item, so the expansion is deterministic.
 
 Chat turns are rendered with the model's chat template exactly as inference
-renders a plain conversation (``memosd.activation.render.render_chat``; for
+renders a plain conversation (``memosd.runtime.tokens.render_chat``; for
 SmolLM2 that includes the template's default system prompt), and the loss
 covers only the reply tokens and the end-of-turn token. The ``text`` view is
 off by default: without it recall is as good, and plain-text training is what
@@ -73,6 +73,7 @@ a thread; the data order comes from a seeded ``torch.Generator``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import secrets
@@ -317,9 +318,9 @@ def tokenize_example(tokenizer: Any, example: Example, max_len: int) -> tuple[li
     turn with. The two parts are tokenized separately, so the prompt tokens
     are exactly the ones inference feeds.
     """
-    from memosd.activation.render import chat_token_ids, encode, encode_text, render_chat
+    from memosd.runtime.tokens import chat_token_ids, encode, encode_text, render_chat
 
-    # Item text is tokenized as text, as inference does (render.py): it never trains on forged control tokens.
+    # Item text is tokenized as text, as inference does (runtime/tokens.py): it never trains on forged control tokens.
     if not example.is_chat:
         ids = encode_text(tokenizer, example.text)
         eos = tokenizer.eos_token_id
@@ -536,7 +537,7 @@ class LoraTrainer:
         if len(self._replay) < s.replay_samples:
             n = min(max(4, s.replay_per_step), s.replay_samples - len(self._replay))
             tok = self._lm.tokenizer
-            from memosd.activation.render import encode_text
+            from memosd.runtime.tokens import encode_text
 
             seeds = [encode_text(tok, self._replay_seeds[(len(self._replay) + i) % len(self._replay_seeds)])
                      for i in range(n)]  # fmt: skip
@@ -749,3 +750,19 @@ def attached_adapter(lm: LoadedModel, adapter: AdapterExport) -> Iterator[Any]:
         model.delete_adapter(name)
         _restore_grad_flags(model, flags)
         model.train(was_training)
+
+
+PEFT_PREFIX = "base_model.model."  # how peft names the keys of a saved adapter
+
+
+def serialize(exported: Any, loaded: LoadedModel) -> tuple[bytes, bytes]:
+    """adapter_config.json and adapter_model.safetensors bytes, as PeftModel.save_pretrained writes them.
+
+    Here, beside the trainer, because it is torch work (a Train job runs it on the worker)."""
+    from safetensors.torch import save
+
+    config = dict(exported.config)
+    config["base_model_name_or_path"] = loaded.name
+    tensors = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v.contiguous()
+               for k, v in exported.state_dict.items()}
+    return json.dumps(config, indent=2, sort_keys=True).encode(), save(tensors, metadata={"format": "pt"})

@@ -82,23 +82,16 @@ def policy(values: dict[str, Any]) -> t.CubePolicy:
 
 
 def policy_values(message: t.CubePolicy) -> dict[str, Any]:
-    """A SetCubePolicy request's policy as stored; raises InvalidField."""
-    from memosd.activation.select import MAX_WORKING_SET
-
+    """A SetCubePolicy request's policy, the fields set (the kernel bounds and stores it:
+    kernel.validate.policy); raises InvalidField for a schedule that is not a SchedulePolicy."""
     schedule = {v: k for k, v in _SCHEDULES.items()}.get(message.schedule)
     if message.schedule != t.SCHEDULE_POLICY_UNSPECIFIED and schedule is None:
         raise InvalidField(f"policy.schedule {message.schedule} is not a SchedulePolicy", field="policy.schedule")
-    if message.working_set_size > MAX_WORKING_SET:
-        raise InvalidField(f"policy.working_set_size is {message.working_set_size}; at most {MAX_WORKING_SET}",
-                           field="policy.working_set_size")
-    if not 0 <= message.drift_threshold <= 1:
-        raise InvalidField(f"policy.drift_threshold is {message.drift_threshold}; use 0 (the default) to 1",
-                           field="policy.drift_threshold")
     values: dict[str, Any] = {"schedule": schedule or "manual"}
     if message.working_set_size:
         values["working_set_size"] = int(message.working_set_size)
     if message.drift_threshold:
-        values["drift_threshold"] = round(float(message.drift_threshold), 4)
+        values["drift_threshold"] = float(message.drift_threshold)
     if message.train_after_seconds:
         values["train_after_seconds"] = int(message.train_after_seconds)
     if message.train_min_items:
@@ -120,16 +113,16 @@ def mount_header(info: MountInfo) -> t.ResponseHeader:
 
 
 ITEM_STATES = {"active": t.ITEM_STATE_ACTIVE, "archived": t.ITEM_STATE_ARCHIVED, "expired": t.ITEM_STATE_EXPIRED}
+_STATE_NAMES: dict[int, str] = {v: k for k, v in ITEM_STATES.items()}
 
 
 def item_state(value: int) -> str:
-    """SetItemState's state; raises InvalidField for the states it cannot set."""
-    if value == t.ITEM_STATE_ARCHIVED:
-        return "archived"
-    if value == t.ITEM_STATE_ACTIVE:
-        return "active"
-    raise InvalidField(f"state {value} cannot be set; use ITEM_STATE_ARCHIVED or ITEM_STATE_ACTIVE (items "
-                       "expire only through their TTL)", field="state")
+    """SetItemState's state, by name; raises InvalidField for a value that is no ItemState. Which states can
+    be set is the kernel's rule (kernel.validate.item_state)."""
+    if value not in _STATE_NAMES:
+        raise InvalidField(f"state {value} cannot be set; use ITEM_STATE_ARCHIVED or ITEM_STATE_ACTIVE (items "
+                           "expire only through their TTL)", field="state")
+    return _STATE_NAMES[value]
 
 
 def item(view: ItemView, usage: ItemUsage | None = None) -> t.Item:

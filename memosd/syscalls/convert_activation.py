@@ -9,9 +9,9 @@ from memos.v1 import types_pb2 as t
 
 from memosd.activation.activator import ActivationOutcome, EvictOutcome
 from memosd.activation.generator import GenerateParams, GenerationReport, MemoryUse, UsedItem
-from memosd.activation.host import ModelHost
 from memosd.activation.select import ALL, Selector
 from memosd.errors import InvalidField
+from memosd.runtime.host import ModelHost
 
 SOURCES = {"pool": t.ACTIVATION_SOURCE_POOL, "store": t.ACTIVATION_SOURCE_STORE,
            "computed": t.ACTIVATION_SOURCE_COMPUTED, "": t.ACTIVATION_SOURCE_UNSPECIFIED}

@@ -23,6 +23,7 @@ from memosd.kernel.usage import CubeUsage, UsageTracker
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.park import Park
+from memosd.syscalls import adapter_stream
 from memosd.syscalls import convert as cv
 from memosd.syscalls import convert_activation as ca
 from memosd.syscalls.gate import Call, Gate
@@ -206,16 +207,15 @@ class MemOSServicer(GovernanceHandlers):
     def ImportAdapter(self, requests: Iterator[pb.ImportAdapterRequest],
                       call: Call) -> pb.ImportAdapterResponse:
         requests, request = _upload_request_id(requests, call.caller.principal_id)
-        record, info = self.adapters.import_adapter(requests, request)
+        record, info = adapter_stream.import_adapter(self.adapters, requests, request)
         return pb.ImportAdapterResponse(header=cv.mount_header(info), adapter=cv.adapter(record, staged=True),
                                         mount=cv.mount(info))
 
     def ExportAdapter(self, req: pb.ExportAdapterRequest,
                       call: Call) -> Iterator[pb.ExportAdapterResponse]:
-        adapter, staged, mount, chunks = self.adapters.export(req.mount_id)
+        adapter, staged, mount, chunks = adapter_stream.export(self.adapters, req.mount_id)
         call.note(artifacts=[f"adapter:{adapter.digest}"])
-        yield pb.ExportAdapterResponse(adapter=cv.adapter(adapter, staged=staged),
-                                       header=cv.mount_header(self.kernel.mount_info(mount)))
+        yield pb.ExportAdapterResponse(adapter=cv.adapter(adapter, staged=staged), header=cv.mount_header(mount))
         for chunk in chunks:
             yield pb.ExportAdapterResponse(chunk=chunk)
 

@@ -34,6 +34,7 @@ from memosd.errors import (
     PoolTooSmall,
 )
 from memosd.kernel.types import ItemInput
+from memosd.runtime import tokens
 from memosd.runtime.kvcache import BLOCK, ComputeCancelled, KVCache, prepare_generation
 from memosd.runtime.model import LoadedModel
 
@@ -422,10 +423,10 @@ def test_no_text_is_fewer_tokens_than_its_bytes_over_the_longest_token() -> None
     from tiny_llama import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    longest = render.longest_token_bytes(tokenizer)
+    longest = tokens.longest_token_bytes(tokenizer)
     vocab_texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     longest_texts = sorted(vocab_texts, key=lambda text: len(text.encode()))[-20:]
     assert max(len(text.encode()) for text in vocab_texts) <= longest
     for text in ["The capital of France is Paris. " * 50, " " * 5000, "é" * 3000, "".join(longest_texts) * 20,
                  "<|im_start|>user\nhi<|im_end|>" * 100]:
-        assert len(render.encode(tokenizer, text)) * longest >= len(text.encode()), text[:40]
+        assert len(tokens.encode(tokenizer, text)) * longest >= len(text.encode()), text[:40]

@@ -22,6 +22,7 @@ from memosd.errors import ModelUnavailable
 from memosd.runtime import adapters as rt
 from memosd.runtime.lora_train import DEFAULT_TARGETS, adapter_config_dict
 from memosd.runtime.model import LoadedModel, ModelSpec, base_name, load_model, model_fingerprint
+from memosd.syscalls import adapter_stream
 
 PROMPT = "A KV cache is reusable only as an exact token prefix"
 
@@ -312,7 +313,7 @@ def test_a_refused_import_names_the_key_and_stages_nothing(rig: Rig) -> None:
     config = peft_config(lm.name, r=4)
     weights = save(lora_weights(lm, 4, ["q_proj", "v_proj"]))
     with pytest.raises(AdapterInvalidError, match="r = True") as refused:
-        rig.adapters.import_adapter(upload(mount, json.dumps({**config, "r": True}).encode(), weights))
+        adapter_stream.import_adapter(rig.adapters, upload(mount, json.dumps({**config, "r": True}).encode(), weights))
     assert refused.value.metadata["key"] == "r"
     assert rig.kernel.mounts[mount].staged_adapter is None
 
@@ -350,24 +351,24 @@ def test_uploads_are_refused_at_the_header_or_the_first_chunk_too_many_and_leave
     chunks = list(upload(mount, config, weights))[1:]
     seen = [0]
     with pytest.raises(AdapterTooLargeError):  # the declared size alone: no chunk is read
-        rig.adapters.import_adapter(counted(iter([header(len(config), limit), *chunks]), seen))
+        adapter_stream.import_adapter(rig.adapters, counted(iter([header(len(config), limit), *chunks]), seen))
     assert seen == [1]
     seen = [0]
     with pytest.raises(AdapterInvalidError, match=r"adapter_config\.json is"):
-        rig.adapters.import_adapter(counted(iter([header(rt.MAX_CONFIG_BYTES + 1, len(weights)), *chunks]), seen))
+        adapter_stream.import_adapter(rig.adapters, counted(iter([header(rt.MAX_CONFIG_BYTES + 1, len(weights)), *chunks]), seen))
     assert seen == [1]
     seen = [0]
     short = [header(len(config), len(weights) - 1), *chunks, *chunks]  # one byte too many in the last chunk
     with pytest.raises(AdapterInvalidError, match=r"more bytes of adapter_model\.safetensors"):
-        rig.adapters.import_adapter(counted(iter(short), seen))
+        adapter_stream.import_adapter(rig.adapters, counted(iter(short), seen))
     assert seen == [3]  # header, config, the weights chunk past the size; the rest never read
     for bad in (json.dumps({**peft_config(lm.name, r=4), "use_dora": True}).encode(), b"{oops"):
         with pytest.raises(AdapterInvalidError):
-            rig.adapters.import_adapter(upload(mount, bad, weights))
+            adapter_stream.import_adapter(rig.adapters, upload(mount, bad, weights))
     assert list(rig.adapters.spool.iterdir()) == []  # no spool file left
     assert rig.kernel.mounts[mount].staged_adapter is None
     assert rig.kernel.store.get_adapter_files("c", "0" * 64) is None
-    record, _ = rig.adapters.import_adapter(upload(mount, config, weights))
+    record, _ = adapter_stream.import_adapter(rig.adapters, upload(mount, config, weights))
     assert list(rig.adapters.spool.iterdir()) == []
     cube_id = rig.kernel.mounts[mount].record.cube_id
     assert rig.kernel.store.get_adapter_files(cube_id, record.digest) == (config, weights)
@@ -392,7 +393,7 @@ def test_an_upload_is_not_buffered_in_memory(rig: Rig, monkeypatch: pytest.Monke
     requests = list(upload(mount, config, weights, chunk=256 << 10))
     tracemalloc.start()
     try:
-        rig.adapters.import_adapter(iter(requests))
+        adapter_stream.import_adapter(rig.adapters, iter(requests))
         _, peak = tracemalloc.get_traced_memory()
 
     finally:
@@ -403,19 +404,18 @@ def test_an_upload_is_not_buffered_in_memory(rig: Rig, monkeypatch: pytest.Monke
 
 
 def exported_weights(rig: Rig, mount_id: str) -> bytes:
-    _, _, _, chunks = rig.adapters.export(mount_id)
+    _, _, _, chunks = adapter_stream.export(rig.adapters, mount_id)
     return b"".join(c.data for c in chunks if c.file == t.ADAPTER_FILE_WEIGHTS)
 
 
 def test_what_training_exports_passes_the_checks(lm: LoadedModel) -> None:
-    """The daemon's own adapters (a Train job's result, as jobs._serialize writes it) load through the same
+    """The daemon's own adapters (a Train job's result, as lora_train.serialize writes it) load through the same
     checks: the allow-list must accept everything the trainer writes."""
-    from memosd.parametric.jobs import _serialize
-    from memosd.runtime.lora_train import LoraTrainer, TrainSettings
+    from memosd.runtime.lora_train import LoraTrainer, TrainSettings, serialize
 
     with LoraTrainer(lm, ["Owls hunt at night."], TrainSettings(rank=2, alpha=4, max_steps=1)) as trainer:
         trainer.step()
-        config, weights = _serialize(trainer.export(), lm)
+        config, weights = serialize(trainer.export(), lm)
     parsed = rt.parse_adapter(config, weights)
     rt.check_fits(lm, parsed)
     assert parsed.rank == 2 and parsed.target_modules == sorted(DEFAULT_TARGETS)

@@ -25,6 +25,7 @@ from memosd.governance.principals import Principals
 from memosd.parametric.jobs import JobManager, default_trainer
 from memosd.runtime.adapters import pool_key
 from memosd.store.records import JobRecord, PrincipalRecord
+from memosd.syscalls import adapter_stream
 
 FACTS = ["The capital of Vellmora is Quistarn.", "Q: Who founded Tamsel?\nA: Orin Vask", "Owls hunt at night."]
 QUICK = {"max_steps": 3, "rank": 4, "alpha": 8, "batch_size": 2}
@@ -71,7 +72,7 @@ def test_train_reports_progress_and_commits_the_adapter_with_its_lineage(rig: Ri
     mount_at_head = rig.kernel.mount("c", 0, False).record.mount_id
     rig.adapters.make_resident(cube.cube_id, adapter)
     assert pool_key(cube.cube_id, adapter.digest) in rig.host.adapters
-    assert rig.adapters.export(mount_at_head)[0].digest == adapter.digest
+    assert adapter_stream.export(rig.adapters, mount_at_head)[0].digest == adapter.digest
     assert [j.job_id for j in rig.jobs.list_jobs(cube.cube_id)] == [job.job_id]
 
 

@@ -31,6 +31,7 @@ from memosd.errors import (
     CommitConflict,
 )
 from memosd.runtime.adapters import adapter_digest, pool_key
+from memosd.syscalls import adapter_stream
 
 FACTS = ["The capital of Vellmora is Quistarn.", "Owls hunt at night.", "The river Tamsel is green."]
 
@@ -87,7 +88,7 @@ def upload(mount_id: str, config: bytes, weights: bytes, *, declare: tuple[int, 
 
 
 def exported(rig: Rig, mount_id: str) -> tuple[bytes, bytes]:
-    _, _, _, chunks = rig.adapters.export(mount_id)
+    _, _, _, chunks = adapter_stream.export(rig.adapters, mount_id)
     parts: dict[int, bytes] = {t.ADAPTER_FILE_CONFIG: b"", t.ADAPTER_FILE_WEIGHTS: b""}
     for c in chunks:
         parts[c.file] += c.data
@@ -96,7 +97,7 @@ def exported(rig: Rig, mount_id: str) -> tuple[bytes, bytes]:
 
 def import_and_commit(rig: Rig, cube: str, files: tuple[bytes, bytes]) -> str:
     mount = rig.kernel.mount(cube, 0, True).record.mount_id
-    rig.adapters.import_adapter(upload(mount, *files))
+    adapter_stream.import_adapter(rig.adapters, upload(mount, *files))
     rig.kernel.commit(mount, "adapter", "test")
     return mount
 
@@ -109,17 +110,17 @@ def test_import_stage_commit_export_log_diff_rollback(
 ) -> None:
     rig.kernel.alloc_cube("c", "", {})
     mount = commit_items(rig, "c", FACTS)  # revision 1: items only
-    record, info = rig.adapters.import_adapter(upload(mount, *adapter_a, digest=adapter_digest(*adapter_a)))
+    record, info = adapter_stream.import_adapter(rig.adapters, upload(mount, *adapter_a, digest=adapter_digest(*adapter_a)))
     assert info.staged_adapter and record.rank == 4 and record.target_modules == ["q_proj", "v_proj"]
     assert record.lineage["origin"] == "imported" and record.lineage["model_fingerprint"]
     assert exported(rig, mount) == adapter_a  # staged: visible in its mount, byte-identical
     reader = rig.kernel.mount("c", 0, False).record.mount_id
     with pytest.raises(AdapterNotFound):
-        rig.adapters.export(reader)  # ... and nowhere else until committed
+        adapter_stream.export(rig.adapters, reader)  # ... and nowhere else until committed
     rev2 = rig.kernel.commit(mount, "adapter a", "test").revision
     assert rev2 is not None and rev2.adapter_changed and rev2.adapter_digest == adapter_digest(*adapter_a)
     assert rev2.added == 0
-    rig.adapters.import_adapter(upload(mount, *adapter_b))
+    adapter_stream.import_adapter(rig.adapters, upload(mount, *adapter_b))
     rev3 = rig.kernel.commit(mount, "adapter b", "test").revision
     assert rev3 is not None and rev3.adapter_digest == adapter_digest(*adapter_b)
     # Diff covers the adapter like an item.
@@ -142,14 +143,14 @@ def test_import_stage_commit_export_log_diff_rollback(
     rev5 = rig.kernel.commit(writer, "drop adapter", "test").revision
     assert rev5 is not None and rev5.adapter_changed and rev5.adapter_digest == ""
     with pytest.raises(AdapterNotFound):
-        rig.adapters.export(writer)
+        adapter_stream.export(rig.adapters, writer)
 
 
 def test_the_adapter_survives_a_restart(tmp_path: Path, tiny_dir: Path, adapter_a: tuple[bytes, bytes]) -> None:
     first = open_rig(tmp_path, str(tiny_dir))
     first.kernel.alloc_cube("c", "", {})
     staged_mount = first.kernel.mount("c", 0, True).record.mount_id
-    first.adapters.import_adapter(upload(staged_mount, *adapter_a))
+    adapter_stream.import_adapter(first.adapters, upload(staged_mount, *adapter_a))
     committed = import_and_commit(first, "c", adapter_a)
     first.close()
     second = open_rig(tmp_path, str(tiny_dir))
@@ -166,8 +167,8 @@ def test_concurrent_adapter_changes_conflict(rig: Rig, adapter_a: tuple[bytes, b
     rig.kernel.alloc_cube("c", "", {})
     one = rig.kernel.mount("c", 0, True).record.mount_id
     two = rig.kernel.mount("c", 0, True).record.mount_id
-    rig.adapters.import_adapter(upload(one, *adapter_a))
-    rig.adapters.import_adapter(upload(two, *adapter_b))
+    adapter_stream.import_adapter(rig.adapters, upload(one, *adapter_a))
+    adapter_stream.import_adapter(rig.adapters, upload(two, *adapter_b))
     rig.kernel.commit(one, "a", "test")
     with pytest.raises(CommitConflict, match="adapter"):
         rig.kernel.commit(two, "b", "test")
@@ -186,18 +187,18 @@ def test_truncated_corrupt_oversized_and_damaged_uploads_are_refused(
         r.kernel.alloc_cube("c", "", {})
         mount = r.kernel.mount("c", 0, True).record.mount_id
         with pytest.raises(AdapterInvalid, match="truncated"):
-            r.adapters.import_adapter(upload(mount, config, weights[:-100],
+            adapter_stream.import_adapter(r.adapters, upload(mount, config, weights[:-100],
                                              declare=(len(config), len(weights))))
         with pytest.raises(AdapterInvalid, match="unreadable"):
-            r.adapters.import_adapter(upload(mount, config, b"\x00" * len(weights)))
+            adapter_stream.import_adapter(r.adapters, upload(mount, config, b"\x00" * len(weights)))
         with pytest.raises(AdapterInvalid, match="not JSON"):
-            r.adapters.import_adapter(upload(mount, b"{oops", weights))
+            adapter_stream.import_adapter(r.adapters, upload(mount, b"{oops", weights))
         with pytest.raises(AdapterInvalid, match="damaged"):
-            r.adapters.import_adapter(upload(mount, config, weights, digest="0" * 64))
+            adapter_stream.import_adapter(r.adapters, upload(mount, config, weights, digest="0" * 64))
         with pytest.raises(AdapterTooLarge, match="max_adapter_bytes"):
-            r.adapters.import_adapter(upload(mount, config, weights + b"x"))
+            adapter_stream.import_adapter(r.adapters, upload(mount, config, weights + b"x"))
         assert r.kernel.mounts[mount].staged_adapter is None  # nothing was staged
-        r.adapters.import_adapter(upload(mount, config, weights))  # and the real one still goes in
+        adapter_stream.import_adapter(r.adapters, upload(mount, config, weights))  # and the real one still goes in
         assert r.kernel.mounts[mount].staged_adapter is not None
     finally:
         r.close()
@@ -212,15 +213,15 @@ def test_adapters_for_another_model_are_refused_with_the_mismatch(
     cfg = json.loads(config)
     other_base = json.dumps({**cfg, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-360M"}).encode()
     with pytest.raises(AdapterMismatch, match="SmolLM2-360M"):
-        rig.adapters.import_adapter(upload(mount, other_base, weights))
+        adapter_stream.import_adapter(rig.adapters, upload(mount, other_base, weights))
     wrong_target = json.dumps({**cfg, "target_modules": ["c_attn"]}).encode()
     with pytest.raises(AdapterMismatch, match="c_attn"):
-        rig.adapters.import_adapter(upload(mount, wrong_target, weights))
+        adapter_stream.import_adapter(rig.adapters, upload(mount, wrong_target, weights))
     tensors = load(weights)
     key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
     tensors[key] = torch.zeros(4, 128)  # the tiny model's q_proj takes 64 features
     with pytest.raises(AdapterMismatch, match="shape"):
-        rig.adapters.import_adapter(upload(mount, config, save(tensors)))
+        adapter_stream.import_adapter(rig.adapters, upload(mount, config, save(tensors)))
     assert rig.kernel.mounts[mount].staged_adapter is None
 
 

@@ -12,6 +12,7 @@ from test_parametric import adapter_a, adapter_b, tiny_dir, upload  # noqa: F401
 
 from memosd.errors import RequestIdReused
 from memosd.kernel.requests import request_ref
+from memosd.syscalls import adapter_stream
 
 
 @pytest.fixture
@@ -27,12 +28,12 @@ def test_a_retried_upload_stages_once(rig: Rig, adapter_a: tuple[bytes, bytes], 
     rig.kernel.alloc_cube("c", "", {})
     mount = rig.kernel.mount("c", 0, True).record.mount_id
     request = request_ref("prn_alice", "up-1")
-    first, info = rig.adapters.import_adapter(upload(mount, *adapter_a), request)
+    first, info = adapter_stream.import_adapter(rig.adapters, upload(mount, *adapter_a), request)
     assert info.staged_adapter
     rig.kernel.commit(mount, "adapter", "test")
-    again, info = rig.adapters.import_adapter(upload(mount, *adapter_a), request)
+    again, info = adapter_stream.import_adapter(rig.adapters, upload(mount, *adapter_a), request)
     assert again == first  # the first call's record, lineage time included
     assert not info.staged_adapter  # committed, and not staged a second time
     with pytest.raises(RequestIdReused):
-        rig.adapters.import_adapter(upload(mount, *adapter_b), request)
+        adapter_stream.import_adapter(rig.adapters, upload(mount, *adapter_b), request)
     assert rig.kernel.mount_info(rig.kernel.mount_state(mount)).staged_adapter is False

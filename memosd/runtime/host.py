@@ -16,10 +16,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
-from memosd.activation import render
 from memosd.config import RuntimeConfig
 from memosd.errors import ModelUnavailable
 from memosd.logfmt import log_event
+from memosd.runtime import tokens
 from memosd.runtime.adapters import AdapterPool
 from memosd.runtime.kvpool import KVPool
 from memosd.runtime.model import LoadedModel, ModelLoadError, ModelSpec, load_model
@@ -38,7 +38,7 @@ class ModelHost:
         self.adapters = AdapterPool(config.max_adapters)  # touched only on the worker
         self.worker = RuntimeWorker()
         self.active_generations = 0
-        # The most bytes of text one token of the loaded model stands for (render.longest_token_bytes):
+        # The most bytes of text one token of the loaded model stands for (tokens.longest_token_bytes):
         # Generate refuses a conversation too long for the context by its bytes, before tokenizing it.
         self.token_bytes = 0
         self._lock = threading.Lock()
@@ -50,7 +50,7 @@ class ModelHost:
     def _load(self, spec: ModelSpec, cache_dir: Path) -> LoadedModel:
         try:
             loaded = load_model(spec, cache_dir)
-            self.token_bytes = render.longest_token_bytes(loaded.tokenizer)  # set before the model is ready
+            self.token_bytes = tokens.longest_token_bytes(loaded.tokenizer)  # set before the model is ready
         except Exception as error:
             log_event(log, "model_load_failed", level=logging.ERROR, model=spec.source, error=str(error))
             raise
