@@ -90,6 +90,20 @@ def test_compacting_again_with_nothing_new_to_drop_changes_nothing(kernel: Kerne
     assert (again.oldest_revision, again.revisions_compacted, again.versions_removed) == (3, 0, 0)
 
 
+def test_a_later_compaction_drops_only_what_became_unreachable_since(kernel: Kernel) -> None:
+    ids = build(kernel)
+    kernel.set_retention("c", 2, 0)
+    kernel.compact("c")
+    commit(kernel, "c", ["e five"])  # HEAD 5: keep_last 2 now keeps 4 and 5
+
+    later = kernel.compact("c")
+
+    # Revision 3 is newly compacted (1 and 2 were already); c's first version (died at 4) goes.
+    assert (later.oldest_revision, later.revisions_compacted, later.versions_removed) == (4, 1, 1)
+    assert compacted_flags(kernel, "c") == {5: False, 4: False, 3: True, 2: True, 1: True}
+    assert (ids["c"], 1) not in stored(kernel, "c")
+
+
 def test_without_a_retention_policy_compaction_keeps_everything(kernel: Kernel) -> None:
     ids = build(kernel)
     result = kernel.compact("c")
