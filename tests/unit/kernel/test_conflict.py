@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memosd.errors import CommitConflict
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.types import ItemInput
 
-from .rig import commit, head, items_at, listed, rw_mount
+from .fakes import FakeIndexes
+from .rig import commit, head, items_at, listed, open_kernel, rw_mount
 
 
 @pytest.fixture
@@ -64,6 +67,29 @@ def test_a_conflicting_commit_keeps_its_staging(kernel: Kernel, base: dict[str, 
     assert listed(kernel, second) == {x: "x by second", z: "z by second"}  # y forgotten in the staging
     # None of it reached the cube.
     assert items_at(kernel, "c", 2) == {x: "x by first", y: "y one"}
+
+
+def test_the_kept_staging_is_still_there_after_a_restart_and_still_conflicts(tmp_path: Path) -> None:
+    kernel = open_kernel(tmp_path, FakeIndexes())
+    try:
+        kernel.alloc_cube("c", "", {})
+        (x,), _ = commit(kernel, "c", ["x one"])
+        first, second = rw_mount(kernel, "c"), rw_mount(kernel, "c")
+        kernel.write(first, [ItemInput("x by first", item_id=x)])
+        kernel.write(second, [ItemInput("x by second", item_id=x)])
+        kernel.commit(first, "", "first")
+        with pytest.raises(CommitConflict):
+            kernel.commit(second, "", "second")
+    finally:
+        kernel.close()
+    again = open_kernel(tmp_path, FakeIndexes())
+    try:
+        assert listed(again, second) == {x: "x by second"}
+        with pytest.raises(CommitConflict):
+            again.commit(second, "", "second")
+        assert head(again, "c") == 2
+    finally:
+        again.close()
 
 
 @pytest.mark.parametrize(("winner", "loser"), [("forget", "forget"), ("edit", "forget"), ("forget", "edit")])
