@@ -1,0 +1,1 @@
+"""Kernel unit tests: a real RocksDB store, a hash embedder and in-memory indexes (no model, no daemon)."""
