@@ -131,11 +131,11 @@ def _name(index: int) -> str:
 
 
 class AdapterService:
-    def __init__(self, kernel: Kernel, host: ModelHost) -> None:
+    def __init__(self, kernel: Kernel, host: ModelHost, *, spool: Path) -> None:
         self.kernel = kernel
         self.host = host
-        # Uploads being received, beside the store (the data dir); what a crash left there is deleted now.
-        self.spool = kernel.store.path.parent / "uploads"
+        # Uploads being received (the daemon puts them in the data dir); what a crash left there is deleted now.
+        self.spool = spool
         for stale in self.spool.glob(SPOOL_PREFIX + "*"):
             stale.unlink(missing_ok=True)
 
