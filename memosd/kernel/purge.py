@@ -190,12 +190,7 @@ def _apply(quotas: Quotas, cube: CubeState, mounts: Sequence[MountState], plan: 
         mount = by_id[mount_id]
         # The staged copy leaves its principal's staged-bytes quota with it.
         quotas.unstaged(mount.record.principal, staged_bytes(mount.staging.pop(item_id, None),
-                                                                    mount.vectors.pop(item_id, None)))
+                                                             mount.vectors.pop(item_id, None)))
     for adapter in plan.tainted:
         adapter.tainted = [*adapter.tainted, receipt.purge_id]
 
-
-def taint_on_commit(cube: CubeState, adapter: AdapterRecord) -> AdapterRecord:
-    """An adapter trained on items purged since (its job ran meanwhile) is committed tainted."""
-    purges = {cube.purged[i] for i in adapter.lineage.get("source_item_ids", ()) if i in cube.purged}
-    return replace(adapter, tainted=sorted({*adapter.tainted, *purges})) if purges else adapter

@@ -24,7 +24,6 @@ from memosd.kernel.checks import check_readable, check_thawed
 from memosd.kernel.conversation import plan_ingest
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import EmbedderPort
-from memosd.kernel.purge import taint_on_commit
 from memosd.kernel.quotas import Quotas
 from memosd.kernel.requests import Claim, RequestIds, RequestRef
 from memosd.kernel.staging import Staging, drop_staged_files
@@ -254,7 +253,7 @@ class Revisions:
             check_thawed(cube, "committing the trained adapter")
             head = cube.head
             adapters.check_unchanged_since(cube, since, head)
-            adapter = taint_on_commit(cube, adapter)
+            adapter = adapters.taint_on_commit(cube, adapter)
             adapter_plan = adapters.plan_to(cube.adapter_at(head), adapter, head + 1)
             if adapter_plan is None:  # the same bytes as the current adapter: still record the training
                 adapter_plan = adapters.AdapterPlan(cube.adapter_at(head), replace(adapter, born=head + 1))

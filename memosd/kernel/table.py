@@ -8,12 +8,16 @@ never the reverse):
 3. ``CubeState.lock``: commits, rollbacks, frees, compaction, purge and every catalog change of that
    cube; reads of the catalog take it too, as catalog changes happen under it;
 4. ``MountState.lock``: a mount's staging (several at once only in Purge, in mount-id order);
+   ``Kernel.commit_adapter``'s guard, instead, enters governance's locks here (``AccessControl`` then
+   ``Principals``: the job's principal must still hold the train right), and those never call back
+   into the kernel while held;
 5. the quota counters' own lock (``Quotas``), held for no more than a counter update.
 
-Callers outside ``kernel/`` never hold any of these: the facade (kernel.py) takes them, e.g. for
-``Kernel.visible_items`` or ``Kernel.write_unless_gone``. Code that waits on the model (the runtime
-worker) must not hold them. Readers that take no lock (Search's candidate collection, list_cubes) read
-the tables' dicts through ``list(...)`` snapshots.
+Other layers' locks come before all of these (the activator's per-cube lock is held around
+``Kernel.write_unless_gone``), and code outside ``kernel/`` never takes these itself: the facade
+(kernel.py) does, e.g. for ``Kernel.visible_items``. Nothing holds them while it waits on the model (the
+runtime worker). Lookups and list_cubes read the tables without the lock, through ``list(...)`` snapshots
+and single ``dict.get`` calls.
 """
 
 from __future__ import annotations
