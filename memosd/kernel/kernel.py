@@ -5,10 +5,11 @@ are built as one store Batch and written before memory (catalog, indexes) is
 touched, so a crash at any point leaves either the old or the new state; the
 derived indexes catch up from the store at the next start.
 
-This module is the only importer of the kernel's parts: the tables and the
-lock order (table.py), index upkeep (indexes.py), cube and mount changes
-(cubes.py), staging (staging.py), revisions (revisions.py), reads (reads.py),
-compaction (compact.py) and purge (purge.py). Code outside ``kernel/`` uses
+The facade puts the kernel's parts together, and code outside ``kernel/``
+reaches them only through it: the tables and the one lock order (table.py),
+index upkeep (indexes.py), cube and mount changes (cubes.py), staging
+(staging.py), revisions (revisions.py), item states (item_states.py), reads
+(reads.py), compaction (compact.py) and purge (purge.py). Outside code uses
 the methods here, never the tables, the store or a cube's lock and catalog.
 """
 
@@ -25,6 +26,7 @@ from memosd.kernel.checks import check_thawed, mount_not_found
 from memosd.kernel.compact import CompactResult, run_compact
 from memosd.kernel.cubes import CubeAdmin
 from memosd.kernel.indexes import Indexes
+from memosd.kernel.item_states import ItemStates
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import PurgeParts, run_purge
 from memosd.kernel.quotas import Quotas
@@ -72,6 +74,7 @@ class Kernel:
         self._staging = Staging(self._tables, store, embedder, limits, self.quotas, self.requests)
         self._revisions = Revisions(self._tables, self._staging, store, embedder, limits, self.quotas,
                                     self.requests, sync=sync_commits)
+        self._states = ItemStates(self._tables, self._revisions, store, limits)
         self._reads = Reads(self._tables, store, limits)
         self._purge = PurgeParts(self._tables, store, self._indexes, self.quotas, limits)
 
@@ -236,10 +239,10 @@ class Kernel:
 
     def set_item_state(self, ref: str, item_ids: Sequence[str], state: str, message: str, author: str
                        ) -> RevisionRecord | None:
-        return self._revisions.set_item_state(ref, item_ids, state, message, author)
+        return self._states.set_item_state(ref, item_ids, state, message, author)
 
     def expire_due(self, ref: str, author: str = "memosd") -> tuple[RevisionRecord | None, list[str]]:
-        return self._revisions.expire_due(ref, author)
+        return self._states.expire_due(ref, author)
 
     # -- purge ----------------------------------------------------------
     def purge(self, ref: str, item_ids: Sequence[str], source: str = "", tags: Sequence[str] = ()) -> PurgeReceipt:
@@ -274,7 +277,7 @@ class Kernel:
         return self._reads.adapter_change(ref, older, newer)
 
     def expired_past_grace(self, ref: str, grace_ns: int) -> list[str]:
-        return self._reads.expired_past_grace(ref, grace_ns)
+        return self._states.expired_past_grace(ref, grace_ns)
 
 
 # Refusals outside code raises the same way the kernel does (syscalls, governance, parametric).

@@ -1,5 +1,5 @@
 """Reads: items as a mount sees them (Read, ListItems), a cube's log and diffs, and what other layers read
-of a cube at a revision (its visible items, its adapter, expired items).
+of a cube at a revision (its visible items, its adapter).
 
 A mount's reads take its lock (staging changes under it); catalog reads by
 revision take the cube's. Versions are read from the store outside both.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from memosd.config import LimitsConfig
 from memosd.errors import InternalError, InvalidField, ItemNotFound, RevisionNotFound
-from memosd.kernel import clock, history, paging, validate
+from memosd.kernel import history, paging, validate
 from memosd.kernel.catalog import VersionMeta
 from memosd.kernel.checks import check_readable
 from memosd.kernel.conversation import SessionOrder
@@ -104,14 +104,6 @@ class Reads:
         an activation, a training job or the scheduler reads), read under the cube's lock."""
         with cube.lock:
             return [m for m in cube.catalog.alive_at(revision) if not m.hidden(now_ns)]
-
-    def expired_past_grace(self, ref: str, grace_ns: int) -> list[str]:
-        """Items whose HEAD version is expired and whose TTL ended more than ``grace_ns`` ago (to purge)."""
-        cube = self._tables.cube(ref)
-        now = clock.now_ns()
-        with cube.lock:
-            return sorted(m.item_id for m in cube.catalog.alive_with_ttl(cube.head)
-                          if m.state == "expired" and m.expire_ns + grace_ns <= now)
 
     def adapter_files(self, cube_id: str, adapter: AdapterRecord) -> tuple[bytes, bytes]:
         files = self._store.get_adapter_files(cube_id, adapter.digest)

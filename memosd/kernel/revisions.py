@@ -1,4 +1,4 @@
-"""Revisions: Commit, Ingest, Rollback, a trained adapter's commit, and item state changes.
+"""Revisions: Commit, Ingest, Rollback and a trained adapter's commit (item states: kernel/item_states.py).
 
 Each makes one new revision at HEAD under the cube's lock: the plan
 (kernel/history.py, kernel/conversation.py, kernel/adapters.py) is built
@@ -17,9 +17,8 @@ from dataclasses import replace
 import numpy as np
 
 from memosd.config import LimitsConfig
-from memosd.errors import InternalError, InvalidField, ItemNotFound, RevisionNotFound
+from memosd.errors import InternalError, InvalidField, RevisionNotFound
 from memosd.kernel import adapters, clock, history, validate
-from memosd.kernel.catalog import VersionMeta
 from memosd.kernel.checks import check_readable, check_thawed
 from memosd.kernel.conversation import plan_ingest
 from memosd.kernel.memory_text import memory_text
@@ -35,9 +34,6 @@ from memosd.store.records import AdapterRecord, RevisionRecord, VersionRecord
 from memosd.store.rocks import Batch, Store
 
 log = logging.getLogger("memosd.kernel")
-
-ITEM_STATES = ("active", "archived")  # what SetItemState sets; "expired" is only the lifecycle loop's
-
 
 class Revisions:
     def __init__(self, tables: Tables, staging: Staging, store: Store, embedder: EmbedderPort,
@@ -86,10 +82,10 @@ class Revisions:
                 return CommitResult(None, self._tables.mount_info(mount), head)
             history.check_conflicts(cube.catalog, head, mount.staging)
             plan = history.plan_commit(cube.catalog, head, mount.staging, mount.vectors, cube.record.next_vkey)
-            revision = self._make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan,
+            revision = self.make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan,
                                            request_id=claim.request_id)
             # Staging, the mount's new base and the request id go in the same batch as the revision.
-            self._write_revision(cube, plan, revision, mount, adapter_plan,
+            self.write_revision(cube, plan, revision, mount, adapter_plan,
                                  also=lambda batch: claim.record(batch, mount_id, revision=revision.number))
             self._quotas.unstaged(mount.record.principal, mount.staged_total())
             mount.staging.clear()
@@ -126,10 +122,10 @@ class Revisions:
                 item_ids, plan = plan_ingest(messages, vectors, revision=cube.head + 1,
                                              next_vkey=cube.record.next_vkey, now=clock.now_ns(), tags=tags,
                                              source=source)
-                revision = self._make_revision(cube, plan, "commit", author,
+                revision = self.make_revision(cube, plan, "commit", author,
                                                message or f"ingest {len(messages)} messages",
                                                request_id=claim.request_id)
-                self._write_revision(cube, plan, revision, mount, keep_staging=True,
+                self.write_revision(cube, plan, revision, mount, keep_staging=True,
                                      also=lambda batch: claim.record(batch, mount_id, revision=revision.number,
                                                                      item_ids=item_ids))
                 log_event(log, "ingest", cube=cube.cube_id, revision=revision.number, added=plan.added,
@@ -138,9 +134,10 @@ class Revisions:
 
     # -- one revision ---------------------------------------------------
     @staticmethod
-    def _make_revision(cube: CubeState, plan: history.Plan, kind: str, author: str, message: str,
+    def make_revision(cube: CubeState, plan: history.Plan, kind: str, author: str, message: str,
                        restored: int = 0, adapter_plan: adapters.AdapterPlan | None = None,
                        request_id: str = "") -> RevisionRecord:
+        """The record of the revision after HEAD that ``plan`` makes (not written yet)."""
         head = cube.head
         items = cube.record.item_count + plan.added - plan.forgotten
         current = cube.adapter_at(head)
@@ -150,7 +147,7 @@ class Revisions:
                               adapter_changed=adapter_plan is not None, adapter_digest=digest,
                               request_id=request_id)
 
-    def _write_revision(self, cube: CubeState, plan: history.Plan, revision: RevisionRecord,
+    def write_revision(self, cube: CubeState, plan: history.Plan, revision: RevisionRecord,
                         mount: MountState | None = None, adapter_plan: adapters.AdapterPlan | None = None,
                         adapter_files: tuple[bytes, bytes] | None = None, keep_staging: bool = False,
                         also: Callable[[Batch], None] | None = None) -> None:
@@ -233,10 +230,10 @@ class Revisions:
                 next_vkey += 1
                 plan.born.append((copy, vector))
             adapter_plan = adapters.plan_to(cube.adapter_at(head), cube.adapter_at(target), head + 1)
-            revision = self._make_revision(cube, plan, "rollback", author,
+            revision = self.make_revision(cube, plan, "rollback", author,
                                            message or f"rollback to revision {target}", restored=target,
                                            adapter_plan=adapter_plan)
-            self._write_revision(cube, plan, revision, adapter_plan=adapter_plan)
+            self.write_revision(cube, plan, revision, adapter_plan=adapter_plan)
         log_event(log, "rollback", cube=cube.cube_id, revision=revision.number, restored=target)
         return revision
 
@@ -258,88 +255,7 @@ class Revisions:
             if adapter_plan is None:  # the same bytes as the current adapter: still record the training
                 adapter_plan = adapters.AdapterPlan(cube.adapter_at(head), replace(adapter, born=head + 1))
             plan = history.Plan()
-            revision = self._make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan)
-            self._write_revision(cube, plan, revision, adapter_plan=adapter_plan, adapter_files=(config, weights))
+            revision = self.make_revision(cube, plan, "commit", author, message, adapter_plan=adapter_plan)
+            self.write_revision(cube, plan, revision, adapter_plan=adapter_plan, adapter_files=(config, weights))
         log_event(log, "commit_adapter", cube=cube.cube_id, revision=revision.number, digest=adapter.digest[:16])
-        return revision
-
-    # -- item states ----------------------------------------------------
-    def set_item_state(self, ref: str, item_ids: Sequence[str], state: str, message: str, author: str
-                       ) -> RevisionRecord | None:
-        """Archive items (left out of Search and memory blocks, kept) or restore them (active; restoring an
-        expired item also drops its TTL), as one new revision at HEAD. Each change is a new version with the
-        same content, so Diff shows it as changed and Rollback undoes it. Items already in that state change
-        nothing; None when none changed (no revision)."""
-        if state not in ITEM_STATES:
-            raise InvalidField(f"state {state!r} cannot be set; use one of {', '.join(ITEM_STATES)} (items "
-                               "expire through their TTL)", field="state")
-        if not item_ids:
-            raise InvalidField("item_ids is empty; name the items to change", field="item_ids")
-        validate.id_count(item_ids, self._limits)
-        cube = self._tables.cube(ref)
-        now = clock.now_ns()
-        with cube.lock:
-            check_thawed(cube, "changing item states")
-            changes: list[tuple[VersionMeta, str, int]] = []
-            missing: list[str] = []
-            for item_id in dict.fromkeys(item_ids):
-                meta = None if item_id in cube.purging else cube.catalog.visible(item_id, cube.head)
-                if meta is None:
-                    missing.append(item_id)
-                    continue
-                expired = meta.expired(now)
-                if state == "archived" and meta.state != "archived" and not expired:
-                    changes.append((meta, "archived", meta.expire_ns))
-                elif state == "active" and (meta.state != "active" or expired):
-                    changes.append((meta, "active", 0 if expired else meta.expire_ns))
-            if missing:
-                raise ItemNotFound(f"{len(missing)} item(s) not alive at HEAD (revision {cube.head}) of cube "
-                                   f"{cube.record.name!r}: {', '.join(missing[:5])}; nothing was changed",
-                                   items=",".join(missing[:100]))
-            if not changes:
-                return None
-            verb = "archive" if state == "archived" else "restore"
-            revision = self._restate(cube, changes, author,
-                                     message or f"{verb} {len(changes)} item{'s' if len(changes) > 1 else ''}")
-        log_event(log, "set_item_state", cube=cube.cube_id, revision=revision.number, state=state,
-                  items=len(changes))
-        return revision
-
-    def expire_due(self, ref: str, author: str = "memosd") -> tuple[RevisionRecord | None, list[str]]:
-        """Commit the items alive at HEAD whose TTL has passed as "expired" (the lifecycle loop); the
-        revision (None when none was due, or the cube is frozen) and the expired item ids."""
-        cube = self._tables.cube(ref)
-        now = clock.now_ns()
-        with cube.lock:
-            if cube.record.frozen:  # read-only: Search leaves them out anyway, by their TTL
-                return None, []
-            due = [(m, "expired", m.expire_ns) for m in cube.catalog.alive_with_ttl(cube.head)
-                   if m.state != "expired" and 0 < m.expire_ns <= now and m.item_id not in cube.purging]
-            if not due:
-                return None, []
-            due.sort(key=lambda change: change[0].vkey)
-            revision = self._restate(cube, due, author, f"expire {len(due)} item{'s' if len(due) > 1 else ''} "
-                                                         "(TTL passed)")
-        log_event(log, "expire_items", cube=cube.cube_id, revision=revision.number, items=len(due))
-        return revision, [m.item_id for m, _, _ in due]
-
-    def _restate(self, cube: CubeState, changes: Sequence[tuple[VersionMeta, str, int]], author: str,
-                 message: str) -> RevisionRecord:
-        """One revision giving each item a new version with the same content and a new (state, expire_ns).
-        Called with the cube's lock held."""
-        head = cube.head
-        metas = [m for m, _, _ in changes]
-        sources = self._store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in metas])
-        vectors = self._store.get_vectors(cube.cube_id, [m.vkey for m in metas])
-        plan = history.Plan(ended=list(metas), changed=len(changes))
-        next_vkey = cube.record.next_vkey
-        now = clock.now_ns()
-        for (meta, state, expire_ns), source, vector in zip(changes, sources, vectors, strict=True):
-            if source is None or vector is None:
-                raise InternalError(f"a version of item {meta.item_id} is missing from the store")
-            plan.born.append((replace(source, vkey=next_vkey, born=head + 1, died=0, write_ns=now,
-                                      origin=source.content_id, state=state, expire_ns=expire_ns), vector))
-            next_vkey += 1
-        revision = self._make_revision(cube, plan, "commit", author, message)
-        self._write_revision(cube, plan, revision)
         return revision
