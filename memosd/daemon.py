@@ -110,6 +110,7 @@ class Daemon:
     started: float
     stop_event: threading.Event
     audit: AuditLog
+    store: Store  # the disk watch and health read its space alarm
     metrics_server: MetricsServer | None = None  # None: metrics.listen = ""
     lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
 
@@ -193,9 +194,9 @@ def build(config: Config) -> Daemon:
     # The model loads on the runtime worker in the background; activation syscalls wait for it.
     model_host = ModelHost(config.runtime, Path(config.runtime.cache_dir).expanduser()
                            if config.runtime.cache_dir else config.data_dir)
-    adapters = AdapterService(kernel, model_host)
+    adapters = AdapterService(kernel, model_host, spool=store.path.parent / "uploads")  # beside the store
     usage = UsageTracker(store)
-    activator = Activator(kernel, model_host, adapters, usage)
+    activator = Activator(kernel, model_host, adapters, usage, store=store)
     generator = Generator(model_host, activator, searcher)
 
     started = time.time()
@@ -212,7 +213,7 @@ def build(config: Config) -> Daemon:
     access = AccessControl(kernel, principals)
     # A job commits its result only while the principal that started it still holds the train right.
     jobs = JobManager(kernel, model_host,
-                      commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube))
+                      commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube), store=store)
     metrics = Metrics() if config.metrics.listen else None
     audit = AuditLog(store, enabled=config.security.audit,
                      unauthenticated_window=config.security.audit_unauthenticated_window_seconds)
@@ -254,7 +255,7 @@ def build(config: Config) -> Daemon:
         WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING if full
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
-                    f"{host}:{port}", lock_handle, started, stop_event, audit, metrics_server, lifecycle)
+                    f"{host}:{port}", lock_handle, started, stop_event, audit, store, metrics_server, lifecycle)
     daemon_box.append(daemon)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
@@ -294,7 +295,7 @@ def _index_saver(daemon: Daemon) -> None:
 
 def _watch_disk(daemon: Daemon) -> None:
     """While the disk is full, look for room again; close the audit log's ended windows."""
-    daemon.kernel.store.recheck_space()
+    daemon.store.recheck_space()
     daemon.audit.tick()
 
 
@@ -321,7 +322,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
     if daemon.metrics_server is not None:
         daemon.metrics_server.start()
         metrics_address = daemon.metrics_server.address
-    daemon.loop.call(_set_health(daemon.health, daemon.kernel.store.space.full))
+    daemon.loop.call(_set_health(daemon.health, daemon.store.space.full))
     address_file = daemon.config.data_dir / "daemon.json"
     exit_code = 0
     try:
@@ -337,7 +338,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
         exit_code = 1
     else:
         log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off",
-                  data_dir=daemon.config.data_dir, version=__version__, cubes=len(daemon.kernel.cubes))
+                  data_dir=daemon.config.data_dir, version=__version__, cubes=len(daemon.kernel.cube_ids()))
         notifier.ready(f"serving on {daemon.address}")
         notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
         threading.Thread(target=_index_saver, args=(daemon,), name="index-saver", daemon=True).start()
@@ -366,7 +367,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
     daemon.kernel.close()  # with the disk full: the index save and the flush are skipped and logged
     address_file.unlink(missing_ok=True)
     daemon.lock_handle.close()
-    log_event(log, "stopped", disk_full=daemon.kernel.store.space.full)
+    log_event(log, "stopped", disk_full=daemon.store.space.full)
     return exit_code
 
 

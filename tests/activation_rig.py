@@ -83,11 +83,12 @@ def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, *, sync
     # from_pretrained is process-global, so a load racing it gets meta tensors ("Cannot copy out of meta
     # tensor"). The daemon never races: every model load runs on its one worker.
     host.run(lambda: None)
-    adapters = AdapterService(kernel, host)
+    adapters = AdapterService(kernel, host, spool=data / "uploads")
     usage = UsageTracker(store)
-    activator = Activator(kernel, host, adapters, usage)
+    activator = Activator(kernel, host, adapters, usage, store=store)
     searcher = Searcher(kernel, make_ranker(SearchConfig()), SearchSettings())
-    return Rig(kernel, host, activator, Generator(host, activator, searcher), adapters, JobManager(kernel, host))
+    return Rig(kernel, host, activator, Generator(host, activator, searcher), adapters,
+               JobManager(kernel, host, store=store))
 
 
 def commit_items(rig: Rig, cube: str, texts: Sequence[str]) -> str:

@@ -29,9 +29,8 @@ from typing import Any
 
 from memosd.activation import render, select
 from memosd.errors import ContextExceeded, CubeEmpty, PoolTooSmall
-from memosd.kernel.kernel import Kernel
+from memosd.kernel.kernel import CubeState, Kernel
 from memosd.kernel.memory_text import memory_text
-from memosd.kernel.state import CubeState
 from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
 from memosd.parametric.adapters import AdapterService
@@ -50,6 +49,7 @@ from memosd.runtime.kvcache import (
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 from memosd.store.records import ActivationRecord
+from memosd.store.rocks import Store
 
 log = logging.getLogger("memosd.activation")
 
@@ -104,12 +104,12 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int | None:
 
 class Activator:
     def __init__(self, kernel: Kernel, host: ModelHost, adapters: AdapterService,
-                 usage: UsageTracker | None = None) -> None:
+                 usage: UsageTracker | None = None, *, store: Store) -> None:
         self.kernel = kernel
         self.host = host
         self.adapters = adapters
         self.usage = usage
-        self.store = kernel.store
+        self.store = store  # the activation rows and KV cache chunks are this layer's own column families
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # Persisted bytes per (cube, model), for Stats without reading every record each time.
@@ -195,11 +195,10 @@ class Activator:
         size = select.Policy.of(cube.record.policy).working_set_size
         usage = self.usage.items(cube.cube_id) if self.usage is not None and selector.kind == "working_set" else {}
         now = time.time_ns()
-        with cube.lock:  # archived and expired items are not memory to activate
-            metas = select.select((m for m in cube.catalog.alive_at(revision) if not m.hidden(now)),
-                                  selector, usage, size)
+        # Archived and expired items are not memory to activate.
+        metas = select.select(self.kernel.visible_items(cube.cube_id, revision, now), selector, usage, size)
         refs = [(m.item_id, m.born) for m in metas]
-        versions = self.store.get_versions(cube.cube_id, refs)
+        versions = self.kernel.versions(cube.cube_id, refs)
         return refs, [memory_text(v.text, v.speaker) for v in versions if v is not None], selector.label(size)
 
     def _check_fits(self, loaded: LoadedModel, cube: CubeState, revision: int, n_tokens: int) -> None:
@@ -247,18 +246,17 @@ class Activator:
                 chunk_count=len(chunks), persisted_bytes=sum(map(len, chunks)), stored_dtype=dtype_name,
                 items=items, token_ids=list(cache.token_ids), create_ns=time.time_ns(),
                 adapter_digest=cache.extra.decode(), selector=selector)
-        with cube.lock:
-            if cube.freed:  # freed while we computed: its rows are gone, write none back
-                return record
-            if any(item_id in cube.purged for item_id, _ in refs):  # purged while we computed: keep no copy
-                self.host.pool.evict(cache.key)
-                return record
-            batch = self.store.batch()
-            batch.put_activation(record, chunks)
-            if old is not None and old.cache_key != cache.key:
-                batch.delete_kv_cache(cube.cube_id, old.cache_key)
-            self.store.write(batch, sync=True)
+        batch = self.store.batch()
+        batch.put_activation(record, chunks)
+        if old is not None and old.cache_key != cache.key:
+            batch.delete_kv_cache(cube.cube_id, old.cache_key)
+
+        def persisted() -> None:
             self._persisted[(cube.cube_id, record.fingerprint)] = record.persisted_bytes
+
+        # Freed while we computed: its rows are gone, write none back. Purged: keep no copy either.
+        if self.kernel.write_unless_gone(cube, batch, [item_id for item_id, _ in refs], then=persisted) == "purged":
+            self.host.pool.evict(cache.key)
         return record
 
     # -- caches for Generate ------------------------------------------------
@@ -310,10 +308,9 @@ class Activator:
             deleted = 0
             if delete_persisted:
                 deleted = sum(r.persisted_bytes for r in self.store.iter_activations(cube.cube_id))
-                with cube.lock:
-                    batch = self.store.batch()
-                    batch.delete_activations(cube.cube_id)
-                    self.store.write(batch, sync=True)
+                batch = self.store.batch()
+                batch.delete_activations(cube.cube_id)
+                self.kernel.write_unless_gone(cube, batch)  # a freed cube's rows went with it
                 self.forget_persisted(cube.cube_id)
         freed = sum(cache.nbytes for _, cache in dropped)
         unloaded = self.adapters.unload_cube(cube.cube_id, list(cube.adapters))

@@ -149,7 +149,7 @@ class Generator:
         in_blocks: set[str] = set()
         seen_cubes: set[str] = set()
         for mount, cube in zip(mounts, cubes, strict=True):
-            record = self.kernel.store.get_activation(cube.cube_id, loaded.fingerprint)
+            record = self.activator.store.get_activation(cube.cube_id, loaded.fingerprint)
             if cube.cube_id in seen_cubes or record is None or record.revision != mount.record.base:
                 continue
             seen_cubes.add(cube.cube_id)

@@ -42,8 +42,7 @@ from typing import Any
 from memosd.activation import select
 from memosd.activation.activator import Activator, kv_bytes_per_token, salt_cube
 from memosd.errors import MemosError
-from memosd.kernel.kernel import Kernel
-from memosd.kernel.state import CubeState
+from memosd.kernel.kernel import CubeState, Kernel
 from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
 from memosd.parametric.jobs import JobManager
@@ -95,8 +94,8 @@ class Scheduler:
         loaded = self.host.loaded_now()
         if loaded is None:
             return []
-        cubes = [c for c in list(self.kernel.cubes.values())
-                 if select.Policy.of(c.record.policy).schedule == "auto" and c.head > 0 and not c.freed]
+        cubes = [c for c in self.kernel.open_cubes()
+                 if select.Policy.of(c.record.policy).schedule == "auto" and c.head > 0]
         now = time.time_ns()
         cubes.sort(key=lambda c: self.usage.heat(c.cube_id, now), reverse=True)
         made: list[Decision] = []
@@ -114,7 +113,7 @@ class Scheduler:
             if decision.action not in ("skip", "defer") or not self._last_was(decision):
                 self._record(decision)
             made.append(decision)
-        for cube in list(self.kernel.cubes.values()):
+        for cube in self.kernel.open_cubes():
             promoted = self._promote(cube)
             if promoted is not None and (promoted.action != "fail" or not self._last_was(promoted)):
                 self._record(promoted)
@@ -125,14 +124,15 @@ class Scheduler:
         """Start memory training for a cube whose items have been stable long enough (policy; off by default)."""
         policy = select.Policy.of(cube.record.policy)
         after = policy.train_after_seconds
-        if not after or self.jobs is None or cube.freed or cube.head == 0 or cube.record.frozen:
+        if (not after or self.jobs is None or not self.kernel.has_cube(cube.cube_id) or cube.head == 0
+                or cube.record.frozen):
             return None
         now = time.time_ns()
         head = cube.head
-        changed_at = next((r.create_ns for r in self.kernel.store.iter_revisions(cube.cube_id, newest=head)
+        changed_at = next((r.create_ns for r in self.kernel.revisions(cube.cube_id, head)
                            if r.added or r.changed or r.forgotten), 0)
-        with cube.lock:  # archived and expired items are not trained on (as JobManager.train)
-            alive = {(m.item_id, m.born) for m in cube.catalog.alive_at(head) if not m.hidden(now)}
+        # Archived and expired items are not trained on (as JobManager.train).
+        alive = {(m.item_id, m.born) for m in self.kernel.visible_items(cube.cube_id, head, now)}
         if len(alive) < policy.train_min_items or now - changed_at < after * 10**9:
             return None
         jobs = self.jobs.list_jobs(cube.cube_id)
@@ -143,8 +143,7 @@ class Scheduler:
         adapter = cube.adapter_at(head)
         if adapter is not None and adapter.lineage.get("origin") == "trained":
             source = int(adapter.lineage.get("source_revision", -1))
-            with cube.lock:
-                trained_on = {(m.item_id, m.born) for m in cube.catalog.alive_at(source) if not m.hidden(now)}
+            trained_on = {(m.item_id, m.born) for m in self.kernel.visible_items(cube.cube_id, source, now)}
             if trained_on == alive:
                 return None  # the adapter already holds exactly these items
         mount = self.kernel.mount(cube.cube_id, head, False, "memosd")
@@ -163,10 +162,9 @@ class Scheduler:
         policy = select.Policy.of(cube.record.policy)
         size, threshold = policy.working_set_size, policy.drift_threshold
         head = cube.head
-        with cube.lock:
-            alive = (m for m in cube.catalog.alive_at(head) if not m.hidden(now))  # as Activator.block_items
-            wanted = [m.item_id for m in select.working_set(alive, self.usage.items(cube.cube_id), size, now)]
-        record = self.kernel.store.get_activation(cube.cube_id, loaded.fingerprint)
+        alive = self.kernel.visible_items(cube.cube_id, head, now)  # as Activator.block_items
+        wanted = [m.item_id for m in select.working_set(alive, self.usage.items(cube.cube_id), size, now)]
+        record = self.activator.store.get_activation(cube.cube_id, loaded.fingerprint)
         if record is not None:
             moved = select.drift([item_id for item_id, _ in record.items], wanted)
             pooled = record.cache_key in self.host.pool
@@ -236,7 +234,7 @@ class Scheduler:
     def _owner(self, salt: bytes) -> str:
         """The cube a cache's salt belongs to ("" for one freed since)."""
         cube_id = salt_cube(salt)
-        return cube_id if cube_id in self.kernel.cubes else ""
+        return cube_id if self.kernel.has_cube(cube_id) else ""
 
     def cache_heat(self, cache: Any) -> float:
         """The pool's eviction rank while the scheduler runs: the heat of the cache's cube (coldest first)."""

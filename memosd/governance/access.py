@@ -22,8 +22,7 @@ from enum import StrEnum
 
 from memosd.errors import CubeNotFound, InvalidField, PermissionDenied
 from memosd.governance.principals import Principals
-from memosd.kernel.kernel import Kernel, mount_not_found
-from memosd.kernel.state import CubeState, MountState
+from memosd.kernel.kernel import CubeState, Kernel, MountState, mount_not_found
 from memosd.store.records import CubeRecord, GrantRecord, PrincipalRecord
 
 
@@ -180,15 +179,14 @@ class AccessControl:
             cube = self.cube(caller, ref, {Right.GRANT})
             views = [self._view(cube.record, cube.record.owner)] if cube.record.owner else []
             return views + [self._view(cube.record, pid) for (cid, pid) in sorted(self._grants) if cid == cube.cube_id]
-        mine = [c.record for c in self.kernel.cubes.values() if c.record.owner == caller.principal_id]
-        granted = [self.kernel.cubes[cid].record for (cid, pid) in sorted(self._grants)
-                   if pid == caller.principal_id and cid in self.kernel.cubes]
+        records = {record.cube_id: record for record in self.kernel.cube_records()}
+        mine = [record for record in records.values() if record.owner == caller.principal_id]
+        granted = [records[cid] for (cid, pid) in sorted(self._grants) if pid == caller.principal_id and cid in records]
         return [self._view(record, caller.principal_id) for record in mine + granted]
 
     def close_mounts(self, principal_id: str, cube_id: str = "") -> int:
         """Unmount the principal's mounts (of one cube, or all); staged changes are discarded."""
-        doomed = [m.mount_id for m in list(self.kernel.mounts.values())
-                  if m.record.principal == principal_id and (not cube_id or m.record.cube_id == cube_id)]
+        doomed = [m.record.mount_id for m in self.kernel.mounts_of(cube_id, principal=principal_id)]
         for mount_id in doomed:
             self.kernel.unmount(mount_id)
         return len(doomed)

@@ -65,3 +65,10 @@ def check_unchanged_since(cube: CubeState, since: int, head: int) -> None:
             f"the cube's adapter changed between revision {since} (where training started) and HEAD "
             f"(revision {head}); the trained adapter was not committed. Train again from HEAD",
             head=head, item="adapter")
+
+
+def taint_on_commit(cube: CubeState, adapter: AdapterRecord) -> AdapterRecord:
+    """An adapter trained on items purged since (its job ran meanwhile) is committed tainted (see
+    kernel/purge.py)."""
+    purges = {cube.purged[i] for i in adapter.lineage.get("source_item_ids", ()) if i in cube.purged}
+    return replace(adapter, tainted=sorted({*adapter.tainted, *purges})) if purges else adapter

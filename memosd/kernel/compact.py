@@ -21,16 +21,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from memosd.kernel.catalog import VersionMeta
+from memosd.kernel.checks import oldest_readable
 from memosd.kernel.state import CubeState, MountState
+from memosd.kernel.table import Tables
 from memosd.logfmt import log_event
-
-if TYPE_CHECKING:
-    from memosd.kernel.kernel import Kernel
+from memosd.store.rocks import Store
 
 log = logging.getLogger("memosd.kernel")
 
@@ -43,11 +42,7 @@ class CompactResult:
     oldest_revision: int  # the oldest revision still readable
 
 
-def oldest_readable(cube: CubeState) -> int:
-    return max(1, cube.record.compacted_below)
-
-
-def oldest_kept(kernel: Kernel, cube: CubeState, mounts: Sequence[MountState], now_ns: int) -> int:
+def oldest_kept(store: Store, cube: CubeState, mounts: Sequence[MountState], now_ns: int) -> int:
     """The oldest revision the retention policy, HEAD and the open mounts keep (never below the current
     watermark: compaction cannot be undone)."""
     head = cube.head
@@ -63,7 +58,7 @@ def oldest_kept(kernel: Kernel, cube: CubeState, mounts: Sequence[MountState], n
     if keep_seconds:
         cutoff = now_ns - int(keep_seconds * 1_000_000_000)
         oldest = head  # HEAD is kept however old it is
-        for revision in kernel.store.iter_revisions(cube.cube_id, newest=head):
+        for revision in store.iter_revisions(cube.cube_id, newest=head):
             if revision.create_ns < cutoff:
                 break
             oldest = revision.number
@@ -73,29 +68,29 @@ def oldest_kept(kernel: Kernel, cube: CubeState, mounts: Sequence[MountState], n
     return max(min([keep, *bases]), current)
 
 
-def run_compact(kernel: Kernel, cube: CubeState) -> CompactResult:
+def run_compact(store: Store, tables: Tables, cube: CubeState) -> CompactResult:
     """Kernel.compact (see the module doc). The caller checked that the cube is not frozen."""
     started = time.perf_counter()
     with cube.lock:
-        mounts = [m for m in list(kernel.mounts.values()) if m.record.cube_id == cube.cube_id]
+        mounts = tables.mounts_of(cube.cube_id)
         previous = oldest_readable(cube)
-        keep = oldest_kept(kernel, cube, mounts, time.time_ns())
+        keep = oldest_kept(store, cube, mounts, time.time_ns())
         if keep <= previous:
             return CompactResult(cube.cube_id, 0, 0, previous)
         dead: list[VersionMeta] = [m for versions in cube.catalog.by_item.values() for m in versions
                                    if m.died and m.died <= keep]
-        batch = kernel.store.batch()
+        batch = store.batch()
         for meta in dead:
             batch.delete_version(cube.cube_id, meta.item_id, meta.born, meta.vkey)
         marked = 0
-        for revision in kernel.store.iter_revisions(cube.cube_id, newest=keep - 1):
+        for revision in store.iter_revisions(cube.cube_id, newest=keep - 1):
             if revision.compacted:
                 break  # older ones were marked by an earlier run
             batch.put_revision(cube.cube_id, replace(revision, compacted=True))
             marked += 1
         record = replace(cube.record, compacted_below=keep, version_count=cube.record.version_count - len(dead))
         batch.put_cube(record)
-        kernel.store.write(batch, sync=True)
+        store.write(batch, sync=True)
         # Durable from here on: now update memory. The indexes drop the dead versions' entries; one left
         # behind by a crash here is harmless, as search accepts only keys the catalog knows.
         cube.record = record

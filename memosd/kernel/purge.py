@@ -27,15 +27,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from memosd.config import LimitsConfig
 from memosd.errors import CubeNotFound, InvalidField, ItemNotFound
 from memosd.kernel import ids, validate
-from memosd.kernel.quotas import staged_bytes
+from memosd.kernel.indexes import Indexes
+from memosd.kernel.quotas import Quotas, staged_bytes
 from memosd.kernel.requests import PURGED_DIGEST
 from memosd.kernel.state import CubeState, MountState
+from memosd.kernel.table import Tables
 from memosd.logfmt import log_event
 from memosd.store.records import (
     AdapterRecord,
@@ -46,9 +48,6 @@ from memosd.store.records import (
     TaintedAdapter,
 )
 from memosd.store.rocks import Batch, Store
-
-if TYPE_CHECKING:
-    from memosd.kernel.kernel import Kernel
 
 log = logging.getLogger("memosd.kernel")
 
@@ -61,7 +60,18 @@ class _Plan:
     tainted: list[AdapterRecord]
 
 
-def run_purge(kernel: Kernel, ref: str, item_ids: Sequence[str], source: str,
+@dataclass(frozen=True)
+class PurgeParts:
+    """What a purge reads and changes: the tables, the store, the indexes and the staged-bytes quotas."""
+
+    tables: Tables
+    store: Store
+    indexes: Indexes
+    quotas: Quotas
+    limits: LimitsConfig
+
+
+def run_purge(parts: PurgeParts, ref: str, item_ids: Sequence[str], source: str,
               tags: Sequence[str]) -> PurgeReceipt:
     """Kernel.purge (see the module doc)."""
     started = time.perf_counter()
@@ -69,33 +79,32 @@ def run_purge(kernel: Kernel, ref: str, item_ids: Sequence[str], source: str,
     if not item_ids and not source and not wanted_tags:
         raise InvalidField("nothing selects the items to purge: give item_ids, a source, or tags",
                            field="item_ids")
-    validate.id_count(item_ids, kernel.limits)
-    cube = kernel.cube(ref)
+    validate.id_count(item_ids, parts.limits)
+    cube = parts.tables.cube(ref)
     with cube.lock:
         if cube.freed:
             raise CubeNotFound(f"no cube with id or name {ref!r}", cube=ref)
-        mounts = sorted((m for m in list(kernel.mounts.values()) if m.record.cube_id == cube.cube_id),
-                        key=lambda m: m.mount_id)
+        mounts = sorted(parts.tables.mounts_of(cube.cube_id), key=lambda m: m.mount_id)
         reset = False
         try:
             with contextlib.ExitStack() as held:
                 for mount in mounts:  # no staging of the cube changes while we look and delete
                     held.enter_context(mount.lock)
-                targets = _select(kernel.store, cube, mounts, item_ids, source, wanted_tags)
+                targets = _select(parts.store, cube, mounts, item_ids, source, wanted_tags)
                 if not targets:
                     return PurgeReceipt("", cube.cube_id, time.time_ns())
                 cube.purging = frozenset(targets)  # and mounts opened meanwhile cannot stage them
-                plan = _plan(kernel.store, cube, mounts, targets)
+                plan = _plan(parts.store, cube, mounts, targets)
                 reset = True
-                kernel.reset_index(cube)
-                kernel.store.write(plan.batch, sync=True)
+                parts.indexes.reset(cube)
+                parts.store.write(plan.batch, sync=True)
                 # Durable from here on: now update memory.
-                _apply(kernel, cube, mounts, plan)
+                _apply(parts.quotas, cube, mounts, plan)
         finally:
             cube.purging = frozenset()
             if reset:  # from the store: without the items, or with them if the batch failed
-                kernel.refill_index(cube)
-    kernel.store.scrub(cube.cube_id, kv_chunks=bool(plan.receipt.activations))
+                parts.indexes.refill(cube)
+    parts.store.scrub(cube.cube_id, kv_chunks=bool(plan.receipt.activations))
     receipt = plan.receipt
     log_event(log, "purge", cube=cube.cube_id, purge=receipt.purge_id, items=len(receipt.item_ids),
               versions=len(receipt.versions), staged=len(receipt.staged), activations=len(receipt.activations),
@@ -169,7 +178,7 @@ def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: 
     return _Plan(receipt, batch, record, tainted)
 
 
-def _apply(kernel: Kernel, cube: CubeState, mounts: Sequence[MountState], plan: _Plan) -> None:
+def _apply(quotas: Quotas, cube: CubeState, mounts: Sequence[MountState], plan: _Plan) -> None:
     receipt = plan.receipt
     cube.record = plan.record
     for item_id in receipt.item_ids:
@@ -179,13 +188,8 @@ def _apply(kernel: Kernel, cube: CubeState, mounts: Sequence[MountState], plan: 
     for mount_id, item_id in receipt.staged:
         mount = by_id[mount_id]
         # The staged copy leaves its principal's staged-bytes quota with it.
-        kernel.quotas.unstaged(mount.record.principal, staged_bytes(mount.staging.pop(item_id, None),
-                                                                    mount.vectors.pop(item_id, None)))
+        quotas.unstaged(mount.record.principal, staged_bytes(mount.staging.pop(item_id, None),
+                                                             mount.vectors.pop(item_id, None)))
     for adapter in plan.tainted:
         adapter.tainted = [*adapter.tainted, receipt.purge_id]
 
-
-def taint_on_commit(cube: CubeState, adapter: AdapterRecord) -> AdapterRecord:
-    """An adapter trained on items purged since (its job ran meanwhile) is committed tainted."""
-    purges = {cube.purged[i] for i in adapter.lineage.get("source_item_ids", ()) if i in cube.purged}
-    return replace(adapter, tainted=sorted({*adapter.tainted, *purges})) if purges else adapter

@@ -9,6 +9,7 @@ import numpy as np
 
 from memosd.kernel.catalog import Catalog, VersionMeta
 from memosd.kernel.ports import CubeIndexPort
+from memosd.kernel.quotas import staged_bytes
 from memosd.kernel.types import ItemView
 from memosd.store.records import (
     AdapterRecord,
@@ -69,6 +70,14 @@ class MountState:
     @property
     def writable(self) -> bool:
         return self.record.mode == "rw"
+
+    def item_bytes(self, item_id: str) -> int:
+        """What the staged change of ``item_id`` (if any) counts against the staged-bytes quota."""
+        return staged_bytes(self.staging.get(item_id), self.vectors.get(item_id))
+
+    def staged_total(self) -> int:
+        """What the whole staging counts against the staged-bytes quota."""
+        return sum(self.item_bytes(item_id) for item_id in self.staging)
 
     def counts(self) -> tuple[int, int, int]:
         adds = edits = forgets = 0

@@ -60,11 +60,11 @@ def validate(loaded: LoadedModel, config: bytes, weights: bytes | Path, digest: 
 
 
 class AdapterService:
-    def __init__(self, kernel: Kernel, host: ModelHost) -> None:
+    def __init__(self, kernel: Kernel, host: ModelHost, *, spool: Path) -> None:
         self.kernel = kernel
         self.host = host
-        # Uploads being received, beside the store (the data dir); what a crash left there is deleted now.
-        self.spool = kernel.store.path.parent / "uploads"
+        # Uploads being received (the daemon puts them in the data dir); what a crash left there is deleted now.
+        self.spool = spool
         for stale in self.spool.glob(SPOOL_PREFIX + "*"):
             stale.unlink(missing_ok=True)
 
@@ -98,11 +98,12 @@ class AdapterService:
         mount = self.kernel.mount_state(mount_id)
         cube = self.kernel.cube_of(mount)
         adapter, staged = self.kernel.adapter_in(mount)
+        info = self.kernel.mount_info(mount)
         if adapter is None:
             raise AdapterNotFound(f"cube {cube.record.name!r} has no adapter at revision {mount.record.base}"
-                                  f"{' in this mount' if mount.staged_adapter else ''}; import or train one",
+                                  f"{' in this mount' if info.staged_adapter else ''}; import or train one",
                                   cube=cube.cube_id, revision=mount.record.base)
-        return adapter, staged, self.kernel.mount_info(mount), self.kernel.adapter_files(cube.cube_id, adapter)
+        return adapter, staged, info, self.kernel.adapter_files(cube.cube_id, adapter)
 
     # -- residency (for Activate, Generate, Evict) -----------------------------
     def prepare(self, loaded: LoadedModel, cube_id: str, adapter: AdapterRecord | None) -> None:

@@ -24,9 +24,8 @@ from typing import Any, NoReturn, Protocol
 
 from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
 from memosd.kernel import ids, validate
-from memosd.kernel.kernel import Kernel, check_thawed
+from memosd.kernel.kernel import CubeState, Kernel, check_thawed
 from memosd.kernel.memory_text import memory_text
-from memosd.kernel.state import CubeState
 from memosd.logfmt import log_event
 from memosd.park import Park, done_future, resolve
 from memosd.runtime.adapters import adapter_digest
@@ -34,6 +33,7 @@ from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 from memosd.store.records import AdapterRecord, JobRecord
+from memosd.store.rocks import Store
 
 log = logging.getLogger("memosd.jobs")
 
@@ -79,8 +79,9 @@ def default_trainer(loaded: LoadedModel, items: Sequence[str], settings: dict[st
 
 class JobManager:
     def __init__(self, kernel: Kernel, host: ModelHost, trainer: TrainerFactory = default_trainer,
-                 commit_guard: CommitGuard | None = None) -> None:
+                 commit_guard: CommitGuard | None = None, *, store: Store) -> None:
         self.kernel = kernel
+        self._store = store  # the jobs column family is this layer's own
         self.host = host
         self._make_trainer = trainer
         self._commit_guard = commit_guard  # None: no rights to check (in-process tests without governance)
@@ -90,12 +91,12 @@ class JobManager:
         self._cancel: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = False
-        for job in kernel.store.iter_jobs():
+        for job in store.iter_jobs():
             if not job.finished:
                 job = replace(job, state="failed", end_ns=time.time_ns(),
                               error=f"memosd stopped while the job was {job.state}; nothing was committed. "
                                     "Start the training again")
-                kernel.store.put_job(job, sync=True)
+                store.put_job(job, sync=True)
                 log_event(log, "job_failed_at_restart", job=job.job_id, cube=job.cube_id)
             self._jobs[job.job_id] = job
 
@@ -111,9 +112,8 @@ class JobManager:
         steps = int(settings.get("max_steps", 0))
         validate.train_steps(steps)
         check_settings(settings)
-        with cube.lock:
-            now = time.time_ns()  # archived and expired items are not memory to learn
-            metas = sorted((m for m in cube.catalog.alive_at(revision) if not m.hidden(now)), key=lambda m: m.vkey)
+        # Archived and expired items are not memory to learn.
+        metas = sorted(self.kernel.visible_items(cube.cube_id, revision, time.time_ns()), key=lambda m: m.vkey)
         if not metas:
             raise CubeEmpty(f"cube {cube.record.name!r} has no active items at revision {revision}: there is nothing "
                             "to train on. Write and commit items (or restore archived ones) first",
@@ -214,7 +214,7 @@ class JobManager:
         trainer: Trainer | None = None
         try:
             loaded = self.host.model()
-            versions = self.kernel.store.get_versions(job.cube_id, refs)
+            versions = self.kernel.versions(job.cube_id, refs)
             texts = [memory_text(v.text, v.speaker) for v in versions if v is not None]
             trainer = self.host.run(lambda: self._make_trainer(loaded, texts, job.settings),
                                     priority=PRIORITY_BACKGROUND)
@@ -293,7 +293,7 @@ class JobManager:
 
     def _save(self, job: JobRecord) -> None:
         """Persist and publish (called with the condition held). State changes are synced, steps not."""
-        self.kernel.store.put_job(job, sync=job.finished)
+        self._store.put_job(job, sync=job.finished)
         self._jobs[job.job_id] = job
         self._cond.notify_all()
         for waiter in self._watchers.pop(job.job_id, []):
@@ -302,7 +302,7 @@ class JobManager:
     def _prune(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.job_id)
         for job in finished[: max(0, len(self._jobs) - MAX_JOBS)]:
-            self.kernel.store.delete_job(job.job_id)
+            self._store.delete_job(job.job_id)
             del self._jobs[job.job_id]
             self._cancel.pop(job.job_id, None)
             self._threads.pop(job.job_id, None)

@@ -138,13 +138,13 @@ class GovernanceHandlers:
         expire_ns = cv.nanos(req.expire_time, "expire_time") if req.HasField("expire_time") else 0
         view = self.access.grant(call.caller, req.cube, req.principal, rights(list(req.rights)), expire_ns)
         call.note(artifacts=[f"principal:{view.principal_id}"])
-        return pb.GrantResponse(header=cv.header(view.cube_id, self.kernel.cubes[view.cube_id].head),
+        return pb.GrantResponse(header=cv.header(view.cube_id, self.kernel.head(view.cube_id)),
                                 grant=grant(view))
 
     def Revoke(self, req: pb.RevokeRequest, call: Call) -> pb.RevokeResponse:
         view, closed = self.access.revoke(call.caller, req.cube, req.principal, rights(list(req.rights)))
         call.note(artifacts=[f"principal:{view.principal_id}"])
-        return pb.RevokeResponse(header=cv.header(view.cube_id, self.kernel.cubes[view.cube_id].head),
+        return pb.RevokeResponse(header=cv.header(view.cube_id, self.kernel.head(view.cube_id)),
                                  grant=grant(view), mounts_closed=closed)
 
     def ListGrants(self, req: pb.ListGrantsRequest, call: Call) -> pb.ListGrantsResponse:
@@ -208,6 +208,5 @@ class GovernanceHandlers:
             lexical_entries_removed=receipt.lexical_entries_removed,
             kv_caches_deleted=receipt.kv_caches_deleted,
             adapters_tainted=[t.TaintedAdapter(digest=a.digest, born_revision=a.born) for a in receipt.adapters_tainted])
-        cube = self.kernel.cubes.get(receipt.cube_id)
-        return pb.PurgeResponse(header=cv.header(receipt.cube_id, cube.head if cube else 0), receipt=message)
+        return pb.PurgeResponse(header=cv.header(receipt.cube_id, self.kernel.head(receipt.cube_id)), receipt=message)
 

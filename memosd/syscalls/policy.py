@@ -135,8 +135,8 @@ def authorize(access: AccessControl, jobs: JobManager, caller: PrincipalRecord, 
             target.mount_id = target.mount_id or mount.mount_id
     if rule.job:
         job = jobs.get(_field(request, rule.job))
-        job_cube = access.kernel.cubes.get(job.cube_id)
-        if job_cube is None or not access.visible(caller, job_cube.record):
+        job_cube = access.kernel.cube_record(job.cube_id)
+        if job_cube is None or not access.visible(caller, job_cube):
             jobs.not_found(job.job_id)
         access.cube(caller, job.cube_id, needed)
         target.cube_id = job.cube_id

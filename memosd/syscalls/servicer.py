@@ -182,7 +182,7 @@ class MemOSServicer(GovernanceHandlers):
         digest = outcome.record.adapter_digest
         call.note(items=[str(item_id) for item_id, _born in outcome.record.items],
                   artifacts=[f"kv:{outcome.record.cache_key}", f"adapter:{digest}" if digest else ""])
-        head = self.kernel.cubes[outcome.record.cube_id].head if outcome.record.cube_id in self.kernel.cubes else 0
+        head = self.kernel.head(outcome.record.cube_id)
         return pb.ActivateResponse(header=cv.header(outcome.record.cube_id, head, outcome.record.revision),
                                    activation=ca.activation(outcome))
 
@@ -223,8 +223,7 @@ class MemOSServicer(GovernanceHandlers):
         job = self.jobs.train(req.mount_id, cv.train_settings(req.settings), req.message,
                               req.author or call.caller.name, principal=call.caller.principal_id)
         call.note(artifacts=[f"job:{job.job_id}"])
-        cube = self.kernel.cubes.get(job.cube_id)
-        return pb.TrainResponse(header=cv.header(job.cube_id, cube.head if cube else 0, job.revision),
+        return pb.TrainResponse(header=cv.header(job.cube_id, self.kernel.head(job.cube_id), job.revision),
                                 job=cv.job(job))
 
     def WatchJob(self, req: pb.WatchJobRequest, call: Call) -> Iterator[pb.WatchJobResponse | Park]:
@@ -236,8 +235,9 @@ class MemOSServicer(GovernanceHandlers):
 
     def ListJobs(self, req: pb.ListJobsRequest, call: Call) -> pb.ListJobsResponse:
         cube_id = self.kernel.cube(req.cube).cube_id if req.cube else ""
+        records = {record.cube_id: record for record in self.kernel.cube_records()}
         jobs = [j for j in self.jobs.list_jobs(cube_id)
-                if j.cube_id in self.kernel.cubes and self.access.visible(call.caller, self.kernel.cubes[j.cube_id].record)]
+                if j.cube_id in records and self.access.visible(call.caller, records[j.cube_id])]
         return pb.ListJobsResponse(jobs=[cv.job(j) for j in jobs])
 
     # -- daemon ---------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from activation_rig import Rig, commit_items, open_rig
 from tiny_llama import save_tiny_llama
 
-import memosd.kernel.kernel as kernel_module
+import memosd.kernel.clock as kernel_clock
 from memosd.config import StoreConfig
 from memosd.kernel.types import ItemInput, Message
 from memosd.lifecycle import LifecycleLoop
@@ -98,8 +98,8 @@ def test_commit_ingest_rollback_set_item_state_and_purge_write_synced(rig: Rig, 
 
 def test_the_lifecycle_loop_writes_its_expiry_and_its_purge_synced(rig: Rig, spy: WriteSpy,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [kernel_module._now_ns()]
-    monkeypatch.setattr(kernel_module, "_now_ns", lambda: clock[0])  # time passes when the test says so
+    clock = [kernel_clock.now_ns()]
+    monkeypatch.setattr(kernel_clock, "now_ns", lambda: clock[0])  # time passes when the test says so
     rig.kernel.alloc_cube("ttl", "", {})
     mount = rig.kernel.mount("ttl", 0, True).record.mount_id
     (brief,) = rig.kernel.write(mount, [ItemInput("brief", ttl_seconds=1)])[0]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from activation_rig import Rig, open_rig
 
-import memosd.kernel.kernel as kernel_module
+import memosd.kernel.clock as kernel_clock
 from memosd.activation import select
 from memosd.errors import RevisionCompacted
 from memosd.governance.audit import AuditEntry
@@ -66,8 +66,8 @@ class _Audit:
 
 def test_one_loop_pass_expires_then_purges_after_the_grace_and_audits_both(rig: Rig,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [kernel_module._now_ns()]
-    monkeypatch.setattr(kernel_module, "_now_ns", lambda: clock[0])  # the loop's time moves only when told
+    clock = [kernel_clock.now_ns()]
+    monkeypatch.setattr(kernel_clock, "now_ns", lambda: clock[0])  # the loop's time moves only when told
     rig.kernel.alloc_cube("ttl", "", {})
     (brief, lasting) = _commit(rig, "ttl", [ItemInput("brief", ttl_seconds=1), ItemInput("lasting")])
     audit = _Audit()

@@ -222,7 +222,7 @@ def test_the_committed_adapter_computes_what_the_trainer_trained(
     from test_parametric import import_and_commit, make_adapter
 
     rig = open_rig(tmp_path, str(tiny_dir))
-    rig.jobs = JobManager(rig.kernel, rig.host, _RecordingTrainer)
+    rig.jobs = JobManager(rig.kernel, rig.host, _RecordingTrainer, store=rig.kernel.store)
     try:
         if others_resident:  # LoRA layers on every target already: the pool's fast path loads the trained one
             rig.kernel.alloc_cube("o", "", {})
@@ -322,7 +322,8 @@ def governed(rig: Rig) -> Iterator[_Governed]:
     trainer, _ = principals.create("trainer", "agent", False, "")
     rig.jobs.close()
     rig.jobs = JobManager(rig.kernel, rig.host, _PausedTrainer,
-                          commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube))
+                          commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube),
+                          store=rig.kernel.store)
     cube_id = rig.kernel.alloc_cube("c", "", {}, owner=owner.principal_id).record.cube_id
     commit_items(rig, "c", FACTS)
     yield _Governed(rig, access, owner, trainer, cube_id)

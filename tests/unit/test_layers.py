@@ -12,10 +12,10 @@ violation in a tiny synthetic package, ``test_each_rule_catches_a_planted_violat
     sentence-transformers, accelerate) only in runtime/, index/embedder.py and,
     until the engine issue moves them, the activation files listed in
     ``TORCH_TODAY``;
-(e) kernel internals (``kernel.cubes`` / ``.mounts`` / ``.store`` reached
-    through a Kernel, ``CubeState`` / ``MountState``, the kernel's part modules)
-    only inside kernel/. Today's offenders are allow-listed
-    (``KERNEL_INTERNALS_TODAY``) until the kernel split lands.
+(e) kernel internals only inside kernel/: ``kernel.cubes`` / ``.mounts`` /
+    ``.store`` reached through a Kernel, the insides of a ``CubeState`` /
+    ``MountState`` handle (catalog, staging, purge marks, its lock), and the
+    part modules kernel.py is split into (import the facade instead).
 
 Every import counts, wherever it is written: at the top, inside a function (a
 lazy import is still a dependency) or under ``if TYPE_CHECKING:`` (a type-only
@@ -75,43 +75,18 @@ TORCH_ALLOWED = ("runtime", "index.embedder")
 # engine issue moves this work into runtime/ and empties the tuple.
 TORCH_TODAY = ("activation.activator", "activation.decode", "activation.generator")
 
-# Rule (e): what only kernel/ may touch. The attributes are the kernel's own tables, reached through an
-# expression ending in "kernel" (self.kernel.cubes, rig.kernel.store); the names are the in-memory state
-# classes; the modules are where those live and the parts kernel.py is split into (the lead adds the part
-# modules at the merge of the kernel split).
+# Rule (e): what only kernel/ may touch. KERNEL_ATTRS are the kernel's own tables, reached through an
+# expression ending in "kernel" (self.kernel.cubes, rig.kernel.store). CubeState and MountState are the
+# handles the facade hands out (Kernel.cube, Kernel.mount_state) and may be named as types, imported from
+# the facade; STATE_ATTRS are their insides (the catalog, staging, purge marks), which only kernel/ reads,
+# and a handle's lock is reached only through Kernel.write_unless_gone. The private modules are the parts
+# kernel.py is split into: kernel.py is their only importer outside the parts themselves.
 KERNEL_ATTRS = frozenset({"cubes", "mounts", "store"})
-KERNEL_NAMES = frozenset({"CubeState", "MountState"})
-KERNEL_PRIVATE_MODULES = ("kernel.state",)
-
-# Today's rule (e) offenders, as (module, what): the "kernel" helper's branch replaces them with kernel
-# methods; the lead empties this at its merge (an entry no longer found fails too, so it only shrinks).
-KERNEL_INTERNALS_TODAY: frozenset[tuple[str, str]] = frozenset({
-    ("activation.activator", "from memosd.kernel.state import CubeState"),
-    ("activation.activator", "kernel.store"),
-    ("activation.generator", "self.kernel.store"),
-    ("activation.scheduler", "from memosd.kernel.state import CubeState"),
-    ("activation.scheduler", "self.kernel.cubes"),
-    ("activation.scheduler", "self.kernel.store"),
-    ("daemon", "daemon.kernel.cubes"),
-    ("daemon", "daemon.kernel.store"),
-    ("daemon", "self.kernel.cubes"),
-    ("daemon", "self.kernel.mounts"),
-    ("daemon", "self.kernel.store"),
-    ("governance.access", "from memosd.kernel.state import CubeState"),
-    ("governance.access", "from memosd.kernel.state import MountState"),
-    ("governance.access", "kernel.store"),
-    ("governance.access", "self.kernel.cubes"),
-    ("governance.access", "self.kernel.mounts"),
-    ("governance.access", "self.kernel.store"),
-    ("lifecycle", "self.kernel.cubes"),
-    ("parametric.adapters", "kernel.store"),
-    ("parametric.jobs", "from memosd.kernel.state import CubeState"),
-    ("parametric.jobs", "kernel.store"),
-    ("parametric.jobs", "self.kernel.store"),
-    ("syscalls.governance", "self.kernel.cubes"),
-    ("syscalls.policy", "access.kernel.cubes"),
-    ("syscalls.servicer", "self.kernel.cubes"),
-})
+STATE_ATTRS = frozenset({"catalog", "freed", "purged", "purging", "index_dirty", "staging"})  # MountInfo has its own staged_adapter
+HANDLE_LOCK_OWNERS = ("cube", "mount")  # x.lock where x names a cube or a mount
+KERNEL_PRIVATE_MODULES = ("kernel.table", "kernel.state", "kernel.indexes", "kernel.cubes", "kernel.staging",
+                          "kernel.revisions", "kernel.item_states", "kernel.reads", "kernel.compact",
+                          "kernel.purge", "kernel.checks", "kernel.clock")
 
 
 @dataclass(frozen=True)
@@ -324,25 +299,29 @@ def torch_outside_runtime(result: Scan) -> list[Finding]:
 
 
 def kernel_internals_outside(result: Scan) -> list[Finding]:
-    """Kernel internals used outside kernel/ (rule e): its tables reached through a kernel, the state
-    classes, its private modules."""
+    """Kernel internals used outside kernel/ (rule e): its tables reached through a kernel, a handle's
+    insides, its part modules."""
     prefix = result.package + "."
     private = {prefix + m for m in KERNEL_PRIVATE_MODULES}
     found = []
     for imp in result.imports:
-        if _in(imp.module, ("kernel",)):
-            continue
-        if imp.target in private or (imp.target.startswith(prefix + "kernel")
-                                     and KERNEL_NAMES.intersection(imp.names)):
-            found.append(Finding(imp.module, imp.line, imp.text, "kernel internals stay in kernel/"))
+        if not _in(imp.module, ("kernel",)) and imp.target in private:
+            found.append(Finding(imp.module, imp.line, imp.text, "import the facade (kernel.kernel) instead"))
     for module, tree in result.modules.items():
         if _in(module, ("kernel",)):
             continue
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr in KERNEL_ATTRS
-                    and _names_a_kernel(node.value)):
+            if not isinstance(node, ast.Attribute):
+                continue
+            if ((node.attr in KERNEL_ATTRS and _names_a_kernel(node.value)) or node.attr in STATE_ATTRS
+                    or (node.attr == "lock" and _names_one_of(node.value, HANDLE_LOCK_OWNERS))):
                 found.append(Finding(module, node.lineno, ast.unparse(node), "kernel internals stay in kernel/"))
     return found
+
+
+def _names_one_of(node: ast.expr, suffixes: tuple[str, ...]) -> bool:
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return name.lstrip("_").endswith(suffixes)
 
 
 def _names_a_kernel(node: ast.expr) -> bool:
@@ -383,10 +362,7 @@ def test_torch_stays_in_the_runtime(memosd: Scan) -> None:
 
 def test_kernel_internals_stay_in_the_kernel(memosd: Scan) -> None:
     found = kernel_internals_outside(memosd)
-    new = sorted({str(f) for f in found if (f.module, f.what) not in KERNEL_INTERNALS_TODAY})
-    stale = sorted(KERNEL_INTERNALS_TODAY - {(f.module, f.what) for f in found})
-    assert not new, "kernel internals outside kernel/:\n" + "\n".join(new)
-    assert not stale, f"no longer found, remove from KERNEL_INTERNALS_TODAY: {stale}"
+    assert not found, "kernel internals outside kernel/:\n" + "\n".join(map(str, found))
 
 
 # -- each rule fails on a planted violation --------------------------------------------------------------
@@ -411,9 +387,10 @@ PLANTED = {
     "activation/generator.py": "import torch\n",  # allowed today (TORCH_TODAY)
     "activation/helper.py": "def f():\n    from transformers import AutoTokenizer\n",  # (d), lazily
     "parametric/__init__.py": "",
-    "parametric/jobs.py": (  # (e), three ways; and (b): parametric imports activation
+    "parametric/jobs.py": (  # (e), five ways; and (b): parametric imports activation
         "from pkg.kernel.state import CubeState\nfrom pkg.activation import helper\n"
-        "def f(self):\n    return self.kernel.cubes, self._kernel.store\n"
+        "from pkg.kernel.kernel import MountState\n"  # the facade's handle type: allowed
+        "def f(self, cube):\n    return self.kernel.cubes, self._kernel.store, cube.catalog, cube.lock\n"
     ),
     "stray.py": "",  # in no layer
 }
@@ -443,4 +420,6 @@ def test_each_rule_catches_a_planted_violation(tmp_path: Path) -> None:
         ("parametric.jobs", "from pkg.kernel.state import CubeState"),
         ("parametric.jobs", "self.kernel.cubes"),
         ("parametric.jobs", "self._kernel.store"),
+        ("parametric.jobs", "cube.catalog"),
+        ("parametric.jobs", "cube.lock"),
     }

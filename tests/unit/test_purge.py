@@ -23,6 +23,7 @@ from memosd.errors import InvalidField, ItemNotFound
 from memosd.index.cube_index import CubeIndex
 from memosd.index.fusion import fuse, single
 from memosd.index.lexical import TANTIVY_DIR, TEXT, build_schema
+from memosd.kernel.indexes import Indexes
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.types import ItemInput, SearchFilter
@@ -363,10 +364,10 @@ def test_a_crash_after_the_batch_rebuilds_the_indexes_without_the_item(tmp_path:
     class Crash(BaseException):
         pass
 
-    def crash(_kernel: Kernel, _cube: Any) -> None:
+    def crash(_indexes: Indexes, _cube: Any) -> None:
         raise Crash
 
-    monkeypatch.setattr(Kernel, "refill_index", crash)
+    monkeypatch.setattr(Indexes, "refill", crash)
     with pytest.raises(Crash):  # the batch is written; the process "dies" before the indexes are refilled
         kernel.purge("c", [a])
     monkeypatch.undo()
