@@ -45,7 +45,6 @@ from memosd.kernel.kernel import Kernel
 from memosd.kernel.ports import Ranker
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.usage import UsageTracker
-from memosd.lifecycle import LifecycleLoop
 from memosd.logfmt import log_event, setup_logging
 from memosd.metrics import Metrics, MetricsServer
 from memosd.parametric.adapters import AdapterService
@@ -53,9 +52,13 @@ from memosd.parametric.jobs import JobManager
 from memosd.periodic import Periodic
 from memosd.runtime.host import ModelHost
 from memosd.sdnotify import SystemdNotifier
+from memosd.services.cubes import CubeRemoval
+from memosd.services.erasure import Erasure
+from memosd.services.lifecycle import LifecycleLoop
+from memosd.services.stats import StatsService
 from memosd.store.rocks import PROBE_MIN_FREE_BYTES, SchemaMismatch, Store
 from memosd.store.space import free_bytes, is_no_space
-from memosd.syscalls import convert_activation
+from memosd.syscalls import convert_stats
 from memosd.syscalls.gate import Gate
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
 from memosd.syscalls.servicer import MemOSServicer
@@ -69,14 +72,6 @@ WRITES_HEALTH_SERVICE = f"{SERVICE_NAME}/writes"
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says why and what to do."""
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
 
 def _disk_full_at_start(data_dir: Path) -> str:
@@ -111,34 +106,13 @@ class Daemon:
     stop_event: threading.Event
     audit: AuditLog
     store: Store  # the disk watch and health read its space alarm
+    stats_service: StatsService
     metrics_server: MetricsServer | None = None  # None: metrics.listen = ""
     lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
 
     def stats(self) -> pb.StatsResponse:
-        cubes = list(self.kernel.cubes.values())
-        dense = lexical = 0
-        for cube in cubes:
-            d, lx = cube.index.bytes_on_disk()
-            dense, lexical = dense + d, lexical + lx
-        return pb.StatsResponse(
-            version=__version__, uptime_seconds=int(time.time() - self.started), cube_count=len(cubes),
-            mount_count=len(self.kernel.mounts), item_count=sum(c.record.item_count for c in cubes),
-            version_count=sum(c.record.version_count for c in cubes), embedder=self.kernel.embedder.name,
-            embedding_dim=self.kernel.embedder.dim, store_bytes=self.kernel.store.size_bytes(),
-            dense_index_bytes=dense, lexical_index_bytes=lexical, rss_bytes=_rss_bytes(),
-            model=convert_activation.model_stats(self.host),
-            kv_pool=convert_activation.pool_stats(self.host, self.activator.persisted_bytes()),
-            adapters=self._adapter_stats(cubes), disk_full=self.kernel.store.space.full,
-            disk_free_bytes=self.kernel.store.space.free_bytes(), audit_unaudited_calls=self.audit.unaudited_calls,
-        )
-
-    def _adapter_stats(self, cubes: list[Any]) -> pb.AdapterPoolStats:
-        pool = self.host.adapters
-        stored = {(c.cube_id, a.digest): a.config_bytes + a.weights_bytes for c in cubes for a in c.adapters}
-        return pb.AdapterPoolStats(resident=len(pool), max_resident=pool.max_resident, loads=pool.loads,
-                                   evictions=pool.evictions, stored=len(stored), stored_bytes=sum(stored.values()),
-                                   switches=pool.switches, switch_us_total=int(pool.switch_seconds * 1e6),
-                                   load_us_total=int(pool.load_seconds * 1e6))
+        """The Stats message the metrics gauges read (without the gate's call counts)."""
+        return convert_stats.stats(self.stats_service.stats())
 
 
 def make_ranker(search: SearchConfig) -> Ranker:
@@ -201,7 +175,6 @@ def build(config: Config) -> Daemon:
 
     started = time.time()
     stop_event = threading.Event()
-    daemon_box: list[Daemon] = []
     principals = Principals(store)
     token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
     if token_file is not None:
@@ -222,11 +195,14 @@ def build(config: Config) -> Daemon:
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
-    servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, lambda: daemon_box[0].stats(),
-                             gate, usage, scheduler)
-    # The loop's own changes are not syscalls, so it appends their audit records itself; it purges
-    # through the servicer, like Purge (the KV pool's copies and usage counts go too).
-    lifecycle = (LifecycleLoop(kernel, audit, servicer.erase, interval=config.lifecycle.interval_seconds,
+    stats = StatsService(kernel, model_host, activator, audit, started)
+    # One Erasure for Purge and the lifecycle loop: the one path by which items are purged.
+    erasure = Erasure(kernel, activator, usage)
+    servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, stats.stats, gate, usage,
+                             scheduler, erasure=erasure,
+                             removal=CubeRemoval(kernel, adapters, activator, access, usage))
+    # The loop's own changes are not syscalls, so it appends their audit records itself.
+    lifecycle = (LifecycleLoop(kernel, audit, erasure.erase, interval=config.lifecycle.interval_seconds,
                                grace_seconds=config.lifecycle.expire_grace_seconds)
                  if config.lifecycle.enabled else None)
     loop = EventLoopThread()
@@ -255,8 +231,8 @@ def build(config: Config) -> Daemon:
         WRITES_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING if full
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
-                    f"{host}:{port}", lock_handle, started, stop_event, audit, store, metrics_server, lifecycle)
-    daemon_box.append(daemon)
+                    f"{host}:{port}", lock_handle, started, stop_event, audit, store, stats, metrics_server,
+                    lifecycle)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon

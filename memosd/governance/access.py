@@ -63,7 +63,8 @@ class AccessControl:
         self.principals = principals
         self._lock = threading.Lock()
         self._grants: dict[tuple[str, str], GrantRecord] = {}
-        for grant in kernel.store.iter_grants():
+        self.store = principals.store  # governance keeps its rows (principals, grants) in the same store
+        for grant in self.store.iter_grants():
             self._grants[(grant.cube_id, grant.principal_id)] = grant
 
     # -- the check -------------------------------------------------------------
@@ -169,7 +170,7 @@ class AccessControl:
                                            time.time_ns(), held.expire_ns))
                 else:
                     del self._grants[key]
-                    self.kernel.store.delete_grant(*key)
+                    self.store.delete_grant(*key)
         closed = self.close_mounts(grantee.principal_id, cube.cube_id)
         return self._view(cube.record, grantee.principal_id), closed
 
@@ -207,5 +208,5 @@ class AccessControl:
                          grant.update_ns, grant.expire_ns)
 
     def _save(self, record: GrantRecord) -> None:
-        self.kernel.store.put_grant(record)
+        self.store.put_grant(record)
         self._grants[(record.cube_id, record.principal_id)] = record

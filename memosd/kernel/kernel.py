@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from memosd.config import LimitsConfig, QuotasConfig
+from memosd.kernel import totals
 from memosd.kernel.catalog import VersionMeta
 from memosd.kernel.checks import check_thawed, mount_not_found
 from memosd.kernel.compact import CompactResult, run_compact
@@ -37,6 +38,7 @@ from memosd.kernel.staging import Staging
 from memosd.kernel.state import CubeState as CubeState  # the handle types callers name
 from memosd.kernel.state import MountState as MountState
 from memosd.kernel.table import Tables
+from memosd.kernel.totals import KernelTotals
 from memosd.kernel.types import (
     CommitResult,
     CubeInfo,
@@ -146,6 +148,10 @@ class Kernel:
 
     def mount_count(self) -> int:
         return len(self.mounts)
+
+    def totals(self) -> KernelTotals:
+        """What the kernel holds, for Stats (cubes, mounts, items, index, store and adapter bytes, disk)."""
+        return totals.count(list(self.cubes.values()), len(self.mounts), self.store)
 
     def visible_items(self, cube_id: str, revision: int, now_ns: int) -> list[VersionMeta]:
         """The items alive at ``revision`` and neither archived nor expired at ``now_ns``, read under the

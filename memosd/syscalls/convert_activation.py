@@ -1,4 +1,4 @@
-"""Activation-memory values <-> memos.v1 messages (Activate, Evict, Generate, Stats)."""
+"""Activation-memory values <-> memos.v1 messages (Activate, Evict, Generate); Stats: convert_stats.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from memosd.activation.activator import ActivationOutcome, EvictOutcome
 from memosd.activation.generator import GenerateParams, GenerationReport, MemoryUse, UsedItem
 from memosd.activation.select import ALL, Selector
 from memosd.errors import InvalidField
-from memosd.runtime.host import ModelHost
 
 SOURCES = {"pool": t.ACTIVATION_SOURCE_POOL, "store": t.ACTIVATION_SOURCE_STORE,
            "computed": t.ACTIVATION_SOURCE_COMPUTED, "": t.ACTIVATION_SOURCE_UNSPECIFIED}
@@ -82,22 +81,3 @@ def summary(report: GenerationReport) -> t.GenerationSummary:
         completion_tokens=report.completion_tokens, ttft_us=report.ttft_us, total_us=report.total_us,
         memory=[_memory(u) for u in report.memory], model_fingerprint=report.model_fingerprint,
         token_ids=report.token_ids, token_logprobs=report.token_logprobs)
-
-
-def model_stats(host: ModelHost) -> pb.ModelStats:
-    stats = pb.ModelStats(state=host.state, error=host.error, queue_depth=host.worker.queue_depth,
-                          active_generations=host.active_generations,
-                          worker_jobs_started=sum(host.worker.started.values()))
-    loaded = host.loaded_now()
-    if loaded is not None:
-        stats.name, stats.fingerprint, stats.device = loaded.name, loaded.fingerprint, loaded.device
-        stats.dtype, stats.context_length = loaded.dtype, loaded.context_length
-    else:
-        stats.name = host.config.model
-    return stats
-
-
-def pool_stats(host: ModelHost, persisted_bytes: int) -> pb.KVPoolStats:
-    s = host.pool.stats()
-    return pb.KVPoolStats(entries=s.entries, bytes_used=s.bytes_used, budget_bytes=s.budget_bytes, hits=s.hits,
-                          misses=s.misses, evictions=s.evictions, persisted_bytes=persisted_bytes)

@@ -1,4 +1,4 @@
-"""The governance syscalls: principals, grants, the audit log, and Purge."""
+"""The governance syscalls: principals, grants, the audit log, and Purge (services/erasure.py does it)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ from memosd.errors import InvalidField
 from memosd.governance.access import AccessControl, GrantView, Right
 from memosd.kernel.paging import decode_token, encode_token, page_size
 from memosd.park import Park
-from memosd.store.records import PrincipalRecord, PurgeReceipt, StoredRecord
+from memosd.store.records import PrincipalRecord, StoredRecord
 from memosd.syscalls import convert as cv
 from memosd.syscalls.gate import Call
 
 if TYPE_CHECKING:
-    from memosd.activation.activator import Activator
     from memosd.kernel.kernel import Kernel
-    from memosd.kernel.usage import UsageTracker
+    from memosd.services.erasure import Erasure
     from memosd.syscalls.gate import Gate
 
 _KINDS = {t.PRINCIPAL_KIND_USER: "user", t.PRINCIPAL_KIND_AGENT: "agent"}
@@ -101,10 +100,9 @@ class GovernanceHandlers:
     """Mixed into MemOSServicer; the rights each call needs are in policy.RULES."""
 
     kernel: Kernel
-    activator: Activator
     access: AccessControl
     gate: Gate
-    usage: UsageTracker | None
+    erasure: Erasure
 
     # -- principals -------------------------------------------------------------------
     def CreatePrincipal(self, req: pb.CreatePrincipalRequest, call: Call) -> pb.CreatePrincipalResponse:
@@ -184,20 +182,8 @@ class GovernanceHandlers:
             yield Park(log.beyond(after))
 
     # -- erasure ---------------------------------------------------------------------------
-    def erase(self, cube: str, item_ids: list[str], source: str = "", tags: list[str] | None = None
-              ) -> PurgeReceipt:
-        """Purge items everywhere: the kernel's part (store, indexes, persisted KV caches), then the KV pool's
-        copies and the usage counts. Purge, and the lifecycle loop for expired items."""
-        receipt = self.kernel.purge(cube, item_ids, source, tags or [])
-        # The store's caches are gone with the purge; the pool's copies go now.
-        self.activator.drop_pooled(receipt.cube_id)
-        self.activator.forget_persisted(receipt.cube_id, {a.fingerprint for a in receipt.activations})
-        if self.usage is not None:
-            self.usage.forget_items(receipt.cube_id, receipt.item_ids)
-        return receipt
-
     def Purge(self, req: pb.PurgeRequest, call: Call) -> pb.PurgeResponse:
-        receipt = self.erase(req.cube, list(req.item_ids), req.source, list(req.tags))
+        receipt = self.erasure.erase(req.cube, list(req.item_ids), req.source, list(req.tags))
         call.note(items=receipt.item_ids, artifacts=[f"purge:{receipt.purge_id}"]
                   + [f"kv:{key}" for key in receipt.kv_caches_deleted])
         message = t.PurgeReceipt(

@@ -1,4 +1,5 @@
-"""The MemOS service: one short handler per syscall (call the kernel, map the result, note what was used).
+"""The MemOS service: one short handler per syscall (convert the request, call the kernel or the service
+(services/) that does the work, convert the result back, note what was used).
 
 Authentication, the rights check, the audit record and error mapping happen
 around every handler, in ``gate.Gate``.
@@ -23,9 +24,13 @@ from memosd.kernel.usage import CubeUsage, UsageTracker
 from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.park import Park
+from memosd.services.cubes import CubeRemoval
+from memosd.services.erasure import Erasure
+from memosd.services.stats import Stats
 from memosd.syscalls import adapter_stream
 from memosd.syscalls import convert as cv
 from memosd.syscalls import convert_activation as ca
+from memosd.syscalls import convert_stats as cs
 from memosd.syscalls.gate import Call, Gate
 from memosd.syscalls.governance import GovernanceHandlers
 
@@ -34,8 +39,9 @@ class MemOSServicer(GovernanceHandlers):
     """Each public method is a syscall; ``Gate`` wraps them all (authentication, rights, audit, errors)."""
 
     def __init__(self, kernel: Kernel, searcher: Searcher, activator: Activator, generator: Generator,
-                 adapters: AdapterService, jobs: JobManager, stats: Callable[[], pb.StatsResponse],
-                 gate: Gate, usage: UsageTracker | None = None, scheduler: Scheduler | None = None) -> None:
+                 adapters: AdapterService, jobs: JobManager, stats: Callable[[], Stats],
+                 gate: Gate, usage: UsageTracker | None = None, scheduler: Scheduler | None = None, *,
+                 erasure: Erasure | None = None, removal: CubeRemoval | None = None) -> None:
         self.kernel = kernel
         self.searcher = searcher
         self.activator = activator
@@ -47,6 +53,10 @@ class MemOSServicer(GovernanceHandlers):
         self.access = gate.access
         self.usage = usage
         self.scheduler = scheduler
+        # The daemon passes the Erasure it gives the lifecycle loop too (one purge path); left out, they
+        # are made from this servicer's own parts.
+        self.erasure = erasure or Erasure(kernel, activator, usage)
+        self.removal = removal or CubeRemoval(kernel, adapters, activator, gate.access, usage)
 
     # -- cubes ----------------------------------------------------------
     def AllocCube(self, req: pb.AllocCubeRequest, call: Call) -> pb.AllocCubeResponse:
@@ -54,17 +64,8 @@ class MemOSServicer(GovernanceHandlers):
         return pb.AllocCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cv.cube(info))
 
     def FreeCube(self, req: pb.FreeCubeRequest, call: Call) -> pb.FreeCubeResponse:
-        cube = self.kernel.cube(req.cube)
-        cube_id, versions = cube.cube_id, list(cube.adapters)
-        freed = self.kernel.free_cube(req.cube)
-        self.adapters.unload_cube(cube_id, versions)
-        # The store rows went with the cube's key range; its pooled KV caches go now.
-        self.activator.drop_pooled(cube_id)
-        self.activator.forget_persisted(cube_id)
-        self.access.forget_cube(cube_id)
-        if self.usage is not None:
-            self.usage.forget_cube(cube_id)
-        return pb.FreeCubeResponse(header=cv.header(cube_id), revisions_deleted=freed.revisions,
+        freed = self.removal.free(req.cube)
+        return pb.FreeCubeResponse(header=cv.header(freed.cube_id), revisions_deleted=freed.revisions,
                                    versions_deleted=freed.versions, mounts_closed=freed.mounts)
 
     def StatCube(self, req: pb.StatCubeRequest, call: Call) -> pb.StatCubeResponse:
@@ -242,9 +243,7 @@ class MemOSServicer(GovernanceHandlers):
 
     # -- daemon ---------------------------------------------------------
     def Stats(self, req: pb.StatsRequest, call: Call) -> pb.StatsResponse:
-        response = self._stats()
-        response.calls.update(self.gate.call_counts())
-        return response
+        return cs.stats(self._stats(), self.gate.call_counts())  # this very call is counted already
 
     def SetCubePolicy(self, req: pb.SetCubePolicyRequest, call: Call) -> pb.SetCubePolicyResponse:
         info = self.kernel.set_policy(req.cube, cv.policy_values(req.policy))
@@ -289,8 +288,8 @@ class MemOSServicer(GovernanceHandlers):
         stats = self._stats()
         response = pb.SchedulerStatusResponse(enabled=self.scheduler is not None,
                                               queue_depth=stats.model.queue_depth)
-        response.kv_pool.CopyFrom(stats.kv_pool)
-        response.adapters.CopyFrom(stats.adapters)
+        response.kv_pool.CopyFrom(cs.kv_pool(stats.kv_pool))
+        response.adapters.CopyFrom(cs.adapters(stats.adapters))
         if self.scheduler is not None:
             state, decisions = self.scheduler.status()
             response.interval_seconds = self.scheduler.interval

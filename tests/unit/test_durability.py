@@ -21,7 +21,7 @@ from tiny_llama import save_tiny_llama
 import memosd.kernel.clock as kernel_clock
 from memosd.config import StoreConfig
 from memosd.kernel.types import ItemInput, Message
-from memosd.lifecycle import LifecycleLoop
+from memosd.services.lifecycle import LifecycleLoop
 from memosd.store import schema
 from memosd.store.rocks import Batch, Store
 

@@ -17,7 +17,7 @@ from memosd.activation import select
 from memosd.errors import RevisionCompacted
 from memosd.governance.audit import AuditEntry
 from memosd.kernel.types import ItemInput
-from memosd.lifecycle import LifecycleLoop
+from memosd.services.lifecycle import LifecycleLoop
 from memosd.store.records import PurgeReceipt
 
 

@@ -49,9 +49,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The syscall line: gRPC, the generated protobuf, the gate (auth, rights, audit, error mapping),
     # wire shape (convert*.py) and the adapter streams. Nothing below sees a protobuf message.
     "syscalls": ("syscalls",),
-    # Background and cross-part services that drive the kernel (the lifecycle loop until it moves into
-    # services/).
-    "services": ("services", "lifecycle"),
+    # The use cases that span subsystems, in plain values: FreeCube's cleanup, erasure (Purge and the
+    # lifecycle loop's purge), the lifecycle loop, Stats. Only syscalls/ and the wiring import them.
+    "services": ("services",),
     # Memory as KV caches: Activate, Evict, Generate, the scheduler.
     "activation": ("activation",),
     # Memory as LoRA adapters: import/export of plain files, residency, training jobs.

@@ -7,8 +7,9 @@ Every ``lifecycle.interval_seconds`` it passes over every cube:
    Search leaves those items out by their TTL anyway);
 2. items whose HEAD version is expired and whose TTL ended more than
    ``lifecycle.expire_grace_seconds`` ago are purged exactly as by the Purge
-   syscall (``erase``: every version, vector, staged copy and KV cache,
-   pooled or stored, and their usage counts);
+   syscall: ``erase`` is the daemon's ``Erasure.erase`` (services/erasure.py),
+   the one code path for every version, vector, staged copy and KV cache,
+   pooled or stored, and their usage counts;
 3. a cube with a retention policy (and not frozen) is compacted
    (``Kernel.compact``, like the Compact syscall).
 
@@ -34,7 +35,7 @@ from memosd.logfmt import log_event
 from memosd.periodic import Periodic
 from memosd.store.records import PurgeReceipt
 
-log = logging.getLogger("memosd.lifecycle")
+log = logging.getLogger("memosd.lifecycle")  # the logger name the daemon has always logged under
 
 AUTHOR = "memosd"
 
@@ -43,10 +44,19 @@ class AuditSink(Protocol):
     def append(self, entry: AuditEntry) -> None: ...
 
 
-Erase = Callable[[str, list[str]], PurgeReceipt]  # (cube, item ids) -> receipt, as the Purge syscall does it
+# (cube, item ids) -> receipt: the daemon passes Erasure.erase, the one the Purge syscall calls.
+Erase = Callable[[str, list[str]], PurgeReceipt]
 
 
 class LifecycleLoop:
+    """Owns the invariant "what the daemon changes on its own is audited like a syscall": every expiry
+    revision, purge and compaction it makes appends its ``Lifecycle.*`` record (principal "") to the
+    audit sink. Purging is not its own: ``erase`` does it, as for Purge.
+
+    ``tick`` raises nothing for one cube: a MemosError there (the cube freed meanwhile, a commit refused)
+    is logged and the pass goes on to the next cube; anything else ends the pass, and ``Periodic`` logs it.
+    """
+
     def __init__(self, kernel: Kernel, audit: AuditSink | None, erase: Erase, *, interval: float,
                  grace_seconds: float) -> None:
         self.kernel = kernel
@@ -59,7 +69,7 @@ class LifecycleLoop:
 
     def tick(self) -> None:
         """One pass over every cube."""
-        for cube_id in list(self.kernel.cubes):
+        for cube_id in self.kernel.cube_ids():
             if self._stop.is_set():
                 return
             try:
@@ -87,8 +97,8 @@ class LifecycleLoop:
             log_event(log, "purge_expired", cube=cube_id, items=len(receipt.item_ids), purge=receipt.purge_id)
 
     def _compact(self, cube_id: str) -> None:
-        cube = self.kernel.cubes.get(cube_id)
-        if cube is None or cube.record.frozen or not cube.record.retention:
+        record = self.kernel.cube_record(cube_id)
+        if record is None or record.frozen or not record.retention:
             return
         result = self.kernel.compact(cube_id)
         if result.revisions_compacted or result.versions_removed:
