@@ -17,7 +17,7 @@ import pytest
 from activation_rig import Rig, open_rig
 from memos import Client
 
-import memosd.kernel.kernel as kernel_module
+import memosd.kernel.clock as kernel_clock
 from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
@@ -98,8 +98,8 @@ def _committed(rig: Rig, name: str, items: list[ItemInput]) -> tuple[str, list[s
 def test_purge_and_the_lifecycle_purge_both_erase_through_the_one_erasure(wired: Wired,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     rig, usage = wired.rig, wired.usage
-    clock = [kernel_module._now_ns()]
-    monkeypatch.setattr(kernel_module, "_now_ns", lambda: clock[0])  # the loop's time moves only when told
+    clock = [kernel_clock.now_ns()]
+    monkeypatch.setattr(kernel_clock, "now_ns", lambda: clock[0])  # the loop's time moves only when told
     cube_a, (asked, kept) = _committed(rig, "asked", [ItemInput("asked for"), ItemInput("kept")])
     cube_b, (brief,) = _committed(rig, "brief", [ItemInput("brief", ttl_seconds=1)])
     usage.record("read", [cube_a, cube_b], [(cube_a, asked), (cube_a, kept), (cube_b, brief)])
