@@ -86,7 +86,7 @@ STATE_ATTRS = frozenset({"catalog", "freed", "purged", "purging", "index_dirty",
 HANDLE_LOCK_OWNERS = ("cube", "mount")  # x.lock where x names a cube or a mount
 KERNEL_PRIVATE_MODULES = ("kernel.table", "kernel.state", "kernel.indexes", "kernel.cubes", "kernel.staging",
                           "kernel.revisions", "kernel.item_states", "kernel.reads", "kernel.compact",
-                          "kernel.purge", "kernel.checks", "kernel.clock")
+                          "kernel.purge", "kernel.checks", "kernel.clock", "kernel.totals")
 
 
 @dataclass(frozen=True)
