@@ -188,7 +188,7 @@ def seed(args: argparse.Namespace) -> dict[str, Any]:
     assert isinstance(done, Finished) and isinstance(first, Token)
     out["abort"] = {"reason": done.reason, "completion_tokens": done.completion_tokens,
                     "engine_unfinished": bool(engine._llm.has_unfinished_requests()),
-                    "running": engine.stats().running}
+                    "running": engine.stats().generations}
     after = run(engine, block + tail, "cube-700")
     out["abort"]["next_request_ok"] = after["tokens"] == out["n700"]["hot"]["tokens"]
     out["stats"] = stats(engine)

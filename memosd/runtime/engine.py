@@ -97,8 +97,8 @@ class EngineStats:
     model: str
     fingerprint: str
     block_size: int
-    running: int
-    waiting: int
+    generations: int  # streams not finished
+    prefills: int  # activations not finished
     blocks_loaded: int
     blocks_saved: int
     load_errors: int

@@ -174,10 +174,12 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if plan is None or num_external_tokens <= 0:
             return
         first, end = plan.match
-        if (end - first) * self._block_size != num_external_tokens:
+        # vLLM may take fewer tokens than offered, never more, and only whole blocks.
+        blocks, rest = divmod(num_external_tokens, self._block_size)
+        if rest or first + blocks > end:
             raise RuntimeError(f"vLLM scheduled {num_external_tokens} external tokens for {request.request_id}; "
-                               f"the connector offered {(end - first) * self._block_size}")
-        plan.pending_load = (first, end)
+                               f"the connector offered {(end - first) * self._block_size} in whole blocks")
+        plan.pending_load = (first, first + blocks)
         self.stats.hit_tokens += num_external_tokens
 
     def build_connector_meta(self, scheduler_output: Any) -> MemosdConnectorMetadata:

@@ -39,7 +39,7 @@ from memosd.runtime.engine import (
     Token,
     TokenStream,
 )
-from memosd.runtime.kvblocks import BlockStore
+from memosd.runtime.kvblocks import BlockStore, block_keys
 from memosd.runtime.kvcache import BLOCK
 
 log = logging.getLogger("memosd.vllm")
@@ -56,6 +56,16 @@ class _Live:
     prompt_tokens: int
     ttft_s: float | None = None
     tokens: int = 0
+
+
+@dataclass
+class _Prefill:
+    """An activation on the engine thread."""
+
+    future: Future[PrefillResult]
+    tokens: int
+    started: float
+    missing: list[str]  # keys of its full blocks the store did not have when it was added
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,8 @@ class VllmEngine:
         self._ids = itertools.count()
         self._lora_ids: dict[str, int] = {}
         self._streams: dict[str, _Live] = {}
-        self._prefills: dict[str, tuple[Future[PrefillResult], int, float, int]] = {}
+        self._prefills: dict[str, _Prefill] = {}
+        self._store = store
         self._llm: Any = None
         self._steps = 0
         self._max_batch = 0  # the most requests one step returned output for: batching, observed
@@ -113,7 +124,11 @@ class VllmEngine:
         params = self._sampling(Sampling(max_tokens=1, logprobs=False), persist_tokens=len(ids))
 
         def add() -> None:
-            self._prefills[request_id] = (future, len(ids), time.perf_counter(), self._stats.blocks_saved)
+            # The blocks this prefill should write: counted again at its end (exact, whatever runs beside it).
+            keys = block_keys(ids, fingerprint=self.fingerprint, salt=salt.encode(),
+                              extra=adapter.digest.encode() if adapter is not None else b"")
+            missing = [k for k in keys if not self._store.has(k)]
+            self._prefills[request_id] = _Prefill(future, len(ids), time.perf_counter(), missing)
             self._add(request_id, ids, params, salt, adapter, priority)
 
         self._submit(add)
@@ -154,7 +169,7 @@ class VllmEngine:
         extra = {"connector_hit_tokens": float(s.hit_tokens), "steps": float(self._steps),
                  "max_requests_per_step": float(self._max_batch)}
         return EngineStats(model=str(self.config.model_dir), fingerprint=self.fingerprint, block_size=BLOCK,
-                           running=len(self._streams), waiting=len(self._prefills),
+                           generations=len(self._streams), prefills=len(self._prefills),
                            blocks_loaded=s.blocks_loaded, blocks_saved=s.blocks_saved, load_errors=s.load_errors,
                            extra=extra)
 
@@ -195,6 +210,13 @@ class VllmEngine:
             else:
                 self._wake.wait(0.5)
                 self._wake.clear()
+        # Closed: whoever still waits is told, rather than left waiting on a future nobody will set.
+        for live in self._streams.values():
+            live.stream.push(self._finished(live, "aborted", 0))
+        for prefill in self._prefills.values():
+            prefill.future.set_exception(RuntimeError("the engine closed before the prefill finished"))
+        self._streams.clear()
+        self._prefills.clear()
         from memosd.runtime.vllm_connector import unregister_store
 
         unregister_store(self._store_name)
@@ -260,7 +282,7 @@ class VllmEngine:
         except Exception as e:
             prefill = self._prefills.pop(request_id, None)
             if prefill is not None:
-                prefill[0].set_exception(e)
+                prefill.future.set_exception(e)
             live = self._streams.pop(request_id, None)
             if live is not None:
                 live.stream.push(self._finished(live, f"error: {e}", 0))
@@ -273,11 +295,11 @@ class VllmEngine:
             if prefill is not None:
                 if out.finished:
                     del self._prefills[rid]
-                    future, n, started, saved_before = prefill
                     cached = int(out.num_cached_tokens or 0)
-                    future.set_result(PrefillResult(tokens=n, cached_tokens=cached, computed_tokens=n - cached,
-                                                    blocks_saved=self._stats.blocks_saved - saved_before,
-                                                    took_us=int((now - started) * 1e6)))
+                    saved = sum(1 for k in prefill.missing if self._store.has(k))
+                    prefill.future.set_result(PrefillResult(
+                        tokens=prefill.tokens, cached_tokens=cached, computed_tokens=prefill.tokens - cached,
+                        blocks_saved=saved, took_us=int((now - prefill.started) * 1e6)))
                 continue
             live = self._streams.get(rid)
             if live is None:
