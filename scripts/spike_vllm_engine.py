@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def main() -> int:
     args = p.parse_args()
     if args.phase:
         result = seed(args) if args.phase == "seed" else fresh(args)
+        result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: kB
         (args.work / f"{args.phase}.json").write_text(json.dumps(result, indent=1))
         return 0
 
@@ -302,7 +304,8 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_table(r: dict[str, Any]) -> None:
     s, f = r["seed"], r["fresh"]
-    print(f"engine load: seed {s['load_s']} s, fresh {f['load_s']} s; torch threads {s['torch_threads']}")
+    print(f"engine load: seed {s['load_s']} s, fresh {f['load_s']} s; torch threads {s['torch_threads']}; "
+          f"max RSS seed {s['max_rss_mb']} MB, fresh {f['max_rss_mb']} MB; {s['stored_blocks']} blocks stored")
     print(f"{'prefix':>8} {'activate ms':>12} {'TTFT store ms':>14} {'TTFT full ms':>13} {'TTFT hot ms':>12}")
     for n in SIZES:
         a, x = s[f"n{n}"]["activate"], f[f"n{n}"]
