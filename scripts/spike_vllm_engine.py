@@ -231,6 +231,24 @@ def fresh(args: argparse.Namespace) -> dict[str, Any]:
     damaged = run(engine, block_ids(engine, 2000) + tail_ids(engine), "cube-2000")
     out["damaged"] = {"run": damaged, "load_errors": engine.stats().load_errors - errors_before}
 
+    # Priorities: an interactive Generate that arrives behind queued background activations goes first.
+    # Five 2,000-token prefills fill five steps (max_num_batched_tokens 2048); first come, first served,
+    # the Generate's first token would come with the last of them.
+    from memosd.runtime.engine import PRIORITY_BACKGROUND
+
+    started = time.perf_counter()
+    done_at: dict[str, float] = {}
+    for i in range(5):
+        future = engine.prefill(block_ids(engine, 2000), salt=f"background-{i}", priority=PRIORITY_BACKGROUND)
+        future.add_done_callback(lambda _f, name=f"background-{i}": done_at.setdefault(name, time.perf_counter()))
+    time.sleep(0.5)  # the first background prefill is in its step
+    submitted = time.perf_counter()
+    interactive = run(engine, block + tail, "cube-700", max_tokens=1)
+    done_at["interactive first token"] = submitted + interactive["ttft_ms"] / 1000
+    while len(done_at) < 6:
+        time.sleep(0.1)
+    out["priority"] = {"at_s": {k: round(v - started, 2) for k, v in sorted(done_at.items(), key=lambda x: x[1])}}
+
     # Throughput with the prefix cached: c requests, distinct questions, 32 greedy tokens each.
     from memosd.runtime.engine import Sampling, Token
 
@@ -299,6 +317,10 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
           and dm["run"]["tokens"] == ref2["tokens"] and max_diff(dm["run"]["logprobs"], ref2["logprobs"]) <= LOGPROB_TOL,
           f"load errors {dm['load_errors']}, max |dlogprob| {max_diff(dm['run']['logprobs'], ref2['logprobs']):.2e}, "
           f"TTFT {dm['run']['ttft_ms']:.0f} ms vs {f['n2000']['from_store']['ttft_ms']:.0f} ms all loaded")
+    pr = f["priority"]["at_s"]
+    after = sum(1 for k, v in pr.items() if k.startswith("background") and v > pr["interactive first token"])
+    check("interactive work goes ahead of queued background prefills", after >= 3,
+          f"{after} of 5 background prefills finished after the interactive first token: {pr}")
     return out
 
 
