@@ -190,11 +190,7 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if plan is None:
                 continue
             plan.block_ids = list(new.block_ids[0])
-            if plan.pending_load is not None:
-                first, end = plan.pending_load
-                meta.loads.extend((plan.block_ids[i], plan.keys[i]) for i in range(first, end))
-                plan.next_save = max(plan.next_save, end)  # loaded blocks are stored already
-                plan.pending_load = None
+            self._plan_loads(plan, meta)
             self._plan_saves(plan, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -208,8 +204,20 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     plan.block_ids = list(new_ids[0])
                 else:
                     plan.block_ids.extend(new_ids[0])
+            # A preempted request comes back through get_num_new_matched_tokens and lands here, not
+            # among the new ones: its loads must be made here too, or vLLM would read unloaded blocks.
+            self._plan_loads(plan, meta)
             self._plan_saves(plan, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
         return meta
+
+    @staticmethod
+    def _plan_loads(plan: _Plan, meta: MemosdConnectorMetadata) -> None:
+        if plan.pending_load is None:
+            return
+        first, end = plan.pending_load
+        meta.loads.extend((plan.block_ids[i], plan.keys[i]) for i in range(first, end))
+        plan.next_save = max(plan.next_save, end)  # loaded blocks are stored already
+        plan.pending_load = None
 
     def _plan_saves(self, plan: _Plan, computed_after_step: int, meta: MemosdConnectorMetadata) -> None:
         """Blocks this step completes, among those to persist, that the store does not have yet."""

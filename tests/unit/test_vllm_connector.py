@@ -51,12 +51,13 @@ def _stored(store: MemoryBlockStore, tokens: list[int], n: int, salt: bytes = b"
 
 
 def _step(new: Sequence[tuple[str, list[int], int]] = (), cached: Sequence[tuple[str, list[int] | None, int]] = (),
-          scheduled: dict[str, int] | None = None) -> Any:
+          scheduled: dict[str, int] | None = None, resumed: Sequence[str] = ()) -> Any:
     return SimpleNamespace(
         scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(ids,), num_computed_tokens=c) for r, ids, c in new],
         scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, _, _ in cached],
                                               new_block_ids=[(ids,) if ids is not None else None for _, ids, _ in cached],
-                                              num_computed_tokens=[c for _, _, c in cached], resumed_req_ids=set()),
+                                              num_computed_tokens=[c for _, _, c in cached],
+                                              resumed_req_ids=set(resumed)),
         num_scheduled_tokens=scheduled or {})
 
 
@@ -108,3 +109,19 @@ def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: An
     assert connector.stats.blocks_skipped == 1
     connector.request_finished(request, [7, 8, 9, 10, 11])
     assert connector.build_connector_meta(_step(cached=[("r", None, 4 * B)], scheduled={"r": 1})).saves == []
+
+
+def test_a_preempted_request_gets_its_loads_when_it_resumes(connector: Any, store: MemoryBlockStore) -> None:
+    tokens = list(range(3 * B + 7))
+    _stored(store, tokens, 2)
+    request = _request("r", tokens)
+    connector.get_num_new_matched_tokens(request, 0)
+    connector.update_state_after_alloc(request, None, 2 * B)
+    connector.build_connector_meta(_step(new=[("r", [1, 2, 3, 4], 2 * B)], scheduled={"r": B + 7}))
+    # Preempted, its blocks freed; rescheduled with new blocks, it comes back as a cached request.
+    assert connector.get_num_new_matched_tokens(request, 0) == (2 * B, False)
+    connector.update_state_after_alloc(request, None, 2 * B)
+    meta = connector.build_connector_meta(_step(cached=[("r", [8, 9, 10, 11], 2 * B)], scheduled={"r": B + 7},
+                                                resumed=["r"]))
+    keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
+    assert meta.loads == [(8, keys[0]), (9, keys[1])]
