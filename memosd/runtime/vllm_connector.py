@@ -1,0 +1,291 @@
+"""memosd's KV connector for vLLM (v1 API): a request's full KV blocks to and from a ``BlockStore``.
+
+vLLM builds two instances from ``KVTransferConfig``: the *scheduler* side
+decides, per request, which blocks can be loaded from the store and which
+must be saved, and puts that in the step's metadata; the *worker* side copies
+blocks between the paged cache tensors and the store around the forward pass.
+In process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) both run on the engine's
+thread, one after the other, so neither needs a lock of its own.
+
+A request takes part only when it carries ``cache_salt`` (the cube) and
+``kv_transfer_params = {"memosd": {...}}`` in its sampling params'
+``extra_args``:
+
+* ``"load": true`` (default): leading full blocks whose keys are in the store,
+  beyond vLLM's own prefix-cache hit, are loaded instead of computed;
+* ``"persist_tokens": n``: the full blocks among the first ``n`` prompt tokens
+  are saved once computed (Activate persists a memory block; Generate's
+  conversation is never persisted).
+
+Keys are memosd's chained block hashes (``kvblocks.block_keys``), computed
+here from the request's tokens with the engine's fingerprint (connector
+config), the request's ``cache_salt`` and, as ``extra``, the digest of its
+LoRA (the engine names every ``LoRARequest`` by its adapter digest). They are
+never taken from the caller, so a request cannot load another cube's,
+adapter's or model's blocks by asking for them.
+
+The store is not picklable config: the engine registers it under a name
+(``register_store``) and passes the name in ``kv_connector_extra_config``.
+A block that is missing or fails its checks at load time is reported through
+``get_block_ids_with_load_errors`` and vLLM recomputes it (the engine sets
+``kv_load_failure_policy = "recompute"``).
+
+This module imports vLLM at the top: only vLLM (by ``kv_connector_module_path``)
+and ``vllm_engine`` import it, never the daemon's normal path.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from memosd.runtime.kvblocks import BlockMismatch, BlockStore, block_keys, decode_block, encode_block
+
+if TYPE_CHECKING:
+    import torch
+
+CONNECTOR_NAME = "MemosdKVConnector"
+PARAMS_KEY = "memosd"
+
+
+@dataclass
+class ConnectorStats:
+    """Counters the engine reports (Stats); updated on the engine thread, read anywhere."""
+
+    blocks_loaded: int = 0
+    blocks_saved: int = 0
+    blocks_skipped: int = 0  # already stored: not written again
+    load_errors: int = 0
+    lookups: int = 0
+    hit_tokens: int = 0
+
+
+@dataclass
+class _Binding:
+    store: BlockStore
+    fingerprint: str
+    stats: ConnectorStats = field(default_factory=ConnectorStats)
+
+
+_BINDINGS: dict[str, _Binding] = {}
+_BINDINGS_LOCK = threading.Lock()
+
+
+def register_store(name: str, store: BlockStore, fingerprint: str) -> ConnectorStats:
+    """Make ``store`` the storage of the connector configured with ``memosd_store = name``."""
+    with _BINDINGS_LOCK:
+        binding = _Binding(store, fingerprint)
+        _BINDINGS[name] = binding
+        return binding.stats
+
+
+def unregister_store(name: str) -> None:
+    with _BINDINGS_LOCK:
+        _BINDINGS.pop(name, None)
+
+
+def _binding(name: str) -> _Binding:
+    with _BINDINGS_LOCK:
+        try:
+            return _BINDINGS[name]
+        except KeyError:
+            raise RuntimeError(f"no memosd block store registered as {name!r}") from None
+
+
+@dataclass
+class MemosdConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    """One step's work for the worker side: (engine block id, key) pairs."""
+
+    loads: list[tuple[int, str]] = field(default_factory=list)
+    saves: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """Scheduler-side state of one participating request."""
+
+    keys: list[str]
+    load: bool
+    persist_blocks: int
+    block_ids: list[int] = field(default_factory=list)
+    match: tuple[int, int] = (0, 0)  # (first, end) block indices the last lookup found in the store
+    pending_load: tuple[int, int] | None = None
+    next_save: int = 0  # blocks below this are stored or were planned for saving
+
+
+class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self._binding = _binding(str(extra["memosd_store"]))
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._plans: dict[str, _Plan] = {}
+        self._caches: dict[str, torch.Tensor] = {}
+        self._block_dim = 0
+        self._load_errors: set[int] = set()
+
+    @property
+    def stats(self) -> ConnectorStats:
+        return self._binding.stats
+
+    # -- scheduler side -------------------------------------------------------
+    def _plan(self, request: Any) -> _Plan | None:
+        plan = self._plans.get(request.request_id)
+        if plan is not None:
+            return plan
+        params = (request.kv_transfer_params or {}).get(PARAMS_KEY)
+        if not isinstance(params, dict) or request.cache_salt is None:
+            return None
+        lora = request.lora_request
+        extra = lora.lora_name.encode() if lora is not None else b""
+        tokens = list(request.prompt_token_ids or [])
+        keys = block_keys(tokens, fingerprint=self._binding.fingerprint, salt=request.cache_salt.encode(),
+                          extra=extra, block_size=self._block_size)
+        persist = int(params.get("persist_tokens", 0))
+        plan = _Plan(keys=keys, load=bool(params.get("load", True)),
+                     persist_blocks=min(len(keys), max(0, persist) // self._block_size))
+        self._plans[request.request_id] = plan
+        return plan
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        plan = self._plan(request)
+        if plan is None or not plan.load:
+            return 0, False
+        # vLLM must compute at least the prompt's last token (its logits pick the first output token).
+        limit = min(len(plan.keys), (request.num_prompt_tokens - 1) // self._block_size)
+        first = num_computed_tokens // self._block_size
+        end = first
+        store = self._binding.store
+        while end < limit and store.has(plan.keys[end]):
+            end += 1
+        plan.match = (first, end)
+        self.stats.lookups += 1
+        return (end - first) * self._block_size, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        plan = self._plans.get(request.request_id)
+        if plan is None or num_external_tokens <= 0:
+            return
+        first, end = plan.match
+        # vLLM may take fewer tokens than offered, never more, and only whole blocks.
+        blocks, rest = divmod(num_external_tokens, self._block_size)
+        if rest or first + blocks > end:
+            raise RuntimeError(f"vLLM scheduled {num_external_tokens} external tokens for {request.request_id}; "
+                               f"the connector offered {(end - first) * self._block_size} in whole blocks")
+        plan.pending_load = (first, first + blocks)
+        self.stats.hit_tokens += num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: Any) -> MemosdConnectorMetadata:
+        meta = MemosdConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            plan = self._plans.get(new.req_id)
+            if plan is None:
+                continue
+            plan.block_ids = list(new.block_ids[0])
+            self._plan_loads(plan, meta)
+            self._plan_saves(plan, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            plan = self._plans.get(req_id)
+            if plan is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                # A request resumed after preemption gets all its blocks anew; otherwise only the added ones.
+                if req_id in cached.resumed_req_ids:
+                    plan.block_ids = list(new_ids[0])
+                else:
+                    plan.block_ids.extend(new_ids[0])
+            # A preempted request comes back through get_num_new_matched_tokens and lands here, not
+            # among the new ones: its loads must be made here too, or vLLM would read unloaded blocks.
+            self._plan_loads(plan, meta)
+            self._plan_saves(plan, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+        return meta
+
+    @staticmethod
+    def _plan_loads(plan: _Plan, meta: MemosdConnectorMetadata) -> None:
+        if plan.pending_load is None:
+            return
+        first, end = plan.pending_load
+        meta.loads.extend((plan.block_ids[i], plan.keys[i]) for i in range(first, end))
+        plan.next_save = max(plan.next_save, end)  # loaded blocks are stored already
+        plan.pending_load = None
+
+    def _plan_saves(self, plan: _Plan, computed_after_step: int, meta: MemosdConnectorMetadata) -> None:
+        """Blocks this step completes, among those to persist, that the store does not have yet."""
+        done = min(plan.persist_blocks, computed_after_step // self._block_size, len(plan.block_ids))
+        store = self._binding.store
+        for i in range(plan.next_save, done):
+            if store.has(plan.keys[i]):
+                self.stats.blocks_skipped += 1
+            else:
+                meta.saves.append((plan.block_ids[i], plan.keys[i]))
+        plan.next_save = max(plan.next_save, done)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saves happen in the step that computed the block (wait_for_save), so nothing is in flight here.
+        self._plans.pop(request.request_id, None)
+        return False, None
+
+    # -- worker side ----------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._caches = dict(kv_caches)
+        # The block index is the first dimension in the CPU layout ([blocks, kv heads, block, 2 * head]);
+        # layouts that stack K and V first ([2, blocks, ...]) have it second.
+        num_blocks = int(self._kv_cache_config.num_blocks)
+        sample = next(iter(self._caches.values()))
+        self._block_dim = 0 if sample.shape[0] == num_blocks else 1
+        if sample.shape[self._block_dim] != num_blocks:
+            raise RuntimeError(f"cannot find the block dimension in a KV cache of shape {tuple(sample.shape)}")
+
+    def _block_views(self, block_id: int) -> dict[str, torch.Tensor]:
+        return {name: t.select(self._block_dim, block_id) for name, t in self._caches.items()}
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, MemosdConnectorMetadata)
+        binding = self._binding
+        for block_id, key in meta.loads:
+            views = self._block_views(block_id)
+            blob = binding.store.get(key)
+            try:
+                if blob is None:
+                    raise BlockMismatch(f"block {key[:16]} left the store after the lookup")
+                tensors = decode_block(blob, key=key, fingerprint=binding.fingerprint, block_size=self._block_size,
+                                       layers={n: (tuple(v.shape), v.dtype) for n, v in views.items()})
+            except BlockMismatch:
+                # vLLM recomputes the request from the first bad block (kv_load_failure_policy = recompute).
+                self._load_errors.add(block_id)
+                binding.stats.load_errors += 1
+                continue
+            for name, view in views.items():
+                view.copy_(tensors[name])
+            binding.stats.blocks_loaded += 1
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are whole blocks, done before the forward pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saved after the forward pass, all layers at once (wait_for_save)
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, MemosdConnectorMetadata)
+        binding = self._binding
+        for block_id, key in meta.saves:
+            blob = encode_block(self._block_views(block_id), key=key, fingerprint=binding.fingerprint,
+                                block_size=self._block_size)
+            binding.store.put(key, blob)
+            binding.stats.blocks_saved += 1
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors

@@ -1,0 +1,127 @@
+"""The scheduler side of memosd's vLLM KV connector, on stand-in requests (runs only where vLLM is installed).
+
+The worker side (copying blocks into the paged cache) needs a running engine:
+scripts/spike_vllm_engine.py covers it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+from memosd.runtime import vllm_connector as vc
+from memosd.runtime.kvblocks import MemoryBlockStore, block_keys
+
+B = 64
+FP = "fp-test"
+
+
+@pytest.fixture
+def store() -> MemoryBlockStore:
+    return MemoryBlockStore()
+
+
+@pytest.fixture
+def connector(store: MemoryBlockStore) -> Iterator[Any]:
+    vc.register_store("test", store, FP)
+    config = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"memosd_store": "test"}),
+        cache_config=SimpleNamespace(block_size=B))
+    yield vc.MemosdKVConnector(config, KVConnectorRole.SCHEDULER, None)
+    vc.unregister_store("test")
+
+
+def _request(rid: str, tokens: list[int], *, salt: str | None = "cube-1", lora: str | None = None,
+             persist: int = 0, load: bool = True) -> Any:
+    return SimpleNamespace(
+        request_id=rid, prompt_token_ids=tokens, num_prompt_tokens=len(tokens), cache_salt=salt,
+        lora_request=SimpleNamespace(lora_name=lora) if lora else None,
+        kv_transfer_params={vc.PARAMS_KEY: {"persist_tokens": persist, "load": load}})
+
+
+def _stored(store: MemoryBlockStore, tokens: list[int], n: int, salt: bytes = b"cube-1", extra: bytes = b"") -> None:
+    for key in block_keys(tokens, fingerprint=FP, salt=salt, extra=extra)[:n]:
+        store.put(key, b"blob")
+
+
+def _step(new: Sequence[tuple[str, list[int], int]] = (), cached: Sequence[tuple[str, list[int] | None, int]] = (),
+          scheduled: dict[str, int] | None = None, resumed: Sequence[str] = ()) -> Any:
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(ids,), num_computed_tokens=c) for r, ids, c in new],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, _, _ in cached],
+                                              new_block_ids=[(ids,) if ids is not None else None for _, ids, _ in cached],
+                                              num_computed_tokens=[c for _, _, c in cached],
+                                              resumed_req_ids=set(resumed)),
+        num_scheduled_tokens=scheduled or {})
+
+
+def test_offers_the_stored_blocks_after_the_engines_own_hit(connector: Any, store: MemoryBlockStore) -> None:
+    tokens = list(range(4 * B + 5))
+    _stored(store, tokens, 3)
+    assert connector.get_num_new_matched_tokens(_request("r1", tokens), 0) == (3 * B, False)
+    assert connector.get_num_new_matched_tokens(_request("r2", tokens), B) == (2 * B, False)
+
+
+def test_offers_nothing_to_another_cube_adapter_or_an_unsalted_request(connector: Any, store: MemoryBlockStore) -> None:
+    tokens = list(range(3 * B + 1))
+    _stored(store, tokens, 3)
+    assert connector.get_num_new_matched_tokens(_request("a", tokens, salt="cube-2"), 0) == (0, False)
+    assert connector.get_num_new_matched_tokens(_request("b", tokens, lora="digest"), 0) == (0, False)
+    assert connector.get_num_new_matched_tokens(_request("c", tokens, salt=None), 0) == (0, False)
+    assert connector.get_num_new_matched_tokens(_request("d", tokens, load=False), 0) == (0, False)
+    _stored(store, tokens, 3, extra=b"digest")
+    assert connector.get_num_new_matched_tokens(_request("e", tokens, lora="digest"), 0) == (3 * B, False)
+
+
+def test_never_offers_the_block_holding_the_last_prompt_token(connector: Any, store: MemoryBlockStore) -> None:
+    tokens = list(range(2 * B))
+    _stored(store, tokens, 2)
+    assert connector.get_num_new_matched_tokens(_request("r", tokens), 0) == (B, False)
+
+
+def test_loads_go_to_the_allocated_blocks(connector: Any, store: MemoryBlockStore) -> None:
+    tokens = list(range(3 * B + 7))
+    _stored(store, tokens, 2)
+    request = _request("r", tokens)
+    assert connector.get_num_new_matched_tokens(request, 0) == (2 * B, False)
+    connector.update_state_after_alloc(request, None, 2 * B)
+    meta = connector.build_connector_meta(_step(new=[("r", [40, 41, 42, 43], 2 * B)], scheduled={"r": B + 7}))
+    keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
+    assert meta.loads == [(40, keys[0]), (41, keys[1])] and meta.saves == []
+
+
+def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: Any, store: MemoryBlockStore) -> None:
+    tokens = list(range(4 * B + 10))
+    keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
+    store.put(keys[1], b"already")  # stored blocks are not written again
+    request = _request("r", tokens, persist=3 * B + 30)  # three full blocks to persist
+    assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
+    first = connector.build_connector_meta(_step(new=[("r", [7, 8], 0)], scheduled={"r": 2 * B + 3}))
+    assert first.saves == [(7, keys[0])]
+    second = connector.build_connector_meta(_step(cached=[("r", [9, 10, 11], 2 * B + 3)], scheduled={"r": 2 * B + 7}))
+    assert second.saves == [(9, keys[2])]  # block 3 is past persist_tokens; block 4 is partial
+    assert connector.stats.blocks_skipped == 1
+    connector.request_finished(request, [7, 8, 9, 10, 11])
+    assert connector.build_connector_meta(_step(cached=[("r", None, 4 * B)], scheduled={"r": 1})).saves == []
+
+
+def test_a_preempted_request_gets_its_loads_when_it_resumes(connector: Any, store: MemoryBlockStore) -> None:
+    tokens = list(range(3 * B + 7))
+    _stored(store, tokens, 2)
+    request = _request("r", tokens)
+    connector.get_num_new_matched_tokens(request, 0)
+    connector.update_state_after_alloc(request, None, 2 * B)
+    connector.build_connector_meta(_step(new=[("r", [1, 2, 3, 4], 2 * B)], scheduled={"r": B + 7}))
+    # Preempted, its blocks freed; rescheduled with new blocks, it comes back as a cached request.
+    assert connector.get_num_new_matched_tokens(request, 0) == (2 * B, False)
+    connector.update_state_after_alloc(request, None, 2 * B)
+    meta = connector.build_connector_meta(_step(cached=[("r", [8, 9, 10, 11], 2 * B)], scheduled={"r": B + 7},
+                                                resumed=["r"]))
+    keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
+    assert meta.loads == [(8, keys[0]), (9, keys[1])]
