@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from memosd import __version__
 from memosd.activation.activator import Activator
-from memosd.runtime.host import ModelHost
 from memosd.governance.audit import AuditLog
 from memosd.kernel.kernel import Kernel
+from memosd.runtime.host import ModelHost
 
 
 @dataclass(frozen=True)
