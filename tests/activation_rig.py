@@ -7,14 +7,13 @@ these tests check.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from hash_embedder import HashEmbedder
 
 from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerateParams, GenerationReport, Generator
@@ -30,22 +29,6 @@ from memosd.parametric.jobs import JobManager
 from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
 from memosd.store.rocks import Store
-
-
-class HashEmbedder:
-    """Deterministic unit vectors from a text hash: enough for search to run."""
-
-    name = "hash-embedder"
-    dim = 16
-    fingerprint = "hash-embedder/1"
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        rows = []
-        for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            rows.append(v / np.linalg.norm(v))
-        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
 
 
 @dataclass

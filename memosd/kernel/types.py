@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from memosd.store.records import CubeRecord, MountRecord, RevisionRecord
@@ -159,20 +159,3 @@ class SearchResult:
     headers: list[MountHeader]
     took_us: int
     embed_us: int
-
-
-@dataclass(frozen=True)
-class Stats:
-    version: str
-    uptime_seconds: int
-    cube_count: int
-    mount_count: int
-    item_count: int
-    version_count: int
-    embedder: str
-    embedding_dim: int
-    store_bytes: int
-    dense_index_bytes: int
-    lexical_index_bytes: int
-    rss_bytes: int
-    calls: dict[str, int] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from activation_rig import HashEmbedder
+from hash_embedder import HashEmbedder
 
 from memosd.config import LimitsConfig, SearchConfig
 from memosd.daemon import make_ranker

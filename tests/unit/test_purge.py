@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tantivy
+from hash_embedder import HashEmbedder
 
 from memosd.config import LimitsConfig
 from memosd.errors import InvalidField, ItemNotFound
@@ -29,20 +30,6 @@ from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.types import ItemInput, SearchFilter
 from memosd.store.records import ActivationRecord, AdapterRecord, PurgedActivation, TaintedAdapter
 from memosd.store.rocks import Store
-
-
-class HashEmbedder:
-    name = "hash-embedder"
-    dim = 16
-    fingerprint = "hash-embedder/1"
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        rows = []
-        for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            rows.append(v / np.linalg.norm(v))
-        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
 
 
 def rank(dense: list[tuple[int, float]], lexical: list[tuple[int, float]], k: int, mode: str) -> list[Any]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from activation_rig import HashEmbedder
+from hash_embedder import HashEmbedder
 
 from memosd.config import LimitsConfig, QuotasConfig
 from memosd.errors import QuotaExceeded

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from activation_rig import HashEmbedder
+from hash_embedder import HashEmbedder
 
 from memosd.config import LimitsConfig
 from memosd.index.cube_index import CubeIndex

@@ -9,7 +9,6 @@ through the kernel finds what the catalog lets it see and nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,22 +18,6 @@ import numpy as np
 from memosd.kernel.ports import Accept, Scored
 
 _WORD = re.compile(r"\w+")
-
-
-class HashEmbedder:
-    """EmbedderPort: deterministic unit vectors seeded by a hash of the text."""
-
-    name = "hash-embedder"
-    dim = 16
-    fingerprint = "hash-embedder/1"
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        rows = []
-        for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            rows.append(v / np.linalg.norm(v))
-        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
 
 
 def terms(text: str) -> list[str]:

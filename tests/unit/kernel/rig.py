@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from hash_embedder import HashEmbedder
+
 from memosd.config import LimitsConfig
 from memosd.index.fusion import FusedHit, fuse, single
 from memosd.kernel.kernel import Kernel
@@ -13,7 +15,7 @@ from memosd.kernel.types import CommitResult, ItemInput, SearchFilter, SearchHit
 from memosd.store.records import CubeRecord
 from memosd.store.rocks import Store
 
-from .fakes import FakeIndexes, HashEmbedder
+from .fakes import FakeIndexes
 
 
 def open_kernel(data: Path, indexes: FakeIndexes) -> Kernel:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from hash_embedder import HashEmbedder
 
-from .fakes import FakeCubeIndex, HashEmbedder
+from .fakes import FakeCubeIndex
 
 
 def index_of(texts: list[str]) -> tuple[FakeCubeIndex, np.ndarray]:
