@@ -23,7 +23,6 @@ from daemon_proc import DaemonProcess
 from mcp import Client as McpClient
 from mcp.client.stdio import StdioServerParameters
 from mcp.types import CallToolResult, TextResourceContents
-
 from memos import Client
 
 TOOLS = {"memory_search", "memory_write", "memory_ingest", "memory_read", "memory_forget", "memory_list_cubes",
