@@ -13,6 +13,8 @@ from memos.cli.inputs import UsageError
 from memos.cli.output import Output
 from memos.client import Client
 
+# The hosts only this machine reaches (the SDK also guards these against DNS rebinding).
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 INSTALL_HINT = "memosctl mcp needs the MCP SDK; install it with: pip install 'memos-client[mcp]'"
 
 
@@ -32,12 +34,16 @@ def _serve(client: Client, args: argparse.Namespace, out: Output) -> None:
             raise
         raise UsageError(INSTALL_HINT) from None
     if args.http is None:
+        # stderr only: stdout carries the protocol. Hosts show a server's stderr in their logs.
+        out.note(f"MCP over stdio for memosd at {client.target}")
         server.run_stdio(client)
         return
     host, port = args.http
     shown = f"[{host}]" if ":" in host else host
-    out.note(f"MCP over streamable HTTP at http://{shown}:{port}{server.HTTP_PATH} (memosd at {client.target}; "
-             f"every caller acts with this token)")
+    out.note(f"MCP over streamable HTTP at http://{shown}:{port}{server.HTTP_PATH} for memosd at {client.target}")
+    if host not in LOOPBACK:
+        out.note(f"warning: {host} is not a loopback address: anyone who reaches this port acts with this "
+                 f"command's token and rights")
     server.run_http(client, host, port)
 
 
