@@ -64,7 +64,9 @@ def test_a_bad_http_address_is_refused(text: str) -> None:
 def test_memosctl_mcp_without_the_sdk_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     # None in sys.modules makes "import mcp" fail as if the package were not installed.
-    monkeypatch.setitem(sys.modules, "mcp", None)
+    # Its submodules too, where another test has imported them already.
+    for name in ["mcp", *[m for m in sys.modules if m.startswith("mcp.")]]:
+        monkeypatch.setitem(sys.modules, name, None)
     for name in [m for m in sys.modules if m.startswith("memos.mcp.") and m != "memos.mcp.views"]:
         monkeypatch.delitem(sys.modules, name)
     assert main(["--target", "127.0.0.1:1", "--token", "t", "mcp"]) == EXIT_USAGE
