@@ -64,6 +64,14 @@ def _first(values: Iterable[_T], limit: int) -> tuple[list[_T], bool]:
     return got[:limit], len(got) > limit
 
 
+class _ArgumentError(Exception):
+    """An argument the server refuses before calling memosd, and the field it names."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _time(value: str | None, field: str) -> datetime | None:
     if not value:
         return None
@@ -72,12 +80,6 @@ def _time(value: str | None, field: str) -> datetime | None:
     except ValueError:
         raise _ArgumentError(f"{field} {value!r} is not an ISO 8601 time such as 2026-05-01T12:00:00Z",
                              field) from None
-
-
-class _ArgumentError(Exception):
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _guarded(client: Client, body: Callable[[], CallToolResult]) -> CallToolResult:
@@ -311,7 +313,8 @@ def register(server: MCPServer[Any], client: Client) -> None:
 
         return _guarded(client, body)
 
-    # Registered by call rather than as decorators, so that mypy sees the functions' own types.
+    # Registered by call rather than by decorator: where the SDK is not installed mypy sees it as Any, and an
+    # untyped decorator would make these functions untyped too.
     tool_list: list[tuple[Callable[..., CallToolResult], ToolAnnotations]] = [
         (memory_search, read_only),
         (memory_write, writes),
