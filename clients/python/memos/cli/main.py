@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from memos import __version__
-from memos.cli import adapter, chat, cubes, govern, history, ingest, jobs, mem, sched
+from memos.cli import adapter, chat, cubes, govern, history, ingest, jobs, mcp, mem, sched
 from memos.cli.inputs import UsageError
 from memos.cli.output import Output
 from memos.client import DEFAULT_TARGET, Client, RetryPolicy
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.register(nouns)
     govern.register(nouns)
     sched.register(nouns)
+    mcp.register(nouns)
     return parser
 
 
