@@ -283,7 +283,39 @@ def _at_shutdown(step: str, fn: Callable[[], object]) -> None:
         log_event(log, "shutdown_step_skipped", level=logging.WARNING, step=step, reason="disk full")
 
 
-def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
+class StopSignals:
+    """SIGTERM / SIGINT, noted by the handler and acted on by the main thread.
+
+    Python runs a signal handler in the main thread, but the kernel may deliver the signal to any
+    thread (gRPC's, the runtime worker's): the C-level handler then only flags it, and a main thread
+    blocked in ``Event.wait()`` with no timeout is not woken to run the Python handler. Under load the
+    daemon ignored SIGTERM this way (no "signal" line, main thread in a lock wait). So ``serve`` waits in
+    short slices and checks; and the handler itself only appends to a list (atomic, no Python-level
+    lock: a handler that takes a lock the interrupted code holds, the stop Event's or logging's, would
+    deadlock).
+    """
+
+    POLL_SECONDS = 0.2  # how soon a signal is acted on
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signum)
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handler)
+        signal.signal(signal.SIGINT, self.handler)
+
+    def wait(self, stop_event: threading.Event) -> None:
+        """Until a signal arrives (then sets ``stop_event`` for the daemon's threads) or it is set."""
+        while not stop_event.wait(self.POLL_SECONDS):
+            if self.received:
+                log_event(log, "signal", signal=signal.Signals(self.received[0]).name)
+                stop_event.set()
+
+
+def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None = None) -> int:
     """Serve until SIGTERM; returns the exit code (1: the start failed for lack of disk space)."""
     disk_watch = Periodic(lambda: _watch_disk(daemon), daemon.config.store.disk_check_seconds, "disk_watch", log)
     disk_watch.start()
@@ -319,7 +351,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier) -> int:
         notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
         threading.Thread(target=_index_saver, args=(daemon,), name="index-saver", daemon=True).start()
 
-    daemon.stop_event.wait()
+    (signals or StopSignals()).wait(daemon.stop_event)
     log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
     notifier.stopping("draining in-flight calls")
     daemon.loop.call(daemon.health.enter_graceful_shutdown())
@@ -371,13 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memosd: {reason}", file=sys.stderr)
         return 1
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log_event(log, "signal", signal=signal.Signals(signum).name)
-        daemon.stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return serve(daemon, notifier)
+    signals = StopSignals()
+    signals.install()
+    return serve(daemon, notifier, signals)
 
 
 if __name__ == "__main__":
