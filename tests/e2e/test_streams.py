@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, daemon_fixture
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memos import Client
 from memos.errors import from_rpc_error
@@ -25,15 +25,10 @@ ANSWER_SECONDS = 5.0
 STREAM_DEADLINE = 180  # a bound on every raw stream, so a daemon that never answers fails the test, not hangs it
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    env = {"MEMOSD_QUOTAS__MAX_FOLLOWS_PER_PRINCIPAL": str(FOLLOWS),
-           "MEMOSD_QUOTAS__MAX_UPLOADS_PER_PRINCIPAL": str(UPLOADS),
-           "MEMOSD_QUOTAS__MAX_STREAMS_PER_PRINCIPAL": str(FOLLOWS + UPLOADS),
-           "MEMOSD_SERVER__STREAM_IDLE_SECONDS": str(IDLE_SECONDS)}
-    proc = DaemonProcess(tmp_path_factory.mktemp("streams") / "data", env=env).start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
+daemon = daemon_fixture("streams", {"MEMOSD_QUOTAS__MAX_FOLLOWS_PER_PRINCIPAL": str(FOLLOWS),
+                                     "MEMOSD_QUOTAS__MAX_UPLOADS_PER_PRINCIPAL": str(UPLOADS),
+                                     "MEMOSD_QUOTAS__MAX_STREAMS_PER_PRINCIPAL": str(FOLLOWS + UPLOADS),
+                                     "MEMOSD_SERVER__STREAM_IDLE_SECONDS": str(IDLE_SECONDS)})
 
 
 def _token(daemon: DaemonProcess, name: str) -> str:
