@@ -9,8 +9,15 @@ echo "== generated code"; python scripts/gen_protos.py --check
 echo "== ruff";  ruff check .
 echo "== mypy";  mypy memosd clients/python/memos scripts
 echo "== pytest"
+# Shuffled (pytest-randomly) but reproducible: a fixed seed unless MEMOSD_TEST_SEED names another, so a
+# failure that depends on the order reruns with the same order. Arguments that choose the seed or turn
+# the plugin off (-p no:randomly) win.
+order=(--randomly-seed="${MEMOSD_TEST_SEED:-20261202}")
+for arg in "$@"; do
+  [[ $arg == --randomly-seed* || $arg == no:randomly || $arg == -pno:randomly ]] && order=()
+done
 set +e
-pytest "$@"
+pytest "${order[@]}" "$@"
 code=$?
 set -e
 if [[ $code == 5 ]]; then

@@ -8,10 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from memos import Client
 
 STARTUP_SECONDS = 120.0
+
+Scope = Literal["session", "package", "module", "class", "function"]
+# A daemon's environment, or how to build it from the fixture request (when it needs other fixtures).
+EnvSource = Mapping[str, str] | Callable[[pytest.FixtureRequest], Mapping[str, str]]
 
 
 @dataclass
@@ -79,10 +88,42 @@ class DaemonProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()  # the test fails on the timeout; a daemon left behind would slow every test after it
+            raise
 
     def kill(self) -> None:
         """SIGKILL: the crash path."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+
+
+def daemon_fixture(prefix: str, env: EnvSource | None = None, *, scope: Scope = "module") -> Any:
+    """A fixture serving one daemon (per module by default: starting one costs seconds) in a fresh data dir
+    named after ``prefix``; at teardown it must exit 0 on SIGTERM. Assign it to the fixture's name:
+    ``daemon = daemon_fixture("gov")``."""
+
+    @pytest.fixture(scope=scope)
+    def fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+        extra = env(request) if callable(env) else env or {}
+        proc = DaemonProcess(tmp_path_factory.mktemp(prefix) / "data", env=dict(extra)).start()
+        yield proc
+        code = proc.stop()
+        assert code == 0, f"daemon exited with {code} on SIGTERM:\n{proc.log()}"
+
+    return fixture
+
+
+def client_fixture(daemon: str = "daemon", *, timeout: float = 60, scope: Scope = "function") -> Any:
+    """A fixture: a Client of the bootstrap admin of the daemon that the fixture named ``daemon`` serves."""
+
+    @pytest.fixture(scope=scope)
+    def fixture(request: pytest.FixtureRequest) -> Iterator[Client]:
+        proc: DaemonProcess = request.getfixturevalue(daemon)
+        with Client(proc.address, token=proc.token, timeout=timeout) as c:
+            yield c
+
+    return fixture

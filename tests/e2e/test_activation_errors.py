@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
 from memos import (
     Client,
     ContextExceeded,
@@ -70,12 +70,7 @@ def tiny_env(model_dir: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def tiny_daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path_factory.mktemp("memosd-tiny") / "data", env=tiny_env(tiny_model)).start()
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"daemon exited with {code} on SIGTERM:\n{proc.log()}"
+tiny_daemon = daemon_fixture("memosd-tiny", lambda request: tiny_env(request.getfixturevalue("tiny_model")))
 
 
 @pytest.fixture
@@ -84,10 +79,7 @@ def cube_name() -> str:
     return f"e{next(_names)}"
 
 
-@pytest.fixture
-def tc(tiny_daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(tiny_daemon.address, token=tiny_daemon.token, timeout=60) as c:
-        yield c
+tc = client_fixture("tiny_daemon")
 
 
 def expect(call: Callable[[], Any], cls: type[MemosError], code: grpc.StatusCode, *words: str) -> MemosError:

@@ -4,12 +4,11 @@ and leave the shared model serving every other tenant (issue 15, points 1, 5, 6)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, daemon_fixture
 from memos import AdapterInvalid, AdapterNotFound, Client
 from tiny_llama import save_tiny_llama
 
@@ -23,12 +22,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    env = {"MEMOSD_RUNTIME__MODEL": str(tiny_model), "MEMOSD_RUNTIME__DEVICE": "cpu"}
-    proc = DaemonProcess(tmp_path_factory.mktemp("daemon") / "data", env=env).start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
+daemon = daemon_fixture("daemon", lambda request: {"MEMOSD_RUNTIME__MODEL": str(request.getfixturevalue("tiny_model")),
+                                                   "MEMOSD_RUNTIME__DEVICE": "cpu"})
 
 
 def adapter_files(model: Path, out: Path) -> tuple[dict[str, object], bytes]:

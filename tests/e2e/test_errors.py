@@ -5,21 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 from daemon_proc import DaemonProcess
-from memos import Client, MemosError
+from expect import expect
+from memos import Client
 from memos.auth import TokenInterceptor
 from memos.v1 import memos_pb2 as pb
 from memos.v1 import types_pb2 as t
 from memos.v1.memos_pb2_grpc import MemOSStub
-
-
-def expect(call, code: str, reason: str, *words: str) -> MemosError:  # type: ignore[no-untyped-def]
-    with pytest.raises(MemosError) as caught:
-        call()
-    error = caught.value
-    assert (error.code.name, error.reason) == (code, reason), error
-    for word in words:
-        assert word in error.message, error.message
-    return error
 
 
 @pytest.fixture

@@ -5,13 +5,12 @@ The daemon runs without a model: every check here is on plaintext syscalls.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
+from expect import expect
 from google.protobuf.timestamp_pb2 import Timestamp
-from memos import Client, MemosError
+from memos import Client
 from memos.errors import from_rpc_error
 from memos.v1 import memos_pb2 as pb
 from memos.v1 import types_pb2 as t
@@ -19,33 +18,13 @@ from memos.v1.memos_pb2_grpc import MemOSStub
 
 from memosd.kernel.paging import encode_token
 
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path_factory.mktemp("hardening") / "data").start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture(scope="module")
-def admin(daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(daemon.address, token=daemon.token, timeout=30) as c:
-        yield c
+daemon = daemon_fixture("hardening")
+admin = client_fixture(timeout=30, scope="module")
 
 
 def _user(daemon: DaemonProcess, admin: Client, name: str) -> Client:
     _, token = admin.create_principal(name)
     return Client(daemon.address, token=token, timeout=30)
-
-
-def expect(call, code: str, reason: str, *words: str) -> MemosError:  # type: ignore[no-untyped-def]
-    with pytest.raises(MemosError) as caught:
-        call()
-    error = caught.value
-    assert (error.code.name, error.reason) == (code, reason), error
-    for word in words:
-        assert word in error.message, error.message
-    return error
 
 
 def _audit_raw(client: Client, request: pb.AuditRequest) -> None:

@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
 from memos import Client, InvalidField, MountReadOnly, TextEmpty, TooManyItems
 from memos.v1 import types_pb2
 
@@ -35,18 +34,8 @@ CODE = [  # session "code"
 ]
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path_factory.mktemp("ingest") / "data",
-                         env={"MEMOSD_LIMITS__MAX_ITEMS_PER_WRITE": str(LIMIT)}).start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture
-def client(daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(daemon.address, token=daemon.token, timeout=60) as c:
-        yield c
+daemon = daemon_fixture("ingest", {"MEMOSD_LIMITS__MAX_ITEMS_PER_WRITE": str(LIMIT)})
+client = client_fixture()
 
 
 def turns(session: str, pairs: list[tuple[str, str]], start: datetime) -> list[dict[str, object]]:

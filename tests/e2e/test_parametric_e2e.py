@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
 from memos import (
     AdapterInvalid,
     AdapterMismatch,
@@ -43,17 +43,8 @@ def tiny_env(model: Path) -> dict[str, str]:
             "MEMOSD_LIMITS__MAX_ADAPTER_BYTES": str(MAX_ADAPTER_BYTES)}
 
 
-@pytest.fixture(scope="module")
-def tiny_daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path_factory.mktemp("tiny-daemon") / "data", env=tiny_env(tiny_model)).start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture
-def tc(tiny_daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(tiny_daemon.address, token=tiny_daemon.token, timeout=60) as c:
-        yield c
+tiny_daemon = daemon_fixture("tiny-daemon", lambda request: tiny_env(request.getfixturevalue("tiny_model")))
+tc = client_fixture("tiny_daemon")
 
 
 def make_adapter(model: Path, out: Path, seed: int) -> Path:

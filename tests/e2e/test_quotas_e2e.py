@@ -8,12 +8,11 @@ mounts and their staging are persisted). No model: quotas are plaintext memory's
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
 from memos import Client, MemosError
 from memos.errors import QuotaExceeded
 
@@ -27,17 +26,8 @@ ENV = {"MEMOSD_QUOTAS__MAX_MOUNTS_PER_PRINCIPAL": str(MAX_MOUNTS),
 _names = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path_factory.mktemp("quotas") / "data", env=ENV).start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture(scope="module")
-def admin(daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(daemon.address, token=daemon.token, timeout=60) as c:
-        yield c
+daemon = daemon_fixture("quotas", ENV)
+admin = client_fixture(scope="module")
 
 
 def user(daemon: DaemonProcess, admin: Client) -> Client:

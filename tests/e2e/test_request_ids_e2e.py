@@ -6,10 +6,9 @@ answer, apply a call once."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
 from memos import (
     NO_RETRY,
     Client,
@@ -30,17 +29,8 @@ MESSAGES = [{"speaker": "user" if i % 2 else "assistant", "session_id": "s1",
 TINY = 0.3  # seconds: the first call's deadline, sure to expire while the daemon embeds
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path_factory.mktemp("request-ids") / "data").start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture
-def client(daemon: DaemonProcess) -> Iterator[Client]:
-    with Client(daemon.address, token=daemon.token, timeout=120) as c:
-        yield c
+daemon = daemon_fixture("request-ids")
+client = client_fixture(timeout=120)
 
 
 def impatient(daemon: DaemonProcess, retry: RetryPolicy = NO_RETRY) -> Client:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from activation_rig import Rig, open_rig
 
+import memosd.activation.activator as activator_module
 import memosd.kernel.clock as kernel_clock
 from memosd.activation import select
 from memosd.errors import RevisionCompacted
@@ -36,7 +37,23 @@ def _commit(rig: Rig, cube: str, items: list[ItemInput]) -> list[str]:
     return ids
 
 
-def test_memory_blocks_leave_archived_and_expired_items_out(rig: Rig) -> None:
+class _ActivatorTime:
+    """The time module as the activator sees it, with ``time_ns`` under the test's control: whether an item's TTL
+    has passed is then the test's to say, not the machine's speed."""
+
+    def __init__(self, now_ns: int) -> None:
+        self.now_ns = now_ns
+
+    def time_ns(self) -> int:
+        return self.now_ns
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def test_memory_blocks_leave_archived_and_expired_items_out(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _ActivatorTime(kernel_clock.now_ns())  # before the write: the TTL cannot have passed
+    monkeypatch.setattr(activator_module, "time", clock)
     rig.kernel.alloc_cube("blocks", "", {})
     kept, archived, brief = _commit(rig, "blocks", [ItemInput("kept"), ItemInput("archived"),
                                                      ItemInput("brief", ttl_seconds=1)])
@@ -44,9 +61,9 @@ def test_memory_blocks_leave_archived_and_expired_items_out(rig: Rig) -> None:
     cube = rig.kernel.cube("blocks")
     refs, texts, _ = rig.activator.block_items(cube, cube.head, select.ALL)
     assert [i for i, _ in refs] == [kept, brief] and texts == ["kept", "brief"]
-    time.sleep(1.05)  # past the TTL, before the loop has committed it: already left out
+    clock.now_ns = kernel_clock.now_ns() + 1_050_000_000  # past the TTL, before the loop has committed it
     refs, _, _ = rig.activator.block_items(cube, cube.head, select.ALL)
-    assert [i for i, _ in refs] == [kept]
+    assert [i for i, _ in refs] == [kept]  # already left out
 
 
 def test_set_item_state_changes_nothing_for_items_already_in_that_state(rig: Rig) -> None:
@@ -95,11 +112,12 @@ def test_one_loop_pass_expires_then_purges_after_the_grace_and_audits_both(rig: 
     assert rig.kernel.cube("ttl").catalog.visible(lasting, 2) is not None
 
 
-def test_the_loop_does_not_commit_expiry_to_a_frozen_cube(rig: Rig) -> None:
+def test_the_loop_does_not_commit_expiry_to_a_frozen_cube(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     rig.kernel.alloc_cube("cold", "", {})
     _commit(rig, "cold", [ItemInput("brief", ttl_seconds=1)])
     rig.kernel.set_frozen("cold", True)
-    time.sleep(1.05)
+    later = kernel_clock.now_ns() + 1_050_000_000
+    monkeypatch.setattr(kernel_clock, "now_ns", lambda: later)  # past the TTL, without waiting for it
     audit = _Audit()
     LifecycleLoop(rig.kernel, audit, lambda c, i: rig.kernel.purge(c, i), interval=60, grace_seconds=0).tick()
     assert rig.kernel.cube("cold").head == 1 and not audit.entries

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from activation_rig import Rig, commit_items, open_rig
@@ -22,9 +24,10 @@ from memosd.activation.scheduler import Scheduler
 from memosd.errors import ContextExceeded, CubeEmpty, InvalidField, ItemNotFound
 from memosd.kernel.catalog import VersionMeta
 from memosd.kernel.usage import ItemUsage, UsageTracker
-from memosd.runtime.worker import PRIORITY_BACKGROUND, PRIORITY_INTERACTIVE
+from memosd.runtime.worker import PRIORITY_BACKGROUND, PRIORITY_DEFAULT, PRIORITY_INTERACTIVE
 
 CONTEXT = 512
+T = TypeVar("T")
 FACTS = [f"fact {i}: the harbour of town {i} freezes in month {i % 12}" for i in range(12)]
 
 
@@ -149,6 +152,22 @@ def test_background_activation_yields_to_interactive_work_between_chunks(tmp_pat
         cube = rig.kernel.cube("long")
         worker = rig.host.worker
         done = threading.Event()
+        held, release = threading.Event(), threading.Event()
+        submit = worker.submit
+
+        # The test orders the two jobs itself: the third background chunk holds the worker until the
+        # interactive job is queued, so the contest happens however fast or slow the machine is.
+        def gated_submit(fn: Callable[[], T], *, priority: int = PRIORITY_DEFAULT) -> Future[T]:
+            if priority != PRIORITY_BACKGROUND or held.is_set() or worker.started[PRIORITY_BACKGROUND] < 2:
+                return submit(fn, priority=priority)
+
+            def gate() -> T:
+                held.set()
+                assert release.wait(60), "the test never released the background chunk"
+                return fn()
+            return submit(gate, priority=priority)
+
+        worker.submit = gated_submit  # type: ignore[method-assign]
 
         def background() -> None:
             rig.activator.activate_cube(cube, cube.head, background=True)
@@ -156,16 +175,19 @@ def test_background_activation_yields_to_interactive_work_between_chunks(tmp_pat
 
         thread = threading.Thread(target=background)
         thread.start()
-        # Wait (a generous deadline: a loaded 2-core machine is slow) until the activation is under way.
-        deadline = time.monotonic() + 120
-        while worker.started[PRIORITY_BACKGROUND] < 3:
-            assert time.monotonic() < deadline, "the background activation never got going"
-            time.sleep(0.001)
+        assert held.wait(120), "the background activation never got going"
         before = worker.started[PRIORITY_BACKGROUND]
-        seen = worker.call(lambda: worker.started[PRIORITY_BACKGROUND], priority=PRIORITY_INTERACTIVE)
-        assert not done.is_set(), "the background activation ended before the interactive job: no contest"
-        assert seen - before <= 1  # at most the chunk that was running when it was queued
+        assert before == 3  # the held chunk is running; the next is not queued until it ends
+        # What the interactive job sees, read on the worker, where no background chunk can run meanwhile.
+        interactive = submit(lambda: (worker.started[PRIORITY_BACKGROUND], done.is_set()),
+                             priority=PRIORITY_INTERACTIVE)
+        release.set()
+        seen, finished = interactive.result(60)
+        assert not finished, "the background activation ended before the interactive job: no contest"
+        # Queued behind the running chunk only: no background chunk started between it and the interactive job.
+        assert seen - before == 0
         thread.join(60)
+        assert not thread.is_alive() and done.is_set()
         assert worker.started[PRIORITY_BACKGROUND] > 10  # it really ran in many steps
     finally:
         rig.close()
