@@ -34,8 +34,8 @@ export function readTokenFile(file) {
  */
 
 /**
- * The token to send and where it came from: the token option, the tokenFile option, $MEMOS_TOKEN,
- * $MEMOS_TOKEN_FILE, <dataDir>/admin.token, then the local admin's token file if it exists
+ * The token to send and where it came from: the token option, the tokenFile option, <dataDir>/admin.token,
+ * $MEMOS_TOKEN, $MEMOS_TOKEN_FILE, then the local admin's token file if it exists
  * (token "" when there is none: calls then fail UNAUTHENTICATED).
  * @param {TokenOptions} [options]
  * @returns {{token: string, source: string}}
@@ -43,13 +43,13 @@ export function readTokenFile(file) {
 export function resolveToken(options = {}) {
   if (options.token) return { token: options.token, source: "the token option" };
   if (options.tokenFile) return { token: readTokenFile(options.tokenFile), source: options.tokenFile };
-  if (process.env.MEMOS_TOKEN) return { token: process.env.MEMOS_TOKEN.trim(), source: "$MEMOS_TOKEN" };
-  if (process.env.MEMOS_TOKEN_FILE) {
-    return { token: readTokenFile(process.env.MEMOS_TOKEN_FILE), source: process.env.MEMOS_TOKEN_FILE };
-  }
   if (options.dataDir) {
     const file = path.join(options.dataDir, "admin.token");
     return { token: readTokenFile(file), source: file };
+  }
+  if (process.env.MEMOS_TOKEN) return { token: process.env.MEMOS_TOKEN.trim(), source: "$MEMOS_TOKEN" };
+  if (process.env.MEMOS_TOKEN_FILE) {
+    return { token: readTokenFile(process.env.MEMOS_TOKEN_FILE), source: process.env.MEMOS_TOKEN_FILE };
   }
   const local = path.join(defaultDataDir(), "admin.token");
   try {
@@ -60,14 +60,13 @@ export function resolveToken(options = {}) {
 }
 
 /**
- * The target: the argument, $MEMOS_TARGET, the address in <dataDir>/daemon.json, then 127.0.0.1:50051.
+ * The target: the argument, the address in <dataDir>/daemon.json, $MEMOS_TARGET, then 127.0.0.1:50051.
  * @param {string} [target]
  * @param {string} [dataDir]
  * @returns {string}
  */
 export function resolveTarget(target, dataDir) {
   if (target) return target;
-  if (process.env.MEMOS_TARGET) return process.env.MEMOS_TARGET;
   if (dataDir) {
     const file = path.join(dataDir, "daemon.json");
     let info;
@@ -79,5 +78,6 @@ export function resolveTarget(target, dataDir) {
     if (typeof info?.address === "string" && info.address) return info.address;
     throw new Error(`${file} names no address`);
   }
+  if (process.env.MEMOS_TARGET) return process.env.MEMOS_TARGET;
   return DEFAULT_TARGET;
 }

@@ -37,7 +37,7 @@ import { messageFromWire, messageToWire } from "./wire.js";
 
 /**
  * @typedef {object} ClientOptions
- * @property {string} [token] the bearer token (else tokenFile, $MEMOS_TOKEN, $MEMOS_TOKEN_FILE, dataDir, local admin)
+ * @property {string} [token] the bearer token (else tokenFile, dataDir's admin.token, $MEMOS_TOKEN, $MEMOS_TOKEN_FILE, the local admin's)
  * @property {string} [tokenFile]
  * @property {string} [dataDir] a daemon's data dir: its daemon.json gives the target, its admin.token the token
  * @property {number} [timeoutMs] deadline of each unary call (default 60 s); Generate has none unless given
@@ -68,7 +68,7 @@ const SEARCH_MODES = /** @type {const} */ ({
 
 export class Client {
   /**
-   * @param {string} [target] host:port (else $MEMOS_TARGET, dataDir's daemon.json, 127.0.0.1:50051)
+   * @param {string} [target] host:port (else dataDir's daemon.json, $MEMOS_TARGET, 127.0.0.1:50051)
    * @param {ClientOptions} [options]
    */
   constructor(target, options = {}) {
@@ -112,7 +112,7 @@ export class Client {
    * @param {{timeoutMs?: number}} [options]
    * @returns {Promise<any>}
    */
-  call(name, request = {}, options = {}) {
+  async call(name, request = {}, options = {}) {
     const { request: requestType, response: responseType, rpc } = this.method(name);
     if (rpc.requestStream || rpc.responseStream) throw new Error(`${name} is a streaming call: use client.raw`);
     const wire = messageToWire(requestType, request, `${name}Request`);
