@@ -1,8 +1,11 @@
 // The typed client against a real memosd: MEMOS_TEST_TARGET and MEMOS_TEST_DATA_DIR name it.
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 
 import {
@@ -190,5 +193,20 @@ describe("against a real daemon", { skip: NO_DAEMON }, () => {
     assert.equal(summary.token_ids.length, summary.completion_tokens);
     assert.equal(typeof summary.ttft_us, "number");
     assert.ok(deltas.join("").length > 0);
+  });
+
+  test("the README's example runs as written, twice (the second run reuses its cube)", { timeout: 120_000 }, async () => {
+    const example = fileURLToPath(new URL("../examples/quickstart.mjs", import.meta.url));
+    const env = { ...process.env, MEMOS_TARGET: TARGET, MEMOS_TOKEN_FILE: path.join(DATA_DIR, "admin.token") };
+    const revisions = [];
+    for (const _run of [1, 2]) {
+      const { stdout } = await promisify(execFile)(process.execPath, [example], { env, timeout: 100_000 });
+      const made = /^revision (\d+) at \d{4}-\d\d-\d\dT/m.exec(stdout);
+      assert.ok(made, stdout);
+      revisions.push(Number(made[1]));
+      assert.match(stdout, /The user prefers metric units/);
+      assert.match(stdout, /TTFT ms: [\d.]+, reused tokens: \d+/);
+    }
+    assert.equal(revisions[1], revisions[0] + 1);
   });
 });
