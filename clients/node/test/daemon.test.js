@@ -195,6 +195,27 @@ describe("against a real daemon", { skip: NO_DAEMON }, () => {
     assert.ok(deltas.join("").length > 0);
   });
 
+  test("leaving a Generate loop early cancels the stream on the daemon", { timeout: 60_000 }, async () => {
+    // Each generated token is one piece of runtime work; uncancelled, this greedy prompt runs all 200.
+    const jobsBefore = (await client.stats()).model?.worker_jobs_started ?? 0;
+    const generation = client.generate("Write a long story about a dragon who learns to read.", [],
+      { maxTokens: 200, retrieveK: 0 });
+    for await (const delta of generation) {
+      if (delta) break;
+    }
+    assert.equal(generation.summary, null);
+    const deadline = Date.now() + 30_000;
+    let active = -1;
+    while (Date.now() < deadline) {
+      active = (await client.stats()).model?.active_generations ?? -1;
+      if (active === 0) break;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    assert.equal(active, 0, "the generation still runs on the daemon");
+    const jobs = ((await client.stats()).model?.worker_jobs_started ?? 0) - jobsBefore;
+    assert.ok(jobs < 40, `the daemon ran ${jobs} pieces of work for a generation cancelled after its first delta`);
+  });
+
   test("the README's example runs as written, twice (the second run reuses its cube)", { timeout: 120_000 }, async () => {
     const example = fileURLToPath(new URL("../examples/quickstart.mjs", import.meta.url));
     const env = { ...process.env, MEMOS_TARGET: TARGET, MEMOS_TOKEN_FILE: path.join(DATA_DIR, "admin.token") };
