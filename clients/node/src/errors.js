@@ -115,7 +115,11 @@ export class StreamIdle extends DeadlineExceeded { static defaultReason = "STREA
 export class RequestIdReused extends InvalidArgument { static defaultReason = "REQUEST_ID_REUSED"; }
 
 /** @type {Map<number, typeof MemosError>} */
-const BY_CODE = new Map([Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied, ResourceExhausted, FailedPrecondition, Aborted, OutOfRange, Unimplemented, Internal, Unavailable, DataLoss, Unauthenticated].map((c) => [c.defaultCode, c]));
+const BY_CODE = new Map([
+  Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
+  ResourceExhausted, FailedPrecondition, Aborted, OutOfRange, Unimplemented, Internal, Unavailable, DataLoss,
+  Unauthenticated,
+].map((c) => [c.defaultCode, c]));
 
 /** @type {Map<string, typeof MemosError>} */
 export const BY_REASON = new Map([

@@ -33,7 +33,7 @@ function isPlainObject(value) {
 }
 
 /**
- * A Date (or an ISO string) as a google.protobuf.Timestamp; a {seconds, nanos} object passes as is.
+ * A Date (or an ISO string) as a google.protobuf.Timestamp; a {seconds, nanos} object is checked and passes.
  * @param {unknown} value @param {string} path
  */
 function timestampToWire(value, path) {
@@ -44,8 +44,20 @@ function timestampToWire(value, path) {
     const seconds = Math.floor(ms / 1000);
     return { seconds: String(seconds), nanos: (ms - seconds * 1000) * 1_000_000 };
   }
-  if (isPlainObject(value)) return messageToWire(/** @type {any} */ (null), value, path, true);
-  throw new WireError(path, "expected a Date, an ISO 8601 string or {seconds, nanos}");
+  if (!isPlainObject(value)) throw new WireError(path, "expected a Date, an ISO 8601 string or {seconds, nanos}");
+  for (const key of Object.keys(value)) {
+    if (key !== "seconds" && key !== "nanos") throw new WireError(`${path}.${key}`, "not a Timestamp field");
+  }
+  const seconds = value.seconds ?? 0;
+  const nanos = value.nanos ?? 0;
+  if (!(typeof seconds === "number" || typeof seconds === "string" || typeof seconds === "bigint")
+      || !/^-?\d+$/.test(String(seconds))) {
+    throw new WireError(`${path}.seconds`, "expected an integer");
+  }
+  if (typeof nanos !== "number" || !Number.isInteger(nanos) || nanos < 0 || nanos > 999_999_999) {
+    throw new WireError(`${path}.nanos`, "expected an integer in [0, 999999999]");
+  }
+  return { seconds: String(seconds), nanos };
 }
 
 /** @param {protobuf.Field} field @param {unknown} value @param {string} path */
@@ -119,27 +131,11 @@ function fieldToWire(field, value, path) {
  * @param {protobuf.Type} type
  * @param {Record<string, unknown>} value
  * @param {string} [path]
- * @param {boolean} [timestamp] value is a {seconds, nanos} Timestamp (type unused)
  * @returns {Record<string, unknown>}
  */
-export function messageToWire(type, value, path = "request", timestamp = false) {
+export function messageToWire(type, value, path = "request") {
   /** @type {Record<string, unknown>} */
   const out = {};
-  if (timestamp) {
-    for (const key of Object.keys(value)) {
-      if (key !== "seconds" && key !== "nanos") throw new WireError(`${path}.${key}`, "not a Timestamp field");
-    }
-    const seconds = value.seconds ?? 0;
-    const nanos = value.nanos ?? 0;
-    if (!(typeof seconds === "number" || typeof seconds === "string" || typeof seconds === "bigint")
-        || !/^-?\d+$/.test(String(seconds))) {
-      throw new WireError(`${path}.seconds`, "expected an integer");
-    }
-    if (typeof nanos !== "number" || !Number.isInteger(nanos) || nanos < 0 || nanos > 999_999_999) {
-      throw new WireError(`${path}.nanos`, "expected an integer in [0, 999999999]");
-    }
-    return { seconds: String(seconds), nanos };
-  }
   for (const [key, entry] of Object.entries(value)) {
     const field = type.fields[key];
     if (!field) {

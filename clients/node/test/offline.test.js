@@ -74,6 +74,24 @@ test("every memos.v1.ErrorReason has its class, named by that reason", () => {
   for (const [reason, cls] of BY_REASON) assert.equal(new cls("m").reason, reason);
 });
 
+test("each reason's class has the status code the proto gives that reason, in brackets", () => {
+  const reasons = root.lookupEnum("memos.v1.ErrorReason");
+  for (const [reason, cls] of BY_REASON) {
+    const bracket = /^\[([A-Z_]+)\]/.exec(reasons.comments[reason] ?? "");
+    assert.ok(bracket, `${reason} has no [CODE] in its comment`);
+    assert.equal(new cls("m").code, status[/** @type {keyof typeof status} */ (bracket[1])], reason);
+  }
+});
+
+test("timestamps given as {seconds, nanos} are checked too", () => {
+  const ok = messageToWire(type("ItemInput"), { text: "x", event_time: { seconds: 5, nanos: 7 } });
+  assert.deepEqual(ok.event_time, { seconds: "5", nanos: 7 });
+  assert.throws(() => messageToWire(type("ItemInput"), { text: "x", event_time: { seconds: 5, nanos: 1e9 } }),
+    /nanos/);
+  assert.throws(() => messageToWire(type("ItemInput"), { text: "x", event_time: { secs: 5 } }),
+    /request\.event_time\.secs: not a Timestamp field/);
+});
+
 /** @param {number} code @param {{reason: string, domain: string, metadata: Record<string, string>}} info */
 function serviceError(code, info) {
   const detail = { type_url: "type.googleapis.com/google.rpc.ErrorInfo", value: errorInfo.encode(info).finish() };
