@@ -126,3 +126,13 @@ test("src/messages.js is what scripts/gen-types.js makes from the protos", () =>
   const file = path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "src", "messages.js");
   assert.equal(readFileSync(file, "utf8"), render(), "stale: run `npm run gen-types` in clients/node");
 });
+
+test("the README's example is examples/quickstart.mjs (which the daemon suite runs)", () => {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  const readme = readFileSync(path.join(here, "..", "README.md"), "utf8");
+  const block = /```js\n([\s\S]*?)```/.exec(readme);
+  assert.ok(block, "README.md has no js block");
+  const example = readFileSync(path.join(here, "..", "examples", "quickstart.mjs"), "utf8");
+  // The file's first line says how to run it; the README says that in prose.
+  assert.equal(block[1], example.split("\n").slice(1).join("\n"));
+});
