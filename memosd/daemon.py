@@ -45,6 +45,7 @@ from memosd.kernel.kernel import Kernel
 from memosd.kernel.ports import Ranker
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.usage import UsageTracker
+from memosd.listen_check import unbindable
 from memosd.logfmt import log_event, setup_logging
 from memosd.metrics import Metrics, MetricsServer
 from memosd.parametric.adapters import AdapterService
@@ -77,6 +78,27 @@ class StartupError(RuntimeError):
 def _disk_full_at_start(data_dir: Path) -> str:
     return (f"the disk of data dir {data_dir} is full ({free_bytes(data_dir)} bytes free); free space or grow "
             "the volume, then start memosd again")
+
+
+def _grpc_listen_error(listen: str, reason: str) -> str:
+    return (f"cannot listen on {listen}: {reason}; choose another address with --listen HOST:PORT "
+            "(config server.listen, env MEMOSD_LISTEN; port 0 picks a free one)")
+
+
+def _metrics_listen_error(listen: str, reason: str) -> str:
+    return (f"cannot serve metrics on {listen}: {reason}; set metrics.listen to a free \"host:port\" "
+            '(--set metrics.listen=HOST:PORT, env MEMOSD_METRICS__LISTEN), or "" to turn metrics off')
+
+
+def check_ports(config: Config) -> None:
+    """Both listen addresses, before anything slow loads: a taken port is the common way a start fails."""
+    reason = unbindable(config.server.listen)
+    if reason is not None:
+        raise StartupError(_grpc_listen_error(config.server.listen, reason))
+    if config.metrics.listen:
+        reason = unbindable(config.metrics.listen, first_only=True)
+        if reason is not None:
+            raise StartupError(_metrics_listen_error(config.metrics.listen, reason))
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:
@@ -152,6 +174,12 @@ def build(config: Config) -> Daemon:
     from memosd.index.embedder import Embedder
 
     lock_handle = _lock_data_dir(config.data_dir)
+    try:
+        check_ports(config)
+    except StartupError:
+        lock_handle.close()
+        raise
+    log_event(log, "ports_free", listen=config.server.listen, metrics=config.metrics.listen or "off")
     if free_bytes(config.data_dir) < PROBE_MIN_FREE_BYTES:
         raise StartupError(_disk_full_at_start(config.data_dir))
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
@@ -213,7 +241,7 @@ def build(config: Config) -> Daemon:
         gate.close()
         model_host.close()
         kernel.close()
-        raise StartupError(f"cannot listen on {config.server.listen}: {error}") from None
+        raise StartupError(_grpc_listen_error(config.server.listen, str(error))) from None
     metrics_server = None
     if metrics is not None:
         try:
@@ -223,8 +251,7 @@ def build(config: Config) -> Daemon:
             gate.close()
             model_host.close()
             kernel.close()
-            raise StartupError(f"cannot serve metrics on {config.metrics.listen}: {error}; set metrics.listen to "
-                               'a free "host:port", or "" to turn metrics off') from None
+            raise StartupError(_metrics_listen_error(config.metrics.listen, error.strerror or str(error))) from None
     host = config.server.listen.rsplit(":", 1)[0]
     # Called from whichever thread noticed: scheduled on the loop, never awaited (it may be the loop's thread).
     store.space.on_change(lambda full: loop.submit(health_servicer.set(

@@ -315,3 +315,16 @@ def test_tls_settings_must_be_complete(home: Path) -> None:
         load_config([], env_with(home, MEMOSD_SECURITY__TLS_CLIENT_CA_FILE="/x/ca.pem"))
     cfg = load_config([], env_with(home, MEMOSD_SECURITY__AUTH="false"))
     assert cfg.security.auth is False and cfg.security.audit is True
+
+
+def test_metrics_port_follows_listen_port_zero_unless_set(home: Path) -> None:
+    env = env_with(home)
+    assert load_config([], env).metrics.listen == "127.0.0.1:9464"
+    assert load_config(["--listen", "127.0.0.1:7000"], env).metrics.listen == "127.0.0.1:9464"
+    # Port 0 for gRPC: metrics on a free loopback port too (not on the gRPC host: metrics have no auth).
+    assert load_config(["--listen", "0.0.0.0:0"], env).metrics.listen == "127.0.0.1:0"
+    assert load_config([], {**env, "MEMOSD_LISTEN": "[::1]:0"}).metrics.listen == "127.0.0.1:0"
+    # Set by any source, it is kept as set.
+    assert load_config(["--listen", "h:0", "--set", "metrics.listen=127.0.0.1:9999"], env).metrics.listen \
+        == "127.0.0.1:9999"
+    assert load_config(["--listen", "h:0"], {**env, "MEMOSD_METRICS__LISTEN": ""}).metrics.listen == ""
