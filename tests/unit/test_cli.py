@@ -616,6 +616,27 @@ def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "exit codes:" in out and "4  the daemon is unreachable" in out
 
 
+def test_no_arguments_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2  # no command is a usage error, but the answer is the help, not an argparse complaint
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: memosctl") and "exit codes:" in captured.out
+    assert "cube" in captured.out and captured.err == ""
+
+
+def test_output_json_is_accepted_after_the_command_too(ctl: Any) -> None:
+    assert ctl("cube", "alloc", "a").code == 0
+    before = ctl("-o", "json", "cube", "list").json()
+    assert ctl("cube", "list", "-o", "json").json() == before
+    assert ctl("cube", "list", "--output", "json").json() == before
+    assert ctl("cube", "-o", "json", "list").json() == before
+    assert ctl("chat", "a", "-m", "hi", "-o", "json").json()["summary"]["finish_reason"]
+    # Not given after the command, the top-level -o (or the table default) stands.
+    assert ctl("cube", "list").out.startswith("CUBE")
+    assert ctl("-o", "json", "cube", "stat", "a").json()["name"] == "a"
+    r = ctl("cube", "list", "-o", "yaml")
+    assert r.code == 2 and "invalid choice: 'yaml'" in r.err
+
+
 def test_closed_port_is_exit_4(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--target", f"127.0.0.1:{closed_port()}", "--timeout", "2", "stats"])
     err = capsys.readouterr().err

@@ -88,7 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.register(nouns)
     govern.register(nouns)
     sched.register(nouns)
+    _accept_output_anywhere(parser)
     return parser
+
+
+def _accept_output_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let every command take -o/--output after its name too (``memosctl cube list -o json``).
+
+    Each subcommand parser gets its own -o whose default is SUPPRESS: given there, it sets args.output;
+    not given, it leaves the value the top-level -o (or its default) put there."""
+    # argparse has no public walk of its subparsers; _actions and _SubParsersAction have been stable for years.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                taken = sub._option_string_actions
+                if "-o" not in taken and "--output" not in taken:  # a subcommand's own -o would win; none has one
+                    sub.add_argument("-o", "--output", choices=["table", "json"], default=argparse.SUPPRESS,
+                                     help="table (default) or one JSON document on stdout")
+                _accept_output_anywhere(sub)
 
 
 def _unreachable(e: MemosError, client: Client) -> bool:
@@ -134,6 +151,10 @@ def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run memosctl with ``argv`` (default: sys.argv[1:]); returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a newcomer typing `memosctl`: the commands, not "the following arguments are required"
+        parser.print_help(sys.stdout)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
