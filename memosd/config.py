@@ -505,6 +505,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", metavar="HOST:PORT", help="gRPC listen address (port 0 picks a free one, and then the metrics port "
                         "too unless metrics.listen is set)")
     parser.add_argument("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)}")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration (every key, from every source) as TOML and exit")
     parser.add_argument(
         "--set",
         action="append",

@@ -31,11 +31,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from memos.v1 import memos_pb2 as pb
 
-from memosd import __version__
+from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
-from memosd.config import Config, ConfigError, SearchConfig, load_config
+from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import DiskFull
 from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl, Right
@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"memosd: config error: {error}", file=sys.stderr)
         return 2
+    if build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv).print_config:
+        print(config_toml.render(config), end="")
+        return 0
     setup_logging(config.log.level)
     log_event(log, "starting", version=__version__, pid=os.getpid(), listen=config.server.listen,
               data_dir=config.data_dir, config_file=config.config_file, embedder=config.embedder.model)
