@@ -28,7 +28,7 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from memos.v1 import memos_pb2 as pb
 
 from memosd import __version__, config_toml
@@ -69,6 +69,7 @@ log = logging.getLogger("memosd.daemon")
 # The health service's name for the write path: NOT_SERVING while the disk is full (reads are still served,
 # so "" and memos.v1.MemOS stay SERVING and health-checked channels keep sending reads).
 WRITES_HEALTH_SERVICE = f"{SERVICE_NAME}/writes"
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
 class StartupError(RuntimeError):
@@ -276,8 +277,25 @@ async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.ai
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _serve_reflection(server, (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME))
     return server, health_servicer, _add_port(server, config)
+
+
+def _serve_reflection(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
+    """Server reflection (grpcurl, grpcui, Postman), as v1alpha and as v1.
+
+    grpcio-reflection implements only v1alpha. v1's messages are v1alpha's, field for field (v1 is the
+    same proto promoted), so the v1alpha servicer also answers under v1's name: clients that ask for v1
+    first (recent grpcurl) get an answer instead of falling back. v1 is not in the listed services: its
+    descriptor is not in the pool, and a listed service should describe itself."""
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE, {"ServerReflectionInfo": v1}),))
 
 
 async def _set_health(servicer: health_aio.HealthServicer, full: bool) -> None:
