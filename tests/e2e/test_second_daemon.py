@@ -9,6 +9,9 @@ long for an error. "Before it loads anything" is read from the log (no embedder 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,18 @@ def test_metrics_port_follows_grpc_port_zero(tmp_path: Path) -> None:
         metrics = [_addresses(daemon)[1] for daemon in daemons]
         assert all(m.startswith("127.0.0.1:") and not m.endswith(":9464") for m in metrics), metrics
         assert metrics[0] != metrics[1]
+
+        # memosctl finds each by its data dir (no --target: both are on port 0), and names a refused token.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMOS_", "MEMOSD_"))}
+        memosctl = [sys.executable, "-m", "memos.cli.main"]
+        a, b = daemons
+        found = subprocess.run([*memosctl, "--data-dir", str(b.data_dir), "whoami", "-o", "json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert found.returncode == 0 and json.loads(found.stdout)["name"] == "admin", found.stderr
+        wrong = subprocess.run([*memosctl, "--data-dir", str(b.data_dir), "--token-file", str(a.data_dir / "admin.token"),
+                                "whoami"], env=env, capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 3
+        assert f"the token from {a.data_dir / 'admin.token'} was refused by {b.address}" in wrong.stderr
     finally:
         for daemon in daemons:
             if daemon.proc is not None:
