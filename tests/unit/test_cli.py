@@ -1401,3 +1401,34 @@ def test_job_not_found_is_exit_3_without_progress_junk(ctl: Any) -> None:
     assert (r.code, r.out) == (3, "")
     assert r.err == "memosctl: error: JOB_NOT_FOUND: no job 'job_nope'\n"
     assert ctl("job", "cancel", "job_nope").code == 3
+
+
+def test_completion_bash_completes_commands_and_options_without_a_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash here")
+    empty = tmp_path / "no-daemon"
+    empty.mkdir()
+    monkeypatch.setenv("MEMOSD_DATA_DIR", str(empty))  # no daemon.json: a daemon call would fail with exit 4
+    assert main(["completion", "bash"]) == 0
+    script = tmp_path / "memosctl.bash"
+    script.write_text(capsys.readouterr().out)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(f"'{w}'" for w in words)
+        # Sourced inside a function, as bash-completion's loader does: the tables must still be global.
+        shell = (f'load() {{ source "{script}"; }}; load; COMP_WORDS=(memosctl {line}); '
+                 f'COMP_CWORD={len(words)}; _memosctl; echo "${{COMPREPLY[*]}}"')
+        done = subprocess.run([bash, "-c", shell], capture_output=True, text=True, timeout=30, check=True)
+        return done.stdout.split()
+
+    assert complete("cu") == ["cube"]
+    assert complete("cube", "l") == ["list"]
+    assert "completion" in complete("") and "chat" in complete("")
+    assert complete("--target", "h:1", "cube", "list", "--o") == ["--output"]
+    assert "--query" in complete("mem", "search", "notes", "--")
+    assert complete("cube", "alloc", "notes", "--desc") == ["--description"]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from memos import __version__
-from memos.cli import adapter, chat, cubes, govern, history, ingest, jobs, mem, sched
+from memos.cli import adapter, chat, completion, cubes, govern, history, ingest, jobs, mem, sched
 from memos.cli.connect import DaemonNotFound, connection, refused_token_hint
 from memos.cli.inputs import UsageError
 from memos.cli.output import Output
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.register(nouns)
     govern.register(nouns)
     sched.register(nouns)
+    completion.register(nouns)
     _accept_output_anywhere(parser)
     return parser
 
@@ -160,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     out = Output(args.output, quiet=args.quiet, stdout=sys.stdout, stderr=sys.stderr)
+    local: Callable[[argparse.Namespace, Output], None] | None = getattr(args, "local", None)
     try:
+        if local is not None:  # a command that needs no daemon (completion)
+            local(args, out)
+            return EXIT_OK
         return _run(args.handler, args, out)
     except UsageError as e:
         sys.stderr.write(f"memosctl: error: {e}\n")
