@@ -156,11 +156,17 @@ class LifecycleConfig:
     expire_grace_seconds: float = 86400.0  # an expired item is purged this long after its TTL ended
 
 
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+FREE_METRICS_LISTEN = "127.0.0.1:0"  # the default when server.listen has port 0 (loopback, as the default)
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     # Prometheus metrics at http://<listen>/metrics, unauthenticated (like node_exporter): keep it on
     # loopback or behind a firewall. "" turns them off; port 0 picks a free one (written to daemon.json).
-    listen: str = "127.0.0.1:9464"
+    # Left unset while server.listen has port 0, it is "127.0.0.1:0" too: a daemon started to pick any free
+    # port (tests, a second daemon beside another) must not then fail on a fixed metrics port.
+    listen: str = DEFAULT_METRICS_LISTEN
 
 
 @dataclass(frozen=True)
@@ -496,8 +502,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", metavar="PATH", help="TOML configuration file")
     parser.add_argument("--data-dir", metavar="DIR", help="where cubes, indexes and caches are stored")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="gRPC listen address (port 0 picks a free one)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="gRPC listen address (port 0 picks a free one, and then the metrics port "
+                        "too unless metrics.listen is set)")
     parser.add_argument("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)}")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration (every key, from every source) as TOML and exit")
     parser.add_argument(
         "--set",
         action="append",
@@ -519,6 +528,10 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         values.update(_read_file(config_file))
     values.update(_read_env(env))
     values.update(_read_flags(args))
+    # The metrics port follows port 0 unless some source set it (see MetricsConfig).
+    listen_port = str(values.get("server.listen", ServerConfig.listen)).rpartition(":")[2]
+    if "metrics.listen" not in values and int(listen_port) == 0:
+        values["metrics.listen"] = FREE_METRICS_LISTEN
 
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():

@@ -28,14 +28,14 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from memos.v1 import memos_pb2 as pb
 
-from memosd import __version__
+from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
-from memosd.config import Config, ConfigError, SearchConfig, load_config
+from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import DiskFull
 from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl, Right
@@ -45,6 +45,7 @@ from memosd.kernel.kernel import Kernel
 from memosd.kernel.ports import Ranker
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.usage import UsageTracker
+from memosd.listen_check import unbindable
 from memosd.logfmt import log_event, setup_logging
 from memosd.metrics import Metrics, MetricsServer
 from memosd.parametric.adapters import AdapterService
@@ -68,6 +69,7 @@ log = logging.getLogger("memosd.daemon")
 # The health service's name for the write path: NOT_SERVING while the disk is full (reads are still served,
 # so "" and memos.v1.MemOS stay SERVING and health-checked channels keep sending reads).
 WRITES_HEALTH_SERVICE = f"{SERVICE_NAME}/writes"
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
 class StartupError(RuntimeError):
@@ -77,6 +79,27 @@ class StartupError(RuntimeError):
 def _disk_full_at_start(data_dir: Path) -> str:
     return (f"the disk of data dir {data_dir} is full ({free_bytes(data_dir)} bytes free); free space or grow "
             "the volume, then start memosd again")
+
+
+def _grpc_listen_error(listen: str, reason: str) -> str:
+    return (f"cannot listen on {listen}: {reason}; choose another address with --listen HOST:PORT "
+            "(config server.listen, env MEMOSD_LISTEN; port 0 picks a free one)")
+
+
+def _metrics_listen_error(listen: str, reason: str) -> str:
+    return (f"cannot serve metrics on {listen}: {reason}; set metrics.listen to a free \"host:port\" "
+            '(--set metrics.listen=HOST:PORT, env MEMOSD_METRICS__LISTEN), or "" to turn metrics off')
+
+
+def check_ports(config: Config) -> None:
+    """Both listen addresses, before anything slow loads: a taken port is the common way a start fails."""
+    reason = unbindable(config.server.listen)
+    if reason is not None:
+        raise StartupError(_grpc_listen_error(config.server.listen, reason))
+    if config.metrics.listen:
+        reason = unbindable(config.metrics.listen, first_only=True)
+        if reason is not None:
+            raise StartupError(_metrics_listen_error(config.metrics.listen, reason))
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:
@@ -152,6 +175,12 @@ def build(config: Config) -> Daemon:
     from memosd.index.embedder import Embedder
 
     lock_handle = _lock_data_dir(config.data_dir)
+    try:
+        check_ports(config)
+    except StartupError:
+        lock_handle.close()
+        raise
+    log_event(log, "ports_free", listen=config.server.listen, metrics=config.metrics.listen or "off")
     if free_bytes(config.data_dir) < PROBE_MIN_FREE_BYTES:
         raise StartupError(_disk_full_at_start(config.data_dir))
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
@@ -213,7 +242,7 @@ def build(config: Config) -> Daemon:
         gate.close()
         model_host.close()
         kernel.close()
-        raise StartupError(f"cannot listen on {config.server.listen}: {error}") from None
+        raise StartupError(_grpc_listen_error(config.server.listen, str(error))) from None
     metrics_server = None
     if metrics is not None:
         try:
@@ -223,8 +252,7 @@ def build(config: Config) -> Daemon:
             gate.close()
             model_host.close()
             kernel.close()
-            raise StartupError(f"cannot serve metrics on {config.metrics.listen}: {error}; set metrics.listen to "
-                               'a free "host:port", or "" to turn metrics off') from None
+            raise StartupError(_metrics_listen_error(config.metrics.listen, error.strerror or str(error))) from None
     host = config.server.listen.rsplit(":", 1)[0]
     # Called from whichever thread noticed: scheduled on the loop, never awaited (it may be the loop's thread).
     store.space.on_change(lambda full: loop.submit(health_servicer.set(
@@ -249,8 +277,25 @@ async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.ai
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _serve_reflection(server, (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME))
     return server, health_servicer, _add_port(server, config)
+
+
+def _serve_reflection(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
+    """Server reflection (grpcurl, grpcui, Postman), as v1alpha and as v1.
+
+    grpcio-reflection implements only v1alpha. v1's messages are v1alpha's, field for field (v1 is the
+    same proto promoted), so the v1alpha servicer also answers under v1's name: clients that ask for v1
+    first (recent grpcurl) get an answer instead of falling back. v1 is not in the listed services: its
+    descriptor is not in the pool, and a listed service should describe itself."""
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE, {"ServerReflectionInfo": v1}),))
 
 
 async def _set_health(servicer: health_aio.HealthServicer, full: bool) -> None:
@@ -385,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"memosd: config error: {error}", file=sys.stderr)
         return 2
+    if build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv).print_config:
+        print(config_toml.render(config), end="")
+        return 0
     setup_logging(config.log.level)
     log_event(log, "starting", version=__version__, pid=os.getpid(), listen=config.server.listen,
               data_dir=config.data_dir, config_file=config.config_file, embedder=config.embedder.model)

@@ -40,9 +40,8 @@ class DaemonProcess:
         # No model unless a test asks for one: most daemons here test plaintext memory, and
         # loading a model in the background would only take CPU from them.
         env["MEMOSD_RUNTIME__MODEL"] = "none"
-        # Metrics on a free port (in daemon.json): many test daemons run at once, and the default port
-        # may be taken by a daemon the developer runs.
-        env["MEMOSD_METRICS__LISTEN"] = "127.0.0.1:0"
+        # No MEMOSD_METRICS__LISTEN: with --listen on port 0 the metrics port is picked free too (config),
+        # so many test daemons run at once beside one the developer runs on the default ports.
         env.update(self.env)
         args = [sys.executable, "-m", "memosd", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
                 "--log-level", "debug", *self.extra_args]

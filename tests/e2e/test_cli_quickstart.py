@@ -84,11 +84,22 @@ def test_readme_access_control(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert "under the mat" in ctl(daemon, "mem", "read", "cli-shared", token_file=token).stdout
     refused = ctl(daemon, "mem", "write", "cli-shared", "bob's note", ok=False, token_file=token)
     assert refused.returncode == 3 and "PERMISSION_DENIED" in refused.stderr
-    assert "read" in ctl(daemon, "grants", "cli-shared").stdout
+    grants = ctl(daemon, "grants", "cli-shared").stdout
+    assert "read" in grants
+    # Names, not ids, in the table (the ids stay in -o json): the cube, the grantee and the granter.
+    bob_row = next(line.split() for line in grants.splitlines() if "cli-bob" in line)
+    assert (bob_row[0], bob_row[1], bob_row[2], bob_row[-1]) == ("cli-shared", "cli-bob", "read", "admin")
+    assert "prn_" not in grants and "cube_" not in grants
+    assert as_json(daemon, "grants", "cli-shared")["grants"][0]["cube_id"].startswith("cube_")
     ctl(daemon, "revoke", "cli-shared", "cli-bob")
     assert ctl(daemon, "cube", "stat", "cli-shared", ok=False, token_file=token).returncode == 3
     records = as_json(daemon, "audit", "list", "--cube", "cli-shared")["records"]
     assert {"Grant", "Revoke", "Read"} <= {r["method"] for r in records}
     assert "intact" in ctl(daemon, "audit", "verify").stdout
+    audit = ctl(daemon, "audit", "list", "--cube", "cli-shared").stdout.splitlines()
+    assert any(row.split()[2:5] == ["admin", "Grant", "cli-shared"] for row in audit[1:]), audit
+    # A purge that matches nothing says so, instead of printing a receipt of zeros.
+    nothing = ctl(daemon, "purge", "cli-shared", "--source", "chat-2024-05", "--yes").stdout
+    assert nothing == "nothing matched --source chat-2024-05 in cube cli-shared; nothing was purged\n"
     denied = ctl(daemon, "audit", "list", ok=False, token_file=token)
     assert denied.returncode == 3 and "PERMISSION_DENIED" in denied.stderr

@@ -24,6 +24,7 @@ from memos.auth import TokenInterceptor
 from memos.errors import (
     AccessDenied,
     AuthenticationFailed,
+    CubeNameTaken,
     CubeNotFound,
     InvalidField,
     JobNotFound,
@@ -70,6 +71,19 @@ def _error(call: object) -> MemosError:
     with pytest.raises(MemosError) as caught:
         call()  # type: ignore[operator]
     return caught.value
+
+
+# --- get or create ---------------------------------------------------------------------------------
+
+
+def test_alloc_cube_exist_ok_returns_the_callers_cube_and_refuses_another_owners(alice: Client,
+                                                                                  bob: Client) -> None:
+    made = alice.alloc_cube("alice-journal", description="first run")
+    assert isinstance(_error(lambda: alice.alloc_cube("alice-journal")), CubeNameTaken)
+    again = alice.alloc_cube("alice-journal", description="second run", exist_ok=True)  # a script run twice
+    assert (again.cube_id, again.description) == (made.cube_id, "first run")  # as it was, not changed
+    # Bob cannot see alice's cube: for him the name is still taken, not handed over.
+    assert isinstance(_error(lambda: bob.alloc_cube("alice-journal", exist_ok=True)), CubeNameTaken)
 
 
 # --- authentication -------------------------------------------------------------------------------

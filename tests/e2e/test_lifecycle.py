@@ -182,6 +182,14 @@ def test_health_and_reflection(daemon: DaemonProcess) -> None:
         request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="memos.v1.MemOS")
         response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
         assert response.file_descriptor_response.file_descriptor_proto
+        # v1 too, with the same messages (v1 is v1alpha promoted, field for field).
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                   request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                   response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        response = next(v1(iter([request]), timeout=10))
+        assert response.file_descriptor_response.file_descriptor_proto
+        listed = next(v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        assert {s.name for s in listed.list_services_response.service} == names
 
 
 def test_stats(client: Client) -> None:

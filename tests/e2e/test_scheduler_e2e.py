@@ -69,7 +69,11 @@ def test_auto_policy_keeps_the_working_set_activated(tmp_path: Path) -> None:
             env_ctl = {**os.environ, "MEMOS_TARGET": daemon.address, "MEMOS_TOKEN": daemon.token}
             shown = subprocess.run([sys.executable, "-m", "memos.cli.main", "sched", "status"], env=env_ctl,
                                    capture_output=True, text=True, timeout=60)
-            assert shown.returncode == 0 and "activate" in shown.stdout and cube.cube_id in shown.stdout
+            assert shown.returncode == 0 and "activate" in shown.stdout
+            # The decisions name the cube (the table shows names; -o json keeps the id).
+            decisions = shown.stdout.split("\n\n", 1)[1].splitlines()[1:]
+            assert decisions and all(row.split()[1] == "hot" for row in decisions), shown.stdout
+            assert cube.cube_id not in shown.stdout
             _, token = c.create_principal("viewer")
             with Client(daemon.address, token=token) as viewer, pytest.raises(AccessDenied):
                 viewer.scheduler_status()

@@ -54,6 +54,8 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         self.mounts: dict[str, tuple[types_pb2.Mount, list[types_pb2.Item], list[str]]] = {}
         self.requests: list[tuple[str, Any]] = []
         self.slow_stats = 0.0
+        self.model_states = ["ready"]  # what Stats reports, one a call; the last one stays ("!": refused)
+        self.stats_calls = 0
         self.generation_cancelled = threading.Event()
         self._seq = 0
         # cube id -> [(revision, (adapter, config, weights) or None for none)], oldest first
@@ -251,10 +253,14 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
 
     def Stats(self, request: Any, context: grpc.ServicerContext) -> Any:
         time.sleep(self.slow_stats)
+        self.stats_calls += 1
+        state = self.model_states.pop(0) if len(self.model_states) > 1 else self.model_states[0]
+        if state == "!":  # as memosd answers a caller who is not an admin
+            fail(context, C.PERMISSION_DENIED, "PERMISSION_DENIED", "Stats is for admins")
         return memos_pb2.StatsResponse(
             version="0.1.0-fake", uptime_seconds=3725, cube_count=len(self.cubes),
             embedder="fake", embedding_dim=8, store_bytes=3 * 1024 * 1024, calls={"Stats": 1},
-            model=memos_pb2.ModelStats(state="ready", name="tiny-llama", device="cpu", dtype="float32",
+            model=memos_pb2.ModelStats(state=state, name="tiny-llama", device="cpu", dtype="float32",
                                        context_length=2048, active_generations=1),
             kv_pool=memos_pb2.KVPoolStats(entries=2, bytes_used=1024 * 1024, budget_bytes=64 * 1024 * 1024,
                                           hits=5, misses=2, persisted_bytes=2 * 1024 * 1024),
@@ -447,6 +453,10 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
                 time.sleep(0.01)
             finished = True
             return
+        if last == "trickle":  # a slow CPU: a token every 0.1 s, 1 s in all
+            for _ in range(10):
+                time.sleep(0.1)
+                yield memos_pb2.GenerateResponse(delta=".")
         for delta in ("echo", "", ": ", last):
             yield memos_pb2.GenerateResponse(delta=delta)
         if last == "boom":
@@ -614,6 +624,27 @@ def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "exit codes:" in out and "4  the daemon is unreachable" in out
+
+
+def test_no_arguments_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2  # no command is a usage error, but the answer is the help, not an argparse complaint
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: memosctl") and "exit codes:" in captured.out
+    assert "cube" in captured.out and captured.err == ""
+
+
+def test_output_json_is_accepted_after_the_command_too(ctl: Any) -> None:
+    assert ctl("cube", "alloc", "a").code == 0
+    before = ctl("-o", "json", "cube", "list").json()
+    assert ctl("cube", "list", "-o", "json").json() == before
+    assert ctl("cube", "list", "--output", "json").json() == before
+    assert ctl("cube", "-o", "json", "list").json() == before
+    assert ctl("chat", "a", "-m", "hi", "-o", "json").json()["summary"]["finish_reason"]
+    # Not given after the command, the top-level -o (or the table default) stands.
+    assert ctl("cube", "list").out.startswith("CUBE")
+    assert ctl("-o", "json", "cube", "stat", "a").json()["name"] == "a"
+    r = ctl("cube", "list", "-o", "yaml")
+    assert r.code == 2 and "invalid choice: 'yaml'" in r.err
 
 
 def test_closed_port_is_exit_4(capsys: pytest.CaptureFixture[str]) -> None:
@@ -925,6 +956,34 @@ def test_chat_one_shot_streams_reply_and_summary(ctl: Any, fake: FakeMemOS, monk
     assert (o.max_tokens, o.temperature, round(o.top_p, 6), list(o.stop), o.seed) == (5, 0.5, 0.9, ["\n\n", "END"], 7)
     assert req.HasField("retrieve_k") and req.retrieve_k == 0
     assert not fake.mounts
+
+
+def test_chat_says_the_model_is_loading_and_waits_for_it(ctl: Any, fake: FakeMemOS,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("memos.cli.chat.MODEL_POLL_SECONDS", 0.01)
+    ctl("cube", "alloc", "notes")
+    fake.model_states = ["loading", "loading", "loading", "ready"]
+    r = ctl("chat", "notes", "-m", "hi")
+    assert r.code == 0 and r.out == "echo: hi\n", r.err
+    assert r.err.startswith("memosctl: the model is loading (")
+    assert r.err.count("the model is loading") == 1 and fake.stats_calls == 4  # polled until ready
+    fake.stats_calls = 0
+    r = ctl("chat", "notes", "-m", "hi")
+    assert "loading" not in r.err and fake.stats_calls == 1  # ready: one look, no note
+
+
+def test_chat_reply_making_progress_outlasts_the_timeout(target: str, fake: FakeMemOS,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # 1 s of steady tokens; --timeout 0.4 with --max-tokens 1 was a 0.9 s whole-stream deadline. With the
+    # model ready, the deadline is on silence only.
+    base = ["--target", target, "--timeout", "0.4"]
+    assert main([*base, "cube", "alloc", "notes"]) == 0
+    assert main([*base, "chat", "notes", "--max-tokens", "1", "-m", "trickle"]) == 0
+    assert capsys.readouterr().out.endswith(".........." + "echo: trickle\n")
+    # A caller that may not read Stats (the model state unknown) keeps the whole-stream deadline.
+    fake.model_states = ["!"]
+    assert main([*base, "chat", "notes", "--max-tokens", "1", "-m", "trickle"]) == 3
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
 
 
 def test_chat_defaults_leave_options_to_the_daemon(ctl: Any, fake: FakeMemOS) -> None:
@@ -1342,3 +1401,34 @@ def test_job_not_found_is_exit_3_without_progress_junk(ctl: Any) -> None:
     assert (r.code, r.out) == (3, "")
     assert r.err == "memosctl: error: JOB_NOT_FOUND: no job 'job_nope'\n"
     assert ctl("job", "cancel", "job_nope").code == 3
+
+
+def test_completion_bash_completes_commands_and_options_without_a_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash here")
+    empty = tmp_path / "no-daemon"
+    empty.mkdir()
+    monkeypatch.setenv("MEMOSD_DATA_DIR", str(empty))  # no daemon.json: a daemon call would fail with exit 4
+    assert main(["completion", "bash"]) == 0
+    script = tmp_path / "memosctl.bash"
+    script.write_text(capsys.readouterr().out)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(f"'{w}'" for w in words)
+        # Sourced inside a function, as bash-completion's loader does: the tables must still be global.
+        shell = (f'load() {{ source "{script}"; }}; load; COMP_WORDS=(memosctl {line}); '
+                 f'COMP_CWORD={len(words)}; _memosctl; echo "${{COMPREPLY[*]}}"')
+        done = subprocess.run([bash, "-c", shell], capture_output=True, text=True, timeout=30, check=True)
+        return done.stdout.split()
+
+    assert complete("cu") == ["cube"]
+    assert complete("cube", "l") == ["list"]
+    assert "completion" in complete("") and "chat" in complete("")
+    assert complete("--target", "h:1", "cube", "list", "--o") == ["--output"]
+    assert "--query" in complete("mem", "search", "notes", "--")
+    assert complete("cube", "alloc", "notes", "--desc") == ["--description"]

@@ -155,7 +155,8 @@ class Fake(memos_pb2_grpc.MemOSServicer):
                                        persisted_bytes_deleted=8192 if request.delete_persisted else 0)
 
     def Generate(self, request: memos_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:
-        """Replies by the last message: "slow" streams until cancelled, "fail..." fails, else a fixed reply."""
+        """Replies by the last message: "slow" streams until cancelled, "fail..." fails, "trickle" takes 1 s
+        before the fixed reply, else the fixed reply."""
         self.requests.append(("Generate", request))
         last = request.messages[-1].content if request.messages else ""
         if last == "fail at once":
@@ -168,6 +169,10 @@ class Fake(memos_pb2_grpc.MemOSServicer):
             while context.is_active() and time.monotonic() < deadline:
                 time.sleep(0.01)
             return
+        if last == "trickle":  # a slow model: a token every 0.1 s, 1 s in all
+            for _ in range(10):
+                time.sleep(0.1)
+                yield memos_pb2.GenerateResponse(delta="t")
         for delta in ("Hello", "", ", ", "world"):
             yield memos_pb2.GenerateResponse(delta=delta)
         if last == "fail midway":
@@ -593,6 +598,19 @@ def test_generation_context_manager_cancels_unfinished(client: memos.Client, fak
 def test_generation_deadline_is_the_clients_or_its_own(client: memos.Client) -> None:
     with pytest.raises(errors.DeadlineExceeded):
         client.generate("slow", timeout=0.2).text()
+
+
+def test_generation_idle_timeout_bounds_silence_not_the_whole_stream(client: memos.Client, fake: Fake) -> None:
+    # 1 s of steady progress: a 0.4 s whole-stream deadline cuts it off, a 0.4 s idle timeout does not.
+    with pytest.raises(errors.DeadlineExceeded):
+        client.generate("trickle", timeout=0.4).text()
+    gen = client.generate("trickle", idle_timeout=0.4)
+    assert gen.text() == "t" * 10 + "Hello, world" and gen.summary is not None
+    # Silence past the idle timeout: cancelled (the server sees it) and reported as a deadline.
+    gen = client.generate("slow", idle_timeout=0.3)
+    with pytest.raises(errors.DeadlineExceeded, match=r"no response from the daemon for 0.3 s"):
+        gen.text()
+    assert fake.generation_cancelled.wait(2) and gen.done and not gen.cancelled
 
 
 def test_generate_adapter_mount(client: memos.Client, fake: Fake) -> None:

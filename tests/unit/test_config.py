@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,43 @@ def test_tls_settings_must_be_complete(home: Path) -> None:
         load_config([], env_with(home, MEMOSD_SECURITY__TLS_CLIENT_CA_FILE="/x/ca.pem"))
     cfg = load_config([], env_with(home, MEMOSD_SECURITY__AUTH="false"))
     assert cfg.security.auth is False and cfg.security.audit is True
+
+
+def test_metrics_port_follows_listen_port_zero_unless_set(home: Path) -> None:
+    env = env_with(home)
+    assert load_config([], env).metrics.listen == "127.0.0.1:9464"
+    assert load_config(["--listen", "127.0.0.1:7000"], env).metrics.listen == "127.0.0.1:9464"
+    # Port 0 for gRPC: metrics on a free loopback port too (not on the gRPC host: metrics have no auth).
+    assert load_config(["--listen", "0.0.0.0:0"], env).metrics.listen == "127.0.0.1:0"
+    assert load_config([], {**env, "MEMOSD_LISTEN": "[::1]:0"}).metrics.listen == "127.0.0.1:0"
+    # Set by any source, it is kept as set.
+    assert load_config(["--listen", "h:0", "--set", "metrics.listen=127.0.0.1:9999"], env).metrics.listen \
+        == "127.0.0.1:9999"
+    assert load_config(["--listen", "h:0"], {**env, "MEMOSD_METRICS__LISTEN": ""}).metrics.listen == ""
+
+
+def test_print_config_is_every_key_and_reads_back_the_same(home: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from memosd.config import SECTIONS
+    from memosd.config_toml import render
+    from memosd.daemon import main
+
+    env = env_with(home, MEMOSD_LIMITS__MAX_K="77")
+    argv = ["--listen", "127.0.0.1:0", "--set", 'embedder.model=my "quoted" model', "--data-dir", str(tmp_path / "d")]
+    cfg = load_config(argv, env)
+    text = render(cfg)
+    assert 'listen = "127.0.0.1:0"' in text and "max_k = 77" in text and "sync_commits = true" in text
+    assert all(f"\n[{section}]\n" in text for section in SECTIONS)
+    saved = write_toml(tmp_path / "effective.toml", text)
+    again = load_config(["--config", str(saved)], env_with(home))
+    assert again.to_dict() | {"config_file": None} == cfg.to_dict()
+    # memosd --print-config prints it and exits 0 without starting (no data dir is made).
+    for var in [v for v in os.environ if v.startswith("MEMOSD_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("MEMOSD_LIMITS__MAX_K", "77")
+    assert main(["--print-config", *argv]) == 0
+    assert capsys.readouterr().out == text
+    assert not (tmp_path / "d").exists()

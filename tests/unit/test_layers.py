@@ -63,7 +63,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # thread, the model, KV caches, adapters, training, token-level rendering, ModelHost).
     "storage": ("store", "index", "runtime"),
     # Shared leaves: errors, config, small helpers anyone may use.
-    "leaves": ("__init__", "errors", "config", "fsutil", "logfmt", "park", "periodic", "offline"),
+    "leaves": ("__init__", "errors", "config", "config_toml", "fsutil", "listen_check", "logfmt", "park", "periodic", "offline"),
 }
 
 WIRE = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.rpc", "google.protobuf", "memos")

@@ -36,21 +36,35 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     return token
 
 
-def resolve_token(token: str | None = None, token_file: str | os.PathLike[str] | None = None) -> str:
-    """The token to send: the argument, the file argument, $MEMOS_TOKEN, $MEMOS_TOKEN_FILE, then the local
-    admin's token file if it exists; "" when there is none (calls then fail UNAUTHENTICATED)."""
+class FoundToken(NamedTuple):
+    """A token and where it came from, in words for an error message ("" and "no token" when none)."""
+
+    token: str
+    source: str
+
+
+def find_token(token: str | None = None, token_file: str | os.PathLike[str] | None = None, *,
+               local_file: Path | None = None) -> FoundToken:
+    """The token to send and its source: the argument, the file argument, $MEMOS_TOKEN, $MEMOS_TOKEN_FILE,
+    then ``local_file`` (default: the local admin's token file) if it exists and is readable."""
     if token:
-        return token
+        return FoundToken(token, "the token argument")
     if token_file:
-        return read_token_file(token_file)
+        return FoundToken(read_token_file(token_file), str(token_file))
     if os.environ.get("MEMOS_TOKEN"):
-        return os.environ["MEMOS_TOKEN"].strip()
+        return FoundToken(os.environ["MEMOS_TOKEN"].strip(), "$MEMOS_TOKEN")
     if os.environ.get("MEMOS_TOKEN_FILE"):
-        return read_token_file(os.environ["MEMOS_TOKEN_FILE"])
-    local = default_token_file()
+        path = os.environ["MEMOS_TOKEN_FILE"]
+        return FoundToken(read_token_file(path), f"{path} ($MEMOS_TOKEN_FILE)")
+    local = default_token_file() if local_file is None else local_file
     if local.is_file() and os.access(local, os.R_OK):
-        return read_token_file(local)
-    return ""
+        return FoundToken(read_token_file(local), str(local))
+    return FoundToken("", f"no token (none given, and no readable {local})")
+
+
+def resolve_token(token: str | None = None, token_file: str | os.PathLike[str] | None = None) -> str:
+    """The token to send (see find_token); "" when there is none (calls then fail UNAUTHENTICATED)."""
+    return find_token(token, token_file).token
 
 
 def tls_credentials(ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None

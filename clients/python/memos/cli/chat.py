@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 
@@ -16,6 +17,7 @@ from memos.v1 import types_pb2
 
 PROMPT = "you> "
 EXIT_COMMAND = "/exit"
+MODEL_POLL_SECONDS = 0.5
 
 _FINISH = {
     types_pb2.FINISH_REASON_END: "end",
@@ -67,10 +69,14 @@ class _Chat:
 
     def __init__(
         self, client: Client, args: argparse.Namespace, out: Output, mounts: list[MountHandle],
-        adapter_mount: MountHandle | None = None,
+        adapter_mount: MountHandle | None = None, model_ready: bool = False,
     ) -> None:
         self.client, self.args, self.out, self.mounts = client, args, out, mounts
         self.adapter_mount = adapter_mount
+        # With the model known to be loaded, a reply is cut off only when the daemon goes silent for --timeout
+        # (a slow CPU streaming a long reply is progress); otherwise the first token may wait for the model
+        # load, and the reply gets the client's whole-stream deadline (--timeout plus 0.5 s a token).
+        self.idle_timeout = args.timeout if model_ready else None
         # Show cubes as the user named them, not by their ids.
         self.names = {m.mount_id: cube for m, cube in zip(mounts, args.cubes, strict=True)}
 
@@ -80,6 +86,7 @@ class _Chat:
         gen = self.client.generate(
             messages, self.mounts, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
             stop=a.stop, seed=a.seed, retrieve_k=a.retrieve_k, adapter_mount=self.adapter_mount,
+            idle_timeout=self.idle_timeout,
         )
         started = False  # whether a partial line is on stdout
         with gen:  # cancels the call if anything below fails
@@ -174,6 +181,25 @@ def _adapter_mount(cube: str, cubes: list[str], mounts: list[MountHandle]) -> Mo
     raise UsageError(f"--adapter {cube!r} is not one of the chat's cubes ({', '.join(cubes)})")
 
 
+def wait_for_model(client: Client, out: Output) -> bool:
+    """Wait while the daemon's model loads, saying so once; whether it is known to be loaded now.
+
+    A chat sent while the model loads would otherwise wait silently (the first start dequantizes it, tens
+    of seconds). Stats is for admins: for anyone else the state is unknown and this returns False at once.
+    A model that failed or is off is not waited for: Generate then says why."""
+    try:
+        state = client.stats().model.state
+        if state == "loading":
+            out.note("memosctl: the model is loading (memosd loads it in the background after it starts; "
+                     "the first start takes longest); the reply starts when it is ready...")
+            while state == "loading":
+                time.sleep(MODEL_POLL_SECONDS)
+                state = client.stats().model.state
+    except MemosError:
+        return False
+    return state == "ready"
+
+
 def _chat(client: Client, args: argparse.Namespace, out: Output) -> None:
     if args.message is not None and not args.message.strip():
         raise UsageError("-m/--message is empty")
@@ -181,7 +207,7 @@ def _chat(client: Client, args: argparse.Namespace, out: Output) -> None:
     with ExitStack() as stack:
         mounts = [stack.enter_context(client.mount(cube)) for cube in args.cubes]
         adapter = _adapter_mount(args.adapter, args.cubes, mounts) if args.adapter is not None else None
-        chat = _Chat(client, args, out, mounts, adapter)
+        chat = _Chat(client, args, out, mounts, adapter, model_ready=wait_for_model(client, out))
         if args.message is not None:
             chat.reply([*history, ("user", args.message)], interactive=False)
         else:
@@ -197,9 +223,11 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     f"messages from stdin, one a line, until end of input or {EXIT_COMMAND} (Ctrl-C "
                     "cancels the reply in progress). The reply streams to stdout, a summary of tokens "
                     "and timings goes to stderr; with -o json each reply is one JSON object "
-                    '{"text", "summary"} instead. A reply\'s deadline is --timeout plus 0.5 s for each token '
-                    "it may generate (--max-tokens, or the daemon's 256), so a long reply on a slow CPU is "
-                    "not cut off. With --adapter, the model generates with that cube's LoRA adapter (at HEAD).",
+                    '{"text", "summary"} instead. While the model loads, a note says so and the reply waits '
+                    "for it. A reply streaming on a slow CPU is not cut off: it fails only when the daemon "
+                    "sends nothing for --timeout seconds (for a caller that may not read Stats, which is for "
+                    "admins: --timeout plus 0.5 s for each token it may generate). With --adapter, the model "
+                    "generates with that cube's LoRA adapter (at HEAD).",
     )
     p.add_argument("cubes", nargs="+", metavar="CUBE", help="cube ids or names")
     p.add_argument("-m", "--message", metavar="TEXT", help="send this one message and exit")

@@ -8,6 +8,7 @@ import sys
 
 from memos.audit import verify
 from memos.cli.inputs import UsageError, natural
+from memos.cli.names import Names
 from memos.cli.output import Output, fmt_time, to_dict
 from memos.client import RIGHTS, Client
 from memos.v1 import types_pb2
@@ -98,10 +99,10 @@ def _whoami(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 # -- grants ---------------------------------------------------------------------------------------
-def _grant_rows(grants: list[types_pb2.CubeGrant]) -> list[list[object]]:
-    return [[g.cube_id, g.principal_id, "owner" if g.owner else _rights(g),
+def _grant_rows(grants: list[types_pb2.CubeGrant], names: Names) -> list[list[object]]:
+    return [[names.cube(g.cube_id), names.principal(g.principal_id), "owner" if g.owner else _rights(g),
              "expired" if g.expired else (fmt_time(g.expire_time) if g.HasField("expire_time") else "never"),
-             g.granted_by or "-"] for g in grants]
+             names.principal(g.granted_by)] for g in grants]
 
 
 def _grant(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -109,7 +110,7 @@ def _grant(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.json:
         out.emit_json(to_dict(grant))
         return
-    out.table(["CUBE", "PRINCIPAL", "RIGHTS", "EXPIRES", "GRANTED BY"], _grant_rows([grant]))
+    out.table(["CUBE", "PRINCIPAL", "RIGHTS", "EXPIRES", "GRANTED BY"], _grant_rows([grant], Names(client)))
 
 
 def _revoke(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -117,7 +118,8 @@ def _revoke(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.json:
         out.emit_json(to_dict(resp))
         return
-    out.block([("cube", resp.grant.cube_id), ("principal", resp.grant.principal_id),
+    names = Names(client)
+    out.block([("cube", names.cube(resp.grant.cube_id)), ("principal", names.principal(resp.grant.principal_id)),
                ("rights left", _rights(resp.grant)), ("mounts closed", resp.mounts_closed)])
 
 
@@ -126,7 +128,7 @@ def _grants(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.json:
         out.emit_json({"grants": [to_dict(g) for g in grants]})
         return
-    out.table(["CUBE", "PRINCIPAL", "RIGHTS", "EXPIRES", "GRANTED BY"], _grant_rows(grants))
+    out.table(["CUBE", "PRINCIPAL", "RIGHTS", "EXPIRES", "GRANTED BY"], _grant_rows(grants, Names(client)))
 
 
 # -- audit ------------------------------------------------------------------------------------------
@@ -138,19 +140,21 @@ def _audit_list(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.emit_json({"records": [to_dict(r) | {"body": r.body.decode()} for r in records]})
         return
     headers = ["SEQ", "TIME", "PRINCIPAL", "METHOD", "CUBE", "REV", "OUTCOME", "CODE", "USED"]
+    names = Names(client)
     if args.follow:  # one line per record as it arrives
         for r in records:
-            out.stdout.write("  ".join(str(c) for c in _audit_row(r)) + "\n")
+            out.stdout.write("  ".join(str(c) for c in _audit_row(r, names)) + "\n")
             out.stdout.flush()
         return
-    out.table(headers, [_audit_row(r) for r in records])
+    out.table(headers, [_audit_row(r, names) for r in records])
 
 
-def _audit_row(r: types_pb2.AuditRecord) -> list[object]:
+def _audit_row(r: types_pb2.AuditRecord, names: Names) -> list[object]:
     used = len(r.item_ids) + len(r.artifacts)
     detail = ",".join([*r.artifacts[:2], *r.item_ids[:2]]) + ("…" if used > 4 else "")
-    return [r.seq, fmt_time(r.time), r.principal_id or "-", r.method, r.cube_id or "-", r.revision or "-",
-            OUTCOMES.get(r.outcome, "?"), r.code, detail or "-"]
+    # A freed cube's or a new principal's id has no name in the listings: it is shown as the id.
+    return [r.seq, fmt_time(r.time), names.principal(r.principal_id), r.method, names.cube(r.cube_id),
+            r.revision or "-", OUTCOMES.get(r.outcome, "?"), r.code, detail or "-"]
 
 
 def _audit_verify(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -182,6 +186,11 @@ def _purge(client: Client, args: argparse.Namespace, out: Output) -> None:
     receipt = client.purge(args.cube, args.item or [], source=args.source or "", tags=args.tag or [])
     if out.json:
         out.emit_json(to_dict(receipt))
+        return
+    if not receipt.item_ids:  # a blank receipt reads like a failure; say what happened instead
+        asked = [*(f"--item {i}" for i in args.item or []), *([f"--source {args.source}"] if args.source else []),
+                 *(f"--tag {t}" for t in args.tag or [])]
+        out.stdout.write(f"nothing matched {' or '.join(asked)} in cube {args.cube}; nothing was purged\n")
         return
     out.block([
         ("purge id", receipt.purge_id), ("cube", receipt.cube_id), ("items", len(receipt.item_ids)),

@@ -9,11 +9,12 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from memos import __version__
-from memos.cli import adapter, chat, cubes, govern, history, ingest, jobs, mcp, mem, sched
+from memos.cli import adapter, chat, completion, cubes, govern, history, ingest, jobs, mcp, mem, sched
+from memos.cli.connect import DaemonNotFound, connection, refused_token_hint
 from memos.cli.inputs import UsageError
 from memos.cli.output import Output
 from memos.client import DEFAULT_TARGET, Client, RetryPolicy
-from memos.errors import DeadlineExceeded, MemosError, Unavailable
+from memos.errors import DeadlineExceeded, MemosError, Unauthenticated, Unavailable
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -37,10 +38,13 @@ environment:
   MEMOS_TARGET      default for --target
   MEMOS_TOKEN       the bearer token (default for --token)
   MEMOS_TOKEN_FILE  a file holding it (default for --token-file)
+  MEMOSD_DATA_DIR   default for --data-dir
   MEMOS_AUTHOR      default author of commits
 
 Without a token, memosctl uses the admin token a local memosd wrote at first
-start ($XDG_DATA_HOME/memosd/admin.token), when this user can read it.
+start ($XDG_DATA_HOME/memosd/admin.token), when this user can read it. With
+--data-dir DIR it uses DIR's admin.token, and the address in DIR/daemon.json
+unless --target or $MEMOS_TARGET says otherwise.
 """
 
 
@@ -52,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--target", default=os.environ.get("MEMOS_TARGET") or DEFAULT_TARGET,
-                        help="the daemon's host:port (default: $MEMOS_TARGET or %(default)s)")
+    parser.add_argument("--target", help="the daemon's host:port (default: $MEMOS_TARGET, the address in "
+                                         f"--data-dir's daemon.json, or {DEFAULT_TARGET})")
+    parser.add_argument("--data-dir", metavar="DIR", help="the data dir of the daemon to talk to: its daemon.json "
+                                                          "gives the address, its admin.token the token "
+                                                          "(default: $MEMOSD_DATA_DIR)")
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table",
                         help="table (default) or one JSON document on stdout")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
@@ -82,7 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     govern.register(nouns)
     sched.register(nouns)
     mcp.register(nouns)
+    completion.register(nouns)  # after every command: it completes what the parser holds
+    _accept_output_anywhere(parser)
     return parser
+
+
+def _accept_output_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let every command take -o/--output after its name too (``memosctl cube list -o json``).
+
+    Each subcommand parser gets its own -o whose default is SUPPRESS: given there, it sets args.output;
+    not given, it leaves the value the top-level -o (or its default) put there."""
+    # argparse has no public walk of its subparsers; _actions and _SubParsersAction have been stable for years.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                taken = sub._option_string_actions
+                if "-o" not in taken and "--output" not in taken:  # a subcommand's own -o would win; none has one
+                    sub.add_argument("-o", "--output", choices=["table", "json"], default=argparse.SUPPRESS,
+                                     help="table (default) or one JSON document on stdout")
+                _accept_output_anywhere(sub)
 
 
 def _unreachable(e: MemosError, client: Client) -> bool:
@@ -100,9 +125,13 @@ def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
     if args.retries < 0:
         raise UsageError(f"--retries must be 0 or more, not {args.retries}")
     try:
-        client = Client(args.target, timeout=args.timeout, token=args.token, token_file=args.token_file,
-                        tls_ca=tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                        retry=RetryPolicy(attempts=args.retries + 1))
+        conn = connection(args.target, args.token, args.token_file, args.data_dir)
+    except DaemonNotFound as e:
+        out.stderr.write(f"memosctl: error: {e}\n")
+        return EXIT_UNREACHABLE
+    try:
+        client = Client(conn.target, timeout=args.timeout, token=conn.token, tls_ca=tls_ca, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, retry=RetryPolicy(attempts=args.retries + 1))
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
     with client:
@@ -113,9 +142,10 @@ def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
             return EXIT_CHECK_FAILED
         except MemosError as e:
             if _unreachable(e, client):
-                out.stderr.write(f"memosctl: error: {e} (is memosd running at {args.target}?)\n")
+                out.stderr.write(f"memosctl: error: {e} (is memosd running at {conn.target}?)\n")
                 return EXIT_UNREACHABLE
-            out.stderr.write(f"memosctl: error: {e}\n")
+            hint = refused_token_hint(conn) if isinstance(e, Unauthenticated) else ""
+            out.stderr.write(f"memosctl: error: {e}{hint}\n")
             return EXIT_RPC
     return EXIT_OK
 
@@ -123,12 +153,20 @@ def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run memosctl with ``argv`` (default: sys.argv[1:]); returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a newcomer typing `memosctl`: the commands, not "the following arguments are required"
+        parser.print_help(sys.stdout)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     out = Output(args.output, quiet=args.quiet, stdout=sys.stdout, stderr=sys.stderr)
+    local: Callable[[argparse.Namespace, Output], None] | None = getattr(args, "local", None)
     try:
+        if local is not None:  # a command that needs no daemon (completion)
+            local(args, out)
+            return EXIT_OK
         return _run(args.handler, args, out)
     except UsageError as e:
         sys.stderr.write(f"memosctl: error: {e}\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from memos.cli.names import Names
 from memos.cli.output import Output, fmt_bytes, fmt_time, to_dict
 from memos.client import Client
 
@@ -14,11 +15,12 @@ def _status(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.emit_json(to_dict(s))
         return
     pool, adapters = s.kv_pool, s.adapters
+    names = Names(client)
     lookups = pool.hits + pool.misses
     out.block([
         ("scheduler", f"on, every {s.interval_seconds:g} s" if s.enabled else "off (scheduler.enabled = false)"),
-        ("running", s.running_cube_id or "-"),
-        ("pending", ", ".join(s.pending_cube_ids) or "-"),
+        ("running", names.cube(s.running_cube_id)),
+        ("pending", ", ".join(names.cube(c) for c in s.pending_cube_ids) or "-"),
         ("passes / activations", f"{s.ticks} / {s.activations}"),
         ("worker queue", s.queue_depth),
         ("kv pool", f"{fmt_bytes(pool.bytes_used)} of {fmt_bytes(pool.budget_bytes)}, {pool.entries} caches, "
@@ -31,7 +33,7 @@ def _status(client: Client, args: argparse.Namespace, out: Output) -> None:
     if s.decisions:
         out.stdout.write("\n")
         out.table(["TIME", "CUBE", "ACTION", "REUSED", "COMPUTED", "REASON"],
-                  [[fmt_time(d.time), d.cube_id or "-", d.action, d.tokens_reused or "-", d.tokens_computed or "-",
+                  [[fmt_time(d.time), names.cube(d.cube_id), d.action, d.tokens_reused or "-", d.tokens_computed or "-",
                     d.reason] for d in list(s.decisions)[-args.last:]])
 
 

@@ -50,7 +50,7 @@ from memos.client.retry import (
     new_request_id,
     retrying,
 )
-from memos.errors import TooManyItems, Unknown, from_rpc_error
+from memos.errors import CubeNameTaken, CubeNotFound, TooManyItems, Unknown, from_rpc_error
 from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -187,10 +187,21 @@ class Client:
     # -- cubes ---------------------------------------------------------------
 
     def alloc_cube(
-        self, name: str, description: str = "", labels: Mapping[str, str] | None = None
+        self, name: str, description: str = "", labels: Mapping[str, str] | None = None, *, exist_ok: bool = False
     ) -> types_pb2.Cube:
+        """Create a cube. With ``exist_ok``, a name already taken by a cube the caller can see returns that
+        cube as it is (its description and labels neither compared nor changed), so a script can run twice;
+        a name taken by a cube the caller cannot see still raises CubeNameTaken."""
         req = memos_pb2.AllocCubeRequest(name=name, description=description, labels=labels)
-        return self._call(self._stub.AllocCube, req).cube
+        try:
+            return self._call(self._stub.AllocCube, req).cube
+        except CubeNameTaken as taken:
+            if not exist_ok:
+                raise
+            try:
+                return self.stat_cube(name)
+            except CubeNotFound:
+                raise taken from None  # someone else's cube: the name is taken, and not by one we may see
 
     def free_cube(self, cube: str) -> memos_pb2.FreeCubeResponse:
         """Delete a cube (id or name) with everything in it. Irreversible."""
@@ -596,6 +607,7 @@ class Client:
         bypass_kv_cache: bool = False,
         adapter_mount: str | MountHandle | None = None,
         timeout: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Generation:
         """Start generating a reply to ``messages`` with the memory of ``mounts``; returns the stream.
 
@@ -609,7 +621,11 @@ class Client:
         mount id or MountHandle, usually one of ``mounts``) generates with that
         mount's cube's adapter; None is the base model. ``timeout`` bounds the
         whole stream (default: the client's plus ``deadlines.per_token`` for each
-        token it may generate). Errors are raised while iterating.
+        token it may generate). ``idle_timeout`` instead bounds the silence: the
+        stream is cancelled, raising DeadlineExceeded, when no response arrives
+        for that many seconds, and a stream making progress is never cut off
+        (its whole-stream deadline is then ``timeout`` alone: None, none). Errors
+        are raised while iterating.
         """
         req = memos_pb2.GenerateRequest(
             messages=chat_messages(messages),
@@ -623,10 +639,10 @@ class Client:
         if retrieve_k is not None:
             req.retrieve_k = retrieve_k
         started = time.perf_counter()
-        if timeout is None:
+        if timeout is None and idle_timeout is None:
             timeout = self._longer(self.deadlines.per_token * (max_tokens or DEFAULT_MAX_TOKENS))
         stream: ResponseStream = self._stub.Generate(req, timeout=timeout)
-        return Generation(stream, started)
+        return Generation(stream, started, idle_timeout)
 
     # -- parametric memory -----------------------------------------------------
 

@@ -3,6 +3,7 @@ their timings, and a diff's changes read page by page."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Protocol
 
 import grpc
 
-from memos.errors import from_rpc_error
+from memos.errors import DeadlineExceeded, from_rpc_error
 from memos.v1 import memos_pb2, types_pb2
 
 # States a job never leaves.
@@ -28,6 +29,32 @@ class ResponseStream(Protocol):
     def cancel(self) -> bool: ...
 
 
+class _IdleWatch:
+    """Cancels a stream that sends nothing for ``seconds``: a deadline on silence, not on the whole call."""
+
+    def __init__(self, seconds: float, cancel: Callable[[], object]) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._cancel = cancel
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="generate-idle-watch", daemon=True)
+        self._thread.start()
+
+    def touch(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(max(0.0, self._last + self.seconds - time.monotonic())):
+            if time.monotonic() - self._last >= self.seconds:
+                self.fired = True
+                self._cancel()
+                return
+
+
 class Generation:
     """A streaming Generate call. Iterate it for the text deltas (str, never empty).
 
@@ -36,11 +63,13 @@ class Generation:
     and returns the whole reply. :meth:`cancel` stops the call; iteration then
     ends quietly. As a context manager it cancels an unfinished call on exit.
     ``first_delta_seconds`` is the client-side time from the call to the first
-    delta (None until one arrives).
+    delta (None until one arrives). With ``idle_timeout``, a stream that sends
+    nothing for that many seconds is cancelled and raises DeadlineExceeded.
     """
 
-    def __init__(self, stream: ResponseStream, started: float) -> None:
+    def __init__(self, stream: ResponseStream, started: float, idle_timeout: float | None = None) -> None:
         self._stream = stream
+        self._watch = _IdleWatch(idle_timeout, stream.cancel) if idle_timeout is not None else None
         self._started = started
         self._parts: list[str] = []
         self._done = False
@@ -66,13 +95,18 @@ class Generation:
             try:
                 resp = next(self._stream)
             except StopIteration:
-                self._done = True
+                self._finish()
                 break
             except grpc.RpcError as e:
-                self._done = True
+                self._finish()
                 if self._cancelled:
                     break
+                if self._watch is not None and self._watch.fired:
+                    raise DeadlineExceeded(f"no response from the daemon for {self._watch.seconds:g} s; "
+                                           "the reply was cancelled") from e
                 raise from_rpc_error(e) from e
+            if self._watch is not None:
+                self._watch.touch()
             if resp.HasField("summary"):
                 self.summary = resp.summary
             if resp.delta:
@@ -88,11 +122,16 @@ class Generation:
             pass
         return "".join(self._parts)
 
+    def _finish(self) -> None:
+        self._done = True
+        if self._watch is not None:
+            self._watch.stop()
+
     def cancel(self) -> None:
         """Cancel the call if it has not ended; iteration then stops without an error."""
         if not self._done:
             self._cancelled = True
-            self._done = True
+            self._finish()
             self._stream.cancel()
 
     def __enter__(self) -> Generation:

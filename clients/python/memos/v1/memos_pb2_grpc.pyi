@@ -10,6 +10,23 @@ and documented in docs/ARCHITECTURE.md.
 Pagination: list calls take page_size (0 means the server default, values
 above the maximum are clamped) and an opaque page_token from the previous
 response; an empty next_page_token means the last page.
+
+Message sizes: memosd receives and sends messages of up to 64 MiB each
+(server.max_message_bytes), and the Python client sets the same limits. Set
+your channel's to match: grpc-js, grpc-go and grpc-java receive at most
+4 MiB by default, so a valid Read page of large items, or a large Stats or
+Audit answer, fails on the client with RESOURCE_EXHAUSTED. Within a message
+the daemon's [limits] bound the content: an item's text (limits.max_item_bytes,
+32 KiB), items per Write (limits.max_items_per_write, 1024), a query
+(limits.max_query_bytes, 4 KiB), an uploaded adapter (both files together,
+limits.max_adapter_bytes, 256 MiB, streamed in chunks).
+
+Response headers: see ResponseHeader (types.proto) for the responses that
+carry one.
+
+Reflection: the daemon serves grpc.reflection.v1alpha.ServerReflection and,
+with the same servicer (the messages are identical), grpc.reflection.v1
+(grpcio-reflection implements only v1alpha; v1 answers but is not listed).
 """
 
 from collections import abc as _abc

@@ -516,8 +516,16 @@ Global___AuditOutcome: _TypeAlias = AuditOutcome  # noqa: Y015
 
 @_typing.final
 class ResponseHeader(_message.Message):
-    """Carried by every response. Where the call concerns one cube, it names the
-    cube and its HEAD revision as seen when the call finished.
+    """Carried by every response message that has a header field: those of the
+    cube, mount, item, history, activation and adapter syscalls, Train, Grant,
+    Revoke and Purge (ExportAdapter: its first message only; Search: one per
+    mount, in `headers`). Where the call concerns one cube, it names the cube
+    and its HEAD revision as seen when the call finished. Exceptions:
+    StatsResponse.header is left unset (Stats concerns no one cube), and these
+    have no header field: GenerateResponse, WatchJobResponse, CancelJobResponse,
+    ListJobsResponse (a Job names its cube), SchedulerStatusResponse,
+    CreatePrincipalResponse, ListPrincipalsResponse, DisablePrincipalResponse,
+    WhoAmIResponse, ListGrantsResponse and AuditResponse.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
