@@ -4,7 +4,9 @@
     python scripts/gen_protos.py          # rewrite clients/python/memos/v1/
     python scripts/gen_protos.py --check  # exit 1 if the committed code is stale
 
-Generated modules: *_pb2.py, *_pb2_grpc.py and their .pyi stubs (mypy-protobuf).
+Generated modules: *_pb2.py, *_pb2_grpc.py and their .pyi stubs (mypy-protobuf); and, where node and
+clients/node/node_modules are installed, the Node client's typedefs (clients/node/src/messages.js, by
+clients/node/scripts/gen-types.js), so one command regenerates every copy of the contract.
 The output depends on the grpcio-tools and mypy-protobuf versions pinned in
 clients/python/pyproject.toml's `gen` extra; CI runs --check with those.
 """
@@ -49,6 +51,19 @@ def _is_generated(path: Path) -> bool:
     return path.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"))
 
 
+NODE_TYPES = ROOT / "clients" / "node" / "scripts" / "gen-types.js"
+
+
+def node_types(check: bool) -> int:
+    """Regenerate (or --check) the Node client's typedefs; 0 where node or its packages are not installed
+    (the Node suite checks them too, and fails in CI when node is missing)."""
+    node = shutil.which("node")
+    if node is None or not (ROOT / "clients" / "node" / "node_modules").is_dir():
+        print("node typedefs: skipped (node or clients/node/node_modules not installed)")
+        return 0
+    return subprocess.run([node, str(NODE_TYPES), *(["--check"] if check else [])], cwd=ROOT).returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if the committed code differs")
@@ -66,13 +81,13 @@ def main() -> int:
                 print("generated code is stale; run scripts/gen_protos.py:", *stale, sep="\n  ")
                 return 1
             print(f"generated code is up to date ({len(fresh)} files)")
-            return 0
+            return node_types(check=True)
         for old in committed:
             old.unlink()
         for new in fresh:
             shutil.copyfile(new, target / new.name)
             print(f"wrote {(target / new.name).relative_to(ROOT)}")
-    return 0
+    return node_types(check=False)
 
 
 if __name__ == "__main__":

@@ -628,7 +628,7 @@
  */
 
 /**
- * @typedef {object} ResponseHeader Carried by every response. Where the call concerns one cube, it names the cube and its HEAD revision as seen when the call finished.
+ * @typedef {object} ResponseHeader Carried by every response message that has a header field: those of the cube, mount, item, history, activation and adapter syscalls, Train, Grant, Revoke and Purge (ExportAdapter: its first message only; Search: one per mount, in `headers`). Where the call concerns one cube, it names the cube and its HEAD revision as seen when the call finished. Exceptions: StatsResponse.header is left unset (Stats concerns no one cube), and these have no header field: GenerateResponse, WatchJobResponse, CancelJobResponse, ListJobsResponse (a Job names its cube), SchedulerStatusResponse, CreatePrincipalResponse, ListPrincipalsResponse, DisablePrincipalResponse, WhoAmIResponse, ListGrantsResponse and AuditResponse.
  * @property {string} cube_id The cube the call concerned; empty for daemon-wide calls.
  * @property {number} head_revision The cube's HEAD revision after the call. 0 means no commit yet.
  * @property {number} read_revision The revision the call read at, where it read (a mount's base revision).
