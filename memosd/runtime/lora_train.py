@@ -383,12 +383,15 @@ class LoraTrainer:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        torch.manual_seed(s.seed)  # LoRA A matrices are initialised from the global generator
         # A named adapter added through transformers' PEFT integration, not a PeftModel wrapper: the
         # daemon's model may hold resident adapters (memosd.runtime.adapters) beside it, which a
         # wrapper's unload() would destroy. Only this adapter's weights are trained.
         self._name = f"memosd_train_{secrets.token_hex(4)}"
-        model.add_adapter(self.lora_config, adapter_name=self._name)
+        # LoRA A matrices are initialised from the global generator: seed it for this init only, so the
+        # process's RNG (the daemon's, other tests') is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            model.add_adapter(self.lora_config, adapter_name=self._name)
         self._peft: Any = model
         self._params = [p for n, p in model.named_parameters() if f".{self._name}." in n]
         for p in self._params:
@@ -457,7 +460,17 @@ class LoraTrainer:
     # -- training --
 
     def step(self) -> StepResult:
-        """Run one optimizer step on the next batch. Raises RuntimeError when ``done`` or closed."""
+        """Run one optimizer step on the next batch. Raises RuntimeError when ``done`` or closed.
+
+        Anything random in a step (LoRA dropout) draws from the global generator seeded by (seed, step)
+        inside a fork, so steps are reproducible and the process's RNG is left alone."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings.seed * 1_000_003 + self.step_count)
+            return self._step()
+
+    def _step(self) -> StepResult:
         import torch
 
         if self._closed:
