@@ -235,9 +235,10 @@ class Batch:
         self._delete(schema.CF_USAGE, schema.usage_key(cube_id, item_id))
 
     def delete_kv_blocks(self, cube_id: str) -> None:
-        """Every stored KV block of the cube, for every model (one range delete)."""
+        """Every stored KV block of the cube, for every model, with its index rows (one range delete each)."""
         begin, end = schema.kv_blocks_range(cube_id)
-        self._wb.delete_range(begin, end, self._store.handle(schema.CF_KV_BLOCKS))
+        for cf in (schema.CF_KV_BLOCKS, schema.CF_KV_BLOCK_INDEX):
+            self._wb.delete_range(begin, end, self._store.handle(cf))
 
     def delete_activations(self, cube_id: str) -> None:
         """Every activation of the cube, for every model, and all its chunks."""
@@ -549,26 +550,29 @@ class Store:
         return [bytes(chunk) for chunk in found if chunk is not None]
 
     # -- KV blocks of a paged engine (store/blocks.py): unsynced, a lost block is recomputed -----------
+    # Each block is two rows written and deleted together: the blob (kv_blocks) and its size
+    # (kv_block_index), which answers has/count/bytes without loading megabytes of blob (schema.py).
     def put_kv_block(self, cube_id: str, fingerprint: str, block_key: str, blob: bytes) -> None:
-        with self._writing():
-            self._cfs[schema.CF_KV_BLOCKS].put(schema.kv_block_key(cube_id, fingerprint, block_key), blob,
-                                               self._nosync)
+        key = schema.kv_block_key(cube_id, fingerprint, block_key)
+        batch = self.batch()
+        batch._put(schema.CF_KV_BLOCKS, key, blob)
+        batch._put(schema.CF_KV_BLOCK_INDEX, key, str(len(blob)).encode())
+        self.write(batch, sync=False)
 
     def get_kv_block(self, cube_id: str, fingerprint: str, block_key: str) -> bytes | None:
         raw = self._cfs[schema.CF_KV_BLOCKS].get(schema.kv_block_key(cube_id, fingerprint, block_key))
         return None if raw is None else bytes(raw)
 
     def has_kv_block(self, cube_id: str, fingerprint: str, block_key: str) -> bool:
-        """Whether the block is stored. ``key_may_exist`` answers a definite "no" from memory where it can;
-        a "maybe" is settled by a read, which loads the blob (megabytes) too: RocksDB has no key-only lookup."""
-        cf, key = self._cfs[schema.CF_KV_BLOCKS], schema.kv_block_key(cube_id, fingerprint, block_key)
-        return bool(cf.key_may_exist(key)) and cf.get(key) is not None
+        return self._cfs[schema.CF_KV_BLOCK_INDEX].get(schema.kv_block_key(cube_id, fingerprint, block_key)) is not None
 
     def delete_kv_block_keys(self, cube_id: str, fingerprint: str, block_keys: Sequence[str]) -> None:
         """These blocks of the cube, if stored (one unsynced batch)."""
         batch = self.batch()
         for block_key in block_keys:
-            batch._delete(schema.CF_KV_BLOCKS, schema.kv_block_key(cube_id, fingerprint, block_key))
+            key = schema.kv_block_key(cube_id, fingerprint, block_key)
+            batch._delete(schema.CF_KV_BLOCKS, key)
+            batch._delete(schema.CF_KV_BLOCK_INDEX, key)
         if len(batch):
             self.write(batch, sync=False)
 
@@ -578,16 +582,18 @@ class Store:
         batch.delete_kv_blocks(cube_id)
         self.write(batch, sync=sync)
 
+    def _kv_block_index(self, cube_id: str, fingerprint: str | None) -> Iterator[tuple[bytes, bytes]]:
+        begin, end = schema.kv_blocks_range(cube_id, fingerprint)
+        return self._scan(schema.CF_KV_BLOCK_INDEX, begin, end)
+
     def iter_kv_block_keys(self, cube_id: str, fingerprint: str | None = None) -> Iterator[str]:
         """The block keys stored for the cube (every model's, or one's), in key order."""
-        begin, end = schema.kv_blocks_range(cube_id, fingerprint)
-        for key, _blob in self._scan(schema.CF_KV_BLOCKS, begin, end):
+        for key, _size in self._kv_block_index(cube_id, fingerprint):
             yield bytes(key).decode().rsplit("/", 1)[1]
 
-    def kv_block_bytes(self, cube_id: str) -> int:
-        """The bytes of the cube's stored blocks (their values). Reads them all: for stats and tests, not a hot path."""
-        begin, end = schema.kv_blocks_range(cube_id)
-        return sum(len(blob) for _key, blob in self._scan(schema.CF_KV_BLOCKS, begin, end))
+    def kv_block_bytes(self, cube_id: str, fingerprint: str | None = None) -> int:
+        """The bytes of the cube's stored blocks (every model's, or one's), from the index."""
+        return sum(int(size) for _key, size in self._kv_block_index(cube_id, fingerprint))
 
     # -- maintenance ----------------------------------------------------
     def size_bytes(self) -> int:

@@ -208,6 +208,25 @@ def test_rocks_stores_of_two_cubes_or_models_share_no_block(stores: _Stores) -> 
     assert view("cub_a", FP).get("ab" * 32) == b"a"
 
 
+def test_rocks_store_index_follows_its_blocks(stores: _Stores) -> None:
+    """has, len and the byte count read kv_block_index: every put, replace and delete keeps it in step."""
+    view = _rocks_views(stores)
+    a, other_model = view("cub_a", FP), view("cub_a", "fingerprint-b")
+    a.put("ab" * 32, b"12345")
+    a.put("cd" * 32, b"123")
+    a.put("cd" * 32, b"1234567")  # a replace counts once, at its new size
+    other_model.put("ab" * 32, b"12")
+    store = a.store
+    assert store.kv_block_bytes("cub_a", FP) == 12 and store.kv_block_bytes("cub_a") == 14
+    a.delete(["ab" * 32])
+    blob_keys = {bytes(k) for k, _ in store.scan_rows(schema.CF_KV_BLOCKS)}
+    index = {bytes(k): bytes(v) for k, v in store.scan_rows(schema.CF_KV_BLOCK_INDEX)}
+    assert blob_keys == set(index) == {schema.kv_block_key("cub_a", FP, "cd" * 32),
+                                       schema.kv_block_key("cub_a", "fingerprint-b", "ab" * 32)}
+    assert index[schema.kv_block_key("cub_a", FP, "cd" * 32)] == b"7"
+    assert (len(a), store.kv_block_bytes("cub_a", FP), a.has("cd" * 32), a.has("ab" * 32)) == (1, 7, True, False)
+
+
 @pytest.mark.parametrize("drop", ["free_cube", "delete_kv_blocks"])
 def test_dropping_a_cube_s_blocks_keeps_every_other_cube_s(stores: _Stores, drop: str) -> None:
     """FreeCube's range delete of the cube-scoped families, and Evict/Purge's delete_kv_blocks."""
