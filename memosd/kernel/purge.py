@@ -3,9 +3,11 @@
 Forget hides an item from later revisions and history keeps it; Purge deletes
 it from history itself. For each selected item, one synced batch deletes every
 version (all revisions) with its vector, its staged copies in the cube's open
-mounts, and every activation of the cube (with its KV cache chunks) whose block
-holds it; marks tainted every adapter version whose lineage lists it; and keeps
-a receipt (ids and counts only) in ``purges``. The catalog then forgets the
+mounts, every activation of the cube (with its KV cache chunks) whose block
+holds it, and every KV block a paged engine stored for the cube (kv_blocks: a
+block's key does not say which items its tokens came from, so all of the
+cube's go, for every model and revision); marks tainted every adapter version
+whose lineage lists it; and keeps a receipt (ids and counts only) in ``purges``. The catalog then forgets the
 items, so no read, list, search, diff or rollback at any revision sees them
 again; ``CubeState.purged`` keeps their ids (the tombstones). Revision records
 stay as they were: their counts (added, item_count, ...) may now overstate
@@ -58,6 +60,7 @@ class _Plan:
     batch: Batch
     record: CubeRecord  # the cube record after the purge
     tainted: list[AdapterRecord]
+    kv_blocks: bool  # the cube had stored KV blocks: scrub must compact them away
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,12 @@ def run_purge(parts: PurgeParts, ref: str, item_ids: Sequence[str], source: str,
             cube.purging = frozenset()
             if reset:  # from the store: without the items, or with them if the batch failed
                 parts.indexes.refill(cube)
-    parts.store.scrub(cube.cube_id, kv_chunks=bool(plan.receipt.activations))
+    parts.store.scrub(cube.cube_id, kv_chunks=bool(plan.receipt.activations), kv_blocks=plan.kv_blocks)
     receipt = plan.receipt
     log_event(log, "purge", cube=cube.cube_id, purge=receipt.purge_id, items=len(receipt.item_ids),
               versions=len(receipt.versions), staged=len(receipt.staged), activations=len(receipt.activations),
-              adapters_tainted=len(receipt.adapters_tainted), took_ms=int((time.perf_counter() - started) * 1000))
+              adapters_tainted=len(receipt.adapters_tainted), kv_blocks_dropped=plan.kv_blocks,
+              took_ms=int((time.perf_counter() - started) * 1000))
     return receipt
 
 
@@ -152,6 +156,10 @@ def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: 
     activations = [r for r in store.iter_activations(cube_id) if any(i in chosen for i, _born in r.items)]
     for activation in activations:
         batch.delete_activation(activation)
+    # The range goes whether or not it holds a block (a tombstone is cheap); the scrub's costly blob GC
+    # only where it did.
+    kv_blocks = next(store.iter_kv_block_keys(cube_id), None) is not None
+    batch.delete_kv_blocks(cube_id)
     for principal_id, request_id, request in store.iter_requests(cube_id):
         # A request's digest hashes the purged text: drop it. A retry under the id is then refused
         # (REQUEST_ID_REUSED), never applied again.
@@ -175,7 +183,7 @@ def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: 
                      for r in activations],
         adapters_tainted=[TaintedAdapter(a.digest, a.born) for a in tainted])
     batch.put_purge(receipt)
-    return _Plan(receipt, batch, record, tainted)
+    return _Plan(receipt, batch, record, tainted, kv_blocks)
 
 
 def _apply(quotas: Quotas, cube: CubeState, mounts: Sequence[MountState], plan: _Plan) -> None:

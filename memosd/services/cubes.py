@@ -25,8 +25,8 @@ class CubeRemoval:
     """Owns the invariant "nothing of a freed cube outlives it". What each part held, and who drops it:
 
     - the store rows (its record and name, and the cube's key range in every cube-scoped column family:
-      revisions, versions, vectors, activations and KV chunks, adapters, grants, purge receipts, usage,
-      request ids), its index files and its open mounts: ``Kernel.free_cube``;
+      revisions, versions, vectors, activations and KV chunks, a paged engine's stored KV blocks, adapters,
+      grants, purge receipts, usage, request ids), its index files and its open mounts: ``Kernel.free_cube``;
     - its adapter versions resident in the model: ``AdapterService.unload_cube``;
     - its KV caches in the pool: ``Activator.drop_pooled``; the activator's account of its stored
       caches: ``Activator.forget_persisted``;

@@ -14,8 +14,9 @@ class Erasure:
     """Owns the invariant "no copy of a purged item survives". Each copy, and who removes it:
 
     - every version (all revisions) with its vector, the staged copies in open mounts, every stored
-      activation (with its KV cache chunks) whose block holds the item, both index files, and the
-      bytes in old store files: ``Kernel.purge`` (kernel/purge.py), in one synced batch then a scrub;
+      activation (with its KV cache chunks) whose block holds the item, every KV block a paged engine
+      stored for the cube (all of them: a block's key does not say which items it holds), both index
+      files, and the bytes in old store files: ``Kernel.purge`` (kernel/purge.py), in one synced batch then a scrub;
     - the KV caches of the cube held in the pool (in memory): ``Activator.drop_pooled``;
     - the activator's account of the stored caches the purge deleted: ``Activator.forget_persisted``;
     - the items' usage counts (in memory and, at the next flush, in the store): ``UsageTracker.forget_items``.

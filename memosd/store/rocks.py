@@ -234,6 +234,12 @@ class Batch:
     def delete_item_usage(self, cube_id: str, item_id: str) -> None:
         self._delete(schema.CF_USAGE, schema.usage_key(cube_id, item_id))
 
+    def delete_kv_blocks(self, cube_id: str) -> None:
+        """Every stored KV block of the cube, for every model, with its index rows (one range delete each)."""
+        begin, end = schema.kv_blocks_range(cube_id)
+        for cf in (schema.CF_KV_BLOCKS, schema.CF_KV_BLOCK_INDEX):
+            self._wb.delete_range(begin, end, self._store.handle(cf))
+
     def delete_activations(self, cube_id: str) -> None:
         """Every activation of the cube, for every model, and all its chunks."""
         begin, end = schema.prefix_range(cube_id)
@@ -543,6 +549,52 @@ class Store:
             return None
         return [bytes(chunk) for chunk in found if chunk is not None]
 
+    # -- KV blocks of a paged engine (store/blocks.py): unsynced, a lost block is recomputed -----------
+    # Each block is two rows written and deleted together: the blob (kv_blocks) and its size
+    # (kv_block_index), which answers has/count/bytes without loading megabytes of blob (schema.py).
+    def put_kv_block(self, cube_id: str, fingerprint: str, block_key: str, blob: bytes) -> None:
+        key = schema.kv_block_key(cube_id, fingerprint, block_key)
+        batch = self.batch()
+        batch._put(schema.CF_KV_BLOCKS, key, blob)
+        batch._put(schema.CF_KV_BLOCK_INDEX, key, str(len(blob)).encode())
+        self.write(batch, sync=False)
+
+    def get_kv_block(self, cube_id: str, fingerprint: str, block_key: str) -> bytes | None:
+        raw = self._cfs[schema.CF_KV_BLOCKS].get(schema.kv_block_key(cube_id, fingerprint, block_key))
+        return None if raw is None else bytes(raw)
+
+    def has_kv_block(self, cube_id: str, fingerprint: str, block_key: str) -> bool:
+        return self._cfs[schema.CF_KV_BLOCK_INDEX].get(schema.kv_block_key(cube_id, fingerprint, block_key)) is not None
+
+    def delete_kv_block_keys(self, cube_id: str, fingerprint: str, block_keys: Sequence[str]) -> None:
+        """These blocks of the cube, if stored (one unsynced batch)."""
+        batch = self.batch()
+        for block_key in block_keys:
+            key = schema.kv_block_key(cube_id, fingerprint, block_key)
+            batch._delete(schema.CF_KV_BLOCKS, key)
+            batch._delete(schema.CF_KV_BLOCK_INDEX, key)
+        if len(batch):
+            self.write(batch, sync=False)
+
+    def delete_kv_blocks(self, cube_id: str, *, sync: bool) -> None:
+        """Every stored block of the cube, for every model (Evict's delete; Purge uses the Batch's, in its batch)."""
+        batch = self.batch()
+        batch.delete_kv_blocks(cube_id)
+        self.write(batch, sync=sync)
+
+    def _kv_block_index(self, cube_id: str, fingerprint: str | None) -> Iterator[tuple[bytes, bytes]]:
+        begin, end = schema.kv_blocks_range(cube_id, fingerprint)
+        return self._scan(schema.CF_KV_BLOCK_INDEX, begin, end)
+
+    def iter_kv_block_keys(self, cube_id: str, fingerprint: str | None = None) -> Iterator[str]:
+        """The block keys stored for the cube (every model's, or one's), in key order."""
+        for key, _size in self._kv_block_index(cube_id, fingerprint):
+            yield bytes(key).decode().rsplit("/", 1)[1]
+
+    def kv_block_bytes(self, cube_id: str, fingerprint: str | None = None) -> int:
+        """The bytes of the cube's stored blocks (every model's, or one's), from the index."""
+        return sum(int(size) for _key, size in self._kv_block_index(cube_id, fingerprint))
+
     # -- maintenance ----------------------------------------------------
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
@@ -552,7 +604,7 @@ class Store:
             for cf in self._cfs.values():
                 cf.compact_range(None, None)
 
-    def scrub(self, cube_id: str, *, kv_chunks: bool) -> None:
+    def scrub(self, cube_id: str, *, kv_chunks: bool, kv_blocks: bool = False) -> None:
         """Leave no copy of the cube's deleted rows in any file of the data dir (after a Purge).
 
         A delete only writes a tombstone: the old value stays in the WAL, in SST
@@ -564,7 +616,8 @@ class Store:
         families whole (their keys are mount ids). With ``kv_chunks`` the whole
         kv_chunks family is compacted with blob GC forced on every blob file,
         since a blob file mixes the caches of many cubes: this rewrites every
-        persisted KV cache of every cube, the costly part.
+        persisted KV cache of every cube, the costly part. ``kv_blocks`` does
+        the same to the kv_blocks family (a paged engine's stored blocks).
 
         Assumes no long-lived iterator or snapshot pins the old files (the
         store holds none past a call)."""
@@ -577,8 +630,10 @@ class Store:
                 self._cfs[cf].compact_range(begin, end, force)
             for cf in (schema.CF_STAGING, schema.CF_STAGED_VECTORS):
                 self._cfs[cf].compact_range(None, None, force)
-            if kv_chunks:
-                blobs = self._cfs[schema.CF_KV_CHUNKS]
+            blob_families = [cf for cf, wanted in ((schema.CF_KV_CHUNKS, kv_chunks), (schema.CF_KV_BLOCKS, kv_blocks))
+                             if wanted]
+            for cf in blob_families:
+                blobs = self._cfs[cf]
                 blobs.set_options({"blob_garbage_collection_age_cutoff": "1.0"})
                 try:
                     blobs.compact_range(None, None, force)

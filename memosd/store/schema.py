@@ -40,6 +40,12 @@ otherwise. The fields of a record are documented on its class, not here.
     kv_chunks                     the KV cache blobs (BlobDB files, uncompressed)
       {cube_id}/{cache_key}/{chunk:08x}
                                   -> a safetensors chunk (fp16/bf16) made by runtime.kvcache.to_chunks
+    kv_blocks                     a paged engine's KV blocks (BlobDB files, uncompressed; store/blocks.py)
+      {cube_id}/{fingerprint}/{block_key}
+                                  -> one block, as runtime.kvblocks.encode_block makes it (the engine's dtype)
+    kv_block_index                one row per kv_blocks row, written and deleted with it (one batch, one range)
+      {cube_id}/{fingerprint}/{block_key}
+                                  -> the block's size in bytes, ASCII decimal
     adapters                      every version of a cube's adapter (at most one per revision)
       {cube_id}/{born:016x}       -> AdapterRecord
     adapter_blobs                 adapter files by digest (BlobDB files, uncompressed)
@@ -66,12 +72,25 @@ otherwise. The fields of a record are documented on its class, not here.
       {seq:016x}                  -> StoredRecord, as hash (64 hex) "\n" body; body = canonical JSON of the
                                      record, holding seq and prev_hash; hash = sha256(body)
 
+A block key (``kvblocks.block_keys``, 64 hex) already hashes the model
+fingerprint and the cube salt, so it alone would name a block uniquely. The
+kv_blocks keys are nevertheless cube-scoped: FreeCube then drops a cube's
+blocks with its one range delete, and Evict or Purge with one more
+(``delete_kv_blocks``), with no list of a cube's keys to keep in step with the
+blocks; the fingerprint after the cube lets one model's blocks go alone. The
+price: whoever reads or writes a block must know its cube (RocksBlockStore is
+bound to one cube and one model). kv_block_index is there because RocksDB
+has no key-only lookup: a read of a kv_blocks row loads its blob (~3 MB,
+~5 ms), and the connector asks "is block i stored?" for every block of every
+waiting request, so has(), counts and sizes read the small index instead.
+
 A version key (vkey) is a per-cube counter assigned at commit, so the dense and
 lexical indexes (derived, rebuildable) can say "everything up to vkey N is in".
 
 Purge is the one change that rewrites history: it deletes every row of an item
 (its versions and vectors at every revision, its staged copies, the activations
-whose block holds it), then Store.scrub compacts them away so that no file of
+whose block holds it, and every stored KV block of the cube: a block's
+key does not say which items its tokens came from), then Store.scrub compacts them away so that no file of
 the data dir keeps its text. Revision records are kept as they were.
 """
 
@@ -90,6 +109,8 @@ CF_STAGING = "staging"
 CF_STAGED_VECTORS = "staged_vectors"
 CF_ACTIVATIONS = "activations"
 CF_KV_CHUNKS = "kv_chunks"
+CF_KV_BLOCKS = "kv_blocks"
+CF_KV_BLOCK_INDEX = "kv_block_index"
 CF_ADAPTERS = "adapters"
 CF_ADAPTER_BLOBS = "adapter_blobs"
 CF_STAGED_ADAPTERS = "staged_adapters"
@@ -102,17 +123,18 @@ CF_USAGE = "usage"
 CF_REQUEST_IDS = "request_ids"
 
 # Adding a family is backward compatible (RocksDB creates missing ones at open), so it
-# does not bump SCHEMA_VERSION; activations, kv_chunks and purges were added that way.
+# does not bump SCHEMA_VERSION; activations, kv_chunks, kv_blocks, kv_block_index and purges were added
+# that way.
 COLUMN_FAMILIES = (
     CF_CUBES, CF_CUBE_NAMES, CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_MOUNTS, CF_STAGING, CF_STAGED_VECTORS,
-    CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS, CF_STAGED_ADAPTERS, CF_JOBS,
-    CF_PURGES, CF_PRINCIPALS, CF_GRANTS, CF_AUDIT, CF_USAGE, CF_REQUEST_IDS,
+    CF_ACTIVATIONS, CF_KV_CHUNKS, CF_KV_BLOCKS, CF_KV_BLOCK_INDEX, CF_ADAPTERS, CF_ADAPTER_BLOBS,
+    CF_STAGED_ADAPTERS, CF_JOBS, CF_PURGES, CF_PRINCIPALS, CF_GRANTS, CF_AUDIT, CF_USAGE, CF_REQUEST_IDS,
 )
 # Column families whose keys start with "{cube_id}/": deleted by range on FreeCube.
-CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS, CF_ADAPTERS, CF_ADAPTER_BLOBS,
-               CF_GRANTS, CF_PURGES, CF_USAGE, CF_REQUEST_IDS)
+CUBE_SCOPED = (CF_REVISIONS, CF_ITEMS, CF_VECTORS, CF_ACTIVATIONS, CF_KV_CHUNKS, CF_KV_BLOCKS,
+               CF_KV_BLOCK_INDEX, CF_ADAPTERS, CF_ADAPTER_BLOBS, CF_GRANTS, CF_PURGES, CF_USAGE, CF_REQUEST_IDS)
 # Large values: stored in blob files, not compressed (fp16 tensors do not compress).
-BLOB_FAMILIES = (CF_KV_CHUNKS, CF_ADAPTER_BLOBS)
+BLOB_FAMILIES = (CF_KV_CHUNKS, CF_KV_BLOCKS, CF_ADAPTER_BLOBS)
 ADAPTER_CHUNK_BYTES = 8 << 20
 
 KEY_SCHEMA_VERSION = b"schema_version"
@@ -167,6 +189,15 @@ def kv_chunk_key(cube_id: str, cache_key: str, index: int) -> bytes:
 def kv_cache_range(cube_id: str, cache_key: str) -> tuple[bytes, bytes]:
     """The [begin, end) range of one cache's chunks."""
     return prefix_range(f"{cube_id}/{cache_key}")
+
+
+def kv_block_key(cube_id: str, fingerprint: str, block_key: str) -> bytes:
+    return f"{cube_id}/{fingerprint}/{block_key}".encode()
+
+
+def kv_blocks_range(cube_id: str, fingerprint: str | None = None) -> tuple[bytes, bytes]:
+    """The [begin, end) range of a cube's stored blocks: every model's, or ``fingerprint``'s only."""
+    return prefix_range(cube_id if fingerprint is None else f"{cube_id}/{fingerprint}")
 
 
 def adapter_key(cube_id: str, born: int) -> bytes:

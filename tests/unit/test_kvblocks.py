@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from memosd.runtime.engine import Finished, Token, TokenStream
 from memosd.runtime.kvblocks import (
     BlockMismatch,
+    BlockStore,
     DirBlockStore,
     MemoryBlockStore,
     block_keys,
@@ -18,8 +20,43 @@ from memosd.runtime.kvblocks import (
     encode_block,
 )
 from memosd.runtime.kvcache import BLOCK, block_hashes
+from memosd.store import schema
+from memosd.store.blocks import RocksBlockStore
+from memosd.store.rocks import Store
 
 FP = "fingerprint-a"
+CUBE = "cub_a"
+
+
+class _Stores:
+    """Opens the store kinds that survive a restart, and reopens them as a fresh process would."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.rocks: list[Store] = []
+
+    def open(self, kind: str) -> DirBlockStore | RocksBlockStore:
+        if kind == "dir":
+            return DirBlockStore(self.tmp_path / "blocks")
+        for old in self.rocks:  # one RocksDB handle at a time: a reopen closes the previous one first
+            old.close()
+        self.rocks = [Store(self.tmp_path / "store")]
+        return RocksBlockStore(self.rocks[0], CUBE, FP)
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[_Stores]:
+    opened = _Stores(tmp_path)
+    yield opened
+    for store in opened.rocks:
+        store.close()
+
+
+_EVERY_KIND = ["memory", "dir", "rocks"]
+
+
+def _open(stores: _Stores, kind: str) -> BlockStore:
+    return MemoryBlockStore() if kind == "memory" else stores.open(kind)
 
 
 def _layers(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -99,21 +136,125 @@ def test_codec_refuses_damaged_and_foreign_bytes() -> None:
             decode_block(junk, key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
 
 
-def test_dir_store_keeps_blocks_across_instances(tmp_path: Path) -> None:
-    store = DirBlockStore(tmp_path / "blocks")
+@pytest.mark.parametrize("kind", _EVERY_KIND)
+def test_store_puts_gets_and_deletes_blocks(stores: _Stores, kind: str) -> None:
+    store = _open(stores, kind)
+    assert not store.has("ab" * 32) and store.get("ab" * 32) is None
     store.put("ab" * 32, b"one")
     store.put("cd" * 32, b"two")
-    again = DirBlockStore(tmp_path / "blocks")
+    store.put("cd" * 32, b"two, again")  # a put replaces
+    assert store.has("ab" * 32) and store.get("ab" * 32) == b"one" and store.get("cd" * 32) == b"two, again"
+    store.delete(["ab" * 32, "ef" * 32])  # deleting a missing key is not an error
+    assert not store.has("ab" * 32) and store.get("ab" * 32) is None and store.has("cd" * 32)
+
+
+@pytest.mark.parametrize("kind", ["dir", "rocks"])
+def test_store_keeps_blocks_across_instances(stores: _Stores, kind: str) -> None:
+    store = stores.open(kind)
+    store.put("ab" * 32, b"one")
+    store.put("cd" * 32, b"two")
+    again = stores.open(kind)  # rocks: the store is closed and reopened, as after a restart
     assert again.has("ab" * 32) and again.get("cd" * 32) == b"two" and len(again) == 2
     again.delete(["ab" * 32, "ef" * 32])  # deleting a missing key is not an error
-    assert not store.has("ab" * 32) and store.get("ab" * 32) is None and len(store) == 1
+    assert not again.has("ab" * 32) and again.get("ab" * 32) is None and len(again) == 1
 
 
-def test_dir_store_refuses_keys_that_are_not_hex(tmp_path: Path) -> None:
-    store = DirBlockStore(tmp_path)
-    for key in ("../escape", "", "AB"):
+@pytest.mark.parametrize("kind", ["dir", "rocks"])
+def test_store_refuses_keys_that_are_not_hex(stores: _Stores, kind: str) -> None:
+    store = stores.open(kind)
+    for key in ("../escape", "", "AB", "ab/cd"):
         with pytest.raises(ValueError, match="hex"):
             store.put(key, b"x")
+
+
+@pytest.mark.parametrize("kind", ["dir", "rocks"])
+def test_a_damaged_stored_block_is_refused_by_the_codec_as_damaged(stores: _Stores, kind: str) -> None:
+    """A store hands back the bytes it holds; the codec is what tells a damaged block (BlockMismatch)."""
+    store = stores.open(kind)
+    layers = _layers()
+    blob = bytearray(encode_block(layers, key="ab" * 32, fingerprint=FP, block_size=BLOCK))
+    blob[-5] ^= 0xFF
+    store.put("ab" * 32, bytes(blob))
+    stored = stores.open(kind).get("ab" * 32)
+    assert stored == bytes(blob)
+    with pytest.raises(BlockMismatch, match="damaged"):
+        decode_block(stored, key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
+
+
+def test_rocks_store_corrupted_in_place_reads_as_damaged(stores: _Stores) -> None:
+    """A row overwritten behind the store's back (raw) is read as is and refused by the codec, never loaded."""
+    store = stores.open("rocks")
+    assert isinstance(store, RocksBlockStore)
+    layers = _layers()
+    store.put("ab" * 32, encode_block(layers, key="ab" * 32, fingerprint=FP, block_size=BLOCK))
+    store.store.put_row(schema.CF_KV_BLOCKS, schema.kv_block_key(CUBE, FP, "ab" * 32), b"\0" * 64, sync=False)
+    stored = store.get("ab" * 32)
+    assert stored == b"\0" * 64
+    with pytest.raises(BlockMismatch, match="not a readable"):
+        decode_block(stored, key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
+
+
+def _rocks_views(stores: _Stores) -> Callable[[str, str], RocksBlockStore]:
+    store = stores.open("rocks")
+    assert isinstance(store, RocksBlockStore)
+    return lambda cube_id, fingerprint: RocksBlockStore(store.store, cube_id, fingerprint)
+
+
+def test_rocks_stores_of_two_cubes_or_models_share_no_block(stores: _Stores) -> None:
+    view = _rocks_views(stores)
+    view("cub_a", FP).put("ab" * 32, b"a")
+    assert not view("cub_b", FP).has("ab" * 32) and view("cub_a", "fingerprint-b").get("ab" * 32) is None
+    view("cub_b", FP).delete(["ab" * 32])
+    assert view("cub_a", FP).get("ab" * 32) == b"a"
+
+
+def test_rocks_store_index_follows_its_blocks(stores: _Stores) -> None:
+    """has, len and the byte count read kv_block_index: every put, replace and delete keeps it in step."""
+    view = _rocks_views(stores)
+    a, other_model = view("cub_a", FP), view("cub_a", "fingerprint-b")
+    a.put("ab" * 32, b"12345")
+    a.put("cd" * 32, b"123")
+    a.put("cd" * 32, b"1234567")  # a replace counts once, at its new size
+    other_model.put("ab" * 32, b"12")
+    store = a.store
+    assert store.kv_block_bytes("cub_a", FP) == 12 and store.kv_block_bytes("cub_a") == 14
+    a.delete(["ab" * 32])
+    blob_keys = {bytes(k) for k, _ in store.scan_rows(schema.CF_KV_BLOCKS)}
+    index = {bytes(k): bytes(v) for k, v in store.scan_rows(schema.CF_KV_BLOCK_INDEX)}
+    assert blob_keys == set(index) == {schema.kv_block_key("cub_a", FP, "cd" * 32),
+                                       schema.kv_block_key("cub_a", "fingerprint-b", "ab" * 32)}
+    assert index[schema.kv_block_key("cub_a", FP, "cd" * 32)] == b"7"
+    assert (len(a), store.kv_block_bytes("cub_a", FP), a.has("cd" * 32), a.has("ab" * 32)) == (1, 7, True, False)
+
+
+@pytest.mark.parametrize("drop", ["free_cube", "delete_kv_blocks"])
+def test_dropping_a_cube_s_blocks_keeps_every_other_cube_s(stores: _Stores, drop: str) -> None:
+    """FreeCube's range delete of the cube-scoped families, and Evict/Purge's delete_kv_blocks."""
+    view = _rocks_views(stores)
+    # "cub_a0" sorts right after the range of "cub_a/": a range that overshot would take it.
+    for cube_id in ("cub_a", "cub_a0", "cub_b"):
+        for fingerprint in (FP, "fingerprint-b"):
+            view(cube_id, fingerprint).put("ab" * 32, cube_id.encode())
+    store = view("cub_a", FP).store
+    if drop == "free_cube":
+        from memosd.store.records import CubeRecord
+
+        batch = store.batch()
+        batch.delete_cube(CubeRecord("cub_a", "notes", "", {}, 0))
+        store.write(batch, sync=True)
+    else:
+        store.delete_kv_blocks("cub_a", sync=True)
+    assert [len(view("cub_a", fp)) for fp in (FP, "fingerprint-b")] == [0, 0]
+    assert store.kv_block_bytes("cub_a") == 0
+    for cube_id in ("cub_a0", "cub_b"):
+        assert [view(cube_id, fp).get("ab" * 32) for fp in (FP, "fingerprint-b")] == [cube_id.encode()] * 2
+
+
+def test_rocks_store_refuses_a_cube_or_model_that_would_leave_its_range(stores: _Stores) -> None:
+    view = _rocks_views(stores)
+    for cube_id, fingerprint in (("cub_a/x", FP), ("", FP), ("cub_a", "f/p"), ("cub_a", "")):
+        with pytest.raises(ValueError, match="without '/'"):
+            view(cube_id, fingerprint)
 
 
 def test_memory_store_counts_and_deletes() -> None:

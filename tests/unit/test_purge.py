@@ -341,6 +341,45 @@ def test_after_a_purge_the_text_is_found_nowhere_in_the_data_dir(tmp_path: Path)
         again.close()
 
 
+def test_purge_drops_every_stored_kv_block_of_the_cube_and_no_other_s(tmp_path: Path) -> None:
+    """A block's key does not say which items it holds: all of the cube's go, for every model, and scrub
+    leaves no copy in any file; another cube's blocks stay."""
+    kernel = open_kernel(tmp_path)
+    cube_id = kernel.alloc_cube("blocks", "", {}).record.cube_id
+    other_id = kernel.alloc_cube("other", "", {}).record.cube_id
+    [secret] = commit(kernel, "blocks", [ItemInput("the item the blocks were computed from")])
+    commit(kernel, "other", [ItemInput("the numbat eats termites")])
+    canary = b"kv-block-canary-51c9" + os.urandom(8192)  # above the blob size: it lands in a blob file
+    for fingerprint in ("model-1", "model-2"):
+        kernel.store.put_kv_block(cube_id, fingerprint, "ab" * 32, canary)
+        kernel.store.put_kv_block(cube_id, fingerprint, "cd" * 32, canary[::-1])
+    kept = b"other cube" + os.urandom(8192)
+    kernel.store.put_kv_block(other_id, "model-1", "ab" * 32, kept)
+    kernel.store.flush()
+    assert any(p.endswith(".blob") for p, _ in files_holding(tmp_path, [canary]))
+
+    kernel.purge("blocks", [secret])
+
+    assert list(kernel.store.iter_kv_block_keys(cube_id)) == [] and kernel.store.kv_block_bytes(cube_id) == 0
+    kernel.close()
+    assert files_holding(tmp_path, [canary, canary[::-1]]) == []
+    again = open_kernel(tmp_path)
+    try:
+        assert again.store.get_kv_block(other_id, "model-1", "ab" * 32) == kept
+    finally:
+        again.close()
+
+
+def test_free_cube_drops_its_stored_kv_blocks_and_no_other_cube_s(kernel: Kernel) -> None:
+    cube_id = kernel.alloc_cube("c", "", {}).record.cube_id
+    other_id = kernel.alloc_cube("d", "", {}).record.cube_id
+    for owner in (cube_id, other_id):
+        kernel.store.put_kv_block(owner, "model-1", "ab" * 32, owner.encode())
+    kernel.free_cube("c")
+    assert list(kernel.store.iter_kv_block_keys(cube_id)) == []
+    assert kernel.store.get_kv_block(other_id, "model-1", "ab" * 32) == other_id.encode()
+
+
 def test_a_crash_after_the_batch_rebuilds_the_indexes_without_the_item(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = open_kernel(tmp_path)

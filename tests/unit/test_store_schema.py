@@ -48,6 +48,7 @@ SAMPLE: dict[str, object] = {
     "cube_id": "cub_a", "name": "notes", "rev": 0x1A, "item_id": "itm_b", "born": 0x2B, "vkey": 0x3C,
     "mount_id": "mnt_c", "fingerprint": "fp_d", "cache_key": "ck_e", "chunk": 0, "digest": "f" * 64,
     "job_id": "job_f", "purge_id": "prg_g", "principal_id": "prn_h", "request_id": "req/i", "seq": 0x4D,
+    "block_key": "ab" * 32,
 }
 
 _FAMILY = re.compile(r"^ {4}([a-z_]+)(?: {2,}.*)?$")
@@ -132,6 +133,7 @@ def write_one_of_each(store: Store) -> None:
     batch.put_request(cube_id, _s("principal_id"), _s("request_id"), RequestRecord("write", "d", 0, mount_id))
     store.write(batch, sync=True)
 
+    store.put_kv_block(cube_id, _s("fingerprint"), _s("block_key"), b"block")
     store.put_job(JobRecord(_s("job_id"), cube_id, 1, {}, "", "", 0))
     store.put_principal(PrincipalRecord(_s("principal_id"), "p", "user", False, "h", 0))
     store.put_grant(GrantRecord(cube_id, _s("principal_id"), ["read"], "", 0))
@@ -213,6 +215,17 @@ def test_usage_accessors_keep_the_stored_bytes(store: Store) -> None:
     batch.delete_item_usage(_s("cube_id"), _s("item_id"))
     store.write(batch, sync=False)
     assert [bytes(k) for k, _ in store.scan_rows(schema.CF_USAGE)] == [expected_key("{cube_id}/#")]
+
+
+def test_kv_block_accessors_read_back_and_delete_by_cube(store: Store) -> None:
+    cube_id, fp, key = _s("cube_id"), _s("fingerprint"), _s("block_key")
+    assert store.get_kv_block(cube_id, fp, key) == b"block" and store.has_kv_block(cube_id, fp, key)
+    assert not store.has_kv_block(cube_id, fp, "cd" * 32) and store.get_kv_block(cube_id, "fp_z", key) is None
+    assert list(store.iter_kv_block_keys(cube_id)) == [key] and store.kv_block_bytes(cube_id) == len(b"block")
+    store.put_kv_block("cub_b", fp, key, b"other cube")
+    store.delete_kv_blocks(cube_id, sync=False)
+    assert list(store.scan_rows(schema.CF_KV_BLOCKS)) == [(schema.kv_block_key("cub_b", fp, key), b"other cube")]
+    assert store.kv_block_bytes(cube_id) == 0
 
 
 def test_request_ids_read_back_with_their_principal_and_id(store: Store) -> None:

@@ -6,6 +6,7 @@ scripts/spike_vllm_engine.py covers it."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,19 +17,27 @@ pytest.importorskip("vllm")
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from memosd.runtime import vllm_connector as vc
-from memosd.runtime.kvblocks import MemoryBlockStore, block_keys
+from memosd.runtime.kvblocks import BlockStore, MemoryBlockStore, block_keys
+from memosd.store.blocks import RocksBlockStore
+from memosd.store.rocks import Store
 
 B = 64
 FP = "fp-test"
 
 
-@pytest.fixture
-def store() -> MemoryBlockStore:
-    return MemoryBlockStore()
+@pytest.fixture(params=["memory", "rocks"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockStore]:
+    """The connector over each store; the RocksDB one is bound to the requests' cube ("cube-1")."""
+    if request.param == "memory":
+        yield MemoryBlockStore()
+        return
+    rocks = Store(tmp_path / "store")
+    yield RocksBlockStore(rocks, "cube-1", FP)
+    rocks.close()
 
 
 @pytest.fixture
-def connector(store: MemoryBlockStore) -> Iterator[Any]:
+def connector(store: BlockStore) -> Iterator[Any]:
     vc.register_store("test", store, FP)
     config = SimpleNamespace(
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"memosd_store": "test"}),
@@ -45,7 +54,7 @@ def _request(rid: str, tokens: list[int], *, salt: str | None = "cube-1", lora: 
         kv_transfer_params={vc.PARAMS_KEY: {"persist_tokens": persist, "load": load}})
 
 
-def _stored(store: MemoryBlockStore, tokens: list[int], n: int, salt: bytes = b"cube-1", extra: bytes = b"") -> None:
+def _stored(store: BlockStore, tokens: list[int], n: int, salt: bytes = b"cube-1", extra: bytes = b"") -> None:
     for key in block_keys(tokens, fingerprint=FP, salt=salt, extra=extra)[:n]:
         store.put(key, b"blob")
 
@@ -61,14 +70,14 @@ def _step(new: Sequence[tuple[str, list[int], int]] = (), cached: Sequence[tuple
         num_scheduled_tokens=scheduled or {})
 
 
-def test_offers_the_stored_blocks_after_the_engines_own_hit(connector: Any, store: MemoryBlockStore) -> None:
+def test_offers_the_stored_blocks_after_the_engines_own_hit(connector: Any, store: BlockStore) -> None:
     tokens = list(range(4 * B + 5))
     _stored(store, tokens, 3)
     assert connector.get_num_new_matched_tokens(_request("r1", tokens), 0) == (3 * B, False)
     assert connector.get_num_new_matched_tokens(_request("r2", tokens), B) == (2 * B, False)
 
 
-def test_offers_nothing_to_another_cube_adapter_or_an_unsalted_request(connector: Any, store: MemoryBlockStore) -> None:
+def test_offers_nothing_to_another_cube_adapter_or_an_unsalted_request(connector: Any, store: BlockStore) -> None:
     tokens = list(range(3 * B + 1))
     _stored(store, tokens, 3)
     assert connector.get_num_new_matched_tokens(_request("a", tokens, salt="cube-2"), 0) == (0, False)
@@ -79,13 +88,13 @@ def test_offers_nothing_to_another_cube_adapter_or_an_unsalted_request(connector
     assert connector.get_num_new_matched_tokens(_request("e", tokens, lora="digest"), 0) == (3 * B, False)
 
 
-def test_never_offers_the_block_holding_the_last_prompt_token(connector: Any, store: MemoryBlockStore) -> None:
+def test_never_offers_the_block_holding_the_last_prompt_token(connector: Any, store: BlockStore) -> None:
     tokens = list(range(2 * B))
     _stored(store, tokens, 2)
     assert connector.get_num_new_matched_tokens(_request("r", tokens), 0) == (B, False)
 
 
-def test_loads_go_to_the_allocated_blocks(connector: Any, store: MemoryBlockStore) -> None:
+def test_loads_go_to_the_allocated_blocks(connector: Any, store: BlockStore) -> None:
     tokens = list(range(3 * B + 7))
     _stored(store, tokens, 2)
     request = _request("r", tokens)
@@ -96,7 +105,7 @@ def test_loads_go_to_the_allocated_blocks(connector: Any, store: MemoryBlockStor
     assert meta.loads == [(40, keys[0]), (41, keys[1])] and meta.saves == []
 
 
-def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: Any, store: MemoryBlockStore) -> None:
+def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: Any, store: BlockStore) -> None:
     tokens = list(range(4 * B + 10))
     keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
     store.put(keys[1], b"already")  # stored blocks are not written again
@@ -111,7 +120,7 @@ def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: An
     assert connector.build_connector_meta(_step(cached=[("r", None, 4 * B)], scheduled={"r": 1})).saves == []
 
 
-def test_a_preempted_request_gets_its_loads_when_it_resumes(connector: Any, store: MemoryBlockStore) -> None:
+def test_a_preempted_request_gets_its_loads_when_it_resumes(connector: Any, store: BlockStore) -> None:
     tokens = list(range(3 * B + 7))
     _stored(store, tokens, 2)
     request = _request("r", tokens)
