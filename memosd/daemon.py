@@ -191,7 +191,8 @@ def build(config: Config) -> Daemon:
     except StartupError:
         lock_handle.close()
         raise
-    log_event(log, "ports_free", listen=config.server.listen, metrics=config.metrics.listen or "off")
+    log_event(log, "ports_free", listen=config.server.listen, metrics=config.metrics.listen or "off",
+              http=config.http.listen or "off")
     if free_bytes(config.data_dir) < PROBE_MIN_FREE_BYTES:
         raise StartupError(_disk_full_at_start(config.data_dir))
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
@@ -417,7 +418,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
         daemon.stop_event.set()
         exit_code = 1
     else:
-        log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off",
+        log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off", http=http_address or "off",
                   data_dir=daemon.config.data_dir, version=__version__, cubes=len(daemon.kernel.cube_ids()))
         notifier.ready(f"serving on {daemon.address}")
         notifier.start_watchdog(lambda: not daemon.stop_event.is_set())

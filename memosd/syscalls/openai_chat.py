@@ -98,6 +98,8 @@ class ChatRun:
                 continue
             response: pb.GenerateResponse = event
             if response.HasField("summary"):
+                if self.gate.metrics is not None:  # the generation's TTFT and tokens, as for gRPC's Generate
+                    self.gate.metrics.observe_response("Generate", response)
                 return response.summary
             return response.delta
 

@@ -4,7 +4,9 @@ with a plain HTTP client (urllib): no token 401, unknown cube 404, a bad field 4
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -159,3 +161,40 @@ def test_a_bad_field_is_400_naming_the_param(base_url: str, daemon: DaemonProces
 def test_a_body_that_is_not_json_is_400(base_url: str, daemon: DaemonProcess) -> None:
     status, reply = _post(f"{base_url}/chat/completions", b"{not json", daemon.token)
     assert status == 400 and reply["error"]["param"] == "body"
+
+
+def test_rights_are_the_gates_read_alone_is_403(base_url: str, client: Client, notes: tuple[str, int, str]) -> None:
+    _principal, token = client.create_principal("reader-openai")
+    body = {"model": f"memos:{notes[0]}", "messages": [{"role": "user", "content": "hi"}]}
+    status, reply = _post(f"{base_url}/chat/completions", body, token)
+    assert status == 404 and reply["error"]["code"] == "CUBE_NOT_FOUND"  # not granted: not even visible
+    client.grant(notes[0], "reader-openai", ["read"])
+    status, reply = _post(f"{base_url}/chat/completions", body, token)
+    assert status == 403 and reply["error"]["code"] == "PERMISSION_DENIED", reply
+    assert "activate" in reply["error"]["message"].lower()
+
+
+def test_a_stream_the_client_leaves_closes_its_mount(base_url: str, daemon: DaemonProcess, client: Client,
+                                                     notes: tuple[str, int, str]) -> None:
+    host, port = base_url.removeprefix("http://").removesuffix("/v1").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": f"memos:{notes[0]}", "stream": True, "max_tokens": 200,
+            "messages": [{"role": "user", "content": "tell a long story"}]}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Authorization": f"Bearer {daemon.token}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    connection.close()  # mid-stream
+    deadline = time.monotonic() + 30
+    while client.stat_cube(notes[0]).mount_count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.stat_cube(notes[0]).mount_count == 0
+
+
+def test_chats_are_counted_in_metrics_like_syscalls(sdk: Any, daemon: DaemonProcess, notes: tuple[str, int, str]) -> None:
+    sdk.chat.completions.create(model=f"memos:{notes[0]}", messages=[{"role": "user", "content": "hi"}])
+    address = json.loads((daemon.data_dir / "daemon.json").read_text())["metrics_address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    assert 'memosd_syscalls_total{code="OK",method="OpenAI.ChatCompletions"}' in text
+    assert "memosd_generate_ttft_seconds_count" in text
