@@ -30,7 +30,7 @@ from memosd.park import Park
 from memosd.store.records import PrincipalRecord
 from memosd.syscalls.admission import Slot, stream_kinds
 from memosd.syscalls.convert_openai import ChatRequest
-from memosd.syscalls.gate import wait_parked
+from memosd.syscalls.gate import Gate, wait_parked
 from memosd.syscalls.servicer import MemOSServicer
 
 CHAT_METHOD = "OpenAI.ChatCompletions"
@@ -65,8 +65,11 @@ class ChatRun:
             caller = self.gate.authenticate(CHAT_METHOD, self.authorization, self.entry)  # a dict lookup
             self._slot = self.gate.admission.admit(caller.principal_id, stream_kinds("Generate", None))
             self._steps = await self._run(lambda: self._open(caller))
-        except BaseException as error:
-            await self.finish(error if isinstance(error, Exception) else None)
+        except asyncio.CancelledError:
+            self.abandon()  # the mounting may still run: clean up after it
+            raise
+        except Exception as error:
+            await self.finish(error)
             raise
 
     def _mount(self, caller: PrincipalRecord, ref: str) -> str:
@@ -139,6 +142,18 @@ class ChatRun:
         if cancelled:
             self.entry.code = "CANCELLED"
         self.gate.finish(self.entry, self.started, error)
+
+
+async def refuse_malformed(gate: Gate, authorization: list[str], error: MemosError) -> MemosError:
+    """A body that is not a chat request, refused before any syscall: the caller is still authenticated
+    first (no token is 401 whatever the body), and the refusal is audited and counted like any other."""
+    started, entry = time.perf_counter(), AuditEntry(CHAT_METHOD)
+    try:
+        gate.authenticate(CHAT_METHOD, authorization, entry)
+    except MemosError as refused:
+        error = refused
+    await asyncio.wrap_future(gate.executor.submit(gate.finish, entry, started, error))
+    return error
 
 
 def visible_cube_names(servicer: MemOSServicer, authorization: list[str]) -> list[str]:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
-from memos.v1 import memos_pb2 as pb
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -23,7 +22,13 @@ from starlette.routing import Route
 
 from memosd.errors import InvalidField, MalformedRequest, MemosError
 from memosd.syscalls import convert_openai as co
-from memosd.syscalls.openai_chat import CHAT_METHOD, MODELS_METHOD, ChatRun, visible_cube_names
+from memosd.syscalls.openai_chat import (
+    CHAT_METHOD,
+    MODELS_METHOD,
+    ChatRun,
+    refuse_malformed,
+    visible_cube_names,
+)
 from memosd.syscalls.openai_errors import error_body, http_status
 from memosd.syscalls.servicer import MemOSServicer
 
@@ -53,6 +58,9 @@ class OpenAIApp:
         ])
 
     async def _body(self, request: Request) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused unread
+            raise MalformedRequest(f"the request body is {declared} bytes, over the {MAX_BODY_BYTES} allowed")
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise MalformedRequest(f"the request body is {len(raw)} bytes, over the {MAX_BODY_BYTES} allowed")
@@ -75,8 +83,7 @@ class OpenAIApp:
         try:
             chat = co.chat_request(await self._body(request))
         except MemosError as error:
-            # Refused before the gate: still counted and audited as the gate would (the caller first).
-            return await self._refuse_early(request, error)
+            return _error_response(await refuse_malformed(gate, _authorization(request), error))
         run = ChatRun(self.servicer, _authorization(request), chat)
         try:
             await run.start()
@@ -91,17 +98,6 @@ class OpenAIApp:
             return StreamingResponse(self._stream(run, first), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await self._whole(run, first)
-
-    async def _refuse_early(self, request: Request, error: MemosError) -> Response:
-        """A malformed body: the caller is still authenticated first (no token is 401, not 400)."""
-        run = ChatRun(self.servicer, _authorization(request), co.ChatRequest("", [], {}, "", pb.GenerateRequest()))
-        try:
-            run.gate.authenticate(CHAT_METHOD, run.authorization, run.entry)
-        except MemosError as auth_error:
-            await run.finish(auth_error)
-            return _error_response(auth_error)
-        await run.finish(error)
-        return _error_response(error)
 
     async def _whole(self, run: ChatRun, event: str | Any) -> Response:
         parts: list[str] = []
@@ -134,17 +130,13 @@ class OpenAIApp:
                 for last in co.last_chunks(run.chat, run.call_id, event, run.names):
                     yield _sse(last)
             yield b"data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            if not finished:
-                run.abandon()
-            raise
         except Exception as error:  # after the headers: OpenAI's SDKs raise on an "error" event
             if not finished:
                 await run.finish(error)
             yield _sse(error_body(run.gate.public_error(CHAT_METHOD, error)))
         finally:
-            if not finished:
-                run.abandon()  # a closed generator (the client left): idempotent after finish
+            if not finished:  # cancelled or closed (the client left); a no-op after finish(error)
+                run.abandon()
 
 
 class HttpServer:
