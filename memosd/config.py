@@ -170,6 +170,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    # The OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models), with the same tokens and
+    # the same gate as gRPC. Off ("") by default: a daemon that is upgraded must not open a port nobody asked
+    # for, and a fixed default would collide with a second daemon beside it. Port 0 picks a free one
+    # (written to daemon.json as "http_address"). Plain HTTP: keep it on loopback or behind a TLS proxy.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -185,6 +194,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     config_file: Path | None = None  # the TOML file that was read, if any
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +220,7 @@ SECTIONS: dict[str, type[Any]] = {
     "scheduler": SchedulerConfig,
     "lifecycle": LifecycleConfig,
     "metrics": MetricsConfig,
+    "http": HttpConfig,
 }
 
 # "section.key" -> field type; "data_dir" is the one top-level key.
@@ -288,6 +299,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.max_adapters": _POSITIVE_INT,
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
+    "http.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
 }
 # Enumerated words are matched case-insensitively ("INFO" is fine).
 _LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device", "runtime.dtype", "runtime.kv_dtype"}

@@ -4,7 +4,7 @@ Data dir layout:
     store/            RocksDB (the source of truth)
     index/{cube_id}/  derived indexes: dense.usearch, lexical/ (rebuilt from store when missing/behind)
     models/{sha16}/   the builtin model's dequantized weights (runtime.cache_dir, if set, holds it instead)
-    daemon.json       {"pid", "address", "metrics_address"} of the running daemon (removed on clean exit)
+    daemon.json       {"pid", "address", "metrics_address", "http_address"} of the running daemon (removed on clean exit)
     admin.token       the bootstrap admin's token (mode 0600), written at first start
     LOCK              held (flock) while a daemon uses the dir
 """
@@ -61,6 +61,7 @@ from memosd.store.rocks import PROBE_MIN_FREE_BYTES, SchemaMismatch, Store
 from memosd.store.space import free_bytes, is_no_space
 from memosd.syscalls import convert_stats
 from memosd.syscalls.gate import Gate
+from memosd.syscalls.openai_http import HttpServer
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
 from memosd.syscalls.servicer import MemOSServicer
 
@@ -91,8 +92,13 @@ def _metrics_listen_error(listen: str, reason: str) -> str:
             '(--set metrics.listen=HOST:PORT, env MEMOSD_METRICS__LISTEN), or "" to turn metrics off')
 
 
+def _http_listen_error(listen: str, reason: str) -> str:
+    return (f"cannot serve the OpenAI-compatible API on {listen}: {reason}; set http.listen to a free \"host:port\" "
+            '(--set http.listen=HOST:PORT, env MEMOSD_HTTP__LISTEN), or "" to turn it off')
+
+
 def check_ports(config: Config) -> None:
-    """Both listen addresses, before anything slow loads: a taken port is the common way a start fails."""
+    """Every listen address, before anything slow loads: a taken port is the common way a start fails."""
     reason = unbindable(config.server.listen)
     if reason is not None:
         raise StartupError(_grpc_listen_error(config.server.listen, reason))
@@ -100,6 +106,10 @@ def check_ports(config: Config) -> None:
         reason = unbindable(config.metrics.listen, first_only=True)
         if reason is not None:
             raise StartupError(_metrics_listen_error(config.metrics.listen, reason))
+    if config.http.listen:
+        reason = unbindable(config.http.listen, first_only=True)
+        if reason is not None:
+            raise StartupError(_http_listen_error(config.http.listen, reason))
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:
@@ -132,6 +142,7 @@ class Daemon:
     stats_service: StatsService
     metrics_server: MetricsServer | None = None  # None: metrics.listen = ""
     lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
+    http_server: HttpServer | None = None  # None: http.listen = ""
 
     def stats(self) -> pb.StatsResponse:
         """The Stats message the metrics gauges read (without the gate's call counts)."""
@@ -180,7 +191,8 @@ def build(config: Config) -> Daemon:
     except StartupError:
         lock_handle.close()
         raise
-    log_event(log, "ports_free", listen=config.server.listen, metrics=config.metrics.listen or "off")
+    log_event(log, "ports_free", listen=config.server.listen, metrics=config.metrics.listen or "off",
+              http=config.http.listen or "off")
     if free_bytes(config.data_dir) < PROBE_MIN_FREE_BYTES:
         raise StartupError(_disk_full_at_start(config.data_dir))
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
@@ -253,6 +265,18 @@ def build(config: Config) -> Daemon:
             model_host.close()
             kernel.close()
             raise StartupError(_metrics_listen_error(config.metrics.listen, error.strerror or str(error))) from None
+    http_server = None
+    if config.http.listen:
+        try:
+            http_server = HttpServer(config.http.listen, servicer)
+        except OSError as error:
+            if metrics_server is not None:
+                metrics_server.stop()
+            loop.close()
+            gate.close()
+            model_host.close()
+            kernel.close()
+            raise StartupError(_http_listen_error(config.http.listen, error.strerror or str(error))) from None
     host = config.server.listen.rsplit(":", 1)[0]
     # Called from whichever thread noticed: scheduled on the loop, never awaited (it may be the loop's thread).
     store.space.on_change(lambda full: loop.submit(health_servicer.set(
@@ -260,7 +284,7 @@ def build(config: Config) -> Daemon:
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
                     f"{host}:{port}", lock_handle, started, stop_event, audit, store, stats, metrics_server,
-                    lifecycle)
+                    lifecycle, http_server)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
@@ -375,12 +399,16 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     if daemon.metrics_server is not None:
         daemon.metrics_server.start()
         metrics_address = daemon.metrics_server.address
+    http_address = ""
+    if daemon.http_server is not None:
+        daemon.loop.call(daemon.http_server.start())
+        http_address = daemon.http_server.address
     daemon.loop.call(_set_health(daemon.health, daemon.store.space.full))
     address_file = daemon.config.data_dir / "daemon.json"
     exit_code = 0
     try:
         address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address,
-                                            "metrics_address": metrics_address}))
+                                            "metrics_address": metrics_address, "http_address": http_address}))
     except OSError as error:  # the disk filled up during the start: stop cleanly, as if asked to
         if not is_no_space(error):
             raise
@@ -390,7 +418,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
         daemon.stop_event.set()
         exit_code = 1
     else:
-        log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off",
+        log_event(log, "serving", address=daemon.address, metrics=metrics_address or "off", http=http_address or "off",
                   data_dir=daemon.config.data_dir, version=__version__, cubes=len(daemon.kernel.cube_ids()))
         notifier.ready(f"serving on {daemon.address}")
         notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
@@ -402,6 +430,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     daemon.loop.call(daemon.health.enter_graceful_shutdown())
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))
+    if daemon.http_server is not None:  # its open replies see their calls end (gate.close below) and stop
+        daemon.loop.call(daemon.http_server.stop())
     daemon.servicer.gate.close()
     daemon.loop.close()
     if daemon.metrics_server is not None:  # before the parts it reads are closed

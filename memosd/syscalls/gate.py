@@ -241,6 +241,25 @@ class Gate:
             raise message.error_for_stream()
         return message
 
+    # -- the same steps for the HTTP surface (syscalls/openai_chat.py): no second auth path ----------
+    def authenticate(self, method: str, authorization: list[str], entry: AuditEntry) -> PrincipalRecord:
+        """The caller of an HTTP call, from its Authorization header values (as gRPC's metadata)."""
+        return self._authenticate(method, authorization, entry)
+
+    def authorize_call(self, caller: PrincipalRecord, method: str, request: Any, done: threading.Event,
+                       entry: AuditEntry) -> Call:
+        """``caller`` may make ``method`` (a MemOS syscall) with ``request``; the Call to hand its handler."""
+        return self._authorize(caller, method, request, done, entry)
+
+    def finish(self, entry: AuditEntry, started: float, error: Exception | None) -> None:
+        """The call's audit record and metrics (on an executor thread: it writes to RocksDB)."""
+        self._close(entry, started, error)
+
+    def public_error(self, method: str, error: Exception) -> MemosError:
+        """What the caller may be told of ``error``: a MemosError as is, anything else INTERNAL with a ref."""
+        error = self._disk_full(error)
+        return error if isinstance(error, MemosError) else internal(method, error)
+
     # -- the three shapes ------------------------------------------------------------
     def unary(self, method: str, handler: Handler) -> Callable[[Any, Any], Awaitable[Any]]:
         async def run(request: Any, context: Any) -> Any:
@@ -315,7 +334,7 @@ class Gate:
                     if response is _END:
                         break
                     if isinstance(response, Park):
-                        await _park(response)
+                        await wait_parked(response)
                         continue
                     _note_header(stream.entry, response)
                     if self.metrics is not None:
@@ -434,7 +453,7 @@ class _Feed:
             yield item
 
 
-async def _park(park: Park) -> None:
+async def wait_parked(park: Park) -> None:
     """Wait on the loop until ``park.future`` is done; the generator reads its result (or error) itself."""
     waiting = asyncio.wrap_future(park.future)
     try:

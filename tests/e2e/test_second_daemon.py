@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,11 @@ def test_metrics_port_follows_grpc_port_zero(tmp_path: Path) -> None:
         for daemon in daemons:
             if daemon.proc is not None:
                 assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_taken_http_port_fails_before_loading(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        log = _failed_start(DaemonProcess(tmp_path / "http", env={"MEMOSD_HTTP__LISTEN": address}))
+    assert f"memosd: cannot serve the OpenAI-compatible API on {address}: the address is already in use" in log
+    assert "set http.listen to a free" in log and "MEMOSD_HTTP__LISTEN" in log

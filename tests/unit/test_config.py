@@ -265,6 +265,7 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "scheduler",
         "lifecycle",
         "metrics",
+        "http",
         "config_file",
     }
     assert Config(data_dir=Path("/x")).server == ServerConfig()
@@ -356,3 +357,10 @@ def test_print_config_is_every_key_and_reads_back_the_same(home: Path, tmp_path:
     assert main(["--print-config", *argv]) == 0
     assert capsys.readouterr().out == text
     assert not (tmp_path / "d").exists()
+
+
+def test_http_listen_is_off_by_default_and_set_from_the_environment(home: Path) -> None:
+    assert load_config([], env_with(home)).http.listen == ""
+    assert load_config([], env_with(home, MEMOSD_HTTP__LISTEN="127.0.0.1:0")).http.listen == "127.0.0.1:0"
+    with pytest.raises(ConfigError, match=r"http\.listen"):
+        load_config([], env_with(home, MEMOSD_HTTP__LISTEN="nowhere"))
