@@ -427,6 +427,9 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     (signals or StopSignals()).wait(daemon.stop_event)
     log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
     notifier.stopping("draining in-flight calls")
+    # Calls that reach the gate from now on (an HTTP chat, a gRPC call racing the stop) are refused with
+    # SHUTTING_DOWN, which clients retry against the restarted daemon; calls already in flight finish.
+    daemon.servicer.gate.draining = True
     daemon.loop.call(daemon.health.enter_graceful_shutdown())
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))

@@ -129,7 +129,7 @@ class Gate:
         self.metrics = metrics  # None: metrics are off
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
-        self.draining = False
+        self.draining = False  # set by the daemon when SIGTERM starts the drain: new calls get SHUTTING_DOWN
         server = server or ServerConfig()
         self.idle_seconds = server.stream_idle_seconds
         self.admission = Admission(quotas or QuotasConfig())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -197,3 +198,35 @@ def test_chats_are_counted_in_metrics_like_syscalls(sdk: Any, daemon: DaemonProc
         text = response.read().decode()
     assert 'memosd_syscalls_total{code="OK",method="OpenAI.ChatCompletions"}' in text
     assert "memosd_generate_ttft_seconds_count" in text
+
+
+def test_a_call_during_the_shutdown_drain_is_refused_with_shutting_down(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """After SIGTERM the daemon drains: calls in flight finish (here an Audit follow stream holds the drain
+    open), and a call that arrives meanwhile is refused with SHUTTING_DOWN (HTTP 503), not served by a daemon
+    that is closing its parts."""
+    proc = DaemonProcess(tmp_path / "data", env={
+        "MEMOSD_RUNTIME__MODEL": str(tiny_model), "MEMOSD_RUNTIME__DEVICE": "cpu",
+        "MEMOSD_HTTP__LISTEN": "127.0.0.1:0",
+        "MEMOSD_SERVER__GRACE_SECONDS": "120"}).start()  # the follow stream keeps the drain open until closed
+    try:
+        address = json.loads((proc.data_dir / "daemon.json").read_text())["http_address"]
+        with Client(proc.address, token=proc.token, timeout=60) as c:
+            c.whoami()  # one audited call, so the follow stream has a record to send at once
+            follow = c.audit(follow=True)
+            next(follow)  # the stream is open and served
+            proc.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            deadline = time.monotonic() + 60  # a deadline for the daemon to log the drain, not a speed claim
+            while "event=stopping" not in proc.full_log():
+                assert time.monotonic() < deadline, proc.log()
+                time.sleep(0.05)
+            request = urllib.request.Request(f"http://{address}/v1/models",
+                                             headers={"Authorization": f"Bearer {proc.token}"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            body = json.loads(refused.value.read())
+            assert refused.value.code == 503 and body["error"]["code"] == "SHUTTING_DOWN", body
+            follow.close()  # the last call in flight ends: the drain completes
+        assert proc.proc.wait(60) == 0  # type: ignore[union-attr]
+    finally:
+        proc.kill()
