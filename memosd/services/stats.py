@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from memosd import __version__
 from memosd.activation.activator import Activator
 from memosd.governance.audit import AuditLog
 from memosd.kernel.kernel import Kernel
 from memosd.runtime.host import ModelHost
+from memosd.runtime.kvpool import PoolStats
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,10 @@ class ModelStats:
 
 
 @dataclass(frozen=True)
-class KVPoolStats:
-    """The KV pool (in memory), and the bytes of KV caches persisted in the store over all cubes."""
+class KVPoolStats(PoolStats):
+    """The KV pool (in memory, the pool's own counters), and the bytes of KV caches persisted in the store
+    over all cubes."""
 
-    entries: int
-    bytes_used: int
-    budget_bytes: int
-    hits: int
-    misses: int
-    evictions: int
     persisted_bytes: int
 
 
@@ -136,9 +132,7 @@ class StatsService:
 
     def _kv_pool(self) -> KVPoolStats:
         persisted = self.activator.persisted_bytes()
-        s = self.host.pool.stats()
-        return KVPoolStats(entries=s.entries, bytes_used=s.bytes_used, budget_bytes=s.budget_bytes, hits=s.hits,
-                           misses=s.misses, evictions=s.evictions, persisted_bytes=persisted)
+        return KVPoolStats(**asdict(self.host.pool.stats()), persisted_bytes=persisted)
 
     def _adapters(self, stored: int, stored_bytes: int) -> AdapterPoolStats:
         pool = self.host.adapters
