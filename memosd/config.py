@@ -27,6 +27,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_DTYPES = ("float16", "bfloat16")
+# The serving engines (memosd/runtime/): auto is vllm where it is installed, else transformers.
+ENGINES = ("auto", "vllm", "transformers")
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank takes these
 # The fusion methods the index package understands; keep in step with memosd/index.
 FUSION_METHODS = ("rrf", "linear", "combsum", "combmnz", "dbsf", "tm2c2")
 
@@ -109,6 +112,9 @@ class RuntimeConfig:
     """The in-process model that holds activation memory."""
 
     model: str = "SmolLM2-135M-Instruct"  # the builtin, a local Hugging Face model directory, or "none"
+    # Who serves it: vllm (batched, paged KV, multi-LoRA) or transformers (one request at a time; it also
+    # trains adapters, whichever engine serves). auto: vllm where it is installed.
+    engine: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on cpu, bfloat16 on cuda) | float32 | bfloat16 | float16
     cache_dir: str = ""  # where the dequantized builtin model is cached; empty means the data dir
@@ -120,7 +126,8 @@ class RuntimeConfig:
     prefill_chunk: int = 512  # tokens per forward pass when encoding a memory block
     # ... when the scheduler encodes one in the background: a Generate waits for at most one such chunk
     background_chunk: int = 128
-    max_adapters: int = 8  # LoRA adapters resident in the model at once
+    max_adapters: int = 8  # LoRA adapters resident in the model at once (vLLM: its LoRA slots)
+    max_lora_rank: int = 64  # vLLM: the largest adapter rank it serves (its LoRA buffers are sized by it)
 
 
 @dataclass(frozen=True)
@@ -297,12 +304,15 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.prefill_chunk": _POSITIVE_INT,
     "runtime.background_chunk": _POSITIVE_INT,
     "runtime.max_adapters": _POSITIVE_INT,
+    "runtime.engine": (lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
+    "runtime.max_lora_rank": (lambda v: v in LORA_RANKS, f"one of {', '.join(map(str, LORA_RANKS))}"),
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
     "http.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
 }
 # Enumerated words are matched case-insensitively ("INFO" is fine).
-_LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device", "runtime.dtype", "runtime.kv_dtype"}
+_LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device", "runtime.dtype", "runtime.kv_dtype",
+              "runtime.engine"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

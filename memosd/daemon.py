@@ -57,6 +57,7 @@ from memosd.services.cubes import CubeRemoval
 from memosd.services.erasure import Erasure
 from memosd.services.lifecycle import LifecycleLoop
 from memosd.services.stats import StatsService
+from memosd.store.blocks import RocksBlockStores
 from memosd.store.rocks import PROBE_MIN_FREE_BYTES, SchemaMismatch, Store
 from memosd.store.space import free_bytes, is_no_space
 from memosd.syscalls import convert_stats
@@ -208,7 +209,8 @@ def build(config: Config) -> Daemon:
                                                                     exact_below=search.exact_below))
     # The model loads on the runtime worker in the background; activation syscalls wait for it.
     model_host = ModelHost(config.runtime, Path(config.runtime.cache_dir).expanduser()
-                           if config.runtime.cache_dir else config.data_dir)
+                           if config.runtime.cache_dir else config.data_dir,
+                           block_stores=lambda fingerprint: RocksBlockStores(store, fingerprint))
     adapters = AdapterService(kernel, model_host, spool=store.path.parent / "uploads")  # beside the store
     usage = UsageTracker(store)
     activator = Activator(kernel, model_host, adapters, usage, store=store)

@@ -40,7 +40,9 @@ _EVENT_ATTR = "memosd_event"
 _FIELDS_ATTR = "memosd_fields"
 
 # Attributes every LogRecord has; anything else was passed through `extra=`.
-_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# vLLM's record factory stamps every record, ours too, with its process name: not ours to print.
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName",
+                                                                  "vllm_process_name"}
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

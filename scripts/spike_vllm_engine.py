@@ -103,13 +103,13 @@ def tail_ids(engine: Any, i: int = 0) -> list[int]:
 
 
 def open_engine(args: argparse.Namespace) -> tuple[Any, float]:
-    from memosd.runtime.kvblocks import DirBlockStore
+    from memosd.runtime.kvblocks import DirBlockStore, OneStore
     from memosd.runtime.vllm_engine import VllmConfig, VllmEngine
 
     started = time.perf_counter()
-    engine = VllmEngine(VllmConfig(model_dir=args.model_dir, fingerprint=FINGERPRINT, kv_cache_gib=1,
+    engine = VllmEngine(VllmConfig(model_dir=args.model_dir, fingerprint=FINGERPRINT, kv_cache_bytes=1 << 30,
                                    threads=args.threads, max_model_len=4096, max_num_seqs=16, max_loras=2,
-                                   max_lora_rank=8), DirBlockStore(args.work / "blocks"))
+                                   max_lora_rank=8), OneStore(DirBlockStore(args.work / "blocks")))
     return engine, round(time.perf_counter() - started, 1)
 
 

@@ -28,6 +28,7 @@ from memosd.parametric.adapters import AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
+from memosd.store.blocks import RocksBlockStores
 from memosd.store.rocks import Store
 
 
@@ -60,7 +61,11 @@ def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, *, sync
     kernel = Kernel(store, HashEmbedder(), CubeIndex.open, data / "index", limits or LimitsConfig(),
                     sync_commits=sync_commits)
     kernel.open()
-    host = ModelHost(RuntimeConfig(model=model, device="cpu", retrieve_k=0, **runtime), data)
+    # The transformers engine unless a test names another: the rig is the one-layer harness of activation/,
+    # and the vLLM engine is tested through the daemon (tests/e2e/test_vllm_engine.py).
+    runtime.setdefault("engine", "transformers")
+    host = ModelHost(RuntimeConfig(model=model, device="cpu", retrieve_k=0, **runtime), data,
+                     block_stores=lambda fingerprint: RocksBlockStores(store, fingerprint))
     # Wait for the background load (a no-op queued behind it; a failed load is the test's to see): tests load
     # models on their own thread too (make_adapter), and transformers' meta-device init during one
     # from_pretrained is process-global, so a load racing it gets meta tensors ("Cannot copy out of meta

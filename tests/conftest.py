@@ -21,10 +21,17 @@ _names = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    """The session daemon, with the embedded SmolLM2 (loaded in the background after start)."""
-    env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct",
-           "MEMOSD_RUNTIME__CACHE_DIR": str(tmp_path_factory.mktemp("daemon-model-cache"))}
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model cache the SmolLM2 daemons share: the first to start dequantizes the GGUF, the others find it
+    (the cache is written to a temporary directory and renamed, so two building it at once is safe)."""
+    return tmp_path_factory.mktemp("daemon-model-cache")
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> Iterator[DaemonProcess]:
+    """The session daemon, with the embedded SmolLM2 (loaded in the background after start), on the
+    transformers engine (the vLLM engine's daemon is tests/e2e/test_vllm_engine.py's)."""
+    env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__CACHE_DIR": str(smollm2_cache)}
     proc = DaemonProcess(tmp_path_factory.mktemp("memosd") / "data", env=env).start()
     yield proc
     code = proc.stop()

@@ -40,6 +40,10 @@ class DaemonProcess:
         # No model unless a test asks for one: most daemons here test plaintext memory, and
         # loading a model in the background would only take CPU from them.
         env["MEMOSD_RUNTIME__MODEL"] = "none"
+        # The transformers engine unless a test names another: it starts in a second, and vLLM's start
+        # (~30 s, ~3 GB) is paid once by the daemon the vLLM engine's own tests share
+        # (tests/e2e/test_vllm_engine.py), which runs on the default engine.
+        env["MEMOSD_RUNTIME__ENGINE"] = "transformers"
         # No MEMOSD_METRICS__LISTEN: with --listen on port 0 the metrics port is picked free too (config),
         # so many test daemons run at once beside one the developer runs on the default ports.
         env.update(self.env)

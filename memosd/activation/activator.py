@@ -15,6 +15,15 @@ a cache of another model, another cube, or other tokens is never served.
 Tensor work (compute, to/from chunks) runs on the runtime worker; RocksDB
 reads and writes run on the calling thread; activations of one cube are
 serialized by a per-cube lock.
+
+On the vLLM engine (``host.engine``) the same record is kept, under the
+engine's block fingerprint, but its cache is the engine's: Activate submits
+the block as a one-token prefill, and the engine's connector persists its full
+64-token blocks (RocksDB ``kv_blocks``, keyed by the same chained hashes) and
+loads them back for any later request that starts with them, so there are no
+chunks and no pool entries; an append-only commit computes only its new
+blocks, since the old ones are found by key. Blocks the current activation no
+longer uses are deleted when it is recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,9 +46,15 @@ from memosd.kernel.usage import UsageTracker
 from memosd.logfmt import log_event
 from memosd.parametric.adapters import AdapterService
 from memosd.runtime import kvpool
+from memosd.runtime.engine import PRIORITY_BACKGROUND as ENGINE_BACKGROUND
+from memosd.runtime.engine import PRIORITY_INTERACTIVE as ENGINE_INTERACTIVE
+from memosd.runtime.engine import Engine, PrefillResult
 from memosd.runtime.host import ModelHost
+from memosd.runtime.kvblocks import block_keys
 from memosd.runtime.kvcache import (
+    BLOCK,
     CacheMismatch,
+    ComputeCancelled,
     ComputeStats,
     CorruptCache,
     KVCache,
@@ -48,7 +65,7 @@ from memosd.runtime.kvcache import (
 )
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
-from memosd.store.records import ActivationRecord
+from memosd.store.records import ActivationRecord, AdapterRecord
 from memosd.store.rocks import Store
 
 log = logging.getLogger("memosd.activation")
@@ -143,6 +160,9 @@ class Activator:
         # A cube with an adapter is activated under it: the adapter becomes resident, and its digest is
         # in the cache key, so this cache is never used under another adapter or the base model.
         adapter = cube.adapter_at(revision)
+        if self.host.engine is not None:
+            return self._activate_on_engine(self.host.engine, loaded, cube, revision, refs, ids, label, adapter,
+                                            cancel, background, started)
         if adapter is not None:
             self.adapters.make_resident(cube.cube_id, adapter)
         extra = adapter.digest.encode() if adapter is not None else b""
@@ -187,6 +207,65 @@ class Activator:
         log_event(log, "activate", cube=cube.cube_id, revision=revision, key=key[:16], source=source,
                   tokens=cache.n_tokens, computed=computed, reused=reused, took_ms=took_us // 1000)
         return ActivationOutcome(record, source, computed, reused, cache.nbytes, key in self.host.pool, took_us)
+
+    def _activate_on_engine(self, engine: Engine, loaded: LoadedModel, cube: CubeState, revision: int,
+                            refs: Sequence[tuple[str, int]], ids: list[int], label: str,
+                            adapter: AdapterRecord | None, cancel: threading.Event | None, background: bool,
+                            started: float) -> ActivationOutcome:
+        extra = adapter.digest.encode() if adapter is not None else b""
+        key = block_hashes(ids, fingerprint=engine.fingerprint, salt=cube_salt(cube.cube_id), extra=extra)[-1]
+        served = self.adapters.engine_adapter(cube.cube_id, adapter) if adapter is not None else None
+        with self._cube_lock(cube.cube_id):
+            old = self.store.get_activation(cube.cube_id, engine.fingerprint)
+            future = engine.prefill(ids, salt=cube.cube_id, adapter=served,
+                                    priority=ENGINE_BACKGROUND if background else ENGINE_INTERACTIVE)
+            result = _wait(future, cancel)
+            # The engine computes at least the tokens after the last full block before the last token (the
+            # tail it never stores): anything more was computed because it was in neither cache nor store.
+            tail = len(ids) - BLOCK * ((len(ids) - 1) // BLOCK)
+            source = "computed" if result.computed_tokens > tail else "store" if result.loaded_tokens else "pool"
+            record = self._record_served(engine, loaded, cube, revision, refs, ids, key, old, label,
+                                         adapter.digest if adapter is not None else "")
+        took_us = int((time.perf_counter() - started) * 1e6)
+        per_token = kv_bytes_per_token(loaded) or 0
+        log_event(log, "activate", cube=cube.cube_id, revision=revision, key=key[:16], source=source,
+                  tokens=len(ids), computed=result.computed_tokens, reused=result.cached_tokens,
+                  loaded=result.loaded_tokens, blocks_saved=result.blocks_saved, engine="vllm",
+                  took_ms=took_us // 1000)
+        return ActivationOutcome(record, source, result.computed_tokens, result.cached_tokens,
+                                 len(ids) * per_token, True, took_us)
+
+    def _record_served(self, engine: Engine, loaded: LoadedModel, cube: CubeState, revision: int,
+                       refs: Sequence[tuple[str, int]], ids: list[int], key: str, old: ActivationRecord | None,
+                       selector: str, digest: str) -> ActivationRecord:
+        """Make the engine's blocks of ``ids`` the cube's activation; drop its blocks no longer used."""
+        items = [[item_id, born] for item_id, born in refs]
+        stored = self.store.kv_block_bytes(cube.cube_id, engine.fingerprint)
+        if old is not None and old.cache_key == key and old.revision == revision and old.selector == selector:
+            record = old
+        else:
+            record = ActivationRecord(
+                cube_id=cube.cube_id, fingerprint=engine.fingerprint, revision=revision, cache_key=key,
+                chunk_count=0, persisted_bytes=stored, stored_dtype=loaded.dtype, items=items, token_ids=list(ids),
+                create_ns=time.time_ns(), adapter_digest=digest, selector=selector)
+        keep = set(block_keys(ids, fingerprint=engine.fingerprint, salt=cube_salt(cube.cube_id),
+                              extra=digest.encode()))
+        stale = [k for k in self.store.iter_kv_block_keys(cube.cube_id, engine.fingerprint) if k not in keep]
+        batch = self.store.batch()
+        batch.put_activation(record, [])
+
+        def persisted() -> None:
+            if stale:  # blocks of an older block (another revision, selector or adapter): nothing uses them
+                self.store.delete_kv_block_keys(cube.cube_id, engine.fingerprint, stale)
+            self._persisted[(cube.cube_id, record.fingerprint)] = self.store.kv_block_bytes(
+                cube.cube_id, engine.fingerprint)
+
+        if self.kernel.write_unless_gone(cube, batch, [item_id for item_id, _ in refs], then=persisted) != "written":
+            # Freed or purged while the engine computed: the blocks it stored or cached meanwhile must not
+            # outlive it.
+            self.store.delete_kv_blocks(cube.cube_id, sync=False)
+            engine.forget()
+        return record
 
     def block_items(self, cube: CubeState, revision: int, selector: select.Selector = select.ALL
                     ) -> tuple[list[tuple[str, int]], list[str], str]:
@@ -305,24 +384,56 @@ class Activator:
         cube = self.kernel.cube(cube_ref)
         with self._cube_lock(cube.cube_id):
             dropped = self.drop_pooled(cube.cube_id)
+            freed = sum(cache.nbytes for _, cache in dropped)
+            engine_dropped, engine_freed = self._forget_engine(cube.cube_id, wait=True)
             deleted = 0
             if delete_persisted:
-                deleted = sum(r.persisted_bytes for r in self.store.iter_activations(cube.cube_id))
+                deleted = sum(self._persisted.get((cube.cube_id, r.fingerprint), r.persisted_bytes)
+                              for r in self.store.iter_activations(cube.cube_id))
                 batch = self.store.batch()
                 batch.delete_activations(cube.cube_id)
+                batch.delete_kv_blocks(cube.cube_id)
                 self.kernel.write_unless_gone(cube, batch)  # a freed cube's rows went with it
                 self.forget_persisted(cube.cube_id)
-        freed = sum(cache.nbytes for _, cache in dropped)
+        dropped_count, freed = len(dropped) + engine_dropped, freed + engine_freed
         unloaded = self.adapters.unload_cube(cube.cube_id, list(cube.adapters))
-        log_event(log, "evict", cube=cube.cube_id, dropped=len(dropped), pool_bytes=freed,
+        log_event(log, "evict", cube=cube.cube_id, dropped=dropped_count, pool_bytes=freed,
                   persisted_deleted=deleted, adapters_unloaded=unloaded)
-        return EvictOutcome(cube.cube_id, cube.head, len(dropped), freed, deleted,
+        return EvictOutcome(cube.cube_id, cube.head, dropped_count, freed, deleted,
                             int((time.perf_counter() - started) * 1e6), unloaded)
 
     def drop_pooled(self, cube_id: str) -> list[tuple[str, KVCache]]:
-        """Drop every pooled cache of the cube (any model): on Evict, and after FreeCube."""
+        """Drop every pooled cache of the cube (any model): on Evict, and after FreeCube and Purge (where the
+        engine's cache is also asked to drop what it holds, without waiting)."""
         salt = cube_salt(cube_id)
+        self._forget_engine(cube_id, wait=False)
         return self.host.pool.evict_if(lambda _key, cache: cache.salt == salt)
+
+    def _forget_engine(self, cube_id: str, *, wait: bool) -> tuple[int, int]:
+        """Drop the engine's cached blocks: (this cube's activations dropped, their KV bytes).
+
+        vLLM cannot drop one cube's blocks, only every block no running request holds, so this costs other
+        cubes their engine-cache hits too (they reload from the store, ~5-20x faster than a prefill); and
+        while a generation runs it drops nothing (False), which is reported as nothing dropped."""
+        engine = self.host.engine
+        if engine is None:
+            return 0, 0
+        future = engine.forget()
+        if not wait:
+            return 0, 0
+        try:
+            forgot = future.result(timeout=10)
+        except (FutureTimeout, RuntimeError):
+            forgot = False
+        if not forgot:
+            log_event(log, "engine_cache_kept", cube=cube_id, reason="requests hold blocks; they stay cached")
+            return 0, 0
+        record = self.store.get_activation(cube_id, engine.fingerprint)
+        loaded = self.host.loaded_now()
+        per_token = kv_bytes_per_token(loaded) if loaded is not None else None
+        if record is None:
+            return 0, 0
+        return 1, len(record.token_ids) * (per_token or 0)
 
     def forget_persisted(self, cube_id: str, fingerprints: Collection[str] | None = None) -> None:
         """The cube's stored activations are gone (Evict with delete, or FreeCube's range delete), or those
@@ -338,3 +449,14 @@ def _chunks(cache: KVCache, dtype_name: str) -> list[bytes]:
     import torch
 
     return to_chunks(cache, dtype=getattr(torch, dtype_name))
+
+
+def _wait(future: Future[PrefillResult], cancel: threading.Event | None) -> PrefillResult:
+    """The engine's prefill result; a cancelled call stops waiting (the engine still finishes and stores
+    the blocks, which a later Activate then finds)."""
+    while True:
+        try:
+            return future.result(timeout=0.1 if cancel is not None else None)
+        except FutureTimeout:
+            if cancel is not None and cancel.is_set():
+                raise ComputeCancelled("activation cancelled while the engine prefilled it") from None

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from memosd.activation import render
 from memosd.activation.activator import Activator
 from memosd.activation.decode import Sampler, TextStream
-from memosd.errors import AdapterNotFound, ContextExceeded
+from memosd.errors import AdapterNotFound, ContextExceeded, ModelUnavailable
 from memosd.kernel import validate
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.search import Searcher
 from memosd.kernel.types import SearchFilter
 from memosd.park import Park
+from memosd.runtime.engine import Adapter, Engine, Finished, Sampling
 from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
 from memosd.runtime.model import LoadedModel
@@ -144,12 +145,16 @@ class Generator:
         report.memory = list(uses.values())
 
         # Memory blocks: each activated cube once, in mount order; the first one's cache is the prefix.
+        engine = self.host.engine
+        fingerprint = engine.fingerprint if engine is not None else loaded.fingerprint  # the records' key
         block_ids: list[int] = []
         prefix: KVCache | None = None
+        prefix_use: MemoryUse | None = None  # on the engine: the use whose blocks the engine may reuse
+        prefix_key = ""
         in_blocks: set[str] = set()
         seen_cubes: set[str] = set()
         for mount, cube in zip(mounts, cubes, strict=True):
-            record = self.activator.store.get_activation(cube.cube_id, loaded.fingerprint)
+            record = self.activator.store.get_activation(cube.cube_id, fingerprint)
             if cube.cube_id in seen_cubes or record is None or record.revision != mount.record.base:
                 continue
             seen_cubes.add(cube.cube_id)
@@ -159,9 +164,12 @@ class Generator:
             in_blocks.update(item_id for item_id, _ in record.items)
             # A cache computed under another adapter (or none) is never reused: its block is prefilled.
             if not block_ids and not params.bypass_kv_cache and record.adapter_digest == digest:
-                prefix, source = self.activator.cache_of(record, loaded)
-                if prefix is not None:
-                    use.cache_key, use.cache_source = record.cache_key, source
+                if engine is not None:
+                    prefix_use, prefix_key = use, record.cache_key
+                else:
+                    prefix, source = self.activator.cache_of(record, loaded)
+                    if prefix is not None:
+                        use.cache_key, use.cache_source = record.cache_key, source
             block_ids.extend(record.token_ids)
 
         retrieved = self._retrieve(params, k, in_blocks, uses)
@@ -176,9 +184,17 @@ class Generator:
                 "conversation, lower retrieve_k, or use fewer activated mounts",
                 tokens=len(prompt), context=loaded.context_length)
         report.prompt_tokens = len(prompt)
+        max_tokens = min(max_tokens, loaded.context_length - len(prompt))
+        if engine is not None:
+            # The engine's cache is isolated per cube: the prefix cube's, else the first mount's (a prompt of
+            # retrieved items reuses nothing of another cube's).
+            salt = prefix_use.cube_id if prefix_use is not None else cubes[0].cube_id if cubes else ""
+            served = self.activator.adapters.engine_adapter(adapter_cube, adapter) if adapter is not None else None
+            yield from self._generate_on_engine(engine, params, prompt, max_tokens, salt, served, cancel, report,
+                                                started, park, prefix_use, prefix_key)
+            return
         report.reused_tokens = prefix.n_tokens if prefix is not None else 0
         report.prefilled_tokens = report.prompt_tokens - report.reused_tokens
-        max_tokens = min(max_tokens, loaded.context_length - len(prompt))
 
         self.host.generation_started()
         try:
@@ -196,6 +212,53 @@ class Generator:
             yield from self._decode(loaded, state, first, max_tokens, cancel, report, park)
         finally:
             self.host.generation_ended()
+        report.total_us = int((time.perf_counter() - started) * 1e6)
+        yield report
+
+    def _generate_on_engine(self, engine: Engine, params: GenerateParams, prompt: list[int], max_tokens: int,
+                            salt: str, adapter: Adapter | None, cancel: threading.Event, report: GenerationReport,
+                            started: float, park: bool, prefix_use: MemoryUse | None, prefix_key: str
+                            ) -> Iterator[str | GenerationReport | Park]:
+        """The generation on the engine: its tokens as they come; the report's counts are the engine's own."""
+        sampling = Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p or 1.0,
+                            seed=params.seed or None, stop=params.stop)
+        self.host.generation_started()
+        stream = engine.generate(prompt, sampling, salt=salt, adapter=adapter, reuse=not params.bypass_kv_cache)
+        finished: Finished | None = None
+        try:
+            while finished is None:
+                if cancel.is_set():
+                    return  # the finally aborts it: vLLM frees its blocks
+                future = stream.next()
+                if park:
+                    yield Park(future)
+                event = future.result()
+                if isinstance(event, Finished):
+                    finished = event
+                    break
+                if not report.ttft_us:
+                    report.ttft_us = int((time.perf_counter() - started) * 1e6)
+                if event.end:
+                    continue
+                report.token_ids.append(event.token_id)
+                report.token_logprobs.append(event.logprob if event.logprob is not None else 0.0)
+                if event.text:
+                    yield event.text
+        finally:
+            if finished is None:
+                stream.abort()
+            self.host.generation_ended()
+        if finished.reason == "error":
+            raise ModelUnavailable(f"the engine failed this generation: {finished.error}")
+        if finished.reason == "aborted":
+            raise ComputeCancelled("the engine stopped this generation (memosd is stopping)")
+        report.finish_reason = finished.reason
+        report.completion_tokens = len(report.token_ids)
+        report.reused_tokens = finished.cached_tokens
+        report.prefilled_tokens = report.prompt_tokens - report.reused_tokens
+        if prefix_use is not None and finished.cached_tokens:
+            prefix_use.cache_key = prefix_key
+            prefix_use.cache_source = "store" if finished.loaded_tokens else "pool"
         report.total_us = int((time.perf_counter() - started) * 1e6)
         yield report
 

@@ -26,7 +26,9 @@ from memosd.kernel.requests import RequestRef
 from memosd.kernel.types import MountInfo
 from memosd.logfmt import log_event
 from memosd.runtime import adapters as rt
+from memosd.runtime.engine import Adapter
 from memosd.runtime.host import ModelHost
+from memosd.runtime.lora_dirs import peft_dir
 from memosd.runtime.model import LoadedModel
 from memosd.store.records import AdapterRecord
 
@@ -60,9 +62,11 @@ def validate(loaded: LoadedModel, config: bytes, weights: bytes | Path, digest: 
 
 
 class AdapterService:
-    def __init__(self, kernel: Kernel, host: ModelHost, *, spool: Path) -> None:
+    def __init__(self, kernel: Kernel, host: ModelHost, *, spool: Path, lora_dir: Path | None = None) -> None:
         self.kernel = kernel
         self.host = host
+        # The vLLM engine loads adapters from PEFT directories, written here by digest (runtime/lora_dirs.py).
+        self.lora_dir = lora_dir if lora_dir is not None else spool.with_name("lora")
         # Uploads being received (the daemon puts them in the data dir); what a crash left there is deleted now.
         self.spool = spool
         for stale in self.spool.glob(SPOOL_PREFIX + "*"):
@@ -130,6 +134,18 @@ class AdapterService:
         except rt.AdapterError as error:  # it passed at import: another model (or an older memosd's check)
             raise AdapterMismatch(f"the adapter {adapter.digest[:12]} of cube {cube_id} cannot be used with "
                                   f"the runtime's model: {error}", digest=adapter.digest) from None
+
+    def engine_adapter(self, cube_id: str, adapter: AdapterRecord) -> Adapter:
+        """The adapter as the engine loads it (its PEFT directory, written on first use). The engine's LoRA
+        slots are sized for ``runtime.max_lora_rank``: a larger adapter is refused here, before it is sent."""
+        limit = self.host.config.max_lora_rank
+        if adapter.rank > limit:
+            raise AdapterMismatch(f"the adapter {adapter.digest[:12]} of cube {cube_id} has rank {adapter.rank}; "
+                                  f"the engine serves ranks up to runtime.max_lora_rank = {limit}. Raise it (one "
+                                  "of 8, 16, 32, 64, 128, 256, 320, 512) and restart memosd",
+                                  digest=adapter.digest)
+        config, weights = self.kernel.adapter_files(cube_id, adapter)
+        return Adapter(adapter.digest, peft_dir(self.lora_dir, adapter.digest, config, weights))
 
     def make_resident(self, cube_id: str, adapter: AdapterRecord) -> None:
         """Load the adapter into the model now (Activate), unless it is resident."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -67,6 +67,7 @@ class Sampling:
 class PrefillResult:
     tokens: int  # the block's tokens
     cached_tokens: int  # found in the engine's cache or the block store (not computed)
+    loaded_tokens: int  # of those, loaded from the block store
     computed_tokens: int
     blocks_saved: int  # new blocks written to the block store
     took_us: int
@@ -77,16 +78,19 @@ class Token:
     token_id: int
     logprob: float | None
     text: str  # the decoded delta this token adds (may be empty mid-character)
+    end: bool = False  # the end-of-sequence token: it ends the reply and is not part of it
 
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "end", "length", "stop", "aborted"
+    reason: str  # "end", "length", "stop", "aborted", "error"
     prompt_tokens: int
     cached_tokens: int  # prompt tokens not computed: engine cache hits and blocks loaded from the store
     completion_tokens: int
     ttft_us: int
     total_us: int
+    loaded_tokens: int = 0  # of cached_tokens, loaded from the block store
+    error: str = ""  # reason "error": what failed (the request, not the engine)
 
 
 StreamEvent = Token | Finished
@@ -151,8 +155,15 @@ class TokenStream:
             waiting, self._waiting = self._waiting, None
             if waiting is None:
                 self._ready.append(event)
+        if waiting is not None and not waiting.cancelled():
+            try:
+                waiting.set_result(event)
+                return
+            except InvalidStateError:  # cancelled meanwhile (the consumer stopped waiting): keep the event
+                pass
         if waiting is not None:
-            waiting.set_result(event)
+            with self._lock:
+                self._ready.appendleft(event)
 
 
 class _Aborter(Protocol):
@@ -167,6 +178,9 @@ class Engine(Protocol):
 
     @property
     def block_size(self) -> int: ...
+
+    @property
+    def kv_cache_tokens(self) -> int: ...
 
     def tokenize(self, text: str) -> list[int]: ...
 

@@ -1,10 +1,20 @@
-"""The model host: the runtime worker, the model it loads in the background, and the KV pool.
+"""The model host: the runtime worker, the model it loads in the background, the KV pool, the engine.
 
 The daemon serves plaintext memory at once; the model loads on the worker
 thread after start (a second from the dequantized cache, ~15 s the first time),
 and activation syscalls that arrive meanwhile wait for it. A model that fails
 to load is reported by those syscalls and by Stats, not by refusing to start:
 plaintext memory does not need it.
+
+Two engines serve it (``runtime.engine``). **transformers**: the worker thread
+runs every prefill and token, one request at a time, with the KV pool and the
+adapter pool. **vllm** (the default where it is installed): after the same
+load, a ``VllmEngine`` is started on the model's directory, with its own
+thread, batching, paged KV cache (``runtime.pool_bytes``) and LoRA slots
+(``runtime.max_adapters``), and its blocks persisted through ``block_stores``;
+the transformers model stays loaded beside it for what vLLM does not do:
+the model's fingerprint, the tokenizer (rendering prompts on the worker), adapter
+validation and Train. The model is not "ready" until the engine is.
 """
 
 from __future__ import annotations
@@ -21,19 +31,37 @@ from memosd.errors import ModelUnavailable
 from memosd.logfmt import log_event
 from memosd.runtime import tokens
 from memosd.runtime.adapters import AdapterPool
+from memosd.runtime.engine import Engine
+from memosd.runtime.kvblocks import BlockStores
 from memosd.runtime.kvpool import KVPool
 from memosd.runtime.model import LoadedModel, ModelLoadError, ModelSpec, load_model
+from memosd.runtime.vllm_engine import vllm_importable
 from memosd.runtime.worker import PRIORITY_DEFAULT, RuntimeWorker
 
 log = logging.getLogger("memosd.runtime")
 
 T = TypeVar("T")
 DISABLED = "none"
+# Fingerprint -> the engine's block stores (the daemon's RocksDB ranges per cube).
+BlockStoresFactory = Callable[[str], BlockStores]
+
+
+def resolve_engine(config: RuntimeConfig) -> str:
+    """"vllm" or "transformers": auto is vllm where it is installed."""
+    if config.engine == "auto":
+        return "vllm" if vllm_importable() else "transformers"
+    return config.engine
 
 
 class ModelHost:
-    def __init__(self, config: RuntimeConfig, cache_dir: Path) -> None:
+    def __init__(self, config: RuntimeConfig, cache_dir: Path, block_stores: BlockStoresFactory | None = None
+                 ) -> None:
         self.config = config
+        self.engine_kind = resolve_engine(config)
+        if self.engine_kind == "vllm" and block_stores is None:
+            raise ValueError("the vllm engine needs block stores to persist activations in")
+        self._block_stores = block_stores
+        self.engine: Engine | None = None  # set, with vllm, when the model and the engine are ready
         self.pool = KVPool(config.pool_bytes)
         self.adapters = AdapterPool(config.max_adapters)  # touched only on the worker
         self.worker = RuntimeWorker()
@@ -57,7 +85,35 @@ class ModelHost:
         log_event(log, "model_loaded", model=loaded.name, fingerprint=loaded.fingerprint[:16],
                   device=loaded.device, dtype=loaded.dtype, origin=loaded.origin, token_bytes=self.token_bytes,
                   seconds=round(loaded.load_seconds + loaded.fingerprint_seconds, 2))
+        if self.engine_kind == "vllm":
+            self.engine = self._start_vllm(loaded)
         return loaded
+
+    def _start_vllm(self, loaded: LoadedModel) -> Engine:
+        import time
+
+        from memosd.runtime.vllm_engine import VllmConfig, VllmEngine, block_fingerprint
+
+        assert self._block_stores is not None
+        device = "cuda" if loaded.device.startswith("cuda") else "cpu"
+        fingerprint = block_fingerprint(loaded.fingerprint, device=device, dtype=loaded.dtype)
+        c = self.config
+        vllm_config = VllmConfig(
+            model_dir=loaded.path, fingerprint=fingerprint, dtype=loaded.dtype, device=device,
+            kv_cache_bytes=c.pool_bytes, max_model_len=loaded.context_length,
+            # A step's prefill budget: it bounds how long a step holds a waiting interactive request.
+            max_num_batched_tokens=max(c.prefill_chunk, 256), max_loras=c.max_adapters,
+            max_lora_rank=c.max_lora_rank)
+        started = time.perf_counter()
+        try:
+            engine = VllmEngine(vllm_config, self._block_stores(fingerprint))
+        except Exception as error:
+            log_event(log, "engine_start_failed", level=logging.ERROR, engine="vllm", error=str(error))
+            raise ModelLoadError(f"the vllm engine did not start: {error}. Set runtime.engine = \"transformers\" "
+                                 "to serve without it") from error
+        log_event(log, "engine_started", engine="vllm", fingerprint=fingerprint, device=device,
+                  kv_cache_tokens=engine.kv_cache_tokens, seconds=round(time.perf_counter() - started, 2))
+        return engine
 
     @property
     def loading(self) -> Future[LoadedModel] | None:
@@ -120,4 +176,6 @@ class ModelHost:
         if loading:
             log_event(log, "model_load_abandoned", model=self.config.model)
         self.worker.shutdown(wait=not loading, cancel_pending=True)
+        if self.engine is not None:
+            self.engine.close()
         self.pool.clear()

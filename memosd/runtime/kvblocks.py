@@ -13,7 +13,8 @@ single blocks, not whole caches like ``kvcache.to_chunks``:
   keys: the engine never shares a partial block.
 * **Storage.** ``BlockStore`` is the few calls the connector makes; a dict
   (``MemoryBlockStore``) and a directory (``DirBlockStore``) implement it for
-  the spike, and a RocksDB column family can implement it in the daemon.
+  tests and scripts, and ``store.blocks.RocksBlockStore`` (one cube's range of
+  a column family) in the daemon; ``BlockStores`` picks a cube's store by salt.
 * **Codec.** ``encode_block``/``decode_block``: one safetensors blob per block
   holding every layer's slice of the paged cache, with the key, fingerprint
   and block size in its metadata; decoding checks them against what the
@@ -70,6 +71,25 @@ class BlockStore(Protocol):
     def put(self, key: str, blob: bytes) -> None: ...
 
     def delete(self, keys: Sequence[str]) -> None: ...
+
+
+class BlockStores(Protocol):
+    """The block store of each cube: the connector picks one by a request's ``cache_salt`` (the cube id).
+
+    The daemon's stores are RocksDB ranges per (cube, fingerprint), so a cube's blocks go with one range
+    delete (FreeCube, Purge, Evict --delete) and no block list is kept anywhere."""
+
+    def for_salt(self, salt: str) -> BlockStore: ...
+
+
+class OneStore:
+    """Every cube's blocks in one store (their keys differ by salt already): for tests and scripts."""
+
+    def __init__(self, store: BlockStore) -> None:
+        self.store = store
+
+    def for_salt(self, salt: str) -> BlockStore:
+        return self.store
 
 
 class MemoryBlockStore:

@@ -46,7 +46,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from memosd.runtime.kvblocks import BlockMismatch, BlockStore, block_keys, decode_block, encode_block
+from memosd.runtime.kvblocks import (
+    BlockMismatch,
+    BlockStore,
+    BlockStores,
+    block_keys,
+    decode_block,
+    encode_block,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -68,22 +75,47 @@ class ConnectorStats:
 
 
 @dataclass
+class Reuse:
+    """What one request did not compute, as the connector saw it (vLLM's ``num_cached_tokens`` also counts
+    offered blocks whose load failed, so reports take this instead)."""
+
+    engine_tokens: int = 0  # vLLM's own prefix-cache hit
+    offered_blocks: int = 0  # blocks after it to load from the store
+    failed_at: int | None = None  # index (among the offered) of the first that failed to load
+
+    @property
+    def loaded_blocks(self) -> int:
+        return self.offered_blocks if self.failed_at is None else self.failed_at
+
+    def tokens(self, block_size: int) -> tuple[int, int]:
+        """(engine cache tokens, tokens loaded from the store): vLLM recomputes from the first failed block."""
+        return self.engine_tokens, self.loaded_blocks * block_size
+
+
+@dataclass
 class _Binding:
-    store: BlockStore
+    stores: BlockStores
     fingerprint: str
     stats: ConnectorStats = field(default_factory=ConnectorStats)
+    # Per request id, until the engine takes it when the request finishes (both on the engine thread).
+    reuse: dict[str, Reuse] = field(default_factory=dict)
 
 
 _BINDINGS: dict[str, _Binding] = {}
 _BINDINGS_LOCK = threading.Lock()
 
 
-def register_store(name: str, store: BlockStore, fingerprint: str) -> ConnectorStats:
-    """Make ``store`` the storage of the connector configured with ``memosd_store = name``."""
+def register_store(name: str, stores: BlockStores, fingerprint: str) -> ConnectorStats:
+    """Make ``stores`` the storage of the connector configured with ``memosd_store = name``."""
     with _BINDINGS_LOCK:
-        binding = _Binding(store, fingerprint)
+        binding = _Binding(stores, fingerprint)
         _BINDINGS[name] = binding
         return binding.stats
+
+
+def take_reuse(name: str, request_id: str) -> Reuse | None:
+    """What the finished request ``request_id`` reused (None: it did not take part), forgotten after."""
+    return _binding(name).reuse.pop(request_id, None)
 
 
 def unregister_store(name: str) -> None:
@@ -100,11 +132,12 @@ def _binding(name: str) -> _Binding:
 
 
 @dataclass
-class MemosdConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+class MemosdConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc,unused-ignore]
     """One step's work for the worker side: (engine block id, key) pairs."""
 
-    loads: list[tuple[int, str]] = field(default_factory=list)
-    saves: list[tuple[int, str]] = field(default_factory=list)
+    # (request id, cache salt, engine block id, key): the worker side has no plans, only this.
+    loads: list[tuple[str, str, int, str]] = field(default_factory=list)
+    saves: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +145,8 @@ class _Plan:
     """Scheduler-side state of one participating request."""
 
     keys: list[str]
+    salt: str
+    store: BlockStore  # the cube's (by cache_salt)
     load: bool
     persist_blocks: int
     block_ids: list[int] = field(default_factory=list)
@@ -120,7 +155,7 @@ class _Plan:
     next_save: int = 0  # blocks below this are stored or were planned for saving
 
 
-class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
+class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
@@ -149,7 +184,8 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         keys = block_keys(tokens, fingerprint=self._binding.fingerprint, salt=request.cache_salt.encode(),
                           extra=extra, block_size=self._block_size)
         persist = int(params.get("persist_tokens", 0))
-        plan = _Plan(keys=keys, load=bool(params.get("load", True)),
+        plan = _Plan(keys=keys, salt=request.cache_salt, store=self._binding.stores.for_salt(request.cache_salt),
+                     load=bool(params.get("load", True)),
                      persist_blocks=min(len(keys), max(0, persist) // self._block_size))
         self._plans[request.request_id] = plan
         return plan
@@ -162,10 +198,11 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         limit = min(len(plan.keys), (request.num_prompt_tokens - 1) // self._block_size)
         first = num_computed_tokens // self._block_size
         end = first
-        store = self._binding.store
-        while end < limit and store.has(plan.keys[end]):
+        while end < limit and plan.store.has(plan.keys[end]):
             end += 1
         plan.match = (first, end)
+        # Asked again after a preemption: the latest answer is what the request ends up reusing.
+        self._binding.reuse[request.request_id] = Reuse(engine_tokens=num_computed_tokens)
         self.stats.lookups += 1
         return (end - first) * self._block_size, False
 
@@ -180,6 +217,7 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             raise RuntimeError(f"vLLM scheduled {num_external_tokens} external tokens for {request.request_id}; "
                                f"the connector offered {(end - first) * self._block_size} in whole blocks")
         plan.pending_load = (first, first + blocks)
+        self._binding.reuse[request.request_id].offered_blocks = blocks
         self.stats.hit_tokens += num_external_tokens
 
     def build_connector_meta(self, scheduler_output: Any) -> MemosdConnectorMetadata:
@@ -190,8 +228,8 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if plan is None:
                 continue
             plan.block_ids = list(new.block_ids[0])
-            self._plan_loads(plan, meta)
-            self._plan_saves(plan, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+            self._plan_loads(new.req_id, plan, meta)
+            self._plan_saves(new.req_id, plan, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             plan = self._plans.get(req_id)
@@ -206,28 +244,27 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     plan.block_ids.extend(new_ids[0])
             # A preempted request comes back through get_num_new_matched_tokens and lands here, not
             # among the new ones: its loads must be made here too, or vLLM would read unloaded blocks.
-            self._plan_loads(plan, meta)
-            self._plan_saves(plan, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+            self._plan_loads(req_id, plan, meta)
+            self._plan_saves(req_id, plan, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
         return meta
 
     @staticmethod
-    def _plan_loads(plan: _Plan, meta: MemosdConnectorMetadata) -> None:
+    def _plan_loads(req_id: str, plan: _Plan, meta: MemosdConnectorMetadata) -> None:
         if plan.pending_load is None:
             return
         first, end = plan.pending_load
-        meta.loads.extend((plan.block_ids[i], plan.keys[i]) for i in range(first, end))
+        meta.loads.extend((req_id, plan.salt, plan.block_ids[i], plan.keys[i]) for i in range(first, end))
         plan.next_save = max(plan.next_save, end)  # loaded blocks are stored already
         plan.pending_load = None
 
-    def _plan_saves(self, plan: _Plan, computed_after_step: int, meta: MemosdConnectorMetadata) -> None:
+    def _plan_saves(self, req_id: str, plan: _Plan, computed_after_step: int, meta: MemosdConnectorMetadata) -> None:
         """Blocks this step completes, among those to persist, that the store does not have yet."""
         done = min(plan.persist_blocks, computed_after_step // self._block_size, len(plan.block_ids))
-        store = self._binding.store
         for i in range(plan.next_save, done):
-            if store.has(plan.keys[i]):
+            if plan.store.has(plan.keys[i]):
                 self.stats.blocks_skipped += 1
             else:
-                meta.saves.append((plan.block_ids[i], plan.keys[i]))
+                meta.saves.append((req_id, plan.salt, plan.block_ids[i], plan.keys[i]))
         plan.next_save = max(plan.next_save, done)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -253,9 +290,11 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         meta = self._get_connector_metadata()
         assert isinstance(meta, MemosdConnectorMetadata)
         binding = self._binding
-        for block_id, key in meta.loads:
+        index: dict[str, int] = {}  # per request: how many of its loads came before this one
+        for req_id, salt, block_id, key in meta.loads:
+            nth = index[req_id] = index.get(req_id, -1) + 1
             views = self._block_views(block_id)
-            blob = binding.store.get(key)
+            blob = binding.stores.for_salt(salt).get(key)
             try:
                 if blob is None:
                     raise BlockMismatch(f"block {key[:16]} left the store after the lookup")
@@ -265,6 +304,9 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 # vLLM recomputes the request from the first bad block (kv_load_failure_policy = recompute).
                 self._load_errors.add(block_id)
                 binding.stats.load_errors += 1
+                reuse = binding.reuse.get(req_id)
+                if reuse is not None and (reuse.failed_at is None or nth < reuse.failed_at):
+                    reuse.failed_at = nth
                 continue
             for name, view in views.items():
                 view.copy_(tensors[name])
@@ -280,10 +322,10 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         meta = self._get_connector_metadata()
         assert isinstance(meta, MemosdConnectorMetadata)
         binding = self._binding
-        for block_id, key in meta.saves:
+        for _req_id, salt, block_id, key in meta.saves:
             blob = encode_block(self._block_views(block_id), key=key, fingerprint=binding.fingerprint,
                                 block_size=self._block_size)
-            binding.store.put(key, blob)
+            binding.stores.for_salt(salt).put(key, blob)
             binding.stats.blocks_saved += 1
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from memosd.runtime.engine import (
     Token,
     TokenStream,
 )
-from memosd.runtime.kvblocks import BlockStore, block_keys
+from memosd.runtime.kvblocks import BlockStores, block_keys
 from memosd.runtime.kvcache import BLOCK
 
 log = logging.getLogger("memosd.vllm")
@@ -55,7 +56,7 @@ class _Live:
     started: float
     prompt_tokens: int
     ttft_s: float | None = None
-    tokens: int = 0
+    tokens: int = 0  # completion tokens, the end-of-sequence token not counted
 
 
 @dataclass
@@ -66,15 +67,17 @@ class _Prefill:
     tokens: int
     started: float
     missing: list[str]  # keys of its full blocks the store did not have when it was added
+    salt: str
 
 
 @dataclass(frozen=True)
 class VllmConfig:
     model_dir: Path  # a Hugging Face directory (memosd's dequantized cache of the GGUF)
-    fingerprint: str  # the model's memosd fingerprint: in every stored block's key
+    fingerprint: str  # the blocks' fingerprint (``block_fingerprint``): in every stored block's key
     dtype: str = "float32"
-    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB): the engine's paged cache
-    threads: int = 1  # OpenMP threads for the forward pass
+    device: str = "cpu"  # "cpu" (the vllm-cpu build) or "cuda" (the vllm build)
+    kv_cache_bytes: int = 1 << 30  # the engine's paged KV cache (runtime.pool_bytes)
+    threads: int = 0  # torch threads on CPU (0: vLLM's choice, one: it finds more cost more than they give)
     max_model_len: int = 8192
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048  # per step: bounds a step's time, so decode interleaves with prefill
@@ -83,8 +86,27 @@ class VllmConfig:
     load_timeout_s: float = 600.0
 
 
+def block_fingerprint(model_fingerprint: str, *, device: str, dtype: str) -> str:
+    """The fingerprint of KV blocks this engine computes: the model's, and how vLLM lays its cache out.
+
+    A block is a slice of vLLM's paged cache (its layout differs between the CPU and CUDA backends, and
+    from the transformers engine's caches), so blocks are keyed apart from every other engine's: a store
+    shared by two never hands one's blocks to the other (the codec would refuse them; this avoids asking)."""
+    import hashlib
+
+    tag = f"memosd-vllm-blocks/v1|{model_fingerprint}|{device}|{dtype}|{BLOCK}".encode()
+    return hashlib.sha256(tag).hexdigest()[:16]
+
+
+def vllm_importable() -> bool:
+    """Whether vLLM is installed here (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 class VllmEngine:
-    def __init__(self, config: VllmConfig, store: BlockStore) -> None:
+    def __init__(self, config: VllmConfig, stores: BlockStores) -> None:
         self.config = config
         self._store_name = f"memosd-{uuid.uuid4().hex[:8]}"
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -94,13 +116,14 @@ class VllmEngine:
         self._lora_ids: dict[str, int] = {}
         self._streams: dict[str, _Live] = {}
         self._prefills: dict[str, _Prefill] = {}
-        self._store = store
+        self._forgets: list[Future[bool]] = []  # waiting for the engine to be idle
+        self._stores = stores
         self._llm: Any = None
         self._steps = 0
         self._max_batch = 0  # the most requests one step returned output for: batching, observed
         self._tokenizer: Any = None
         self._loaded: Future[None] = Future()
-        self._thread = threading.Thread(target=self._run, args=(store,), name="memosd-vllm", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="memosd-vllm", daemon=True)
         self._thread.start()
         self._loaded.result(config.load_timeout_s)
 
@@ -116,6 +139,11 @@ class VllmEngine:
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
+    @property
+    def kv_cache_tokens(self) -> int:
+        """How many tokens the engine's paged cache holds (its blocks times the block size)."""
+        return int(self._llm.vllm_config.cache_config.num_gpu_blocks or 0) * BLOCK
+
     def prefill(self, token_ids: Sequence[int], *, salt: str, adapter: Adapter | None = None,
                 priority: int = PRIORITY_INTERACTIVE) -> Future[PrefillResult]:
         future: Future[PrefillResult] = Future()
@@ -127,8 +155,9 @@ class VllmEngine:
             # The blocks this prefill should write: counted again at its end (exact, whatever runs beside it).
             keys = block_keys(ids, fingerprint=self.fingerprint, salt=salt.encode(),
                               extra=adapter.digest.encode() if adapter is not None else b"")
-            missing = [k for k in keys if not self._store.has(k)]
-            self._prefills[request_id] = _Prefill(future, len(ids), time.perf_counter(), missing)
+            store = self._stores.for_salt(salt)
+            missing = [k for k in keys if not store.has(k)]
+            self._prefills[request_id] = _Prefill(future, len(ids), time.perf_counter(), missing, salt)
             self._add(request_id, ids, params, salt, adapter, priority)
 
         self._submit(add)
@@ -154,14 +183,16 @@ class VllmEngine:
             live = self._streams.pop(request_id, None)
             if live is None:
                 return  # finished already (or never ours)
-            self._llm.abort_request([request_id])
-            live.stream.push(self._finished(live, "aborted", 0))
+            self._llm.abort_request([request_id])  # frees its blocks (those cached stay for others)
+            live.stream.push(self._finished(live, "aborted", self._take_reuse(request_id)))
 
-        self._submit(run)
+        if not self._closed:
+            self._submit(run)
 
     def forget(self) -> Future[bool]:
+        """Drop every cached block, once no request holds any (vLLM refuses before): the future says when."""
         future: Future[bool] = Future()
-        self._submit(lambda: future.set_result(bool(self._llm.reset_prefix_cache())))
+        self._submit(lambda: self._forgets.append(future))
         return future
 
     def stats(self) -> EngineStats:
@@ -185,9 +216,9 @@ class VllmEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _run(self, store: BlockStore) -> None:
+    def _run(self) -> None:
         try:
-            self._build(store)
+            self._build()
         except BaseException as e:
             self._loaded.set_exception(e)
             return
@@ -202,41 +233,83 @@ class VllmEngine:
                     command()
                 except Exception:
                     log.exception("engine command failed")
+            if self._forgets and not self._llm.has_unfinished_requests():
+                forgot = bool(self._llm.reset_prefix_cache())
+                for future in self._forgets:
+                    future.set_result(forgot)
+                self._forgets.clear()
             if self._llm.has_unfinished_requests():
-                outputs = self._llm.step()
+                try:
+                    outputs = self._llm.step()
+                except Exception as error:  # e.g. a LoRA that vLLM cannot load: fail what runs, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(f"the engine's step failed: {error}")
+                    continue
                 self._steps += 1
                 self._max_batch = max(self._max_batch, len(outputs))
-                self._dispatch(outputs)
+                try:
+                    self._dispatch(outputs)
+                except Exception:  # a consumer's fault must not stop the engine for everyone else
+                    log.exception("engine dispatch failed")
             else:
                 self._wake.wait(0.5)
                 self._wake.clear()
         # Closed: whoever still waits is told, rather than left waiting on a future nobody will set.
-        for live in self._streams.values():
-            live.stream.push(self._finished(live, "aborted", 0))
-        for prefill in self._prefills.values():
-            prefill.future.set_exception(RuntimeError("the engine closed before the prefill finished"))
-        self._streams.clear()
-        self._prefills.clear()
+        self._fail_all("the engine closed (memosd is stopping)", reason="aborted")
+        for future in self._forgets:
+            future.set_result(False)
         from memosd.runtime.vllm_connector import unregister_store
 
         unregister_store(self._store_name)
 
-    def _build(self, store: BlockStore) -> None:
-        c = self.config
-        # Read by vLLM at import or engine start: in-process engine core (no subprocess, no IPC), the
-        # paged cache size, and the OpenMP threads ("nobind": other processes share the cores).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(c.kv_cache_gib)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        import torch
+    def _fail_all(self, error: str, reason: str = "error") -> None:
+        for rid, live in list(self._streams.items()):
+            with suppress(Exception):
+                self._llm.abort_request([rid])
+            live.stream.push(self._finished(live, reason, self._take_reuse(rid), error=error))
+        for rid, prefill in list(self._prefills.items()):
+            with suppress(Exception):
+                self._llm.abort_request([rid])
+            self._take_reuse(rid)
+            prefill.future.set_exception(RuntimeError(error))
+        self._streams.clear()
+        self._prefills.clear()
 
-        torch.set_num_threads(c.threads)
+    def _take_reuse(self, request_id: str) -> tuple[int, int]:
+        """(tokens not computed, of them loaded from the store) for a finished request, from the connector."""
+        from memosd.runtime.vllm_connector import take_reuse
+
+        reuse = take_reuse(self._store_name, request_id)
+        if reuse is None:
+            return 0, 0
+        engine, loaded = reuse.tokens(BLOCK)
+        return engine + loaded, loaded
+
+    def _build(self) -> None:
+        c = self.config
+        # Read by vLLM at import or engine start: in-process engine core (no subprocess, no IPC), our
+        # request ids as they are (unique already: the connector and the outputs then name requests
+        # alike), and on CPU the OpenMP threads ("nobind": other processes share the cores).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM's loggers then go through the daemon's logging (its format and level) instead of their own.
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        os.environ["VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"] = "1"
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+        if c.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            if c.threads > 0:
+                import torch
+
+                # vLLM serves on one torch thread, process-wide (the embedder and Train too), unless
+                # OMP_NUM_THREADS says otherwise; and it replaces torch.set_num_threads with a no-op after.
+                os.environ["OMP_NUM_THREADS"] = str(c.threads)
+                torch.set_num_threads(c.threads)
         from vllm import EngineArgs, LLMEngine
         from vllm.config import KVTransferConfig
 
         from memosd.runtime import vllm_connector
 
-        self._stats = vllm_connector.register_store(self._store_name, store, c.fingerprint)
+        self._stats = vllm_connector.register_store(self._store_name, self._stores, c.fingerprint)
         transfer = KVTransferConfig(
             kv_connector=vllm_connector.CONNECTOR_NAME, kv_connector_module_path=vllm_connector.__name__,
             kv_role="kv_both", kv_load_failure_policy="recompute",
@@ -244,12 +317,25 @@ class VllmEngine:
         lora: dict[str, Any] = {}
         if c.max_loras > 0:
             lora = {"enable_lora": True, "max_loras": c.max_loras, "max_lora_rank": c.max_lora_rank}
-        args = EngineArgs(model=str(c.model_dir), dtype=c.dtype, enforce_eager=True, enable_prefix_caching=True,
+        dtype: Any = c.dtype  # one of vLLM's names (float32, bfloat16, float16), as memosd's runtime.dtype
+        args = EngineArgs(model=str(c.model_dir), dtype=dtype, enforce_eager=True, enable_prefix_caching=True,
                           block_size=BLOCK, max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
                           max_num_batched_tokens=c.max_num_batched_tokens, scheduling_policy="priority",
-                          kv_transfer_config=transfer, **lora)
+                          kv_cache_memory_bytes=c.kv_cache_bytes, kv_transfer_config=transfer,
+                          disable_log_stats=True, **lora)
         self._llm = LLMEngine.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One short generation before the engine says it is ready: the first steps after start take
+        seconds (kernel and allocator warm-up), which would otherwise land on the first caller's TTFT."""
+        from vllm import SamplingParams
+
+        self._llm.add_request("warm-up", {"prompt_token_ids": [0] * 8}, SamplingParams(max_tokens=4, ignore_eos=True))
+        while self._llm.has_unfinished_requests():
+            self._llm.step()
+        self._llm.reset_prefix_cache()
 
     def _sampling(self, s: Sampling, *, persist_tokens: int, reuse: bool = True) -> Any:
         from vllm import SamplingParams
@@ -285,7 +371,7 @@ class VllmEngine:
                 prefill.future.set_exception(e)
             live = self._streams.pop(request_id, None)
             if live is not None:
-                live.stream.push(self._finished(live, f"error: {e}", 0))
+                live.stream.push(self._finished(live, "error", (0, 0), error=str(e)))
 
     def _dispatch(self, outputs: list[Any]) -> None:
         now = time.perf_counter()
@@ -295,34 +381,42 @@ class VllmEngine:
             if prefill is not None:
                 if out.finished:
                     del self._prefills[rid]
-                    cached = int(out.num_cached_tokens or 0)
-                    saved = sum(1 for k in prefill.missing if self._store.has(k))
+                    cached, loaded = self._take_reuse(rid)
+                    store = self._stores.for_salt(prefill.salt)
+                    saved = sum(1 for k in prefill.missing if store.has(k))
                     prefill.future.set_result(PrefillResult(
-                        tokens=prefill.tokens, cached_tokens=cached, computed_tokens=prefill.tokens - cached,
-                        blocks_saved=saved, took_us=int((now - prefill.started) * 1e6)))
+                        tokens=prefill.tokens, cached_tokens=cached, loaded_tokens=loaded,
+                        computed_tokens=prefill.tokens - cached, blocks_saved=saved,
+                        took_us=int((now - prefill.started) * 1e6)))
                 continue
             live = self._streams.get(rid)
             if live is None:
                 continue
             completion = out.outputs[0]
+            reason = ""
+            if out.finished:
+                reason = _FINISH.get(str(completion.finish_reason), str(completion.finish_reason))
+                if reason == "end" and completion.stop_reason is not None:
+                    reason = "stop"  # a stop string, not an end-of-sequence token
             lps = completion.logprobs or []
-            for i, token_id in enumerate(completion.token_ids):
+            ids = list(completion.token_ids)
+            for i, token_id in enumerate(ids):
                 if live.ttft_s is None:
                     live.ttft_s = now - live.started
                 lp = lps[i].get(token_id) if i < len(lps) else None
                 # DELTA outputs carry the text of all of this step's tokens at once: hand it with the last.
-                text = completion.text if i == len(completion.token_ids) - 1 else ""
-                live.tokens += 1
-                live.stream.push(Token(int(token_id), float(lp.logprob) if lp is not None else None, text))
+                text = completion.text if i == len(ids) - 1 else ""
+                # vLLM returns the end-of-sequence token among the ids; memosd reports replies without it.
+                end = reason == "end" and i == len(ids) - 1
+                live.tokens += 0 if end else 1
+                live.stream.push(Token(int(token_id), float(lp.logprob) if lp is not None else None, text, end))
             if out.finished:
                 del self._streams[rid]
-                reason = _FINISH.get(str(completion.finish_reason), str(completion.finish_reason))
-                if reason == "end" and completion.stop_reason is not None:
-                    reason = "stop"  # a stop string, not an end-of-sequence token
-                live.stream.push(self._finished(live, reason, int(out.num_cached_tokens or 0)))
+                live.stream.push(self._finished(live, reason, self._take_reuse(rid)))
 
     @staticmethod
-    def _finished(live: _Live, reason: str, cached: int) -> Finished:
+    def _finished(live: _Live, reason: str, reuse: tuple[int, int], error: str = "") -> Finished:
         total = time.perf_counter() - live.started
         ttft = live.ttft_s if live.ttft_s is not None else total
-        return Finished(reason, live.prompt_tokens, cached, live.tokens, int(ttft * 1e6), int(total * 1e6))
+        return Finished(reason, live.prompt_tokens, reuse[0], live.tokens, int(ttft * 1e6), int(total * 1e6),
+                        loaded_tokens=reuse[1], error=error)

@@ -29,6 +29,22 @@ class ModelStats:
     queue_depth: int
     active_generations: int
     worker_jobs_started: int
+    engine: str = "transformers"
+    engine_stats: ServingStats | None = None  # the vllm engine's, once it is running
+
+
+@dataclass(frozen=True)
+class ServingStats:
+    """The vllm engine's counters (runtime.engine.EngineStats, less what ModelStats says already)."""
+
+    kv_cache_tokens: int
+    blocks_loaded: int
+    blocks_saved: int
+    load_errors: int
+    steps: int
+    max_requests_per_step: int
+    generations: int
+    prefills: int
 
 
 @dataclass(frozen=True)
@@ -124,11 +140,22 @@ class StatsService:
         if loaded is None:
             return ModelStats(state=state, error=error, name=host.config.model, fingerprint="", device="",
                               dtype="", context_length=0, queue_depth=queue_depth, active_generations=active,
-                              worker_jobs_started=jobs)
+                              worker_jobs_started=jobs, engine=host.engine_kind)
         return ModelStats(state=state, error=error, name=loaded.name, fingerprint=loaded.fingerprint,
                           device=loaded.device, dtype=loaded.dtype, context_length=loaded.context_length,
                           queue_depth=queue_depth, active_generations=active,
-                          worker_jobs_started=jobs)
+                          worker_jobs_started=jobs, engine=host.engine_kind, engine_stats=self._serving())
+
+    def _serving(self) -> ServingStats | None:
+        engine = self.host.engine
+        if engine is None:
+            return None
+        s = engine.stats()
+        return ServingStats(kv_cache_tokens=engine.kv_cache_tokens, blocks_loaded=s.blocks_loaded,
+                            blocks_saved=s.blocks_saved, load_errors=s.load_errors,
+                            steps=int(s.extra.get("steps", 0)),
+                            max_requests_per_step=int(s.extra.get("max_requests_per_step", 0)),
+                            generations=s.generations, prefills=s.prefills)
 
     def _kv_pool(self) -> KVPoolStats:
         persisted = self.activator.persisted_bytes()

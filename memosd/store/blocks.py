@@ -60,3 +60,15 @@ class RocksBlockStore:
 
     def __len__(self) -> int:
         return sum(1 for _ in self.store.iter_kv_block_keys(self.cube_id, self.fingerprint))
+
+
+class RocksBlockStores:
+    """Every cube's ``RocksBlockStore`` under one fingerprint, by cache salt (the cube id):
+    ``runtime.kvblocks.BlockStores`` for the engine's connector."""
+
+    def __init__(self, store: Store, fingerprint: str) -> None:
+        self.store = store
+        self.fingerprint = fingerprint
+
+    def for_salt(self, salt: str) -> RocksBlockStore:
+        return RocksBlockStore(self.store, salt, self.fingerprint)

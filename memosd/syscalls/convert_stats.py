@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from memos.v1 import memos_pb2 as pb
 
 from memosd.services.stats import AdapterPoolStats, KVPoolStats, ModelStats, Stats
 
 
 def model(value: ModelStats) -> pb.ModelStats:
+    serving = value.engine_stats
     return pb.ModelStats(state=value.state, error=value.error, name=value.name, fingerprint=value.fingerprint,
                          device=value.device, dtype=value.dtype, context_length=value.context_length,
                          queue_depth=value.queue_depth, active_generations=value.active_generations,
-                         worker_jobs_started=value.worker_jobs_started)
+                         worker_jobs_started=value.worker_jobs_started, engine=value.engine,
+                         engine_stats=pb.EngineStats(**asdict(serving)) if serving is not None else None)
 
 
 def kv_pool(value: KVPoolStats) -> pb.KVPoolStats:

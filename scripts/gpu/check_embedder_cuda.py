@@ -40,7 +40,7 @@ def tiny_model(root: Path) -> Path:
     torch.manual_seed(0)
     bert_dir = root / "tiny" / "bert"
     bert_dir.mkdir(parents=True)
-    BertModel(config).save_pretrained(bert_dir)
+    BertModel(config).save_pretrained(bert_dir)  # type: ignore[no-untyped-call,unused-ignore]
     tokenizer.save_pretrained(bert_dir)
     word = st_models.Transformer(str(bert_dir))
     model = SentenceTransformer(modules=[word, st_models.Pooling(word.get_word_embedding_dimension())])

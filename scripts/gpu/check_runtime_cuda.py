@@ -31,7 +31,7 @@ def tiny_llama(root: Path) -> Path:
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=128, vocab_size=len(vocab), max_position_embeddings=512)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "tiny")
+    LlamaForCausalLM(config).save_pretrained(root / "tiny")  # type: ignore[no-untyped-call,unused-ignore]
     tokenizer.save_pretrained(root / "tiny")
     return root / "tiny"
 

@@ -17,8 +17,8 @@ pytest.importorskip("vllm")
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from memosd.runtime import vllm_connector as vc
-from memosd.runtime.kvblocks import BlockStore, MemoryBlockStore, block_keys
-from memosd.store.blocks import RocksBlockStore
+from memosd.runtime.kvblocks import BlockStore, MemoryBlockStore, OneStore, block_keys
+from memosd.store.blocks import RocksBlockStore, RocksBlockStores
 from memosd.store.rocks import Store
 
 B = 64
@@ -38,7 +38,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockStore
 
 @pytest.fixture
 def connector(store: BlockStore) -> Iterator[Any]:
-    vc.register_store("test", store, FP)
+    # The daemon's stores are one RocksDB range per cube, picked by salt; the dict holds every cube's.
+    stores = RocksBlockStores(store.store, FP) if isinstance(store, RocksBlockStore) else OneStore(store)
+    vc.register_store("test", stores, FP)
     config = SimpleNamespace(
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"memosd_store": "test"}),
         cache_config=SimpleNamespace(block_size=B))
@@ -102,7 +104,7 @@ def test_loads_go_to_the_allocated_blocks(connector: Any, store: BlockStore) -> 
     connector.update_state_after_alloc(request, None, 2 * B)
     meta = connector.build_connector_meta(_step(new=[("r", [40, 41, 42, 43], 2 * B)], scheduled={"r": B + 7}))
     keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
-    assert meta.loads == [(40, keys[0]), (41, keys[1])] and meta.saves == []
+    assert meta.loads == [("r", "cube-1", 40, keys[0]), ("r", "cube-1", 41, keys[1])] and meta.saves == []
 
 
 def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: Any, store: BlockStore) -> None:
@@ -112,9 +114,9 @@ def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: An
     request = _request("r", tokens, persist=3 * B + 30)  # three full blocks to persist
     assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
     first = connector.build_connector_meta(_step(new=[("r", [7, 8], 0)], scheduled={"r": 2 * B + 3}))
-    assert first.saves == [(7, keys[0])]
+    assert first.saves == [("r", "cube-1", 7, keys[0])]
     second = connector.build_connector_meta(_step(cached=[("r", [9, 10, 11], 2 * B + 3)], scheduled={"r": 2 * B + 7}))
-    assert second.saves == [(9, keys[2])]  # block 3 is past persist_tokens; block 4 is partial
+    assert second.saves == [("r", "cube-1", 9, keys[2])]  # block 3 is past persist_tokens; block 4 is partial
     assert connector.stats.blocks_skipped == 1
     connector.request_finished(request, [7, 8, 9, 10, 11])
     assert connector.build_connector_meta(_step(cached=[("r", None, 4 * B)], scheduled={"r": 1})).saves == []
@@ -133,4 +135,18 @@ def test_a_preempted_request_gets_its_loads_when_it_resumes(connector: Any, stor
     meta = connector.build_connector_meta(_step(cached=[("r", [8, 9, 10, 11], 2 * B)], scheduled={"r": B + 7},
                                                 resumed=["r"]))
     keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
-    assert meta.loads == [(8, keys[0]), (9, keys[1])]
+    assert meta.loads == [("r", "cube-1", 8, keys[0]), ("r", "cube-1", 9, keys[1])]
+
+
+def test_reuse_counts_what_the_request_really_did_not_compute(connector: Any, store: BlockStore) -> None:
+    """vLLM's num_cached_tokens also counts offered blocks whose load failed; the connector's count does not."""
+    tokens = list(range(5 * B + 3))
+    _stored(store, tokens, 4)
+    request = _request("r", tokens)
+    assert connector.get_num_new_matched_tokens(request, B) == (3 * B, False)  # one block in vLLM's cache
+    connector.update_state_after_alloc(request, None, 3 * B)
+    reuse = vc.take_reuse("test", "r")
+    assert reuse is not None and reuse.tokens(B) == (B, 3 * B)
+    assert vc.take_reuse("test", "r") is None  # taken once
+    reuse.failed_at = 1  # the second offered block failed its checks: vLLM recomputes from there
+    assert reuse.tokens(B) == (B, B)

@@ -274,6 +274,20 @@
  * @property {number} queue_depth Work queued for the runtime worker, and generations streaming now.
  * @property {number} active_generations
  * @property {number} worker_jobs_started Pieces of work the runtime worker has started since start (a prefill, a token, a training step).
+ * @property {string} engine The serving engine: "vllm" or "transformers" (runtime.engine; "auto" resolved).
+ * @property {EngineStats | null} engine_stats The vllm engine's counters (all zero on transformers, whose KV pool is in kv_pool).
+ */
+
+/**
+ * @typedef {object} EngineStats
+ * @property {number} kv_cache_tokens Tokens the engine's paged KV cache holds (runtime.pool_bytes of KV).
+ * @property {number} blocks_loaded 64-token KV blocks loaded from the store into the engine's cache, saved to the store, and those whose stored copy failed its checks (recomputed, never used), since start.
+ * @property {number} blocks_saved
+ * @property {number} load_errors
+ * @property {number} steps Engine steps run, and the most requests one step has served (batching at work).
+ * @property {number} max_requests_per_step
+ * @property {number} generations Generations and activations in the engine now.
+ * @property {number} prefills
  */
 
 /**

@@ -1163,6 +1163,8 @@ class ModelStats(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     ACTIVE_GENERATIONS_FIELD_NUMBER: _builtins.int
     WORKER_JOBS_STARTED_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    ENGINE_STATS_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """"disabled", "loading", "ready" or "failed"."""
     error: _builtins.str
@@ -1178,6 +1180,12 @@ class ModelStats(_message.Message):
     active_generations: _builtins.int
     worker_jobs_started: _builtins.int
     """Pieces of work the runtime worker has started since start (a prefill, a token, a training step)."""
+    engine: _builtins.str
+    """The serving engine: "vllm" or "transformers" (runtime.engine; "auto" resolved)."""
+    @_builtins.property
+    def engine_stats(self) -> Global___EngineStats:
+        """The vllm engine's counters (all zero on transformers, whose KV pool is in kv_pool)."""
+
     def __init__(
         self,
         *,
@@ -1191,14 +1199,62 @@ class ModelStats(_message.Message):
         queue_depth: _builtins.int = ...,
         active_generations: _builtins.int = ...,
         worker_jobs_started: _builtins.int = ...,
+        engine: _builtins.str = ...,
+        engine_stats: Global___EngineStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engine_stats", b"engine_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_generations", b"active_generations", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "error", b"error", "fingerprint", b"fingerprint", "name", b"name", "queue_depth", b"queue_depth", "state", b"state", "worker_jobs_started", b"worker_jobs_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_generations", b"active_generations", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "engine", b"engine", "engine_stats", b"engine_stats", "error", b"error", "fingerprint", b"fingerprint", "name", b"name", "queue_depth", b"queue_depth", "state", b"state", "worker_jobs_started", b"worker_jobs_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
+
+@_typing.final
+class EngineStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
+    BLOCKS_LOADED_FIELD_NUMBER: _builtins.int
+    BLOCKS_SAVED_FIELD_NUMBER: _builtins.int
+    LOAD_ERRORS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    MAX_REQUESTS_PER_STEP_FIELD_NUMBER: _builtins.int
+    GENERATIONS_FIELD_NUMBER: _builtins.int
+    PREFILLS_FIELD_NUMBER: _builtins.int
+    kv_cache_tokens: _builtins.int
+    """Tokens the engine's paged KV cache holds (runtime.pool_bytes of KV)."""
+    blocks_loaded: _builtins.int
+    """64-token KV blocks loaded from the store into the engine's cache, saved to the store, and those whose
+    stored copy failed its checks (recomputed, never used), since start.
+    """
+    blocks_saved: _builtins.int
+    load_errors: _builtins.int
+    steps: _builtins.int
+    """Engine steps run, and the most requests one step has served (batching at work)."""
+    max_requests_per_step: _builtins.int
+    generations: _builtins.int
+    """Generations and activations in the engine now."""
+    prefills: _builtins.int
+    def __init__(
+        self,
+        *,
+        kv_cache_tokens: _builtins.int = ...,
+        blocks_loaded: _builtins.int = ...,
+        blocks_saved: _builtins.int = ...,
+        load_errors: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        max_requests_per_step: _builtins.int = ...,
+        generations: _builtins.int = ...,
+        prefills: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_loaded", b"blocks_loaded", "blocks_saved", b"blocks_saved", "generations", b"generations", "kv_cache_tokens", b"kv_cache_tokens", "load_errors", b"load_errors", "max_requests_per_step", b"max_requests_per_step", "prefills", b"prefills", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineStats: _TypeAlias = EngineStats  # noqa: Y015
 
 @_typing.final
 class KVPoolStats(_message.Message):
