@@ -96,7 +96,7 @@ def load_tokenizer(path: Path) -> Any:
 def make_plan(tokenizer: Any, streams: int, block_tokens: int) -> list[dict[str, Any]]:
     """One cube per stream: its name, texts (consecutive passages, none shared), question and prompt ids.
 
-    Passages are added while the rendered block stays within ``block_tokens`` (at least one), counted with
+    Passages are added while the rendered block gets closer to ``block_tokens`` (at least one), counted with
     the tokenizer and the renderer the daemon uses, so the ids here are the ones the daemon will build."""
     from memosd.activation.render import block_token_ids, tail_token_ids
 
@@ -108,12 +108,10 @@ def make_plan(tokenizer: Any, streams: int, block_tokens: int) -> list[dict[str,
         block: list[int] = []
         for p in passages:
             candidate = block_token_ids(tokenizer, name, [*texts, p])
-            if texts and len(candidate) > block_tokens:
-                break  # this passage is dropped, not carried to the next cube (keeps cubes disjoint)
+            if texts and abs(len(candidate) - block_tokens) >= abs(len(block) - block_tokens):
+                break  # farther from the target with it: dropped, not carried on (keeps cubes disjoint)
             texts.append(p)
             block = candidate
-            if len(block) >= block_tokens:
-                break
         tail = tail_token_ids(tokenizer, [], [{"role": "user", "content": question(i)}], after_block=True)
         plan.append({"cube": name, "texts": texts, "question": question(i), "block_ids": block, "tail_ids": tail})
     return plan
@@ -179,6 +177,15 @@ def run_concurrently(n: int, one: Callable[[int], Record]) -> tuple[float, list[
 
 # -- the daemon legs -----------------------------------------------------------------------------------------
 
+def knows_engine_key() -> bool:
+    """Whether this checkout's daemon has ``runtime.engine`` (an unknown key is a config error at start)."""
+    import dataclasses
+
+    from memosd.config import RuntimeConfig
+
+    return any(f.name == "engine" for f in dataclasses.fields(RuntimeConfig))
+
+
 def daemon_leg(engine: str, plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     from daemon_proc import DaemonProcess
     from memos import Client, MountHandle
@@ -186,6 +193,8 @@ def daemon_leg(engine: str, plan: list[dict[str, Any]], args: argparse.Namespace
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
            "MEMOSD_RUNTIME__ENGINE": engine, "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache),
            "MEMOSD_RUNTIME__POOL_BYTES": str(POOL_BYTES)}
+    if engine == "transformers" and not knows_engine_key():
+        del env["MEMOSD_RUNTIME__ENGINE"]  # a daemon from before runtime.engine: it serves on transformers
     out: dict[str, Any] = {"env": env}
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data", extra_args=["--log-level", "warning"], env=env).start()
@@ -425,7 +434,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", type=engines_arg, default=list(ENGINES), help="legs, in order (default %(default)s)")
     parser.add_argument("--streams", type=streams_arg, default=[1, 4, 8, 16], help="concurrent streams per round")
-    parser.add_argument("--block-tokens", type=int, default=700, help="memory block tokens per cube (at most)")
+    parser.add_argument("--block-tokens", type=int, default=700, help="memory block tokens per cube (the nearest)")
     parser.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per reply (fewer if it ends)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per N")
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache",
