@@ -193,6 +193,8 @@ def daemon_leg(engine: str, plan: list[dict[str, Any]], args: argparse.Namespace
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
            "MEMOSD_RUNTIME__ENGINE": engine, "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache),
            "MEMOSD_RUNTIME__POOL_BYTES": str(POOL_BYTES)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if engine == "transformers" and not knows_engine_key():
         del env["MEMOSD_RUNTIME__ENGINE"]  # a daemon from before runtime.engine: it serves on transformers
     out: dict[str, Any] = {"env": env}
@@ -254,6 +256,10 @@ def bare_leg(plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     import torch
+
+    if args.threads:  # as memosd's engine does with its threads: OMP_NUM_THREADS, before vLLM is imported
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -338,7 +344,7 @@ def run_leg(engine: str, plan_path: Path, args: argparse.Namespace, tmp: Path) -
     out = tmp / f"leg-{engine}.json"
     cmd = [sys.executable, __file__, "--leg", engine, "--plan", str(plan_path), "--leg-out", str(out),
            "--streams", ",".join(map(str, args.streams)), "--max-tokens", str(args.max_tokens),
-           "--rounds", str(args.rounds), "--model-cache", str(args.model_cache)]
+           "--rounds", str(args.rounds), "--model-cache", str(args.model_cache), "--threads", str(args.threads)]
     print(f"== leg {engine} ...", flush=True)
     started = time.perf_counter()
     try:
@@ -439,6 +445,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per N")
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache",
                         help="where the dequantized model is kept between runs")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OMP_NUM_THREADS for every leg (0: unset, each engine's own choice, as the daemon's)")
     parser.add_argument("--leg-timeout", type=float, default=1800, help="seconds a leg may take")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench_serving.json")
     # Internal: run one leg (the parent starts these).
@@ -451,7 +459,7 @@ def main() -> int:
 
     started = time.perf_counter()
     result: dict[str, Any] = {"machine": machine(), "block_tokens": args.block_tokens, "max_tokens": args.max_tokens,
-                              "rounds": args.rounds, "streams": args.streams, "engines": args.engines,
+                              "rounds": args.rounds, "streams": args.streams, "engines": args.engines, "threads": args.threads,
                               "pool_bytes": POOL_BYTES}
     plan = make_plan(load_tokenizer(model_dir(args.model_cache)), max(args.streams), args.block_tokens)
     result["plan"] = [{"cube": p["cube"], "items": len(p["texts"]), "block_tokens": len(p["block_ids"]),
