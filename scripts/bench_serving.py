@@ -301,6 +301,10 @@ def bare_leg(plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
                 if o.finished:
                     ended[o.request_id] = now
                     cached[o.request_id] = int(o.num_cached_tokens or 0)
+                    # vLLM counts the end-of-sequence token in token_ids; memosd's completion_tokens does not.
+                    done = o.outputs[0]
+                    if str(done.finish_reason) == "stop" and done.stop_reason is None:
+                        tokens[o.request_id] -= 1
         return [{"ttft_ms": (first.get(r, ended[r]) - started) * 1000, "daemon_ttft_ms": None,
                  "wall_s": ended[r] - started, "completion_tokens": tokens[r],
                  "prompt_tokens": len(plan[i]["block_ids"]) + len(plan[i]["tail_ids"]),
