@@ -40,29 +40,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _bench_common import fill, load_passages  # noqa: E402
 from daemon_proc import DaemonProcess  # noqa: E402
 from memos import Client, MountHandle  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "retrieval"
 QUESTION = "In one word, what is the first memory about?"
-
-
-def load_passages() -> list[str]:
-    passages: list[str] = []
-    for name in ("msmarco", "dbpedia"):
-        with open(DATA / name / "corpus.jsonl") as f:
-            for line in f:
-                doc = json.loads(line)
-                passages.append(f"{doc['title']}. {doc['text']}" if doc.get("title") else doc["text"])
-    return passages
-
-
-def fill(client: Client, name: str, texts: list[str]) -> MountHandle:
-    client.alloc_cube(name)
-    mount = client.mount(name, writable=True)
-    mount.write(texts)
-    mount.commit("bench")
-    return mount
 
 
 def ttft(client: Client, mount: MountHandle, *, bypass: bool) -> tuple[float, float, int, int]:
