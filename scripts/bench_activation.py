@@ -98,6 +98,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 4000], help="memory block tokens")
     parser.add_argument("--reps", type=int, default=5, help="rounds of the three cases per size")
     parser.add_argument("--device", default="cpu", help="runtime.device: cpu, cuda, auto")
+    parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"],
+                        help="runtime.engine (auto: vllm where installed)")
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache",
                         help="where the dequantized model is kept between runs")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench_activation.json")
@@ -105,7 +107,8 @@ def main() -> int:
 
     passages = load_passages()
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": args.device,
-           "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__POOL_BYTES": str(4 << 30)}
+           "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__POOL_BYTES": str(4 << 30),
+           "MEMOSD_RUNTIME__ENGINE": args.engine}
     result: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "cpus": os.cpu_count(), "reps": args.reps, "question": QUESTION,
@@ -122,7 +125,7 @@ def main() -> int:
                     rows.append(bench_size(client, passages, size, chars_per_token, args.reps))
                 model = client.stats().model
                 result.update(model=model.name, fingerprint=model.fingerprint, device=model.device,
-                              dtype=model.dtype)
+                              dtype=model.dtype, engine=model.engine)
         finally:
             daemon.stop()
     result["sizes"] = rows

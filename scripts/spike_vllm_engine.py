@@ -16,7 +16,7 @@ each in its own process, sharing a directory block store:
 Prints a table and writes every measurement as JSON to ``--out``. Timings on
 a shared 2-core machine are noisy: compare them within one run only.
 
-    /work/venv-vllm/bin/python scripts/spike_vllm_engine.py --model-dir DIR --out spike.json
+    .venv/bin/python scripts/spike_vllm_engine.py --model-dir DIR --out spike.json
 """
 
 from __future__ import annotations

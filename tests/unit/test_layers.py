@@ -291,6 +291,13 @@ def wire_outside_syscalls(result: Scan) -> list[Finding]:
             for imp in result.imports if _matches(imp, WIRE) and not _in(imp.module, WIRE_ALLOWED)]
 
 
+def vllm_outside_its_engine(result: Scan) -> list[Finding]:
+    """vllm imported anywhere but runtime/vllm_*.py (rule d: the engine is one room's business)."""
+    return [Finding(imp.module, imp.line, imp.text, "vllm stays in runtime/vllm_*.py")
+            for imp in result.imports
+            if _matches(imp, ("vllm",)) and not imp.module.startswith("runtime.vllm_")]
+
+
 def torch_outside_runtime(result: Scan) -> list[Finding]:
     """torch or its API imported outside runtime/, index/embedder.py and TORCH_TODAY (rule d)."""
     return [Finding(imp.module, imp.line, imp.text, "torch stays in runtime/")
@@ -360,6 +367,11 @@ def test_torch_stays_in_the_runtime(memosd: Scan) -> None:
     assert not found, "torch outside runtime/:\n" + "\n".join(map(str, found))
 
 
+def test_vllm_stays_in_the_engine(memosd: Scan) -> None:
+    found = vllm_outside_its_engine(memosd)
+    assert not found, "vllm outside runtime/vllm_*.py:\n" + "\n".join(map(str, found))
+
+
 def test_kernel_internals_stay_in_the_kernel(memosd: Scan) -> None:
     found = kernel_internals_outside(memosd)
     assert not found, "kernel internals outside kernel/:\n" + "\n".join(map(str, found))
@@ -383,6 +395,8 @@ PLANTED = {
     "store/rows.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..kernel import core\n",  # (b)
     "runtime/__init__.py": "",
     "runtime/model.py": "import torch\nfrom safetensors.torch import save\n",  # allowed
+    "runtime/vllm_engine.py": "def f():\n    from vllm import LLMEngine\n",  # allowed
+    "runtime/host.py": "from vllm.config import KVTransferConfig\n",  # (d): vllm outside vllm_*.py
     "activation/__init__.py": "",
     "activation/generator.py": "import torch\n",  # allowed today (TORCH_TODAY)
     "activation/helper.py": "def f():\n    from transformers import AutoTokenizer\n",  # (d), lazily
@@ -415,6 +429,9 @@ def test_each_rule_catches_a_planted_violation(tmp_path: Path) -> None:
     }
     assert {(f.module, f.what) for f in torch_outside_runtime(planted)} == {
         ("activation.helper", "from transformers import AutoTokenizer"),
+    }
+    assert {(f.module, f.what) for f in vllm_outside_its_engine(planted)} == {
+        ("runtime.host", "from vllm.config import KVTransferConfig"),
     }
     assert {(f.module, f.what) for f in kernel_internals_outside(planted)} == {
         ("parametric.jobs", "from pkg.kernel.state import CubeState"),
