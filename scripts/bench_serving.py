@@ -188,7 +188,7 @@ def knows_engine_key() -> bool:
 
 def daemon_leg(engine: str, plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     from daemon_proc import DaemonProcess
-    from memos import Client, MountHandle
+    from memosd_client import Client, MountHandle
 
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
            "MEMOSD_RUNTIME__ENGINE": engine, "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache),
