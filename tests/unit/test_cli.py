@@ -1266,6 +1266,44 @@ def test_chat_adapter_uses_that_cubes_mount(ctl: Any, fake: FakeMemOS) -> None:
     assert len(requests_of(fake, "Generate")) == 3 and not fake.mounts
 
 
+def test_chat_defaults_to_the_adapter_of_the_first_cube_holding_one(ctl: Any, fake: FakeMemOS,
+                                                                       tmp_path: Path) -> None:
+    # After `memosctl train notes` the cube's block is activated under its adapter: plain `chat notes` must
+    # generate with it, or the block is prefilled again and the trained memory is left out.
+    ctl("cube", "alloc", "notes")
+    ctl("cube", "alloc", "other")
+    assert ctl("-q", "chat", "notes", "other", "-m", "hi").code == 0  # no adapter anywhere: the base model
+    digest = ctl("-o", "json", "adapter", "import", "other", str(make_adapter(tmp_path / "lora")),
+                 "-m", "lora").json()["adapter"]["digest"]
+    r = ctl("chat", "notes", "other", "-m", "hi")
+    assert r.code == 0 and f"generating with cube 'other''s adapter ({digest[:12]})" in r.err
+    assert "--no-adapter" in r.err
+    assert ctl("chat", "notes", "other", "-m", "hi", "--no-adapter").code == 0
+    assert ctl("chat", "notes", "other", "-m", "hi", "--adapter", "notes").code == 0  # explicit wins
+    none, auto, base, explicit = requests_of(fake, "Generate")
+    assert none.options.adapter_mount_id == "" and base.options.adapter_mount_id == ""
+    assert auto.options.adapter_mount_id == auto.mount_ids[1] and len(auto.mount_ids) == 2
+    assert explicit.options.adapter_mount_id == explicit.mount_ids[0]
+    r = ctl("chat", "notes", "-m", "hi", "--adapter", "notes", "--no-adapter")
+    assert r.code == 2 and "not allowed with argument" in r.err
+
+
+def test_chat_adapter_only_sends_the_adapter_and_no_memory(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("chat", "notes", "--adapter-only", "-m", "hi")
+    assert r.code == 2 and "none of the chat's cubes holds an adapter" in r.err
+    ctl("adapter", "import", "notes", str(make_adapter(tmp_path / "lora")), "-m", "lora")
+    r = ctl("chat", "notes", "--adapter-only", "-k", "3", "-m", "hi")
+    assert r.code == 2 and "--adapter-only retrieves nothing" in r.err
+    assert ctl("chat", "notes", "--adapter-only", "-m", "hi").code == 0
+    assert ctl("chat", "notes", "--adapter", "notes", "--adapter-only", "-m", "hi").code == 0
+    for req in requests_of(fake, "Generate"):
+        # No mount in mount_ids: neither the block nor retrieval feeds the prompt; the adapter's mount is
+        # named only as the adapter to generate with.
+        assert list(req.mount_ids) == [] and req.options.adapter_mount_id
+    assert not fake.mounts
+
+
 # -- parametric memory: training jobs ---------------------------------------------------
 
 

@@ -73,6 +73,9 @@ class _Chat:
     ) -> None:
         self.client, self.args, self.out, self.mounts = client, args, out, mounts
         self.adapter_mount = adapter_mount
+        # --adapter-only: the adapter's parametric memory by itself, so no cube's block or retrieval feeds the
+        # prompt. The adapter's mount is sent alone as options.adapter_mount_id (it need not be in mount_ids).
+        self.memory_mounts: list[MountHandle] = [] if args.adapter_only else mounts
         # With the model known to be loaded, a reply is cut off only when the daemon goes silent for --timeout
         # (a slow CPU streaming a long reply is progress); otherwise the first token may wait for the model
         # load, and the reply gets the client's whole-stream deadline (--timeout plus 0.5 s a token).
@@ -84,7 +87,7 @@ class _Chat:
         """Generate and print one reply; its text, or None when Ctrl-C cancelled it (interactive only)."""
         a, out = self.args, self.out
         gen = self.client.generate(
-            messages, self.mounts, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+            messages, self.memory_mounts, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
             stop=a.stop, seed=a.seed, retrieve_k=a.retrieve_k, adapter_mount=self.adapter_mount,
             idle_timeout=self.idle_timeout,
         )
@@ -181,6 +184,36 @@ def _adapter_mount(cube: str, cubes: list[str], mounts: list[MountHandle]) -> Mo
     raise UsageError(f"--adapter {cube!r} is not one of the chat's cubes ({', '.join(cubes)})")
 
 
+def adapter_digest_at(client: Client, mount: MountHandle) -> str:
+    """The digest of the adapter the mount's cube holds at the mount's revision ("" for none), from Log
+    (newest first: the mount is at HEAD, so this is normally the first revision of the first page)."""
+    for rev in client.log(mount.cube_id, page_size=8):
+        if rev.number <= mount.base_revision:
+            return rev.adapter_digest
+    return ""
+
+
+def _pick_adapter(client: Client, args: argparse.Namespace, mounts: list[MountHandle],
+                  out: Output) -> MountHandle | None:
+    """The mount whose cube's adapter the chat generates with, or None for the base model.
+
+    By default the first of the chat's cubes (in the order given) that holds an adapter: a cube activated
+    after ``memosctl train`` has its block's KV computed under its adapter (the digest is part of the cache
+    key), so generating with the base model would prefill the block instead of reusing it, and would leave
+    the trained memory out. ``--no-adapter`` chooses the base model, ``--adapter CUBE`` a given cube."""
+    if args.no_adapter:
+        return None
+    if args.adapter is not None:
+        return _adapter_mount(args.adapter, args.cubes, mounts)
+    for cube, mount in zip(args.cubes, mounts, strict=True):
+        digest = adapter_digest_at(client, mount)
+        if digest:
+            out.note(f"memosctl: generating with cube {cube!r}'s adapter ({digest[:12]}); "
+                     "--no-adapter for the base model")
+            return mount
+    return None
+
+
 def wait_for_model(client: Client, out: Output) -> bool:
     """Wait while the daemon's model loads, saying so once; whether it is known to be loaded now.
 
@@ -203,10 +236,16 @@ def wait_for_model(client: Client, out: Output) -> bool:
 def _chat(client: Client, args: argparse.Namespace, out: Output) -> None:
     if args.message is not None and not args.message.strip():
         raise UsageError("-m/--message is empty")
+    if args.adapter_only and args.retrieve_k:
+        raise UsageError("--adapter-only retrieves nothing: leave out -k/--retrieve-k")
     history: list[MessageLike] = [("system", args.system)] if args.system else []
     with ExitStack() as stack:
         mounts = [stack.enter_context(client.mount(cube)) for cube in args.cubes]
-        adapter = _adapter_mount(args.adapter, args.cubes, mounts) if args.adapter is not None else None
+        adapter = _pick_adapter(client, args, mounts, out)
+        if args.adapter_only and adapter is None:
+            raise UsageError("--adapter-only: none of the chat's cubes holds an adapter (memosctl train CUBE, or "
+                             "memosctl adapter import CUBE DIR)" if not args.no_adapter
+                             else "--adapter-only and --no-adapter leave nothing to generate with")
         chat = _Chat(client, args, out, mounts, adapter, model_ready=wait_for_model(client, out))
         if args.message is not None:
             chat.reply([*history, ("user", args.message)], interactive=False)
@@ -226,8 +265,12 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     '{"text", "summary"} instead. While the model loads, a note says so and the reply waits '
                     "for it. A reply streaming on a slow CPU is not cut off: it fails only when the daemon "
                     "sends nothing for --timeout seconds (for a caller that may not read Stats, which is for "
-                    "admins: --timeout plus 0.5 s for each token it may generate). With --adapter, the model "
-                    "generates with that cube's LoRA adapter (at HEAD).",
+                    "admins: --timeout plus 0.5 s for each token it may generate). Adapters: by default the model "
+                    "generates with the LoRA adapter of the first CUBE that holds one (after memosctl train "
+                    "CUBE, that is the trained memory, and an activated block, computed under the adapter, is "
+                    "reused), and says so on stderr; --adapter CUBE picks the cube, --no-adapter uses the "
+                    "base model. --adapter-only generates with the adapter alone: no memory block and no "
+                    "retrieved items, to see what the adapter learned.",
     )
     p.add_argument("cubes", nargs="+", metavar="CUBE", help="cube ids or names")
     p.add_argument("-m", "--message", metavar="TEXT", help="send this one message and exit")
@@ -242,8 +285,14 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=natural, default=0, metavar="N", help="sampling seed; 0 picks one")
     p.add_argument("-k", "--retrieve-k", type=natural, default=None, metavar="N",
                    help="items to retrieve for each message (default: the daemon's; 0 none)")
-    p.add_argument("--adapter", metavar="CUBE",
-                   help="generate with this cube's adapter; one of the chat's cubes (name or id)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", metavar="CUBE",
+                       help="generate with this cube's adapter; one of the chat's cubes (name or id). Default: "
+                            "the first of the chat's cubes that holds an adapter")
+    which.add_argument("--no-adapter", action="store_true",
+                       help="generate with the base model, even where a cube holds an adapter")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="the adapter alone: no memory block, no retrieval (the parametric memory by itself)")
     p.add_argument("--show-memory", action="store_true",
                    help="after each reply, list on stderr the cubes, revisions and items it used")
     p.set_defaults(handler=_chat)
