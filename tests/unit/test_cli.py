@@ -845,6 +845,12 @@ def test_stats_table_and_json(ctl: Any) -> None:
     assert doc["adapters"]["max_resident"] == 4 and doc["adapters"]["stored_bytes"] == str(5 * 1024 * 1024)
 
 
+def test_stats_of_a_daemon_without_a_model_says_disabled_plainly(ctl: Any, fake: FakeMemOS) -> None:
+    fake.model_states = ["disabled"]  # runtime.model = none: the fake still names a device and dtype
+    r = ctl("stats")
+    assert r.code == 0 and "model:           tiny-llama (disabled: no activation memory or chat)" in r.out, r.out
+
+
 
 def test_health(ctl: Any, health: Any) -> None:
     if health is None:

@@ -135,6 +135,8 @@ def _model_pairs(s: memos_pb2.StatsResponse) -> list[tuple[str, object]]:
         m = s.model
         if m.state == "failed":
             pairs.append(("model", f"failed: {m.error}"))
+        elif m.name and m.state == "disabled":  # runtime.model = none: no device, dtype or context to show
+            pairs.append(("model", f"{m.name} (disabled: no activation memory or chat)"))
         elif m.name:
             pairs.append(("model", f"{m.name} ({m.state}, {m.device} {m.dtype}, context {m.context_length})"))
         else:
