@@ -1282,7 +1282,7 @@ def test_chat_defaults_to_the_adapter_of_the_first_cube_holding_one(ctl: Any, fa
     digest = ctl("-o", "json", "adapter", "import", "other", str(make_adapter(tmp_path / "lora")),
                  "-m", "lora").json()["adapter"]["digest"]
     r = ctl("chat", "notes", "other", "-m", "hi")
-    assert r.code == 0 and f"generating with cube 'other''s adapter ({digest[:12]})" in r.err
+    assert r.code == 0 and f"generating with the adapter of cube 'other' ({digest[:12]})" in r.err
     assert "--no-adapter" in r.err
     assert ctl("chat", "notes", "other", "-m", "hi", "--no-adapter").code == 0
     assert ctl("chat", "notes", "other", "-m", "hi", "--adapter", "notes").code == 0  # explicit wins
@@ -1415,8 +1415,8 @@ def test_job_list_watch_cancel(ctl: Any, fake: FakeMemOS, monkeypatch: pytest.Mo
     assert ctl("train", "other", "--detach", "-m", "hang").code == 0  # job_0006 queued
     r = ctl("job", "list")
     lines = r.out.splitlines()
-    assert lines[0].split() == ["JOB", "ID", "STATE", "CUBE", "ID", "REV", "STEP", "LOSS", "CREATED", "RESULT"]
-    assert [ln.split()[:2] for ln in lines[1:]] == [["job_0006", "queued"], ["job_0004", "succeeded"]]
+    assert lines[0].split() == ["JOB", "ID", "STATE", "CUBE", "REV", "STEP", "LOSS", "CREATED", "RESULT"]
+    assert [ln.split()[:3] for ln in lines[1:]] == [["job_0006", "queued", "other"], ["job_0004", "succeeded", "notes"]]
     assert "revision 1, adapter " in lines[2]
     doc = ctl("-o", "json", "job", "list", "notes").json()
     assert [j["job_id"] for j in doc["jobs"]] == ["job_0004"]

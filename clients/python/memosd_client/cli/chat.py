@@ -208,7 +208,7 @@ def _pick_adapter(client: Client, args: argparse.Namespace, mounts: list[MountHa
     for cube, mount in zip(args.cubes, mounts, strict=True):
         digest = adapter_digest_at(client, mount)
         if digest:
-            out.note(f"memosctl: generating with cube {cube!r}'s adapter ({digest[:12]}); "
+            out.note(f"memosctl: generating with the adapter of cube {cube!r} ({digest[:12]}); "
                      "--no-adapter for the base model")
             return mount
     return None

@@ -6,6 +6,7 @@ import argparse
 
 from memosd_client.cli.inputs import natural
 from memosd_client.cli.mem import author_arg
+from memosd_client.cli.names import Names
 from memosd_client.cli.output import Output, fmt_time, to_dict
 from memosd_client.cli.progress import Progress, bar
 from memosd_client.client import Client
@@ -187,10 +188,11 @@ def _list(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.json:
         out.emit_json({"jobs": [to_dict(j) for j in jobs]})
         return
+    names = Names(client)  # the table names cubes; -o json keeps the ids
     out.table(
-        ["JOB ID", "STATE", "CUBE ID", "REV", "STEP", "LOSS", "CREATED", "RESULT"],
+        ["JOB ID", "STATE", "CUBE", "REV", "STEP", "LOSS", "CREATED", "RESULT"],
         [
-            [j.job_id, state_name(j), j.cube_id, j.revision, f"{j.step}/{j.total_steps}",
+            [j.job_id, state_name(j), names.cube(j.cube_id), j.revision, f"{j.step}/{j.total_steps}",
              f"{j.loss:.4f}" if j.step else "-", fmt_time(j.create_time), _result(j)]
             for j in jobs
         ],
