@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from memos.v1 import memos_pb2 as pb
+from memosd_client.v1 import memos_pb2 as pb
 
 from memosd import __version__, config_toml
 from memosd.activation.activator import Activator

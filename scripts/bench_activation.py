@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from _bench_common import fill, load_passages  # noqa: E402
 from daemon_proc import DaemonProcess  # noqa: E402
-from memos import Client, MountHandle  # noqa: E402
+from memosd_client import Client, MountHandle  # noqa: E402
 
 QUESTION = "In one word, what is the first memory about?"
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon_proc import DaemonProcess  # noqa: E402
-from memos import Client  # noqa: E402
+from memosd_client import Client  # noqa: E402
 
 
 def throughput(make_call: Callable[[Client], Callable[[], object]], address: str, token: str, threads: int,

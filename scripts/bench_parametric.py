@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from daemon_proc import DaemonProcess  # noqa: E402
 from eval_memory_training import make_facts, score  # noqa: E402
-from memos import Client  # noqa: E402
-from memos.v1 import types_pb2 as t  # noqa: E402
+from memosd_client import Client  # noqa: E402
+from memosd_client.v1 import types_pb2 as t  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTION = "Say hello."

@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 
 from daemon_proc import DaemonProcess  # noqa: E402
 from eval_fusion_offline import load_dataset, ndcg_at, recall_at  # noqa: E402
-from memos import Client  # noqa: E402
+from memosd_client import Client  # noqa: E402
 
 MODES = ("hybrid", "dense", "lexical")
 K = 10

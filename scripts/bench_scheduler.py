@@ -63,8 +63,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon_proc import DaemonProcess  # noqa: E402
-from memos import Client, MountHandle  # noqa: E402
-from memos.v1 import types_pb2 as t  # noqa: E402
+from memosd_client import Client, MountHandle  # noqa: E402
+from memosd_client.v1 import types_pb2 as t  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "retrieval"
 QUESTION = "In one word, what is the first memory about?"

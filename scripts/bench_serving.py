@@ -8,7 +8,7 @@ Every stream has its own cube holding a memory block of about --block-tokens
 tokens (the shared BEIR passages of ../shared/data/retrieval, different
 passages per cube), activated, and asks its own short question for
 --max-tokens greedy tokens with ``retrieve_k=0``. A round starts N streams at
-once (one thread and one ``memos.Client``, so one gRPC channel, per stream:
+once (one thread and one ``memosd_client.Client``, so one gRPC channel, per stream:
 N agents, each with its own connection, which is what a shared daemon serves;
 a shared channel would multiplex the streams over one HTTP/2 connection and
 measure that instead) and ends when the last one does.
@@ -188,7 +188,7 @@ def knows_engine_key() -> bool:
 
 def daemon_leg(engine: str, plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     from daemon_proc import DaemonProcess
-    from memos import Client, MountHandle
+    from memosd_client import Client, MountHandle
 
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
            "MEMOSD_RUNTIME__ENGINE": engine, "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache),

@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """Regenerate the committed gRPC/protobuf code of the memos-client package.
 
-    python scripts/gen_protos.py          # rewrite clients/python/memos/v1/
+    python scripts/gen_protos.py          # rewrite clients/python/memosd_client/v1/
     python scripts/gen_protos.py --check  # exit 1 if the committed code is stale
 
 Generated modules: *_pb2.py, *_pb2_grpc.py and their .pyi stubs (mypy-protobuf); and, where node and
 clients/node/node_modules are installed, the Node client's typedefs (clients/node/src/messages.js, by
 clients/node/scripts/gen-types.js), so one command regenerates every copy of the contract.
+The protos live at protos/memos/v1 (their proto package and file names, which reflection and every other
+language's client see, stay memos.v1 and memos/v1/*.proto), but the Python package is memosd_client: protoc
+writes imports from the file paths (`from memos.v1 import types_pb2`), so they are rewritten to
+`memosd_client.v1` here, as protoletariat does. Only import lines and the generated module's own name are
+touched: the serialized descriptors and the '/memos.v1.MemOS/...' method paths keep the wire names.
 The output depends on the grpcio-tools and mypy-protobuf versions pinned in
 clients/python/pyproject.toml's `gen` extra; CI runs --check with those.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
@@ -24,16 +30,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = ROOT / "clients" / "python"
-PACKAGE_DIR = Path("memos") / "v1"
+PROTO_DIR = Path("memos") / "v1"  # under protos/: the proto package memos.v1
+PACKAGE_DIR = Path("memosd_client") / "v1"  # under clients/python/: the Python package
+# What protoc writes, from the proto file paths, and what the Python package is called.
+_IMPORT_REWRITES = [
+    (re.compile(r"^from memos\.v1 import ", re.M), "from memosd_client.v1 import "),
+    (re.compile(r"^import memos\.v1\.", re.M), "import memosd_client.v1."),
+    (re.compile(r"\(DESCRIPTOR, 'memos\.v1\.(\w+_pb2)'"), r"(DESCRIPTOR, 'memosd_client.v1.\1'"),
+]
 
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) over protos/memos/v1 into out_root."""
     import grpc_tools  # imported here so --help works without grpcio-tools
 
-    protos = sorted((PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    protos = sorted((PROTO_ROOT / PROTO_DIR).glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    (out_root / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
+    (out_root / PROTO_DIR).mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "grpc_tools.protoc",
         f"-I{PROTO_ROOT}", f"-I{well_known}",
@@ -44,7 +57,13 @@ def generate(out_root: Path) -> list[Path]:
         *[str(p.relative_to(PROTO_ROOT)) for p in protos],
     ]
     subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
-    return sorted(p for p in (out_root / PACKAGE_DIR).iterdir() if _is_generated(p))
+    generated = sorted(p for p in (out_root / PROTO_DIR).iterdir() if _is_generated(p))
+    for path in generated:
+        text = path.read_text()
+        for pattern, replacement in _IMPORT_REWRITES:
+            text = pattern.sub(replacement, text)
+        path.write_text(text)
+    return generated
 
 
 def _is_generated(path: Path) -> bool:

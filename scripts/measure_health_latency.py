@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from memos.v1 import memos_pb2, memos_pb2_grpc, types_pb2
+from memosd_client.v1 import memos_pb2, memos_pb2_grpc, types_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemon_proc import DaemonProcess

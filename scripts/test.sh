@@ -7,7 +7,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== generated code"; python scripts/gen_protos.py --check
 echo "== ruff";  ruff check .
-echo "== mypy";  mypy memosd clients/python/memos scripts
+echo "== mypy";  mypy memosd clients/python/memosd_client clients/python/memos scripts
 echo "== pytest"
 # Shuffled (pytest-randomly) but reproducible: a fixed seed unless MEMOSD_TEST_SEED names another, so a
 # failure that depends on the order reruns with the same order. Arguments that choose the seed or turn

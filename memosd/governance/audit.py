@@ -3,7 +3,7 @@
 Each record's body is canonical JSON (sorted keys, no spaces, ASCII) that
 includes the previous record's hash; its hash is sha256(body). Changing,
 removing or reordering a record therefore breaks the chain at that point,
-which ``memos.audit.verify`` (memosctl audit verify) reports. Rewriting the
+which ``memosd_client.audit.verify`` (memosctl audit verify) reports. Rewriting the
 whole chain from some record on is not detectable from the log alone: keep the
 head hash that verify prints somewhere else to anchor it.
 

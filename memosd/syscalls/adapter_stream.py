@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from memos.v1 import memos_pb2 as pb
-from memos.v1 import types_pb2 as t
+from memosd_client.v1 import memos_pb2 as pb
+from memosd_client.v1 import types_pb2 as t
 
 from memosd.errors import AdapterInvalid, InvalidField
 from memosd.kernel import validate

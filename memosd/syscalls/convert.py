@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from memos.v1 import memos_pb2 as pb
-from memos.v1 import types_pb2 as t
+from memosd_client.v1 import memos_pb2 as pb
+from memosd_client.v1 import types_pb2 as t
 
 from memosd.errors import InvalidField
 from memosd.kernel.types import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from memos.v1 import memos_pb2 as pb
-from memos.v1 import types_pb2 as t
+from memosd_client.v1 import memos_pb2 as pb
+from memosd_client.v1 import types_pb2 as t
 
 from memosd.activation.activator import ActivationOutcome, EvictOutcome
 from memosd.activation.generator import GenerateParams, GenerationReport, MemoryUse, UsedItem

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from memos.v1 import memos_pb2 as pb
-from memos.v1 import types_pb2 as t
+from memosd_client.v1 import memos_pb2 as pb
+from memosd_client.v1 import types_pb2 as t
 
 from memosd.errors import InvalidField
 

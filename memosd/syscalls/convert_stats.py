@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from memos.v1 import memos_pb2 as pb
+from memosd_client.v1 import memos_pb2 as pb
 
 from memosd.services.stats import AdapterPoolStats, KVPoolStats, ModelStats, Stats
 

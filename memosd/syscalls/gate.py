@@ -34,7 +34,7 @@ from itertools import chain
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from memos.v1 import memos_pb2 as pb
+from memosd_client.v1 import memos_pb2 as pb
 
 from memosd.config import QuotasConfig, ServerConfig
 from memosd.errors import MalformedRequest, MemosError, ShuttingDown, StreamIdle, Unauthenticated

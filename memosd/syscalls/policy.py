@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from memos.v1 import types_pb2 as t
+from memosd_client.v1 import types_pb2 as t
 
 from memosd.errors import PermissionDenied
 from memosd.governance.access import AccessControl, Right

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from memos.v1 import memos_pb2
+from memosd_client.v1 import memos_pb2
 
 from memosd.syscalls.gate import Malformed
 from memosd.syscalls.servicer import MemOSServicer

@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 
-from memos.v1 import memos_pb2 as pb
-from memos.v1 import types_pb2 as t
+from memosd_client.v1 import memos_pb2 as pb
+from memosd_client.v1 import types_pb2 as t
 
 from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerationReport, Generator

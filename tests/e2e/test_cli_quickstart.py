@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daemon_proc import DaemonProcess
 
-MEMOSCTL = [sys.executable, "-m", "memos.cli.main"]
+MEMOSCTL = [sys.executable, "-m", "memosd_client.cli.main"]
 
 
 def ctl(daemon: DaemonProcess, *args: str, ok: bool = True, token_file: Path | None = None

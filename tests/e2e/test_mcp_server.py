@@ -36,7 +36,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _stdio(daemon: DaemonProcess, *flags: str, **env: str) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable,
-                                 args=["-m", "memos.cli.main", "--target", daemon.address, *flags, "mcp"],
+                                 args=["-m", "memosd_client.cli.main", "--target", daemon.address, *flags, "mcp"],
                                  env=_env(**env))
 
 
@@ -177,7 +177,7 @@ def test_the_same_server_over_streamable_http(daemon: DaemonProcess, client: Cli
     port = _free_port()
     log = (tmp_path / "mcp-http.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memos.cli.main", "--target", daemon.address, "--token-file",
+        [sys.executable, "-m", "memosd_client.cli.main", "--target", daemon.address, "--token-file",
          str(daemon.data_dir / "admin.token"), "mcp", "--http", f"127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **_env()})
     try:

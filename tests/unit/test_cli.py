@@ -845,6 +845,12 @@ def test_stats_table_and_json(ctl: Any) -> None:
     assert doc["adapters"]["max_resident"] == 4 and doc["adapters"]["stored_bytes"] == str(5 * 1024 * 1024)
 
 
+def test_stats_of_a_daemon_without_a_model_says_disabled_plainly(ctl: Any, fake: FakeMemOS) -> None:
+    fake.model_states = ["disabled"]  # runtime.model = none: the fake still names a device and dtype
+    r = ctl("stats")
+    assert r.code == 0 and "model:           tiny-llama (disabled: no activation memory or chat)" in r.out, r.out
+
+
 
 def test_health(ctl: Any, health: Any) -> None:
     if health is None:
@@ -1266,6 +1272,44 @@ def test_chat_adapter_uses_that_cubes_mount(ctl: Any, fake: FakeMemOS) -> None:
     assert len(requests_of(fake, "Generate")) == 3 and not fake.mounts
 
 
+def test_chat_defaults_to_the_adapter_of_the_first_cube_holding_one(ctl: Any, fake: FakeMemOS,
+                                                                       tmp_path: Path) -> None:
+    # After `memosctl train notes` the cube's block is activated under its adapter: plain `chat notes` must
+    # generate with it, or the block is prefilled again and the trained memory is left out.
+    ctl("cube", "alloc", "notes")
+    ctl("cube", "alloc", "other")
+    assert ctl("-q", "chat", "notes", "other", "-m", "hi").code == 0  # no adapter anywhere: the base model
+    digest = ctl("-o", "json", "adapter", "import", "other", str(make_adapter(tmp_path / "lora")),
+                 "-m", "lora").json()["adapter"]["digest"]
+    r = ctl("chat", "notes", "other", "-m", "hi")
+    assert r.code == 0 and f"generating with the adapter of cube 'other' ({digest[:12]})" in r.err
+    assert "--no-adapter" in r.err
+    assert ctl("chat", "notes", "other", "-m", "hi", "--no-adapter").code == 0
+    assert ctl("chat", "notes", "other", "-m", "hi", "--adapter", "notes").code == 0  # explicit wins
+    none, auto, base, explicit = requests_of(fake, "Generate")
+    assert none.options.adapter_mount_id == "" and base.options.adapter_mount_id == ""
+    assert auto.options.adapter_mount_id == auto.mount_ids[1] and len(auto.mount_ids) == 2
+    assert explicit.options.adapter_mount_id == explicit.mount_ids[0]
+    r = ctl("chat", "notes", "-m", "hi", "--adapter", "notes", "--no-adapter")
+    assert r.code == 2 and "not allowed with argument" in r.err
+
+
+def test_chat_adapter_only_sends_the_adapter_and_no_memory(ctl: Any, fake: FakeMemOS, tmp_path: Path) -> None:
+    ctl("cube", "alloc", "notes")
+    r = ctl("chat", "notes", "--adapter-only", "-m", "hi")
+    assert r.code == 2 and "none of the chat's cubes holds an adapter" in r.err
+    ctl("adapter", "import", "notes", str(make_adapter(tmp_path / "lora")), "-m", "lora")
+    r = ctl("chat", "notes", "--adapter-only", "-k", "3", "-m", "hi")
+    assert r.code == 2 and "--adapter-only retrieves nothing" in r.err
+    assert ctl("chat", "notes", "--adapter-only", "-m", "hi").code == 0
+    assert ctl("chat", "notes", "--adapter", "notes", "--adapter-only", "-m", "hi").code == 0
+    for req in requests_of(fake, "Generate"):
+        # No mount in mount_ids: neither the block nor retrieval feeds the prompt; the adapter's mount is
+        # named only as the adapter to generate with.
+        assert list(req.mount_ids) == [] and req.options.adapter_mount_id
+    assert not fake.mounts
+
+
 # -- parametric memory: training jobs ---------------------------------------------------
 
 
@@ -1371,8 +1415,8 @@ def test_job_list_watch_cancel(ctl: Any, fake: FakeMemOS, monkeypatch: pytest.Mo
     assert ctl("train", "other", "--detach", "-m", "hang").code == 0  # job_0006 queued
     r = ctl("job", "list")
     lines = r.out.splitlines()
-    assert lines[0].split() == ["JOB", "ID", "STATE", "CUBE", "ID", "REV", "STEP", "LOSS", "CREATED", "RESULT"]
-    assert [ln.split()[:2] for ln in lines[1:]] == [["job_0006", "queued"], ["job_0004", "succeeded"]]
+    assert lines[0].split() == ["JOB", "ID", "STATE", "CUBE", "REV", "STEP", "LOSS", "CREATED", "RESULT"]
+    assert [ln.split()[:3] for ln in lines[1:]] == [["job_0006", "queued", "other"], ["job_0004", "succeeded", "notes"]]
     assert "revision 1, adapter " in lines[2]
     doc = ctl("-o", "json", "job", "list", "notes").json()
     assert [j["job_id"] for j in doc["jobs"]] == ["job_0004"]

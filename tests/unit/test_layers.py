@@ -6,8 +6,8 @@ violation in a tiny synthetic package, ``test_each_rule_catches_a_planted_violat
 (a) no import cycle between modules;
 (b) no arrow back up the layer order of ``LAYERS`` (a module imports only from
     its own layer or below), and every module has a layer;
-(c) grpc, google.rpc / google.protobuf and the generated ``memos.v1`` (the
-    client package ``memos`` too) only in syscalls/ and the wiring (daemon.py);
+(c) grpc, google.rpc / google.protobuf and the generated ``memosd_client.v1`` (the
+    client package ``memosd_client`` too, and its deprecated alias ``memos``) only in syscalls/ and the wiring (daemon.py);
 (d) torch and its API (transformers, peft, safetensors.torch,
     sentence-transformers, accelerate) only in runtime/, index/embedder.py and,
     until the engine issue moves them, the activation files listed in
@@ -66,7 +66,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "leaves": ("__init__", "errors", "config", "config_toml", "fsutil", "listen_check", "logfmt", "park", "periodic", "offline"),
 }
 
-WIRE = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.rpc", "google.protobuf", "memos")
+WIRE = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.rpc", "google.protobuf", "memosd_client", "memos")
 WIRE_ALLOWED = ("syscalls", "daemon")
 
 TORCH = ("torch", "transformers", "peft", "safetensors.torch", "sentence_transformers", "accelerate")
@@ -286,7 +286,7 @@ def upward_arrows(result: Scan) -> list[Finding]:
 
 
 def wire_outside_syscalls(result: Scan) -> list[Finding]:
-    """grpc / google.rpc / memos.v1 imported outside syscalls/ and the wiring (rule c)."""
+    """grpc / google.rpc / memosd_client.v1 imported outside syscalls/ and the wiring (rule c)."""
     return [Finding(imp.module, imp.line, imp.text, "the wire stays in syscalls/")
             for imp in result.imports if _matches(imp, WIRE) and not _in(imp.module, WIRE_ALLOWED)]
 
@@ -384,7 +384,7 @@ PLANTED = {
     "errors.py": "",
     "daemon.py": "import grpc\nfrom pkg.syscalls import gate\n",  # the wiring may import grpc
     "syscalls/__init__.py": "",
-    "syscalls/gate.py": "import grpc\nfrom memos.v1 import memos_pb2\nfrom pkg.kernel import core\n",
+    "syscalls/gate.py": "import grpc\nfrom memosd_client.v1 import memos_pb2\nfrom pkg.kernel import core\n",
     "kernel/__init__.py": "",
     "kernel/core.py": "from pkg.kernel import part\nfrom pkg.errors import *\nfrom pkg.kernel.state import CubeState\n",
     "kernel/part.py": "from . import core\n",  # (a) core -> part -> core

@@ -1,1 +1,0 @@
-"""``memosctl``, the admin command line of memosd. The entry point is :func:`memos.cli.main.main`."""

@@ -1,0 +1,48 @@
+"""Names for the ids in a table: ``notes`` rather than ``cube_agrd…``, ``bob`` rather than ``prn_…``.
+
+Tables only; ``-o json`` keeps the ids (scripts want the stable key). Each lookup is one listing call, made
+the first time a table needs it and kept for the rest of the command: ListCubes (the cubes the caller can
+see) and ListPrincipals (admins only). A listing the caller may not make, or that fails, leaves the ids as
+they are: a name is a convenience, never a reason for a command to fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from memosd_client.client import Client
+from memosd_client.errors import MemosError
+
+
+class Names:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._cubes: dict[str, str] | None = None
+        self._principals: dict[str, str] | None = None
+
+    @staticmethod
+    def _load(pairs: Callable[[], Iterable[tuple[str, str]]]) -> dict[str, str]:
+        try:
+            return dict(pairs())
+        except MemosError:
+            return {}
+
+    def cube(self, cube_id: str) -> str:
+        """The cube's name, or its id when unknown ("-" for none)."""
+        if not cube_id:
+            return "-"
+        if self._cubes is None:
+            self._cubes = self._load(lambda: ((c.cube_id, c.name) for c in self._client.list_cubes()))
+        return self._cubes.get(cube_id) or cube_id
+
+    def principal(self, principal_id: str) -> str:
+        """The principal's name, or its id when unknown ("-" for none)."""
+        if not principal_id:
+            return "-"
+        if self._principals is None:
+            self._principals = self._load(
+                lambda: ((p.principal_id, p.name) for p in self._client.list_principals()))
+            if not self._principals:  # not an admin: the caller's own name is still cheap to know
+                me = self._load(lambda: [(w.principal_id, w.name) for w in [self._client.whoami()]])
+                self._principals.update(me)
+        return self._principals.get(principal_id) or principal_id
