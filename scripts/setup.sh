@@ -16,6 +16,15 @@ PYTHON="${PYTHON:-python3}"
 DEV=0
 [[ "${1:-}" == "--dev" ]] && DEV=1
 
+# torch 2.13.0 in the build the configured pip index serves (PyPI: the CUDA build on Linux x86_64, several GB,
+# which runs on CPU too; these machines' mirror: a CPU build), unless MEMOSD_TORCH=cpu asks for PyTorch's CPU
+# index (~200 MB) or MEMOSD_TORCH=cuda for PyPI's default. An installed torch 2.13.0 is kept, whichever build.
+TORCH="${MEMOSD_TORCH:-index}"
+case $TORCH in
+  index|cuda) TORCH_INDEX=() ;;
+  cpu) TORCH_INDEX=(--extra-index-url https://download.pytorch.org/whl/cpu) ;;
+  *) echo "setup: MEMOSD_TORCH must be index, cpu or cuda (got $TORCH)" >&2; exit 2 ;;
+esac
 VLLM="${MEMOSD_VLLM:-auto}"
 if [[ $VLLM == auto ]]; then
   VLLM=cpu
@@ -36,16 +45,16 @@ fi
 NPM=0
 [[ $DEV == 1 ]] && command -v npm >/dev/null && NPM=1
 stamp=".venv/.memosd-setup-$DEV-$( (cat pyproject.toml clients/python/pyproject.toml scripts/setup.sh \
-  clients/node/package-lock.json; echo "npm=$NPM vllm=$VLLM_PKG") | sha256sum | cut -c1-16)"
+  clients/node/package-lock.json; echo "npm=$NPM vllm=$VLLM_PKG torch=$TORCH") | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" ]]; then
   exit 0
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PIP=.venv/bin/pip
 $PIP install --quiet --upgrade pip
-# torch first and pinned: on these machines 2.13.0 is a local CPU build, and an
-# unpinned torch (pulled in by sentence-transformers or vLLM) would fetch GBs of CUDA.
-$PIP install --quiet "torch==2.13.0" packaging
+# torch first and pinned: an unpinned torch (pulled in by sentence-transformers or vLLM) could move to
+# another version's build.
+$PIP install --quiet ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "torch==2.13.0" packaging
 if [[ -n $VLLM_PKG ]]; then
   $PIP install --quiet --no-deps "$VLLM_PKG"
   reqs="$(mktemp)"
