@@ -127,7 +127,7 @@ class RuntimeConfig:
     # ... when the scheduler encodes one in the background: a Generate waits for at most one such chunk
     background_chunk: int = 128
     max_adapters: int = 8  # LoRA adapters resident in the model at once (vLLM: its LoRA slots)
-    max_lora_rank: int = 64  # vLLM: the largest adapter rank it serves (its LoRA buffers are sized by it)
+    max_lora_rank: int = 16  # vLLM: the largest adapter rank it serves (its LoRA buffers are sized by it)
 
 
 @dataclass(frozen=True)
