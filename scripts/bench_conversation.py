@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ COLUMNS = ("any@1", "any@5", "any@10", "any@20", "all@10", "sess@3")
 
 def session_time(text: str) -> datetime:
     """LoCoMo's "1:56 pm on 8 May, 2023" as a UTC datetime."""
-    return datetime.strptime(text.strip(), "%I:%M %p on %d %B, %Y").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text.strip(), "%I:%M %p on %d %B, %Y").replace(tzinfo=UTC)
 
 
 @dataclass
@@ -104,7 +104,7 @@ def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def run(client: Client, convs: list[Conversation], modes: list[str], dump: Path | None) -> dict[str, Any]:
