@@ -303,3 +303,20 @@ def test_context_turns_leave_out_what_search_leaves_out(kernel: Kernel) -> None:
     # Read still links every turn the mount sees, the archived one included.
     items = read_all(kernel, mount)
     assert items["turn two zebra"].prev_item_id == items["turn one archived"].item_id
+
+
+def test_hybrid_search_lifts_the_reply_to_a_matching_question_within_the_filters(kernel: Kernel) -> None:
+    """The answer is often the turn after the one the question matches (kernel/turn_rank.py): the reply
+    enters the hits though it shares no word with the query, unless a filter leaves it out."""
+    mount = rw(kernel)
+    kernel.ingest(mount, [*chat("s1", ("Melanie", "which shelter did the puppy come from"),
+                                ("Caroline", "the one on Elm Street, she is three months old"),
+                                ("Melanie", "lovely")),
+                          *chat("s2", ("Melanie", "weather is grey"), ("Caroline", "rain all week"), start=100)])
+    search = searcher(kernel)
+    hits = [h.item.text for h in search.search([mount], "puppy shelter", 3, SearchFilter(), "hybrid").hits]
+    assert hits[:2] == ["which shelter did the puppy come from", "the one on Elm Street, she is three months old"]
+    lexical = [h.item.text for h in search.search([mount], "puppy shelter", 3, SearchFilter(), "lexical").hits]
+    assert "the one on Elm Street, she is three months old" not in lexical  # found by the lift alone
+    only_melanie = search.search([mount], "puppy shelter", 3, SearchFilter(speakers=("Melanie",)), "hybrid").hits
+    assert {h.item.speaker for h in only_melanie} == {"Melanie"}
