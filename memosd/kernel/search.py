@@ -22,11 +22,14 @@ from memosd.kernel.kernel import Kernel
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import FusedHitLike, Ranker, Scored
 from memosd.kernel.state import CubeState, MountState, staged_view, view_of
+from memosd.kernel.timeref import Period, query_periods
 from memosd.kernel.turn_rank import LIFT_DEPTH, lift
 from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
 from memosd.store.records import StagedRecord
 
 MODES = ("hybrid", "dense", "lexical")
+# How much a hybrid hit gains when its event time is in a period the query names ("in May 2023"; see _lift).
+PERIOD_BOOST = 0.5
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class Searcher:
         if mode == "hybrid":  # every candidate fused, then conversation structure (kernel/turn_rank.py)
             fused: Sequence[FusedHitLike] = self._lift(
                 self.rank(dense[:depth], lexical[:depth], len(candidates), mode), candidates, keys, orders,
-                filt, now, k)
+                filt, now, k, query_periods(query))
         else:
             fused = self.rank(dense[:depth], lexical[:depth], k, mode)
         hits = self._turns(self._materialize(fused, candidates), orders, context_turns)
@@ -157,15 +160,19 @@ class Searcher:
             sims = matrix @ qvec
             dense += [(base_index + i, float(sims[i])) for i in np.argsort(-sims)[:depth]]
         if mode != "dense":
-            docs = [(base_index + i, memory_text(s.text, s.speaker)) for i, s in enumerate(staged)]
+            docs = [(base_index + i, memory_text(s.text, s.speaker, s.event_ns)) for i, s in enumerate(staged)]
             lexical += cube.index.lexical_staged(query, docs, depth)
 
     def _lift(self, fused: Sequence[FusedHitLike], candidates: list[_Candidate],
               keys: dict[tuple[str, int], int], orders: dict[str, SessionOrder], filt: SearchFilter, now: int,
-              k: int) -> list[FusedHitLike]:
-        """The top ``k`` of ``fused`` (every candidate, best first) after the reply and session lifts.
+              k: int, periods: Sequence[Period]) -> list[FusedHitLike]:
+        """The top ``k`` of ``fused`` (every candidate, best first) after the time boost and the reply and
+        session lifts.
 
-        A reply lifted in that was not a candidate becomes one, if the search's filters let it through."""
+        A candidate whose event time falls in one of the ``periods`` the query names scores
+        ``1 + PERIOD_BOOST`` times its fused score (a soft filter: a turn that tells of May in June still
+        competes). A reply lifted in that was not a candidate becomes one, if the search's filters let it
+        through."""
         staged_keys = {(c.mount.mount_id, c.staged_id): i for i, c in enumerate(candidates) if c.staged_id}
         sessions: dict[int, tuple[str, str]] = {}
         next_of: dict[int, int] = {}
@@ -184,7 +191,13 @@ class Searcher:
                 next_of[hit.key] = nkey
                 sessions[nkey] = (cand.mount.mount_id, session_id)
         by_key = {hit.key: hit for hit in fused}
-        scores = lift({hit.key: hit.score for hit in fused}, sessions, next_of)
+        scores = {hit.key: hit.score for hit in fused}
+        if periods:
+            for key in scores:
+                when = self._event_ns(candidates[key])
+                if when and any(p.contains(when) for p in periods):
+                    scores[key] *= 1.0 + PERIOD_BOOST
+        scores = lift(scores, sessions, next_of)
         ranked = sorted(scores, key=lambda key: (-scores[key], key))[:k]
         return [_Lifted(key, scores[key], *(_ranks(by_key[key]) if key in by_key else (0.0, 0.0, 0, 0)))
                 for key in ranked]
@@ -197,6 +210,14 @@ class Searcher:
             return (staged.session_id, staged.item_id) if staged is not None and staged.session_id else None
         meta = cand.cube.catalog.by_vkey.get(cand.vkey)
         return (meta.session_id, meta.item_id) if meta is not None and meta.session_id else None
+
+    @staticmethod
+    def _event_ns(cand: _Candidate) -> int:
+        if cand.staged_id:
+            staged = cand.mount.staging.get(cand.staged_id)
+            return staged.event_ns if staged is not None else 0
+        meta = cand.cube.catalog.by_vkey.get(cand.vkey)
+        return meta.event_ns if meta is not None else 0
 
     @staticmethod
     def _reply_key(nxt: tuple[str, int, StagedRecord | None], cand: _Candidate, candidates: list[_Candidate],
