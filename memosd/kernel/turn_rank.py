@@ -19,9 +19,9 @@ Both lifts read the scores *before* lifting (one pass, order-independent).
 
 The weights were chosen on the LoCoMo dev conversations
 (scripts/bench_conversation.py; a sweep of next 0.1..0.5, previous 0..0.3,
-session 0.05..0.5 over the fused lists): any@10 67.0 -> 77.6 with RRF k=10,
-next 0.3, session 0.2 over the top 3; a lift of the previous turn added
-nothing beyond noise (+0.6 any@10, -0.4 any@1) and is left out. Items that are
+session 0.05..0.5 over the fused lists): any@10 67.0 -> 77.0 through gRPC
+with RRF k=10, next 0.3, session 0.2 over the top 3; a lift of the previous
+turn added nothing beyond noise (+0.6 any@10, -0.4 any@1) and is left out. Items that are
 not turns (no session) are untouched, so plain memories rank as before.
 """
 

@@ -161,7 +161,7 @@ def test_methods_match_config() -> None:
 
 def test_a_clear_first_of_one_list_survives_documents_middling_in_both() -> None:
     """The default k keeps a single-list win: one list's #1, absent from the other list, stays above every
-    document both lists rank below 12th (with k = 60 it fell below all of those ranked up to 60th)."""
+    document both lists rank 8th or lower (with k = 60 it fell below all of those ranked up to 60th)."""
     middling = list(range(100, 140))  # ranked 13..52 in both lists
     dense = [(7, 0.9)] + [(key, 0.7) for key in range(300, 311)] + [(key, 0.5) for key in middling]
     lexical = [(key, 9.0) for key in range(200, 212)] + [(key, 3.0) for key in middling]
