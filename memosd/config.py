@@ -95,7 +95,7 @@ class EmbedderConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     fusion: str = "rrf"
-    rrf_k: int = 60
+    rrf_k: int = 5  # memosd.index.fusion.RRF_K: why 5, not the paper's 60
     dense_weight: float = 1.0
     lexical_weight: float = 1.0
     depth: int = 100  # candidates fetched from each list before fusion

@@ -278,7 +278,7 @@ class Activator:
         metas = select.select(self.kernel.visible_items(cube.cube_id, revision, now), selector, usage, size)
         refs = [(m.item_id, m.born) for m in metas]
         versions = self.kernel.versions(cube.cube_id, refs)
-        return refs, [memory_text(v.text, v.speaker) for v in versions if v is not None], selector.label(size)
+        return refs, [memory_text(v.text, v.speaker, v.event_ns) for v in versions if v is not None], selector.label(size)
 
     def _check_fits(self, loaded: LoadedModel, cube: CubeState, revision: int, n_tokens: int) -> None:
         if n_tokens >= loaded.context_length:

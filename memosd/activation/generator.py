@@ -319,7 +319,7 @@ class Generator:
                 continue
             used = UsedItem(hit.item.item_id, hit.item.born, hit.score)
             uses[hit.mount_id].retrieved_items.append(used)
-            out.append((memory_text(hit.item.text, hit.item.speaker), used))
+            out.append((memory_text(hit.item.text, hit.item.speaker, hit.item.event_ns), used))
             if len(out) == k:
                 break
         return out

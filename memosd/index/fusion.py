@@ -1,14 +1,20 @@
 """Fuse a dense and a lexical ranking into one.
 
 The default is reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR
-2009) with the paper's k = 60 and equal weights:
+2009) with k = 5 (the paper's is 60) and equal weights:
 
     score(d) = dense_weight / (rrf_k + rank_dense(d)) + lexical_weight / (rrf_k + rank_lexical(d))
 
-RRF looks only at ranks, so it needs no calibration between cosine
-similarities and unbounded BM25 scores, and no weight fitted to a corpus: the
-daemon serves conversation memories, not the eval corpora, and there names,
-dates and rare words are exactly what BM25 matches and a small embedder blurs.
+Why k = 5: a small k keeps a strong single-list hit. With k = 60 the curve is
+so flat that a clear #1 of one list (1/61) loses to any document ranked 60th
+or better in both (2/120); with k = 5 the #1 of one list (1/6) beats every
+document both lists rank 8th or lower (2/13). On the LoCoMo dev conversations
+(scripts/bench_conversation.py, BENCHMARKS.md) re-fusing main's lists gave
+any@10 67.5 (k=60), 70.0 (k=20), 71.4 (k=10), 70.9 (k=5), 70.0 (k=1); with
+the conversation lifts of kernel/turn_rank.py on top, k=5 beat k=10 on
+any@1 (34.1 vs 32.0) and any@5 (69.3 vs 67.5) and tied the rest. The BEIR
+subsets (scripts/bench_retrieval.py) moved within their noise (BENCHMARKS.md).
+The older BEIR-only analysis below was made at k = 60.
 
 Why not something else (scripts/eval_fusion_offline.py --variants, and a
 sweep of 448 weighted-RRF / min-max linear settings, rrf_k 1..100, dense
@@ -69,7 +75,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-RRF_K = 60
+RRF_K = 5  # see the module docstring
 
 # Names as in memosd.config (search.fusion).
 Method = Literal["rrf", "linear", "combsum", "combmnz", "dbsf", "tm2c2"]

@@ -113,6 +113,16 @@ class SessionOrder:
             return [], []
         return turns[max(0, i - before):i], turns[i + 1:i + 1 + after]
 
+    def next_turn(self, session_id: str, item_id: str) -> tuple[str, int, StagedRecord | None] | None:
+        """The turn after ``item_id`` in ``session_id`` as (item id, born, staged record or None), or None
+        when it is the last (or not a turn this mount sees)."""
+        turns, position = self._session(session_id)
+        i = position.get(item_id)
+        if i is None or i + 1 >= len(turns):
+            return None
+        turn = turns[i + 1]
+        return turn.item_id, turn.born, turn.staged
+
     def link(self, view: ItemView) -> ItemView:
         """``view`` with its previous and next turns filled in."""
         prev, nxt = self._window(view, 1, 1)

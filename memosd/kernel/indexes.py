@@ -95,7 +95,7 @@ class Indexes:
         versions = [v for v in self._store.iter_versions(cube_id) if v.speaker or not turns_only]
         for start in range(0, len(versions), 256):
             chunk = versions[start:start + 256]
-            vectors = self._embedder.embed([memory_text(v.text, v.speaker) for v in chunk])
+            vectors = self._embedder.embed([memory_text(v.text, v.speaker, v.event_ns) for v in chunk])
             batch = self._store.batch()
             for version, vector in zip(chunk, vectors, strict=True):
                 batch.put_vector(cube_id, version.vkey, vector)
@@ -118,7 +118,7 @@ class Indexes:
             mount.staging[staged.item_id] = staged
             if staged.kind != "forget":
                 if vector is None or reembed or (retext and staged.speaker):
-                    vector = self._embedder.embed([memory_text(staged.text, staged.speaker)])[0]
+                    vector = self._embedder.embed([memory_text(staged.text, staged.speaker, staged.event_ns)])[0]
                 mount.vectors[staged.item_id] = vector
         return mount
 
@@ -139,7 +139,7 @@ class Indexes:
         for start in range(0, len(behind), 4096):
             chunk = behind[start:start + 4096]
             versions = self._store.get_versions(cube.cube_id, [(m.item_id, m.born) for m in chunk])
-            cube.index.add_lexical([(v.vkey, memory_text(v.text, v.speaker)) for v in versions if v is not None])
+            cube.index.add_lexical([(v.vkey, memory_text(v.text, v.speaker, v.event_ns)) for v in versions if v is not None])
         if len(missing) or behind:
             cube.index_dirty = True
             log_event(log, "index_caught_up", cube=cube.cube_id, dense_added=len(missing),

@@ -114,7 +114,11 @@ class Revisions:
                 if revision is None:
                     raise InternalError(f"revision {claim.done.revision} of a recorded request is missing")
                 return IngestResult(list(claim.done.item_ids), revision, self._tables.mount_info(mount))
-            vectors = self._embedder.embed([memory_text(m.text, m.speaker) for m in messages])  # slow: outside every lock
+            # A message without a time is said now (its event time becomes the commit's, a moment later): its
+            # "yesterday" is resolved against now (kernel/timeref.py).
+            said = clock.now_ns()
+            vectors = self._embedder.embed([memory_text(m.text, m.speaker, m.time_ns or said)  # slow: outside every lock
+                                            for m in messages])
             with cube.lock, mount.lock:
                 self._tables.check_mount_open(mount)
                 check_thawed(cube, "Ingest")
@@ -201,7 +205,7 @@ class Revisions:
         if plan.born:
             keys = np.array([v.vkey for v, _ in plan.born], dtype=np.uint64)
             cube.index.add(keys, np.stack([vec for _, vec in plan.born]),
-                           [memory_text(v.text, v.speaker) for v, _ in plan.born])
+                           [memory_text(v.text, v.speaker, v.event_ns) for v, _ in plan.born])
             cube.index_dirty = True
 
     # -- Rollback -------------------------------------------------------

@@ -22,16 +22,37 @@ from memosd.kernel.kernel import Kernel
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import FusedHitLike, Ranker, Scored
 from memosd.kernel.state import CubeState, MountState, staged_view, view_of
+from memosd.kernel.timeref import Period, query_periods
+from memosd.kernel.turn_rank import LIFT_DEPTH, lift
 from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
 from memosd.store.records import StagedRecord
 
 MODES = ("hybrid", "dense", "lexical")
+# How much a hybrid hit gains when its event time is in a period the query names ("in May 2023"; see _lift).
+PERIOD_BOOST = 0.5
 
 
 @dataclass(frozen=True)
 class SearchSettings:
     depth: int = 100  # candidates fetched from each list before fusing
     exact_below: int = 2048  # brute-force dense search when a tag filter leaves fewer versions
+
+
+@dataclass(frozen=True)
+class _Lifted:
+    """A hybrid hit after kernel/turn_rank.py's lifts (a FusedHitLike); the list scores and ranks are the
+    fused hit's, zero for a reply that entered by its lift alone."""
+
+    key: int
+    score: float
+    dense_score: float
+    lexical_score: float
+    dense_rank: int
+    lexical_rank: int
+
+
+def _ranks(hit: FusedHitLike) -> tuple[float, float, int, int]:
+    return hit.dense_score, hit.lexical_score, hit.dense_rank, hit.lexical_rank
 
 
 @dataclass
@@ -99,9 +120,16 @@ class Searcher:
 
         dense.sort(key=lambda ks: (-ks[1], ks[0]))
         lexical.sort(key=lambda ks: (-ks[1], ks[0]))
-        fused = self.rank(dense[:depth], lexical[:depth], k, mode)
-        hits = self._turns(self._materialize(fused, candidates), mounts, cubes, seen, context_turns,
-                           filt.include_archived)
+        orders = {m.mount_id: SessionOrder(self.kernel.store, c, *seen[m.mount_id], hidden_at=now,
+                                           include_archived=filt.include_archived)
+                  for m, c in zip(mounts, cubes, strict=True)}
+        if mode == "hybrid":  # every candidate fused, then conversation structure (kernel/turn_rank.py)
+            fused: Sequence[FusedHitLike] = self._lift(
+                self.rank(dense[:depth], lexical[:depth], len(candidates), mode), candidates, keys, orders,
+                filt, now, k, query_periods(query))
+        else:
+            fused = self.rank(dense[:depth], lexical[:depth], k, mode)
+        hits = self._turns(self._materialize(fused, candidates), orders, context_turns)
         headers = [MountHeader(c.cube_id, c.head, m.record.base) for m, c in zip(mounts, cubes, strict=True)]
         took = time.perf_counter_ns() - started
         return SearchResult(hits, headers, took // 1000, embed_ns // 1000)
@@ -132,21 +160,98 @@ class Searcher:
             sims = matrix @ qvec
             dense += [(base_index + i, float(sims[i])) for i in np.argsort(-sims)[:depth]]
         if mode != "dense":
-            docs = [(base_index + i, memory_text(s.text, s.speaker)) for i, s in enumerate(staged)]
+            docs = [(base_index + i, memory_text(s.text, s.speaker, s.event_ns)) for i, s in enumerate(staged)]
             lexical += cube.index.lexical_staged(query, docs, depth)
 
-    def _turns(self, hits: list[SearchHit], mounts: list[MountState], cubes: list[CubeState],
-               seen: dict[str, tuple[int, dict[str, StagedRecord]]], context_turns: int,
-               include_archived: bool) -> list[SearchHit]:
+    def _lift(self, fused: Sequence[FusedHitLike], candidates: list[_Candidate],
+              keys: dict[tuple[str, int], int], orders: dict[str, SessionOrder], filt: SearchFilter, now: int,
+              k: int, periods: Sequence[Period]) -> list[FusedHitLike]:
+        """The top ``k`` of ``fused`` (every candidate, best first) after the time boost and the reply and
+        session lifts.
+
+        A candidate whose event time falls in one of the ``periods`` the query names scores
+        ``1 + PERIOD_BOOST`` times its fused score (a soft filter: a turn that tells of May in June still
+        competes). A reply lifted in that was not a candidate becomes one, if the search's filters let it
+        through."""
+        staged_keys = {(c.mount.mount_id, c.staged_id): i for i, c in enumerate(candidates) if c.staged_id}
+        sessions: dict[int, tuple[str, str]] = {}
+        next_of: dict[int, int] = {}
+        for rank, hit in enumerate(fused):
+            cand = candidates[hit.key]
+            turn = self._turn_of(cand)
+            if turn is None:
+                continue
+            session_id, item_id = turn
+            sessions[hit.key] = (cand.mount.mount_id, session_id)
+            if rank >= LIFT_DEPTH:
+                continue
+            nxt = orders[cand.mount.mount_id].next_turn(session_id, item_id)
+            nkey = self._reply_key(nxt, cand, candidates, keys, staged_keys, filt, now) if nxt else None
+            if nkey is not None:
+                next_of[hit.key] = nkey
+                sessions[nkey] = (cand.mount.mount_id, session_id)
+        by_key = {hit.key: hit for hit in fused}
+        scores = {hit.key: hit.score for hit in fused}
+        if periods:
+            for key in scores:
+                when = self._event_ns(candidates[key])
+                if when and any(p.contains(when) for p in periods):
+                    scores[key] *= 1.0 + PERIOD_BOOST
+        scores = lift(scores, sessions, next_of)
+        ranked = sorted(scores, key=lambda key: (-scores[key], key))[:k]
+        return [_Lifted(key, scores[key], *(_ranks(by_key[key]) if key in by_key else (0.0, 0.0, 0, 0)))
+                for key in ranked]
+
+    @staticmethod
+    def _turn_of(cand: _Candidate) -> tuple[str, str] | None:
+        """(session id, item id) of a candidate that is a conversation turn, else None."""
+        if cand.staged_id:
+            staged = cand.mount.staging.get(cand.staged_id)
+            return (staged.session_id, staged.item_id) if staged is not None and staged.session_id else None
+        meta = cand.cube.catalog.by_vkey.get(cand.vkey)
+        return (meta.session_id, meta.item_id) if meta is not None and meta.session_id else None
+
+    @staticmethod
+    def _event_ns(cand: _Candidate) -> int:
+        if cand.staged_id:
+            staged = cand.mount.staging.get(cand.staged_id)
+            return staged.event_ns if staged is not None else 0
+        meta = cand.cube.catalog.by_vkey.get(cand.vkey)
+        return meta.event_ns if meta is not None else 0
+
+    @staticmethod
+    def _reply_key(nxt: tuple[str, int, StagedRecord | None], cand: _Candidate, candidates: list[_Candidate],
+                   keys: dict[tuple[str, int], int], staged_keys: dict[tuple[str, str], int],
+                   filt: SearchFilter, now: int) -> int | None:
+        """The candidate key of the turn after ``cand`` (added to ``candidates`` when new), or None when the
+        search's filters leave it out."""
+        item_id, born, staged = nxt
+        mount_id = cand.mount.mount_id
+        if staged is not None:
+            if not filt.matches(set(staged.tags), staged.event_ns, staged.speaker, staged.session_id):
+                return None
+            key = staged_keys.get((mount_id, item_id))
+            if key is None:
+                key = staged_keys[(mount_id, item_id)] = len(candidates)
+                candidates.append(_Candidate(cand.mount, cand.cube, staged_id=item_id))
+            return key
+        meta = next((m for m in cand.cube.catalog.by_item.get(item_id, ()) if m.born == born), None)
+        if meta is None or meta.hidden(now, filt.include_archived) or not filt.matches(
+                meta.tags, meta.event_ns, meta.speaker, meta.session_id):
+            return None
+        key = keys.get((mount_id, meta.vkey))
+        if key is None:
+            key = keys[(mount_id, meta.vkey)] = len(candidates)
+            candidates.append(_Candidate(cand.mount, cand.cube, vkey=meta.vkey))
+        return key
+
+    def _turns(self, hits: list[SearchHit], orders: dict[str, SessionOrder],
+               context_turns: int) -> list[SearchHit]:
         """Conversation turns among the hits get their previous and next turns and, with ``context_turns``,
         their neighbours; as each hit's mount saw its session when this search read its staging. Turns
         Search leaves out (expired; archived unless asked for) are neither neighbours nor context."""
         if not any(h.item.session_id for h in hits):
             return hits
-        now = time.time_ns()
-        orders = {m.mount_id: SessionOrder(self.kernel.store, c, *seen[m.mount_id], hidden_at=now,
-                                           include_archived=include_archived)
-                  for m, c in zip(mounts, cubes, strict=True)}
         out = [replace(h, item=orders[h.mount_id].link(h.item)) for h in hits]
         if context_turns:
             for mount_id, order in orders.items():  # one store read per mount

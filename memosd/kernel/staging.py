@@ -85,7 +85,9 @@ class Staging:
         self._quotas.check_staged(mount.record.principal,
                                   sum(len(item.text.encode()) + vector_bytes for item in inputs)
                                   - sum(mount.item_bytes(item.item_id) for item in inputs if item.item_id))
-        vectors = self._embedder.embed([memory_text(item.text, item.speaker) for item in inputs])  # slow: outside every lock
+        said = clock.now_ns()  # an item without an event time gets its write time, a moment later
+        vectors = self._embedder.embed([memory_text(item.text, item.speaker, item.event_ns or said)  # slow: outside every lock
+                                        for item in inputs])
         now = clock.now_ns()
         with mount.lock:
             self._tables.check_mount_open(mount)

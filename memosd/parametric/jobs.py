@@ -215,7 +215,7 @@ class JobManager:
         try:
             loaded = self.host.model()
             versions = self.kernel.versions(job.cube_id, refs)
-            texts = [memory_text(v.text, v.speaker) for v in versions if v is not None]
+            texts = [memory_text(v.text, v.speaker, v.event_ns) for v in versions if v is not None]
             trainer = self.host.run(lambda: self._make_trainer(loaded, texts, job.settings),
                                     priority=PRIORITY_BACKGROUND)
             job = self._update(job_id, total_steps=trainer.total_steps)

@@ -48,7 +48,7 @@ def test_defaults(home: Path) -> None:
     assert cfg.embedder.model == "all-MiniLM-L6-v2"
     assert cfg.embedder.device == "auto"
     assert cfg.search.fusion == "rrf"
-    assert cfg.search.rrf_k == 60
+    assert cfg.search.rrf_k == 5
     assert cfg.search.exact_below == 2048
     assert cfg.index.save_interval_seconds == 30.0
     assert cfg.log.level == "info"

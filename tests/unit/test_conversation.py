@@ -21,7 +21,7 @@ from memosd.errors import InvalidField, MountReadOnly, TextEmpty, TooManyItems
 from memosd.index.cube_index import CubeIndex
 from memosd.kernel.conversation import ingest_order
 from memosd.kernel.kernel import Kernel
-from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE
+from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE, memory_text
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.types import ItemInput, ItemView, Message, SearchFilter, SearchHit
 from memosd.store import schema
@@ -242,8 +242,8 @@ def test_a_question_that_names_the_speaker_finds_their_turns(kernel: Kernel) -> 
     cube = kernel.cube("c")
     metas = sorted(cube.catalog.by_vkey.values(), key=lambda m: m.vkey)
     stored = kernel.store.get_vectors(cube.cube_id, [m.vkey for m in metas])
-    want = HashEmbedder().embed(["Caroline: I adopted a dog last week", "Melanie: I painted a lake",
-                                 "Gustavo: I still have not committed this"])
+    want = HashEmbedder().embed([memory_text("I adopted a dog last week", "Caroline", T0),
+                                 "Melanie: I painted a lake", "Gustavo: I still have not committed this"])
     for got, expected in zip(stored, want, strict=True):
         assert got is not None and np.allclose(got, expected, atol=1e-3)
 
@@ -303,3 +303,47 @@ def test_context_turns_leave_out_what_search_leaves_out(kernel: Kernel) -> None:
     # Read still links every turn the mount sees, the archived one included.
     items = read_all(kernel, mount)
     assert items["turn two zebra"].prev_item_id == items["turn one archived"].item_id
+
+
+def test_hybrid_search_lifts_the_reply_to_a_matching_question_within_the_filters(kernel: Kernel) -> None:
+    """The answer is often the turn after the one the question matches (kernel/turn_rank.py): the reply
+    enters the hits though it shares no word with the query, unless a filter leaves it out."""
+    mount = rw(kernel)
+    kernel.ingest(mount, [*chat("s1", ("Melanie", "which shelter did the puppy come from"),
+                                ("Caroline", "the one on Elm Street, she is three months old"),
+                                ("Melanie", "lovely")),
+                          *chat("s2", ("Melanie", "weather is grey"), ("Caroline", "rain all week"), start=100)])
+    search = searcher(kernel)
+    hits = [h.item.text for h in search.search([mount], "puppy shelter", 3, SearchFilter(), "hybrid").hits]
+    assert hits[:2] == ["which shelter did the puppy come from", "the one on Elm Street, she is three months old"]
+    lexical = [h.item.text for h in search.search([mount], "puppy shelter", 3, SearchFilter(), "lexical").hits]
+    assert "the one on Elm Street, she is three months old" not in lexical  # found by the lift alone
+    only_melanie = search.search([mount], "puppy shelter", 3, SearchFilter(speakers=("Melanie",)), "hybrid").hits
+    assert {h.item.speaker for h in only_melanie} == {"Melanie"}
+
+
+def test_a_query_that_names_a_period_ranks_the_turns_of_that_time_first(kernel: Kernel) -> None:
+    """Search reads the dates a query names (kernel/timeref.py) and boosts the turns said then; a turn
+    that says "yesterday" is found by the date it means."""
+    may, june = 1_683_504_000 * S, 1_686_182_400 * S  # 8 May 2023, 8 June 2023 (00:00 UTC)
+    mount = rw(kernel)
+    kernel.ingest(mount, [Message("Maria", "I went hiking in the hills", "s1", may),
+                          Message("John", "nice", "s1", may + S),
+                          Message("Maria", "I went hiking in the hills", "s2", june),
+                          Message("John", "cool", "s2", june + S),
+                          Message("Maria", "we baked bread yesterday", "s3", june + 3600 * S)])
+    search = searcher(kernel)
+
+    def top(query: str, mode: str = "hybrid") -> ItemView:
+        return search.search([mount], query, 1, SearchFilter(), mode).hits[0].item
+
+    def hike(query: str) -> str:
+        """The session of the first of the two identical hiking turns."""
+        hits = search.search([mount], query, 5, SearchFilter(), "hybrid").hits
+        return next(h.item.session_id for h in hits if h.item.text == "I went hiking in the hills")
+
+    assert hike("Where did Maria go hiking in May 2023?") == "s1"
+    assert hike("Where did Maria go hiking in June 2023?") == "s2"
+    assert hike("Where did Maria go hiking?") == "s1"  # no period named: the tie breaks by key
+    # "yesterday" said on 8 June is indexed as 7 June 2023 (the stand-in embedder knows no meaning: BM25).
+    assert top("What did Maria do on 7 June, 2023?", "lexical").text == "we baked bread yesterday"

@@ -44,7 +44,7 @@ def test_rrf_and_tm2c2_rank_like_fuse_over_complete_lists() -> None:
     for qi in range(3):
         dense = sorted(((i, float(cos[qi, i])) for i in range(12)), key=lambda h: -h[1])
         lexical = sorted(((i, float(bm[qi, i])) for i in range(12) if bm[qi, i] > 0), key=lambda h: -h[1])
-        want_rrf = [h.key for h in fuse(dense, lexical, 12)]
+        want_rrf = [h.key for h in fuse(dense, lexical, 12, rrf_k=60)]
         assert want_rrf == sorted(range(12), key=lambda i: (-fused_rrf[qi, i], i))
         want_tm = [h.key for h in fuse(dense, lexical, 12, method="tm2c2", dense_weight=0.8, lexical_weight=0.2)]
         assert want_tm == sorted(range(12), key=lambda i: (-fused_tm[qi, i], i))

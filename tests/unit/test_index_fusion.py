@@ -157,3 +157,19 @@ def test_methods_match_config() -> None:
     from memosd.index.fusion import METHODS
 
     assert tuple(FUSION_METHODS) == METHODS
+
+
+def test_a_clear_first_of_one_list_survives_documents_middling_in_both() -> None:
+    """The default k keeps a single-list win: one list's #1, absent from the other list, stays above every
+    document both lists rank 8th or lower (with k = 60 it fell below all of those ranked up to 60th)."""
+    middling = list(range(100, 140))  # ranked 13..52 in both lists
+    dense = [(7, 0.9)] + [(key, 0.7) for key in range(300, 311)] + [(key, 0.5) for key in middling]
+    lexical = [(key, 9.0) for key in range(200, 212)] + [(key, 3.0) for key in middling]
+    fused = [h.key for h in fuse(dense, lexical, 80)]
+    assert fused.index(7) < min(fused.index(key) for key in middling)
+    # And the same the other way round: lexical's #1, absent from dense.
+    fused = [h.key for h in fuse(lexical, [(7, 12.0), *dense[1:]], 80)]
+    assert fused.index(7) < min(fused.index(key) for key in middling)
+    # The paper's k = 60 loses it: this is the property the default buys.
+    old = [h.key for h in fuse(dense, lexical, 80, rrf_k=60)]
+    assert old.index(7) > max(old.index(key) for key in middling)
