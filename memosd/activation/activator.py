@@ -223,7 +223,9 @@ class Activator:
             # The engine computes at least the tokens after the last full block before the last token (the
             # tail it never stores): anything more was computed because it was in neither cache nor store.
             tail = len(ids) - BLOCK * ((len(ids) - 1) // BLOCK)
-            source = "computed" if result.computed_tokens > tail else "store" if result.loaded_tokens else "pool"
+            # A block of one partial block (under 65 tokens) has nothing to reuse: it is computed every time.
+            reused_any = result.cached_tokens > 0 and result.computed_tokens <= tail
+            source = "computed" if not reused_any else "store" if result.loaded_tokens else "pool"
             record = self._record_served(engine, loaded, cube, revision, refs, ids, key, old, label,
                                          adapter.digest if adapter is not None else "")
         took_us = int((time.perf_counter() - started) * 1e6)

@@ -184,6 +184,14 @@ def test_the_same_text_in_another_cube_shares_no_blocks(vc: Client, cube_name: s
     assert other.tokens_reused == 0 and other.tokens_computed == other.tokens
 
 
+def test_a_block_shorter_than_one_kv_block_is_computed_each_time(vc: Client, cube_name: str) -> None:
+    mount = seed(vc, cube_name, ["My car is a red Volvo."])
+    for _ in range(2):
+        activation = vc.activate(mount)
+        assert activation.tokens < BLOCK and activation.source == t.ACTIVATION_SOURCE_COMPUTED
+        assert (activation.tokens_computed, activation.tokens_reused) == (activation.tokens, 0)
+
+
 def test_a_cancelled_stream_is_aborted_in_the_engine(vc: Client, cube_name: str) -> None:
     mount = seed(vc, cube_name, FACTS[:10])
     gen = vc.generate("Count from one to five hundred, one number per line.", mount, max_tokens=400,

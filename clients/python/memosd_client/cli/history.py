@@ -141,15 +141,25 @@ def _model_pairs(s: memos_pb2.StatsResponse) -> list[tuple[str, object]]:
             pairs.append(("model", f"{m.name} ({m.state}, {m.device} {m.dtype}, context {m.context_length})"))
         else:
             pairs.append(("model", m.state or "-"))
+        if m.engine:  # daemons from before the vLLM engine leave it empty
+            pairs.append(("engine", m.engine))
         if m.state == "ready":
             pairs.append(("generation", f"{m.active_generations} active, {m.queue_depth} queued"))
+        if m.HasField("engine_stats"):
+            e = m.engine_stats
+            pairs += [
+                ("engine kv cache", f"{e.kv_cache_tokens} tokens"),
+                ("engine blocks", f"{e.blocks_loaded} loaded, {e.blocks_saved} saved, {e.load_errors} load errors"),
+                ("engine steps", f"{e.steps} (at most {e.max_requests_per_step} requests in one)"),
+            ]
     if s.HasField("kv_pool"):
         p = s.kv_pool
-        pairs += [
-            ("kv pool", f"{p.entries} caches, {fmt_bytes(p.bytes_used)} of {fmt_bytes(p.budget_bytes)}"),
-            ("kv pool traffic", f"{p.hits} hits, {p.misses} misses, {p.evictions} evictions"),
-            ("kv persisted", fmt_bytes(p.persisted_bytes)),
-        ]
+        if not s.model.HasField("engine_stats"):  # on vllm the pool is the engine's cache, shown above
+            pairs += [
+                ("kv pool", f"{p.entries} caches, {fmt_bytes(p.bytes_used)} of {fmt_bytes(p.budget_bytes)}"),
+                ("kv pool traffic", f"{p.hits} hits, {p.misses} misses, {p.evictions} evictions"),
+            ]
+        pairs.append(("kv persisted", fmt_bytes(p.persisted_bytes)))
     if s.HasField("adapters"):
         a = s.adapters
         pairs += [
