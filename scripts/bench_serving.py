@@ -20,7 +20,7 @@ a time:
   transformers  a daemon with MEMOSD_RUNTIME__ENGINE=transformers, over gRPC;
   bare          vLLM's LLMEngine in process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
                 no memosd: the ceiling. Built with the settings memosd's engine
-                uses (block size 64, the model's dtype, enforce_eager, prefix
+                uses (its block size, the model's dtype, enforce_eager, prefix
                 caching, the same KV space and max_num_batched_tokens), fed
                 exactly the token ids memosd builds (``render.block_token_ids`` +
                 ``render.tail_token_ids`` with the model's tokenizer, each cube's
@@ -263,16 +263,19 @@ def bare_leg(plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from memosd.runtime.vllm_engine import engine_block_size
+
+    block_size = engine_block_size("cpu")  # memosd's engine's
     path = model_dir(args.model_cache)
     ctx = json.loads((path / "config.json").read_text()).get("max_position_embeddings", 8192)
     engine_args = EngineArgs(model=str(path), dtype="float32", enforce_eager=True, enable_prefix_caching=True,
-                             block_size=64, max_model_len=ctx, max_num_seqs=16,
+                             block_size=block_size, max_model_len=ctx, max_num_seqs=16,
                              max_num_batched_tokens=max(PREFILL_CHUNK, 256), kv_cache_memory_bytes=POOL_BYTES,
                              disable_log_stats=True)
     built = time.perf_counter()
     llm = LLMEngine.from_engine_args(engine_args)
     out: dict[str, Any] = {"engine_start_s": time.perf_counter() - built, "torch_threads": torch.get_num_threads(),
-                           "engine_args": {"block_size": 64, "dtype": "float32", "enforce_eager": True,
+                           "engine_args": {"block_size": block_size, "dtype": "float32", "enforce_eager": True,
                                            "enable_prefix_caching": True, "max_model_len": ctx,
                                            "max_num_batched_tokens": max(PREFILL_CHUNK, 256),
                                            "kv_cache_memory_bytes": POOL_BYTES}}

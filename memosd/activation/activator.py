@@ -52,7 +52,6 @@ from memosd.runtime.engine import Engine, PrefillResult
 from memosd.runtime.host import ModelHost
 from memosd.runtime.kvblocks import block_keys
 from memosd.runtime.kvcache import (
-    BLOCK,
     CacheMismatch,
     ComputeCancelled,
     ComputeStats,
@@ -213,7 +212,8 @@ class Activator:
                             adapter: AdapterRecord | None, cancel: threading.Event | None, background: bool,
                             started: float) -> ActivationOutcome:
         extra = adapter.digest.encode() if adapter is not None else b""
-        key = block_hashes(ids, fingerprint=engine.fingerprint, salt=cube_salt(cube.cube_id), extra=extra)[-1]
+        key = block_hashes(ids, fingerprint=engine.fingerprint, salt=cube_salt(cube.cube_id), extra=extra,
+                           block_size=engine.block_size)[-1]
         served = self.adapters.engine_adapter(cube.cube_id, adapter) if adapter is not None else None
         with self._cube_lock(cube.cube_id):
             old = self.store.get_activation(cube.cube_id, engine.fingerprint)
@@ -222,8 +222,10 @@ class Activator:
             result = _wait(future, cancel)
             # The engine computes at least the tokens after the last full block before the last token (the
             # tail it never stores): anything more was computed because it was in neither cache nor store.
-            tail = len(ids) - BLOCK * ((len(ids) - 1) // BLOCK)
-            # A block of one partial block (under 65 tokens) has nothing to reuse: it is computed every time.
+            size = engine.block_size
+            tail = len(ids) - size * ((len(ids) - 1) // size)
+            # A block of one partial KV block (not over one block's tokens) has nothing to reuse: it is
+            # computed every time.
             reused_any = result.cached_tokens > 0 and result.computed_tokens <= tail
             source = "computed" if not reused_any else "store" if result.loaded_tokens else "pool"
             record = self._record_served(engine, loaded, cube, revision, refs, ids, key, old, label,
@@ -251,7 +253,7 @@ class Activator:
                 chunk_count=0, persisted_bytes=stored, stored_dtype=loaded.dtype, items=items, token_ids=list(ids),
                 create_ns=time.time_ns(), adapter_digest=digest, selector=selector)
         keep = set(block_keys(ids, fingerprint=engine.fingerprint, salt=cube_salt(cube.cube_id),
-                              extra=digest.encode()))
+                              extra=digest.encode(), block_size=engine.block_size))
         stale = [k for k in self.store.iter_kv_block_keys(cube.cube_id, engine.fingerprint) if k not in keep]
         batch = self.store.batch()
         batch.put_activation(record, [])
@@ -385,7 +387,7 @@ class Activator:
         started = time.perf_counter()
         cube = self.kernel.cube(cube_ref)
         with self._cube_lock(cube.cube_id):
-            dropped = self.drop_pooled(cube.cube_id)
+            dropped = self._drop_from_pool(cube.cube_id)
             freed = sum(cache.nbytes for _, cache in dropped)
             engine_dropped, engine_freed = self._forget_engine(cube.cube_id, wait=True)
             deleted = 0
@@ -407,8 +409,11 @@ class Activator:
     def drop_pooled(self, cube_id: str) -> list[tuple[str, KVCache]]:
         """Drop every pooled cache of the cube (any model): on Evict, and after FreeCube and Purge (where the
         engine's cache is also asked to drop what it holds, without waiting)."""
-        salt = cube_salt(cube_id)
         self._forget_engine(cube_id, wait=False)
+        return self._drop_from_pool(cube_id)
+
+    def _drop_from_pool(self, cube_id: str) -> list[tuple[str, KVCache]]:
+        salt = cube_salt(cube_id)
         return self.host.pool.evict_if(lambda _key, cache: cache.salt == salt)
 
     def _forget_engine(self, cube_id: str, *, wait: bool) -> tuple[int, int]:

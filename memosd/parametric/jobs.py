@@ -100,6 +100,18 @@ class JobManager:
                 log_event(log, "job_failed_at_restart", job=job.job_id, cube=job.cube_id)
             self._jobs[job.job_id] = job
 
+    def _check_servable_rank(self, settings: dict[str, Any]) -> None:
+        """Refuse a rank the engine could not serve: the adapter would train for minutes, then every
+        Generate with it would fail (vLLM's LoRA slots are sized for ``runtime.max_lora_rank``)."""
+        from memosd.runtime.lora_train import TrainSettings
+
+        limit = self.host.config.max_lora_rank
+        rank = TrainSettings(**settings).rank
+        if self.host.engine_kind == "vllm" and rank > limit:
+            raise InvalidField(f"settings.rank is {rank}; the engine serves adapters up to runtime.max_lora_rank "
+                               f"= {limit}. Train with rank <= {limit}, or raise runtime.max_lora_rank and restart "
+                               "memosd", field="settings.rank")
+
     # -- syscalls ---------------------------------------------------------------
     def train(self, mount_id: str, settings: dict[str, Any], message: str, author: str,
               principal: str = "") -> JobRecord:
@@ -112,6 +124,7 @@ class JobManager:
         steps = int(settings.get("max_steps", 0))
         validate.train_steps(steps)
         check_settings(settings)
+        self._check_servable_rank(settings)
         # Archived and expired items are not memory to learn.
         metas = sorted(self.kernel.visible_items(cube.cube_id, revision, time.time_ns()), key=lambda m: m.vkey)
         if not metas:

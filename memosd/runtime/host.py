@@ -92,18 +92,19 @@ class ModelHost:
     def _start_vllm(self, loaded: LoadedModel) -> Engine:
         import time
 
-        from memosd.runtime.vllm_engine import VllmConfig, VllmEngine, block_fingerprint
+        from memosd.runtime.vllm_engine import VllmConfig, VllmEngine, block_fingerprint, engine_block_size
 
         assert self._block_stores is not None
         device = "cuda" if loaded.device.startswith("cuda") else "cpu"
-        fingerprint = block_fingerprint(loaded.fingerprint, device=device, dtype=loaded.dtype)
+        block_size = engine_block_size(device)
+        fingerprint = block_fingerprint(loaded.fingerprint, device=device, dtype=loaded.dtype, block_size=block_size)
         c = self.config
         vllm_config = VllmConfig(
             model_dir=loaded.path, fingerprint=fingerprint, dtype=loaded.dtype, device=device,
             kv_cache_bytes=c.pool_bytes, max_model_len=loaded.context_length,
             # A step's prefill budget: it bounds how long a step holds a waiting interactive request.
             max_num_batched_tokens=max(c.prefill_chunk, 256), max_loras=c.max_adapters,
-            max_lora_rank=c.max_lora_rank)
+            max_lora_rank=c.max_lora_rank, block_size=block_size)
         started = time.perf_counter()
         try:
             engine = VllmEngine(vllm_config, self._block_stores(fingerprint))

@@ -53,12 +53,10 @@ def block_keys(token_ids: Sequence[int], *, fingerprint: str, salt: bytes, extra
                block_size: int = BLOCK) -> list[str]:
     """The keys of the full ``block_size`` blocks of ``token_ids`` (a trailing partial block has none).
 
-    Only the engine's block size equal to memosd's makes these today's keys,
-    so any other size is refused rather than silently keyed differently."""
-    if block_size != BLOCK:
-        raise ValueError(f"the engine's KV block size must be memosd's {BLOCK} tokens, not {block_size}")
+    The block size is part of every key's chain (a key hashes its block's tokens), and the engine's
+    fingerprint names it too, so blocks of two sizes never meet."""
     full = len(token_ids) // block_size * block_size
-    return block_hashes(token_ids[:full], fingerprint=fingerprint, salt=salt, extra=extra)
+    return block_hashes(token_ids[:full], fingerprint=fingerprint, salt=salt, extra=extra, block_size=block_size)
 
 
 class BlockStore(Protocol):

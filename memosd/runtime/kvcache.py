@@ -89,8 +89,9 @@ class ComputeCancelled(KVCacheError):
 # --- block keys ------------------------------------------------------------------------------------
 
 
-def block_hashes(token_ids: Sequence[int], *, fingerprint: str, salt: bytes, extra: bytes = b"") -> list[str]:
-    """The chained hashes of ``token_ids`` cut into ``BLOCK``-token blocks (hex, one per block).
+def block_hashes(token_ids: Sequence[int], *, fingerprint: str, salt: bytes, extra: bytes = b"",
+                 block_size: int = BLOCK) -> list[str]:
+    """The chained hashes of ``token_ids`` cut into ``block_size``-token blocks (hex, one per block).
 
     Every field is length-prefixed, so bytes cannot slide from the salt into
     ``extra`` or the tokens and collide. Token ids are hashed as little-endian
@@ -103,8 +104,8 @@ def block_hashes(token_ids: Sequence[int], *, fingerprint: str, salt: bytes, ext
     ids = [int(t) for t in token_ids]
     out: list[str] = []
     prev = _ROOT
-    for start in range(0, len(ids), BLOCK):
-        block = ids[start : start + BLOCK]
+    for start in range(0, len(ids), block_size):
+        block = ids[start : start + block_size]
         h = hashlib.sha256(prev)
         h.update(fixed)
         h.update(_lp(struct.pack(f"<{len(block)}q", *block)))

@@ -84,10 +84,19 @@ class VllmConfig:
     max_num_batched_tokens: int = 2048  # per step: bounds a step's time, so decode interleaves with prefill
     max_loras: int = 0  # 0: LoRA disabled
     max_lora_rank: int = 16
+    block_size: int = BLOCK
     load_timeout_s: float = 600.0
 
 
-def block_fingerprint(model_fingerprint: str, *, device: str, dtype: str) -> str:
+def engine_block_size(device: str) -> int:
+    """Tokens per KV block: the smallest the device's attention backend takes (CPU: multiples of 32; CUDA:
+    16). Only full blocks are cached, stored and reused, so every prompt recomputes the part of its memory
+    block after the last full one (half a block on average) and every generation after it: smaller blocks
+    compute less per request (measured: docs/engine-notes.md)."""
+    return 16 if device == "cuda" else 32
+
+
+def block_fingerprint(model_fingerprint: str, *, device: str, dtype: str, block_size: int) -> str:
     """The fingerprint of KV blocks this engine computes: the model's, and how vLLM lays its cache out.
 
     A block is a slice of vLLM's paged cache (its layout differs between the CPU and CUDA backends, and
@@ -95,7 +104,7 @@ def block_fingerprint(model_fingerprint: str, *, device: str, dtype: str) -> str
     shared by two never hands one's blocks to the other (the codec would refuse them; this avoids asking)."""
     import hashlib
 
-    tag = f"memosd-vllm-blocks/v1|{model_fingerprint}|{device}|{dtype}|{BLOCK}".encode()
+    tag = f"memosd-vllm-blocks/v1|{model_fingerprint}|{device}|{dtype}|{block_size}".encode()
     return hashlib.sha256(tag).hexdigest()[:16]
 
 
@@ -135,7 +144,7 @@ class VllmEngine:
 
     @property
     def block_size(self) -> int:
-        return BLOCK
+        return self.config.block_size
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -143,7 +152,7 @@ class VllmEngine:
     @property
     def kv_cache_tokens(self) -> int:
         """How many tokens the engine's paged cache holds (its blocks times the block size)."""
-        return int(self._llm.vllm_config.cache_config.num_gpu_blocks or 0) * BLOCK
+        return int(self._llm.vllm_config.cache_config.num_gpu_blocks or 0) * self.config.block_size
 
     def prefill(self, token_ids: Sequence[int], *, salt: str, adapter: Adapter | None = None,
                 priority: int = PRIORITY_INTERACTIVE) -> Future[PrefillResult]:
@@ -154,10 +163,15 @@ class VllmEngine:
 
         def add() -> None:
             # The blocks this prefill should write: counted again at its end (exact, whatever runs beside it).
-            keys = block_keys(ids, fingerprint=self.fingerprint, salt=salt.encode(),
-                              extra=adapter.digest.encode() if adapter is not None else b"")
-            store = self._stores.for_salt(salt)
-            missing = [k for k in keys if not store.has(k)]
+            try:
+                keys = block_keys(ids, fingerprint=self.fingerprint, salt=salt.encode(),
+                                  extra=adapter.digest.encode() if adapter is not None else b"",
+                                  block_size=self.config.block_size)
+                store = self._stores.for_salt(salt)
+                missing = [k for k in keys if not store.has(k)]
+            except Exception as error:  # told to the caller, who would otherwise wait forever
+                future.set_exception(error)
+                return
             self._prefills[request_id] = _Prefill(future, len(ids), time.perf_counter(), missing, salt)
             self._add(request_id, ids, params, salt, adapter, priority)
 
@@ -200,7 +214,7 @@ class VllmEngine:
         s = self._stats
         extra = {"connector_hit_tokens": float(s.hit_tokens), "steps": float(self._steps),
                  "max_requests_per_step": float(self._max_batch)}
-        return EngineStats(model=str(self.config.model_dir), fingerprint=self.fingerprint, block_size=BLOCK,
+        return EngineStats(model=str(self.config.model_dir), fingerprint=self.fingerprint, block_size=self.config.block_size,
                            generations=len(self._streams), prefills=len(self._prefills),
                            blocks_loaded=s.blocks_loaded, blocks_saved=s.blocks_saved, load_errors=s.load_errors,
                            extra=extra)
@@ -283,7 +297,7 @@ class VllmEngine:
         reuse = take_reuse(self._store_name, request_id)
         if reuse is None:
             return 0, 0
-        engine, loaded = reuse.tokens(BLOCK)
+        engine, loaded = reuse.tokens(self.config.block_size)
         return engine + loaded, loaded
 
     def _build(self) -> None:
@@ -310,6 +324,10 @@ class VllmEngine:
 
         from memosd.runtime import vllm_connector
 
+        if c.device == "cpu" and c.max_loras > 0:
+            from memosd.runtime import vllm_punica
+
+            vllm_punica.install()  # steps without adapters skip the LoRA layers' work
         self._stats = vllm_connector.register_store(self._store_name, self._stores, c.fingerprint)
         transfer = KVTransferConfig(
             kv_connector=vllm_connector.CONNECTOR_NAME, kv_connector_module_path=vllm_connector.__name__,
@@ -324,7 +342,7 @@ class VllmEngine:
                     "max_cpu_loras": c.max_loras, "max_lora_rank": c.max_lora_rank}
         dtype: Any = c.dtype  # one of vLLM's names (float32, bfloat16, float16), as memosd's runtime.dtype
         args = EngineArgs(model=str(c.model_dir), dtype=dtype, enforce_eager=True, enable_prefix_caching=True,
-                          block_size=BLOCK, max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
+                          block_size=c.block_size, max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
                           max_num_batched_tokens=c.max_num_batched_tokens, scheduling_policy="priority",
                           kv_cache_memory_bytes=c.kv_cache_bytes, kv_transfer_config=transfer,
                           disable_log_stats=True, **lora)

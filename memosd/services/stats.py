@@ -45,6 +45,7 @@ class ServingStats:
     max_requests_per_step: int
     generations: int
     prefills: int
+    block_size: int
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class StatsService:
                             blocks_saved=s.blocks_saved, load_errors=s.load_errors,
                             steps=int(s.extra.get("steps", 0)),
                             max_requests_per_step=int(s.extra.get("max_requests_per_step", 0)),
-                            generations=s.generations, prefills=s.prefills)
+                            generations=s.generations, prefills=s.prefills, block_size=s.block_size)
 
     def _kv_pool(self) -> KVPoolStats:
         persisted = self.activator.persisted_bytes()

@@ -14,9 +14,9 @@ restart test is the only other start. The correctness checks are the transformer
 Against the transformers engine (the session daemon) greedy tokens are compared too: the two run different
 kernels (vLLM's CPU attention, paged; transformers' SDPA), so logprobs agree only to ``CROSS_ENGINE_TOL``.
 
-Reuse is block-granular on vLLM: the blocks after the memory block's last full 64-token block (and the
-block holding the prompt's last token) are computed with the conversation, so ``reused_tokens`` is a
-multiple of 64 here, where transformers reuses the whole block.
+Reuse is block-granular on vLLM: the tokens after the memory block's last full KV block (``BLOCK`` tokens on
+CPU; and the block holding the prompt's last token) are computed with the conversation, so ``reused_tokens``
+is a multiple of ``BLOCK`` here, where transformers reuses the whole block.
 """
 
 from __future__ import annotations
@@ -27,18 +27,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from daemon_proc import DaemonProcess
-from memos import Client, MountHandle
+from memos import Client, InvalidField, MountHandle
 from memos.v1 import types_pb2 as t
 
-from memosd.runtime.vllm_engine import vllm_importable
+from memosd.runtime.vllm_engine import engine_block_size, vllm_importable
 
 pytestmark = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not installed (MEMOSD_VLLM=none)")
 
-BLOCK = 64
+BLOCK = engine_block_size("cpu")  # the module daemon serves on the CPU build (the stats test checks it)
 # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, float32 on CPU. vLLM's CPU cache keeps K and V of a block
-# together: one stored blob is 30 x [3, 64, 128] float32 plus its safetensors header.
+# together: one stored blob is 30 x [3, BLOCK, 128] float32 plus its safetensors header.
 KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
 BLOCK_TENSOR_BYTES = KV_BYTES_PER_TOKEN * BLOCK
 LOGPROB_TOL = 1e-3
@@ -107,6 +108,7 @@ def full_blocks(tokens: int) -> int:
 def test_the_default_engine_is_vllm_and_its_kv_cache_is_the_pool_budget(vc: Client) -> None:
     model = vc.stats().model
     assert model.engine == "vllm"
+    assert model.engine_stats.block_size == BLOCK
     # runtime.pool_bytes (1 GiB) of KV, in whole blocks.
     assert model.engine_stats.kv_cache_tokens == (1 << 30) // BLOCK_TENSOR_BYTES * BLOCK
 
@@ -184,8 +186,8 @@ def test_the_same_text_in_another_cube_shares_no_blocks(vc: Client, cube_name: s
     assert other.tokens_reused == 0 and other.tokens_computed == other.tokens
 
 
-def test_a_block_shorter_than_one_kv_block_is_computed_each_time(vc: Client, cube_name: str) -> None:
-    mount = seed(vc, cube_name, ["My car is a red Volvo."])
+def test_a_block_shorter_than_one_kv_block_is_computed_each_time(vc: Client) -> None:
+    mount = seed(vc, "c", ["Red."])  # a short name: the block is the template, the header and one line
     for _ in range(2):
         activation = vc.activate(mount)
         assert activation.tokens < BLOCK and activation.source == t.ACTIVATION_SOURCE_COMPUTED
@@ -285,6 +287,14 @@ def test_an_adapter_is_a_lora_request_and_its_blocks_are_its_own(
     reference = ask(client, reference_mount, adapter_mount=reference_mount, bypass_kv_cache=True)
     assert reference.prompt_tokens == full.prompt_tokens
     assert_same_reply(full, reference, tol=CROSS_ENGINE_TOL)
+
+
+def test_train_refuses_a_rank_the_engine_cannot_serve(vc: Client, cube_name: str) -> None:
+    mount = seed(vc, cube_name, FACTS[:3])
+    with pytest.raises(InvalidField, match="max_lora_rank = 16") as refused:
+        vc.train(mount, steps=1, rank=32)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not vc.list_jobs(cube_name), "refused before any job starts"
 
 
 def test_after_a_restart_generate_loads_the_blocks_from_the_store(vdaemon: DaemonProcess, cube_name: str) -> None:

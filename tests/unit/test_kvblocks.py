@@ -86,9 +86,13 @@ def test_block_keys_differ_by_cube_adapter_and_model() -> None:
     assert not set(base) & set(block_keys(ids, fingerprint="fingerprint-b", salt=b"cube-1"))
 
 
-def test_block_keys_refuse_another_block_size() -> None:
-    with pytest.raises(ValueError, match="64"):
-        block_keys(list(range(64)), fingerprint=FP, salt=b"s", block_size=16)
+def test_block_keys_cut_by_the_engines_block_size() -> None:
+    ids = list(range(100))
+    keys = block_keys(ids, fingerprint=FP, salt=b"s", block_size=32)
+    assert len(keys) == 3  # the 4 tokens after the last full block have no key
+    assert keys == block_hashes(ids[:96], fingerprint=FP, salt=b"s", block_size=32)
+    # A key hashes its block's tokens: blocks of another size never share one.
+    assert not set(keys) & set(block_keys(ids, fingerprint=FP, salt=b"s", block_size=64))
 
 
 def test_codec_round_trips_bit_for_bit() -> None:

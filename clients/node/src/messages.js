@@ -281,13 +281,14 @@
 /**
  * @typedef {object} EngineStats
  * @property {number} kv_cache_tokens Tokens the engine's paged KV cache holds (runtime.pool_bytes of KV).
- * @property {number} blocks_loaded 64-token KV blocks loaded from the store into the engine's cache, saved to the store, and those whose stored copy failed its checks (recomputed, never used), since start.
+ * @property {number} blocks_loaded KV blocks (of block_size tokens) loaded from the store into the engine's cache, saved to the store, and those whose stored copy failed its checks (recomputed, never used), since start.
  * @property {number} blocks_saved
  * @property {number} load_errors
  * @property {number} steps Engine steps run, and the most requests one step has served (batching at work).
  * @property {number} max_requests_per_step
  * @property {number} generations Generations and activations in the engine now.
  * @property {number} prefills
+ * @property {number} block_size Tokens per KV block: only full blocks are cached, stored and reused.
  */
 
 /**

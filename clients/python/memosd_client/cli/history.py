@@ -148,7 +148,7 @@ def _model_pairs(s: memos_pb2.StatsResponse) -> list[tuple[str, object]]:
         if m.HasField("engine_stats"):
             e = m.engine_stats
             pairs += [
-                ("engine kv cache", f"{e.kv_cache_tokens} tokens"),
+                ("engine kv cache", f"{e.kv_cache_tokens} tokens, in blocks of {e.block_size}"),
                 ("engine blocks", f"{e.blocks_loaded} loaded, {e.blocks_saved} saved, {e.load_errors} load errors"),
                 ("engine steps", f"{e.steps} (at most {e.max_requests_per_step} requests in one)"),
             ]

@@ -1222,11 +1222,12 @@ class EngineStats(_message.Message):
     MAX_REQUESTS_PER_STEP_FIELD_NUMBER: _builtins.int
     GENERATIONS_FIELD_NUMBER: _builtins.int
     PREFILLS_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     kv_cache_tokens: _builtins.int
     """Tokens the engine's paged KV cache holds (runtime.pool_bytes of KV)."""
     blocks_loaded: _builtins.int
-    """64-token KV blocks loaded from the store into the engine's cache, saved to the store, and those whose
-    stored copy failed its checks (recomputed, never used), since start.
+    """KV blocks (of block_size tokens) loaded from the store into the engine's cache, saved to the store, and
+    those whose stored copy failed its checks (recomputed, never used), since start.
     """
     blocks_saved: _builtins.int
     load_errors: _builtins.int
@@ -1236,6 +1237,8 @@ class EngineStats(_message.Message):
     generations: _builtins.int
     """Generations and activations in the engine now."""
     prefills: _builtins.int
+    block_size: _builtins.int
+    """Tokens per KV block: only full blocks are cached, stored and reused."""
     def __init__(
         self,
         *,
@@ -1247,10 +1250,11 @@ class EngineStats(_message.Message):
         max_requests_per_step: _builtins.int = ...,
         generations: _builtins.int = ...,
         prefills: _builtins.int = ...,
+        block_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_loaded", b"blocks_loaded", "blocks_saved", b"blocks_saved", "generations", b"generations", "kv_cache_tokens", b"kv_cache_tokens", "load_errors", b"load_errors", "max_requests_per_step", b"max_requests_per_step", "prefills", b"prefills", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "blocks_loaded", b"blocks_loaded", "blocks_saved", b"blocks_saved", "generations", b"generations", "kv_cache_tokens", b"kv_cache_tokens", "load_errors", b"load_errors", "max_requests_per_step", b"max_requests_per_step", "prefills", b"prefills", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
