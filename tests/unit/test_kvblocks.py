@@ -135,6 +135,9 @@ def test_codec_refuses_damaged_and_foreign_bytes() -> None:
     blob[-5] ^= 0xFF  # a bit of tensor data: the header still parses
     with pytest.raises(BlockMismatch, match="damaged"):
         decode_block(bytes(blob), key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
+    whole = encode_block(layers, key="ab" * 32, fingerprint=FP, block_size=BLOCK)
+    with pytest.raises(BlockMismatch, match="not where its header says"):  # cut short: the header still parses
+        decode_block(whole[:-100], key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
     for junk in (b"", b"\0" * 64, b"not a block at all"):
         with pytest.raises(BlockMismatch):
             decode_block(junk, key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
