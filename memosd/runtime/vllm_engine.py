@@ -351,14 +351,24 @@ class VllmEngine:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """One short generation before the engine says it is ready: the first steps after start take
-        seconds (kernel and allocator warm-up), which would otherwise land on the first caller's TTFT."""
+        """Generations before the engine says it is ready: the first step of each kind takes seconds (kernel
+        and allocator warm-up), which would otherwise land on the first callers' TTFT. The kinds a daemon
+        runs: a prefill, a prefill after a cached prefix (a Generate after Activate), and batched decode."""
         from vllm import SamplingParams
 
-        self._llm.add_request("warm-up", {"prompt_token_ids": [0] * 8}, SamplingParams(max_tokens=4, ignore_eos=True))
-        while self._llm.has_unfinished_requests():
-            self._llm.step()
+        size = self.config.block_size
+        prefix = [0] * (4 * size)
+        started = time.perf_counter()
+        runs = [[("warm-up-0", prefix)],
+                [("warm-up-1", prefix + [1] * (size // 2)), ("warm-up-2", prefix + [2] * (size // 2))]]
+        for batch in runs:
+            for request_id, ids in batch:  # the params Generate uses (logprobs, delta outputs, text)
+                params = self._sampling(Sampling(max_tokens=4, ignore_eos=True), persist_tokens=0)
+                self._llm.add_request(request_id, {"prompt_token_ids": ids}, params)
+            while self._llm.has_unfinished_requests():
+                self._llm.step()
         self._llm.reset_prefix_cache()
+        log.debug("engine warmed up in %.1f s", time.perf_counter() - started)
 
     def _sampling(self, s: Sampling, *, persist_tokens: int, reuse: bool = True) -> Any:
         from vllm import SamplingParams
