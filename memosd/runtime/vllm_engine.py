@@ -354,7 +354,6 @@ class VllmEngine:
         """Generations before the engine says it is ready: the first step of each kind takes seconds (kernel
         and allocator warm-up), which would otherwise land on the first callers' TTFT. The kinds a daemon
         runs: a prefill, a prefill after a cached prefix (a Generate after Activate), and batched decode."""
-        from vllm import SamplingParams
 
         size = self.config.block_size
         prefix = [0] * (4 * size)
