@@ -352,9 +352,9 @@ class VllmEngine:
 
     def _warm_up(self) -> None:
         """Generations before the engine says it is ready: the first step of each kind takes seconds (kernel
-        and allocator warm-up), which would otherwise land on the first callers' TTFT. The kinds a daemon
+        and allocator warm-up; the first with Generate's sampling params alone took 4 s), which would
+        otherwise land on the first callers' TTFT. The kinds a daemon
         runs: a prefill, a prefill after a cached prefix (a Generate after Activate), and batched decode."""
-
         size = self.config.block_size
         prefix = [0] * (4 * size)
         started = time.perf_counter()
