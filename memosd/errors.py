@@ -204,6 +204,14 @@ class RequestIdReused(MemosError):
     reason = "REQUEST_ID_REUSED"
 
 
+class ArchiveInvalid(MemosError):
+    """A cube archive that cannot be imported; ``problem`` (metadata) is truncated, corrupt, version or
+    inconsistent."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "ARCHIVE_INVALID"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -215,5 +223,5 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     MalformedRequest, MountReadOnly, CommitConflict, StagingFull, ShuttingDown,
     InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
     AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished, Unauthenticated,
-    PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen, RevisionCompacted,
+    PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen, RevisionCompacted, ArchiveInvalid,
 )

@@ -102,6 +102,14 @@ class Indexes:
             self._store.write(batch, sync=False)
         return len(versions)
 
+    def load(self, record: CubeRecord) -> CubeState:
+        """A cube from its rows in the store, as at start (ImportCube: rows written, record not yet)."""
+        return self._load_cube(record)
+
+    def remove_files(self, cube_id: str) -> None:
+        """Delete the cube's index files, if any (an import that did not finish)."""
+        shutil.rmtree(self._root / cube_id, ignore_errors=True)
+
     def _load_cube(self, record: CubeRecord) -> CubeState:
         catalog = Catalog()
         for version in self._store.iter_versions(record.cube_id):

@@ -15,10 +15,11 @@ the methods here, never the tables, the store or a cube's lock and catalog.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from memosd.config import LimitsConfig, QuotasConfig
 from memosd.kernel import totals
@@ -28,6 +29,7 @@ from memosd.kernel.compact import CompactResult, run_compact
 from memosd.kernel.cubes import CubeAdmin
 from memosd.kernel.indexes import Indexes
 from memosd.kernel.item_states import ItemStates
+from memosd.kernel.portable import CubePorter, ImportResult
 from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import PurgeParts, run_purge
 from memosd.kernel.quotas import Quotas
@@ -51,8 +53,12 @@ from memosd.kernel.types import (
     MountInfo,
     Page,
 )
+from memosd.logfmt import log_event
+from memosd.store.archive import ArchiveSummary
 from memosd.store.records import AdapterRecord, CubeRecord, PurgeReceipt, RevisionRecord, VersionRecord
 from memosd.store.rocks import Batch, Store
+
+log = logging.getLogger("memosd.kernel")
 
 # What write_unless_gone did: wrote the batch, or dropped it because the cube was freed or items purged.
 WriteOutcome = Literal["written", "freed", "purged"]
@@ -80,10 +86,16 @@ class Kernel:
         self._states = ItemStates(self._tables, self._revisions, store, limits)
         self._reads = Reads(self._tables, store, limits)
         self._purge = PurgeParts(self._tables, store, self._indexes, self.quotas, limits)
+        self._porter = CubePorter(self._tables, store, self._indexes, embedder, sync=sync_commits)
 
     # -- start and stop -------------------------------------------------
     def open(self) -> None:
-        """Load every cube and mount and bring the derived indexes up to the store (kernel/indexes.py)."""
+        """Load every cube and mount and bring the derived indexes up to the store (kernel/indexes.py), after
+        deleting the rows of imports a crash cut short (kernel/portable.py)."""
+        orphans = self.store.sweep_orphans()
+        if orphans:
+            log_event(log, "orphan_rows_deleted", cubes=",".join(orphans),
+                      hint="an ImportCube was cut short; nothing of it was visible")
         self._indexes.open(self._tables, self.quotas)
 
     def save_indexes(self) -> None:
@@ -197,6 +209,15 @@ class Kernel:
 
     def set_retention(self, ref: str, keep_last: int, keep_seconds: float) -> CubeInfo:
         return self._admin.set_retention(ref, keep_last, keep_seconds)
+
+    def export_cube(self, ref: str, out: IO[bytes], *, with_kv: bool) -> tuple[CubeInfo, ArchiveSummary]:
+        """Write the cube as a memosd-cube archive to ``out`` (kernel/portable.py)."""
+        return self._porter.export_cube(ref, out, with_kv=with_kv)
+
+    def import_cube(self, path: Path, name: str, owner: str, accept_kv: Callable[[str], bool],
+                    kv_unavailable: str = "") -> ImportResult:
+        """Recreate a cube from the archive at ``path`` under ``name``, all or nothing (kernel/portable.py)."""
+        return self._porter.import_cube(path, name, owner, accept_kv, kv_unavailable)
 
     def compact(self, ref: str) -> CompactResult:
         """Apply the cube's retention policy now (kernel/compact.py); refused on a frozen cube."""

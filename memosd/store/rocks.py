@@ -234,6 +234,18 @@ class Batch:
     def delete_item_usage(self, cube_id: str, item_id: str) -> None:
         self._delete(schema.CF_USAGE, schema.usage_key(cube_id, item_id))
 
+    def put_kv_block(self, cube_id: str, fingerprint: str, block_key: str, blob: bytes) -> None:
+        """One stored block and its index row (kv_block_index), together."""
+        key = schema.kv_block_key(cube_id, fingerprint, block_key)
+        self._put(schema.CF_KV_BLOCKS, key, blob)
+        self._put(schema.CF_KV_BLOCK_INDEX, key, str(len(blob)).encode())
+
+    def delete_cube_rows(self, cube_id: str) -> None:
+        """Every cube-scoped row of ``cube_id`` (not its record or name): an import that did not finish."""
+        begin, end = schema.prefix_range(cube_id)
+        for cf in schema.CUBE_SCOPED:
+            self._wb.delete_range(begin, end, self._store.handle(cf))
+
     def delete_kv_blocks(self, cube_id: str) -> None:
         """Every stored KV block of the cube, for every model, with its index rows (one range delete each)."""
         begin, end = schema.kv_blocks_range(cube_id)
@@ -392,6 +404,11 @@ class Store:
         keys = [schema.vector_key(cube_id, vkey) for vkey in vkeys]
         raws: list[bytes | None] = self._multi_get(schema.CF_VECTORS, keys)
         return [None if raw is None else decode_vector(raw) for raw in raws]
+
+    def iter_vectors(self, cube_id: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(vkey, vector) of every stored version of the cube, in vkey order."""
+        for key, raw in self._scan_owner(schema.CF_VECTORS, cube_id):
+            yield int(bytes(key).rsplit(b"/", 1)[1], 16), decode_vector(raw)
 
     def iter_mounts(self) -> Iterator[MountRecord]:
         for _key, raw in self._cfs[schema.CF_MOUNTS].items():
@@ -553,10 +570,8 @@ class Store:
     # Each block is two rows written and deleted together: the blob (kv_blocks) and its size
     # (kv_block_index), which answers has/count/bytes without loading megabytes of blob (schema.py).
     def put_kv_block(self, cube_id: str, fingerprint: str, block_key: str, blob: bytes) -> None:
-        key = schema.kv_block_key(cube_id, fingerprint, block_key)
         batch = self.batch()
-        batch._put(schema.CF_KV_BLOCKS, key, blob)
-        batch._put(schema.CF_KV_BLOCK_INDEX, key, str(len(blob)).encode())
+        batch.put_kv_block(cube_id, fingerprint, block_key, blob)
         self.write(batch, sync=False)
 
     def get_kv_block(self, cube_id: str, fingerprint: str, block_key: str) -> bytes | None:
@@ -586,6 +601,12 @@ class Store:
         begin, end = schema.kv_blocks_range(cube_id, fingerprint)
         return self._scan(schema.CF_KV_BLOCK_INDEX, begin, end)
 
+    def iter_kv_blocks(self, cube_id: str) -> Iterator[tuple[str, str, bytes]]:
+        """(fingerprint, block key, blob) of every block stored for the cube, every model's."""
+        for key, blob in self._scan_owner(schema.CF_KV_BLOCKS, cube_id):
+            _cube_id, fingerprint, block_key = bytes(key).decode().split("/")
+            yield fingerprint, block_key, bytes(blob)
+
     def iter_kv_block_keys(self, cube_id: str, fingerprint: str | None = None) -> Iterator[str]:
         """The block keys stored for the cube (every model's, or one's), in key order."""
         for key, _size in self._kv_block_index(cube_id, fingerprint):
@@ -596,6 +617,29 @@ class Store:
         return sum(int(size) for _key, size in self._kv_block_index(cube_id, fingerprint))
 
     # -- maintenance ----------------------------------------------------
+    def sweep_orphans(self) -> list[str]:
+        """Delete the cube-scoped rows of cubes that have no record (an ImportCube cut short by a crash:
+        its rows are written before the record that makes the cube exist). Returns those cube ids.
+
+        One seek per cube per family: each family's keys are grouped by cube id."""
+        known = {record.cube_id for record in self.iter_cubes()}
+        orphans: set[str] = set()
+        for cf in schema.CUBE_SCOPED:
+            it = self._cfs[cf].iter()
+            it.seek_to_first()
+            while it.valid():
+                cube_id = bytes(it.key()).split(b"/", 1)[0].decode()
+                if cube_id not in known:
+                    orphans.add(cube_id)
+                it.seek(schema.prefix_range(cube_id)[1])
+            del it
+        if orphans:
+            batch = self.batch()
+            for cube_id in sorted(orphans):
+                batch.delete_cube_rows(cube_id)
+            self.write(batch, sync=True)
+        return sorted(orphans)
+
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 

@@ -65,6 +65,7 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "QUOTA_EXCEEDED": (C.RESOURCE_EXHAUSTED, errors.QuotaExceeded),
     "STREAM_IDLE": (C.DEADLINE_EXCEEDED, errors.StreamIdle),
     "REQUEST_ID_REUSED": (C.INVALID_ARGUMENT, errors.RequestIdReused),
+    "ARCHIVE_INVALID": (C.INVALID_ARGUMENT, errors.ArchiveInvalid),
 }
 
 

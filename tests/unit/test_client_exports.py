@@ -34,7 +34,7 @@ PACKAGE_CLIENT_NAMES = {
     "new_request_id", "parse_time", "to_timestamp",
 }
 PACKAGE_ERROR_NAMES = {
-    "Aborted", "AdapterInvalid", "AdapterMismatch", "AdapterNotFound", "AdapterTooLarge", "AlreadyExists",
+    "Aborted", "AdapterInvalid", "AdapterMismatch", "ArchiveInvalid", "AdapterNotFound", "AdapterTooLarge", "AlreadyExists",
     "Cancelled", "CommitConflict", "ContextExceeded", "CubeEmpty", "CubeFrozen", "CubeNameTaken", "CubeNotFound",
     "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Internal", "InternalError", "InvalidArgument",
     "InvalidField", "InvalidPageToken", "ItemNotFound", "JobFinished", "JobNotFound", "MalformedRequest",

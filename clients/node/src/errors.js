@@ -113,6 +113,8 @@ export class QuotaExceeded extends ResourceExhausted { static defaultReason = "Q
 export class StreamIdle extends DeadlineExceeded { static defaultReason = "STREAM_IDLE"; }
 /** A request id was reused for a different request. */
 export class RequestIdReused extends InvalidArgument { static defaultReason = "REQUEST_ID_REUSED"; }
+/** A cube archive (ImportCube) is truncated, corrupt, inconsistent or of an unknown format version. */
+export class ArchiveInvalid extends InvalidArgument { static defaultReason = "ARCHIVE_INVALID"; }
 
 /** @type {Map<number, typeof MemosError>} */
 const BY_CODE = new Map([
@@ -160,6 +162,7 @@ export const BY_REASON = new Map([
   QuotaExceeded,
   StreamIdle,
   RequestIdReused,
+  ArchiveInvalid,
 ].map((c) => [c.defaultReason, c]));
 
 /**

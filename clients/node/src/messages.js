@@ -380,6 +380,59 @@
  */
 
 /**
+ * @typedef {object} ExportCubeRequest
+ * @property {string} cube The cube, by id or name.
+ * @property {boolean} with_kv Also write the cube's persisted KV caches and blocks (large: ~1.5 MB a token for SmolLM2 in fp32). They load on import only under the same model.
+ */
+
+/**
+ * @typedef {object} ExportCubeResponse
+ * @property {ResponseHeader | null} header The first message only: the cube at the exported revision, and the archive.
+ * @property {CubeArchive | null} archive
+ * @property {Uint8Array} data Every later message: the archive's next bytes, in order.
+ */
+
+/**
+ * @typedef {object} CubeArchive What an archive holds (ExportCube's first message; ImportCube's response).
+ * @property {string} format "memosd-cube".
+ * @property {number} version The format version; this daemon writes and reads 1.
+ * @property {number} size_bytes The archive's size, and the sha256 of all its bytes (64 hex).
+ * @property {string} sha256
+ * @property {number} revisions
+ * @property {number} versions
+ * @property {number} adapters Adapter versions.
+ * @property {number} kv_records KV caches (one per model) and KV blocks; 0 without with_kv.
+ * @property {string} source_cube_id The source cube: its id and name.
+ * @property {string} source_name
+ * @property {string} embedder The embedder that made the vectors (its fingerprint).
+ */
+
+/**
+ * @typedef {object} ImportCubeRequest
+ * @property {ImportCubeStart | null} [start] First message only.
+ * @property {Uint8Array} [data] Every later message: the archive's next bytes, in order.
+ * @property {"start" | "data"} [part] which field of the oneof is set
+ */
+
+/**
+ * @typedef {object} ImportCubeStart
+ * @property {string} name The new cube's name ([A-Za-z0-9][A-Za-z0-9._-]{0,63}); it must be free.
+ * @property {number} size_bytes Optional: the archive's size in bytes; a stream that delivers another size is refused (0: not checked).
+ */
+
+/**
+ * @typedef {object} ImportCubeResponse
+ * @property {ResponseHeader | null} header
+ * @property {Cube | null} cube
+ * @property {CubeArchive | null} archive What the archive held.
+ * @property {boolean} reembedded The vectors were recomputed: the archive's embedder (or its memory-text recipe) differs from this daemon's.
+ * @property {boolean} kept_cube_id The cube kept the source's id (it was free here). A cube imported beside its source on the same daemon gets a new id, and its KV caches (salted with the id) are skipped.
+ * @property {number} kv_loaded KV caches and blocks loaded, and skipped (another model, another cube id, or no model loaded); kv_skipped_reason says why when any were skipped.
+ * @property {number} kv_skipped
+ * @property {string} kv_skipped_reason
+ */
+
+/**
  * @typedef {object} TrainRequest
  * @property {string} mount_id A mount of the cube to train; its base revision's items are the data.
  * @property {TrainSettings | null} settings
@@ -802,7 +855,7 @@
  * @property {Item[]} context_after
  */
 
-/** @typedef {"ERROR_REASON_UNSPECIFIED" | "CUBE_NOT_FOUND" | "MOUNT_NOT_FOUND" | "REVISION_NOT_FOUND" | "ITEM_NOT_FOUND" | "CUBE_NAME_TAKEN" | "INVALID_FIELD" | "TEXT_EMPTY" | "TEXT_TOO_LARGE" | "TOO_MANY_ITEMS" | "INVALID_PAGE_TOKEN" | "MALFORMED_REQUEST" | "MOUNT_READ_ONLY" | "COMMIT_CONFLICT" | "STAGING_FULL" | "SHUTTING_DOWN" | "INTERNAL_ERROR" | "CUBE_EMPTY" | "CONTEXT_EXCEEDED" | "POOL_TOO_SMALL" | "MODEL_UNAVAILABLE" | "ADAPTER_INVALID" | "ADAPTER_TOO_LARGE" | "ADAPTER_MISMATCH" | "ADAPTER_NOT_FOUND" | "JOB_NOT_FOUND" | "TRAINING_IN_PROGRESS" | "JOB_FINISHED" | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "PRINCIPAL_NOT_FOUND" | "PRINCIPAL_NAME_TAKEN" | "CUBE_FROZEN" | "REVISION_COMPACTED" | "DISK_FULL" | "QUOTA_EXCEEDED" | "STREAM_IDLE" | "REQUEST_ID_REUSED"} ErrorReason The stable `reason` of the google.rpc.ErrorInfo carried by every error. ErrorInfo.reason is the enum value's name as written here, e.g. "CUBE_NOT_FOUND"; ErrorInfo.domain is "memosd.v1". Each reason always comes with the same gRPC status code, given in brackets. Unlike every other enum in memos.v1, the values carry no ERROR_REASON_ prefix, on purpose, and will not get one. The contract is the reason string, not the number: no message has an ErrorReason field, clients match ErrorInfo.reason (the Python and Node clients' error classes, the OpenAI API's error.code, the MCP server's errors, scripts), and the strings are AIP-193's UPPER_SNAKE_CASE reasons. A prefix would change every string (a break for every client), and prefixed aliases (allow_alias) would buy nothing: the daemon sends names, never numbers, and an alias would only give each reason two spellings. This is googleapis' own choice for google.api.ErrorReason (SERVICE_DISABLED, API_KEY_INVALID, ...). The cost is C++-style scoping: no other enum in memos.v1 may use these names. */
+/** @typedef {"ERROR_REASON_UNSPECIFIED" | "CUBE_NOT_FOUND" | "MOUNT_NOT_FOUND" | "REVISION_NOT_FOUND" | "ITEM_NOT_FOUND" | "CUBE_NAME_TAKEN" | "INVALID_FIELD" | "TEXT_EMPTY" | "TEXT_TOO_LARGE" | "TOO_MANY_ITEMS" | "INVALID_PAGE_TOKEN" | "MALFORMED_REQUEST" | "MOUNT_READ_ONLY" | "COMMIT_CONFLICT" | "STAGING_FULL" | "SHUTTING_DOWN" | "INTERNAL_ERROR" | "CUBE_EMPTY" | "CONTEXT_EXCEEDED" | "POOL_TOO_SMALL" | "MODEL_UNAVAILABLE" | "ADAPTER_INVALID" | "ADAPTER_TOO_LARGE" | "ADAPTER_MISMATCH" | "ADAPTER_NOT_FOUND" | "JOB_NOT_FOUND" | "TRAINING_IN_PROGRESS" | "JOB_FINISHED" | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "PRINCIPAL_NOT_FOUND" | "PRINCIPAL_NAME_TAKEN" | "CUBE_FROZEN" | "REVISION_COMPACTED" | "DISK_FULL" | "QUOTA_EXCEEDED" | "STREAM_IDLE" | "REQUEST_ID_REUSED" | "ARCHIVE_INVALID"} ErrorReason The stable `reason` of the google.rpc.ErrorInfo carried by every error. ErrorInfo.reason is the enum value's name as written here, e.g. "CUBE_NOT_FOUND"; ErrorInfo.domain is "memosd.v1". Each reason always comes with the same gRPC status code, given in brackets. Unlike every other enum in memos.v1, the values carry no ERROR_REASON_ prefix, on purpose, and will not get one. The contract is the reason string, not the number: no message has an ErrorReason field, clients match ErrorInfo.reason (the Python and Node clients' error classes, the OpenAI API's error.code, the MCP server's errors, scripts), and the strings are AIP-193's UPPER_SNAKE_CASE reasons. A prefix would change every string (a break for every client), and prefixed aliases (allow_alias) would buy nothing: the daemon sends names, never numbers, and an alias would only give each reason two spellings. This is googleapis' own choice for google.api.ErrorReason (SERVICE_DISABLED, API_KEY_INVALID, ...). The cost is C++-style scoping: no other enum in memos.v1 may use these names. */
 
 /** @typedef {"ACTIVATION_SOURCE_UNSPECIFIED" | "ACTIVATION_SOURCE_POOL" | "ACTIVATION_SOURCE_STORE" | "ACTIVATION_SOURCE_COMPUTED"} ActivationSource How Activate obtained a cube's KV cache. */
 

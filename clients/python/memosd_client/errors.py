@@ -277,6 +277,12 @@ class RequestIdReused(InvalidArgument):
     default_reason = "REQUEST_ID_REUSED"
 
 
+class ArchiveInvalid(InvalidArgument):
+    """A cube archive (ImportCube) is truncated, corrupt, inconsistent or of an unknown format version."""
+
+    default_reason = "ARCHIVE_INVALID"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MemosError]] = {
     cls.default_code: cls
     for cls in (
@@ -296,7 +302,7 @@ _BY_REASON: dict[str, type[MemosError]] = {
         AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
         TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
         PrincipalNameTaken, CubeFrozen, RevisionCompacted, DiskFull, QuotaExceeded, StreamIdle,
-        RequestIdReused,
+        RequestIdReused, ArchiveInvalid,
     )
 }
 

@@ -1627,6 +1627,229 @@ class ExportAdapterResponse(_message.Message):
 Global___ExportAdapterResponse: _TypeAlias = ExportAdapterResponse  # noqa: Y015
 
 @_typing.final
+class ExportCubeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    WITH_KV_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """The cube, by id or name."""
+    with_kv: _builtins.bool
+    """Also write the cube's persisted KV caches and blocks (large: ~1.5 MB a
+    token for SmolLM2 in fp32). They load on import only under the same model.
+    """
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+        with_kv: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "with_kv", b"with_kv"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCubeRequest: _TypeAlias = ExportCubeRequest  # noqa: Y015
+
+@_typing.final
+class ExportCubeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Every later message: the archive's next bytes, in order."""
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader:
+        """The first message only: the cube at the exported revision, and the archive."""
+
+    @_builtins.property
+    def archive(self) -> Global___CubeArchive: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        archive: Global___CubeArchive | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCubeResponse: _TypeAlias = ExportCubeResponse  # noqa: Y015
+
+@_typing.final
+class CubeArchive(_message.Message):
+    """What an archive holds (ExportCube's first message; ImportCube's response)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    REVISIONS_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    KV_RECORDS_FIELD_NUMBER: _builtins.int
+    SOURCE_CUBE_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_NAME_FIELD_NUMBER: _builtins.int
+    EMBEDDER_FIELD_NUMBER: _builtins.int
+    format: _builtins.str
+    """"memosd-cube"."""
+    version: _builtins.int
+    """The format version; this daemon writes and reads 1."""
+    size_bytes: _builtins.int
+    """The archive's size, and the sha256 of all its bytes (64 hex)."""
+    sha256: _builtins.str
+    revisions: _builtins.int
+    versions: _builtins.int
+    adapters: _builtins.int
+    """Adapter versions."""
+    kv_records: _builtins.int
+    """KV caches (one per model) and KV blocks; 0 without with_kv."""
+    source_cube_id: _builtins.str
+    """The source cube: its id and name."""
+    source_name: _builtins.str
+    embedder: _builtins.str
+    """The embedder that made the vectors (its fingerprint)."""
+    def __init__(
+        self,
+        *,
+        format: _builtins.str = ...,
+        version: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        revisions: _builtins.int = ...,
+        versions: _builtins.int = ...,
+        adapters: _builtins.int = ...,
+        kv_records: _builtins.int = ...,
+        source_cube_id: _builtins.str = ...,
+        source_name: _builtins.str = ...,
+        embedder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "embedder", b"embedder", "format", b"format", "kv_records", b"kv_records", "revisions", b"revisions", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_cube_id", b"source_cube_id", "source_name", b"source_name", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CubeArchive: _TypeAlias = CubeArchive  # noqa: Y015
+
+@_typing.final
+class ImportCubeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Every later message: the archive's next bytes, in order."""
+    @_builtins.property
+    def start(self) -> Global___ImportCubeStart:
+        """First message only."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___ImportCubeStart | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "part", b"part", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "part", b"part", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["start", "data"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ImportCubeRequest: _TypeAlias = ImportCubeRequest  # noqa: Y015
+
+@_typing.final
+class ImportCubeStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The new cube's name ([A-Za-z0-9][A-Za-z0-9._-]{0,63}); it must be free."""
+    size_bytes: _builtins.int
+    """Optional: the archive's size in bytes; a stream that delivers another
+    size is refused (0: not checked).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportCubeStart: _TypeAlias = ImportCubeStart  # noqa: Y015
+
+@_typing.final
+class ImportCubeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CUBE_FIELD_NUMBER: _builtins.int
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    REEMBEDDED_FIELD_NUMBER: _builtins.int
+    KEPT_CUBE_ID_FIELD_NUMBER: _builtins.int
+    KV_LOADED_FIELD_NUMBER: _builtins.int
+    KV_SKIPPED_FIELD_NUMBER: _builtins.int
+    KV_SKIPPED_REASON_FIELD_NUMBER: _builtins.int
+    reembedded: _builtins.bool
+    """The vectors were recomputed: the archive's embedder (or its memory-text
+    recipe) differs from this daemon's.
+    """
+    kept_cube_id: _builtins.bool
+    """The cube kept the source's id (it was free here). A cube imported beside
+    its source on the same daemon gets a new id, and its KV caches (salted with
+    the id) are skipped.
+    """
+    kv_loaded: _builtins.int
+    """KV caches and blocks loaded, and skipped (another model, another cube id,
+    or no model loaded); kv_skipped_reason says why when any were skipped.
+    """
+    kv_skipped: _builtins.int
+    kv_skipped_reason: _builtins.str
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def cube(self) -> _types_pb2.Cube: ...
+    @_builtins.property
+    def archive(self) -> Global___CubeArchive:
+        """What the archive held."""
+
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        cube: _types_pb2.Cube | None = ...,
+        archive: Global___CubeArchive | None = ...,
+        reembedded: _builtins.bool = ...,
+        kept_cube_id: _builtins.bool = ...,
+        kv_loaded: _builtins.int = ...,
+        kv_skipped: _builtins.int = ...,
+        kv_skipped_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "cube", b"cube", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "cube", b"cube", "header", b"header", "kept_cube_id", b"kept_cube_id", "kv_loaded", b"kv_loaded", "kv_skipped", b"kv_skipped", "kv_skipped_reason", b"kv_skipped_reason", "reembedded", b"reembedded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportCubeResponse: _TypeAlias = ImportCubeResponse  # noqa: Y015
+
+@_typing.final
 class TrainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

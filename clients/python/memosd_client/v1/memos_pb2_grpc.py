@@ -239,6 +239,16 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.PurgeRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.PurgeResponse.FromString,
                 _registered_method=True)
+        self.ExportCube = channel.unary_stream(
+                '/memos.v1.MemOS/ExportCube',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ExportCubeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ExportCubeResponse.FromString,
+                _registered_method=True)
+        self.ImportCube = channel.stream_unary(
+                '/memos.v1.MemOS/ImportCube',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ImportCubeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ImportCubeResponse.FromString,
+                _registered_method=True)
 
 
 class MemOSServicer:
@@ -617,6 +627,32 @@ class MemOSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportCube(self, request, context):
+        """Writes the cube as a portable archive (format memosd-cube/1, docs/ARCHIVE.md):
+        every revision and item version, their vectors, adapters with their
+        lineage, retention, policy and lifecycle state, and with with_kv the
+        persisted KV caches. Grants, the audit trail, mounts and usage counters
+        stay behind. The first message describes the archive (its size and
+        sha256); the later ones carry its bytes. Needs the read right.
+        Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportCube(self, request_iterator, context):
+        """Recreates a cube from an archive under a new name, with the same revision
+        numbers: Log, Diff, Read at any revision and Search answer as they did at
+        the source. The caller owns the new cube. The archive is checked whole
+        (framing, counts, sha256) before anything is written; a truncated or
+        corrupt one is refused with ARCHIVE_INVALID and leaves nothing behind.
+        The first message names the cube; the later ones carry the archive's
+        bytes. Changes: adds one cube.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemOSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -824,6 +860,16 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.Purge,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.PurgeRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.PurgeResponse.SerializeToString,
+            ),
+            'ExportCube': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCube,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ExportCubeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ExportCubeResponse.SerializeToString,
+            ),
+            'ImportCube': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportCube,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ImportCubeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ImportCubeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1933,6 +1979,60 @@ class MemOS:
             '/memos.v1.MemOS/Purge',
             memos_dot_v1_dot_memos__pb2.PurgeRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.PurgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCube(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memos.v1.MemOS/ExportCube',
+            memos_dot_v1_dot_memos__pb2.ExportCubeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ExportCubeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportCube(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/memos.v1.MemOS/ImportCube',
+            memos_dot_v1_dot_memos__pb2.ImportCubeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ImportCubeResponse.FromString,
             options,
             channel_credentials,
             insecure,

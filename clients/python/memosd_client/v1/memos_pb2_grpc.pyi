@@ -257,6 +257,24 @@ class MemOSStub:
     marks adapters trained on them as tainted. Needs the admin right on the
     cube. Changes: irreversibly, the cube's history and derived memory.
     """
+    ExportCube: _grpc.UnaryStreamMultiCallable[_memos_pb2.ExportCubeRequest, _memos_pb2.ExportCubeResponse]
+    """Writes the cube as a portable archive (format memosd-cube/1, docs/ARCHIVE.md):
+    every revision and item version, their vectors, adapters with their
+    lineage, retention, policy and lifecycle state, and with with_kv the
+    persisted KV caches. Grants, the audit trail, mounts and usage counters
+    stay behind. The first message describes the archive (its size and
+    sha256); the later ones carry its bytes. Needs the read right.
+    Changes nothing.
+    """
+    ImportCube: _grpc.StreamUnaryMultiCallable[_memos_pb2.ImportCubeRequest, _memos_pb2.ImportCubeResponse]
+    """Recreates a cube from an archive under a new name, with the same revision
+    numbers: Log, Diff, Read at any revision and Search answer as they did at
+    the source. The caller owns the new cube. The archive is checked whole
+    (framing, counts, sha256) before anything is written; a truncated or
+    corrupt one is refused with ARCHIVE_INVALID and leaves nothing behind.
+    The first message names the cube; the later ones carry the archive's
+    bytes. Changes: adds one cube.
+    """
 
 @_typing.type_check_only
 class MemOSAsyncStub(MemOSStub):
@@ -460,6 +478,24 @@ class MemOSAsyncStub(MemOSStub):
     text, embeddings, both index entries and every KV cache that holds them;
     marks adapters trained on them as tainted. Needs the admin right on the
     cube. Changes: irreversibly, the cube's history and derived memory.
+    """
+    ExportCube: _aio.UnaryStreamMultiCallable[_memos_pb2.ExportCubeRequest, _memos_pb2.ExportCubeResponse]  # type: ignore[assignment]
+    """Writes the cube as a portable archive (format memosd-cube/1, docs/ARCHIVE.md):
+    every revision and item version, their vectors, adapters with their
+    lineage, retention, policy and lifecycle state, and with with_kv the
+    persisted KV caches. Grants, the audit trail, mounts and usage counters
+    stay behind. The first message describes the archive (its size and
+    sha256); the later ones carry its bytes. Needs the read right.
+    Changes nothing.
+    """
+    ImportCube: _aio.StreamUnaryMultiCallable[_memos_pb2.ImportCubeRequest, _memos_pb2.ImportCubeResponse]  # type: ignore[assignment]
+    """Recreates a cube from an archive under a new name, with the same revision
+    numbers: Log, Diff, Read at any revision and Search answer as they did at
+    the source. The caller owns the new cube. The archive is checked whole
+    (framing, counts, sha256) before anything is written; a truncated or
+    corrupt one is refused with ARCHIVE_INVALID and leaves nothing behind.
+    The first message names the cube; the later ones carry the archive's
+    bytes. Changes: adds one cube.
     """
 
 class MemOSServicer(metaclass=_abc_1.ABCMeta):
@@ -907,6 +943,36 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         text, embeddings, both index entries and every KV cache that holds them;
         marks adapters trained on them as tainted. Needs the admin right on the
         cube. Changes: irreversibly, the cube's history and derived memory.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportCube(
+        self,
+        request: _memos_pb2.ExportCubeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memos_pb2.ExportCubeResponse], _abc.AsyncIterator[_memos_pb2.ExportCubeResponse]]:
+        """Writes the cube as a portable archive (format memosd-cube/1, docs/ARCHIVE.md):
+        every revision and item version, their vectors, adapters with their
+        lineage, retention, policy and lifecycle state, and with with_kv the
+        persisted KV caches. Grants, the audit trail, mounts and usage counters
+        stay behind. The first message describes the archive (its size and
+        sha256); the later ones carry its bytes. Needs the read right.
+        Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportCube(
+        self,
+        request_iterator: _MaybeAsyncIterator[_memos_pb2.ImportCubeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ImportCubeResponse, _abc.Awaitable[_memos_pb2.ImportCubeResponse]]:
+        """Recreates a cube from an archive under a new name, with the same revision
+        numbers: Log, Diff, Read at any revision and Search answer as they did at
+        the source. The caller owns the new cube. The archive is checked whole
+        (framing, counts, sha256) before anything is written; a truncated or
+        corrupt one is refused with ARCHIVE_INVALID and leaves nothing behind.
+        The first message names the cube; the later ones carry the archive's
+        bytes. Changes: adds one cube.
         """
 
 def add_MemOSServicer_to_server(servicer: MemOSServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -220,6 +220,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[DEADLINE_EXCEEDED] A client stream sent nothing for longer than its idle timeout; the daemon closed it."""
     REQUEST_ID_REUSED: _ErrorReason.ValueType  # 37
     """[INVALID_ARGUMENT] A request id was reused for a different request; choose a new id for a new request."""
+    ARCHIVE_INVALID: _ErrorReason.ValueType  # 38
+    """[INVALID_ARGUMENT] A cube archive (ImportCube) is truncated, corrupt, inconsistent or of a format version
+    this daemon does not read; metadata.problem says which. Nothing was imported.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -317,6 +321,10 @@ STREAM_IDLE: ErrorReason.ValueType  # 36
 """[DEADLINE_EXCEEDED] A client stream sent nothing for longer than its idle timeout; the daemon closed it."""
 REQUEST_ID_REUSED: ErrorReason.ValueType  # 37
 """[INVALID_ARGUMENT] A request id was reused for a different request; choose a new id for a new request."""
+ARCHIVE_INVALID: ErrorReason.ValueType  # 38
+"""[INVALID_ARGUMENT] A cube archive (ImportCube) is truncated, corrupt, inconsistent or of a format version
+this daemon does not read; metadata.problem says which. Nothing was imported.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _ActivationSource:
