@@ -62,6 +62,7 @@ class LimitsConfig:
     max_query_bytes: int = 4096
     max_k: int = 1000
     max_adapter_bytes: int = 256 << 20  # both files of an uploaded adapter together
+    max_archive_bytes: int = 16 << 30  # an ImportCube archive (spooled to the data dir's disk before it is read)
     # How long a request id (Write, Ingest, Commit, ImportAdapter) is remembered: retries within it are safe.
     request_id_ttl_seconds: float = 86400.0
 
@@ -81,7 +82,7 @@ class QuotasConfig:
     # Streams (a stream holds no thread while it waits, but each is state and a share of the executor):
     max_streams_per_principal: int = 64  # open streaming calls of every kind together
     max_generations_per_principal: int = 16  # concurrent Generate streams
-    max_uploads_per_principal: int = 4  # concurrent ImportAdapter uploads
+    max_uploads_per_principal: int = 4  # concurrent ImportAdapter and ImportCube uploads
     max_follows_per_principal: int = 8  # concurrent Audit(follow) streams
 
 
@@ -273,6 +274,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "limits.max_query_bytes": _POSITIVE_INT,
     "limits.max_k": _POSITIVE_INT,
     "limits.max_adapter_bytes": _POSITIVE_INT,
+    "limits.max_archive_bytes": _POSITIVE_INT,
     "quotas.max_mounts_per_principal": (_non_negative, "an integer >= 0 (0: no limit)"),
     "quotas.max_staged_bytes_per_principal": (_non_negative, "an integer >= 0 (0: no limit)"),
     "limits.request_id_ttl_seconds": _POSITIVE_NUM,

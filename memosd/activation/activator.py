@@ -442,6 +442,21 @@ class Activator:
             return 0, 0
         return 1, len(record.token_ids) * (per_token or 0)
 
+    def kv_fingerprints(self) -> tuple[frozenset[str], str]:
+        """The model fingerprints this daemon reads stored KV under now (ImportCube loads only those), or
+        none and why."""
+        loaded = self.host.loaded_now()
+        if loaded is None:
+            return frozenset(), f"no model is ready here (the model is {self.host.state})"
+        engine = self.host.engine
+        return frozenset({engine.fingerprint if engine is not None else loaded.fingerprint}), ""
+
+    def note_imported(self, cube_id: str) -> None:
+        """ImportCube wrote the cube's stored activations: count their bytes as Activate would have."""
+        for record in self.store.iter_activations(cube_id):
+            self._persisted[(cube_id, record.fingerprint)] = (
+                record.persisted_bytes if record.chunk_count else self.store.kv_block_bytes(cube_id, record.fingerprint))
+
     def forget_persisted(self, cube_id: str, fingerprints: Collection[str] | None = None) -> None:
         """The cube's stored activations are gone (Evict with delete, or FreeCube's range delete), or those
         for these model fingerprints (a Purge deleted them)."""

@@ -18,7 +18,7 @@ from memosd.errors import QuotaExceeded
 STREAMS, GENERATIONS, UPLOADS, FOLLOWS = "streams", "generations", "uploads", "follows"
 CONFIG_KEYS = {STREAMS: "max_streams_per_principal", GENERATIONS: "max_generations_per_principal",
                UPLOADS: "max_uploads_per_principal", FOLLOWS: "max_follows_per_principal"}
-_WHAT = {STREAMS: "streaming calls", GENERATIONS: "Generate streams", UPLOADS: "ImportAdapter uploads",
+_WHAT = {STREAMS: "streaming calls", GENERATIONS: "Generate streams", UPLOADS: "ImportAdapter and ImportCube uploads",
          FOLLOWS: "Audit(follow) streams"}
 
 
@@ -26,7 +26,7 @@ def stream_kinds(method: str, request: Any) -> tuple[str, ...]:
     """The limits a streaming call of ``method`` counts against (its kind's first: the refusal names it)."""
     if method == "Generate":
         return GENERATIONS, STREAMS
-    if method == "ImportAdapter":
+    if method in ("ImportAdapter", "ImportCube"):
         return UPLOADS, STREAMS
     if method == "Audit" and getattr(request, "follow", False) is True:
         return FOLLOWS, STREAMS

@@ -93,6 +93,9 @@ RULES: dict[str, Rule] = {
     "ListGrants": _rule(G, cube="cube"),  # an empty cube lists the caller's own grants
     "Audit": Rule(cube="cube", owner_or_admin=True),
     "Purge": _rule(Right.ADMIN, cube="cube"),
+    # An archive holds what a reader can already read (every revision, the adapter); the importer owns the copy.
+    "ExportCube": _rule(R, cube="cube"),
+    "ImportCube": Rule(),
 }
 
 

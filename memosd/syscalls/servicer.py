@@ -27,7 +27,7 @@ from memosd.park import Park
 from memosd.services.cubes import CubeRemoval
 from memosd.services.erasure import Erasure
 from memosd.services.stats import Stats
-from memosd.syscalls import adapter_stream
+from memosd.syscalls import adapter_stream, cube_stream
 from memosd.syscalls import convert as cv
 from memosd.syscalls import convert_activation as ca
 from memosd.syscalls import convert_stats as cs
@@ -79,6 +79,31 @@ class MemOSServicer(GovernanceHandlers):
         return pb.ListCubesResponse(header=cv.header(),
                                     cubes=[cv.cube(c, self._cube_usage(c.record.cube_id)) for c in page.entries],
                                     next_page_token=page.next_token)
+
+    def ExportCube(self, req: pb.ExportCubeRequest, call: Call) -> Iterator[pb.ExportCubeResponse]:
+        with cube_stream.export(self.kernel, req.cube, with_kv=req.with_kv, spool=self.adapters.spool) as (
+                info, summary, chunks):
+            call.note(cube_id=info.record.cube_id, revision=info.record.head,
+                      artifacts=[f"archive:{summary.sha256}"])
+            yield pb.ExportCubeResponse(header=cv.header(info.record.cube_id, info.record.head),
+                                        archive=cube_stream.archive_message(summary))
+            for data in chunks:
+                yield pb.ExportCubeResponse(data=data)
+
+    def ImportCube(self, requests: Iterator[pb.ImportCubeRequest], call: Call) -> pb.ImportCubeResponse:
+        fingerprints, kv_unavailable = self.activator.kv_fingerprints()
+        result = cube_stream.receive_import(self.kernel, requests, self.adapters.spool,
+                                            owner=call.caller.principal_id, accept_kv=fingerprints.__contains__,
+                                            kv_unavailable=kv_unavailable)
+        record = result.cube.record
+        if result.kv_loaded:
+            self.activator.note_imported(record.cube_id)
+        call.note(cube_id=record.cube_id, revision=record.head, artifacts=[f"archive:{result.archive.sha256}"])
+        return pb.ImportCubeResponse(
+            header=cv.header(record.cube_id, record.head), cube=cv.cube(result.cube),
+            archive=cube_stream.archive_message(result.archive), reembedded=result.reembedded,
+            kept_cube_id=result.kept_cube_id, kv_loaded=result.kv_loaded, kv_skipped=result.kv_skipped,
+            kv_skipped_reason=result.kv_skipped_reason)
 
     # -- mounts ---------------------------------------------------------
     def Mount(self, req: pb.MountRequest, call: Call) -> pb.MountResponse:

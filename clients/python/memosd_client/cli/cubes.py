@@ -1,10 +1,12 @@
-"""``memosctl cube alloc|list|stat|free|activate|evict|policy|freeze|thaw|retention|compact``."""
+"""``memosctl cube alloc|list|stat|free|activate|evict|policy|freeze|thaw|retention|compact`` (and
+export|import, from cli/archive.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from memosd_client.cli import archive
 from memosd_client.cli.inputs import UsageError, label, natural
 from memosd_client.cli.output import Output, fmt_bytes, fmt_map, fmt_ms, fmt_time, to_dict
 from memosd_client.client import Client
@@ -292,3 +294,5 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--delete", action="store_true",
                    help="also delete the persisted cache from the store (deactivates the cube)")
     p.set_defaults(handler=_evict)
+
+    archive.register(verbs)

@@ -21,6 +21,7 @@ import grpc
 
 from memosd_client import auth
 from memosd_client.client.adapters import adapter_bytes, adapter_upload, receive_adapter, save_adapter_dir
+from memosd_client.client.archives import Progress, archive_upload, save_archive
 from memosd_client.client.inputs import (
     AUDIT_OUTCOMES,
     ITEM_STATES,
@@ -206,6 +207,53 @@ class Client:
     def free_cube(self, cube: str) -> memos_pb2.FreeCubeResponse:
         """Delete a cube (id or name) with everything in it. Irreversible."""
         return self._call(self._stub.FreeCube, memos_pb2.FreeCubeRequest(cube=cube))
+
+    def export_cube(
+        self,
+        cube: str,
+        path: str | os.PathLike[str],
+        *,
+        with_kv: bool = False,
+        progress: Progress | None = None,
+        timeout: float | None = None,
+    ) -> memos_pb2.CubeArchive:
+        """Save the cube (id or name) as a portable archive at ``path``: every revision, item version, vector
+        and adapter, and with ``with_kv`` its persisted KV caches (docs/ARCHIVE.md). Returns what the archive
+        holds. The file appears only once whole, its size and sha256 checked (DataLoss otherwise).
+        ``progress(done, total)`` is called with bytes after each chunk. ``timeout`` (default: none, as an
+        archive may be large) bounds the whole download."""
+        stream = self._stub.ExportCube(memos_pb2.ExportCubeRequest(cube=cube, with_kv=with_kv), timeout=timeout)
+        try:
+            return save_archive(stream, path, progress)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()  # a no-op once the stream has ended
+
+    def import_cube(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        progress: Progress | None = None,
+        chunk_bytes: int = 1 << 20,
+        timeout: float | None = None,
+    ) -> memos_pb2.ImportCubeResponse:
+        """Recreate the cube archived at ``path`` as a new cube ``name`` (owned by the caller), with the same
+        revisions. Returns the response: the ``cube``, what the ``archive`` held, whether it was
+        ``reembedded`` and how many KV caches loaded. Raises ArchiveInvalid (nothing is imported) or
+        CubeNameTaken. ``timeout`` (default: the client's plus ``deadlines.per_mib`` per MiB) bounds the
+        upload. It is not retried: a retry after a lost answer would find the name taken."""
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be at least 1")
+        if timeout is None:
+            timeout = self._longer(self.deadlines.per_mib * os.path.getsize(path) / _MIB)
+        requests = archive_upload(path, name, chunk_bytes, progress)
+        try:
+            resp: memos_pb2.ImportCubeResponse = self._stub.ImportCube(requests, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return resp
 
     def stat_cube(self, cube: str) -> types_pb2.Cube:
         return self._call(self._stub.StatCube, memos_pb2.StatCubeRequest(cube=cube), retry_on=RETRY_READ).cube
