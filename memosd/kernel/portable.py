@@ -210,17 +210,11 @@ class CubePorter:
                 self._store.write(batch, sync=True)
                 self._tables.cubes[cube_id] = cube
         except BaseException:
-            if cube is not None:
-                cube.index.destroy()
-            self._indexes.remove_files(cube_id)
-            cleanup = self._store.batch()
-            cleanup.delete_cube_rows(cube_id)
-            self._store.write(cleanup, sync=False)
+            self._discard(cube_id, cube)
             raise
         finally:
             with self._tables.lock:
                 self._reserved.discard(cube_id)
-        cube.index.save()
         kv_reason = "" if not loader.kv_skipped else (
             "the cube has a new id here (its source's is taken), and KV caches are salted with the id"
             if not kept else kv_unavailable or "they were made by another model than this daemon's")
@@ -229,6 +223,20 @@ class CubePorter:
                   kv_skipped=loader.kv_skipped)
         return ImportResult(self._tables.cube_info(cube), summary, loader.reembed, kept, loader.kv_loaded,
                             loader.kv_skipped, kv_reason)
+
+    def _discard(self, cube_id: str, cube: CubeState | None) -> None:
+        """Delete what an import that failed wrote: its rows and its index files. If that fails too (the disk
+        is full), the rows stay invisible and the next start sweeps them (Store.sweep_orphans)."""
+        try:
+            if cube is not None:
+                cube.index.destroy()
+            self._indexes.remove_files(cube_id)
+            cleanup = self._store.batch()
+            cleanup.delete_cube_rows(cube_id)
+            self._store.write(cleanup, sync=False)
+        except Exception as error:
+            log_event(log, "import_cleanup_failed", level=logging.WARNING, cube=cube_id, error=type(error).__name__,
+                      hint="the rows are swept at the next start")
 
     def _check_name_free(self, name: str) -> None:
         if self._store.cube_id_by_name(name) is not None:
