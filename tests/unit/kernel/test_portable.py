@@ -176,3 +176,32 @@ def test_rows_of_an_import_cut_short_are_swept_at_start(tmp_path: Path) -> None:
         assert sum(_rows(kernel.store).values()) == 0
     finally:
         kernel.close()
+
+
+def test_an_adapter_travels_with_its_lineage_and_files(kernel: Kernel, tmp_path: Path) -> None:
+    import hashlib
+
+    from memosd.store.records import AdapterRecord
+
+    _history(kernel)
+    config, weights = b'{"r": 4}', bytes(range(256)) * 40
+    digest = hashlib.sha256(config + weights).hexdigest()
+    adapter = AdapterRecord(digest, len(config), len(weights), 4, ["q_proj"], "SmolLM2-135M-Instruct",
+                            {"origin": "trained", "revision": 4, "items": ["x"]})
+    mount = rw_mount(kernel, "src")
+    kernel.stage_adapter(mount, adapter, config, weights)
+    kernel.commit(mount, "adapter", "tester")
+    kernel.unmount(mount)
+    archive = _export(kernel, "src", tmp_path / "src.memcube")
+    other = open_kernel(tmp_path / "other", FakeIndexes())
+    try:
+        other.import_cube(archive, "copy", "", lambda _: False)
+        cube_id = other.cube("copy").cube_id
+        ro = other.mount("copy", 0, False)
+        copied, staged = other.adapter_in(other.mount_state(ro.record.mount_id))
+        assert copied is not None and not staged
+        assert (copied.digest, copied.lineage, copied.born) == (digest, adapter.lineage, 5)
+        assert other.adapter_files(cube_id, copied) == (config, weights)
+        assert other.adapter_change("copy", 4, 5) == kernel.adapter_change("src", 4, 5)
+    finally:
+        other.close()
