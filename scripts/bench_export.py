@@ -9,7 +9,8 @@ fills a cube on the first with the shared BEIR passages in 10 commits (so the ar
 then measures, with memosd_client.Client as a user would:
   * export: Client.export_cube to a file (the daemon spools, then streams; the client checks the sha256);
   * import on the other daemon (the cube keeps its id: a move), and beside the source (a new id: a copy);
-  * the archive's size, per item version.
+  * the archive's size, per item version;
+  * how long the export held the cube's lock (commits to that cube wait meanwhile), from the daemon's log.
 Prints a table and writes JSON (--json, default bench-out/bench_export.json).
 """
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -43,6 +45,13 @@ def fill(client: Client, name: str, texts: list[str]) -> None:
             for batch in range(start, min(start + step, len(texts)), 512):
                 m.write(texts[batch:min(batch + 512, start + step, len(texts))])
             m.commit("bench")
+
+
+def locked_ms(daemon: DaemonProcess, cube_id: str) -> float:
+    """How long the daemon's last export of the cube held the cube's lock (its export_cube log event)."""
+    lines = [line for line in daemon.full_log().splitlines() if "event=export_cube" in line and cube_id in line]
+    found = re.search(r"locked_ms=([0-9.]+)", lines[-1]) if lines else None
+    return float(found.group(1)) if found else float("nan")
 
 
 def measure(a: Client, b: Client, name: str, path: Path, size: int) -> dict[str, float]:
@@ -75,7 +84,7 @@ def main() -> None:
         "cpus": os.cpu_count(), "commits": COMMITS, "rows": []}
     rows: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        source = DaemonProcess(Path(tmp) / "source", extra_args=["--log-level", "warning"]).start()
+        source = DaemonProcess(Path(tmp) / "source", extra_args=["--log-level", "info"]).start()
         target = DaemonProcess(Path(tmp) / "target", extra_args=["--log-level", "warning"]).start()
         try:
             with Client(source.address, token=source.token, timeout=600) as a, \
@@ -83,16 +92,19 @@ def main() -> None:
                 for size in args.sizes:
                     name = f"bench-{size}"
                     fill(a, name, texts[:size])
-                    rows.append(measure(a, b, name, Path(tmp) / f"{name}.memcube", size))
+                    row = measure(a, b, name, Path(tmp) / f"{name}.memcube", size)
+                    row["export_locked_ms"] = locked_ms(source, a.stat_cube(name).cube_id)
+                    rows.append(row)
         finally:
             source.stop()
             target.stop()
     result["rows"] = rows
     print(f"\nmemosd cube archives ({result['machine']}, {result['cpus']} CPUs, {COMMITS} commits a cube)")
-    print(f"{'items':>7} {'MB':>7} {'B/item':>7} {'export s':>9} {'import s (move)':>16} {'import s (copy)':>16}")
+    print(f"{'items':>7} {'MB':>7} {'B/item':>7} {'export s':>9} {'lock ms':>8} {'import s (move)':>16} "
+          f"{'import s (copy)':>16}")
     for r in rows:
         print(f"{r['items']:>7} {r['archive_mb']:>7.1f} {r['bytes_per_item']:>7.0f} {r['export_s']:>9.2f} "
-              f"{r['import_other_daemon_s']:>16.2f} {r['import_same_daemon_s']:>16.2f}")
+              f"{r['export_locked_ms']:>8.0f} {r['import_other_daemon_s']:>16.2f} {r['import_same_daemon_s']:>16.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -130,6 +131,7 @@ class CubePorter:
     def export_cube(self, ref: str, out: IO[bytes], *, with_kv: bool) -> tuple[CubeInfo, ArchiveSummary]:
         cube = self._tables.cube(ref)
         with cube.lock:
+            locked = time.perf_counter()
             record = replace(cube.record)
             info = self._tables.cube_info(cube)
             header = {"created_ns": clock.now_ns(), "with_kv": with_kv,
@@ -153,10 +155,11 @@ class CubePorter:
                 self._write_adapter_files(writer, digest, *files)
             for receipt in self._store.iter_purges(record.cube_id):
                 writer.frame(PURGE, encode(receipt))
+            locked_ms = round((time.perf_counter() - locked) * 1000, 1)
         if with_kv:
             self._write_kv(writer, record.cube_id)
         summary = writer.finish()
-        log_event(log, "export_cube", cube=record.cube_id, bytes=summary.size_bytes,
+        log_event(log, "export_cube", cube=record.cube_id, bytes=summary.size_bytes, locked_ms=locked_ms,
                   frames=",".join(f"{kind}={n}" for kind, n in sorted(summary.counts.items())))
         return info, summary
 
