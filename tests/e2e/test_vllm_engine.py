@@ -163,6 +163,27 @@ def test_evict_drops_the_engine_cache_and_generate_loads_the_stored_blocks(vc: C
     assert not after.memory[0].activated and after.reused_tokens == 0
 
 
+def test_a_cube_restored_from_an_archive_brings_its_stored_blocks(vc: Client, cube_name: str,
+                                                                  tmp_path: Path) -> None:
+    """ExportCube with KV, FreeCube, ImportCube under the same id: Generate loads the imported blocks."""
+    mount = seed(vc, cube_name, FACTS[:30] + FACTS[-1:])
+    activation = vc.activate(mount)
+    hot = ask(vc, mount)
+    mount.unmount()
+    archive = vc.export_cube(cube_name, tmp_path / "kv.memcube", with_kv=True)
+    assert archive.kv_records >= 1 + full_blocks(activation.tokens)  # the activation and its blocks
+    vc.free_cube(cube_name)
+    restored = vc.import_cube(tmp_path / "kv.memcube", cube_name)
+    assert restored.kept_cube_id and (restored.kv_loaded, restored.kv_skipped) == (archive.kv_records, 0)
+    vc.evict(cube_name)  # nothing of the freed cube may still be in the engine's cache
+    loaded_before = vc.stats().model.engine_stats.blocks_loaded
+    with vc.mount(cube_name) as again:
+        cold = ask(vc, again)
+    assert_same_reply(hot, cold)
+    assert cold.memory[0].cache_source == t.ACTIVATION_SOURCE_STORE
+    assert vc.stats().model.engine_stats.blocks_loaded - loaded_before == full_blocks(activation.tokens)
+
+
 def test_an_append_only_commit_computes_only_its_new_blocks(vc: Client, cube_name: str) -> None:
     mount = seed(vc, cube_name, FACTS)
     first = vc.activate(mount)
