@@ -44,10 +44,10 @@ def new_session_id() -> str:
 
 
 def exchange_turns(user_text: str, reply: str, session_id: str, arrived_ns: int, ended_ns: int) -> list[Message]:
-    """The two turns of an exchange; a reply with no text (the model ended at once) leaves only the user's,
-    since an item needs text."""
+    """The two turns of an exchange; a blank reply (the model ended at once, or said only whitespace) leaves
+    only the user's, since an item needs text."""
     turns = [Message(USER, user_text, session_id, arrived_ns)]
-    if reply:
+    if reply.strip():
         turns.append(Message(ASSISTANT, reply, session_id, max(ended_ns, arrived_ns)))
     return turns
 
@@ -80,9 +80,14 @@ class Remembering:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
 
-    def check(self, remember: Remember) -> MountInfo:
-        """Refuse before any model work: a read-only mount (MOUNT_READ_ONLY), a frozen cube, a bad session."""
+    def check(self, remember: Remember, params: GenerateParams) -> MountInfo:
+        """Refuse before any model work: a read-only mount (MOUNT_READ_ONLY), a frozen cube, a bad session, a
+        user message that could not be an item (blank, or over limits.max_item_bytes). The conversation's
+        own shape is the generator's to check."""
         validate.session_id(remember.session_id, "options.session_id", required=False)
+        if params.messages and params.messages[-1][0] == USER:
+            validate.text(params.messages[-1][1], f"messages[{len(params.messages) - 1}].content",
+                          self.kernel.limits.max_item_bytes, "limits.max_item_bytes")
         return self.kernel.writable_mount(remember.mount_id)
 
     def remember(self, remember: Remember, params: GenerateParams, reply: str, report: GenerationReport, *,

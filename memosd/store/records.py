@@ -66,9 +66,9 @@ class RevisionRecord:
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):  # decoded from JSON: rebuild the nested records
             raw: dict[str, Any] = self.generation
+            # A missing or unknown field is a TypeError, as for any record (an archive's import reports it).
             object.__setattr__(self, "generation", GenerationProvenance(  # the record is frozen
-                raw["model_fingerprint"], raw.get("adapter_digest", ""),
-                [GenerationSource(**source) for source in raw.get("sources", [])]))
+                **{**raw, "sources": [GenerationSource(**source) for source in raw.get("sources", [])]}))
 
 
 @dataclass

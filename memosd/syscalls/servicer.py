@@ -235,7 +235,7 @@ class MemOSServicer(GovernanceHandlers):
         params = ca.generate_params(req)
         remember = ca.remember(req, call.caller.principal_id)
         if remember is not None:
-            self.remembering.check(remember)  # a read-only remember mount is refused before any model work
+            self.remembering.check(remember, params)  # a read-only remember mount is refused before any model work
         arrived_ns, reply = time.time_ns(), list[str]()
         for event in self.generator.generate(params, call.cancelled(), park=True):
             if isinstance(event, Park):
