@@ -70,6 +70,17 @@ def test_a_finished_reply_is_remembered_with_its_provenance(client: Client, cube
     assert g.hidden_sources == 0
     # The memory cube itself is untouched: remembering writes only where it was asked to.
     assert client.stat_cube(cube_name).head_revision == 1
+    # The audit record of the notes cube names what the Generate wrote there, and only that.
+    [audited] = [r for r in client.audit(cube=notes, method="Generate") if r.code == "OK"]
+    assert list(audited.item_ids) == list(summary.remembered_item_ids)
+    assert "remembered:1" in audited.artifacts
+    # A reader of the notes who may not read the memory cube learns only that one source was left out.
+    _principal, token = client.create_principal(f"{cube_name}-reader")
+    client.grant(notes, f"{cube_name}-reader", ["read"])
+    with Client(client.target, token=token, timeout=60) as reader:
+        [seen, *_] = reader.log(notes)
+    assert seen.generation.hidden_sources == 1 and not seen.generation.sources
+    assert seen.generation.model_fingerprint == g.model_fingerprint
 
 
 def test_remember_off_writes_nothing_and_a_cancelled_reply_records_nothing(client: Client,
