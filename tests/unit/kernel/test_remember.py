@@ -83,6 +83,19 @@ def test_a_retry_under_the_same_request_id_records_once(kernel: Kernel) -> None:
     assert other.revision.number == 2
 
 
+def test_the_provenance_travels_in_a_cube_archive(kernel: Kernel, tmp_path: Path) -> None:
+    kernel.alloc_cube("notes", "", {})
+    cube_id = kernel.cube("notes").cube_id
+    made = Remembering(kernel).remember(Remember(rw_mount(kernel, "notes"), "s"), params(), "Red.",
+                                        report(cube_id, ["x", "y"]), arrived_ns=1, ended_ns=2, author="ada")
+    archive = tmp_path / "notes.memcube"
+    with archive.open("wb") as out:
+        kernel.export_cube("notes", out, with_kv=False)
+    kernel.import_cube(archive, "notes-copy", "", lambda _: False)
+    [copied, *_] = kernel.log("notes-copy", 0, "")[0].entries
+    assert copied.generation == made.revision.generation is not None
+
+
 def test_refusals_come_before_any_model_work(kernel: Kernel) -> None:
     kernel.alloc_cube("notes", "", {})
     remembering = Remembering(kernel)
