@@ -34,7 +34,7 @@ from memosd.kernel.ports import EmbedderPort, IndexFactory
 from memosd.kernel.purge import PurgeParts, run_purge
 from memosd.kernel.quotas import Quotas
 from memosd.kernel.reads import Reads
-from memosd.kernel.requests import Claim, RequestIds, RequestRef
+from memosd.kernel.requests import Claim, RequestIdentity, RequestIds, RequestRef
 from memosd.kernel.revisions import Revisions
 from memosd.kernel.staging import Staging
 from memosd.kernel.state import CubeState as CubeState  # the handle types callers name
@@ -55,7 +55,14 @@ from memosd.kernel.types import (
 )
 from memosd.logfmt import log_event
 from memosd.store.archive import ArchiveSummary
-from memosd.store.records import AdapterRecord, CubeRecord, PurgeReceipt, RevisionRecord, VersionRecord
+from memosd.store.records import (
+    AdapterRecord,
+    CubeRecord,
+    GenerationProvenance,
+    PurgeReceipt,
+    RevisionRecord,
+    VersionRecord,
+)
 from memosd.store.rocks import Batch, Store
 
 log = logging.getLogger("memosd.kernel")
@@ -253,9 +260,17 @@ class Kernel:
         return self._revisions.commit(mount_id, message, author, request)
 
     def ingest(self, mount_id: str, messages: Sequence[Message], *, tags: Sequence[str] = (), source: str = "",
-               message: str = "", author: str = "", request: RequestRef | None = None) -> IngestResult:
+               message: str = "", author: str = "", request: RequestRef | None = None,
+               generation: GenerationProvenance | None = None, claim_as: RequestIdentity | None = None
+               ) -> IngestResult:
         return self._revisions.ingest(mount_id, messages, tags=tags, source=source, message=message,
-                                      author=author, request=request)
+                                      author=author, request=request, generation=generation, claim_as=claim_as)
+
+    def writable_mount(self, mount_id: str) -> MountInfo:
+        """The open read-write mount (its cube not frozen); MOUNT_READ_ONLY / CUBE_FROZEN otherwise. For a
+        call that will write through it later (a remembering Generate) to refuse before its work."""
+        mount, _cube = self._staging.writable(mount_id)
+        return self._tables.mount_info(mount)
 
     def rollback(self, ref: str, target: int, message: str, author: str) -> RevisionRecord:
         return self._revisions.rollback(ref, target, message, author)

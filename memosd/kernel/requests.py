@@ -45,6 +45,15 @@ class RequestRef:
     request_id: str
 
 
+@dataclass(frozen=True)
+class RequestIdentity:
+    """What a request id stands for: the kind of call and the inputs its digest covers. A kernel call made
+    on behalf of a larger one (the Ingest of a remembering Generate) is claimed under the larger call's."""
+
+    kind: RequestKind
+    inputs: tuple[object, ...]
+
+
 def request_ref(principal_id: str, request_id: str, field: str = "request_id") -> RequestRef | None:
     """The validated reference of a call's request id; None when the call has none."""
     if not request_id:

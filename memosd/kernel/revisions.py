@@ -24,13 +24,13 @@ from memosd.kernel.conversation import plan_ingest
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import EmbedderPort
 from memosd.kernel.quotas import Quotas
-from memosd.kernel.requests import Claim, RequestIds, RequestRef
+from memosd.kernel.requests import Claim, RequestIdentity, RequestIds, RequestRef
 from memosd.kernel.staging import Staging, drop_staged_files
 from memosd.kernel.state import CubeState, MountState, meta_of
 from memosd.kernel.table import Tables
 from memosd.kernel.types import CommitResult, IngestResult, Message
 from memosd.logfmt import log_event
-from memosd.store.records import AdapterRecord, RevisionRecord, VersionRecord
+from memosd.store.records import AdapterRecord, GenerationProvenance, RevisionRecord, VersionRecord
 from memosd.store.rocks import Batch, Store
 
 log = logging.getLogger("memosd.kernel")
@@ -97,18 +97,24 @@ class Revisions:
 
     # -- Ingest ---------------------------------------------------------
     def ingest(self, mount_id: str, messages: Sequence[Message], *, tags: Sequence[str] = (), source: str = "",
-               message: str = "", author: str = "", request: RequestRef | None = None) -> IngestResult:
+               message: str = "", author: str = "", request: RequestRef | None = None,
+               generation: GenerationProvenance | None = None, claim_as: RequestIdentity | None = None
+               ) -> IngestResult:
         """Commit a conversation, one item per message, as one new revision (see kernel/conversation.py).
 
         Appends never conflict, so this commits directly rather than through the mount's staging, which
         it leaves as it was; the mount moves to the new revision, as after a Commit. With a request id, a
-        retry (even one sent while this call still runs) gets this call's result and commits nothing."""
+        retry (even one sent while this call still runs) gets this call's result and commits nothing.
+        ``generation`` is the provenance a remembering Generate records on the revision; ``claim_as`` what
+        the request id stands for when this Ingest is part of a larger call (that Generate's request, whose
+        retry produces another reply text and other times)."""
         mount, cube = self._staging.writable(mount_id)
         validate.messages(messages, self._limits)
         validate.tags(tags, "tags")
         validate.source(source, "source")
-        with self._requests.claim(cube.cube_id, request, "ingest", mount_id, list(messages), list(tags), source,
-                                  message, author) as claim:
+        identity = claim_as or RequestIdentity("ingest", (mount_id, list(messages), list(tags), source, message,
+                                                          author))
+        with self._requests.claim(cube.cube_id, request, identity.kind, *identity.inputs) as claim:
             if claim.done is not None:
                 revision = self._store.get_revision(cube.cube_id, claim.done.revision)
                 if revision is None:
@@ -127,7 +133,7 @@ class Revisions:
                                              source=source)
                 revision = self.make_revision(cube, plan, "commit", author,
                                                message or f"ingest {len(messages)} messages",
-                                               request_id=claim.request_id)
+                                               request_id=claim.request_id, generation=generation)
                 self.write_revision(cube, plan, revision, mount, keep_staging=True,
                                      also=lambda batch: claim.record(batch, mount_id, revision=revision.number,
                                                                      item_ids=item_ids))
@@ -139,7 +145,7 @@ class Revisions:
     @staticmethod
     def make_revision(cube: CubeState, plan: history.Plan, kind: str, author: str, message: str,
                        restored: int = 0, adapter_plan: adapters.AdapterPlan | None = None,
-                       request_id: str = "") -> RevisionRecord:
+                       request_id: str = "", generation: GenerationProvenance | None = None) -> RevisionRecord:
         """The record of the revision after HEAD that ``plan`` makes (not written yet)."""
         head = cube.head
         items = cube.record.item_count + plan.added - plan.forgotten
@@ -148,7 +154,7 @@ class Revisions:
         return RevisionRecord(head + 1, head, kind, author or "anonymous", message, clock.now_ns(),  # type: ignore[arg-type]
                               plan.added, plan.changed, plan.forgotten, items, restored,
                               adapter_changed=adapter_plan is not None, adapter_digest=digest,
-                              request_id=request_id)
+                              request_id=request_id, generation=generation)
 
     def write_revision(self, cube: CubeState, plan: history.Plan, revision: RevisionRecord,
                         mount: MountState | None = None, adapter_plan: adapters.AdapterPlan | None = None,

@@ -59,7 +59,35 @@ class RevisionRecord:
     adapter_changed: bool = False
     adapter_digest: str = ""  # the adapter current at this revision; "" for none
     compacted: bool = False  # the versions only it could see were removed (Compact); its log entry stays
-    request_id: str = ""  # the client's request id of the Commit or Ingest that made it
+    request_id: str = ""  # the client's request id of the Commit, Ingest or remembering Generate that made it
+    # Set on the revision a Generate remembered (options.remember_mount_id): what made the reply.
+    generation: GenerationProvenance | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.generation, dict):  # decoded from JSON: rebuild the nested records
+            raw: dict[str, Any] = self.generation
+            # A missing or unknown field is a TypeError, as for any record (an archive's import reports it).
+            object.__setattr__(self, "generation", GenerationProvenance(  # the record is frozen
+                **{**raw, "sources": [GenerationSource(**source) for source in raw.get("sources", [])]}))
+
+
+@dataclass
+class GenerationSource:
+    """What one mount's cube contributed to a remembered reply (ids only, never text)."""
+
+    cube_id: str
+    revision: int  # the mount's base revision: the revision the memory was read at
+    block_item_ids: list[str] = field(default_factory=list)  # the memory block, in block order
+    retrieved_item_ids: list[str] = field(default_factory=list)  # retrieved for the last user message
+
+
+@dataclass
+class GenerationProvenance:
+    """The generation a remembered exchange came from: the model, the adapter, the memory it used."""
+
+    model_fingerprint: str
+    adapter_digest: str = ""  # "" for the base model
+    sources: list[GenerationSource] = field(default_factory=list)  # one per mount used, in request order
 
 
 @dataclass
@@ -311,7 +339,7 @@ class PurgeReceipt:
         return [a.cache_key for a in self.activations]
 
 
-RequestKind = Literal["write", "ingest", "commit", "import_adapter"]
+RequestKind = Literal["write", "ingest", "commit", "import_adapter", "generate"]
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,7 +22,7 @@ from memosd.kernel.types import (
     SearchHit,
 )
 from memosd.kernel.usage import CubeUsage, ItemUsage
-from memosd.store.records import AdapterRecord, JobRecord, RevisionRecord
+from memosd.store.records import AdapterRecord, GenerationProvenance, JobRecord, RevisionRecord
 
 _CHANGE_KINDS = {"added": t.CHANGE_KIND_ADDED, "changed": t.CHANGE_KIND_CHANGED,
                  "forgotten": t.CHANGE_KIND_FORGOTTEN}
@@ -139,12 +140,27 @@ def item(view: ItemView, usage: ItemUsage | None = None) -> t.Item:
     return message
 
 
-def revision(r: RevisionRecord) -> t.Revision:
-    return t.Revision(number=r.number, parent=r.parent, kind=_REVISION_KINDS[r.kind], author=r.author,
+def revision(r: RevisionRecord, readable: Callable[[str], bool] = lambda _cube_id: True) -> t.Revision:
+    """``readable`` says which cubes a remembered revision's provenance may name to this reader."""
+    out = t.Revision(number=r.number, parent=r.parent, kind=_REVISION_KINDS[r.kind], author=r.author,
                       message=r.message, create_time=ts(r.create_ns), added=r.added, changed=r.changed,
                       forgotten=r.forgotten, item_count=r.item_count, restored_revision=r.restored,
                       adapter_changed=r.adapter_changed, adapter_digest=r.adapter_digest, compacted=r.compacted,
                       request_id=r.request_id)
+    if r.generation is not None:
+        out.generation.CopyFrom(generation(r.generation, readable))
+    return out
+
+
+def generation(record: GenerationProvenance, readable: Callable[[str], bool]) -> t.GenerationProvenance:
+    """A revision's provenance as the reader may see it: sources on cubes it cannot read are only counted
+    (their cube and item ids are not the reader's to learn)."""
+    shown = [s for s in record.sources if readable(s.cube_id)]
+    return t.GenerationProvenance(
+        model_fingerprint=record.model_fingerprint, adapter_digest=record.adapter_digest,
+        sources=[t.GenerationSource(cube_id=s.cube_id, revision=s.revision, block_item_ids=s.block_item_ids,
+                                    retrieved_item_ids=s.retrieved_item_ids) for s in shown],
+        hidden_sources=len(record.sources) - len(shown))
 
 
 def change(c: ItemChange) -> t.ItemChange:

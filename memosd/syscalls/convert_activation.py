@@ -11,6 +11,8 @@ from memosd.activation.activator import ActivationOutcome, EvictOutcome
 from memosd.activation.generator import GenerateParams, GenerationReport, MemoryUse, UsedItem
 from memosd.activation.select import ALL, Selector
 from memosd.errors import InvalidField
+from memosd.kernel.requests import request_ref
+from memosd.services.remember import Remember
 
 SOURCES = {"pool": t.ACTIVATION_SOURCE_POOL, "store": t.ACTIVATION_SOURCE_STORE,
            "computed": t.ACTIVATION_SOURCE_COMPUTED, "": t.ACTIVATION_SOURCE_UNSPECIFIED}
@@ -61,6 +63,19 @@ def generate_params(req: pb.GenerateRequest) -> GenerateParams:
         stop=tuple(options.stop), seed=options.seed, bypass_kv_cache=options.bypass_kv_cache,
         adapter_mount_id=options.adapter_mount_id,
         retrieve_k=req.retrieve_k if req.HasField("retrieve_k") else None)
+
+
+def remember(req: pb.GenerateRequest, principal_id: str) -> Remember | None:
+    """What the Generate asks to remember (options.remember_mount_id), or None. A request id is checked
+    whether or not it is used; a session id without a remember mount is a mistake the caller should hear."""
+    request = request_ref(principal_id, req.request_id)
+    options = req.options
+    if not options.remember_mount_id:
+        if options.session_id:
+            raise InvalidField("options.session_id names the session of remembered turns; set "
+                               "options.remember_mount_id too, or leave it empty", field="options.session_id")
+        return None
+    return Remember(options.remember_mount_id, options.session_id, request)
 
 
 def _used(items: list[UsedItem]) -> list[t.UsedItem]:

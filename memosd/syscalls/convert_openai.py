@@ -5,6 +5,8 @@ Memory is chosen per request, two ways that add up:
   model still reaches memory; plain ``memosd`` is the model without memory;
 - ``extra_body={"memos": {"cubes": [...], "revision": N | {cube: N}, "retrieve_k": K, "adapter": cube}}``.
 Each cube is mounted read-only at its revision (0 or absent: HEAD) for the request and unmounted after.
+``"remember": cube`` (with ``"session_id"`` and ``"request_id"``, both optional) records the exchange in that
+cube once the reply ends, as Generate's options.remember_mount_id: the cube is then mounted read-write.
 Only wire shape is checked here; every bound (lengths, counts, temperature range) is Generate's own.
 """
 
@@ -31,6 +33,7 @@ class ChatRequest:
     cubes: list[str]  # refs (names or ids), in order, each once
     revisions: dict[str, int]  # ref -> revision; absent: HEAD
     adapter: str  # a cube ref whose adapter to generate with; "" for the base model
+    remember: str  # a cube ref to remember the exchange in; "" for none
     generate: pb.GenerateRequest  # mount_ids (and options.adapter_mount_id) are filled in once mounted
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
@@ -96,21 +99,44 @@ def _model_cubes(model: Any) -> list[str]:
                         "cubes' memory (GET /v1/models lists them)")
 
 
-def _memos(value: Any) -> tuple[list[str], Any, Any, str]:
+@dataclass(frozen=True)
+class _Memos:
+    """The ``memos`` body field."""
+
+    cubes: list[str] = field(default_factory=list)
+    revision: Any = None
+    retrieve_k: Any = None
+    adapter: str = ""
+    remember: str = ""
+    session_id: str = ""
+    request_id: str = ""
+
+
+_MEMOS_FIELDS = ("cubes", "revision", "retrieve_k", "adapter", "remember", "session_id", "request_id")
+
+
+def _memos(value: Any) -> _Memos:
     if value is None:
-        return [], None, None, ""
+        return _Memos()
     if not isinstance(value, dict):
-        raise _bad("memos", "must be an object: {\"cubes\", \"revision\", \"retrieve_k\", \"adapter\"}")
-    unknown = sorted(set(value) - {"cubes", "revision", "retrieve_k", "adapter"})
+        raise _bad("memos", "must be an object: {" + ", ".join(f'"{f}"' for f in _MEMOS_FIELDS) + "}")
+    unknown = sorted(set(value) - set(_MEMOS_FIELDS))
     if unknown:
-        raise _bad(f"memos.{unknown[0]}", "is not a field; memos takes cubes, revision, retrieve_k and adapter")
+        raise _bad(f"memos.{unknown[0]}", f"is not a field; memos takes {', '.join(_MEMOS_FIELDS)}")
     cubes = value.get("cubes", [])
     if not isinstance(cubes, list) or not all(isinstance(c, str) and c for c in cubes):
         raise _bad("memos.cubes", "must be a list of cube names or ids")
     adapter = value.get("adapter", "")
     if not isinstance(adapter, str):
         raise _bad("memos.adapter", "must be the name or id of a cube whose adapter to generate with")
-    return list(cubes), value.get("revision"), value.get("retrieve_k"), adapter
+    remember = value.get("remember", "")
+    if not isinstance(remember, str):
+        raise _bad("memos.remember", "must be the name or id of a cube to remember the exchange in")
+    for name in ("session_id", "request_id"):
+        if not isinstance(value.get(name, ""), str):
+            raise _bad(f"memos.{name}", "must be a string")
+    return _Memos(list(cubes), value.get("revision"), value.get("retrieve_k"), adapter, remember,
+                  value.get("session_id", ""), value.get("request_id", ""))
 
 
 def _revisions(value: Any, cubes: list[str]) -> dict[str, int]:
@@ -132,8 +158,8 @@ def chat_request(body: Any) -> ChatRequest:
         raise _bad("body", "must be a JSON object")
     model = body.get("model")
     model_cubes = _model_cubes(model)
-    extra_cubes, revision, retrieve_k, adapter = _memos(body.get("memos"))
-    cubes = list(dict.fromkeys(model_cubes + extra_cubes))
+    memos = _memos(body.get("memos"))
+    cubes = list(dict.fromkeys(model_cubes + memos.cubes))
     if body.get("n", 1) != 1:
         raise _bad("n", "memosd generates one choice per request; leave n at 1")
     options = t.GenerationOptions()
@@ -151,17 +177,19 @@ def chat_request(body: Any) -> ChatRequest:
         options.stop.extend(stops)
     if body.get("seed") is not None:
         options.seed = _int(body["seed"], "seed")
-    generate = pb.GenerateRequest(messages=_messages(body.get("messages")), options=options)
-    if retrieve_k is not None:
-        generate.retrieve_k = _int(retrieve_k, "memos.retrieve_k")
+    options.session_id = memos.session_id  # Generate refuses one without a remember mount
+    generate = pb.GenerateRequest(messages=_messages(body.get("messages")), options=options,
+                                  request_id=memos.request_id)
+    if memos.retrieve_k is not None:
+        generate.retrieve_k = _int(memos.retrieve_k, "memos.retrieve_k")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "must be true or false")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise _bad("stream_options", "must be an object")
-    return ChatRequest(model=str(model), cubes=cubes, revisions=_revisions(revision, cubes), adapter=adapter,
-                       generate=generate, stream=stream, include_usage=stream_options.get("include_usage") is True)
+    return ChatRequest(model=str(model), cubes=cubes, revisions=_revisions(memos.revision, cubes),
+                       adapter=memos.adapter, remember=memos.remember, generate=generate, stream=stream, include_usage=stream_options.get("include_usage") is True)
 
 
 # -- responses ------------------------------------------------------------------------------------------
@@ -170,7 +198,11 @@ def _used(items: Any) -> list[dict[str, Any]]:
 
 
 def memos_usage(summary: t.GenerationSummary, names: dict[str, str]) -> dict[str, Any]:
-    """memosd's own account of the reply: each cube's revision, KV reuse and the items that went in."""
+    """memosd's own account of the reply: each cube's revision, KV reuse and the items that went in; and where
+    it was remembered."""
+    remembered = ({"remembered": {"revision": summary.remembered.number,
+                                  "item_ids": list(summary.remembered_item_ids)}}
+                  if summary.HasField("remembered") else {})
     return {
         "reused_tokens": summary.reused_tokens, "prefilled_tokens": summary.prefilled_tokens,
         "ttft_us": summary.ttft_us, "total_us": summary.total_us,
@@ -178,6 +210,7 @@ def memos_usage(summary: t.GenerationSummary, names: dict[str, str]) -> dict[str
                    "activated": use.activated, "cache_key": use.cache_key,
                    "block_items": _used(use.block_items), "retrieved_items": _used(use.retrieved_items)}
                   for use in summary.memory],
+        **remembered,
     }
 
 

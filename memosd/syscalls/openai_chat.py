@@ -72,8 +72,9 @@ class ChatRun:
             await self.finish(error)
             raise
 
-    def _mount(self, caller: PrincipalRecord, ref: str) -> str:
-        request = pb.MountRequest(cube=ref, revision=self.chat.revisions.get(ref, 0), mode=t.MOUNT_MODE_READ_ONLY)
+    def _mount(self, caller: PrincipalRecord, ref: str, writable: bool = False) -> str:
+        mode = t.MOUNT_MODE_READ_WRITE if writable else t.MOUNT_MODE_READ_ONLY
+        request = pb.MountRequest(cube=ref, revision=self.chat.revisions.get(ref, 0), mode=mode)
         mount = self.servicer.Mount(request, self.gate.authorize_call(caller, "Mount", request, self.done, self.entry))
         self._mounts.append(mount.mount.mount_id)
         self.names[mount.mount.cube_id] = ref
@@ -81,10 +82,14 @@ class ChatRun:
 
     def _open(self, caller: PrincipalRecord) -> Iterator[Any]:
         request = self.chat.generate
-        by_ref = {ref: self._mount(caller, ref) for ref in self.chat.cubes}
+        remember = self.chat.remember
+        # The remember cube is mounted once, read-write, also where it is one of the memory cubes.
+        by_ref = {ref: self._mount(caller, ref, writable=ref == remember) for ref in self.chat.cubes}
         request.mount_ids.extend(by_ref.values())
         if self.chat.adapter:
             request.options.adapter_mount_id = by_ref.get(self.chat.adapter) or self._mount(caller, self.chat.adapter)
+        if remember:
+            request.options.remember_mount_id = by_ref.get(remember) or self._mount(caller, remember, writable=True)
         call = self.gate.authorize_call(caller, "Generate", request, self.done, self.entry)
         return iter(self.servicer.Generate(request, call))
 

@@ -29,6 +29,8 @@ class Rule:
     rights: frozenset[Right] = frozenset()
     cube: str = ""  # the request field naming a cube (id or name)
     mounts: tuple[str, ...] = ()  # request fields (dotted paths) holding mount ids; repeated or single
+    # Mount fields that need other rights than `rights` (Generate's remember mount is written, not read).
+    mounts_with: tuple[tuple[str, frozenset[Right]], ...] = ()
     job: str = ""  # the request field holding a job id
     admin: bool = False  # daemon admins only
     owner_or_admin: bool = False  # Audit: admins, or the owner of the cube named in `cube`
@@ -70,7 +72,8 @@ RULES: dict[str, Rule] = {
     "Stats": Rule(admin=True),
     "Activate": _rule(A, mounts=("mount_id",)),
     "Evict": _rule(A, cube="cube"),
-    "Generate": _rule(R, A, mounts=("mount_ids", "options.adapter_mount_id")),
+    "Generate": _rule(R, A, mounts=("mount_ids", "options.adapter_mount_id"),
+                      mounts_with=(("options.remember_mount_id", frozenset({W})),)),
     "ImportAdapter": _rule(W, mounts=("header.mount_id",)),
     "ExportAdapter": _rule(R, mounts=("mount_id",)),
     "Train": _rule(T, mounts=("mount_id",)),
@@ -129,11 +132,11 @@ def authorize(access: AccessControl, jobs: JobManager, caller: PrincipalRecord, 
         return target
     if rule.cube and _field(request, rule.cube):
         target.cube_id = access.cube(caller, _field(request, rule.cube), needed).cube_id
-    for path in rule.mounts:
+    for path, rights in [*((path, needed) for path in rule.mounts), *rule.mounts_with]:
         value = _field(request, path)
         # An empty id names no mount: nothing to check, and the handler refuses it as missing.
         for mount_id in filter(None, [value] if isinstance(value, str) else list(value)):
-            mount = access.mount(caller, mount_id, needed)
+            mount = access.mount(caller, mount_id, rights)
             target.cube_id = target.cube_id or mount.record.cube_id
             target.mount_id = target.mount_id or mount.mount_id
     if rule.job:

@@ -8,6 +8,7 @@ around every handler, in ``gate.Gate``.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 
 from memosd_client.v1 import memos_pb2 as pb
@@ -16,6 +17,7 @@ from memosd_client.v1 import types_pb2 as t
 from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerationReport, Generator
 from memosd.activation.scheduler import Scheduler
+from memosd.governance.access import Right
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.requests import RequestRef, request_ref
 from memosd.kernel.search import Searcher
@@ -26,6 +28,7 @@ from memosd.parametric.jobs import JobManager
 from memosd.park import Park
 from memosd.services.cubes import CubeRemoval
 from memosd.services.erasure import Erasure
+from memosd.services.remember import Remembering
 from memosd.services.stats import Stats
 from memosd.syscalls import adapter_stream, cube_stream
 from memosd.syscalls import convert as cv
@@ -57,6 +60,7 @@ class MemOSServicer(GovernanceHandlers):
         # are made from this servicer's own parts.
         self.erasure = erasure or Erasure(kernel, activator, usage)
         self.removal = removal or CubeRemoval(kernel, adapters, activator, gate.access, usage)
+        self.remembering = Remembering(kernel)
 
     # -- cubes ----------------------------------------------------------
     def AllocCube(self, req: pb.AllocCubeRequest, call: Call) -> pb.AllocCubeResponse:
@@ -181,8 +185,20 @@ class MemOSServicer(GovernanceHandlers):
     def Log(self, req: pb.LogRequest, call: Call) -> pb.LogResponse:
         page, head = self.kernel.log(req.cube, req.page_size, req.page_token)
         cube_id = self.kernel.cube(req.cube).cube_id
-        return pb.LogResponse(header=cv.header(cube_id, head), revisions=[cv.revision(r) for r in page.entries],
+        readable = self._readable(call, cube_id)
+        return pb.LogResponse(header=cv.header(cube_id, head),
+                              revisions=[cv.revision(r, readable) for r in page.entries],
                               next_page_token=page.next_token)
+
+    def _readable(self, call: Call, own_cube_id: str) -> Callable[[str], bool]:
+        """Which cubes a remembered revision's provenance may name to the caller: its own cube (it reads
+        that one), and the others it holds the read right on now."""
+        def readable(cube_id: str) -> bool:
+            if cube_id == own_cube_id:
+                return True
+            record = self.kernel.cube_record(cube_id)
+            return record is not None and Right.READ in self.access.rights(call.caller, record)
+        return readable
 
     def Diff(self, req: pb.DiffRequest, call: Call) -> pb.DiffResponse:
         page, older, newer = self.kernel.diff(req.cube, req.from_revision, req.to_revision, req.page_size,
@@ -216,7 +232,12 @@ class MemOSServicer(GovernanceHandlers):
         return ca.evict_response(self.activator.evict(req.cube, req.delete_persisted))
 
     def Generate(self, req: pb.GenerateRequest, call: Call) -> Iterator[pb.GenerateResponse | Park]:
-        for event in self.generator.generate(ca.generate_params(req), call.cancelled(), park=True):
+        params = ca.generate_params(req)
+        remember = ca.remember(req, call.caller.principal_id)
+        if remember is not None:
+            self.remembering.check(remember, params)  # a read-only remember mount is refused before any model work
+        arrived_ns, reply = time.time_ns(), list[str]()
+        for event in self.generator.generate(params, call.cancelled(), park=True):
             if isinstance(event, Park):
                 yield event  # a wait on the runtime worker: the gate awaits it holding no thread
             elif isinstance(event, GenerationReport):
@@ -225,8 +246,17 @@ class MemOSServicer(GovernanceHandlers):
                 self._record("generate", [use.cube_id for use in summary.memory],
                              [(use.cube_id, u.item_id) for use in summary.memory
                               for u in [*use.block_items, *use.retrieved_items] if u.born_revision])
+                if remember is not None:  # only a reply that ended gets here: a cancelled one has no report
+                    result = self.remembering.remember(remember, params, "".join(reply), event,
+                                                       arrived_ns=arrived_ns, ended_ns=time.time_ns(),
+                                                       author=call.caller.name)
+                    summary.remembered.CopyFrom(cv.revision(result.revision))
+                    summary.remembered_item_ids.extend(result.item_ids)
+                    call.note_cube(result.mount.record.cube_id, items=result.item_ids,
+                                   artifacts=[f"remembered:{result.revision.number}"])
                 yield pb.GenerateResponse(summary=summary)
             else:
+                reply.append(event)
                 yield pb.GenerateResponse(delta=event)
 
     # -- parametric memory ----------------------------------------------

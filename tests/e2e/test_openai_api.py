@@ -125,6 +125,27 @@ def test_the_chat_is_audited_and_its_mount_closed(sdk: Any, client: Client, note
     assert cube.mount_count == 0  # the request's read-only mount is gone
 
 
+def test_memos_remember_records_the_exchange_in_that_cube(base_url: str, daemon: DaemonProcess, client: Client,
+                                                         notes: tuple[str, int, str]) -> None:
+    client.alloc_cube("openai-remembered")
+    body = {"model": f"memos:{notes[0]}", "messages": [{"role": "user", "content": "Remember this."}],
+            "memos": {"remember": "openai-remembered", "session_id": "web-1", "request_id": "openai-1"}}
+    status, reply = _post(f"{base_url}/chat/completions", body, daemon.token)
+    assert status == 200, reply
+    remembered = reply["memos"]["remembered"]
+    assert remembered["revision"] == 1 and 1 <= len(remembered["item_ids"]) <= 2  # the reply may be empty
+    # A retry (a new request, new mounts) with the same request id records nothing more.
+    status, again = _post(f"{base_url}/chat/completions", body, daemon.token)
+    assert status == 200 and again["memos"]["remembered"] == remembered
+    [revision] = list(client.log("openai-remembered"))
+    assert revision.request_id == "openai-1"
+    assert revision.generation.sources[0].cube_id == client.stat_cube(notes[0]).cube_id
+    with client.mount("openai-remembered") as m:
+        [user, *_] = client.read(m, remembered["item_ids"])
+    assert (user.speaker, user.text, user.session_id) == ("user", "Remember this.", "web-1")
+    assert client.stat_cube("openai-remembered").mount_count == 0  # the request's read-write mount is gone
+
+
 def test_no_token_is_401_in_openai_shape(base_url: str) -> None:
     status, body = _post(f"{base_url}/chat/completions",
                          {"model": "memosd", "messages": [{"role": "user", "content": "hi"}]}, None)
@@ -149,6 +170,8 @@ def test_unknown_cube_is_404_in_openai_shape(base_url: str, daemon: DaemonProces
     ({"model": "memosd", "messages": [{"role": "user", "content": "hi"}], "temperature": 9.0}, "temperature"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, "model"),
     ({"model": "memosd", "messages": [{"role": "user", "content": "hi"}], "memos": {"cube": ["x"]}}, "memos.cube"),
+    ({"model": "memosd", "messages": [{"role": "user", "content": "hi"}], "memos": {"remember": 1}},
+     "memos.remember"),
 ])
 def test_a_bad_field_is_400_naming_the_param(base_url: str, daemon: DaemonProcess, body: dict[str, Any],
                                              param: str) -> None:

@@ -472,10 +472,24 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
                 retrieved_items=[types_pb2.UsedItem(item_id=it.item_id, born_revision=it.born_revision, score=0.75)
                                  for it in items[:1]],
             ))
-        yield memos_pb2.GenerateResponse(summary=types_pb2.GenerationSummary(
+        summary = types_pb2.GenerationSummary(
             finish_reason=types_pb2.FINISH_REASON_END, prompt_tokens=120, reused_tokens=100, prefilled_tokens=20,
             completion_tokens=11, ttft_us=120_000, total_us=1_120_000, memory=memory, model_fingerprint="cd" * 32,
-        ))
+        )
+        if request.options.remember_mount_id:  # a revision with the provenance, as the daemon makes
+            cube = self.cubes[self._mount(request.options.remember_mount_id, context)[0].cube_id]
+            cube.head_revision += 1
+            rev = types_pb2.Revision(
+                number=cube.head_revision, added=2, message="remember a generation", request_id=request.request_id,
+                generation=types_pb2.GenerationProvenance(model_fingerprint="cd" * 32, hidden_sources=1, sources=[
+                    types_pb2.GenerationSource(cube_id=u.cube_id, revision=u.revision,
+                                               block_item_ids=[i.item_id for i in u.block_items],
+                                               retrieved_item_ids=[i.item_id for i in u.retrieved_items])
+                    for u in memory]))
+            self.log[cube.cube_id].insert(0, rev)
+            summary.remembered.CopyFrom(rev)
+            summary.remembered_item_ids.extend(["itm_u", "itm_a"])
+        yield memos_pb2.GenerateResponse(summary=summary)
 
 
 @pytest.fixture
@@ -1017,6 +1031,35 @@ def test_chat_show_memory(ctl: Any, fake: FakeMemOS) -> None:
         "    block items (0): -",
         "    retrieved (0): -",
     ]
+
+
+def test_chat_remember_mounts_that_cube_read_write_and_says_where(ctl: Any, fake: FakeMemOS) -> None:
+    ctl("cube", "alloc", "notes")
+    ctl("cube", "alloc", "journal")
+    ids = ctl("-o", "json", "mem", "write", "notes", "a").json()["item_ids"]
+    # A cube of the chat: mounted once, read-write, and both read and remembered.
+    r = ctl("chat", "notes", "--remember", "notes", "--session", "s-1", "-m", "hi")
+    assert r.code == 0, r.err
+    assert r.err.splitlines()[1] == "remembered in notes at revision 2 (2 turns, session s-1)"
+    [mount] = requests_of(fake, "Mount")[-1:]
+    assert mount.cube == "notes" and mount.mode == types_pb2.MOUNT_MODE_READ_WRITE
+    [req] = requests_of(fake, "Generate")
+    assert req.options.remember_mount_id == req.mount_ids[0] and req.options.session_id == "s-1"
+    assert req.request_id  # a fresh one per reply
+    # Another cube: mounted read-write besides the read-only memory, and not read; a session of its own.
+    r = ctl("chat", "notes", "--remember", "journal", "-m", "hi")
+    assert r.code == 0, r.err
+    memory, journal = requests_of(fake, "Mount")[-2:]
+    assert (memory.cube, memory.mode) == ("notes", types_pb2.MOUNT_MODE_READ_ONLY)
+    assert (journal.cube, journal.mode) == ("journal", types_pb2.MOUNT_MODE_READ_WRITE)
+    req = requests_of(fake, "Generate")[-1]
+    assert req.options.remember_mount_id not in req.mount_ids and req.options.session_id.startswith("chat-")
+    # memosctl log lists what the remembered revision was generated with.
+    out = ctl("log", "journal").out
+    assert "remembered generations:" in out and f"block {ids[0]}; retrieved {ids[0]}" in out
+    assert "and 1 cube(s) you cannot read" in out
+    assert ctl("chat", "notes", "--session", "s", "-m", "hi").code == 2  # --session without --remember
+    assert not fake.mounts
 
 
 def test_chat_json_is_one_object(ctl: Any, fake: FakeMemOS) -> None:

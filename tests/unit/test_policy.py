@@ -18,7 +18,7 @@ def test_rules_name_request_fields_that_exist() -> None:
     for method in SERVICE.methods:
         rule = RULES[method.name]
         request = getattr(memos_pb2, method.input_type.name)()
-        for path in filter(None, (rule.cube, rule.job, *rule.mounts)):
+        for path in filter(None, (rule.cube, rule.job, *rule.mounts, *(p for p, _ in rule.mounts_with))):
             value = request
             for part in path.split("."):
                 assert hasattr(value, part), f"{method.name}: {path}"
@@ -35,6 +35,8 @@ def test_every_call_that_touches_a_cube_names_how_it_finds_it() -> None:
             assert rule.cube or rule.mounts or rule.job, name
             assert rule.rights or rule.rights_of or rule.owner_or_admin or name == "Unmount", name
     assert RULES["Generate"].rights == {Right.READ, Right.ACTIVATE}
+    # Remembering writes the exchange into the remember mount's cube: the write right there, not read.
+    assert dict(RULES["Generate"].mounts_with) == {"options.remember_mount_id": {Right.WRITE}}
 
 
 def test_every_syscall_is_implemented() -> None:

@@ -324,7 +324,9 @@ export class Client {
    * @param {string | {role: string, content: string}[]} messages a user message, or the conversation
    * @param {MountLike | MountLike[]} [mounts]
    * @param {{maxTokens?: number, temperature?: number, topP?: number, stop?: string[], seed?: number | bigint,
-   *   retrieveK?: number, bypassKvCache?: boolean, adapterMount?: MountLike, timeoutMs?: number}} [options]
+   *   retrieveK?: number, bypassKvCache?: boolean, adapterMount?: MountLike, rememberMount?: MountLike,
+   *   sessionId?: string, requestId?: string, timeoutMs?: number}} [options] `rememberMount` (read-write)
+   *   records the exchange once the reply ends: two turns of `sessionId` in one revision (`summary.remembered`)
    * @returns {Generation}
    */
   generate(messages, mounts = [], options = {}) {
@@ -337,8 +339,11 @@ export class Client {
         max_tokens: options.maxTokens, temperature: options.temperature, top_p: options.topP, stop: options.stop,
         seed: options.seed, bypass_kv_cache: options.bypassKvCache,
         adapter_mount_id: options.adapterMount === undefined ? undefined : mountId(options.adapterMount),
+        remember_mount_id: options.rememberMount === undefined ? undefined : mountId(options.rememberMount),
+        session_id: options.sessionId,
       },
       retrieve_k: options.retrieveK,
+      request_id: options.requestId,
     }, "GenerateRequest");
     const callOptions = options.timeoutMs === undefined ? {} : { deadline: Date.now() + options.timeoutMs };
     return new Generation(this.raw.Generate(wire, this.metadata, callOptions), response);

@@ -336,6 +336,7 @@
  * @property {string[]} mount_ids Mounts whose memory to use (0 to 64). The first mount whose cube is activated at its base revision gives the KV prefix.
  * @property {GenerationOptions | null} options
  * @property {number} [retrieve_k] Items to retrieve (hybrid search over the mounts) for the last user message; unset means the daemon default (runtime.retrieve_k), 0 none.
+ * @property {string} request_id Optional, client-chosen (1 to 128 of A-Z a-z 0-9 . _ : -; a uuid4 fits), used with options.remember_mount_id: a retry with the same id and the same request records the exchange once (its summary names the first call's revision); the reply itself is generated again. The same id with another request is REQUEST_ID_REUSED. Scoped to the remember mount's cube and the calling principal, kept limits.request_id_ttl_seconds; without a remember mount it is checked and unused.
  */
 
 /**
@@ -813,7 +814,24 @@
  * @property {boolean} adapter_changed Whether this revision changed the cube's adapter, and the digest of the adapter it holds ("" for none).
  * @property {string} adapter_digest
  * @property {boolean} compacted True once compaction removed what only this revision could see: the log entry stays, reading at it is OUT_OF_RANGE / REVISION_COMPACTED.
- * @property {string} request_id The request id of the Commit or Ingest that made it ("" when none was given).
+ * @property {string} request_id The request id of the Commit, Ingest or remembering Generate that made it ("" when none was given).
+ * @property {GenerationProvenance | null} generation Set on a revision that a Generate recorded (options.remember_mount_id): what made the reply.
+ */
+
+/**
+ * @typedef {object} GenerationProvenance Where a remembered reply came from: the model, the adapter and the memory it was generated with.
+ * @property {string} model_fingerprint
+ * @property {string} adapter_digest The adapter generated with; "" for the base model.
+ * @property {GenerationSource[]} sources One per mount the generation used, in the request's order, that the reader may read.
+ * @property {number} hidden_sources Sources on cubes the reader has no read right on: left out, only counted.
+ */
+
+/**
+ * @typedef {object} GenerationSource What one mount's cube contributed to a remembered reply.
+ * @property {string} cube_id
+ * @property {number} revision The revision the memory was read at (the mount's base revision).
+ * @property {string[]} block_item_ids Items of the memory block in the prompt, in block order.
+ * @property {string[]} retrieved_item_ids Items retrieved for the last user message.
  */
 
 /** @typedef {"CHANGE_KIND_UNSPECIFIED" | "CHANGE_KIND_ADDED" | "CHANGE_KIND_CHANGED" | "CHANGE_KIND_FORGOTTEN"} ChangeKind */
@@ -918,6 +936,8 @@
  * @property {number} seed Seed for sampling; 0 picks one. The same seed and input give the same text.
  * @property {string} adapter_mount_id A mount whose cube's adapter (at the mount's revision, or staged there) to generate with; empty for the base model.
  * @property {boolean} bypass_kv_cache Prefill an activated memory block instead of reusing its KV cache: the same prompt, computed in full. For measurements and checks.
+ * @property {string} remember_mount_id A read-write mount (the write right on its cube) that remembers the exchange: once the reply has ended, the last user message and the reply are ingested into its cube as two turns (speakers "user" and "assistant", times: the request's arrival and the reply's end) in one revision whose log entry carries the generation's provenance. Empty: nothing is recorded. A cancelled or failed generation records nothing; a partial reply is never recorded.
+ * @property {string} session_id The session the remembered turns belong to (1 to 256 printable characters), so the turns of one chat are linked; empty: a new session per call. Only with remember_mount_id.
  */
 
 /** @typedef {"FINISH_REASON_UNSPECIFIED" | "FINISH_REASON_END" | "FINISH_REASON_LENGTH" | "FINISH_REASON_STOP"} FinishReason */
@@ -954,6 +974,8 @@
  * @property {string} model_fingerprint
  * @property {number[]} token_ids The completion's tokens (completion_tokens of them, the end token not included) and each one's log-probability under the model (before temperature and top-p): what a check of cache-versus-no-cache, or of an adapter's effect, compares.
  * @property {number[]} token_logprobs
+ * @property {Revision | null} remembered With options.remember_mount_id: the revision that recorded the exchange (for a retry with the same request_id, the first call's), and its two items: the user turn, then the reply's.
+ * @property {string[]} remembered_item_ids
  */
 
 /**

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 
@@ -35,6 +36,12 @@ def summary_line(s: types_pb2.GenerationSummary) -> str:
         f"{s.completion_tokens} generated ({_FINISH.get(s.finish_reason, '?')}), "
         f"ttft {fmt_ms(s.ttft_us)}, total {fmt_ms(s.total_us)}, {rate} tokens/s"
     )
+
+
+def remembered_line(s: types_pb2.GenerationSummary, cube: str, session_id: str) -> str:
+    """Where --remember recorded the exchange."""
+    return (f"remembered in {cube} at revision {s.remembered.number} "
+            f"({len(s.remembered_item_ids)} turns, session {session_id})")
 
 
 def _items(items: list[types_pb2.UsedItem], scored: bool) -> str:
@@ -70,9 +77,13 @@ class _Chat:
     def __init__(
         self, client: Client, args: argparse.Namespace, out: Output, mounts: list[MountHandle],
         adapter_mount: MountHandle | None = None, model_ready: bool = False,
+        remember_mount: MountHandle | None = None,
     ) -> None:
         self.client, self.args, self.out, self.mounts = client, args, out, mounts
         self.adapter_mount = adapter_mount
+        # --remember: every reply that ends is recorded in that cube, all of this chat's turns in one session.
+        self.remember_mount = remember_mount
+        self.session_id = args.session or f"chat-{uuid.uuid4().hex[:16]}"
         # --adapter-only: the adapter's parametric memory by itself, so no cube's block or retrieval feeds the
         # prompt. The adapter's mount is sent alone as options.adapter_mount_id (it need not be in mount_ids).
         self.memory_mounts: list[MountHandle] = [] if args.adapter_only else mounts
@@ -89,6 +100,7 @@ class _Chat:
         gen = self.client.generate(
             messages, self.memory_mounts, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
             stop=a.stop, seed=a.seed, retrieve_k=a.retrieve_k, adapter_mount=self.adapter_mount,
+            remember_mount=self.remember_mount, session_id=self.session_id if self.remember_mount else "",
             idle_timeout=self.idle_timeout,
         )
         started = False  # whether a partial line is on stdout
@@ -126,6 +138,8 @@ class _Chat:
             return text
         if summary is not None:
             out.note(summary_line(summary))
+            if summary.HasField("remembered"):
+                out.note(remembered_line(summary, a.remember, self.session_id))
             if a.show_memory:
                 out.stderr.write("\n".join(memory_lines(summary, self.names)) + "\n")
         return text
@@ -239,14 +253,23 @@ def _chat(client: Client, args: argparse.Namespace, out: Output) -> None:
     if args.adapter_only and args.retrieve_k:
         raise UsageError("--adapter-only retrieves nothing: leave out -k/--retrieve-k")
     history: list[MessageLike] = [("system", args.system)] if args.system else []
+    if args.session is not None and args.remember is None:
+        raise UsageError("--session names the session of remembered turns: give --remember CUBE too")
     with ExitStack() as stack:
-        mounts = [stack.enter_context(client.mount(cube)) for cube in args.cubes]
+        # The remember cube, when it is also one of the chat's cubes, is mounted once, read-write: the chat
+        # then reads what it remembered (an Ingest moves the mount to its new revision).
+        mounts = [stack.enter_context(client.mount(cube, writable=cube == args.remember)) for cube in args.cubes]
+        remember = None
+        if args.remember is not None:
+            remember = next((m for cube, m in zip(args.cubes, mounts, strict=True) if cube == args.remember), None)
+            remember = remember or stack.enter_context(client.mount(args.remember, writable=True))
         adapter = _pick_adapter(client, args, mounts, out)
         if args.adapter_only and adapter is None:
             raise UsageError("--adapter-only: none of the chat's cubes holds an adapter (memosctl train CUBE, or "
                              "memosctl adapter import CUBE DIR)" if not args.no_adapter
                              else "--adapter-only and --no-adapter leave nothing to generate with")
-        chat = _Chat(client, args, out, mounts, adapter, model_ready=wait_for_model(client, out))
+        chat = _Chat(client, args, out, mounts, adapter, model_ready=wait_for_model(client, out),
+                     remember_mount=remember)
         if args.message is not None:
             chat.reply([*history, ("user", args.message)], interactive=False)
         else:
@@ -293,6 +316,13 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        help="generate with the base model, even where a cube holds an adapter")
     p.add_argument("--adapter-only", action="store_true",
                    help="the adapter alone: no memory block, no retrieval (the parametric memory by itself)")
+    p.add_argument("--remember", metavar="CUBE",
+                   help="record each reply that ends, with the message it answers, in this cube (read-write; "
+                        "one of the chat's cubes or another): two turns in one new revision whose log entry "
+                        "names the model, the adapter and the memory used (memosctl log). A cancelled reply "
+                        "records nothing")
+    p.add_argument("--session", metavar="ID",
+                   help="the session of the remembered turns (default: a new one for this chat)")
     p.add_argument("--show-memory", action="store_true",
                    help="after each reply, list on stderr the cubes, revisions and items it used")
     p.set_defaults(handler=_chat)

@@ -62,6 +62,27 @@ def _log(client: Client, args: argparse.Namespace, out: Output) -> None:
             for r in revs
         ],
     )
+    remembered = [r for r in revs if r.HasField("generation")]
+    if remembered:
+        out.stdout.write("\nremembered generations:\n" + "\n".join(
+            line for r in remembered for line in generation_lines(r)) + "\n")
+
+
+def generation_lines(r: types_pb2.Revision) -> list[str]:
+    """What a remembered revision's reply was generated with: the model, the adapter, the memory used."""
+    g = r.generation
+    lines = [f"  {r.number}: model {g.model_fingerprint[:12] or '?'}, "
+             f"adapter {g.adapter_digest[:12] if g.adapter_digest else 'none (base model)'}"
+             + (f", request {r.request_id}" if r.request_id else "")]
+    for source in g.sources:
+        lines.append(f"     {source.cube_id} at revision {source.revision}: "
+                     f"block {', '.join(source.block_item_ids) or '-'}; "
+                     f"retrieved {', '.join(source.retrieved_item_ids) or '-'}")
+    if g.hidden_sources:
+        lines.append(f"     and {g.hidden_sources} cube(s) you cannot read")
+    if not g.sources and not g.hidden_sources:
+        lines.append("     no memory")
+    return lines
 
 
 def _adapter_text(change: types_pb2.AdapterChange) -> str:

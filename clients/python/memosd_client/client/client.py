@@ -654,6 +654,9 @@ class Client:
         retrieve_k: int | None = None,
         bypass_kv_cache: bool = False,
         adapter_mount: str | MountHandle | None = None,
+        remember_mount: str | MountHandle | None = None,
+        session_id: str = "",
+        request_id: str = "",
         timeout: float | None = None,
         idle_timeout: float | None = None,
     ) -> Generation:
@@ -667,7 +670,13 @@ class Client:
         prefills activated memory blocks instead of reusing their KV caches
         (same prompt, full prefill: for measurements). ``adapter_mount`` (a
         mount id or MountHandle, usually one of ``mounts``) generates with that
-        mount's cube's adapter; None is the base model. ``timeout`` bounds the
+        mount's cube's adapter; None is the base model. ``remember_mount`` (a
+        read-write mount) remembers the exchange once the reply has ended: the
+        last user message and the reply become two turns of ``session_id`` (empty:
+        a new session) in one new revision of its cube, whose Log entry carries
+        the generation's provenance; ``summary.remembered`` is that revision. A
+        cancelled or failed reply records nothing. ``request_id`` (default when
+        remembering: a fresh uuid4) makes a resent Generate record once. ``timeout`` bounds the
         whole stream (default: the client's plus ``deadlines.per_token`` for each
         token it may generate). ``idle_timeout`` instead bounds the silence: the
         stream is cancelled, raising DeadlineExceeded, when no response arrives
@@ -682,7 +691,10 @@ class Client:
                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(stop), seed=seed,
                 bypass_kv_cache=bypass_kv_cache,
                 adapter_mount_id=_mount_id(adapter_mount) if adapter_mount is not None else "",
+                remember_mount_id=_mount_id(remember_mount) if remember_mount is not None else "",
+                session_id=session_id,
             ),
+            request_id=request_id or (new_request_id() if remember_mount is not None else ""),
         )
         if retrieve_k is not None:
             req.retrieve_k = retrieve_k

@@ -1418,9 +1418,17 @@ class GenerateRequest(_message.Message):
     MOUNT_IDS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     RETRIEVE_K_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     retrieve_k: _builtins.int
     """Items to retrieve (hybrid search over the mounts) for the last user
     message; unset means the daemon default (runtime.retrieve_k), 0 none.
+    """
+    request_id: _builtins.str
+    """Optional, client-chosen (1 to 128 of A-Z a-z 0-9 . _ : -; a uuid4 fits), used with
+    options.remember_mount_id: a retry with the same id and the same request records the exchange
+    once (its summary names the first call's revision); the reply itself is generated again. The same
+    id with another request is REQUEST_ID_REUSED. Scoped to the remember mount's cube and the calling
+    principal, kept limits.request_id_ttl_seconds; without a remember mount it is checked and unused.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]:
@@ -1441,10 +1449,11 @@ class GenerateRequest(_message.Message):
         mount_ids: _abc.Iterable[_builtins.str] | None = ...,
         options: _types_pb2.GenerationOptions | None = ...,
         retrieve_k: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_retrieve_k", b"_retrieve_k", "options", b"options", "retrieve_k", b"retrieve_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retrieve_k", b"_retrieve_k", "messages", b"messages", "mount_ids", b"mount_ids", "options", b"options", "retrieve_k", b"retrieve_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retrieve_k", b"_retrieve_k", "messages", b"messages", "mount_ids", b"mount_ids", "options", b"options", "request_id", b"request_id", "retrieve_k", b"retrieve_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__retrieve_k: _TypeAlias = _typing.Literal["retrieve_k"]  # noqa: Y015
     _WhichOneofArgType__retrieve_k: _TypeAlias = _typing.Literal["_retrieve_k", b"_retrieve_k"]  # noqa: Y015

@@ -1008,6 +1008,7 @@ class Revision(_message.Message):
     ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
     COMPACTED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     parent: _builtins.int
     """The revision it was made on top of (number - 1)."""
@@ -1031,9 +1032,13 @@ class Revision(_message.Message):
     entry stays, reading at it is OUT_OF_RANGE / REVISION_COMPACTED.
     """
     request_id: _builtins.str
-    """The request id of the Commit or Ingest that made it ("" when none was given)."""
+    """The request id of the Commit, Ingest or remembering Generate that made it ("" when none was given)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def generation(self) -> Global___GenerationProvenance:
+        """Set on a revision that a Generate recorded (options.remember_mount_id): what made the reply."""
+
     def __init__(
         self,
         *,
@@ -1052,14 +1057,87 @@ class Revision(_message.Message):
         adapter_digest: _builtins.str = ...,
         compacted: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        generation: Global___GenerationProvenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "generation", b"generation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changed", b"adapter_changed", "adapter_digest", b"adapter_digest", "added", b"added", "author", b"author", "changed", b"changed", "compacted", b"compacted", "create_time", b"create_time", "forgotten", b"forgotten", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "request_id", b"request_id", "restored_revision", b"restored_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changed", b"adapter_changed", "adapter_digest", b"adapter_digest", "added", b"added", "author", b"author", "changed", b"changed", "compacted", b"compacted", "create_time", b"create_time", "forgotten", b"forgotten", "generation", b"generation", "item_count", b"item_count", "kind", b"kind", "message", b"message", "number", b"number", "parent", b"parent", "request_id", b"request_id", "restored_revision", b"restored_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Revision: _TypeAlias = Revision  # noqa: Y015
+
+@_typing.final
+class GenerationProvenance(_message.Message):
+    """Where a remembered reply came from: the model, the adapter and the memory it was generated with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    HIDDEN_SOURCES_FIELD_NUMBER: _builtins.int
+    model_fingerprint: _builtins.str
+    adapter_digest: _builtins.str
+    """The adapter generated with; "" for the base model."""
+    hidden_sources: _builtins.int
+    """Sources on cubes the reader has no read right on: left out, only counted."""
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerationSource]:
+        """One per mount the generation used, in the request's order, that the reader may read."""
+
+    def __init__(
+        self,
+        *,
+        model_fingerprint: _builtins.str = ...,
+        adapter_digest: _builtins.str = ...,
+        sources: _abc.Iterable[Global___GenerationSource] | None = ...,
+        hidden_sources: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_digest", b"adapter_digest", "hidden_sources", b"hidden_sources", "model_fingerprint", b"model_fingerprint", "sources", b"sources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationProvenance: _TypeAlias = GenerationProvenance  # noqa: Y015
+
+@_typing.final
+class GenerationSource(_message.Message):
+    """What one mount's cube contributed to a remembered reply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    BLOCK_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    RETRIEVED_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    cube_id: _builtins.str
+    revision: _builtins.int
+    """The revision the memory was read at (the mount's base revision)."""
+    @_builtins.property
+    def block_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Items of the memory block in the prompt, in block order."""
+
+    @_builtins.property
+    def retrieved_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Items retrieved for the last user message."""
+
+    def __init__(
+        self,
+        *,
+        cube_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        block_item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        retrieved_item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_item_ids", b"block_item_ids", "cube_id", b"cube_id", "retrieved_item_ids", b"retrieved_item_ids", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationSource: _TypeAlias = GenerationSource  # noqa: Y015
 
 @_typing.final
 class ItemChange(_message.Message):
@@ -1442,6 +1520,8 @@ class GenerationOptions(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     ADAPTER_MOUNT_ID_FIELD_NUMBER: _builtins.int
     BYPASS_KV_CACHE_FIELD_NUMBER: _builtins.int
+    REMEMBER_MOUNT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """Tokens to generate at most; 0 means the daemon default (256)."""
     temperature: _builtins.float
@@ -1458,6 +1538,17 @@ class GenerationOptions(_message.Message):
     """Prefill an activated memory block instead of reusing its KV cache: the
     same prompt, computed in full. For measurements and checks.
     """
+    remember_mount_id: _builtins.str
+    """A read-write mount (the write right on its cube) that remembers the exchange: once the reply has
+    ended, the last user message and the reply are ingested into its cube as two turns (speakers
+    "user" and "assistant", times: the request's arrival and the reply's end) in one revision whose
+    log entry carries the generation's provenance. Empty: nothing is recorded. A cancelled or failed
+    generation records nothing; a partial reply is never recorded.
+    """
+    session_id: _builtins.str
+    """The session the remembered turns belong to (1 to 256 printable characters), so the turns of one
+    chat are linked; empty: a new session per call. Only with remember_mount_id.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops before any of these strings (at most 8, each 1-256 bytes)."""
@@ -1472,10 +1563,12 @@ class GenerationOptions(_message.Message):
         seed: _builtins.int = ...,
         adapter_mount_id: _builtins.str = ...,
         bypass_kv_cache: _builtins.bool = ...,
+        remember_mount_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mount_id", b"adapter_mount_id", "bypass_kv_cache", b"bypass_kv_cache", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mount_id", b"adapter_mount_id", "bypass_kv_cache", b"bypass_kv_cache", "max_tokens", b"max_tokens", "remember_mount_id", b"remember_mount_id", "seed", b"seed", "session_id", b"session_id", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1581,6 +1674,8 @@ class GenerationSummary(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
+    REMEMBERED_FIELD_NUMBER: _builtins.int
+    REMEMBERED_ITEM_IDS_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     prompt_tokens: _builtins.int
     """prompt_tokens = reused_tokens + prefilled_tokens."""
@@ -1603,6 +1698,14 @@ class GenerationSummary(_message.Message):
 
     @_builtins.property
     def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def remembered(self) -> Global___Revision:
+        """With options.remember_mount_id: the revision that recorded the exchange (for a retry with the
+        same request_id, the first call's), and its two items: the user turn, then the reply's.
+        """
+
+    @_builtins.property
+    def remembered_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -1617,10 +1720,12 @@ class GenerationSummary(_message.Message):
         model_fingerprint: _builtins.str = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         token_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        remembered: Global___Revision | None = ...,
+        remembered_item_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["remembered", b"remembered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "memory", b"memory", "model_fingerprint", b"model_fingerprint", "prefilled_tokens", b"prefilled_tokens", "prompt_tokens", b"prompt_tokens", "reused_tokens", b"reused_tokens", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs", "total_us", b"total_us", "ttft_us", b"ttft_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "memory", b"memory", "model_fingerprint", b"model_fingerprint", "prefilled_tokens", b"prefilled_tokens", "prompt_tokens", b"prompt_tokens", "remembered", b"remembered", "remembered_item_ids", b"remembered_item_ids", "reused_tokens", b"reused_tokens", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs", "total_us", b"total_us", "ttft_us", b"ttft_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
