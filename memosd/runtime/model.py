@@ -216,13 +216,11 @@ def load_model(spec: ModelSpec, cache_dir: Path, *, weights: bool = True) -> Loa
     start = time.perf_counter()
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    load: Callable[[Path, torch.dtype, str], tuple[PreTrainedModel | None, PreTrainedModel, PreTrainedTokenizerBase]]
-    load = _load_dir if weights else _load_structure
     if spec.source == BUILTIN_MODEL:
         name = BUILTIN_MODEL
         path, origin = ensure_gguf_cache(builtin_gguf_path(), cache_dir)
         try:
-            model, structure, tokenizer = load(path, dtype, device)
+            opened = _open(path, dtype, device, weights, FingerprintStore.in_cache(path))
         except ModelLoadError as e:
             if origin != "cache":
                 raise
@@ -230,8 +228,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, *, weights: bool = True) -> Loa
             log.warning("model cache %s unusable (%s); rebuilding it from the GGUF", path, e)
             shutil.rmtree(path, ignore_errors=True)
             path, origin = ensure_gguf_cache(builtin_gguf_path(), cache_dir)
-            model, structure, tokenizer = load(path, dtype, device)
-        store = FingerprintStore.in_cache(path)
+            opened = _open(path, dtype, device, weights, FingerprintStore.in_cache(path))
     else:
         path = Path(spec.source).expanduser()
         if not path.is_dir():
@@ -241,34 +238,22 @@ def load_model(spec: ModelSpec, cache_dir: Path, *, weights: bool = True) -> Loa
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {path} has no config.json")
         name, origin = path.name, "dir"
-        model, structure, tokenizer = load(path, dtype, device)
-        store = FingerprintStore.sidecar(path, cache_dir)
-    loaded_at = time.perf_counter()
-    stored = store.get(dtype)
-    if model is not None:
-        fingerprint = model_fingerprint(model, tokenizer)
-        if stored != fingerprint:  # first load, or a cache written before fingerprints were kept in it
-            store.put(dtype, fingerprint, replacing=stored)
-    elif stored is not None:
-        fingerprint = stored
-    else:
-        fingerprint = fingerprint_dir(path, dtype)
-        store.put(dtype, fingerprint)
-    done = time.perf_counter()
+        opened = _open(path, dtype, device, weights, FingerprintStore.sidecar(path, cache_dir))
+    took = time.perf_counter() - start
     lm = LoadedModel(
-        weights=model,
-        structure=structure,
-        tokenizer=tokenizer,
+        weights=opened.model,
+        structure=opened.structure,
+        tokenizer=opened.tokenizer,
         name=name,
         path=path,
         device=device,
         dtype=str(dtype).removeprefix("torch."),
-        fingerprint=fingerprint,
-        context_length=context_length(structure.config, tokenizer),
+        fingerprint=opened.fingerprint,
+        context_length=context_length(opened.structure.config, opened.tokenizer),
         origin=origin,
-        load_seconds=loaded_at - start,
-        fingerprint_seconds=done - loaded_at,
-        fingerprint_stored=model is None and stored is not None,
+        load_seconds=took - opened.fingerprint_seconds,
+        fingerprint_seconds=opened.fingerprint_seconds,
+        fingerprint_stored=opened.stored,
     )
     log.info(
         "model %s (%s) loaded from %s on %s/%s in %.2fs%s, fingerprint %s in %.2fs (%s), context %d",
@@ -276,6 +261,38 @@ def load_model(spec: ModelSpec, cache_dir: Path, *, weights: bool = True) -> Loa
         lm.fingerprint, lm.fingerprint_seconds, "stored" if lm.fingerprint_stored else "computed", lm.context_length,
     )  # fmt: skip
     return lm
+
+
+@dataclass(frozen=True)
+class _Opened:
+    model: PreTrainedModel | None
+    structure: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    stored: bool  # the fingerprint was read from the store, not computed
+    fingerprint_seconds: float
+
+
+def _open(path: Path, dtype: torch.dtype, device: str, weights: bool, store: FingerprintStore) -> _Opened:
+    """Load the model in ``path`` (with its weights, or its structure alone) and name it: computed from the
+    weights when they are loaded (and stored if the store lacks it), else the stored value, else computed
+    from the files (loaded and freed) and stored. Raises ``ModelLoadError`` (unreadable files)."""
+    load: Callable[[Path, torch.dtype, str], tuple[PreTrainedModel | None, PreTrainedModel, PreTrainedTokenizerBase]]
+    load = _load_dir if weights else _load_structure
+    model, structure, tokenizer = load(path, dtype, device)
+    started = time.perf_counter()
+    stored = store.get(dtype)
+    if model is not None:
+        fingerprint = model_fingerprint(model, tokenizer)
+        if stored != fingerprint:  # first load, files changed, or a store written before fingerprints were kept
+            store.put(dtype, fingerprint, replacing=stored)
+    elif stored is not None:
+        fingerprint = stored
+    else:
+        fingerprint = fingerprint_dir(path, dtype)
+        store.put(dtype, fingerprint)
+    return _Opened(model, structure, tokenizer, fingerprint, model is None and stored is not None,
+                   time.perf_counter() - started)
 
 
 def load_weights(loaded: LoadedModel) -> LoadedModel:
@@ -307,21 +324,25 @@ def fingerprint_dir(path: Path, dtype: torch.dtype) -> str:
 
 
 class FingerprintStore:
-    """Where a model's fingerprints are kept: a JSON object with a ``fingerprints`` map, keyed by dtype and
-    transformers version (``fingerprint_key``), rewritten atomically (temporary file, fsync, rename).
+    """Where a model's fingerprints are kept: a JSON object whose ``fingerprints`` map takes
+    ``fingerprint_key`` (dtype, transformers version) to the fingerprint and the digest of the model
+    directory's listing it was computed on (``dir_digest``); rewritten atomically (temporary file, fsync,
+    rename). A stored value is used only while the listing is unchanged: weights rewritten, truncated or
+    replaced since (any write changes a file's size or mtime) are hashed again.
 
     A store that cannot be written (a read-only cache) only costs a recomputation at the next start, so a
     failed write is logged, not raised.
     """
 
-    def __init__(self, file: Path, base: dict[str, Any]) -> None:
+    def __init__(self, file: Path, model_dir: Path, base: dict[str, Any]) -> None:
         self.file = file
+        self.model_dir = model_dir
         self._base = base  # the rest of the object, written back with the map
 
     @staticmethod
     def in_cache(path: Path) -> FingerprintStore:
         """The builtin model's: its cache directory's marker (memosd-model.json)."""
-        return FingerprintStore(path / _CACHE_MARKER, {})
+        return FingerprintStore(path / _CACHE_MARKER, path, {})
 
     @staticmethod
     def sidecar(path: Path, cache_dir: Path) -> FingerprintStore:
@@ -329,7 +350,7 @@ class FingerprintStore:
         directory's listing (names, sizes, modification times), not its bytes: hashing a 15 GB model's bytes
         at every start would cost most of what loading it does. A change made in place that keeps every
         size and mtime (``touch -r`` after an edit) is not seen; any ordinary write or copy is."""
-        return FingerprintStore(cache_dir / _SIDECAR_DIR / f"{dir_digest(path)}.json", {"path": str(path)})
+        return FingerprintStore(cache_dir / _SIDECAR_DIR / f"{dir_digest(path)}.json", path, {"path": str(path)})
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -340,24 +361,33 @@ class FingerprintStore:
 
     def get(self, dtype: torch.dtype) -> str | None:
         found = self._read().get(_FINGERPRINTS_KEY, {})
-        value = found.get(fingerprint_key(dtype)) if isinstance(found, dict) else None
+        entry = found.get(fingerprint_key(dtype)) if isinstance(found, dict) else None
+        if not isinstance(entry, dict) or entry.get("files") != dir_digest(self.model_dir):
+            return None
+        value = entry.get("fingerprint")
         return value if isinstance(value, str) and len(value) == 16 else None
 
     def put(self, dtype: torch.dtype, fingerprint: str, *, replacing: str | None = None) -> None:
         if replacing is not None:
-            # The same weights under the same transformers hashed to another value: a cache changed by hand,
-            # or a fingerprint that depends on more than it should. The live model's value wins.
+            # The same files under the same transformers hashed to another value: a fingerprint that
+            # depends on more than it should. The live model's value wins.
             log.warning("model fingerprint %s stored in %s, but the model hashes to %s; storing that",
                         replacing, self.file, fingerprint)
         data = {**self._base, **self._read()}
         prints = data.get(_FINGERPRINTS_KEY)
-        data[_FINGERPRINTS_KEY] = {**(prints if isinstance(prints, dict) else {}), fingerprint_key(dtype): fingerprint}
+        data[_FINGERPRINTS_KEY] = {**(prints if isinstance(prints, dict) else {}),
+                                   **fingerprint_entry(dtype, fingerprint, self.model_dir)}
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.file, data)
         except OSError as e:
             log.warning("cannot store the model fingerprint in %s (%s); it is computed again at the next start",
                         self.file, e)
+
+
+def fingerprint_entry(dtype: torch.dtype, fingerprint: str, model_dir: Path) -> dict[str, dict[str, str]]:
+    """One entry of a ``fingerprints`` map: the fingerprint of ``model_dir`` in ``dtype``, as it is now."""
+    return {fingerprint_key(dtype): {"fingerprint": fingerprint, "files": dir_digest(model_dir)}}
 
 
 def fingerprint_key(dtype: torch.dtype) -> str:
@@ -369,9 +399,11 @@ def fingerprint_key(dtype: torch.dtype) -> str:
 
 
 def dir_digest(path: Path) -> str:
-    """sha256 (16 hex) of a directory's listing: every file's relative path, size and mtime (ns), sorted."""
+    """sha256 (16 hex) of a model directory's listing: every file's relative path, size and mtime (ns),
+    sorted; memosd's own marker and hidden files (its temporary ones among them) left out."""
     h = hashlib.sha256(b"memosd-model-dir/v1\0")
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = (p for p in path.rglob("*") if p.is_file() and p.name != _CACHE_MARKER and not p.name.startswith("."))
+    for file in sorted(files):
         st = file.stat()
         h.update(json.dumps([file.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns]).encode() + b"\n")
     return h.hexdigest()[:16]
@@ -415,7 +447,7 @@ def ensure_gguf_cache(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
 
         # The fingerprint of the weights as every load serves them (from this directory, in float32, the
         # cache's dtype and the CPU's), so a start that does not load them (the vLLM engine) still knows it.
-        prints = {fingerprint_key(torch.float32): fingerprint_dir(tmp, torch.float32)}
+        prints = fingerprint_entry(torch.float32, fingerprint_dir(tmp, torch.float32), tmp)
         marker = {"format": _CACHE_FORMAT, "source": gguf.name, "gguf_sha256": key, _FINGERPRINTS_KEY: prints}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
         fsync_tree(tmp)

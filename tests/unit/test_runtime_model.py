@@ -275,8 +275,9 @@ def test_builtin_smollm2_gguf_then_cache(smollm2_build: SmolLM2Build, monkeypatc
 
 
 def _stored(marker: Path) -> dict[str, str]:
-    prints: dict[str, str] = rm.json.loads(marker.read_text())[rm._FINGERPRINTS_KEY]
-    return prints
+    """The fingerprints kept in ``marker``, by key (dtype and transformers version)."""
+    prints = rm.json.loads(marker.read_text())[rm._FINGERPRINTS_KEY]
+    return {key: entry["fingerprint"] for key, entry in prints.items()}
 
 
 def test_the_cache_keeps_the_fingerprint_of_the_model_it_serves(fake_builtin: list[int], tmp_path: Path) -> None:
@@ -372,3 +373,22 @@ def test_a_bfloat16_load_stores_its_own_fingerprint(fake_builtin: list[int], tmp
     assert bf16.fingerprint == load_model(ModelSpec(device="cpu", dtype="bfloat16"), cache).fingerprint
     assert set(_stored(f32.path / rm._CACHE_MARKER)) == {rm.fingerprint_key(torch.float32),
                                                          rm.fingerprint_key(torch.bfloat16)}
+
+
+def test_weights_changed_in_the_cache_are_hashed_again_and_truncated_ones_rebuild_it(
+    fake_builtin: list[int], tiny: LoadedModel, tmp_path: Path
+) -> None:
+    """The stored value holds only for the files it was computed on (their sizes and mtimes)."""
+    cache = tmp_path / "data"
+    cold = load_model(ModelSpec(device="cpu"), cache)
+    model: Any = rm.load_weights(load_model(ModelSpec(device="cpu"), cache, weights=False)).model
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(2.0)
+    model.save_pretrained(cold.path)  # by hand, in place
+    changed = load_model(ModelSpec(device="cpu"), cache, weights=False)
+    assert not changed.fingerprint_stored and changed.fingerprint != cold.fingerprint
+    assert changed.fingerprint == model_fingerprint(model, changed.tokenizer)
+    (cold.path / "model.safetensors").write_bytes(b"")  # lost in a crash: unreadable, so rebuilt
+    rebuilt = load_model(ModelSpec(device="cpu"), cache, weights=False)
+    assert rebuilt.origin == "gguf" and rebuilt.fingerprint_stored and rebuilt.fingerprint == tiny.fingerprint
+    assert fake_builtin == [1, 1]
