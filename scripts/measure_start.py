@@ -11,10 +11,15 @@ cache is shared, and warmed by an uncounted first start, so every counted start 
 - with ``--train``: ``rss_train_mb``, the RSS after a 2-step Train job has succeeded (on vllm the job loads a
   transformers copy and drops it when it ends), and ``peak_train_mb``.
 
-Prints a table (median over rounds, with the range) and writes JSON. Run it against any checkout
-(PYTHONPATH picks the memosd measured):
+Prints a table (median over rounds, with the range) and writes JSON. Run it against any checkout: PYTHONPATH
+picks the memosd measured, and so does the working directory, which ``python -m memosd`` puts first on the
+path, so run it from outside every checkout:
 
-    python scripts/measure_start.py [--engines vllm,transformers] [--rounds 3] [--train]
+    cd /tmp && PYTHONPATH=<checkout>:<checkout>/clients/python python <this checkout>/scripts/measure_start.py \
+        [--engines vllm,transformers] [--rounds 3] [--train] --out <checkout>/bench-out/measure_start.json
+
+RSS counts the file-backed pages of mapped weights too (transformers maps a float32 safetensors file and
+uses it in place): Stats' ``rss_bytes`` is ``/proc/<pid>/statm``'s resident size.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from memosd.logfmt import log_event
 from memosd.park import Park, done_future, resolve
 from memosd.runtime.adapters import adapter_digest
 from memosd.runtime.host import ModelHost
+from memosd.runtime.malloc import return_freed_memory
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 from memosd.store.records import AdapterRecord, JobRecord
@@ -225,11 +226,7 @@ class JobManager:
         cancel = self._cancel[job_id]
         job = self._update(job_id, state="running", start_ns=time.time_ns())
         try:
-            # On the vllm engine a transformers copy is loaded for the job (host.training_model), and dropped
-            # once the adapter is exported, before the commit.
-            with self.host.training_model() as loaded:
-                config, weights = self._fit(job, refs, cancel, loaded)
-                fingerprint = loaded.fingerprint
+            config, weights, fingerprint = self._train(job, refs, cancel)
             job = self.get(job_id)
             record = self._adapter_record(job, fingerprint, refs, config, weights)
             revision = self.kernel.commit_adapter(job.cube_id, job.revision, record, config, weights,
@@ -249,6 +246,18 @@ class JobManager:
             self._update(job_id, state="failed", end_ns=time.time_ns(), error=why, eta_seconds=0.0)
             log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why,
                       exc_info=None if isinstance(error, MemosError) else error)
+        finally:
+            # Training freed hundreds of MB into malloc's arenas, where they would stay (runtime/malloc.py).
+            # Nothing of the job is held by now: _train's frame is gone, and with it any error's traceback.
+            return_freed_memory()
+
+    def _train(self, job: JobRecord, refs: list[tuple[str, int]], cancel: threading.Event
+               ) -> tuple[bytes, bytes, str]:
+        """The adapter's files (config, weights) and the fingerprint of the model it was trained on. On the
+        vllm engine a transformers copy is loaded for it (host.training_model), freed as this returns."""
+        with self.host.training_model() as loaded:
+            config, weights = self._fit(job, refs, cancel, loaded)
+            return config, weights, loaded.fingerprint
 
     def _fit(self, job: JobRecord, refs: list[tuple[str, int]], cancel: threading.Event, loaded: LoadedModel
              ) -> tuple[bytes, bytes]:

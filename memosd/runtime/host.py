@@ -167,9 +167,10 @@ class ModelHost:
         """The model with its transformers weights, for a Train job (from any thread but the worker).
 
         On transformers, the serving model itself. On vllm, a copy loaded on the worker at background
-        priority (~0.3 s from the cache for SmolLM2 plus its bytes in memory: ~540 MB in float32), shared by
-        the jobs that run at once and dropped when the last one leaves; each load and drop is logged
-        (``train_model_loaded``, ``train_model_dropped``). Raises ``ModelUnavailable``.
+        priority, shared by the jobs that run at once and dropped when the last one leaves; each load and
+        drop is logged (``train_model_loaded``, ``train_model_dropped``). For SmolLM2 from the cache: ~0.8 s,
+        and its 513 MB of float32 weights, which transformers maps from the safetensors file (file-backed
+        pages, in RSS once training touches them). Raises ``ModelUnavailable``.
         """
         serving = self.model()
         if serving.weights is not None:
@@ -192,9 +193,8 @@ class ModelHost:
                 assert self._training is not None  # held by this job until here
                 copy, holders = self._training
                 self._training = (copy, holders - 1) if holders > 1 else None
-            if holders == 1:
+            if holders == 1:  # freed once the job lets go of it too (JobManager._train)
                 log_event(log, "train_model_dropped", model=copy.name, bytes=_weight_bytes(copy))
-                del copy  # the last reference: its tensors are freed now
 
     def run(self, fn: Callable[[], T], *, priority: int = PRIORITY_DEFAULT) -> T:
         """Run ``fn`` on the worker thread (the only one that touches torch) and wait for it."""
