@@ -106,7 +106,7 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int | None:
     """Bytes of K and V per token for all layers, from the config (None if it does not say)."""
     import torch
 
-    config: Any = loaded.model.config
+    config = loaded.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None)
     heads = getattr(text, "num_attention_heads", None)

@@ -138,7 +138,7 @@ class Generator:
         self._check_prompt_bytes(params, loaded)  # before any tokenizing: that runs on the one worker
         adapter_cube, adapter = self._adapter(params)
         digest = adapter.digest if adapter is not None else ""
-        if adapter is not None:
+        if adapter is not None and self.host.engine is None:  # the engine loads its LoRA itself (engine_adapter)
             self.activator.adapters.make_resident(adapter_cube, adapter)
         report = GenerationReport(model_fingerprint=loaded.fingerprint, adapter_digest=digest)
         uses = {m.mount_id: MemoryUse(m.mount_id, c.cube_id, m.record.base) for m, c in zip(mounts, cubes, strict=True)}

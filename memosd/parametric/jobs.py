@@ -30,6 +30,7 @@ from memosd.logfmt import log_event
 from memosd.park import Park, done_future, resolve
 from memosd.runtime.adapters import adapter_digest
 from memosd.runtime.host import ModelHost
+from memosd.runtime.malloc import return_freed_memory
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 from memosd.store.records import AdapterRecord, JobRecord
@@ -224,27 +225,10 @@ class JobManager:
     def _run(self, job_id: str, refs: list[tuple[str, int]]) -> None:
         cancel = self._cancel[job_id]
         job = self._update(job_id, state="running", start_ns=time.time_ns())
-        trainer: Trainer | None = None
         try:
-            loaded = self.host.model()
-            versions = self.kernel.versions(job.cube_id, refs)
-            texts = [memory_text(v.text, v.speaker, v.event_ns) for v in versions if v is not None]
-            trainer = self.host.run(lambda: self._make_trainer(loaded, texts, job.settings),
-                                    priority=PRIORITY_BACKGROUND)
-            job = self._update(job_id, total_steps=trainer.total_steps)
-            started = time.monotonic()
-            while not trainer.done:
-                if cancel.is_set():
-                    raise _Stopped()
-                result = self.host.run(lambda: self._step(trainer, loaded), priority=PRIORITY_BACKGROUND)
-                elapsed = time.monotonic() - started
-                eta = elapsed / result.step * (trainer.total_steps - result.step)
-                job = self._update(job_id, step=result.step, loss=float(result.loss), eta_seconds=eta)
-            from memosd.runtime.lora_train import serialize  # imported when used, as the trainer is
-
-            exported = self.host.run(trainer.export, priority=PRIORITY_BACKGROUND)
-            config, weights = self.host.run(lambda: serialize(exported, loaded), priority=PRIORITY_BACKGROUND)
-            record = self._adapter_record(job, loaded, refs, config, weights)
+            config, weights, fingerprint = self._train(job, refs, cancel)
+            job = self.get(job_id)
+            record = self._adapter_record(job, fingerprint, refs, config, weights)
             revision = self.kernel.commit_adapter(job.cube_id, job.revision, record, config, weights,
                                                   job.message or f"memory training ({job_id})",
                                                   job.author or "memosd-train", guard=self._guard(job))
@@ -263,8 +247,41 @@ class JobManager:
             log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why,
                       exc_info=None if isinstance(error, MemosError) else error)
         finally:
-            if trainer is not None:
-                self.host.run(lambda: self._close(trainer, loaded))
+            # Training freed hundreds of MB into malloc's arenas, where they would stay (runtime/malloc.py).
+            # Nothing of the job is held by now: _train's frame is gone, and with it any error's traceback.
+            return_freed_memory()
+
+    def _train(self, job: JobRecord, refs: list[tuple[str, int]], cancel: threading.Event
+               ) -> tuple[bytes, bytes, str]:
+        """The adapter's files (config, weights) and the fingerprint of the model it was trained on. On the
+        vllm engine a transformers copy is loaded for it (host.training_model), freed as this returns."""
+        with self.host.training_model() as loaded:
+            config, weights = self._fit(job, refs, cancel, loaded)
+            return config, weights, loaded.fingerprint
+
+    def _fit(self, job: JobRecord, refs: list[tuple[str, int]], cancel: threading.Event, loaded: LoadedModel
+             ) -> tuple[bytes, bytes]:
+        """Train the adapter on ``loaded`` step by step on the worker; its files (config, weights)."""
+        job_id = job.job_id
+        versions = self.kernel.versions(job.cube_id, refs)
+        texts = [memory_text(v.text, v.speaker, v.event_ns) for v in versions if v is not None]
+        trainer = self.host.run(lambda: self._make_trainer(loaded, texts, job.settings), priority=PRIORITY_BACKGROUND)
+        try:
+            self._update(job_id, total_steps=trainer.total_steps)
+            started = time.monotonic()
+            while not trainer.done:
+                if cancel.is_set():
+                    raise _Stopped()
+                result = self.host.run(lambda: self._step(trainer, loaded), priority=PRIORITY_BACKGROUND)
+                elapsed = time.monotonic() - started
+                eta = elapsed / result.step * (trainer.total_steps - result.step)
+                self._update(job_id, step=result.step, loss=float(result.loss), eta_seconds=eta)
+            from memosd.runtime.lora_train import serialize  # imported when used, as the trainer is
+
+            exported = self.host.run(trainer.export, priority=PRIORITY_BACKGROUND)
+            return self.host.run(lambda: serialize(exported, loaded), priority=PRIORITY_BACKGROUND)
+        finally:
+            self.host.run(lambda: self._close(trainer, loaded))
 
     def _guard(self, job: JobRecord) -> Callable[[CubeState], AbstractContextManager[object]] | None:
         """What the commit of the job's result is held under: its principal's train right, checked again."""
@@ -277,15 +294,21 @@ class JobManager:
         try:
             return trainer.step()
         finally:
-            self.host.adapters.invalidate(loaded)  # the trainer switched the model's adapter state
+            self._invalidate(loaded)  # the trainer switched the model's adapter state
 
     def _close(self, trainer: Trainer, loaded: LoadedModel) -> None:
         try:
             trainer.close()
         finally:
+            self._invalidate(loaded)
+
+    def _invalidate(self, loaded: LoadedModel) -> None:
+        """Tell the adapter pool the serving model's LoRA layers changed; a training copy (vllm) is no
+        model of the pool's."""
+        if loaded is self.host.loaded_now():
             self.host.adapters.invalidate(loaded)
 
-    def _adapter_record(self, job: JobRecord, loaded: LoadedModel, refs: list[tuple[str, int]], config: bytes,
+    def _adapter_record(self, job: JobRecord, fingerprint: str, refs: list[tuple[str, int]], config: bytes,
                         weights: bytes) -> AdapterRecord:
         cfg = json.loads(config)
         return AdapterRecord(
@@ -295,7 +318,7 @@ class JobManager:
             lineage={"origin": "trained", "source_cube_id": job.cube_id, "source_revision": job.revision,
                      "source_item_ids": [item_id for item_id, _ in refs], "job_id": job.job_id,
                      "settings": {k: str(v) for k, v in job.settings.items()},
-                     "model_fingerprint": loaded.fingerprint, "create_ns": time.time_ns()})
+                     "model_fingerprint": fingerprint, "create_ns": time.time_ns()})
 
     # -- state ----------------------------------------------------------------------
     def _update(self, job_id: str, **changes: Any) -> JobRecord:

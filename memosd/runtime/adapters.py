@@ -369,9 +369,12 @@ def check_fits(loaded: LoadedModel, adapter: ParsedAdapter) -> None:
         if made_for.lower() != loaded.name.lower():
             raise AdapterMismatch(f"the adapter was made for base model {adapter.base_model!r}; the runtime "
                                   f"runs {loaded.name!r}")
-    modules = {name: module for name, module in loaded.model.named_modules()
+    # The live model's, or its meta-device copy's (on the vllm engine): module classes and shapes are all
+    # this looks at, never the weights.
+    structure = loaded.structure
+    modules = {name: module for name, module in structure.named_modules()
                if name and base_name(name) == name}  # the base model's modules (LoRA wrappers in their place)
-    head = loaded.model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    head = structure.get_output_embeddings()  # type: ignore[no-untyped-call]
     adapted: set[str] = set()
     for target in adapter.target_modules:
         matched = [n for n in modules if n == target or n.endswith("." + target)]

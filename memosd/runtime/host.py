@@ -7,22 +7,28 @@ to load is reported by those syscalls and by Stats, not by refusing to start:
 plaintext memory does not need it.
 
 Two engines serve it (``runtime.engine``). **transformers**: the worker thread
-runs every prefill and token, one request at a time, with the KV pool and the
-adapter pool. **vllm** (the default where it is installed): after the same
-load, a ``VllmEngine`` is started on the model's directory, with its own
-thread, batching, paged KV cache (``runtime.pool_bytes``) and LoRA slots
-(``runtime.max_adapters``), and its blocks persisted through ``block_stores``;
-the transformers model stays loaded beside it for what vLLM does not do:
-the model's fingerprint, the tokenizer (rendering prompts on the worker), adapter
-validation and Train. The model is not "ready" until the engine is.
+loads the transformers model and runs every prefill and token, one request at a
+time, with the KV pool and the adapter pool. **vllm** (the default where it is
+installed): the worker loads the model *without its weights*
+(``load_model(weights=False)``: the tokenizer, for rendering prompts on the
+worker; the config, for the context length and KV sizes; the module tree on the
+meta device, for checking adapters; the fingerprint stored beside the model),
+then a ``VllmEngine`` is started on the model's directory, with its own thread,
+batching, paged KV cache (``runtime.pool_bytes``) and LoRA slots
+(``runtime.max_adapters``), and its blocks persisted through ``block_stores``.
+The one thing vLLM cannot do is train: ``training_model`` loads a transformers
+copy for the Train jobs that run, and drops it when the last one ends. The
+model is not "ready" until the engine is.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,9 +40,9 @@ from memosd.runtime.adapters import AdapterPool
 from memosd.runtime.engine import Engine
 from memosd.runtime.kvblocks import BlockStores
 from memosd.runtime.kvpool import KVPool
-from memosd.runtime.model import LoadedModel, ModelLoadError, ModelSpec, load_model
+from memosd.runtime.model import LoadedModel, ModelLoadError, ModelSpec, load_model, load_weights
 from memosd.runtime.vllm_engine import vllm_importable
-from memosd.runtime.worker import PRIORITY_DEFAULT, RuntimeWorker
+from memosd.runtime.worker import PRIORITY_BACKGROUND, PRIORITY_DEFAULT, RuntimeWorker
 
 log = logging.getLogger("memosd.runtime")
 
@@ -70,6 +76,9 @@ class ModelHost:
         # Generate refuses a conversation too long for the context by its bytes, before tokenizing it.
         self.token_bytes = 0
         self._lock = threading.Lock()
+        # Train on vllm: the transformers copy the running jobs share, and how many hold it.
+        self._training_lock = threading.Lock()
+        self._training: tuple[LoadedModel, int] | None = None
         self._loading: Future[LoadedModel] | None = None
         if config.model.lower() != DISABLED:
             spec = ModelSpec(source=config.model, device=config.device, dtype=config.dtype)
@@ -77,21 +86,21 @@ class ModelHost:
 
     def _load(self, spec: ModelSpec, cache_dir: Path) -> LoadedModel:
         try:
-            loaded = load_model(spec, cache_dir)
+            # vLLM serves the weights: loading them here too would hold the model's bytes twice.
+            loaded = load_model(spec, cache_dir, weights=self.engine_kind != "vllm")
             self.token_bytes = tokens.longest_token_bytes(loaded.tokenizer)  # set before the model is ready
         except Exception as error:
             log_event(log, "model_load_failed", level=logging.ERROR, model=spec.source, error=str(error))
             raise
         log_event(log, "model_loaded", model=loaded.name, fingerprint=loaded.fingerprint[:16],
                   device=loaded.device, dtype=loaded.dtype, origin=loaded.origin, token_bytes=self.token_bytes,
+                  weights=loaded.weights is not None, fingerprint_stored=loaded.fingerprint_stored,
                   seconds=round(loaded.load_seconds + loaded.fingerprint_seconds, 2))
         if self.engine_kind == "vllm":
             self.engine = self._start_vllm(loaded)
         return loaded
 
     def _start_vllm(self, loaded: LoadedModel) -> Engine:
-        import time
-
         from memosd.runtime.vllm_engine import VllmConfig, VllmEngine, block_fingerprint, engine_block_size
 
         assert self._block_stores is not None
@@ -153,6 +162,40 @@ class ModelHost:
             raise ModelUnavailable(f"the model {self.config.model!r} failed to load: {error}; fix "
                                    "runtime.model and restart memosd") from None
 
+    @contextmanager
+    def training_model(self) -> Iterator[LoadedModel]:
+        """The model with its transformers weights, for a Train job (from any thread but the worker).
+
+        On transformers, the serving model itself. On vllm, a copy loaded on the worker at background
+        priority, shared by the jobs that run at once and dropped when the last one leaves; each load and
+        drop is logged (``train_model_loaded``, ``train_model_dropped``). For SmolLM2 from the cache: ~0.8 s,
+        and its 513 MB of float32 weights, which transformers maps from the safetensors file (file-backed
+        pages, in RSS once training touches them). Raises ``ModelUnavailable``.
+        """
+        serving = self.model()
+        if serving.weights is not None:
+            yield serving
+            return
+        with self._training_lock:
+            if self._training is None:
+                started = time.perf_counter()
+                copy = self.run(lambda: load_weights(serving), priority=PRIORITY_BACKGROUND)
+                log_event(log, "train_model_loaded", model=copy.name, bytes=_weight_bytes(copy),
+                          seconds=round(time.perf_counter() - started, 2),
+                          why="the vllm engine serves the weights but cannot train them")
+                self._training = (copy, 0)
+            copy, holders = self._training
+            self._training = (copy, holders + 1)
+        try:
+            yield copy
+        finally:
+            with self._training_lock:
+                assert self._training is not None  # held by this job until here
+                copy, holders = self._training
+                self._training = (copy, holders - 1) if holders > 1 else None
+            if holders == 1:  # freed once the job lets go of it too (JobManager._train)
+                log_event(log, "train_model_dropped", model=copy.name, bytes=_weight_bytes(copy))
+
     def run(self, fn: Callable[[], T], *, priority: int = PRIORITY_DEFAULT) -> T:
         """Run ``fn`` on the worker thread (the only one that touches torch) and wait for it."""
         return self.worker.call(fn, priority=priority)
@@ -180,3 +223,8 @@ class ModelHost:
         if self.engine is not None:
             self.engine.close()
         self.pool.clear()
+
+
+def _weight_bytes(loaded: LoadedModel) -> int:
+    """Bytes of the model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*loaded.model.parameters(), *loaded.model.buffers()])

@@ -411,7 +411,7 @@ def _reusable_tokens(reuse: KVCache, new_hashes: Sequence[str], n_new: int) -> i
 
 def check_model_supported(loaded: LoadedModel) -> None:
     """Refuse models whose cache is not one full-attention KV pair per layer."""
-    config: Any = loaded.model.config
+    config: Any = loaded.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layer_types = getattr(text, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):

@@ -15,6 +15,19 @@ well under a second of load plus the fingerprint.
 Any local Hugging Face causal-LM directory can be configured instead; it is
 loaded in place.
 
+The fingerprint (``model_fingerprint``) hashes the live model's tensors, so it
+is computed once and kept: in the cache directory's ``memosd-model.json`` for
+the builtin model (written when the directory is built, from the directory's
+own weights), and for a configured directory in a sidecar,
+``<cache_dir>/fingerprints/<digest of the directory's listing>.json``. Both are
+keyed by dtype and transformers version (the config and tokenizer parts of the
+hash are what transformers makes of the files). ``load_model(...,
+weights=False)`` (the vLLM engine serves the weights) reads it from there and
+loads only the tokenizer, the config and the module tree on the meta device
+(no memory); a fingerprint not stored yet is computed then, with the weights
+loaded once and freed. ``load_weights`` loads a transformers copy on demand
+(Train on the vLLM engine).
+
 Threading: ``load_model`` and everything done with the returned model must run
 on the runtime worker thread (see ``memosd.runtime.worker``), never on a gRPC
 handler thread.
@@ -30,7 +43,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +68,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # it was not made by this code and is never trusted.
 _CACHE_MARKER = "memosd-model.json"
 _CACHE_FORMAT = 1
+# The fingerprints stored beside a model, "<dtype>/transformers-<version>" -> fingerprint (in the cache
+# marker; in a sidecar under <cache_dir>/fingerprints/ for a configured directory).
+_FINGERPRINTS_KEY = "fingerprints"
+_SIDECAR_DIR = "fingerprints"
 
 # Config keys that name where or how a model was loaded, not what it computes.
 # The model class is hashed separately (instead of "architectures", which
@@ -69,6 +87,12 @@ _FINGERPRINT_DOMAIN = b"memosd-model-fingerprint/v1\0"
 
 class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded: bad spec, missing files, no CUDA."""
+
+
+class WeightsNotLoaded(RuntimeError):
+    """Internal: code that runs the transformers model was reached on a model loaded without its weights
+    (the vLLM engine serves them). A bug, never a caller's error: that code must branch on the engine, or
+    load a copy for itself (``load_weights``)."""
 
 
 @dataclass(frozen=True)
@@ -88,15 +112,22 @@ class ModelSpec:
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A causal LM in eval mode on its device, its tokenizer and its identity.
+    """A causal LM, its tokenizer and its identity; with its weights (in eval mode on its device) or not.
 
     ``fingerprint`` names the exact weights, config and tokenizer: anything
     derived from the model (KV caches) is keyed by it. ``origin`` is "gguf"
     (dequantized and cached by this load), "cache" (the dequantized cache of an
     earlier load) or "dir" (a configured directory).
+
+    ``weights`` is the transformers model, or None when another engine (vLLM)
+    serves the weights from ``path``: then ``model`` raises ``WeightsNotLoaded``.
+    ``structure`` is the module tree, always there: the live model, or the same
+    classes built on the meta device (no tensors), which is what checking an
+    adapter against the model needs. ``config`` is its config.
     """
 
-    model: PreTrainedModel
+    weights: PreTrainedModel | None
+    structure: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
     path: Path
@@ -107,6 +138,20 @@ class LoadedModel:
     origin: str
     load_seconds: float
     fingerprint_seconds: float
+    fingerprint_stored: bool = False  # read from where it was kept, not computed by this load
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model. Raises ``WeightsNotLoaded`` on a model loaded without its weights."""
+        if self.weights is None:
+            raise WeightsNotLoaded(f"internal error: the transformers weights of {self.name} are not loaded (the "
+                                   "vllm engine serves them); this code path must not run on that engine")
+        return self.weights
+
+    @property
+    def config(self) -> Any:
+        """The model's transformers config (typed loosely, as transformers reads its attributes)."""
+        return self.structure.config
 
 
 def builtin_gguf_path() -> Path:
@@ -158,11 +203,14 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return table[name]
 
 
-def load_model(spec: ModelSpec, cache_dir: Path) -> LoadedModel:
-    """Load ``spec`` offline, in eval mode on its device, and fingerprint it.
+def load_model(spec: ModelSpec, cache_dir: Path, *, weights: bool = True) -> LoadedModel:
+    """Load ``spec`` offline and fingerprint it; with ``weights``, the model in eval mode on its device.
 
     The builtin model is served from ``cache_dir/models/<gguf sha>/``, built on
-    first use (see the module docstring). Raises ``ModelLoadError``.
+    first use (see the module docstring). Without ``weights`` only the
+    tokenizer, the config and the meta-device module tree are loaded, and the
+    fingerprint is the stored one (computed and stored now if it is not yet).
+    Raises ``ModelLoadError``.
     """
     _prepare_transformers()
     start = time.perf_counter()
@@ -172,7 +220,7 @@ def load_model(spec: ModelSpec, cache_dir: Path) -> LoadedModel:
         name = BUILTIN_MODEL
         path, origin = ensure_gguf_cache(builtin_gguf_path(), cache_dir)
         try:
-            model, tokenizer = _load_dir(path, dtype, device)
+            opened = _open(path, dtype, device, weights, FingerprintStore.in_cache(path))
         except ModelLoadError as e:
             if origin != "cache":
                 raise
@@ -180,7 +228,7 @@ def load_model(spec: ModelSpec, cache_dir: Path) -> LoadedModel:
             log.warning("model cache %s unusable (%s); rebuilding it from the GGUF", path, e)
             shutil.rmtree(path, ignore_errors=True)
             path, origin = ensure_gguf_cache(builtin_gguf_path(), cache_dir)
-            model, tokenizer = _load_dir(path, dtype, device)
+            opened = _open(path, dtype, device, weights, FingerprintStore.in_cache(path))
     else:
         path = Path(spec.source).expanduser()
         if not path.is_dir():
@@ -190,29 +238,190 @@ def load_model(spec: ModelSpec, cache_dir: Path) -> LoadedModel:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {path} has no config.json")
         name, origin = path.name, "dir"
-        model, tokenizer = _load_dir(path, dtype, device)
-    loaded_at = time.perf_counter()
-    fingerprint = model_fingerprint(model, tokenizer)
-    done = time.perf_counter()
+        opened = _open(path, dtype, device, weights, FingerprintStore.sidecar(path, cache_dir))
+    took = time.perf_counter() - start
     lm = LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
+        weights=opened.model,
+        structure=opened.structure,
+        tokenizer=opened.tokenizer,
         name=name,
         path=path,
         device=device,
         dtype=str(dtype).removeprefix("torch."),
-        fingerprint=fingerprint,
-        context_length=context_length(model, tokenizer),
+        fingerprint=opened.fingerprint,
+        context_length=context_length(opened.structure.config, opened.tokenizer),
         origin=origin,
-        load_seconds=loaded_at - start,
-        fingerprint_seconds=done - loaded_at,
+        load_seconds=took - opened.fingerprint_seconds,
+        fingerprint_seconds=opened.fingerprint_seconds,
+        fingerprint_stored=opened.stored,
     )
     log.info(
-        "model %s (%s) loaded from %s on %s/%s in %.2fs, fingerprint %s in %.2fs, context %d",
-        lm.name, lm.origin, lm.path, lm.device, lm.dtype, lm.load_seconds,
-        lm.fingerprint, lm.fingerprint_seconds, lm.context_length,
+        "model %s (%s) loaded from %s on %s/%s in %.2fs%s, fingerprint %s in %.2fs (%s), context %d",
+        lm.name, lm.origin, lm.path, lm.device, lm.dtype, lm.load_seconds, "" if weights else " (no weights)",
+        lm.fingerprint, lm.fingerprint_seconds, "stored" if lm.fingerprint_stored else "computed", lm.context_length,
     )  # fmt: skip
     return lm
+
+
+@dataclass(frozen=True)
+class _Opened:
+    model: PreTrainedModel | None
+    structure: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    stored: bool  # the fingerprint was read from the store, not computed
+    fingerprint_seconds: float
+
+
+def _open(path: Path, dtype: torch.dtype, device: str, weights: bool, store: FingerprintStore) -> _Opened:
+    """Load the model in ``path`` (with its weights, or its structure alone) and name it: computed from the
+    weights when they are loaded (and stored if the store lacks it), else the stored value, else computed
+    from the files (loaded and freed) and stored. Raises ``ModelLoadError`` (unreadable files)."""
+    load: Callable[[Path, torch.dtype, str], tuple[PreTrainedModel | None, PreTrainedModel, PreTrainedTokenizerBase]]
+    load = _load_dir if weights else _load_structure
+    model, structure, tokenizer = load(path, dtype, device)
+    started = time.perf_counter()
+    stored = store.get(dtype)
+    if model is not None:
+        fingerprint = model_fingerprint(model, tokenizer)
+        if stored != fingerprint:  # first load, files changed, or a store written before fingerprints were kept
+            store.put(dtype, fingerprint, replacing=stored)
+    elif stored is not None:
+        fingerprint = stored
+    else:
+        fingerprint = fingerprint_dir(path, dtype)
+        store.put(dtype, fingerprint)
+    return _Opened(model, structure, tokenizer, fingerprint, model is None and stored is not None,
+                   time.perf_counter() - started)
+
+
+def load_weights(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its transformers weights: a new copy from its directory, in eval mode on its device.
+
+    For Train on the vLLM engine, which serves the weights but cannot train them. Costs what a load costs
+    (~0.3 s and the model's bytes for SmolLM2 from the cache; the caller logs it). The fingerprint is
+    ``loaded``'s, not recomputed: the directory is memosd's cache, written once, or a configured one, which
+    must not change under a running daemon (as for the vLLM engine, which reads it at start).
+    """
+    if loaded.weights is not None:
+        return loaded
+    _prepare_transformers()
+    started = time.perf_counter()
+    model, structure, _ = _load_dir(loaded.path, resolve_dtype(loaded.dtype, loaded.device), loaded.device)
+    return replace(loaded, weights=model, structure=structure, load_seconds=time.perf_counter() - started,
+                   fingerprint_seconds=0.0, fingerprint_stored=True)
+
+
+def fingerprint_dir(path: Path, dtype: torch.dtype) -> str:
+    """``model_fingerprint`` of the model in ``path`` in ``dtype``: loaded on the CPU for it, then freed.
+
+    The fingerprint does not depend on the device (the tensors are hashed as CPU bytes of the same dtype)."""
+    model, _, tokenizer = _load_dir(path, dtype, "cpu")
+    try:
+        return model_fingerprint(model, tokenizer)
+    finally:
+        del model
+
+
+class FingerprintStore:
+    """Where a model's fingerprints are kept: a JSON object whose ``fingerprints`` map takes
+    ``fingerprint_key`` (dtype, transformers version) to the fingerprint and the digest of the model
+    directory's listing it was computed on (``dir_digest``); rewritten atomically (temporary file, fsync,
+    rename). A stored value is used only while the listing is unchanged: weights rewritten, truncated or
+    replaced since (any write changes a file's size or mtime) are hashed again.
+
+    A store that cannot be written (a read-only cache) only costs a recomputation at the next start, so a
+    failed write is logged, not raised.
+    """
+
+    def __init__(self, file: Path, model_dir: Path, base: dict[str, Any]) -> None:
+        self.file = file
+        self.model_dir = model_dir
+        self._base = base  # the rest of the object, written back with the map
+
+    @staticmethod
+    def in_cache(path: Path) -> FingerprintStore:
+        """The builtin model's: its cache directory's marker (memosd-model.json)."""
+        return FingerprintStore(path / _CACHE_MARKER, path, {})
+
+    @staticmethod
+    def sidecar(path: Path, cache_dir: Path) -> FingerprintStore:
+        """A configured directory's: ``<cache_dir>/fingerprints/<dir_digest>.json``. The digest is of the
+        directory's listing (names, sizes, modification times), not its bytes: hashing a 15 GB model's bytes
+        at every start would cost most of what loading it does. A change made in place that keeps every
+        size and mtime (``touch -r`` after an edit) is not seen; any ordinary write or copy is."""
+        return FingerprintStore(cache_dir / _SIDECAR_DIR / f"{dir_digest(path)}.json", path, {"path": str(path)})
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, dtype: torch.dtype) -> str | None:
+        found = self._read().get(_FINGERPRINTS_KEY, {})
+        entry = found.get(fingerprint_key(dtype)) if isinstance(found, dict) else None
+        if not isinstance(entry, dict) or entry.get("files") != dir_digest(self.model_dir):
+            return None
+        value = entry.get("fingerprint")
+        return value if isinstance(value, str) and len(value) == 16 else None
+
+    def put(self, dtype: torch.dtype, fingerprint: str, *, replacing: str | None = None) -> None:
+        if replacing is not None:
+            # The same files under the same transformers hashed to another value: a fingerprint that
+            # depends on more than it should. The live model's value wins.
+            log.warning("model fingerprint %s stored in %s, but the model hashes to %s; storing that",
+                        replacing, self.file, fingerprint)
+        data = {**self._base, **self._read()}
+        prints = data.get(_FINGERPRINTS_KEY)
+        data[_FINGERPRINTS_KEY] = {**(prints if isinstance(prints, dict) else {}),
+                                   **fingerprint_entry(dtype, fingerprint, self.model_dir)}
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.file, data)
+        except OSError as e:
+            log.warning("cannot store the model fingerprint in %s (%s); it is computed again at the next start",
+                        self.file, e)
+
+
+def fingerprint_entry(dtype: torch.dtype, fingerprint: str, model_dir: Path) -> dict[str, dict[str, str]]:
+    """One entry of a ``fingerprints`` map: the fingerprint of ``model_dir`` in ``dtype``, as it is now."""
+    return {fingerprint_key(dtype): {"fingerprint": fingerprint, "files": dir_digest(model_dir)}}
+
+
+def fingerprint_key(dtype: torch.dtype) -> str:
+    """What a stored fingerprint is valid for: the dtype it was hashed in, and the transformers version
+    (the config and tokenizer parts of the hash are what transformers makes of the files)."""
+    import transformers
+
+    return f"{str(dtype).removeprefix('torch.')}/transformers-{transformers.__version__}"
+
+
+def dir_digest(path: Path) -> str:
+    """sha256 (16 hex) of a model directory's listing: every file's relative path, size and mtime (ns),
+    sorted; memosd's own marker and hidden files (its temporary ones among them) left out."""
+    h = hashlib.sha256(b"memosd-model-dir/v1\0")
+    files = (p for p in path.rglob("*") if p.is_file() and p.name != _CACHE_MARKER and not p.name.startswith("."))
+    for file in sorted(files):
+        st = file.stat()
+        h.update(json.dumps([file.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns]).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def write_json_atomic(file: Path, data: dict[str, Any]) -> None:
+    """Replace ``file`` by ``data`` whole: a reader sees the old object or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(file.parent)
 
 
 def ensure_gguf_cache(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
@@ -234,7 +443,12 @@ def ensure_gguf_cache(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model, tokenizer
-        marker = {"format": _CACHE_FORMAT, "source": gguf.name, "gguf_sha256": key}
+        import torch
+
+        # The fingerprint of the weights as every load serves them (from this directory, in float32, the
+        # cache's dtype and the CPU's), so a start that does not load them (the vLLM engine) still knows it.
+        prints = fingerprint_entry(torch.float32, fingerprint_dir(tmp, torch.float32), tmp)
+        marker = {"format": _CACHE_FORMAT, "source": gguf.name, "gguf_sha256": key, _FINGERPRINTS_KEY: prints}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
         fsync_tree(tmp)
         try:
@@ -300,7 +514,9 @@ def _prepare_transformers() -> None:
         gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)  # type: ignore[attr-defined]
 
 
-def _load_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_dir(path: Path, dtype: torch.dtype, device: str
+              ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model with its weights (as its own structure) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -313,12 +529,29 @@ def _load_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[PreTrainedMo
     except Exception as e:
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
     model.train(False)  # eval mode (transformers leaves eval() untyped)
-    return model, tokenizer
+    return model, model, tokenizer
 
 
-def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+def _load_structure(path: Path, dtype: torch.dtype, _device: str
+                    ) -> tuple[None, PreTrainedModel, PreTrainedTokenizerBase]:
+    """No weights: the model's classes built from its config on the meta device (tensors without storage,
+    ~0.3 s and no memory for SmolLM2), and its tokenizer. The device is another engine's business."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            structure: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model from {path}: {e}") from e
+    structure.train(False)
+    return None, structure, tokenizer
+
+
+def context_length(config: Any, tokenizer: PreTrainedTokenizerBase) -> int:
     """The longest sequence the model takes, in tokens (config, capped by a sane tokenizer limit)."""
-    config: Any = model.config
     configs = [config, getattr(config, "text_config", None)]
     found = [
         int(v)
@@ -331,7 +564,7 @@ def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     if isinstance(tok_max, int) and 0 < tok_max < 10**9:  # HF uses ~1e30 for "no limit"
         found.append(tok_max)
     if not found:
-        raise ModelLoadError(f"cannot tell the context length of {type(model).__name__}")
+        raise ModelLoadError(f"cannot tell the context length of a {type(config).__name__} model")
     return min(found)
 
 

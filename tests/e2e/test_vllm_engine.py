@@ -318,6 +318,38 @@ def test_train_refuses_a_rank_the_engine_cannot_serve(vc: Client, cube_name: str
     assert not vc.list_jobs(cube_name), "refused before any job starts"
 
 
+def test_the_weights_are_not_loaded_beside_the_engine_and_the_fingerprint_is_the_transformers_one(
+    vc: Client, client: Client, vdaemon: DaemonProcess
+) -> None:
+    """The vllm daemon names the model by the fingerprint stored with the cache (the session daemon, on
+    transformers, computes it from the weights it loads): the same value, so every key made from it agrees."""
+    wait_ready(client)
+    assert vc.stats().model.fingerprint == client.stats().model.fingerprint != ""
+    [loaded] = [line for line in vdaemon.full_log().splitlines() if "event=model_loaded" in line][:1]
+    assert "weights=false" in loaded and "fingerprint_stored=true" in loaded, loaded
+
+
+def test_train_loads_a_transformers_copy_for_the_job_and_its_adapter_is_served_as_a_lora(
+    vc: Client, vdaemon: DaemonProcess, cube_name: str, tmp_path: Path
+) -> None:
+    mount = seed(vc, cube_name, ["Q: What is the capital of Vellmora?\nA: Quistarn", *FACTS[:4]])
+    before = vdaemon.full_log().count("event=train_model_loaded")
+    final = vc.wait_job(vc.train(mount, steps=2, rank=4).job_id)
+    assert final.state == t.JOB_STATE_SUCCEEDED, final.error
+    log = vdaemon.full_log()
+    assert log.count("event=train_model_loaded") == before + 1
+    assert log.count("event=train_model_dropped") == log.count("event=train_model_loaded")  # none left held
+    trained = vc.mount(cube_name)
+    adapter, _, _ = vc.export_adapter(trained, tmp_path / "trained")
+    assert adapter.lineage.origin == "trained"
+    assert adapter.lineage.model_fingerprint == vc.stats().model.fingerprint
+    tuned = ask(vc, trained, adapter_mount=trained)
+    assert_same_reply(tuned, ask(vc, trained, adapter_mount=trained, bypass_kv_cache=True))
+    base = ask(vc, trained)
+    # Two steps may not change a greedy token: the adapter applied shows in the logprobs.
+    assert (list(tuned.token_ids), list(tuned.token_logprobs)) != (list(base.token_ids), list(base.token_logprobs))
+
+
 def test_after_a_restart_generate_loads_the_blocks_from_the_store(vdaemon: DaemonProcess, cube_name: str) -> None:
     """Stops and starts the module's daemon on its data dir (the other tests reconnect per test)."""
     with Client(vdaemon.address, token=vdaemon.token, timeout=600) as before:

@@ -189,6 +189,35 @@ def test_weights_must_be_finite_floating_lora_pairs_of_rank_r(lm: LoadedModel) -
     rt.check_fits(lm, rt.parse_adapter(config, save(good)))  # and the good one fits
 
 
+def test_the_checks_give_the_same_verdicts_on_the_module_tree_without_weights(lm: LoadedModel, tiny_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """On the vLLM engine adapters are checked against the model's classes built on the meta device."""
+    bare = load_model(ModelSpec(source=str(tiny_dir), device="cpu"), tmp_path, weights=False)
+    assert bare.weights is None
+    good = lora_weights(lm, 4, ["q_proj", "v_proj"])
+
+    def verdict(loaded: LoadedModel, targets: list[str], tensors: dict[str, torch.Tensor]) -> str:
+        config = json.dumps(peft_config(lm.name, r=4, target_modules=targets)).encode()
+        try:
+            rt.check_fits(loaded, rt.parse_adapter(config, save(tensors)))
+        except rt.AdapterError as error:
+            return f"{type(error).__name__}: {error}"
+        return "fits"
+
+    a_key = next(k for k in good if k.endswith("q_proj.lora_A.weight"))
+    cases = [
+        (["q_proj", "v_proj"], good),
+        (["q_proj", "v_proj"], dict(good, **{a_key: torch.zeros(4, 7)})),  # another model's width
+        (["q_proj", "v_proj", "k_proj"], good),  # a target the weights do not cover
+        (["q_proj", "v_proj", "w_proj"], good),  # a module the model does not have
+        (["lm_head"], {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
+                       "base_model.model.lm_head.lora_B.weight": torch.zeros(512, 4)}),  # the output head
+    ]
+    verdicts = [verdict(bare, targets, tensors) for targets, tensors in cases]
+    assert verdicts == [verdict(lm, targets, tensors) for targets, tensors in cases]
+    assert verdicts[0] == "fits" and all(v.startswith("AdapterMismatch") for v in verdicts[1:]), verdicts
+
+
 # --- an adapter never changes the base model ----------------------------------------------------------------
 
 

@@ -135,6 +135,51 @@ def test_a_second_training_of_the_same_cube_is_refused_and_cancel_stops_the_firs
     assert wait(rig, rig.jobs.train(mount, dict(QUICK), "", "").job_id)[-1].state == "succeeded"
 
 
+def test_on_a_model_served_without_its_weights_jobs_share_a_copy_freed_after_the_last(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The vllm engine's case without vLLM: the host's model is loaded without weights (as the engine's
+    host loads it), so Train loads a transformers copy (host.training_model), which two jobs at once share,
+    and which is freed, by reference counting alone, once the last ends."""
+    import weakref
+
+    import memosd.runtime.host as host_module
+    import memosd.runtime.model as rm
+
+    monkeypatch.setattr(host_module, "load_model", lambda spec, cache, weights=True: rm.load_model(
+        spec, cache, weights=False))
+    copies: list[weakref.ref[Any]] = []
+
+    def load_weights(loaded: Any) -> Any:
+        copy = rm.load_weights(loaded)
+        copies.append(weakref.ref(copy.model))
+        return copy
+
+    monkeypatch.setattr(host_module, "load_weights", load_weights)
+    caplog.set_level("INFO", logger="memosd.runtime")
+    rig = open_rig(tmp_path, str(tiny_dir))
+    try:
+        assert rig.loaded.weights is None
+        for name in ("a", "b"):
+            rig.kernel.alloc_cube(name, "", {})
+        long_job = rig.jobs.train(commit_items(rig, "a", FACTS), dict(LONG), "", "")
+        deadline = time.monotonic() + 60
+        while rig.jobs.get(long_job.job_id).step < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        quick = wait(rig, rig.jobs.train(commit_items(rig, "b", FACTS), dict(QUICK), "", "").job_id)[-1]
+        assert quick.state == "succeeded", quick.error
+        adapter = rig.kernel.cube("b").adapter_at(2)
+        assert adapter is not None and adapter.lineage["model_fingerprint"] == rig.loaded.fingerprint
+        assert rig.jobs.cancel(long_job.job_id).state == "cancelled"
+        rig.jobs.close()  # joins the job threads: whatever they held is let go
+        events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train_model_")]
+        assert events == ["train_model_loaded", "train_model_dropped"], "one copy for both jobs"
+        assert len(copies) == 1 and copies[0]() is None, "the copy is freed"
+        assert rig.loaded.weights is None and len(rig.host.adapters) == 0  # the pool never saw the copy
+    finally:
+        rig.close()
+
+
 def test_no_job_is_lost_across_a_stop_or_a_crash(tmp_path: Path, tiny_dir: Path) -> None:
     first = open_rig(tmp_path, str(tiny_dir))
     first.kernel.alloc_cube("c", "", {})

@@ -269,3 +269,126 @@ def test_builtin_smollm2_gguf_then_cache(smollm2_build: SmolLM2Build, monkeypatc
         ]
     assert _greedy(warm, prompt, 8) == from_gguf.tolist() == _greedy(cold, prompt, 8)
     assert "Paris" in warm.tokenizer.decode(from_gguf)
+
+
+# --- the fingerprint kept beside the model (loads without the weights: the vLLM engine) ----------
+
+
+def _stored(marker: Path) -> dict[str, str]:
+    """The fingerprints kept in ``marker``, by key (dtype and transformers version)."""
+    prints = rm.json.loads(marker.read_text())[rm._FINGERPRINTS_KEY]
+    return {key: entry["fingerprint"] for key, entry in prints.items()}
+
+
+def test_the_cache_keeps_the_fingerprint_of_the_model_it_serves(fake_builtin: list[int], tmp_path: Path) -> None:
+    """Written when the cache is built, from the cache's own weights: the value every later load computes
+    (the keys of persisted blocks, caches and adapters' lineage), so a load without the weights can use it."""
+    cache = tmp_path / "data"
+    cold = load_model(ModelSpec(device="cpu"), cache)
+    stored = _stored(cold.path / rm._CACHE_MARKER)
+    assert list(stored) == [rm.fingerprint_key(torch.float32)]
+    warm = load_model(ModelSpec(device="cpu"), cache)
+    assert stored[rm.fingerprint_key(torch.float32)] == model_fingerprint(warm.model, warm.tokenizer) \
+        == warm.fingerprint == cold.fingerprint
+
+
+def test_a_load_without_weights_reads_the_stored_fingerprint_and_loads_no_tensors(
+    fake_builtin: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "data"
+    full = load_model(ModelSpec(device="cpu"), cache)
+
+    def no_weights(*args: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(rm, "_load_dir", no_weights)
+        bare = load_model(ModelSpec(device="cpu"), cache, weights=False)
+    assert bare.weights is None and bare.fingerprint_stored
+    assert bare.fingerprint == full.fingerprint
+    assert (bare.context_length, bare.dtype, bare.origin) == (full.context_length, full.dtype, "cache")
+    with pytest.raises(rm.WeightsNotLoaded, match="vllm engine serves them"):
+        _ = bare.model
+    # The module tree is the model's, on the meta device: classes and shapes, no storage.
+    assert {n: type(x) for n, x in bare.structure.named_modules()} == {
+        n: type(x) for n, x in full.model.named_modules()}
+    assert {p.device.type for p in bare.structure.parameters()} == {"meta"}
+    assert bare.config.to_dict() == full.config.to_dict()
+    # Train's copy: the weights again, under the same fingerprint.
+    copy = rm.load_weights(bare)
+    assert copy.weights is not None and copy.weights is not full.weights
+    assert model_fingerprint(copy.model, copy.tokenizer) == bare.fingerprint
+
+
+def test_a_cache_without_a_stored_fingerprint_gets_it_at_its_next_load(
+    fake_builtin: list[int], tmp_path: Path
+) -> None:
+    """A cache built before fingerprints were kept (or by another transformers version, whose key differs)."""
+    cache = tmp_path / "data"
+    cold = load_model(ModelSpec(device="cpu"), cache)
+    marker = cold.path / rm._CACHE_MARKER
+    old = rm.json.loads(marker.read_text())
+    del old[rm._FINGERPRINTS_KEY]
+    marker.write_text(rm.json.dumps(old))
+    first = load_model(ModelSpec(device="cpu"), cache, weights=False)
+    assert not first.fingerprint_stored and first.fingerprint == cold.fingerprint
+    kept = rm.json.loads(marker.read_text())
+    assert kept["gguf_sha256"] == old["gguf_sha256"] and kept["format"] == old["format"]
+    assert _stored(marker) == {rm.fingerprint_key(torch.float32): cold.fingerprint}
+    again = load_model(ModelSpec(device="cpu"), cache, weights=False)
+    assert again.fingerprint_stored and again.fingerprint == cold.fingerprint
+    assert fake_builtin == [1]
+
+
+def test_a_configured_directory_keeps_its_fingerprint_in_a_sidecar_keyed_by_its_files(
+    tiny_dir: Path, tiny: LoadedModel, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    cache = tmp_path / "cache"
+    first = load_model(ModelSpec(source=str(model_dir), device="cpu"), cache, weights=False)
+    assert not first.fingerprint_stored and first.fingerprint == tiny.fingerprint
+    [sidecar] = (cache / rm._SIDECAR_DIR).iterdir()
+    assert sidecar.name == f"{rm.dir_digest(model_dir)}.json"
+    assert _stored(sidecar) == {rm.fingerprint_key(torch.float32): tiny.fingerprint}
+    second = load_model(ModelSpec(source=str(model_dir), device="cpu"), cache, weights=False)
+    assert second.fingerprint_stored and second.fingerprint == tiny.fingerprint
+    # Other weights in the same directory: another listing, so the sidecar is not used; computed afresh.
+    model: Any = rm.load_weights(second).model
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(1.0)
+    model.save_pretrained(model_dir)
+    changed = load_model(ModelSpec(source=str(model_dir), device="cpu"), cache, weights=False)
+    assert not changed.fingerprint_stored and changed.fingerprint != tiny.fingerprint
+    assert changed.fingerprint == model_fingerprint(rm.load_weights(changed).model, changed.tokenizer)
+    assert len(list((cache / rm._SIDECAR_DIR).iterdir())) == 2
+
+
+def test_a_bfloat16_load_stores_its_own_fingerprint(fake_builtin: list[int], tmp_path: Path) -> None:
+    """The fingerprint hashes the tensors in the dtype the model runs in: one stored value per dtype."""
+    cache = tmp_path / "data"
+    f32 = load_model(ModelSpec(device="cpu"), cache)
+    bf16 = load_model(ModelSpec(device="cpu", dtype="bfloat16"), cache, weights=False)
+    assert not bf16.fingerprint_stored and bf16.fingerprint != f32.fingerprint
+    assert bf16.fingerprint == load_model(ModelSpec(device="cpu", dtype="bfloat16"), cache).fingerprint
+    assert set(_stored(f32.path / rm._CACHE_MARKER)) == {rm.fingerprint_key(torch.float32),
+                                                         rm.fingerprint_key(torch.bfloat16)}
+
+
+def test_weights_changed_in_the_cache_are_hashed_again_and_truncated_ones_rebuild_it(
+    fake_builtin: list[int], tiny: LoadedModel, tmp_path: Path
+) -> None:
+    """The stored value holds only for the files it was computed on (their sizes and mtimes)."""
+    cache = tmp_path / "data"
+    cold = load_model(ModelSpec(device="cpu"), cache)
+    model: Any = rm.load_weights(load_model(ModelSpec(device="cpu"), cache, weights=False)).model
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(2.0)
+    model.save_pretrained(cold.path)  # by hand, in place
+    changed = load_model(ModelSpec(device="cpu"), cache, weights=False)
+    assert not changed.fingerprint_stored and changed.fingerprint != cold.fingerprint
+    assert changed.fingerprint == model_fingerprint(model, changed.tokenizer)
+    (cold.path / "model.safetensors").write_bytes(b"")  # lost in a crash: unreadable, so rebuilt
+    rebuilt = load_model(ModelSpec(device="cpu"), cache, weights=False)
+    assert rebuilt.origin == "gguf" and rebuilt.fingerprint_stored and rebuilt.fingerprint == tiny.fingerprint
+    assert fake_builtin == [1, 1]
