@@ -24,6 +24,15 @@ from memosd.store.rocks import Store
 log = logging.getLogger("memosd.kernel")
 
 
+def check_name_free(store: Store, name: str) -> None:
+    """Refuse a cube name in use (AllocCube, ImportCube). Names are one namespace for every principal
+    (docs/ARCHITECTURE.md): the refusal says the name is in use, never by which cube or whose, and reads the
+    same whether the caller can see it."""
+    if store.cube_id_by_name(name) is not None:
+        raise CubeNameTaken(f"the cube name {name!r} is in use (cube names are shared by all principals, "
+                            "visible cubes or not); pick another name", name=name)
+
+
 class CubeAdmin:
     def __init__(self, tables: Tables, store: Store, indexes: Indexes, quotas: Quotas, *, sync: bool) -> None:
         self._tables = tables
@@ -37,11 +46,7 @@ class CubeAdmin:
         validate.cube_name(name)
         validate.cube_meta(description, labels)
         with self._tables.lock:
-            if self._store.cube_id_by_name(name) is not None:
-                # Names are one namespace for every principal (docs/ARCHITECTURE.md): the refusal says the
-                # name is in use, never by which cube or whose, and reads the same whether the caller can see it.
-                raise CubeNameTaken(f"the cube name {name!r} is in use (cube names are shared by all "
-                                    "principals, visible cubes or not); pick another name", name=name)
+            check_name_free(self._store, name)
             record = CubeRecord(ids.new_id(ids.CUBE_PREFIX), name, description, dict(labels), clock.now_ns(),
                                 owner=owner)
             batch = self._store.batch()

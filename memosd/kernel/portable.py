@@ -31,8 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from memosd.errors import ArchiveInvalid, CubeNameTaken
+from memosd.errors import ArchiveInvalid
 from memosd.kernel import clock, ids, validate
+from memosd.kernel.cubes import check_name_free
 from memosd.kernel.indexes import Indexes
 from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE, memory_text
 from memosd.kernel.ports import EmbedderPort
@@ -61,7 +62,6 @@ log = logging.getLogger("memosd.kernel")
 CUBE, REVISION, VERSION, VECTOR = b"C", b"R", b"V", b"E"
 ADAPTER, ADAPTER_FILE, PURGE = b"A", b"F", b"P"
 ACTIVATION, KV_CHUNK, KV_BLOCK = b"T", b"K", b"B"
-KINDS = (CUBE, REVISION, VERSION, VECTOR, ADAPTER, ADAPTER_FILE, PURGE, ACTIVATION, KV_CHUNK, KV_BLOCK)
 KV_KINDS = (ACTIVATION, KV_CHUNK, KV_BLOCK)
 FLUSH_BYTES = 32 << 20  # an import writes its rows in batches of about this much
 _KEY_PART = re.compile(r"\A[0-9A-Za-z_.:-]{1,128}\Z")  # a fingerprint, cache or block key: one key segment
@@ -109,6 +109,12 @@ def _key_part(value: object, what: str, offset: int) -> str:
     if not isinstance(value, str) or not _KEY_PART.match(value):
         raise _inconsistent(f"the {what} at byte {offset} is not a valid key", offset=offset)
     return value
+
+
+def _section(header: dict[str, Any], key: str) -> dict[str, Any]:
+    """A JSON object of the header ({} when absent or not an object: the checks that use it then fail)."""
+    value = header.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _int(value: object, what: str, offset: int) -> int:
@@ -188,15 +194,13 @@ class CubePorter:
         """Import the archive at ``path`` as cube ``name`` owned by ``owner``. KV caches load where
         ``accept_kv(fingerprint)`` holds (this daemon's model); ``kv_unavailable`` says why none can."""
         validate.cube_name(name)
-        self._check_name_free(name)
+        check_name_free(self._store, name)
         summary = archive.verify(path)
         header = summary.header
-        source = header.get("source") if isinstance(header.get("source"), dict) else {}
-        source_id = source.get("cube_id", "") if isinstance(source, dict) else ""
+        source_id = str(_section(header, "source").get("cube_id") or "")
         with self._tables.lock:
-            kept = (isinstance(source_id, str) and bool(ids.CUBE_ID_RE.match(source_id))
-                    and source_id not in self._tables.cubes and source_id not in self._reserved
-                    and self._store.get_cube(source_id) is None)
+            kept = (bool(ids.CUBE_ID_RE.match(source_id)) and source_id not in self._tables.cubes
+                    and source_id not in self._reserved and self._store.get_cube(source_id) is None)
             cube_id = source_id if kept else ids.new_id(ids.CUBE_PREFIX)
             self._reserved.add(cube_id)
         loader = _Loader(self._store, self._embedder, cube_id, header, accept_kv if kept else (lambda _: False))
@@ -206,11 +210,11 @@ class CubePorter:
             record = replace(record, cube_id=cube_id, name=name, owner=owner)
             cube = self._indexes.load(record)
             with self._tables.lock:
-                self._check_name_free(name)
+                check_name_free(self._store, name)
                 batch = self._store.batch()
                 batch.put_cube(record)
                 batch.put_name(name, cube_id)
-                self._store.write(batch, sync=True)
+                self._store.write(batch, sync=self._sync)
                 self._tables.cubes[cube_id] = cube
         except BaseException:
             self._discard(cube_id, cube)
@@ -241,11 +245,6 @@ class CubePorter:
             log_event(log, "import_cleanup_failed", level=logging.WARNING, cube=cube_id, error=type(error).__name__,
                       hint="the rows are swept at the next start")
 
-    def _check_name_free(self, name: str) -> None:
-        if self._store.cube_id_by_name(name) is not None:
-            raise CubeNameTaken(f"the cube name {name!r} is in use (cube names are shared by all principals, "
-                                "visible cubes or not); import under another name", name=name)
-
 
 class _Loader:
     """Pass 2 of an import: decode and check every frame, and write its rows under ``cube_id``."""
@@ -256,8 +255,7 @@ class _Loader:
         self._embedder = embedder
         self._cube_id = cube_id
         self._accept_kv = accept_kv
-        source_embedder = header.get("embedder") if isinstance(header.get("embedder"), dict) else {}
-        assert isinstance(source_embedder, dict)
+        source_embedder = _section(header, "embedder")
         self.dim = source_embedder.get("dim")
         # Vectors are recomputed when they were made by another embedder, or from another memory text.
         self.reembed = (source_embedder.get("fingerprint") != embedder.fingerprint or self.dim != embedder.dim
@@ -285,7 +283,7 @@ class _Loader:
         vkeys: dict[int, VersionRecord] = {}
         seen_versions: set[tuple[str, int]] = set()
         vectors: set[int] = set()
-        adapters: dict[str, AdapterRecord] = {}
+        adapters: dict[int, AdapterRecord] = {}  # by born revision
         files: dict[str, _Adapter] = {}
         activations: dict[str, tuple[ActivationRecord, list[bytes]]] = {}
         to_embed: list[VersionRecord] = []
@@ -334,7 +332,7 @@ class _Loader:
                 adapter = _decode(AdapterRecord, payload, offset)
                 if not isinstance(adapter.digest, str) or not _DIGEST.match(adapter.digest):
                     raise _inconsistent(f"the adapter at byte {offset} has no valid digest", offset=offset)
-                adapters[f"{adapter.born}"] = adapter
+                adapters[adapter.born] = adapter
                 self._batch.put_adapter(cube_id, adapter)
                 self._grew(len(payload))
             elif kind == ADAPTER_FILE:

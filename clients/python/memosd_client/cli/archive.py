@@ -27,12 +27,13 @@ def _bytes_progress(out: Output, total: int, label: str) -> ByteProgress:
     return ByteProgress(total, label, out.stderr, enabled=not (out.quiet or out.json))
 
 
-def _track(progress: ByteProgress) -> tuple[ByteProgress, Callable[[int, int], None]]:
+def _updater(progress: ByteProgress) -> Callable[[int, int], None]:
+    """The client's progress(done, total) callback, drawn on ``progress``."""
     def update(done: int, total: int) -> None:
         progress.total = total
         progress.update(done - progress.done)
 
-    return progress, update
+    return update
 
 
 def archive_rows(archive: memos_pb2.CubeArchive) -> list[tuple[str, object]]:
@@ -43,10 +44,10 @@ def archive_rows(archive: memos_pb2.CubeArchive) -> list[tuple[str, object]]:
 
 
 def _export(client: Client, args: argparse.Namespace, out: Output) -> None:
-    progress, update = _track(_bytes_progress(out, 0, "exporting"))
+    progress = _bytes_progress(out, 0, "exporting")
     started = time.monotonic()
     try:
-        archive = client.export_cube(args.cube, args.file, with_kv=args.with_kv, progress=update)
+        archive = client.export_cube(args.cube, args.file, with_kv=args.with_kv, progress=_updater(progress))
     finally:
         progress.close()
     if out.json:
@@ -57,10 +58,10 @@ def _export(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def _import(client: Client, args: argparse.Namespace, out: Output) -> None:
-    progress, update = _track(_bytes_progress(out, os.path.getsize(args.file), "importing"))
+    progress = _bytes_progress(out, os.path.getsize(args.file), "importing")
     started = time.monotonic()
     try:
-        resp = client.import_cube(args.file, args.name, progress=update)
+        resp = client.import_cube(args.file, args.name, progress=_updater(progress))
     finally:
         progress.close()
     if out.json:
