@@ -16,8 +16,9 @@ order=(--randomly-seed="${MEMOSD_TEST_SEED:-20261202}")
 for arg in "$@"; do
   [[ $arg == --randomly-seed* || $arg == no:randomly || $arg == -pno:randomly ]] && order=()
 done
+# The slowest tests are printed at the end of every run: the suite's budget is ~20 minutes on 2 cores.
 set +e
-pytest "${order[@]}" "$@"
+pytest --durations=30 "${order[@]}" "$@"
 code=$?
 set -e
 if [[ $code == 5 ]]; then
