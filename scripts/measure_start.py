@@ -4,6 +4,7 @@ A measurement, not a test (issue 12, step 2 of docs/engine-notes.md section 6: t
 longer loaded beside vLLM). Each round starts a daemon with the builtin model on a fresh data dir (the model
 cache is shared, and warmed by an uncounted first start, so every counted start loads from it) and records:
 
+- ``serving_s``: from starting the process to its gRPC port serving (the model loads after that);
 - ``ready_s``: from starting the process to Stats' model state "ready" (for vllm: the engine started and
   warmed up);
 - ``rss_ready_mb``: the daemon's RSS then (Stats' ``rss_bytes``), and ``peak_ready_mb``, its peak so far
@@ -16,7 +17,7 @@ picks the memosd measured, and so does the working directory, which ``python -m 
 path, so run it from outside every checkout:
 
     cd /tmp && PYTHONPATH=<checkout>:<checkout>/clients/python python <this checkout>/scripts/measure_start.py \
-        [--engines vllm,transformers] [--rounds 3] [--train] --out <checkout>/bench-out/measure_start.json
+        [--engines vllm,transformers | --engines none] [--rounds 3] [--train] --out <checkout>/bench-out/measure_start.json
 
 RSS counts the file-backed pages of mapped weights too (transformers maps a float32 safetensors file and
 uses it in place): Stats' ``rss_bytes`` is ``/proc/<pid>/statm``'s resident size.
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemon_proc import DaemonProcess
 
 READY_SECONDS = 900.0
+NO_MODEL = "none"  # --engines none: a daemon with no model, timed to serving (the embedder's load is most of it)
 FACTS = ["Q: What is the capital of Vellmora?\nA: Quistarn", "My car is a red Volvo.", "Owls hunt at night."]
 
 
@@ -53,14 +55,20 @@ def peak_mb(pid: int) -> float:
 
 
 def one_start(engine: str, cache_dir: Path, data: Path, train: bool) -> dict[str, Any]:
-    env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__CACHE_DIR": str(cache_dir),
-           "MEMOSD_RUNTIME__ENGINE": engine}
+    no_model = engine == NO_MODEL
+    env = {"MEMOSD_RUNTIME__MODEL": "none" if no_model else "SmolLM2-135M-Instruct",
+           "MEMOSD_RUNTIME__CACHE_DIR": str(cache_dir), "MEMOSD_RUNTIME__ENGINE": "transformers" if no_model else engine}
     started = time.perf_counter()
     daemon = DaemonProcess(data, env=env).start()
+    serving_s = time.perf_counter() - started  # daemon.json written: the gRPC port is serving
     assert daemon.proc is not None
     pid = daemon.proc.pid
     try:
         with Client(daemon.address, token=daemon.token, timeout=600) as client:
+            if no_model:
+                time.sleep(1.0)
+                return {"engine": NO_MODEL, "serving_s": serving_s, "rss_serving_mb": client.stats().rss_bytes / 2**20,
+                        "peak_serving_mb": peak_mb(pid)}
             deadline = time.monotonic() + READY_SECONDS
             while (model := client.stats().model).state == "loading" and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -68,7 +76,7 @@ def one_start(engine: str, cache_dir: Path, data: Path, train: bool) -> dict[str
             if model.state != "ready":
                 raise RuntimeError(f"the model is {model.state}: {model.error}\n{daemon.log()}")
             time.sleep(1.0)  # let the start's last allocations settle before reading RSS
-            row: dict[str, Any] = {"engine": model.engine, "ready_s": ready_s,
+            row: dict[str, Any] = {"engine": model.engine, "serving_s": serving_s, "ready_s": ready_s,
                                    "rss_ready_mb": client.stats().rss_bytes / 2**20, "peak_ready_mb": peak_mb(pid)}
             if train:
                 client.alloc_cube("trained")
@@ -102,20 +110,24 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
-        one_start("transformers", cache, Path(tmp) / "warm" / "data", train=False)  # builds the cache
+        if engines != [NO_MODEL]:
+            one_start("transformers", cache, Path(tmp) / "warm" / "data", train=False)  # builds the cache
         for r in range(args.rounds):
             for engine in engines:
                 row = one_start(engine, cache, Path(tmp) / f"{engine}-{r}" / "data", args.train)
                 rows.append({**row, "round": r})
                 print(f"round {r} {engine}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                           if isinstance(v, float)), flush=True)
-    keys = ["ready_s", "rss_ready_mb", "peak_ready_mb"] + (["rss_train_mb", "peak_train_mb"] if args.train else [])
+    model_keys = ["serving_s", "ready_s", "rss_ready_mb", "peak_ready_mb"]
+    model_keys += ["rss_train_mb", "peak_train_mb"] if args.train else []
+    keys = ["serving_s", "rss_serving_mb", "peak_serving_mb"] if engines == [NO_MODEL] else model_keys
     print(f"\n{args.label or 'this checkout'}, median (range) over {args.rounds} rounds")
     print("| engine | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for engine in engines:
         mine = [row for row in rows if row["engine"] == engine]
-        print(f"| {engine} | " + " | ".join(summary([row[k] for row in mine]) for k in keys) + " |")
+        print(f"| {engine} | " + " | ".join(summary([row[k] for row in mine]) if k in mine[0] else "-"
+                                           for k in keys) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     args.out.write_text(json.dumps({"label": args.label, "rows": rows, "cores": os.cpu_count(),

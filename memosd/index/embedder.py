@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from memosd.index.bert import BertEncoder, load_bert_encoder
 from memosd.offline import force_offline
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def model_fingerprint(path: Path) -> str:
 
 
 class Embedder:
-    """A loaded sentence-transformers model behind a lock.
+    """A loaded sentence encoder (index/bert.py's, or a sentence-transformers model) behind a lock.
 
     ``embed`` is serialized: torch already spreads one batch over every core, so
     two gRPC threads embedding at once would only oversubscribe the CPU and make
@@ -93,8 +94,13 @@ class Embedder:
         self.device = device
         self.batch_size = batch_size
         self._model = model
-        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        self.dim: int = int(get_dim())
+        # What runs the model: "plain torch" (index/bert.py) or "sentence-transformers".
+        self.runner = "plain torch" if isinstance(model, BertEncoder) else "sentence-transformers"
+        if isinstance(model, BertEncoder):
+            self.dim: int = model.dim
+        else:
+            get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+            self.dim = int(get_dim())
         self._lock = threading.Lock()
 
     @classmethod
@@ -105,15 +111,19 @@ class Embedder:
         force_offline()
         path = resolve_model_path(model)
         dev = _resolve_device(device)
-        from sentence_transformers import SentenceTransformer
+        # The plain-torch BERT (index/bert.py) when the directory's pipeline is one it runs: the same
+        # vectors, and a daemon serving ~5 s sooner; sentence-transformers for every other pipeline.
+        loaded: Any = load_bert_encoder(path, dev)
+        if loaded is None:
+            from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(str(path), device=dev, local_files_only=True)
+            loaded = SentenceTransformer(str(path), device=dev, local_files_only=True)
         name = BUILTIN_MODEL if model == BUILTIN_MODEL else path.name
-        emb = cls(name, st, path, dev, batch_size)
+        emb = cls(name, loaded, path, dev, batch_size)
         # The first forward pass allocates and picks kernels (~150 ms on CPU);
         # pay it here rather than on the first user query.
         emb.embed(["warm up"])
-        log.info("embedder %s loaded from %s on %s (dim %d)", name, path, dev, emb.dim)
+        log.info("embedder %s loaded from %s on %s (dim %d, %s)", name, path, dev, emb.dim, emb.runner)
         return emb
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -123,6 +133,8 @@ class Embedder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
+            if isinstance(self._model, BertEncoder):
+                return self._model.encode(texts, self.batch_size)
             out = self._model.encode(
                 list(texts),
                 batch_size=self.batch_size,
