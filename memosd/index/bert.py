@@ -99,6 +99,10 @@ class BertEncoder:
         self._w = {name: tensor.to(device) for name, tensor in weights.items()}
         self._tokenizer = tokenizer
 
+    def get_embedding_dimension(self) -> int:
+        """sentence-transformers' name for it, so the embedder reads either model's width one way."""
+        return self.dim
+
     def encode(self, texts: Sequence[str], batch_size: int) -> npt.NDArray[np.float32]:
         import torch
 
@@ -116,7 +120,8 @@ class BertEncoder:
                     n = len(encodings[i].ids)
                     ids[r, :n] = torch.tensor(encodings[i].ids, dtype=torch.long)
                     mask[r, :n] = True
-                pooled = self._pool(self._forward(ids.to(self.device), mask.to(self.device)), mask.to(self.device))
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                pooled = self._pool(self._forward(ids, mask), mask)
                 if self.pipeline.normalize:
                     pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
                 out[rows] = pooled.float().cpu().numpy()

@@ -96,11 +96,8 @@ class Embedder:
         self._model = model
         # What runs the model: "plain torch" (index/bert.py) or "sentence-transformers".
         self.runner = "plain torch" if isinstance(model, BertEncoder) else "sentence-transformers"
-        if isinstance(model, BertEncoder):
-            self.dim: int = model.dim
-        else:
-            get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-            self.dim = int(get_dim())
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dim: int = int(get_dim())
         self._lock = threading.Lock()
 
     @classmethod
