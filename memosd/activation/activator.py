@@ -102,22 +102,6 @@ def salt_cube(salt: bytes) -> str:
     return salt.decode()
 
 
-def kv_bytes_per_token(loaded: LoadedModel) -> int | None:
-    """Bytes of K and V per token for all layers, from the config (None if it does not say)."""
-    import torch
-
-    config = loaded.config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
-    heads = getattr(text, "num_attention_heads", None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
-    if not (layers and kv_heads and head_dim):
-        return None
-    itemsize: int = getattr(torch, loaded.dtype).itemsize
-    return int(2 * layers * kv_heads * head_dim * itemsize)
-
-
 class Activator:
     def __init__(self, kernel: Kernel, host: ModelHost, adapters: AdapterService,
                  usage: UsageTracker | None = None, *, store: Store) -> None:
@@ -231,7 +215,7 @@ class Activator:
             record = self._record_served(engine, loaded, cube, revision, refs, ids, key, old, label,
                                          adapter.digest if adapter is not None else "")
         took_us = int((time.perf_counter() - started) * 1e6)
-        per_token = kv_bytes_per_token(loaded) or 0
+        per_token = loaded.kv_bytes_per_token or 0
         log_event(log, "activate", cube=cube.cube_id, revision=revision, key=key[:16], source=source,
                   tokens=len(ids), computed=result.computed_tokens, reused=result.cached_tokens,
                   loaded=result.loaded_tokens, blocks_saved=result.blocks_saved, engine="vllm",
@@ -291,7 +275,7 @@ class Activator:
                 f"the model's context is {loaded.context_length} and needs room to generate. Forget items, or "
                 "split them over several cubes", cube=cube.cube_id, tokens=n_tokens,
                 context=loaded.context_length)
-        per_token = kv_bytes_per_token(loaded)
+        per_token = loaded.kv_bytes_per_token
         budget = self.host.pool.budget_bytes
         if per_token is not None and n_tokens * per_token > budget:
             raise PoolTooSmall(
@@ -323,7 +307,7 @@ class Activator:
             record = replace(old, revision=revision, items=items, create_ns=time.time_ns(), selector=selector)
         else:
             dtype_name = self.host.config.kv_dtype
-            chunks = self.host.run(lambda: _chunks(cache, dtype_name))
+            chunks = self.host.run(lambda: to_chunks(cache, dtype=dtype_name))
             record = ActivationRecord(
                 cube_id=cube.cube_id, fingerprint=loaded.fingerprint, revision=revision, cache_key=cache.key,
                 chunk_count=len(chunks), persisted_bytes=sum(map(len, chunks)), stored_dtype=dtype_name,
@@ -365,10 +349,8 @@ class Activator:
         salt = cube_salt(record.cube_id)
 
         def rebuild() -> KVCache:
-            import torch
-
             return from_chunks(chunks, expected_fingerprint=loaded.fingerprint, expected_salt=salt,
-                               dtype=getattr(torch, loaded.dtype), device=loaded.device)
+                               dtype=loaded.dtype, device=loaded.device)
 
         try:
             cache = self.host.run(rebuild)
@@ -437,7 +419,7 @@ class Activator:
             return 0, 0
         record = self.store.get_activation(cube_id, engine.fingerprint)
         loaded = self.host.loaded_now()
-        per_token = kv_bytes_per_token(loaded) if loaded is not None else None
+        per_token = loaded.kv_bytes_per_token if loaded is not None else None
         if record is None:
             return 0, 0
         return 1, len(record.token_ids) * (per_token or 0)
@@ -465,12 +447,6 @@ class Activator:
 
     def persisted_bytes(self) -> int:
         return sum(self._persisted.values())
-
-
-def _chunks(cache: KVCache, dtype_name: str) -> list[bytes]:
-    import torch
-
-    return to_chunks(cache, dtype=getattr(torch, dtype_name))
 
 
 def _wait(future: Future[PrefillResult], cancel: threading.Event | None) -> PrefillResult:

@@ -7,42 +7,40 @@ then the conversation. The first activated block's KV cache is the prompt's
 prefix: a fresh copy of it is extended by the prefill of the rest, so the
 pooled and stored cache never change. Later blocks are prefilled as tokens.
 
-The work is cut into runtime-worker jobs: the prefill (in chunks, stopping if
-the call is cancelled), then one job per generated token at interactive
-priority, so concurrent generations interleave and a cancelled stream stops
-after at most one token and frees its cache copy. With ``park`` (the gRPC
-path), every wait on the worker (and on the model load) is a ``Park`` yielded
-to the gate, which awaits it on the event loop: a generation holds no syscall
-thread while its tokens are computed.
+The model work is an engine's (``runtime/``): the vLLM engine finds the
+prefix's blocks itself; the transformers engine (``runtime.transformers_engine``)
+is handed the prefix cache found here, and runs the prefill and each token as
+runtime-worker jobs. Either returns a ``TokenStream``, which ``_stream``
+consumes the same way: a cancelled call aborts it within one token, and the
+report's counts are the engine's. With ``park`` (the gRPC path), every wait on
+the worker, the model load and the stream is a ``Park`` yielded to the gate,
+which awaits it on the event loop: a generation holds no syscall thread while
+its tokens are computed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from collections.abc import Generator as Steps
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
 from memosd.activation import render
 from memosd.activation.activator import Activator
-from memosd.activation.decode import Sampler, TextStream
 from memosd.errors import AdapterNotFound, ContextExceeded, ModelUnavailable
 from memosd.kernel import validate
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.search import Searcher
 from memosd.kernel.types import SearchFilter
 from memosd.park import Park
-from memosd.runtime.engine import Adapter, Engine, Finished, Sampling
+from memosd.runtime.engine import Finished, Sampling, TokenStream
 from memosd.runtime.host import ModelHost
-from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
+from memosd.runtime.kvcache import ComputeCancelled, KVCache
 from memosd.runtime.model import LoadedModel
-from memosd.runtime.worker import PRIORITY_DEFAULT, PRIORITY_INTERACTIVE
+from memosd.runtime.worker import PRIORITY_DEFAULT
 from memosd.store.records import AdapterRecord
-
-if TYPE_CHECKING:
-    import torch
 
 # A conversation of B bytes is at least B / longest_token_bytes tokens. Twice that many bytes are let
 # through to the tokenizer, for tokenizers whose normalizer shrinks text (NFKC folds some 3-byte characters
@@ -99,20 +97,6 @@ class GenerationReport:
     adapter_digest: str = ""  # the adapter generated with; "" for the base model
     token_ids: list[int] = field(default_factory=list)  # the completion, the end token not included
     token_logprobs: list[float] = field(default_factory=list)  # each one's log-probability under the model
-
-
-@dataclass
-class _Decoding:
-    """One generation's state; its tensors are touched only on the worker thread."""
-
-    cache: Any  # the DynamicCache being extended
-    logits: torch.Tensor | None
-    sampler: Sampler
-    text: TextStream
-    eos: frozenset[int]
-    prepare: Callable[[], None]  # puts the model in this generation's adapter state; run before each step
-    pending: int | None = None  # the last token picked, not yet run through the model
-    logprob: float = 0.0  # the last token's log-probability under the model (before temperature / top-p)
 
 
 class Generator:
@@ -185,50 +169,45 @@ class Generator:
                 tokens=len(prompt), context=loaded.context_length)
         report.prompt_tokens = len(prompt)
         max_tokens = min(max_tokens, loaded.context_length - len(prompt))
+        sampling = Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p or 1.0,
+                            seed=params.seed or None, stop=params.stop)
         if engine is not None:
             # The engine's cache is isolated per cube: the prefix cube's, else the first mount's (a prompt of
             # retrieved items reuses nothing of another cube's).
             salt = prefix_use.cube_id if prefix_use is not None else cubes[0].cube_id if cubes else ""
             served = self.activator.adapters.engine_adapter(adapter_cube, adapter) if adapter is not None else None
-            yield from self._generate_on_engine(engine, params, prompt, max_tokens, salt, served, cancel, report,
-                                                started, park, prefix_use, prefix_key)
-            return
-        report.reused_tokens = prefix.n_tokens if prefix is not None else 0
-        report.prefilled_tokens = report.prompt_tokens - report.reused_tokens
 
-        self.host.generation_started()
-        try:
-            # The prefill and the first token in one job: nothing queued can slip in between.
-            def prepare() -> None:
+            def start() -> TokenStream:
+                assert engine is not None
+                return engine.generate(prompt, sampling, salt=salt, adapter=served,
+                                       reuse=not params.bypass_kv_cache)
+        else:
+            def prepare() -> None:  # the request's adapter state, before each forward pass
                 self.activator.adapters.prepare(loaded, adapter_cube, adapter)
 
-            def start() -> tuple[_Decoding, tuple[int, str]]:
-                prepare()
-                state = self._prefill(loaded, params, prefix, prompt, cancel, prepare)
-                return state, self._step(loaded, state)
+            def start() -> TokenStream:
+                return self.host.transformers.generate(loaded, prompt, sampling, prefix=prefix, prepare=prepare,
+                                                       cancel=cancel)
+            prefix_use = None  # its cache and source are known already (cache_of)
+        yield from self._stream(start, cancel, report, started, park, prefix_use, prefix_key)
 
-            state, first = yield from self._on_worker(start, park, PRIORITY_INTERACTIVE)
-            report.ttft_us = int((time.perf_counter() - started) * 1e6)
-            yield from self._decode(loaded, state, first, max_tokens, cancel, report, park)
-        finally:
-            self.host.generation_ended()
-        report.total_us = int((time.perf_counter() - started) * 1e6)
-        yield report
+    def _stream(self, start: Callable[[], TokenStream], cancel: threading.Event, report: GenerationReport,
+                started: float, park: bool, prefix_use: MemoryUse | None, prefix_key: str
+                ) -> Iterator[str | GenerationReport | Park]:
+        """Either engine's stream: its tokens as they come; the report's counts are the engine's own.
 
-    def _generate_on_engine(self, engine: Engine, params: GenerateParams, prompt: list[int], max_tokens: int,
-                            salt: str, adapter: Adapter | None, cancel: threading.Event, report: GenerationReport,
-                            started: float, park: bool, prefix_use: MemoryUse | None, prefix_key: str
-                            ) -> Iterator[str | GenerationReport | Park]:
-        """The generation on the engine: its tokens as they come; the report's counts are the engine's own."""
-        sampling = Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p or 1.0,
-                            seed=params.seed or None, stop=params.stop)
+        A cancelled call raises ``ComputeCancelled`` at the next event and aborts the stream (the engine
+        frees its KV); a reply that ends yields the report last."""
+        if cancel.is_set():
+            raise ComputeCancelled("generation cancelled before it started")
         self.host.generation_started()
-        stream = engine.generate(prompt, sampling, salt=salt, adapter=adapter, reuse=not params.bypass_kv_cache)
         finished: Finished | None = None
+        stream: TokenStream | None = None
         try:
-            while finished is None:
+            stream = start()
+            while True:
                 if cancel.is_set():
-                    return  # the finally aborts it: vLLM frees its blocks
+                    raise ComputeCancelled("generation cancelled")
                 future = stream.next()
                 if park:
                     yield Park(future)
@@ -238,17 +217,20 @@ class Generator:
                     break
                 if not report.ttft_us:
                     report.ttft_us = int((time.perf_counter() - started) * 1e6)
-                if event.end:
-                    continue
-                report.token_ids.append(event.token_id)
-                report.token_logprobs.append(event.logprob if event.logprob is not None else 0.0)
+                if not event.end:  # the end-of-sequence token is not part of the reply, its text (a tail) is
+                    report.token_ids.append(event.token_id)
+                    report.token_logprobs.append(event.logprob if event.logprob is not None else 0.0)
                 if event.text:
                     yield event.text
         finally:
-            if finished is None:
+            if finished is None and stream is not None:
                 stream.abort()
             self.host.generation_ended()
+        if cancel.is_set():
+            raise ComputeCancelled("generation cancelled")
         if finished.reason == "error":
+            if finished.exception is not None:
+                raise finished.exception
             raise ModelUnavailable(f"the engine failed this generation: {finished.error}")
         if finished.reason == "aborted":
             raise ComputeCancelled("the engine stopped this generation (memosd is stopping)")
@@ -323,94 +305,6 @@ class Generator:
             if len(out) == k:
                 break
         return out
-
-    # -- on the worker --------------------------------------------------------
-    def _prefill(self, loaded: LoadedModel, params: GenerateParams, prefix: KVCache | None, prompt: Sequence[int],
-                 cancel: threading.Event, prepare: Callable[[], None]) -> _Decoding:
-        import torch
-        from transformers import DynamicCache
-
-        if prefix is not None:
-            cache, rest = prepare_generation(loaded, prefix, prompt)
-        else:
-            cache, rest = DynamicCache(), list(prompt)
-        model: Any = loaded.model
-        logits = None
-        step = self.host.config.prefill_chunk
-        with torch.no_grad():
-            for pos in range(0, len(rest), step):
-                if cancel.is_set():
-                    raise ComputeCancelled("generation cancelled during prefill")
-                piece = torch.tensor([rest[pos:pos + step]], dtype=torch.long, device=model.device)
-                logits = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        assert logits is not None
-        sampler = Sampler(temperature=params.temperature, top_p=params.top_p, seed=params.seed, device=model.device)
-        return _Decoding(cache, logits[0, -1], sampler, TextStream(loaded.tokenizer, params.stop), _eos_ids(loaded),
-                         prepare)
-
-    @staticmethod
-    def _step(loaded: LoadedModel, state: _Decoding) -> tuple[int, str]:
-        """Run the previous token through the model (if any), then pick the next one.
-
-        The forward pass of a token happens only when the one after it is
-        wanted, so the first token comes straight from the prefill's logits
-        and the last one costs no pass at all.
-        """
-        import torch
-
-        if state.pending is not None:
-            state.prepare()  # other requests' jobs may have switched the adapter since the last step
-            model: Any = loaded.model
-            with torch.no_grad():
-                piece = torch.tensor([[state.pending]], dtype=torch.long, device=model.device)
-                out = model(input_ids=piece, past_key_values=state.cache, use_cache=True, logits_to_keep=1)
-            state.logits = out.logits[0, -1]
-        assert state.logits is not None
-        token = state.sampler.pick(state.logits)
-        state.logprob = float(torch.log_softmax(state.logits.float(), dim=-1)[token])
-        if token in state.eos:
-            state.pending = None
-            return token, ""
-        state.pending = token
-        return token, state.text.push(token)
-
-    def _decode(self, loaded: LoadedModel, state: _Decoding, first: tuple[int, str], max_tokens: int,
-                cancel: threading.Event, report: GenerationReport, park: bool) -> Iterator[str | Park]:
-        report.finish_reason = "length"
-        for n in range(max_tokens):
-            if n and cancel.is_set():
-                return
-            if n == 0:
-                token, delta = first
-            else:
-                token, delta = yield from self._on_worker(lambda: self._step(loaded, state), park,
-                                                          PRIORITY_INTERACTIVE)
-            if token in state.eos:
-                report.finish_reason = "end"
-                break
-            report.completion_tokens += 1
-            report.token_ids.append(token)
-            report.token_logprobs.append(state.logprob)
-            if delta:
-                yield delta
-            if state.text.stopped:
-                report.finish_reason = "stop"
-                break
-        tail = state.text.flush()
-        if tail:
-            yield tail
-        state.cache = None  # free the generation's KV copy now, not when the stream object dies
-
-
-def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
 
 
 def _clip_utf8(text: str, limit: int) -> str:

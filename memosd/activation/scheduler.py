@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memosd.activation import select
-from memosd.activation.activator import Activator, kv_bytes_per_token, salt_cube
+from memosd.activation.activator import Activator, salt_cube
 from memosd.errors import MemosError
 from memosd.kernel.kernel import CubeState, Kernel
 from memosd.kernel.usage import UsageTracker
@@ -201,7 +201,7 @@ class Scheduler:
         """Whether the pool can take the cube's cache, evicting caches of colder cubes (by heat) if that
         makes enough room; nothing is evicted when it would not. The cache under ``replaces`` (the cube's
         last) counts as room: the new one takes its place."""
-        per_token = kv_bytes_per_token(loaded) or 0
+        per_token = loaded.kv_bytes_per_token or 0
         # The last activation's size is the best guess; without one, ~64 tokens an item.
         estimate = per_token * (len(tokens) if tokens is not None else 64 * size)
         pool = self.host.pool

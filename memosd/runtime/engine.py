@@ -23,9 +23,11 @@ the cube id): blocks of different salts are never shared, and the stored
 keys are memosd's chained block hashes over (fingerprint, tokens, salt,
 adapter digest) (``kvblocks.block_keys``).
 
-Implementations: ``vllm_engine.VllmEngine`` (vLLM, paged, batched); the
-transformers runtime (``runtime.worker`` + ``kvcache``) is to be put behind
-the same interface next.
+Implementations: ``vllm_engine.VllmEngine`` (vLLM, paged, batched), the whole
+interface; and ``transformers_engine.TransformersEngine``, which streams a
+generation with the same ``TokenStream`` / ``Finished`` contract on the runtime
+worker, from a prefix cache its caller found (the activator's pool and store
+of whole-block caches, ``kvcache``) rather than by hashing the prompt.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class Finished:
     total_us: int
     loaded_tokens: int = 0  # of cached_tokens, loaded from the block store
     error: str = ""  # reason "error": what failed (the request, not the engine)
+    # reason "error" on the transformers engine: the exception the model work raised, for the caller to raise
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 StreamEvent = Token | Finished

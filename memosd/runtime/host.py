@@ -41,6 +41,7 @@ from memosd.runtime.engine import Engine
 from memosd.runtime.kvblocks import BlockStores
 from memosd.runtime.kvpool import KVPool
 from memosd.runtime.model import LoadedModel, ModelLoadError, ModelSpec, load_model, load_weights
+from memosd.runtime.transformers_engine import TransformersEngine
 from memosd.runtime.vllm_engine import vllm_importable
 from memosd.runtime.worker import PRIORITY_BACKGROUND, PRIORITY_DEFAULT, RuntimeWorker
 
@@ -71,6 +72,8 @@ class ModelHost:
         self.pool = KVPool(config.pool_bytes)
         self.adapters = AdapterPool(config.max_adapters)  # touched only on the worker
         self.worker = RuntimeWorker()
+        # Generation on the transformers engine (runtime.engine = "transformers"): streams on this worker.
+        self.transformers = TransformersEngine(self.worker, prefill_chunk=config.prefill_chunk)
         self.active_generations = 0
         # The most bytes of text one token of the loaded model stands for (tokens.longest_token_bytes):
         # Generate refuses a conversation too long for the context by its bytes, before tokenizing it.

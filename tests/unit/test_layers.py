@@ -9,9 +9,7 @@ violation in a tiny synthetic package, ``test_each_rule_catches_a_planted_violat
 (c) grpc, google.rpc / google.protobuf and the generated ``memosd_client.v1`` (the
     client package ``memosd_client`` too, and its deprecated alias ``memos``) only in syscalls/ and the wiring (daemon.py);
 (d) torch and its API (transformers, peft, safetensors.torch,
-    sentence-transformers, accelerate) only in runtime/, index/embedder.py + bert.py and,
-    until the engine issue moves them, the activation files listed in
-    ``TORCH_TODAY``;
+    sentence-transformers, accelerate) only in runtime/ and index/embedder.py + bert.py;
 (e) kernel internals only inside kernel/: ``kernel.cubes`` / ``.mounts`` /
     ``.store`` reached through a Kernel, the insides of a ``CubeState`` /
     ``MountState`` handle (catalog, staging, purge marks, its lock), and the
@@ -71,9 +69,6 @@ WIRE_ALLOWED = ("syscalls", "daemon")
 
 TORCH = ("torch", "transformers", "peft", "safetensors.torch", "sentence_transformers", "accelerate")
 TORCH_ALLOWED = ("runtime", "index.embedder", "index.bert")
-# The activation files that use torch today (tensor slicing of KV caches, sampling, the decode loop); the
-# engine issue moves this work into runtime/ and empties the tuple.
-TORCH_TODAY = ("activation.activator", "activation.decode", "activation.generator")
 
 # Rule (e): what only kernel/ may touch. KERNEL_ATTRS are the kernel's own tables, reached through an
 # expression ending in "kernel" (self.kernel.cubes, rig.kernel.store). CubeState and MountState are the
@@ -299,10 +294,10 @@ def vllm_outside_its_engine(result: Scan) -> list[Finding]:
 
 
 def torch_outside_runtime(result: Scan) -> list[Finding]:
-    """torch or its API imported outside runtime/, the embedder (index/embedder.py, bert.py) and TORCH_TODAY (rule d)."""
+    """torch or its API imported outside runtime/, the embedder (index/embedder.py, bert.py) (rule d)."""
     return [Finding(imp.module, imp.line, imp.text, "torch stays in runtime/")
             for imp in result.imports
-            if _matches(imp, TORCH) and not _in(imp.module, (*TORCH_ALLOWED, *TORCH_TODAY))]
+            if _matches(imp, TORCH) and not _in(imp.module, TORCH_ALLOWED)]
 
 
 def kernel_internals_outside(result: Scan) -> list[Finding]:
@@ -398,7 +393,7 @@ PLANTED = {
     "runtime/vllm_engine.py": "def f():\n    from vllm import LLMEngine\n",  # allowed
     "runtime/host.py": "from vllm.config import KVTransferConfig\n",  # (d): vllm outside vllm_*.py
     "activation/__init__.py": "",
-    "activation/generator.py": "import torch\n",  # allowed today (TORCH_TODAY)
+    "activation/generator.py": "import torch\n",  # (d)
     "activation/helper.py": "def f():\n    from transformers import AutoTokenizer\n",  # (d), lazily
     "parametric/__init__.py": "",
     "parametric/jobs.py": (  # (e), five ways; and (b): parametric imports activation
@@ -428,6 +423,7 @@ def test_each_rule_catches_a_planted_violation(tmp_path: Path) -> None:
         ("kernel.wire", "from google.rpc import status_pb2"),
     }
     assert {(f.module, f.what) for f in torch_outside_runtime(planted)} == {
+        ("activation.generator", "import torch"),
         ("activation.helper", "from transformers import AutoTokenizer"),
     }
     assert {(f.module, f.what) for f in vllm_outside_its_engine(planted)} == {

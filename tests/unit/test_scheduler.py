@@ -207,12 +207,11 @@ def test_the_kv_and_adapter_pools_never_exceed_their_budgets(
 ) -> None:
     from test_parametric import import_and_commit
 
-    from memosd.activation.activator import kv_bytes_per_token
     from memosd.errors import PoolTooSmall
 
     rig = open_rig(tmp_path_factory.mktemp("budget"), str(tiny_dir), pool_bytes=1, max_adapters=1)
     try:
-        per_token = kv_bytes_per_token(rig.loaded) or 1
+        per_token = rig.loaded.kv_bytes_per_token or 1
         rig.host.pool._budget = per_token * 160
         names = [f"c{i}" for i in range(4)]
         for i, name in enumerate(names):
@@ -273,7 +272,6 @@ def test_stable_cubes_are_promoted_to_parametric_memory_once(rig: Rig) -> None:
 
 
 def test_room_is_made_only_from_colder_cubes_and_only_when_enough(rig: Rig) -> None:
-    from memosd.activation.activator import kv_bytes_per_token
 
     mounts = {}
     for name in ("cold", "hot", "target"):
@@ -286,7 +284,7 @@ def test_room_is_made_only_from_colder_cubes_and_only_when_enough(rig: Rig) -> N
         for _ in range(calls):
             tracker.record("search", [rig.kernel.cube(name).cube_id])
     scheduler = Scheduler(rig.kernel, rig.activator, rig.host, tracker)
-    per_token = kv_bytes_per_token(rig.loaded) or 1
+    per_token = rig.loaded.kv_bytes_per_token or 1
     target = rig.kernel.cube("target")
     needs_both = [0] * ((cold.pool_bytes + hot.pool_bytes) // per_token)
     assert not scheduler._make_room(target, rig.loaded, needs_both, 2)
@@ -313,7 +311,6 @@ def test_a_cancelled_training_is_not_restarted_until_the_items_change(rig: Rig) 
 
 
 def test_the_cubes_own_last_cache_counts_as_room(rig: Rig) -> None:
-    from memosd.activation.activator import kv_bytes_per_token
 
     mounts = {}
     for name in ("own", "hot"):
@@ -325,7 +322,7 @@ def test_the_cubes_own_last_cache_counts_as_room(rig: Rig) -> None:
     for _ in range(10):
         tracker.record("search", [rig.kernel.cube("hot").cube_id])
     scheduler = Scheduler(rig.kernel, rig.activator, rig.host, tracker)
-    per_token = kv_bytes_per_token(rig.loaded) or 1
+    per_token = rig.loaded.kv_bytes_per_token or 1
     tokens = [0] * (own.pool_bytes // per_token)
     cube = rig.kernel.cube("own")
     assert not scheduler._make_room(cube, rig.loaded, tokens, 2)  # the only other cache is hotter

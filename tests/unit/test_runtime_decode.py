@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tiny_llama import tiny_tokenizer
 
-from memosd.activation.decode import Sampler, TextStream
+from memosd.runtime.decode import Sampler, TextStream
 
 
 class CharTokenizer:

@@ -1,0 +1,225 @@
+"""The transformers engine's generation: a prompt in, a ``TokenStream`` out, on the runtime worker.
+
+It keeps the contract of ``engine.Engine.generate`` (``Token`` events, then
+one ``Finished``; ``abort``), so Generate consumes either engine's stream with
+the same code and reports the same counts. What differs is where the prompt's
+prefix comes from: vLLM finds cached blocks by hashing the prompt, while here
+the caller hands the prefix ``KVCache`` it found in the KV pool or the store
+(the activator's whole-block caches), and the prefill extends a fresh copy of
+it (``kvcache.prepare_generation``), so the pooled cache never changes.
+
+The work is cut into worker jobs at interactive priority: the prefill (in
+chunks, stopping at once if the call is cancelled or the stream aborted) and
+the first token in one job, so nothing queued slips in between; then one job
+per token, queued only when the consumer asks for the next event
+(``_PulledStream.next``), so concurrent generations interleave, no reply runs
+ahead of its reader, and a stream that stops being read leaves nothing queued. A token's forward pass runs only when the token after it is wanted: the
+first token comes straight from the prefill's logits and the last costs no
+pass at all.
+
+An exception in a job ends the stream with ``Finished(reason="error")`` that
+carries it (``Finished.exception``), so the caller raises the very error the
+model work raised (an adapter refused, a cancellation), not a generic one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from memosd.runtime.decode import Sampler, TextStream
+from memosd.runtime.engine import Finished, Sampling, StreamEvent, Token, TokenStream
+from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
+from memosd.runtime.model import LoadedModel
+from memosd.runtime.worker import PRIORITY_INTERACTIVE, RuntimeWorker, WorkerClosedError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class _Generation:
+    """One stream's state; its tensors are touched only on the worker thread."""
+
+    stream: TokenStream
+    loaded: LoadedModel
+    sampling: Sampling
+    prepare: Callable[[], None]  # puts the model in this generation's adapter state; run before each pass
+    cancel: threading.Event  # the caller's: set when the call is cancelled
+    prompt_tokens: int
+    cached_tokens: int
+    started: float
+    aborted: threading.Event = field(default_factory=threading.Event)
+    cache: Any = None  # the DynamicCache being extended
+    logits: torch.Tensor | None = None
+    sampler: Sampler | None = None
+    text: TextStream | None = None
+    eos: frozenset[int] = frozenset()
+    pending: int | None = None  # the last token picked, not yet run through the model
+    picked: int = 0  # tokens picked so far, the end token included
+    ttft_us: int = 0
+    due: bool = False  # a step is owed: queued at the consumer's next ``next()``
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def stopping(self) -> bool:
+        return self.aborted.is_set() or self.cancel.is_set()
+
+
+class _PulledStream(TokenStream):
+    """A ``TokenStream`` that asks for the next step when its reader wants an event it does not have."""
+
+    def __init__(self, request_id: str, abort: Callable[[str], None], on_demand: Callable[[], None]) -> None:
+        super().__init__(request_id, abort)
+        self._on_demand = on_demand
+
+    def next(self) -> Future[StreamEvent]:
+        future = super().next()
+        if not future.done():
+            self._on_demand()
+        return future
+
+
+class TransformersEngine:
+    """Generation with the transformers model on the one runtime worker."""
+
+    def __init__(self, worker: RuntimeWorker, *, prefill_chunk: int) -> None:
+        self.worker = worker
+        self.prefill_chunk = prefill_chunk
+
+    def generate(self, loaded: LoadedModel, token_ids: Sequence[int], sampling: Sampling, *,
+                 prefix: KVCache | None, prepare: Callable[[], None], cancel: threading.Event) -> TokenStream:
+        """Stream the reply to ``token_ids``, whose first ``prefix.n_tokens`` are ``prefix``'s tokens."""
+        box: list[_Generation] = []
+        stream = _PulledStream(uuid.uuid4().hex, lambda _rid: box[0].aborted.set(), lambda: self._step_if_due(box[0]))
+        gen = _Generation(stream, loaded, sampling, prepare, cancel, len(token_ids),
+                          prefix.n_tokens if prefix is not None else 0, time.perf_counter())
+        box.append(gen)
+        prompt = list(token_ids)
+        self._queue(gen, lambda: self._start(gen, prefix, prompt))
+        return stream
+
+    def _step_if_due(self, gen: _Generation) -> None:
+        with gen.lock:
+            due, gen.due = gen.due, False
+        if due:
+            self._queue(gen, lambda: self._step(gen))
+
+    def _queue(self, gen: _Generation, job: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                job()
+            except Exception as error:  # handed to the consumer, which raises it
+                gen.cache = None
+                gen.stream.push(self._finished(gen, "error", error))
+
+        def unrun(future: Future[None]) -> None:  # the worker stopped (memosd is stopping) before running it
+            if future.cancelled():
+                gen.cache = None
+                gen.stream.push(self._finished(gen, "aborted"))
+
+        try:
+            self.worker.submit(run, priority=PRIORITY_INTERACTIVE).add_done_callback(unrun)
+        except WorkerClosedError as error:
+            gen.stream.push(self._finished(gen, "error", error))
+
+    def _start(self, gen: _Generation, prefix: KVCache | None, prompt: list[int]) -> None:
+        gen.prepare()
+        self._prefill(gen, prefix, prompt)
+        self._pick(gen)
+
+    def _prefill(self, gen: _Generation, prefix: KVCache | None, prompt: list[int]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        if prefix is not None:
+            gen.cache, rest = prepare_generation(gen.loaded, prefix, prompt)
+        else:
+            gen.cache, rest = DynamicCache(), prompt
+        model: Any = gen.loaded.model
+        logits = None
+        with torch.no_grad():
+            for pos in range(0, len(rest), self.prefill_chunk):
+                if gen.stopping:
+                    raise ComputeCancelled("generation cancelled during prefill")
+                piece = torch.tensor([rest[pos:pos + self.prefill_chunk]], dtype=torch.long, device=model.device)
+                logits = model(input_ids=piece, past_key_values=gen.cache, use_cache=True, logits_to_keep=1).logits
+        assert logits is not None
+        gen.logits = logits[0, -1]
+        seed = gen.sampling.seed or 0
+        gen.sampler = Sampler(temperature=gen.sampling.temperature, top_p=gen.sampling.top_p, seed=seed,
+                              device=model.device)
+        gen.text = TextStream(gen.loaded.tokenizer, gen.sampling.stop)
+        gen.eos = eos_token_ids(gen.loaded)
+
+    def _step(self, gen: _Generation) -> None:
+        """Run the previous token through the model, then pick the next one."""
+        import torch
+
+        if gen.stopping:
+            gen.cache = None
+            gen.stream.push(self._finished(gen, "aborted"))
+            return
+        gen.prepare()  # other requests' jobs may have switched the adapter since the last step
+        model: Any = gen.loaded.model
+        with torch.no_grad():
+            piece = torch.tensor([[gen.pending]], dtype=torch.long, device=model.device)
+            out = model(input_ids=piece, past_key_values=gen.cache, use_cache=True, logits_to_keep=1)
+        gen.logits = out.logits[0, -1]
+        self._pick(gen)
+
+    def _pick(self, gen: _Generation) -> None:
+        """Pick a token from the last logits and push it; queue the next step unless the reply is over."""
+        import torch
+
+        assert gen.logits is not None and gen.sampler is not None and gen.text is not None
+        if gen.sampling.max_tokens <= 0:
+            self._end(gen, "length")
+            return
+        token = gen.sampler.pick(gen.logits)
+        logprob = float(torch.log_softmax(gen.logits.float(), dim=-1)[token])
+        gen.picked += 1
+        if not gen.ttft_us:
+            gen.ttft_us = int((time.perf_counter() - gen.started) * 1e6)
+        if token in gen.eos:
+            gen.stream.push(Token(token, logprob, gen.text.flush(), end=True))
+            self._end(gen, "end")
+            return
+        delta = gen.text.push(token)
+        last = gen.picked >= gen.sampling.max_tokens
+        if gen.text.stopped or last:
+            gen.stream.push(Token(token, logprob, delta + gen.text.flush()))
+            self._end(gen, "stop" if gen.text.stopped else "length")
+            return
+        gen.pending = token
+        with gen.lock:
+            gen.due = True  # before the push: a reader that has the token and asks again finds the step owed
+        gen.stream.push(Token(token, logprob, delta))
+
+    def _end(self, gen: _Generation, reason: str) -> None:
+        gen.cache = None  # free the generation's KV copy now, not when the stream object dies
+        gen.stream.push(self._finished(gen, reason))
+
+    @staticmethod
+    def _finished(gen: _Generation, reason: str, error: BaseException | None = None) -> Finished:
+        total = int((time.perf_counter() - gen.started) * 1e6)
+        completion = gen.picked - (1 if reason == "end" else 0)
+        return Finished(reason, gen.prompt_tokens, gen.cached_tokens, max(completion, 0), gen.ttft_us or total,
+                        total, error=str(error) if error is not None else "", exception=error)
+
+
+def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    """The token ids that end a reply: the generation config's, the model config's and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
