@@ -186,7 +186,7 @@ class TransformersEngine:
         gen.picked += 1
         if not gen.ttft_us:
             gen.ttft_us = int((time.perf_counter() - gen.started) * 1e6)
-        if token in gen.eos:
+        if token in gen.eos and not gen.sampling.ignore_eos:
             gen.stream.push(Token(token, logprob, gen.text.flush(), end=True))
             self._end(gen, "end")
             return
