@@ -97,9 +97,20 @@ def cube_salt(cube_id: str) -> bytes:
     return cube_id.encode()
 
 
+def combination_salt(cube_ids: Sequence[str]) -> bytes:
+    """The salt of a KV cache of several cubes' memory blocks, in prompt order (one cube: ``cube_salt``).
+    Cube ids never hold "+"."""
+    return b"+".join(cube_salt(cube_id) for cube_id in cube_ids)
+
+
+def salt_cubes(salt: bytes) -> list[str]:
+    """The cubes whose memory a cache with ``salt`` holds (the inverse of ``combination_salt``)."""
+    return salt.decode().split("+")
+
+
 def salt_cube(salt: bytes) -> str:
-    """The id of the cube whose caches carry ``salt`` (the inverse of ``cube_salt``)."""
-    return salt.decode()
+    """The cube whose block leads a cache with ``salt``: its owner for heat and eviction ranking."""
+    return salt_cubes(salt)[0]
 
 
 class Activator:
@@ -364,6 +375,34 @@ class Activator:
             return None
         return cache
 
+    # -- combinations of blocks (transformers engine) ---------------------------
+    @staticmethod
+    def combination_key(loaded: LoadedModel, records: Sequence[ActivationRecord], digest: str) -> str:
+        """The key of the KV of these activations' blocks, in this order, computed under adapter ``digest``."""
+        ids = [t for record in records for t in record.token_ids]
+        return block_hashes(ids, fingerprint=loaded.fingerprint, salt=combination_salt([r.cube_id for r in records]),
+                            extra=digest.encode())[-1]
+
+    def combination(self, key: str) -> KVCache | None:
+        """A pooled combination's cache (combinations live in the pool only: they are never persisted)."""
+        return self.host.pool.get(key)
+
+    def keep_combination(self, cubes: Sequence[CubeState], records: Sequence[ActivationRecord],
+                         cache: KVCache) -> bool:
+        """Pool a combination that a Generate computed, unless one of its cubes was freed or one of its
+        blocks' items purged meanwhile (checked after the put: see ``Kernel.still_holds``)."""
+        try:
+            self._pool(cache.key, cache, replaces=None)
+        except PoolTooSmall:
+            return False
+        for cube, record in zip(cubes, records, strict=True):
+            if not self.kernel.still_holds(cube, [item_id for item_id, _ in record.items]):
+                self.host.pool.evict(cache.key)
+                return False
+        log_event(log, "kv_combination_pooled", cubes="+".join(r.cube_id for r in records), key=cache.key[:16],
+                  tokens=cache.n_tokens, bytes=cache.nbytes)
+        return True
+
     # -- Evict --------------------------------------------------------------
     def evict(self, cube_ref: str, delete_persisted: bool) -> EvictOutcome:
         started = time.perf_counter()
@@ -395,8 +434,8 @@ class Activator:
         return self._drop_from_pool(cube_id)
 
     def _drop_from_pool(self, cube_id: str) -> list[tuple[str, KVCache]]:
-        salt = cube_salt(cube_id)
-        return self.host.pool.evict_if(lambda _key, cache: cache.salt == salt)
+        """The cube's own caches and every combination that holds its block."""
+        return self.host.pool.evict_if(lambda _key, cache: cube_id in salt_cubes(cache.salt))
 
     def _forget_engine(self, cube_id: str, *, wait: bool) -> tuple[int, int]:
         """Drop the engine's cached blocks: (this cube's activations dropped, their KV bytes).

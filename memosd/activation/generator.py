@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from memosd.activation import render
-from memosd.activation.activator import Activator
+from memosd.activation.activator import Activator, combination_salt
 from memosd.errors import AdapterNotFound, ContextExceeded, ModelUnavailable
 from memosd.kernel import validate
+from memosd.kernel.kernel import CubeState
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.search import Searcher
 from memosd.kernel.types import SearchFilter
@@ -39,8 +40,9 @@ from memosd.runtime.engine import Finished, Sampling, TokenStream
 from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache
 from memosd.runtime.model import LoadedModel
+from memosd.runtime.transformers_engine import KeepPrefix
 from memosd.runtime.worker import PRIORITY_DEFAULT
-from memosd.store.records import AdapterRecord
+from memosd.store.records import ActivationRecord, AdapterRecord
 
 # A conversation of B bytes is at least B / longest_token_bytes tokens. Twice that many bytes are let
 # through to the tokenizer, for tokenizers whose normalizer shrinks text (NFKC folds some 3-byte characters
@@ -81,6 +83,22 @@ class MemoryUse:
     cache_source: str = ""  # "pool" | "store" when cache_key is set
     block_items: list[UsedItem] = field(default_factory=list)
     retrieved_items: list[UsedItem] = field(default_factory=list)
+    # The memory block's tokens in the prompt, how many were reused (not computed) and computed, and how
+    # they were reused: "exact" (the KV of these very tokens after this very prefix). 0 / "" unactivated.
+    block_tokens: int = 0
+    block_reused_tokens: int = 0
+    block_computed_tokens: int = 0
+    block_mode: str = ""
+
+
+@dataclass
+class _Block:
+    """An activated mount's memory block in the prompt: where it starts, and its activation."""
+
+    use: MemoryUse
+    cube: CubeState
+    record: ActivationRecord
+    start: int
 
 
 @dataclass
@@ -132,9 +150,7 @@ class Generator:
         engine = self.host.engine
         fingerprint = engine.fingerprint if engine is not None else loaded.fingerprint  # the records' key
         block_ids: list[int] = []
-        prefix: KVCache | None = None
-        prefix_use: MemoryUse | None = None  # on the engine: the use whose blocks the engine may reuse
-        prefix_key = ""
+        blocks: list[_Block] = []
         in_blocks: set[str] = set()
         seen_cubes: set[str] = set()
         for mount, cube in zip(mounts, cubes, strict=True):
@@ -146,15 +162,17 @@ class Generator:
             use.activated = True
             use.block_items = [UsedItem(item_id, born) for item_id, born in record.items]
             in_blocks.update(item_id for item_id, _ in record.items)
-            # A cache computed under another adapter (or none) is never reused: its block is prefilled.
-            if not block_ids and not params.bypass_kv_cache and record.adapter_digest == digest:
-                if engine is not None:
-                    prefix_use, prefix_key = use, record.cache_key
-                else:
-                    prefix, source = self.activator.cache_of(record, loaded)
-                    if prefix is not None:
-                        use.cache_key, use.cache_source = record.cache_key, source
+            blocks.append(_Block(use, cube, record, len(block_ids)))
             block_ids.extend(record.token_ids)
+        prefix_use: MemoryUse | None = None  # on vllm: the use whose blocks the engine may reuse
+        prefix_key = ""
+        # A cache computed under another adapter (or none) is never reused: its block is prefilled.
+        first = blocks[0] if blocks and not params.bypass_kv_cache and blocks[0].record.adapter_digest == digest \
+            else None
+        if engine is not None and first is not None:
+            prefix_use, prefix_key = first.use, first.record.cache_key
+        prefix, keep = self._transformers_prefix(loaded, blocks, first, digest, params) if engine is None \
+            else (None, None)
 
         retrieved = self._retrieve(params, k, in_blocks, uses)
         conversation = [{"role": role, "content": content} for role, content in params.messages]
@@ -187,12 +205,41 @@ class Generator:
 
             def start() -> TokenStream:
                 return self.host.transformers.generate(loaded, prompt, sampling, prefix=prefix, prepare=prepare,
-                                                       cancel=cancel)
-            prefix_use = None  # its cache and source are known already (cache_of)
-        yield from self._stream(start, cancel, report, started, park, prefix_use, prefix_key)
+                                                       cancel=cancel, keep=keep)
+        yield from self._stream(start, cancel, report, started, park, prefix_use, prefix_key, blocks)
+
+    def _transformers_prefix(self, loaded: LoadedModel, blocks: list[_Block], first: _Block | None, digest: str,
+                             params: GenerateParams) -> tuple[KVCache | None, KeepPrefix | None]:
+        """On the transformers engine: the cache the prompt starts from, and what to keep of this prefill.
+
+        Several activated blocks: their combination's cache, if this ordered set of cubes at these revisions
+        (the tokens say so) was generated with before under this adapter and is still pooled; else the first
+        block's cache, and the combination's KV is kept once the prefill has computed it. Either way the KV
+        is exact: the same tokens, in the same positions, after the same prefix."""
+        if params.bypass_kv_cache or not blocks:
+            return None, None
+        if len(blocks) > 1:
+            records = [b.record for b in blocks]
+            key = self.activator.combination_key(loaded, records, digest)
+            combined = self.activator.combination(key)
+            if combined is not None:
+                for block in blocks:
+                    block.use.cache_key, block.use.cache_source = key, "pool"
+                return combined, None
+            cubes = [b.cube for b in blocks]
+            keep = KeepPrefix(sum(len(r.token_ids) for r in records), combination_salt([r.cube_id for r in records]),
+                              digest.encode(), lambda cache: self.activator.keep_combination(cubes, records, cache))
+        else:
+            keep = None
+        prefix = None
+        if first is not None:
+            prefix, source = self.activator.cache_of(first.record, loaded)
+            if prefix is not None:
+                first.use.cache_key, first.use.cache_source = first.record.cache_key, source
+        return prefix, keep
 
     def _stream(self, start: Callable[[], TokenStream], cancel: threading.Event, report: GenerationReport,
-                started: float, park: bool, prefix_use: MemoryUse | None, prefix_key: str
+                started: float, park: bool, prefix_use: MemoryUse | None, prefix_key: str, blocks: list[_Block]
                 ) -> Iterator[str | GenerationReport | Park]:
         """Either engine's stream: its tokens as they come; the report's counts are the engine's own.
 
@@ -241,6 +288,12 @@ class Generator:
         if prefix_use is not None and finished.cached_tokens:
             prefix_use.cache_key = prefix_key
             prefix_use.cache_source = "store" if finished.loaded_tokens else "pool"
+        for block in blocks:  # reuse is always a prefix of the prompt: each block's share of it
+            size = len(block.record.token_ids)
+            block.use.block_tokens = size
+            block.use.block_reused_tokens = min(max(finished.cached_tokens - block.start, 0), size)
+            block.use.block_computed_tokens = size - block.use.block_reused_tokens
+            block.use.block_mode = "exact"
         report.total_us = int((time.perf_counter() - started) * 1e6)
         yield report
 

@@ -201,6 +201,13 @@ class Kernel:
                 then()
             return "written"
 
+    def still_holds(self, cube: CubeState, items: Collection[str]) -> bool:
+        """Whether the cube is not freed and none of ``items`` is purged, checked under the cube's lock: a
+        copy of them made elsewhere (a pooled KV cache) before this returns True was made before any
+        FreeCube or Purge that would have to remove it, which then does."""
+        with cube.lock:
+            return not cube.freed and not any(item_id in cube.purged for item_id in items)
+
     # -- cubes and mounts -----------------------------------------------
     def alloc_cube(self, name: str, description: str, labels: dict[str, str], owner: str = "") -> CubeInfo:
         return self._admin.alloc_cube(name, description, labels, owner)

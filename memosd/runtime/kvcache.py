@@ -377,6 +377,18 @@ def compute_prefix_cache(
     return cache, stats
 
 
+def snapshot_prefix(dyn: DynamicCache, token_ids: Sequence[int], *, fingerprint: str, salt: bytes,
+                    extra: bytes = b"") -> KVCache:
+    """The first ``len(token_ids)`` tokens of a generation's cache as a ``KVCache`` of their own.
+
+    Copied, not viewed: the generation goes on extending its DynamicCache, and a view would keep
+    the whole prompt's tensors alive for as long as the snapshot is pooled."""
+    n = len(token_ids)
+    keys, values = _layer_tensors(dyn)
+    return KVCache(keys=tuple(k[:, :, :n].clone() for k in keys), values=tuple(v[:, :, :n].clone() for v in values),
+                   token_ids=tuple(int(t) for t in token_ids), fingerprint=fingerprint, salt=salt, extra=extra)
+
+
 def _layer_tensors(dyn: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Each layer's key and value tensors; refuses layers that are not plain full-attention KV."""
     import torch

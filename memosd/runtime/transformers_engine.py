@@ -34,12 +34,23 @@ from typing import TYPE_CHECKING, Any
 
 from memosd.runtime.decode import Sampler, TextStream
 from memosd.runtime.engine import Finished, Sampling, StreamEvent, Token, TokenStream
-from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation
+from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation, snapshot_prefix
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_INTERACTIVE, RuntimeWorker, WorkerClosedError
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class KeepPrefix:
+    """After the prefill, hand the KV of the prompt's first ``n_tokens`` to ``sink`` as a ``KVCache`` with
+    this salt and extra (Generate keeps a combination of memory blocks this way, for its next use)."""
+
+    n_tokens: int
+    salt: bytes
+    extra: bytes
+    sink: Callable[[KVCache], object]
 
 
 @dataclass
@@ -54,6 +65,7 @@ class _Generation:
     prompt_tokens: int
     cached_tokens: int
     started: float
+    keep: KeepPrefix | None = None
     aborted: threading.Event = field(default_factory=threading.Event)
     cache: Any = None  # the DynamicCache being extended
     logits: torch.Tensor | None = None
@@ -93,12 +105,14 @@ class TransformersEngine:
         self.prefill_chunk = prefill_chunk
 
     def generate(self, loaded: LoadedModel, token_ids: Sequence[int], sampling: Sampling, *,
-                 prefix: KVCache | None, prepare: Callable[[], None], cancel: threading.Event) -> TokenStream:
-        """Stream the reply to ``token_ids``, whose first ``prefix.n_tokens`` are ``prefix``'s tokens."""
+                 prefix: KVCache | None, prepare: Callable[[], None], cancel: threading.Event,
+                 keep: KeepPrefix | None = None) -> TokenStream:
+        """Stream the reply to ``token_ids``, whose first ``prefix.n_tokens`` are ``prefix``'s tokens; with
+        ``keep``, also hand over the KV of a longer prefix once it is computed."""
         box: list[_Generation] = []
         stream = _PulledStream(uuid.uuid4().hex, lambda _rid: box[0].aborted.set(), lambda: self._step_if_due(box[0]))
         gen = _Generation(stream, loaded, sampling, prepare, cancel, len(token_ids),
-                          prefix.n_tokens if prefix is not None else 0, time.perf_counter())
+                          prefix.n_tokens if prefix is not None else 0, time.perf_counter(), keep)
         box.append(gen)
         prompt = list(token_ids)
         self._queue(gen, lambda: self._start(gen, prefix, prompt))
@@ -150,6 +164,10 @@ class TransformersEngine:
                 piece = torch.tensor([rest[pos:pos + self.prefill_chunk]], dtype=torch.long, device=model.device)
                 logits = model(input_ids=piece, past_key_values=gen.cache, use_cache=True, logits_to_keep=1).logits
         assert logits is not None
+        keep = gen.keep
+        if keep is not None and gen.cached_tokens < keep.n_tokens < len(prompt):
+            keep.sink(snapshot_prefix(gen.cache, prompt[:keep.n_tokens], fingerprint=gen.loaded.fingerprint,
+                                      salt=keep.salt, extra=keep.extra))
         gen.logits = logits[0, -1]
         seed = gen.sampling.seed or 0
         gen.sampler = Sampler(temperature=gen.sampling.temperature, top_p=gen.sampling.top_p, seed=seed,

@@ -14,6 +14,7 @@ from memosd.errors import InvalidField
 from memosd.kernel.requests import request_ref
 from memosd.services.remember import Remember
 
+BLOCK_REUSE = {"": t.BLOCK_REUSE_UNSPECIFIED, "exact": t.BLOCK_REUSE_EXACT}
 SOURCES = {"pool": t.ACTIVATION_SOURCE_POOL, "store": t.ACTIVATION_SOURCE_STORE,
            "computed": t.ACTIVATION_SOURCE_COMPUTED, "": t.ACTIVATION_SOURCE_UNSPECIFIED}
 FINISH = {"end": t.FINISH_REASON_END, "length": t.FINISH_REASON_LENGTH, "stop": t.FINISH_REASON_STOP,
@@ -86,7 +87,9 @@ def _memory(use: MemoryUse) -> t.MemoryUse:
     return t.MemoryUse(
         mount_id=use.mount_id, cube_id=use.cube_id, revision=use.revision, activated=use.activated,
         cache_key=use.cache_key, cache_source=SOURCES[use.cache_source], block_items=_used(use.block_items),
-        retrieved_items=_used(use.retrieved_items))
+        retrieved_items=_used(use.retrieved_items), block_tokens=use.block_tokens,
+        block_reused_tokens=use.block_reused_tokens, block_computed_tokens=use.block_computed_tokens,
+        block_reuse=BLOCK_REUSE[use.block_mode])
 
 
 def summary(report: GenerationReport) -> t.GenerationSummary:

@@ -137,6 +137,26 @@ def test_activate_generate_evict_end_to_end(client: Client, cube_name: str) -> N
     assert stats.calls["Activate"] >= 2 and stats.calls["Generate"] >= 4 and stats.calls["Evict"] >= 1
 
 
+def test_a_recurring_combination_of_cubes_is_reused_whole(client: Client, cube_name: str) -> None:
+    """Issue 13, point 1, on the transformers engine through gRPC: the second block is computed once, then
+    the same ordered cubes reuse both; the reply is the full prefill's, and the summary counts per block."""
+    wait_ready(client)
+    seed(client, cube_name + "-a", FACTS[:3])
+    seed(client, cube_name + "-b", FACTS[3:])
+    with client.mount(cube_name + "-a") as a, client.mount(cube_name + "-b") as b:
+        n_a, n_b = a.activate().tokens, b.activate().tokens
+        _, first = ask(client, [a, b], max_tokens=8, retrieve_k=0)
+        _, again = ask(client, [a, b], max_tokens=8, retrieve_k=0)
+        _, full = ask(client, [a, b], max_tokens=8, retrieve_k=0, bypass_kv_cache=True)
+    counts = [[(u.block_tokens, u.block_reused_tokens, u.block_computed_tokens) for u in s.memory]
+              for s in (first, again, full)]
+    assert counts == [[(n_a, n_a, 0), (n_b, 0, n_b)], [(n_a, n_a, 0), (n_b, n_b, 0)],
+                      [(n_a, 0, n_a), (n_b, 0, n_b)]]
+    assert all(u.block_reuse == t.BLOCK_REUSE_EXACT for s in (first, again, full) for u in s.memory)
+    assert again.reused_tokens == n_a + n_b and again.memory[1].cache_source == t.ACTIVATION_SOURCE_POOL
+    assert list(first.token_ids) == list(again.token_ids) == list(full.token_ids)
+
+
 def test_incremental_activation_and_old_revision_mount(client: Client, cube_name: str) -> None:
     wait_ready(client)
     old_ids = seed(client, cube_name, FACTS)

@@ -199,6 +199,26 @@ def test_an_append_only_commit_computes_only_its_new_blocks(vc: Client, cube_nam
     assert_same_reply(ask(vc, writer), ask(vc, writer, bypass_kv_cache=True))
 
 
+def test_a_recurring_combination_of_cubes_reuses_the_second_block(vc: Client, cube_name: str) -> None:
+    """Issue 13, point 1, on vLLM: the engine's prefix cache chains the second block after the first, so the
+    same ordered cubes at the same revisions reuse it; the summary says so per block, and the reply is the
+    full prefill's."""
+    one, two = seed(vc, cube_name + "-1", FACTS[:20]), seed(vc, cube_name + "-2", MORE_FACTS)
+    a, b = vc.activate(one).tokens, vc.activate(two).tokens
+    first, again = ask(vc, [one, two]), ask(vc, [one, two])  # type: ignore[arg-type]
+    full = ask(vc, [one, two], bypass_kv_cache=True)  # type: ignore[arg-type]
+    assert_same_reply(again, full)
+    for summary in (first, again, full):
+        assert [(u.block_tokens, u.block_reuse) for u in summary.memory] == [(a, t.BLOCK_REUSE_EXACT),
+                                                                              (b, t.BLOCK_REUSE_EXACT)]
+        assert all(u.block_reused_tokens + u.block_computed_tokens == u.block_tokens for u in summary.memory)
+    assert first.memory[1].block_reused_tokens == 0  # seen for the first time: computed after the first block
+    assert first.memory[0].block_reused_tokens == full_blocks(a) * BLOCK
+    assert b - BLOCK <= again.memory[1].block_reused_tokens <= b  # reused up to the last full KV block
+    assert again.memory[0].block_reused_tokens == a
+    assert [u.block_reused_tokens for u in full.memory] == [0, 0]
+
+
 def test_the_same_text_in_another_cube_shares_no_blocks(vc: Client, cube_name: str) -> None:
     texts = [f"{cube_name} private note {i}: locker {i} code {i * 13}." for i in range(20)]
     first = vc.activate(seed(vc, cube_name + "-a", texts))

@@ -12,6 +12,7 @@ without the cache.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from tiny_llama import save_tiny_llama
 
 from memosd.activation import render
 from memosd.activation.activator import cube_salt
-from memosd.activation.generator import GenerateParams
+from memosd.activation.generator import GenerateParams, GenerationReport
 from memosd.errors import (
     ContextExceeded,
     CubeEmpty,
@@ -276,6 +277,74 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(rig: Rig) -> N
     torch.testing.assert_close(torch.tensor(cached.token_logprobs), torch.tensor(full.token_logprobs),
                                atol=1e-4, rtol=0)  # fp32 on CPU: chunked and whole prefills differ by ~1e-6
     assert [(u.item_id, u.born) for u in cached.memory[0].block_items] == [tuple(i) for i in record.items]
+
+
+MORE_FACTS = [
+    "The observatory opens its dome at dusk.",
+    "Owls nest in the old bell tower.",
+    "The ferry leaves the harbour every hour.",
+]
+
+
+def _two_activated(rig: Rig) -> tuple[str, str, int, int]:
+    rig.kernel.alloc_cube("facts", "", {})
+    rig.kernel.alloc_cube("more", "", {})
+    first, second = commit_items(rig, "facts", FACTS), commit_items(rig, "more", MORE_FACTS)
+    a = len(rig.activator.activate(first).record.token_ids)
+    b = len(rig.activator.activate(second).record.token_ids)
+    return first, second, a, b
+
+
+def _blocks(report: GenerationReport) -> list[tuple[int, int, int, str]]:
+    return [(u.block_tokens, u.block_reused_tokens, u.block_computed_tokens, u.block_mode) for u in report.memory]
+
+
+def test_a_recurring_combination_of_blocks_is_reused_whole_and_exactly(rig: Rig) -> None:
+    """Issue 13, point 1: the second block is prefilled once; the same ordered set of cubes at the same
+    revisions then reuses both blocks, and the reply is the full prefill's."""
+    first, second, a, b = _two_activated(rig)
+    params = GenerateParams([("user", "When does the ferry leave?")], [first, second], max_tokens=12)
+    _, seen = run_generation(rig, params)
+    assert seen.reused_tokens == a and _blocks(seen) == [(a, a, 0, "exact"), (b, 0, b, "exact")]
+    _, again = run_generation(rig, params)
+    assert again.reused_tokens == a + b and _blocks(again) == [(a, a, 0, "exact"), (b, b, 0, "exact")]
+    assert again.memory[0].cache_key == again.memory[1].cache_key != seen.memory[0].cache_key
+    assert again.memory[1].cache_source == "pool"
+    _, full = run_generation(rig, replace(params, bypass_kv_cache=True))
+    assert full.reused_tokens == 0 and _blocks(full) == [(a, 0, a, "exact"), (b, 0, b, "exact")]
+    assert seen.token_ids == again.token_ids == full.token_ids
+    torch.testing.assert_close(torch.tensor(again.token_logprobs), torch.tensor(full.token_logprobs),
+                               atol=1e-4, rtol=0)
+    # Another order is another combination: only its first block is reused.
+    _, swapped = run_generation(rig, replace(params, mount_ids=[second, first]))
+    assert _blocks(swapped) == [(b, b, 0, "exact"), (a, 0, a, "exact")]
+
+
+def test_a_combination_goes_with_any_of_its_cubes(rig: Rig) -> None:
+    """Evicting the second cube drops every combination that holds its block; after a Purge of one of its
+    items, a generation that computed the combination before cannot pool it again."""
+    first, second, a, b = _two_activated(rig)
+    params = GenerateParams([("user", "Where do owls nest?")], [first, second], max_tokens=4)
+    run_generation(rig, params)
+    again = run_generation(rig, params)[1]
+    assert _blocks(again)[1] == (b, b, 0, "exact")
+    facts, more = (rig.kernel.cube_of(rig.kernel.mount_state(m)) for m in (first, second))
+    rig.activator.evict(more.cube_id, delete_persisted=False)
+    assert _blocks(run_generation(rig, params)[1])[1] == (b, 0, b, "exact")  # computed again, then kept
+    assert _blocks(run_generation(rig, params)[1])[1] == (b, b, 0, "exact")
+
+    key = again.memory[1].cache_key
+    combined = rig.host.pool.peek(key)
+    assert combined is not None and combined.n_tokens == a + b
+    fingerprint = rig.loaded.fingerprint
+    records = [rig.kernel.store.get_activation(c.cube_id, fingerprint) for c in (facts, more)]
+    assert all(r is not None for r in records)
+    owls = rig.kernel.visible_items(more.cube_id, more.head, time.time_ns())[1].item_id
+    rig.kernel.purge(more.cube_id, [owls], "", [])
+    rig.activator.drop_pooled(more.cube_id)  # what Erasure does after the kernel's purge
+    assert key not in rig.host.pool
+    assert not rig.activator.keep_combination([facts, more], records, combined)  # type: ignore[arg-type]
+    assert key not in rig.host.pool
 
 
 def test_generation_never_changes_the_pooled_or_stored_cache(rig: Rig) -> None:

@@ -959,7 +959,13 @@
  * @property {ActivationSource} cache_source Where the reused cache came from: POOL (hot) or STORE (cold).
  * @property {UsedItem[]} block_items Items of the memory block, in block order.
  * @property {UsedItem[]} retrieved_items Items retrieved for the last user message.
+ * @property {number} block_tokens For an activated mount: its memory block's tokens in the prompt, how many of them were reused (their KV not computed) and how many computed (block_reused_tokens + block_computed_tokens = block_tokens), and how the reused ones were reused. Reuse is always a prefix of the prompt: a later block is reused when the combination of blocks before it and itself was seen before (the same cubes, in the same order, at the same revisions).
+ * @property {number} block_reused_tokens
+ * @property {number} block_computed_tokens
+ * @property {BlockReuse} block_reuse
  */
+
+/** @typedef {"BLOCK_REUSE_UNSPECIFIED" | "BLOCK_REUSE_EXACT"} BlockReuse How a memory block's KV cache was reused in a Generate. */
 
 /**
  * @typedef {object} GenerationSummary

@@ -408,6 +408,32 @@ FINISH_REASON_STOP: FinishReason.ValueType  # 3
 """One of the stop strings was produced (it is not included in the text)."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _BlockReuse:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BlockReuseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlockReuse.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BLOCK_REUSE_UNSPECIFIED: _BlockReuse.ValueType  # 0
+    """not an activated block"""
+    BLOCK_REUSE_EXACT: _BlockReuse.ValueType  # 1
+    """The KV of these very tokens after this very prefix: the reply is the one
+    a full prefill gives. The only mode built; composed reuse (a block's KV
+    moved to a new position, issue 13) is not yet.
+    """
+
+class BlockReuse(_BlockReuse, metaclass=_BlockReuseEnumTypeWrapper):
+    """How a memory block's KV cache was reused in a Generate."""
+
+BLOCK_REUSE_UNSPECIFIED: BlockReuse.ValueType  # 0
+"""not an activated block"""
+BLOCK_REUSE_EXACT: BlockReuse.ValueType  # 1
+"""The KV of these very tokens after this very prefix: the reply is the one
+a full prefill gives. The only mode built; composed reuse (a block's KV
+moved to a new position, issue 13) is not yet.
+"""
+Global___BlockReuse: _TypeAlias = BlockReuse  # noqa: Y015
+
 class _AdapterFile:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1617,6 +1643,10 @@ class MemoryUse(_message.Message):
     CACHE_SOURCE_FIELD_NUMBER: _builtins.int
     BLOCK_ITEMS_FIELD_NUMBER: _builtins.int
     RETRIEVED_ITEMS_FIELD_NUMBER: _builtins.int
+    BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    BLOCK_REUSED_TOKENS_FIELD_NUMBER: _builtins.int
+    BLOCK_COMPUTED_TOKENS_FIELD_NUMBER: _builtins.int
+    BLOCK_REUSE_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     cube_id: _builtins.str
     revision: _builtins.int
@@ -1631,6 +1661,17 @@ class MemoryUse(_message.Message):
     """
     cache_source: Global___ActivationSource.ValueType
     """Where the reused cache came from: POOL (hot) or STORE (cold)."""
+    block_tokens: _builtins.int
+    """For an activated mount: its memory block's tokens in the prompt, how
+    many of them were reused (their KV not computed) and how many computed
+    (block_reused_tokens + block_computed_tokens = block_tokens), and how the
+    reused ones were reused. Reuse is always a prefix of the prompt: a later
+    block is reused when the combination of blocks before it and itself was
+    seen before (the same cubes, in the same order, at the same revisions).
+    """
+    block_reused_tokens: _builtins.int
+    block_computed_tokens: _builtins.int
+    block_reuse: Global___BlockReuse.ValueType
     @_builtins.property
     def block_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsedItem]:
         """Items of the memory block, in block order."""
@@ -1650,10 +1691,14 @@ class MemoryUse(_message.Message):
         cache_source: Global___ActivationSource.ValueType = ...,
         block_items: _abc.Iterable[Global___UsedItem] | None = ...,
         retrieved_items: _abc.Iterable[Global___UsedItem] | None = ...,
+        block_tokens: _builtins.int = ...,
+        block_reused_tokens: _builtins.int = ...,
+        block_computed_tokens: _builtins.int = ...,
+        block_reuse: Global___BlockReuse.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated", b"activated", "block_items", b"block_items", "cache_key", b"cache_key", "cache_source", b"cache_source", "cube_id", b"cube_id", "mount_id", b"mount_id", "retrieved_items", b"retrieved_items", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated", b"activated", "block_computed_tokens", b"block_computed_tokens", "block_items", b"block_items", "block_reuse", b"block_reuse", "block_reused_tokens", b"block_reused_tokens", "block_tokens", b"block_tokens", "cache_key", b"cache_key", "cache_source", b"cache_source", "cube_id", b"cube_id", "mount_id", b"mount_id", "retrieved_items", b"retrieved_items", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
