@@ -60,6 +60,7 @@ from memosd.runtime.kvcache import (
     block_hashes,
     compute_prefix_cache,
     from_chunks,
+    reusable_tokens,
     to_chunks,
 )
 from memosd.runtime.model import LoadedModel
@@ -97,20 +98,10 @@ def cube_salt(cube_id: str) -> bytes:
     return cube_id.encode()
 
 
-def combination_salt(cube_ids: Sequence[str]) -> bytes:
-    """The salt of a KV cache of several cubes' memory blocks, in prompt order (one cube: ``cube_salt``).
-    Cube ids never hold "+"."""
-    return b"+".join(cube_salt(cube_id) for cube_id in cube_ids)
-
-
-def salt_cubes(salt: bytes) -> list[str]:
-    """The cubes whose memory a cache with ``salt`` holds (the inverse of ``combination_salt``)."""
-    return salt.decode().split("+")
-
-
 def salt_cube(salt: bytes) -> str:
-    """The cube whose block leads a cache with ``salt``: its owner for heat and eviction ranking."""
-    return salt_cubes(salt)[0]
+    """The id of the cube whose caches carry ``salt`` (the inverse of ``cube_salt``); for a combination of
+    blocks, the cube whose block leads it (its owner for heat and eviction ranking)."""
+    return salt.decode()
 
 
 class Activator:
@@ -376,21 +367,33 @@ class Activator:
         return cache
 
     # -- combinations of blocks (transformers engine) ---------------------------
-    @staticmethod
-    def combination_key(loaded: LoadedModel, records: Sequence[ActivationRecord], digest: str) -> str:
-        """The key of the KV of these activations' blocks, in this order, computed under adapter ``digest``."""
-        ids = [t for record in records for t in record.token_ids]
-        return block_hashes(ids, fingerprint=loaded.fingerprint, salt=combination_salt([r.cube_id for r in records]),
-                            extra=digest.encode())[-1]
-
-    def combination(self, key: str) -> KVCache | None:
-        """A pooled combination's cache (combinations live in the pool only: they are never persisted)."""
-        return self.host.pool.get(key)
+    def longest_prefix(self, loaded: LoadedModel, token_ids: Sequence[int], cube_id: str, digest: str
+                       ) -> KVCache | None:
+        """The pooled cache that covers the most of ``token_ids`` (memory blocks, the first one ``cube_id``'s,
+        computed under adapter ``digest``), cropped to what it covers: the whole of an equal cache, else its
+        full 64-token blocks that chain the same (the salt is the first cube's, so the chain vouches for
+        the tokens, their order and the adapter). None if no pooled cache covers a full block."""
+        hashes = block_hashes(token_ids, fingerprint=loaded.fingerprint, salt=cube_salt(cube_id),
+                              extra=digest.encode())
+        best: KVCache | None = None
+        covered = 0
+        salt, extra = cube_salt(cube_id), digest.encode()
+        for _, cache in self.host.pool.entries():
+            if (cache.salt, cache.extra, cache.fingerprint) != (salt, extra, loaded.fingerprint):
+                continue
+            n = reusable_tokens(cache, hashes, len(token_ids))
+            if n > covered:
+                best, covered = cache, n
+        if best is None:
+            return None
+        self.host.pool.get(best.key)  # counted and made recent: it is in use
+        return best.crop(covered)
 
     def keep_combination(self, cubes: Sequence[CubeState], records: Sequence[ActivationRecord],
                          cache: KVCache) -> bool:
-        """Pool a combination that a Generate computed, unless one of its cubes was freed or one of its
-        blocks' items purged meanwhile (checked after the put: see ``Kernel.still_holds``)."""
+        """Pool the KV of several cubes' blocks that a Generate computed (``cache.also_holds`` names the
+        cubes after the first, so it goes with any of them), unless one of them was freed or one of its
+        blocks' items purged meanwhile (checked after the put, see ``Kernel.still_holds``)."""
         try:
             self._pool(cache.key, cache, replaces=None)
         except PoolTooSmall:
@@ -434,8 +437,9 @@ class Activator:
         return self._drop_from_pool(cube_id)
 
     def _drop_from_pool(self, cube_id: str) -> list[tuple[str, KVCache]]:
-        """The cube's own caches and every combination that holds its block."""
-        return self.host.pool.evict_if(lambda _key, cache: cube_id in salt_cubes(cache.salt))
+        """The cube's own caches and every combination of blocks that holds its block."""
+        salt = cube_salt(cube_id)
+        return self.host.pool.evict_if(lambda _key, cache: cache.salt == salt or salt in cache.also_holds)
 
     def _forget_engine(self, cube_id: str, *, wait: bool) -> tuple[int, int]:
         """Drop the engine's cached blocks: (this cube's activations dropped, their KV bytes).

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from memosd.activation import render
-from memosd.activation.activator import Activator, combination_salt
+from memosd.activation.activator import Activator, cube_salt
 from memosd.errors import AdapterNotFound, ContextExceeded, ModelUnavailable
 from memosd.kernel import validate
 from memosd.kernel.kernel import CubeState
@@ -212,30 +212,35 @@ class Generator:
                              params: GenerateParams) -> tuple[KVCache | None, KeepPrefix | None]:
         """On the transformers engine: the cache the prompt starts from, and what to keep of this prefill.
 
-        Several activated blocks: their combination's cache, if this ordered set of cubes at these revisions
-        (the tokens say so) was generated with before under this adapter and is still pooled; else the first
-        block's cache, and the combination's KV is kept once the prefill has computed it. Either way the KV
-        is exact: the same tokens, in the same positions, after the same prefix."""
+        The longest pooled prefix of the memory blocks (``Activator.longest_prefix``: a combination of the
+        same leading cubes at the same revisions seen before, cropped to what it shares), or the first
+        block's own cache (from the pool or the store) if that is longer. With several blocks not all
+        reused, the KV of all of them is kept once the prefill has computed it, for the next Generate over
+        the same combination. Either way the KV is exact: the same tokens, in the same positions, after
+        the same prefix, under the same adapter."""
         if params.bypass_kv_cache or not blocks:
             return None, None
-        if len(blocks) > 1:
-            records = [b.record for b in blocks]
-            key = self.activator.combination_key(loaded, records, digest)
-            combined = self.activator.combination(key)
-            if combined is not None:
-                for block in blocks:
-                    block.use.cache_key, block.use.cache_source = key, "pool"
-                return combined, None
-            cubes = [b.cube for b in blocks]
-            keep = KeepPrefix(sum(len(r.token_ids) for r in records), combination_salt([r.cube_id for r in records]),
-                              digest.encode(), lambda cache: self.activator.keep_combination(cubes, records, cache))
-        else:
-            keep = None
-        prefix = None
-        if first is not None:
-            prefix, source = self.activator.cache_of(first.record, loaded)
-            if prefix is not None:
-                first.use.cache_key, first.use.cache_source = first.record.cache_key, source
+        block_ids = [t for b in blocks for t in b.record.token_ids]
+        lead = blocks[0]
+        prefix = self.activator.longest_prefix(loaded, block_ids, lead.cube.cube_id, digest) if len(blocks) > 1 \
+            else None
+        source = "pool"
+        if first is not None and (prefix is None or prefix.n_tokens < len(first.record.token_ids)):
+            own, own_source = self.activator.cache_of(first.record, loaded)
+            if own is not None:
+                prefix, source = own, own_source
+        if prefix is not None:
+            own_key = prefix.key == lead.record.cache_key
+            for block in blocks:
+                if block.start < prefix.n_tokens:
+                    block.use.cache_key = lead.record.cache_key if own_key else prefix.key
+                    block.use.cache_source = source
+        keep = None
+        if len(blocks) > 1 and (prefix is None or prefix.n_tokens < len(block_ids)):
+            cubes, records = [b.cube for b in blocks], [b.record for b in blocks]
+            keep = KeepPrefix(len(block_ids), cube_salt(lead.cube.cube_id), digest.encode(),
+                              tuple(cube_salt(b.cube.cube_id) for b in blocks[1:]),
+                              lambda cache: self.activator.keep_combination(cubes, records, cache))
         return prefix, keep
 
     def _stream(self, start: Callable[[], TokenStream], cancel: threading.Event, report: GenerationReport,

@@ -148,6 +148,9 @@ class KVCache:
     fingerprint: str
     salt: bytes
     extra: bytes = b""
+    # The salts of other cubes whose memory it holds too (a combination of memory blocks, led by ``salt``'s
+    # cube): not part of the key, but whoever drops a cube's caches drops these with them.
+    also_holds: tuple[bytes, ...] = ()
     block_hashes: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -212,6 +215,7 @@ class KVCache:
             fingerprint=self.fingerprint,
             salt=self.salt,
             extra=self.extra,
+            also_holds=self.also_holds,  # conservatively: the crop may hold less
         )
 
     def to_dynamic_cache(self) -> DynamicCache:
@@ -332,7 +336,7 @@ def compute_prefix_cache(
     )  # fmt: skip
     run: Callable[[Callable[[], Any]], Any] = step or (lambda fn: fn())
     if reuse is not None and same_key_space:
-        reused = _reusable_tokens(reuse, hashes, len(ids))
+        reused = reusable_tokens(reuse, hashes, len(ids))
         if reused:
             base = reuse.crop(reused)
             # Copy onto the model's device/dtype: a reuse cache may come from a
@@ -378,7 +382,7 @@ def compute_prefix_cache(
 
 
 def snapshot_prefix(dyn: DynamicCache, token_ids: Sequence[int], *, fingerprint: str, salt: bytes,
-                    extra: bytes = b"") -> KVCache:
+                    extra: bytes = b"", also_holds: tuple[bytes, ...] = ()) -> KVCache:
     """The first ``len(token_ids)`` tokens of a generation's cache as a ``KVCache`` of their own.
 
     Copied, not viewed: the generation goes on extending its DynamicCache, and a view would keep
@@ -386,7 +390,8 @@ def snapshot_prefix(dyn: DynamicCache, token_ids: Sequence[int], *, fingerprint:
     n = len(token_ids)
     keys, values = _layer_tensors(dyn)
     return KVCache(keys=tuple(k[:, :, :n].clone() for k in keys), values=tuple(v[:, :, :n].clone() for v in values),
-                   token_ids=tuple(int(t) for t in token_ids), fingerprint=fingerprint, salt=salt, extra=extra)
+                   token_ids=tuple(int(t) for t in token_ids), fingerprint=fingerprint, salt=salt, extra=extra,
+                   also_holds=also_holds)
 
 
 def _layer_tensors(dyn: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -409,7 +414,7 @@ def _layer_tensors(dyn: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[t
     return tuple(keys), tuple(values)
 
 
-def _reusable_tokens(reuse: KVCache, new_hashes: Sequence[str], n_new: int) -> int:
+def reusable_tokens(reuse: KVCache, new_hashes: Sequence[str], n_new: int) -> int:
     """Tokens of ``reuse`` that are an exact prefix of the new sequence, cut to a full-block boundary."""
     if reuse.block_hashes == tuple(new_hashes):
         return n_new  # the same sequence: nothing to compute

@@ -45,11 +45,12 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class KeepPrefix:
     """After the prefill, hand the KV of the prompt's first ``n_tokens`` to ``sink`` as a ``KVCache`` with
-    this salt and extra (Generate keeps a combination of memory blocks this way, for its next use)."""
+    this salt, extra and ``also_holds`` (Generate keeps a combination of memory blocks this way)."""
 
     n_tokens: int
     salt: bytes
     extra: bytes
+    also_holds: tuple[bytes, ...]
     sink: Callable[[KVCache], object]
 
 
@@ -167,7 +168,7 @@ class TransformersEngine:
         keep = gen.keep
         if keep is not None and gen.cached_tokens < keep.n_tokens < len(prompt):
             keep.sink(snapshot_prefix(gen.cache, prompt[:keep.n_tokens], fingerprint=gen.loaded.fingerprint,
-                                      salt=keep.salt, extra=keep.extra))
+                                      salt=keep.salt, extra=keep.extra, also_holds=keep.also_holds))
         gen.logits = logits[0, -1]
         seed = gen.sampling.seed or 0
         gen.sampler = Sampler(temperature=gen.sampling.temperature, top_p=gen.sampling.top_p, seed=seed,

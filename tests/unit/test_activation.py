@@ -320,6 +320,29 @@ def test_a_recurring_combination_of_blocks_is_reused_whole_and_exactly(rig: Rig)
     assert _blocks(swapped) == [(b, b, 0, "exact"), (a, 0, a, "exact")]
 
 
+def test_a_combination_whose_last_cube_changed_reuses_what_it_shares(rig: Rig) -> None:
+    """The session cube changes after every exchange: the blocks before it, and its unchanged tokens, are
+    reused from the last combination (cropped at a 64-token block), and the reply is the full prefill's."""
+    first, second, a, b = _two_activated(rig)
+    rig.kernel.alloc_cube("session", "", {})
+    session = commit_items(rig, "session", ["The user asked about the ferry."])
+    rig.activator.activate(session)
+    params = GenerateParams([("user", "When does the ferry leave?")], [first, second, session], max_tokens=6)
+    run_generation(rig, params)
+    rig.kernel.write(session, [ItemInput(text="Then the user asked about owls.")])
+    rig.kernel.commit(session, "turn", "test")
+    c = len(rig.activator.activate(session).record.token_ids)
+    _, changed = run_generation(rig, params)
+    blocks = _blocks(changed)
+    assert blocks[:2] == [(a, a, 0, "exact"), (b, b, 0, "exact")]
+    shared = changed.reused_tokens - a - b
+    assert blocks[2] == (c, shared, c - shared, "exact") and 0 <= shared < c
+    assert changed.reused_tokens % 64 == 0  # a cropped combination ends on a full block
+    _, full = run_generation(rig, replace(params, bypass_kv_cache=True))
+    assert changed.token_ids == full.token_ids
+    assert _blocks(run_generation(rig, params)[1])[2] == (c, c, 0, "exact")  # the new combination was kept
+
+
 def test_a_combination_goes_with_any_of_its_cubes(rig: Rig) -> None:
     """Evicting the second cube drops every combination that holds its block; after a Purge of one of its
     items, a generation that computed the combination before cannot pool it again."""
