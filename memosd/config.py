@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,10 @@ ENGINES = ("auto", "vllm", "transformers")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank takes these
 # The fusion methods the index package understands; keep in step with memosd/index.
 FUSION_METHODS = ("rrf", "linear", "combsum", "combmnz", "dbsf", "tm2c2")
+
+
+# A cluster node's name ([cluster] node_name; its etcd key memosd/members/<name>): DNS-label-like, lowercase.
+NODE_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
 class ConfigError(ValueError):
