@@ -5,6 +5,7 @@ Each test uses node names of its own (``unique``) and looks only at those: the t
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -46,6 +47,10 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"{what} within {timeout} s"
         time.sleep(0.1)
+
+
+def _replaced(reg: Registration, held: Member) -> bool:
+    return reg.member is not held
 
 
 def test_members_join_are_listed_and_leave(client: EtcdClient, unique: str,
@@ -158,7 +163,7 @@ def test_a_name_taken_while_ours_lapsed_is_lost_not_stolen(client: EtcdClient, u
             other.join()
             break
         except NodeNameTaken:
-            _wait(lambda held=current: reg.member is not held, 3 * LEASE, "the node registered again")
+            _wait(functools.partial(_replaced, reg, current), 3 * LEASE, "the node registered again")
     else:
         pytest.fail("the other node never got the lapsed name")
     assert reg.lost.wait(3 * LEASE)
