@@ -203,7 +203,8 @@ class ClusterConfig:
     # starting with a letter or digit. Required with etcd: a name must not change when a host is renamed.
     node_name: str = ""
     # The "host:port" other nodes and clients reach this node's gRPC server at (a forwarded call goes
-    # there); not a wildcard address, not port 0. Required with etcd.
+    # there); not a wildcard address, not port 0. Empty: the address the gRPC server is bound to (its port
+    # picked when server.listen has port 0), which needs a server.listen host others can dial, not a wildcard.
     advertise: str = ""
     # The membership lease: a node that stops renewing it leaves the member list this long after its last
     # renewal (renewed every third of it). etcd grants 2 s at the least.
@@ -289,9 +290,12 @@ def _etcd_endpoints_ok(endpoints: tuple[str, ...]) -> bool:
                for e in endpoints)
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # listen on every interface: no one can dial these
+
+
 def _advertise_ok(value: str) -> bool:
     host = value.rpartition(":")[0].strip("[]")
-    return value == "" or (_listen_ok(value) and not value.endswith(":0") and host not in ("0.0.0.0", "::", ""))
+    return value == "" or (_listen_ok(value) and not value.endswith(":0") and host not in WILDCARD_HOSTS)
 
 
 _POSITIVE_INT = (_positive, "an integer > 0")
@@ -625,9 +629,12 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         raise ConfigError("security.tls_client_ca_file (mTLS) needs TLS: set security.tls_cert_file and "
                           "security.tls_key_file too")
     cluster: ClusterConfig = sections["cluster"]
-    if cluster.etcd and not (cluster.node_name and cluster.advertise):
-        missing = " and ".join(f"cluster.{k}" for k in ("node_name", "advertise") if not getattr(cluster, k))
-        raise ConfigError(f"cluster.etcd is set, so {missing} must be set too: a node joins the cluster under "
-                          "its name, at the address the other nodes reach it")
+    if cluster.etcd and not cluster.node_name:
+        raise ConfigError("cluster.etcd is set, so cluster.node_name must be set too: the name this node joins "
+                          "the cluster under")
+    listen_host = sections["server"].listen.rpartition(":")[0].strip("[]")
+    if cluster.etcd and not cluster.advertise and listen_host in WILDCARD_HOSTS:
+        raise ConfigError(f"cluster.etcd is set and server.listen = {sections['server'].listen!r} is a wildcard "
+                          "address, so cluster.advertise must say where the other nodes reach this one (host:port)")
     data_dir = values.get("data_dir") or default_data_dir(env)
     return Config(data_dir=data_dir, config_file=config_file, **sections)

@@ -70,7 +70,7 @@ def test_members_join_are_listed_and_leave(client: EtcdClient, unique: str,
     assert kv is not None and kv.lease == joined.lease and set(kv.json()) == {"name", "address", "started", "version"}
 
     # Kept alive past several TTLs by the daemon thread.
-    time.sleep(2.5 * LEASE)
+    time.sleep(1.5 * LEASE)
     assert sorted(_names(client, unique)) == [f"a-{unique}", f"b-{unique}"]
 
     a.leave()  # revoked: gone at once, not after the TTL

@@ -408,10 +408,17 @@ def test_cluster_errors_are_clear(home: Path, tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             load_config([*named, "--set", bad], env_with(home))
-    with pytest.raises(ConfigError, match=r"cluster\.etcd is set, so cluster\.node_name and cluster\.advertise must"):
-        load_config(["--set", "cluster.etcd=h:2379"], env_with(home))
-    with pytest.raises(ConfigError, match=r"so cluster\.advertise must be set too"):
-        load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.node_name=n1"], env_with(home))
+    with pytest.raises(ConfigError, match=r"cluster\.etcd is set, so cluster\.node_name must be set too"):
+        load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.advertise=h:5"], env_with(home))
+    # No advertise: the bound gRPC address, which must then be one others can dial.
+    cfg = load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.node_name=n1"], env_with(home))
+    assert cfg.cluster.advertise == "" and cfg.server.listen == "127.0.0.1:50051"
+    for wildcard in ("0.0.0.0:50051", "[::]:0"):
+        with pytest.raises(ConfigError, match=r"is a wildcard address, so cluster\.advertise must say"):
+            load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.node_name=n1", "--listen", wildcard],
+                        env_with(home))
+    assert load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.node_name=n1", "--listen", "0.0.0.0:1",
+                        "--set", "cluster.advertise=10.0.0.1:1"], env_with(home)).cluster.advertise == "10.0.0.1:1"
     path = write_toml(tmp_path / "bad.toml", "[cluster]\netcd = \"h:2379\"\n")
     with pytest.raises(ConfigError, match=r"invalid cluster\.etcd = 'h:2379' \(from config file .*\): expected a list"):
         load_config(["--config", str(path)], env_with(home))
