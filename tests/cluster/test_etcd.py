@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -213,3 +214,37 @@ def test_bad_endpoints_are_refused() -> None:
         with pytest.raises(ValueError, match="etcd endpoint"):
             EtcdClient([bad])
     assert EtcdClient(["http://[::1]:2379", "h:1"]).endpoints == [("::1", 2379), ("h", 1)]
+
+
+def test_a_watch_ends_when_its_member_goes(etcd: EtcdCluster, prefix: str) -> None:
+    watch = etcd.client().watch(prefix, prefix=True)  # a fresh client starts at member 0
+    try:
+        etcd.members[0].kill()
+        with pytest.raises((StopIteration, EtcdUnavailable)):
+            watch.next(timeout=10)
+        assert watch.ended.wait(5)
+    finally:
+        watch.close()
+
+
+def test_a_call_cut_off_after_sending_is_repeated_elsewhere_unless_it_is_a_txn(etcd: EtcdCluster,
+                                                                                prefix: str) -> None:
+    # An endpoint that accepts connections (the kernel's backlog) and never answers: every call sent to
+    # it times out after it was sent.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    try:
+        endpoints = [f"127.0.0.1:{hole.getsockname()[1]}", *etcd.endpoints]
+        client = EtcdClient(endpoints, timeout=0.5)
+        client.put(prefix + "k", "v")  # timed out at the hole, then repeated at the next endpoint
+        kv = client.get(prefix + "k")
+        assert kv is not None and kv.value == b"v"
+
+        fresh = EtcdClient(endpoints, timeout=0.5)  # starts at the hole again
+        with pytest.raises(EtcdUnavailable, match="outcome is unknown"):
+            fresh.txn([Compare.value(prefix + "k", "==", "v")], [Put(prefix + "k", "w")])
+        kv = client.get(prefix + "k")
+        assert kv is not None and kv.value == b"v", "the txn was repeated at another endpoint"
+    finally:
+        hole.close()
