@@ -249,7 +249,8 @@ def build(config: Config) -> Daemon:
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
-    stats = StatsService(kernel, model_host, activator, audit, started)
+    stats = StatsService(kernel, model_host, activator, audit, started,
+                         cluster=cluster.status if cluster is not None else None)
     # One Erasure for Purge and the lifecycle loop: the one path by which items are purged.
     erasure = Erasure(kernel, activator, usage)
     servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, stats.stats, gate, usage,
