@@ -13,11 +13,13 @@ well be a second node misconfigured with the same node_name.
 
 If the lease is lost while the node runs (etcd unreachable or without quorum for longer than the TTL,
 so the keepalives did not get through), the keepalive thread registers again under a new lease as soon
-as etcd answers, unless another node took the name meanwhile (then ``lost`` is set and it stops).
+as etcd answers, unless another node took the name meanwhile (then ``lost`` is set and it stops). Each
+renewal reads the record back too: a live lease is not a listing if the key was deleted or overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -135,8 +137,15 @@ class Registration:
         """Create our record under a new lease if the name is free: None on success, else its holder."""
         lease = self.client.grant(self.lease_seconds)
         member = Member(self.name, self.address, started, self.version, lease.id)
-        result = self.client.txn([Compare.create_revision(self.key, "==", 0)],
-                                 [Put(self.key, member.record(), lease=lease.id)], [Get(self.key)])
+        try:
+            result = self.client.txn([Compare.create_revision(self.key, "==", 0)],
+                                     [Put(self.key, member.record(), lease=lease.id)], [Get(self.key)])
+        except EtcdUnavailable:
+            # The txn may have applied: ending its lease takes the record with it (and if etcd does not
+            # answer that either, the lease, never renewed, ends within its TTL).
+            with contextlib.suppress(EtcdError):
+                self.client.revoke(lease.id)
+            raise
         if result.succeeded:
             self.member = member
             return None
@@ -173,7 +182,15 @@ class Registration:
                 return
             try:
                 self.client.keepalive(member.lease)
+                # The lease alone is not the record: a key deleted or overwritten (by hand, or by a write
+                # of ours whose answer was lost) leaves a live lease and no listing.
+                kv = self.client.get(self.key)
                 self.last_error = ""
+                if kv is None or kv.lease != member.lease:
+                    log_event(log, "cluster_record_lost", level=logging.WARNING, name=self.name,
+                              lease=member.lease, found=0 if kv is None else kv.lease)
+                    if not self._rejoin(member):
+                        return
             except LeaseNotFound:
                 # Our record went with the lease (etcd was out of reach for a TTL, or someone revoked it).
                 log_event(log, "cluster_lease_lost", level=logging.WARNING, name=self.name, lease=member.lease)
@@ -189,6 +206,10 @@ class Registration:
         except EtcdUnavailable as e:
             self.last_error = str(e)
             return True  # the old lease id stays: the next pass finds it gone again and retries
+        if holder is not None and (holder.address, holder.started) == (self.address, old.started):
+            self.member = holder  # our own record, from an attempt whose answer was lost: keep its lease
+            self._drop(old)
+            return True
         if holder is not None:
             self.last_error = f"node name {self.name!r} was taken by a member at {holder.address} while ours lapsed"
             log_event(log, "cluster_name_lost", level=logging.ERROR, name=self.name, holder=holder.address)
@@ -197,8 +218,14 @@ class Registration:
             return False
         self.renewals += 1
         assert self.member is not None
+        self._drop(old)
         log_event(log, "cluster_rejoined", name=self.name, lease=self.member.lease)
         return True
+
+    def _drop(self, old: Member) -> None:
+        """End a lease we no longer use (it would end unrenewed within its TTL anyway)."""
+        with contextlib.suppress(EtcdError):
+            self.client.revoke(old.lease)
 
 
 __all__ = ["MEMBERS_PREFIX", "Member", "NodeNameTaken", "Registration", "member_key", "members"]

@@ -149,6 +149,31 @@ def test_a_lost_lease_is_renewed_while_the_name_is_free(client: EtcdClient, uniq
     assert not reg.lost.is_set()
 
 
+def test_a_deleted_or_overwritten_record_is_restored(client: EtcdClient, unique: str,
+                                                      registrations: list[Registration]) -> None:
+    reg = Registration(client, f"d-{unique}", "127.0.0.1:7001", lease_seconds=LEASE)
+    registrations.append(reg)
+    first = reg.join()
+    key = MEMBERS_PREFIX + f"d-{unique}"
+
+    # Deleted by hand while the lease lives on: the keepalive sees the record gone and writes it again.
+    client.delete(key)
+    _wait(lambda: client.get(key) is not None, 3 * LEASE, "the deleted record was written again")
+    again = reg.member
+    assert again is not None and again.lease != first.lease and reg.renewals == 1
+    assert client.keepalive(again.lease) > 0
+
+    # The same record under a lease we did not keep (a write of ours whose answer was lost): adopted, so
+    # the node renews that lease and the record outlives its TTL.
+    stray = client.grant(LEASE)
+    client.put(key, again.record(), lease=stray.id)
+    _wait(lambda: reg.member is not None and reg.member.lease == stray.id, 3 * LEASE, "the record was adopted")
+    time.sleep(1.5 * LEASE)
+    kv = client.get(key)
+    assert kv is not None and kv.lease == stray.id and not reg.lost.is_set()
+    assert _names(client, unique)[f"d-{unique}"].started == first.started
+
+
 def test_a_name_taken_while_ours_lapsed_is_lost_not_stolen(client: EtcdClient, unique: str,
                                                            registrations: list[Registration]) -> None:
     reg = Registration(client, f"t-{unique}", "127.0.0.1:7001", lease_seconds=LEASE)
