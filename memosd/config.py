@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,10 @@ ENGINES = ("auto", "vllm", "transformers")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank takes these
 # The fusion methods the index package understands; keep in step with memosd/index.
 FUSION_METHODS = ("rrf", "linear", "combsum", "combmnz", "dbsf", "tm2c2")
+
+
+# A cluster node's name ([cluster] node_name; its etcd key memosd/members/<name>): DNS-label-like, lowercase.
+NODE_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
 class ConfigError(ValueError):
@@ -187,6 +192,26 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several memosd nodes sharing one etcd cluster (docs/ARCHITECTURE.md, Cluster (in progress)).
+
+    In progress: the daemon does not read this section yet; memosd/cluster/ is built and tested on its own."""
+
+    # etcd's client endpoints, "host:port" or "http://host:port". Empty (the default): one node, no etcd.
+    etcd: tuple[str, ...] = ()
+    # This node's name among the members (its etcd key memosd/members/<name>): 1-63 of a-z 0-9 . _ -,
+    # starting with a letter or digit. Required with etcd: a name must not change when a host is renamed.
+    node_name: str = ""
+    # The "host:port" other nodes and clients reach this node's gRPC server at (a forwarded call goes
+    # there); not a wildcard address, not port 0. Empty: the address the gRPC server is bound to (its port
+    # picked when server.listen has port 0), which needs a server.listen host others can dial, not a wildcard.
+    advertise: str = ""
+    # The membership lease: a node that stops renewing it leaves the member list this long after its last
+    # renewal (renewed every third of it). etcd grants 2 s at the least.
+    lease_seconds: int = 5
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -203,13 +228,16 @@ class Config:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     config_file: Path | None = None  # the TOML file that was read, if any
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view of the effective configuration, for logging at start."""
         out: dict[str, Any] = {"data_dir": str(self.data_dir)}
         for name in SECTIONS:
-            out[name] = dataclasses.asdict(getattr(self, name))
+            # A list, not a tuple, so the view survives a JSON round trip unchanged ([cluster] etcd).
+            out[name] = {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in dataclasses.asdict(getattr(self, name)).items()}
         out["config_file"] = None if self.config_file is None else str(self.config_file)
         return out
 
@@ -229,7 +257,9 @@ SECTIONS: dict[str, type[Any]] = {
     "lifecycle": LifecycleConfig,
     "metrics": MetricsConfig,
     "http": HttpConfig,
+    "cluster": ClusterConfig,
 }
+STRINGS = tuple[str, ...]  # the one list type a key may have: TOML ["a", "b"], or "a,b" from text
 
 # "section.key" -> field type; "data_dir" is the one top-level key.
 _FIELD_TYPES: dict[str, type[Any]] = {"data_dir": Path}
@@ -253,6 +283,19 @@ def _positive(v: float) -> bool:
 
 def _non_negative(v: float) -> bool:
     return v >= 0
+
+
+def _etcd_endpoints_ok(endpoints: tuple[str, ...]) -> bool:
+    return all(not e.startswith("https://") and _listen_ok(e.removeprefix("http://")) and not e.endswith(":0")
+               for e in endpoints)
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # listen on every interface: no one can dial these
+
+
+def _advertise_ok(value: str) -> bool:
+    host = value.rpartition(":")[0].strip("[]")
+    return value == "" or (_listen_ok(value) and not value.endswith(":0") and host not in WILDCARD_HOSTS)
 
 
 _POSITIVE_INT = (_positive, "an integer > 0")
@@ -311,6 +354,12 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
     "http.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
+    "cluster.etcd": (_etcd_endpoints_ok, 'a list of etcd endpoints "host:port" or "http://host:port" (port 1-65535; '
+                     "https is not supported yet), or [] (a single node)"),
+    "cluster.node_name": (lambda v: v == "" or bool(NODE_NAME_RE.fullmatch(v)),
+                          "1-63 of a-z 0-9 . _ -, starting with a letter or digit"),
+    "cluster.advertise": (_advertise_ok, 'a "host:port" others can dial (no wildcard host, no port 0), or ""'),
+    "cluster.lease_seconds": (lambda v: 2 <= v <= 3600, "an integer from 2 to 3600 (seconds)"),
 }
 # Enumerated words are matched case-insensitively ("INFO" is fine).
 _LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device", "runtime.dtype", "runtime.kv_dtype",
@@ -318,7 +367,8 @@ _LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device",
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+_TYPE_WORDS: dict[object, str] = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+                                   Path: "a path", STRINGS: "a list of strings"}
 
 
 def _fail(key: str, raw: object, source: str, expected: str) -> ConfigError:
@@ -345,6 +395,8 @@ def _convert(key: str, raw: object, source: str, *, text: bool) -> Any:
                 value = int(s)
             elif typ is float:
                 value = float(s)
+            elif typ == STRINGS:  # "a:1, b:2" -> ("a:1", "b:2"); "" -> ()
+                value = tuple(part.strip() for part in s.split(",") if part.strip())
             else:
                 value = raw
         except ValueError:
@@ -352,8 +404,12 @@ def _convert(key: str, raw: object, source: str, *, text: bool) -> Any:
     else:
         if typ is float and type(raw) is int:
             raw = float(raw)  # `grace_seconds = 5` in TOML means 5.0
+        if typ == STRINGS:
+            if not isinstance(raw, list) or not all(type(v) is str for v in raw):
+                raise _fail(key, raw, source, _TYPE_WORDS[typ])
+            raw = tuple(raw)
         # An exact type match: bool is a subclass of int, and `workers = true` must not pass as 1.
-        if type(raw) is not (str if typ is Path else typ):
+        elif type(raw) is not (str if typ is Path else typ):
             raise _fail(key, raw, source, _TYPE_WORDS[typ])
         value = raw
     if typ is float and not math.isfinite(value):
@@ -572,5 +628,13 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     if security.tls_client_ca_file and not security.tls_cert_file:
         raise ConfigError("security.tls_client_ca_file (mTLS) needs TLS: set security.tls_cert_file and "
                           "security.tls_key_file too")
+    cluster: ClusterConfig = sections["cluster"]
+    if cluster.etcd and not cluster.node_name:
+        raise ConfigError("cluster.etcd is set, so cluster.node_name must be set too: the name this node joins "
+                          "the cluster under")
+    listen_host = sections["server"].listen.rpartition(":")[0].strip("[]")
+    if cluster.etcd and not cluster.advertise and listen_host in WILDCARD_HOSTS:
+        raise ConfigError(f"cluster.etcd is set and server.listen = {sections['server'].listen!r} is a wildcard "
+                          "address, so cluster.advertise must say where the other nodes reach this one (host:port)")
     data_dir = values.get("data_dir") or default_data_dir(env)
     return Config(data_dir=data_dir, config_file=config_file, **sections)

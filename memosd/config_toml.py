@@ -18,6 +18,8 @@ def _value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, tuple):  # [cluster] etcd: a TOML array of strings
+        return "[" + ", ".join(_value(v) for v in value) + "]"
     # A JSON string is a valid TOML basic string (the same escapes).
     return json.dumps(str(value), ensure_ascii=False)
 

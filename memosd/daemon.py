@@ -35,6 +35,7 @@ from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
+from memosd.cluster.node import ClusterNode, ClusterStartError
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import DiskFull
 from memosd.eventloop import EventLoopThread
@@ -144,6 +145,7 @@ class Daemon:
     metrics_server: MetricsServer | None = None  # None: metrics.listen = ""
     lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
     http_server: HttpServer | None = None  # None: http.listen = ""
+    cluster: ClusterNode | None = None  # None: a single node (cluster.etcd = [])
 
     def stats(self) -> pb.StatsResponse:
         """The Stats message the metrics gauges read (without the gate's call counts)."""
@@ -194,6 +196,15 @@ def build(config: Config) -> Daemon:
         raise
     log_event(log, "ports_free", listen=config.server.listen, metrics=config.metrics.listen or "off",
               http=config.http.listen or "off")
+    cluster = None
+    if config.cluster.etcd:  # etcd answers and our node name is free, before the slow part too
+        cluster = ClusterNode(config.cluster)
+        try:
+            cluster.check()
+        except ClusterStartError as error:
+            lock_handle.close()
+            raise StartupError(str(error)) from None
+        log_event(log, "cluster_checked", etcd=",".join(config.cluster.etcd), node=config.cluster.node_name)
     if free_bytes(config.data_dir) < PROBE_MIN_FREE_BYTES:
         raise StartupError(_disk_full_at_start(config.data_dir))
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
@@ -238,7 +249,8 @@ def build(config: Config) -> Daemon:
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
-    stats = StatsService(kernel, model_host, activator, audit, started)
+    stats = StatsService(kernel, model_host, activator, audit, started,
+                         cluster=cluster.status if cluster is not None else None)
     # One Erasure for Purge and the lifecycle loop: the one path by which items are purged.
     erasure = Erasure(kernel, activator, usage)
     servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, stats.stats, gate, usage,
@@ -286,7 +298,7 @@ def build(config: Config) -> Daemon:
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
                     f"{host}:{port}", lock_handle, started, stop_event, audit, store, stats, metrics_server,
-                    lifecycle, http_server)
+                    lifecycle, http_server, cluster)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
@@ -408,15 +420,23 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     daemon.loop.call(_set_health(daemon.health, daemon.store.space.full))
     address_file = daemon.config.data_dir / "daemon.json"
     exit_code = 0
-    try:
-        address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address,
-                                            "metrics_address": metrics_address, "http_address": http_address}))
-    except OSError as error:  # the disk filled up during the start: stop cleanly, as if asked to
-        if not is_no_space(error):
-            raise
-        reason = _disk_full_at_start(daemon.config.data_dir)
-        log_event(log, "startup_failed", level=logging.ERROR, reason=reason)
-        print(f"memosd: {reason}", file=sys.stderr)
+    failure = ""
+    if daemon.cluster is not None:  # a member in the list is one that serves: joined only now
+        try:
+            daemon.cluster.join(daemon.address)
+        except ClusterStartError as error:
+            failure = str(error)
+    if not failure:
+        try:
+            address_file.write_text(json.dumps({"pid": os.getpid(), "address": daemon.address,
+                                                "metrics_address": metrics_address, "http_address": http_address}))
+        except OSError as error:  # the disk filled up during the start
+            if not is_no_space(error):
+                raise
+            failure = _disk_full_at_start(daemon.config.data_dir)
+    if failure:  # stop cleanly, as if asked to
+        log_event(log, "startup_failed", level=logging.ERROR, reason=failure)
+        print(f"memosd: {failure}", file=sys.stderr)
         daemon.stop_event.set()
         exit_code = 1
     else:
@@ -429,6 +449,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     (signals or StopSignals()).wait(daemon.stop_event)
     log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
     notifier.stopping("draining in-flight calls")
+    if daemon.cluster is not None:  # out of the member list first, so no one sends us new calls
+        daemon.cluster.leave()
     # Calls that reach the gate from now on (an HTTP chat, a gRPC call racing the stop) are refused with
     # SHUTTING_DOWN, which clients retry against the restarted daemon; calls already in flight finish.
     daemon.servicer.gate.draining = True

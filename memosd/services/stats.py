@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from memosd import __version__
 from memosd.activation.activator import Activator
+from memosd.cluster.node import ClusterStatus
 from memosd.governance.audit import AuditLog
 from memosd.kernel.kernel import Kernel
 from memosd.runtime.host import ModelHost
@@ -93,6 +95,7 @@ class Stats:
     disk_full: bool
     disk_free_bytes: int
     audit_unaudited_calls: int
+    cluster: ClusterStatus | None = None  # None: a single node ([cluster] etcd = [])
 
 
 def rss_bytes() -> int:
@@ -111,8 +114,9 @@ class StatsService:
     the parts are read one after another, not under one lock, so two counters may be a moment apart."""
 
     def __init__(self, kernel: Kernel, host: ModelHost, activator: Activator, audit: AuditLog,
-                 started: float) -> None:
+                 started: float, cluster: Callable[[], ClusterStatus] | None = None) -> None:
         self.kernel = kernel
+        self.cluster = cluster  # ClusterNode.status: from memory, it never waits on etcd
         self.host = host
         self.activator = activator
         self.audit = audit
@@ -128,7 +132,8 @@ class StatsService:
             lexical_index_bytes=held.lexical_index_bytes, rss_bytes=rss_bytes(), model=self._model(),
             kv_pool=self._kv_pool(), adapters=self._adapters(held.adapter_count, held.adapter_bytes),
             disk_full=held.disk_full, disk_free_bytes=held.disk_free_bytes,
-            audit_unaudited_calls=self.audit.unaudited_calls)
+            audit_unaudited_calls=self.audit.unaudited_calls,
+            cluster=self.cluster() if self.cluster is not None else None)
 
     def _model(self) -> ModelStats:
         host = self.host

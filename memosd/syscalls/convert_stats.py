@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from memosd_client.v1 import memos_pb2 as pb
 
+from memosd.cluster.node import ClusterStatus
 from memosd.services.stats import AdapterPoolStats, KVPoolStats, ModelStats, Stats
 
 
@@ -24,6 +25,14 @@ def kv_pool(value: KVPoolStats) -> pb.KVPoolStats:
                           persisted_bytes=value.persisted_bytes)
 
 
+def cluster(value: ClusterStatus | None) -> pb.ClusterStats | None:
+    if value is None:
+        return None  # a single node: the field stays unset
+    return pb.ClusterStats(node_name=value.node_name, address=value.address, joined=value.joined,
+                           members=list(value.members), members_age_seconds=value.members_age_seconds,
+                           lease_renewals=value.lease_renewals, last_error=value.last_error)
+
+
 def adapters(value: AdapterPoolStats) -> pb.AdapterPoolStats:
     return pb.AdapterPoolStats(resident=value.resident, max_resident=value.max_resident, loads=value.loads,
                                evictions=value.evictions, stored=value.stored, stored_bytes=value.stored_bytes,
@@ -40,6 +49,6 @@ def stats(value: Stats, calls: dict[str, int] | None = None) -> pb.StatsResponse
         dense_index_bytes=value.dense_index_bytes, lexical_index_bytes=value.lexical_index_bytes,
         rss_bytes=value.rss_bytes, model=model(value.model), kv_pool=kv_pool(value.kv_pool),
         adapters=adapters(value.adapters), disk_full=value.disk_full, disk_free_bytes=value.disk_free_bytes,
-        audit_unaudited_calls=value.audit_unaudited_calls)
+        audit_unaudited_calls=value.audit_unaudited_calls, cluster=cluster(value.cluster))
     response.calls.update(calls or {})
     return response

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from memosd.config import (
+    ClusterConfig,
     Config,
     ConfigError,
     LimitsConfig,
@@ -266,6 +267,7 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "lifecycle",
         "metrics",
         "http",
+        "cluster",
         "config_file",
     }
     assert Config(data_dir=Path("/x")).server == ServerConfig()
@@ -364,3 +366,74 @@ def test_http_listen_is_off_by_default_and_set_from_the_environment(home: Path) 
     assert load_config([], env_with(home, MEMOSD_HTTP__LISTEN="127.0.0.1:0")).http.listen == "127.0.0.1:0"
     with pytest.raises(ConfigError, match=r"http\.listen"):
         load_config([], env_with(home, MEMOSD_HTTP__LISTEN="nowhere"))
+
+
+def test_cluster_is_off_by_default(home: Path) -> None:
+    cfg = load_config([], env_with(home))
+    assert cfg.cluster == ClusterConfig() and cfg.cluster.etcd == () and cfg.cluster.lease_seconds == 5
+    assert cfg.to_dict()["cluster"] == {"etcd": [], "node_name": "", "advertise": "", "lease_seconds": 5}
+
+
+def test_cluster_from_file_env_and_flags(home: Path, tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "memosd.toml", """
+[cluster]
+etcd = ["127.0.0.1:2379", "http://10.0.0.2:2379", "[::1]:2379"]
+node_name = "node-a.1"
+advertise = "10.0.0.1:50051"
+lease_seconds = 4
+""")
+    cfg = load_config(["--config", str(path)], env_with(home))
+    assert cfg.cluster == ClusterConfig(("127.0.0.1:2379", "http://10.0.0.2:2379", "[::1]:2379"), "node-a.1",
+                                        "10.0.0.1:50051", 4)
+    # Text (environment, --set) is comma-separated; the flag wins over the environment.
+    env = env_with(home, MEMOSD_CLUSTER__ETCD="a:1, b:2,", MEMOSD_CLUSTER__NODE_NAME="n1",
+                   MEMOSD_CLUSTER__ADVERTISE="h:5")
+    assert load_config([], env).cluster.etcd == ("a:1", "b:2")
+    assert load_config(["--set", "cluster.etcd=c:3"], env).cluster.etcd == ("c:3",)
+    # An empty list from any source is a single node again, and then needs no name or address.
+    assert load_config(["--set", "cluster.etcd="], env_with(home, MEMOSD_CLUSTER__ETCD="a:1")).cluster.etcd == ()
+
+
+def test_cluster_errors_are_clear(home: Path, tmp_path: Path) -> None:
+    named = ["--set", "cluster.node_name=n1", "--set", "cluster.advertise=h:5"]
+    for bad, message in (
+        ("cluster.etcd=localhost", r"invalid cluster\.etcd = 'localhost' \(from flag --set .*\): expected a list of etcd"),
+        ("cluster.etcd=https://h:2379", r"https is not supported yet"),
+        ("cluster.etcd=h:0", r"cluster\.etcd"),
+        ("cluster.node_name=Node_A", r"invalid cluster\.node_name = 'Node_A'.*a-z 0-9"),
+        ("cluster.advertise=0.0.0.0:50051", r"cluster\.advertise.*no wildcard"),
+        ("cluster.advertise=h:0", r"cluster\.advertise"),
+        ("cluster.lease_seconds=1", r"cluster\.lease_seconds.*from 2 to 3600"),
+        ("cluster.lease_seconds=2.5", r"cluster\.lease_seconds.*an integer"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config([*named, "--set", bad], env_with(home))
+    with pytest.raises(ConfigError, match=r"cluster\.etcd is set, so cluster\.node_name must be set too"):
+        load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.advertise=h:5"], env_with(home))
+    # No advertise: the bound gRPC address, which must then be one others can dial.
+    cfg = load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.node_name=n1"], env_with(home))
+    assert cfg.cluster.advertise == "" and cfg.server.listen == "127.0.0.1:50051"
+    for wildcard in ("0.0.0.0:50051", "[::]:0"):
+        with pytest.raises(ConfigError, match=r"is a wildcard address, so cluster\.advertise must say"):
+            load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.node_name=n1", "--listen", wildcard],
+                        env_with(home))
+    assert load_config(["--set", "cluster.etcd=h:2379", "--set", "cluster.node_name=n1", "--listen", "0.0.0.0:1",
+                        "--set", "cluster.advertise=10.0.0.1:1"], env_with(home)).cluster.advertise == "10.0.0.1:1"
+    path = write_toml(tmp_path / "bad.toml", "[cluster]\netcd = \"h:2379\"\n")
+    with pytest.raises(ConfigError, match=r"invalid cluster\.etcd = 'h:2379' \(from config file .*\): expected a list"):
+        load_config(["--config", str(path)], env_with(home))
+    path = write_toml(tmp_path / "bad2.toml", "[cluster]\netcd = [2379]\n")
+    with pytest.raises(ConfigError, match=r"expected a list of strings"):
+        load_config(["--config", str(path)], env_with(home))
+
+
+def test_print_config_shows_the_cluster_and_reads_it_back(home: Path, tmp_path: Path) -> None:
+    from memosd.config_toml import render
+
+    cfg = load_config(["--set", "cluster.etcd=127.0.0.1:2379,http://h:2380", "--set", "cluster.node_name=n1",
+                       "--set", "cluster.advertise=127.0.0.1:50051"], env_with(home))
+    text = render(cfg)
+    assert '\n[cluster]\netcd = ["127.0.0.1:2379", "http://h:2380"]\nnode_name = "n1"\n' in text
+    again = load_config(["--config", str(write_toml(tmp_path / "eff.toml", text))], env_with(home))
+    assert again.cluster == cfg.cluster
+    assert 'etcd = []' in render(load_config([], env_with(home)))

@@ -54,6 +54,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "activation": ("activation",),
     # Memory as LoRA adapters: import/export of plain files, residency, training jobs.
     "parametric": ("parametric",),
+    # The cluster's shared state in etcd (membership, the cube directory, placement), over HTTP: it may
+    # use the kernel's plain values and the leaves, never the wire (etcd's JSON gateway, not grpc).
+    "cluster": ("cluster",),
     # The kernel (cubes, mounts, commits, search, validation of every semantic bound) and governance
     # (principals, access control, audit), side by side.
     "kernel": ("kernel", "governance"),

@@ -247,6 +247,18 @@
  * @property {boolean} disk_full The data directory's disk is full: writes are refused with DISK_FULL until it has room again; reads are served.
  * @property {number} disk_free_bytes Bytes free on the data directory's file system.
  * @property {number} audit_unaudited_calls Calls since start that could not be audited one by one because the disk was full; they are written as "disk_full" aggregate records once it has room.
+ * @property {ClusterStats | null} cluster This node in a cluster ([cluster] etcd set); unset on a single node.
+ */
+
+/**
+ * @typedef {object} ClusterStats A cluster node's membership, as the daemon last saw it (it reads the member list from etcd every half lease; Stats never waits on etcd).
+ * @property {string} node_name This node's name among the members ([cluster] node_name).
+ * @property {string} address Where it is registered: [cluster] advertise, or its bound gRPC address.
+ * @property {boolean} joined Registered under a live lease now.
+ * @property {string[]} members The live members' names, as last read.
+ * @property {number} members_age_seconds How old that read is, in seconds (it is redone every half lease).
+ * @property {number} lease_renewals Leases granted again after one lapsed (etcd out of reach for a lease).
+ * @property {string} last_error The last failure talking to etcd; empty once a call works again.
  */
 
 /**

@@ -1031,6 +1031,7 @@ class StatsResponse(_message.Message):
     DISK_FULL_FIELD_NUMBER: _builtins.int
     DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
     AUDIT_UNAUDITED_CALLS_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.int
     cube_count: _builtins.int
@@ -1069,6 +1070,10 @@ class StatsResponse(_message.Message):
     def kv_pool(self) -> Global___KVPoolStats: ...
     @_builtins.property
     def adapters(self) -> Global___AdapterPoolStats: ...
+    @_builtins.property
+    def cluster(self) -> Global___ClusterStats:
+        """This node in a cluster ([cluster] etcd set); unset on a single node."""
+
     def __init__(
         self,
         *,
@@ -1092,14 +1097,65 @@ class StatsResponse(_message.Message):
         disk_full: _builtins.bool = ...,
         disk_free_bytes: _builtins.int = ...,
         audit_unaudited_calls: _builtins.int = ...,
+        cluster: Global___ClusterStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "header", b"header", "kv_pool", b"kv_pool", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "cluster", b"cluster", "header", b"header", "kv_pool", b"kv_pool", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "audit_unaudited_calls", b"audit_unaudited_calls", "calls", b"calls", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "disk_free_bytes", b"disk_free_bytes", "disk_full", b"disk_full", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "kv_pool", b"kv_pool", "lexical_index_bytes", b"lexical_index_bytes", "model", b"model", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "audit_unaudited_calls", b"audit_unaudited_calls", "calls", b"calls", "cluster", b"cluster", "cube_count", b"cube_count", "dense_index_bytes", b"dense_index_bytes", "disk_free_bytes", b"disk_free_bytes", "disk_full", b"disk_full", "embedder", b"embedder", "embedding_dim", b"embedding_dim", "header", b"header", "item_count", b"item_count", "kv_pool", b"kv_pool", "lexical_index_bytes", b"lexical_index_bytes", "model", b"model", "mount_count", b"mount_count", "rss_bytes", b"rss_bytes", "store_bytes", b"store_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class ClusterStats(_message.Message):
+    """A cluster node's membership, as the daemon last saw it (it reads the member
+    list from etcd every half lease; Stats never waits on etcd).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    MEMBERS_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    LEASE_RENEWALS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    node_name: _builtins.str
+    """This node's name among the members ([cluster] node_name)."""
+    address: _builtins.str
+    """Where it is registered: [cluster] advertise, or its bound gRPC address."""
+    joined: _builtins.bool
+    """Registered under a live lease now."""
+    members_age_seconds: _builtins.float
+    """How old that read is, in seconds (it is redone every half lease)."""
+    lease_renewals: _builtins.int
+    """Leases granted again after one lapsed (etcd out of reach for a lease)."""
+    last_error: _builtins.str
+    """The last failure talking to etcd; empty once a call works again."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The live members' names, as last read."""
+
+    def __init__(
+        self,
+        *,
+        node_name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        joined: _builtins.bool = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        members_age_seconds: _builtins.float = ...,
+        lease_renewals: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "members", b"members", "members_age_seconds", b"members_age_seconds", "node_name", b"node_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStats: _TypeAlias = ClusterStats  # noqa: Y015
 
 @_typing.final
 class AdapterPoolStats(_message.Message):

@@ -1,0 +1,16 @@
+"""The cluster room: what several memosd nodes share through one etcd cluster.
+
+etcd holds the cluster's small, global, strongly consistent state; each node keeps the data of the cubes
+it owns, as a single node does. One job a module:
+
+  etcd.py        a small etcd v3 client over etcd's JSON gateway (HTTP, stdlib only): several endpoints
+                 with failover, timeouts, typed results, txn, leases, watch; ``EtcdUnavailable`` when no
+                 endpoint (or no quorum) answers
+  membership.py  a node's registration under a lease kept alive by a daemon thread; the live members
+  directory.py   the cube directory: cube -> owner at an epoch, names unique cluster-wide, moves as a CAS
+  placement.py   where a new cube goes: rendezvous (highest random weight) hashing over the live members
+  node.py        the daemon as a member ([cluster] etcd set): checked at start, joined, left at stop
+
+Nothing here imports grpc: the wire stays in syscalls/. The daemon uses node.py (membership) only so far:
+the directory and placement are not wired yet (docs/ARCHITECTURE.md, "Cluster (in progress)").
+"""

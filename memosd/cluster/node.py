@@ -1,0 +1,127 @@
+"""This daemon as a cluster member: what the wiring does with ``[cluster]`` when ``etcd`` is set.
+
+Today that is membership only: ``check()`` before anything slow loads (etcd answers and no live member
+holds our node name: a start that cannot join fails in a second, like a taken port), ``join()`` once the
+gRPC server serves (a member in the list is one that answers), ``leave()`` first thing at shutdown (the
+others stop sending calls before we stop taking them). While joined, a daemon thread reads the member
+list every half lease, so ``status()`` (the Stats syscall's cluster section) answers from memory
+and never waits on etcd: with etcd out of reach Stats still answers, saying since when the list is old.
+Claiming cubes in the directory at AllocCube, routing and moves come next (docs/ARCHITECTURE.md,
+Cluster (in progress)).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from memosd.cluster.etcd import EtcdClient, EtcdError
+from memosd.cluster.membership import NodeNameTaken, Registration, members
+from memosd.config import ClusterConfig
+from memosd.logfmt import log_event
+
+log = logging.getLogger("memosd.cluster")
+
+
+class ClusterStartError(RuntimeError):
+    """The node cannot join: the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """This node in the cluster, as last seen (the Stats syscall's cluster section)."""
+
+    node_name: str
+    address: str  # where this node is registered (cluster.advertise, or the bound gRPC address)
+    joined: bool  # registered under a live lease now
+    members: tuple[str, ...]  # the live members' names, as last read
+    members_age_seconds: float  # how old that read is (it is redone every half lease)
+    lease_renewals: int  # leases granted again after one lapsed
+    last_error: str  # the last failure talking to etcd; "" once a call works again
+
+
+class ClusterNode:
+    def __init__(self, config: ClusterConfig, *, timeout: float = 2.0) -> None:
+        self.config = config
+        self.client = EtcdClient(config.etcd, timeout=timeout)
+        self.registration: Registration | None = None  # made at join, when the bound address is known
+        self._members: tuple[str, ...] = ()
+        self._members_read = time.monotonic()
+        self._read_error = ""
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def _where(self) -> str:
+        return ", ".join(self.config.etcd)
+
+    def check(self) -> None:
+        """Before the slow part of a start: etcd answers and our node name is free, waiting up to one
+        lease for it (a node restarted right after a crash finds its own record until its lease ends)."""
+        deadline = time.monotonic() + self.config.lease_seconds + 1
+        while True:
+            try:
+                holder = next((m for m in members(self.client) if m.name == self.config.node_name), None)
+            except EtcdError as e:
+                raise ClusterStartError(f"cannot reach etcd at {self._where()} (cluster.etcd): {e}") from None
+            if holder is None:
+                return
+            if time.monotonic() >= deadline:
+                raise ClusterStartError(
+                    f"cluster.node_name {self.config.node_name!r} is already a live member at {holder.address}: "
+                    "give this node another name, or stop that one (a stopped node's name is free within "
+                    f"cluster.lease_seconds = {self.config.lease_seconds} s)")
+            time.sleep(0.25)
+
+    def join(self, bound: str) -> None:
+        """Register at cluster.advertise, or at ``bound`` (the gRPC server's address) when that is empty."""
+        self.registration = Registration(self.client, self.config.node_name, self.config.advertise or bound,
+                                         lease_seconds=self.config.lease_seconds)
+        # wait: a node restarted at once after a crash finds its own record until its lease ends.
+        try:
+            self.registration.join(wait=self.config.lease_seconds + 1)
+        except NodeNameTaken as e:
+            raise ClusterStartError(f"cluster.node_name: {e}") from None
+        except EtcdError as e:
+            raise ClusterStartError(f"cannot join the cluster at {self._where()} (cluster.etcd): {e}") from None
+        self._read_members()
+        self._stop.clear()
+        self._reader = threading.Thread(target=self._follow_members, name="cluster-members", daemon=True)
+        self._reader.start()
+
+    def _read_members(self) -> None:
+        try:
+            self._members = tuple(m.name for m in members(self.client))
+        except EtcdError as e:
+            if not self._read_error:
+                log_event(log, "cluster_members_unread", level=logging.WARNING, error=str(e))
+            self._read_error = str(e)
+            return
+        self._members_read = time.monotonic()
+        self._read_error = ""
+
+    def _follow_members(self) -> None:
+        while not self._stop.wait(self.config.lease_seconds / 2):
+            self._read_members()
+
+    def status(self) -> ClusterStatus:
+        reg = self.registration
+        member = reg.member if reg is not None else None
+        return ClusterStatus(
+            node_name=self.config.node_name, address=member.address if member is not None else "",
+            joined=member is not None, members=self._members,
+            members_age_seconds=round(time.monotonic() - self._members_read, 3),
+            lease_renewals=reg.renewals if reg is not None else 0,
+            last_error=(reg.last_error if reg is not None else "") or self._read_error)
+
+    def leave(self) -> None:
+        self._stop.set()
+        if self._reader is not None:
+            self._reader.join(timeout=self.config.lease_seconds)
+            self._reader = None
+        if self.registration is not None:
+            self.registration.leave()
+
+
+__all__ = ["ClusterNode", "ClusterStartError", "ClusterStatus"]

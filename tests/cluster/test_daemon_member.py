@@ -1,0 +1,99 @@
+"""A real daemon with ``[cluster] etcd`` set joins the real etcd as a member, and leaves at SIGTERM.
+
+One daemon is started (it costs a start of a few seconds); the refused starts fail before anything slow
+loads (read from the log: no embedder line, no ``serving``), like a taken port (tests/e2e/test_second_daemon.py).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from daemon_proc import DaemonProcess
+from etcd_rig import EtcdCluster, _free_ports
+from memosd_client import Client
+
+from memosd import __version__
+from memosd.cluster.etcd import EtcdClient
+from memosd.cluster.membership import members
+
+SLOW_PART = ("loaded from", "event=serving")
+
+
+def _cluster_env(endpoints: list[str], name: str) -> dict[str, str]:
+    return {"MEMOSD_CLUSTER__ETCD": ",".join(endpoints), "MEMOSD_CLUSTER__NODE_NAME": name,
+            "MEMOSD_CLUSTER__LEASE_SECONDS": "2"}
+
+
+def _refused(daemon: DaemonProcess) -> str:
+    with pytest.raises(RuntimeError, match="memosd exited with 1"):
+        daemon.start()
+    log: str = daemon.full_log()
+    for line in SLOW_PART:
+        assert line not in log, f"the refused start went past the cluster check ({line!r}):\n{log}"
+    return log
+
+
+def test_a_daemon_joins_as_a_member_and_leaves_at_sigterm(etcd: EtcdCluster, client: EtcdClient,
+                                                           tmp_path: Path) -> None:
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    first = DaemonProcess(tmp_path / "first", env=_cluster_env(etcd.endpoints, name)).start()
+    try:
+        live = {m.name: m for m in members(client)}
+        assert name in live, f"the daemon is not a member:\n{first.log()}"
+        # No cluster.advertise: the address its gRPC server is bound to (port 0 picked a free one).
+        assert live[name].address == first.address and not first.address.endswith(":0")
+        assert live[name].version == __version__
+        assert "event=cluster_checked" in first.full_log() and "event=cluster_joined" in first.full_log()
+        with Client(first.address, token=first.token, timeout=30) as admin:
+            stats = admin.stats()
+        assert stats.HasField("cluster")
+        assert (stats.cluster.node_name, stats.cluster.address, stats.cluster.joined) == (name, first.address, True)
+        assert name in stats.cluster.members and stats.cluster.last_error == ""
+        assert 0 <= stats.cluster.members_age_seconds < 5 and stats.cluster.lease_renewals == 0
+
+        # A second daemon under the same node name is refused within one lease, before it loads anything.
+        log = _refused(DaemonProcess(tmp_path / "second", env=_cluster_env(etcd.endpoints, name)))
+        assert f"memosd: cluster.node_name {name!r} is already a live member at {first.address}" in log
+        assert first.proc is not None and first.proc.poll() is None, "the first daemon is untouched"
+
+        # etcd loses its quorum: the daemon keeps serving its own cubes, and Stats answers from memory,
+        # saying what failed; once etcd is back the node is still a member and the error clears.
+        etcd.members[0].kill()
+        etcd.members[1].kill()
+        with Client(first.address, token=first.token, timeout=30) as admin:
+            cube = admin.alloc_cube(f"during-outage-{name}")
+            assert cube.name == f"during-outage-{name}"
+            deadline = time.monotonic() + 15
+            while True:
+                start = time.monotonic()
+                cluster = admin.stats().cluster
+                assert time.monotonic() - start < 2, "Stats waited on etcd"
+                if cluster.last_error:
+                    break
+                assert time.monotonic() < deadline, "no etcd error in Stats 15 s into the outage"
+                time.sleep(0.3)
+            etcd.restore()
+            deadline = time.monotonic() + 15
+            while admin.stats().cluster.last_error:
+                assert time.monotonic() < deadline, "the etcd error stayed 15 s after etcd came back"
+                time.sleep(0.3)
+        assert name in {m.name for m in members(client)}
+    finally:
+        assert first.stop() == 0, first.log()
+    # Left at once (the lease revoked), not after its TTL.
+    assert name not in {m.name for m in members(client)}
+    assert "event=cluster_left" in first.full_log()
+
+
+def test_a_single_node_has_no_cluster_section(daemon: DaemonProcess) -> None:
+    with Client(daemon.address, token=daemon.token, timeout=30) as admin:
+        assert not admin.stats().HasField("cluster")
+
+
+def test_a_daemon_that_cannot_reach_etcd_fails_at_once(tmp_path: Path) -> None:
+    closed = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    log = _refused(DaemonProcess(tmp_path / "alone", env=_cluster_env(closed, "lonely")))
+    assert f"memosd: cannot reach etcd at {', '.join(closed)} (cluster.etcd)" in log
