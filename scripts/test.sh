@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
+scripts/install_etcd.sh  # the cluster tests run a real etcd cluster
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== generated code"; python scripts/gen_protos.py --check
