@@ -5,7 +5,9 @@ is activated at the mount's revision, the items retrieved for the last user
 message (hybrid search over all the mounts, minus items already in a block),
 then the conversation. The first activated block's KV cache is the prompt's
 prefix: a fresh copy of it is extended by the prefill of the rest, so the
-pooled and stored cache never change. Later blocks are prefilled as tokens.
+pooled and stored cache never change. Later blocks are reused only as part of
+a combination seen before (the same cubes, order and revisions: the KV of a
+block is exact only after the very same blocks), else prefilled as tokens.
 
 The model work is an engine's (``runtime/``): the vLLM engine finds the
 prefix's blocks itself; the transformers engine (``runtime.transformers_engine``)

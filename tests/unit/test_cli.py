@@ -468,6 +468,9 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
             memory.append(types_pb2.MemoryUse(
                 mount_id=mount_id, cube_id=mount.cube_id, revision=mount.base_revision, activated=bool(items),
                 cache_key="ef" * 32 if items else "", cache_source=types_pb2.ACTIVATION_SOURCE_POOL,
+                block_tokens=100 if items else 0, block_reused_tokens=96 if items else 0,
+                block_computed_tokens=4 if items else 0,
+                block_reuse=types_pb2.BLOCK_REUSE_EXACT if items else types_pb2.BLOCK_REUSE_UNSPECIFIED,
                 block_items=[types_pb2.UsedItem(item_id=it.item_id, born_revision=it.born_revision) for it in items],
                 retrieved_items=[types_pb2.UsedItem(item_id=it.item_id, born_revision=it.born_revision, score=0.75)
                                  for it in items[:1]],
@@ -1024,7 +1027,7 @@ def test_chat_show_memory(ctl: Any, fake: FakeMemOS) -> None:
     lines = r.err.splitlines()
     assert lines[1:] == [
         "memory used:",
-        f"  notes (cube_0001) at revision 1: activated, KV reused from pool (key {'ef' * 6})",
+        f"  notes (cube_0001) at revision 1: activated, 96 of 100 block tokens reused from pool (key {'ef' * 6})",
         f"    block items (2): {ids[0]}@1, {ids[1]}@1",
         f"    retrieved (1): {ids[0]}@1 (0.750)",
         f"  blank ({blank_id}) at revision 0: not activated",

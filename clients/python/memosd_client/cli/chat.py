@@ -57,10 +57,14 @@ def memory_lines(s: types_pb2.GenerationSummary, names: Mapping[str, str]) -> li
     lines = ["memory used:"]
     for use in s.memory:
         name = names.get(use.mount_id, use.cube_id)
+        where = f" from {SOURCES.get(use.cache_source, '?')} (key {use.cache_key[:12]})" if use.cache_key else ""
         if not use.activated:
             how = "not activated"
+        elif use.block_tokens:  # per-block counts (daemons since issue 13's exact combinations)
+            how = (f"activated, {use.block_reused_tokens} of {use.block_tokens} block tokens reused{where}"
+                   if use.block_reused_tokens else f"activated, block prefilled ({use.block_tokens} tokens)")
         elif use.cache_key:
-            how = f"activated, KV reused from {SOURCES.get(use.cache_source, '?')} (key {use.cache_key[:12]})"
+            how = f"activated, KV reused{where}"
         else:
             how = "activated, block prefilled"
         lines.append(f"  {name} ({use.cube_id}) at revision {use.revision}: {how}")
