@@ -40,6 +40,14 @@ MAX_STOPS = 8
 MAX_STOP_BYTES = 256
 MAX_STEPS = 100_000  # optimizer steps of one Train job
 MAX_REQUEST_ID_CHARS = 128
+# The MemReader's bounds on what an extractor may answer (memosd/reader/parse.py): anything past them is
+# dropped and counted, never stored. An answer is read only up to MAX_EXTRACT_OUTPUT_BYTES (json.loads never
+# sees more), and each prompt shows at most MAX_TURNS_PER_PROMPT turns, so a bad model costs bounded work.
+MAX_EXTRACT_OUTPUT_BYTES = 32 * 1024
+MAX_EXTRACTED_ITEMS = 32  # items one answer may hold; the rest are dropped ("too_many")
+MAX_EXTRACTED_TEXT_CHARS = 500  # an extracted item's text
+MAX_EXTRACTED_SOURCES = 16  # source turns one extracted item may name
+MAX_TURNS_PER_PROMPT = 16
 REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 
 

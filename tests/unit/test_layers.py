@@ -56,6 +56,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "activation": ("activation",),
     # Memory as LoRA adapters: import/export of plain files, residency, training jobs.
     "parametric": ("parametric",),
+    # The MemReader's pure core: the extraction prompt, strict parsing, the support check, reconcile
+    # planning (conversation turns -> derived memory items); its job runs in parametric/jobs.py.
+    "reader": ("reader",),
     # The kernel (cubes, mounts, commits, search, validation of every semantic bound) and governance
     # (principals, access control, audit), side by side.
     "kernel": ("kernel", "governance"),
