@@ -48,6 +48,7 @@ MAX_EXTRACTED_ITEMS = 32  # items one answer may hold; the rest are dropped ("to
 MAX_EXTRACTED_TEXT_CHARS = 500  # an extracted item's text
 MAX_EXTRACTED_SOURCES = 16  # source turns one extracted item may name
 MAX_TURNS_PER_PROMPT = 16
+MAX_DERIVED_FROM = 64  # source items one item may name as derived_from (Write's structured memory)
 REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 
 
@@ -98,6 +99,20 @@ def item_fields(inputs: Sequence[ItemInput]) -> None:
         if item.item_id and not ITEM_ID_RE.fullmatch(item.item_id):
             raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                "to add a new item", field=f"items[{i}].item_id")
+        derived_from(item.derived_from, item.item_id, f"items[{i}].derived_from")
+
+
+def derived_from(values: Sequence[str], item_id: str, what: str) -> None:
+    """The sources a derived item names: item ids, at most MAX_DERIVED_FROM, never the item itself."""
+    if len(values) > MAX_DERIVED_FROM:
+        raise InvalidField(f"{what} names {len(values)} items; at most {MAX_DERIVED_FROM} are allowed",
+                           field=what)
+    for value in values:
+        if not ITEM_ID_RE.fullmatch(value):
+            raise InvalidField(f"{what} has {value!r}, which is not an item id", field=what)
+        if item_id and value == item_id:
+            raise InvalidField(f"{what} names the item itself ({item_id}); an item is derived from others",
+                               field=what)
 
 
 def source(value: str, what: str) -> None:

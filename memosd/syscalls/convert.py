@@ -131,7 +131,8 @@ def item(view: ItemView, usage: ItemUsage | None = None) -> t.Item:
                      event_time=ts(view.event_ns), write_time=ts(view.write_ns), born_revision=view.born,
                      staged=view.staged, speaker=view.speaker, session_id=view.session_id,
                      prev_item_id=view.prev_item_id, next_item_id=view.next_item_id,
-                     state=ITEM_STATES.get(view.state, t.ITEM_STATE_ACTIVE))
+                     state=ITEM_STATES.get(view.state, t.ITEM_STATE_ACTIVE),
+                     derived_from=view.derived_from, derived_job=view.derived_job)
     if view.expire_ns:
         message.expire_time.CopyFrom(ts(view.expire_ns))
     if usage is not None and usage.hits:
@@ -186,7 +187,8 @@ def search_header(h: MountHeader) -> t.ResponseHeader:
 def item_inputs(items: list[t.ItemInput]) -> list[ItemInput]:
     return [ItemInput(text=i.text, item_id=i.item_id, tags=tuple(i.tags), source=i.source,
                       event_ns=nanos(i.event_time, f"items[{n}].event_time") if i.HasField("event_time") else 0,
-                      speaker=i.speaker, session_id=i.session_id, ttl_seconds=i.ttl_seconds)
+                      speaker=i.speaker, session_id=i.session_id, ttl_seconds=i.ttl_seconds,
+                      derived_from=tuple(i.derived_from))
             for n, i in enumerate(items)]
 
 

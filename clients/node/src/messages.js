@@ -756,6 +756,8 @@
  * @property {string} next_item_id
  * @property {ItemState} state Its lifecycle state at this version (SetItemState, TTL expiry).
  * @property {Date | null} expire_time When its TTL ends (ItemInput.ttl_seconds); unset for no TTL.
+ * @property {string[]} derived_from A derived item (structured memory: ItemInput.derived_from, or a fact the MemReader extracted): the items it was derived from, every version's sources kept. Purging any of them purges this item too (PurgeReceipt.derived_item_ids). Empty for other items.
+ * @property {string} derived_job The job that derived it; "" when a Write did.
  */
 
 /** @typedef {"ITEM_STATE_UNSPECIFIED" | "ITEM_STATE_ACTIVE" | "ITEM_STATE_ARCHIVED" | "ITEM_STATE_EXPIRED"} ItemState An item's lifecycle state. Archived and expired items are left out of Search (archived ones come back with include_archived) and of memory blocks, but Read returns them. Every change is a committed revision. */
@@ -770,6 +772,7 @@
  * @property {string} speaker Optional conversation metadata (Ingest sets both): at most 128 and 256 printable characters.
  * @property {string} session_id
  * @property {number} ttl_seconds Time to live: the item expires this many seconds after the write (0: never; at most 100 years). See ItemState.
+ * @property {string[]} derived_from Structured memory: the items (conversation turns) visible in the mount that this item was derived from (at most 64, never the item itself). Purging one of them purges this item too. An edit keeps the sources of the item's earlier versions and adds these.
  */
 
 /**
@@ -1112,6 +1115,7 @@
  * @property {number} lexical_entries_removed
  * @property {string[]} kv_caches_deleted KV caches deleted (cache keys), from the pool and the store.
  * @property {TaintedAdapter[]} adapters_tainted Adapters whose lineage includes a purged item, now marked tainted.
+ * @property {string[]} derived_item_ids The items among item_ids purged because they were derived from a selected item (Item.derived_from), directly or through another such item.
  */
 
 /**

@@ -768,6 +768,8 @@ class Item(_message.Message):
     NEXT_ITEM_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
+    DERIVED_JOB_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """Daemon-assigned, stable across versions ("itm_" + 20 base32 characters)."""
     text: _builtins.str
@@ -794,6 +796,8 @@ class Item(_message.Message):
     next_item_id: _builtins.str
     state: Global___ItemState.ValueType
     """Its lifecycle state at this version (SetItemState, TTL expiry)."""
+    derived_job: _builtins.str
+    """The job that derived it; "" when a Write did."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -809,6 +813,14 @@ class Item(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When its TTL ends (ItemInput.ttl_seconds); unset for no TTL."""
+
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A derived item (structured memory: ItemInput.derived_from, or a fact the
+        MemReader extracted): the items it was derived from, every version's
+        sources kept. Purging any of them purges this item too
+        (PurgeReceipt.derived_item_ids). Empty for other items.
+        """
 
     def __init__(
         self,
@@ -829,10 +841,12 @@ class Item(_message.Message):
         next_item_id: _builtins.str = ...,
         state: Global___ItemState.ValueType = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
+        derived_job: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "write_time", b"write_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "event_time", b"event_time", "expire_time", b"expire_time", "hit_count", b"hit_count", "item_id", b"item_id", "last_used_time", b"last_used_time", "next_item_id", b"next_item_id", "prev_item_id", b"prev_item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "staged", b"staged", "state", b"state", "tags", b"tags", "text", b"text", "write_time", b"write_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "derived_from", b"derived_from", "derived_job", b"derived_job", "event_time", b"event_time", "expire_time", b"expire_time", "hit_count", b"hit_count", "item_id", b"item_id", "last_used_time", b"last_used_time", "next_item_id", b"next_item_id", "prev_item_id", b"prev_item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "staged", b"staged", "state", b"state", "tags", b"tags", "text", b"text", "write_time", b"write_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -852,6 +866,7 @@ class ItemInput(_message.Message):
     SPEAKER_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """Empty to add a new item (the daemon assigns its id); set to replace the
     item with this id, which must be visible in the mount.
@@ -874,6 +889,14 @@ class ItemInput(_message.Message):
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """Optional; when unset the daemon uses the write time."""
 
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Structured memory: the items (conversation turns) visible in the mount
+        that this item was derived from (at most 64, never the item itself).
+        Purging one of them purges this item too. An edit keeps the sources of
+        the item's earlier versions and adds these.
+        """
+
     def __init__(
         self,
         *,
@@ -885,10 +908,11 @@ class ItemInput(_message.Message):
         speaker: _builtins.str = ...,
         session_id: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "item_id", b"item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "tags", b"tags", "text", b"text", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["derived_from", b"derived_from", "event_time", b"event_time", "item_id", b"item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "tags", b"tags", "text", b"text", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2224,6 +2248,7 @@ class PurgeReceipt(_message.Message):
     LEXICAL_ENTRIES_REMOVED_FIELD_NUMBER: _builtins.int
     KV_CACHES_DELETED_FIELD_NUMBER: _builtins.int
     ADAPTERS_TAINTED_FIELD_NUMBER: _builtins.int
+    DERIVED_ITEM_IDS_FIELD_NUMBER: _builtins.int
     purge_id: _builtins.str
     cube_id: _builtins.str
     versions_removed: _builtins.int
@@ -2243,6 +2268,12 @@ class PurgeReceipt(_message.Message):
     def adapters_tainted(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaintedAdapter]:
         """Adapters whose lineage includes a purged item, now marked tainted."""
 
+    @_builtins.property
+    def derived_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The items among item_ids purged because they were derived from a
+        selected item (Item.derived_from), directly or through another such item.
+        """
+
     def __init__(
         self,
         *,
@@ -2257,10 +2288,11 @@ class PurgeReceipt(_message.Message):
         lexical_entries_removed: _builtins.int = ...,
         kv_caches_deleted: _abc.Iterable[_builtins.str] | None = ...,
         adapters_tainted: _abc.Iterable[Global___TaintedAdapter] | None = ...,
+        derived_item_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_tainted", b"adapters_tainted", "cube_id", b"cube_id", "dense_entries_removed", b"dense_entries_removed", "item_ids", b"item_ids", "kv_caches_deleted", b"kv_caches_deleted", "lexical_entries_removed", b"lexical_entries_removed", "purge_id", b"purge_id", "staged_removed", b"staged_removed", "time", b"time", "vectors_removed", b"vectors_removed", "versions_removed", b"versions_removed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_tainted", b"adapters_tainted", "cube_id", b"cube_id", "dense_entries_removed", b"dense_entries_removed", "derived_item_ids", b"derived_item_ids", "item_ids", b"item_ids", "kv_caches_deleted", b"kv_caches_deleted", "lexical_entries_removed", b"lexical_entries_removed", "purge_id", b"purge_id", "staged_removed", b"staged_removed", "time", b"time", "vectors_removed", b"vectors_removed", "versions_removed", b"versions_removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
