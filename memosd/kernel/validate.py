@@ -48,6 +48,11 @@ MAX_EXTRACTED_ITEMS = 32  # items one answer may hold; the rest are dropped ("to
 MAX_EXTRACTED_TEXT_CHARS = 500  # an extracted item's text
 MAX_EXTRACTED_SOURCES = 16  # source turns one extracted item may name
 MAX_TURNS_PER_PROMPT = 16
+MAX_EXTRACT_TURNS = 10_000  # turns one Extract job reads
+MAX_EXTRACT_NEW_TOKENS = 2048  # an Extract job's answer budget per prompt (ExtractorSettings.max_tokens)
+DEFAULT_EXTRACT_NEW_TOKENS = 256
+MAX_EXTRACTOR_URL_CHARS = 2048
+MAX_EXTRACTOR_TOKEN_CHARS = 4096
 MAX_DERIVED_FROM = 64  # source items one item may name as derived_from (Write's structured memory)
 REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 
@@ -100,6 +105,25 @@ def item_fields(inputs: Sequence[ItemInput]) -> None:
             raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                "to add a new item", field=f"items[{i}].item_id")
         derived_from(item.derived_from, item.item_id, f"items[{i}].derived_from")
+
+
+def extractor(url: str, token: str, model: str, max_tokens: int) -> int:
+    """An Extract job's extractor settings; returns the answer budget (0: the default)."""
+    if url and (not re.match(r"^https?://[^\s/]+", url) or len(url) > MAX_EXTRACTOR_URL_CHARS):
+        raise InvalidField(f"extractor.url {url[:100]!r} is not an http(s) URL of at most {MAX_EXTRACTOR_URL_CHARS} "
+                           "characters; leave it empty for the in-process model", field="extractor.url")
+    if (token or model) and not url:
+        raise InvalidField("extractor.token and extractor.model are for an endpoint: set extractor.url too",
+                           field="extractor.url")
+    if len(token) > MAX_EXTRACTOR_TOKEN_CHARS or not token.isprintable():
+        raise InvalidField(f"extractor.token is at most {MAX_EXTRACTOR_TOKEN_CHARS} printable characters",
+                           field="extractor.token")
+    if len(model) > 256 or not model.isprintable():
+        raise InvalidField("extractor.model is at most 256 printable characters", field="extractor.model")
+    if not 0 <= max_tokens <= MAX_EXTRACT_NEW_TOKENS:
+        raise InvalidField(f"extractor.max_tokens is {max_tokens}; use 0 (the default, "
+                           f"{DEFAULT_EXTRACT_NEW_TOKENS}) to {MAX_EXTRACT_NEW_TOKENS}", field="extractor.max_tokens")
+    return max_tokens or DEFAULT_EXTRACT_NEW_TOKENS
 
 
 def derived_from(values: Sequence[str], item_id: str, what: str) -> None:

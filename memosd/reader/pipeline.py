@@ -20,8 +20,17 @@ from memosd.reader.types import Candidate, Counts, SourceTurn
 
 class Extractor(Protocol):
     def complete(self, messages: Sequence[tuple[str, str]]) -> str:
-        """The model's answer to a chat of (role, content) pairs."""
+        """The model's answer to a chat of (role, content) pairs. Raises AnswerUnavailable when this prompt
+        gets no answer (counted, the read goes on); any other error ends the read."""
         ...
+
+
+class AnswerUnavailable(Exception):
+    """One prompt got no answer (``reason``: e.g. "prompt_too_long", the model's context is too short)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,12 @@ def chunks(turns: Sequence[Turn], size: int = validate.MAX_TURNS_PER_PROMPT) -> 
 def read_chunk(chunk: Sequence[SourceTurn], extractor: Extractor) -> tuple[list[Candidate], Counts]:
     """The supported candidates of one prompt's answer, and its counts."""
     counts = Counts(turns=len(chunk), prompts=1)
-    parsed = parse_answer(extractor.complete(extraction_messages(chunk)), {t.ref: t.item_id for t in chunk})
+    try:
+        answer = extractor.complete(extraction_messages(chunk))
+    except AnswerUnavailable as unavailable:
+        counts.answers_dropped[unavailable.reason] += 1
+        return [], counts
+    parsed = parse_answer(answer, {t.ref: t.item_id for t in chunk})
     if parsed.answer_dropped:
         counts.answers_dropped[parsed.answer_dropped] += 1
     counts.proposed = parsed.proposed

@@ -1,6 +1,6 @@
 """The support check: an extracted item is kept only if its source turns say it.
 
-The rule: at least ``SUPPORT_THRESHOLD`` of the item's content words (kernel-independent, see words.py:
+The rule: at least ``SUPPORT_THRESHOLD`` (0.8) of the item's content words (kernel-independent, see words.py:
 lowercased, stemmed, function words dropped, negations kept) must occur among the content words of its
 source turns, read as memory (``"<speaker>: <words> [yesterday: 7 May 2023]"``, kernel/memory_text.py) plus
 each turn's own date; an item with no content word at all is refused too. An item's ``date``, when given,
@@ -31,7 +31,10 @@ from memosd.kernel.memory_text import memory_text
 from memosd.reader.types import Candidate, SourceTurn
 from memosd.reader.words import content_words
 
-SUPPORT_THRESHOLD = 0.75
+# With at most 4 content words (most items), every word must be supported; 5 to 9 allow one that is not
+# (an inflection the stemmer misses, a connective), 10 to 14 two. Swapping the value of a short statement
+# ("... colour is green" from "my favourite colour is blue": 3 of 4) is refused.
+SUPPORT_THRESHOLD = 0.8
 _DAY = re.compile(r"^\d{1,2} [A-Z][a-z]+ \d{4}$")  # what timeref renders a single day as: "7 May 2023"
 
 

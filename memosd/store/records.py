@@ -226,9 +226,15 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
 
+JobKind = Literal["train", "extract"]
+
+
 @dataclass
 class JobRecord:
-    """A background job (memory training) and its progress; persisted so a restart never loses one."""
+    """A background job and its progress; persisted so a restart never loses one. ``kind`` "train": memory
+    training (step, loss, the adapter); "extract": the MemReader (``progress`` holds its counts: see
+    parametric/extract.py; ``step`` / ``total_steps`` are its prompts). An extract job's ``settings`` never
+    hold an endpoint's token."""
 
     job_id: str
     cube_id: str
@@ -248,6 +254,8 @@ class JobRecord:
     result_revision: int = 0
     adapter_digest: str = ""
     principal: str = ""  # who started it (its right is checked again at commit); "": memosd itself
+    kind: JobKind = "train"
+    progress: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -127,6 +127,9 @@ def test_an_item_the_turn_does_not_say_is_refused() -> None:
     assert share < SUPPORT_THRESHOLD and set(missing) == {"kitten", "nam", "luna", "pari"}
     assert refusal(fact("Caroline adopted a kitten named Luna in Paris."), [TURN]) == "unsupported"
     assert refusal(fact("Caroline likes dogs and horses."), [TURN]) == "unsupported"
+    blue = SourceTurn("t1", "itm_a", "Caroline", "My favourite colour is blue", MAY8)
+    assert refusal(fact("Caroline's favourite colour is blue.", kind="preference"), [blue]) == ""
+    assert refusal(fact("Caroline's favourite colour is green.", kind="preference"), [blue]) == "unsupported"
     assert refusal(fact("the a of"), [TURN]) == "no_content"
 
 
