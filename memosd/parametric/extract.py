@@ -9,6 +9,7 @@ cube's derived items at HEAD and commits them as one revision through a read-wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from memosd.errors import MountNotFound, PermissionDenied
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.types import ItemInput
 from memosd.reader import reconcile
@@ -38,7 +40,9 @@ class EndpointError(Exception):
 
 class ModelExtractor:
     """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt, each prompt
-    one task on the runtime worker at background priority (chats keep their turn between prompts)."""
+    one task on the runtime worker at background priority (chats keep their turn between prompts). The answer
+    is started with "[" for the model, so it writes the array rather than a preamble; what it writes after
+    is parsed as strictly as any answer."""
 
     def __init__(self, host: ModelHost, loaded: LoadedModel, max_tokens: int) -> None:
         self._host, self._loaded, self._max_tokens = host, loaded, max_tokens
@@ -47,7 +51,7 @@ class ModelExtractor:
         def work() -> str:
             if self._loaded is self._host.loaded_now():  # the serving model: no cube's adapter may be on
                 self._host.adapters.use(self._loaded, None)
-            return greedy_complete(self._loaded, messages, self._max_tokens)
+            return greedy_complete(self._loaded, messages, self._max_tokens, prefix="[")  # JSON from the start
 
         try:
             return self._host.run(work, priority=PRIORITY_BACKGROUND)
@@ -111,11 +115,28 @@ class Committed:
     sources_gone: int  # kept items dropped because a source turn was forgotten or purged since the read
 
 
-def commit_result(kernel: Kernel, cube_id: str, candidates: Sequence[Candidate], *, job_id: str, message: str,
-                  author: str, principal: str) -> Committed:
-    """Reconcile ``candidates`` with the cube's derived items at HEAD and commit the plan as one revision,
-    through a read-write mount opened (and closed) here."""
-    mount = kernel.mount(cube_id, 0, True, principal).record
+def open_commit_mount(kernel: Kernel, cube_id: str, principal: str) -> str:
+    """The read-write mount a job commits through, opened at HEAD when the job starts, as the principal that
+    started it: a Revoke or DisablePrincipal meanwhile closes it (AccessControl.close_mounts), and the job then
+    commits nothing. (The kernel serializes the commit and the close on the mount's lock: one lands first.)"""
+    return kernel.mount(cube_id, 0, True, principal).record.mount_id
+
+
+def close_commit_mount(kernel: Kernel, mount_id: str) -> None:
+    with contextlib.suppress(MountNotFound):  # closed already (a Revoke, FreeCube)
+        kernel.unmount(mount_id)
+
+
+def commit_result(kernel: Kernel, cube_id: str, mount_id: str, candidates: Sequence[Candidate], *, job_id: str,
+                  message: str, author: str) -> Committed:
+    """Reconcile ``candidates`` with the cube's derived items the job's mount sees (its base: HEAD when the
+    job started) and commit the plan as one revision through it. Raises PermissionDenied when the mount was
+    closed under the job."""
+    try:
+        mount = kernel.mount_info(kernel.mount_state(mount_id)).record
+    except MountNotFound:
+        raise PermissionDenied(f"the job's mount {mount_id} was closed while it ran (a Revoke, DisablePrincipal or "
+                               f"FreeCube): nothing was committed to cube {cube_id}") from None
     try:
         head = mount.base
         alive = kernel.visible_items(cube_id, head, time.time_ns())
@@ -137,8 +158,9 @@ def commit_result(kernel: Kernel, cube_id: str, candidates: Sequence[Candidate],
             kernel.forget(mount.mount_id, plan.retires)
         result = kernel.commit(mount.mount_id, message, author)
         return Committed(result.revision.number if result.revision else 0, plan, len(candidates) - len(fresh))
-    finally:
-        kernel.unmount(mount.mount_id)
+    except MountNotFound:
+        raise PermissionDenied(f"the job's mount {mount_id} was closed while it committed (a Revoke, "
+                               f"DisablePrincipal or FreeCube): nothing was committed to cube {cube_id}") from None
 
 
 def _input(candidate: Candidate, item_id: str, job_id: str, when: dict[str, int]) -> ItemInput:

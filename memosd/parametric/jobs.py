@@ -181,10 +181,12 @@ class JobManager:
                                f"Extract job reads at most {validate.MAX_EXTRACT_TURNS}", field="mount_id")
         if not url:
             self.host.model()  # refuse now, not in the background, when there is no model
+        commit_mount = extract.open_commit_mount(self.kernel, cube.cube_id, principal)  # not under _cond
         with self._cond:
             busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished
                     and j.kind == "extract"]
             if busy:
+                extract.close_commit_mount(self.kernel, commit_mount)
                 raise ExtractionInProgress(
                     f"cube {cube.record.name!r} already has extraction job {busy[0].job_id} ({busy[0].state}); "
                     "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
@@ -196,7 +198,7 @@ class JobManager:
             self._save(job)
             self._cancel[job.job_id] = threading.Event()
             self._prune()
-        thread = threading.Thread(target=self._run_extract, args=(job.job_id, turns, token),
+        thread = threading.Thread(target=self._run_extract, args=(job.job_id, turns, token, commit_mount),
                                   name=f"extract-{job.job_id}", daemon=True)
         self._threads[job.job_id] = thread
         thread.start()
@@ -304,7 +306,7 @@ class JobManager:
             # Nothing of the job is held by now: _train's frame is gone, and with it any error's traceback.
             return_freed_memory()
 
-    def _run_extract(self, job_id: str, turns: list[Turn], token: str) -> None:
+    def _run_extract(self, job_id: str, turns: list[Turn], token: str, commit_mount: str) -> None:
         cancel = self._cancel[job_id]
         job = self._update(job_id, state="running", start_ns=time.time_ns())
         total = len(chunks(turns))
@@ -327,9 +329,9 @@ class JobManager:
                     reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"])
                     kept, counts = read_turns(turns, reader, progress)
             job = self.get(job_id)
-            done = extract.commit_result(self.kernel, job.cube_id, kept, job_id=job_id,
+            done = extract.commit_result(self.kernel, job.cube_id, commit_mount, kept, job_id=job_id,
                                          message=job.message or f"memory extraction ({job_id})",
-                                         author=job.author or "memosd-extract", principal=job.principal)
+                                         author=job.author or "memosd-extract")
             plan = done.plan
             self._update(job_id, state="succeeded", end_ns=time.time_ns(), result_revision=done.revision,
                          progress={**extract.progress_of(counts, len(turns)), "added": len(plan.adds),
@@ -348,6 +350,8 @@ class JobManager:
             self._update(job_id, state="failed", end_ns=time.time_ns(), error=why)
             log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why,
                       exc_info=None if isinstance(error, (MemosError, extract.EndpointError)) else error)
+        finally:
+            extract.close_commit_mount(self.kernel, commit_mount)
 
     def _train(self, job: JobRecord, refs: list[tuple[str, int]], cancel: threading.Event
                ) -> tuple[bytes, bytes, str]:

@@ -10,18 +10,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from memosd.runtime.model import LoadedModel
-from memosd.runtime.tokens import chat_token_ids
+from memosd.runtime.tokens import chat_token_ids, encode_text
 
 
 class PromptTooLong(Exception):
     """The chat and its answer budget do not fit in the model's context."""
 
 
-def greedy_complete(loaded: LoadedModel, messages: Sequence[tuple[str, str]], max_new_tokens: int) -> str:
-    """The model's answer to ``messages`` ((role, content) pairs), greedy, at most ``max_new_tokens``."""
+def greedy_complete(loaded: LoadedModel, messages: Sequence[tuple[str, str]], max_new_tokens: int,
+                    prefix: str = "") -> str:
+    """The model's answer to ``messages`` ((role, content) pairs), greedy, at most ``max_new_tokens``; with
+    ``prefix``, the answer is made to start with it (its tokens follow the prompt, and it is returned too):
+    "[" keeps a small model on a JSON array instead of a preamble."""
     import torch
 
     ids = chat_token_ids(loaded.tokenizer, [{"role": r, "content": c} for r, c in messages], generation_prompt=True)
+    ids += encode_text(loaded.tokenizer, prefix) if prefix else []
     if len(ids) + max_new_tokens > loaded.context_length:
         raise PromptTooLong(f"{len(ids)} prompt tokens + {max_new_tokens} > {loaded.context_length}")
     model = loaded.model
@@ -32,5 +36,4 @@ def greedy_complete(loaded: LoadedModel, messages: Sequence[tuple[str, str]], ma
                                                                                  device=model.device),
             max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
             pad_token_id=eos, eos_token_id=eos)
-    answer = str(loaded.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
-    return answer
+    return prefix + str(loaded.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))

@@ -202,6 +202,7 @@ def test_a_second_extraction_waits_and_cancel_ends_the_first(rig: Rig, endpoint:
     final = rig.jobs.cancel(job.job_id)
     assert final.state == "cancelled" and final.step == 1 and final.total_steps == 2  # stopped after a prompt
     assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1  # nothing committed
+    assert [m.record.mount_id for m in rig.kernel.mounts_of(rig.kernel.cube("c").cube_id)] == [mount]  # its own closed
 
 
 def test_the_in_process_model_path_drops_noise(rig: Rig) -> None:
@@ -213,3 +214,19 @@ def test_the_in_process_model_path_drops_noise(rig: Rig) -> None:
     assert p["turns_read"] == 1 and final.step == final.total_steps == 1
     assert p["proposed"] == p["kept"] + sum(p["dropped"].values()) + sum(p["refused"].values())
     assert p["kept"] == 0 and final.result_revision == 0  # a random model's 24 tokens are no JSON array
+
+
+def test_a_job_whose_mount_is_closed_commits_nothing(rig: Rig, endpoint: Endpoint) -> None:
+    """A Revoke or DisablePrincipal closes the principal's mounts of the cube (AccessControl.close_mounts),
+    the job's own commit mount among them: the job then fails and commits nothing."""
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+    endpoint.answers = [json.dumps([item("preference", "Melanie loves pottery.", ["t1"])])]
+    endpoint.gate.clear()
+    job = rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    cube_id = rig.kernel.cube("c").cube_id
+    [job_mount] = [m.record.mount_id for m in rig.kernel.mounts_of(cube_id) if m.record.mount_id != mount]
+    rig.kernel.unmount(job_mount)  # what close_mounts does
+    endpoint.gate.set()
+    final = final_state(rig, job.job_id)
+    assert final.state == "failed" and "was closed" in final.error
+    assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1
