@@ -110,3 +110,20 @@ def test_the_cascade_survives_a_restart(tmp_path: Path) -> None:
         assert again.purge(CUBE, [turn]).derived_item_ids == [fact]
     finally:
         again.close()
+
+
+def test_an_archive_keeps_the_sources_and_the_cascade(kernel: Kernel, turns: list[str], tmp_path: Path) -> None:
+    (fact,), _ = commit(kernel, CUBE, [ItemInput("Caroline adopted a dog.", derived_from=(turns[0],),
+                                                 derived_job="job_x")])
+    archive = tmp_path / "derived.memcube"
+    with archive.open("wb") as out:
+        kernel.export_cube(CUBE, out, with_kv=False)
+    other = open_kernel(tmp_path / "other", FakeIndexes())
+    try:
+        other.import_cube(archive, "copy", "", lambda _: False)
+        mount = other.mount("copy", 0, False).record.mount_id
+        (view,), _ = other.read(mount, [fact])
+        assert (view.derived_from, view.derived_job) == ((turns[0],), "job_x")
+        assert other.purge("copy", [turns[0]]).derived_item_ids == [fact]
+    finally:
+        other.close()
