@@ -24,7 +24,7 @@ from memosd.kernel.kernel import Kernel
 from memosd.kernel.types import ItemInput
 from memosd.reader import reconcile
 from memosd.reader.pipeline import AnswerUnavailable, Turn
-from memosd.reader.types import ITEM_KINDS, KIND_TAG_PREFIX, Candidate, ItemKind
+from memosd.reader.types import ITEM_KINDS, KIND_TAG_PREFIX, Candidate, Counts, ItemKind
 from memosd.runtime.complete import PromptTooLong, greedy_complete
 from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
@@ -174,7 +174,7 @@ def _input(candidate: Candidate, item_id: str, job_id: str, when: dict[str, int]
                      event_ns=event_ns, derived_from=candidate.sources, derived_job=job_id)
 
 
-def progress_of(counts: Any, turns_total: int) -> dict[str, Any]:
+def progress_of(counts: Counts, turns_total: int) -> dict[str, Any]:
     """A job's ``progress`` from the read's Counts (reader/types.py)."""
     return {"turns_total": turns_total, "turns_read": counts.turns, "proposed": counts.proposed,
             "kept": counts.kept, "dropped": dict(counts.dropped), "refused": dict(counts.refused),

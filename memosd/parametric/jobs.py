@@ -110,6 +110,8 @@ class JobManager:
                                     "Start the training again")
                 store.put_job(job, sync=True)
                 log_event(log, "job_failed_at_restart", job=job.job_id, cube=job.cube_id)
+                if job.kind == "extract" and job.settings.get("commit_mount"):  # mounts outlive a restart
+                    extract.close_commit_mount(kernel, str(job.settings["commit_mount"]))
             self._jobs[job.job_id] = job
 
     def _check_servable_rank(self, settings: dict[str, Any]) -> None:
@@ -191,7 +193,7 @@ class JobManager:
                     f"cube {cube.record.name!r} already has extraction job {busy[0].job_id} ({busy[0].state}); "
                     "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
             settings = {"extractor": "endpoint" if url else "model", "url": url, "model": model,
-                        "max_tokens": budget}
+                        "max_tokens": budget, "commit_mount": commit_mount}
             job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
                             time.time_ns(), principal=principal, kind="extract",
                             progress=extract.progress_of(Counts(), len(turns)))

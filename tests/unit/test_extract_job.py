@@ -230,3 +230,19 @@ def test_a_job_whose_mount_is_closed_commits_nothing(rig: Rig, endpoint: Endpoin
     final = final_state(rig, job.job_id)
     assert final.state == "failed" and "was closed" in final.error
     assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1
+
+
+def test_a_job_cut_short_by_a_stop_fails_at_the_next_start_and_its_mount_is_closed(rig: Rig) -> None:
+    """Mounts outlive a restart (they are persisted); the job's own commit mount must not."""
+    from memosd.parametric.jobs import JobManager
+
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+    cube_id = rig.kernel.cube("c").cube_id
+    job_mount = rig.kernel.mount("c", 0, True).record.mount_id  # as a job opens it
+    running = JobRecord("job_cutshort", cube_id, 1, {"extractor": "model", "url": "", "model": "",
+                                                     "max_tokens": 256, "commit_mount": job_mount},
+                        "", "t", 1, state="running", kind="extract")
+    rig.kernel.store.put_job(running, sync=True)
+    again = JobManager(rig.kernel, rig.host, store=rig.kernel.store)  # what the next start builds
+    assert again.get("job_cutshort").state == "failed"
+    assert [m.record.mount_id for m in rig.kernel.mounts_of(cube_id)] == [mount]
