@@ -32,6 +32,7 @@ class Endpoint:
 
     def __init__(self) -> None:
         self.answers: list[str] = []
+        self.raw: bytes | None = None  # set: answered as the whole HTTP body instead of a chat completion
         self.requests: list[dict[str, Any]] = []
         self.headers: list[str] = []
         self.gate = threading.Event()
@@ -45,7 +46,8 @@ class Endpoint:
                 endpoint.requests.append(body)
                 endpoint.headers.append(self.headers.get("Authorization", ""))
                 answer = endpoint.answers.pop(0) if endpoint.answers else "[]"
-                raw = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                raw = endpoint.raw if endpoint.raw is not None else json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
@@ -179,6 +181,15 @@ def test_unparseable_and_unsupported_output_is_counted_never_stored(rig: Rig, en
     assert job.result_revision == 0 and job.progress["answers_dropped"] == {"not_json": 1}
 
 
+def test_an_endpoint_that_does_not_answer_a_chat_completion_fails_the_job(rig: Rig, endpoint: Endpoint) -> None:
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+    endpoint.raw = b"<html>a proxy's error page</html>"
+    job = rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    final = final_state(rig, job.job_id)
+    assert final.state == "failed" and "not a chat completion" in final.error
+    assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1
+
+
 def test_refusals_before_the_job_starts(rig: Rig, endpoint: Endpoint) -> None:
     rig.kernel.alloc_cube("empty", "", {})
     with pytest.raises(CubeEmpty):
@@ -206,12 +217,14 @@ def test_a_second_extraction_waits_and_cancel_ends_the_first(rig: Rig, endpoint:
 
 
 def test_the_in_process_model_path_drops_noise(rig: Rig) -> None:
-    mount, _ = ingest(rig, "c", [("Caroline", "I adopted a dog last week")])
+    mount, _ = ingest(rig, "c", [("Caroline", "I adopted a dog last week")] * 16
+                      + [("Melanie", "pottery " * 2000)])  # the second prompt is past the 4096-token context
     job = rig.jobs.extract(mount, "", "", "", 24, "", "t")
     final = final_state(rig, job.job_id)
     assert final.state == "succeeded", final.error
     p = final.progress
-    assert p["turns_read"] == 1 and final.step == final.total_steps == 1
+    assert p["turns_read"] == 17 and final.step == final.total_steps == 2
+    assert p["answers_dropped"].get("prompt_too_long") == 1  # counted, and the read went on
     assert p["proposed"] == p["kept"] + sum(p["dropped"].values()) + sum(p["refused"].values())
     assert p["kept"] == 0 and final.result_revision == 0  # a random model's 24 tokens are no JSON array
 
