@@ -149,6 +149,11 @@ class TrainingInProgress(MemosError):
     reason = "TRAINING_IN_PROGRESS"
 
 
+class ExtractionInProgress(MemosError):
+    code = "FAILED_PRECONDITION"
+    reason = "EXTRACTION_IN_PROGRESS"
+
+
 class JobFinished(MemosError):
     code = "FAILED_PRECONDITION"
     reason = "JOB_FINISHED"
@@ -224,4 +229,5 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
     AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished, Unauthenticated,
     PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen, RevisionCompacted, ArchiveInvalid,
+    ExtractionInProgress,
 )

@@ -135,7 +135,7 @@ class Scheduler:
         alive = {(m.item_id, m.born) for m in self.kernel.visible_items(cube.cube_id, head, now)}
         if len(alive) < policy.train_min_items or now - changed_at < after * 10**9:
             return None
-        jobs = self.jobs.list_jobs(cube.cube_id)
+        jobs = [j for j in self.jobs.list_jobs(cube.cube_id) if j.kind == "train"]  # an Extract job is no bar
         if any(not j.finished for j in jobs):
             return None
         if any(j.state in ("failed", "cancelled") and j.create_ns >= changed_at for j in jobs):

@@ -24,6 +24,7 @@ class VersionMeta:
     session_id: str = ""
     state: str = "active"  # lifecycle: active | archived | expired (VersionRecord.state)
     expire_ns: int = 0  # the TTL's end; 0: none
+    derived_from: tuple[str, ...] = ()  # the items this version was derived from (VersionRecord)
 
     def alive_at(self, revision: int) -> bool:
         return self.born <= revision and (self.died == 0 or self.died > revision)
@@ -54,6 +55,8 @@ class Catalog:
         self.by_session: dict[str, set[int]] = {}
         # Versions with a TTL, under the one key _TTL: the lifecycle loop looks at these only.
         self._with_ttl: dict[str, set[int]] = {}
+        # Source item id -> the versions derived from it (VersionRecord.derived_from): the purge cascade.
+        self.by_derived_source: dict[str, set[int]] = {}
 
     def _postings(self, meta: VersionMeta) -> Iterator[tuple[dict[str, set[int]], str]]:
         for tag in meta.tags:
@@ -64,6 +67,8 @@ class Catalog:
             yield self.by_session, meta.session_id
         if meta.expire_ns:
             yield self._with_ttl, _TTL
+        for source_id in meta.derived_from:
+            yield self.by_derived_source, source_id
 
     def add(self, meta: VersionMeta) -> None:
         versions = self.by_item.setdefault(meta.item_id, [])
@@ -121,6 +126,11 @@ class Catalog:
             meta = self.by_vkey.get(vkey)  # a purge may have removed it since the copy
             if meta is not None and meta.alive_at(revision):
                 yield meta
+
+    def derived_from_any(self, item_ids: Iterable[str]) -> set[str]:
+        """The items a version of which was derived from one of ``item_ids``."""
+        return {self.by_vkey[vkey].item_id for source_id in item_ids
+                for vkey in self.by_derived_source.get(source_id, ())}
 
     def item_ids_at(self, revision: int) -> list[str]:
         return sorted(meta.item_id for meta in self.alive_at(revision))

@@ -74,7 +74,8 @@ def plan_commit(
             plan.changed += 1
         version = VersionRecord(item_id, next_vkey, staged.text, list(staged.tags), staged.source,
                                 staged.event_ns, staged.write_ns, revision,
-                                speaker=staged.speaker, session_id=staged.session_id, expire_ns=staged.expire_ns)
+                                speaker=staged.speaker, session_id=staged.session_id, expire_ns=staged.expire_ns,
+                                derived_from=list(staged.derived_from), derived_job=staged.derived_job)
         next_vkey += 1
         plan.born.append((version, vectors[item_id]))
     return plan

@@ -298,7 +298,8 @@ class Kernel:
     def purge(self, ref: str, item_ids: Sequence[str], source: str = "", tags: Sequence[str] = ()) -> PurgeReceipt:
         """Remove items from every revision, both indexes and every KV cache of the cube, flag the adapters
         trained on them, and scrub the store (see kernel/purge.py). Items are selected by id, and/or by the
-        source or any of the tags of any of their versions (or staged copies)."""
+        source or any of the tags of any of their versions (or staged copies); every item derived from a selected
+        one (``derived_from``) goes too, and the receipt lists those in ``derived_item_ids``."""
         return run_purge(self._purge, ref, item_ids, source, tags)
 
     def purges(self, ref: str) -> list[PurgeReceipt]:

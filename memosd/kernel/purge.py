@@ -1,7 +1,10 @@
 """Purge: remove items from every revision of a cube, its indexes and KV caches, and from the disk.
 
 Forget hides an item from later revisions and history keeps it; Purge deletes
-it from history itself. For each selected item, one synced batch deletes every
+it from history itself. The selection cascades: an item derived from a selected
+one (a version or staged copy naming it in ``derived_from``: the MemReader's
+facts from a turn) is purged with it, and so on down, and the receipt lists
+them (``derived_item_ids``). For each selected item, one synced batch deletes every
 version (all revisions) with its vector, its staged copies in the cube's open
 mounts, every activation of the cube (with its KV cache chunks) whose block
 holds it, and every KV block a paged engine stored for the cube (kv_blocks: a
@@ -93,11 +96,13 @@ def run_purge(parts: PurgeParts, ref: str, item_ids: Sequence[str], source: str,
             with contextlib.ExitStack() as held:
                 for mount in mounts:  # no staging of the cube changes while we look and delete
                     held.enter_context(mount.lock)
-                targets = _select(parts.store, cube, mounts, item_ids, source, wanted_tags)
-                if not targets:
+                selected = _select(parts.store, cube, mounts, item_ids, source, wanted_tags)
+                if not selected:
                     return PurgeReceipt("", cube.cube_id, time.time_ns())
+                derived = _derived(cube, mounts, selected)
+                targets = sorted({*selected, *derived})
                 cube.purging = frozenset(targets)  # and mounts opened meanwhile cannot stage them
-                plan = _plan(parts.store, cube, mounts, targets)
+                plan = _plan(parts.store, cube, mounts, targets, derived)
                 reset = True
                 parts.indexes.reset(cube)
                 parts.store.write(plan.batch, sync=True)
@@ -141,7 +146,23 @@ def _select(store: Store, cube: CubeState, mounts: Sequence[MountState], item_id
     return sorted(chosen)
 
 
-def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: list[str]) -> _Plan:
+def _derived(cube: CubeState, mounts: Sequence[MountState], selected: Sequence[str]) -> list[str]:
+    """The cascade: every item a version or staged copy of which was derived from a selected item, or from
+    an item found so (a derived item may itself be a source), sorted; the selected ones left out."""
+    found: set[str] = set()
+    chosen, frontier = set(selected), set(selected)
+    staged = [s for m in mounts for s in m.staging.values() if s.derived_from]
+    while frontier:
+        more = cube.catalog.derived_from_any(frontier)
+        more.update(s.item_id for s in staged if frontier.intersection(s.derived_from))
+        frontier = more - chosen
+        chosen |= frontier
+        found |= frontier
+    return sorted(found)
+
+
+def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: list[str],
+          derived: list[str]) -> _Plan:
     """Everything the purge removes and flags, as one batch and its receipt; changes nothing yet."""
     cube_id, purge_id, chosen = cube.cube_id, ids.new_id(ids.PURGE_PREFIX), set(targets)
     batch = store.batch()
@@ -181,7 +202,8 @@ def _plan(store: Store, cube: CubeState, mounts: Sequence[MountState], targets: 
         lexical_entries_removed=sum(1 for k in vkeys if k <= cube.index.lexical_watermark),
         activations=[PurgedActivation(r.fingerprint, r.cache_key, r.revision, r.persisted_bytes)
                      for r in activations],
-        adapters_tainted=[TaintedAdapter(a.digest, a.born) for a in tainted])
+        adapters_tainted=[TaintedAdapter(a.digest, a.born) for a in tainted],
+        derived_item_ids=derived)
     batch.put_purge(receipt)
     return _Plan(receipt, batch, record, tainted, kv_blocks)
 

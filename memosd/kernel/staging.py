@@ -123,7 +123,23 @@ class Staging:
         expire_ns = now + item.ttl_seconds * 1_000_000_000 if item.ttl_seconds else 0
         return StagedRecord(item_id, kind, base_born, item.text, list(item.tags), item.source,  # type: ignore[arg-type]
                             item.event_ns or now, now, speaker=item.speaker, session_id=item.session_id,
-                            expire_ns=expire_ns)
+                            expire_ns=expire_ns, derived_from=self._derived_from(mount, cube, item, index),
+                            derived_job=item.derived_job)
+
+    def _derived_from(self, mount: MountState, cube: CubeState, item: ItemInput, index: int) -> list[str]:
+        """The sources the staged version carries: those its current version (staged or at the mount's base)
+        has, then the write's, each visible in the mount. Never fewer than before: a purge of a turn must
+        still find every item that was derived from it, whatever edits came since."""
+        before: tuple[str, ...] | list[str] = ()
+        if item.item_id:
+            staged = mount.staging.get(item.item_id)
+            meta = None if staged is not None else cube.catalog.visible(item.item_id, mount.record.base)
+            before = staged.derived_from if staged is not None else (meta.derived_from if meta else ())
+        for source_id in item.derived_from:
+            if source_id not in before and self._visible_in(mount, cube, source_id) is None:
+                raise ItemNotFound(f"items[{index}].derived_from names {source_id!r}, which is not visible in "
+                                   f"mount {mount.mount_id!r}", item=source_id)
+        return list(dict.fromkeys((*before, *item.derived_from)))
 
     def forget(self, mount_id: str, item_ids: Sequence[str], adapter: bool = False) -> MountInfo:
         mount, cube = self.writable(mount_id)

@@ -94,17 +94,20 @@ class MountState:
 def meta_of(version: VersionRecord) -> VersionMeta:
     return VersionMeta(version.vkey, version.item_id, version.born, version.died,
                        frozenset(version.tags), version.event_ns, version.content_id,
-                       version.speaker, version.session_id, version.state, version.expire_ns)
+                       version.speaker, version.session_id, version.state, version.expire_ns,
+                       tuple(version.derived_from))
 
 
 def view_of(version: VersionRecord) -> ItemView:
     return ItemView(version.item_id, version.text, tuple(version.tags), version.source,
                     version.event_ns, version.write_ns, version.born,
                     speaker=version.speaker, session_id=version.session_id, state=version.state,
-                    expire_ns=version.expire_ns)
+                    expire_ns=version.expire_ns, derived_from=tuple(version.derived_from),
+                    derived_job=version.derived_job)
 
 
 def staged_view(staged: StagedRecord) -> ItemView:
     return ItemView(staged.item_id, staged.text, tuple(staged.tags), staged.source,
                     staged.event_ns, staged.write_ns, 0, staged=True,
-                    speaker=staged.speaker, session_id=staged.session_id, expire_ns=staged.expire_ns)
+                    speaker=staged.speaker, session_id=staged.session_id, expire_ns=staged.expire_ns,
+                    derived_from=tuple(staged.derived_from), derived_job=staged.derived_job)

@@ -25,6 +25,8 @@ class ItemView:
     next_item_id: str = ""
     state: str = "active"  # lifecycle: active | archived | expired
     expire_ns: int = 0  # the TTL's end; 0: none
+    derived_from: tuple[str, ...] = ()  # the items it was derived from (VersionRecord.derived_from)
+    derived_job: str = ""  # the Extract job that made it; "" for a Write
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class ItemInput:
     speaker: str = ""
     session_id: str = ""
     ttl_seconds: int = 0  # 0: no TTL; else the item expires this long after the write
+    # Structured memory: the items (turns) of the mount it was derived from; a purge of any of them purges
+    # this one. An edit keeps the sources its earlier versions had and adds these.
+    derived_from: tuple[str, ...] = ()
+    derived_job: str = ""  # set by the Extract job only (kernel callers); a Write leaves it ""
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,20 @@ MAX_STOPS = 8
 MAX_STOP_BYTES = 256
 MAX_STEPS = 100_000  # optimizer steps of one Train job
 MAX_REQUEST_ID_CHARS = 128
+# The MemReader's bounds on what an extractor may answer (memosd/reader/parse.py): anything past them is
+# dropped and counted, never stored. An answer is read only up to MAX_EXTRACT_OUTPUT_BYTES (json.loads never
+# sees more), and each prompt shows at most MAX_TURNS_PER_PROMPT turns, so a bad model costs bounded work.
+MAX_EXTRACT_OUTPUT_BYTES = 32 * 1024
+MAX_EXTRACTED_ITEMS = 32  # items one answer may hold; the rest are dropped ("too_many")
+MAX_EXTRACTED_TEXT_CHARS = 500  # an extracted item's text
+MAX_EXTRACTED_SOURCES = 16  # source turns one extracted item may name
+MAX_TURNS_PER_PROMPT = 16
+MAX_EXTRACT_TURNS = 10_000  # turns one Extract job reads
+MAX_EXTRACT_NEW_TOKENS = 2048  # an Extract job's answer budget per prompt (ExtractorSettings.max_tokens)
+DEFAULT_EXTRACT_NEW_TOKENS = 256
+MAX_EXTRACTOR_URL_CHARS = 2048
+MAX_EXTRACTOR_TOKEN_CHARS = 4096
+MAX_DERIVED_FROM = 64  # source items one item may name as derived_from (Write's structured memory)
 REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 
 
@@ -90,6 +104,39 @@ def item_fields(inputs: Sequence[ItemInput]) -> None:
         if item.item_id and not ITEM_ID_RE.fullmatch(item.item_id):
             raise InvalidField(f"items[{i}].item_id {item.item_id!r} is not an item id; leave it empty "
                                "to add a new item", field=f"items[{i}].item_id")
+        derived_from(item.derived_from, item.item_id, f"items[{i}].derived_from")
+
+
+def extractor(url: str, token: str, model: str, max_tokens: int) -> int:
+    """An Extract job's extractor settings; returns the answer budget (0: the default)."""
+    if url and (not re.match(r"^https?://[^\s/]+", url) or len(url) > MAX_EXTRACTOR_URL_CHARS):
+        raise InvalidField(f"extractor.url {url[:100]!r} is not an http(s) URL of at most {MAX_EXTRACTOR_URL_CHARS} "
+                           "characters; leave it empty for the in-process model", field="extractor.url")
+    if (token or model) and not url:
+        raise InvalidField("extractor.token and extractor.model are for an endpoint: set extractor.url too",
+                           field="extractor.url")
+    if len(token) > MAX_EXTRACTOR_TOKEN_CHARS or not token.isprintable():
+        raise InvalidField(f"extractor.token is at most {MAX_EXTRACTOR_TOKEN_CHARS} printable characters",
+                           field="extractor.token")
+    if len(model) > 256 or not model.isprintable():
+        raise InvalidField("extractor.model is at most 256 printable characters", field="extractor.model")
+    if not 0 <= max_tokens <= MAX_EXTRACT_NEW_TOKENS:
+        raise InvalidField(f"extractor.max_tokens is {max_tokens}; use 0 (the default, "
+                           f"{DEFAULT_EXTRACT_NEW_TOKENS}) to {MAX_EXTRACT_NEW_TOKENS}", field="extractor.max_tokens")
+    return max_tokens or DEFAULT_EXTRACT_NEW_TOKENS
+
+
+def derived_from(values: Sequence[str], item_id: str, what: str) -> None:
+    """The sources a derived item names: item ids, at most MAX_DERIVED_FROM, never the item itself."""
+    if len(values) > MAX_DERIVED_FROM:
+        raise InvalidField(f"{what} names {len(values)} items; at most {MAX_DERIVED_FROM} are allowed",
+                           field=what)
+    for value in values:
+        if not ITEM_ID_RE.fullmatch(value):
+            raise InvalidField(f"{what} has {value!r}, which is not an item id", field=what)
+        if item_id and value == item_id:
+            raise InvalidField(f"{what} names the item itself ({item_id}); an item is derived from others",
+                               field=what)
 
 
 def source(value: str, what: str) -> None:

@@ -22,12 +22,23 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, NoReturn, Protocol
 
-from memosd.errors import CubeEmpty, InvalidField, JobFinished, JobNotFound, MemosError, TrainingInProgress
+from memosd.errors import (
+    CubeEmpty,
+    ExtractionInProgress,
+    InvalidField,
+    JobFinished,
+    JobNotFound,
+    MemosError,
+    TrainingInProgress,
+)
 from memosd.kernel import ids, validate
 from memosd.kernel.kernel import CubeState, Kernel, check_thawed
 from memosd.kernel.memory_text import memory_text
 from memosd.logfmt import log_event
+from memosd.parametric import extract
 from memosd.park import Park, done_future, resolve
+from memosd.reader.pipeline import Extractor, Turn, chunks, read_turns
+from memosd.reader.types import Counts
 from memosd.runtime.adapters import adapter_digest
 from memosd.runtime.host import ModelHost
 from memosd.runtime.malloc import return_freed_memory
@@ -99,6 +110,8 @@ class JobManager:
                                     "Start the training again")
                 store.put_job(job, sync=True)
                 log_event(log, "job_failed_at_restart", job=job.job_id, cube=job.cube_id)
+                if job.kind == "extract" and job.settings.get("commit_mount"):  # mounts outlive a restart
+                    extract.close_commit_mount(kernel, str(job.settings["commit_mount"]))
             self._jobs[job.job_id] = job
 
     def _check_servable_rank(self, settings: dict[str, Any]) -> None:
@@ -134,7 +147,8 @@ class JobManager:
                             cube=cube.cube_id, revision=revision)
         self.host.model()  # refuse now, not in the background, when there is no model
         with self._cond:
-            busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished]
+            busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished
+                    and j.kind == "train"]
             if busy:
                 raise TrainingInProgress(
                     f"cube {cube.record.name!r} already has training job {busy[0].job_id} ({busy[0].state}); "
@@ -149,6 +163,49 @@ class JobManager:
         self._threads[job.job_id] = thread
         thread.start()
         log_event(log, "train", job=job.job_id, cube=cube.cube_id, revision=revision, items=len(metas))
+        return job
+
+    def extract(self, mount_id: str, url: str, token: str, model: str, max_tokens: int, message: str,
+                author: str, principal: str = "") -> JobRecord:
+        """Start a MemReader job over the read-write mount's turns at its base revision (parametric/
+        extract.py); its result is committed at HEAD. ``token`` stays in memory: it is not in the record."""
+        self.kernel.writable_mount(mount_id)  # MOUNT_READ_ONLY / CUBE_FROZEN now, not in the background
+        mount = self.kernel.mount_state(mount_id)
+        cube = self.kernel.cube_of(mount)
+        revision = mount.record.base
+        budget = validate.extractor(url, token, model, max_tokens)
+        turns = extract.turns_at(self.kernel, cube.cube_id, revision)
+        if not turns:
+            raise CubeEmpty(f"cube {cube.record.name!r} has no conversation turns at revision {revision}: there is "
+                            "nothing to read. Ingest a conversation first", cube=cube.cube_id, revision=revision)
+        if len(turns) > validate.MAX_EXTRACT_TURNS:
+            raise InvalidField(f"cube {cube.record.name!r} has {len(turns)} turns at revision {revision}; one "
+                               f"Extract job reads at most {validate.MAX_EXTRACT_TURNS}", field="mount_id")
+        if not url:
+            self.host.model()  # refuse now, not in the background, when there is no model
+        commit_mount = extract.open_commit_mount(self.kernel, cube.cube_id, principal)  # not under _cond
+        with self._cond:
+            busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished
+                    and j.kind == "extract"]
+            if busy:
+                extract.close_commit_mount(self.kernel, commit_mount)
+                raise ExtractionInProgress(
+                    f"cube {cube.record.name!r} already has extraction job {busy[0].job_id} ({busy[0].state}); "
+                    "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
+            settings = {"extractor": "endpoint" if url else "model", "url": url, "model": model,
+                        "max_tokens": budget, "commit_mount": commit_mount}
+            job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
+                            time.time_ns(), principal=principal, kind="extract",
+                            progress=extract.progress_of(Counts(), len(turns)))
+            self._save(job)
+            self._cancel[job.job_id] = threading.Event()
+            self._prune()
+        thread = threading.Thread(target=self._run_extract, args=(job.job_id, turns, token, commit_mount),
+                                  name=f"extract-{job.job_id}", daemon=True)
+        self._threads[job.job_id] = thread
+        thread.start()
+        log_event(log, "extract", job=job.job_id, cube=cube.cube_id, revision=revision, turns=len(turns),
+                  extractor=settings["extractor"])
         return job
 
     def get(self, job_id: str) -> JobRecord:
@@ -250,6 +307,53 @@ class JobManager:
             # Training freed hundreds of MB into malloc's arenas, where they would stay (runtime/malloc.py).
             # Nothing of the job is held by now: _train's frame is gone, and with it any error's traceback.
             return_freed_memory()
+
+    def _run_extract(self, job_id: str, turns: list[Turn], token: str, commit_mount: str) -> None:
+        cancel = self._cancel[job_id]
+        job = self._update(job_id, state="running", start_ns=time.time_ns())
+        total = len(chunks(turns))
+        try:
+            self._update(job_id, total_steps=total)
+
+            def progress(counts: Counts) -> None:
+                self._update(job_id, step=counts.prompts, progress=extract.progress_of(counts, len(turns)))
+                if cancel.is_set():
+                    raise _Stopped()
+
+            if cancel.is_set():
+                raise _Stopped()
+            settings = job.settings
+            if settings["url"]:
+                kept, counts = read_turns(turns, extract.EndpointExtractor(
+                    settings["url"], token, settings["model"], settings["max_tokens"]), progress)
+            else:
+                with self.host.training_model() as loaded:  # the weights (a transformers copy on vllm)
+                    reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"])
+                    kept, counts = read_turns(turns, reader, progress)
+            job = self.get(job_id)
+            done = extract.commit_result(self.kernel, job.cube_id, commit_mount, kept, job_id=job_id,
+                                         message=job.message or f"memory extraction ({job_id})",
+                                         author=job.author or "memosd-extract")
+            plan = done.plan
+            self._update(job_id, state="succeeded", end_ns=time.time_ns(), result_revision=done.revision,
+                         progress={**extract.progress_of(counts, len(turns)), "added": len(plan.adds),
+                                   "updated": len(plan.updates), "retired": len(plan.retires),
+                                   "duplicates": plan.outcomes["duplicate"], "sources_gone": done.sources_gone})
+            log_event(log, "job_succeeded", job=job_id, cube=job.cube_id, revision=done.revision,
+                      kept=counts.kept, proposed=counts.proposed, added=len(plan.adds), updated=len(plan.updates),
+                      retired=len(plan.retires))
+        except _Stopped:
+            state, why = ("failed", "memosd stopped while the job ran; start it again") if self._stopping else (
+                "cancelled", "")
+            self._update(job_id, state=state, end_ns=time.time_ns(), error=why)
+            log_event(log, f"job_{state}", job=job_id)
+        except Exception as error:  # reported on the job; the daemon goes on
+            why = error.message if isinstance(error, MemosError) else f"{type(error).__name__}: {error}"
+            self._update(job_id, state="failed", end_ns=time.time_ns(), error=why)
+            log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why,
+                      exc_info=None if isinstance(error, (MemosError, extract.EndpointError)) else error)
+        finally:
+            extract.close_commit_mount(self.kernel, commit_mount)
 
     def _train(self, job: JobRecord, refs: list[tuple[str, int]], cancel: threading.Event
                ) -> tuple[bytes, bytes, str]:

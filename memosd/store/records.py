@@ -106,7 +106,11 @@ class VersionRecord:
     `state` is the item's lifecycle state at this version ("active",
     "archived" or "expired"; see ARCHITECTURE.md "Lifecycle"): a state change
     is a new version with the same content. `expire_ns` is when a TTL ends
-    (0: none); the lifecycle loop then commits the item as "expired"."""
+    (0: none); the lifecycle loop then commits the item as "expired".
+
+    ``derived_from`` names the items (conversation turns) this one was derived from (the MemReader, or a
+    client's Write of structured memory); ``derived_job`` the Extract job that made it, "" for a Write.
+    Purging any of the sources purges this item too (kernel/purge.py). Both empty for other items."""
 
     item_id: str
     vkey: int
@@ -122,6 +126,8 @@ class VersionRecord:
     session_id: str = ""
     state: str = "active"
     expire_ns: int = 0
+    derived_from: list[str] = field(default_factory=list)
+    derived_job: str = ""
 
     @property
     def content_id(self) -> int:
@@ -154,6 +160,8 @@ class StagedRecord:
     speaker: str = ""
     session_id: str = ""
     expire_ns: int = 0  # from the write's ttl_seconds; 0: none
+    derived_from: list[str] = field(default_factory=list)  # see VersionRecord
+    derived_job: str = ""
 
 
 @dataclass
@@ -218,9 +226,15 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
 
+JobKind = Literal["train", "extract"]
+
+
 @dataclass
 class JobRecord:
-    """A background job (memory training) and its progress; persisted so a restart never loses one."""
+    """A background job and its progress; persisted so a restart never loses one. ``kind`` "train": memory
+    training (step, loss, the adapter); "extract": the MemReader (``progress`` holds its counts: see
+    parametric/extract.py; ``step`` / ``total_steps`` are its prompts). An extract job's ``settings`` never
+    hold an endpoint's token."""
 
     job_id: str
     cube_id: str
@@ -240,6 +254,8 @@ class JobRecord:
     result_revision: int = 0
     adapter_digest: str = ""
     principal: str = ""  # who started it (its right is checked again at commit); "": memosd itself
+    kind: JobKind = "train"
+    progress: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -318,6 +334,9 @@ class PurgeReceipt:
     lexical_entries_removed: int = 0
     activations: list[PurgedActivation] = field(default_factory=list)
     adapters_tainted: list[TaintedAdapter] = field(default_factory=list)
+    # The items among ``item_ids`` that were purged because they were derived (VersionRecord.derived_from)
+    # from a selected item, or from another item purged so: the cascade.
+    derived_item_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # decode() hands nested records over as dicts and lists.

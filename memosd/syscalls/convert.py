@@ -131,7 +131,8 @@ def item(view: ItemView, usage: ItemUsage | None = None) -> t.Item:
                      event_time=ts(view.event_ns), write_time=ts(view.write_ns), born_revision=view.born,
                      staged=view.staged, speaker=view.speaker, session_id=view.session_id,
                      prev_item_id=view.prev_item_id, next_item_id=view.next_item_id,
-                     state=ITEM_STATES.get(view.state, t.ITEM_STATE_ACTIVE))
+                     state=ITEM_STATES.get(view.state, t.ITEM_STATE_ACTIVE),
+                     derived_from=view.derived_from, derived_job=view.derived_job)
     if view.expire_ns:
         message.expire_time.CopyFrom(ts(view.expire_ns))
     if usage is not None and usage.hits:
@@ -186,7 +187,8 @@ def search_header(h: MountHeader) -> t.ResponseHeader:
 def item_inputs(items: list[t.ItemInput]) -> list[ItemInput]:
     return [ItemInput(text=i.text, item_id=i.item_id, tags=tuple(i.tags), source=i.source,
                       event_ns=nanos(i.event_time, f"items[{n}].event_time") if i.HasField("event_time") else 0,
-                      speaker=i.speaker, session_id=i.session_id, ttl_seconds=i.ttl_seconds)
+                      speaker=i.speaker, session_id=i.session_id, ttl_seconds=i.ttl_seconds,
+                      derived_from=tuple(i.derived_from))
             for n, i in enumerate(items)]
 
 
@@ -268,13 +270,29 @@ def train_settings(settings: t.TrainSettings) -> dict[str, int | float]:
     return out
 
 
+_JOB_KINDS = {"train": t.JOB_KIND_TRAIN, "extract": t.JOB_KIND_EXTRACT}
+
+
+def extract_progress(p: dict[str, Any]) -> t.ExtractProgress:
+    """An Extract job's counts (parametric/extract.progress_of) on the wire."""
+    dropped, refused, answers = (dict(p.get(k, {})) for k in ("dropped", "refused", "answers_dropped"))
+    return t.ExtractProgress(
+        turns_total=p.get("turns_total", 0), turns_read=p.get("turns_read", 0), proposed=p.get("proposed", 0),
+        kept=p.get("kept", 0), dropped=sum(dropped.values()), refused=sum(refused.values()),
+        answers_dropped=sum(answers.values()), dropped_by_reason=dropped, refused_by_reason=refused,
+        answers_dropped_by_reason=answers, added=p.get("added", 0), updated=p.get("updated", 0),
+        retired=p.get("retired", 0), duplicates=p.get("duplicates", 0))
+
+
 def job(j: JobRecord) -> t.Job:
     settings = t.TrainSettings(**{field: j.settings[key] for field, key in TRAIN_SETTINGS.items()
-                                  if key in j.settings})
+                                  if key in j.settings and j.kind == "train"})
     out = t.Job(job_id=j.job_id, state=_JOB_STATES[j.state], cube_id=j.cube_id, revision=j.revision,
                 settings=settings, step=j.step, total_steps=j.total_steps, loss=j.loss, eta_seconds=j.eta_seconds,
                 create_time=ts(j.create_ns), error=j.error, result_revision=j.result_revision,
-                adapter_digest=j.adapter_digest)
+                adapter_digest=j.adapter_digest, kind=_JOB_KINDS[j.kind])
+    if j.kind == "extract":
+        out.extract.CopyFrom(extract_progress(j.progress))
     if j.start_ns:
         out.start_time.CopyFrom(ts(j.start_ns))
     if j.end_ns:

@@ -193,6 +193,7 @@ class GovernanceHandlers:
             dense_entries_removed=receipt.dense_entries_removed,
             lexical_entries_removed=receipt.lexical_entries_removed,
             kv_caches_deleted=receipt.kv_caches_deleted,
-            adapters_tainted=[t.TaintedAdapter(digest=a.digest, born_revision=a.born) for a in receipt.adapters_tainted])
+            adapters_tainted=[t.TaintedAdapter(digest=a.digest, born_revision=a.born) for a in receipt.adapters_tainted],
+            derived_item_ids=receipt.derived_item_ids)
         return pb.PurgeResponse(header=cv.header(receipt.cube_id, self.kernel.head(receipt.cube_id)), receipt=message)
 

@@ -77,6 +77,8 @@ RULES: dict[str, Rule] = {
     "ImportAdapter": _rule(W, mounts=("header.mount_id",)),
     "ExportAdapter": _rule(R, mounts=("mount_id",)),
     "Train": _rule(T, mounts=("mount_id",)),
+    # It reads the mount's turns and commits derived items: a read-write mount's rights.
+    "Extract": _rule(R, W, mounts=("mount_id",)),
     "WatchJob": _rule(R, job="job_id"),
     "CancelJob": _rule(T, job="job_id"),
     "ListJobs": _rule(R, cube="cube"),  # an empty cube lists the jobs of visible cubes

@@ -282,6 +282,14 @@ class MemOSServicer(GovernanceHandlers):
         return pb.TrainResponse(header=cv.header(job.cube_id, self.kernel.head(job.cube_id), job.revision),
                                 job=cv.job(job))
 
+    def Extract(self, req: pb.ExtractRequest, call: Call) -> pb.ExtractResponse:
+        x = req.extractor
+        job = self.jobs.extract(req.mount_id, x.url, x.token, x.model, x.max_tokens, req.message,
+                                req.author or call.caller.name, principal=call.caller.principal_id)
+        call.note(artifacts=[f"job:{job.job_id}"])
+        return pb.ExtractResponse(header=cv.header(job.cube_id, self.kernel.head(job.cube_id), job.revision),
+                                  job=cv.job(job))
+
     def WatchJob(self, req: pb.WatchJobRequest, call: Call) -> Iterator[pb.WatchJobResponse | Park]:
         for job in self.jobs.watch(req.job_id, call.cancelled(), park=True):
             yield job if isinstance(job, Park) else pb.WatchJobResponse(job=cv.job(job))

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
 from memos import Client
+from memos.v1 import types_pb2 as t
 from tiny_llama import save_tiny_llama
 
 FACT = "The launch code for the red rocket is 4471."
@@ -24,7 +25,8 @@ FACT = "The launch code for the red rocket is 4471."
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path: Path = save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-model", context=512)
+    # 2048: room for the MemReader's prompt (test_extract_through_this_endpoint); 512 would do for the rest
+    path: Path = save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-model", context=2048)
     return path
 
 
@@ -253,3 +255,25 @@ def test_a_call_during_the_shutdown_drain_is_refused_with_shutting_down(
         assert proc.proc.wait(60) == 0  # type: ignore[union-attr]
     finally:
         proc.kill()
+
+
+def test_extract_through_this_endpoint(client: Client, daemon: DaemonProcess, base_url: str) -> None:
+    """The MemReader's OpenAI-compatible extractor against memosd's own endpoint: the job asks it over HTTP
+    with the token (its chat is audited as the token's principal) and the random model's answers are dropped
+    by the strict parse, never stored."""
+    client.alloc_cube("chat")
+    with client.mount("chat", writable=True) as m:
+        client.ingest(m, [{"speaker": "Melanie", "text": "I love pottery"}], session_id="s1")
+        job = m.extract(url=base_url, token=daemon.token, model="memosd", max_tokens=8)
+        final = client.wait_job(job.job_id, timeout=120)
+    assert final.state == t.JOB_STATE_SUCCEEDED, final.error
+    x = final.extract
+    assert (x.turns_read, final.step, final.total_steps) == (1, 1, 1)
+    assert x.proposed == x.kept + x.dropped + x.refused and x.kept == 0 and final.result_revision == 0
+    assert x.answers_dropped + x.proposed >= 1  # it answered: the answer was read and refused, whatever it was
+    chats = [r for r in client.audit(method="OpenAI.ChatCompletions") if r.outcome == t.AUDIT_OUTCOME_OK]
+    assert chats, "the job's request went through the gate"
+    with client.mount("chat", writable=True) as m:  # a wrong token: the endpoint refuses, the job fails and says so
+        bad = m.extract(url=base_url, token="mtk.nobody.wrong", model="memosd")
+        failed = client.wait_job(bad.job_id, timeout=120)
+    assert failed.state == t.JOB_STATE_FAILED and "HTTP 401" in failed.error

@@ -349,6 +349,32 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         self.scripts[job.job_id] = (request.message, request.author)
         return memos_pb2.TrainResponse(job=job)
 
+    def Extract(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("Extract", request))
+        mount = self._mount(request.mount_id, context)[0]
+        job = types_pb2.Job(job_id=self._id("job"), state=types_pb2.JOB_STATE_QUEUED, cube_id=mount.cube_id,
+                            revision=mount.base_revision, kind=types_pb2.JOB_KIND_EXTRACT, total_steps=2,
+                            extract=types_pb2.ExtractProgress(turns_total=3))
+        job.create_time.FromSeconds(1714560000)
+        self.jobs[job.job_id] = job
+        self.scripts[job.job_id] = (request.message, request.author)
+        return memos_pb2.ExtractResponse(job=job)
+
+    def _watch_extract(self, job: types_pb2.Job) -> Any:
+        """An Extract job as it is watched: two prompts, then it succeeds, committing a revision."""
+        for step, (read, kept, dropped, refused) in enumerate(((2, 1, 1, 0), (3, 2, 1, 1)), start=1):
+            x = types_pb2.ExtractProgress(turns_total=3, turns_read=read, proposed=kept + dropped + refused,
+                                          kept=kept, dropped=dropped, refused=refused,
+                                          dropped_by_reason={"unknown_key": dropped},
+                                          refused_by_reason={"unsupported": refused} if refused else {})
+            job.extract.CopyFrom(x)
+            self._job_update(job, state=types_pb2.JOB_STATE_RUNNING, step=step)
+            yield memos_pb2.WatchJobResponse(job=job)
+        cube = self.cubes[job.cube_id]
+        cube.head_revision += 1
+        job.extract.added = 2
+        self._job_update(job, state=types_pb2.JOB_STATE_SUCCEEDED, result_revision=cube.head_revision)
+
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Runs the job as it is watched: its steps, then by its Train message "fail" fails, "cancelled" is
         cancelled after step 1, "hang" runs step 1 then waits for CancelJob; anything else succeeds,
@@ -374,6 +400,11 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
             return
         message, author = self.scripts[job.job_id]
         yield memos_pb2.WatchJobResponse(job=job)
+        if job.kind == types_pb2.JOB_KIND_EXTRACT:
+            yield from self._watch_extract(job)
+            finished = True
+            yield memos_pb2.WatchJobResponse(job=job)
+            return
         for step in range(1, job.total_steps + 1):
             if job.state in terminal:
                 break
@@ -1400,6 +1431,31 @@ def test_train_shows_progress_and_succeeds(ctl: Any, fake: FakeMemOS) -> None:
     shown = block_of(ctl("adapter", "show", "notes").out)
     assert (shown["origin"], shown["trained from"], shown["job"]) == (
         "trained", "cube_0001 at revision 1 (2 items)", "job_0006")
+
+
+def test_mem_extract_follows_the_job_and_passes_the_token_from_the_environment(
+        ctl: Any, fake: FakeMemOS, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl("cube", "alloc", "chat")
+    monkeypatch.setenv("EXTRACT_TOKEN", "sk-secret")
+    r = ctl("mem", "extract", "chat", "--url", "http://127.0.0.1:9/v1", "--token-env", "EXTRACT_TOKEN",
+            "--model", "m", "--max-tokens", "64", "-m", "read it", "--author", "ops")
+    assert r.code == 0, r.err
+    (req,) = requests_of(fake, "Extract")
+    x = req.extractor
+    assert (x.url, x.token, x.model, x.max_tokens, req.message, req.author) == (
+        "http://127.0.0.1:9/v1", "sk-secret", "m", 64, "read it", "ops")
+    assert requests_of(fake, "Mount")[-1].mode == types_pb2.MOUNT_MODE_READ_WRITE
+    assert "reading 3 turns of cube cube_0001" in r.err and "prompt 2/2 100% kept 2 dropped 1 refused 1" in r.err
+    block = block_of(r.out)
+    assert (block["kind"], block["state"], block["prompts"], block["turns"], block["result revision"]) == (
+        "extract", "succeeded", "2/2", "3/3", "1")
+    assert block["items"] == "kept 2, dropped 1, refused 1 of 4 proposed"
+    assert (block["dropped"], block["refused"]) == ("unknown_key 1", "unsupported 1")
+    assert "sk-secret" not in r.out + r.err and not fake.mounts
+    listed = ctl("job", "list")
+    assert "kept 2, dropped 1, refused 1 of 4 proposed" in listed.out
+    r = ctl("mem", "extract", "chat", "--token-env", "NOT_SET_ANYWHERE")
+    assert r.code != 0 and "NOT_SET_ANYWHERE" in r.err and len(requests_of(fake, "Extract")) == 1
 
 
 def test_train_json_and_quiet_have_no_progress(ctl: Any, fake: FakeMemOS) -> None:

@@ -66,6 +66,7 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "STREAM_IDLE": (C.DEADLINE_EXCEEDED, errors.StreamIdle),
     "REQUEST_ID_REUSED": (C.INVALID_ARGUMENT, errors.RequestIdReused),
     "ARCHIVE_INVALID": (C.INVALID_ARGUMENT, errors.ArchiveInvalid),
+    "EXTRACTION_IN_PROGRESS": (C.FAILED_PRECONDITION, errors.ExtractionInProgress),
 }
 
 

@@ -36,7 +36,7 @@ PACKAGE_CLIENT_NAMES = {
 PACKAGE_ERROR_NAMES = {
     "Aborted", "AdapterInvalid", "AdapterMismatch", "ArchiveInvalid", "AdapterNotFound", "AdapterTooLarge", "AlreadyExists",
     "Cancelled", "CommitConflict", "ContextExceeded", "CubeEmpty", "CubeFrozen", "CubeNameTaken", "CubeNotFound",
-    "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Internal", "InternalError", "InvalidArgument",
+    "DataLoss", "ExtractionInProgress", "DeadlineExceeded", "FailedPrecondition", "Internal", "InternalError", "InvalidArgument",
     "InvalidField", "InvalidPageToken", "ItemNotFound", "JobFinished", "JobNotFound", "MalformedRequest",
     "MemosError", "ModelUnavailable", "MountNotFound", "MountReadOnly", "NotFound", "OutOfRange",
     "PermissionDenied", "PoolTooSmall", "RequestIdReused", "ResourceExhausted", "RevisionCompacted",
@@ -51,7 +51,7 @@ CLIENT_NAMES = PACKAGE_CLIENT_NAMES | {
 # The Client's calls on a mount that a MountHandle carries, bound to itself.
 BOUND_CALLS = {
     "write", "write_many", "read", "iter_items", "forget", "search", "ingest", "ingest_many", "commit",
-    "activate", "import_adapter", "export_adapter", "train",
+    "activate", "import_adapter", "export_adapter", "train", "extract",
 }
 
 

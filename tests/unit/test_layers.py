@@ -54,6 +54,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "activation": ("activation",),
     # Memory as LoRA adapters: import/export of plain files, residency, training jobs.
     "parametric": ("parametric",),
+    # The MemReader's pure core: the extraction prompt, strict parsing, the support check, reconcile
+    # planning (conversation turns -> derived memory items); its job runs in parametric/jobs.py.
+    "reader": ("reader",),
     # The cluster's shared state in etcd (membership, the cube directory, placement), over HTTP: it may
     # use the kernel's plain values and the leaves, never the wire (etcd's JSON gateway, not grpc).
     "cluster": ("cluster",),

@@ -520,3 +520,20 @@ def test_an_activation_that_read_the_block_before_a_purge_keeps_no_copy(rig: Any
     assert target in [i for i, _ in outcome.record.items]  # computed from the block read before the purge
     assert not outcome.pooled and outcome.record.cache_key not in rig.host.pool
     assert list(rig.kernel.store.iter_activations(outcome.record.cube_id)) == []
+
+
+def test_purging_a_turn_purges_the_items_derived_from_it_from_both_indexes(kernel: Kernel) -> None:
+    kernel.alloc_cube("c", "", {})
+    [turn] = commit(kernel, "c", [ItemInput("I keep my quokka in the garden", speaker="Caroline")])
+    [fact, other] = commit(kernel, "c", [ItemInput("Caroline keeps a quokka.", derived_from=(turn,)),
+                                         ItemInput("a note about gardens")])
+    assert fact in found(kernel, "c", 2, "quokka", "lexical")
+    assert fact in found(kernel, "c", 2, "Caroline keeps a quokka.", "dense")
+    receipt = kernel.purge("c", [turn])
+    assert receipt.item_ids == sorted([turn, fact]) and receipt.derived_item_ids == [fact]
+    assert receipt.versions_removed == 2 and receipt.lexical_entries_removed == 2
+    for rev in (1, 2):
+        assert not readable(kernel, "c", rev, fact)
+        assert fact not in found(kernel, "c", rev, "quokka", "lexical")
+        assert fact not in found(kernel, "c", rev, "Caroline keeps a quokka.", "dense")
+    assert ids_at(kernel, "c", 2) == {other}

@@ -115,6 +115,7 @@ export class StreamIdle extends DeadlineExceeded { static defaultReason = "STREA
 export class RequestIdReused extends InvalidArgument { static defaultReason = "REQUEST_ID_REUSED"; }
 /** A cube archive (ImportCube) is truncated, corrupt, inconsistent or of an unknown format version. */
 export class ArchiveInvalid extends InvalidArgument { static defaultReason = "ARCHIVE_INVALID"; }
+export class ExtractionInProgress extends FailedPrecondition { static defaultReason = "EXTRACTION_IN_PROGRESS"; }
 
 /** @type {Map<number, typeof MemosError>} */
 const BY_CODE = new Map([
@@ -163,6 +164,7 @@ export const BY_REASON = new Map([
   StreamIdle,
   RequestIdReused,
   ArchiveInvalid,
+  ExtractionInProgress,
 ].map((c) => [c.defaultReason, c]));
 
 /**

@@ -460,6 +460,20 @@
  */
 
 /**
+ * @typedef {object} ExtractRequest
+ * @property {string} mount_id A read-write mount of the cube; its base revision's turns are read.
+ * @property {ExtractorSettings | null} extractor The extractor; unset: the in-process model.
+ * @property {string} message Recorded on the revision that commits the items.
+ * @property {string} author
+ */
+
+/**
+ * @typedef {object} ExtractResponse
+ * @property {ResponseHeader | null} header
+ * @property {Job | null} job
+ */
+
+/**
  * @typedef {object} WatchJobRequest
  * @property {string} job_id
  */
@@ -768,6 +782,8 @@
  * @property {string} next_item_id
  * @property {ItemState} state Its lifecycle state at this version (SetItemState, TTL expiry).
  * @property {Date | null} expire_time When its TTL ends (ItemInput.ttl_seconds); unset for no TTL.
+ * @property {string[]} derived_from A derived item (structured memory: ItemInput.derived_from, or a fact the MemReader extracted): the items it was derived from, every version's sources kept. Purging any of them purges this item too (PurgeReceipt.derived_item_ids). Empty for other items.
+ * @property {string} derived_job The job that derived it; "" when a Write did.
  */
 
 /** @typedef {"ITEM_STATE_UNSPECIFIED" | "ITEM_STATE_ACTIVE" | "ITEM_STATE_ARCHIVED" | "ITEM_STATE_EXPIRED"} ItemState An item's lifecycle state. Archived and expired items are left out of Search (archived ones come back with include_archived) and of memory blocks, but Read returns them. Every change is a committed revision. */
@@ -782,6 +798,7 @@
  * @property {string} speaker Optional conversation metadata (Ingest sets both): at most 128 and 256 printable characters.
  * @property {string} session_id
  * @property {number} ttl_seconds Time to live: the item expires this many seconds after the write (0: never; at most 100 years). See ItemState.
+ * @property {string[]} derived_from Structured memory: the items (conversation turns) visible in the mount that this item was derived from (at most 64, never the item itself). Purging one of them purges this item too. An edit keeps the sources of the item's earlier versions and adds these.
  */
 
 /**
@@ -885,7 +902,7 @@
  * @property {Item[]} context_after
  */
 
-/** @typedef {"ERROR_REASON_UNSPECIFIED" | "CUBE_NOT_FOUND" | "MOUNT_NOT_FOUND" | "REVISION_NOT_FOUND" | "ITEM_NOT_FOUND" | "CUBE_NAME_TAKEN" | "INVALID_FIELD" | "TEXT_EMPTY" | "TEXT_TOO_LARGE" | "TOO_MANY_ITEMS" | "INVALID_PAGE_TOKEN" | "MALFORMED_REQUEST" | "MOUNT_READ_ONLY" | "COMMIT_CONFLICT" | "STAGING_FULL" | "SHUTTING_DOWN" | "INTERNAL_ERROR" | "CUBE_EMPTY" | "CONTEXT_EXCEEDED" | "POOL_TOO_SMALL" | "MODEL_UNAVAILABLE" | "ADAPTER_INVALID" | "ADAPTER_TOO_LARGE" | "ADAPTER_MISMATCH" | "ADAPTER_NOT_FOUND" | "JOB_NOT_FOUND" | "TRAINING_IN_PROGRESS" | "JOB_FINISHED" | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "PRINCIPAL_NOT_FOUND" | "PRINCIPAL_NAME_TAKEN" | "CUBE_FROZEN" | "REVISION_COMPACTED" | "DISK_FULL" | "QUOTA_EXCEEDED" | "STREAM_IDLE" | "REQUEST_ID_REUSED" | "ARCHIVE_INVALID"} ErrorReason The stable `reason` of the google.rpc.ErrorInfo carried by every error. ErrorInfo.reason is the enum value's name as written here, e.g. "CUBE_NOT_FOUND"; ErrorInfo.domain is "memosd.v1". Each reason always comes with the same gRPC status code, given in brackets. Unlike every other enum in memos.v1, the values carry no ERROR_REASON_ prefix, on purpose, and will not get one. The contract is the reason string, not the number: no message has an ErrorReason field, clients match ErrorInfo.reason (the Python and Node clients' error classes, the OpenAI API's error.code, the MCP server's errors, scripts), and the strings are AIP-193's UPPER_SNAKE_CASE reasons. A prefix would change every string (a break for every client), and prefixed aliases (allow_alias) would buy nothing: the daemon sends names, never numbers, and an alias would only give each reason two spellings. This is googleapis' own choice for google.api.ErrorReason (SERVICE_DISABLED, API_KEY_INVALID, ...). The cost is C++-style scoping: no other enum in memos.v1 may use these names. */
+/** @typedef {"ERROR_REASON_UNSPECIFIED" | "CUBE_NOT_FOUND" | "MOUNT_NOT_FOUND" | "REVISION_NOT_FOUND" | "ITEM_NOT_FOUND" | "CUBE_NAME_TAKEN" | "INVALID_FIELD" | "TEXT_EMPTY" | "TEXT_TOO_LARGE" | "TOO_MANY_ITEMS" | "INVALID_PAGE_TOKEN" | "MALFORMED_REQUEST" | "MOUNT_READ_ONLY" | "COMMIT_CONFLICT" | "STAGING_FULL" | "SHUTTING_DOWN" | "INTERNAL_ERROR" | "CUBE_EMPTY" | "CONTEXT_EXCEEDED" | "POOL_TOO_SMALL" | "MODEL_UNAVAILABLE" | "ADAPTER_INVALID" | "ADAPTER_TOO_LARGE" | "ADAPTER_MISMATCH" | "ADAPTER_NOT_FOUND" | "JOB_NOT_FOUND" | "TRAINING_IN_PROGRESS" | "JOB_FINISHED" | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "PRINCIPAL_NOT_FOUND" | "PRINCIPAL_NAME_TAKEN" | "CUBE_FROZEN" | "REVISION_COMPACTED" | "DISK_FULL" | "QUOTA_EXCEEDED" | "STREAM_IDLE" | "REQUEST_ID_REUSED" | "ARCHIVE_INVALID" | "EXTRACTION_IN_PROGRESS"} ErrorReason The stable `reason` of the google.rpc.ErrorInfo carried by every error. ErrorInfo.reason is the enum value's name as written here, e.g. "CUBE_NOT_FOUND"; ErrorInfo.domain is "memosd.v1". Each reason always comes with the same gRPC status code, given in brackets. Unlike every other enum in memos.v1, the values carry no ERROR_REASON_ prefix, on purpose, and will not get one. The contract is the reason string, not the number: no message has an ErrorReason field, clients match ErrorInfo.reason (the Python and Node clients' error classes, the OpenAI API's error.code, the MCP server's errors, scripts), and the strings are AIP-193's UPPER_SNAKE_CASE reasons. A prefix would change every string (a break for every client), and prefixed aliases (allow_alias) would buy nothing: the daemon sends names, never numbers, and an alias would only give each reason two spellings. This is googleapis' own choice for google.api.ErrorReason (SERVICE_DISABLED, API_KEY_INVALID, ...). The cost is C++-style scoping: no other enum in memos.v1 may use these names. */
 
 /** @typedef {"ACTIVATION_SOURCE_UNSPECIFIED" | "ACTIVATION_SOURCE_POOL" | "ACTIVATION_SOURCE_STORE" | "ACTIVATION_SOURCE_COMPUTED"} ActivationSource How Activate obtained a cube's KV cache. */
 
@@ -1047,8 +1064,36 @@
  * @property {number} seed
  */
 
+/** @typedef {"JOB_KIND_UNSPECIFIED" | "JOB_KIND_TRAIN" | "JOB_KIND_EXTRACT"} JobKind A background job (memory training). What a job does. */
+
 /**
- * @typedef {object} Job A background job (memory training).
+ * @typedef {object} ExtractorSettings Which model an Extract job asks. Empty url: the in-process model (greedy).
+ * @property {string} url An OpenAI-compatible endpoint's base URL (".../v1"); its chat completions are asked, at temperature 0.
+ * @property {string} token Sent as "Authorization: Bearer <token>"; never stored, nor shown in Job.
+ * @property {string} model The endpoint's model name.
+ * @property {number} max_tokens New tokens per answer; 0: 256 (at most 2048).
+ */
+
+/**
+ * @typedef {object} ExtractProgress An Extract job's counts. Every item an answer proposed is kept, dropped (it did not parse) or refused (its source turns do not support it): proposed = kept + dropped + refused.
+ * @property {number} turns_total
+ * @property {number} turns_read
+ * @property {number} proposed
+ * @property {number} kept
+ * @property {number} dropped
+ * @property {number} refused
+ * @property {number} answers_dropped Whole answers that were not a bounded JSON array (they propose nothing).
+ * @property {Record<string, number>} dropped_by_reason
+ * @property {Record<string, number>} refused_by_reason
+ * @property {Record<string, number>} answers_dropped_by_reason
+ * @property {number} added What reconciling the kept items did (set when the job commits).
+ * @property {number} updated
+ * @property {number} retired
+ * @property {number} duplicates
+ */
+
+/**
+ * @typedef {object} Job
  * @property {string} job_id
  * @property {JobState} state
  * @property {string} cube_id The cube trained, and the revision whose items it trains from.
@@ -1062,8 +1107,10 @@
  * @property {Date | null} start_time
  * @property {Date | null} end_time
  * @property {string} error Why the job failed (JOB_STATE_FAILED).
- * @property {number} result_revision On success: the revision that committed the adapter, and its digest.
+ * @property {number} result_revision On success: the revision that committed the adapter (or the extracted items: 0 when there was nothing to commit), and the adapter's digest.
  * @property {string} adapter_digest
+ * @property {JobKind} kind
+ * @property {ExtractProgress | null} extract For an Extract job: its counts (step / total_steps count its prompts).
  */
 
 /** @typedef {"PRINCIPAL_KIND_UNSPECIFIED" | "PRINCIPAL_KIND_USER" | "PRINCIPAL_KIND_AGENT"} PrincipalKind */
@@ -1130,6 +1177,7 @@
  * @property {number} lexical_entries_removed
  * @property {string[]} kv_caches_deleted KV caches deleted (cache keys), from the pool and the store.
  * @property {TaintedAdapter[]} adapters_tainted Adapters whose lineage includes a purged item, now marked tainted.
+ * @property {string[]} derived_item_ids The items among item_ids purged because they were derived from a selected item (Item.derived_from), directly or through another such item.
  */
 
 /**

@@ -217,6 +217,10 @@ class TrainingInProgress(FailedPrecondition):
     default_reason = "TRAINING_IN_PROGRESS"
 
 
+class ExtractionInProgress(FailedPrecondition):
+    default_reason = "EXTRACTION_IN_PROGRESS"
+
+
 class JobFinished(FailedPrecondition):
     default_reason = "JOB_FINISHED"
 
@@ -302,7 +306,7 @@ _BY_REASON: dict[str, type[MemosError]] = {
         AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
         TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
         PrincipalNameTaken, CubeFrozen, RevisionCompacted, DiskFull, QuotaExceeded, StreamIdle,
-        RequestIdReused, ArchiveInvalid,
+        RequestIdReused, ArchiveInvalid, ExtractionInProgress,
     )
 }
 

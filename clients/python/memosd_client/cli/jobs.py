@@ -1,8 +1,10 @@
-"""``memosctl train`` and ``memosctl job list|watch|cancel``: memory training, a background job of the daemon."""
+"""``memosctl train`` and ``memosctl job list|watch|cancel``: the daemon's background jobs (memory training; the
+MemReader's extraction, started by ``memosctl mem extract``)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from memosd_client.cli.inputs import natural
 from memosd_client.cli.mem import author_arg
@@ -47,7 +49,21 @@ def _settings(s: types_pb2.TrainSettings) -> str:
     return f"steps {value(s.steps)}, rank {value(s.rank)}, lr {value(s.learning_rate)}, seed {value(s.seed)}"
 
 
+def is_extract(job: types_pb2.Job) -> bool:
+    return job.kind == types_pb2.JOB_KIND_EXTRACT
+
+
+def _counts(x: types_pb2.ExtractProgress) -> str:
+    return f"kept {x.kept}, dropped {x.dropped}, refused {x.refused} of {x.proposed} proposed"
+
+
+def _reasons(counts: Any) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())) or "-"
+
+
 def _result(job: types_pb2.Job) -> str:
+    if job.state == types_pb2.JOB_STATE_SUCCEEDED and is_extract(job):
+        return f"revision {job.result_revision or '- (nothing kept)'}, {_counts(job.extract)}"
     if job.state == types_pb2.JOB_STATE_SUCCEEDED:
         return f"revision {job.result_revision}, adapter {job.adapter_digest[:12] or '-'}"
     if job.state == types_pb2.JOB_STATE_FAILED:
@@ -55,7 +71,30 @@ def _result(job: types_pb2.Job) -> str:
     return "-"
 
 
+def _extract_block(out: Output, job: types_pb2.Job) -> None:
+    x = job.extract
+    pairs: list[tuple[str, object]] = [
+        ("job id", job.job_id), ("kind", "extract"), ("state", state_name(job)), ("cube id", job.cube_id),
+        ("revision", job.revision), ("prompts", f"{job.step}/{job.total_steps}"),
+        ("turns", f"{x.turns_read}/{x.turns_total}"), ("items", _counts(x)),
+        ("dropped", _reasons(x.dropped_by_reason)), ("refused", _reasons(x.refused_by_reason)),
+        ("answers dropped", _reasons(x.answers_dropped_by_reason)),
+        ("created", fmt_time(job.create_time)), ("started", fmt_time(job.start_time)),
+        ("ended", fmt_time(job.end_time)),
+    ]
+    if job.state == types_pb2.JOB_STATE_SUCCEEDED:
+        pairs += [("result revision", job.result_revision or "- (nothing to commit)"),
+                  ("reconciled", f"added {x.added}, updated {x.updated}, retired {x.retired}, "
+                                 f"duplicates {x.duplicates}")]
+    if job.state == types_pb2.JOB_STATE_FAILED:
+        pairs.append(("error", job.error or "-"))
+    out.block(pairs)
+
+
 def job_block(out: Output, job: types_pb2.Job) -> None:
+    if is_extract(job):
+        _extract_block(out, job)
+        return
     pairs: list[tuple[str, object]] = [
         ("job id", job.job_id),
         ("state", state_name(job)),
@@ -79,7 +118,7 @@ def job_block(out: Output, job: types_pb2.Job) -> None:
     out.block(pairs)
 
 
-def _emit_job(out: Output, job: types_pb2.Job) -> None:
+def emit_job(out: Output, job: types_pb2.Job) -> None:
     if out.json:
         out.emit_json(to_dict(job))
     else:
@@ -110,6 +149,12 @@ class JobProgress(Progress):
         if job is None or not self.total:
             return f"{self.label} {bar(0.0)} {state}"
         frac = min(self.done / self.total, 1.0)
+        if is_extract(job):
+            x = job.extract
+            return (f"reading {bar(frac)} prompt {self.done}/{self.total} {frac:4.0%} kept {x.kept} "
+                    f"dropped {x.dropped} refused {x.refused}"
+                    + ("" if job.state in (types_pb2.JOB_STATE_RUNNING, types_pb2.JOB_STATE_SUCCEEDED)
+                       else f" ({state})"))
         line = f"{self.label} {bar(frac)} step {self.done}/{self.total} {frac:4.0%}"
         line += f" loss {job.loss:.4f}" if job.step else " loss -"
         if job.state == types_pb2.JOB_STATE_RUNNING:
@@ -158,7 +203,7 @@ def watch(
 
 def finish(out: Output, job: types_pb2.Job) -> None:
     """Print a job's final state; a job that did not succeed is a failed command (exit 3)."""
-    _emit_job(out, job)
+    emit_job(out, job)
     if job.state == types_pb2.JOB_STATE_SUCCEEDED:
         return
     if job.state == types_pb2.JOB_STATE_FAILED:
@@ -174,7 +219,7 @@ def _train(client: Client, args: argparse.Namespace, out: Output) -> None:
         job = m.train(steps=args.steps, rank=args.rank, learning_rate=args.lr, seed=args.seed,
                       message=args.message, author=args.author)
         if args.detach:
-            _emit_job(out, job)
+            emit_job(out, job)
             out.note(f"training in the background; follow it with: memosctl job watch {job.job_id}")
             return
         out.note(f"job {job.job_id}: training cube {job.cube_id or m.cube_id} at revision "
@@ -192,8 +237,9 @@ def _list(client: Client, args: argparse.Namespace, out: Output) -> None:
     out.table(
         ["JOB ID", "STATE", "CUBE", "REV", "STEP", "LOSS", "CREATED", "RESULT"],
         [
-            [j.job_id, state_name(j), names.cube(j.cube_id), j.revision, f"{j.step}/{j.total_steps}",
-             f"{j.loss:.4f}" if j.step else "-", fmt_time(j.create_time), _result(j)]
+            [j.job_id, state_name(j), names.cube(j.cube_id), j.revision,
+             f"{j.step}/{j.total_steps}", f"{j.loss:.4f}" if j.step and not is_extract(j) else "-",
+             fmt_time(j.create_time), _result(j)]
             for j in jobs
         ],
     )
@@ -204,7 +250,7 @@ def _watch(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def _cancel(client: Client, args: argparse.Namespace, out: Output) -> None:
-    _emit_job(out, client.cancel_job(args.job_id))
+    emit_job(out, client.cancel_job(args.job_id))
 
 
 def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

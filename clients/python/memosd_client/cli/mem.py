@@ -163,6 +163,29 @@ def _set_state(client: Client, args: argparse.Namespace, out: Output) -> None:
         revision_block(out, rev, [("cube", args.cube), ("state", state)])
 
 
+def _extract(client: Client, args: argparse.Namespace, out: Output) -> None:
+    # jobs.py imports this module (author_arg): its job display is taken when used.
+    from memosd_client.cli.jobs import emit_job, finish, watch
+
+    token = ""
+    if args.token_env:
+        token = os.environ.get(args.token_env, "")
+        if not token:
+            raise MemosError(f"--token-env {args.token_env}: the variable is not set or empty",
+                             reason="TOKEN_NOT_SET")
+    with client.mount(args.cube, writable=True) as m:
+        job = m.extract(url=args.url, token=token, model=args.model, max_tokens=args.max_tokens,
+                        message=args.message, author=args.author)
+        if args.detach:
+            emit_job(out, job)
+            out.note(f"reading in the background; follow it with: memosctl job watch {job.job_id}")
+            return
+        out.note(f"job {job.job_id}: reading {job.extract.turns_total} turns of cube {job.cube_id or m.cube_id} "
+                 f"at revision {job.revision or m.base_revision} (Ctrl-C cancels it)")
+        job = watch(client, out, job.job_id, first=job, cancel_on_interrupt=True)
+    finish(out, job)
+
+
 def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mem = nouns.add_parser("mem", help="write, read, search and forget plaintext items")
     verbs = mem.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -220,6 +243,28 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-m", "--message", default=DEFAULT_FORGET_MESSAGE, help="commit message")
     author_arg(p)
     p.set_defaults(handler=_forget)
+
+    p = verbs.add_parser(
+        "extract", help="derive facts, preferences and events from a cube's conversation turns",
+        description="Start the MemReader on CUBE (mounted read-write at HEAD): the extractor reads its turns and "
+                    "proposes memory items; those that parse and that their source turns support are "
+                    "reconciled with the cube's derived items and committed as one revision. Follows the job "
+                    "(prompts read, items kept, dropped, refused) and prints its final state; exits 3 if it "
+                    "failed or was cancelled. Ctrl-C cancels it. The extractor is the daemon's own model "
+                    "unless --url names an OpenAI-compatible endpoint.",
+    )
+    p.add_argument("cube", metavar="CUBE", help="cube id or name")
+    p.add_argument("--url", default="", help="an OpenAI-compatible endpoint's base URL (http(s)://.../v1)")
+    p.add_argument("--token-env", default="", metavar="VAR",
+                   help="the environment variable holding the endpoint's bearer token (never an argument)")
+    p.add_argument("--model", default="", help="the endpoint's model name")
+    p.add_argument("--max-tokens", type=natural, default=0, metavar="N",
+                   help="new tokens per answer (default: the daemon's, 256)")
+    p.add_argument("-m", "--message", default="memosctl mem extract",
+                   help="message of the revision that commits the items")
+    p.add_argument("--detach", action="store_true", help="start the job and return without watching it")
+    author_arg(p)
+    p.set_defaults(handler=_extract)
 
     for verb, what in (("archive", "archive items: kept and readable, left out of search and memory blocks"),
                        ("restore", "restore archived (or expired, not yet purged) items")):

@@ -798,6 +798,35 @@ class Client:
         )
         return self._call(self._stub.Train, req).job
 
+    def extract(
+        self,
+        mount: str | MountHandle,
+        *,
+        url: str = "",
+        token: str = "",
+        model: str = "",
+        max_tokens: int = 0,
+        message: str = "",
+        author: str = "",
+    ) -> types_pb2.Job:
+        """Start the MemReader on a read-write mount: derive facts, preferences and events from the cube's
+        conversation turns at the mount's base revision, each naming its source turns.
+
+        Returns the Job at once; its ``extract`` field counts what the extractor proposed, kept, dropped
+        (unparseable) and refused (unsupported). On success the kept items are reconciled with the cube's
+        derived items and committed at HEAD as one revision with ``message`` and ``author``. The extractor is
+        the in-process model unless ``url`` names an OpenAI-compatible endpoint (``token``: its bearer token,
+        never stored; ``model``: its model name). Raises ExtractionInProgress when the cube already has an
+        extraction job queued or running, CubeEmpty when it holds no turns.
+        """
+        req = memos_pb2.ExtractRequest(
+            mount_id=_mount_id(mount),
+            extractor=types_pb2.ExtractorSettings(url=url, token=token, model=model, max_tokens=max_tokens),
+            message=message,
+            author=author,
+        )
+        return self._call(self._stub.Extract, req).job
+
     def watch_job(self, job_id: str, timeout: float | None = None) -> Generator[types_pb2.Job, None, None]:
         """The job's state on every change, ending after its final state.
 

@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from memosd_client.v1 import types_pb2
 
 # Anything write() accepts as one item: bare text, a ready ItemInput, or a dict
-# with the keys text/tags/source/event_time/item_id/speaker/session_id/ttl_seconds.
+# with the keys text/tags/source/event_time/item_id/speaker/session_id/ttl_seconds/derived_from.
 ItemLike = str | types_pb2.ItemInput | Mapping[str, Any]
 # A point in time: a datetime (naive means UTC), an ISO 8601 string, or a Timestamp.
 TimeLike = datetime | str | Timestamp
@@ -44,7 +44,8 @@ ITEM_STATES = {"active": types_pb2.ITEM_STATE_ACTIVE, "archived": types_pb2.ITEM
 SCHEDULES = {"manual": types_pb2.SCHEDULE_POLICY_MANUAL, "auto": types_pb2.SCHEDULE_POLICY_AUTO_ACTIVATE}
 RIGHTS = ("read", "write", "activate", "train", "grant", "admin")
 
-_ITEM_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id", "speaker", "session_id", "ttl_seconds"})
+_ITEM_KEYS = frozenset({"text", "tags", "source", "event_time", "item_id", "speaker", "session_id", "ttl_seconds",
+                        "derived_from"})
 _MESSAGE_KEYS = frozenset({"role", "content"})
 _CONVERSATION_KEYS = frozenset({"speaker", "text", "time", "session_id"})
 
@@ -96,6 +97,7 @@ def item_input(
         speaker=item.get("speaker", ""),
         session_id=item.get("session_id", ""),
         ttl_seconds=int(item.get("ttl_seconds", ttl_seconds)),
+        derived_from=list(item.get("derived_from", ())),
     )
 
 

@@ -127,4 +127,5 @@ class MountHandle:
     import_adapter = MountCall(Client.import_adapter)
     export_adapter = MountCall(Client.export_adapter)
     train = MountCall(Client.train)
+    extract = MountCall(Client.extract)
 

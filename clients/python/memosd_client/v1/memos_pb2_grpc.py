@@ -144,6 +144,11 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.TrainRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.TrainResponse.FromString,
                 _registered_method=True)
+        self.Extract = channel.unary_unary(
+                '/memos.v1.MemOS/Extract',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ExtractRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ExtractResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/memos.v1.MemOS/WatchJob',
                 request_serializer=memos_dot_v1_dot_memos__pb2.WatchJobRequest.SerializeToString,
@@ -446,6 +451,21 @@ class MemOSServicer:
         revision into a LoRA adapter, as a background job; returns the Job at
         once. On success the adapter is committed to the cube as a new revision,
         with its lineage. Changes: adds a job; later a revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Extract(self, request, context):
+        """Starts memory extraction (the MemReader): reads the conversation turns
+        at a read-write mount's base revision and derives facts, preferences and
+        events from them, each linked to its source turns (Item.derived_from), as
+        a background job; returns the Job at once. Output that does not parse is
+        dropped, items the turns do not support are refused, both counted
+        (Job.extract). The kept items are reconciled with the cube's derived items
+        (duplicate: nothing; restatement: a new version; contradiction: the old
+        one forgotten) and committed as one revision at HEAD. Changes: adds a
+        job; later a revision.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -765,6 +785,11 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.TrainRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.TrainResponse.SerializeToString,
+            ),
+            'Extract': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extract,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ExtractRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ExtractResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -1466,6 +1491,33 @@ class MemOS:
             '/memos.v1.MemOS/Train',
             memos_dot_v1_dot_memos__pb2.TrainRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.TrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extract(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/Extract',
+            memos_dot_v1_dot_memos__pb2.ExtractRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ExtractResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -160,6 +160,17 @@ class MemOSStub:
     once. On success the adapter is committed to the cube as a new revision,
     with its lineage. Changes: adds a job; later a revision.
     """
+    Extract: _grpc.UnaryUnaryMultiCallable[_memos_pb2.ExtractRequest, _memos_pb2.ExtractResponse]
+    """Starts memory extraction (the MemReader): reads the conversation turns
+    at a read-write mount's base revision and derives facts, preferences and
+    events from them, each linked to its source turns (Item.derived_from), as
+    a background job; returns the Job at once. Output that does not parse is
+    dropped, items the turns do not support are refused, both counted
+    (Job.extract). The kept items are reconciled with the cube's derived items
+    (duplicate: nothing; restatement: a new version; contradiction: the old
+    one forgotten) and committed as one revision at HEAD. Changes: adds a
+    job; later a revision.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_memos_pb2.WatchJobRequest, _memos_pb2.WatchJobResponse]
     """Streams a job's state on every change, ending after its final state.
     Changes nothing.
@@ -381,6 +392,17 @@ class MemOSAsyncStub(MemOSStub):
     revision into a LoRA adapter, as a background job; returns the Job at
     once. On success the adapter is committed to the cube as a new revision,
     with its lineage. Changes: adds a job; later a revision.
+    """
+    Extract: _aio.UnaryUnaryMultiCallable[_memos_pb2.ExtractRequest, _memos_pb2.ExtractResponse]  # type: ignore[assignment]
+    """Starts memory extraction (the MemReader): reads the conversation turns
+    at a read-write mount's base revision and derives facts, preferences and
+    events from them, each linked to its source turns (Item.derived_from), as
+    a background job; returns the Job at once. Output that does not parse is
+    dropped, items the turns do not support are refused, both counted
+    (Job.extract). The kept items are reconciled with the cube's derived items
+    (duplicate: nothing; restatement: a new version; contradiction: the old
+    one forgotten) and committed as one revision at HEAD. Changes: adds a
+    job; later a revision.
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_memos_pb2.WatchJobRequest, _memos_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams a job's state on every change, ending after its final state.
@@ -732,6 +754,23 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         revision into a LoRA adapter, as a background job; returns the Job at
         once. On success the adapter is committed to the cube as a new revision,
         with its lineage. Changes: adds a job; later a revision.
+        """
+
+    @_abc_1.abstractmethod
+    def Extract(
+        self,
+        request: _memos_pb2.ExtractRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ExtractResponse, _abc.Awaitable[_memos_pb2.ExtractResponse]]:
+        """Starts memory extraction (the MemReader): reads the conversation turns
+        at a read-write mount's base revision and derives facts, preferences and
+        events from them, each linked to its source turns (Item.derived_from), as
+        a background job; returns the Job at once. Output that does not parse is
+        dropped, items the turns do not support are refused, both counted
+        (Job.extract). The kept items are reconciled with the cube's derived items
+        (duplicate: nothing; restatement: a new version; contradiction: the old
+        one forgotten) and committed as one revision at HEAD. Changes: adds a
+        job; later a revision.
         """
 
     @_abc_1.abstractmethod

@@ -224,6 +224,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[INVALID_ARGUMENT] A cube archive (ImportCube) is truncated, corrupt, inconsistent or of a format version
     this daemon does not read; metadata.problem says which. Nothing was imported.
     """
+    EXTRACTION_IN_PROGRESS: _ErrorReason.ValueType  # 39
+    """[FAILED_PRECONDITION] The cube already has a memory extraction job queued or running (Extract); wait for
+    it (WatchJob) or cancel it (CancelJob).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -324,6 +328,10 @@ REQUEST_ID_REUSED: ErrorReason.ValueType  # 37
 ARCHIVE_INVALID: ErrorReason.ValueType  # 38
 """[INVALID_ARGUMENT] A cube archive (ImportCube) is truncated, corrupt, inconsistent or of a format version
 this daemon does not read; metadata.problem says which. Nothing was imported.
+"""
+EXTRACTION_IN_PROGRESS: ErrorReason.ValueType  # 39
+"""[FAILED_PRECONDITION] The cube already has a memory extraction job queued or running (Extract); wait for
+it (WatchJob) or cancel it (CancelJob).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -478,6 +486,30 @@ JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
 JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+class _JobKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_KIND_UNSPECIFIED: _JobKind.ValueType  # 0
+    JOB_KIND_TRAIN: _JobKind.ValueType  # 1
+    """Memory training (Train): an adapter from the cube's items."""
+    JOB_KIND_EXTRACT: _JobKind.ValueType  # 2
+    """Memory extraction (Extract): derived items from the cube's turns."""
+
+class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper):
+    """A background job (memory training).
+    What a job does.
+    """
+
+JOB_KIND_UNSPECIFIED: JobKind.ValueType  # 0
+JOB_KIND_TRAIN: JobKind.ValueType  # 1
+"""Memory training (Train): an adapter from the cube's items."""
+JOB_KIND_EXTRACT: JobKind.ValueType  # 2
+"""Memory extraction (Extract): derived items from the cube's turns."""
+Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
 
 class _PrincipalKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -794,6 +826,8 @@ class Item(_message.Message):
     NEXT_ITEM_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
+    DERIVED_JOB_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """Daemon-assigned, stable across versions ("itm_" + 20 base32 characters)."""
     text: _builtins.str
@@ -820,6 +854,8 @@ class Item(_message.Message):
     next_item_id: _builtins.str
     state: Global___ItemState.ValueType
     """Its lifecycle state at this version (SetItemState, TTL expiry)."""
+    derived_job: _builtins.str
+    """The job that derived it; "" when a Write did."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -835,6 +871,14 @@ class Item(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When its TTL ends (ItemInput.ttl_seconds); unset for no TTL."""
+
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A derived item (structured memory: ItemInput.derived_from, or a fact the
+        MemReader extracted): the items it was derived from, every version's
+        sources kept. Purging any of them purges this item too
+        (PurgeReceipt.derived_item_ids). Empty for other items.
+        """
 
     def __init__(
         self,
@@ -855,10 +899,12 @@ class Item(_message.Message):
         next_item_id: _builtins.str = ...,
         state: Global___ItemState.ValueType = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
+        derived_job: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "write_time", b"write_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "event_time", b"event_time", "expire_time", b"expire_time", "hit_count", b"hit_count", "item_id", b"item_id", "last_used_time", b"last_used_time", "next_item_id", b"next_item_id", "prev_item_id", b"prev_item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "staged", b"staged", "state", b"state", "tags", b"tags", "text", b"text", "write_time", b"write_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["born_revision", b"born_revision", "derived_from", b"derived_from", "derived_job", b"derived_job", "event_time", b"event_time", "expire_time", b"expire_time", "hit_count", b"hit_count", "item_id", b"item_id", "last_used_time", b"last_used_time", "next_item_id", b"next_item_id", "prev_item_id", b"prev_item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "staged", b"staged", "state", b"state", "tags", b"tags", "text", b"text", "write_time", b"write_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -878,6 +924,7 @@ class ItemInput(_message.Message):
     SPEAKER_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """Empty to add a new item (the daemon assigns its id); set to replace the
     item with this id, which must be visible in the mount.
@@ -900,6 +947,14 @@ class ItemInput(_message.Message):
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """Optional; when unset the daemon uses the write time."""
 
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Structured memory: the items (conversation turns) visible in the mount
+        that this item was derived from (at most 64, never the item itself).
+        Purging one of them purges this item too. An edit keeps the sources of
+        the item's earlier versions and adds these.
+        """
+
     def __init__(
         self,
         *,
@@ -911,10 +966,11 @@ class ItemInput(_message.Message):
         speaker: _builtins.str = ...,
         session_id: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "item_id", b"item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "tags", b"tags", "text", b"text", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["derived_from", b"derived_from", "event_time", b"event_time", "item_id", b"item_id", "session_id", b"session_id", "source", b"source", "speaker", b"speaker", "tags", b"tags", "text", b"text", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2001,9 +2057,171 @@ class TrainSettings(_message.Message):
 Global___TrainSettings: _TypeAlias = TrainSettings  # noqa: Y015
 
 @_typing.final
-class Job(_message.Message):
-    """A background job (memory training)."""
+class ExtractorSettings(_message.Message):
+    """Which model an Extract job asks. Empty url: the in-process model (greedy)."""
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """An OpenAI-compatible endpoint's base URL (".../v1"); its chat
+    completions are asked, at temperature 0.
+    """
+    token: _builtins.str
+    """Sent as "Authorization: Bearer <token>"; never stored, nor shown in Job."""
+    model: _builtins.str
+    """The endpoint's model name."""
+    max_tokens: _builtins.int
+    """New tokens per answer; 0: 256 (at most 2048)."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        token: _builtins.str = ...,
+        model: _builtins.str = ...,
+        max_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "model", b"model", "token", b"token", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtractorSettings: _TypeAlias = ExtractorSettings  # noqa: Y015
+
+@_typing.final
+class ExtractProgress(_message.Message):
+    """An Extract job's counts. Every item an answer proposed is kept, dropped
+    (it did not parse) or refused (its source turns do not support it):
+    proposed = kept + dropped + refused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DroppedByReasonEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class RefusedByReasonEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class AnswersDroppedByReasonEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TURNS_TOTAL_FIELD_NUMBER: _builtins.int
+    TURNS_READ_FIELD_NUMBER: _builtins.int
+    PROPOSED_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    ANSWERS_DROPPED_FIELD_NUMBER: _builtins.int
+    DROPPED_BY_REASON_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_REASON_FIELD_NUMBER: _builtins.int
+    ANSWERS_DROPPED_BY_REASON_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    turns_total: _builtins.int
+    turns_read: _builtins.int
+    proposed: _builtins.int
+    kept: _builtins.int
+    dropped: _builtins.int
+    refused: _builtins.int
+    answers_dropped: _builtins.int
+    """Whole answers that were not a bounded JSON array (they propose nothing)."""
+    added: _builtins.int
+    """What reconciling the kept items did (set when the job commits)."""
+    updated: _builtins.int
+    retired: _builtins.int
+    duplicates: _builtins.int
+    @_builtins.property
+    def dropped_by_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def refused_by_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def answers_dropped_by_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        turns_total: _builtins.int = ...,
+        turns_read: _builtins.int = ...,
+        proposed: _builtins.int = ...,
+        kept: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        answers_dropped: _builtins.int = ...,
+        dropped_by_reason: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        refused_by_reason: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        answers_dropped_by_reason: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        added: _builtins.int = ...,
+        updated: _builtins.int = ...,
+        retired: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "answers_dropped", b"answers_dropped", "answers_dropped_by_reason", b"answers_dropped_by_reason", "dropped", b"dropped", "dropped_by_reason", b"dropped_by_reason", "duplicates", b"duplicates", "kept", b"kept", "proposed", b"proposed", "refused", b"refused", "refused_by_reason", b"refused_by_reason", "retired", b"retired", "turns_read", b"turns_read", "turns_total", b"turns_total", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtractProgress: _TypeAlias = ExtractProgress  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -2021,6 +2239,8 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RESULT_REVISION_FIELD_NUMBER: _builtins.int
     ADAPTER_DIGEST_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    EXTRACT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     cube_id: _builtins.str
@@ -2035,8 +2255,11 @@ class Job(_message.Message):
     error: _builtins.str
     """Why the job failed (JOB_STATE_FAILED)."""
     result_revision: _builtins.int
-    """On success: the revision that committed the adapter, and its digest."""
+    """On success: the revision that committed the adapter (or the extracted
+    items: 0 when there was nothing to commit), and the adapter's digest.
+    """
     adapter_digest: _builtins.str
+    kind: Global___JobKind.ValueType
     @_builtins.property
     def settings(self) -> Global___TrainSettings: ...
     @_builtins.property
@@ -2045,6 +2268,10 @@ class Job(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def extract(self) -> Global___ExtractProgress:
+        """For an Extract job: its counts (step / total_steps count its prompts)."""
+
     def __init__(
         self,
         *,
@@ -2063,10 +2290,12 @@ class Job(_message.Message):
         error: _builtins.str = ...,
         result_revision: _builtins.int = ...,
         adapter_digest: _builtins.str = ...,
+        kind: Global___JobKind.ValueType = ...,
+        extract: Global___ExtractProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "settings", b"settings", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "extract", b"extract", "settings", b"settings", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_digest", b"adapter_digest", "create_time", b"create_time", "cube_id", b"cube_id", "end_time", b"end_time", "error", b"error", "eta_seconds", b"eta_seconds", "job_id", b"job_id", "loss", b"loss", "result_revision", b"result_revision", "revision", b"revision", "settings", b"settings", "start_time", b"start_time", "state", b"state", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_digest", b"adapter_digest", "create_time", b"create_time", "cube_id", b"cube_id", "end_time", b"end_time", "error", b"error", "eta_seconds", b"eta_seconds", "extract", b"extract", "job_id", b"job_id", "kind", b"kind", "loss", b"loss", "result_revision", b"result_revision", "revision", b"revision", "settings", b"settings", "start_time", b"start_time", "state", b"state", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2269,6 +2498,7 @@ class PurgeReceipt(_message.Message):
     LEXICAL_ENTRIES_REMOVED_FIELD_NUMBER: _builtins.int
     KV_CACHES_DELETED_FIELD_NUMBER: _builtins.int
     ADAPTERS_TAINTED_FIELD_NUMBER: _builtins.int
+    DERIVED_ITEM_IDS_FIELD_NUMBER: _builtins.int
     purge_id: _builtins.str
     cube_id: _builtins.str
     versions_removed: _builtins.int
@@ -2288,6 +2518,12 @@ class PurgeReceipt(_message.Message):
     def adapters_tainted(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaintedAdapter]:
         """Adapters whose lineage includes a purged item, now marked tainted."""
 
+    @_builtins.property
+    def derived_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The items among item_ids purged because they were derived from a
+        selected item (Item.derived_from), directly or through another such item.
+        """
+
     def __init__(
         self,
         *,
@@ -2302,10 +2538,11 @@ class PurgeReceipt(_message.Message):
         lexical_entries_removed: _builtins.int = ...,
         kv_caches_deleted: _abc.Iterable[_builtins.str] | None = ...,
         adapters_tainted: _abc.Iterable[Global___TaintedAdapter] | None = ...,
+        derived_item_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_tainted", b"adapters_tainted", "cube_id", b"cube_id", "dense_entries_removed", b"dense_entries_removed", "item_ids", b"item_ids", "kv_caches_deleted", b"kv_caches_deleted", "lexical_entries_removed", b"lexical_entries_removed", "purge_id", b"purge_id", "staged_removed", b"staged_removed", "time", b"time", "vectors_removed", b"vectors_removed", "versions_removed", b"versions_removed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_tainted", b"adapters_tainted", "cube_id", b"cube_id", "dense_entries_removed", b"dense_entries_removed", "derived_item_ids", b"derived_item_ids", "item_ids", b"item_ids", "kv_caches_deleted", b"kv_caches_deleted", "lexical_entries_removed", b"lexical_entries_removed", "purge_id", b"purge_id", "staged_removed", b"staged_removed", "time", b"time", "vectors_removed", b"vectors_removed", "versions_removed", b"versions_removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,182 @@
+"""The MemReader as a job's work: the extractors, the turns it reads, and the one commit of its result.
+
+The pure steps are memosd/reader/ (prompt, strict parse, support check, reconcile plan); this module gives
+them a model and a cube. ``ModelExtractor`` runs the in-process model on the runtime worker (greedy, on the
+base model, a bounded answer); ``EndpointExtractor`` asks an OpenAI-compatible chat endpoint over stdlib
+HTTP. Either answer goes through the same safeguards. ``commit_result`` reconciles the kept items with the
+cube's derived items at HEAD and commits them as one revision through a read-write mount of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from memosd.errors import MountNotFound, PermissionDenied
+from memosd.kernel.kernel import Kernel
+from memosd.kernel.types import ItemInput
+from memosd.reader import reconcile
+from memosd.reader.pipeline import AnswerUnavailable, Turn
+from memosd.reader.types import ITEM_KINDS, KIND_TAG_PREFIX, Candidate, Counts, ItemKind
+from memosd.runtime.complete import PromptTooLong, greedy_complete
+from memosd.runtime.host import ModelHost
+from memosd.runtime.model import LoadedModel
+from memosd.runtime.worker import PRIORITY_BACKGROUND
+
+SOURCE = "memosd:extract"  # the source of every item an Extract job writes
+MAX_RESPONSE_BYTES = 1 << 20  # an endpoint's whole HTTP answer (the content itself is bounded by parse.py)
+
+
+class EndpointError(Exception):
+    """The extractor endpoint could not be asked (network, HTTP status, not a chat completion): the job fails."""
+
+
+class ModelExtractor:
+    """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt, each prompt
+    one task on the runtime worker at background priority (chats keep their turn between prompts). The answer
+    is started with "[" for the model, so it writes the array rather than a preamble; what it writes after
+    is parsed as strictly as any answer."""
+
+    def __init__(self, host: ModelHost, loaded: LoadedModel, max_tokens: int) -> None:
+        self._host, self._loaded, self._max_tokens = host, loaded, max_tokens
+
+    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
+        def work() -> str:
+            if self._loaded is self._host.loaded_now():  # the serving model: no cube's adapter may be on
+                self._host.adapters.use(self._loaded, None)
+            return greedy_complete(self._loaded, messages, self._max_tokens, prefix="[")  # JSON from the start
+
+        try:
+            return self._host.run(work, priority=PRIORITY_BACKGROUND)
+        except PromptTooLong:
+            raise AnswerUnavailable("prompt_too_long") from None
+
+
+class EndpointExtractor:
+    """An OpenAI-compatible endpoint (``POST <url>/chat/completions``), at temperature 0."""
+
+    def __init__(self, url: str, token: str, model: str, max_tokens: int, timeout: float = 120.0) -> None:
+        self._url = url.rstrip("/") + "/chat/completions"
+        self._token, self._model, self._max_tokens, self._timeout = token, model, max_tokens, timeout
+
+    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
+        body = json.dumps({"model": self._model, "temperature": 0, "max_tokens": self._max_tokens,
+                           "messages": [{"role": r, "content": c} for r, c in messages]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:  # the url's scheme was checked: http(s)
+                raw = response.read(MAX_RESPONSE_BYTES + 1)
+        except urllib.error.HTTPError as error:
+            raise EndpointError(f"the extractor endpoint answered HTTP {error.code} ({error.reason})") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise EndpointError(f"the extractor endpoint could not be reached: {error}") from None
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise EndpointError(f"the extractor endpoint's answer is over {MAX_RESPONSE_BYTES} bytes")
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EndpointError("the extractor endpoint's answer is not a chat completion") from None
+        if not isinstance(content, str):
+            raise EndpointError("the extractor endpoint's answer has no text content")
+        return content
+
+
+def turns_at(kernel: Kernel, cube_id: str, revision: int) -> list[Turn]:
+    """The conversation turns (items with a speaker, not themselves derived) alive and neither archived nor
+    expired at ``revision``, in the order they were said."""
+    metas = [m for m in kernel.visible_items(cube_id, revision, time.time_ns()) if m.speaker and not m.derived_from]
+    versions = kernel.versions(cube_id, [(m.item_id, m.born) for m in metas])
+    turns = [Turn(v.item_id, v.speaker, v.text, v.event_ns) for v in versions if v is not None]
+    return sorted(turns, key=lambda t: (t.event_ns, t.item_id))
+
+
+def _kind_of(tags: Sequence[str]) -> ItemKind | None:
+    for tag in tags:
+        kind = tag.removeprefix(KIND_TAG_PREFIX)
+        if tag.startswith(KIND_TAG_PREFIX) and kind in ITEM_KINDS:
+            return kind  # ``in ITEM_KINDS`` narrowed it
+    return None
+
+
+@dataclass(frozen=True)
+class Committed:
+    revision: int  # 0: nothing to commit
+    plan: reconcile.ReconcilePlan
+    sources_gone: int  # kept items dropped because a source turn was forgotten or purged since the read
+
+
+def open_commit_mount(kernel: Kernel, cube_id: str, principal: str) -> str:
+    """The read-write mount a job commits through, opened at HEAD when the job starts, as the principal that
+    started it: a Revoke or DisablePrincipal meanwhile closes it (AccessControl.close_mounts), and the job then
+    commits nothing. (The kernel serializes the commit and the close on the mount's lock: one lands first.)"""
+    return kernel.mount(cube_id, 0, True, principal).record.mount_id
+
+
+def close_commit_mount(kernel: Kernel, mount_id: str) -> None:
+    with contextlib.suppress(MountNotFound):  # closed already (a Revoke, FreeCube)
+        kernel.unmount(mount_id)
+
+
+def commit_result(kernel: Kernel, cube_id: str, mount_id: str, candidates: Sequence[Candidate], *, job_id: str,
+                  message: str, author: str) -> Committed:
+    """Reconcile ``candidates`` with the cube's derived items the job's mount sees (its base: HEAD when the
+    job started) and commit the plan as one revision through it. Raises PermissionDenied when the mount was
+    closed under the job."""
+    try:
+        mount = kernel.mount_info(kernel.mount_state(mount_id)).record
+    except MountNotFound:
+        raise PermissionDenied(f"the job's mount {mount_id} was closed while it ran (a Revoke, DisablePrincipal or "
+                               f"FreeCube): nothing was committed to cube {cube_id}") from None
+    try:
+        head = mount.base
+        alive = kernel.visible_items(cube_id, head, time.time_ns())
+        visible = {m.item_id for m in alive}
+        fresh = [c for c in candidates if all(s in visible for s in c.sources)]
+        derived = [m for m in alive if m.derived_from and _kind_of(tuple(m.tags)) is not None]
+        versions = [v for v in kernel.versions(cube_id, [(m.item_id, m.born) for m in derived]) if v is not None]
+        texts = [v.text for v in versions] + [c.text for c in fresh]
+        vectors = kernel.embedder.embed(texts) if texts else None
+        existing = [reconcile.Existing(v.item_id, _kind_of(v.tags) or "fact", v.text, tuple(v.derived_from),
+                                       None if vectors is None else vectors[i]) for i, v in enumerate(versions)]
+        when = {m.item_id: m.event_ns for m in alive}
+        plan = reconcile.plan(fresh, existing, None if vectors is None else vectors[len(versions):])
+        inputs = [_input(c, "", job_id, when) for c in plan.adds]
+        inputs += [_input(c, item_id, job_id, when) for item_id, c in plan.updates]
+        for start in range(0, len(inputs), kernel.limits.max_items_per_write):
+            kernel.write(mount.mount_id, inputs[start:start + kernel.limits.max_items_per_write])
+        if plan.retires:
+            kernel.forget(mount.mount_id, plan.retires)
+        result = kernel.commit(mount.mount_id, message, author)
+        return Committed(result.revision.number if result.revision else 0, plan, len(candidates) - len(fresh))
+    except MountNotFound:
+        raise PermissionDenied(f"the job's mount {mount_id} was closed while it committed (a Revoke, "
+                               f"DisablePrincipal or FreeCube): nothing was committed to cube {cube_id}") from None
+
+
+def _input(candidate: Candidate, item_id: str, job_id: str, when: dict[str, int]) -> ItemInput:
+    """An item of the result: its kind as a tag, its day (else its latest source's time) as its event time."""
+    if candidate.date is not None:
+        event_ns = int(datetime(candidate.date.year, candidate.date.month, candidate.date.day,
+                                tzinfo=UTC).timestamp()) * 1_000_000_000
+    else:
+        event_ns = max(when.get(s, 0) for s in candidate.sources)
+    return ItemInput(candidate.text, item_id=item_id, tags=(f"{KIND_TAG_PREFIX}{candidate.kind}",), source=SOURCE,
+                     event_ns=event_ns, derived_from=candidate.sources, derived_job=job_id)
+
+
+def progress_of(counts: Counts, turns_total: int) -> dict[str, Any]:
+    """A job's ``progress`` from the read's Counts (reader/types.py)."""
+    return {"turns_total": turns_total, "turns_read": counts.turns, "proposed": counts.proposed,
+            "kept": counts.kept, "dropped": dict(counts.dropped), "refused": dict(counts.refused),
+            "answers_dropped": dict(counts.answers_dropped)}
+

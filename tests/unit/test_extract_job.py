@@ -1,0 +1,261 @@
+"""The Extract job in process: a job kind of JobManager (progress in WatchJob, cancel, ListJobs, one commit).
+
+The extractor is a test double here, an OpenAI-compatible endpoint served on localhost by stdlib http.server
+(scripted answers), so reconcile's outcomes can be steered: add, update and retire, each visible in Diff.
+One test runs the in-process path on the tiny random Llama (its answers are noise: the safeguards must drop
+all of it). The real model runs end to end in tests/e2e/test_extract_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from activation_rig import Rig, open_rig
+from tiny_llama import save_tiny_llama
+
+from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountReadOnly
+from memosd.kernel.types import Message
+from memosd.store.records import JobRecord
+
+MAY8 = int(datetime(2023, 5, 8, 14, 0, tzinfo=UTC).timestamp() * 1e9)
+
+
+class Endpoint:
+    """A scripted OpenAI-compatible chat endpoint: answers each POST with the next answer; keeps requests."""
+
+    def __init__(self) -> None:
+        self.answers: list[str] = []
+        self.raw: bytes | None = None  # set: answered as the whole HTTP body instead of a chat completion
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server's name
+                endpoint.gate.wait(30)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append(body)
+                endpoint.headers.append(self.headers.get("Authorization", ""))
+                answer = endpoint.answers.pop(0) if endpoint.answers else "[]"
+                raw = endpoint.raw if endpoint.raw is not None else json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), context=4096)
+
+
+@pytest.fixture
+def rig(tmp_path: Path, tiny_dir: Path) -> Iterator[Rig]:
+    r = open_rig(tmp_path, str(tiny_dir))
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    e = Endpoint()
+    yield e
+    e.close()
+
+
+def ingest(rig: Rig, cube: str, turns: list[tuple[str, str]], at: int = MAY8) -> tuple[str, list[str]]:
+    """A read-write mount (left open) after ingesting ``turns`` (speaker, text); the turns' item ids."""
+    if cube not in {r.name for r in rig.kernel.cube_records()}:
+        rig.kernel.alloc_cube(cube, "", {})
+    mount = rig.kernel.mount(cube, 0, True).record.mount_id
+    messages = [Message(speaker, text, "s1", at + i) for i, (speaker, text) in enumerate(turns)]
+    return mount, rig.kernel.ingest(mount, messages).item_ids
+
+
+def final_state(rig: Rig, job_id: str) -> JobRecord:
+    last = list(rig.jobs.watch(job_id, threading.Event()))[-1]
+    assert isinstance(last, JobRecord)  # not parked: watch(park=False) waits on its own
+    return last
+
+
+def run(rig: Rig, mount: str, endpoint: Endpoint | None = None, **kw: Any) -> JobRecord:
+    url = endpoint.url if endpoint is not None else ""
+    job = rig.jobs.extract(mount, url, kw.pop("token", ""), "", 0, kw.pop("message", "read"), "tester")
+    final = final_state(rig, job.job_id)
+    assert final.state == "succeeded", final.error
+    return final
+
+
+def item(kind: str, text: str, sources: list[str], date: str | None = None) -> dict[str, Any]:
+    return {"kind": kind, "text": text, "date": date, "sources": sources}
+
+
+def test_reconcile_adds_updates_and_retires_and_diff_shows_it(rig: Rig, endpoint: Endpoint) -> None:
+    mount, turns = ingest(rig, "c", [("Caroline", "My favourite colour is blue"),
+                                     ("Caroline", "I adopted a dog last Friday")])
+    endpoint.answers = [json.dumps([item("preference", "Caroline's favourite colour is blue.", ["t1"]),
+                                    item("event", "Caroline adopted a dog.", ["t2"], "2023-05-05")])]
+    first = run(rig, mount, endpoint, token="sk-test")
+    assert endpoint.headers == ["Bearer sk-test"] and endpoint.requests[0]["temperature"] == 0
+    assert "sk-test" not in json.dumps(first.settings)  # the token is never in the record
+    assert (first.result_revision, first.kind, first.step, first.total_steps) == (2, "extract", 1, 1)
+    assert first.progress["kept"] == 2 and first.progress["added"] == 2
+    changes = rig.kernel.diff("c", 1, 2, 0, "")[0].entries
+    assert [c.kind for c in changes] == ["added", "added"]
+    added = {c.after.text: c.after for c in changes if c.after is not None}
+    dog = added["Caroline adopted a dog."]
+    assert dog.derived_from == (turns[1],) and dog.derived_job == first.job_id and dog.tags == ("kind:event",)
+    assert dog.event_ns == int(datetime(2023, 5, 5, tzinfo=UTC).timestamp()) * 10**9
+    [revision] = rig.kernel.log("c", 1, "")[0].entries
+    assert (revision.number, revision.message, revision.author, revision.added) == (2, "read", "tester", 2)
+
+    # The next read: a restatement (more detail), a contradiction and a duplicate.
+    rig.kernel.unmount(mount)
+    mount, more = ingest(rig, "c", [("Caroline", "Actually my favourite colour is green now"),
+                                    ("Caroline", "The dog I adopted last Friday is named Max")], at=MAY8 + 10)
+    endpoint.answers = [json.dumps([
+        item("preference", "Caroline's favourite colour is green.", ["t3"]),
+        item("event", "Caroline adopted a dog named Max.", ["t2", "t4"], "2023-05-05"),
+        item("event", "Caroline adopted a dog.", ["t2"]),
+    ])]
+    second = run(rig, mount, endpoint)
+    assert second.progress["kept"] == 3
+    assert (second.progress["added"], second.progress["updated"], second.progress["retired"],
+            second.progress["duplicates"]) == (1, 1, 1, 1)
+    head = second.result_revision
+    changes = rig.kernel.diff("c", head - 1, head, 0, "")[0].entries
+    kinds = sorted((c.kind, (c.after or c.before).text) for c in changes)  # type: ignore[union-attr]
+    assert kinds == [("added", "Caroline's favourite colour is green."),
+                     ("changed", "Caroline adopted a dog named Max."),
+                     ("forgotten", "Caroline's favourite colour is blue.")]
+    changed = next(c for c in changes if c.kind == "changed")
+    assert changed.after is not None and set(changed.after.derived_from) == {turns[1], more[1]}
+    # The retired preference is still readable at the revision before.
+    old = rig.kernel.mount("c", head - 1, False).record.mount_id
+    assert "Caroline's favourite colour is blue." in {v.text for v in rig.kernel.list_items(old, 0, "")[0].entries}
+    # Purging the dog turn takes the dog item (derived from it and, since its update, from the Max turn too).
+    receipt = rig.kernel.purge("c", [turns[1]])
+    assert receipt.derived_item_ids == [changed.item_id]
+
+
+def test_unparseable_and_unsupported_output_is_counted_never_stored(rig: Rig, endpoint: Endpoint) -> None:
+    mount, _turns = ingest(rig, "c", [("Melanie", "I love pottery")])
+    endpoint.answers = [json.dumps([
+        item("preference", "Melanie loves pottery.", ["t1"]),
+        item("fact", "Melanie lives in Paris with three cats.", ["t1"]),  # unsupported
+        item("fact", "Melanie loves pottery.", ["t7"]),  # no such turn
+        {"kind": "fact", "text": "Melanie pots."},  # missing keys
+    ])]
+    job = run(rig, mount, endpoint)
+    p = job.progress
+    assert (p["proposed"], p["kept"], p["refused"], p["dropped"]) == (
+        4, 1, {"unsupported": 1}, {"unknown_source": 1, "missing_key": 1})
+    texts = {v.text for v in rig.kernel.list_items(rig.kernel.mount("c", 0, False).record.mount_id, 0, "")[0].entries}
+    assert texts == {"I love pottery", "Melanie loves pottery."}
+
+    endpoint.answers = ["Sure! Here is the JSON you asked for: []"]
+    job = run(rig, mount, endpoint)
+    assert job.result_revision == 0 and job.progress["answers_dropped"] == {"not_json": 1}
+
+
+def test_an_endpoint_that_does_not_answer_a_chat_completion_fails_the_job(rig: Rig, endpoint: Endpoint) -> None:
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+    endpoint.raw = b"<html>a proxy's error page</html>"
+    job = rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    final = final_state(rig, job.job_id)
+    assert final.state == "failed" and "not a chat completion" in final.error
+    assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1
+
+
+def test_refusals_before_the_job_starts(rig: Rig, endpoint: Endpoint) -> None:
+    rig.kernel.alloc_cube("empty", "", {})
+    with pytest.raises(CubeEmpty):
+        rig.jobs.extract(rig.kernel.mount("empty", 0, True).record.mount_id, "", "", "", 0, "", "t")
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+    with pytest.raises(MountReadOnly):
+        rig.jobs.extract(rig.kernel.mount("c", 0, False).record.mount_id, "", "", "", 0, "", "t")
+    for url, max_tokens in (("ftp://x", 0), ("", 99_999)):
+        with pytest.raises(InvalidField):
+            rig.jobs.extract(mount, url, "", "", max_tokens, "", "t")
+
+
+def test_a_second_extraction_waits_and_cancel_ends_the_first(rig: Rig, endpoint: Endpoint) -> None:
+    mount, _ = ingest(rig, "c", [("Melanie", f"I love pottery number {i}") for i in range(20)])
+    endpoint.gate.clear()  # the first prompt hangs until the test lets it answer
+    job = rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    with pytest.raises(ExtractionInProgress):
+        rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    assert [j.job_id for j in rig.jobs.list_jobs(rig.kernel.cube("c").cube_id)] == [job.job_id]
+    threading.Timer(0.5, endpoint.gate.set).start()
+    final = rig.jobs.cancel(job.job_id)
+    assert final.state == "cancelled" and final.step == 1 and final.total_steps == 2  # stopped after a prompt
+    assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1  # nothing committed
+    assert [m.record.mount_id for m in rig.kernel.mounts_of(rig.kernel.cube("c").cube_id)] == [mount]  # its own closed
+
+
+def test_the_in_process_model_path_drops_noise(rig: Rig) -> None:
+    mount, _ = ingest(rig, "c", [("Caroline", "I adopted a dog last week")] * 16
+                      + [("Melanie", "pottery " * 2000)])  # the second prompt is past the 4096-token context
+    job = rig.jobs.extract(mount, "", "", "", 24, "", "t")
+    final = final_state(rig, job.job_id)
+    assert final.state == "succeeded", final.error
+    p = final.progress
+    assert p["turns_read"] == 17 and final.step == final.total_steps == 2
+    assert p["answers_dropped"].get("prompt_too_long") == 1  # counted, and the read went on
+    assert p["proposed"] == p["kept"] + sum(p["dropped"].values()) + sum(p["refused"].values())
+    assert p["kept"] == 0 and final.result_revision == 0  # a random model's 24 tokens are no JSON array
+
+
+def test_a_job_whose_mount_is_closed_commits_nothing(rig: Rig, endpoint: Endpoint) -> None:
+    """A Revoke or DisablePrincipal closes the principal's mounts of the cube (AccessControl.close_mounts),
+    the job's own commit mount among them: the job then fails and commits nothing."""
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+    endpoint.answers = [json.dumps([item("preference", "Melanie loves pottery.", ["t1"])])]
+    endpoint.gate.clear()
+    job = rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    cube_id = rig.kernel.cube("c").cube_id
+    [job_mount] = [m.record.mount_id for m in rig.kernel.mounts_of(cube_id) if m.record.mount_id != mount]
+    rig.kernel.unmount(job_mount)  # what close_mounts does
+    endpoint.gate.set()
+    final = final_state(rig, job.job_id)
+    assert final.state == "failed" and "was closed" in final.error
+    assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1
+
+
+def test_a_job_cut_short_by_a_stop_fails_at_the_next_start_and_its_mount_is_closed(rig: Rig) -> None:
+    """Mounts outlive a restart (they are persisted); the job's own commit mount must not."""
+    from memosd.parametric.jobs import JobManager
+
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+    cube_id = rig.kernel.cube("c").cube_id
+    job_mount = rig.kernel.mount("c", 0, True).record.mount_id  # as a job opens it
+    running = JobRecord("job_cutshort", cube_id, 1, {"extractor": "model", "url": "", "model": "",
+                                                     "max_tokens": 256, "commit_mount": job_mount},
+                        "", "t", 1, state="running", kind="extract")
+    rig.kernel.store.put_job(running, sync=True)
+    again = JobManager(rig.kernel, rig.host, store=rig.kernel.store)  # what the next start builds
+    assert again.get("job_cutshort").state == "failed"
+    assert [m.record.mount_id for m in rig.kernel.mounts_of(cube_id)] == [mount]
