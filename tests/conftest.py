@@ -6,7 +6,6 @@ import itertools
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from daemon_proc import DaemonProcess
 from memos import Client
+from smollm2_build import SmolLM2Build
 
 _names = itertools.count()
 
@@ -48,17 +48,6 @@ def client(daemon: DaemonProcess) -> Iterator[Client]:
 def cube_name(request: pytest.FixtureRequest) -> str:
     """A fresh, unique cube name per test."""
     return f"t{next(_names)}-{request.node.name[:40]}".replace("[", "-").replace("]", "")
-
-
-@dataclass
-class SmolLM2Build:
-    """The embedded model, loaded once per test session from its GGUF (the cold path)."""
-
-    loaded: Any  # memosd.runtime.LoadedModel
-    cache_dir: Path
-    gguf_model: Any  # the model exactly as the GGUF dequantized, before caching
-    gguf_tokenizer: Any
-    seconds: float
 
 
 @pytest.fixture(scope="session")

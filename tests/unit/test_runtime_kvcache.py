@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SmolLM2Build
+from smollm2_build import SmolLM2Build
 from tiny_llama import save_tiny_llama
 
 from memosd.runtime import LoadedModel, ModelSpec, load_model

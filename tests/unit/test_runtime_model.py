@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SmolLM2Build
+from smollm2_build import SmolLM2Build
 from tiny_llama import CHAT_TEMPLATE, save_tiny_llama
 
 import memosd.runtime.model as rm
