@@ -43,7 +43,7 @@ from memosd.governance.access import AccessControl, Right
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
 from memosd.kernel.kernel import Kernel
-from memosd.kernel.ports import Ranker
+from memosd.kernel.ports import NO_DIRECTORY, Ranker
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.usage import UsageTracker
 from memosd.listen_check import unbindable
@@ -65,6 +65,7 @@ from memosd.syscalls import convert_stats
 from memosd.syscalls.gate import Gate
 from memosd.syscalls.openai_http import HttpServer
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
+from memosd.syscalls.router import Router
 from memosd.syscalls.servicer import MemOSServicer
 
 log = logging.getLogger("memosd.daemon")
@@ -213,7 +214,8 @@ def build(config: Config) -> Daemon:
     except SchemaMismatch as error:
         raise StartupError(str(error)) from None
     kernel = Kernel(store, embedder, CubeIndex.open, config.data_dir / "index", config.limits,
-                    sync_commits=config.store.sync_commits, quotas=config.quotas)
+                    sync_commits=config.store.sync_commits, quotas=config.quotas,
+                    directory=cluster.claims if cluster is not None else NO_DIRECTORY)
     kernel.open()
     search = config.search
     searcher = Searcher(kernel, make_ranker(search), SearchSettings(depth=search.depth,
@@ -246,6 +248,9 @@ def build(config: Config) -> Daemon:
                      unauthenticated_window=config.security.audit_unauthenticated_window_seconds)
     gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics, server=config.server,
                 quotas=config.quotas)
+    gate.placement = cluster is not None
+    router = (Router(cluster.view, config.cluster.node_name, max_message_bytes=config.server.max_message_bytes)
+              if cluster is not None else None)
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
@@ -262,7 +267,7 @@ def build(config: Config) -> Daemon:
                  if config.lifecycle.enabled else None)
     loop = EventLoopThread()
     try:
-        server, health_servicer, port = loop.call(_make_server(config, servicer))
+        server, health_servicer, port = loop.call(_make_server(config, servicer, router))
     except RuntimeError as error:
         loop.close()
         gate.close()
@@ -304,7 +309,7 @@ def build(config: Config) -> Daemon:
     return daemon
 
 
-async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.aio.Server, health_aio.HealthServicer,
+async def _make_server(config: Config, servicer: MemOSServicer, router: Router | None = None) -> tuple[grpc.aio.Server, health_aio.HealthServicer,
                                                                         int]:
     """The asyncio gRPC server (made on its loop): MemOS, health (answered on the loop, whatever the
     executor is doing), reflection; bound, not started."""
@@ -312,7 +317,7 @@ async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.ai
                ("grpc.max_send_message_length", config.server.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    server.add_generic_rpc_handlers((generic_handler(servicer, router),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _serve_reflection(server, (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME))
@@ -423,7 +428,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     failure = ""
     if daemon.cluster is not None:  # a member in the list is one that serves: joined only now
         try:
-            daemon.cluster.join(daemon.address)
+            daemon.cluster.join(daemon.address, lambda: [(r.cube_id, r.name) for r in daemon.kernel.cube_records()])
         except ClusterStartError as error:
             failure = str(error)
     if not failure:

@@ -66,6 +66,8 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "STREAM_IDLE": (C.DEADLINE_EXCEEDED, errors.StreamIdle),
     "REQUEST_ID_REUSED": (C.INVALID_ARGUMENT, errors.RequestIdReused),
     "ARCHIVE_INVALID": (C.INVALID_ARGUMENT, errors.ArchiveInvalid),
+    "CLUSTER_UNAVAILABLE": (C.UNAVAILABLE, errors.ClusterUnavailable),
+    "CUBE_UNAVAILABLE": (C.UNAVAILABLE, errors.CubeUnavailable),
 }
 
 

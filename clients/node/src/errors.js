@@ -116,6 +116,11 @@ export class RequestIdReused extends InvalidArgument { static defaultReason = "R
 /** A cube archive (ImportCube) is truncated, corrupt, inconsistent or of an unknown format version. */
 export class ArchiveInvalid extends InvalidArgument { static defaultReason = "ARCHIVE_INVALID"; }
 
+/** The cluster directory (etcd) has no quorum: cube creation and removal are refused until it is back. */
+export class ClusterUnavailable extends Unavailable { static defaultReason = "CLUSTER_UNAVAILABLE"; }
+/** The cube's owner node is down or unreachable; the message and metadata name it. */
+export class CubeUnavailable extends Unavailable { static defaultReason = "CUBE_UNAVAILABLE"; }
+
 /** @type {Map<number, typeof MemosError>} */
 const BY_CODE = new Map([
   Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
@@ -163,6 +168,8 @@ export const BY_REASON = new Map([
   StreamIdle,
   RequestIdReused,
   ArchiveInvalid,
+  ClusterUnavailable,
+  CubeUnavailable,
 ].map((c) => [c.defaultReason, c]));
 
 /**

@@ -224,6 +224,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[INVALID_ARGUMENT] A cube archive (ImportCube) is truncated, corrupt, inconsistent or of a format version
     this daemon does not read; metadata.problem says which. Nothing was imported.
     """
+    CLUSTER_UNAVAILABLE: _ErrorReason.ValueType  # 39
+    """[UNAVAILABLE] The cluster directory (etcd) has no quorum: cube creation and removal are refused until it is
+    back; calls on existing cubes still work.
+    """
+    CUBE_UNAVAILABLE: _ErrorReason.ValueType  # 40
+    """[UNAVAILABLE] The cube's owner node cannot be reached (down, or not a live member); the message and
+    metadata (owner, address) name it. Every other cube keeps serving.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -324,6 +332,14 @@ REQUEST_ID_REUSED: ErrorReason.ValueType  # 37
 ARCHIVE_INVALID: ErrorReason.ValueType  # 38
 """[INVALID_ARGUMENT] A cube archive (ImportCube) is truncated, corrupt, inconsistent or of a format version
 this daemon does not read; metadata.problem says which. Nothing was imported.
+"""
+CLUSTER_UNAVAILABLE: ErrorReason.ValueType  # 39
+"""[UNAVAILABLE] The cluster directory (etcd) has no quorum: cube creation and removal are refused until it is
+back; calls on existing cubes still work.
+"""
+CUBE_UNAVAILABLE: ErrorReason.ValueType  # 40
+"""[UNAVAILABLE] The cube's owner node cannot be reached (down, or not a live member); the message and
+metadata (owner, address) name it. Every other cube keeps serving.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
