@@ -147,6 +147,7 @@ class Daemon:
     lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
     http_server: HttpServer | None = None  # None: http.listen = ""
     cluster: ClusterNode | None = None  # None: a single node (cluster.etcd = [])
+    router: Router | None = None  # a cluster node's forwarding (syscalls/router.py)
 
     def stats(self) -> pb.StatsResponse:
         """The Stats message the metrics gauges read (without the gate's call counts)."""
@@ -303,7 +304,7 @@ def build(config: Config) -> Daemon:
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
                     f"{host}:{port}", lock_handle, started, stop_event, audit, store, stats, metrics_server,
-                    lifecycle, http_server, cluster)
+                    lifecycle, http_server, cluster, router)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
@@ -462,6 +463,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     daemon.loop.call(daemon.health.enter_graceful_shutdown())
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))
+    if daemon.router is not None:  # its channels to the other nodes, once no call uses them
+        daemon.loop.call(daemon.router.close())
     if daemon.http_server is not None:  # its open replies see their calls end (gate.close below) and stop
         daemon.loop.call(daemon.http_server.stop())
     daemon.servicer.gate.close()

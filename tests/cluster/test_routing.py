@@ -12,11 +12,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import pytest
 from daemon_proc import DaemonProcess
 from etcd_rig import EtcdCluster
 from memosd_client import NO_RETRY, Client, ClusterUnavailable, CubeNameTaken, CubeUnavailable
+from memosd_client.v1 import memos_pb2
 
 from memosd.cluster.directory import Directory
 from memosd.cluster.placement import place
@@ -197,3 +200,37 @@ def test_the_node_tag_routes_mounts() -> None:
     tagged = ids.new_id(ids.MOUNT_PREFIX, node_tag("alpha"))
     assert ids.MOUNT_ID_RE.fullmatch(tagged) and ids.tag_of(tagged, ids.MOUNT_PREFIX) == node_tag("alpha")
     assert ids.tag_of("mnt_short", ids.MOUNT_PREFIX) == b""
+
+
+def test_streams_are_forwarded_and_a_forwarded_call_is_never_forwarded_again(
+        nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster, run: str, tmp_path: Path) -> None:
+    directory = Directory(etcd_cluster.client())
+    a, b = nodes["alpha"], nodes["beta"]
+    with _client(a) as via_a, _client(b) as via_b:
+        cubes = [via_a.alloc_cube(f"stream-{run}-{i}") for i in range(6)]
+        cube = next(c for c in cubes if directory.lookup(c.cube_id).owner != f"alpha-{run}")  # type: ignore[union-attr]
+        owner = directory.lookup(cube.cube_id).owner  # type: ignore[union-attr]
+        mount = via_a.mount(cube.name, writable=True)
+        via_a.write(mount.mount_id, ["exported through another node"])
+        via_a.commit(mount.mount_id, "one")
+        # ExportCube is a server stream: through alpha it comes from the owner, chunk by chunk.
+        archive = via_a.export_cube(cube.name, tmp_path / "cube.memosd")
+        assert archive.revisions == 1
+        imported = via_b.import_cube(tmp_path / "cube.memosd", f"copy-{run}").cube  # a client stream, run on beta
+        entry = directory.lookup(imported.cube_id)
+        assert entry is not None and entry.owner == f"beta-{run}" and imported.cube_id != cube.cube_id
+
+        # A call that says it was forwarded already is served where it lands or refused, never sent on.
+        other = nodes[owner.rsplit("-", 1)[0]]
+        channel = grpc.insecure_channel(a.address)
+        try:
+            stat = channel.unary_unary("/memos.v1.MemOS/StatCube", request_serializer=None,
+                                       response_deserializer=None)
+            request = memos_pb2.StatCubeRequest(cube=cube.cube_id).SerializeToString()
+            with pytest.raises(grpc.RpcError) as refused:
+                stat(request, metadata=(("memosd-forwarded-by", "elsewhere"),), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "is not forwarded twice" in (refused.value.details() or "")
+            assert f"cluster node {owner!r} at {other.address}" in (refused.value.details() or "")
+        finally:
+            channel.close()
