@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -224,7 +225,7 @@ def test_streams_are_forwarded_and_a_forwarded_call_is_never_forwarded_again(
         other = nodes[owner.rsplit("-", 1)[0]]
         channel = grpc.insecure_channel(a.address)
         try:
-            stat = channel.unary_unary("/memos.v1.MemOS/StatCube", request_serializer=None,
+            stat: Any = channel.unary_unary("/memos.v1.MemOS/StatCube", request_serializer=None,
                                        response_deserializer=None)
             request = memos_pb2.StatCubeRequest(cube=cube.cube_id).SerializeToString()
             with pytest.raises(grpc.RpcError) as refused:
