@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -35,7 +35,7 @@ from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
-from memosd.cluster.node import ClusterNode, ClusterStartError
+from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import DiskFull
 from memosd.eventloop import EventLoopThread
@@ -256,7 +256,7 @@ def build(config: Config) -> Daemon:
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
     stats = StatsService(kernel, model_host, activator, audit, started,
-                         cluster=cluster.status if cluster is not None else None)
+                         cluster=_cluster_status(cluster, router) if cluster is not None else None)
     # One Erasure for Purge and the lifecycle loop: the one path by which items are purged.
     erasure = Erasure(kernel, activator, usage)
     servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, stats.stats, gate, usage,
@@ -308,6 +308,11 @@ def build(config: Config) -> Daemon:
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
+
+
+def _cluster_status(cluster: ClusterNode, router: Router | None) -> Callable[[], ClusterStatus]:
+    """Stats' cluster section: the node's status with the router's count of forwarded calls."""
+    return lambda: replace(cluster.status(), forwarded_calls=router.forwarded if router is not None else 0)
 
 
 async def _make_server(config: Config, servicer: MemOSServicer, router: Router | None = None) -> tuple[grpc.aio.Server, health_aio.HealthServicer,

@@ -55,6 +55,7 @@ class ClusterStatus:
     last_error: str  # the last failure talking to etcd; "" once a call works again
     not_served: tuple[str, ...] = ()  # local cubes the directory gives to another node (see reconcile)
     missing: tuple[str, ...] = ()  # cubes the directory gives to this node that it does not have
+    forwarded_calls: int = 0  # calls sent on to their owner (the router's count, added by the wiring)
 
 
 class ClusterNode:

@@ -124,6 +124,7 @@ def test_cubes_spread_over_the_members_and_serve_through_any_node(
         assert "event=cluster_cube_claimed" in c.full_log()
         stats = via_c.stats().cluster
         assert list(stats.not_served) == [] and list(stats.missing) == []
+        assert via_a.stats().cluster.forwarded_calls > 0  # the calls above on cubes alpha does not own
 
 
 def test_names_are_unique_across_nodes(nodes: dict[str, DaemonProcess], run: str) -> None:

@@ -261,6 +261,7 @@
  * @property {string} last_error The last failure talking to etcd; empty once a call works again.
  * @property {string[]} not_served Local cubes this node does not serve: at join, the directory gave them to another node (or their name to another cube). Their calls go to the owner the directory names.
  * @property {string[]} missing Cubes the directory gives to this node that it does not have (a release that failed after FreeCube).
+ * @property {number} forwarded_calls Calls this node forwarded to their cube's owner since it started (syscalls/router.py).
  */
 
 /**

@@ -1124,6 +1124,7 @@ class ClusterStats(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     NOT_SERVED_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
+    FORWARDED_CALLS_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name among the members ([cluster] node_name)."""
     address: _builtins.str
@@ -1136,6 +1137,8 @@ class ClusterStats(_message.Message):
     """Leases granted again after one lapsed (etcd out of reach for a lease)."""
     last_error: _builtins.str
     """The last failure talking to etcd; empty once a call works again."""
+    forwarded_calls: _builtins.int
+    """Calls this node forwarded to their cube's owner since it started (syscalls/router.py)."""
     @_builtins.property
     def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The live members' names, as last read."""
@@ -1162,10 +1165,11 @@ class ClusterStats(_message.Message):
         last_error: _builtins.str = ...,
         not_served: _abc.Iterable[_builtins.str] | None = ...,
         missing: _abc.Iterable[_builtins.str] | None = ...,
+        forwarded_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "members", b"members", "members_age_seconds", b"members_age_seconds", "missing", b"missing", "node_name", b"node_name", "not_served", b"not_served"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "forwarded_calls", b"forwarded_calls", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "members", b"members", "members_age_seconds", b"members_age_seconds", "missing", b"missing", "node_name", b"node_name", "not_served", b"not_served"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
