@@ -19,7 +19,15 @@ import grpc
 import pytest
 from daemon_proc import DaemonProcess
 from etcd_rig import EtcdCluster
-from memosd_client import NO_RETRY, Client, ClusterUnavailable, CubeNameTaken, CubeUnavailable
+from memosd_client import (
+    NO_RETRY,
+    Client,
+    ClusterUnavailable,
+    CubeNameTaken,
+    CubeUnavailable,
+    ModelUnavailable,
+    MountNotFound,
+)
 from memosd_client.v1 import memos_pb2
 
 from memosd.cluster.directory import Directory
@@ -215,6 +223,12 @@ def test_streams_are_forwarded_and_a_forwarded_call_is_never_forwarded_again(
         mount = via_a.mount(cube.name, writable=True)
         via_a.write(mount.mount_id, ["exported through another node"])
         via_a.commit(mount.mount_id, "one")
+        # ImportAdapter is a client stream routed by its header's mount: the owner finds the mount and
+        # answers for its (absent) model; alpha, which lacks the mount, answers MOUNT_NOT_FOUND itself.
+        with pytest.raises(ModelUnavailable):
+            via_a.import_adapter(mount.mount_id, (b"{}", b"not safetensors"))
+        with pytest.raises(MountNotFound):
+            via_a.import_adapter(ids.new_id(ids.MOUNT_PREFIX), (b"{}", b"not safetensors"))
         # ExportCube is a server stream: through alpha it comes from the owner, chunk by chunk.
         archive = via_a.export_cube(cube.name, tmp_path / "cube.memosd")
         assert archive.revisions == 1
