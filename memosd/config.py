@@ -195,7 +195,7 @@ class HttpConfig:
 class ClusterConfig:
     """Several memosd nodes sharing one etcd cluster (docs/ARCHITECTURE.md, Cluster (in progress)).
 
-    In progress: the daemon does not read this section yet; memosd/cluster/ is built and tested on its own."""
+    In progress: with etcd set the daemon is a member, claims its cubes in the directory and routes calls."""
 
     # etcd's client endpoints, "host:port" or "http://host:port". Empty (the default): one node, no etcd.
     etcd: tuple[str, ...] = ()

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -35,7 +35,7 @@ from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
-from memosd.cluster.node import ClusterNode, ClusterStartError
+from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import DiskFull
 from memosd.eventloop import EventLoopThread
@@ -43,7 +43,7 @@ from memosd.governance.access import AccessControl, Right
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
 from memosd.kernel.kernel import Kernel
-from memosd.kernel.ports import Ranker
+from memosd.kernel.ports import NO_DIRECTORY, Ranker
 from memosd.kernel.search import Searcher, SearchSettings
 from memosd.kernel.usage import UsageTracker
 from memosd.listen_check import unbindable
@@ -65,6 +65,7 @@ from memosd.syscalls import convert_stats
 from memosd.syscalls.gate import Gate
 from memosd.syscalls.openai_http import HttpServer
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
+from memosd.syscalls.router import Router
 from memosd.syscalls.servicer import MemOSServicer
 
 log = logging.getLogger("memosd.daemon")
@@ -146,6 +147,7 @@ class Daemon:
     lifecycle: LifecycleLoop | None = None  # None: lifecycle.enabled = false
     http_server: HttpServer | None = None  # None: http.listen = ""
     cluster: ClusterNode | None = None  # None: a single node (cluster.etcd = [])
+    router: Router | None = None  # a cluster node's forwarding (syscalls/router.py)
 
     def stats(self) -> pb.StatsResponse:
         """The Stats message the metrics gauges read (without the gate's call counts)."""
@@ -213,7 +215,8 @@ def build(config: Config) -> Daemon:
     except SchemaMismatch as error:
         raise StartupError(str(error)) from None
     kernel = Kernel(store, embedder, CubeIndex.open, config.data_dir / "index", config.limits,
-                    sync_commits=config.store.sync_commits, quotas=config.quotas)
+                    sync_commits=config.store.sync_commits, quotas=config.quotas,
+                    directory=cluster.claims if cluster is not None else NO_DIRECTORY)
     kernel.open()
     search = config.search
     searcher = Searcher(kernel, make_ranker(search), SearchSettings(depth=search.depth,
@@ -246,11 +249,14 @@ def build(config: Config) -> Daemon:
                      unauthenticated_window=config.security.audit_unauthenticated_window_seconds)
     gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics, server=config.server,
                 quotas=config.quotas)
+    gate.placement = cluster is not None
+    router = (Router(cluster.view, config.cluster.node_name, max_message_bytes=config.server.max_message_bytes)
+              if cluster is not None else None)
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
                  if config.scheduler.enabled else None)
     stats = StatsService(kernel, model_host, activator, audit, started,
-                         cluster=cluster.status if cluster is not None else None)
+                         cluster=_cluster_status(cluster, router) if cluster is not None else None)
     # One Erasure for Purge and the lifecycle loop: the one path by which items are purged.
     erasure = Erasure(kernel, activator, usage)
     servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, stats.stats, gate, usage,
@@ -262,7 +268,7 @@ def build(config: Config) -> Daemon:
                  if config.lifecycle.enabled else None)
     loop = EventLoopThread()
     try:
-        server, health_servicer, port = loop.call(_make_server(config, servicer))
+        server, health_servicer, port = loop.call(_make_server(config, servicer, router))
     except RuntimeError as error:
         loop.close()
         gate.close()
@@ -298,13 +304,18 @@ def build(config: Config) -> Daemon:
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
                     f"{host}:{port}", lock_handle, started, stop_event, audit, store, stats, metrics_server,
-                    lifecycle, http_server, cluster)
+                    lifecycle, http_server, cluster, router)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
 
 
-async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.aio.Server, health_aio.HealthServicer,
+def _cluster_status(cluster: ClusterNode, router: Router | None) -> Callable[[], ClusterStatus]:
+    """Stats' cluster section: the node's status with the router's count of forwarded calls."""
+    return lambda: replace(cluster.status(), forwarded_calls=router.forwarded if router is not None else 0)
+
+
+async def _make_server(config: Config, servicer: MemOSServicer, router: Router | None = None) -> tuple[grpc.aio.Server, health_aio.HealthServicer,
                                                                         int]:
     """The asyncio gRPC server (made on its loop): MemOS, health (answered on the loop, whatever the
     executor is doing), reflection; bound, not started."""
@@ -312,7 +323,7 @@ async def _make_server(config: Config, servicer: MemOSServicer) -> tuple[grpc.ai
                ("grpc.max_send_message_length", config.server.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    server.add_generic_rpc_handlers((generic_handler(servicer, router),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _serve_reflection(server, (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME))
@@ -423,7 +434,7 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     failure = ""
     if daemon.cluster is not None:  # a member in the list is one that serves: joined only now
         try:
-            daemon.cluster.join(daemon.address)
+            daemon.cluster.join(daemon.address, lambda: [(r.cube_id, r.name) for r in daemon.kernel.cube_records()])
         except ClusterStartError as error:
             failure = str(error)
     if not failure:
@@ -457,6 +468,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     daemon.loop.call(daemon.health.enter_graceful_shutdown())
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))
+    if daemon.router is not None:  # its channels to the other nodes, once no call uses them
+        daemon.loop.call(daemon.router.close())
     if daemon.http_server is not None:  # its open replies see their calls end (gate.close below) and stop
         daemon.loop.call(daemon.http_server.stop())
     daemon.servicer.gate.close()

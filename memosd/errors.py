@@ -217,6 +217,20 @@ class ArchiveInvalid(MemosError):
     reason = "ARCHIVE_INVALID"
 
 
+class ClusterUnavailable(MemosError):
+    """The cluster directory (etcd) cannot be changed: no quorum, or no endpoint answers."""
+
+    code = "UNAVAILABLE"
+    reason = "CLUSTER_UNAVAILABLE"
+
+
+class CubeUnavailable(MemosError):
+    """The cube's owner node is down or unreachable; ``owner`` and ``address`` (metadata) name it."""
+
+    code = "UNAVAILABLE"
+    reason = "CUBE_UNAVAILABLE"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -229,5 +243,5 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
     AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished, Unauthenticated,
     PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen, RevisionCompacted, ArchiveInvalid,
-    ExtractionInProgress,
+    ExtractionInProgress, ClusterUnavailable, CubeUnavailable,
 )

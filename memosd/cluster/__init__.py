@@ -9,8 +9,12 @@ it owns, as a single node does. One job a module:
   membership.py  a node's registration under a lease kept alive by a daemon thread; the live members
   directory.py   the cube directory: cube -> owner at an epoch, names unique cluster-wide, moves as a CAS
   placement.py   where a new cube goes: rendezvous (highest random weight) hashing over the live members
-  node.py        the daemon as a member ([cluster] etcd set): checked at start, joined, left at stop
+  claims.py      the kernel's DirectoryPort: cubes claimed for this node at AllocCube / ImportCube, released
+                 at FreeCube; CLUSTER_UNAVAILABLE when etcd has no quorum
+  view.py        the directory and the member list as last seen (a watch-fed cache): what the router reads
+  node.py        the daemon as a member ([cluster] etcd set): checked at start, joined (the local cubes
+                 reconciled with the directory), left at stop
 
-Nothing here imports grpc: the wire stays in syscalls/. The daemon uses node.py (membership) only so far:
-the directory and placement are not wired yet (docs/ARCHITECTURE.md, "Cluster (in progress)").
+Nothing here imports grpc: the wire stays in syscalls/ (syscalls/router.py forwards calls to owners)
+(docs/ARCHITECTURE.md, "Cluster (in progress)").
 """

@@ -1,13 +1,19 @@
 """This daemon as a cluster member: what the wiring does with ``[cluster]`` when ``etcd`` is set.
 
-Today that is membership only: ``check()`` before anything slow loads (etcd answers and no live member
+Membership: ``check()`` before anything slow loads (etcd answers and no live member
 holds our node name: a start that cannot join fails in a second, like a taken port), ``join()`` once the
 gRPC server serves (a member in the list is one that answers), ``leave()`` first thing at shutdown (the
 others stop sending calls before we stop taking them). While joined, a daemon thread reads the member
 list every half lease, so ``status()`` (the Stats syscall's cluster section) answers from memory
 and never waits on etcd: with etcd out of reach Stats still answers, saying since when the list is old.
-Claiming cubes in the directory at AllocCube, routing and moves come next (docs/ARCHITECTURE.md,
-Cluster (in progress)).
+
+The directory: ``claims`` is the kernel's DirectoryPort (cluster/claims.py) and ``view`` the watch-fed
+cache the router reads (cluster/view.py), started at join. At join the local cubes are reconciled with
+the directory (``reconcile``): a local cube without an entry is claimed for this node; one whose entry
+names another node is reported (log and Stats: ``not_served``) and not served here, since the router
+sends its calls to the owner the directory names; an entry naming this node for a cube it lacks (a
+release that failed after a FreeCube) is reported as ``missing``. Nothing is deleted either way: which
+copy is right is for an operator (or the move protocol) to say.
 """
 
 from __future__ import annotations
@@ -15,12 +21,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from memosd.cluster.claims import DirectoryClaims
+from memosd.cluster.directory import Directory
 from memosd.cluster.etcd import EtcdClient, EtcdError
 from memosd.cluster.membership import NodeNameTaken, Registration, members
+from memosd.cluster.view import DirectoryView
 from memosd.config import ClusterConfig
+from memosd.errors import MemosError
 from memosd.logfmt import log_event
+
+LocalCubes = Callable[[], Sequence[tuple[str, str]]]  # (cube id, name) of every cube in the local store
 
 log = logging.getLogger("memosd.cluster")
 
@@ -40,6 +53,9 @@ class ClusterStatus:
     members_age_seconds: float  # how old that read is (it is redone every half lease)
     lease_renewals: int  # leases granted again after one lapsed
     last_error: str  # the last failure talking to etcd; "" once a call works again
+    not_served: tuple[str, ...] = ()  # local cubes the directory gives to another node (see reconcile)
+    missing: tuple[str, ...] = ()  # cubes the directory gives to this node that it does not have
+    forwarded_calls: int = 0  # calls sent on to their owner (the router's count, added by the wiring)
 
 
 class ClusterNode:
@@ -52,6 +68,10 @@ class ClusterNode:
         self._read_error = ""
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
+        self.view = DirectoryView(self.client)
+        self.claims = DirectoryClaims(Directory(self.client), config.node_name, self.view)
+        self.not_served: tuple[str, ...] = ()
+        self.missing: tuple[str, ...] = ()
 
     def _where(self) -> str:
         return ", ".join(self.config.etcd)
@@ -74,8 +94,9 @@ class ClusterNode:
                     f"cluster.lease_seconds = {self.config.lease_seconds} s)")
             time.sleep(0.25)
 
-    def join(self, bound: str) -> None:
-        """Register at cluster.advertise, or at ``bound`` (the gRPC server's address) when that is empty."""
+    def join(self, bound: str, local_cubes: LocalCubes = lambda: ()) -> None:
+        """Register at cluster.advertise, or at ``bound`` (the gRPC server's address) when that is empty;
+        then follow the directory and reconcile the local cubes with it."""
         self.registration = Registration(self.client, self.config.node_name, self.config.advertise or bound,
                                          lease_seconds=self.config.lease_seconds)
         # wait: a node restarted at once after a crash finds its own record until its lease ends.
@@ -85,10 +106,44 @@ class ClusterNode:
             raise ClusterStartError(f"cluster.node_name: {e}") from None
         except EtcdError as e:
             raise ClusterStartError(f"cannot join the cluster at {self._where()} (cluster.etcd): {e}") from None
+        try:
+            self.view.start()
+            self.reconcile(local_cubes())
+        except EtcdError as e:
+            raise ClusterStartError(f"cannot read the cluster directory at {self._where()} (cluster.etcd): {e}"
+                                    ) from None
         self._read_members()
         self._stop.clear()
         self._reader = threading.Thread(target=self._follow_members, name="cluster-members", daemon=True)
         self._reader.start()
+
+    def reconcile(self, local: Sequence[tuple[str, str]]) -> None:
+        """The rule at join (see the module docstring): claim what is ours and unclaimed, report the rest."""
+        node = self.config.node_name
+        mine = {cube_id for cube_id, _ in local}
+        not_served = []
+        for cube_id, name in local:
+            entry = self.view.lookup(cube_id)
+            if entry is None:
+                try:
+                    if self.claims.claim(cube_id, name):
+                        log_event(log, "cluster_cube_claimed", cube=cube_id, name=name)
+                        continue
+                except MemosError as e:  # the name is another cube's in the cluster (or etcd failed)
+                    log_event(log, "cluster_cube_not_served", level=logging.WARNING, cube=cube_id, name=name,
+                              reason=e.message)
+                    not_served.append(cube_id)
+                    continue
+                entry = self.view.lookup(cube_id)
+            if entry is not None and entry.owner != node:
+                log_event(log, "cluster_cube_not_served", level=logging.WARNING, cube=cube_id, name=name,
+                          reason=f"the directory gives it to node {entry.owner!r} at epoch {entry.epoch}")
+                not_served.append(cube_id)
+        missing = sorted(e.cube_id for e in self.view.entries() if e.owner == node and e.cube_id not in mine)
+        for cube_id in missing:
+            log_event(log, "cluster_cube_missing", level=logging.WARNING, cube=cube_id,
+                      reason="the directory gives it to this node, which has no such cube")
+        self.not_served, self.missing = tuple(sorted(not_served)), tuple(missing)
 
     def _read_members(self) -> None:
         try:
@@ -113,10 +168,12 @@ class ClusterNode:
             joined=member is not None, members=self._members,
             members_age_seconds=round(time.monotonic() - self._members_read, 3),
             lease_renewals=reg.renewals if reg is not None else 0,
-            last_error=(reg.last_error if reg is not None else "") or self._read_error)
+            last_error=(reg.last_error if reg is not None else "") or self._read_error,
+            not_served=self.not_served, missing=self.missing)
 
     def leave(self) -> None:
         self._stop.set()
+        self.view.stop()
         if self._reader is not None:
             self._reader.join(timeout=self.config.lease_seconds)
             self._reader = None

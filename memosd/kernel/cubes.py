@@ -7,11 +7,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from memosd.errors import CubeNameTaken, DiskFull, RevisionNotFound
+from memosd.errors import CubeNameTaken, DiskFull, InvalidField, RevisionNotFound
 from memosd.kernel import clock, ids, paging, validate
 from memosd.kernel.catalog import Catalog
 from memosd.kernel.checks import check_readable, check_thawed
 from memosd.kernel.indexes import Indexes
+from memosd.kernel.ports import NO_DIRECTORY, DirectoryPort
 from memosd.kernel.quotas import Quotas
 from memosd.kernel.staging import drop_staged_files
 from memosd.kernel.state import CubeState, MountState
@@ -34,7 +35,9 @@ def check_name_free(store: Store, name: str) -> None:
 
 
 class CubeAdmin:
-    def __init__(self, tables: Tables, store: Store, indexes: Indexes, quotas: Quotas, *, sync: bool) -> None:
+    def __init__(self, tables: Tables, store: Store, indexes: Indexes, quotas: Quotas, *, sync: bool,
+                 directory: DirectoryPort = NO_DIRECTORY) -> None:
+        self._directory = directory
         self._tables = tables
         self._store = store
         self._indexes = indexes
@@ -42,23 +45,38 @@ class CubeAdmin:
         self._sync = sync
 
     # -- cubes ----------------------------------------------------------
-    def alloc_cube(self, name: str, description: str, labels: dict[str, str], owner: str = "") -> CubeInfo:
+    def alloc_cube(self, name: str, description: str, labels: dict[str, str], owner: str = "",
+                   cube_id: str = "") -> CubeInfo:
         validate.cube_name(name)
         validate.cube_meta(description, labels)
-        with self._tables.lock:
-            check_name_free(self._store, name)
-            record = CubeRecord(ids.new_id(ids.CUBE_PREFIX), name, description, dict(labels), clock.now_ns(),
-                                owner=owner)
-            batch = self._store.batch()
-            batch.put_cube(record)
-            batch.put_name(name, record.cube_id)
-            self._store.write(batch, sync=self._sync)
-            cube = CubeState(record, Catalog(), self._indexes.new(record.cube_id))
-            self._tables.cubes[record.cube_id] = cube
+        if cube_id and (not ids.CUBE_ID_RE.fullmatch(cube_id) or cube_id in self._tables.cubes):
+            raise InvalidField(f"the placed cube id {cube_id!r} is not a new cube id", field="cube_id")
+        check_name_free(self._store, name)  # a name taken here is refused before the directory is asked
+        cube_id = cube_id or ids.new_id(ids.CUBE_PREFIX)
+        # Claimed in the cluster's directory first, outside the lock (a network round trip): the name is
+        # then ours cluster-wide, and a local commit that fails gives the claim back.
+        if not self._directory.claim(cube_id, name):
+            raise InvalidField(f"the placed cube id {cube_id!r} is already in the cluster's directory",
+                               field="cube_id")
+        try:
+            with self._tables.lock:
+                check_name_free(self._store, name)
+                record = CubeRecord(cube_id, name, description, dict(labels), clock.now_ns(), owner=owner)
+                batch = self._store.batch()
+                batch.put_cube(record)
+                batch.put_name(name, record.cube_id)
+                self._store.write(batch, sync=self._sync)
+                cube = CubeState(record, Catalog(), self._indexes.new(record.cube_id))
+                self._tables.cubes[record.cube_id] = cube
+        except BaseException:
+            self._directory.release(cube_id)
+            raise
         log_event(log, "alloc_cube", cube=record.cube_id, name=name)
         return self._tables.cube_info(cube)
 
     def free_cube(self, ref: str) -> FreeResult:
+        # Refused before anything is freed when the directory cannot be changed (etcd without quorum).
+        self._directory.check_changeable(self._tables.cube(ref).cube_id)
         with self._tables.lock:
             cube = self._tables.cube(ref)
             with cube.lock:
@@ -74,6 +92,9 @@ class CubeAdmin:
                     self._quotas.closed(mount.record.principal, cube.cube_id, mount.staged_total())
                 del self._tables.cubes[cube.cube_id]
                 cube.index.destroy()
+        # Freed locally first, then released: a release that fails now leaves an entry naming this node
+        # for a cube it no longer has, which the next join reports (cluster/node.py); never the reverse.
+        self._directory.release(cube.cube_id)
         log_event(log, "free_cube", cube=cube.cube_id, revisions=cube.head, versions=len(cube.catalog))
         return FreeResult(cube.head, len(cube.catalog), len(mounts))
 
@@ -135,8 +156,8 @@ class CubeAdmin:
                 if writable:
                     check_thawed(cube, "a read-write mount")
                 self._quotas.check_mount(principal)  # under the tables' lock: two Mounts cannot both pass
-                record = MountRecord(ids.new_id(ids.MOUNT_PREFIX), cube.cube_id, base, "rw" if writable else "ro",
-                                     clock.now_ns(), principal)
+                record = MountRecord(ids.new_id(ids.MOUNT_PREFIX, self._directory.node_tag), cube.cube_id, base,
+                                     "rw" if writable else "ro", clock.now_ns(), principal)
                 batch = self._store.batch()
                 batch.put_mount(record)
                 try:

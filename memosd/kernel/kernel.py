@@ -30,7 +30,7 @@ from memosd.kernel.cubes import CubeAdmin
 from memosd.kernel.indexes import Indexes
 from memosd.kernel.item_states import ItemStates
 from memosd.kernel.portable import CubePorter, ImportResult
-from memosd.kernel.ports import EmbedderPort, IndexFactory
+from memosd.kernel.ports import NO_DIRECTORY, DirectoryPort, EmbedderPort, IndexFactory
 from memosd.kernel.purge import PurgeParts, run_purge
 from memosd.kernel.quotas import Quotas
 from memosd.kernel.reads import Reads
@@ -75,7 +75,9 @@ class Kernel:
     def __init__(
         self, store: Store, embedder: EmbedderPort, index_factory: IndexFactory, index_root: Path,
         limits: LimitsConfig, *, sync_commits: bool = True, quotas: QuotasConfig | None = None,
+        directory: DirectoryPort = NO_DIRECTORY,
     ) -> None:
+        self.node_tag = directory.node_tag  # in this node's mount and job ids (a cluster routes by it)
         self.store = store  # kernel/ and tests only: outside code is handed the Store by the daemon
         self.embedder = embedder
         self.limits = limits
@@ -86,14 +88,16 @@ class Kernel:
         self.cubes: dict[str, CubeState] = self._tables.cubes
         self.mounts: dict[str, MountState] = self._tables.mounts
         self._indexes = Indexes(store, embedder, index_factory, index_root)
-        self._admin = CubeAdmin(self._tables, store, self._indexes, self.quotas, sync=sync_commits)
+        self._admin = CubeAdmin(self._tables, store, self._indexes, self.quotas, sync=sync_commits,
+                                directory=directory)
         self._staging = Staging(self._tables, store, embedder, limits, self.quotas, self.requests)
         self._revisions = Revisions(self._tables, self._staging, store, embedder, limits, self.quotas,
                                     self.requests, sync=sync_commits)
         self._states = ItemStates(self._tables, self._revisions, store, limits)
         self._reads = Reads(self._tables, store, limits)
         self._purge = PurgeParts(self._tables, store, self._indexes, self.quotas, limits)
-        self._porter = CubePorter(self._tables, store, self._indexes, embedder, sync=sync_commits)
+        self._porter = CubePorter(self._tables, store, self._indexes, embedder, sync=sync_commits,
+                                  directory=directory)
 
     # -- start and stop -------------------------------------------------
     def open(self) -> None:
@@ -209,8 +213,10 @@ class Kernel:
             return not cube.freed and not any(item_id in cube.purged for item_id in items)
 
     # -- cubes and mounts -----------------------------------------------
-    def alloc_cube(self, name: str, description: str, labels: dict[str, str], owner: str = "") -> CubeInfo:
-        return self._admin.alloc_cube(name, description, labels, owner)
+    def alloc_cube(self, name: str, description: str, labels: dict[str, str], owner: str = "",
+                   cube_id: str = "") -> CubeInfo:
+        """A new cube; ``cube_id`` is one placement chose (a cluster's router), else a new id."""
+        return self._admin.alloc_cube(name, description, labels, owner, cube_id)
 
     def free_cube(self, ref: str) -> FreeResult:
         return self._admin.free_cube(ref)

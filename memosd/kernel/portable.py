@@ -36,7 +36,7 @@ from memosd.kernel import clock, ids, validate
 from memosd.kernel.cubes import check_name_free
 from memosd.kernel.indexes import Indexes
 from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE, memory_text
-from memosd.kernel.ports import EmbedderPort
+from memosd.kernel.ports import NO_DIRECTORY, DirectoryPort, EmbedderPort
 from memosd.kernel.state import CubeState
 from memosd.kernel.table import Tables
 from memosd.kernel.types import CubeInfo
@@ -125,7 +125,8 @@ def _int(value: object, what: str, offset: int) -> int:
 
 class CubePorter:
     def __init__(self, tables: Tables, store: Store, indexes: Indexes, embedder: EmbedderPort, *,
-                 sync: bool) -> None:
+                 sync: bool, directory: DirectoryPort = NO_DIRECTORY) -> None:
+        self._directory = directory
         self._tables = tables
         self._store = store
         self._indexes = indexes
@@ -203,6 +204,17 @@ class CubePorter:
                     and source_id not in self._reserved and self._store.get_cube(source_id) is None)
             cube_id = source_id if kept else ids.new_id(ids.CUBE_PREFIX)
             self._reserved.add(cube_id)
+        try:  # claimed in the cluster's directory outside the lock; an id claimed elsewhere is not kept
+            if not self._directory.claim(cube_id, name):
+                with self._tables.lock:
+                    self._reserved.discard(cube_id)
+                    kept, cube_id = False, ids.new_id(ids.CUBE_PREFIX)
+                    self._reserved.add(cube_id)
+                self._directory.claim(cube_id, name)
+        except BaseException:
+            with self._tables.lock:
+                self._reserved.discard(cube_id)
+            raise
         loader = _Loader(self._store, self._embedder, cube_id, header, accept_kv if kept else (lambda _: False))
         cube: CubeState | None = None
         try:
@@ -218,6 +230,7 @@ class CubePorter:
                 self._tables.cubes[cube_id] = cube
         except BaseException:
             self._discard(cube_id, cube)
+            self._directory.release(cube_id)
             raise
         finally:
             with self._tables.lock:

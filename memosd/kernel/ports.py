@@ -1,4 +1,4 @@
-"""What the kernel needs from the index layer. Tests may pass fakes."""
+"""What the kernel needs from the index layer, and from a cluster's directory. Tests may pass fakes."""
 
 from __future__ import annotations
 
@@ -64,3 +64,43 @@ class Ranker(Protocol):
     ("hybrid" fuses both; "dense"/"lexical" rank by that list alone)."""
 
     def __call__(self, dense: Scored, lexical: Scored, k: int, mode: str) -> Sequence[FusedHitLike]: ...
+
+
+class DirectoryPort(Protocol):
+    """Where cube ids and names are claimed beyond this node: the cluster's directory in etcd
+    (cluster/claims.py), wired by the daemon when [cluster] etcd is set; ``NO_DIRECTORY`` on one node.
+    The kernel stays free of etcd: it only calls these, outside its locks (each may take a network
+    round trip). Each raises CubeNameTaken, or ClusterUnavailable when the directory cannot be changed."""
+
+    node_tag: bytes  # put into this node's mount ids (ids.new_id), so any node can route a mount
+
+    def claim(self, cube_id: str, name: str) -> bool:
+        """Enter a new cube owned by this node, before it is committed locally. False: the id is
+        already claimed (an import keeping its source's id then takes a new one)."""
+        ...
+
+    def check_changeable(self, cube_id: str) -> None:
+        """Before FreeCube frees anything: raises ClusterUnavailable when the release could not be made."""
+        ...
+
+    def release(self, cube_id: str) -> None:
+        """The cube is gone locally (FreeCube, or a create that failed after its claim): drop its entry."""
+        ...
+
+
+class _NoDirectory:
+    """A single node: nothing to claim, and nothing is asked of the network."""
+
+    node_tag = b""
+
+    def claim(self, cube_id: str, name: str) -> bool:
+        return True
+
+    def check_changeable(self, cube_id: str) -> None:
+        return None
+
+    def release(self, cube_id: str) -> None:
+        return None
+
+
+NO_DIRECTORY: DirectoryPort = _NoDirectory()

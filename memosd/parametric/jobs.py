@@ -153,7 +153,7 @@ class JobManager:
                 raise TrainingInProgress(
                     f"cube {cube.record.name!r} already has training job {busy[0].job_id} ({busy[0].state}); "
                     "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
-            job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
+            job = JobRecord(ids.new_id(ids.JOB_PREFIX, self.kernel.node_tag), cube.cube_id, revision, settings, message, author,
                             time.time_ns(), principal=principal)
             self._save(job)
             self._cancel[job.job_id] = threading.Event()

@@ -30,7 +30,9 @@ def cluster(value: ClusterStatus | None) -> pb.ClusterStats | None:
         return None  # a single node: the field stays unset
     return pb.ClusterStats(node_name=value.node_name, address=value.address, joined=value.joined,
                            members=list(value.members), members_age_seconds=value.members_age_seconds,
-                           lease_renewals=value.lease_renewals, last_error=value.last_error)
+                           lease_renewals=value.lease_renewals, last_error=value.last_error,
+                           not_served=list(value.not_served), missing=list(value.missing),
+                           forwarded_calls=value.forwarded_calls)
 
 
 def adapters(value: AdapterPoolStats) -> pb.AdapterPoolStats:

@@ -55,6 +55,7 @@ log = logging.getLogger("memosd.syscalls")
 T = TypeVar("T")
 
 AUTH_METADATA = "authorization"
+PLACED_METADATA = "memosd-cube-id"  # syscalls/router.py's PLACED (the router imports the gate's module)
 _BEARER = "bearer "
 
 
@@ -91,6 +92,7 @@ class Call:
     done: threading.Event  # set when the call ends for any reason (see cancelled())
     caller: PrincipalRecord
     entry: AuditEntry = field(repr=False)
+    placed_cube_id: str = ""  # AllocCube on a cluster node: the id placement chose (syscalls/router.py)
 
     def note(self, *, items: Any = (), artifacts: Any = (), cube_id: str = "", revision: int = 0) -> None:
         self.entry.item_ids.extend(items)
@@ -129,6 +131,7 @@ class Gate:
         self.metrics = metrics  # None: metrics are off
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
+        self.placement = False  # a cluster node: AllocCube takes the placed cube id from its metadata
         self.draining = False  # set by the daemon when SIGTERM starts the drain: new calls get SHUTTING_DOWN
         server = server or ServerConfig()
         self.idle_seconds = server.stream_idle_seconds
@@ -154,6 +157,11 @@ class Gate:
     def _token(context: Any) -> list[str]:
         """The call's authorization header values (normally one), as sent."""
         return [value for key, value in context.invocation_metadata() or () if key == AUTH_METADATA]
+
+    @staticmethod
+    def _placed(context: Any) -> str:
+        """The cube id a cluster router placed an AllocCube at (its memosd-cube-id header), if any."""
+        return next((str(v) for k, v in context.invocation_metadata() or () if k == PLACED_METADATA), "")
 
     def _caller(self, values: list[str]) -> PrincipalRecord:
         if not self.auth:
@@ -265,11 +273,14 @@ class Gate:
         async def run(request: Any, context: Any) -> Any:
             started, entry = time.perf_counter(), AuditEntry(method)
             token, done = self._token(context), _done_event(context)
+            placed = self._placed(context) if self.placement else ""
 
             def work() -> tuple[Any, Exception | None]:
                 try:
                     caller = self._authenticate(method, token, entry)
-                    response = handler(request, self._authorize(caller, method, request, done, entry))
+                    call = self._authorize(caller, method, request, done, entry)
+                    call.placed_cube_id = placed
+                    response = handler(request, call)
                 except Exception as error:
                     self._close(entry, started, error)
                     return None, error

@@ -64,7 +64,8 @@ class MemOSServicer(GovernanceHandlers):
 
     # -- cubes ----------------------------------------------------------
     def AllocCube(self, req: pb.AllocCubeRequest, call: Call) -> pb.AllocCubeResponse:
-        info = self.kernel.alloc_cube(req.name, req.description, dict(req.labels), owner=call.caller.principal_id)
+        info = self.kernel.alloc_cube(req.name, req.description, dict(req.labels), owner=call.caller.principal_id,
+                                      cube_id=call.placed_cube_id)
         return pb.AllocCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cv.cube(info))
 
     def FreeCube(self, req: pb.FreeCubeRequest, call: Call) -> pb.FreeCubeResponse:

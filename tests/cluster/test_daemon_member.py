@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from daemon_proc import DaemonProcess
 from etcd_rig import EtcdCluster, _free_ports
-from memosd_client import Client
+from memosd_client import NO_RETRY, Client, ClusterUnavailable
 
 from memosd import __version__
 from memosd.cluster.etcd import EtcdClient
@@ -59,13 +59,19 @@ def test_a_daemon_joins_as_a_member_and_leaves_at_sigterm(etcd: EtcdCluster, cli
         assert f"memosd: cluster.node_name {name!r} is already a live member at {first.address}" in log
         assert first.proc is not None and first.proc.poll() is None, "the first daemon is untouched"
 
-        # etcd loses its quorum: the daemon keeps serving its own cubes, and Stats answers from memory,
-        # saying what failed; once etcd is back the node is still a member and the error clears.
+        # etcd loses its quorum: the daemon keeps serving its own cubes (creating one is refused: it needs
+        # the directory), and Stats answers from memory, saying what failed; once etcd is back the node is
+        # still a member and the error clears.
+        with Client(first.address, token=first.token, timeout=30) as admin:
+            before = admin.alloc_cube(f"before-outage-{name}")
         etcd.members[0].kill()
         etcd.members[1].kill()
-        with Client(first.address, token=first.token, timeout=30) as admin:
-            cube = admin.alloc_cube(f"during-outage-{name}")
-            assert cube.name == f"during-outage-{name}"
+        with Client(first.address, token=first.token, timeout=30, retry=NO_RETRY) as admin:
+            with pytest.raises(ClusterUnavailable, match="cube creation and removal are refused"):
+                admin.alloc_cube(f"during-outage-{name}")
+            mount = admin.mount(before.name, writable=True)
+            admin.write(mount.mount_id, ["written during the outage"])
+            assert admin.commit(mount.mount_id, "outage").revision.number == 1
             deadline = time.monotonic() + 15
             while True:
                 start = time.monotonic()

@@ -67,6 +67,8 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "REQUEST_ID_REUSED": (C.INVALID_ARGUMENT, errors.RequestIdReused),
     "ARCHIVE_INVALID": (C.INVALID_ARGUMENT, errors.ArchiveInvalid),
     "EXTRACTION_IN_PROGRESS": (C.FAILED_PRECONDITION, errors.ExtractionInProgress),
+    "CLUSTER_UNAVAILABLE": (C.UNAVAILABLE, errors.ClusterUnavailable),
+    "CUBE_UNAVAILABLE": (C.UNAVAILABLE, errors.CubeUnavailable),
 }
 
 

@@ -117,6 +117,11 @@ export class RequestIdReused extends InvalidArgument { static defaultReason = "R
 export class ArchiveInvalid extends InvalidArgument { static defaultReason = "ARCHIVE_INVALID"; }
 export class ExtractionInProgress extends FailedPrecondition { static defaultReason = "EXTRACTION_IN_PROGRESS"; }
 
+/** The cluster directory (etcd) has no quorum: cube creation and removal are refused until it is back. */
+export class ClusterUnavailable extends Unavailable { static defaultReason = "CLUSTER_UNAVAILABLE"; }
+/** The cube's owner node is down or unreachable; the message and metadata name it. */
+export class CubeUnavailable extends Unavailable { static defaultReason = "CUBE_UNAVAILABLE"; }
+
 /** @type {Map<number, typeof MemosError>} */
 const BY_CODE = new Map([
   Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
@@ -165,6 +170,8 @@ export const BY_REASON = new Map([
   RequestIdReused,
   ArchiveInvalid,
   ExtractionInProgress,
+  ClusterUnavailable,
+  CubeUnavailable,
 ].map((c) => [c.defaultReason, c]));
 
 /**

@@ -173,6 +173,18 @@ class ShuttingDown(Unavailable):
     default_reason = "SHUTTING_DOWN"
 
 
+class ClusterUnavailable(Unavailable):
+    """The cluster directory (etcd) has no quorum: cube creation and removal are refused until it is back."""
+
+    default_reason = "CLUSTER_UNAVAILABLE"
+
+
+class CubeUnavailable(Unavailable):
+    """The cube's owner node is down or unreachable; the message and metadata name it."""
+
+    default_reason = "CUBE_UNAVAILABLE"
+
+
 class InternalError(Internal):
     default_reason = "INTERNAL_ERROR"
 
@@ -306,7 +318,7 @@ _BY_REASON: dict[str, type[MemosError]] = {
         AdapterInvalid, AdapterTooLarge, AdapterMismatch, AdapterNotFound, JobNotFound,
         TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
         PrincipalNameTaken, CubeFrozen, RevisionCompacted, DiskFull, QuotaExceeded, StreamIdle,
-        RequestIdReused, ArchiveInvalid, ExtractionInProgress,
+        RequestIdReused, ArchiveInvalid, ExtractionInProgress, ClusterUnavailable, CubeUnavailable,
     )
 }
 

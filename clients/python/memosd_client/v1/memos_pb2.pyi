@@ -1122,6 +1122,9 @@ class ClusterStats(_message.Message):
     MEMBERS_AGE_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_RENEWALS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NOT_SERVED_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    FORWARDED_CALLS_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name among the members ([cluster] node_name)."""
     address: _builtins.str
@@ -1134,9 +1137,21 @@ class ClusterStats(_message.Message):
     """Leases granted again after one lapsed (etcd out of reach for a lease)."""
     last_error: _builtins.str
     """The last failure talking to etcd; empty once a call works again."""
+    forwarded_calls: _builtins.int
+    """Calls this node forwarded to their cube's owner since it started (syscalls/router.py)."""
     @_builtins.property
     def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The live members' names, as last read."""
+
+    @_builtins.property
+    def not_served(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Local cubes this node does not serve: at join, the directory gave them to another node (or their
+        name to another cube). Their calls go to the owner the directory names.
+        """
+
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Cubes the directory gives to this node that it does not have (a release that failed after FreeCube)."""
 
     def __init__(
         self,
@@ -1148,10 +1163,13 @@ class ClusterStats(_message.Message):
         members_age_seconds: _builtins.float = ...,
         lease_renewals: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        not_served: _abc.Iterable[_builtins.str] | None = ...,
+        missing: _abc.Iterable[_builtins.str] | None = ...,
+        forwarded_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "members", b"members", "members_age_seconds", b"members_age_seconds", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "forwarded_calls", b"forwarded_calls", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "members", b"members", "members_age_seconds", b"members_age_seconds", "missing", b"missing", "node_name", b"node_name", "not_served", b"not_served"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

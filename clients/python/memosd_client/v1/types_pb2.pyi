@@ -228,6 +228,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[FAILED_PRECONDITION] The cube already has a memory extraction job queued or running (Extract); wait for
     it (WatchJob) or cancel it (CancelJob).
     """
+    CLUSTER_UNAVAILABLE: _ErrorReason.ValueType  # 40
+    """[UNAVAILABLE] The cluster directory (etcd) has no quorum: cube creation and removal are refused until it is
+    back; calls on existing cubes still work.
+    """
+    CUBE_UNAVAILABLE: _ErrorReason.ValueType  # 41
+    """[UNAVAILABLE] The cube's owner node cannot be reached (down, or not a live member); the message and
+    metadata (owner, address) name it. Every other cube keeps serving.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -332,6 +340,14 @@ this daemon does not read; metadata.problem says which. Nothing was imported.
 EXTRACTION_IN_PROGRESS: ErrorReason.ValueType  # 39
 """[FAILED_PRECONDITION] The cube already has a memory extraction job queued or running (Extract); wait for
 it (WatchJob) or cancel it (CancelJob).
+"""
+CLUSTER_UNAVAILABLE: ErrorReason.ValueType  # 40
+"""[UNAVAILABLE] The cluster directory (etcd) has no quorum: cube creation and removal are refused until it is
+back; calls on existing cubes still work.
+"""
+CUBE_UNAVAILABLE: ErrorReason.ValueType  # 41
+"""[UNAVAILABLE] The cube's owner node cannot be reached (down, or not a live member); the message and
+metadata (owner, address) name it. Every other cube keeps serving.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -1,0 +1,252 @@
+"""Three real daemons and the real 3-member etcd, on loopback: cubes are claimed in the directory, placed
+by rendezvous over the members, and every call is served through any node (forwarded to the owner).
+
+The daemons are started once for the module (in parallel) and shared; the test that SIGKILLs one
+restarts it (the tests run in a random order). Auth is off on the three: principals are still per node (a forwarded call needs a token valid on the
+owner; docs/ARCHITECTURE.md, Cluster), which is not what these tests are about.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from daemon_proc import DaemonProcess
+from etcd_rig import EtcdCluster
+from memosd_client import (
+    NO_RETRY,
+    Client,
+    ClusterUnavailable,
+    CubeNameTaken,
+    CubeUnavailable,
+    ModelUnavailable,
+    MountNotFound,
+)
+from memosd_client.v1 import memos_pb2
+
+from memosd.cluster.directory import Directory
+from memosd.cluster.placement import place
+from memosd.cluster.view import node_tag
+from memosd.kernel import ids
+
+NODES = ("alpha", "beta", "gamma")
+
+
+def _env(endpoints: list[str], name: str) -> dict[str, str]:
+    return {"MEMOSD_CLUSTER__ETCD": ",".join(endpoints), "MEMOSD_CLUSTER__NODE_NAME": name,
+            "MEMOSD_CLUSTER__LEASE_SECONDS": "2", "MEMOSD_SECURITY__AUTH": "false"}
+
+
+@pytest.fixture(scope="module")
+def run() -> str:
+    return uuid.uuid4().hex[:6]  # node names and cube names of this module's own
+
+
+@pytest.fixture(scope="module")
+def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str
+          ) -> Iterator[dict[str, DaemonProcess]]:
+    etcd_cluster.restore()
+    root = tmp_path_factory.mktemp("routing")
+    # gamma holds a cube from before it was a member: joining claims it for gamma.
+    lone = DaemonProcess(root / "gamma", env={"MEMOSD_SECURITY__AUTH": "false"}).start()
+    try:
+        with Client(lone.address, timeout=30, retry=NO_RETRY) as c:
+            c.alloc_cube(f"pre-cluster-{run}")
+    finally:
+        assert lone.stop() == 0, lone.log()
+    procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
+    errors: list[BaseException] = []
+
+    def start(proc: DaemonProcess) -> None:
+        try:
+            proc.start()
+        except BaseException as e:  # reported below, with the others stopped
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(p,)) for p in procs.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.proc is not None and proc.proc.poll() is None:
+                assert proc.stop() == 0, proc.log()
+
+
+def _client(proc: DaemonProcess) -> Client:
+    return Client(proc.address, timeout=30, retry=NO_RETRY)
+
+
+def test_cubes_spread_over_the_members_and_serve_through_any_node(
+        nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster, run: str) -> None:
+    directory = Directory(etcd_cluster.client())
+    members = [f"{n}-{run}" for n in NODES]
+    a, b, c = (nodes[n] for n in NODES)
+    owners: dict[str, str] = {}
+    with _client(a) as via_a, _client(b) as via_b, _client(c) as via_c:
+        for i in range(9):
+            cube = via_a.alloc_cube(f"spread-{run}-{i}")
+            entry = directory.lookup(cube.cube_id)
+            assert entry is not None and entry.name == cube.name and entry.epoch == 1
+            assert entry.owner == place(cube.cube_id, members), "not placed by the documented rule"
+            owners[cube.cube_id] = entry.owner
+            for via in (via_a, via_b, via_c):  # by id and by name, through every node
+                assert via.stat_cube(cube.cube_id).name == cube.name
+                assert via.stat_cube(cube.name).cube_id == cube.cube_id
+        assert len(set(owners.values())) >= 2, f"9 cubes all on one node: {owners}"
+
+        # A cube owned by gamma, used entirely through alpha and beta: mount, write, commit, search, read.
+        cube_id = next(cid for cid, owner in owners.items() if owner == f"gamma-{run}")
+        mount = via_a.mount(cube_id, writable=True)
+        item_ids = via_b.write(mount.mount_id, ["the heron stands in the shallow river", "a kettle on the stove"])
+        via_a.commit(mount.mount_id, "two items")
+        hits = via_b.search(mount.mount_id, "heron river", k=1)
+        assert [h.item.item_id for h in hits] == [item_ids[0]]
+        assert [i.text for i in via_a.read(mount.mount_id, [item_ids[1]])] == ["a kettle on the stove"]
+        assert via_c.stat_cube(cube_id).head_revision == 1
+        # The owner served it all: the other two hold no such cube.
+        assert cube_id in {x.cube_id for x in via_c.list_cubes()}
+        assert cube_id not in {x.cube_id for x in via_a.list_cubes()}
+
+        # FreeCube through a non-owner: gone locally on the owner, and from the directory.
+        via_b.free_cube(cube_id)
+        assert directory.lookup(cube_id) is None
+
+        # gamma's cube from before it joined was claimed for it, and is served through alpha.
+        pre = directory.lookup_name(f"pre-cluster-{run}")
+        assert pre is not None
+        entry = directory.lookup(pre)
+        assert entry is not None and entry.owner == f"gamma-{run}"
+        assert via_a.stat_cube(f"pre-cluster-{run}").cube_id == pre
+        assert "event=cluster_cube_claimed" in c.full_log()
+        stats = via_c.stats().cluster
+        assert list(stats.not_served) == [] and list(stats.missing) == []
+        assert via_a.stats().cluster.forwarded_calls > 0  # the calls above on cubes alpha does not own
+
+
+def test_names_are_unique_across_nodes(nodes: dict[str, DaemonProcess], run: str) -> None:
+    a, b, c = (nodes[n] for n in NODES)
+    with _client(a) as via_a, _client(b) as via_b, _client(c) as via_c:
+        for i in range(3):  # wherever each lands, a second AllocCube of the name through any node is refused
+            name = f"unique-{run}-{i}"
+            via_a.alloc_cube(name)
+            for via in (via_a, via_b, via_c):
+                with pytest.raises(CubeNameTaken, match="in use"):
+                    via.alloc_cube(name)
+
+
+def test_without_etcd_quorum_creation_is_refused_and_existing_cubes_work(
+        nodes: dict[str, DaemonProcess], etcd: EtcdCluster, run: str) -> None:
+    a, b = nodes["alpha"], nodes["beta"]
+    with _client(a) as via_a, _client(b) as via_b:
+        cubes = [via_a.alloc_cube(f"quorum-{run}-{i}") for i in range(4)]
+        etcd.members[0].kill()
+        etcd.members[1].kill()
+        with pytest.raises(ClusterUnavailable, match=r"the cluster directory is unavailable \(etcd has no quorum\): "
+                           "cube creation and removal are refused until it is back; calls on existing cubes "
+                           "still work"):
+            via_b.alloc_cube(f"quorum-{run}-new")
+        with pytest.raises(ClusterUnavailable):
+            via_a.free_cube(cubes[0].cube_id)
+        for cube in cubes:  # on every owner, through both nodes: mount, write, commit, search
+            mount = via_b.mount(cube.name, writable=True)
+            via_a.write(mount.mount_id, ["written while etcd had no quorum"])
+            via_b.commit(mount.mount_id, "no quorum")
+            assert via_a.search(mount.mount_id, "quorum", k=1)
+            assert via_a.stat_cube(cube.cube_id).head_revision == 1
+        etcd.restore()
+        via_a.free_cube(cubes[0].cube_id)  # removal works again once etcd is back
+
+
+def test_a_killed_owner_makes_its_cubes_unavailable_naming_it(
+        nodes: dict[str, DaemonProcess], etcd: EtcdCluster, run: str) -> None:
+    a, c = nodes["alpha"], nodes["gamma"]
+    directory = Directory(etcd.client())
+    with _client(a) as via_a:
+        cubes = [via_a.alloc_cube(f"crash-{run}-{i}") for i in range(9)]
+        owner = {cube.cube_id: directory.lookup(cube.cube_id).owner for cube in cubes}  # type: ignore[union-attr]
+        on_gamma = [cid for cid, o in owner.items() if o == f"gamma-{run}"]
+        elsewhere = [cid for cid, o in owner.items() if o != f"gamma-{run}"]
+        assert on_gamma and elsewhere, owner
+        mount = via_a.mount(on_gamma[0], writable=True)
+        c.kill()
+        started = time.monotonic()
+        for _ in range(2):  # at once (refused connection), and once its lease is gone (not a live member)
+            with pytest.raises(CubeUnavailable, match=f"cluster node 'gamma-{run}' at {c.address}") as refused:
+                via_a.stat_cube(on_gamma[0])
+            assert refused.value.metadata["owner"] == f"gamma-{run}"
+            assert refused.value.metadata["address"] == c.address
+            with pytest.raises(CubeUnavailable, match=f"gamma-{run}"):
+                via_a.write(mount.mount_id, ["to a dead node"])
+            for cid in elsewhere:
+                assert via_a.stat_cube(cid).cube_id == cid
+            assert time.monotonic() - started < 10, "CUBE_UNAVAILABLE took long to come"
+            time.sleep(3)  # past the 2 s lease
+        with pytest.raises(CubeUnavailable, match="not a live cluster member"):
+            via_a.stat_cube(on_gamma[0])
+        c.start()  # back under its name (a new port): its cubes serve again, through alpha too
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert via_a.stat_cube(on_gamma[0]).cube_id == on_gamma[0]
+                break
+            except CubeUnavailable:
+                assert time.monotonic() < deadline, "gamma's cubes stayed unavailable after its restart"
+                time.sleep(0.2)
+
+
+def test_the_node_tag_routes_mounts() -> None:
+    tagged = ids.new_id(ids.MOUNT_PREFIX, node_tag("alpha"))
+    assert ids.MOUNT_ID_RE.fullmatch(tagged) and ids.tag_of(tagged, ids.MOUNT_PREFIX) == node_tag("alpha")
+    assert ids.tag_of("mnt_short", ids.MOUNT_PREFIX) == b""
+
+
+def test_streams_are_forwarded_and_a_forwarded_call_is_never_forwarded_again(
+        nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster, run: str, tmp_path: Path) -> None:
+    directory = Directory(etcd_cluster.client())
+    a, b = nodes["alpha"], nodes["beta"]
+    with _client(a) as via_a, _client(b) as via_b:
+        cubes = [via_a.alloc_cube(f"stream-{run}-{i}") for i in range(6)]
+        cube = next(c for c in cubes if directory.lookup(c.cube_id).owner != f"alpha-{run}")  # type: ignore[union-attr]
+        owner = directory.lookup(cube.cube_id).owner  # type: ignore[union-attr]
+        mount = via_a.mount(cube.name, writable=True)
+        via_a.write(mount.mount_id, ["exported through another node"])
+        via_a.commit(mount.mount_id, "one")
+        # ImportAdapter is a client stream routed by its header's mount: the owner finds the mount and
+        # answers for its (absent) model; alpha, which lacks the mount, answers MOUNT_NOT_FOUND itself.
+        with pytest.raises(ModelUnavailable):
+            via_a.import_adapter(mount.mount_id, (b"{}", b"not safetensors"))
+        with pytest.raises(MountNotFound):
+            via_a.import_adapter(ids.new_id(ids.MOUNT_PREFIX), (b"{}", b"not safetensors"))
+        # ExportCube is a server stream: through alpha it comes from the owner, chunk by chunk.
+        archive = via_a.export_cube(cube.name, tmp_path / "cube.memosd")
+        assert archive.revisions == 1
+        imported = via_b.import_cube(tmp_path / "cube.memosd", f"copy-{run}").cube  # a client stream, run on beta
+        entry = directory.lookup(imported.cube_id)
+        assert entry is not None and entry.owner == f"beta-{run}" and imported.cube_id != cube.cube_id
+
+        # A call that says it was forwarded already is served where it lands or refused, never sent on.
+        other = nodes[owner.rsplit("-", 1)[0]]
+        channel = grpc.insecure_channel(a.address)
+        try:
+            stat: Any = channel.unary_unary("/memos.v1.MemOS/StatCube", request_serializer=None,
+                                       response_deserializer=None)
+            request = memos_pb2.StatCubeRequest(cube=cube.cube_id).SerializeToString()
+            with pytest.raises(grpc.RpcError) as refused:
+                stat(request, metadata=(("memosd-forwarded-by", "elsewhere"),), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "is not forwarded twice" in (refused.value.details() or "")
+            assert f"cluster node {owner!r} at {other.address}" in (refused.value.details() or "")
+        finally:
+            channel.close()
