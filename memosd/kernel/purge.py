@@ -125,7 +125,12 @@ def _select(store: Store, cube: CubeState, mounts: Sequence[MountState], item_id
             tags: frozenset[str]) -> list[str]:
     """The named items, and every item a version or staged copy of which has ``source`` or one of ``tags``."""
     staged_ids = {item_id for mount in mounts for item_id in mount.staging}
-    missing = [i for i in dict.fromkeys(item_ids) if i not in cube.catalog.by_item and i not in staged_ids]
+    # A source whose own versions compaction deleted is still purgeable while items derived from it remain:
+    # they hold what it said.
+    sources = cube.catalog.by_derived_source.keys() | {s for m in mounts for r in m.staging.values()
+                                                       for s in r.derived_from}
+    missing = [i for i in dict.fromkeys(item_ids)
+               if i not in cube.catalog.by_item and i not in staged_ids and i not in sources]
     if missing:
         purged = sum(1 for i in missing if i in cube.purged)
         raise ItemNotFound(

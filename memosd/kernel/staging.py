@@ -135,11 +135,24 @@ class Staging:
             staged = mount.staging.get(item.item_id)
             meta = None if staged is not None else cube.catalog.visible(item.item_id, mount.record.base)
             before = staged.derived_from if staged is not None else (meta.derived_from if meta else ())
+        closure: list[str] = []
         for source_id in item.derived_from:
             if source_id not in before and self._visible_in(mount, cube, source_id) is None:
                 raise ItemNotFound(f"items[{index}].derived_from names {source_id!r}, which is not visible in "
                                    f"mount {mount.mount_id!r}", item=source_id)
-        return list(dict.fromkeys((*before, *item.derived_from)))
+            # A source's own sources too (each item's list is closed, so one level is the whole chain): a purge
+            # of the first source must reach this item even after compaction dropped the ones between.
+            closure.extend((source_id, *self._sources_of(mount, cube, source_id)))
+        return list(dict.fromkeys((*before, *closure)))
+
+    @staticmethod
+    def _sources_of(mount: MountState, cube: CubeState, item_id: str) -> tuple[str, ...]:
+        """The sources the item's version visible in the mount was derived from (staged, else at the base)."""
+        staged = mount.staging.get(item_id)
+        if staged is not None:
+            return tuple(staged.derived_from)
+        meta = cube.catalog.visible(item_id, mount.record.base)
+        return tuple(meta.derived_from) if meta is not None else ()
 
     def forget(self, mount_id: str, item_ids: Sequence[str], adapter: bool = False) -> MountInfo:
         mount, cube = self.writable(mount_id)

@@ -95,6 +95,24 @@ def test_purging_a_source_purges_what_was_derived_from_it(kernel: Kernel, turns:
     assert kernel.purges(CUBE)[-1].derived_item_ids == receipt.derived_item_ids
 
 
+def test_a_source_compacted_away_is_still_purgeable_with_all_that_came_of_it(kernel: Kernel, turns: list[str]
+                                                                            ) -> None:
+    """Forgetting a turn and compacting it away leaves what was derived from it (and from those): a purge of
+    the turn's id must still reach every one of them, through the chain's compacted middle too."""
+    (fact,), _ = commit(kernel, CUBE, [ItemInput("Caroline adopted a dog.", derived_from=(turns[0],))])
+    (chained,), _ = commit(kernel, CUBE, [ItemInput("Caroline is a dog owner.", derived_from=(fact,))])
+    commit(kernel, CUBE, forget=[turns[0], fact])
+    commit(kernel, CUBE, ["a later note"])
+    kernel.set_retention(CUBE, 1, 0)
+    kernel.compact(CUBE)
+    assert turns[0] not in kernel.cube(CUBE).catalog.by_item and fact not in kernel.cube(CUBE).catalog.by_item
+    receipt = kernel.purge(CUBE, [turns[0]])
+    assert receipt.derived_item_ids == [chained]
+    mount = kernel.mount(CUBE, 0, False).record.mount_id
+    with pytest.raises(ItemNotFound):
+        kernel.read(mount, [chained])
+
+
 def test_a_purge_without_derived_items_lists_none(kernel: Kernel, turns: list[str]) -> None:
     assert kernel.purge(CUBE, [turns[1]]).derived_item_ids == []
 
