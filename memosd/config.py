@@ -212,6 +212,17 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ReaderConfig:
+    """The MemReader (Extract jobs, docs/ARCHITECTURE.md)."""
+
+    # The OpenAI-compatible endpoints an Extract job may send a cube's turns to, with the caller's token:
+    # URL prefixes ("https://api.example.com/v1", "http://127.0.0.1:"). An endpoint named in a request must
+    # start with one of them. Empty (the default): only the in-process model, so no caller can make the
+    # daemon send requests to an address the operator did not choose.
+    endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -229,6 +240,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
     config_file: Path | None = None  # the TOML file that was read, if any
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,6 +270,7 @@ SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "http": HttpConfig,
     "cluster": ClusterConfig,
+    "reader": ReaderConfig,
 }
 STRINGS = tuple[str, ...]  # the one list type a key may have: TOML ["a", "b"], or "a,b" from text
 
@@ -358,6 +371,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "https is not supported yet), or [] (a single node)"),
     "cluster.node_name": (lambda v: v == "" or bool(NODE_NAME_RE.fullmatch(v)),
                           "1-63 of a-z 0-9 . _ -, starting with a letter or digit"),
+    "reader.endpoints": (lambda v: all(re.match(r"^https?://[^\s/@?#]+", e) for e in v),
+                         'a list of http(s) URL prefixes with a host ("https://api.example.com/v1"), or []'),
     "cluster.advertise": (_advertise_ok, 'a "host:port" others can dial (no wildcard host, no port 0), or ""'),
     "cluster.lease_seconds": (lambda v: 2 <= v <= 3600, "an integer from 2 to 3600 (seconds)"),
 }

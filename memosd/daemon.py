@@ -39,7 +39,7 @@ from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import DiskFull
 from memosd.eventloop import EventLoopThread
-from memosd.governance.access import AccessControl, Right
+from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
 from memosd.kernel.kernel import Kernel
@@ -243,7 +243,8 @@ def build(config: Config) -> Daemon:
     access = AccessControl(kernel, principals)
     # A job commits its result only while the principal that started it still holds the train right.
     jobs = JobManager(kernel, model_host,
-                      commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube), store=store)
+                      commit_guard=access.still_holds, store=store,
+                      extract_endpoints=config.reader.endpoints)
     metrics = Metrics() if config.metrics.listen else None
     audit = AuditLog(store, enabled=config.security.audit,
                      unauthenticated_window=config.security.audit_unauthenticated_window_seconds)

@@ -76,7 +76,7 @@ def open_rig(data: Path, model: str, limits: LimitsConfig | None = None, *, sync
     activator = Activator(kernel, host, adapters, usage, store=store)
     searcher = Searcher(kernel, make_ranker(SearchConfig()), SearchSettings())
     return Rig(kernel, host, activator, Generator(host, activator, searcher), adapters,
-               JobManager(kernel, host, store=store))
+               JobManager(kernel, host, store=store, extract_endpoints=("http://127.0.0.1:",)))  # test doubles
 
 
 def commit_items(rig: Rig, cube: str, texts: Sequence[str]) -> str:

@@ -89,7 +89,7 @@ class AccessControl:
                        else f"no longer holds the {right} right (revoked, or its grant expired)")
                 raise PermissionDenied(
                     f"principal {principal.name!r}, which started the job, {why}: nothing was committed to cube "
-                    f"{cube.record.name!r}. Train again once the right is back", cube=cube.cube_id,
+                    f"{cube.record.name!r}. Start the job again once the right is back", cube=cube.cube_id,
                     missing=str(right), principal=principal_id)
             yield
 

@@ -10,6 +10,7 @@ kernel (the lifecycle loop, the scheduler) alike. The limits that operators set 
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,11 +108,20 @@ def item_fields(inputs: Sequence[ItemInput]) -> None:
         derived_from(item.derived_from, item.item_id, f"items[{i}].derived_from")
 
 
-def extractor(url: str, token: str, model: str, max_tokens: int) -> int:
-    """An Extract job's extractor settings; returns the answer budget (0: the default)."""
-    if url and (not re.match(r"^https?://[^\s/]+", url) or len(url) > MAX_EXTRACTOR_URL_CHARS):
+def extractor(url: str, token: str, model: str, max_tokens: int, allowed: Sequence[str] = ()) -> int:
+    """An Extract job's extractor settings; returns the answer budget (0: the default). An endpoint must be
+    a plain http(s) URL (a host, a numeric port if any; no user, query or fragment) that starts with one of
+    ``allowed`` (``[reader] endpoints``: the operator's choice, never a caller's)."""
+    if url and not _plain_http_url(url):
         raise InvalidField(f"extractor.url {url[:100]!r} is not an http(s) URL of at most {MAX_EXTRACTOR_URL_CHARS} "
-                           "characters; leave it empty for the in-process model", field="extractor.url")
+                           "characters with a host, an optional numeric port and a path (no user, query or "
+                           "fragment); leave it empty for the in-process model", field="extractor.url")
+    if url and not any(url.startswith(prefix) for prefix in allowed):
+        raise InvalidField(f"extractor.url {url[:100]!r} is not among the endpoints this daemon may send turns to "
+                           "(its [reader] endpoints setting); ask its operator to add it, or leave the url empty "
+                           "for the in-process model", field="extractor.url")
+    if not token.isascii():
+        raise InvalidField("extractor.token must be ASCII (it is sent as an HTTP header)", field="extractor.token")
     if (token or model) and not url:
         raise InvalidField("extractor.token and extractor.model are for an endpoint: set extractor.url too",
                            field="extractor.url")
@@ -124,6 +134,18 @@ def extractor(url: str, token: str, model: str, max_tokens: int) -> int:
         raise InvalidField(f"extractor.max_tokens is {max_tokens}; use 0 (the default, "
                            f"{DEFAULT_EXTRACT_NEW_TOKENS}) to {MAX_EXTRACT_NEW_TOKENS}", field="extractor.max_tokens")
     return max_tokens or DEFAULT_EXTRACT_NEW_TOKENS
+
+
+def _plain_http_url(url: str) -> bool:
+    if len(url) > MAX_EXTRACTOR_URL_CHARS or any(c.isspace() for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.username is None
+            and not parts.query and not parts.fragment)
 
 
 def derived_from(values: Sequence[str], item_id: str, what: str) -> None:

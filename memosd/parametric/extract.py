@@ -59,6 +59,18 @@ class ModelExtractor:
             raise AnswerUnavailable("prompt_too_long") from None
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error, never followed: following it would send the caller's token (and the cube's
+    turns) to a host the operator did not allow ([reader] endpoints)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
 class EndpointExtractor:
     """An OpenAI-compatible endpoint (``POST <url>/chat/completions``), at temperature 0."""
 
@@ -74,7 +86,7 @@ class EndpointExtractor:
             headers["Authorization"] = f"Bearer {self._token}"
         request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:  # the url's scheme was checked: http(s)
+            with _NO_REDIRECTS.open(request, timeout=self._timeout) as response:  # the url was checked: http(s)
                 raw = response.read(MAX_RESPONSE_BYTES + 1)
         except urllib.error.HTTPError as error:
             raise EndpointError(f"the extractor endpoint answered HTTP {error.code} ({error.reason})") from None

@@ -31,6 +31,7 @@ from memosd.errors import (
     MemosError,
     TrainingInProgress,
 )
+from memosd.governance.access import Right
 from memosd.kernel import ids, validate
 from memosd.kernel.kernel import CubeState, Kernel, check_thawed
 from memosd.kernel.memory_text import memory_text
@@ -70,7 +71,7 @@ class Trainer(Protocol):
 TrainerFactory = Callable[[LoadedModel, Sequence[str], dict[str, Any]], Trainer]
 # (principal id, cube) -> held around the commit of a job's result: refuses (PermissionDenied) unless the
 # principal still holds the train right, and keeps it so meanwhile (AccessControl.still_holds).
-CommitGuard = Callable[[str, CubeState], AbstractContextManager[object]]
+CommitGuard = Callable[[str, Right, CubeState], AbstractContextManager[object]]
 
 
 def check_settings(settings: dict[str, Any]) -> None:
@@ -91,12 +92,14 @@ def default_trainer(loaded: LoadedModel, items: Sequence[str], settings: dict[st
 
 class JobManager:
     def __init__(self, kernel: Kernel, host: ModelHost, trainer: TrainerFactory = default_trainer,
-                 commit_guard: CommitGuard | None = None, *, store: Store) -> None:
+                 commit_guard: CommitGuard | None = None, *, store: Store,
+                 extract_endpoints: Sequence[str] = ()) -> None:
         self.kernel = kernel
         self._store = store  # the jobs column family is this layer's own
         self.host = host
         self._make_trainer = trainer
         self._commit_guard = commit_guard  # None: no rights to check (in-process tests without governance)
+        self._extract_endpoints = tuple(extract_endpoints)  # [reader] endpoints: the URLs Extract may call
         self._cond = threading.Condition()
         self._jobs: dict[str, JobRecord] = {}
         self._watchers: dict[str, list[Future[Any]]] = {}  # job id -> waiters for its next change
@@ -173,7 +176,7 @@ class JobManager:
         mount = self.kernel.mount_state(mount_id)
         cube = self.kernel.cube_of(mount)
         revision = mount.record.base
-        budget = validate.extractor(url, token, model, max_tokens)
+        budget = validate.extractor(url, token, model, max_tokens, self._extract_endpoints)
         turns = extract.turns_at(self.kernel, cube.cube_id, revision)
         if not turns:
             raise CubeEmpty(f"cube {cube.record.name!r} has no conversation turns at revision {revision}: there is "
@@ -331,6 +334,7 @@ class JobManager:
                     reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"])
                     kept, counts = read_turns(turns, reader, progress)
             job = self.get(job_id)
+            self._check_still_holds(job, Right.WRITE)  # an expired grant closes no mount: check it now
             done = extract.commit_result(self.kernel, job.cube_id, commit_mount, kept, job_id=job_id,
                                          message=job.message or f"memory extraction ({job_id})",
                                          author=job.author or "memosd-extract")
@@ -387,12 +391,22 @@ class JobManager:
         finally:
             self.host.run(lambda: self._close(trainer, loaded))
 
-    def _guard(self, job: JobRecord) -> Callable[[CubeState], AbstractContextManager[object]] | None:
-        """What the commit of the job's result is held under: its principal's train right, checked again."""
+    def _guard(self, job: JobRecord, right: Right = Right.TRAIN
+               ) -> Callable[[CubeState], AbstractContextManager[object]] | None:
+        """What the commit of the job's result is held under: its principal's right, checked again."""
         guard, principal = self._commit_guard, job.principal
         if guard is None or not principal:
             return None
-        return lambda cube: guard(principal, cube)
+        return lambda cube: guard(principal, right, cube)
+
+    def _check_still_holds(self, job: JobRecord, right: Right) -> None:
+        """Refuse (PermissionDenied) unless the job's principal still holds ``right`` on its cube. A check, not
+        a hold: Extract commits through the kernel's own commit, which takes the cube's lock, and that lock
+        is taken before the access locks, never after them (what holding the guard around it would do)."""
+        guard = self._guard(job, right)
+        if guard is not None:
+            with guard(self.kernel.cube(job.cube_id)):
+                pass
 
     def _step(self, trainer: Trainer, loaded: LoadedModel) -> Any:
         try:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from daemon_proc import DaemonProcess, client_fixture, daemon_fixture
 from memos import Client
+from memos.errors import InvalidArgument
 from memos.v1 import types_pb2 as t
 from tiny_llama import save_tiny_llama
 
@@ -32,7 +33,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 daemon = daemon_fixture("memosd-openai", lambda request: {
     "MEMOSD_RUNTIME__MODEL": str(request.getfixturevalue("tiny_model")), "MEMOSD_RUNTIME__DEVICE": "cpu",
-    "MEMOSD_RUNTIME__MAX_TOKENS": "8", "MEMOSD_HTTP__LISTEN": "127.0.0.1:0"})
+    "MEMOSD_RUNTIME__MAX_TOKENS": "8", "MEMOSD_HTTP__LISTEN": "127.0.0.1:0",
+    "MEMOSD_READER__ENDPOINTS": "http://127.0.0.1:"})  # Extract may call this daemon's own endpoint
 client = client_fixture("daemon", scope="module")
 
 
@@ -277,3 +279,5 @@ def test_extract_through_this_endpoint(client: Client, daemon: DaemonProcess, ba
         bad = m.extract(url=base_url, token="mtk.nobody.wrong", model="memosd")
         failed = client.wait_job(bad.job_id, timeout=120)
     assert failed.state == t.JOB_STATE_FAILED and "HTTP 401" in failed.error
+    with client.mount("chat", writable=True) as m, pytest.raises(InvalidArgument, match=r"\[reader\] endpoints"):
+        m.extract(url="http://localhost:9/v1", token=daemon.token)  # not an endpoint the operator allowed

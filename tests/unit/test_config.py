@@ -268,6 +268,7 @@ def test_config_is_frozen_and_serialisable(home: Path) -> None:
         "metrics",
         "http",
         "cluster",
+        "reader",
         "config_file",
     }
     assert Config(data_dir=Path("/x")).server == ServerConfig()
@@ -437,3 +438,12 @@ def test_print_config_shows_the_cluster_and_reads_it_back(home: Path, tmp_path: 
     again = load_config(["--config", str(write_toml(tmp_path / "eff.toml", text))], env_with(home))
     assert again.cluster == cfg.cluster
     assert 'etcd = []' in render(load_config([], env_with(home)))
+
+
+def test_reader_endpoints_are_none_by_default_and_checked(home: Path) -> None:
+    """Extract may call only the endpoints the operator lists: none unless [reader] endpoints says so."""
+    assert load_config([], env={"HOME": str(home)}).reader.endpoints == ()
+    cfg = load_config([], env={"HOME": str(home), "MEMOSD_READER__ENDPOINTS": "https://api.example.com/v1,http://127.0.0.1:"})
+    assert cfg.reader.endpoints == ("https://api.example.com/v1", "http://127.0.0.1:")
+    with pytest.raises(ConfigError, match=r"reader\.endpoints"):
+        load_config([], env={"HOME": str(home), "MEMOSD_READER__ENDPOINTS": "ftp://files.example.com"})

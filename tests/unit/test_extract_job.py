@@ -197,12 +197,39 @@ def test_refusals_before_the_job_starts(rig: Rig, endpoint: Endpoint) -> None:
     mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
     with pytest.raises(MountReadOnly):
         rig.jobs.extract(rig.kernel.mount("c", 0, False).record.mount_id, "", "", "", 0, "", "t")
-    for url, max_tokens in (("ftp://x", 0), ("", 99_999)):
+    for url, max_tokens in (("ftp://x", 0), ("", 99_999), ("http://127.0.0.1:abc/v1", 0),
+                            ("http://127.0.0.1:80@evil.example/v1", 0), ("http://127.0.0.1:8/v1?key=sk", 0),
+                            ("https://api.example.com/v1", 0)):  # the last: a fine URL, not an allowed one
         with pytest.raises(InvalidField):
             rig.jobs.extract(mount, url, "", "", max_tokens, "", "t")
 
 
-def test_a_second_extraction_waits_and_cancel_ends_the_first(rig: Rig, endpoint: Endpoint) -> None:
+def test_a_redirect_is_an_error_and_the_token_never_leaves_for_another_host(rig: Rig, endpoint: Endpoint) -> None:
+    """An allowed endpoint that redirects elsewhere must not get the job to send the token (or the turns)
+    there: the redirect fails the job, naming the HTTP status."""
+    elsewhere = Endpoint()
+    try:
+        class Redirect(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server's name
+                self.send_response(307)
+                self.send_header("Location", elsewhere.url + "/chat/completions")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        endpoint.server.RequestHandlerClass = Redirect
+        mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+        job = rig.jobs.extract(mount, endpoint.url, "sk-secret", "", 0, "", "t")
+        final = final_state(rig, job.job_id)
+        assert final.state == "failed" and "HTTP 307" in final.error
+        assert elsewhere.requests == [] and elsewhere.headers == []
+    finally:
+        elsewhere.close()
+
+
+def test_a_second_extraction_is_refused_while_the_first_runs_and_cancel_ends_it(rig: Rig, endpoint: Endpoint) -> None:
     mount, _ = ingest(rig, "c", [("Melanie", f"I love pottery number {i}") for i in range(20)])
     endpoint.gate.clear()  # the first prompt hangs until the test lets it answer
     job = rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")

@@ -367,7 +367,7 @@ def governed(rig: Rig) -> Iterator[_Governed]:
     trainer, _ = principals.create("trainer", "agent", False, "")
     rig.jobs.close()
     rig.jobs = JobManager(rig.kernel, rig.host, _PausedTrainer,
-                          commit_guard=lambda principal, cube: access.still_holds(principal, Right.TRAIN, cube),
+                          commit_guard=access.still_holds,
                           store=rig.kernel.store)
     cube_id = rig.kernel.alloc_cube("c", "", {}, owner=owner.principal_id).record.cube_id
     commit_items(rig, "c", FACTS)
