@@ -181,24 +181,35 @@ class Registration:
             if member is None:
                 return
             try:
-                self.client.keepalive(member.lease)
-                # The lease alone is not the record: a key deleted or overwritten (by hand, or by a write
-                # of ours whose answer was lost) leaves a live lease and no listing.
-                kv = self.client.get(self.key)
-                self.last_error = ""
-                if kv is None or kv.lease != member.lease:
-                    log_event(log, "cluster_record_lost", level=logging.WARNING, name=self.name,
-                              lease=member.lease, found=0 if kv is None else kv.lease)
-                    if not self._rejoin(member):
-                        return
-            except LeaseNotFound:
-                # Our record went with the lease (etcd was out of reach for a TTL, or someone revoked it).
-                log_event(log, "cluster_lease_lost", level=logging.WARNING, name=self.name, lease=member.lease)
-                if not self._rejoin(member):
+                if not self._renew(member):
                     return
-            except EtcdError as e:  # unavailable (or refusing): keep trying, the TTL decides
-                self.last_error = str(e)
-                log_event(log, "cluster_keepalive_failed", level=logging.WARNING, name=self.name, error=str(e))
+            except Exception as e:  # a rejoin refused, a garbled record: never end the thread
+                # This thread is the node's membership: if it died, the node would drop out of the cluster
+                # while Stats still said joined. Whatever failed is retried at the next pass.
+                self.last_error = f"{type(e).__name__}: {e}"
+                log_event(log, "cluster_keepalive_failed", level=logging.ERROR, name=self.name,
+                          error=self.last_error, exc_info=e)
+
+    def _renew(self, member: Member) -> bool:
+        """One pass: renew the lease and check the record; False when the name is lost (the thread ends)."""
+        try:
+            self.client.keepalive(member.lease)
+            # The lease alone is not the record: a key deleted or overwritten (by hand, or by a write
+            # of ours whose answer was lost) leaves a live lease and no listing.
+            kv = self.client.get(self.key)
+            self.last_error = ""
+            if kv is None or kv.lease != member.lease:
+                log_event(log, "cluster_record_lost", level=logging.WARNING, name=self.name,
+                          lease=member.lease, found=0 if kv is None else kv.lease)
+                return self._rejoin(member)
+        except LeaseNotFound:
+            # Our record went with the lease (etcd was out of reach for a TTL, or someone revoked it).
+            log_event(log, "cluster_lease_lost", level=logging.WARNING, name=self.name, lease=member.lease)
+            return self._rejoin(member)
+        except EtcdError as e:  # unavailable (or refusing): keep trying, the TTL decides
+            self.last_error = str(e)
+            log_event(log, "cluster_keepalive_failed", level=logging.WARNING, name=self.name, error=str(e))
+        return True
 
     def _rejoin(self, old: Member) -> bool:
         try:

@@ -19,7 +19,7 @@ import pytest
 from etcd_rig import EtcdCluster
 
 from memosd import __version__
-from memosd.cluster.etcd import EtcdClient
+from memosd.cluster.etcd import EtcdClient, EtcdError, Lease
 from memosd.cluster.membership import MEMBERS_PREFIX, Member, NodeNameTaken, Registration, members
 
 LEASE = 2  # seconds: the shortest etcd grants, so the expiry tests are short
@@ -102,7 +102,7 @@ def test_bad_names_and_leases_are_refused(client: EtcdClient) -> None:
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from memosd.cluster.etcd import EtcdClient
+    from memosd.cluster.etcd import EtcdClient, EtcdError, Lease
     from memosd.cluster.membership import Registration
     endpoints, name = sys.argv[1].split(","), sys.argv[2]
     Registration(EtcdClient(endpoints), name, "127.0.0.1:7100", lease_seconds=2).join()
@@ -147,6 +147,28 @@ def test_a_lost_lease_is_renewed_while_the_name_is_free(client: EtcdClient, uniq
     renewed = _names(client, unique)[f"r-{unique}"]
     assert renewed.lease != first.lease and renewed.started == first.started and reg.renewals == 1
     assert not reg.lost.is_set()
+
+
+def test_a_rejoin_that_etcd_refuses_is_retried_and_the_keepalive_thread_lives_on(
+        client: EtcdClient, unique: str, registrations: list[Registration], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal other than "unavailable" while rejoining (here the lease grant) must not end the thread:
+    the node would drop out of the cluster while Stats still said joined."""
+    reg = Registration(client, f"g-{unique}", "127.0.0.1:7003", lease_seconds=LEASE)
+    registrations.append(reg)
+    first = reg.join()
+    real_grant, refused = client.grant, []
+
+    def grant_refused_once(ttl: int) -> Lease:
+        if not refused:
+            refused.append(ttl)
+            raise EtcdError("etcdserver: too many requests", code=8)
+        return real_grant(ttl)
+
+    monkeypatch.setattr(client, "grant", grant_refused_once)
+    client.revoke(first.lease)  # the record goes with the lease; the first rejoin is refused
+    _wait(lambda: f"g-{unique}" in _names(client, unique), 4 * LEASE, "the node registered again")
+    assert refused and reg._thread is not None and reg._thread.is_alive() and not reg.lost.is_set()
+    assert reg.member is not None and reg.member.lease != first.lease
 
 
 def test_a_deleted_or_overwritten_record_is_restored(client: EtcdClient, unique: str,
