@@ -19,7 +19,7 @@ from memosd_client.v1 import types_pb2 as t
 from memosd.errors import PermissionDenied
 from memosd.governance.access import AccessControl, Right
 from memosd.parametric.jobs import JobManager
-from memosd.store.records import PrincipalRecord
+from memosd.store.records import JobRecord, PrincipalRecord
 
 R, W, A, T, G = Right.READ, Right.WRITE, Right.ACTIVATE, Right.TRAIN, Right.GRANT
 
@@ -35,6 +35,8 @@ class Rule:
     admin: bool = False  # daemon admins only
     owner_or_admin: bool = False  # Audit: admins, or the owner of the cube named in `cube`
     rights_of: Callable[[Any], frozenset[Right]] | None = field(default=None, compare=False)
+    # The rights on the job's cube, by the job (`job` set): what starting that kind of job needed.
+    job_rights: Callable[[JobRecord], frozenset[Right]] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -80,7 +82,8 @@ RULES: dict[str, Rule] = {
     # It reads the mount's turns and commits derived items: a read-write mount's rights.
     "Extract": _rule(R, W, mounts=("mount_id",)),
     "WatchJob": _rule(R, job="job_id"),
-    "CancelJob": _rule(T, job="job_id"),
+    "CancelJob": _rule(T, job="job_id", job_rights=lambda job: frozenset({W}) if job.kind == "extract"
+                       else frozenset({T})),  # who may start a kind of job may cancel one: Extract needs write
     "ListJobs": _rule(R, cube="cube"),  # an empty cube lists the jobs of visible cubes
     "SetCubePolicy": _rule(Right.ADMIN, cube="cube"),
     "SchedulerStatus": Rule(admin=True),
@@ -146,6 +149,6 @@ def authorize(access: AccessControl, jobs: JobManager, caller: PrincipalRecord, 
         job_cube = access.kernel.cube_record(job.cube_id)
         if job_cube is None or not access.visible(caller, job_cube):
             jobs.not_found(job.job_id)
-        access.cube(caller, job.cube_id, needed)
+        access.cube(caller, job.cube_id, rule.job_rights(job) if rule.job_rights else needed)
         target.cube_id = job.cube_id
     return target
