@@ -302,9 +302,9 @@ class JobManager:
             self._update(job_id, state=state, end_ns=time.time_ns(), error=why, eta_seconds=0.0)
             log_event(log, f"job_{state}", job=job_id)
         except Exception as error:  # reported on the job; the daemon goes on
-            why = error.message if isinstance(error, MemosError) else f"{type(error).__name__}: {error}"
+            why = _job_error(error, job_id)
             self._update(job_id, state="failed", end_ns=time.time_ns(), error=why, eta_seconds=0.0)
-            log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why,
+            log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why, detail=str(error),
                       exc_info=None if isinstance(error, MemosError) else error)
         finally:
             # Training freed hundreds of MB into malloc's arenas, where they would stay (runtime/malloc.py).
@@ -352,9 +352,9 @@ class JobManager:
             self._update(job_id, state=state, end_ns=time.time_ns(), error=why)
             log_event(log, f"job_{state}", job=job_id)
         except Exception as error:  # reported on the job; the daemon goes on
-            why = error.message if isinstance(error, MemosError) else f"{type(error).__name__}: {error}"
+            why = _job_error(error, job_id)
             self._update(job_id, state="failed", end_ns=time.time_ns(), error=why)
-            log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why,
+            log_event(log, "job_failed", level=logging.WARNING, job=job_id, error=why, detail=str(error),
                       exc_info=None if isinstance(error, (MemosError, extract.EndpointError)) else error)
         finally:
             extract.close_commit_mount(self.kernel, commit_mount)
@@ -460,6 +460,16 @@ class JobManager:
             del self._jobs[job.job_id]
             self._cancel.pop(job.job_id, None)
             self._threads.pop(job.job_id, None)
+
+
+def _job_error(error: Exception, job_id: str) -> str:
+    """What a failed job says to whoever may watch it: a refusal's own message, an endpoint's answer; for
+    anything else only its kind (its text may hold paths or internals: the log has it, with the trace)."""
+    if isinstance(error, MemosError):
+        return error.message
+    if isinstance(error, extract.EndpointError):
+        return str(error)
+    return f"internal error ({type(error).__name__}); the daemon's log has the details of job {job_id}"
 
 
 class _Stopped(Exception):
