@@ -61,7 +61,10 @@ class ClusterStatus:
 class ClusterNode:
     def __init__(self, config: ClusterConfig, *, timeout: float = 2.0) -> None:
         self.config = config
-        self.client = EtcdClient(config.etcd, timeout=timeout)
+        # A renewal that tries every endpoint in turn must fit well inside the lease, or one hung member
+        # would let the lease lapse: at most a third of it for all of them (but never under half a second).
+        per_endpoint = max(0.5, config.lease_seconds / (3 * max(1, len(config.etcd))))
+        self.client = EtcdClient(config.etcd, timeout=min(timeout, per_endpoint))
         self.registration: Registration | None = None  # made at join, when the bound address is known
         self._members: tuple[str, ...] = ()
         self._members_read = time.monotonic()
