@@ -187,26 +187,33 @@ class JobManager:
         if not url:
             self.host.model()  # refuse now, not in the background, when there is no model
         commit_mount = extract.open_commit_mount(self.kernel, cube.cube_id, principal)  # not under _cond
-        with self._cond:
-            busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished
-                    and j.kind == "extract"]
-            if busy:
+        started = False
+        try:
+            with self._cond:
+                busy = [j for j in self._jobs.values() if j.cube_id == cube.cube_id and not j.finished
+                        and j.kind == "extract"]
+                if busy:
+                    raise ExtractionInProgress(
+                        f"cube {cube.record.name!r} already has extraction job {busy[0].job_id} ({busy[0].state}); "
+                        "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
+                settings = {"extractor": "endpoint" if url else "model", "url": url, "model": model,
+                            "max_tokens": budget, "commit_mount": commit_mount}
+                job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
+                                time.time_ns(), principal=principal, kind="extract",
+                                progress=extract.progress_of(Counts(), len(turns)))
+                self._save(job)
+                self._cancel[job.job_id] = threading.Event()
+                self._prune()
+            thread = threading.Thread(target=self._run_extract, args=(job.job_id, turns, token, commit_mount),
+                                      name=f"extract-{job.job_id}", daemon=True)
+            self._threads[job.job_id] = thread
+            thread.start()
+            started = True
+        finally:
+            # Refused, or the record or the thread could not be made: the mount is in no job to close it (it is
+            # persisted, and would pin its revision against compaction for good).
+            if not started:
                 extract.close_commit_mount(self.kernel, commit_mount)
-                raise ExtractionInProgress(
-                    f"cube {cube.record.name!r} already has extraction job {busy[0].job_id} ({busy[0].state}); "
-                    "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
-            settings = {"extractor": "endpoint" if url else "model", "url": url, "model": model,
-                        "max_tokens": budget, "commit_mount": commit_mount}
-            job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
-                            time.time_ns(), principal=principal, kind="extract",
-                            progress=extract.progress_of(Counts(), len(turns)))
-            self._save(job)
-            self._cancel[job.job_id] = threading.Event()
-            self._prune()
-        thread = threading.Thread(target=self._run_extract, args=(job.job_id, turns, token, commit_mount),
-                                  name=f"extract-{job.job_id}", daemon=True)
-        self._threads[job.job_id] = thread
-        thread.start()
         log_event(log, "extract", job=job.job_id, cube=cube.cube_id, revision=revision, turns=len(turns),
                   extractor=settings["extractor"])
         return job
@@ -313,10 +320,9 @@ class JobManager:
 
     def _run_extract(self, job_id: str, turns: list[Turn], token: str, commit_mount: str) -> None:
         cancel = self._cancel[job_id]
-        job = self._update(job_id, state="running", start_ns=time.time_ns())
-        total = len(chunks(turns))
-        try:
-            self._update(job_id, total_steps=total)
+        try:  # everything inside: the finally closes the job's commit mount whatever fails
+            job = self._update(job_id, state="running", start_ns=time.time_ns())
+            self._update(job_id, total_steps=len(chunks(turns)))
 
             def progress(counts: Counts) -> None:
                 self._update(job_id, step=counts.prompts, progress=extract.progress_of(counts, len(turns)))

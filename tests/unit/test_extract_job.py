@@ -286,3 +286,18 @@ def test_a_job_cut_short_by_a_stop_fails_at_the_next_start_and_its_mount_is_clos
     again = JobManager(rig.kernel, rig.host, store=rig.kernel.store)  # what the next start builds
     assert again.get("job_cutshort").state == "failed"
     assert [m.record.mount_id for m in rig.kernel.mounts_of(cube_id)] == [mount]
+
+
+def test_a_job_that_cannot_be_recorded_leaves_no_mount_behind(rig: Rig, endpoint: Endpoint,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's commit mount is opened before its record is saved: if the save fails (a full disk), the
+    mount must be closed, or it would be persisted in no job and pin its revision against compaction."""
+    mount, _ = ingest(rig, "c", [("Melanie", "I love pottery")])
+
+    def full_disk(job: JobRecord) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rig.jobs, "_save", full_disk)
+    with pytest.raises(OSError):
+        rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    assert [m.record.mount_id for m in rig.kernel.mounts_of(rig.kernel.cube("c").cube_id)] == [mount]
