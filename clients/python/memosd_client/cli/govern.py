@@ -194,6 +194,9 @@ def _purge(client: Client, args: argparse.Namespace, out: Output) -> None:
         return
     out.block([
         ("purge id", receipt.purge_id), ("cube", receipt.cube_id), ("items", len(receipt.item_ids)),
+        # The cascade: items derived from a purged one (the MemReader's), purged with it.
+        ("derived items", f"{len(receipt.derived_item_ids)} ({', '.join(receipt.derived_item_ids[:5])}"
+         f"{', ...' if len(receipt.derived_item_ids) > 5 else ''})" if receipt.derived_item_ids else "-"),
         ("versions removed", receipt.versions_removed), ("vectors removed", receipt.vectors_removed),
         ("staged removed", receipt.staged_removed), ("dense entries removed", receipt.dense_entries_removed),
         ("lexical entries removed", receipt.lexical_entries_removed),
