@@ -212,11 +212,22 @@ class Registration:
         return True
 
     def _rejoin(self, old: Member) -> bool:
+        if self._stop.is_set():
+            return False
         try:
             holder = self._register(old.started)
         except EtcdUnavailable as e:
             self.last_error = str(e)
             return True  # the old lease id stays: the next pass finds it gone again and retries
+        if self._stop.is_set() and holder is None:
+            # leave() ran while we registered (a slow etcd outlasts its wait for this thread): the record just
+            # made must not outlive it as a ghost member for a TTL. leave set _stop before reading member, so
+            # either it revoked this lease or we do here.
+            made, self.member = self.member, None
+            if made is not None:
+                with contextlib.suppress(EtcdError):
+                    self.client.revoke(made.lease)
+            return False
         if holder is not None and (holder.address, holder.started) == (self.address, old.started):
             self.member = holder  # our own record, from an attempt whose answer was lost: keep its lease
             self._drop(old)

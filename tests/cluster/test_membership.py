@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -169,6 +170,31 @@ def test_a_rejoin_that_etcd_refuses_is_retried_and_the_keepalive_thread_lives_on
     _wait(lambda: f"g-{unique}" in _names(client, unique), 4 * LEASE, "the node registered again")
     assert refused and reg._thread is not None and reg._thread.is_alive() and not reg.lost.is_set()
     assert reg.member is not None and reg.member.lease != first.lease
+
+
+def test_a_rejoin_that_finishes_after_leave_leaves_no_ghost_member(
+        client: EtcdClient, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """leave() waits for the keepalive thread only so long: a rejoin that etcd answers after that must not
+    register the node again as a member nobody runs."""
+    reg = Registration(client, f"h-{unique}", "127.0.0.1:7004", lease_seconds=LEASE)
+    first = reg.join()
+    real_grant, entered, gate = client.grant, threading.Event(), threading.Event()
+
+    def slow_grant(ttl: int) -> Lease:
+        entered.set()
+        assert gate.wait(30)
+        return real_grant(ttl)
+
+    monkeypatch.setattr(client, "grant", slow_grant)
+    client.revoke(first.lease)  # the next pass finds the lease gone and rejoins: its grant hangs
+    assert entered.wait(3 * LEASE), "the keepalive tried to rejoin"
+    thread = reg._thread
+    assert thread is not None
+    reg.leave()  # gives up waiting for the thread after one lease
+    gate.set()
+    thread.join(10)
+    assert not thread.is_alive() and reg.member is None
+    assert f"h-{unique}" not in _names(client, unique)
 
 
 def test_a_deleted_or_overwritten_record_is_restored(client: EtcdClient, unique: str,
