@@ -410,8 +410,27 @@ class StopSignals:
                 stop_event.set()
 
 
+def _stop_if_name_lost(daemon: Daemon, name_lost: threading.Event) -> None:
+    """Stop the daemon (exit 1) if another node took our node name while our lease had lapsed: the directory
+    and every forwarded call now mean that node by the name, so this one must not serve a cube it owned."""
+    assert daemon.cluster is not None and daemon.cluster.registration is not None
+    lost = daemon.cluster.registration.lost
+    while not daemon.stop_event.is_set():
+        if lost.wait(0.5):
+            reason = (f"cluster.node_name {daemon.config.cluster.node_name!r} was taken by another member while "
+                      "this node's lease had lapsed (etcd was out of reach); this node stops rather than serve "
+                      "cubes the directory now gives to that member. Restart it under its name once that "
+                      "member is gone, or under another name")
+            log_event(log, "cluster_name_lost", level=logging.ERROR, reason=reason)
+            print(f"memosd: {reason}", file=sys.stderr)
+            name_lost.set()
+            daemon.stop_event.set()
+            return
+
+
 def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None = None) -> int:
-    """Serve until SIGTERM; returns the exit code (1: the start failed for lack of disk space)."""
+    """Serve until SIGTERM; returns the exit code (1: the start failed, for lack of disk space or a cluster
+    that could not be joined; or a cluster node lost its node name)."""
     disk_watch = Periodic(lambda: _watch_disk(daemon), daemon.config.store.disk_check_seconds, "disk_watch", log)
     disk_watch.start()
     if daemon.servicer.usage is not None:
@@ -457,8 +476,14 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
         notifier.ready(f"serving on {daemon.address}")
         notifier.start_watchdog(lambda: not daemon.stop_event.is_set())
         threading.Thread(target=_index_saver, args=(daemon,), name="index-saver", daemon=True).start()
+    name_lost = threading.Event()
+    if daemon.cluster is not None and not failure:
+        threading.Thread(target=_stop_if_name_lost, args=(daemon, name_lost), name="cluster-name-watch",
+                         daemon=True).start()
 
     (signals or StopSignals()).wait(daemon.stop_event)
+    if name_lost.is_set():
+        exit_code = 1
     log_event(log, "stopping", grace_seconds=daemon.config.server.grace_seconds)
     notifier.stopping("draining in-flight calls")
     if daemon.cluster is not None:  # out of the member list first, so no one sends us new calls

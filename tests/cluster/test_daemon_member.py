@@ -17,7 +17,7 @@ from memosd_client import NO_RETRY, Client, ClusterUnavailable
 
 from memosd import __version__
 from memosd.cluster.etcd import EtcdClient
-from memosd.cluster.membership import members
+from memosd.cluster.membership import Registration, members
 
 SLOW_PART = ("loaded from", "event=serving")
 
@@ -92,6 +92,26 @@ def test_a_daemon_joins_as_a_member_and_leaves_at_sigterm(etcd: EtcdCluster, cli
     # Left at once (the lease revoked), not after its TTL.
     assert name not in {m.name for m in members(client)}
     assert "event=cluster_left" in first.full_log()
+
+
+def test_a_daemon_whose_node_name_is_taken_while_its_lease_lapsed_stops(etcd: EtcdCluster, client: EtcdClient,
+                                                                        tmp_path: Path) -> None:
+    """Another member holding our name means the directory and forwarded calls now mean that member: the
+    daemon must stop (exit 1, saying why) rather than go on serving cubes it owned."""
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    daemon = DaemonProcess(tmp_path / "node", env=_cluster_env(etcd.endpoints, name)).start()
+    taker = Registration(client, name, "127.0.0.1:9", lease_seconds=2)
+    try:
+        [ours] = [m for m in members(client) if m.name == name]
+        client.revoke(ours.lease)  # as if etcd had been out of reach for a TTL
+        taker.join()  # another node takes the free name before ours renews
+        assert daemon.proc is not None
+        assert daemon.proc.wait(30) == 1, daemon.log()
+        assert f"memosd: cluster.node_name {name!r} was taken by another member" in daemon.full_log()
+        assert [m.address for m in members(client) if m.name == name] == ["127.0.0.1:9"]  # the taker's, kept
+    finally:
+        taker.leave()
+        daemon.kill()
 
 
 def test_a_single_node_has_no_cluster_section(daemon: DaemonProcess) -> None:
