@@ -367,17 +367,17 @@ class Activator:
         return cache
 
     # -- combinations of blocks (transformers engine) ---------------------------
-    def longest_prefix(self, loaded: LoadedModel, token_ids: Sequence[int], cube_id: str, digest: str
-                       ) -> KVCache | None:
+    def longest_prefix(self, loaded: LoadedModel, token_ids: Sequence[int], cube_id: str, digest: str,
+                       longer_than: int = 0) -> KVCache | None:
         """The pooled cache that covers the most of ``token_ids`` (memory blocks, the first one ``cube_id``'s,
         computed under adapter ``digest``), cropped to what it covers: the whole of an equal cache, else its
         full 64-token blocks that chain the same (the salt is the first cube's, so the chain vouches for
-        the tokens, their order and the adapter). None if no pooled cache covers a full block."""
-        hashes = block_hashes(token_ids, fingerprint=loaded.fingerprint, salt=cube_salt(cube_id),
-                              extra=digest.encode())
-        best: KVCache | None = None
-        covered = 0
+        the tokens, their order and the adapter). None unless it covers more than ``longer_than`` tokens;
+        only the cache returned counts as a pool hit."""
         salt, extra = cube_salt(cube_id), digest.encode()
+        hashes = block_hashes(token_ids, fingerprint=loaded.fingerprint, salt=salt, extra=extra)
+        best: KVCache | None = None
+        covered = longer_than
         for _, cache in self.host.pool.entries():
             if (cache.salt, cache.extra, cache.fingerprint) != (salt, extra, loaded.fingerprint):
                 continue

@@ -224,13 +224,13 @@ class Generator:
             return None, None
         block_ids = [t for b in blocks for t in b.record.token_ids]
         lead = blocks[0]
-        prefix = self.activator.longest_prefix(loaded, block_ids, lead.cube.cube_id, digest) if len(blocks) > 1 \
-            else None
+        # A pooled combination only if it covers more than the first block's own cache would.
+        own_tokens = len(first.record.token_ids) if first is not None else 0
+        prefix = self.activator.longest_prefix(loaded, block_ids, lead.cube.cube_id, digest, own_tokens) \
+            if len(blocks) > 1 else None
         source = "pool"
-        if first is not None and (prefix is None or prefix.n_tokens < len(first.record.token_ids)):
-            own, own_source = self.activator.cache_of(first.record, loaded)
-            if own is not None:
-                prefix, source = own, own_source
+        if prefix is None and first is not None:
+            prefix, source = self.activator.cache_of(first.record, loaded)
         if prefix is not None:
             own_key = prefix.key == lead.record.cache_key
             for block in blocks:
