@@ -30,6 +30,7 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_DTYPES = ("float16", "bfloat16")
 # The serving engines (memosd/runtime/): auto is vllm where it is installed, else transformers.
 ENGINES = ("auto", "vllm", "transformers")
+COMPOSE_MODES = ("exact", "composed", "auto")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank takes these
 # The fusion methods the index package understands; keep in step with memosd/index.
 FUSION_METHODS = ("rrf", "linear", "combsum", "combmnz", "dbsf", "tm2c2")
@@ -134,6 +135,11 @@ class RuntimeConfig:
     background_chunk: int = 128
     max_adapters: int = 8  # LoRA adapters resident in the model at once (vLLM: its LoRA slots)
     max_lora_rank: int = 16  # vLLM: the largest adapter rank it serves (its LoRA buffers are sized by it)
+    # How Generate reuses the KV of activated blocks after the first (issue 13): exact (only a combination
+    # seen before), composed (each block's own KV at its new position: an approximation), or auto (exact
+    # where a seen combination covers it, composed elsewhere). A request may choose (options.compose).
+    compose: str = "exact"
+    compose_recompute: float = 0.05  # composed: the share of each later block's first tokens recomputed
 
 
 @dataclass(frozen=True)
@@ -363,6 +369,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.background_chunk": _POSITIVE_INT,
     "runtime.max_adapters": _POSITIVE_INT,
     "runtime.engine": (lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
+    "runtime.compose": (lambda v: v in COMPOSE_MODES, f"one of {', '.join(COMPOSE_MODES)}"),
+    "runtime.compose_recompute": (lambda v: 0 <= v <= 1, "a number from 0 to 1 (a share of a block's tokens)"),
     "runtime.max_lora_rank": (lambda v: v in LORA_RANKS, f"one of {', '.join(map(str, LORA_RANKS))}"),
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),
@@ -378,7 +386,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 # Enumerated words are matched case-insensitively ("INFO" is fine).
 _LOWERCASE = {"embedder.device", "search.fusion", "log.level", "runtime.device", "runtime.dtype", "runtime.kv_dtype",
-              "runtime.engine"}
+              "runtime.engine", "runtime.compose"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

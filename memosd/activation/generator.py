@@ -41,6 +41,7 @@ from memosd.park import Park
 from memosd.runtime.engine import Finished, Sampling, TokenStream
 from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache
+from memosd.runtime.kvcompose import Placement, compose_unsupported, recompute_tokens
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.transformers_engine import KeepPrefix
 from memosd.runtime.worker import PRIORITY_DEFAULT
@@ -66,6 +67,8 @@ class GenerateParams:
     retrieve_k: int | None = None  # None: the configured default
     bypass_kv_cache: bool = False  # prefill activated blocks instead of reusing their caches
     adapter_mount_id: str = ""  # generate with this mount's cube's adapter; "" for the base model
+    compose: str = ""  # exact | composed | auto for the blocks after the first; "": runtime.compose
+    compose_recompute: float | None = None  # composed: the share of a block's tokens recomputed; None: config
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,13 @@ class MemoryUse:
     block_items: list[UsedItem] = field(default_factory=list)
     retrieved_items: list[UsedItem] = field(default_factory=list)
     # The memory block's tokens in the prompt, how many were reused (not computed) and computed, and how
-    # they were reused: "exact" (the KV of these very tokens after this very prefix). 0 / "" unactivated.
+    # they were reused: "exact" (the KV of these very tokens after this very prefix, or computed) or
+    # "composed" (its own KV placed here, its first tokens recomputed). 0 / "" unactivated.
     block_tokens: int = 0
     block_reused_tokens: int = 0
     block_computed_tokens: int = 0
     block_mode: str = ""
+    block_note: str = ""  # why a block composition was asked for was not composed
 
 
 @dataclass
@@ -101,6 +106,7 @@ class _Block:
     cube: CubeState
     record: ActivationRecord
     start: int
+    placement: Placement | None = None  # composed from its own cache (transformers engine)
 
 
 @dataclass
@@ -173,8 +179,17 @@ class Generator:
             else None
         if engine is not None and first is not None:
             prefix_use, prefix_key = first.use, first.record.cache_key
-        prefix, keep = self._transformers_prefix(loaded, blocks, first, digest, params) if engine is None \
-            else (None, None)
+        compose, fraction = self._compose_mode(params)
+        prefix, keep = self._transformers_prefix(loaded, blocks, first, digest, params, compose) \
+            if engine is None else (None, None)
+        if compose != "exact" and len(blocks) > 1 and not params.bypass_kv_cache:
+            if engine is not None:
+                for block in blocks[1:]:
+                    block.use.block_note = f"the {self.host.engine_kind} engine does not compose blocks yet: " \
+                                           "exact reuse (its prefix cache) or computed"
+            elif self._compose(loaded, blocks, prefix, digest, fraction):
+                keep = None  # a composed prefix is not exact: never kept as a combination
+        placements = [b.placement for b in blocks if b.placement is not None]
 
         retrieved = self._retrieve(params, k, in_blocks, uses)
         conversation = [{"role": role, "content": content} for role, content in params.messages]
@@ -207,11 +222,42 @@ class Generator:
 
             def start() -> TokenStream:
                 return self.host.transformers.generate(loaded, prompt, sampling, prefix=prefix, prepare=prepare,
-                                                       cancel=cancel, keep=keep)
+                                                       cancel=cancel, keep=keep, placements=placements)
         yield from self._stream(start, cancel, report, started, park, prefix_use, prefix_key, blocks)
 
+    def _compose_mode(self, params: GenerateParams) -> tuple[str, float]:
+        config = self.host.config
+        fraction = config.compose_recompute if params.compose_recompute is None else params.compose_recompute
+        return params.compose or config.compose, fraction
+
+    def _compose(self, loaded: LoadedModel, blocks: list[_Block], prefix: KVCache | None, digest: str,
+                 fraction: float) -> bool:
+        """Plan the later blocks the exact prefix does not cover as placements of their own caches; a block
+        that cannot be composed is computed, and its use says why. True if any block is composed."""
+        unsupported = compose_unsupported(loaded)
+        covered = prefix.n_tokens if prefix is not None else 0
+        for block in blocks[1:]:
+            if block.start < covered:  # exact: a combination seen before covers (some of) it
+                continue
+            use = block.use
+            if unsupported:
+                use.block_note = unsupported
+                continue
+            if block.record.adapter_digest != digest:
+                use.block_note = "its KV was computed under another adapter than this request's: computed"
+                continue
+            cache, source = self.activator.cache_of(block.record, loaded)
+            # Its own cube's cache of its very tokens, or nothing: a cube's KV never stands in for another's.
+            if cache is None or cache.salt != cube_salt(block.cube.cube_id) or \
+                    cache.token_ids != tuple(block.record.token_ids):
+                use.block_note = "its KV cache is in neither the pool nor the store: computed"
+                continue
+            block.placement = Placement(block.start, cache, recompute_tokens(cache.n_tokens, fraction))
+            use.cache_key, use.cache_source = block.record.cache_key, source
+        return any(block.placement is not None for block in blocks)
+
     def _transformers_prefix(self, loaded: LoadedModel, blocks: list[_Block], first: _Block | None, digest: str,
-                             params: GenerateParams) -> tuple[KVCache | None, KeepPrefix | None]:
+                             params: GenerateParams, compose: str) -> tuple[KVCache | None, KeepPrefix | None]:
         """On the transformers engine: the cache the prompt starts from, and what to keep of this prefill.
 
         The longest pooled prefix of the memory blocks (``Activator.longest_prefix``: a combination of the
@@ -219,7 +265,8 @@ class Generator:
         block's own cache (from the pool or the store) if that is longer. With several blocks not all
         reused, the KV of all of them is kept once the prefill has computed it, for the next Generate over
         the same combination. Either way the KV is exact: the same tokens, in the same positions, after
-        the same prefix, under the same adapter."""
+        the same prefix, under the same adapter. In composed mode, only the first block's own cache: the
+        later blocks are all composed."""
         if params.bypass_kv_cache or not blocks:
             return None, None
         block_ids = [t for b in blocks for t in b.record.token_ids]
@@ -227,7 +274,7 @@ class Generator:
         # A pooled combination only if it covers more than the first block's own cache would.
         own_tokens = len(first.record.token_ids) if first is not None else 0
         prefix = self.activator.longest_prefix(loaded, block_ids, lead.cube.cube_id, digest, own_tokens) \
-            if len(blocks) > 1 else None
+            if len(blocks) > 1 and compose != "composed" else None
         source = "pool"
         if prefix is None and first is not None:
             prefix, source = self.activator.cache_of(first.record, loaded)
@@ -295,12 +342,17 @@ class Generator:
         if prefix_use is not None and finished.cached_tokens:
             prefix_use.cache_key = prefix_key
             prefix_use.cache_source = "store" if finished.loaded_tokens else "pool"
-        for block in blocks:  # reuse is always a prefix of the prompt: each block's share of it
+        # Exact reuse is a prefix of the prompt: each block's share of it. A composed block reused its own.
+        exact_end = finished.cached_tokens - sum(b.placement.placed_tokens for b in blocks if b.placement)
+        for block in blocks:
             size = len(block.record.token_ids)
-            block.use.block_tokens = size
-            block.use.block_reused_tokens = min(max(finished.cached_tokens - block.start, 0), size)
-            block.use.block_computed_tokens = size - block.use.block_reused_tokens
-            block.use.block_mode = "exact"
+            use = block.use
+            use.block_tokens = size
+            if block.placement is not None:
+                use.block_reused_tokens, use.block_mode = block.placement.placed_tokens, "composed"
+            else:
+                use.block_reused_tokens, use.block_mode = min(max(exact_end - block.start, 0), size), "exact"
+            use.block_computed_tokens = size - use.block_reused_tokens
         report.total_us = int((time.perf_counter() - started) * 1e6)
         yield report
 

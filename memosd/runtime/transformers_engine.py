@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from memosd.runtime.decode import Sampler, TextStream
 from memosd.runtime.engine import Finished, Sampling, StreamEvent, Token, TokenStream
 from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation, snapshot_prefix
+from memosd.runtime.kvcompose import Placement, place
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_INTERACTIVE, RuntimeWorker, WorkerClosedError
 
@@ -107,16 +108,21 @@ class TransformersEngine:
 
     def generate(self, loaded: LoadedModel, token_ids: Sequence[int], sampling: Sampling, *,
                  prefix: KVCache | None, prepare: Callable[[], None], cancel: threading.Event,
-                 keep: KeepPrefix | None = None) -> TokenStream:
+                 keep: KeepPrefix | None = None, placements: Sequence[Placement] = ()) -> TokenStream:
         """Stream the reply to ``token_ids``, whose first ``prefix.n_tokens`` are ``prefix``'s tokens; with
-        ``keep``, also hand over the KV of a longer prefix once it is computed."""
+        ``keep``, also hand over the KV of a longer prefix once it is computed. ``placements`` (in prompt
+        order, after the prefix) are memory blocks composed from their own caches (``kvcompose``): the
+        prompt between them is computed as usual. ``keep`` is for exact prefixes only: never with them."""
+        if keep is not None and placements:
+            raise ValueError("a composed prefix is not exact: it cannot be kept as a combination")
         box: list[_Generation] = []
         stream = _PulledStream(uuid.uuid4().hex, lambda _rid: box[0].aborted.set(), lambda: self._step_if_due(box[0]))
-        gen = _Generation(stream, loaded, sampling, prepare, cancel, len(token_ids),
-                          prefix.n_tokens if prefix is not None else 0, time.perf_counter(), keep)
+        reused = (prefix.n_tokens if prefix is not None else 0) + sum(p.placed_tokens for p in placements)
+        gen = _Generation(stream, loaded, sampling, prepare, cancel, len(token_ids), reused, time.perf_counter(),
+                          keep)
         box.append(gen)
         prompt = list(token_ids)
-        self._queue(gen, lambda: self._start(gen, prefix, prompt))
+        self._queue(gen, lambda: self._start(gen, prefix, prompt, tuple(placements)))
         return stream
 
     def _step_if_due(self, gen: _Generation) -> None:
@@ -143,28 +149,32 @@ class TransformersEngine:
         except WorkerClosedError as error:
             gen.stream.push(self._finished(gen, "error", error))
 
-    def _start(self, gen: _Generation, prefix: KVCache | None, prompt: list[int]) -> None:
+    def _start(self, gen: _Generation, prefix: KVCache | None, prompt: list[int],
+               placements: tuple[Placement, ...]) -> None:
         gen.prepare()
-        self._prefill(gen, prefix, prompt)
+        self._prefill(gen, prefix, prompt, placements)
         self._pick(gen)
 
-    def _prefill(self, gen: _Generation, prefix: KVCache | None, prompt: list[int]) -> None:
-        import torch
+    def _prefill(self, gen: _Generation, prefix: KVCache | None, prompt: list[int],
+                 placements: tuple[Placement, ...]) -> None:
         from transformers import DynamicCache
 
         if prefix is not None:
-            gen.cache, rest = prepare_generation(gen.loaded, prefix, prompt)
+            gen.cache, _ = prepare_generation(gen.loaded, prefix, prompt)
+            done = prefix.n_tokens
         else:
-            gen.cache, rest = DynamicCache(), prompt
-        model: Any = gen.loaded.model
-        logits = None
-        with torch.no_grad():
-            for pos in range(0, len(rest), self.prefill_chunk):
-                if gen.stopping:
-                    raise ComputeCancelled("generation cancelled during prefill")
-                piece = torch.tensor([rest[pos:pos + self.prefill_chunk]], dtype=torch.long, device=model.device)
-                logits = model(input_ids=piece, past_key_values=gen.cache, use_cache=True, logits_to_keep=1).logits
-        assert logits is not None
+            gen.cache, done = DynamicCache(), 0
+        for placement in placements:  # compute up to the block and its first tokens, then place the rest
+            block = placement.cache
+            if placement.start < done or \
+                    tuple(prompt[placement.start:placement.start + block.n_tokens]) != block.token_ids:
+                raise ValueError(f"the prompt at {placement.start} is not the placed block's tokens")
+            self._forward(gen, prompt[done:placement.start + placement.recompute])
+            place(gen.loaded, gen.cache, placement)
+            done = placement.start + block.n_tokens
+        logits = self._forward(gen, prompt[done:])  # the rest, whose last token's logits pick the first token
+        if logits is None:
+            raise ValueError("the prompt needs at least one token after its reused KV")
         keep = gen.keep
         if keep is not None and gen.cached_tokens < keep.n_tokens < len(prompt):
             keep.sink(snapshot_prefix(gen.cache, prompt[:keep.n_tokens], fingerprint=gen.loaded.fingerprint,
@@ -172,9 +182,23 @@ class TransformersEngine:
         gen.logits = logits[0, -1]
         seed = gen.sampling.seed or 0
         gen.sampler = Sampler(temperature=gen.sampling.temperature, top_p=gen.sampling.top_p, seed=seed,
-                              device=model.device)
+                              device=gen.loaded.model.device)
         gen.text = TextStream(gen.loaded.tokenizer, gen.sampling.stop)
         gen.eos = eos_token_ids(gen.loaded)
+
+    def _forward(self, gen: _Generation, ids: list[int]) -> torch.Tensor | None:
+        """Run ``ids`` through the model on the generation's cache, in chunks; the last chunk's logits."""
+        import torch
+
+        model: Any = gen.loaded.model
+        logits = None
+        with torch.no_grad():
+            for pos in range(0, len(ids), self.prefill_chunk):
+                if gen.stopping:
+                    raise ComputeCancelled("generation cancelled during prefill")
+                piece = torch.tensor([ids[pos:pos + self.prefill_chunk]], dtype=torch.long, device=model.device)
+                logits = model(input_ids=piece, past_key_values=gen.cache, use_cache=True, logits_to_keep=1).logits
+        return logits
 
     def _step(self, gen: _Generation) -> None:
         """Run the previous token through the model, then pick the next one."""

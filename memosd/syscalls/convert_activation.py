@@ -14,7 +14,9 @@ from memosd.errors import InvalidField
 from memosd.kernel.requests import request_ref
 from memosd.services.remember import Remember
 
-BLOCK_REUSE = {"": t.BLOCK_REUSE_UNSPECIFIED, "exact": t.BLOCK_REUSE_EXACT}
+BLOCK_REUSE = {"": t.BLOCK_REUSE_UNSPECIFIED, "exact": t.BLOCK_REUSE_EXACT, "composed": t.BLOCK_REUSE_COMPOSED}
+COMPOSE_MODES = {t.COMPOSE_MODE_DEFAULT: "", t.COMPOSE_MODE_EXACT: "exact", t.COMPOSE_MODE_COMPOSED: "composed",
+                 t.COMPOSE_MODE_AUTO: "auto"}
 SOURCES = {"pool": t.ACTIVATION_SOURCE_POOL, "store": t.ACTIVATION_SOURCE_STORE,
            "computed": t.ACTIVATION_SOURCE_COMPUTED, "": t.ACTIVATION_SOURCE_UNSPECIFIED}
 FINISH = {"end": t.FINISH_REASON_END, "length": t.FINISH_REASON_LENGTH, "stop": t.FINISH_REASON_STOP,
@@ -58,11 +60,19 @@ def generate_params(req: pb.GenerateRequest) -> GenerateParams:
     for name in ("temperature", "top_p"):
         if not math.isfinite(getattr(options, name)):
             raise InvalidField(f"options.{name} must be a finite number", field=f"options.{name}")
+    if options.compose not in COMPOSE_MODES:
+        raise InvalidField(f"options.compose is {options.compose}, not a ComposeMode: DEFAULT, EXACT, COMPOSED or "
+                           "AUTO", field="options.compose")
+    recompute = options.compose_recompute if options.HasField("compose_recompute") else None
+    if recompute is not None and not 0.0 <= recompute <= 1.0:  # NaN fails both
+        raise InvalidField(f"options.compose_recompute is {recompute}; it is the share of each composed block's "
+                           "tokens recomputed, from 0 to 1 (or unset for the daemon's runtime.compose_recompute)",
+                           field="options.compose_recompute")
     return GenerateParams(
         messages=[(m.role, m.content) for m in req.messages], mount_ids=list(req.mount_ids),
         max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
         stop=tuple(options.stop), seed=options.seed, bypass_kv_cache=options.bypass_kv_cache,
-        adapter_mount_id=options.adapter_mount_id,
+        adapter_mount_id=options.adapter_mount_id, compose=COMPOSE_MODES[options.compose], compose_recompute=recompute,
         retrieve_k=req.retrieve_k if req.HasField("retrieve_k") else None)
 
 
@@ -89,7 +99,7 @@ def _memory(use: MemoryUse) -> t.MemoryUse:
         cache_key=use.cache_key, cache_source=SOURCES[use.cache_source], block_items=_used(use.block_items),
         retrieved_items=_used(use.retrieved_items), block_tokens=use.block_tokens,
         block_reused_tokens=use.block_reused_tokens, block_computed_tokens=use.block_computed_tokens,
-        block_reuse=BLOCK_REUSE[use.block_mode])
+        block_reuse=BLOCK_REUSE[use.block_mode], block_note=use.block_note)
 
 
 def summary(report: GenerationReport) -> t.GenerationSummary:

@@ -157,6 +157,59 @@ def test_a_recurring_combination_of_cubes_is_reused_whole(client: Client, cube_n
     assert list(first.token_ids) == list(again.token_ids) == list(full.token_ids)
 
 
+def test_composed_blocks_reuse_each_cubes_own_cache_in_any_position(client: Client, cube_name: str) -> None:
+    """Issue 13, point 2, on the transformers engine through gRPC: each later block is placed from its own
+    cube's cache (whatever its position), its first tokens recomputed; the summary counts per block and
+    names the mode; recomputing every token is the full prefill; a twin cube's block is its own."""
+    import math
+
+    wait_ready(client)
+    seed(client, cube_name + "-a", FACTS[:3])
+    seed(client, cube_name + "-b", FACTS[3:])
+    seed(client, cube_name + "-twin", FACTS[3:])  # the same text as b, another cube
+    with client.mount(cube_name + "-a") as a, client.mount(cube_name + "-b") as b, \
+            client.mount(cube_name + "-twin") as twin:
+        acts = {m: m.activate() for m in (a, b, twin)}
+        _, composed = ask(client, [a, b], max_tokens=6, retrieve_k=0, compose="composed", compose_recompute=0.25)
+        _, swapped = ask(client, [b, a], max_tokens=6, retrieve_k=0, compose="composed", compose_recompute=0.25)
+        _, twinned = ask(client, [a, twin], max_tokens=6, retrieve_k=0, compose="composed")
+        _, whole = ask(client, [a, b], max_tokens=6, retrieve_k=0, compose="composed", compose_recompute=1.0)
+        _, full = ask(client, [a, b], max_tokens=6, retrieve_k=0, bypass_kv_cache=True)
+        _, exact = ask(client, [a, twin], max_tokens=6, retrieve_k=0, compose="exact")
+    n_a, n_b = acts[a].tokens, acts[b].tokens
+    r_b, r_a = math.ceil(n_b * 0.25), math.ceil(n_a * 0.25)
+    assert [(u.block_reuse, u.block_reused_tokens, u.block_computed_tokens) for u in composed.memory] == [
+        (t.BLOCK_REUSE_EXACT, n_a, 0), (t.BLOCK_REUSE_COMPOSED, n_b - r_b, r_b)]
+    assert composed.reused_tokens == n_a + n_b - r_b and composed.memory[1].cache_key == acts[b].cache_key
+    assert [(u.block_reuse, u.block_reused_tokens) for u in swapped.memory] == [
+        (t.BLOCK_REUSE_EXACT, n_b), (t.BLOCK_REUSE_COMPOSED, n_a - r_a)]  # b leads, a placed second
+    assert swapped.memory[1].cache_key == acts[a].cache_key
+    # Isolation: the twin's block is placed from the twin's cache, never b's (same tokens, another cube).
+    assert twinned.memory[1].block_reuse == t.BLOCK_REUSE_COMPOSED
+    assert twinned.memory[1].cache_key == acts[twin].cache_key != acts[b].cache_key
+    # Every token recomputed: the full prefill's reply, the block still counted as composed (0 reused).
+    assert list(whole.token_ids) == list(full.token_ids)
+    assert (whole.memory[1].block_reuse, whole.memory[1].block_computed_tokens) == (t.BLOCK_REUSE_COMPOSED, n_b)
+    # Exact mode computes a block no seen combination covers, and says nothing of composition.
+    assert (exact.memory[1].block_reuse, exact.memory[1].block_computed_tokens, exact.memory[1].block_note) == (
+        t.BLOCK_REUSE_EXACT, n_b, "")
+
+
+def test_a_bad_compose_option_is_refused_before_any_work(client: Client, cube_name: str) -> None:
+    import grpc
+    import pytest
+    from memos.errors import InvalidField
+
+    wait_ready(client)
+    seed(client, cube_name, FACTS[:2])
+    with client.mount(cube_name) as m:
+        for bad in (1.5, -0.1, float("nan")):
+            with pytest.raises(InvalidField) as refused:
+                ask(client, m, compose="composed", compose_recompute=bad)
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "options.compose_recompute" in str(refused.value)
+
+
 def test_incremental_activation_and_old_revision_mount(client: Client, cube_name: str) -> None:
     wait_ready(client)
     old_ids = seed(client, cube_name, FACTS)

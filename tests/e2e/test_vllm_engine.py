@@ -217,6 +217,11 @@ def test_a_recurring_combination_of_cubes_reuses_the_second_block(vc: Client, cu
     assert b - BLOCK <= again.memory[1].block_reused_tokens <= b  # reused up to the last full KV block
     assert again.memory[0].block_reused_tokens == a
     assert [u.block_reused_tokens for u in full.memory] == [0, 0]
+    # Composition asked for: not built on vLLM, so exact reuse, and the later block says why.
+    composed = ask(vc, [one, two], compose="composed")  # type: ignore[arg-type]
+    assert [u.block_reuse for u in composed.memory] == [t.BLOCK_REUSE_EXACT, t.BLOCK_REUSE_EXACT]
+    assert composed.memory[0].block_note == "" and "vllm engine does not compose" in composed.memory[1].block_note
+    assert_same_reply(composed, full)
 
 
 def test_the_same_text_in_another_cube_shares_no_blocks(vc: Client, cube_name: str) -> None:

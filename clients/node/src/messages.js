@@ -970,7 +970,11 @@
  * @property {boolean} bypass_kv_cache Prefill an activated memory block instead of reusing its KV cache: the same prompt, computed in full. For measurements and checks.
  * @property {string} remember_mount_id A read-write mount (the write right on its cube) that remembers the exchange: once the reply has ended, the last user message and the reply are ingested into its cube as two turns (speakers "user" and "assistant", times: the request's arrival and the reply's end) in one revision whose log entry carries the generation's provenance. Empty: nothing is recorded. A cancelled or failed generation records nothing; a partial reply is never recorded.
  * @property {string} session_id The session the remembered turns belong to (1 to 256 printable characters), so the turns of one chat are linked; empty: a new session per call. Only with remember_mount_id.
+ * @property {ComposeMode} compose How the memory blocks after the first reuse their KV caches; DEFAULT: the daemon's runtime.compose. See ComposeMode.
+ * @property {number} [compose_recompute] COMPOSED and AUTO: the fraction of each composed block's tokens (its first ones) recomputed over everything before them, in [0, 1]; unset: the daemon's runtime.compose_recompute.
  */
+
+/** @typedef {"COMPOSE_MODE_DEFAULT" | "COMPOSE_MODE_EXACT" | "COMPOSE_MODE_COMPOSED" | "COMPOSE_MODE_AUTO"} ComposeMode How Generate reuses the KV caches of activated memory blocks that do not lead the prompt. */
 
 /** @typedef {"FINISH_REASON_UNSPECIFIED" | "FINISH_REASON_END" | "FINISH_REASON_LENGTH" | "FINISH_REASON_STOP"} FinishReason */
 
@@ -991,13 +995,14 @@
  * @property {ActivationSource} cache_source Where the reused cache came from: POOL (hot) or STORE (cold).
  * @property {UsedItem[]} block_items Items of the memory block, in block order.
  * @property {UsedItem[]} retrieved_items Items retrieved for the last user message.
- * @property {number} block_tokens For an activated mount: its memory block's tokens in the prompt, how many of them were reused (their KV not computed) and how many computed (block_reused_tokens + block_computed_tokens = block_tokens), and how the reused ones were reused. Reuse is always a prefix of the prompt: a later block is reused when the combination of blocks before it and itself was seen before (the same cubes, in the same order, at the same revisions).
+ * @property {number} block_tokens For an activated mount: its memory block's tokens in the prompt, how many of them were reused (their KV not computed) and how many computed (block_reused_tokens + block_computed_tokens = block_tokens), and how the reused ones were reused. Exact reuse is a prefix of the prompt: a later block is reused exactly when the combination of blocks before it and itself was seen before (the same cubes, in the same order, at the same revisions); a composed block (see ComposeMode) reuses its own KV anywhere.
  * @property {number} block_reused_tokens
  * @property {number} block_computed_tokens
  * @property {BlockReuse} block_reuse
+ * @property {string} block_note Why a block that composition was asked for was not composed (exact reuse, or computed, instead): the engine or the model family cannot compose, the block's KV was computed under another adapter, or its cache is gone. Empty otherwise.
  */
 
-/** @typedef {"BLOCK_REUSE_UNSPECIFIED" | "BLOCK_REUSE_EXACT"} BlockReuse How a memory block's KV cache was reused in a Generate. */
+/** @typedef {"BLOCK_REUSE_UNSPECIFIED" | "BLOCK_REUSE_EXACT" | "BLOCK_REUSE_COMPOSED"} BlockReuse How a memory block's KV cache was reused in a Generate. */
 
 /**
  * @typedef {object} GenerationSummary

@@ -657,6 +657,8 @@ class Client:
         remember_mount: str | MountHandle | None = None,
         session_id: str = "",
         request_id: str = "",
+        compose: str = "",
+        compose_recompute: float | None = None,
         timeout: float | None = None,
         idle_timeout: float | None = None,
     ) -> Generation:
@@ -675,7 +677,10 @@ class Client:
         last user message and the reply become two turns of ``session_id`` (empty:
         a new session) in one new revision of its cube, whose Log entry carries
         the generation's provenance; ``summary.remembered`` is that revision. A
-        cancelled or failed reply records nothing. ``request_id`` (default when
+        cancelled or failed reply records nothing. ``compose`` ("exact", "composed" or "auto"; empty:
+        the daemon's ``runtime.compose``) chooses how activated blocks after the first reuse their KV, and
+        ``compose_recompute`` (0 to 1; None: the daemon's) the share of a composed block's tokens recomputed
+        (``summary.memory[i].block_reuse`` says what each block got). ``request_id`` (default when
         remembering: a fresh uuid4) makes a resent Generate record once. ``timeout`` bounds the
         whole stream (default: the client's plus ``deadlines.per_token`` for each
         token it may generate). ``idle_timeout`` instead bounds the silence: the
@@ -692,12 +697,14 @@ class Client:
                 bypass_kv_cache=bypass_kv_cache,
                 adapter_mount_id=_mount_id(adapter_mount) if adapter_mount is not None else "",
                 remember_mount_id=_mount_id(remember_mount) if remember_mount is not None else "",
-                session_id=session_id,
+                session_id=session_id, compose=_compose_mode(compose),
             ),
             request_id=request_id or (new_request_id() if remember_mount is not None else ""),
         )
         if retrieve_k is not None:
             req.retrieve_k = retrieve_k
+        if compose_recompute is not None:
+            req.options.compose_recompute = compose_recompute
         started = time.perf_counter()
         if timeout is None and idle_timeout is None:
             timeout = self._longer(self.deadlines.per_token * (max_tokens or DEFAULT_MAX_TOKENS))
@@ -947,6 +954,17 @@ class Client:
 
 def _mount_id(mount: str | MountHandle) -> str:
     return mount if isinstance(mount, str) else mount.mount_id
+
+
+COMPOSE_MODES = {"": types_pb2.COMPOSE_MODE_DEFAULT, "exact": types_pb2.COMPOSE_MODE_EXACT,
+                 "composed": types_pb2.COMPOSE_MODE_COMPOSED, "auto": types_pb2.COMPOSE_MODE_AUTO}
+
+
+def _compose_mode(mode: str) -> types_pb2.ComposeMode.ValueType:
+    try:
+        return COMPOSE_MODES[mode.lower()]
+    except KeyError:
+        raise ValueError(f"compose is {mode!r}; use 'exact', 'composed', 'auto' or '' (the daemon's)") from None
 
 
 def _mount_ids(mounts: str | MountHandle | Sequence[str | MountHandle]) -> list[str]:

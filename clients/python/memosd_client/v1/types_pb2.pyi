@@ -407,6 +407,50 @@ threshold and the KV pool has room.
 """
 Global___SchedulePolicy: _TypeAlias = SchedulePolicy  # noqa: Y015
 
+class _ComposeMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComposeModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComposeMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPOSE_MODE_DEFAULT: _ComposeMode.ValueType  # 0
+    """The daemon's runtime.compose setting (exact unless configured)."""
+    COMPOSE_MODE_EXACT: _ComposeMode.ValueType  # 1
+    """Only exact reuse: a later block's KV is reused when the same combination of blocks before it
+    was seen (kept from an earlier Generate); otherwise it is computed. The reply is the one a full
+    prefill gives.
+    """
+    COMPOSE_MODE_COMPOSED: _ComposeMode.ValueType  # 2
+    """Each later block's own KV (computed alone when its cube was activated) is placed at the block's
+    position (rotary keys re-rotated), and its first compose_recompute of tokens are recomputed over
+    everything before them, to make up for the attention to earlier blocks it never saw. An
+    approximation, measured in BENCHMARKS.md; never used where it is not supported (see
+    MemoryUse.block_note).
+    """
+    COMPOSE_MODE_AUTO: _ComposeMode.ValueType  # 3
+    """Exact where a combination seen before covers the block, composed elsewhere."""
+
+class ComposeMode(_ComposeMode, metaclass=_ComposeModeEnumTypeWrapper):
+    """How Generate reuses the KV caches of activated memory blocks that do not lead the prompt."""
+
+COMPOSE_MODE_DEFAULT: ComposeMode.ValueType  # 0
+"""The daemon's runtime.compose setting (exact unless configured)."""
+COMPOSE_MODE_EXACT: ComposeMode.ValueType  # 1
+"""Only exact reuse: a later block's KV is reused when the same combination of blocks before it
+was seen (kept from an earlier Generate); otherwise it is computed. The reply is the one a full
+prefill gives.
+"""
+COMPOSE_MODE_COMPOSED: ComposeMode.ValueType  # 2
+"""Each later block's own KV (computed alone when its cube was activated) is placed at the block's
+position (rotary keys re-rotated), and its first compose_recompute of tokens are recomputed over
+everything before them, to make up for the attention to earlier blocks it never saw. An
+approximation, measured in BENCHMARKS.md; never used where it is not supported (see
+MemoryUse.block_note).
+"""
+COMPOSE_MODE_AUTO: ComposeMode.ValueType  # 3
+"""Exact where a combination seen before covers the block, composed elsewhere."""
+Global___ComposeMode: _TypeAlias = ComposeMode  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -442,8 +486,12 @@ class _BlockReuseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlockReuse
     """not an activated block"""
     BLOCK_REUSE_EXACT: _BlockReuse.ValueType  # 1
     """The KV of these very tokens after this very prefix: the reply is the one
-    a full prefill gives. The only mode built; composed reuse (a block's KV
-    moved to a new position, issue 13) is not yet.
+    a full prefill gives (also a block computed in full).
+    """
+    BLOCK_REUSE_COMPOSED: _BlockReuse.ValueType  # 2
+    """The block's own KV, computed alone, placed at its position (ComposeMode COMPOSED):
+    block_computed_tokens are its first tokens, recomputed over the prompt before them, and
+    block_reused_tokens the rest, taken from its cache. An approximation of the full prefill.
     """
 
 class BlockReuse(_BlockReuse, metaclass=_BlockReuseEnumTypeWrapper):
@@ -453,8 +501,12 @@ BLOCK_REUSE_UNSPECIFIED: BlockReuse.ValueType  # 0
 """not an activated block"""
 BLOCK_REUSE_EXACT: BlockReuse.ValueType  # 1
 """The KV of these very tokens after this very prefix: the reply is the one
-a full prefill gives. The only mode built; composed reuse (a block's KV
-moved to a new position, issue 13) is not yet.
+a full prefill gives (also a block computed in full).
+"""
+BLOCK_REUSE_COMPOSED: BlockReuse.ValueType  # 2
+"""The block's own KV, computed alone, placed at its position (ComposeMode COMPOSED):
+block_computed_tokens are its first tokens, recomputed over the prompt before them, and
+block_reused_tokens the rest, taken from its cache. An approximation of the full prefill.
 """
 Global___BlockReuse: _TypeAlias = BlockReuse  # noqa: Y015
 
@@ -1620,6 +1672,8 @@ class GenerationOptions(_message.Message):
     BYPASS_KV_CACHE_FIELD_NUMBER: _builtins.int
     REMEMBER_MOUNT_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    COMPOSE_FIELD_NUMBER: _builtins.int
+    COMPOSE_RECOMPUTE_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """Tokens to generate at most; 0 means the daemon default (256)."""
     temperature: _builtins.float
@@ -1647,6 +1701,14 @@ class GenerationOptions(_message.Message):
     """The session the remembered turns belong to (1 to 256 printable characters), so the turns of one
     chat are linked; empty: a new session per call. Only with remember_mount_id.
     """
+    compose: Global___ComposeMode.ValueType
+    """How the memory blocks after the first reuse their KV caches; DEFAULT: the daemon's
+    runtime.compose. See ComposeMode.
+    """
+    compose_recompute: _builtins.float
+    """COMPOSED and AUTO: the fraction of each composed block's tokens (its first ones) recomputed over
+    everything before them, in [0, 1]; unset: the daemon's runtime.compose_recompute.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops before any of these strings (at most 8, each 1-256 bytes)."""
@@ -1663,12 +1725,16 @@ class GenerationOptions(_message.Message):
         bypass_kv_cache: _builtins.bool = ...,
         remember_mount_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        compose: Global___ComposeMode.ValueType = ...,
+        compose_recompute: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_compose_recompute", b"_compose_recompute", "compose_recompute", b"compose_recompute"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mount_id", b"adapter_mount_id", "bypass_kv_cache", b"bypass_kv_cache", "max_tokens", b"max_tokens", "remember_mount_id", b"remember_mount_id", "seed", b"seed", "session_id", b"session_id", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_compose_recompute", b"_compose_recompute", "adapter_mount_id", b"adapter_mount_id", "bypass_kv_cache", b"bypass_kv_cache", "compose", b"compose", "compose_recompute", b"compose_recompute", "max_tokens", b"max_tokens", "remember_mount_id", b"remember_mount_id", "seed", b"seed", "session_id", b"session_id", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__compose_recompute: _TypeAlias = _typing.Literal["compose_recompute"]  # noqa: Y015
+    _WhichOneofArgType__compose_recompute: _TypeAlias = _typing.Literal["_compose_recompute", b"_compose_recompute"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__compose_recompute) -> _WhichOneofReturnType__compose_recompute | None: ...
 
 Global___GenerationOptions: _TypeAlias = GenerationOptions  # noqa: Y015
 
@@ -1719,6 +1785,7 @@ class MemoryUse(_message.Message):
     BLOCK_REUSED_TOKENS_FIELD_NUMBER: _builtins.int
     BLOCK_COMPUTED_TOKENS_FIELD_NUMBER: _builtins.int
     BLOCK_REUSE_FIELD_NUMBER: _builtins.int
+    BLOCK_NOTE_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     cube_id: _builtins.str
     revision: _builtins.int
@@ -1737,13 +1804,19 @@ class MemoryUse(_message.Message):
     """For an activated mount: its memory block's tokens in the prompt, how
     many of them were reused (their KV not computed) and how many computed
     (block_reused_tokens + block_computed_tokens = block_tokens), and how the
-    reused ones were reused. Reuse is always a prefix of the prompt: a later
-    block is reused when the combination of blocks before it and itself was
-    seen before (the same cubes, in the same order, at the same revisions).
+    reused ones were reused. Exact reuse is a prefix of the prompt: a later
+    block is reused exactly when the combination of blocks before it and itself
+    was seen before (the same cubes, in the same order, at the same revisions);
+    a composed block (see ComposeMode) reuses its own KV anywhere.
     """
     block_reused_tokens: _builtins.int
     block_computed_tokens: _builtins.int
     block_reuse: Global___BlockReuse.ValueType
+    block_note: _builtins.str
+    """Why a block that composition was asked for was not composed (exact reuse, or computed, instead):
+    the engine or the model family cannot compose, the block's KV was computed under another adapter,
+    or its cache is gone. Empty otherwise.
+    """
     @_builtins.property
     def block_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsedItem]:
         """Items of the memory block, in block order."""
@@ -1767,10 +1840,11 @@ class MemoryUse(_message.Message):
         block_reused_tokens: _builtins.int = ...,
         block_computed_tokens: _builtins.int = ...,
         block_reuse: Global___BlockReuse.ValueType = ...,
+        block_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated", b"activated", "block_computed_tokens", b"block_computed_tokens", "block_items", b"block_items", "block_reuse", b"block_reuse", "block_reused_tokens", b"block_reused_tokens", "block_tokens", b"block_tokens", "cache_key", b"cache_key", "cache_source", b"cache_source", "cube_id", b"cube_id", "mount_id", b"mount_id", "retrieved_items", b"retrieved_items", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated", b"activated", "block_computed_tokens", b"block_computed_tokens", "block_items", b"block_items", "block_note", b"block_note", "block_reuse", b"block_reuse", "block_reused_tokens", b"block_reused_tokens", "block_tokens", b"block_tokens", "cache_key", b"cache_key", "cache_source", b"cache_source", "cube_id", b"cube_id", "mount_id", b"mount_id", "retrieved_items", b"retrieved_items", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

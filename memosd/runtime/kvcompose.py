@@ -1,0 +1,122 @@
+"""Composed reuse of KV caches (issue 13): a block's KV, computed alone from position 0, placed later.
+
+A memory block's KV depends on two things it did not have when it was
+computed alone: its *position* in the prompt, and the tokens *before* it.
+
+* **Position** is exact to fix in rotary models: RoPE turns the key of the
+  token at position ``p`` by angles ``p * inv_freq``, and turns compose by
+  adding angles, so a key computed at ``j`` becomes the key at ``j + offset``
+  by one more turn of ``offset * inv_freq``:
+  ``k' = k cos(o) + rotate_half(k) sin(o)`` (the same formula the model
+  applies). Values carry no position. Layer 0's keys depend on nothing else,
+  so there the placed keys equal a full prefill's (the unit tests check it).
+* **What came before** cannot be fixed without computing it: in every later
+  layer, the block's hidden states attended only to itself. The approximation
+  here recomputes the block's *first* ``recompute`` tokens over everything
+  before them (the prompt so far, exact or composed), and takes the rest from
+  the block's own cache. The first tokens are the block's chat-template
+  header, where attention sinks: recomputing them re-anchors the block after
+  the earlier ones, which is what EPIC's LegoLink does (recompute each chunk's
+  first tokens) and what APE's shared prefix achieves; CacheBlend instead picks
+  the tokens whose KV deviates most, which needs a pass over every token.
+  Measured in BENCHMARKS.md ("Composed reuse"): top-1 agreement and KL against
+  the full prefill, and a needle test.
+
+Only model families whose attention is plain RoPE over the whole head, with
+angles linear in the position, are composed (``compose_unsupported``): any
+other family falls back to exact reuse, and Generate says so per block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memosd.runtime.kvcache import KVCache
+from memosd.runtime.model import LoadedModel
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DynamicCache
+
+# Llama-style attention (RoPE by rotate_half over the whole head; one KV pair per layer). Others fall back.
+COMPOSABLE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# RoPE variants whose angle is position x a fixed inv_freq (scaled or not): rotations then add up. Dynamic
+# NTK changes inv_freq with the length, and YaRN scales cos/sin, so turning twice is not turning once.
+COMPOSABLE_ROPE = frozenset({"default", "linear", "llama3"})
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A memory block at ``start`` in the prompt whose KV comes from ``cache`` (its own, from position 0):
+    the first ``recompute`` of its tokens are computed over the prompt before them, the rest placed."""
+
+    start: int
+    cache: KVCache
+    recompute: int
+
+    @property
+    def placed_tokens(self) -> int:
+        return self.cache.n_tokens - self.recompute
+
+
+def compose_unsupported(loaded: LoadedModel) -> str:
+    """Why this model's blocks cannot be composed ("" if they can), in words for Generate's summary."""
+    config: Any = loaded.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    family = str(getattr(text, "model_type", "") or "")
+    if family not in COMPOSABLE_FAMILIES:
+        return f"composed reuse is not supported for the {family or 'unknown'} model family (only " \
+               f"{', '.join(sorted(COMPOSABLE_FAMILIES))}): computed exactly"
+    rope = getattr(text, "rope_scaling", None) or getattr(text, "rope_parameters", None) or {}
+    kind = str(rope.get("rope_type", rope.get("type", "default"))) if isinstance(rope, dict) else "default"
+    if kind not in COMPOSABLE_ROPE:
+        return f"composed reuse is not supported with {kind} rotary scaling (its angles are not linear in the " \
+               "position): computed exactly"
+    if float(getattr(text, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        return "composed reuse is not supported with partial rotary embeddings: computed exactly"
+    return ""
+
+
+def recompute_tokens(n_tokens: int, fraction: float) -> int:
+    """How many of a block's first tokens a composed placement recomputes: the fraction, rounded up (so any
+    fraction above 0 recomputes at least the first token), and a fraction of 1 the block whole."""
+    if fraction >= 1.0:
+        return n_tokens
+    return min(n_tokens, math.ceil(n_tokens * fraction))
+
+
+def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int) -> torch.Tensor:
+    """``keys`` ([1, heads, n, head_dim], computed at positions 0..n-1) as if computed ``offset`` later."""
+    import torch
+
+    if offset == 0:
+        return keys
+    model: Any = loaded.model
+    inv_freq: torch.Tensor = model.model.rotary_emb.inv_freq
+    # Angles in float64 (offset x inv_freq can be large), applied in float32, stored in the cache's dtype.
+    angles = offset * inv_freq.to(dtype=torch.float64, device=keys.device)
+    angles = torch.cat((angles, angles))
+    cos, sin = angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+    k = keys.to(torch.float32)
+    half = k.shape[-1] // 2
+    rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return (k * cos + rotated * sin).to(keys.dtype)
+
+
+def place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement) -> None:
+    """Append the placed part of ``placement``'s block (after its recomputed first tokens, which the caller
+    ran through the model on ``dyn`` already) to the generation's cache, keys turned to their positions."""
+    import torch
+
+    cache, skip = placement.cache, placement.recompute
+    offset = dyn.get_seq_length() - skip  # where the block's token 0 sits in the prompt
+    if offset != placement.start:
+        raise RuntimeError(f"a block placed at {offset} was planned at {placement.start}")
+    device, dtype = loaded.model.device, next(loaded.model.parameters()).dtype
+    for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
+        layer: Any = dyn.layers[i]
+        placed_k = rotate_keys(loaded, k[:, :, skip:].to(device=device, dtype=dtype), offset)
+        layer.keys = torch.cat([layer.keys, placed_k], dim=2)
+        layer.values = torch.cat([layer.values, v[:, :, skip:].to(device=device, dtype=dtype)], dim=2)
