@@ -114,6 +114,7 @@ class Activator:
         self.store = store  # the activation rows and KV cache chunks are this layer's own column families
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._building: set[str] = set()  # combinations being computed in the background (their keys)
         # Persisted bytes per (cube, model), for Stats without reading every record each time.
         self._persisted = {(r.cube_id, r.fingerprint): r.persisted_bytes for r in self.store.iter_activations()}
 
@@ -404,6 +405,43 @@ class Activator:
                 return False
         log_event(log, "kv_combination_pooled", cubes="+".join(r.cube_id for r in records), key=cache.key[:16],
                   tokens=cache.n_tokens, bytes=cache.nbytes)
+        return True
+
+    def build_combination(self, loaded: LoadedModel, cubes: Sequence[CubeState], records: Sequence[ActivationRecord],
+                          lead: KVCache, adapter_cube: str, adapter: AdapterRecord | None) -> bool:
+        """Compute, in the background, the exact KV of a combination of blocks a Generate composed (ComposeMode
+        AUTO), and pool it like one a Generate computed: the next Generate over the same ordered blocks then
+        reuses it exactly. From the first block's own cache, the later blocks in ``background_chunk`` pieces
+        at background priority, so interactive work waits for one piece at most. False if that combination
+        is being built already."""
+        digest = adapter.digest if adapter is not None else ""
+        ids = [t for r in records for t in r.token_ids]
+        salt, extra = cube_salt(records[0].cube_id), digest.encode()
+        key = block_hashes(ids, fingerprint=loaded.fingerprint, salt=salt, extra=extra)[-1]
+        with self._locks_guard:
+            if key in self._building:
+                return False
+            self._building.add(key)
+
+        def step(piece: Callable[[], Any]) -> Any:
+            def run() -> Any:
+                self.adapters.prepare(loaded, adapter_cube, adapter)  # other requests ran in between
+                return piece()
+            return self.host.run(run, priority=PRIORITY_BACKGROUND)
+
+        def build() -> None:
+            try:
+                cache, _ = compute_prefix_cache(loaded, ids, salt=salt, extra=extra, reuse=lead,
+                                                chunk_tokens=self.host.config.background_chunk, step=step)
+                also = tuple(cube_salt(r.cube_id) for r in records[1:])
+                self.keep_combination(cubes, records, replace(cache, also_holds=also))
+            except Exception as error:  # a background nicety: the next Generate composes again
+                log_event(log, "kv_combination_failed", level=logging.WARNING, key=key[:16], error=str(error))
+            finally:
+                with self._locks_guard:
+                    self._building.discard(key)
+
+        threading.Thread(target=build, name="memosd-combination", daemon=True).start()
         return True
 
     # -- Evict --------------------------------------------------------------

@@ -221,8 +221,14 @@ class Generator:
                 self.activator.adapters.prepare(loaded, adapter_cube, adapter)
 
             def start() -> TokenStream:
-                return self.host.transformers.generate(loaded, prompt, sampling, prefix=prefix, prepare=prepare,
-                                                       cancel=cancel, keep=keep, placements=placements)
+                stream = self.host.transformers.generate(loaded, prompt, sampling, prefix=prefix, prepare=prepare,
+                                                         cancel=cancel, keep=keep, placements=placements)
+                if compose == "auto" and placements and prefix is not None:
+                    # Composed this time; computed exactly behind it (queued after this prefill, at background
+                    # priority), so the same combination is reused exactly the next time.
+                    self.activator.build_combination(loaded, [b.cube for b in blocks], [b.record for b in blocks],
+                                                     prefix, adapter_cube, adapter)
+                return stream
         yield from self._stream(start, cancel, report, started, park, prefix_use, prefix_key, blocks)
 
     def _compose_mode(self, params: GenerateParams) -> tuple[str, float]:

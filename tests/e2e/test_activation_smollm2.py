@@ -192,7 +192,29 @@ def test_composed_blocks_reuse_each_cubes_own_cache_in_any_position(client: Clie
     assert (whole.memory[1].block_reuse, whole.memory[1].block_computed_tokens) == (t.BLOCK_REUSE_COMPOSED, n_b)
     # Exact mode computes a block no seen combination covers, and says nothing of composition.
     assert (exact.memory[1].block_reuse, exact.memory[1].block_computed_tokens, exact.memory[1].block_note) == (
-        t.BLOCK_REUSE_EXACT, n_b, "")
+        t.BLOCK_REUSE_EXACT, acts[twin].tokens, "")
+
+
+def test_auto_composes_a_new_combination_then_reuses_it_exactly(client: Client, cube_name: str) -> None:
+    """ComposeMode AUTO: a combination seen for the first time is composed, and computed exactly in the
+    background; once that is pooled, the same ordered blocks are reused exactly (the full prefill's reply)."""
+    wait_ready(client)
+    seed(client, cube_name + "-a", FACTS[:2])
+    seed(client, cube_name + "-b", FACTS[2:4])
+    with client.mount(cube_name + "-a") as a, client.mount(cube_name + "-b") as b:
+        n_a, n_b = a.activate().tokens, b.activate().tokens
+        _, first = ask(client, [a, b], max_tokens=6, retrieve_k=0, compose="auto")
+        assert [u.block_reuse for u in first.memory] == [t.BLOCK_REUSE_EXACT, t.BLOCK_REUSE_COMPOSED]
+        deadline = time.monotonic() + 60
+        while True:  # the background build is queued behind the reply: poll until a Generate finds it
+            _, later = ask(client, [a, b], max_tokens=6, retrieve_k=0, compose="auto")
+            if later.memory[1].block_reuse == t.BLOCK_REUSE_EXACT or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        _, full = ask(client, [a, b], max_tokens=6, retrieve_k=0, bypass_kv_cache=True)
+    assert [(u.block_reuse, u.block_reused_tokens) for u in later.memory] == [
+        (t.BLOCK_REUSE_EXACT, n_a), (t.BLOCK_REUSE_EXACT, n_b)]
+    assert list(later.token_ids) == list(full.token_ids)
 
 
 def test_a_bad_compose_option_is_refused_before_any_work(client: Client, cube_name: str) -> None:
