@@ -1578,3 +1578,29 @@ def test_completion_bash_completes_commands_and_options_without_a_daemon(
     assert complete("--target", "h:1", "cube", "list", "--o") == ["--output"]
     assert "--query" in complete("mem", "search", "notes", "--")
     assert complete("cube", "alloc", "notes", "--desc") == ["--description"]
+
+
+def test_chat_compose_sends_the_mode_and_fraction_and_show_memory_says_how_each_block_was_reused(
+        ctl: Any, fake: FakeMemOS) -> None:
+    from memosd_client.cli.chat import memory_lines
+
+    ctl("cube", "alloc", "notes")
+    assert ctl("chat", "notes", "-m", "hi", "--compose", "composed", "--recompute", "0.1").code == 0
+    (req,) = requests_of(fake, "Generate")
+    assert req.options.compose == types_pb2.COMPOSE_MODE_COMPOSED
+    assert req.options.HasField("compose_recompute") and abs(req.options.compose_recompute - 0.1) < 1e-6
+    assert ctl("chat", "notes", "-m", "hi", "--compose", "sideways").code == 2
+    summary = types_pb2.GenerationSummary(memory=[
+        types_pb2.MemoryUse(mount_id="m1", cube_id="c1", revision=2, activated=True, block_tokens=700,
+                            block_reused_tokens=665, block_computed_tokens=35, cache_key="ab" * 32,
+                            cache_source=types_pb2.ACTIVATION_SOURCE_POOL,
+                            block_reuse=types_pb2.BLOCK_REUSE_COMPOSED),
+        types_pb2.MemoryUse(mount_id="m2", cube_id="c2", revision=1, activated=True, block_tokens=50,
+                            block_computed_tokens=50, block_reuse=types_pb2.BLOCK_REUSE_EXACT,
+                            block_note="the vllm engine does not compose blocks yet"),
+    ])
+    lines = memory_lines(summary, {"m1": "team", "m2": "session"})
+    assert lines[1] == ("  team (c1) at revision 2: activated, composed: 665 of 700 block tokens placed from its "
+                        f"own cache from pool (key {'ab' * 6}), 35 recomputed")
+    assert lines[4] == "  session (c2) at revision 1: activated, block prefilled (50 tokens)"
+    assert lines[5] == "    not composed: the vllm engine does not compose blocks yet"

@@ -60,6 +60,9 @@ def memory_lines(s: types_pb2.GenerationSummary, names: Mapping[str, str]) -> li
         where = f" from {SOURCES.get(use.cache_source, '?')} (key {use.cache_key[:12]})" if use.cache_key else ""
         if not use.activated:
             how = "not activated"
+        elif use.block_reuse == types_pb2.BLOCK_REUSE_COMPOSED:
+            how = (f"activated, composed: {use.block_reused_tokens} of {use.block_tokens} block tokens placed "
+                   f"from its own cache{where}, {use.block_computed_tokens} recomputed")
         elif use.block_tokens:  # per-block counts (daemons since issue 13's exact combinations)
             how = (f"activated, {use.block_reused_tokens} of {use.block_tokens} block tokens reused{where}"
                    if use.block_reused_tokens else f"activated, block prefilled ({use.block_tokens} tokens)")
@@ -68,6 +71,8 @@ def memory_lines(s: types_pb2.GenerationSummary, names: Mapping[str, str]) -> li
         else:
             how = "activated, block prefilled"
         lines.append(f"  {name} ({use.cube_id}) at revision {use.revision}: {how}")
+        if use.block_note:
+            lines.append(f"    not composed: {use.block_note}")
         lines.append(f"    block items ({len(use.block_items)}): {_items(list(use.block_items), False)}")
         lines.append(f"    retrieved ({len(use.retrieved_items)}): {_items(list(use.retrieved_items), True)}")
     if not s.memory:
@@ -105,7 +110,7 @@ class _Chat:
             messages, self.memory_mounts, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
             stop=a.stop, seed=a.seed, retrieve_k=a.retrieve_k, adapter_mount=self.adapter_mount,
             remember_mount=self.remember_mount, session_id=self.session_id if self.remember_mount else "",
-            idle_timeout=self.idle_timeout,
+            compose=a.compose, compose_recompute=a.recompute, idle_timeout=self.idle_timeout,
         )
         started = False  # whether a partial line is on stdout
         with gen:  # cancels the call if anything below fails
@@ -327,6 +332,14 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "records nothing")
     p.add_argument("--session", metavar="ID",
                    help="the session of the remembered turns (default: a new one for this chat)")
+    p.add_argument("--compose", choices=("exact", "composed", "auto"), default="",
+                   help="how activated cubes after the first reuse their KV caches: exact (only a combination "
+                        "seen before), composed (each cube's own cache placed after the others: faster, an "
+                        "approximation), auto (exact where seen, composed elsewhere); default: the daemon's "
+                        "runtime.compose")
+    p.add_argument("--recompute", type=float, default=None, metavar="F",
+                   help="with --compose composed or auto: the share (0-1) of each composed block's first tokens "
+                        "recomputed; default: the daemon's runtime.compose_recompute")
     p.add_argument("--show-memory", action="store_true",
                    help="after each reply, list on stderr the cubes, revisions and items it used")
     p.set_defaults(handler=_chat)
