@@ -20,13 +20,17 @@ with the shared BEIR passages (../shared/data/retrieval), activating each. For
       and activated again, as a session cube is after every exchange): what
       comes before its new item is reused from the last combination;
   (d) seen:    the same request again: the combination was seen once, so every
-      block is reused exactly (issue 13, point 1).
+      block is reused exactly (issue 13, point 1);
+  (e) composed@f (transformers; ``--fractions``, default 0.02 0.05 0.15): compose
+      mode COMPOSED, each later block placed from its own cache, its first
+      fraction f of tokens recomputed (issue 13, point 2): never needs the
+      combination to have been seen. vLLM does not compose (the summary says
+      so), so its rows have no such column.
 
-Composed reuse (a block's KV moved next to other cubes, reused even in a
-combination never seen) is not built, so it has no column. TTFT is the
-client's wall time to the end of the one-token stream; reused/prompt tokens
-are the daemon's. Medians over the rounds; prints a table and writes JSON
-(--json, default bench-out/bench_compose.json).
+TTFT is the client's wall time to the end of the one-token stream; reused/prompt
+tokens are the daemon's. Medians over the rounds; prints a table and writes JSON
+(--json, default bench-out/bench_compose.json). Quality of composition:
+scripts/bench_compose_quality.py.
 """
 
 from __future__ import annotations
@@ -53,10 +57,13 @@ QUESTION = "In one word, what is the first memory about?"
 CUBES = 4
 
 
-def ask(client: Client, mounts: list[MountHandle], *, bypass: bool) -> tuple[float, int, int, int]:
-    """(client ms, reused tokens, prompt tokens, the first token) of a one-token reply."""
+def ask(client: Client, mounts: list[MountHandle], *, bypass: bool, fraction: float | None = None
+        ) -> tuple[float, int, int, int]:
+    """(client ms, reused tokens, prompt tokens, the first token) of a one-token reply; with ``fraction``,
+    composed at that recompute fraction, else exact."""
     started = time.perf_counter()
-    gen = client.generate(QUESTION, mounts, max_tokens=1, retrieve_k=0, bypass_kv_cache=bypass)
+    gen = client.generate(QUESTION, mounts, max_tokens=1, retrieve_k=0, bypass_kv_cache=bypass,
+                          compose="exact" if fraction is None else "composed", compose_recompute=fraction)
     gen.text()
     wall = (time.perf_counter() - started) * 1000
     summary = gen.summary
@@ -83,13 +90,16 @@ def blocks(client: Client, passages: list[str], block_tokens: int) -> list[Mount
     return mounts
 
 
-def bench(client: Client, mounts: list[MountHandle], n: int, reps: int) -> dict[str, Any]:
+def bench(client: Client, mounts: list[MountHandle], n: int, reps: int, fractions: list[float]) -> dict[str, Any]:
     used = mounts[:n]
     last = used[-1]
     runs: dict[str, list[tuple[float, int, int, int]]] = {"full": [], "exact": [], "changed": [], "seen": []}
+    runs.update({f"composed@{f:g}": [] for f in fractions})
     ask(client, used, bypass=False)  # warm the code paths once
     for rep in range(reps):
         runs["full"].append(ask(client, used, bypass=True))
+        for f in fractions:
+            runs[f"composed@{f:g}"].append(ask(client, used, bypass=False, fraction=f))
         # Every combination of 2+ blocks holds the second cube's: evicting it drops them all (on vLLM, Evict
         # empties the engine's cache). One cube: its own cache is the combination, put back from the store.
         client.evict(used[1].cube_id if n > 1 else last.cube_id)
@@ -108,6 +118,9 @@ def bench(client: Client, mounts: list[MountHandle], n: int, reps: int) -> dict[
         row[f"{case}_runs_ms"] = [round(v[0], 1) for v in values]
     # Exact reuse gives the full prefill's reply: the first token of every round agrees.
     row["first_token_agrees"] = all(s[3] == f[3] for s, f in zip(runs["seen"], runs["full"], strict=True))
+    for case in runs:
+        if case.startswith("composed@"):  # an approximation: whether its first token was the full prefill's
+            row[f"{case}_agrees"] = all(c[3] == f[3] for c, f in zip(runs[case], runs["full"], strict=True))
     return row
 
 
@@ -123,12 +136,13 @@ def run_engine(engine: str, passages: list[str], args: argparse.Namespace) -> di
                     time.sleep(0.5)
                 mounts = blocks(client, passages, args.block_tokens)
                 block_sizes = [client.activate(m).tokens for m in mounts]
-                rows = [bench(client, mounts, n, args.reps) for n in range(1, CUBES + 1)]
+                fractions = args.fractions if engine == "transformers" else []
+                rows = [bench(client, mounts, n, args.reps, fractions) for n in range(1, CUBES + 1)]
                 model = client.stats().model
         finally:
             daemon.stop()
     return {"engine": model.engine, "model": model.name, "device": model.device, "dtype": model.dtype,
-            "block_tokens": block_sizes, "rows": rows}
+            "block_tokens": block_sizes, "fractions": fractions, "rows": rows}
 
 
 def main() -> int:
@@ -136,6 +150,8 @@ def main() -> int:
     parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm"])
     parser.add_argument("--block-tokens", type=int, default=700, help="about this many tokens per cube's block")
     parser.add_argument("--reps", type=int, default=5, help="rounds of the three cases per cube count")
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05, 0.15],
+                        help="recompute fractions of the composed cases (transformers)")
     parser.add_argument("--device", default="cpu", help="runtime.device: cpu, cuda, auto")
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache",
                         help="where the dequantized model is kept between runs")
@@ -161,6 +177,14 @@ def main() -> int:
                   f"{r['changed_reused_tokens']:>7.0f} {r['seen_reused_tokens']:>5.0f} | "
                   f"{r['full_ttft_ms'] / r['seen_ttft_ms']:>9.1f} {r['seen_ttft_ms'] / one:>14.2f} | "
                   f"{r['first_token_agrees']}")
+        if e["fractions"]:
+            names = [f"composed@{f:g}" for f in e["fractions"]]
+            print(f"\n{'cubes':>5} | " + " ".join(f"{n + ' ms':>17}" for n in names) + " | "
+                  + " ".join(f"{n + ' vs 1 cube':>24}" for n in names) + " | first token = full's")
+            for r in e["rows"]:
+                print(f"{r['cubes']:>5} | " + " ".join(f"{r[n + '_ttft_ms']:>17.1f}" for n in names) + " | "
+                      + " ".join(f"{r[n + '_ttft_ms'] / one:>24.2f}" for n in names) + " | "
+                      + " ".join(str(r[n + "_agrees"]) for n in names))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

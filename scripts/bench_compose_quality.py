@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""How good is composed reuse (issue 13, point 2)? Against the full prefill of the same prompt.
+
+    .venv/bin/python scripts/bench_compose_quality.py                     # both parts, ~15 min on 2 cores
+    .venv/bin/python scripts/bench_compose_quality.py --prompts 120 --needles 0   # (a) only
+
+On the embedded SmolLM2-135M-Instruct, with memory blocks of about ``--block-tokens`` tokens of the shared
+BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
+
+(a) **Next-token agreement**, in process: ``--prompts`` prompts, each of 2-4 blocks drawn in random order
+    from a pool of 8 and a question about a passage of a later block. Each block's KV is computed once, on
+    its own, from position 0 (as Activate computes it); the prompt is then composed exactly as the
+    transformers engine composes it (``kvcompose.place``: the first block's cache, each later block's
+    first ``ceil(f x tokens)`` tokens recomputed over the prompt before them and the rest placed with its
+    keys re-rotated; tests/unit/test_kvcompose.py checks the engine gives these very logits), for each
+    recompute fraction ``f`` of ``--fractions``, and "first cube only" (the later blocks dropped). Top-1
+    agreement and KL(full || composed) of the next-token distribution after the question.
+(b) **Needle**, through gRPC (a daemon on the transformers engine): ``--needles`` facts ("The locker code
+    of <name> is <4 digits>."), each planted at a random place in a cube of passages that is the 2nd or 3rd
+    of 3 or 4 activated cubes (the others drawn from 4 filler cubes), and the question "What is the locker
+    code of <name>?". Greedy replies of up to 12 tokens; a reply is right when it contains the code.
+    Modes side by side: full prefill (bypass_kv_cache), exact (compose EXACT: the later blocks computed,
+    so the full prefill's reply), composed at each fraction, and first cube only (the needle's cube and
+    every other after the first unmounted: what is lost without the later blocks).
+
+Prints tables and writes JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+from _bench_common import fill, load_passages  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from memosd.activation import render  # noqa: E402
+from memosd.runtime.kvcache import KVCache, compute_prefix_cache, prepare_generation  # noqa: E402
+from memosd.runtime.kvcompose import Placement, place, recompute_tokens  # noqa: E402
+from memosd.runtime.model import LoadedModel, ModelSpec, load_model  # noqa: E402
+
+NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kwame", "Lena",
+         "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Soren", "Tamar"]
+
+
+def passages_of(passages: list[str], rng: random.Random, tokens: int, tokenizer: Any) -> list[str]:
+    """Random passages until their block is about ``tokens`` tokens."""
+    texts = [rng.choice(passages)]
+    while len(render.block_token_ids(tokenizer, "cube", texts)) < tokens:
+        texts.append(rng.choice(passages))
+    return texts
+
+
+# --- (a) next-token agreement, in process ---------------------------------------------------------
+
+def next_logprobs(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+    model: Any = lm.model
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def composed_cache(lm: LoadedModel, caches: list[KVCache], prompt: list[int], fraction: float) -> DynamicCache:
+    """The prompt's blocks as the transformers engine composes them (TransformersEngine._prefill)."""
+    model: Any = lm.model
+    dyn, _ = prepare_generation(lm, caches[0], prompt)
+    start = caches[0].n_tokens
+    for cache in caches[1:]:
+        placement = Placement(start, cache, recompute_tokens(cache.n_tokens, fraction))
+        if placement.recompute:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([list(cache.token_ids[:placement.recompute])]), past_key_values=dyn,
+                      use_cache=True, logits_to_keep=1)
+        place(lm, dyn, placement)
+        start += cache.n_tokens
+    return dyn
+
+
+def agreement(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    pool = [passages_of(passages, rng, args.block_tokens, lm.tokenizer) for _ in range(8)]
+    blocks = [render.block_token_ids(lm.tokenizer, f"cube-{j}", texts) for j, texts in enumerate(pool)]
+    own = [compute_prefix_cache(lm, ids, salt=f"cube-{j}".encode())[0] for j, ids in enumerate(blocks)]
+    cases = [f"composed@{f:g}" for f in args.fractions] + ["first cube only"]
+    agree = dict.fromkeys(cases, 0)
+    kls: dict[str, list[float]] = {c: [] for c in cases}
+    started = time.perf_counter()
+    for i in range(args.prompts):
+        chosen = rng.sample(range(len(pool)), rng.choice([2, 3, 4]))
+        about = rng.choice(pool[rng.choice(chosen[1:])])[:80]
+        tail = render.tail_token_ids(lm.tokenizer, [], [{"role": "user", "content": f"What does the memory say "
+                                                         f"about: {about}?"}], after_block=True)
+        prompt = [t for j in chosen for t in blocks[j]] + tail
+        full = next_logprobs(lm, DynamicCache(), prompt)
+        for case in cases:
+            if case == "first cube only":
+                dyn, _ = prepare_generation(lm, own[chosen[0]], blocks[chosen[0]] + tail)
+            else:
+                dyn = composed_cache(lm, [own[j] for j in chosen], prompt, float(case.split("@")[1]))
+            got = next_logprobs(lm, dyn, tail)
+            agree[case] += int(got.argmax() == full.argmax())
+            kls[case].append(float((full.exp() * (full - got)).sum()))
+        if (i + 1) % 20 == 0:
+            print(f"  (a) {i + 1}/{args.prompts} prompts, {time.perf_counter() - started:.0f} s", flush=True)
+    return {"prompts": args.prompts, "pool_block_tokens": [len(b) for b in blocks],
+            "seconds": round(time.perf_counter() - started, 1),
+            "cases": {c: {"top1_agreement": agree[c] / args.prompts, "kl_mean": sum(kls[c]) / args.prompts,
+                          "kl_p95": sorted(kls[c])[int(0.95 * (args.prompts - 1))], "kl_max": max(kls[c])}
+                      for c in cases}}
+
+
+# --- (b) the needle, through gRPC ------------------------------------------------------------------
+
+def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    from daemon_proc import DaemonProcess
+    from memosd_client import Client, MountHandle
+
+    rng = random.Random(args.seed + 1)
+    env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
+           "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__POOL_BYTES": str(2 << 30),
+           "MEMOSD_RUNTIME__ENGINE": "transformers", "MEMOSD_SCHEDULER__ENABLED": "false"}
+    modes = ["full", "exact"] + [f"composed@{f:g}" for f in args.fractions] + ["first cube only"]
+    right = dict.fromkeys(modes, 0)
+    samples: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = DaemonProcess(Path(tmp) / "data", extra_args=["--log-level", "warning"], env=env).start()
+        try:
+            with Client(daemon.address, token=daemon.token, timeout=600) as client:
+                while client.stats().model.state == "loading":
+                    time.sleep(0.5)
+                fillers = [fill(client, f"filler-{j}", passages_of(passages, rng, args.block_tokens, lm.tokenizer))
+                           for j in range(4)]
+                for m in fillers:
+                    client.activate(m)
+                for i in range(args.needles):
+                    name, code = rng.choice(NAMES) + f" {rng.choice('BCDFGHKLMNPRST')}.", f"{rng.randrange(10000):04d}"
+                    texts = passages_of(passages, rng, args.block_tokens, lm.tokenizer)
+                    texts.insert(rng.randrange(len(texts) + 1), f"The locker code of {name} is {code}.")
+                    needle = fill(client, f"needle-{i}", texts)
+                    client.activate(needle)
+                    n = rng.choice([3, 4])
+                    others = rng.sample(fillers, n - 1)
+                    at = rng.choice([1, 2])
+                    mounts: list[MountHandle] = [*others[:at], needle, *others[at:]]
+                    question = f"What is the locker code of {name}? Reply with the code only."
+                    sample: dict[str, Any] = {"code": code, "cubes": n, "needle_at": at + 1}
+                    for mode in modes:
+                        options: dict[str, Any] = {"compose": "exact"}
+                        if mode == "full":
+                            options = {"bypass_kv_cache": True}
+                        elif mode.startswith("composed@"):
+                            options = {"compose": "composed", "compose_recompute": float(mode.split("@")[1])}
+                        used = mounts[:1] if mode == "first cube only" else mounts
+                        gen = client.generate(question, used, max_tokens=12, retrieve_k=0, **options)
+                        reply = gen.text()
+                        sample[mode] = reply
+                        right[mode] += int(code in reply)
+                    samples.append(sample)
+                    needle.unmount()
+                    client.free_cube(needle.cube_id)  # its KV leaves the pool: the fillers' stay
+                    if (i + 1) % 10 == 0:
+                        print(f"  (b) {i + 1}/{args.needles} needles, {time.perf_counter() - started:.0f} s",
+                              flush=True)
+        finally:
+            daemon.stop()
+    return {"needles": args.needles, "seconds": round(time.perf_counter() - started, 1),
+            "accuracy": {m: right[m] / args.needles for m in modes}, "samples": samples}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=120, help="(a): prompts of 2-4 blocks")
+    parser.add_argument("--needles", type=int, default=40, help="(b): needle questions through the daemon")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.15])
+    parser.add_argument("--block-tokens", type=int, default=700)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench_compose_quality.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    lm = load_model(ModelSpec(device="cpu"), args.model_cache)
+    passages = load_passages()
+    result: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()}", "cpus": os.cpu_count(),
+                              "model": lm.name, "block_tokens": args.block_tokens}
+    if args.prompts:
+        result["agreement"] = agreement(lm, passages, args)
+    if args.needles:
+        result["needle"] = needles(lm, passages, args)
+    if "agreement" in result:
+        a = result["agreement"]
+        print(f"\n(a) next token after the question, against the full prefill: {a['prompts']} prompts of 2-4 "
+              f"blocks of ~{args.block_tokens} tokens, {lm.name}")
+        print(f"{'case':>16} | {'top-1 agreement':>15} | {'KL mean':>8} | {'KL p95':>7} | {'KL max':>7}")
+        for case, r in a["cases"].items():
+            print(f"{case:>16} | {r['top1_agreement']:>15.1%} | {r['kl_mean']:>8.4f} | {r['kl_p95']:>7.4f} | "
+                  f"{r['kl_max']:>7.4f}")
+    if "needle" in result:
+        b = result["needle"]
+        print(f"\n(b) needle in cube 2 or 3 of 3-4 activated cubes, through gRPC: {b['needles']} questions")
+        print(f"{'mode':>16} | {'accuracy':>8}")
+        for mode, acc in b["accuracy"].items():
+            print(f"{mode:>16} | {acc:>8.1%}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
