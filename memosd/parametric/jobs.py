@@ -332,12 +332,12 @@ class JobManager:
             if cancel.is_set():
                 raise _Stopped()
             settings = job.settings
-            if settings["url"]:
+            if settings["url"]:  # a cancel stops the wait for the endpoint, and a model's decode between steps
                 kept, counts = read_turns(turns, extract.EndpointExtractor(
-                    settings["url"], token, settings["model"], settings["max_tokens"]), progress)
+                    settings["url"], token, settings["model"], settings["max_tokens"], stop=cancel), progress)
             else:
                 with self.host.training_model() as loaded:  # the weights (a transformers copy on vllm)
-                    reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"])
+                    reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"], cancel)
                     kept, counts = read_turns(turns, reader, progress)
             job = self.get(job_id)
             self._check_still_holds(job, Right.WRITE)  # an expired grant closes no mount: check it now
@@ -352,7 +352,7 @@ class JobManager:
             log_event(log, "job_succeeded", job=job_id, cube=job.cube_id, revision=done.revision,
                       kept=counts.kept, proposed=counts.proposed, added=len(plan.adds), updated=len(plan.updates),
                       retired=len(plan.retires))
-        except _Stopped:
+        except (_Stopped, extract.Cancelled):
             state, why = ("failed", "memosd stopped while the job ran; start it again") if self._stopping else (
                 "cancelled", "")
             self._update(job_id, state=state, end_ns=time.time_ns(), error=why)
