@@ -181,9 +181,7 @@ class JobManager:
         if not turns:
             raise CubeEmpty(f"cube {cube.record.name!r} has no conversation turns at revision {revision}: there is "
                             "nothing to read. Ingest a conversation first", cube=cube.cube_id, revision=revision)
-        if len(turns) > validate.MAX_EXTRACT_TURNS:
-            raise InvalidField(f"cube {cube.record.name!r} has {len(turns)} turns at revision {revision}; one "
-                               f"Extract job reads at most {validate.MAX_EXTRACT_TURNS}", field="mount_id")
+        validate.extract_turns(len(turns), cube.record.name, revision)  # TOO_MANY_ITEMS now, at the syscall
         if not url:
             self.host.model()  # refuse now, not in the background, when there is no model
         commit_mount = extract.open_commit_mount(self.kernel, cube.cube_id, principal)  # not under _cond

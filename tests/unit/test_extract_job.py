@@ -21,7 +21,8 @@ import pytest
 from activation_rig import Rig, open_rig
 from tiny_llama import save_tiny_llama
 
-from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountReadOnly
+from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountReadOnly, TooManyItems
+from memosd.kernel import validate
 from memosd.kernel.types import Message
 from memosd.parametric.extract import Cancelled, EndpointError, EndpointExtractor, ModelExtractor
 from memosd.reader.prompt import extraction_messages
@@ -208,6 +209,15 @@ def test_refusals_before_the_job_starts(rig: Rig, endpoint: Endpoint) -> None:
                             ("https://api.example.com/v1", 0)):  # the last: a fine URL, not an allowed one
         with pytest.raises(InvalidField):
             rig.jobs.extract(mount, url, "", "", max_tokens, "", "t")
+
+
+def test_a_cube_past_the_turn_bound_is_refused_with_the_limit(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    mount, _ = ingest(rig, "c", [("Melanie", f"I love pottery number {i}") for i in range(3)])
+    monkeypatch.setattr(validate, "MAX_EXTRACT_TURNS", 2)  # the bound is kernel/validate's (rule 5)
+    with pytest.raises(TooManyItems) as refused:
+        rig.jobs.extract(mount, "", "", "", 0, "", "t")
+    assert refused.value.metadata == {"count": "3", "limit": "2"} and "at most 2" in refused.value.message
+    assert rig.jobs.list_jobs() == [] and len(rig.kernel.mounts_of(rig.kernel.cube("c").cube_id)) == 1  # no job, no mount
 
 
 def test_a_redirect_is_an_error_and_the_token_never_leaves_for_another_host(rig: Rig, endpoint: Endpoint) -> None:
