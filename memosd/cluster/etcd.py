@@ -473,8 +473,9 @@ class Watch:
                 doc = json.loads(line)
                 if "error" in doc:
                     error = doc["error"]
+                    # A stream's error names its code "grpc_code" (a unary error's is "code": see _post).
                     self._queue.put(EtcdError(f"the watch failed: {error.get('message', error)}",
-                                              _int(error.get("code"))))
+                                              _int(error.get("grpc_code", error.get("code")))))
                     break
                 result = doc.get("result", {})
                 if result.get("canceled"):

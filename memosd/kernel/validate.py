@@ -136,6 +136,14 @@ def extractor(url: str, token: str, model: str, max_tokens: int, allowed: Sequen
     return max_tokens or DEFAULT_EXTRACT_NEW_TOKENS
 
 
+def extract_turns(count: int, cube: str, revision: int) -> None:
+    """The turns one Extract job reads: at most MAX_EXTRACT_TURNS (``cube``, ``revision``: for the message)."""
+    if count > MAX_EXTRACT_TURNS:
+        raise TooManyItems(f"cube {cube!r} has {count} conversation turns at revision {revision}; one Extract job "
+                           f"reads at most {MAX_EXTRACT_TURNS}. Extract from a cube holding fewer turns",
+                           count=count, limit=MAX_EXTRACT_TURNS)
+
+
 def _plain_http_url(url: str) -> bool:
     if len(url) > MAX_EXTRACTOR_URL_CHARS or any(c.isspace() for c in url):
         return False

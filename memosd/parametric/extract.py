@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,38 +28,58 @@ from memosd.kernel.types import ItemInput
 from memosd.reader import reconcile
 from memosd.reader.pipeline import AnswerUnavailable, Turn
 from memosd.reader.types import ITEM_KINDS, KIND_TAG_PREFIX, Candidate, Counts, ItemKind
-from memosd.runtime.complete import PromptTooLong, greedy_complete
+from memosd.runtime.complete import GreedyDecode, PromptTooLong
 from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 
 SOURCE = "memosd:extract"  # the source of every item an Extract job writes
 MAX_RESPONSE_BYTES = 1 << 20  # an endpoint's whole HTTP answer (the content itself is bounded by parse.py)
+ENDPOINT_TIMEOUT_S = 300.0  # one endpoint call, request to the last byte of its answer
+_READ_CHUNK = 64 * 1024
+_POLL_S = 0.2  # how often a job thread waiting on an endpoint looks at its stop
 
 
 class EndpointError(Exception):
     """The extractor endpoint could not be asked (network, HTTP status, not a chat completion): the job fails."""
 
 
-class ModelExtractor:
-    """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt, each prompt
-    one task on the runtime worker at background priority (chats keep their turn between prompts). The answer
-    is started with "[" for the model, so it writes the array rather than a preamble; what it writes after
-    is parsed as strictly as any answer."""
+class Cancelled(Exception):
+    """The job's stop was set while an extractor worked on a prompt: it stopped without an answer."""
 
-    def __init__(self, host: ModelHost, loaded: LoadedModel, max_tokens: int) -> None:
+
+class ModelExtractor:
+    """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt. A prompt
+    is decoded in short steps (runtime/complete.GreedyDecode: a prefill chunk, or a few tokens), each one task
+    on the runtime worker at background priority, so a Generate waits for one step, not for a whole prompt
+    (~30 s of SmolLM2 on a CPU); ``stop`` is seen between steps. The answer is started with "[" for the
+    model, so it writes the array rather than a preamble; what it writes after is parsed as strictly as any
+    answer."""
+
+    def __init__(self, host: ModelHost, loaded: LoadedModel, max_tokens: int,
+                 stop: threading.Event | None = None) -> None:
         self._host, self._loaded, self._max_tokens = host, loaded, max_tokens
+        self._stop = stop if stop is not None else threading.Event()
 
     def complete(self, messages: Sequence[tuple[str, str]]) -> str:
-        def work() -> str:
-            if self._loaded is self._host.loaded_now():  # the serving model: no cube's adapter may be on
-                self._host.adapters.use(self._loaded, None)
-            return greedy_complete(self._loaded, messages, self._max_tokens, prefix="[")  # JSON from the start
+        def start() -> GreedyDecode:  # the tokenizer, too, is used on the worker only
+            return GreedyDecode(self._loaded, messages, self._max_tokens, prefix="[")  # JSON from the start
 
         try:
-            return self._host.run(work, priority=PRIORITY_BACKGROUND)
+            decode = self._host.run(start, priority=PRIORITY_BACKGROUND)
         except PromptTooLong:
             raise AnswerUnavailable("prompt_too_long") from None
+
+        def step() -> None:
+            if self._loaded is self._host.loaded_now():  # the serving model: no cube's adapter may be on
+                self._host.adapters.use(self._loaded, None)  # (a Generate between two steps may have put one)
+            decode.step()
+
+        while not decode.done:
+            if self._stop.is_set():
+                raise Cancelled()
+            self._host.run(step, priority=PRIORITY_BACKGROUND)
+        return decode.text()
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -72,11 +95,19 @@ _NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 class EndpointExtractor:
-    """An OpenAI-compatible endpoint (``POST <url>/chat/completions``), at temperature 0."""
+    """An OpenAI-compatible endpoint (``POST <url>/chat/completions``), at temperature 0.
 
-    def __init__(self, url: str, token: str, model: str, max_tokens: int, timeout: float = 120.0) -> None:
+    A call is bounded: its whole answer must come within ``timeout`` seconds (urllib's own timeout bounds each
+    socket operation, not the call: an endpoint that trickles bytes would hold it for good), else the job
+    fails. The request runs on a thread of its own and the job thread waits for it, or for ``stop`` (a
+    CancelJob, memosd stopping), whichever comes first: a cancel does not wait for the endpoint. The
+    abandoned request ends at its next read (it checks the deadline and ``stop`` between chunks)."""
+
+    def __init__(self, url: str, token: str, model: str, max_tokens: int, timeout: float = ENDPOINT_TIMEOUT_S,
+                 stop: threading.Event | None = None) -> None:
         self._url = url.rstrip("/") + "/chat/completions"
         self._token, self._model, self._max_tokens, self._timeout = token, model, max_tokens, timeout
+        self._stop = stop if stop is not None else threading.Event()
 
     def complete(self, messages: Sequence[tuple[str, str]]) -> str:
         body = json.dumps({"model": self._model, "temperature": 0, "max_tokens": self._max_tokens,
@@ -85,15 +116,21 @@ class EndpointExtractor:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
-        try:
-            with _NO_REDIRECTS.open(request, timeout=self._timeout) as response:  # the url was checked: http(s)
-                raw = response.read(MAX_RESPONSE_BYTES + 1)
-        except urllib.error.HTTPError as error:
-            raise EndpointError(f"the extractor endpoint answered HTTP {error.code} ({error.reason})") from None
-        except (urllib.error.URLError, OSError) as error:
-            raise EndpointError(f"the extractor endpoint could not be reached: {error}") from None
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise EndpointError(f"the extractor endpoint's answer is over {MAX_RESPONSE_BYTES} bytes")
+        deadline = time.monotonic() + self._timeout
+        answer: Future[bytes] = Future()
+        threading.Thread(target=self._fetch, args=(request, deadline, answer), name="extract-endpoint",
+                         daemon=True).start()
+        while True:
+            if self._stop.is_set():
+                raise Cancelled()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EndpointError(f"the extractor endpoint did not answer within {self._timeout:g} s")
+            try:
+                raw = answer.result(timeout=min(left, _POLL_S))
+                break
+            except FutureTimeout:
+                continue
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -101,6 +138,37 @@ class EndpointExtractor:
         if not isinstance(content, str):
             raise EndpointError("the extractor endpoint's answer has no text content")
         return content
+
+    def _fetch(self, request: urllib.request.Request, deadline: float, answer: Future[bytes]) -> None:
+        """The HTTP call (on its own thread): the answer's bytes, or an EndpointError, into ``answer``."""
+        try:
+            answer.set_result(self._read(request, deadline))
+        except EndpointError as error:
+            answer.set_exception(error)
+        except Exception as error:  # the job thread reports it; this thread must not die silently
+            answer.set_exception(EndpointError(f"the extractor endpoint could not be asked ({type(error).__name__})"))
+
+    def _read(self, request: urllib.request.Request, deadline: float) -> bytes:
+        try:
+            # The url was checked: http(s). Each socket operation is bounded by what is left of the call.
+            with _NO_REDIRECTS.open(request, timeout=max(0.1, deadline - time.monotonic())) as response:
+                parts: list[bytes] = []
+                size = 0
+                while size <= MAX_RESPONSE_BYTES:
+                    if self._stop.is_set() or time.monotonic() > deadline:
+                        raise EndpointError("the extractor endpoint's answer was abandoned (stopped or too slow)")
+                    part = response.read(min(_READ_CHUNK, MAX_RESPONSE_BYTES + 1 - size))
+                    if not part:
+                        break
+                    parts.append(part)
+                    size += len(part)
+        except urllib.error.HTTPError as error:
+            raise EndpointError(f"the extractor endpoint answered HTTP {error.code} ({error.reason})") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise EndpointError(f"the extractor endpoint could not be reached: {error}") from None
+        if size > MAX_RESPONSE_BYTES:
+            raise EndpointError(f"the extractor endpoint's answer is over {MAX_RESPONSE_BYTES} bytes")
+        return b"".join(parts)
 
 
 def turns_at(kernel: Kernel, cube_id: str, revision: int) -> list[Turn]:

@@ -181,9 +181,7 @@ class JobManager:
         if not turns:
             raise CubeEmpty(f"cube {cube.record.name!r} has no conversation turns at revision {revision}: there is "
                             "nothing to read. Ingest a conversation first", cube=cube.cube_id, revision=revision)
-        if len(turns) > validate.MAX_EXTRACT_TURNS:
-            raise InvalidField(f"cube {cube.record.name!r} has {len(turns)} turns at revision {revision}; one "
-                               f"Extract job reads at most {validate.MAX_EXTRACT_TURNS}", field="mount_id")
+        validate.extract_turns(len(turns), cube.record.name, revision)  # TOO_MANY_ITEMS now, at the syscall
         if not url:
             self.host.model()  # refuse now, not in the background, when there is no model
         commit_mount = extract.open_commit_mount(self.kernel, cube.cube_id, principal)  # not under _cond
@@ -332,12 +330,12 @@ class JobManager:
             if cancel.is_set():
                 raise _Stopped()
             settings = job.settings
-            if settings["url"]:
+            if settings["url"]:  # a cancel stops the wait for the endpoint, and a model's decode between steps
                 kept, counts = read_turns(turns, extract.EndpointExtractor(
-                    settings["url"], token, settings["model"], settings["max_tokens"]), progress)
+                    settings["url"], token, settings["model"], settings["max_tokens"], stop=cancel), progress)
             else:
                 with self.host.training_model() as loaded:  # the weights (a transformers copy on vllm)
-                    reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"])
+                    reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"], cancel)
                     kept, counts = read_turns(turns, reader, progress)
             job = self.get(job_id)
             self._check_still_holds(job, Right.WRITE)  # an expired grant closes no mount: check it now
@@ -352,7 +350,7 @@ class JobManager:
             log_event(log, "job_succeeded", job=job_id, cube=job.cube_id, revision=done.revision,
                       kept=counts.kept, proposed=counts.proposed, added=len(plan.adds), updated=len(plan.updates),
                       retired=len(plan.retires))
-        except _Stopped:
+        except (_Stopped, extract.Cancelled):
             state, why = ("failed", "memosd stopped while the job ran; start it again") if self._stopping else (
                 "cancelled", "")
             self._update(job_id, state=state, end_ns=time.time_ns(), error=why)

@@ -6,7 +6,9 @@ source turns, read as memory (``"<speaker>: <words> [yesterday: 7 May 2023]"``, 
 each turn's own date; an item with no content word at all is refused too. An item's ``date``, when given,
 must be a day the sources name: a turn's own date, a relative expression timeref resolves to one day
 ("yesterday", "last Friday"), or an absolute day written in a turn. A period ("last week", "in May") names
-no single day, so a day inside it is a guess and is refused.
+no single day, so a day inside it is a guess and is refused. Only the user's side counts: a turn by a context
+speaker (the assistant, types.CONTEXT_SPEAKERS) supports no word and no day, and an item whose sources are all
+such turns is refused as ``assistant_only`` (a copy of the assistant's reply is not the user's memory).
 
 Why this is defensible as a gate (not as a judge of truth):
 - what an extractor invents (a name, a place, a number, a "not") is content words the turns do not hold, so
@@ -28,7 +30,7 @@ from datetime import UTC, date, datetime
 
 from memosd.kernel import timeref
 from memosd.kernel.memory_text import memory_text
-from memosd.reader.types import Candidate, SourceTurn
+from memosd.reader.types import Candidate, SourceTurn, is_context
 from memosd.reader.words import content_words
 
 # With at most 4 content words (most items), every word must be supported; 5 to 9 allow one that is not
@@ -87,9 +89,13 @@ def share_supported(text: str, turns: Sequence[SourceTurn]) -> tuple[float, list
 
 def refusal(candidate: Candidate, turns: Sequence[SourceTurn]) -> str:
     """Why ``candidate`` is refused ("" when its source ``turns`` support it): ``no_content``,
-    ``unsupported`` (too few of its words in the sources) or ``unsupported_date``."""
+    ``assistant_only`` (every source is a context speaker's turn), ``unsupported`` (too few of its words in
+    the user's sources) or ``unsupported_date``."""
     if not content_words(candidate.text):
         return "no_content"
+    turns = [t for t in turns if not is_context(t.speaker)]
+    if not turns:
+        return "assistant_only"
     share, _missing = share_supported(candidate.text, turns)
     if share < SUPPORT_THRESHOLD:
         return "unsupported"

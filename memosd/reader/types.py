@@ -10,6 +10,16 @@ from typing import Literal
 ItemKind = Literal["fact", "preference", "event"]
 ITEM_KINDS: tuple[ItemKind, ...] = ("fact", "preference", "event")
 KIND_TAG_PREFIX = "kind:"  # a derived item's kind is its tag "kind:<kind>" (filterable in Search)
+# Speakers whose turns are context, not memory: a model's own replies (the speaker Generate's remember step
+# gives them, services/remember.py). They are shown in the prompt, so a user's "yes" can be read, but they
+# support no item: every word of a reply ("I'm sorry for your loss.") is in the reply, so a copy of it would
+# pass the support check and be stored as the user's memory.
+CONTEXT_SPEAKERS = frozenset({"assistant"})
+
+
+def is_context(speaker: str) -> bool:
+    """Whether a turn by ``speaker`` is context only (CONTEXT_SPEAKERS, case aside)."""
+    return speaker.casefold() in CONTEXT_SPEAKERS
 
 
 @dataclass(frozen=True)

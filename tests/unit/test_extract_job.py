@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -20,8 +21,14 @@ import pytest
 from activation_rig import Rig, open_rig
 from tiny_llama import save_tiny_llama
 
-from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountReadOnly
+from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountReadOnly, TooManyItems
+from memosd.kernel import validate
 from memosd.kernel.types import Message
+from memosd.parametric.extract import Cancelled, EndpointError, EndpointExtractor, ModelExtractor
+from memosd.reader.prompt import extraction_messages
+from memosd.reader.types import SourceTurn
+from memosd.runtime import complete
+from memosd.runtime.worker import PRIORITY_INTERACTIVE
 from memosd.store.records import JobRecord
 
 MAY8 = int(datetime(2023, 5, 8, 14, 0, tzinfo=UTC).timestamp() * 1e9)
@@ -204,6 +211,15 @@ def test_refusals_before_the_job_starts(rig: Rig, endpoint: Endpoint) -> None:
             rig.jobs.extract(mount, url, "", "", max_tokens, "", "t")
 
 
+def test_a_cube_past_the_turn_bound_is_refused_with_the_limit(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    mount, _ = ingest(rig, "c", [("Melanie", f"I love pottery number {i}") for i in range(3)])
+    monkeypatch.setattr(validate, "MAX_EXTRACT_TURNS", 2)  # the bound is kernel/validate's (rule 5)
+    with pytest.raises(TooManyItems) as refused:
+        rig.jobs.extract(mount, "", "", "", 0, "", "t")
+    assert refused.value.metadata == {"count": "3", "limit": "2"} and "at most 2" in refused.value.message
+    assert rig.jobs.list_jobs() == [] and len(rig.kernel.mounts_of(rig.kernel.cube("c").cube_id)) == 1  # no job, no mount
+
+
 def test_a_redirect_is_an_error_and_the_token_never_leaves_for_another_host(rig: Rig, endpoint: Endpoint) -> None:
     """An allowed endpoint that redirects elsewhere must not get the job to send the token (or the turns)
     there: the redirect fails the job, naming the HTTP status."""
@@ -236,9 +252,10 @@ def test_a_second_extraction_is_refused_while_the_first_runs_and_cancel_ends_it(
     with pytest.raises(ExtractionInProgress):
         rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
     assert [j.job_id for j in rig.jobs.list_jobs(rig.kernel.cube("c").cube_id)] == [job.job_id]
-    threading.Timer(0.5, endpoint.gate.set).start()
-    final = rig.jobs.cancel(job.job_id)
-    assert final.state == "cancelled" and final.step == 1 and final.total_steps == 2  # stopped after a prompt
+    started = time.monotonic()
+    final = rig.jobs.cancel(job.job_id)  # the endpoint never answers (until the fixture closes it)
+    assert final.state == "cancelled" and final.step == 0 and final.total_steps == 2  # no prompt was answered
+    assert time.monotonic() - started < 5  # the cancel stopped the wait for the endpoint (review M6)
     assert rig.kernel.cube_info(rig.kernel.cube("c")).record.head == 1  # nothing committed
     assert [m.record.mount_id for m in rig.kernel.mounts_of(rig.kernel.cube("c").cube_id)] == [mount]  # its own closed
 
@@ -301,3 +318,81 @@ def test_a_job_that_cannot_be_recorded_leaves_no_mount_behind(rig: Rig, endpoint
     with pytest.raises(OSError):
         rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
     assert [m.record.mount_id for m in rig.kernel.mounts_of(rig.kernel.cube("c").cube_id)] == [mount]
+
+
+def test_an_endpoint_call_is_bounded_in_time(endpoint: Endpoint) -> None:
+    endpoint.gate.clear()  # it never answers
+    started = time.monotonic()
+    with pytest.raises(EndpointError, match=r"did not answer within 0\.5 s"):
+        EndpointExtractor(endpoint.url, "", "", 16, timeout=0.5).complete([("user", "hi")])
+    assert time.monotonic() - started < 3
+
+
+def test_a_stop_ends_the_wait_for_an_endpoint(endpoint: Endpoint) -> None:
+    endpoint.gate.clear()
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        EndpointExtractor(endpoint.url, "", "", 16, stop=stop).complete([("user", "hi")])
+    assert time.monotonic() - started < 3
+
+
+def test_the_in_process_model_decodes_in_short_worker_tasks_that_a_chat_can_come_between(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review M5: one prompt is many worker tasks (prefill chunks, a few tokens each), so an interactive task
+    queued meanwhile runs between two of them, not after the whole prompt."""
+    events: list[str] = []
+    step = complete.GreedyDecode.step
+
+    def counted(self: complete.GreedyDecode) -> None:
+        events.append("step")
+        step(self)
+
+    monkeypatch.setattr(complete.GreedyDecode, "step", counted)
+    turns = [SourceTurn("t1", "itm_a", "Caroline", "I adopted a dog last week. " * 120, MAY8)]  # ~1500 tokens
+    extractor = ModelExtractor(rig.host, rig.loaded, 24)
+    answer: list[str] = []
+    reader = threading.Thread(target=lambda: answer.append(extractor.complete(extraction_messages(turns))))
+    reader.start()
+    while reader.is_alive():
+        rig.host.run(lambda: events.append("chat"), priority=PRIORITY_INTERACTIVE)
+    reader.join()
+    assert answer and answer[0].startswith("[")
+    steps = [i for i, e in enumerate(events) if e == "step"]
+    assert len(steps) > 5  # the prefill alone is several chunks
+    assert "chat" in events[steps[0]:steps[-1]]  # a chat ran while the prompt was being decoded
+
+
+def test_a_stop_ends_the_in_process_decode_between_steps(rig: Rig) -> None:
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        ModelExtractor(rig.host, rig.loaded, 24, stop).complete([("user", "hi")])
+
+
+def test_the_stepped_decode_is_the_greedy_answer(rig: Rig) -> None:
+    """Stepping changes when the work runs, not what it computes: the answer is transformers' own greedy one."""
+    import torch
+
+    from memosd.runtime.tokens import chat_token_ids
+
+    loaded = rig.loaded
+    messages = [("user", "Caroline adopted a dog. Melanie paints.")]
+
+    def both() -> tuple[list[int], list[int], int]:
+        decode = complete.GreedyDecode(loaded, messages, 16, prefill_chunk=1 << 16, tokens_per_step=3)
+        while not decode.done:
+            decode.step()
+        ids = chat_token_ids(loaded.tokenizer, [{"role": r, "content": c} for r, c in messages],
+                             generation_prompt=True)
+        eos = loaded.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = loaded.model.generate(  # type: ignore[operator]  # transformers' generate is untyped here
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=16,
+                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=eos, eos_token_id=eos)
+        return decode.new_tokens, [t for t in out[0, len(ids):].tolist() if t != eos], decode.steps
+
+    stepped, generated, steps = rig.host.run(both)
+    assert len(stepped) == 16 and stepped == generated  # the same 16 tokens (the random model writes no end)
+    assert steps == 1 + 5  # the prefill picks the first token; then 15 more, 3 a step

@@ -26,6 +26,7 @@ import { messageFromWire, messageToWire } from "./wire.js";
 /** @typedef {import("./messages.js").IngestResponse} IngestResponse */
 /** @typedef {import("./messages.js").StatsResponse} StatsResponse */
 /** @typedef {import("./messages.js").SearchMode} SearchMode */
+/** @typedef {import("./messages.js").Job} Job */
 /** @typedef {string | MountHandle} MountLike */
 /** @typedef {Date | string} TimeLike a Date or an ISO 8601 string */
 
@@ -347,6 +348,79 @@ export class Client {
     }, "GenerateRequest");
     const callOptions = options.timeoutMs === undefined ? {} : { deadline: Date.now() + options.timeoutMs };
     return new Generation(this.raw.Generate(wire, this.metadata, callOptions), response);
+  }
+
+  // -- jobs -----------------------------------------------------------------------------------------------
+
+  /**
+   * Start the MemReader on a read-write mount: facts, preferences and events derived from the cube's
+   * conversation turns at the mount's base revision, each naming its source turns. Resolves to the Job at
+   * once; `job.extract` counts what the extractor proposed, kept, dropped (did not parse) and refused (its
+   * turns do not support it). On success the kept items are reconciled with the cube's derived items and
+   * committed at HEAD as one revision (`job.result_revision`; 0 when there was nothing to commit). Without
+   * `url` the in-process model reads; with it, an OpenAI-compatible endpoint the operator allowed
+   * (`[reader] endpoints`), with `token` as its bearer token (never stored) and `model` as its model name.
+   * ExtractionInProgress when the cube already has an extraction queued or running, CubeEmpty without turns.
+   * @param {MountLike} mount
+   * @param {{url?: string, token?: string, model?: string, maxTokens?: number, message?: string,
+   *   author?: string}} [options] `maxTokens`: the answer budget per prompt (0: the daemon's default, 256)
+   * @returns {Promise<Job>}
+   */
+  async extract(mount, options = {}) {
+    const response = await this.call("Extract", {
+      mount_id: mountId(mount),
+      extractor: { url: options.url, token: options.token, model: options.model, max_tokens: options.maxTokens },
+      message: options.message, author: options.author,
+    });
+    return response.job;
+  }
+
+  /**
+   * A job's state on every change, ending after its final state: an async iterator of Jobs. Leaving the
+   * loop early cancels the watch (not the job). JobNotFound while iterating for an unknown job.
+   * @param {string} jobId
+   * @param {{timeoutMs?: number}} [options] a deadline for the whole watch (none by default)
+   * @returns {AsyncGenerator<Job, void, undefined>}
+   */
+  async *watchJob(jobId, options = {}) {
+    const { request, response } = this.method("WatchJob");
+    const wire = messageToWire(request, { job_id: jobId }, "WatchJobRequest");
+    const callOptions = options.timeoutMs === undefined ? {} : { deadline: Date.now() + options.timeoutMs };
+    const call = this.raw.WatchJob(wire, this.metadata, callOptions);
+    try {
+      for await (const raw of call) yield messageFromWire(response, raw).job;
+    } catch (error) {
+      throw fromServiceError(error);
+    } finally {
+      call.cancel(); // a no-op once the stream ended; else the daemon stops watching for us
+    }
+  }
+
+  /**
+   * Watch a job to its end; resolves to its final state (`onUpdate` sees every state on the way).
+   * @param {string} jobId
+   * @param {{onUpdate?: (job: Job) => void, timeoutMs?: number}} [options]
+   * @returns {Promise<Job>}
+   */
+  async waitJob(jobId, options = {}) {
+    /** @type {Job | null} */
+    let last = null;
+    for await (const job of this.watchJob(jobId, { timeoutMs: options.timeoutMs })) {
+      last = job;
+      options.onUpdate?.(job);
+    }
+    if (last === null) throw new Error(`the watch of job ${jobId} ended without a state`);
+    return last;
+  }
+
+  /** Stop a queued or running job (the cube is left unchanged); JobFinished if it has ended. @param {string} jobId @returns {Promise<Job>} */
+  async cancelJob(jobId) {
+    return (await this.call("CancelJob", { job_id: jobId })).job;
+  }
+
+  /** The daemon's recent jobs, newest first; only a cube's (id or name) when given. @param {string} [cube] @returns {Promise<Job[]>} */
+  async listJobs(cube = "") {
+    return (await this.call("ListJobs", { cube })).jobs;
   }
 
   // -- daemon and principals ------------------------------------------------------------------------------

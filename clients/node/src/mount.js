@@ -31,5 +31,8 @@ export class MountHandle {
 
   activate() { return this.client.activate(this); }
 
+  /** @param {Parameters<Client["extract"]>[1]} [options] */
+  extract(options) { return this.client.extract(this, options); }
+
   unmount() { return this.client.unmount(this); }
 }

@@ -9,7 +9,8 @@ import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 
 import {
-  AuthenticationFailed, Client, CubeNotFound, InvalidField, MemosError, NotFound, ResourceExhausted, WireError,
+  AuthenticationFailed, Client, CubeEmpty, CubeNotFound, InvalidField, JobFinished, MemosError, MountReadOnly, NotFound,
+  ResourceExhausted, WireError,
 } from "../src/index.js";
 import { DATA_DIR, NO_DAEMON, TARGET, newClient, uniqueName } from "./helpers.js";
 
@@ -215,6 +216,36 @@ describe("against a real daemon", { skip: NO_DAEMON }, () => {
     const jobs = ((await client.stats()).model?.worker_jobs_started ?? 0) - jobsBefore;
     assert.ok(jobs < 40, `the daemon ran ${jobs} pieces of work for a generation cancelled after its first delta`);
   });
+
+  test("extract: a MemReader job over the cube's turns, watched to its end, its counts adding up", { timeout: 300_000 },
+    async () => {
+      const cube = await client.allocCube(uniqueName("extract"));
+      const empty = await client.mount(cube.name, { writable: true });
+      await assert.rejects(empty.extract(), (e) => e instanceof CubeEmpty && e.reason === "CUBE_EMPTY");
+      await empty.unmount();
+      const mount = await client.mount(cube.name, { writable: true });
+      await mount.ingest([{ speaker: "Melanie", text: "I love pottery and I paint every Sunday." }], { sessionId: "s1" });
+      // 8 tokens: the mechanism, not what the 135M model says (its answer is cut short, and counted as dropped).
+      const job = await mount.extract({ maxTokens: 8, message: "node reads the chat" });
+      assert.equal(job.kind, "JOB_KIND_EXTRACT");
+      assert.equal(job.extract?.turns_total, 1);
+      /** @type {string[]} */
+      const states = [];
+      const final = await client.waitJob(job.job_id, { onUpdate: (j) => states.push(j.state), timeoutMs: 280_000 });
+      assert.equal(final.state, "JOB_STATE_SUCCEEDED", final.error);
+      assert.equal(states.at(-1), "JOB_STATE_SUCCEEDED");
+      const x = final.extract;
+      assert.ok(x);
+      assert.equal(x.turns_read, 1);
+      assert.equal(final.step, 1);
+      assert.equal(x.proposed, x.kept + x.dropped + x.refused);
+      assert.equal(x.answers_dropped, Object.values(x.answers_dropped_by_reason).reduce((a, b) => a + b, 0));
+      assert.ok(final.end_time instanceof Date && typeof final.result_revision === "number");
+      assert.deepEqual((await client.listJobs(cube.name)).map((j) => j.job_id), [job.job_id]);
+      await assert.rejects(client.cancelJob(job.job_id), (e) => e instanceof JobFinished);
+      const readOnly = await client.mount(cube.name);
+      await assert.rejects(readOnly.extract(), (e) => e instanceof MountReadOnly);
+    });
 
   test("the README's example runs as written, twice (the second run reuses its cube)", { timeout: 120_000 }, async () => {
     const example = fileURLToPath(new URL("../examples/quickstart.mjs", import.meta.url));
