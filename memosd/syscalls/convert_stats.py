@@ -32,7 +32,8 @@ def cluster(value: ClusterStatus | None) -> pb.ClusterStats | None:
                            members=list(value.members), members_age_seconds=value.members_age_seconds,
                            lease_renewals=value.lease_renewals, last_error=value.last_error,
                            not_served=list(value.not_served), missing=list(value.missing),
-                           forwarded_calls=value.forwarded_calls)
+                           forwarded_calls=value.forwarded_calls, moves_out=value.moves_out,
+                           moves_failed=value.moves_failed, moves_in=value.moves_in, moving=list(value.moving))
 
 
 def adapters(value: AdapterPoolStats) -> pb.AdapterPoolStats:
