@@ -12,6 +12,9 @@ next step each time.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -275,3 +278,37 @@ def _check_one_owner(nodes: dict[str, DaemonProcess], directory: Directory, via_
 
     _eventually(writable, f"{step}: the owner takes writes again")
     assert via_c.stat_cube(cube_id).head_revision == 3
+
+
+def test_memosctl_cluster_status_members_and_move(
+        nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster, run: str) -> None:
+    directory = Directory(etcd_cluster.client())
+    a, _b, c = (nodes[n] for n in NODES)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS")} | {"MEMOS_TARGET": c.address}
+        return subprocess.run([sys.executable, "-m", "memosd_client.cli.main", *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    with _client(a) as via_a:
+        cube_id = _cube_on(via_a, f"alpha-{run}", f"cli-{run}", directory)
+        _commit(via_a, cube_id, ["moved by memosctl"])
+    status = ctl("cluster", "status")
+    assert status.returncode == 0, status.stderr
+    flat = " ".join(status.stdout.split())
+    assert f"this node: gamma-{run} at {c.address} (joined)" in flat
+    assert "etcd: ok at " in flat and "members: 3:" in flat
+    counts = {line.split()[0]: int(line.split()[1]) for line in status.stdout.splitlines()
+              if line.split() and line.split()[0] in {f"{n}-{run}" for n in NODES}}
+    owners = [e.owner for e in directory.list()]
+    assert counts == {f"{n}-{run}": owners.count(f"{n}-{run}") for n in NODES}
+    members = ctl("cluster", "members")
+    assert members.returncode == 0, members.stderr
+    assert f"alpha-{run}" in members.stdout and a.address in members.stdout and "(this node)" in members.stdout
+    moved = ctl("cluster", "move", cube_id, f"beta-{run}")
+    assert moved.returncode == 0, moved.stderr
+    assert [line.split()[2] for line in moved.stderr.splitlines()] == [
+        "draining", "frozen", "exported", "received", "switched", "settled", "done"]
+    assert f"moved: alpha-{run} -> beta-{run}" in " ".join(moved.stdout.split())
+    refused = ctl("cluster", "move", cube_id, "nowhere")
+    assert refused.returncode != 0 and "'nowhere' is not a live cluster member" in refused.stderr

@@ -266,6 +266,17 @@
  * @property {number} moves_failed
  * @property {number} moves_in Cubes received from another node's move (ReceiveCube) and kept (the directory named this node).
  * @property {string[]} moving Cubes being moved now (out of or into this node).
+ * @property {ClusterMember[]} member_records The live members as last read, in full (memosctl cluster members).
+ * @property {Record<string, number>} cubes_per_node How many cubes the directory gives to each node, from this node's copy of it.
+ * @property {string[]} etcd_endpoints The etcd endpoints this node talks to ([cluster] etcd).
+ */
+
+/**
+ * @typedef {object} ClusterMember
+ * @property {string} name
+ * @property {string} address Where its gRPC server is reached.
+ * @property {Date | null} started When it joined.
+ * @property {string} version The memosd version it runs.
  */
 
 /**

@@ -1115,6 +1115,26 @@ class ClusterStats(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CubesPerNodeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     JOINED_FIELD_NUMBER: _builtins.int
@@ -1129,6 +1149,9 @@ class ClusterStats(_message.Message):
     MOVES_FAILED_FIELD_NUMBER: _builtins.int
     MOVES_IN_FIELD_NUMBER: _builtins.int
     MOVING_FIELD_NUMBER: _builtins.int
+    MEMBER_RECORDS_FIELD_NUMBER: _builtins.int
+    CUBES_PER_NODE_FIELD_NUMBER: _builtins.int
+    ETCD_ENDPOINTS_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name among the members ([cluster] node_name)."""
     address: _builtins.str
@@ -1166,6 +1189,18 @@ class ClusterStats(_message.Message):
     def moving(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Cubes being moved now (out of or into this node)."""
 
+    @_builtins.property
+    def member_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterMember]:
+        """The live members as last read, in full (memosctl cluster members)."""
+
+    @_builtins.property
+    def cubes_per_node(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """How many cubes the directory gives to each node, from this node's copy of it."""
+
+    @_builtins.property
+    def etcd_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The etcd endpoints this node talks to ([cluster] etcd)."""
+
     def __init__(
         self,
         *,
@@ -1183,14 +1218,50 @@ class ClusterStats(_message.Message):
         moves_failed: _builtins.int = ...,
         moves_in: _builtins.int = ...,
         moving: _abc.Iterable[_builtins.str] | None = ...,
+        member_records: _abc.Iterable[Global___ClusterMember] | None = ...,
+        cubes_per_node: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        etcd_endpoints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "forwarded_calls", b"forwarded_calls", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "members", b"members", "members_age_seconds", b"members_age_seconds", "missing", b"missing", "moves_failed", b"moves_failed", "moves_in", b"moves_in", "moves_out", b"moves_out", "moving", b"moving", "node_name", b"node_name", "not_served", b"not_served"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cubes_per_node", b"cubes_per_node", "etcd_endpoints", b"etcd_endpoints", "forwarded_calls", b"forwarded_calls", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "member_records", b"member_records", "members", b"members", "members_age_seconds", b"members_age_seconds", "missing", b"missing", "moves_failed", b"moves_failed", "moves_in", b"moves_in", "moves_out", b"moves_out", "moving", b"moving", "node_name", b"node_name", "not_served", b"not_served"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterStats: _TypeAlias = ClusterStats  # noqa: Y015
+
+@_typing.final
+class ClusterMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    address: _builtins.str
+    """Where its gRPC server is reached."""
+    version: _builtins.str
+    """The memosd version it runs."""
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp:
+        """When it joined."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "started", b"started", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterMember: _TypeAlias = ClusterMember  # noqa: Y015
 
 @_typing.final
 class AdapterPoolStats(_message.Message):
