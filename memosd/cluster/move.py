@@ -286,7 +286,9 @@ class CubeMover:
                     self.moves_in += 1
                     log_event(log, "move_received", cube=cube_id, epoch=entry.epoch)
             self.view.noted(entry)
-            self.marks.remove(cube_id)
+            mark = self.marks.get(cube_id)
+            if mark is not None and mark.role == "in":  # never an "out" mark: a move of it from here, now
+                self.marks.remove(cube_id)
             return True
         mark = self.marks.get(cube_id)
         if mark is not None and mark.role == "in":
