@@ -51,7 +51,7 @@ from memosd.kernel.usage import UsageTracker
 from memosd.listen_check import unbindable
 from memosd.logfmt import log_event, setup_logging
 from memosd.metrics import Metrics, MetricsServer
-from memosd.parametric.adapters import AdapterService
+from memosd.parametric.adapters import SPOOL_PREFIX, AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.periodic import Periodic
 from memosd.runtime.host import ModelHost
@@ -269,7 +269,7 @@ def build(config: Config) -> Daemon:
     if cluster is not None:  # moves between nodes (cluster/move.py), driven by the owner
         cluster.mover = servicer.mover = CubeMover(
             kernel, cluster.client, cluster.view, config.cluster.node_name, MoveMarks(config.data_dir / "moves"),
-            adapters.spool, _drop_local(kernel, removal))
+            adapters.spool, _drop_local(kernel, removal), spool_prefix=SPOOL_PREFIX + "move-")
     # The loop's own changes are not syscalls, so it appends their audit records itself.
     lifecycle = (LifecycleLoop(kernel, audit, erasure.erase, interval=config.lifecycle.interval_seconds,
                                grace_seconds=config.lifecycle.expire_grace_seconds)

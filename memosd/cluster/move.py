@@ -86,7 +86,7 @@ class _Aborted(Exception):
 
 class CubeMover:
     def __init__(self, kernel: Kernel, client: EtcdClient, view: DirectoryView, node: str, marks: MoveMarks,
-                 spool: Path, drop: Callable[[str], None]) -> None:
+                 spool: Path, drop: Callable[[str], None], *, spool_prefix: str = EXPORT_PREFIX) -> None:
         self.kernel = kernel
         self.client = client
         self.directory = Directory(client)
@@ -94,6 +94,7 @@ class CubeMover:
         self.node = node
         self.marks = marks
         self.spool = spool
+        self.spool_prefix = spool_prefix  # the wiring's: spool files it deletes at start if a crash left them
         self.drop = drop  # delete this node's copy only (services/cubes.py CubeRemoval.free, local)
         self.moves_out = 0
         self.moves_failed = 0
@@ -169,7 +170,7 @@ class CubeMover:
             crash_point("move:after_freeze")
             self.marks.put(MoveMark(cube_id, "out", to_node, epoch))
             self.spool.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.spool, prefix=EXPORT_PREFIX) as out:
+            with tempfile.NamedTemporaryFile(dir=self.spool, prefix=self.spool_prefix) as out:
                 info, summary = self.kernel.export_cube(cube_id, out, with_kv=True)
                 out.flush()
                 step("exported", size=summary.size_bytes, info=info)
