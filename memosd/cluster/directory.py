@@ -159,11 +159,11 @@ class Directory:
         result = self.client.txn([Compare.mod_revision(key, "==", current.mod_revision), *fence],
                                  [Put(key, moved.record())], [Get(key)])
         if not result.succeeded:
-            lost = self._lost(cube_id, result.responses[0], from_owner, epoch)
             read = result.responses[0]
-            if (isinstance(read, RangeResult) and read.kvs and read.kvs[0].mod_revision == current.mod_revision):
-                raise FenceFailed(f"cube {cube_id}: the move's fence did not hold (the target re-registered)")
-            raise lost
+            if isinstance(read, RangeResult) and read.kvs and read.kvs[0].mod_revision == current.mod_revision:
+                # The entry is as read: a fence compare failed (a member's record was made again).
+                raise FenceFailed(f"cube {cube_id}: the move's fence did not hold (a member registered again)")
+            raise self._lost(cube_id, read, from_owner, epoch)
         return Entry(cube_id, to_owner, epoch + 1, current.name, current.state, result.revision)
 
     def touch(self, cube_id: str, owner: str, epoch: int) -> Entry:
