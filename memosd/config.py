@@ -527,7 +527,8 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     shortcuts = {"DATA_DIR": "data_dir", "LISTEN": "server.listen"}
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+        # MEMOSD_TEST_CRASH_AT is a test-only hook, not configuration (memosd/cluster/crash.py).
+        if not var.startswith(ENV_PREFIX) or var in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "TEST_CRASH_AT"):
             continue
         source = f"environment variable {var}"
         rest = var[len(ENV_PREFIX) :]

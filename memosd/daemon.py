@@ -35,6 +35,8 @@ from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
+from memosd.cluster.marks import MoveMarks
+from memosd.cluster.move import CubeMover
 from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import DiskFull
@@ -49,7 +51,7 @@ from memosd.kernel.usage import UsageTracker
 from memosd.listen_check import unbindable
 from memosd.logfmt import log_event, setup_logging
 from memosd.metrics import Metrics, MetricsServer
-from memosd.parametric.adapters import AdapterService
+from memosd.parametric.adapters import SPOOL_PREFIX, AdapterService
 from memosd.parametric.jobs import JobManager
 from memosd.periodic import Periodic
 from memosd.runtime.host import ModelHost
@@ -260,9 +262,14 @@ def build(config: Config) -> Daemon:
                          cluster=_cluster_status(cluster, router) if cluster is not None else None)
     # One Erasure for Purge and the lifecycle loop: the one path by which items are purged.
     erasure = Erasure(kernel, activator, usage)
+    removal = CubeRemoval(kernel, adapters, activator, access, usage)
     servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, stats.stats, gate, usage,
-                             scheduler, erasure=erasure,
-                             removal=CubeRemoval(kernel, adapters, activator, access, usage))
+                             scheduler, erasure=erasure, removal=removal)
+    servicer.max_message_bytes = config.server.max_message_bytes
+    if cluster is not None:  # moves between nodes (cluster/move.py), driven by the owner
+        cluster.mover = servicer.mover = CubeMover(
+            kernel, cluster.client, cluster.view, config.cluster.node_name, MoveMarks(config.data_dir / "moves"),
+            adapters.spool, _drop_local(kernel, removal), spool_prefix=SPOOL_PREFIX + "move-")
     # The loop's own changes are not syscalls, so it appends their audit records itself.
     lifecycle = (LifecycleLoop(kernel, audit, erasure.erase, interval=config.lifecycle.interval_seconds,
                                grace_seconds=config.lifecycle.expire_grace_seconds)
@@ -311,9 +318,20 @@ def build(config: Config) -> Daemon:
     return daemon
 
 
+def _drop_local(kernel: Kernel, removal: CubeRemoval) -> Callable[[str], None]:
+    """A move's old copy, or a received one the directory does not give to this node, goes as FreeCube's
+    does (store rows, indexes, pooled KV, adapters, grants, usage), this node only: the directory stays."""
+    def drop(cube_id: str) -> None:
+        if kernel.has_cube(cube_id):
+            removal.free(cube_id, local=True)
+
+    return drop
+
+
 def _cluster_status(cluster: ClusterNode, router: Router | None) -> Callable[[], ClusterStatus]:
     """Stats' cluster section: the node's status with the router's count of forwarded calls."""
-    return lambda: replace(cluster.status(), forwarded_calls=router.forwarded if router is not None else 0)
+    return lambda: replace(cluster.status(), forwarded_calls=router.forwarded if router is not None else 0,
+                           moving=tuple(sorted(cluster.mover.kernel.moving())) if cluster.mover is not None else ())
 
 
 async def _make_server(config: Config, servicer: MemOSServicer, router: Router | None = None) -> tuple[grpc.aio.Server, health_aio.HealthServicer,

@@ -231,6 +231,22 @@ class CubeUnavailable(MemosError):
     reason = "CUBE_UNAVAILABLE"
 
 
+class CubeMoving(MemosError):
+    """The cube is being moved between cluster nodes (MoveCube): what would change it is refused until the
+    move ends, in seconds; a retry then reaches the new owner. ``to`` or ``from`` (metadata) names the node."""
+
+    code = "UNAVAILABLE"
+    reason = "CUBE_MOVING"
+
+
+class MoveRefused(MemosError):
+    """MoveCube cannot be made as asked (not a cluster node, the target is not a live member, open
+    read-write mounts stayed open, the directory changed meanwhile); the message says which."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "MOVE_REFUSED"
+
+
 class InternalError(MemosError):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
@@ -243,5 +259,5 @@ ALL_ERRORS: tuple[type[MemosError], ...] = (
     InternalError, CubeEmpty, ContextExceeded, PoolTooSmall, ModelUnavailable, AdapterInvalid, AdapterTooLarge,
     AdapterMismatch, AdapterNotFound, JobNotFound, TrainingInProgress, JobFinished, Unauthenticated,
     PermissionDenied, PrincipalNotFound, PrincipalNameTaken, CubeFrozen, RevisionCompacted, ArchiveInvalid,
-    ExtractionInProgress, ClusterUnavailable, CubeUnavailable,
+    ExtractionInProgress, ClusterUnavailable, CubeUnavailable, CubeMoving, MoveRefused,
 )

@@ -14,6 +14,10 @@ it owns, as a single node does. One job a module:
   view.py        the directory and the member list as last seen (a watch-fed cache): what the router reads
   node.py        the daemon as a member ([cluster] etcd set): checked at start, joined (the local cubes
                  reconciled with the directory), left at stop
+  move.py        MoveCube: the owner's protocol (drain, freeze, export, send, CAS, settle, delete) and the
+                 target's side (receive unserved, settle by the directory), recovery at join by the marks
+  marks.py       a move's durable local marks (<data_dir>/moves/): which copy a crash left mid-move
+  crash.py       MEMOSD_TEST_CRASH_AT: a test-only SIGKILL at a named step of a move
 
 Nothing here imports grpc: the wire stays in syscalls/ (syscalls/router.py forwards calls to owners)
 (docs/ARCHITECTURE.md, "Cluster (in progress)").

@@ -24,8 +24,8 @@ CAS at epoch + 1, then delete on the old node; a node that finds its epoch stale
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 from memosd.cluster.etcd import Compare, Delete, EtcdClient, Get, KeyValue, Put, RangeResult, prefix_end
 from memosd.errors import CubeNameTaken, CubeNotFound
@@ -42,6 +42,10 @@ class CubeClaimed(Exception):
     def __init__(self, entry: Entry) -> None:
         super().__init__(f"cube {entry.cube_id} is already claimed by {entry.owner!r} at epoch {entry.epoch}")
         self.entry = entry
+
+
+class FenceFailed(Exception):
+    """A move's extra compares (its fence on other keys) did not hold; the entry itself was unchanged."""
 
 
 class StaleEpoch(Exception):
@@ -142,19 +146,36 @@ class Directory:
         raise CubeNameTaken(f"the cube name {name!r} is in use in the cluster (cube names are shared by all "
                             "principals and nodes); pick another name", name=name)
 
-    def move(self, cube_id: str, from_owner: str, to_owner: str, epoch: int) -> Entry:
+    def move(self, cube_id: str, from_owner: str, to_owner: str, epoch: int,
+             fence: Sequence[Compare] = ()) -> Entry:
         """Hand the cube from ``from_owner`` at ``epoch`` to ``to_owner`` at ``epoch + 1`` (the CAS).
-        Raises StaleEpoch when the entry is not ``from_owner`` at ``epoch`` by the time of the txn."""
+        Raises StaleEpoch when the entry is not ``from_owner`` at ``epoch`` by the time of the txn, and
+        FenceFailed when one of ``fence``'s compares (other keys: the target's member record) does not hold."""
         if from_owner == to_owner:
             raise ValueError(f"cube {cube_id}: a move from {from_owner!r} to itself")
         current = self._current(cube_id, from_owner, epoch)
         moved = Entry(cube_id, to_owner, epoch + 1, current.name, current.state)
         key = self._cube_key(cube_id)
-        result = self.client.txn([Compare.mod_revision(key, "==", current.mod_revision)],
+        result = self.client.txn([Compare.mod_revision(key, "==", current.mod_revision), *fence],
                                  [Put(key, moved.record())], [Get(key)])
         if not result.succeeded:
-            raise self._lost(cube_id, result.responses[0], from_owner, epoch)
+            read = result.responses[0]
+            if isinstance(read, RangeResult) and read.kvs and read.kvs[0].mod_revision == current.mod_revision:
+                # The entry is as read: a fence compare failed (a member's record was made again).
+                raise FenceFailed(f"cube {cube_id}: the move's fence did not hold (a member registered again)")
+            raise self._lost(cube_id, read, from_owner, epoch)
         return Entry(cube_id, to_owner, epoch + 1, current.name, current.state, result.revision)
+
+    def touch(self, cube_id: str, owner: str, epoch: int) -> Entry:
+        """Write the entry again, unchanged, if ``owner`` at ``epoch`` holds it: its mod_revision moves on, so
+        a move whose txn was cut off (its outcome unknown) and is applied late can no longer succeed."""
+        current = self._current(cube_id, owner, epoch)
+        key = self._cube_key(cube_id)
+        result = self.client.txn([Compare.mod_revision(key, "==", current.mod_revision)],
+                                 [Put(key, current.record())], [Get(key)])
+        if not result.succeeded:
+            raise self._lost(cube_id, result.responses[0], owner, epoch)
+        return replace(current, mod_revision=result.revision)
 
     def release(self, cube_id: str, owner: str, epoch: int) -> None:
         """Remove the cube and its name (FreeCube), if ``owner`` at ``epoch`` still holds it."""
@@ -181,4 +202,4 @@ class Directory:
         return CubeNotFound(f"cube {cube_id} left the cluster's directory meanwhile", cube_id=cube_id)
 
 
-__all__ = ["ROOT", "STATES", "CubeClaimed", "Directory", "Entry", "StaleEpoch"]
+__all__ = ["ROOT", "STATES", "CubeClaimed", "Directory", "Entry", "FenceFailed", "StaleEpoch"]

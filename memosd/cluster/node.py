@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from memosd.cluster.claims import DirectoryClaims
 from memosd.cluster.directory import Directory
 from memosd.cluster.etcd import EtcdClient, EtcdError
-from memosd.cluster.membership import NodeNameTaken, Registration, members
+from memosd.cluster.membership import Member, NodeNameTaken, Registration, members
+from memosd.cluster.move import CubeMover
 from memosd.cluster.view import DirectoryView
 from memosd.config import ClusterConfig
 from memosd.errors import MemosError
@@ -56,6 +57,13 @@ class ClusterStatus:
     not_served: tuple[str, ...] = ()  # local cubes the directory gives to another node (see reconcile)
     missing: tuple[str, ...] = ()  # cubes the directory gives to this node that it does not have
     forwarded_calls: int = 0  # calls sent on to their owner (the router's count, added by the wiring)
+    moves_out: int = 0  # moves this node drove as the owner and finished (cluster/move.py)
+    moves_failed: int = 0  # ... and gave up (the cube stayed here)
+    moves_in: int = 0  # cubes received by a move and kept
+    moving: tuple[str, ...] = ()  # cubes being moved out of or into this node now (added by the wiring)
+    member_records: tuple[Member, ...] = ()  # the live members as last read, in full
+    cubes_per_node: tuple[tuple[str, int], ...] = ()  # (owner node, cubes) from this node's directory view
+    etcd_endpoints: tuple[str, ...] = ()
 
 
 class ClusterNode:
@@ -66,7 +74,7 @@ class ClusterNode:
         per_endpoint = max(0.5, config.lease_seconds / (3 * max(1, len(config.etcd))))
         self.client = EtcdClient(config.etcd, timeout=min(timeout, per_endpoint))
         self.registration: Registration | None = None  # made at join, when the bound address is known
-        self._members: tuple[str, ...] = ()
+        self._members: tuple[Member, ...] = ()
         self._members_read = time.monotonic()
         self._read_error = ""
         self._stop = threading.Event()
@@ -75,6 +83,7 @@ class ClusterNode:
         self.claims = DirectoryClaims(Directory(self.client), config.node_name, self.view)
         self.not_served: tuple[str, ...] = ()
         self.missing: tuple[str, ...] = ()
+        self.mover: CubeMover | None = None  # set by the wiring once the kernel exists (cluster/move.py)
 
     def _where(self) -> str:
         return ", ".join(self.config.etcd)
@@ -111,7 +120,9 @@ class ClusterNode:
             raise ClusterStartError(f"cannot join the cluster at {self._where()} (cluster.etcd): {e}") from None
         try:
             self.view.start()
-            self.reconcile(local_cubes())
+            # The marks of moves a crash cut short first: a copy they drop is no longer local.
+            dropped = self.mover.recover() if self.mover is not None else set()
+            self.reconcile([c for c in local_cubes() if c[0] not in dropped])
         except EtcdError as e:
             raise ClusterStartError(f"cannot read the cluster directory at {self._where()} (cluster.etcd): {e}"
                                     ) from None
@@ -150,7 +161,7 @@ class ClusterNode:
 
     def _read_members(self) -> None:
         try:
-            self._members = tuple(m.name for m in members(self.client))
+            self._members = tuple(members(self.client))
         except EtcdError as e:
             if not self._read_error:
                 log_event(log, "cluster_members_unread", level=logging.WARNING, error=str(e))
@@ -162,17 +173,32 @@ class ClusterNode:
     def _follow_members(self) -> None:
         while not self._stop.wait(self.config.lease_seconds / 2):
             self._read_members()
+            if self.mover is not None:
+                try:
+                    self.mover.tick()
+                except Exception as e:  # never let the member reader die (Stats reads what it keeps)
+                    log_event(log, "move_tick_failed", level=logging.WARNING, error=f"{type(e).__name__}: {e}")
 
     def status(self) -> ClusterStatus:
         reg = self.registration
         member = reg.member if reg is not None else None
         return ClusterStatus(
             node_name=self.config.node_name, address=member.address if member is not None else "",
-            joined=member is not None, members=self._members,
+            joined=member is not None, members=tuple(m.name for m in self._members),
             members_age_seconds=round(time.monotonic() - self._members_read, 3),
             lease_renewals=reg.renewals if reg is not None else 0,
             last_error=(reg.last_error if reg is not None else "") or self._read_error,
-            not_served=self.not_served, missing=self.missing)
+            not_served=self.not_served, missing=self.missing,
+            moves_out=self.mover.moves_out if self.mover is not None else 0,
+            moves_failed=self.mover.moves_failed if self.mover is not None else 0,
+            moves_in=self.mover.moves_in if self.mover is not None else 0,
+            member_records=self._members, cubes_per_node=self._cube_counts(), etcd_endpoints=tuple(self.config.etcd))
+
+    def _cube_counts(self) -> tuple[tuple[str, int], ...]:
+        counts: dict[str, int] = {}
+        for entry in self.view.entries():
+            counts[entry.owner] = counts.get(entry.owner, 0) + 1
+        return tuple(sorted(counts.items()))
 
     def leave(self) -> None:
         self._stop.set()

@@ -1,8 +1,8 @@
-"""Refusals every kernel part shares: a mount that is gone, a compacted revision, a frozen cube."""
+"""Refusals every kernel part shares: a mount that is gone, a compacted revision, a frozen or moving cube."""
 
 from __future__ import annotations
 
-from memosd.errors import CubeFrozen, MountNotFound, RevisionCompacted
+from memosd.errors import CubeFrozen, CubeMoving, MountNotFound, RevisionCompacted
 from memosd.kernel.state import CubeState
 
 
@@ -27,8 +27,20 @@ def check_readable(cube: CubeState, revision: int, action: str) -> None:
             "one of those", cube=cube.cube_id, revision=revision, oldest=oldest, head=cube.head)
 
 
+def check_not_moving(cube: CubeState, action: str, *, opening: bool = False) -> None:
+    """Refuse ``action`` while the cube moves between cluster nodes: any change once the move froze it;
+    before that (its read-write mounts draining) only ``opening`` a new read-write mount."""
+    if cube.moving and (cube.move_frozen or opening):
+        where = (f"moving to cluster node {cube.moving!r}" if cube.move_direction == "to"
+                 else f"arriving from cluster node {cube.moving!r}")
+        raise CubeMoving(f"cube {cube.record.name!r} is {where}: {action} is refused until the move ends (seconds); "
+                         "retry then, and the call reaches the cube's owner", cube=cube.cube_id,
+                         **{cube.move_direction or "to": cube.moving})
+
+
 def check_thawed(cube: CubeState, action: str) -> None:
-    """Refuse ``action`` (something that would commit to the cube) while the cube is frozen."""
+    """Refuse ``action`` (something that would commit to the cube) while the cube is frozen or moving."""
+    check_not_moving(cube, action)
     if cube.record.frozen:
         raise CubeFrozen(f"cube {cube.record.name!r} is frozen (read-only): {action} is refused. Reads, "
                          "searches and activations still work; ThawCube (memosctl cube thaw) accepts "

@@ -10,7 +10,7 @@ from dataclasses import replace
 from memosd.errors import CubeNameTaken, DiskFull, InvalidField, RevisionNotFound
 from memosd.kernel import clock, ids, paging, validate
 from memosd.kernel.catalog import Catalog
-from memosd.kernel.checks import check_readable, check_thawed
+from memosd.kernel.checks import check_not_moving, check_readable, check_thawed
 from memosd.kernel.indexes import Indexes
 from memosd.kernel.ports import NO_DIRECTORY, DirectoryPort
 from memosd.kernel.quotas import Quotas
@@ -74,12 +74,18 @@ class CubeAdmin:
         log_event(log, "alloc_cube", cube=record.cube_id, name=name)
         return self._tables.cube_info(cube)
 
-    def free_cube(self, ref: str) -> FreeResult:
+    def free_cube(self, ref: str, *, local: bool = False) -> FreeResult:
+        """FreeCube; ``local``: delete this node's copy only, leaving the directory alone (the old copy after a
+        move, or a received one the directory does not give to this node: cluster/move.py)."""
         # Refused before anything is freed when the directory cannot be changed (etcd without quorum).
-        self._directory.check_changeable(self._tables.cube(ref).cube_id)
+        if not local:
+            check_not_moving(self._tables.cube(ref), "FreeCube", opening=True)
+            self._directory.check_changeable(self._tables.cube(ref).cube_id)
         with self._tables.lock:
             cube = self._tables.cube(ref)
             with cube.lock:
+                if not local:
+                    check_not_moving(cube, "FreeCube", opening=True)
                 mounts = [m for m in self._tables.mounts.values() if m.record.cube_id == cube.cube_id]
                 batch = self._store.batch()
                 batch.delete_cube(cube.record)
@@ -94,14 +100,17 @@ class CubeAdmin:
                 cube.index.destroy()
         # Freed locally first, then released: a release that fails now leaves an entry naming this node
         # for a cube it no longer has, which the next join reports (cluster/node.py); never the reverse.
-        self._directory.release(cube.cube_id)
-        log_event(log, "free_cube", cube=cube.cube_id, revisions=cube.head, versions=len(cube.catalog))
+        if not local:
+            self._directory.release(cube.cube_id)
+        log_event(log, "free_cube", cube=cube.cube_id, revisions=cube.head, versions=len(cube.catalog),
+                  local_copy_only=local)
         return FreeResult(cube.head, len(cube.catalog), len(mounts))
 
     def _set_record(self, ref: str, change: Callable[[CubeRecord], CubeRecord | None]) -> CubeState:
         """Replace the cube's record by ``change``'s (None: no change), written synced, under its lock."""
         cube = self._tables.cube(ref)
         with cube.lock:
+            check_not_moving(cube, "changing its settings")
             record = change(cube.record)
             if record is not None:
                 batch = self._store.batch()
@@ -154,6 +163,7 @@ class CubeAdmin:
                         cube=cube.cube_id, revision=revision, head=cube.head)
                 check_readable(cube, base, "mount")
                 if writable:
+                    check_not_moving(cube, "a read-write mount", opening=True)
                     check_thawed(cube, "a read-write mount")
                 self._quotas.check_mount(principal)  # under the tables' lock: two Mounts cannot both pass
                 record = MountRecord(ids.new_id(ids.MOUNT_PREFIX, self._directory.node_tag), cube.cube_id, base,
@@ -186,3 +196,28 @@ class CubeAdmin:
                 del self._tables.mounts[mount_id]
                 self._quotas.closed(mount.record.principal, mount.record.cube_id, mount.staged_total())
         return info, discarded
+
+    # -- moves between cluster nodes (cluster/move.py) ------------------
+    def begin_move(self, ref: str, node: str) -> CubeState:
+        """Mark the cube as moving to ``node``: new read-write mounts are refused from now on (the open ones
+        may still write and commit while they drain). Refused when a move of it is already running."""
+        cube = self._tables.cube(ref)
+        with cube.lock:
+            check_not_moving(cube, "another move", opening=True)
+            cube.moving, cube.move_direction, cube.move_frozen = node, "to", False
+        log_event(log, "move_begun", cube=cube.cube_id, to=node)
+        return cube
+
+    def freeze_move(self, cube: CubeState) -> bool:
+        """No change at all from now on, if no read-write mount of the cube is open (checked under its lock,
+        which Mount takes too: none can open in between). False, and nothing changed, when one is."""
+        with cube.lock:
+            if any(m.record.cube_id == cube.cube_id and m.record.mode == "rw"
+                   for m in list(self._tables.mounts.values())):
+                return False
+            cube.move_frozen = True
+        return True
+
+    def end_move(self, cube: CubeState) -> None:
+        with cube.lock:
+            cube.moving, cube.move_direction, cube.move_frozen = "", "", False

@@ -218,8 +218,9 @@ class Kernel:
         """A new cube; ``cube_id`` is one placement chose (a cluster's router), else a new id."""
         return self._admin.alloc_cube(name, description, labels, owner, cube_id)
 
-    def free_cube(self, ref: str) -> FreeResult:
-        return self._admin.free_cube(ref)
+    def free_cube(self, ref: str, *, local: bool = False) -> FreeResult:
+        """FreeCube; ``local``: this node's copy only, the cluster directory left alone (cluster/move.py)."""
+        return self._admin.free_cube(ref, local=local)
 
     def set_policy(self, ref: str, policy: dict[str, object]) -> CubeInfo:
         return self._admin.set_policy(ref, policy)
@@ -235,9 +236,31 @@ class Kernel:
         return self._porter.export_cube(ref, out, with_kv=with_kv)
 
     def import_cube(self, path: Path, name: str, owner: str, accept_kv: Callable[[str], bool],
-                    kv_unavailable: str = "") -> ImportResult:
-        """Recreate a cube from the archive at ``path`` under ``name``, all or nothing (kernel/portable.py)."""
-        return self._porter.import_cube(path, name, owner, accept_kv, kv_unavailable)
+                    kv_unavailable: str = "", *, moved_from: str = "", cube_id: str = "") -> ImportResult:
+        """Recreate a cube from the archive at ``path`` under ``name``, all or nothing (kernel/portable.py);
+        ``moved_from``: cube ``cube_id`` arriving by a cluster move (its id, name and owner kept, not claimed)."""
+        return self._porter.import_cube(path, name, owner, accept_kv, kv_unavailable, moved_from=moved_from,
+                                        cube_id=cube_id)
+
+    # -- moves between cluster nodes (the protocol is cluster/move.py) --
+    def begin_move(self, ref: str, node: str) -> CubeState:
+        """New read-write mounts of the cube are refused (CUBE_MOVING) from now on; the open ones drain."""
+        return self._admin.begin_move(ref, node)
+
+    def freeze_move(self, cube: CubeState) -> bool:
+        """No change to the cube from now on, unless a read-write mount is still open (then False)."""
+        return self._admin.freeze_move(cube)
+
+    def end_move(self, cube: CubeState) -> None:
+        """The cube takes changes again (a move given up, or a received cube this node now owns)."""
+        self._admin.end_move(cube)
+
+    def moving(self) -> list[str]:
+        """The ids of the cubes a move is sending from, or bringing to, this node now."""
+        return [c.cube_id for c in list(self.cubes.values()) if c.moving]
+
+    def read_write_mounts(self, cube_id: str) -> int:
+        return sum(1 for m in list(self.mounts.values()) if m.record.cube_id == cube_id and m.record.mode == "rw")
 
     def compact(self, ref: str) -> CompactResult:
         """Apply the cube's retention policy now (kernel/compact.py); refused on a frozen cube."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from memosd.errors import ArchiveInvalid
+from memosd.errors import ArchiveInvalid, MoveRefused
 from memosd.kernel import clock, ids, validate
 from memosd.kernel.cubes import check_name_free
 from memosd.kernel.indexes import Indexes
@@ -191,20 +191,72 @@ class CubePorter:
 
     # -- import ---------------------------------------------------------
     def import_cube(self, path: Path, name: str, owner: str, accept_kv: Callable[[str], bool],
-                    kv_unavailable: str = "") -> ImportResult:
+                    kv_unavailable: str = "", *, moved_from: str = "", cube_id: str = "") -> ImportResult:
         """Import the archive at ``path`` as cube ``name`` owned by ``owner``. KV caches load where
-        ``accept_kv(fingerprint)`` holds (this daemon's model); ``kv_unavailable`` says why none can."""
-        validate.cube_name(name)
-        check_name_free(self._store, name)
+        ``accept_kv(fingerprint)`` holds (this daemon's model); ``kv_unavailable`` says why none can.
+
+        ``moved_from`` (a cluster move, cluster/move.py): the cube ``cube_id`` arrives from that node, already
+        in the directory under it: it keeps its id, name and owner exactly (or is refused), is not claimed,
+        and stays moving (no change taken) until the move settles it."""
+        if not moved_from:
+            validate.cube_name(name)
+            check_name_free(self._store, name)
         summary = archive.verify(path)
         header = summary.header
-        source_id = str(_section(header, "source").get("cube_id") or "")
+        source = _section(header, "source")
+        source_id = str(source.get("cube_id") or "")
+        if moved_from:
+            if source_id != cube_id:
+                raise _inconsistent(f"it holds cube {source_id!r}, not the moved cube {cube_id!r}")
+            name = str(source.get("name") or "")
+            validate.cube_name(name)  # its name is checked free with the id below, and again at the commit
         with self._tables.lock:
             kept = (bool(ids.CUBE_ID_RE.match(source_id)) and source_id not in self._tables.cubes
                     and source_id not in self._reserved and self._store.get_cube(source_id) is None)
+            if moved_from and not kept:
+                raise MoveRefused(f"this node already holds cube {cube_id} (or is receiving it): an operator must "
+                                  "remove that copy before the cube can move here", cube=cube_id)
+            if moved_from:
+                check_name_free(self._store, name)
             cube_id = source_id if kept else ids.new_id(ids.CUBE_PREFIX)
             self._reserved.add(cube_id)
-        try:  # claimed in the cluster's directory outside the lock; an id claimed elsewhere is not kept
+        if not moved_from:
+            cube_id, kept = self._claim(cube_id, name, kept)
+        loader = _Loader(self._store, self._embedder, cube_id, header, accept_kv if kept else (lambda _: False))
+        cube: CubeState | None = None
+        try:
+            record = loader.load(path)
+            record = replace(record, cube_id=cube_id, name=name, owner=record.owner if moved_from else owner)
+            cube = self._indexes.load(record)
+            if moved_from:  # before any other thread can see it: no change until the move settles it
+                cube.moving, cube.move_direction, cube.move_frozen = moved_from, "from", True
+            with self._tables.lock:
+                check_name_free(self._store, name)
+                batch = self._store.batch()
+                batch.put_cube(record)
+                batch.put_name(name, cube_id)
+                self._store.write(batch, sync=self._sync)
+                self._tables.cubes[cube_id] = cube
+        except BaseException:
+            self._discard(cube_id, cube)
+            if not moved_from:
+                self._directory.release(cube_id)
+            raise
+        finally:
+            with self._tables.lock:
+                self._reserved.discard(cube_id)
+        kv_reason = "" if not loader.kv_skipped else (
+            "the cube has a new id here (its source's is taken), and KV caches are salted with the id"
+            if not kept else kv_unavailable or "they were made by another model than this daemon's")
+        log_event(log, "import_cube", cube=cube_id, name=name, kept_id=kept, reembedded=loader.reembed,
+                  revisions=record.head, versions=loader.versions, kv_loaded=loader.kv_loaded,
+                  kv_skipped=loader.kv_skipped, moved_from=moved_from)
+        return ImportResult(self._tables.cube_info(cube), summary, loader.reembed, kept, loader.kv_loaded,
+                            loader.kv_skipped, kv_reason)
+
+    def _claim(self, cube_id: str, name: str, kept: bool) -> tuple[str, bool]:
+        """Claim the id in the cluster's directory, outside the lock; an id claimed elsewhere is not kept."""
+        try:
             if not self._directory.claim(cube_id, name):
                 with self._tables.lock:
                     self._reserved.discard(cube_id)
@@ -215,34 +267,7 @@ class CubePorter:
             with self._tables.lock:
                 self._reserved.discard(cube_id)
             raise
-        loader = _Loader(self._store, self._embedder, cube_id, header, accept_kv if kept else (lambda _: False))
-        cube: CubeState | None = None
-        try:
-            record = loader.load(path)
-            record = replace(record, cube_id=cube_id, name=name, owner=owner)
-            cube = self._indexes.load(record)
-            with self._tables.lock:
-                check_name_free(self._store, name)
-                batch = self._store.batch()
-                batch.put_cube(record)
-                batch.put_name(name, cube_id)
-                self._store.write(batch, sync=self._sync)
-                self._tables.cubes[cube_id] = cube
-        except BaseException:
-            self._discard(cube_id, cube)
-            self._directory.release(cube_id)
-            raise
-        finally:
-            with self._tables.lock:
-                self._reserved.discard(cube_id)
-        kv_reason = "" if not loader.kv_skipped else (
-            "the cube has a new id here (its source's is taken), and KV caches are salted with the id"
-            if not kept else kv_unavailable or "they were made by another model than this daemon's")
-        log_event(log, "import_cube", cube=cube_id, name=name, kept_id=kept, reembedded=loader.reembed,
-                  revisions=record.head, versions=loader.versions, kv_loaded=loader.kv_loaded,
-                  kv_skipped=loader.kv_skipped)
-        return ImportResult(self._tables.cube_info(cube), summary, loader.reembed, kept, loader.kv_loaded,
-                            loader.kv_skipped, kv_reason)
+        return cube_id, kept
 
     def _discard(self, cube_id: str, cube: CubeState | None) -> None:
         """Delete what an import that failed wrote: its rows and its index files. If that fails too (the disk

@@ -38,6 +38,7 @@ import numpy as np
 from memosd.config import LimitsConfig
 from memosd.errors import CubeNotFound, InvalidField, ItemNotFound
 from memosd.kernel import ids, validate
+from memosd.kernel.checks import check_not_moving
 from memosd.kernel.indexes import Indexes
 from memosd.kernel.quotas import Quotas, staged_bytes
 from memosd.kernel.requests import PURGED_DIGEST
@@ -90,6 +91,8 @@ def run_purge(parts: PurgeParts, ref: str, item_ids: Sequence[str], source: str,
     with cube.lock:
         if cube.freed:
             raise CubeNotFound(f"no cube with id or name {ref!r}", cube=ref)
+        # A purge after a move's export would miss the copy it sends: refused until the move ends.
+        check_not_moving(cube, "Purge")
         mounts = sorted(parts.tables.mounts_of(cube.cube_id), key=lambda m: m.mount_id)
         reset = False
         try:

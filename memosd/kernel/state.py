@@ -36,6 +36,12 @@ class CubeState:
     purged: dict[str, str] = field(default_factory=dict)
     # Items a running Purge removes: no mount may stage a change to them meanwhile.
     purging: frozenset[str] = frozenset()
+    # A move between cluster nodes (cluster/move.py), in memory only (a restart ends it): the node it goes
+    # to or comes from ("" for none). ``move_frozen``: no change at all is taken (from the freeze until the
+    # move ends); before it, only new read-write mounts are refused, while the open ones drain.
+    moving: str = ""
+    move_direction: str = ""  # "to" (this node is the owner sending it) or "from" (received, not served yet)
+    move_frozen: bool = False
 
     @property
     def cube_id(self) -> str:

@@ -42,13 +42,14 @@ class CubeRemoval:
         self.access = access
         self.usage = usage
 
-    def free(self, ref: str) -> FreedCube:
+    def free(self, ref: str, *, local: bool = False) -> FreedCube:
         """Free the cube (an id or a name). Errors are the kernel's, raised before any part lets go:
-        InvalidField (an empty ref), CubeNotFound, DiskFull from the store."""
+        InvalidField (an empty ref), CubeNotFound, DiskFull from the store. ``local``: this node's copy
+        only, the cluster directory left alone (a moved cube's old copy: cluster/move.py)."""
         cube = self.kernel.cube(ref)
         # Read before the cube goes: the adapter versions resident in the model are keyed by them.
         cube_id, versions = cube.cube_id, list(cube.adapters)
-        freed = self.kernel.free_cube(ref)
+        freed = self.kernel.free_cube(ref, local=local)
         self.adapters.unload_cube(cube_id, versions)
         # The store rows went with the cube's key range; its pooled KV caches go now.
         self.activator.drop_pooled(cube_id)

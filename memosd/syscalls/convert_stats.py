@@ -8,6 +8,7 @@ from memosd_client.v1 import memos_pb2 as pb
 
 from memosd.cluster.node import ClusterStatus
 from memosd.services.stats import AdapterPoolStats, KVPoolStats, ModelStats, Stats
+from memosd.syscalls.convert import ts
 
 
 def model(value: ModelStats) -> pb.ModelStats:
@@ -32,7 +33,12 @@ def cluster(value: ClusterStatus | None) -> pb.ClusterStats | None:
                            members=list(value.members), members_age_seconds=value.members_age_seconds,
                            lease_renewals=value.lease_renewals, last_error=value.last_error,
                            not_served=list(value.not_served), missing=list(value.missing),
-                           forwarded_calls=value.forwarded_calls)
+                           forwarded_calls=value.forwarded_calls, moves_out=value.moves_out,
+                           moves_failed=value.moves_failed, moves_in=value.moves_in, moving=list(value.moving),
+                           member_records=[pb.ClusterMember(name=m.name, address=m.address,
+                                                            started=ts(int(m.started * 1e9)), version=m.version)
+                                           for m in value.member_records],
+                           cubes_per_node=dict(value.cubes_per_node), etcd_endpoints=list(value.etcd_endpoints))
 
 
 def adapters(value: AdapterPoolStats) -> pb.AdapterPoolStats:

@@ -14,10 +14,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from memosd_client.v1 import memos_pb2 as pb
 
+from memosd.cluster.move import CubeMover
 from memosd.errors import ArchiveInvalid, InvalidField
+from memosd.kernel.ids import CUBE_ID_RE
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.portable import ImportResult
 from memosd.kernel.types import CubeInfo
@@ -45,14 +48,11 @@ def export(kernel: Kernel, cube: str, *, with_kv: bool, spool: Path
         yield info, summary, chunks()
 
 
-def receive_import(kernel: Kernel, requests: Iterator[pb.ImportCubeRequest], spool: Path, *, owner: str,
-                   accept_kv: Callable[[str], bool], kv_unavailable: str) -> ImportResult:
-    """Spool the stream (a start message, then the archive's bytes), then import it; the file goes on exit."""
-    first = next(requests, None)
-    if first is None or first.WhichOneof("part") != "start":
-        raise InvalidField("the first ImportCube message must be start (the new cube's name)", field="start")
-    name, declared = first.start.name, first.start.size_bytes
-    limit = kernel.limits.max_archive_bytes
+@contextmanager
+def _spooled(first_size: int, requests: Iterator[Any], limit: int, spool: Path, call: str) -> Iterator[Path]:
+    """The archive's bytes (every message after the start) in a spool file, bounded by ``limit`` and by the
+    size the start declared (0: not checked); the file goes on exit."""
+    declared = first_size
     if declared > limit:
         raise ArchiveInvalid(f"the archive's {declared} bytes are over limits.max_archive_bytes ({limit})",
                              problem="too_large", limit=limit)
@@ -61,7 +61,7 @@ def receive_import(kernel: Kernel, requests: Iterator[pb.ImportCubeRequest], spo
         size = 0
         for request in requests:
             if request.WhichOneof("part") != "data":
-                raise InvalidField("after start, every ImportCube message must carry data", field="data")
+                raise InvalidField(f"after start, every {call} message must carry data", field="data")
             size += len(request.data)
             if size > limit or (declared and size > declared):
                 raise ArchiveInvalid(f"more than the {declared or limit} bytes "
@@ -72,7 +72,33 @@ def receive_import(kernel: Kernel, requests: Iterator[pb.ImportCubeRequest], spo
             raise ArchiveInvalid(f"the upload is truncated: {size} of the {declared} bytes start.size_bytes "
                                  "declared arrived; send the whole file", problem="truncated")
         archive.flush()
-        return kernel.import_cube(Path(archive.name), name, owner, accept_kv, kv_unavailable)
+        yield Path(archive.name)
+
+
+def receive_import(kernel: Kernel, requests: Iterator[pb.ImportCubeRequest], spool: Path, *, owner: str,
+                   accept_kv: Callable[[str], bool], kv_unavailable: str) -> ImportResult:
+    """Spool the stream (a start message, then the archive's bytes), then import it; the file goes on exit."""
+    first = next(requests, None)
+    if first is None or first.WhichOneof("part") != "start":
+        raise InvalidField("the first ImportCube message must be start (the new cube's name)", field="start")
+    with _spooled(first.start.size_bytes, requests, kernel.limits.max_archive_bytes, spool, "ImportCube") as path:
+        return kernel.import_cube(path, first.start.name, owner, accept_kv, kv_unavailable)
+
+
+def receive_moved(kernel: Kernel, mover: CubeMover, requests: Iterator[pb.ReceiveCubeRequest], spool: Path, *,
+                  accept_kv: Callable[[str], bool], kv_unavailable: str) -> ImportResult:
+    """ReceiveCube: the moved cube's archive spooled, then received by the mover's rules (cluster/move.py)."""
+    first = next(requests, None)
+    if first is None or first.WhichOneof("part") != "start":
+        raise InvalidField("the first ReceiveCube message must be start (the cube id, its owner and epoch)",
+                           field="start")
+    start = first.start
+    if not CUBE_ID_RE.fullmatch(start.cube_id) or not start.from_node or not start.epoch:
+        raise InvalidField("ReceiveCube's start needs a cube_id, from_node and epoch", field="start")
+    with _spooled(start.size_bytes, requests, kernel.limits.max_archive_bytes, spool, "ReceiveCube") as path:
+        return mover.receive(start.cube_id, start.from_node, start.epoch, start.owner_revision,
+                             lambda: kernel.import_cube(path, "", "", accept_kv, kv_unavailable,
+                                                        moved_from=start.from_node, cube_id=start.cube_id))
 
 
 def archive_message(summary: ArchiveSummary) -> pb.CubeArchive:

@@ -93,6 +93,9 @@ class Call:
     caller: PrincipalRecord
     entry: AuditEntry = field(repr=False)
     placed_cube_id: str = ""  # AllocCube on a cluster node: the id placement chose (syscalls/router.py)
+    # The authorization header values as sent (a server stream's only): MoveCube passes them on to the target
+    # node, which checks them itself (principals are per node).
+    authorization: tuple[str, ...] = field(default=(), repr=False)
 
     def note(self, *, items: Any = (), artifacts: Any = (), cube_id: str = "", revision: int = 0) -> None:
         self.entry.item_ids.extend(items)
@@ -336,8 +339,9 @@ class Gate:
                 stream.slot = self.admission.admit(caller.principal_id, stream_kinds(method, request))
 
                 def start() -> Iterator[Any]:
-                    return iter(handler(request, self._authorize(caller, method, request, stream.done,
-                                                                 stream.entry)))
+                    call = self._authorize(caller, method, request, stream.done, stream.entry)
+                    call.authorization = tuple(stream.token)
+                    return iter(handler(request, call))
 
                 stream.steps = await stream.run(start)
                 while True:

@@ -104,6 +104,11 @@ RULES: dict[str, Rule] = {
     # An archive holds what a reader can already read (every revision, the adapter); the importer owns the copy.
     "ExportCube": _rule(R, cube="cube"),
     "ImportCube": Rule(),
+    "MoveCube": _rule(Right.ADMIN, cube="cube"),
+    # Node to node (the owner calls the target during MoveCube): they name no cube to route or check by
+    # (the cube is the owner's in the directory until the switch), so daemon admins only.
+    "ReceiveCube": Rule(admin=True),
+    "SettleCube": Rule(admin=True),
 }
 
 

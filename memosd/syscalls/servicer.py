@@ -17,7 +17,10 @@ from memosd_client.v1 import types_pb2 as t
 from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerationReport, Generator
 from memosd.activation.scheduler import Scheduler
+from memosd.cluster.move import CubeMover
+from memosd.errors import InvalidField, MoveRefused
 from memosd.governance.access import Right
+from memosd.kernel.ids import CUBE_ID_RE
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.requests import RequestRef, request_ref
 from memosd.kernel.search import Searcher
@@ -36,6 +39,7 @@ from memosd.syscalls import convert_activation as ca
 from memosd.syscalls import convert_stats as cs
 from memosd.syscalls.gate import Call, Gate
 from memosd.syscalls.governance import GovernanceHandlers
+from memosd.syscalls.move_peer import GrpcMovePeer
 
 
 class MemOSServicer(GovernanceHandlers):
@@ -61,6 +65,8 @@ class MemOSServicer(GovernanceHandlers):
         self.erasure = erasure or Erasure(kernel, activator, usage)
         self.removal = removal or CubeRemoval(kernel, adapters, activator, gate.access, usage)
         self.remembering = Remembering(kernel)
+        self.mover: CubeMover | None = None  # a cluster node's (set by the wiring)
+        self.max_message_bytes = 64 << 20  # the server's limit, for calls to other nodes (set by the wiring)
 
     # -- cubes ----------------------------------------------------------
     def AllocCube(self, req: pb.AllocCubeRequest, call: Call) -> pb.AllocCubeResponse:
@@ -109,6 +115,47 @@ class MemOSServicer(GovernanceHandlers):
             archive=cube_stream.archive_message(result.archive), reembedded=result.reembedded,
             kept_cube_id=result.kept_cube_id, kv_loaded=result.kv_loaded, kv_skipped=result.kv_skipped,
             kv_skipped_reason=result.kv_skipped_reason)
+
+    # -- moving a cube between cluster nodes (cluster/move.py) -----------
+    def _mover(self) -> CubeMover:
+        if self.mover is None:
+            raise MoveRefused("this memosd is a single node (cluster.etcd is empty): there is no other node to "
+                              "move a cube to or from")
+        return self.mover
+
+    def MoveCube(self, req: pb.MoveCubeRequest, call: Call) -> Iterator[pb.MoveCubeProgress]:
+        mover = self._mover()
+        if not req.to_node:
+            raise InvalidField("to_node is required: the node name of a live cluster member", field="to_node")
+        peer = GrpcMovePeer(mover.node, call.authorization, max_message_bytes=self.max_message_bytes)
+        for step in mover.move(req.cube, req.to_node, req.drain_seconds, peer):
+            message = pb.MoveCubeProgress(step=step.step, from_node=step.from_node, to_node=step.to_node,
+                                          epoch=step.epoch, archive_bytes=step.archive_bytes,
+                                          elapsed_seconds=step.elapsed_seconds)
+            if step.cube is not None:
+                record = step.cube.record
+                message.header.CopyFrom(cv.header(record.cube_id, record.head))
+                message.cube.CopyFrom(cv.cube(step.cube))
+                call.note(cube_id=record.cube_id, revision=record.head)
+            yield message
+
+    def ReceiveCube(self, requests: Iterator[pb.ReceiveCubeRequest], call: Call) -> pb.ReceiveCubeResponse:
+        mover = self._mover()
+        fingerprints, kv_unavailable = self.activator.kv_fingerprints()
+        result = cube_stream.receive_moved(self.kernel, mover, requests, self.adapters.spool,
+                                           accept_kv=fingerprints.__contains__, kv_unavailable=kv_unavailable)
+        record = result.cube.record
+        if result.kv_loaded:
+            self.activator.note_imported(record.cube_id)
+        call.note(cube_id=record.cube_id, revision=record.head, artifacts=[f"archive:{result.archive.sha256}"])
+        return pb.ReceiveCubeResponse(header=cv.header(record.cube_id, record.head), cube=cv.cube(result.cube))
+
+    def SettleCube(self, req: pb.SettleCubeRequest, call: Call) -> pb.SettleCubeResponse:
+        if not CUBE_ID_RE.fullmatch(req.cube_id):
+            raise InvalidField("cube_id must be a cube id", field="cube_id")
+        kept = self._mover().settle(req.cube_id)
+        call.note(cube_id=req.cube_id)
+        return pb.SettleCubeResponse(header=cv.header(req.cube_id, self.kernel.head(req.cube_id)), kept=kept)
 
     # -- mounts ---------------------------------------------------------
     def Mount(self, req: pb.MountRequest, call: Call) -> pb.MountResponse:

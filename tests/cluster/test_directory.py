@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from memosd.cluster.directory import CubeClaimed, Directory, Entry, StaleEpoch
-from memosd.cluster.etcd import EtcdClient
+from memosd.cluster.directory import CubeClaimed, Directory, Entry, FenceFailed, StaleEpoch
+from memosd.cluster.etcd import Compare, EtcdClient, Put
 from memosd.errors import CubeNameTaken, CubeNotFound
 from memosd.kernel.ids import CUBE_PREFIX, new_id
 
@@ -146,3 +146,30 @@ def test_list_reads_in_pages(directory: Directory) -> None:
     assert [e.cube_id for e in directory.list(page=5)] == cubes
     assert [e.cube_id for e in directory.list(page=23)] == cubes
     assert {e.owner for e in directory.list(page=7)} == {"node-0", "node-1", "node-2"}
+
+
+def test_a_fenced_move_fails_when_a_fence_key_changed_and_touch_voids_an_older_cas(
+        directory: Directory, client: EtcdClient, prefix: str) -> None:
+    """MoveCube's switch (cluster/move.py): fenced on the members' records, and made final by touch."""
+    cube = directory.claim(_cube(), "node-a", "fenced")
+    member = prefix + "members/node-b"
+    client.put(member, "{}")
+    revision = client.get(member).create_revision  # type: ignore[union-attr]
+    client.delete(member)
+    client.put(member, "{}")  # node-b registered again: a new record
+    with pytest.raises(FenceFailed):
+        directory.move(cube.cube_id, "node-a", "node-b", 1, [Compare.create_revision(member, "==", revision)])
+    assert directory.lookup(cube.cube_id) == cube  # nothing changed
+
+    # A CAS read before a touch (a txn whose outcome was unknown, applied late) can no longer succeed.
+    touched = directory.touch(cube.cube_id, "node-a", 1)
+    assert (touched.owner, touched.epoch) == ("node-a", 1) and touched.mod_revision > cube.mod_revision
+    key = prefix + "cubes/" + cube.cube_id
+    late = client.txn([Compare.mod_revision(key, "==", cube.mod_revision)],
+                      [Put(key, Entry(cube.cube_id, "node-b", 2, "fenced").record())], [])
+    assert not late.succeeded
+    fresh = client.get(member).create_revision  # type: ignore[union-attr]
+    moved = directory.move(cube.cube_id, "node-a", "node-b", 1, [Compare.create_revision(member, "==", fresh)])
+    assert (moved.owner, moved.epoch) == ("node-b", 2)
+    with pytest.raises(StaleEpoch):
+        directory.touch(cube.cube_id, "node-a", 1)

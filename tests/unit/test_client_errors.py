@@ -69,6 +69,8 @@ REASONS: dict[str, tuple[grpc.StatusCode, type[errors.MemosError]]] = {
     "EXTRACTION_IN_PROGRESS": (C.FAILED_PRECONDITION, errors.ExtractionInProgress),
     "CLUSTER_UNAVAILABLE": (C.UNAVAILABLE, errors.ClusterUnavailable),
     "CUBE_UNAVAILABLE": (C.UNAVAILABLE, errors.CubeUnavailable),
+    "CUBE_MOVING": (C.UNAVAILABLE, errors.CubeMoving),
+    "MOVE_REFUSED": (C.FAILED_PRECONDITION, errors.MoveRefused),
 }
 
 

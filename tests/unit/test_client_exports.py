@@ -35,7 +35,7 @@ PACKAGE_CLIENT_NAMES = {
 }
 PACKAGE_ERROR_NAMES = {
     "Aborted", "AdapterInvalid", "AdapterMismatch", "ArchiveInvalid", "AdapterNotFound", "AdapterTooLarge", "AlreadyExists",
-    "Cancelled", "ClusterUnavailable", "CommitConflict", "ContextExceeded", "CubeEmpty", "CubeFrozen", "CubeNameTaken", "CubeNotFound", "CubeUnavailable",
+    "Cancelled", "ClusterUnavailable", "CommitConflict", "ContextExceeded", "CubeEmpty", "CubeFrozen", "CubeNameTaken", "CubeNotFound", "CubeUnavailable", "CubeMoving", "MoveRefused",
     "DataLoss", "ExtractionInProgress", "DeadlineExceeded", "FailedPrecondition", "Internal", "InternalError", "InvalidArgument",
     "InvalidField", "InvalidPageToken", "ItemNotFound", "JobFinished", "JobNotFound", "MalformedRequest",
     "MemosError", "ModelUnavailable", "MountNotFound", "MountReadOnly", "NotFound", "OutOfRange",

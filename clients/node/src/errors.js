@@ -121,6 +121,10 @@ export class ExtractionInProgress extends FailedPrecondition { static defaultRea
 export class ClusterUnavailable extends Unavailable { static defaultReason = "CLUSTER_UNAVAILABLE"; }
 /** The cube's owner node is down or unreachable; the message and metadata name it. */
 export class CubeUnavailable extends Unavailable { static defaultReason = "CUBE_UNAVAILABLE"; }
+/** The cube is moving to another cluster node (MoveCube): changes are refused until the move ends; retry. */
+export class CubeMoving extends Unavailable { static defaultReason = "CUBE_MOVING"; }
+/** MoveCube cannot be made as asked; the message says why. */
+export class MoveRefused extends FailedPrecondition { static defaultReason = "MOVE_REFUSED"; }
 
 /** @type {Map<number, typeof MemosError>} */
 const BY_CODE = new Map([
@@ -172,6 +176,8 @@ export const BY_REASON = new Map([
   ExtractionInProgress,
   ClusterUnavailable,
   CubeUnavailable,
+  CubeMoving,
+  MoveRefused,
 ].map((c) => [c.defaultReason, c]));
 
 /**

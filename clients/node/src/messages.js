@@ -262,6 +262,21 @@
  * @property {string[]} not_served Local cubes this node does not serve: at join, the directory gave them to another node (or their name to another cube). Their calls go to the owner the directory names.
  * @property {string[]} missing Cubes the directory gives to this node that it does not have (a release that failed after FreeCube).
  * @property {number} forwarded_calls Calls this node forwarded to their cube's owner since it started (syscalls/router.py).
+ * @property {number} moves_out Moves this node drove as a cube's owner (MoveCube): finished, and given up (the cube stayed here).
+ * @property {number} moves_failed
+ * @property {number} moves_in Cubes received from another node's move (ReceiveCube) and kept (the directory named this node).
+ * @property {string[]} moving Cubes being moved now (out of or into this node).
+ * @property {ClusterMember[]} member_records The live members as last read, in full (memosctl cluster members).
+ * @property {Record<string, number>} cubes_per_node How many cubes the directory gives to each node, from this node's copy of it.
+ * @property {string[]} etcd_endpoints The etcd endpoints this node talks to ([cluster] etcd).
+ */
+
+/**
+ * @typedef {object} ClusterMember
+ * @property {string} name
+ * @property {string} address Where its gRPC server is reached.
+ * @property {Date | null} started When it joined.
+ * @property {string} version The memosd version it runs.
  */
 
 /**
@@ -726,6 +741,58 @@
  */
 
 /**
+ * @typedef {object} MoveCubeRequest
+ * @property {string} cube The cube, by id or name.
+ * @property {string} to_node The target: a live cluster member's node name, not the owner's.
+ * @property {number} drain_seconds How long to wait for the cube's open read-write mounts to close (new ones are refused meanwhile); still open then, the move is refused (MOVE_REFUSED) and nothing changed. 0: 10 seconds; at most 300.
+ */
+
+/**
+ * @typedef {object} MoveCubeProgress
+ * @property {ResponseHeader | null} header
+ * @property {string} step The step just done: "draining" (new read-write mounts refused), "frozen" (no change is taken), "exported", "received" (the target holds it, not served), "switched" (the directory names the target, at `epoch`), "settled" (the target serves it), "done" (the old copy is deleted).
+ * @property {string} from_node
+ * @property {string} to_node
+ * @property {number} epoch The directory entry's epoch after this step.
+ * @property {number} archive_bytes The archive's size, from "exported" on.
+ * @property {number} elapsed_seconds Seconds since the move started.
+ * @property {Cube | null} cube The cube as exported, from "exported" on.
+ */
+
+/**
+ * @typedef {object} ReceiveCubeRequest
+ * @property {ReceiveCubeStart | null} [start] First message only.
+ * @property {Uint8Array} [data] Every later message: the archive's next bytes, in order.
+ * @property {"start" | "data"} [part] which field of the oneof is set
+ */
+
+/**
+ * @typedef {object} ReceiveCubeStart
+ * @property {string} cube_id The cube's id, kept here; the directory must name from_node at epoch.
+ * @property {string} from_node
+ * @property {number} epoch
+ * @property {number} size_bytes The archive's size in bytes.
+ * @property {number} owner_revision The create_revision of from_node's member record in etcd: the move's directory switch is fenced on it (and on this node's own), so a received copy whose sender's record changed is never switched to.
+ */
+
+/**
+ * @typedef {object} ReceiveCubeResponse
+ * @property {ResponseHeader | null} header
+ * @property {Cube | null} cube The cube as received (not served until SettleCube, or this node's own check, finds the directory naming it).
+ */
+
+/**
+ * @typedef {object} SettleCubeRequest
+ * @property {string} cube_id
+ */
+
+/**
+ * @typedef {object} SettleCubeResponse
+ * @property {ResponseHeader | null} header
+ * @property {boolean} kept True: the directory names this node, which serves the cube now. False: it does not, and the received copy was dropped (or there was none).
+ */
+
+/**
  * @typedef {object} ResponseHeader Carried by every response message that has a header field: those of the cube, mount, item, history, activation and adapter syscalls, Train, Grant, Revoke and Purge (ExportAdapter: its first message only; Search: one per mount, in `headers`). Where the call concerns one cube, it names the cube and its HEAD revision as seen when the call finished. Exceptions: StatsResponse.header is left unset (Stats concerns no one cube), and these have no header field: GenerateResponse, WatchJobResponse, CancelJobResponse, ListJobsResponse (a Job names its cube), SchedulerStatusResponse, CreatePrincipalResponse, ListPrincipalsResponse, DisablePrincipalResponse, WhoAmIResponse, ListGrantsResponse and AuditResponse.
  * @property {string} cube_id The cube the call concerned; empty for daemon-wide calls.
  * @property {number} head_revision The cube's HEAD revision after the call. 0 means no commit yet.
@@ -905,7 +972,7 @@
  * @property {Item[]} context_after
  */
 
-/** @typedef {"ERROR_REASON_UNSPECIFIED" | "CUBE_NOT_FOUND" | "MOUNT_NOT_FOUND" | "REVISION_NOT_FOUND" | "ITEM_NOT_FOUND" | "CUBE_NAME_TAKEN" | "INVALID_FIELD" | "TEXT_EMPTY" | "TEXT_TOO_LARGE" | "TOO_MANY_ITEMS" | "INVALID_PAGE_TOKEN" | "MALFORMED_REQUEST" | "MOUNT_READ_ONLY" | "COMMIT_CONFLICT" | "STAGING_FULL" | "SHUTTING_DOWN" | "INTERNAL_ERROR" | "CUBE_EMPTY" | "CONTEXT_EXCEEDED" | "POOL_TOO_SMALL" | "MODEL_UNAVAILABLE" | "ADAPTER_INVALID" | "ADAPTER_TOO_LARGE" | "ADAPTER_MISMATCH" | "ADAPTER_NOT_FOUND" | "JOB_NOT_FOUND" | "TRAINING_IN_PROGRESS" | "JOB_FINISHED" | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "PRINCIPAL_NOT_FOUND" | "PRINCIPAL_NAME_TAKEN" | "CUBE_FROZEN" | "REVISION_COMPACTED" | "DISK_FULL" | "QUOTA_EXCEEDED" | "STREAM_IDLE" | "REQUEST_ID_REUSED" | "ARCHIVE_INVALID" | "EXTRACTION_IN_PROGRESS" | "CLUSTER_UNAVAILABLE" | "CUBE_UNAVAILABLE"} ErrorReason The stable `reason` of the google.rpc.ErrorInfo carried by every error. ErrorInfo.reason is the enum value's name as written here, e.g. "CUBE_NOT_FOUND"; ErrorInfo.domain is "memosd.v1". Each reason always comes with the same gRPC status code, given in brackets. Unlike every other enum in memos.v1, the values carry no ERROR_REASON_ prefix, on purpose, and will not get one. The contract is the reason string, not the number: no message has an ErrorReason field, clients match ErrorInfo.reason (the Python and Node clients' error classes, the OpenAI API's error.code, the MCP server's errors, scripts), and the strings are AIP-193's UPPER_SNAKE_CASE reasons. A prefix would change every string (a break for every client), and prefixed aliases (allow_alias) would buy nothing: the daemon sends names, never numbers, and an alias would only give each reason two spellings. This is googleapis' own choice for google.api.ErrorReason (SERVICE_DISABLED, API_KEY_INVALID, ...). The cost is C++-style scoping: no other enum in memos.v1 may use these names. */
+/** @typedef {"ERROR_REASON_UNSPECIFIED" | "CUBE_NOT_FOUND" | "MOUNT_NOT_FOUND" | "REVISION_NOT_FOUND" | "ITEM_NOT_FOUND" | "CUBE_NAME_TAKEN" | "INVALID_FIELD" | "TEXT_EMPTY" | "TEXT_TOO_LARGE" | "TOO_MANY_ITEMS" | "INVALID_PAGE_TOKEN" | "MALFORMED_REQUEST" | "MOUNT_READ_ONLY" | "COMMIT_CONFLICT" | "STAGING_FULL" | "SHUTTING_DOWN" | "INTERNAL_ERROR" | "CUBE_EMPTY" | "CONTEXT_EXCEEDED" | "POOL_TOO_SMALL" | "MODEL_UNAVAILABLE" | "ADAPTER_INVALID" | "ADAPTER_TOO_LARGE" | "ADAPTER_MISMATCH" | "ADAPTER_NOT_FOUND" | "JOB_NOT_FOUND" | "TRAINING_IN_PROGRESS" | "JOB_FINISHED" | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "PRINCIPAL_NOT_FOUND" | "PRINCIPAL_NAME_TAKEN" | "CUBE_FROZEN" | "REVISION_COMPACTED" | "DISK_FULL" | "QUOTA_EXCEEDED" | "STREAM_IDLE" | "REQUEST_ID_REUSED" | "ARCHIVE_INVALID" | "EXTRACTION_IN_PROGRESS" | "CLUSTER_UNAVAILABLE" | "CUBE_UNAVAILABLE" | "CUBE_MOVING" | "MOVE_REFUSED"} ErrorReason The stable `reason` of the google.rpc.ErrorInfo carried by every error. ErrorInfo.reason is the enum value's name as written here, e.g. "CUBE_NOT_FOUND"; ErrorInfo.domain is "memosd.v1". Each reason always comes with the same gRPC status code, given in brackets. Unlike every other enum in memos.v1, the values carry no ERROR_REASON_ prefix, on purpose, and will not get one. The contract is the reason string, not the number: no message has an ErrorReason field, clients match ErrorInfo.reason (the Python and Node clients' error classes, the OpenAI API's error.code, the MCP server's errors, scripts), and the strings are AIP-193's UPPER_SNAKE_CASE reasons. A prefix would change every string (a break for every client), and prefixed aliases (allow_alias) would buy nothing: the daemon sends names, never numbers, and an alias would only give each reason two spellings. This is googleapis' own choice for google.api.ErrorReason (SERVICE_DISABLED, API_KEY_INVALID, ...). The cost is C++-style scoping: no other enum in memos.v1 may use these names. */
 
 /** @typedef {"ACTIVATION_SOURCE_UNSPECIFIED" | "ACTIVATION_SOURCE_POOL" | "ACTIVATION_SOURCE_STORE" | "ACTIVATION_SOURCE_COMPUTED"} ActivationSource How Activate obtained a cube's KV cache. */
 

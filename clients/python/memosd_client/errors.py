@@ -185,6 +185,19 @@ class CubeUnavailable(Unavailable):
     default_reason = "CUBE_UNAVAILABLE"
 
 
+class CubeMoving(Unavailable):
+    """The cube is moving to another cluster node (MoveCube): changes are refused until the move ends
+    (seconds); a retry then reaches the new owner. metadata["to"] names it."""
+
+    default_reason = "CUBE_MOVING"
+
+
+class MoveRefused(FailedPrecondition):
+    """MoveCube cannot be made as asked; the message says why."""
+
+    default_reason = "MOVE_REFUSED"
+
+
 class InternalError(Internal):
     default_reason = "INTERNAL_ERROR"
 
@@ -319,6 +332,7 @@ _BY_REASON: dict[str, type[MemosError]] = {
         TrainingInProgress, JobFinished, AuthenticationFailed, AccessDenied, PrincipalNotFound,
         PrincipalNameTaken, CubeFrozen, RevisionCompacted, DiskFull, QuotaExceeded, StreamIdle,
         RequestIdReused, ArchiveInvalid, ExtractionInProgress, ClusterUnavailable, CubeUnavailable,
+        CubeMoving, MoveRefused,
     )
 }
 

@@ -9,7 +9,20 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from memosd_client import __version__
-from memosd_client.cli import adapter, chat, completion, cubes, govern, history, ingest, jobs, mcp, mem, sched
+from memosd_client.cli import (
+    adapter,
+    chat,
+    cluster,
+    completion,
+    cubes,
+    govern,
+    history,
+    ingest,
+    jobs,
+    mcp,
+    mem,
+    sched,
+)
 from memosd_client.cli.connect import DaemonNotFound, connection, refused_token_hint
 from memosd_client.cli.inputs import UsageError
 from memosd_client.cli.output import Output
@@ -88,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.register(nouns)
     govern.register(nouns)
     sched.register(nouns)
+    cluster.register(nouns)
     mcp.register(nouns)
     completion.register(nouns)  # after every command: it completes what the parser holds
     _accept_output_anywhere(parser)

@@ -51,7 +51,7 @@ from memosd_client.client.retry import (
     new_request_id,
     retrying,
 )
-from memosd_client.errors import CubeNameTaken, CubeNotFound, TooManyItems, Unknown, from_rpc_error
+from memosd_client.errors import CubeNameTaken, CubeNotFound, DataLoss, TooManyItems, Unknown, from_rpc_error
 from memosd_client.v1 import memos_pb2, memos_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -229,6 +229,37 @@ class Client:
             raise from_rpc_error(e) from e
         finally:
             stream.cancel()  # a no-op once the stream has ended
+
+    def move_cube(
+        self,
+        cube: str,
+        to_node: str,
+        *,
+        drain_seconds: float = 0.0,
+        progress: Callable[[memos_pb2.MoveCubeProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> memos_pb2.MoveCubeProgress:
+        """Move the cube (id or name) to the cluster node ``to_node``, keeping its id and revisions
+        (docs/ARCHITECTURE.md, Cluster). Any node takes the call (its owner runs it). ``progress`` sees each
+        step ("draining", "frozen", "exported", "received", "switched", "settled", "done"); returns the last.
+        Raises MoveRefused (nothing moved), CubeMoving (a move of it runs already). ``drain_seconds`` (0: 10 s)
+        bounds the wait for its open read-write mounts. ``timeout`` (default: none) bounds the whole move.
+        Not retried: a move that failed left the cube where it was."""
+        stream = self._stub.MoveCube(memos_pb2.MoveCubeRequest(cube=cube, to_node=to_node,
+                                                               drain_seconds=drain_seconds), timeout=timeout)
+        last = None
+        try:
+            for step in stream:
+                last = step
+                if progress is not None:
+                    progress(step)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()
+        if last is None:
+            raise DataLoss("MoveCube ended without a step")
+        return last
 
     def import_cube(
         self,

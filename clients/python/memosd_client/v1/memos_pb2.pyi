@@ -1115,6 +1115,26 @@ class ClusterStats(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CubesPerNodeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     JOINED_FIELD_NUMBER: _builtins.int
@@ -1125,6 +1145,13 @@ class ClusterStats(_message.Message):
     NOT_SERVED_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
     FORWARDED_CALLS_FIELD_NUMBER: _builtins.int
+    MOVES_OUT_FIELD_NUMBER: _builtins.int
+    MOVES_FAILED_FIELD_NUMBER: _builtins.int
+    MOVES_IN_FIELD_NUMBER: _builtins.int
+    MOVING_FIELD_NUMBER: _builtins.int
+    MEMBER_RECORDS_FIELD_NUMBER: _builtins.int
+    CUBES_PER_NODE_FIELD_NUMBER: _builtins.int
+    ETCD_ENDPOINTS_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name among the members ([cluster] node_name)."""
     address: _builtins.str
@@ -1139,6 +1166,11 @@ class ClusterStats(_message.Message):
     """The last failure talking to etcd; empty once a call works again."""
     forwarded_calls: _builtins.int
     """Calls this node forwarded to their cube's owner since it started (syscalls/router.py)."""
+    moves_out: _builtins.int
+    """Moves this node drove as a cube's owner (MoveCube): finished, and given up (the cube stayed here)."""
+    moves_failed: _builtins.int
+    moves_in: _builtins.int
+    """Cubes received from another node's move (ReceiveCube) and kept (the directory named this node)."""
     @_builtins.property
     def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The live members' names, as last read."""
@@ -1153,6 +1185,22 @@ class ClusterStats(_message.Message):
     def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Cubes the directory gives to this node that it does not have (a release that failed after FreeCube)."""
 
+    @_builtins.property
+    def moving(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Cubes being moved now (out of or into this node)."""
+
+    @_builtins.property
+    def member_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterMember]:
+        """The live members as last read, in full (memosctl cluster members)."""
+
+    @_builtins.property
+    def cubes_per_node(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """How many cubes the directory gives to each node, from this node's copy of it."""
+
+    @_builtins.property
+    def etcd_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The etcd endpoints this node talks to ([cluster] etcd)."""
+
     def __init__(
         self,
         *,
@@ -1166,14 +1214,54 @@ class ClusterStats(_message.Message):
         not_served: _abc.Iterable[_builtins.str] | None = ...,
         missing: _abc.Iterable[_builtins.str] | None = ...,
         forwarded_calls: _builtins.int = ...,
+        moves_out: _builtins.int = ...,
+        moves_failed: _builtins.int = ...,
+        moves_in: _builtins.int = ...,
+        moving: _abc.Iterable[_builtins.str] | None = ...,
+        member_records: _abc.Iterable[Global___ClusterMember] | None = ...,
+        cubes_per_node: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        etcd_endpoints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "forwarded_calls", b"forwarded_calls", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "members", b"members", "members_age_seconds", b"members_age_seconds", "missing", b"missing", "node_name", b"node_name", "not_served", b"not_served"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cubes_per_node", b"cubes_per_node", "etcd_endpoints", b"etcd_endpoints", "forwarded_calls", b"forwarded_calls", "joined", b"joined", "last_error", b"last_error", "lease_renewals", b"lease_renewals", "member_records", b"member_records", "members", b"members", "members_age_seconds", b"members_age_seconds", "missing", b"missing", "moves_failed", b"moves_failed", "moves_in", b"moves_in", "moves_out", b"moves_out", "moving", b"moving", "node_name", b"node_name", "not_served", b"not_served"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterStats: _TypeAlias = ClusterStats  # noqa: Y015
+
+@_typing.final
+class ClusterMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    address: _builtins.str
+    """Where its gRPC server is reached."""
+    version: _builtins.str
+    """The memosd version it runs."""
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp:
+        """When it joined."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "started", b"started", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterMember: _TypeAlias = ClusterMember  # noqa: Y015
 
 @_typing.final
 class AdapterPoolStats(_message.Message):
@@ -3034,3 +3122,223 @@ class CompactResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompactResponse: _TypeAlias = CompactResponse  # noqa: Y015
+
+@_typing.final
+class MoveCubeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_FIELD_NUMBER: _builtins.int
+    TO_NODE_FIELD_NUMBER: _builtins.int
+    DRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    cube: _builtins.str
+    """The cube, by id or name."""
+    to_node: _builtins.str
+    """The target: a live cluster member's node name, not the owner's."""
+    drain_seconds: _builtins.float
+    """How long to wait for the cube's open read-write mounts to close (new ones are
+    refused meanwhile); still open then, the move is refused (MOVE_REFUSED) and
+    nothing changed. 0: 10 seconds; at most 300.
+    """
+    def __init__(
+        self,
+        *,
+        cube: _builtins.str = ...,
+        to_node: _builtins.str = ...,
+        drain_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "drain_seconds", b"drain_seconds", "to_node", b"to_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveCubeRequest: _TypeAlias = MoveCubeRequest  # noqa: Y015
+
+@_typing.final
+class MoveCubeProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    TO_NODE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ARCHIVE_BYTES_FIELD_NUMBER: _builtins.int
+    ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
+    CUBE_FIELD_NUMBER: _builtins.int
+    step: _builtins.str
+    """The step just done: "draining" (new read-write mounts refused), "frozen"
+    (no change is taken), "exported", "received" (the target holds it, not
+    served), "switched" (the directory names the target, at `epoch`),
+    "settled" (the target serves it), "done" (the old copy is deleted).
+    """
+    from_node: _builtins.str
+    to_node: _builtins.str
+    epoch: _builtins.int
+    """The directory entry's epoch after this step."""
+    archive_bytes: _builtins.int
+    """The archive's size, from "exported" on."""
+    elapsed_seconds: _builtins.float
+    """Seconds since the move started."""
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def cube(self) -> _types_pb2.Cube:
+        """The cube as exported, from "exported" on."""
+
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        step: _builtins.str = ...,
+        from_node: _builtins.str = ...,
+        to_node: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        archive_bytes: _builtins.int = ...,
+        elapsed_seconds: _builtins.float = ...,
+        cube: _types_pb2.Cube | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_bytes", b"archive_bytes", "cube", b"cube", "elapsed_seconds", b"elapsed_seconds", "epoch", b"epoch", "from_node", b"from_node", "header", b"header", "step", b"step", "to_node", b"to_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveCubeProgress: _TypeAlias = MoveCubeProgress  # noqa: Y015
+
+@_typing.final
+class ReceiveCubeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Every later message: the archive's next bytes, in order."""
+    @_builtins.property
+    def start(self) -> Global___ReceiveCubeStart:
+        """First message only."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___ReceiveCubeStart | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "part", b"part", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "part", b"part", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["start", "data"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ReceiveCubeRequest: _TypeAlias = ReceiveCubeRequest  # noqa: Y015
+
+@_typing.final
+class ReceiveCubeStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    OWNER_REVISION_FIELD_NUMBER: _builtins.int
+    cube_id: _builtins.str
+    """The cube's id, kept here; the directory must name from_node at epoch."""
+    from_node: _builtins.str
+    epoch: _builtins.int
+    size_bytes: _builtins.int
+    """The archive's size in bytes."""
+    owner_revision: _builtins.int
+    """The create_revision of from_node's member record in etcd: the move's directory switch is fenced on
+    it (and on this node's own), so a received copy whose sender's record changed is never switched to.
+    """
+    def __init__(
+        self,
+        *,
+        cube_id: _builtins.str = ...,
+        from_node: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        owner_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube_id", b"cube_id", "epoch", b"epoch", "from_node", b"from_node", "owner_revision", b"owner_revision", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveCubeStart: _TypeAlias = ReceiveCubeStart  # noqa: Y015
+
+@_typing.final
+class ReceiveCubeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CUBE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    @_builtins.property
+    def cube(self) -> _types_pb2.Cube:
+        """The cube as received (not served until SettleCube, or this node's own check, finds the directory
+        naming it).
+        """
+
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        cube: _types_pb2.Cube | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube", b"cube", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveCubeResponse: _TypeAlias = ReceiveCubeResponse  # noqa: Y015
+
+@_typing.final
+class SettleCubeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUBE_ID_FIELD_NUMBER: _builtins.int
+    cube_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        cube_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cube_id", b"cube_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleCubeRequest: _TypeAlias = SettleCubeRequest  # noqa: Y015
+
+@_typing.final
+class SettleCubeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    kept: _builtins.bool
+    """True: the directory names this node, which serves the cube now. False: it does not, and the received
+    copy was dropped (or there was none).
+    """
+    @_builtins.property
+    def header(self) -> _types_pb2.ResponseHeader: ...
+    def __init__(
+        self,
+        *,
+        header: _types_pb2.ResponseHeader | None = ...,
+        kept: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "kept", b"kept"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleCubeResponse: _TypeAlias = SettleCubeResponse  # noqa: Y015

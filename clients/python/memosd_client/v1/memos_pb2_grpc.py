@@ -254,6 +254,21 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.ImportCubeRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.ImportCubeResponse.FromString,
                 _registered_method=True)
+        self.MoveCube = channel.unary_stream(
+                '/memos.v1.MemOS/MoveCube',
+                request_serializer=memos_dot_v1_dot_memos__pb2.MoveCubeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.MoveCubeProgress.FromString,
+                _registered_method=True)
+        self.ReceiveCube = channel.stream_unary(
+                '/memos.v1.MemOS/ReceiveCube',
+                request_serializer=memos_dot_v1_dot_memos__pb2.ReceiveCubeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ReceiveCubeResponse.FromString,
+                _registered_method=True)
+        self.SettleCube = channel.unary_unary(
+                '/memos.v1.MemOS/SettleCube',
+                request_serializer=memos_dot_v1_dot_memos__pb2.SettleCubeRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.SettleCubeResponse.FromString,
+                _registered_method=True)
 
 
 class MemOSServicer:
@@ -673,6 +688,39 @@ class MemOSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveCube(self, request, context):
+        """--- cluster: moving a cube between nodes (docs/ARCHITECTURE.md, Cluster) ---
+
+        Moves a cube to another cluster node, keeping its id and revisions: its
+        owner stops taking changes (read-write mounts drain first), exports it,
+        the target receives it without serving it, the directory entry in etcd is
+        switched by a compare-and-swap (epoch + 1), then the target serves it and
+        the old copy is deleted. Answered by the cube's owner (any node forwards
+        it); streams one message per step. While it runs, changes to the cube are
+        refused with CUBE_MOVING. Needs the admin right on the cube.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveCube(self, request_iterator, context):
+        """Node to node, part of MoveCube (its owner calls the target): the cube's
+        archive, received under its own id and not served until the directory
+        names this node. Daemon admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleCube(self, request, context):
+        """Node to node, part of MoveCube: settle a received cube by the directory:
+        serve it if the directory names this node, drop it otherwise. Daemon
+        admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemOSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -895,6 +943,21 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.ImportCube,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.ImportCubeRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.ImportCubeResponse.SerializeToString,
+            ),
+            'MoveCube': grpc.unary_stream_rpc_method_handler(
+                    servicer.MoveCube,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.MoveCubeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.MoveCubeProgress.SerializeToString,
+            ),
+            'ReceiveCube': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReceiveCube,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.ReceiveCubeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ReceiveCubeResponse.SerializeToString,
+            ),
+            'SettleCube': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleCube,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.SettleCubeRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.SettleCubeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2085,6 +2148,87 @@ class MemOS:
             '/memos.v1.MemOS/ImportCube',
             memos_dot_v1_dot_memos__pb2.ImportCubeRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.ImportCubeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveCube(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memos.v1.MemOS/MoveCube',
+            memos_dot_v1_dot_memos__pb2.MoveCubeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.MoveCubeProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveCube(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/memos.v1.MemOS/ReceiveCube',
+            memos_dot_v1_dot_memos__pb2.ReceiveCubeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ReceiveCubeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleCube(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/SettleCube',
+            memos_dot_v1_dot_memos__pb2.SettleCubeRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.SettleCubeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -286,6 +286,27 @@ class MemOSStub:
     The first message names the cube; the later ones carry the archive's
     bytes. Changes: adds one cube.
     """
+    MoveCube: _grpc.UnaryStreamMultiCallable[_memos_pb2.MoveCubeRequest, _memos_pb2.MoveCubeProgress]
+    """--- cluster: moving a cube between nodes (docs/ARCHITECTURE.md, Cluster) ---
+
+    Moves a cube to another cluster node, keeping its id and revisions: its
+    owner stops taking changes (read-write mounts drain first), exports it,
+    the target receives it without serving it, the directory entry in etcd is
+    switched by a compare-and-swap (epoch + 1), then the target serves it and
+    the old copy is deleted. Answered by the cube's owner (any node forwards
+    it); streams one message per step. While it runs, changes to the cube are
+    refused with CUBE_MOVING. Needs the admin right on the cube.
+    """
+    ReceiveCube: _grpc.StreamUnaryMultiCallable[_memos_pb2.ReceiveCubeRequest, _memos_pb2.ReceiveCubeResponse]
+    """Node to node, part of MoveCube (its owner calls the target): the cube's
+    archive, received under its own id and not served until the directory
+    names this node. Daemon admins only.
+    """
+    SettleCube: _grpc.UnaryUnaryMultiCallable[_memos_pb2.SettleCubeRequest, _memos_pb2.SettleCubeResponse]
+    """Node to node, part of MoveCube: settle a received cube by the directory:
+    serve it if the directory names this node, drop it otherwise. Daemon
+    admins only.
+    """
 
 @_typing.type_check_only
 class MemOSAsyncStub(MemOSStub):
@@ -518,6 +539,27 @@ class MemOSAsyncStub(MemOSStub):
     corrupt one is refused with ARCHIVE_INVALID and leaves nothing behind.
     The first message names the cube; the later ones carry the archive's
     bytes. Changes: adds one cube.
+    """
+    MoveCube: _aio.UnaryStreamMultiCallable[_memos_pb2.MoveCubeRequest, _memos_pb2.MoveCubeProgress]  # type: ignore[assignment]
+    """--- cluster: moving a cube between nodes (docs/ARCHITECTURE.md, Cluster) ---
+
+    Moves a cube to another cluster node, keeping its id and revisions: its
+    owner stops taking changes (read-write mounts drain first), exports it,
+    the target receives it without serving it, the directory entry in etcd is
+    switched by a compare-and-swap (epoch + 1), then the target serves it and
+    the old copy is deleted. Answered by the cube's owner (any node forwards
+    it); streams one message per step. While it runs, changes to the cube are
+    refused with CUBE_MOVING. Needs the admin right on the cube.
+    """
+    ReceiveCube: _aio.StreamUnaryMultiCallable[_memos_pb2.ReceiveCubeRequest, _memos_pb2.ReceiveCubeResponse]  # type: ignore[assignment]
+    """Node to node, part of MoveCube (its owner calls the target): the cube's
+    archive, received under its own id and not served until the directory
+    names this node. Daemon admins only.
+    """
+    SettleCube: _aio.UnaryUnaryMultiCallable[_memos_pb2.SettleCubeRequest, _memos_pb2.SettleCubeResponse]  # type: ignore[assignment]
+    """Node to node, part of MoveCube: settle a received cube by the directory:
+    serve it if the directory names this node, drop it otherwise. Daemon
+    admins only.
     """
 
 class MemOSServicer(metaclass=_abc_1.ABCMeta):
@@ -1012,6 +1054,45 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         corrupt one is refused with ARCHIVE_INVALID and leaves nothing behind.
         The first message names the cube; the later ones carry the archive's
         bytes. Changes: adds one cube.
+        """
+
+    @_abc_1.abstractmethod
+    def MoveCube(
+        self,
+        request: _memos_pb2.MoveCubeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memos_pb2.MoveCubeProgress], _abc.AsyncIterator[_memos_pb2.MoveCubeProgress]]:
+        """--- cluster: moving a cube between nodes (docs/ARCHITECTURE.md, Cluster) ---
+
+        Moves a cube to another cluster node, keeping its id and revisions: its
+        owner stops taking changes (read-write mounts drain first), exports it,
+        the target receives it without serving it, the directory entry in etcd is
+        switched by a compare-and-swap (epoch + 1), then the target serves it and
+        the old copy is deleted. Answered by the cube's owner (any node forwards
+        it); streams one message per step. While it runs, changes to the cube are
+        refused with CUBE_MOVING. Needs the admin right on the cube.
+        """
+
+    @_abc_1.abstractmethod
+    def ReceiveCube(
+        self,
+        request_iterator: _MaybeAsyncIterator[_memos_pb2.ReceiveCubeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ReceiveCubeResponse, _abc.Awaitable[_memos_pb2.ReceiveCubeResponse]]:
+        """Node to node, part of MoveCube (its owner calls the target): the cube's
+        archive, received under its own id and not served until the directory
+        names this node. Daemon admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def SettleCube(
+        self,
+        request: _memos_pb2.SettleCubeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.SettleCubeResponse, _abc.Awaitable[_memos_pb2.SettleCubeResponse]]:
+        """Node to node, part of MoveCube: settle a received cube by the directory:
+        serve it if the directory names this node, drop it otherwise. Daemon
+        admins only.
         """
 
 def add_MemOSServicer_to_server(servicer: MemOSServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -236,6 +236,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[UNAVAILABLE] The cube's owner node cannot be reached (down, or not a live member); the message and
     metadata (owner, address) name it. Every other cube keeps serving.
     """
+    CUBE_MOVING: _ErrorReason.ValueType  # 42
+    """[UNAVAILABLE] The cube is moving to another cluster node (MoveCube): writes, commits and read-write mounts
+    are refused until the move ends (seconds); a retry then reaches the new owner. metadata.to names it.
+    """
+    MOVE_REFUSED: _ErrorReason.ValueType  # 43
+    """[FAILED_PRECONDITION] MoveCube cannot be made as asked (not a cluster node, the target is not a live
+    member, read-write mounts stayed open, the directory changed meanwhile); the message says which.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable `reason` of the google.rpc.ErrorInfo carried by every error.
@@ -348,6 +356,14 @@ back; calls on existing cubes still work.
 CUBE_UNAVAILABLE: ErrorReason.ValueType  # 41
 """[UNAVAILABLE] The cube's owner node cannot be reached (down, or not a live member); the message and
 metadata (owner, address) name it. Every other cube keeps serving.
+"""
+CUBE_MOVING: ErrorReason.ValueType  # 42
+"""[UNAVAILABLE] The cube is moving to another cluster node (MoveCube): writes, commits and read-write mounts
+are refused until the move ends (seconds); a retry then reaches the new owner. metadata.to names it.
+"""
+MOVE_REFUSED: ErrorReason.ValueType  # 43
+"""[FAILED_PRECONDITION] MoveCube cannot be made as asked (not a cluster node, the target is not a live
+member, read-write mounts stayed open, the directory changed meanwhile); the message says which.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
