@@ -35,9 +35,11 @@ from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
+from memosd.cluster.etcd import EtcdError
+from memosd.cluster.grants import EtcdGovernance
 from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
-from memosd.errors import DiskFull
+from memosd.errors import ClusterUnavailable, DiskFull
 from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
@@ -148,6 +150,7 @@ class Daemon:
     http_server: HttpServer | None = None  # None: http.listen = ""
     cluster: ClusterNode | None = None  # None: a single node (cluster.etcd = [])
     router: Router | None = None  # a cluster node's forwarding (syscalls/router.py)
+    governance: EtcdGovernance | None = None  # a cluster node's principals and grants (cluster/grants.py)
 
     def stats(self) -> pb.StatsResponse:
         """The Stats message the metrics gauges read (without the gate's call counts)."""
@@ -232,8 +235,12 @@ def build(config: Config) -> Daemon:
 
     started = time.time()
     stop_event = threading.Event()
-    principals = Principals(store)
-    token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
+    governance = _cluster_governance(config, cluster, store) if cluster is not None else None
+    principals = Principals(governance if governance is not None else store)
+    try:  # on a cluster node: the first node to start makes the admin in etcd, the others find it
+        token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
+    except ClusterUnavailable as error:
+        raise StartupError(f"cannot make the cluster's first admin: {error.message}") from None
     if token_file is not None:
         log_event(log, "admin_created", token_file=str(token_file),
                   hint="the admin's token; memosctl reads it from there, or pass it with --token-file")
@@ -241,6 +248,8 @@ def build(config: Config) -> Daemon:
         log_event(log, "auth_disabled", level=logging.WARNING,
                   hint="security.auth = false: every caller acts as an admin; never do this outside a benchmark")
     access = AccessControl(kernel, principals)
+    if governance is not None:  # disabled on any node: its mounts here close too
+        governance.on_disabled = access.close_mounts
     # A job commits its result only while the principal that started it still holds the train right.
     jobs = JobManager(kernel, model_host,
                       commit_guard=access.still_holds, store=store,
@@ -305,10 +314,27 @@ def build(config: Config) -> Daemon:
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
                     f"{host}:{port}", lock_handle, started, stop_event, audit, store, stats, metrics_server,
-                    lifecycle, http_server, cluster, router)
+                    lifecycle, http_server, cluster, router, governance)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
+
+
+def _cluster_governance(config: Config, cluster: ClusterNode, store: Store) -> EtcdGovernance:
+    """A cluster node's principals and grants: etcd's, read before anything is served; this node's own
+    (from before it was a member) copied in once where absent (cluster/grants.py, migrate)."""
+    lease = config.cluster.lease_seconds
+    governance = EtcdGovernance(cluster.client, check_seconds=lease / 3, trust_seconds=lease)
+    try:
+        governance.start()
+        principals, grants = governance.migrate(store.iter_principals(), store.iter_grants())
+    except (EtcdError, ClusterUnavailable) as error:
+        governance.stop()
+        raise StartupError(f"cannot read the cluster's principals and grants at {', '.join(config.cluster.etcd)} "
+                           f"(cluster.etcd): {error}") from None
+    log_event(log, "cluster_access_read", principals=len(governance.principals()), grants=len(governance.grants()),
+              migrated_principals=principals, migrated_grants=grants)
+    return governance
 
 
 def _cluster_status(cluster: ClusterNode, router: Router | None) -> Callable[[], ClusterStatus]:
@@ -488,6 +514,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     notifier.stopping("draining in-flight calls")
     if daemon.cluster is not None:  # out of the member list first, so no one sends us new calls
         daemon.cluster.leave()
+    if daemon.governance is not None:
+        daemon.governance.stop()
     # Calls that reach the gate from now on (an HTTP chat, a gRPC call racing the stop) are refused with
     # SHUTTING_DOWN, which clients retry against the restarted daemon; calls already in flight finish.
     daemon.servicer.gate.draining = True
