@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from etcd_rig import EtcdCluster
@@ -16,6 +17,7 @@ from etcd_rig import EtcdCluster
 from memosd.cluster.etcd import EtcdClient
 from memosd.cluster.grants import UNAVAILABLE, EtcdGovernance
 from memosd.errors import ClusterUnavailable, PrincipalNameTaken, PrincipalNotFound
+from memosd.governance.principals import ADMIN_TOKEN_FILE, Principals
 from memosd.kernel import ids
 from memosd.store.records import GrantRecord, PrincipalRecord
 
@@ -162,3 +164,18 @@ def test_a_joining_nodes_own_principals_are_copied_once_unless_the_name_is_taken
     assert b.principal(carol.principal_id) == carol and b.principal(own_admin.principal_id) is None
     _until(lambda: a.principal(carol.principal_id) == carol and a.grant(CUBE, carol.principal_id) is not None, 2)
     assert b.migrate([own_admin, carol], [grant]) == (0, 0)  # once
+
+
+def test_the_first_node_to_start_makes_the_admin_and_the_others_find_it(
+        pair: tuple[EtcdGovernance, EtcdGovernance], tmp_path: Path) -> None:
+    a, b = pair
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    path = Principals(a).bootstrap_admin(first)
+    assert path is not None
+    token = path.read_text().strip()
+    _until(lambda: len(b.principals()) == 1, 2)
+    on_b = Principals(b)
+    assert on_b.bootstrap_admin(second) is None and not (second / ADMIN_TOKEN_FILE).exists()
+    assert on_b.authenticate(token).admin  # the first node's admin token, checked on the other
