@@ -187,6 +187,23 @@ def _add_port(server: grpc.aio.Server, config: Config) -> int:
     return int(server.add_secure_port(config.server.listen, credentials))
 
 
+def _node_credentials(config: Config) -> grpc.ChannelCredentials | None:
+    """TLS for calls forwarded to the other nodes when this node serves TLS (they are configured alike):
+    trusting cluster.tls_ca_file (else the client CA, else the system's roots) and presenting this node's
+    own certificate, for the nodes that demand one (mTLS). None: plaintext, as the node serves."""
+    security = config.security
+    if not security.tls_cert_file:
+        return None
+    ca_file = config.cluster.tls_ca_file or security.tls_client_ca_file
+    try:
+        ca = Path(ca_file).expanduser().read_bytes() if ca_file else None
+        key = Path(security.tls_key_file).expanduser().read_bytes()
+        cert = Path(security.tls_cert_file).expanduser().read_bytes()
+    except OSError as error:
+        raise StartupError(f"cannot read a TLS file: {error}; check security.tls_* and cluster.tls_ca_file") from None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 def build(config: Config) -> Daemon:
     """Open everything and bind the port; nothing is served until `server.start()`."""
     # Imported here: torch and friends take seconds; `memosd --help` should not.
@@ -260,7 +277,8 @@ def build(config: Config) -> Daemon:
     gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics, server=config.server,
                 quotas=config.quotas)
     gate.placement = cluster is not None
-    router = (Router(cluster.view, config.cluster.node_name, max_message_bytes=config.server.max_message_bytes)
+    router = (Router(cluster.view, config.cluster.node_name, max_message_bytes=config.server.max_message_bytes,
+                     credentials=_node_credentials(config))
               if cluster is not None else None)
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
