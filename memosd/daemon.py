@@ -345,7 +345,8 @@ def _cluster_governance(config: Config, cluster: ClusterNode, store: Store) -> E
     governance = EtcdGovernance(cluster.client, check_seconds=lease / 3, trust_seconds=lease)
     try:
         governance.start()
-        principals, grants = governance.migrate(store.iter_principals(), store.iter_grants())
+        principals, grants = governance.migrate(config.cluster.node_name, store.iter_principals(),
+                                                store.iter_grants())
     except (EtcdError, ClusterUnavailable) as error:
         governance.stop()
         raise StartupError(f"cannot read the cluster's principals and grants at {', '.join(config.cluster.etcd)} "

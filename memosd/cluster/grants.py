@@ -7,6 +7,7 @@ Keys (under ``root``, ``memosd/`` in a cluster; values JSON):
                                          the token's sha256 only, as on one node, never the token
   access/principal-names/<name>          the principal id holding the name (names are unique)
   access/grants/<cube_id>/<principal_id> {rights, granted_by, update_ns, expire_ns}
+  access/migrated/<node_name>            {time_ns}: the node's own principals and grants were copied in
 
 Every change is one txn: a new principal only if its id and its name are both absent; a disable only if
 the principal is there; a grant's read-modify-write only if the key is unchanged since it was read (its
@@ -165,8 +166,11 @@ class EtcdGovernance:
                 if not revision:
                     revision = self._load()
                     self.reloads += 1
+                started = self._clock()
                 revision = self._watch(revision + 1)
                 self.last_error = ""
+                if self._clock() - started < RETRY_SECONDS:  # a member that ends every watch at once
+                    self._stop.wait(RETRY_SECONDS)
             except EtcdError as e:
                 if not self.last_error:
                     log_event(log, "cluster_access_unread", level=logging.WARNING, error=str(e))
@@ -345,11 +349,17 @@ class EtcdGovernance:
                 self._set(key, None)
 
     # -- a node that joins with principals and grants of its own ---------------------------------------
-    def migrate(self, principals: Iterable[PrincipalRecord], grants: Iterable[GrantRecord]) -> tuple[int, int]:
-        """Copy this node's local principals and grants into etcd once, where absent: a principal keeps its
-        id and token hash (its tokens then work on every node) unless its name is another principal's in
-        the cluster (not migrated, logged: its tokens stop working here); a grant is copied if its key is
-        absent. Returns (principals, grants) copied. Local rows are kept, untouched."""
+    def migrate(self, node: str, principals: Iterable[PrincipalRecord], grants: Iterable[GrantRecord]
+                ) -> tuple[int, int]:
+        """Copy this node's local principals and grants into etcd, once per node name (``migrated/<node>``
+        says it was done), where absent: a principal keeps its id and token hash (its tokens then work on
+        every node) unless its name is another principal's in the cluster (not migrated, logged: its tokens
+        stop working here); a grant is copied if its key is absent. Once only: the local rows are kept and
+        not updated while the node is a member, so copying them at every start would bring back a grant
+        revoked meanwhile. Returns (principals, grants) copied."""
+        marker = f"{self.prefix}migrated/{node}"
+        if marker in self._keys:
+            return 0, 0
         moved_principals = moved_grants = 0
         for record in principals:
             if self.principal(record.principal_id) is not None:
@@ -370,6 +380,9 @@ class EtcdGovernance:
             if ok:
                 moved_grants += 1
                 self._noted(revision, [(key, value)])
+        done = json.dumps({"time_ns": time.time_ns()})
+        _, revision, _ = self._txn([], [Put(marker, done)])
+        self._noted(revision, [(marker, done)])
         return moved_principals, moved_grants
 
 
