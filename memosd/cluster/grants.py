@@ -19,7 +19,8 @@ over ``access/``, then a watch from the revision after it; the range again when 
 revocation reaches every node through its watch (milliseconds). A watch can also fall silently behind (a
 member cut off from its leader streams nothing): every ``check_seconds`` the follower asks etcd for the
 keys changed after the revision it has applied, and how many keys there are; anything changed, or a
-count that differs (a delete), and it reads everything again. So a node that can reach a majority
+count that differs (a delete), and (once events in flight had SETTLE_SECONDS to arrive) it reads
+everything again. So a node that can reach a majority
 member honours a revoked grant for at most ``check_seconds`` (plus a read) past the revoke. Without
 quorum the check asks a surviving member (serializable): nothing can be revoked then. A node that
 cannot confirm its copy at all for ``trust_seconds`` fails safe: rights that come from a grant are
@@ -47,6 +48,7 @@ from memosd.cluster.etcd import (
     KeyValue,
     Put,
     RangeResult,
+    Watch,
     WatchEvent,
 )
 from memosd.errors import ClusterUnavailable
@@ -59,6 +61,7 @@ log = logging.getLogger("memosd.cluster")
 
 ROOT = "memosd/"
 RETRY_SECONDS = 0.5
+SETTLE_SECONDS = 0.2  # a check that finds changes waits this long for events in flight before a full read
 CHANGE_TRIES = 5  # a grant's read-modify-write lost to a concurrent change this often is refused
 
 UNAVAILABLE = ("the cluster's principals and grants are unavailable (etcd has no quorum): principal and grant "
@@ -193,10 +196,24 @@ class EtcdGovernance:
                     return self._applied
                 if self._clock() >= next_check:
                     next_check = self._clock() + self.check_seconds
-                    if self.check() is False:
+                    if self.check() is False and not self._settled(watch):
                         log_event(log, "cluster_access_behind", level=logging.WARNING, applied=self._applied)
                         return 0
         return self._applied
+
+    def _settled(self, watch: Watch) -> bool:
+        """A check that found changes may have raced their events, still on the way: apply what arrives
+        within SETTLE_SECONDS, then ask again. False: still behind (or the watch ended): read it all."""
+        deadline = self._clock() + SETTLE_SECONDS
+        while (left := deadline - self._clock()) > 0:
+            try:
+                for event in watch.next(timeout=left):
+                    self._apply(event)
+            except TimeoutError:
+                break
+            except StopIteration:
+                return False
+        return self.check() is not False
 
     def check(self) -> bool | None:
         """Is the cache current? True (and confirmed now), False (a key changed after the applied revision,
