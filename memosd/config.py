@@ -215,6 +215,11 @@ class ClusterConfig:
     # The membership lease: a node that stops renewing it leaves the member list this long after its last
     # renewal (renewed every third of it). etcd grants 2 s at the least.
     lease_seconds: int = 5
+    # With security.tls_cert_file set, calls forwarded to another node go over TLS, and this CA (PEM) is what
+    # the other nodes' certificates must be signed by. Empty: security.tls_client_ca_file, else the
+    # system's roots. The node presents its own certificate (security.tls_cert_file) to the other nodes,
+    # so mTLS between them works when their certificates are signed by their client CA.
+    tls_ca_file: str = ""
 
 
 @dataclass(frozen=True)

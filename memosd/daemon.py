@@ -37,9 +37,11 @@ from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
 from memosd.cluster.marks import MoveMarks
 from memosd.cluster.move import CubeMover
+from memosd.cluster.etcd import EtcdError
+from memosd.cluster.grants import EtcdGovernance
 from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
-from memosd.errors import DiskFull
+from memosd.errors import ClusterUnavailable, DiskFull
 from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
@@ -150,6 +152,7 @@ class Daemon:
     http_server: HttpServer | None = None  # None: http.listen = ""
     cluster: ClusterNode | None = None  # None: a single node (cluster.etcd = [])
     router: Router | None = None  # a cluster node's forwarding (syscalls/router.py)
+    governance: EtcdGovernance | None = None  # a cluster node's principals and grants (cluster/grants.py)
 
     def stats(self) -> pb.StatsResponse:
         """The Stats message the metrics gauges read (without the gate's call counts)."""
@@ -184,6 +187,23 @@ def _add_port(server: grpc.aio.Server, config: Config) -> int:
     credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                               require_client_auth=client_ca is not None)
     return int(server.add_secure_port(config.server.listen, credentials))
+
+
+def _node_credentials(config: Config) -> grpc.ChannelCredentials | None:
+    """TLS for calls forwarded to the other nodes when this node serves TLS (they are configured alike):
+    trusting cluster.tls_ca_file (else the client CA, else the system's roots) and presenting this node's
+    own certificate, for the nodes that demand one (mTLS). None: plaintext, as the node serves."""
+    security = config.security
+    if not security.tls_cert_file:
+        return None
+    ca_file = config.cluster.tls_ca_file or security.tls_client_ca_file
+    try:
+        ca = Path(ca_file).expanduser().read_bytes() if ca_file else None
+        key = Path(security.tls_key_file).expanduser().read_bytes()
+        cert = Path(security.tls_cert_file).expanduser().read_bytes()
+    except OSError as error:
+        raise StartupError(f"cannot read a TLS file: {error}; check security.tls_* and cluster.tls_ca_file") from None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 def build(config: Config) -> Daemon:
@@ -234,8 +254,12 @@ def build(config: Config) -> Daemon:
 
     started = time.time()
     stop_event = threading.Event()
-    principals = Principals(store)
-    token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
+    governance = _cluster_governance(config, cluster, store) if cluster is not None else None
+    principals = Principals(governance if governance is not None else store)
+    try:  # on a cluster node: the first node to start makes the admin in etcd, the others find it
+        token_file = principals.bootstrap_admin(config.data_dir) if config.security.auth else None
+    except ClusterUnavailable as error:
+        raise StartupError(f"cannot make the cluster's first admin: {error.message}") from None
     if token_file is not None:
         log_event(log, "admin_created", token_file=str(token_file),
                   hint="the admin's token; memosctl reads it from there, or pass it with --token-file")
@@ -243,6 +267,8 @@ def build(config: Config) -> Daemon:
         log_event(log, "auth_disabled", level=logging.WARNING,
                   hint="security.auth = false: every caller acts as an admin; never do this outside a benchmark")
     access = AccessControl(kernel, principals)
+    if governance is not None:  # disabled on any node: its mounts here close too
+        governance.on_disabled = access.close_mounts
     # A job commits its result only while the principal that started it still holds the train right.
     jobs = JobManager(kernel, model_host,
                       commit_guard=access.still_holds, store=store,
@@ -253,7 +279,8 @@ def build(config: Config) -> Daemon:
     gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics, server=config.server,
                 quotas=config.quotas)
     gate.placement = cluster is not None
-    router = (Router(cluster.view, config.cluster.node_name, max_message_bytes=config.server.max_message_bytes)
+    router = (Router(cluster.view, config.cluster.node_name, max_message_bytes=config.server.max_message_bytes,
+                     credentials=_node_credentials(config))
               if cluster is not None else None)
     scheduler = (Scheduler(kernel, activator, model_host, usage, jobs=jobs,
                            interval=config.scheduler.interval_seconds, max_per_tick=config.scheduler.max_per_tick)
@@ -312,7 +339,7 @@ def build(config: Config) -> Daemon:
         else health_pb2.HealthCheckResponse.SERVING)))
     daemon = Daemon(config, kernel, model_host, activator, server, loop, servicer, health_servicer,
                     f"{host}:{port}", lock_handle, started, stop_event, audit, store, stats, metrics_server,
-                    lifecycle, http_server, cluster, router)
+                    lifecycle, http_server, cluster, router, governance)
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
@@ -326,6 +353,22 @@ def _drop_local(kernel: Kernel, removal: CubeRemoval) -> Callable[[str], None]:
             removal.free(cube_id, local=True)
 
     return drop
+def _cluster_governance(config: Config, cluster: ClusterNode, store: Store) -> EtcdGovernance:
+    """A cluster node's principals and grants: etcd's, read before anything is served; this node's own
+    (from before it was a member) copied in once where absent (cluster/grants.py, migrate)."""
+    lease = config.cluster.lease_seconds
+    governance = EtcdGovernance(cluster.client, check_seconds=lease / 3, trust_seconds=lease)
+    try:
+        governance.start()
+        principals, grants = governance.migrate(config.cluster.node_name, store.iter_principals(),
+                                                store.iter_grants())
+    except (EtcdError, ClusterUnavailable) as error:
+        governance.stop()
+        raise StartupError(f"cannot read the cluster's principals and grants at {', '.join(config.cluster.etcd)} "
+                           f"(cluster.etcd): {error}") from None
+    log_event(log, "cluster_access_read", principals=len(governance.principals()), grants=len(governance.grants()),
+              migrated_principals=principals, migrated_grants=grants)
+    return governance
 
 
 def _cluster_status(cluster: ClusterNode, router: Router | None) -> Callable[[], ClusterStatus]:
@@ -506,6 +549,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     notifier.stopping("draining in-flight calls")
     if daemon.cluster is not None:  # out of the member list first, so no one sends us new calls
         daemon.cluster.leave()
+    if daemon.governance is not None:
+        daemon.governance.stop()
     # Calls that reach the gate from now on (an HTTP chat, a gRPC call racing the stop) are refused with
     # SHUTTING_DOWN, which clients retry against the restarted daemon; calls already in flight finish.
     daemon.servicer.gate.draining = True

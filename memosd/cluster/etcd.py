@@ -217,8 +217,13 @@ Op = Get | Put | Delete
 
 
 def _range_request(key: Key, prefix: bool, *, limit: int = 0, serializable: bool = False,
-                   range_end: Key | None = None) -> dict[str, Any]:
+                   range_end: Key | None = None, keys_only: bool = False,
+                   min_mod_revision: int = 0) -> dict[str, Any]:
     doc: dict[str, Any] = {"key": _enc(key)}
+    if keys_only:
+        doc["keys_only"] = True
+    if min_mod_revision:
+        doc["min_mod_revision"] = str(min_mod_revision)
     if prefix:
         doc["range_end"] = _enc(prefix_end(key))
     elif range_end is not None:
@@ -307,12 +312,14 @@ class EtcdClient:
         return found[0] if found else None
 
     def range(self, key: Key, *, prefix: bool = False, range_end: Key | None = None, limit: int = 0,
-              serializable: bool = False) -> RangeResult:
+              serializable: bool = False, keys_only: bool = False, min_mod_revision: int = 0) -> RangeResult:
         """The keys ``key`` (or every key under the prefix ``key``, or ``[key, range_end)``) in key order.
         ``serializable`` reads the answering member's copy without asking the leader: it works without
-        quorum, and may be stale."""
+        quorum, and may be stale. ``keys_only`` leaves the values out; ``min_mod_revision`` keeps only
+        keys changed at or after it (``count`` still counts every key in the range)."""
         doc = self._call("/v3/kv/range", _range_request(key, prefix, limit=limit, serializable=serializable,
-                                                       range_end=range_end))
+                                                       range_end=range_end, keys_only=keys_only,
+                                                       min_mod_revision=min_mod_revision))
         return _range_result(doc)
 
     def put(self, key: Key, value: Key, *, lease: int = 0) -> int:

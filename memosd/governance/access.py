@@ -8,7 +8,10 @@ lacks a right gets PERMISSION_DENIED naming it. Mounts belong to the principal
 that opened them; anyone else's mount id is MOUNT_NOT_FOUND, like an unknown one.
 
 Rights are checked on every call, not only at Mount, so a revoked or expired
-grant stops a principal's next call through a mount it still holds.
+grant stops a principal's next call through a mount it still holds. Grants live in the
+GovernanceStore (governance/ports.py: this node's RocksDB, or etcd on a cluster node); when a shared
+store cannot confirm its copy is current (``unconfirmed``), rights that come from a grant are refused
+with CLUSTER_UNAVAILABLE rather than trusted, while owners and admins keep theirs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
-from memosd.errors import CubeNotFound, InvalidField, PermissionDenied
+from memosd.errors import ClusterUnavailable, CubeNotFound, InvalidField, PermissionDenied
 from memosd.governance.principals import Principals
 from memosd.kernel.kernel import CubeState, Kernel, MountState, mount_not_found
 from memosd.store.records import CubeRecord, GrantRecord, PrincipalRecord
@@ -61,18 +64,15 @@ class AccessControl:
     def __init__(self, kernel: Kernel, principals: Principals) -> None:
         self.kernel = kernel
         self.principals = principals
+        self.rows = principals.rows  # principals and grants are kept in one GovernanceStore
         self._lock = threading.Lock()
-        self._grants: dict[tuple[str, str], GrantRecord] = {}
-        self.store = principals.store  # governance keeps its rows (principals, grants) in the same store
-        for grant in self.store.iter_grants():
-            self._grants[(grant.cube_id, grant.principal_id)] = grant
 
     # -- the check -------------------------------------------------------------
     def rights(self, caller: PrincipalRecord, cube: CubeRecord) -> frozenset[Right]:
         if caller.admin or (cube.owner and cube.owner == caller.principal_id):
             return ALL_RIGHTS
-        grant = self._grants.get((cube.cube_id, caller.principal_id))
-        if grant is None or (grant.expire_ns and grant.expire_ns <= time.time_ns()):
+        grant = self.rows.grant(cube.cube_id, caller.principal_id)
+        if grant is None or (grant.expire_ns and grant.expire_ns <= time.time_ns()) or self.rows.unconfirmed():
             return frozenset()
         return frozenset(Right(r) for r in grant.rights)
 
@@ -116,6 +116,10 @@ class AccessControl:
     def _require(self, caller: PrincipalRecord, cube: CubeState, ref: str, needed: frozenset[Right]) -> None:
         held = self.rights(caller, cube.record)
         if not held:
+            unconfirmed = self.rows.unconfirmed()
+            if unconfirmed and self.rows.grant(cube.cube_id, caller.principal_id) is not None:
+                # Fail safe: the grant may have been revoked elsewhere. It never names the cube.
+                raise ClusterUnavailable(unconfirmed)
             raise CubeNotFound(f"no cube with id or name {ref!r}", cube=ref)
         missing = sorted(needed - held)
         if missing:
@@ -142,13 +146,14 @@ class AccessControl:
         if cube.record.owner == grantee.principal_id:
             raise InvalidField(f"principal {grantee.name!r} owns cube {cube.record.name!r} and holds every right "
                                "on it already", field="principal")
-        with self._lock:
-            key = (cube.cube_id, grantee.principal_id)
-            held = self._grants.get(key)
+
+        def add(held: GrantRecord | None) -> GrantRecord:
             current = set(held.rights) if held and not (held.expire_ns and held.expire_ns <= time.time_ns()) else set()
-            record = GrantRecord(cube.cube_id, grantee.principal_id, sorted(current | {str(r) for r in wanted}),
-                                 caller.principal_id, time.time_ns(), expire_ns)
-            self._save(record)
+            return GrantRecord(cube.cube_id, grantee.principal_id, sorted(current | {str(r) for r in wanted}),
+                               caller.principal_id, time.time_ns(), expire_ns)
+
+        with self._lock:
+            self.rows.change_grant(cube.cube_id, grantee.principal_id, add)
         return self._view(cube.record, grantee.principal_id)
 
     def revoke(self, caller: PrincipalRecord, ref: str, principal_ref: str, rights: Iterable[Right]
@@ -160,17 +165,16 @@ class AccessControl:
             raise InvalidField(f"principal {grantee.name!r} owns cube {cube.record.name!r}; an owner's rights "
                                "cannot be revoked", field="principal")
         taken = {str(r) for r in rights}
+
+        def take(held: GrantRecord | None) -> GrantRecord | None:
+            left = sorted(set(held.rights) - taken) if held is not None and taken else []
+            if held is None or not left:
+                return None
+            return GrantRecord(held.cube_id, held.principal_id, left, caller.principal_id, time.time_ns(),
+                               held.expire_ns)
+
         with self._lock:
-            key = (cube.cube_id, grantee.principal_id)
-            held = self._grants.get(key)
-            if held is not None:
-                left = sorted(set(held.rights) - taken) if taken else []
-                if left:
-                    self._save(GrantRecord(held.cube_id, held.principal_id, left, caller.principal_id,
-                                           time.time_ns(), held.expire_ns))
-                else:
-                    del self._grants[key]
-                    self.store.delete_grant(*key)
+            self.rows.change_grant(cube.cube_id, grantee.principal_id, take)
         closed = self.close_mounts(grantee.principal_id, cube.cube_id)
         return self._view(cube.record, grantee.principal_id), closed
 
@@ -179,10 +183,10 @@ class AccessControl:
         if ref:
             cube = self.cube(caller, ref, {Right.GRANT})
             views = [self._view(cube.record, cube.record.owner)] if cube.record.owner else []
-            return views + [self._view(cube.record, pid) for (cid, pid) in sorted(self._grants) if cid == cube.cube_id]
+            return views + [self._view(cube.record, pid) for (cid, pid) in self._grant_keys() if cid == cube.cube_id]
         records = {record.cube_id: record for record in self.kernel.cube_records()}
         mine = [record for record in records.values() if record.owner == caller.principal_id]
-        granted = [records[cid] for (cid, pid) in sorted(self._grants) if pid == caller.principal_id and cid in records]
+        granted = [records[cid] for (cid, pid) in self._grant_keys() if pid == caller.principal_id and cid in records]
         return [self._view(record, caller.principal_id) for record in mine + granted]
 
     def close_mounts(self, principal_id: str, cube_id: str = "") -> int:
@@ -193,20 +197,19 @@ class AccessControl:
         return len(doomed)
 
     def forget_cube(self, cube_id: str) -> None:
-        """FreeCube deleted the cube's grant rows with its key range; drop them from memory too."""
+        """FreeCube deleted the cube's grant rows with its key range; drop them from memory too (and from
+        etcd on a cluster node)."""
         with self._lock:
-            for key in [k for k in self._grants if k[0] == cube_id]:
-                del self._grants[key]
+            self.rows.forget_cube(cube_id)
+
+    def _grant_keys(self) -> list[tuple[str, str]]:
+        return sorted((g.cube_id, g.principal_id) for g in self.rows.grants())
 
     def _view(self, cube: CubeRecord, principal_id: str) -> GrantView:
         if cube.owner and cube.owner == principal_id:
             return GrantView(cube.cube_id, principal_id, ALL_RIGHTS, owner=True, update_ns=cube.create_ns)
-        grant = self._grants.get((cube.cube_id, principal_id))
+        grant = self.rows.grant(cube.cube_id, principal_id)
         if grant is None:
             return GrantView(cube.cube_id, principal_id, frozenset())
         return GrantView(cube.cube_id, principal_id, frozenset(Right(r) for r in grant.rights), grant.granted_by,
                          grant.update_ns, grant.expire_ns)
-
-    def _save(self, record: GrantRecord) -> None:
-        self.store.put_grant(record)
-        self._grants[(record.cube_id, record.principal_id)] = record

@@ -6,8 +6,10 @@ sha256(secret) against the stored hash, with no timing signal about other
 principals' tokens. The secret (32 random bytes) is never stored; a lost
 token cannot be recovered, only replaced by a new principal.
 
-On first start, when the store has no principal, the daemon creates ``admin``
-and writes its token to a file only its owner can read (0600).
+On first start, when there is no principal, the daemon creates ``admin``
+and writes its token to a file only its owner can read (0600). Where principals live is the
+GovernanceStore's business (governance/ports.py): this node's RocksDB, or etcd on a cluster node,
+where the first node to start makes the admin and the others find it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from memosd.errors import PrincipalNameTaken, PrincipalNotFound, Unauthenticated
+from memosd.errors import PrincipalNameTaken, Unauthenticated
 from memosd.fsutil import fsync_path
+from memosd.governance.local import LocalGovernance, name_taken, principal_not_found
+from memosd.governance.ports import GovernanceStore
 from memosd.kernel import ids, validate
 from memosd.kernel.paging import decode_token, encode_token, page_size
 from memosd.kernel.types import Page
@@ -51,15 +55,14 @@ def mint_token(principal_id: str) -> tuple[str, str]:
 
 
 class Principals:
-    """Every principal, held in memory (there are few) and written through to the store, synced."""
+    """Every principal, read from the GovernanceStore's memory; changes written through it."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, rows: Store | GovernanceStore) -> None:
+        self.rows: GovernanceStore = LocalGovernance(rows) if isinstance(rows, Store) else rows
         self._lock = threading.Lock()
-        self._by_id: dict[str, PrincipalRecord] = {p.principal_id: p for p in store.iter_principals()}
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self.rows.principals())
 
     @property
     def lock(self) -> threading.Lock:
@@ -73,7 +76,7 @@ class Principals:
             raise Unauthenticated(_NO_TOKEN)
         prefix, _, rest = token.partition(".")
         principal_id, _, secret = rest.partition(".")
-        principal = self._by_id.get(principal_id) if prefix == TOKEN_PREFIX else None
+        principal = self.rows.principal(principal_id) if prefix == TOKEN_PREFIX else None
         # Compare even for an unknown id, so both refusals take the same time.
         expected = principal.token_hash if principal is not None else "0" * 64
         if not hmac.compare_digest(_hash(secret), expected) or principal is None or principal.disabled:
@@ -84,48 +87,51 @@ class Principals:
     def create(self, name: str, kind: Kind, admin: bool, created_by: str) -> tuple[PrincipalRecord, str]:
         validate.principal_name(name)
         with self._lock:
-            if any(p.name == name for p in self._by_id.values()):
-                raise PrincipalNameTaken(f"a principal named {name!r} exists; pick another name", name=name)
+            if any(p.name == name for p in self.rows.principals()):  # the store checks again, atomically
+                raise name_taken(name)
             principal_id = ids.new_id(ids.PRINCIPAL_PREFIX)
             token, token_hash = mint_token(principal_id)
             record = PrincipalRecord(principal_id, name, kind, admin, token_hash, time.time_ns(), created_by)
-            self._save(record)
+            self.rows.add_principal(record)
         return record, token
 
     def get(self, ref: str) -> PrincipalRecord:
         """By id or name. Raises ``PrincipalNotFound``."""
-        found = self._by_id.get(ref) or next((p for p in self._by_id.values() if p.name == ref), None)
+        found = self.rows.principal(ref) or next((p for p in self.rows.principals() if p.name == ref), None)
         if found is None:
-            raise PrincipalNotFound(f"no principal with id or name {ref!r}; list them with ListPrincipals",
-                                    principal=ref)
+            raise principal_not_found(ref)
         return found
 
     def disable(self, ref: str) -> PrincipalRecord:
         with self._lock:
             record = replace(self.get(ref), disabled=True)
-            self._save(record)
+            self.rows.update_principal(record)
         return record
 
     def list(self, requested: int, token: str) -> Page[PrincipalRecord]:
         size = page_size(requested)
         after = str(decode_token(token, "principals") or "")
-        rows = sorted((p for p in self._by_id.values() if p.principal_id > after), key=lambda p: p.principal_id)
+        rows = sorted((p for p in self.rows.principals() if p.principal_id > after), key=lambda p: p.principal_id)
         page = rows[:size]
         more = len(rows) > size
         return Page(page, encode_token("principals", page[-1].principal_id) if more else "")
 
     def bootstrap_admin(self, data_dir: Path) -> Path | None:
-        """On an empty store, create the admin principal and write its token to ``data_dir/admin.token``
-        (mode 0600, created exclusively). Returns the file's path, or None when principals exist.
+        """When there is no principal, create the admin principal and write its token to
+        ``data_dir/admin.token`` (mode 0600, created exclusively). Returns the file's path, or None when
+        principals exist (on a cluster node: another node made the admin first, even a moment ago).
 
         The token is written (to a side file, synced) before the principal is saved, and renamed into place
         after: a crash never leaves an admin whose token is nowhere. A start that finds the side file of an
-        interrupted bootstrap finishes the rename."""
+        interrupted bootstrap finishes the rename if that admin was saved, and drops the file if not."""
         path, pending = data_dir / ADMIN_TOKEN_FILE, data_dir / f"{ADMIN_TOKEN_FILE}.new"
-        if self._by_id:
+        if len(self):
             if pending.exists() and not path.exists():
-                os.replace(pending, path)
-                fsync_path(data_dir)
+                if self._saved(pending.read_text().strip()):
+                    os.replace(pending, path)
+                    fsync_path(data_dir)
+                else:
+                    pending.unlink()
             return None
         path.unlink(missing_ok=True)  # a stale file from a wiped store must not survive with an old token
         pending.unlink(missing_ok=True)
@@ -136,12 +142,20 @@ class Principals:
             f.write(token + "\n")
             f.flush()
             os.fsync(f.fileno())
-        with self._lock:
-            self._save(PrincipalRecord(principal_id, ADMIN_NAME, "user", True, token_hash, time.time_ns(), ""))
+        try:
+            with self._lock:
+                self.rows.add_principal(PrincipalRecord(principal_id, ADMIN_NAME, "user", True, token_hash,
+                                                        time.time_ns(), ""))
+        except PrincipalNameTaken:  # a cluster node: another node's admin won the name
+            pending.unlink()
+            return None
         os.replace(pending, path)
         fsync_path(data_dir)
         return path
 
-    def _save(self, record: PrincipalRecord) -> None:
-        self.store.put_principal(record)
-        self._by_id[record.principal_id] = record
+    def _saved(self, token: str) -> bool:
+        try:
+            self.authenticate(token)
+        except Unauthenticated:
+            return False
+        return True

@@ -54,7 +54,8 @@ class CubeRemoval:
         # The store rows went with the cube's key range; its pooled KV caches go now.
         self.activator.drop_pooled(cube_id)
         self.activator.forget_persisted(cube_id)
-        self.access.forget_cube(cube_id)
+        if not local:  # a moved cube's grants (etcd's, under its id) are the new owner's now: they stay
+            self.access.forget_cube(cube_id)
         if self.usage is not None:
             self.usage.forget_cube(cube_id)
         return FreedCube(cube_id, freed.revisions, freed.versions, freed.mounts)

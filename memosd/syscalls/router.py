@@ -81,9 +81,11 @@ class _Placed:
 
 
 class Router:
-    def __init__(self, view: DirectoryView, node: str, *, max_message_bytes: int) -> None:
+    def __init__(self, view: DirectoryView, node: str, *, max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.view = view
         self.node = node
+        self._credentials = credentials  # TLS to the other nodes (the daemon's TLS is on); None: plaintext
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes)]
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -99,7 +101,9 @@ class Router:
         cannot say."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            channel = self._channels[address] = (
+                grpc.aio.secure_channel(address, self._credentials, options=self._options)
+                if self._credentials is not None else grpc.aio.insecure_channel(address, options=self._options))
         return channel
 
     # -- where a call goes -------------------------------------------------------------------------------

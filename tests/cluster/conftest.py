@@ -47,3 +47,11 @@ def client(etcd: EtcdCluster) -> EtcdClient:
 def prefix() -> str:
     """A key prefix of the test's own: the tests share one etcd and must not see each other's keys."""
     return f"test/{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture
+def empty_access(etcd: EtcdCluster) -> EtcdCluster:
+    """No principals or grants in the shared etcd (memosd/access/): a daemon started now is the cluster's
+    first, so it makes the admin and writes admin.token (later daemons with auth on find that admin)."""
+    etcd.client().delete("memosd/access/", prefix=True)
+    return etcd

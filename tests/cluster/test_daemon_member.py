@@ -36,8 +36,9 @@ def _refused(daemon: DaemonProcess) -> str:
     return log
 
 
-def test_a_daemon_joins_as_a_member_and_leaves_at_sigterm(etcd: EtcdCluster, client: EtcdClient,
+def test_a_daemon_joins_as_a_member_and_leaves_at_sigterm(empty_access: EtcdCluster, client: EtcdClient,
                                                            tmp_path: Path) -> None:
+    etcd = empty_access  # the cluster's first daemon with auth on: it makes the admin (first.token)
     name = f"node-{uuid.uuid4().hex[:8]}"
     first = DaemonProcess(tmp_path / "first", env=_cluster_env(etcd.endpoints, name)).start()
     try:

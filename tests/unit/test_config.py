@@ -372,7 +372,8 @@ def test_http_listen_is_off_by_default_and_set_from_the_environment(home: Path) 
 def test_cluster_is_off_by_default(home: Path) -> None:
     cfg = load_config([], env_with(home))
     assert cfg.cluster == ClusterConfig() and cfg.cluster.etcd == () and cfg.cluster.lease_seconds == 5
-    assert cfg.to_dict()["cluster"] == {"etcd": [], "node_name": "", "advertise": "", "lease_seconds": 5}
+    assert cfg.to_dict()["cluster"] == {"etcd": [], "node_name": "", "advertise": "", "lease_seconds": 5,
+                                        "tls_ca_file": ""}
 
 
 def test_cluster_from_file_env_and_flags(home: Path, tmp_path: Path) -> None:
