@@ -139,7 +139,7 @@ class RuntimeConfig:
     # seen before), composed (each block's own KV at its new position: an approximation), or auto (exact
     # where a seen combination covers it, composed elsewhere). A request may choose (options.compose).
     compose: str = "exact"
-    compose_recompute: float = 0.05  # composed: the share of each later block's first tokens recomputed
+    compose_recompute: float = 0.01  # composed: the share of each later block's first tokens recomputed
 
 
 @dataclass(frozen=True)

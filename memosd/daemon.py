@@ -35,10 +35,10 @@ from memosd import __version__, config_toml
 from memosd.activation.activator import Activator
 from memosd.activation.generator import Generator
 from memosd.activation.scheduler import Scheduler
-from memosd.cluster.marks import MoveMarks
-from memosd.cluster.move import CubeMover
 from memosd.cluster.etcd import EtcdError
 from memosd.cluster.grants import EtcdGovernance
+from memosd.cluster.marks import MoveMarks
+from memosd.cluster.move import CubeMover
 from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
 from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
 from memosd.errors import ClusterUnavailable, DiskFull

@@ -404,9 +404,10 @@ def _layer_tensors(dyn: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[t
     for i, layer in enumerate(dyn.layers):
         # The model may have swapped in other layer kinds (sliding window, linear attention):
         # their state is not a prefix KV that can be stored and replayed.
-        if type(layer) is not DynamicLayer:
+        if type(layer) is not DynamicLayer and type(layer) is not _growing_layer_class():
             raise UnsupportedModel(f"layer {i} keeps a {type(layer).__name__}, not a plain KV cache")
-        k, v = layer.keys, layer.values
+        plain: Any = layer  # a DynamicLayer, or our GrowingLayer (one)
+        k, v = plain.keys, plain.values
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
             raise UnsupportedModel(f"layer {i} produced no KV tensors")
         keys.append(k)
@@ -439,11 +440,12 @@ def check_model_supported(loaded: LoadedModel) -> None:
 
 
 def prepare_generation(
-    loaded: LoadedModel, cache: KVCache, token_ids: Sequence[int]
+    loaded: LoadedModel, cache: KVCache, token_ids: Sequence[int], *, capacity: int = 0
 ) -> tuple[DynamicCache, list[int]]:
     """A DynamicCache to extend from ``cache``, and the tokens of ``token_ids`` still to prefill.
 
-    Extending it never changes ``cache`` (see ``_shared_dynamic_cache``).
+    Extending it never changes ``cache`` (see ``_shared_dynamic_cache``). With ``capacity`` (the tokens
+    the generation may reach), its layers are ``GrowingLayer``s of that room, ``cache`` copied in once.
 
     ``token_ids`` is the whole prompt; it must start with exactly the cache's
     tokens and have at least one token after them (the model needs an input
@@ -458,6 +460,11 @@ def prepare_generation(
     if len(ids) <= n:
         raise ValueError("the prompt needs at least one token after the cached prefix")
     device, dtype = loaded.model.device, _model_dtype(loaded)
+    if capacity:
+        growing = growing_cache(max(capacity, len(ids)))
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
+            growing.update(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), i)
+        return growing, ids[n:]
     if cache.device == device and cache.dtype == dtype:
         return _shared_dynamic_cache(cache.keys, cache.values), ids[n:]
     # A cache held in another dtype/device (a caller's choice; from_chunks already casts) is copied over.
@@ -482,6 +489,71 @@ def _shared_dynamic_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.T
         layer: Any = cache.layers[i]  # a DynamicLayer: update() made it
         layer.keys, layer.values = k, v
     return cache
+
+
+def growing_cache(capacity: int) -> DynamicCache:
+    """An empty DynamicCache whose layers are ``GrowingLayer``s with room for ``capacity`` tokens."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = lambda: _growing_layer_class()(capacity)  # type: ignore[assignment]
+    return cache
+
+
+_GROWING: type | None = None
+
+
+def _growing_layer_class() -> Any:
+    """``GrowingLayer``, defined on first use: transformers is imported only where the model runs."""
+    global _GROWING
+    if _GROWING is not None:
+        return _GROWING
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):  # type: ignore[misc,no-untyped-call,unused-ignore]
+        """A full-attention layer whose KV live in buffers with room to grow: ``update`` writes into them
+        and returns views, where ``DynamicLayer`` concatenates, copying the whole layer at every forward
+        pass (a generation's prefill chunks, every token it decodes, and each composed block: at 2,600
+        tokens of SmolLM2 that is 120 MB a pass, most of the time of a short pass)."""
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()  # type: ignore[no-untyped-call,unused-ignore]
+            self.capacity = capacity
+            self.length = 0
+            self.key_buffer: torch.Tensor | None = None
+            self.value_buffer: torch.Tensor | None = None
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, _, d = key_states.shape
+            self.key_buffer = key_states.new_empty((b, h, self.capacity, d))
+            self.value_buffer = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+            self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            assert self.key_buffer is not None and self.value_buffer is not None
+            n, m = self.length, key_states.shape[-2]
+            if n + m > self.key_buffer.shape[2]:  # past the room planned: grow (once, by doubling)
+                room = max(2 * self.key_buffer.shape[2], n + m)
+                self.key_buffer = torch.cat([self.key_buffer[:, :, :n],
+                                             self.key_buffer.new_empty((*key_states.shape[:2], room - n,
+                                                                        key_states.shape[-1]))], dim=2)
+                self.value_buffer = torch.cat([self.value_buffer[:, :, :n],
+                                               self.value_buffer.new_empty((*value_states.shape[:2], room - n,
+                                                                            value_states.shape[-1]))], dim=2)
+            self.key_buffer[:, :, n:n + m].copy_(key_states)
+            self.value_buffer[:, :, n:n + m].copy_(value_states)
+            self.length = n + m
+            self.keys, self.values = self.key_buffer[:, :, :n + m], self.value_buffer[:, :, :n + m]
+            return self.keys, self.values
+
+    _GROWING = GrowingLayer
+    return GrowingLayer
 
 
 def _model_dtype(loaded: LoadedModel) -> torch.dtype:

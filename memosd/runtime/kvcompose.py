@@ -108,7 +108,6 @@ def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int) -> torch.T
 def place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement) -> None:
     """Append the placed part of ``placement``'s block (after its recomputed first tokens, which the caller
     ran through the model on ``dyn`` already) to the generation's cache, keys turned to their positions."""
-    import torch
 
     cache, skip = placement.cache, placement.recompute
     offset = dyn.get_seq_length() - skip  # where the block's token 0 sits in the prompt
@@ -116,7 +115,6 @@ def place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement) -> None:
         raise RuntimeError(f"a block placed at {offset} was planned at {placement.start}")
     device, dtype = loaded.model.device, next(loaded.model.parameters()).dtype
     for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-        layer: Any = dyn.layers[i]
         placed_k = rotate_keys(loaded, k[:, :, skip:].to(device=device, dtype=dtype), offset)
-        layer.keys = torch.cat([layer.keys, placed_k], dim=2)
-        layer.values = torch.cat([layer.values, v[:, :, skip:].to(device=device, dtype=dtype)], dim=2)
+        layer: Any = dyn.layers[i]  # full attention (compose_unsupported and check_model_supported)
+        layer.update(placed_k, v[:, :, skip:].to(device=device, dtype=dtype))

@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from memosd.runtime.decode import Sampler, TextStream
 from memosd.runtime.engine import Finished, Sampling, StreamEvent, Token, TokenStream
-from memosd.runtime.kvcache import ComputeCancelled, KVCache, prepare_generation, snapshot_prefix
+from memosd.runtime.kvcache import (
+    ComputeCancelled,
+    KVCache,
+    growing_cache,
+    prepare_generation,
+    snapshot_prefix,
+)
 from memosd.runtime.kvcompose import Placement, place
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_INTERACTIVE, RuntimeWorker, WorkerClosedError
@@ -157,13 +163,13 @@ class TransformersEngine:
 
     def _prefill(self, gen: _Generation, prefix: KVCache | None, prompt: list[int],
                  placements: tuple[Placement, ...]) -> None:
-        from transformers import DynamicCache
-
+        # Room for the prompt and the reply: no forward pass copies the cache (kvcache.GrowingLayer).
+        capacity = min(len(prompt) + max(gen.sampling.max_tokens, 1), gen.loaded.context_length)
         if prefix is not None:
-            gen.cache, _ = prepare_generation(gen.loaded, prefix, prompt)
+            gen.cache, _ = prepare_generation(gen.loaded, prefix, prompt, capacity=capacity)
             done = prefix.n_tokens
         else:
-            gen.cache, done = DynamicCache(), 0
+            gen.cache, done = growing_cache(capacity), 0
         for placement in placements:  # compute up to the block and its first tokens, then place the rest
             block = placement.cache
             if placement.start < done or \

@@ -198,6 +198,8 @@ def test_env_errors_name_key_and_variable(home: Path) -> None:
         "MEMOSD_QUOTAS__MAX_FOLLOWS_PER_PRINCIPAL": ("0", "quotas.max_follows_per_principal", "> 0"),
         "MEMOSD_SERVER__STREAM_IDLE_SECONDS": ("0", "server.stream_idle_seconds", "> 0"),
         "MEMOSD_LISTEN": ("nowhere", "server.listen", "host:port"),
+        "MEMOSD_RUNTIME__COMPOSE": ("blended", "runtime.compose", "exact, composed, auto"),
+        "MEMOSD_RUNTIME__COMPOSE_RECOMPUTE": ("1.5", "runtime.compose_recompute", "from 0 to 1"),
     }
     for var, (value, key, expected) in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -219,6 +221,14 @@ def test_flag_errors_name_key_and_flag(home: Path) -> None:
             load_config(argv, env_with(home))
         msg = str(err.value)
         assert key in msg and source in msg and expected in msg, (argv, msg)
+
+
+def test_compose_defaults_to_exact_and_takes_a_mode_in_any_case(home: Path) -> None:
+    default = load_config([], env_with(home)).runtime
+    assert (default.compose, default.compose_recompute) == ("exact", 0.01)
+    chosen = load_config(["--set", "runtime.compose=AUTO", "--set", "runtime.compose_recompute=0"],
+                         env_with(home)).runtime
+    assert (chosen.compose, chosen.compose_recompute) == ("auto", 0.0)
 
 
 def test_env_values_are_converted(home: Path) -> None:

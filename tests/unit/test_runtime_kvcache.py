@@ -175,15 +175,17 @@ def test_generation_never_mutates_the_cache(tiny: LoadedModel) -> None:
     model: Any = tiny.model
     ids = torch.tensor([[*prefix, *query]])
     runs = []
-    for _ in range(2):
-        dyn, _rest = prepare_generation(tiny, cache, ids[0].tolist())
+    # DynamicLayers sharing the cache's tensors, then GrowingLayers: one that must grow past its room
+    # while decoding, one with room to spare.
+    for capacity in (0, 0, ids.shape[1] + 2, 1000):
+        dyn, _rest = prepare_generation(tiny, cache, ids[0].tolist(), capacity=capacity)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids, past_key_values=dyn, max_new_tokens=10, min_new_tokens=10, do_sample=False
             )
         runs.append(out[0, ids.shape[1] :].tolist())
         assert dyn.get_seq_length() > cache.n_tokens  # the DynamicCache grew ...
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
     assert _unchanged(cache, snap)  # ... the KVCache did not
     assert cache.keys[0].shape[2] == 150
     with torch.no_grad():
