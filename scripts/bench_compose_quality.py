@@ -133,7 +133,7 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
            "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__POOL_BYTES": str(2 << 30),
            "MEMOSD_RUNTIME__ENGINE": "transformers", "MEMOSD_SCHEDULER__ENABLED": "false"}
-    modes = ["full", "exact"] + [f"composed@{f:g}" for f in args.fractions] + ["first cube only"]
+    modes = ["full", "exact"] + [f"composed@{f:g}" for f in args.needle_fractions] + ["first cube only"]
     right = dict.fromkeys(modes, 0)
     samples: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -186,7 +186,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=120, help="(a): prompts of 2-4 blocks")
     parser.add_argument("--needles", type=int, default=40, help="(b): needle questions through the daemon")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.15])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.05],
+                        help="(a): recompute fractions")
+    parser.add_argument("--needle-fractions", type=float, nargs="+", default=[0.0, 0.01, 0.05],
+                        help="(b): recompute fractions")
     parser.add_argument("--block-tokens", type=int, default=700)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache")
