@@ -18,7 +18,7 @@ BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
 (b) **Needle**, through gRPC (a daemon on the transformers engine): ``--needles`` facts ("The locker code
     of <name> is <4 digits>."), each planted at a random place in a cube of passages that is the 2nd or 3rd
     of 3 or 4 activated cubes (the others drawn from 4 filler cubes), and the question "What is the locker
-    code of <name>?". Greedy replies of up to 12 tokens; a reply is right when it contains the code.
+    code of <name>?". Greedy replies of up to 24 tokens (SmolLM2 spells a code digit by digit, after "The locker code of X is"); a reply is right when it contains the code.
     Modes side by side: full prefill (bypass_kv_cache), exact (compose EXACT: the later blocks computed,
     so the full prefill's reply), composed at each fraction, and first cube only (the needle's cube and
     every other after the first unmounted: what is lost without the later blocks).
@@ -166,7 +166,7 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
                         elif mode.startswith("composed@"):
                             options = {"compose": "composed", "compose_recompute": float(mode.split("@")[1])}
                         used = mounts[:1] if mode == "first cube only" else mounts
-                        gen = client.generate(question, used, max_tokens=12, retrieve_k=0, **options)
+                        gen = client.generate(question, used, max_tokens=24, retrieve_k=0, **options)
                         reply = gen.text()
                         sample[mode] = reply
                         right[mode] += int(code in reply)
