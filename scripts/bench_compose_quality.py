@@ -3,6 +3,8 @@
 
     .venv/bin/python scripts/bench_compose_quality.py                     # both parts, ~15 min on 2 cores
     .venv/bin/python scripts/bench_compose_quality.py --prompts 120 --needles 0   # (a) only
+    .venv/bin/python scripts/bench_compose_quality.py --prompts 0 --needles 96 --needle-fractions 0.01 \
+        --skip exact first-cube-only                                               # a larger needle run
 
 On the embedded SmolLM2-135M-Instruct, with memory blocks of about ``--block-tokens`` tokens of the shared
 BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
@@ -10,7 +12,7 @@ BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
 (a) **Next-token agreement**, in process: ``--prompts`` prompts, each of 2-4 blocks drawn in random order
     from a pool of 8 and a question about a passage of a later block. Each block's KV is computed once, on
     its own, from position 0 (as Activate computes it); the prompt is then composed exactly as the
-    transformers engine composes it (``kvcompose.place``: the first block's cache, each later block's
+    transformers engine composes it (``kvcompose.compose_prefill``: the first block's cache, each later block's
     first ``ceil(f x tokens)`` tokens recomputed over the prompt before them and the rest placed with its
     keys re-rotated; tests/unit/test_kvcompose.py checks the engine gives these very logits), for each
     recompute fraction ``f`` of ``--fractions``, and "first cube only" (the later blocks dropped). Top-1
@@ -49,7 +51,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from memosd.activation import render  # noqa: E402
 from memosd.runtime.kvcache import KVCache, compute_prefix_cache, prepare_generation  # noqa: E402
-from memosd.runtime.kvcompose import Placement, place, recompute_tokens  # noqa: E402
+from memosd.runtime.kvcompose import Placement, compose_prefill, recompute_tokens  # noqa: E402
 from memosd.runtime.model import LoadedModel, ModelSpec, load_model  # noqa: E402
 
 NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kwame", "Lena",
@@ -74,20 +76,16 @@ def next_logprobs(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def composed_cache(lm: LoadedModel, caches: list[KVCache], prompt: list[int], fraction: float) -> DynamicCache:
-    """The prompt's blocks as the transformers engine composes them (TransformersEngine._prefill)."""
-    model: Any = lm.model
+def composed_logprobs(lm: LoadedModel, caches: list[KVCache], prompt: list[int], fraction: float) -> torch.Tensor:
+    """The next-token distribution after ``prompt`` as the transformers engine composes it: the first block's
+    cache, then ``kvcompose.compose_prefill`` (the engine's own prefill of composed blocks)."""
     dyn, _ = prepare_generation(lm, caches[0], prompt)
-    start = caches[0].n_tokens
+    placements, start = [], caches[0].n_tokens
     for cache in caches[1:]:
-        placement = Placement(start, cache, recompute_tokens(cache.n_tokens, fraction))
-        if placement.recompute:
-            with torch.no_grad():
-                model(input_ids=torch.tensor([list(cache.token_ids[:placement.recompute])]), past_key_values=dyn,
-                      use_cache=True, logits_to_keep=1)
-        place(lm, dyn, placement)
+        placements.append(Placement(start, cache, recompute_tokens(cache.n_tokens, fraction)))
         start += cache.n_tokens
-    return dyn
+    logits = compose_prefill(lm, dyn, prompt, caches[0].n_tokens, placements, chunk=len(prompt))
+    return torch.log_softmax(logits[0, -1].float(), dim=-1)
 
 
 def agreement(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -109,9 +107,9 @@ def agreement(lm: LoadedModel, passages: list[str], args: argparse.Namespace) ->
         for case in cases:
             if case == "first cube only":
                 dyn, _ = prepare_generation(lm, own[chosen[0]], blocks[chosen[0]] + tail)
+                got = next_logprobs(lm, dyn, tail)
             else:
-                dyn = composed_cache(lm, [own[j] for j in chosen], prompt, float(case.split("@")[1]))
-            got = next_logprobs(lm, dyn, tail)
+                got = composed_logprobs(lm, [own[j] for j in chosen], prompt, float(case.split("@")[1]))
             agree[case] += int(got.argmax() == full.argmax())
             kls[case].append(float((full.exp() * (full - got)).sum()))
         if (i + 1) % 20 == 0:
@@ -134,6 +132,7 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
            "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__POOL_BYTES": str(2 << 30),
            "MEMOSD_RUNTIME__ENGINE": "transformers", "MEMOSD_SCHEDULER__ENABLED": "false"}
     modes = ["full", "exact"] + [f"composed@{f:g}" for f in args.needle_fractions] + ["first cube only"]
+    modes = [m for m in modes if m.split("@")[0].replace(" ", "-") not in args.skip]
     right = dict.fromkeys(modes, 0)
     samples: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -178,8 +177,13 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
                               flush=True)
         finally:
             daemon.stop()
+    # Paired against the full prefill (the same questions): the ones a mode lost and the ones it gained.
+    paired = {m: {"lost": sum(s["code"] in s["full"] and s["code"] not in s[m] for s in samples),
+                  "gained": sum(s["code"] not in s["full"] and s["code"] in s[m] for s in samples)}
+              for m in modes if m != "full" and "full" in modes}
     return {"needles": args.needles, "seconds": round(time.perf_counter() - started, 1),
-            "accuracy": {m: right[m] / args.needles for m in modes}, "samples": samples}
+            "accuracy": {m: right[m] / args.needles for m in modes}, "paired_with_full": paired,
+            "samples": samples}
 
 
 def main() -> int:
@@ -190,6 +194,8 @@ def main() -> int:
                         help="(a): recompute fractions")
     parser.add_argument("--needle-fractions", type=float, nargs="+", default=[0.0, 0.01, 0.05],
                         help="(b): recompute fractions")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "first-cube-only"],
+                        help="(b): modes left out (exact gives the full prefill's reply by construction)")
     parser.add_argument("--block-tokens", type=int, default=700)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache")
@@ -216,9 +222,10 @@ def main() -> int:
     if "needle" in result:
         b = result["needle"]
         print(f"\n(b) needle in cube 2 or 3 of 3-4 activated cubes, through gRPC: {b['needles']} questions")
-        print(f"{'mode':>16} | {'accuracy':>8}")
+        print(f"{'mode':>16} | {'accuracy':>8} | lost / gained against full")
         for mode, acc in b["accuracy"].items():
-            print(f"{mode:>16} | {acc:>8.1%}")
+            pair = b["paired_with_full"].get(mode)
+            print(f"{mode:>16} | {acc:>8.1%} | " + (f"{pair['lost']} / {pair['gained']}" if pair else ""))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

@@ -22,6 +22,10 @@ computed alone: its *position* in the prompt, and the tokens *before* it.
   Measured in BENCHMARKS.md ("Composed reuse"): top-1 agreement and KL against
   the full prefill, and a needle test.
 
+The engine runs it as one prefill (``compose_prefill``): the placed parts go
+into the cache first and every computed token goes through the model in one
+pass, with a mask by position.
+
 Only model families whose attention is plain RoPE over the whole head, with
 angles linear in the position, are composed (``compose_unsupported``): any
 other family falls back to exact reuse, and Generate says so per block.
@@ -30,6 +34,7 @@ other family falls back to exact reuse, and Generate says so per block.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,16 +110,69 @@ def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int) -> torch.T
     return (k * cos + rotated * sin).to(keys.dtype)
 
 
-def place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement) -> None:
-    """Append the placed part of ``placement``'s block (after its recomputed first tokens, which the caller
-    ran through the model on ``dyn`` already) to the generation's cache, keys turned to their positions."""
+def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int], done: int,
+                    placements: Sequence[Placement], *, chunk: int,
+                    check: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """Prefill ``prompt[done:]`` on ``dyn`` (which holds ``prompt[:done]``) with ``placements`` composed in:
+    the logits of the prompt's last token.
 
+    One forward pass (in ``chunk``-token pieces, ``check`` before each) computes every token that is not
+    placed: the prompt between blocks, each block's first ``recompute`` tokens, and the conversation after
+    the last block. The placed parts go into the cache first, keys turned to their positions, so the cache
+    holds the prompt out of order: attention does not care where a key sits in memory, only which keys a
+    query may see, and that is given as a 4D mask by *position* (a query at ``p`` sees every key at
+    ``<= p``), with each computed token's RoPE position passed explicitly. That is the same arithmetic as
+    computing up to each block, placing it and going on, in one pass instead of one per block: on one core
+    a forward pass costs ~65 ms before its first token (BENCHMARKS.md, "Composed reuse"). Decoding after
+    it needs nothing special: a new token's position is the cache's length, and it sees every key."""
+    import torch
+
+    end = done
+    for placement in placements:
+        block = placement.cache
+        if placement.start < end or \
+                tuple(prompt[placement.start:placement.start + block.n_tokens]) != block.token_ids:
+            raise ValueError(f"the prompt at {placement.start} is not the placed block's tokens")
+        end = placement.start + block.n_tokens
+    if end >= len(prompt):
+        raise ValueError("the prompt needs at least one token after its reused KV")
+    device = loaded.model.device
+    key_positions = [torch.arange(done, device=device)]
+    computed: list[range] = []
+    for placement in placements:
+        _place(loaded, dyn, placement)
+        block_end = placement.start + placement.cache.n_tokens
+        key_positions.append(torch.arange(placement.start + placement.recompute, block_end, device=device))
+        computed.append(range(done, placement.start + placement.recompute))
+        done = block_end
+    computed.append(range(done, len(prompt)))
+    positions = torch.tensor([p for span in computed for p in span], dtype=torch.long, device=device)
+    ids = torch.tensor([prompt[p] for span in computed for p in span], dtype=torch.long, device=device)
+    seen = torch.cat(key_positions)
+    model: Any = loaded.model
+    dtype = next(model.parameters()).dtype
+    logits: torch.Tensor | None = None
+    with torch.no_grad():
+        for pos in range(0, len(ids), chunk):
+            check()
+            query = positions[pos:pos + chunk]
+            seen = torch.cat((seen, query))
+            mask = torch.zeros((len(query), len(seen)), dtype=dtype, device=device)
+            mask.masked_fill_(seen[None, :] > query[:, None], torch.finfo(dtype).min)
+            logits = model(input_ids=ids[None, pos:pos + chunk], position_ids=query[None], attention_mask=mask[None, None],
+                           past_key_values=dyn, use_cache=True, logits_to_keep=1).logits
+    assert logits is not None  # at least the prompt's last token is computed (checked above)
+    return logits
+
+
+def _place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement) -> None:
+    """Append the placed part of ``placement``'s block (after its recomputed first tokens) to the cache, keys
+    turned to their positions (token ``j`` of the block sits at ``placement.start + j``)."""
     cache, skip = placement.cache, placement.recompute
-    offset = dyn.get_seq_length() - skip  # where the block's token 0 sits in the prompt
-    if offset != placement.start:
-        raise RuntimeError(f"a block placed at {offset} was planned at {placement.start}")
+    if skip >= cache.n_tokens:
+        return
     device, dtype = loaded.model.device, next(loaded.model.parameters()).dtype
     for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-        placed_k = rotate_keys(loaded, k[:, :, skip:].to(device=device, dtype=dtype), offset)
+        placed_k = rotate_keys(loaded, k[:, :, skip:].to(device=device, dtype=dtype), placement.start)
         layer: Any = dyn.layers[i]  # full attention (compose_unsupported and check_model_supported)
         layer.update(placed_k, v[:, :, skip:].to(device=device, dtype=dtype))

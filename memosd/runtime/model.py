@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from memosd.fsutil import fsync_path, fsync_tree
 from memosd.offline import force_offline
+from memosd.runtime.attention import use_grouped_sdpa
 
 if TYPE_CHECKING:
     import torch
@@ -543,6 +544,8 @@ def _load_dir(path: Path, dtype: torch.dtype, device: str
         )
         # In place. transformers types its functools.wraps-ed `to` as unbound.
         model.to(device)  # type: ignore[arg-type]
+        if device == "cpu":  # grouped-query heads stay grouped under a mask (runtime/attention.py)
+            use_grouped_sdpa(model)
     except Exception as e:
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
     model.train(False)  # eval mode (transformers leaves eval() untyped)

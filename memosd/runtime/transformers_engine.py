@@ -41,7 +41,7 @@ from memosd.runtime.kvcache import (
     prepare_generation,
     snapshot_prefix,
 )
-from memosd.runtime.kvcompose import Placement, place
+from memosd.runtime.kvcompose import Placement, compose_prefill
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_INTERACTIVE, RuntimeWorker, WorkerClosedError
 
@@ -170,15 +170,14 @@ class TransformersEngine:
             done = prefix.n_tokens
         else:
             gen.cache, done = growing_cache(capacity), 0
-        for placement in placements:  # compute up to the block and its first tokens, then place the rest
-            block = placement.cache
-            if placement.start < done or \
-                    tuple(prompt[placement.start:placement.start + block.n_tokens]) != block.token_ids:
-                raise ValueError(f"the prompt at {placement.start} is not the placed block's tokens")
-            self._forward(gen, prompt[done:placement.start + placement.recompute])
-            place(gen.loaded, gen.cache, placement)
-            done = placement.start + block.n_tokens
-        logits = self._forward(gen, prompt[done:])  # the rest, whose last token's logits pick the first token
+        if placements:
+            def check() -> None:
+                if gen.stopping:
+                    raise ComputeCancelled("generation cancelled during prefill")
+            logits: torch.Tensor | None = compose_prefill(gen.loaded, gen.cache, prompt, done, placements,
+                                                          chunk=self.prefill_chunk, check=check)
+        else:
+            logits = self._forward(gen, prompt[done:])  # its last token's logits pick the first token
         if logits is None:
             raise ValueError("the prompt needs at least one token after its reused KV")
         keep = gen.keep

@@ -354,6 +354,41 @@ def test_activation_survives_restart_and_delete_persisted_deactivates(tiny_model
         assert second.stop() == 0, second.log()
 
 
+def test_composed_blocks_after_a_restart_are_placed_from_the_store(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 13, point 3 (restarts): after a restart a later block's own cache is loaded from the store and
+    composed (never recomputed whole, never another cube's), on the transformers engine, which composes."""
+    data, env = tmp_path / "data", {**tiny_env(tiny_model), "MEMOSD_RUNTIME__ENGINE": "transformers"}
+    first = DaemonProcess(data, env=env).start()
+    try:
+        with Client(first.address, token=first.token, timeout=60) as c:
+            seed_cube(c, "lead", [FACT])
+            seed_cube(c, "later", ["A KV cache is reusable only as an exact token prefix of the same model."])
+            with c.mount("lead") as lead, c.mount("later") as later:
+                lead.activate()
+                before = later.activate()
+    finally:
+        assert first.stop() == 0, first.log()
+
+    second = DaemonProcess(data, env=env).start()
+    try:
+        with Client(second.address, token=second.token, timeout=60) as c:
+            with c.mount("lead") as lead, c.mount("later") as later:
+                lead.activate()  # the first block's cache from the store; "later" is left where it is
+                composed = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, compose="composed",
+                                         compose_recompute=0.25)
+                whole = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, compose="composed",
+                                      compose_recompute=1.0)
+                full = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, bypass_kv_cache=True)
+    finally:
+        assert second.stop() == 0, second.log()
+    use = composed.memory[1]
+    recomputed = -(-before.tokens // 4)  # ceil(0.25 x tokens)
+    assert (use.block_reuse, use.block_reused_tokens, use.block_computed_tokens, use.block_note) == (
+        t.BLOCK_REUSE_COMPOSED, before.tokens - recomputed, recomputed, "")
+    assert use.cache_key == before.cache_key and use.cache_source == t.ACTIVATION_SOURCE_STORE
+    assert list(whole.token_ids) == list(full.token_ids)  # every token recomputed: the full prefill's reply
+
+
 # -- no model --------------------------------------------------------------------------------------
 
 

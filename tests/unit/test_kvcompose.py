@@ -20,8 +20,14 @@ from transformers import DynamicCache
 
 from memosd.runtime import LoadedModel, ModelSpec, load_model
 from memosd.runtime.engine import Finished, Sampling, Token
-from memosd.runtime.kvcache import compute_prefix_cache
-from memosd.runtime.kvcompose import Placement, compose_unsupported, recompute_tokens, rotate_keys
+from memosd.runtime.kvcache import compute_prefix_cache, prepare_generation
+from memosd.runtime.kvcompose import (
+    Placement,
+    compose_prefill,
+    compose_unsupported,
+    recompute_tokens,
+    rotate_keys,
+)
 from memosd.runtime.transformers_engine import KeepPrefix, TransformersEngine
 from memosd.runtime.worker import RuntimeWorker
 
@@ -105,7 +111,7 @@ def test_composition_is_closer_to_the_full_prefill_than_unrotated_caches_and_cou
 
     tokens, end = _first_logprobs(engine, tiny, prompt, prefix=first, placements=[Placement(len(FIRST), second, 4)])
     assert end.cached_tokens == len(FIRST) + len(SECOND) - 4 and end.prompt_tokens == len(prompt)
-    composed = _composed_logprobs(tiny, first, second, recompute=4)
+    composed, _ = _composed_logprobs(tiny, first, [(len(FIRST), second, 4)], prompt)
     assert float(tokens[0].logprob or 0) == pytest.approx(float(composed[tokens[0].token_id]), abs=1e-4)
     assert kl(composed) < kl(next_logprobs(naive))
     assert kl(composed) > 0  # an approximation, and the test would see if it were not one
@@ -118,18 +124,70 @@ def _cache(tiny: LoadedModel, ids: list[int]) -> DynamicCache:
     return cache
 
 
-def _composed_logprobs(tiny: LoadedModel, first: Any, second: Any, recompute: int) -> torch.Tensor:
-    """The same composition written out by hand: the reference the engine's placement is checked against."""
-    from memosd.runtime.kvcompose import place
-
+def _composed_logprobs(tiny: LoadedModel, first: Any, blocks: list[tuple[int, Any, int]],
+                       prompt: list[int]) -> tuple[torch.Tensor, DynamicCache]:
+    """The composition written out by hand, one block after another: the reference the engine's one-pass
+    prefill (4D mask by position, keys placed first) is checked against. ``blocks``: (start, cache,
+    recompute) after ``first``, which is the prompt's prefix."""
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(first.keys, first.values, strict=True)):
         cache.update(k.clone(), v.clone(), i)
+    done = first.n_tokens
     with torch.no_grad():
-        tiny.model(input_ids=torch.tensor([SECOND[:recompute]]), past_key_values=cache, use_cache=True)
-        place(tiny, cache, Placement(len(FIRST), second, recompute))
-        out = tiny.model(input_ids=torch.tensor([TAIL]), past_key_values=cache, use_cache=True)
-    return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        for start, block, recompute in blocks:
+            tiny.model(input_ids=torch.tensor([prompt[done:start + recompute]]), past_key_values=cache, use_cache=True)
+            for i, (k, v) in enumerate(zip(block.keys, block.values, strict=True)):
+                cache.update(rotate_keys(tiny, k[:, :, recompute:], start), v[:, :, recompute:], i)
+            done = start + block.n_tokens
+        out = tiny.model(input_ids=torch.tensor([prompt[done:]]), past_key_values=cache, use_cache=True)
+    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), cache
+
+
+def _greedy_continuation(tiny: LoadedModel, first: torch.Tensor, cache: DynamicCache, steps: int) -> list[int]:
+    """The greedy reply from a reference composition (its cache in prompt order)."""
+    picked = [int(first.argmax())]
+    with torch.no_grad():
+        while len(picked) < steps:
+            out = tiny.model(input_ids=torch.tensor([[picked[-1]]]), past_key_values=cache, use_cache=True)
+            picked.append(int(out.logits[0, -1].argmax()))
+    return picked
+
+
+def test_one_pass_over_several_blocks_gaps_and_chunks_is_the_block_by_block_composition(
+        tiny: LoadedModel, engine: TransformersEngine) -> None:
+    # Three blocks, prompt tokens between them, and more computed tokens than a prefill chunk (32): the
+    # engine's single masked pass must be the same arithmetic as composing one block after another.
+    third = [37, 23, 16, 28, 20, 35, 26, 32] * 5  # 40 tokens
+    gap = [47, 48, 49]
+    prompt = FIRST + SECOND + gap + third + TAIL * 4
+    first, _ = compute_prefix_cache(tiny, FIRST, salt=b"first")
+    second, _ = compute_prefix_cache(tiny, SECOND, salt=b"second")
+    own_third, _ = compute_prefix_cache(tiny, third, salt=b"third")
+    at_third = len(FIRST + SECOND + gap)
+    blocks = [(len(FIRST), second, 5), (at_third, own_third, 9)]
+    tokens, end = _first_logprobs(engine, tiny, prompt, prefix=first,
+                                  placements=[Placement(s, c, r) for s, c, r in blocks])
+    assert end.cached_tokens == len(FIRST) + (len(SECOND) - 5) + (len(third) - 9)
+    reference, reference_cache = _composed_logprobs(tiny, first, blocks, prompt)
+    assert tokens[0].token_id == int(reference.argmax())
+    assert float(tokens[0].logprob or 0) == pytest.approx(float(reference[tokens[0].token_id]), abs=1e-4)
+    # Every key sits at its position: layer 0's keys (which depend on nothing but the token and its
+    # position) in the composed cache, in memory order (the prefix, the placed parts, then the computed
+    # tokens), equal the full prefill's at those positions. The tiny model's near-uniform attention would
+    # hide a wrong position in the logits; this does not.
+    dyn, _ = prepare_generation(tiny, first, prompt)
+    compose_prefill(tiny, dyn, prompt, len(FIRST), [Placement(s, c, r) for s, c, r in blocks], chunk=32)
+    placed = [p for s, c, r in blocks for p in range(s + r, s + c.n_tokens)]
+    order = list(range(len(FIRST))) + placed + [p for p in range(len(FIRST), len(prompt)) if p not in placed]
+    full_keys = _full_keys(tiny, prompt)[0]
+    assert torch.allclose(dyn.layers[0].keys, full_keys[:, :, order], atol=1e-5)
+    # Decoding goes on from the out-of-order cache at the right positions: the reference's greedy reply.
+    assert [t.token_id for t in tokens] == _greedy_continuation(tiny, reference, reference_cache, len(tokens))
+    whole = [Placement(s, c, c.n_tokens) for s, c, _ in blocks]  # everything recomputed: the full prefill
+    exact, _ = _first_logprobs(engine, tiny, prompt, prefix=first, placements=whole)
+    greedy, _ = _first_logprobs(engine, tiny, prompt, prefix=None)
+    assert [t.token_id for t in exact] == [t.token_id for t in greedy]
+    assert [t.logprob for t in exact] == pytest.approx([t.logprob for t in greedy], abs=1e-4)
 
 
 def test_a_placement_must_sit_on_its_own_tokens_and_is_never_kept(
