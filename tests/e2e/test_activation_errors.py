@@ -371,14 +371,14 @@ def test_composed_blocks_after_a_restart_are_placed_from_the_store(tiny_model: P
 
     second = DaemonProcess(data, env=env).start()
     try:
-        with Client(second.address, token=second.token, timeout=60) as c:
-            with c.mount("lead") as lead, c.mount("later") as later:
-                lead.activate()  # the first block's cache from the store; "later" is left where it is
-                composed = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, compose="composed",
-                                         compose_recompute=0.25)
-                whole = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, compose="composed",
-                                      compose_recompute=1.0)
-                full = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, bypass_kv_cache=True)
+        with Client(second.address, token=second.token, timeout=60) as c, c.mount("lead") as lead, \
+                c.mount("later") as later:
+            lead.activate()  # the first block's cache from the store; "later" is left where it is
+            composed = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, compose="composed",
+                                     compose_recompute=0.25)
+            whole = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, compose="composed",
+                                  compose_recompute=1.0)
+            full = generate_text(c, [lead, later], "Where is Paris?", retrieve_k=0, bypass_kv_cache=True)
     finally:
         assert second.stop() == 0, second.log()
     use = composed.memory[1]
