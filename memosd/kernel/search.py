@@ -21,7 +21,7 @@ from memosd.kernel.conversation import SessionOrder
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import FusedHitLike, Ranker, Scored
-from memosd.kernel.session_match import TermCache, TurnTerms, session_scores, turn_terms
+from memosd.kernel.session_match import Signature, TermCache, TurnTerms, merge, session_scores, turn_terms
 from memosd.kernel.state import CubeState, MountState, staged_view, view_of
 from memosd.kernel.timeref import Period, query_periods
 from memosd.kernel.turn_rank import LIFT_DEPTH, MATCH_WEIGHT, lift
@@ -211,25 +211,34 @@ class Searcher:
     def _session_match(self, query: str, sessions: set[tuple[str, str]],
                        orders: dict[str, SessionOrder]) -> dict[tuple[str, str], float]:
         """kernel/session_match.py's score of each (mount, session) among the candidates: its turns as the
-        mount sees them, their terms from the cache or, for versions not in it yet, read in one batch per
-        cube and analyzed once."""
-        turns = {s: orders[s[0]].turns(s[1]) for s in sessions}
+        mount sees them. A session's committed turns come merged from the cache while they are the same
+        turns; else each turn's terms from the cache or, for versions not in it, read in one batch per cube
+        and analyzed once. Staged turns are analyzed each time (a mount stages few)."""
         docs: dict[tuple[str, str], list[TurnTerms]] = {}
-        missing: dict[str, dict[tuple[str, int], int]] = {}  # cube -> (item id, born) -> vkey
-        for session, listed in turns.items():
-            cube_id = orders[session[0]].cube.cube_id
+        stale: dict[tuple[str, str], tuple[str, Signature]] = {}
+        for session in sessions:
+            order = orders[session[0]]
+            cube_id = order.cube.cube_id
+            committed: list[tuple[int, str, int]] = []
             found: list[TurnTerms] = []
-            for item_id, born, vkey, staged in listed:
-                if staged is not None:
-                    found.append(turn_terms(memory_text(staged.text, staged.speaker, staged.event_ns)))
-                    continue
-                cached = self._terms.get(cube_id, vkey, item_id, born)
-                if cached is None:
-                    missing.setdefault(cube_id, {})[(item_id, born)] = vkey
+            for item_id, born, vkey, staged in order.turns(session[1]):
+                if staged is None:
+                    committed.append((vkey, item_id, born))
                 else:
-                    found.append(cached)
+                    found.append(turn_terms(memory_text(staged.text, staged.speaker, staged.event_ns)))
+            signature = tuple(committed)
+            merged = self._terms.session(cube_id, session[1], signature)
+            if merged is not None:
+                found.append(merged)
+            elif signature:
+                stale[session] = (cube_id, signature)
             docs[session] = found
-        if missing:
+        if stale:
+            missing: dict[str, dict[tuple[str, int], int]] = {}  # cube -> (item id, born) -> vkey
+            for cube_id, signature in stale.values():
+                for vkey, item_id, born in signature:
+                    if self._terms.get(cube_id, vkey, item_id, born) is None:
+                        missing.setdefault(cube_id, {})[(item_id, born)] = vkey
             for cube_id, refs in missing.items():
                 ordered = list(refs)
                 for (item_id, born), record in zip(ordered, self.kernel.store.get_versions(cube_id, ordered),
@@ -237,15 +246,11 @@ class Searcher:
                     if record is not None:  # purged meanwhile: no words
                         self._terms.put(cube_id, refs[(item_id, born)], item_id, born,
                                         turn_terms(memory_text(record.text, record.speaker, record.event_ns)))
-            for session, listed in turns.items():  # the turns just read, into their sessions
-                cube_id = orders[session[0]].cube.cube_id
-                if cube_id not in missing:
-                    continue
-                for item_id, born, vkey, staged in listed:
-                    if staged is None and (item_id, born) in missing[cube_id]:
-                        cached = self._terms.get(cube_id, vkey, item_id, born)
-                        if cached is not None:
-                            docs[session].append(cached)
+            for session, (cube_id, signature) in stale.items():
+                turns = [self._terms.get(cube_id, vkey, item_id, born) for vkey, item_id, born in signature]
+                merged = merge([t for t in turns if t is not None])
+                self._terms.put_session(cube_id, session[1], signature, merged)
+                docs[session].append(merged)
         return session_scores(query, docs)
 
     @staticmethod

@@ -21,7 +21,8 @@ normalization and idf, are what carries the signal.
 The scored sessions are those of the candidates (never the whole cube), so the
 cost grows with the candidates, not the cube: each turn is analyzed once and
 its term counts cached by version (a version's text never changes), so a query
-costs a sum over the candidate sessions' cached turns. The text is what the
+costs a sum over the candidate sessions, each merged once (and again only when
+its turns change). The text is what the
 mount sees (its base plus staging, without hidden turns), the same turns a
 search's context shows, so nothing it cannot read moves its ranking.
 """
@@ -84,18 +85,33 @@ def session_scores(query: str, sessions: Mapping[Session, Sequence[TurnTerms]]) 
     return {s: v / best for s, v in scores.items()} if best > 0.0 else {}
 
 
+def merge(turns: Sequence[TurnTerms]) -> TurnTerms:
+    """Several turns' terms as one document's."""
+    counts: Counter[str] = Counter()
+    for counted, _ in turns:
+        counts.update(counted)
+    return dict(counts), sum(n for _, n in turns)
+
+
+# The committed turns of a session as one mount sees them: (vkey, item id, born) each, in order.
+Signature = tuple[tuple[int, str, int], ...]
+
+
 class TermCache:
     """Turn terms by (cube id, vkey), checked against the version's item id and born revision (a cube freed
-    and allocated again reuses vkeys). Thread-safe; bounded by CACHE_TURNS."""
+    and allocated again reuses vkeys), and each session's committed turns merged, by (cube id, session id),
+    checked against the turns they were merged from (a mount at another revision, a new turn, a Forget all
+    change them), so a query sums one document per session, not its turns. Thread-safe; each map is bounded
+    by ``capacity`` entries (past it, it starts over)."""
 
     def __init__(self, capacity: int = CACHE_TURNS) -> None:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._terms: dict[tuple[str, int], tuple[str, int, TurnTerms]] = {}
+        self._sessions: dict[tuple[str, str], tuple[Signature, TurnTerms]] = {}
 
     def get(self, cube_id: str, vkey: int, item_id: str, born: int) -> TurnTerms | None:
-        with self._lock:
-            entry = self._terms.get((cube_id, vkey))
+        entry = self._terms.get((cube_id, vkey))  # a dict read is atomic; writers hold the lock
         if entry is None or entry[0] != item_id or entry[1] != born:
             return None
         return entry[2]
@@ -103,8 +119,19 @@ class TermCache:
     def put(self, cube_id: str, vkey: int, item_id: str, born: int, terms: TurnTerms) -> None:
         with self._lock:
             if len(self._terms) >= self._capacity:
-                self._terms.clear()
+                self._terms = {}
             self._terms[(cube_id, vkey)] = (item_id, born, terms)
+
+    def session(self, cube_id: str, session_id: str, signature: Signature) -> TurnTerms | None:
+        """The merged terms of a session's committed turns, if cached for exactly ``signature``."""
+        entry = self._sessions.get((cube_id, session_id))
+        return entry[1] if entry is not None and entry[0] == signature else None
+
+    def put_session(self, cube_id: str, session_id: str, signature: Signature, terms: TurnTerms) -> None:
+        with self._lock:
+            if len(self._sessions) >= self._capacity:
+                self._sessions = {}
+            self._sessions[(cube_id, session_id)] = (signature, terms)
 
     def __len__(self) -> int:
         return len(self._terms)

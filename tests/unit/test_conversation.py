@@ -391,3 +391,15 @@ def test_hybrid_search_lifts_each_turn_by_its_sessions_bm25_as_one_document(kern
     for text, (session, score) in lifted_other.items():
         assert score - base_other[text][1] == pytest.approx(staged[session])
     assert scores(on) == lifted
+
+    # Forgetting a turn takes its words out of its session's document at the new revision (the merged
+    # terms cached for the old turns are not reused); a mount still at the old base keeps them.
+    kernel.forget(mount, [read_all(kernel, mount)["the dog slept all the way"].item_id])
+    kernel.commit(mount, "forget", "me")
+    fresh = rw(kernel)
+    after = expected({"trip": trip[:4], "park": park})
+    base_fresh, lifted_fresh = scores(off, fresh), scores(on, fresh)
+    for text, (session, score) in lifted_fresh.items():
+        assert score - base_fresh[text][1] == pytest.approx(after[session])
+    assert after["trip"] != want["trip"] or after["park"] != want["park"]
+    assert scores(on, other) == lifted_other

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from memosd.index.lexical import BM25_B, BM25_K1, score_adhoc
-from memosd.kernel.session_match import TermCache, session_scores, turn_terms
+from memosd.kernel.session_match import TermCache, merge, session_scores, turn_terms
 
 # Two sessions: in "trip" the query's words are spread over three turns, none holding them all; in "chat"
 # one turn holds two of them.
@@ -62,3 +62,16 @@ def test_the_cache_checks_the_version_and_stays_bounded() -> None:
     cache.put("c", 2, "item-b", 3, ({}, 0))
     cache.put("c", 3, "item-c", 3, ({}, 0))
     assert len(cache) <= 2
+
+
+def test_a_sessions_merged_terms_are_kept_for_exactly_the_turns_they_came_from() -> None:
+    cache = TermCache()
+    turns = [turn_terms(t) for t in TRIP]
+    merged = merge(turns)
+    assert merged == turn_terms(" ".join(TRIP))
+    signature = ((1, "item-a", 3), (2, "item-b", 3))
+    cache.put_session("c", "trip", signature, merged)
+    assert cache.session("c", "trip", signature) == merged
+    assert cache.session("c", "trip", signature[:1]) is None  # a turn fewer (forgotten, another revision)
+    assert cache.session("c", "trip", (*signature, (3, "item-c", 4))) is None  # a turn more
+    assert cache.session("d", "trip", signature) is None
