@@ -11,11 +11,11 @@ BM25 (the index's ``en_stem`` analysis, k1 1.2, b 0.75), with the statistics
 best session's score: the best session gets 1.0, and kernel/turn_rank.py adds
 ``weight`` x this value to every turn inside.
 
-On the LoCoMo dev conversations (scripts/bench_conversation.py) this lifted
-any@1 34.1 -> 38.2, any@5 69.3 -> 73.3 and any@10 79.6 -> 82.2 re-ranking the
-same lists (BENCHMARKS.md has the run through gRPC and its bootstrap CIs).
-Summing the turn scores per session instead (over the BM25 list, or the fused
-one) did not: a session's words counted once, with the session's length
+On the LoCoMo dev conversations (scripts/bench_conversation.py, through gRPC)
+this lifted any@1 34.1 -> 38.4, any@5 69.3 -> 73.3, any@10 79.7 -> 82.2 and
+session any@3 85.7 -> 87.5 (BENCHMARKS.md, with bootstrap CIs). Summing the
+turn scores per session instead (the BM25 list's, best 1..100 turns) did not
+(any@10 -2.0..+0.9): a session's words counted once, with the session's length
 normalization and idf, are what carries the signal.
 
 The scored sessions are those of the candidates (never the whole cube), so the
