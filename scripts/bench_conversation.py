@@ -2,6 +2,10 @@
 """Conversation-memory retrieval through the whole system: gRPC -> kernel -> indexes.
 
     .venv/bin/python scripts/bench_conversation.py [--modes hybrid,lexical,dense] [--json PATH]
+        [--dump PATH] [--k 50] [--set search.session_match_weight=0]
+
+``--dump`` writes every question's ranked turns per mode (``--k 100`` for the full lists a hybrid search
+fuses, to re-rank them offline); ``--set`` passes daemon config, e.g. to turn the session match off.
 
 Starts a daemon on a temporary data dir (no model: MEMOSD_RUNTIME__MODEL=none, as
 tests/daemon_proc.py does) and ingests each conversation of the LoCoMo dev set
