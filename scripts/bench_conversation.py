@@ -2,6 +2,10 @@
 """Conversation-memory retrieval through the whole system: gRPC -> kernel -> indexes.
 
     .venv/bin/python scripts/bench_conversation.py [--modes hybrid,lexical,dense] [--json PATH]
+        [--dump PATH] [--k 50] [--set search.session_match_weight=0]
+
+``--dump`` writes every question's ranked turns per mode (``--k 100`` for the full lists a hybrid search
+fuses, to re-rank them offline); ``--set`` passes daemon config, e.g. to turn the session match off.
 
 Starts a daemon on a temporary data dir (no model: MEMOSD_RUNTIME__MODEL=none, as
 tests/daemon_proc.py does) and ingests each conversation of the LoCoMo dev set
@@ -107,7 +111,8 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def run(client: Client, convs: list[Conversation], modes: list[str], dump: Path | None) -> dict[str, Any]:
+def run(client: Client, convs: list[Conversation], modes: list[str], dump: Path | None,
+        search_k: int = SEARCH_K) -> dict[str, Any]:
     ingest_s = 0.0
     turns = 0
     rows: dict[str, list[tuple[int, dict[str, float]]]] = {m: [] for m in modes}
@@ -130,7 +135,7 @@ def run(client: Client, convs: list[Conversation], modes: list[str], dump: Path 
                                          "category": q["category"], "evidence": q["evidence"]}
                 for mode in modes:
                     t1 = time.perf_counter()
-                    hits = mount.search(q["question"], k=SEARCH_K, mode=mode)
+                    hits = mount.search(q["question"], k=search_k, mode=mode)
                     rtt[mode].append((time.perf_counter() - t1) * 1000)
                     took[mode].append(hits.took_us / 1000)
                     ranked = [dia_of.get(h.item.item_id, "") for h in hits]
@@ -174,6 +179,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench_conversation.json")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated search modes")
     parser.add_argument("--dump", type=Path, default=None, help="also write every question's ranked turns here")
+    parser.add_argument("--k", type=int, default=SEARCH_K, help="Search's k (the dump's depth; scores read the top 20)")
     parser.add_argument("--set", action="append", default=[], help="daemon config override, e.g. search.rrf_k=30")
     args = parser.parse_args()
     if not args.data.exists():  # a worktree's ../shared may not be the shared dir
@@ -185,7 +191,7 @@ def main() -> int:
         daemon = DaemonProcess(Path(tmp) / "data", extra_args=extra).start()
         try:
             with Client(daemon.address, token=daemon.token, timeout=600) as client:
-                results = run(client, convs, modes, args.dump)
+                results = run(client, convs, modes, args.dump, args.k)
         finally:
             daemon.stop()
     print_table(results)

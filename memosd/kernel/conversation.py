@@ -63,6 +63,7 @@ class _Turn:
     item_id: str
     born: int  # of the committed version; 0 when staged
     staged: StagedRecord | None = None
+    vkey: int = 0  # of the committed version; 0 when staged
 
 
 class SessionOrder:
@@ -94,7 +95,7 @@ class SessionOrder:
             meta = catalog.by_vkey.get(vkey)
             if (meta is not None and meta.alive_at(self._base) and meta.item_id not in self._staging
                     and not (self._hidden_at and meta.hidden(self._hidden_at, self._include_archived))):
-                keyed.append(((meta.event_ns, 0, meta.vkey), _Turn(meta.item_id, meta.born)))
+                keyed.append(((meta.event_ns, 0, meta.vkey), _Turn(meta.item_id, meta.born, vkey=meta.vkey)))
         for staged in self._staging.values():
             if (staged.kind != "forget" and staged.session_id == session_id
                     and not (self._hidden_at and 0 < staged.expire_ns <= self._hidden_at)):
@@ -103,6 +104,15 @@ class SessionOrder:
         turns = [turn for _, turn in keyed]
         known = self._sessions[session_id] = (turns, {t.item_id: i for i, t in enumerate(turns)})
         return known
+
+    @property
+    def cube(self) -> CubeState:
+        return self._cube
+
+    def turns(self, session_id: str) -> list[tuple[str, int, int, StagedRecord | None]]:
+        """The turns of ``session_id`` this mount sees, in order, as (item id, born, vkey, staged record or
+        None); born and vkey are 0 for a staged turn."""
+        return [(t.item_id, t.born, t.vkey, t.staged) for t in self._session(session_id)[0]]
 
     def _window(self, view: ItemView, before: int, after: int) -> tuple[list[_Turn], list[_Turn]]:
         if not view.session_id:

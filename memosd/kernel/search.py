@@ -21,9 +21,10 @@ from memosd.kernel.conversation import SessionOrder
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.memory_text import memory_text
 from memosd.kernel.ports import FusedHitLike, Ranker, Scored
+from memosd.kernel.session_match import Signature, TermCache, TurnTerms, merge, session_scores, turn_terms
 from memosd.kernel.state import CubeState, MountState, staged_view, view_of
 from memosd.kernel.timeref import Period, query_periods
-from memosd.kernel.turn_rank import LIFT_DEPTH, lift
+from memosd.kernel.turn_rank import LIFT_DEPTH, MATCH_WEIGHT, lift
 from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, SearchResult
 from memosd.store.records import StagedRecord
 
@@ -36,6 +37,7 @@ PERIOD_BOOST = 0.5
 class SearchSettings:
     depth: int = 100  # candidates fetched from each list before fusing
     exact_below: int = 2048  # brute-force dense search when a tag filter leaves fewer versions
+    session_match_weight: float = MATCH_WEIGHT  # hybrid: kernel/session_match.py; 0 turns it off
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Searcher:
         self.kernel = kernel
         self.rank = rank
         self.settings = settings
+        self._terms = TermCache()
 
     def search(self, mount_ids: Sequence[str], query: str, k: int, filt: SearchFilter, mode: str,
                context_turns: int = 0) -> SearchResult:
@@ -126,7 +129,7 @@ class Searcher:
         if mode == "hybrid":  # every candidate fused, then conversation structure (kernel/turn_rank.py)
             fused: Sequence[FusedHitLike] = self._lift(
                 self.rank(dense[:depth], lexical[:depth], len(candidates), mode), candidates, keys, orders,
-                filt, now, k, query_periods(query))
+                filt, now, k, query_periods(query), query)
         else:
             fused = self.rank(dense[:depth], lexical[:depth], k, mode)
         hits = self._turns(self._materialize(fused, candidates), orders, context_turns)
@@ -165,7 +168,7 @@ class Searcher:
 
     def _lift(self, fused: Sequence[FusedHitLike], candidates: list[_Candidate],
               keys: dict[tuple[str, int], int], orders: dict[str, SessionOrder], filt: SearchFilter, now: int,
-              k: int, periods: Sequence[Period]) -> list[FusedHitLike]:
+              k: int, periods: Sequence[Period], query: str) -> list[FusedHitLike]:
         """The top ``k`` of ``fused`` (every candidate, best first) after the time boost and the reply and
         session lifts.
 
@@ -197,10 +200,58 @@ class Searcher:
                 when = self._event_ns(candidates[key])
                 if when and any(p.contains(when) for p in periods):
                     scores[key] *= 1.0 + PERIOD_BOOST
-        scores = lift(scores, sessions, next_of)
+        match = (self._session_match(query, set(sessions.values()), orders)
+                 if self.settings.session_match_weight else None)
+        scores = lift(scores, sessions, next_of, session_match=match,
+                      match_weight=self.settings.session_match_weight)
         ranked = sorted(scores, key=lambda key: (-scores[key], key))[:k]
         return [_Lifted(key, scores[key], *(_ranks(by_key[key]) if key in by_key else (0.0, 0.0, 0, 0)))
                 for key in ranked]
+
+    def _session_match(self, query: str, sessions: set[tuple[str, str]],
+                       orders: dict[str, SessionOrder]) -> dict[tuple[str, str], float]:
+        """kernel/session_match.py's score of each (mount, session) among the candidates: its turns as the
+        mount sees them. A session's committed turns come merged from the cache while they are the same
+        turns; else each turn's terms from the cache or, for versions not in it, read in one batch per cube
+        and analyzed once. Staged turns are analyzed each time (a mount stages few)."""
+        docs: dict[tuple[str, str], list[TurnTerms]] = {}
+        stale: dict[tuple[str, str], tuple[str, Signature]] = {}
+        for session in sessions:
+            order = orders[session[0]]
+            cube_id = order.cube.cube_id
+            committed: list[tuple[int, str, int]] = []
+            found: list[TurnTerms] = []
+            for item_id, born, vkey, staged in order.turns(session[1]):
+                if staged is None:
+                    committed.append((vkey, item_id, born))
+                else:
+                    found.append(turn_terms(memory_text(staged.text, staged.speaker, staged.event_ns)))
+            signature = tuple(committed)
+            merged = self._terms.session(cube_id, session[1], signature)
+            if merged is not None:
+                found.append(merged)
+            elif signature:
+                stale[session] = (cube_id, signature)
+            docs[session] = found
+        if stale:
+            missing: dict[str, dict[tuple[str, int], int]] = {}  # cube -> (item id, born) -> vkey
+            for cube_id, signature in stale.values():
+                for vkey, item_id, born in signature:
+                    if self._terms.get(cube_id, vkey, item_id, born) is None:
+                        missing.setdefault(cube_id, {})[(item_id, born)] = vkey
+            for cube_id, refs in missing.items():
+                ordered = list(refs)
+                for (item_id, born), record in zip(ordered, self.kernel.store.get_versions(cube_id, ordered),
+                                                   strict=True):
+                    if record is not None:  # purged meanwhile: no words
+                        self._terms.put(cube_id, refs[(item_id, born)], item_id, born,
+                                        turn_terms(memory_text(record.text, record.speaker, record.event_ns)))
+            for session, (cube_id, signature) in stale.items():
+                turns = [self._terms.get(cube_id, vkey, item_id, born) for vkey, item_id, born in signature]
+                merged = merge([t for t in turns if t is not None])
+                self._terms.put_session(cube_id, session[1], signature, merged)
+                docs[session].append(merged)
+        return session_scores(query, docs)
 
     @staticmethod
     def _turn_of(cand: _Candidate) -> tuple[str, str] | None:

@@ -23,6 +23,7 @@ from memosd.kernel.conversation import ingest_order
 from memosd.kernel.kernel import Kernel
 from memosd.kernel.memory_text import MEMORY_TEXT_RECIPE, memory_text
 from memosd.kernel.search import Searcher, SearchSettings
+from memosd.kernel.session_match import session_scores, turn_terms
 from memosd.kernel.types import ItemInput, ItemView, Message, SearchFilter, SearchHit
 from memosd.store import schema
 from memosd.store.rocks import Store
@@ -347,3 +348,58 @@ def test_a_query_that_names_a_period_ranks_the_turns_of_that_time_first(kernel: 
     assert hike("Where did Maria go hiking?") == "s1"  # no period named: the tie breaks by key
     # "yesterday" said on 8 June is indexed as 7 June 2023 (the stand-in embedder knows no meaning: BM25).
     assert top("What did Maria do on 7 June, 2023?", "lexical").text == "we baked bread yesterday"
+
+
+def test_hybrid_search_lifts_each_turn_by_its_sessions_bm25_as_one_document(kernel: Kernel) -> None:
+    """kernel/session_match.py through Search: every turn gains 0.2 x its session's BM25 (the session's
+    turns the mount sees, as one document, against the other candidate sessions) over the best session's;
+    with the weight at 0 it gains nothing. A staged turn's words count for the mount that staged it only."""
+    mount = rw(kernel)
+    trip = [("Sam", "we drove north to the ridge"), ("Ana", "how was it"), ("Sam", "the lake was frozen"),
+            ("Ana", "brr"), ("Sam", "the dog slept all the way")]
+    park = [("Ana", "a dog ran on the frozen lake at the park"), ("Sam", "ha"), ("Ana", "we had pizza"),
+            ("Sam", "which one"), ("Ana", "the usual"), ("Sam", "ok")]
+    kernel.ingest(mount, chat("trip", *trip))
+    kernel.ingest(mount, chat("park", *park, start=100))
+    query = "north ridge frozen lake dog"
+    on = searcher(kernel)
+    off = Searcher(kernel, make_ranker(SearchConfig()), SearchSettings(session_match_weight=0.0))
+
+    def scores(search: Searcher, mount_id: str = mount) -> dict[str, tuple[str, float]]:
+        hits = search.search([mount_id], query, 20, SearchFilter(), "hybrid").hits
+        return {h.item.text: (h.item.session_id, h.score) for h in hits}
+
+    def expected(sessions: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+        docs = {sid: [turn_terms(memory_text(text, speaker, T0)) for speaker, text in turns]
+                for sid, turns in sessions.items()}
+        return {sid: 0.2 * v for sid, v in session_scores(query, docs).items()}
+
+    base, lifted = scores(off), scores(on)
+    assert set(base) == set(lifted) == {text for _, text in trip + park}
+    want = expected({"trip": trip, "park": park})
+    assert want["trip"] == pytest.approx(0.2) and 0.0 < want["park"] < 0.2  # trip holds every query word
+    for text, (session, score) in lifted.items():
+        assert score - base[text][1] == pytest.approx(want[session])
+
+    # A second mount stages a turn into "park" with the words it lacks; its scores see it, the first's not.
+    other = rw(kernel)
+    kernel.write(other, [ItemInput("north to the ridge next time", session_id="park", speaker="Ana",
+                                   event_ns=T0 + 200 * S)])
+    staged = expected({"trip": trip, "park": [*park, ("Ana", "north to the ridge next time")]})
+    assert staged["park"] > want["park"]
+    base_other, lifted_other = scores(off, other), scores(on, other)
+    for text, (session, score) in lifted_other.items():
+        assert score - base_other[text][1] == pytest.approx(staged[session])
+    assert scores(on) == lifted
+
+    # Forgetting a turn takes its words out of its session's document at the new revision (the merged
+    # terms cached for the old turns are not reused); a mount still at the old base keeps them.
+    kernel.forget(mount, [read_all(kernel, mount)["the dog slept all the way"].item_id])
+    kernel.commit(mount, "forget", "me")
+    fresh = rw(kernel)
+    after = expected({"trip": trip[:4], "park": park})
+    base_fresh, lifted_fresh = scores(off, fresh), scores(on, fresh)
+    for text, (session, score) in lifted_fresh.items():
+        assert score - base_fresh[text][1] == pytest.approx(after[session])
+    assert after["trip"] != want["trip"] or after["park"] != want["park"]
+    assert scores(on, other) == lifted_other

@@ -28,3 +28,14 @@ def test_items_that_are_not_turns_are_untouched_and_lifts_read_the_scores_before
     assert out[7] == 0.8  # no session: a plain memory
     assert out[2] == pytest.approx(0.5 + 0.5 * 1.0) and out[1] == pytest.approx(1.0 + 0.5 * 0.5)
     assert lift(scores, {}, {}) == scores
+
+
+def test_session_match_lifts_every_turn_of_the_matching_session_by_its_share() -> None:
+    scores = {1: 0.3, 2: 0.1, 9: 0.35}
+    out = lift(scores, {1: "a", 2: "a", 9: "b"}, {}, next_weight=0.0, session_weight=0.0,
+               session_match={"a": 1.0, "b": 0.25}, match_weight=0.2)
+    assert out[1] == pytest.approx(0.3 + 0.2) and out[2] == pytest.approx(0.1 + 0.2)
+    assert out[9] == pytest.approx(0.35 + 0.05)
+    assert out[1] > out[9]  # the session that matches as a whole wins over the better stray turn
+    assert lift(scores, {1: "a", 2: "a", 9: "b"}, {}, next_weight=0.0, session_weight=0.0,
+                session_match={"a": 1.0}, match_weight=0.0) == scores  # weight 0: off
