@@ -212,7 +212,7 @@ class ClusterConfigStore:
 
 
 def as_text(values: Mapping[str, Any]) -> dict[str, str]:
-    """The wire's view: every value as its JSON text (true, 1024, "all-MiniLM-L6-v2")."""
+    """The wire's view: booleans and numbers as JSON (true, 1024), strings as they are."""
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in sorted(values.items())}
 
 

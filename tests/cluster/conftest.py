@@ -54,4 +54,5 @@ def empty_access(etcd: EtcdCluster) -> EtcdCluster:
     """No principals or grants in the shared etcd (memosd/access/): a daemon started now is the cluster's
     first, so it makes the admin and writes admin.token (later daemons with auth on find that admin)."""
     etcd.client().delete("memosd/access/", prefix=True)
+    etcd.forget_cluster_config()
     return etcd

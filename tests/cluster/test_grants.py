@@ -67,6 +67,7 @@ def rig(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> 
             _, carol_token = c.create_principal(f"carol-{run}")
     finally:
         assert lone.stop() == 0, lone.log()
+    etcd_cluster.forget_cluster_config()  # this module's settings, not the last module's
     procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
     procs["gamma"].start()
     errors: list[BaseException] = []

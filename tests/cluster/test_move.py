@@ -48,6 +48,7 @@ def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, r
           ) -> Iterator[dict[str, DaemonProcess]]:
     etcd_cluster.restore()
     root = tmp_path_factory.mktemp("move")
+    etcd_cluster.forget_cluster_config()  # this module's settings, not the last module's
     procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
     errors: list[BaseException] = []
 

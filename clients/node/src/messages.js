@@ -806,8 +806,8 @@
 /**
  * @typedef {object} ClusterConfigResponse
  * @property {ResponseHeader | null} header
- * @property {Record<string, string>} fixed The settings every node must agree on (checked at each node's start), each value as JSON text: "embedder.fingerprint", "embedder.dim", "runtime.model", "security.auth", "security.tls", "cluster.lease_seconds", "cluster.placement".
- * @property {Record<string, string>} settings The cluster-wide settings an operator may change (the quotas), as JSON text.
+ * @property {Record<string, string>} fixed The settings every node must agree on (checked at each node's start); booleans and numbers as JSON ("true", "5"), strings as they are: "embedder.fingerprint", "embedder.dim", "runtime.model", "security.auth", "security.tls", "cluster.lease_seconds", "cluster.placement".
+ * @property {Record<string, string>} settings The cluster-wide settings an operator may change (the quotas), likewise.
  * @property {number} revision The etcd revision of the config this node applies.
  * @property {string} created_by The node that wrote the config first, and the one that changed it last.
  * @property {string} updated_by

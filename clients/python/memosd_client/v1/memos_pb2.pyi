@@ -3453,15 +3453,16 @@ class ClusterConfigResponse(_message.Message):
     def header(self) -> _types_pb2.ResponseHeader: ...
     @_builtins.property
     def fixed(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The settings every node must agree on (checked at each node's start),
-        each value as JSON text: "embedder.fingerprint", "embedder.dim",
+        """The settings every node must agree on (checked at each node's start);
+        booleans and numbers as JSON ("true", "5"), strings as they are:
+        "embedder.fingerprint", "embedder.dim",
         "runtime.model", "security.auth", "security.tls", "cluster.lease_seconds",
         "cluster.placement".
         """
 
     @_builtins.property
     def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The cluster-wide settings an operator may change (the quotas), as JSON text."""
+        """The cluster-wide settings an operator may change (the quotas), likewise."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
