@@ -115,7 +115,7 @@ def _texts(via: Client, cube_id: str, item_ids: list[str], revision: int = 0) ->
 
 def _local_ids(proc: DaemonProcess) -> set[str]:
     with _client(proc) as c:
-        return {x.cube_id for x in c.list_cubes()}
+        return {x.cube_id for x in c.list_cubes(local=True)}
 
 
 def test_a_move_under_load_keeps_every_acknowledged_commit_and_reads_agree(
