@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from etcd_rig import MISSING, EtcdCluster, etcd_binary
+from node_rig import ThreeNodes, start_three_nodes
 
 from memosd.cluster.etcd import EtcdClient
 
@@ -56,3 +57,11 @@ def empty_access(etcd: EtcdCluster) -> EtcdCluster:
     etcd.client().delete("memosd/access/", prefix=True)
     etcd.forget_cluster_config()
     return etcd
+
+
+
+@pytest.fixture(scope="session")
+def three_nodes() -> ThreeNodes:
+    """The three-daemon rig test_routing.py and test_move.py share (tests/cluster/node_rig.py; each module
+    starts its own, once, and shares it among its tests)."""
+    return start_three_nodes

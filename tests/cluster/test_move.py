@@ -24,15 +24,13 @@ import pytest
 from daemon_proc import DaemonProcess
 from etcd_rig import EtcdCluster
 from memosd_client import NO_RETRY, Client, CubeMoving, MemosError, MountNotFound, MoveRefused
+from node_rig import NODES, ThreeNodes, node_env
 
 from memosd.cluster.directory import Directory
 
-NODES = ("alpha", "beta", "gamma")
-
 
 def _env(endpoints: list[str], name: str, crash_at: str = "") -> dict[str, str]:
-    env = {"MEMOSD_CLUSTER__ETCD": ",".join(endpoints), "MEMOSD_CLUSTER__NODE_NAME": name,
-           "MEMOSD_CLUSTER__LEASE_SECONDS": "2", "MEMOSD_SECURITY__AUTH": "false"}
+    env = node_env(endpoints, name)
     if crash_at:
         env["MEMOSD_TEST_CRASH_AT"] = crash_at
     return env
@@ -44,33 +42,10 @@ def run() -> str:
 
 
 @pytest.fixture(scope="module")
-def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str
+def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str, three_nodes: ThreeNodes
           ) -> Iterator[dict[str, DaemonProcess]]:
-    etcd_cluster.restore()
-    root = tmp_path_factory.mktemp("move")
-    etcd_cluster.forget_cluster_config()  # this module's settings, not the last module's
-    procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
-    errors: list[BaseException] = []
-
-    def start(proc: DaemonProcess) -> None:
-        try:
-            proc.start()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(p,)) for p in procs.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
+    with three_nodes(etcd_cluster, tmp_path_factory.mktemp("move"), run) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            if proc.proc is not None and proc.proc.poll() is None:
-                assert proc.stop() == 0, proc.log()
 
 
 def _client(proc: DaemonProcess) -> Client:

@@ -8,7 +8,6 @@ owner; docs/ARCHITECTURE.md, Cluster), which is not what these tests are about.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,18 +31,14 @@ from memosd_client import (
 from memosd_client.errors import QuotaExceeded
 from memosd_client.v1 import memos_pb2
 from memosd_client.v1.memos_pb2 import ClusterConfigResponse
+from node_rig import NODES, ThreeNodes, node_env
 
 from memosd.cluster.directory import Directory
 from memosd.cluster.placement import place
 from memosd.cluster.view import node_tag
 from memosd.kernel import ids
 
-NODES = ("alpha", "beta", "gamma")
-
-
-def _env(endpoints: list[str], name: str) -> dict[str, str]:
-    return {"MEMOSD_CLUSTER__ETCD": ",".join(endpoints), "MEMOSD_CLUSTER__NODE_NAME": name,
-            "MEMOSD_CLUSTER__LEASE_SECONDS": "2", "MEMOSD_SECURITY__AUTH": "false"}
+_env = node_env
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +47,8 @@ def run() -> str:
 
 
 @pytest.fixture(scope="module")
-def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str
+def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str, three_nodes: ThreeNodes
           ) -> Iterator[dict[str, DaemonProcess]]:
-    etcd_cluster.restore()
     root = tmp_path_factory.mktemp("routing")
     # gamma holds a cube from before it was a member: joining claims it for gamma.
     lone = DaemonProcess(root / "gamma", env={"MEMOSD_SECURITY__AUTH": "false"}).start()
@@ -63,29 +57,8 @@ def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, r
             c.alloc_cube(f"pre-cluster-{run}")
     finally:
         assert lone.stop() == 0, lone.log()
-    etcd_cluster.forget_cluster_config()  # this module's settings, not the last module's
-    procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
-    errors: list[BaseException] = []
-
-    def start(proc: DaemonProcess) -> None:
-        try:
-            proc.start()
-        except BaseException as e:  # reported below, with the others stopped
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(p,)) for p in procs.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
+    with three_nodes(etcd_cluster, root, run) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            if proc.proc is not None and proc.proc.poll() is None:
-                assert proc.stop() == 0, proc.log()
 
 
 def _client(proc: DaemonProcess) -> Client:

@@ -49,7 +49,7 @@ def _alloc(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def _list(client: Client, args: argparse.Namespace, out: Output) -> None:
-    cubes = list(client.list_cubes(local=args.local))
+    cubes = list(client.list_cubes(local=args.local_only))
     if out.json:
         out.emit_json({"cubes": [to_dict(c) for c in cubes]})
         return
@@ -226,7 +226,7 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_alloc)
 
     p = verbs.add_parser("list", help="list cubes (on a cluster node: the cluster's, with each owner node)")
-    p.add_argument("--local", action="store_true",
+    p.add_argument("--local", action="store_true", dest="local_only",  # args.local is main's no-daemon hook
                    help="on a cluster node: only the cubes that node holds")
     p.set_defaults(handler=_list)
 
