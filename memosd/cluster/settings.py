@@ -50,6 +50,7 @@ from typing import Any
 
 from memosd.cluster.directory import ROOT
 from memosd.cluster.etcd import Compare, EtcdClient, EtcdError, Get, KeyValue, Put, RangeResult
+from memosd.cluster.placement import RULE
 from memosd.config import Config, ConfigError, QuotasConfig, parse_value
 from memosd.errors import ClusterUnavailable, InvalidField
 
@@ -95,16 +96,12 @@ class ClusterSettings:
 
     def quotas(self, base: QuotasConfig) -> QuotasConfig:
         """``base`` with the stored quotas in place of its own (keys this memosd does not know are skipped)."""
-        known = {f.name: f.type for f in dataclasses.fields(QuotasConfig)}
-        values = {k.partition(".")[2]: v for k, v in self.settings.items()
-                  if k in SETTING_KEYS and k.partition(".")[2] in known and type(v) is int}
+        values = {k.partition(".")[2]: v for k, v in self.settings.items() if k in SETTING_KEYS and type(v) is int}
         return dataclasses.replace(base, **values)
 
 
 def fixed_of(config: Config, embedder_fingerprint: str, embedder_dim: int) -> dict[str, Value]:
     """This node's must-agree values (the embedder's after it loaded: its fingerprint names its bytes)."""
-    from memosd.cluster.placement import RULE
-
     return {"embedder.fingerprint": embedder_fingerprint, "embedder.dim": embedder_dim,
             "runtime.model": config.runtime.model, "security.auth": config.security.auth,
             "security.tls": bool(config.security.tls_cert_file), "cluster.lease_seconds": config.cluster.lease_seconds,
