@@ -456,6 +456,13 @@ def _convert(key: str, raw: object, source: str, *, text: bool) -> Any:
     return value
 
 
+def parse_value(key: str, text: str, source: str) -> Any:
+    """One ``section.key`` given as text (an environment variable, a flag, ``memosctl cluster config set``),
+    converted to its field's type and checked by the same rule as the file's. Raises ConfigError."""
+    _check_key(key, source)
+    return _convert(key, text, source, text=True)
+
+
 def _known_keys(section: str) -> str:
     return ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
 

@@ -40,7 +40,8 @@ from memosd.cluster.grants import EtcdGovernance
 from memosd.cluster.marks import MoveMarks
 from memosd.cluster.move import CubeMover
 from memosd.cluster.node import ClusterNode, ClusterStartError, ClusterStatus
-from memosd.config import Config, ConfigError, SearchConfig, build_arg_parser, load_config
+from memosd.cluster.settings import ClusterSettings, fixed_of, settings_of
+from memosd.config import Config, ConfigError, QuotasConfig, SearchConfig, build_arg_parser, load_config
 from memosd.errors import ClusterUnavailable, DiskFull
 from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl
@@ -66,6 +67,7 @@ from memosd.store.blocks import RocksBlockStores
 from memosd.store.rocks import PROBE_MIN_FREE_BYTES, SchemaMismatch, Store
 from memosd.store.space import free_bytes, is_no_space
 from memosd.syscalls import convert_stats
+from memosd.syscalls.cluster_list import ClusterLister
 from memosd.syscalls.gate import Gate
 from memosd.syscalls.openai_http import HttpServer
 from memosd.syscalls.registry import SERVICE_NAME, generic_handler
@@ -232,12 +234,15 @@ def build(config: Config) -> Daemon:
     if free_bytes(config.data_dir) < PROBE_MIN_FREE_BYTES:
         raise StartupError(_disk_full_at_start(config.data_dir))
     embedder = Embedder.load(config.embedder.model, config.embedder.device, config.embedder.batch_size)
+    quotas = config.quotas
+    if cluster is not None:  # the cluster config: written by the first node, checked by the others
+        quotas = _agree(config, cluster, embedder.fingerprint, embedder.dim, lock_handle)
     try:
         store = Store(config.data_dir / "store")
     except SchemaMismatch as error:
         raise StartupError(str(error)) from None
     kernel = Kernel(store, embedder, CubeIndex.open, config.data_dir / "index", config.limits,
-                    sync_commits=config.store.sync_commits, quotas=config.quotas,
+                    sync_commits=config.store.sync_commits, quotas=quotas,
                     directory=cluster.claims if cluster is not None else NO_DIRECTORY)
     kernel.open()
     search = config.search
@@ -277,7 +282,9 @@ def build(config: Config) -> Daemon:
     audit = AuditLog(store, enabled=config.security.audit,
                      unauthenticated_window=config.security.audit_unauthenticated_window_seconds)
     gate = Gate(principals, access, audit, jobs, auth=config.security.auth, metrics=metrics, server=config.server,
-                quotas=config.quotas)
+                quotas=quotas)
+    if cluster is not None:  # a quota changed with memosctl cluster config set applies here when the watch brings it
+        cluster.on_settings.append(lambda found: _apply_quotas(config, kernel, gate, found))
     gate.placement = cluster is not None
     router = (Router(cluster.view, config.cluster.node_name, max_message_bytes=config.server.max_message_bytes,
                      credentials=_node_credentials(config))
@@ -293,6 +300,10 @@ def build(config: Config) -> Daemon:
     servicer = MemOSServicer(kernel, searcher, activator, generator, adapters, jobs, stats.stats, gate, usage,
                              scheduler, erasure=erasure, removal=removal)
     servicer.max_message_bytes = config.server.max_message_bytes
+    if cluster is not None:  # the cluster config, and ListCubes across the cluster (syscalls/cluster_list.py)
+        servicer.cluster = cluster
+        servicer.lister = ClusterLister(cluster.view, config.cluster.node_name, credentials=_node_credentials(config),
+                                        max_message_bytes=config.server.max_message_bytes)
     if cluster is not None:  # moves between nodes (cluster/move.py), driven by the owner
         cluster.mover = servicer.mover = CubeMover(
             kernel, cluster.client, cluster.view, config.cluster.node_name, MoveMarks(config.data_dir / "moves"),
@@ -343,6 +354,25 @@ def build(config: Config) -> Daemon:
     if metrics is not None:
         metrics.watch(daemon.stats, lambda: gate.audit.seq)
     return daemon
+
+
+def _agree(config: Config, cluster: ClusterNode, fingerprint: str, dim: int, lock_handle: IO[str]) -> QuotasConfig:
+    """Write or check the cluster config (cluster/settings.py) before anything is served; the quotas to apply."""
+    ours = ClusterSettings(fixed_of(config, fingerprint, dim), settings_of(config.quotas),
+                           created_by=config.cluster.node_name, updated_by=config.cluster.node_name,
+                           update_ns=time.time_ns())
+    try:
+        stored = cluster.agree(ours)
+    except ClusterStartError as error:
+        lock_handle.close()
+        raise StartupError(str(error)) from None
+    return stored.quotas(config.quotas)
+
+
+def _apply_quotas(config: Config, kernel: Kernel, gate: Gate, found: ClusterSettings) -> None:
+    quotas = found.quotas(config.quotas)
+    kernel.set_quotas(quotas)
+    gate.admission.set_quotas(quotas)
 
 
 def _drop_local(kernel: Kernel, removal: CubeRemoval) -> Callable[[str], None]:
@@ -559,6 +589,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))
     if daemon.router is not None:  # its channels to the other nodes, once no call uses them
         daemon.loop.call(daemon.router.close())
+    if daemon.servicer.lister is not None:
+        daemon.servicer.lister.close()
     if daemon.http_server is not None:  # its open replies see their calls end (gate.close below) and stop
         daemon.loop.call(daemon.http_server.stop())
     daemon.servicer.gate.close()

@@ -14,7 +14,10 @@ memosd_client.Client as a user would:
     first with three cubes all on one node (every call to it), then one cube on each node (every call to
     its owner); all on the same machine, so the cores bound both (see BENCHMARKS.md);
   * moving a cube of --move-items items (written in batches of 500, 10 commits) to another node
-    (MoveCube), with the time of each step.
+    (MoveCube), with the time of each step;
+  * ListCubes through one node, its own cubes (local) against the cluster's (each owner asked for its
+    page), with three cubes made on each node; p50 and p99.
+--parts picks some of them (latency,listing,throughput,move): --parts listing --calls 200 takes ~1 min.
 Prints a table and writes JSON (--json, default bench-out/bench_cluster.json).
 """
 
@@ -112,6 +115,24 @@ def latency(clients: dict[str, Client], directory: Directory, run: str, calls: i
     return row
 
 
+def listing(clients: dict[str, Client], directory: Directory, run: str, calls: int) -> dict[str, float]:
+    """ListCubes through alpha: its own cubes (local) against the cluster's (every owner asked for its page)."""
+    for n in NODES:  # a few cubes on each node, so every owner answers a page
+        for i in range(3):
+            cube_on(clients[n], directory, f"{n}-{run}", f"ls-{run}-{n}-{i}")
+    via = clients["alpha"]
+    row: dict[str, float] = {"cubes_cluster": float(len(list(via.list_cubes()))),
+                             "cubes_local": float(len(list(via.list_cubes(local=True))))}
+    for label, local in (("local", True), ("cluster", False)):
+        def list_once(local: bool = local) -> object:
+            return list(via.list_cubes(local=local))
+
+        timed(list_once, 10)
+        took = timed(list_once, calls)
+        row |= {f"list_{label}_p50_ms": pct(took, 0.5), f"list_{label}_p99_ms": pct(took, 0.99)}
+    return row
+
+
 def throughput(procs: dict[str, DaemonProcess], cubes: list[tuple[str, str]], threads: int, seconds: float
                ) -> dict[str, float]:
     """Ops/s of ``threads`` threads over ``cubes`` ((cube id, the node to call)): Search, then Write+Commit."""
@@ -169,6 +190,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=6, help="client threads for the throughput runs")
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each throughput run")
     parser.add_argument("--move-items", type=int, default=10000, help="items in the moved cube")
+    parser.add_argument("--parts", default="latency,listing,throughput,move",
+                        help="which measurements, comma-separated (default all)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench_cluster.json")
     args = parser.parse_args()
     binary = etcd_binary()
@@ -191,15 +214,21 @@ def main() -> None:
                 proc.start()
             clients = {n: Client(p.address, timeout=600, retry=NO_RETRY) for n, p in procs.items()}
             directory = Directory(etcd.client())
-            result["latency"] = latency(clients, directory, run, args.calls)
-            on_alpha = [(cube_on(clients["alpha"], directory, f"alpha-{run}", f"one-{run}-{i}"), "alpha")
-                        for i in range(3)]
-            spread = [(cube_on(clients[n], directory, f"{n}-{run}", f"three-{run}-{n}"), n) for n in NODES]
-            for cube_id, node in on_alpha + spread:
-                fill(clients[node], cube_id, 200, commits=2)
-            result["throughput_one_node"] = throughput(procs, on_alpha, args.threads, args.seconds)
-            result["throughput_three_nodes"] = throughput(procs, spread, args.threads, args.seconds)
-            result["move"] = move(clients, directory, run, args.move_items)
+            parts = set(args.parts.split(","))
+            if "latency" in parts:
+                result["latency"] = latency(clients, directory, run, args.calls)
+            if "listing" in parts:
+                result["listing"] = listing(clients, directory, run, args.calls)
+            if "throughput" in parts:
+                on_alpha = [(cube_on(clients["alpha"], directory, f"alpha-{run}", f"one-{run}-{i}"), "alpha")
+                            for i in range(3)]
+                spread = [(cube_on(clients[n], directory, f"{n}-{run}", f"three-{run}-{n}"), n) for n in NODES]
+                for cube_id, node in on_alpha + spread:
+                    fill(clients[node], cube_id, 200, commits=2)
+                result["throughput_one_node"] = throughput(procs, on_alpha, args.threads, args.seconds)
+                result["throughput_three_nodes"] = throughput(procs, spread, args.threads, args.seconds)
+            if "move" in parts:
+                result["move"] = move(clients, directory, run, args.move_items)
         finally:
             for c in clients.values():
                 c.close()
@@ -207,25 +236,31 @@ def main() -> None:
                 if proc.proc is not None and proc.proc.poll() is None:
                     proc.stop()
             etcd.stop()
-    lat = result["latency"]
-    assert isinstance(lat, dict)
     print(f"\nmemosd cluster, 3 nodes and a 3-member etcd on one machine ({result['machine']}, {result['cpus']} CPUs)")
-    print(f"{'call':<8} {'local p50':>10} {'p99':>8} {'forwarded p50':>14} {'p99':>8}   (ms, {args.calls} calls)")
-    for call in ("search", "write"):
-        print(f"{call:<8} {lat[f'{call}_local_p50_ms']:>10.2f} {lat[f'{call}_local_p99_ms']:>8.2f} "
-              f"{lat[f'{call}_forwarded_p50_ms']:>14.2f} {lat[f'{call}_forwarded_p99_ms']:>8.2f}")
-    one, three = result["throughput_one_node"], result["throughput_three_nodes"]
-    assert isinstance(one, dict) and isinstance(three, dict)
-    print(f"\nthroughput ({args.threads} client threads, {args.seconds:g} s each)   one node   three nodes")
-    for kind in ("search", "write_commit"):
-        print(f"{kind + ' ops/s':<44} {one[f'{kind}_ops_per_s']:>9.0f} {three[f'{kind}_ops_per_s']:>13.0f}")
-    moved = result["move"]
-    assert isinstance(moved, dict)
-    steps = moved["steps_s"]
-    assert isinstance(steps, dict)
-    print(f"\nmove of {moved['items']} items ({moved['archive_bytes']} archive bytes): {moved['move_s']:.2f} s "
-          f"(fill took {moved['fill_s']:.1f} s)")
-    print("  " + ", ".join(f"{k} at {v:.2f} s" for k, v in steps.items()))
+    lat = result.get("latency")
+    if isinstance(lat, dict):
+        print(f"{'call':<8} {'local p50':>10} {'p99':>8} {'forwarded p50':>14} {'p99':>8}   (ms, {args.calls} calls)")
+        for call in ("search", "write"):
+            print(f"{call:<8} {lat[f'{call}_local_p50_ms']:>10.2f} {lat[f'{call}_local_p99_ms']:>8.2f} "
+                  f"{lat[f'{call}_forwarded_p50_ms']:>14.2f} {lat[f'{call}_forwarded_p99_ms']:>8.2f}")
+    ls = result.get("listing")
+    if isinstance(ls, dict):
+        print(f"\nListCubes through alpha ({args.calls} calls)   cubes   p50 ms   p99 ms")
+        for label in ("local", "cluster"):
+            print(f"{label:<38} {ls[f'cubes_{label}']:>5.0f} {ls[f'list_{label}_p50_ms']:>8.2f} "
+                  f"{ls[f'list_{label}_p99_ms']:>8.2f}")
+    one, three = result.get("throughput_one_node"), result.get("throughput_three_nodes")
+    if isinstance(one, dict) and isinstance(three, dict):
+        print(f"\nthroughput ({args.threads} client threads, {args.seconds:g} s each)   one node   three nodes")
+        for kind in ("search", "write_commit"):
+            print(f"{kind + ' ops/s':<44} {one[f'{kind}_ops_per_s']:>9.0f} {three[f'{kind}_ops_per_s']:>13.0f}")
+    moved = result.get("move")
+    if isinstance(moved, dict):
+        steps = moved["steps_s"]
+        assert isinstance(steps, dict)
+        print(f"\nmove of {moved['items']} items ({moved['archive_bytes']} archive bytes): {moved['move_s']:.2f} s "
+              f"(fill took {moved['fill_s']:.1f} s)")
+        print("  " + ", ".join(f"{k} at {v:.2f} s" for k, v in steps.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

@@ -12,6 +12,8 @@ it owns, as a single node does. One job a module:
   claims.py      the kernel's DirectoryPort: cubes claimed for this node at AllocCube / ImportCube, released
                  at FreeCube; CLUSTER_UNAVAILABLE when etcd has no quorum
   view.py        the directory and the member list as last seen (a watch-fed cache): what the router reads
+  settings.py    the cluster config (memosd/config): the must-agree values checked at each node's start, the
+                 cluster-wide settings (quotas) set by a CAS and applied by every node's watch
   node.py        the daemon as a member ([cluster] etcd set): checked at start, joined (the local cubes
                  reconciled with the directory), left at stop
   move.py        MoveCube: the owner's protocol (drain, freeze, export, send, CAS, settle, delete) and the

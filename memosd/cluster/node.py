@@ -26,9 +26,16 @@ from dataclasses import dataclass
 
 from memosd.cluster.claims import DirectoryClaims
 from memosd.cluster.directory import Directory
-from memosd.cluster.etcd import EtcdClient, EtcdError
+from memosd.cluster.etcd import EtcdClient, EtcdError, KeyValue
 from memosd.cluster.membership import Member, NodeNameTaken, Registration, members
 from memosd.cluster.move import CubeMover
+from memosd.cluster.settings import (
+    ClusterConfigMismatch,
+    ClusterConfigStore,
+    ClusterSettings,
+    Value,
+    mismatches,
+)
 from memosd.cluster.view import DirectoryView
 from memosd.config import ClusterConfig
 from memosd.errors import MemosError
@@ -84,6 +91,12 @@ class ClusterNode:
         self.not_served: tuple[str, ...] = ()
         self.missing: tuple[str, ...] = ()
         self.mover: CubeMover | None = None  # set by the wiring once the kernel exists (cluster/move.py)
+        self.config_store = ClusterConfigStore(self.client)
+        self.settings: ClusterSettings | None = None  # the cluster config this node applies (agree(), then the watch)
+        self.on_settings: list[Callable[[ClusterSettings], None]] = []  # the wiring's appliers (quotas)
+        self._fixed: dict[str, Value] = {}
+        self._settings_lock = threading.Lock()
+        self.view.on_settings = self._settings_seen
 
     def _where(self) -> str:
         return ", ".join(self.config.etcd)
@@ -105,6 +118,53 @@ class ClusterNode:
                     "give this node another name, or stop that one (a stopped node's name is free within "
                     f"cluster.lease_seconds = {self.config.lease_seconds} s)")
             time.sleep(0.25)
+
+    def agree(self, ours: ClusterSettings) -> ClusterSettings:
+        """Before serving: write the cluster config if there is none yet, else check our must-agree values
+        against it (cluster/settings.py). Returns the config to apply. Raises ClusterStartError (one line)."""
+        try:
+            stored, wrote = self.config_store.join(ours)
+        except ClusterConfigMismatch as e:
+            raise ClusterStartError(str(e)) from None
+        except EtcdError as e:
+            raise ClusterStartError(f"cannot read the cluster config at {self._where()} (cluster.etcd): {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ClusterStartError(f"the cluster config in etcd ({self.config_store.key}) cannot be read: {e}; "
+                                    "fix or delete it") from None
+        log_event(log, "cluster_config_written" if wrote else "cluster_config_read", revision=stored.revision,
+                  created_by=stored.created_by)
+        self._fixed = dict(ours.fixed)
+        self.settings = stored
+        return stored
+
+    def _settings_seen(self, kv: KeyValue) -> None:
+        """The config key as the directory watch brings it: apply a change to the settings; a change to the
+        fixed values (made by hand in etcd) is logged, not applied (this node runs with what it started with)."""
+        self._adopt(ClusterSettings.from_kv(kv))
+
+    def set_setting(self, key: str, text: str) -> ClusterSettings:
+        """``memosctl cluster config set``: the CAS in etcd, then applied here at once (the others apply it
+        when their watch brings it). Raises InvalidField, ClusterUnavailable."""
+        new = self.config_store.set(key, text, self.config.node_name)
+        self._adopt(new)
+        return new
+
+    def _adopt(self, found: ClusterSettings) -> None:
+        with self._settings_lock:
+            current = self.settings
+            if current is not None and found.revision <= current.revision:
+                return  # a replay of what we have (the watch restarted, a full read)
+            self.settings = found
+        differ = mismatches(self._fixed, found.fixed)
+        if differ:
+            log_event(log, "cluster_config_fixed_changed", level=logging.WARNING,
+                      settings=",".join(m.key for m in differ),
+                      hint="the cluster's must-agree settings were changed in etcd; this node keeps its own "
+                           "until it restarts (and then refuses to start if they still differ)")
+        if current is None or dict(found.settings) != dict(current.settings):
+            log_event(log, "cluster_config_applied", revision=found.revision, updated_by=found.updated_by)
+            for apply in self.on_settings:
+                apply(found)
 
     def join(self, bound: str, local_cubes: LocalCubes = lambda: ()) -> None:
         """Register at cluster.advertise, or at ``bound`` (the gRPC server's address) when that is empty;

@@ -21,6 +21,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+# The rule's name in the cluster config (cluster/settings.py): every node must place by the same rule, so a
+# change to it is a new name, and a node that places otherwise refuses to join.
+RULE = "rendezvous-sha256-v1"
+
 
 def weight(cube_id: str, member: str) -> int:
     """The member's weight for the cube: 64 bits of sha256(cube_id NUL member)."""
@@ -43,4 +47,4 @@ def place(cube_id: str, members: Iterable[str]) -> str:
     return ranked[0]
 
 
-__all__ = ["place", "ranking", "weight"]
+__all__ = ["RULE", "place", "ranking", "weight"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memosd.cluster.directory import ROOT, Directory, Entry
@@ -56,6 +57,11 @@ class DirectoryView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.synced = threading.Event()  # set once the first full read is in
+        # The cluster config key (cluster/settings.py) as the watch brings it: called on the follower's thread,
+        # outside the lock, with the record each time it is read or changes (not when it is deleted: the
+        # nodes keep applying the one they have).
+        self.on_settings: Callable[[KeyValue], None] | None = None
+        self._settings_key = root + "config"
 
     # -- following etcd --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,8 +80,13 @@ class DirectoryView:
         found = self.client.range(self._root, prefix=True)
         cubes: dict[str, Entry] = {}
         live: dict[str, str] = {}
+        settings: KeyValue | None = None
         for kv in found.kvs:
+            if kv.key == self._settings_key.encode():
+                settings = kv
             self._read_into(kv, cubes, live)
+        if settings is not None:
+            self._settings(settings)
         with self._lock:
             self._cubes = cubes
             self._names = {e.name: e.cube_id for e in cubes.values() if e.name}
@@ -128,8 +139,19 @@ class DirectoryView:
                     last = max(last, event.kv.mod_revision)
         return last
 
+    def _settings(self, kv: KeyValue) -> None:
+        if self.on_settings is not None:
+            try:
+                self.on_settings(kv)
+            except Exception as e:  # never let the follower die: routing reads what it keeps
+                log_event(log, "cluster_config_unapplied", level=logging.WARNING, error=f"{type(e).__name__}: {e}")
+
     def _apply(self, event: WatchEvent) -> None:
         key = event.kv.key.decode(errors="replace")
+        if key == self._settings_key:
+            if event.type == "PUT":
+                self._settings(event.kv)
+            return
         with self._lock:
             if key.startswith(self._cubes_prefix):
                 cube_id = key[len(self._cubes_prefix):]

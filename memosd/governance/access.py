@@ -96,6 +96,15 @@ class AccessControl:
     def visible(self, caller: PrincipalRecord, cube: CubeRecord) -> bool:
         return bool(self.rights(caller, cube))
 
+    def visible_by_id(self, caller: PrincipalRecord, cube_id: str) -> bool:
+        """Whether the caller may see a cube this node does not hold (a cluster ListCubes listing a cube whose
+        owner is down): an admin, or a live grant. Its owning principal is in the owner's store, unknown here."""
+        if caller.admin:
+            return True
+        grant = self.rows.grant(cube_id, caller.principal_id)
+        return not (grant is None or (grant.expire_ns and grant.expire_ns <= time.time_ns())
+                    or self.rows.unconfirmed() or not grant.rights)
+
     def cube(self, caller: PrincipalRecord, ref: str, needed: Iterable[Right]) -> CubeState:
         """The cube ``ref`` names, if the caller holds ``needed`` on it."""
         cube = self.kernel.cube(ref)

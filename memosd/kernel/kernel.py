@@ -112,6 +112,10 @@ class Kernel:
     def save_indexes(self) -> None:
         Indexes.save(self.cubes.values())
 
+    def set_quotas(self, quotas: QuotasConfig) -> None:
+        """New limits for the next check (a cluster node's cluster config changed); what is held stays held."""
+        self.quotas.config = quotas
+
     def close(self) -> None:
         Indexes.close(self.cubes.values())
         self.store.close()

@@ -52,6 +52,10 @@ class Admission:
         self._open: Counter[tuple[str, str]] = Counter()  # (principal id, kind) -> open streams
         self._lock = threading.Lock()
 
+    def set_quotas(self, quotas: QuotasConfig) -> None:
+        """New limits for the next stream (a cluster node's cluster config changed); open streams stay open."""
+        self.limits = {kind: int(getattr(quotas, key)) for kind, key in CONFIG_KEYS.items()}
+
     def admit(self, principal_id: str, kinds: tuple[str, ...]) -> Slot:
         """Count a new stream of ``principal_id``; raises ``QuotaExceeded`` (counting nothing) over a limit."""
         with self._lock:

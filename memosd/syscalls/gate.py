@@ -93,8 +93,8 @@ class Call:
     caller: PrincipalRecord
     entry: AuditEntry = field(repr=False)
     placed_cube_id: str = ""  # AllocCube on a cluster node: the id placement chose (syscalls/router.py)
-    # The authorization header values as sent (a server stream's only): MoveCube passes them on to the target
-    # node, which checks them itself (principals are per node).
+    # The authorization header values as sent (unary calls and server streams): MoveCube passes them on to the
+    # target node, ListCubes to the other owners on a cluster node; each checks them itself.
     authorization: tuple[str, ...] = field(default=(), repr=False)
 
     def note(self, *, items: Any = (), artifacts: Any = (), cube_id: str = "", revision: int = 0) -> None:
@@ -283,6 +283,7 @@ class Gate:
                     caller = self._authenticate(method, token, entry)
                     call = self._authorize(caller, method, request, done, entry)
                     call.placed_cube_id = placed
+                    call.authorization = tuple(token)  # ListCubes on a cluster node asks the other owners with it
                     response = handler(request, call)
                 except Exception as error:
                     self._close(entry, started, error)

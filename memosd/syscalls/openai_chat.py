@@ -170,7 +170,8 @@ def visible_cube_names(servicer: MemOSServicer, authorization: list[str]) -> lis
         names: list[str] = []
         token = ""
         while True:
-            request = pb.ListCubesRequest(page_size=1000, page_token=token)
+            # local: the HTTP surface serves this node's own cubes (it is not routed on a cluster node).
+            request = pb.ListCubesRequest(page_size=1000, page_token=token, local=True)
             page = servicer.ListCubes(request, gate.authorize_call(caller, "ListCubes", request, done, entry))
             names.extend(cube.name for cube in page.cubes)
             token = page.next_page_token

@@ -109,6 +109,9 @@ RULES: dict[str, Rule] = {
     # (the cube is the owner's in the directory until the switch), so daemon admins only.
     "ReceiveCube": Rule(admin=True),
     "SettleCube": Rule(admin=True),
+    # The cluster config (cluster/settings.py): what every node applies, so daemon admins only.
+    "GetClusterConfig": Rule(admin=True),
+    "SetClusterConfig": Rule(admin=True),
 }
 
 

@@ -18,6 +18,8 @@ from memosd.activation.activator import Activator
 from memosd.activation.generator import GenerationReport, Generator
 from memosd.activation.scheduler import Scheduler
 from memosd.cluster.move import CubeMover
+from memosd.cluster.node import ClusterNode
+from memosd.cluster.settings import as_text
 from memosd.errors import InvalidField, MoveRefused
 from memosd.governance.access import Right
 from memosd.kernel.ids import CUBE_ID_RE
@@ -37,6 +39,7 @@ from memosd.syscalls import adapter_stream, cube_stream
 from memosd.syscalls import convert as cv
 from memosd.syscalls import convert_activation as ca
 from memosd.syscalls import convert_stats as cs
+from memosd.syscalls.cluster_list import ClusterLister
 from memosd.syscalls.gate import Call, Gate
 from memosd.syscalls.governance import GovernanceHandlers
 from memosd.syscalls.move_peer import GrpcMovePeer
@@ -66,6 +69,8 @@ class MemOSServicer(GovernanceHandlers):
         self.removal = removal or CubeRemoval(kernel, adapters, activator, gate.access, usage)
         self.remembering = Remembering(kernel)
         self.mover: CubeMover | None = None  # a cluster node's (set by the wiring)
+        self.cluster: ClusterNode | None = None  # a cluster node's: its name and the cluster config
+        self.lister: ClusterLister | None = None  # a cluster node's: ListCubes across the cluster
         self.max_message_bytes = 64 << 20  # the server's limit, for calls to other nodes (set by the wiring)
 
     # -- cubes ----------------------------------------------------------
@@ -81,15 +86,22 @@ class MemOSServicer(GovernanceHandlers):
 
     def StatCube(self, req: pb.StatCubeRequest, call: Call) -> pb.StatCubeResponse:
         info = self.kernel.cube_info(self.kernel.cube(req.cube))
-        return pb.StatCubeResponse(header=cv.header(info.record.cube_id, info.record.head),
-                                   cube=cv.cube(info, self._cube_usage(info.record.cube_id)))
+        cube = cv.cube(info, self._cube_usage(info.record.cube_id))
+        cube.owner_node = self.cluster.config.node_name if self.cluster is not None else ""
+        return pb.StatCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cube)
 
     def ListCubes(self, req: pb.ListCubesRequest, call: Call) -> pb.ListCubesResponse:
         page = self.kernel.list_cubes(req.page_size, req.page_token,
                                       lambda cube: self.access.visible(call.caller, cube))
-        return pb.ListCubesResponse(header=cv.header(),
-                                    cubes=[cv.cube(c, self._cube_usage(c.record.cube_id)) for c in page.entries],
-                                    next_page_token=page.next_token)
+        cubes = [cv.cube(c, self._cube_usage(c.record.cube_id)) for c in page.entries]
+        next_token = page.next_token
+        if self.lister is not None:  # a cluster node: its own, or the cluster's (syscalls/cluster_list.py)
+            for cube in cubes:
+                cube.owner_node = self.lister.node
+            if not req.local:
+                cubes, next_token = self.lister.page(req, call.authorization, cubes, next_token,
+                                                     lambda cube_id: self.access.visible_by_id(call.caller, cube_id))
+        return pb.ListCubesResponse(header=cv.header(), cubes=cubes, next_page_token=next_token)
 
     def ExportCube(self, req: pb.ExportCubeRequest, call: Call) -> Iterator[pb.ExportCubeResponse]:
         with cube_stream.export(self.kernel, req.cube, with_kv=req.with_kv, spool=self.adapters.spool) as (
@@ -156,6 +168,35 @@ class MemOSServicer(GovernanceHandlers):
         kept = self._mover().settle(req.cube_id)
         call.note(cube_id=req.cube_id)
         return pb.SettleCubeResponse(header=cv.header(req.cube_id, self.kernel.head(req.cube_id)), kept=kept)
+
+    # -- the cluster config (cluster/settings.py) ------------------------
+    def _cluster_node(self) -> ClusterNode:
+        if self.cluster is None or self.cluster.settings is None:
+            raise InvalidField("this memosd is a single node (cluster.etcd is empty): it has no cluster config; its "
+                               "settings are its own configuration's (memosd --print-config)", field="key")
+        return self.cluster
+
+    def _config_response(self, node: ClusterNode) -> pb.ClusterConfigResponse:
+        settings = node.settings
+        assert settings is not None
+        response = pb.ClusterConfigResponse(header=cv.header(), fixed=as_text(settings.fixed),
+                                            settings=as_text(settings.settings), revision=settings.revision,
+                                            created_by=settings.created_by, updated_by=settings.updated_by,
+                                            node=node.config.node_name)
+        if settings.update_ns:
+            response.update_time.CopyFrom(cv.ts(settings.update_ns))
+        return response
+
+    def GetClusterConfig(self, req: pb.GetClusterConfigRequest, call: Call) -> pb.ClusterConfigResponse:
+        return self._config_response(self._cluster_node())
+
+    def SetClusterConfig(self, req: pb.SetClusterConfigRequest, call: Call) -> pb.ClusterConfigResponse:
+        node = self._cluster_node()
+        if not req.key:
+            raise InvalidField("key is required: a cluster setting such as quotas.max_mounts_per_principal",
+                               field="key")
+        node.set_setting(req.key, req.value)
+        return self._config_response(node)
 
     # -- mounts ---------------------------------------------------------
     def Mount(self, req: pb.MountRequest, call: Call) -> pb.MountResponse:

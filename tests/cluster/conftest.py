@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from etcd_rig import MISSING, EtcdCluster, etcd_binary
+from node_rig import ThreeNodes, start_three_nodes
 
 from memosd.cluster.etcd import EtcdClient
 
@@ -54,4 +55,13 @@ def empty_access(etcd: EtcdCluster) -> EtcdCluster:
     """No principals or grants in the shared etcd (memosd/access/): a daemon started now is the cluster's
     first, so it makes the admin and writes admin.token (later daemons with auth on find that admin)."""
     etcd.client().delete("memosd/access/", prefix=True)
+    etcd.forget_cluster_config()
     return etcd
+
+
+
+@pytest.fixture(scope="session")
+def three_nodes() -> ThreeNodes:
+    """The three-daemon rig test_routing.py and test_move.py share (tests/cluster/node_rig.py; each module
+    starts its own, once, and shares it among its tests)."""
+    return start_three_nodes

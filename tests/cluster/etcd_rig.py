@@ -113,6 +113,11 @@ class EtcdCluster:
     def client(self, timeout: float = 1.0) -> EtcdClient:
         return EtcdClient(self.endpoints, timeout=timeout)
 
+    def forget_cluster_config(self) -> None:
+        """Delete the cluster config (memosd/config): the session's modules share this etcd, each with its own
+        daemons and settings (auth, TLS), so each rig's first daemon must make the cluster config anew."""
+        self.client().delete("memosd/config")
+
     def start(self) -> None:
         for m in self.members:
             m.start()

@@ -100,6 +100,7 @@ def test_a_daemon_whose_node_name_is_taken_while_its_lease_lapsed_stops(etcd: Et
     """Another member holding our name means the directory and forwarded calls now mean that member: the
     daemon must stop (exit 1, saying why) rather than go on serving cubes it owned."""
     name = f"node-{uuid.uuid4().hex[:8]}"
+    etcd.forget_cluster_config()  # this test's settings, not the last module's
     daemon = DaemonProcess(tmp_path / "node", env=_cluster_env(etcd.endpoints, name)).start()
     taker = Registration(client, name, "127.0.0.1:9", lease_seconds=2)
     try:

@@ -23,6 +23,7 @@ from memosd_client import (
     ClusterUnavailable,
     CubeNotFound,
     MountNotFound,
+    PermissionDenied,
     Unauthenticated,
 )
 
@@ -67,6 +68,7 @@ def rig(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> 
             _, carol_token = c.create_principal(f"carol-{run}")
     finally:
         assert lone.stop() == 0, lone.log()
+    etcd_cluster.forget_cluster_config()  # this module's settings, not the last module's
     procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
     procs["gamma"].start()
     errors: list[BaseException] = []
@@ -137,8 +139,14 @@ def test_a_principal_and_a_grant_made_through_one_node_are_honoured_on_the_other
             assert _known_within(1.0, via) == dave.principal_id
         with pytest.raises(CubeNotFound):  # gamma (the owner) checks: no right yet
             via_beta.stat_cube(cube_id)
+        assert [c.cube_id for c in via_beta.list_cubes()] == []  # the cluster's cubes, none of them dave's
+        with pytest.raises(PermissionDenied):  # the cluster config: daemon admins only
+            via_beta.cluster_config()
         with rig.client("alpha", rig.admin_token) as admin:
             admin.grant(cube_id, dave.principal_id, ["read", "write"])
+            assert cube_id in {c.cube_id for c in admin.list_cubes()}  # an admin sees every cube, via any node
+        # ListCubes through beta asks gamma with dave's token: gamma lists the one cube dave may see now.
+        assert [(c.cube_id, c.owner_node) for c in via_beta.list_cubes()] == [(cube_id, f"gamma-{rig.run}")]
         # Through beta, to the cube on gamma, with the token made on alpha.
         mount = via_beta.mount(cube_id, writable=True)
         [item] = via_beta.write(mount.mount_id, ["a grant made through alpha"])

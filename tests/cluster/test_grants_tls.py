@@ -65,6 +65,7 @@ def tls_nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactor
     env = {"MEMOSD_CLUSTER__ETCD": ",".join(etcd_cluster.endpoints), "MEMOSD_CLUSTER__LEASE_SECONDS": "2",
            "MEMOSD_SECURITY__TLS_CERT_FILE": str(certs["cert"]), "MEMOSD_SECURITY__TLS_KEY_FILE": str(certs["key"]),
            "MEMOSD_SECURITY__TLS_CLIENT_CA_FILE": str(certs["ca"])}
+    etcd_cluster.forget_cluster_config()  # this module's settings, not the last module's
     procs = {n: DaemonProcess(root / n, env={**env, "MEMOSD_CLUSTER__NODE_NAME": f"{n}-{run}"})
              for n in ("east", "west")}
     try:

@@ -24,15 +24,13 @@ import pytest
 from daemon_proc import DaemonProcess
 from etcd_rig import EtcdCluster
 from memosd_client import NO_RETRY, Client, CubeMoving, MemosError, MountNotFound, MoveRefused
+from node_rig import NODES, ThreeNodes, node_env
 
 from memosd.cluster.directory import Directory
 
-NODES = ("alpha", "beta", "gamma")
-
 
 def _env(endpoints: list[str], name: str, crash_at: str = "") -> dict[str, str]:
-    env = {"MEMOSD_CLUSTER__ETCD": ",".join(endpoints), "MEMOSD_CLUSTER__NODE_NAME": name,
-           "MEMOSD_CLUSTER__LEASE_SECONDS": "2", "MEMOSD_SECURITY__AUTH": "false"}
+    env = node_env(endpoints, name)
     if crash_at:
         env["MEMOSD_TEST_CRASH_AT"] = crash_at
     return env
@@ -44,32 +42,10 @@ def run() -> str:
 
 
 @pytest.fixture(scope="module")
-def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str
+def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str, three_nodes: ThreeNodes
           ) -> Iterator[dict[str, DaemonProcess]]:
-    etcd_cluster.restore()
-    root = tmp_path_factory.mktemp("move")
-    procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
-    errors: list[BaseException] = []
-
-    def start(proc: DaemonProcess) -> None:
-        try:
-            proc.start()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(p,)) for p in procs.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
+    with three_nodes(etcd_cluster, tmp_path_factory.mktemp("move"), run) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            if proc.proc is not None and proc.proc.poll() is None:
-                assert proc.stop() == 0, proc.log()
 
 
 def _client(proc: DaemonProcess) -> Client:
@@ -114,7 +90,7 @@ def _texts(via: Client, cube_id: str, item_ids: list[str], revision: int = 0) ->
 
 def _local_ids(proc: DaemonProcess) -> set[str]:
     with _client(proc) as c:
-        return {x.cube_id for x in c.list_cubes()}
+        return {x.cube_id for x in c.list_cubes(local=True)}
 
 
 def test_a_move_under_load_keeps_every_acknowledged_commit_and_reads_agree(

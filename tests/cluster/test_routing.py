@@ -8,7 +8,6 @@ owner; docs/ARCHITECTURE.md, Cluster), which is not what these tests are about.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,22 +24,21 @@ from memosd_client import (
     ClusterUnavailable,
     CubeNameTaken,
     CubeUnavailable,
+    InvalidArgument,
     ModelUnavailable,
     MountNotFound,
 )
+from memosd_client.errors import QuotaExceeded
 from memosd_client.v1 import memos_pb2
+from memosd_client.v1.memos_pb2 import ClusterConfigResponse
+from node_rig import NODES, ThreeNodes, node_env
 
 from memosd.cluster.directory import Directory
 from memosd.cluster.placement import place
 from memosd.cluster.view import node_tag
 from memosd.kernel import ids
 
-NODES = ("alpha", "beta", "gamma")
-
-
-def _env(endpoints: list[str], name: str) -> dict[str, str]:
-    return {"MEMOSD_CLUSTER__ETCD": ",".join(endpoints), "MEMOSD_CLUSTER__NODE_NAME": name,
-            "MEMOSD_CLUSTER__LEASE_SECONDS": "2", "MEMOSD_SECURITY__AUTH": "false"}
+_env = node_env
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +47,8 @@ def run() -> str:
 
 
 @pytest.fixture(scope="module")
-def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str
+def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str, three_nodes: ThreeNodes
           ) -> Iterator[dict[str, DaemonProcess]]:
-    etcd_cluster.restore()
     root = tmp_path_factory.mktemp("routing")
     # gamma holds a cube from before it was a member: joining claims it for gamma.
     lone = DaemonProcess(root / "gamma", env={"MEMOSD_SECURITY__AUTH": "false"}).start()
@@ -60,28 +57,8 @@ def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, r
             c.alloc_cube(f"pre-cluster-{run}")
     finally:
         assert lone.stop() == 0, lone.log()
-    procs = {n: DaemonProcess(root / n, env=_env(etcd_cluster.endpoints, f"{n}-{run}")) for n in NODES}
-    errors: list[BaseException] = []
-
-    def start(proc: DaemonProcess) -> None:
-        try:
-            proc.start()
-        except BaseException as e:  # reported below, with the others stopped
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(p,)) for p in procs.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
+    with three_nodes(etcd_cluster, root, run) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            if proc.proc is not None and proc.proc.poll() is None:
-                assert proc.stop() == 0, proc.log()
 
 
 def _client(proc: DaemonProcess) -> Client:
@@ -116,8 +93,18 @@ def test_cubes_spread_over_the_members_and_serve_through_any_node(
         assert [i.text for i in via_a.read(mount.mount_id, [item_ids[1]])] == ["a kettle on the stove"]
         assert via_c.stat_cube(cube_id).head_revision == 1
         # The owner served it all: the other two hold no such cube.
-        assert cube_id in {x.cube_id for x in via_c.list_cubes()}
-        assert cube_id not in {x.cube_id for x in via_a.list_cubes()}
+        assert cube_id in {x.cube_id for x in via_c.list_cubes(local=True)}
+        assert cube_id not in {x.cube_id for x in via_a.list_cubes(local=True)}
+        # ListCubes without `local` lists the cluster's cubes through any node, each with its owner node and
+        # the owner's own stats (gamma's HEAD 1 and item count, through alpha), in one id order, paged.
+        for via in (via_a, via_b, via_c):
+            listed = {x.cube_id: x for x in via.list_cubes(page_size=2)}  # pages of 2: merged across owners
+            assert set(owners) <= set(listed)
+            assert all(listed[cid].owner_node == owners[cid] and not listed[cid].unavailable for cid in owners)
+            assert (listed[cube_id].head_revision, listed[cube_id].item_count) == (1, 2)
+            ordered = [x.cube_id for x in via.list_cubes(page_size=3)]
+            assert ordered == sorted(ordered) and len(ordered) == len(set(ordered)) == len(listed)
+        assert via_a.stat_cube(cube_id).owner_node == f"gamma-{run}"
 
         # FreeCube through a non-owner: gone locally on the owner, and from the directory.
         via_b.free_cube(cube_id)
@@ -159,6 +146,10 @@ def test_without_etcd_quorum_creation_is_refused_and_existing_cubes_work(
             via_b.alloc_cube(f"quorum-{run}-new")
         with pytest.raises(ClusterUnavailable):
             via_a.free_cube(cubes[0].cube_id)
+        # The cluster config: a change is refused, and every node keeps applying (and showing) the one it has.
+        with pytest.raises(ClusterUnavailable, match=r"the cluster config is unavailable"):
+            via_a.set_cluster_config("quotas.max_mounts_per_principal", "5")
+        assert via_b.cluster_config().settings["quotas.max_mounts_per_principal"] == "1024"
         for cube in cubes:  # on every owner, through both nodes: mount, write, commit, search
             mount = via_b.mount(cube.name, writable=True)
             via_a.write(mount.mount_id, ["written while etcd had no quorum"])
@@ -195,6 +186,14 @@ def test_a_killed_owner_makes_its_cubes_unavailable_naming_it(
             time.sleep(3)  # past the 2 s lease
         with pytest.raises(CubeUnavailable, match="not a live cluster member"):
             via_a.stat_cube(on_gamma[0])
+        # ListCubes through alpha still lists gamma's cubes, from the directory, marked unavailable; the
+        # others come with their owners' stats.
+        listed = {x.cube_id: x for x in via_a.list_cubes()}
+        for cid in on_gamma:
+            assert listed[cid].unavailable and listed[cid].owner_node == f"gamma-{run}", listed.get(cid)
+            assert listed[cid].name.startswith(f"crash-{run}-")
+        for cid in elsewhere:
+            assert not listed[cid].unavailable and listed[cid].owner_node == owner[cid]
         c.start()  # back under its name (a new port): its cubes serve again, through alpha too
         deadline = time.monotonic() + 10
         while True:
@@ -250,3 +249,74 @@ def test_streams_are_forwarded_and_a_forwarded_call_is_never_forwarded_again(
             assert f"cluster node {owner!r} at {other.address}" in (refused.value.details() or "")
         finally:
             channel.close()
+
+
+def _wait_revision(via: Client, revision: int) -> ClusterConfigResponse:
+    deadline = time.monotonic() + 10
+    while True:
+        seen = via.cluster_config()
+        if seen.revision >= revision:
+            return seen
+        assert time.monotonic() < deadline, f"the config change did not reach this node: {seen}"
+        time.sleep(0.1)
+
+
+def test_the_cluster_config_is_shared_and_a_setting_reaches_every_node(
+        nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster, run: str) -> None:
+    a, b, c = (nodes[n] for n in NODES)
+    key = "quotas.max_mounts_per_principal"
+    with _client(a) as via_a, _client(b) as via_b, _client(c) as via_c:
+        seen = [via.cluster_config() for via in (via_a, via_b, via_c)]
+        assert len({(x.revision, tuple(sorted(x.fixed.items()))) for x in seen}) == 1, seen
+        fixed = seen[0].fixed
+        assert (fixed["security.auth"], fixed["cluster.lease_seconds"], fixed["security.tls"]) == ("false", "2", "false")
+        assert fixed["cluster.placement"] == "rendezvous-sha256-v1" and int(fixed["embedder.dim"]) > 0
+        assert seen[0].created_by in {f"{n}-{run}" for n in NODES}
+        assert seen[0].settings[key] == "1024"
+        # What can and cannot be set.
+        with pytest.raises(InvalidArgument, match="fixed when the cluster is made"):
+            via_a.set_cluster_config("security.auth", "true")
+        with pytest.raises(InvalidArgument, match="unknown cluster setting"):
+            via_a.set_cluster_config("quotas.nope", "1")
+        with pytest.raises(InvalidArgument, match="expected an integer >= 0"):
+            via_a.set_cluster_config(key, "-3")
+
+        # A cube of beta's takes two mounts under the default; set the quota to 1 through alpha: beta applies
+        # it when its watch brings the change, and refuses the second mount (the first too if other tests'
+        # mounts are still open there).
+        directory = Directory(etcd_cluster.client())
+        cubes = [via_a.alloc_cube(f"quota-{run}-{i}") for i in range(6)]
+        cube = next(x for x in cubes if directory.lookup(x.cube_id).owner == f"beta-{run}")  # type: ignore[union-attr]
+        for m in [via_a.mount(cube.cube_id) for _ in range(2)]:
+            via_a.unmount(m.mount_id)
+        changed = via_a.set_cluster_config(key, "1")
+        assert changed.settings[key] == "1" and changed.updated_by == f"alpha-{run}"
+        assert changed.revision > seen[0].revision
+        try:
+            for via in (via_b, via_c):
+                assert _wait_revision(via, changed.revision).settings[key] == "1"
+            opened = []
+            with pytest.raises(QuotaExceeded, match=r"the limit is 1 \(quotas.max_mounts_per_principal\)"):
+                for _ in range(2):
+                    opened.append(via_c.mount(cube.cube_id))  # through gamma, served (and counted) by beta
+            for m in opened:
+                via_c.unmount(m.mount_id)
+        finally:
+            back = via_b.set_cluster_config(key, "1024")
+            for via in (via_a, via_b, via_c):
+                _wait_revision(via, back.revision)
+        via_c.mount(cube.cube_id)  # the default again
+
+
+def test_a_node_whose_must_agree_setting_differs_is_refused(
+        nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster, run: str, tmp_path: Path) -> None:
+    env = {**_env(etcd_cluster.endpoints, f"delta-{run}"), "MEMOSD_CLUSTER__LEASE_SECONDS": "3"}
+    delta = DaemonProcess(tmp_path / "delta", env=env)
+    with pytest.raises(RuntimeError, match="memosd exited with 1"):
+        delta.start()
+    log = delta.full_log()
+    assert "memosd: cluster config: cluster.lease_seconds is 3 on this node but 2 in the cluster (memosd/config" \
+        in log, log
+    assert "event=serving" not in log
+    with _client(nodes["alpha"]) as via_a:
+        assert f"delta-{run}" not in via_a.stats().cluster.members

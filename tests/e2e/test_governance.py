@@ -140,6 +140,17 @@ def test_principals_are_managed_by_admins_only(admin: Client, alice: Client) -> 
     assert isinstance(_error(lambda: admin.create_principal("bad name!")), InvalidField)
 
 
+def test_a_single_node_has_no_cluster_config_and_lists_its_own_cubes(admin: Client, alice: Client) -> None:
+    assert isinstance(_error(lambda: alice.cluster_config()), AccessDenied)  # daemon admins only
+    refused = _error(lambda: admin.cluster_config())
+    assert isinstance(refused, InvalidField) and "single node" in str(refused)
+    assert isinstance(_error(lambda: admin.set_cluster_config("quotas.max_mounts_per_principal", "5")), InvalidField)
+    cube = _cube(admin, "single-node-listing")
+    for local in (False, True):  # the same answer either way on a single node, with no owner node
+        listed = {c.cube_id: c for c in admin.list_cubes(local=local)}
+        assert listed[cube].owner_node == "" and not listed[cube].unavailable
+
+
 def test_a_disabled_principal_is_locked_out_and_its_mounts_closed(daemon: DaemonProcess, admin: Client) -> None:
     with _user(daemon, admin, "carol") as carol:
         cube = _cube(carol, "carol-notes")

@@ -53,6 +53,7 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         self.log: dict[str, list[types_pb2.Revision]] = {}
         self.mounts: dict[str, tuple[types_pb2.Mount, list[types_pb2.Item], list[str]]] = {}
         self.requests: list[tuple[str, Any]] = []
+        self.cluster_config = memos_pb2.ClusterConfigResponse()
         self.slow_stats = 0.0
         self.model_states = ["ready"]  # what Stats reports, one a call; the last one stays ("!": refused)
         self.stats_calls = 0
@@ -109,8 +110,18 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         return memos_pb2.StatCubeResponse(cube=self._cube(request.cube, context))
 
     def ListCubes(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("ListCubes", request))
         cubes, token = self._page(sorted(self.cubes.values(), key=lambda c: c.cube_id), request.page_token)
         return memos_pb2.ListCubesResponse(cubes=cubes, next_page_token=token)
+
+    def GetClusterConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self.cluster_config
+
+    def SetClusterConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.requests.append(("SetClusterConfig", request))
+        self.cluster_config.settings[request.key] = request.value
+        self.cluster_config.revision += 1
+        return self.cluster_config
 
     def Mount(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.requests.append(("Mount", request))
@@ -605,6 +616,33 @@ def test_cube_list_pages_through_everything(ctl: Any) -> None:
     assert lines[0].split() == ["CUBE", "ID", "NAME", "HEAD", "ITEMS", "MOUNTS", "CREATED", "DESCRIPTION"]
     assert [ln.split()[1] for ln in lines[1:]] == ["a", "b", "c"]
     assert [c["name"] for c in ctl("-o", "json", "cube", "list").json()["cubes"]] == ["a", "b", "c"]
+
+
+def test_cube_list_on_a_cluster_shows_each_owner_node_and_down_ones(ctl: Any, fake: FakeMemOS) -> None:
+    for name in ("a", "b"):
+        assert ctl("cube", "alloc", name).code == 0
+    first, second = sorted(fake.cubes.values(), key=lambda c: c.cube_id)
+    first.owner_node = "alpha"
+    second.owner_node, second.unavailable = "beta", True
+    lines = ctl("cube", "list").out.splitlines()
+    assert lines[0].split()[:4] == ["CUBE", "ID", "NAME", "NODE"]
+    assert lines[1].split()[1:3] == ["a", "alpha"]
+    assert lines[2].split()[1:4] == ["b", "beta", "(DOWN)"] and "unavailable" in lines[2]
+    assert ctl("cube", "list", "--local").code == 0
+    asked = [r for m, r in fake.requests if m == "ListCubes"]
+    assert [r.local for r in asked] == [False, True]
+
+
+def test_cluster_config_get_and_set(ctl: Any, fake: FakeMemOS) -> None:
+    fake.cluster_config = memos_pb2.ClusterConfigResponse(
+        node="alpha", revision=7, created_by="alpha", fixed={"security.auth": "true"},
+        settings={"quotas.max_mounts_per_principal": "1024"})
+    out = ctl("cluster", "config", "get").out
+    assert "security.auth" in out and "fixed (every node must agree)" in out and "1024" in out
+    r = ctl("-o", "json", "cluster", "config", "set", "quotas.max_mounts_per_principal", "64")
+    assert r.code == 0 and r.json()["settings"]["quotas.max_mounts_per_principal"] == "64"
+    [(_, request)] = [x for x in fake.requests if x[0] == "SetClusterConfig"]
+    assert (request.key, request.value) == ("quotas.max_mounts_per_principal", "64")
 
 
 def test_cube_stat_missing_is_exit_3(ctl: Any) -> None:

@@ -33,7 +33,8 @@ def test_rules_name_request_fields_that_exist() -> None:
 
 
 def test_every_call_that_touches_a_cube_names_how_it_finds_it() -> None:
-    daemon_wide = {"AllocCube", "ImportCube", "ReceiveCube", "SettleCube", "ListCubes", "Stats", "CreatePrincipal", "ListPrincipals",
+    daemon_wide = {"AllocCube", "ImportCube", "ReceiveCube", "SettleCube", "GetClusterConfig", "SetClusterConfig",
+                   "ListCubes", "Stats", "CreatePrincipal", "ListPrincipals",
                    "DisablePrincipal", "WhoAmI", "SchedulerStatus"}
     for name, rule in RULES.items():
         if name in daemon_wide:

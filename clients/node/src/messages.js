@@ -43,6 +43,7 @@
  * @typedef {object} ListCubesRequest
  * @property {number} page_size Default 100, maximum 1000.
  * @property {string} page_token
+ * @property {boolean} local On a cluster node: only the cubes this node holds. By default a cluster node lists every cube in the cluster (each owner's, asked by this node; a cube whose owner is down is listed with `unavailable` set). A single node lists its own cubes either way.
  */
 
 /**
@@ -793,6 +794,28 @@
  */
 
 /**
+ * @typedef {object} GetClusterConfigRequest
+ */
+
+/**
+ * @typedef {object} SetClusterConfigRequest
+ * @property {string} key A setting's key, "quotas.max_mounts_per_principal" say.
+ * @property {string} value Its value as text, parsed as the config file's would be ("64", "0").
+ */
+
+/**
+ * @typedef {object} ClusterConfigResponse
+ * @property {ResponseHeader | null} header
+ * @property {Record<string, string>} fixed The settings every node must agree on (checked at each node's start); booleans and numbers as JSON ("true", "5"), strings as they are: "embedder.fingerprint", "embedder.dim", "runtime.model", "security.auth", "security.tls", "cluster.lease_seconds", "cluster.placement".
+ * @property {Record<string, string>} settings The cluster-wide settings an operator may change (the quotas), likewise.
+ * @property {number} revision The etcd revision of the config this node applies.
+ * @property {string} created_by The node that wrote the config first, and the one that changed it last.
+ * @property {string} updated_by
+ * @property {Date | null} update_time
+ * @property {string} node The node that answered.
+ */
+
+/**
  * @typedef {object} ResponseHeader Carried by every response message that has a header field: those of the cube, mount, item, history, activation and adapter syscalls, Train, Grant, Revoke and Purge (ExportAdapter: its first message only; Search: one per mount, in `headers`). Where the call concerns one cube, it names the cube and its HEAD revision as seen when the call finished. Exceptions: StatsResponse.header is left unset (Stats concerns no one cube), and these have no header field: GenerateResponse, WatchJobResponse, CancelJobResponse, ListJobsResponse (a Job names its cube), SchedulerStatusResponse, CreatePrincipalResponse, ListPrincipalsResponse, DisablePrincipalResponse, WhoAmIResponse, ListGrantsResponse and AuditResponse.
  * @property {string} cube_id The cube the call concerned; empty for daemon-wide calls.
  * @property {number} head_revision The cube's HEAD revision after the call. 0 means no commit yet.
@@ -816,6 +839,8 @@
  * @property {boolean} frozen Frozen (FreezeCube): read-only until ThawCube; commits are refused with CUBE_FROZEN.
  * @property {Retention | null} retention Which revisions compaction keeps (SetRetention); unset fields keep everything.
  * @property {number} oldest_revision The oldest revision that can still be read (mounted, diffed, rolled back to); older ones are compacted. 1 when nothing was compacted.
+ * @property {string} owner_node On a cluster node: the node that owns the cube (ListCubes, StatCube); "" on a single node.
+ * @property {boolean} unavailable ListCubes on a cluster node: the owner is down or cannot be reached, so only the id, the name and owner_node are known; calls on the cube are CUBE_UNAVAILABLE until the owner is back.
  */
 
 /**

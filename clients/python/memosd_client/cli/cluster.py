@@ -1,4 +1,6 @@
-"""``memosctl cluster status|members|move``: a cluster node's view of the cluster, and moving a cube.
+"""``memosctl cluster status|members|move|config``: a cluster node's view of the cluster, moving a cube, and
+the cluster config (``config get`` shows what the node applies; ``config set KEY VALUE`` changes a cluster-wide
+setting in etcd, which every node applies).
 
 status and members read the Stats syscall's cluster section of the node memosctl talks to (admins): it
 answers from that node's memory, so it works with etcd out of reach and says since when its reading is
@@ -81,6 +83,25 @@ def _move(client: Client, args: argparse.Namespace, out: Output) -> None:
                ("head revision", last.cube.head_revision), ("took", f"{last.elapsed_seconds:.2f} s")])
 
 
+def _config_get(client: Client, args: argparse.Namespace, out: Output) -> None:
+    _show_config(client.cluster_config(), out)
+
+
+def _config_set(client: Client, args: argparse.Namespace, out: Output) -> None:
+    _show_config(client.set_cluster_config(args.key, args.value), out)
+
+
+def _show_config(c: memos_pb2.ClusterConfigResponse, out: Output) -> None:
+    if out.json:
+        out.emit_json(to_dict(c))
+        return
+    out.block([("node", c.node), ("revision", c.revision), ("created by", c.created_by or "-"),
+               ("updated", f"{fmt_time(c.update_time)} by {c.updated_by or '-'}")])
+    out.stdout.write("\n")
+    out.table(["KEY", "VALUE", "KIND"], [*([k, c.fixed[k], "fixed (every node must agree)"] for k in sorted(c.fixed)),
+                                         *([k, c.settings[k], "setting"] for k in sorted(c.settings))])
+
+
 def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cluster = nouns.add_parser("cluster", help="a cluster node's view of the cluster; move a cube between nodes")
     verbs = cluster.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -99,6 +120,18 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
                    help="how long to wait for open read-write mounts to close (default 10)")
     p.set_defaults(handler=_move)
+    p = verbs.add_parser(
+        "config", help="the cluster config: get it, or set a cluster-wide setting (admins)",
+        description="The cluster config in etcd (memosd/config). Fixed values (the embedder, the model, auth, TLS, "
+                    "the lease, the placement rule) are checked by every node at its start and cannot be set. "
+                    "Settings (the quotas) are cluster-wide defaults: set one and every node applies it.")
+    how = p.add_subparsers(dest="how", required=True, metavar="get|set")
+    g = how.add_parser("get", help="the config as the node memosctl talks to applies it")
+    g.set_defaults(handler=_config_get)
+    g = how.add_parser("set", help="change one setting (a compare-and-swap in etcd)")
+    g.add_argument("key", metavar="KEY", help="e.g. quotas.max_mounts_per_principal")
+    g.add_argument("value", metavar="VALUE", help="e.g. 64 (parsed as the config file's value would be)")
+    g.set_defaults(handler=_config_set)
 
 
 __all__ = ["register"]

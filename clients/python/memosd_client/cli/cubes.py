@@ -49,15 +49,19 @@ def _alloc(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def _list(client: Client, args: argparse.Namespace, out: Output) -> None:
-    cubes = list(client.list_cubes())
+    cubes = list(client.list_cubes(local=args.local_only))
     if out.json:
         out.emit_json({"cubes": [to_dict(c) for c in cubes]})
         return
+    # A cluster node names each cube's owner; a cube whose owner is down is listed with what etcd knows.
+    cluster = any(c.owner_node for c in cubes)
     out.table(
-        ["CUBE ID", "NAME", "HEAD", "ITEMS", "MOUNTS", "CREATED", "DESCRIPTION"],
+        ["CUBE ID", "NAME", *(["NODE"] if cluster else []), "HEAD", "ITEMS", "MOUNTS", "CREATED", "DESCRIPTION"],
         [
-            [c.cube_id, c.name, c.head_revision, c.item_count, c.mount_count, fmt_time(c.create_time),
-             c.description or "-"]
+            [c.cube_id, c.name, *([c.owner_node + (" (DOWN)" if c.unavailable else "")] if cluster else []),
+             *(["-"] * 4 if c.unavailable else [c.head_revision, c.item_count, c.mount_count,
+                                                 fmt_time(c.create_time)]),
+             "unavailable: its node is down or unreachable" if c.unavailable else c.description or "-"]
             for c in cubes
         ],
     )
@@ -221,7 +225,9 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="a label; repeat for more")
     p.set_defaults(handler=_alloc)
 
-    p = verbs.add_parser("list", help="list cubes")
+    p = verbs.add_parser("list", help="list cubes (on a cluster node: the cluster's, with each owner node)")
+    p.add_argument("--local", action="store_true", dest="local_only",  # args.local is main's no-daemon hook
+                   help="on a cluster node: only the cubes that node holds")
     p.set_defaults(handler=_list)
 
     p = verbs.add_parser("stat", help="show a cube's metadata")

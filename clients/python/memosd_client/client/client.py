@@ -289,10 +289,13 @@ class Client:
     def stat_cube(self, cube: str) -> types_pb2.Cube:
         return self._call(self._stub.StatCube, memos_pb2.StatCubeRequest(cube=cube), retry_on=RETRY_READ).cube
 
-    def list_cubes(self, page_size: int = 0) -> Iterator[types_pb2.Cube]:
+    def list_cubes(self, page_size: int = 0, *, local: bool = False) -> Iterator[types_pb2.Cube]:
+        """Every cube the caller may see. On a cluster node: the cluster's (each with ``owner_node``; one whose
+        owner is down has ``unavailable`` set), or with ``local`` only the node's own."""
         def fetch(token: str) -> tuple[Sequence[types_pb2.Cube], str]:
             resp = self._call(
-                self._stub.ListCubes, memos_pb2.ListCubesRequest(page_size=page_size, page_token=token),
+                self._stub.ListCubes,
+                memos_pb2.ListCubesRequest(page_size=page_size, page_token=token, local=local),
                 retry_on=RETRY_READ,
             )
             return resp.cubes, resp.next_page_token
@@ -586,6 +589,15 @@ class Client:
 
     def stats(self) -> memos_pb2.StatsResponse:
         return self._call(self._stub.Stats, memos_pb2.StatsRequest(), retry_on=RETRY_READ)
+
+    def cluster_config(self) -> memos_pb2.ClusterConfigResponse:
+        """The cluster config as the node applies it (a cluster node; daemon admins)."""
+        return self._call(self._stub.GetClusterConfig, memos_pb2.GetClusterConfigRequest(), retry_on=RETRY_READ)
+
+    def set_cluster_config(self, key: str, value: str) -> memos_pb2.ClusterConfigResponse:
+        """Change one cluster-wide setting (``quotas.*``) in etcd; every node applies it. Raises InvalidArgument
+        (an unknown or must-agree key, a bad value), ClusterUnavailable (etcd has no quorum)."""
+        return self._call(self._stub.SetClusterConfig, memos_pb2.SetClusterConfigRequest(key=key, value=value))
 
     # -- activation memory and generation ---------------------------------------
 

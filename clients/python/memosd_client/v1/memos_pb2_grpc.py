@@ -269,6 +269,16 @@ class MemOSStub:
                 request_serializer=memos_dot_v1_dot_memos__pb2.SettleCubeRequest.SerializeToString,
                 response_deserializer=memos_dot_v1_dot_memos__pb2.SettleCubeResponse.FromString,
                 _registered_method=True)
+        self.GetClusterConfig = channel.unary_unary(
+                '/memos.v1.MemOS/GetClusterConfig',
+                request_serializer=memos_dot_v1_dot_memos__pb2.GetClusterConfigRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ClusterConfigResponse.FromString,
+                _registered_method=True)
+        self.SetClusterConfig = channel.unary_unary(
+                '/memos.v1.MemOS/SetClusterConfig',
+                request_serializer=memos_dot_v1_dot_memos__pb2.SetClusterConfigRequest.SerializeToString,
+                response_deserializer=memos_dot_v1_dot_memos__pb2.ClusterConfigResponse.FromString,
+                _registered_method=True)
 
 
 class MemOSServicer:
@@ -721,6 +731,25 @@ class MemOSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterConfig(self, request, context):
+        """The cluster config (a cluster node only): the settings every node must
+        agree on (fixed when the cluster is made) and the cluster-wide defaults,
+        as this node applies them. Answers from memory, also without etcd.
+        Daemon admins only. Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetClusterConfig(self, request, context):
+        """Changes one cluster-wide setting in etcd (a compare-and-swap); every node
+        applies it when its watch brings it. A must-agree setting cannot be set.
+        Without etcd quorum: CLUSTER_UNAVAILABLE. Daemon admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemOSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -958,6 +987,16 @@ def add_MemOSServicer_to_server(servicer, server):
                     servicer.SettleCube,
                     request_deserializer=memos_dot_v1_dot_memos__pb2.SettleCubeRequest.FromString,
                     response_serializer=memos_dot_v1_dot_memos__pb2.SettleCubeResponse.SerializeToString,
+            ),
+            'GetClusterConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterConfig,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.GetClusterConfigRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ClusterConfigResponse.SerializeToString,
+            ),
+            'SetClusterConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetClusterConfig,
+                    request_deserializer=memos_dot_v1_dot_memos__pb2.SetClusterConfigRequest.FromString,
+                    response_serializer=memos_dot_v1_dot_memos__pb2.ClusterConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2229,6 +2268,60 @@ class MemOS:
             '/memos.v1.MemOS/SettleCube',
             memos_dot_v1_dot_memos__pb2.SettleCubeRequest.SerializeToString,
             memos_dot_v1_dot_memos__pb2.SettleCubeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/GetClusterConfig',
+            memos_dot_v1_dot_memos__pb2.GetClusterConfigRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ClusterConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetClusterConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memos.v1.MemOS/SetClusterConfig',
+            memos_dot_v1_dot_memos__pb2.SetClusterConfigRequest.SerializeToString,
+            memos_dot_v1_dot_memos__pb2.ClusterConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -307,6 +307,17 @@ class MemOSStub:
     serve it if the directory names this node, drop it otherwise. Daemon
     admins only.
     """
+    GetClusterConfig: _grpc.UnaryUnaryMultiCallable[_memos_pb2.GetClusterConfigRequest, _memos_pb2.ClusterConfigResponse]
+    """The cluster config (a cluster node only): the settings every node must
+    agree on (fixed when the cluster is made) and the cluster-wide defaults,
+    as this node applies them. Answers from memory, also without etcd.
+    Daemon admins only. Changes nothing.
+    """
+    SetClusterConfig: _grpc.UnaryUnaryMultiCallable[_memos_pb2.SetClusterConfigRequest, _memos_pb2.ClusterConfigResponse]
+    """Changes one cluster-wide setting in etcd (a compare-and-swap); every node
+    applies it when its watch brings it. A must-agree setting cannot be set.
+    Without etcd quorum: CLUSTER_UNAVAILABLE. Daemon admins only.
+    """
 
 @_typing.type_check_only
 class MemOSAsyncStub(MemOSStub):
@@ -560,6 +571,17 @@ class MemOSAsyncStub(MemOSStub):
     """Node to node, part of MoveCube: settle a received cube by the directory:
     serve it if the directory names this node, drop it otherwise. Daemon
     admins only.
+    """
+    GetClusterConfig: _aio.UnaryUnaryMultiCallable[_memos_pb2.GetClusterConfigRequest, _memos_pb2.ClusterConfigResponse]  # type: ignore[assignment]
+    """The cluster config (a cluster node only): the settings every node must
+    agree on (fixed when the cluster is made) and the cluster-wide defaults,
+    as this node applies them. Answers from memory, also without etcd.
+    Daemon admins only. Changes nothing.
+    """
+    SetClusterConfig: _aio.UnaryUnaryMultiCallable[_memos_pb2.SetClusterConfigRequest, _memos_pb2.ClusterConfigResponse]  # type: ignore[assignment]
+    """Changes one cluster-wide setting in etcd (a compare-and-swap); every node
+    applies it when its watch brings it. A must-agree setting cannot be set.
+    Without etcd quorum: CLUSTER_UNAVAILABLE. Daemon admins only.
     """
 
 class MemOSServicer(metaclass=_abc_1.ABCMeta):
@@ -1093,6 +1115,29 @@ class MemOSServicer(metaclass=_abc_1.ABCMeta):
         """Node to node, part of MoveCube: settle a received cube by the directory:
         serve it if the directory names this node, drop it otherwise. Daemon
         admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetClusterConfig(
+        self,
+        request: _memos_pb2.GetClusterConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ClusterConfigResponse, _abc.Awaitable[_memos_pb2.ClusterConfigResponse]]:
+        """The cluster config (a cluster node only): the settings every node must
+        agree on (fixed when the cluster is made) and the cluster-wide defaults,
+        as this node applies them. Answers from memory, also without etcd.
+        Daemon admins only. Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def SetClusterConfig(
+        self,
+        request: _memos_pb2.SetClusterConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memos_pb2.ClusterConfigResponse, _abc.Awaitable[_memos_pb2.ClusterConfigResponse]]:
+        """Changes one cluster-wide setting in etcd (a compare-and-swap); every node
+        applies it when its watch brings it. A must-agree setting cannot be set.
+        Without etcd quorum: CLUSTER_UNAVAILABLE. Daemon admins only.
         """
 
 def add_MemOSServicer_to_server(servicer: MemOSServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

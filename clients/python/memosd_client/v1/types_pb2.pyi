@@ -757,6 +757,8 @@ class Cube(_message.Message):
     FROZEN_FIELD_NUMBER: _builtins.int
     RETENTION_FIELD_NUMBER: _builtins.int
     OLDEST_REVISION_FIELD_NUMBER: _builtins.int
+    OWNER_NODE_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
     cube_id: _builtins.str
     """Daemon-assigned, immutable ("cube_" + 20 lowercase base32 characters)."""
     name: _builtins.str
@@ -777,6 +779,12 @@ class Cube(_message.Message):
     oldest_revision: _builtins.int
     """The oldest revision that can still be read (mounted, diffed, rolled back
     to); older ones are compacted. 1 when nothing was compacted.
+    """
+    owner_node: _builtins.str
+    """On a cluster node: the node that owns the cube (ListCubes, StatCube); "" on a single node."""
+    unavailable: _builtins.bool
+    """ListCubes on a cluster node: the owner is down or cannot be reached, so only the id, the name and
+    owner_node are known; calls on the cube are CUBE_UNAVAILABLE until the owner is back.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -810,10 +818,12 @@ class Cube(_message.Message):
         frozen: _builtins.bool = ...,
         retention: Global___Retention | None = ...,
         oldest_revision: _builtins.int = ...,
+        owner_node: _builtins.str = ...,
+        unavailable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "policy", b"policy", "retention", b"retention", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "frozen", b"frozen", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "oldest_revision", b"oldest_revision", "owner_principal_id", b"owner_principal_id", "policy", b"policy", "retention", b"retention", "usage", b"usage", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cube_id", b"cube_id", "description", b"description", "frozen", b"frozen", "head_revision", b"head_revision", "item_count", b"item_count", "labels", b"labels", "mount_count", b"mount_count", "name", b"name", "oldest_revision", b"oldest_revision", "owner_node", b"owner_node", "owner_principal_id", b"owner_principal_id", "policy", b"policy", "retention", b"retention", "unavailable", b"unavailable", "usage", b"usage", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
