@@ -406,9 +406,10 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
                 for name, view in views.items():
                     view.copy_(sources[0][name])
             else:
+                names = list(views)
                 for (_salt, _key, lo, n, dst), tensors in zip(load.pieces, sources, strict=True):
-                    for name, view in views.items():
-                        vllm_compose.place(view, tensors[name], lo, n, dst, load.offset, binding.inv_freq)
+                    vllm_compose.place_layers([views[name] for name in names], [tensors[name] for name in names],
+                                              lo, n, dst, load.offset, binding.inv_freq)
             binding.stats.blocks_loaded += 1
 
     def _decoded(self, salt: str, key: str, views: dict[str, torch.Tensor],
