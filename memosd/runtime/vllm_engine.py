@@ -242,8 +242,6 @@ class VllmEngine:
                                               compose=composed),
                                self._sampling(sampling, persist_tokens=0, compose=composed),
                                csalt, adapter, priority, plan)
-                if compose is not None and compose.auto:
-                    self._compute_exactly(ids, plan, salt, adapter)
         notes = plan.notes if plan is not None and chain is None else ()
 
         def add() -> None:
@@ -257,6 +255,8 @@ class VllmEngine:
                 self._next_in_chain(live, chain)
 
         self._submit(add)
+        if chain is not None and compose is not None and compose.auto and plan is not None:
+            self._compute_exactly(ids, plan, salt, adapter)  # after the reply's requests: they go first
         return stream
 
     def _compose_plan(self, ids: list[int], compose: Composition, adapter: Adapter | None) -> _ComposePlan:
