@@ -98,16 +98,21 @@ def pieces(block_start: int, segment_start: int, block_size: int) -> list[tuple[
 
 # -- the CPU layout -----------------------------------------------------------------------------------
 def keys_of(block: torch.Tensor) -> torch.Tensor:
-    """A view ``[heads, block, head]`` of one engine block's keys (``block`` is ``[heads, block, 2 x head]``,
-    the keys stored head-dimension major)."""
-    heads, size, double = block.shape
-    return block.view(heads, 2, size * (double // 2))[:, 0].view(heads, double // 2, size).transpose(1, 2)
+    """A view ``[..., heads, block, head]`` of engine blocks' keys (``block`` is ``[..., heads, block,
+    2 x head]``: any leading dims, e.g. layers; the keys stored head-dimension major)."""
+    *lead, heads, size, double = block.shape
+    head = double // 2
+    # view, never reshape: a copy would take the writes (place) away from the block.
+    flat = block.view(*lead, heads, 2, size * head)
+    return flat[..., 0, :].view(*lead, heads, head, size).transpose(-1, -2)
 
 
 def values_of(block: torch.Tensor) -> torch.Tensor:
-    """A view ``[heads, block, head]`` of one engine block's values (stored token major)."""
-    heads, size, double = block.shape
-    return block.view(heads, 2, size * (double // 2))[:, 1].view(heads, size, double // 2)
+    """A view ``[..., heads, block, head]`` of engine blocks' values (stored token major)."""
+    *lead, heads, size, double = block.shape
+    head = double // 2
+    flat = block.view(*lead, heads, 2, size * head)
+    return flat[..., 1, :].view(*lead, heads, size, head)
 
 
 def rotate(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -128,24 +133,23 @@ def rotate(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Ten
 
 def place(dst: torch.Tensor, src: torch.Tensor, src_lo: int, n: int, dst_lo: int, offset: int,
           inv_freq: torch.Tensor) -> None:
-    """Copy tokens ``src_lo:src_lo+n`` of a stored engine block into ``dst_lo:`` of an engine block (one
-    layer each, the CPU layout), keys turned by ``offset``."""
-    keys_of(dst)[:, dst_lo:dst_lo + n] = rotate(keys_of(src)[:, src_lo:src_lo + n], offset, inv_freq)
-    values_of(dst)[:, dst_lo:dst_lo + n] = values_of(src)[:, src_lo:src_lo + n]
+    """Copy tokens ``src_lo:src_lo+n`` of stored engine blocks into ``dst_lo:`` of engine blocks (the CPU
+    layout, any leading dims: all layers at once), keys turned by ``offset``."""
+    keys_of(dst)[..., dst_lo:dst_lo + n, :] = rotate(keys_of(src)[..., src_lo:src_lo + n, :], offset, inv_freq)
+    values_of(dst)[..., dst_lo:dst_lo + n, :] = values_of(src)[..., src_lo:src_lo + n, :]
 
 
-def place_layers(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], src_lo: int, n: int, dst_lo: int,
-                 offset: int, inv_freq: torch.Tensor) -> None:
-    """``place`` for every layer at once: the keys of all layers turned in one go (a load is one engine
-    block of every layer, and a per-layer turn costs its dozen small ops 30 times over)."""
+def assemble(pieces: Sequence[tuple[torch.Tensor, int, int, int]], offset: int,
+             inv_freq: torch.Tensor) -> torch.Tensor:
+    """One engine block of every layer (``[layers, heads, block, 2 x head]``) from (stored block of every
+    layer, first token, tokens, first slot) pieces that cover it, keys turned by ``offset``: a handful of
+    tensor ops for all the layers (per layer, a load would cost 30 times its dozen small ops)."""
     import torch
 
-    if not dsts:
-        return
-    keys = rotate(torch.stack([keys_of(s)[:, src_lo:src_lo + n] for s in srcs]), offset, inv_freq)
-    for dst, src, k in zip(dsts, srcs, keys, strict=True):
-        keys_of(dst)[:, dst_lo:dst_lo + n] = k
-        values_of(dst)[:, dst_lo:dst_lo + n] = values_of(src)[:, src_lo:src_lo + n]
+    out = torch.empty_like(pieces[0][0])
+    for src, lo, n, at in pieces:
+        place(out, src, lo, n, at, offset, inv_freq)
+    return out
 
 
 def rope_inv_freq(config: Any) -> torch.Tensor | None:

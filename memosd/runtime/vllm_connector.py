@@ -407,10 +407,26 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
                     view.copy_(sources[0][name])
             else:
                 names = list(views)
-                for (_salt, _key, lo, n, dst), tensors in zip(load.pieces, sources, strict=True):
-                    vllm_compose.place_layers([views[name] for name in names], [tensors[name] for name in names],
-                                              lo, n, dst, load.offset, binding.inv_freq)
+                stacked = [self._stacked(key, names, tensors, decoded)
+                           for (_salt, key, *_), tensors in zip(load.pieces, sources, strict=True)]
+                block = vllm_compose.assemble([(src, lo, n, at) for src, (_s, _k, lo, n, at)
+                                               in zip(stacked, load.pieces, strict=True)], load.offset,
+                                              binding.inv_freq)
+                for name, layer in zip(names, block, strict=True):
+                    views[name].copy_(layer)
             binding.stats.blocks_loaded += 1
+
+    @staticmethod
+    def _stacked(key: str, names: list[str], tensors: dict[str, torch.Tensor],
+                 decoded: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """A stored block's layers as one tensor (kept for the step: an unaligned block is read twice)."""
+        import torch
+
+        cached = decoded.get("stacked:" + key)
+        if cached is None:
+            cached = {"": torch.stack([tensors[name] for name in names])}
+            decoded["stacked:" + key] = cached
+        return cached[""]
 
     def _decoded(self, salt: str, key: str, views: dict[str, torch.Tensor],
                  decoded: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

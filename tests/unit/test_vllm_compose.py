@@ -42,13 +42,17 @@ def test_the_views_read_the_cpu_layout() -> None:
     keys, values = torch.randn(HEADS, SIZE, DIM), torch.randn(HEADS, SIZE, DIM)
     block = paged(keys, values)
     assert torch.equal(vc.keys_of(block), keys) and torch.equal(vc.values_of(block), values)
+    layers = torch.stack([block, paged(values, keys)])  # leading dims (layers) read alike
+    assert torch.equal(vc.keys_of(layers)[1], values) and torch.equal(vc.values_of(layers)[1], keys)
+    vc.keys_of(layers)[0, :, :2] = 0.0  # they are views: writes land in the block
+    assert torch.equal(unpaged(layers[0])[0][:, :2], torch.zeros(HEADS, 2, DIM))
 
 
 @pytest.mark.parametrize("offset", [1, 45, 4000])
 def test_placing_a_paged_block_turns_its_keys_as_the_transformers_engine_does(offset: int) -> None:
     keys, values = torch.randn(HEADS, SIZE, DIM), torch.randn(HEADS, SIZE, DIM)
     src, dst = paged(keys, values), torch.zeros(HEADS, SIZE, 2 * DIM)
-    vc.place_layers([dst], [src], 0, SIZE, 0, offset, inv_freq())
+    vc.place(dst, src, 0, SIZE, 0, offset, inv_freq())
     got_k, got_v = unpaged(dst)
     want = kvcompose.rotate_keys(fake_loaded(inv_freq()), keys.unsqueeze(0), offset)[0]  # type: ignore[arg-type]
     assert torch.allclose(got_k, want, atol=1e-5) and torch.equal(got_v, values)
@@ -62,10 +66,11 @@ def test_a_block_at_an_unaligned_offset_is_assembled_from_two_stored_blocks() ->
                     .expand(HEADS, SIZE, DIM).clone()) for j in range(3)]
     start = 45
     for block_start in (64, 96):  # the engine blocks wholly inside the segment's first 2 stored blocks' reach
-        dst = torch.full((HEADS, SIZE, 2 * DIM), -1.0)
-        for j, lo, n, at in vc.pieces(block_start, start, SIZE):
-            vc.place_layers([dst], [stored[j]], lo, n, at, start, inv_freq())
-        _, v = unpaged(dst)
+        layers = [torch.stack([s, s * 2]) for s in stored]  # two layers, the second twice the first
+        both = vc.assemble([(layers[j], lo, n, at) for j, lo, n, at in vc.pieces(block_start, start, SIZE)],
+                           start, inv_freq())
+        _, v = unpaged(both[0])
+        assert torch.equal(unpaged(both[1])[1], 2 * v)
         assert torch.equal(v[0, :, 0], torch.arange(block_start - start, block_start - start + SIZE,
                                                      dtype=torch.float32))
     assert vc.pieces(64, 0, SIZE) == [(2, 0, SIZE, 0)]  # aligned: one whole stored block
