@@ -388,6 +388,9 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         binding = self._binding
         index: dict[str, int] = {}  # per request: how many of its loads came before this one
         decoded: dict[str, dict[str, torch.Tensor]] = {}  # this step's: a composed load reads a block twice
+        # Composed loads by (offset, pieces' layout), placed together after the loop.
+        composed: dict[tuple[int, tuple[tuple[int, int, int], ...]],
+                       list[tuple[int, list[str], list[dict[str, torch.Tensor]]]]] = {}
         for load in meta.loads:
             req_id, block_id = load.req_id, load.block_id
             nth = index[req_id] = index.get(req_id, -1) + 1
@@ -405,28 +408,45 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
             if len(load.pieces) == 1 and load.offset == 0 and load.pieces[0][3] == self._block_size:
                 for name, view in views.items():
                     view.copy_(sources[0][name])
+                binding.stats.blocks_loaded += 1
             else:
-                names = list(views)
-                stacked = [self._stacked(key, names, tensors, decoded)
-                           for (_salt, key, *_), tensors in zip(load.pieces, sources, strict=True)]
-                block = vllm_compose.assemble([(src, lo, n, at) for src, (_s, _k, lo, n, at)
-                                               in zip(stacked, load.pieces, strict=True)], load.offset,
-                                              binding.inv_freq)
-                for name, layer in zip(names, block, strict=True):
-                    views[name].copy_(layer)
-            binding.stats.blocks_loaded += 1
+                pieces = tuple((lo, n, at) for _s, _k, lo, n, at in load.pieces)
+                group = composed.setdefault((load.offset, pieces), [])
+                group.append((block_id, [key for _s, key, *_ in load.pieces], sources))
+        for (offset, layout), loads in composed.items():
+            self._place_group(offset, layout, loads)
+            binding.stats.blocks_loaded += len(loads)
 
-    @staticmethod
-    def _stacked(key: str, names: list[str], tensors: dict[str, torch.Tensor],
-                 decoded: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        """A stored block's layers as one tensor (kept for the step: an unaligned block is read twice)."""
+    def _place_group(self, offset: int, layout: tuple[tuple[int, int, int], ...],
+                     loads: list[tuple[int, list[str], list[dict[str, torch.Tensor]]]]) -> None:
+        """Composed loads of one step that share an offset and a piece layout (a range's engine blocks all
+        do: the segment's start fixes where its stored blocks cut them): assembled and turned together, then
+        written with one index_copy per layer, since per-block work costs its small ops hundreds of times.
+        Each stored block is copied once (a range's consecutive engine blocks share them: views)."""
         import torch
 
-        cached = decoded.get("stacked:" + key)
-        if cached is None:
-            cached = {"": torch.stack([tensors[name] for name in names])}
-            decoded["stacked:" + key] = cached
-        return cached[""]
+        names = list(self._caches)
+        order: dict[str, int] = {}
+        layers: list[torch.Tensor] = []
+        for _, keys, sources in loads:
+            for key, tensors in zip(keys, sources, strict=True):
+                if key not in order:
+                    order[key] = len(order)
+                    layers.extend(tensors[name] for name in names)
+        flat = torch.stack(layers)
+        stored = flat.view(len(order), len(names), *flat.shape[1:])  # [stored blocks, layers, ...]
+        picked = []
+        for p in range(len(layout)):
+            index = [order[keys[p]] for _, keys, _ in loads]
+            if index == list(range(index[0], index[0] + len(index))):
+                picked.append(stored[index[0]:index[0] + len(index)])
+            else:
+                picked.append(stored.index_select(0, torch.tensor(index, dtype=torch.long)))
+        blocks = vllm_compose.assemble([(src, lo, n, at) for src, (lo, n, at) in zip(picked, layout, strict=True)],
+                                       offset, self._binding.inv_freq)  # [loads, layers, heads, block, 2 x head]
+        ids = torch.tensor([block_id for block_id, _, _ in loads], dtype=torch.long)
+        for i, name in enumerate(names):
+            self._caches[name].index_copy_(self._block_dim, ids, blocks[:, i])
 
     def _decoded(self, salt: str, key: str, views: dict[str, torch.Tensor],
                  decoded: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
