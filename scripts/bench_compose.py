@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_compose.py                              # both engines, 1-4 cubes
     .venv/bin/python scripts/bench_compose.py --engines transformers --reps 3
+    .venv/bin/python scripts/bench_compose.py --engines vllm --cubes 3 --reps 3 --fractions 0.01
 
 It starts one daemon per engine (embedded SmolLM2-135M-Instruct, greedy) on a
 temporary data dir and fills four cubes of about ``--block-tokens`` tokens each
