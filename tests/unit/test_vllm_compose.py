@@ -105,3 +105,16 @@ def test_inv_freq_from_the_config_is_the_transformers_models() -> None:
     assert ours is not None
     assert torch.allclose(ours, LlamaRotaryEmbedding(config).inv_freq)
     assert math.isclose(float(ours[1]), 100000.0 ** (-2 / 16), rel_tol=1e-6)
+
+
+def test_a_chains_reuse_counts_only_what_the_request_covering_each_block_found() -> None:
+    from memosd.runtime.vllm_engine import _composed_reuse, _ComposePlan
+
+    a, b, c = vc.Segment("a", 0, 100, 0), vc.Segment("b", 100, 200, 2), vc.Segment("c", 300, 150, 2)
+    rb, rc = vc.LoadRange(1, 128, 288), vc.LoadRange(2, 320, 448)
+    plan = _ComposePlan((a, b, c), ((128, rb), (320, rc)), vc.LoadRange(0, 0, 96), ("", "", ""), ())
+    # Request 0 (up to b's head) found a's 96; request 1 reached the end of b's range; the last, c's.
+    assert _composed_reuse(plan, [96, 288, 448]) == (96, 160, 128)
+    # The last request's hit fell short of c's range (evicted, say): c's placed tokens were computed.
+    assert _composed_reuse(plan, [96, 288, 320]) == (96, 160, 0)
+    assert _composed_reuse(plan, [96, 200, 400]) == (96, 72, 80)  # a load failed part-way through b
