@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_compose.py                              # both engines, 1-4 cubes
     .venv/bin/python scripts/bench_compose.py --engines transformers --reps 3
+    .venv/bin/python scripts/bench_compose.py --engines vllm --cubes 3 --reps 3 --fractions 0.01
 
 It starts one daemon per engine (embedded SmolLM2-135M-Instruct, greedy) on a
 temporary data dir and fills four cubes of about ``--block-tokens`` tokens each
@@ -21,11 +22,13 @@ with the shared BEIR passages (../shared/data/retrieval), activating each. For
       comes before its new item is reused from the last combination;
   (d) seen:    the same request again: the combination was seen once, so every
       block is reused exactly (issue 13, point 1);
-  (e) composed@f (transformers; ``--fractions``, default 0.02 0.05 0.15): compose
-      mode COMPOSED, each later block placed from its own cache, its first
+  (e) composed@f (``--fractions``, default 0.02 0.05 0.15): compose mode
+      COMPOSED, each later block placed from its own cache, its first
       fraction f of tokens recomputed (issue 13, point 2): never needs the
-      combination to have been seen. vLLM does not compose (the summary says
-      so), so its rows have no such column.
+      combination to have been seen. On vLLM each composed request follows an
+      Evict (the engine's cache emptied: every block loaded from the store,
+      as in (b)), since vLLM would otherwise keep the composition's own blocks
+      (under its composed cache_salt) from the round before.
 
 TTFT is the client's wall time to the end of the one-token stream; reused/prompt
 tokens are the daemon's. Medians over the rounds; prints a table and writes JSON
@@ -90,7 +93,8 @@ def blocks(client: Client, passages: list[str], block_tokens: int) -> list[Mount
     return mounts
 
 
-def bench(client: Client, mounts: list[MountHandle], n: int, reps: int, fractions: list[float]) -> dict[str, Any]:
+def bench(client: Client, mounts: list[MountHandle], n: int, reps: int, fractions: list[float],
+          engine: str) -> dict[str, Any]:
     used = mounts[:n]
     last = used[-1]
     runs: dict[str, list[tuple[float, int, int, int]]] = {"full": [], "exact": [], "changed": [], "seen": []}
@@ -99,6 +103,8 @@ def bench(client: Client, mounts: list[MountHandle], n: int, reps: int, fraction
     for rep in range(reps):
         runs["full"].append(ask(client, used, bypass=True))
         for f in fractions:
+            if engine == "vllm":  # cold, as exact's case: nothing of this composition left in the engine
+                client.evict(used[1].cube_id if n > 1 else last.cube_id)
             runs[f"composed@{f:g}"].append(ask(client, used, bypass=False, fraction=f))
         # Every combination of 2+ blocks holds the second cube's: evicting it drops them all (on vLLM, Evict
         # empties the engine's cache). One cube: its own cache is the combination, put back from the store.
@@ -136,8 +142,8 @@ def run_engine(engine: str, passages: list[str], args: argparse.Namespace) -> di
                     time.sleep(0.5)
                 mounts = blocks(client, passages, args.block_tokens)
                 block_sizes = [client.activate(m).tokens for m in mounts]
-                fractions = args.fractions if engine == "transformers" else []
-                rows = [bench(client, mounts, n, args.reps, fractions) for n in range(1, CUBES + 1)]
+                fractions = args.fractions
+                rows = [bench(client, mounts, n, args.reps, fractions, engine) for n in range(1, args.cubes + 1)]
                 model = client.stats().model
         finally:
             daemon.stop()
@@ -151,7 +157,9 @@ def main() -> int:
     parser.add_argument("--block-tokens", type=int, default=700, help="about this many tokens per cube's block")
     parser.add_argument("--reps", type=int, default=5, help="rounds of the three cases per cube count")
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.02, 0.05, 0.15],
-                        help="recompute fractions of the composed cases (transformers)")
+                        help="recompute fractions of the composed cases")
+    parser.add_argument("--cubes", type=int, default=CUBES, choices=range(1, CUBES + 1),
+                        help="mount 1 up to this many cubes")
     parser.add_argument("--device", default="cpu", help="runtime.device: cpu, cuda, auto")
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache",
                         help="where the dequantized model is kept between runs")

@@ -38,12 +38,13 @@ from memosd.kernel.memory_text import memory_text
 from memosd.kernel.search import Searcher
 from memosd.kernel.types import SearchFilter
 from memosd.park import Park
-from memosd.runtime.engine import Finished, Sampling, TokenStream
+from memosd.runtime.engine import Composition, Engine, Finished, Sampling, TokenStream
 from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache
 from memosd.runtime.kvcompose import Placement, compose_unsupported, recompute_tokens
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.transformers_engine import KeepPrefix
+from memosd.runtime.vllm_compose import Segment
 from memosd.runtime.worker import PRIORITY_DEFAULT
 from memosd.store.records import ActivationRecord, AdapterRecord
 
@@ -182,11 +183,11 @@ class Generator:
         compose, fraction = self._compose_mode(params)
         prefix, keep = self._transformers_prefix(loaded, blocks, first, digest, params, compose) \
             if engine is None else (None, None)
+        composition: Composition | None = None
         if compose != "exact" and len(blocks) > 1 and not params.bypass_kv_cache:
             if engine is not None:
-                for block in blocks[1:]:
-                    block.use.block_note = f"the {self.host.engine_kind} engine does not compose blocks yet: " \
-                                           "exact reuse (its prefix cache) or computed"
+                composition = self._engine_composition(engine, loaded, blocks, first, digest, fraction,
+                                                       auto=compose == "auto")
             elif self._compose(loaded, blocks, prefix, digest, fraction):
                 keep = None  # a composed prefix is not exact: never kept as a combination
         placements = [b.placement for b in blocks if b.placement is not None]
@@ -215,7 +216,7 @@ class Generator:
             def start() -> TokenStream:
                 assert engine is not None
                 return engine.generate(prompt, sampling, salt=salt, adapter=served,
-                                       reuse=not params.bypass_kv_cache)
+                                       reuse=not params.bypass_kv_cache, compose=composition)
         else:
             def prepare() -> None:  # the request's adapter state, before each forward pass
                 self.activator.adapters.prepare(loaded, adapter_cube, adapter)
@@ -230,6 +231,28 @@ class Generator:
                                                      prefix, adapter_cube, adapter)
                 return stream
         yield from self._stream(start, cancel, report, started, park, prefix_use, prefix_key, blocks)
+
+    def _engine_composition(self, engine: Engine, loaded: LoadedModel, blocks: list[_Block], first: _Block | None,
+                            digest: str, fraction: float, *, auto: bool) -> Composition | None:
+        """On vLLM: the blocks as the segments of a composed request (the engine finds each one's own stored
+        blocks, under its cube's salt), or None (exact) with each later block's note saying why."""
+        why = compose_unsupported(loaded) or engine.compose_unsupported
+        if not why and first is None:
+            why = "the first block's KV was computed under another adapter than this request's: exact"
+        if why:
+            for block in blocks[1:]:
+                block.use.block_note = why
+            return None
+        segments = []
+        for i, block in enumerate(blocks):
+            size = len(block.record.token_ids)
+            if i and block.record.adapter_digest != digest:
+                block.use.block_note = "its KV was computed under another adapter than this request's: computed"
+                recompute = size  # all of it: nothing of its own is placed
+            else:
+                recompute = 0 if i == 0 else recompute_tokens(size, fraction)
+            segments.append(Segment(block.cube.cube_id, block.start, size, recompute))
+        return Composition(tuple(segments), auto=auto)
 
     def _compose_mode(self, params: GenerateParams) -> tuple[str, float]:
         config = self.host.config
@@ -345,9 +368,28 @@ class Generator:
         report.completion_tokens = len(report.token_ids)
         report.reused_tokens = finished.cached_tokens
         report.prefilled_tokens = report.prompt_tokens - report.reused_tokens
+        source = "store" if finished.loaded_tokens else "pool"
         if prefix_use is not None and finished.cached_tokens:
             prefix_use.cache_key = prefix_key
-            prefix_use.cache_source = "store" if finished.loaded_tokens else "pool"
+            prefix_use.cache_source = source
+        if finished.composed:  # composed on the engine: per block, its own KV reused (the first exactly)
+            for i, block in enumerate(blocks):
+                use, size = block.use, len(block.record.token_ids)
+                use.block_tokens, use.block_reused_tokens = size, min(finished.composed[i], size)
+                use.block_computed_tokens = size - use.block_reused_tokens
+                # A later block the engine composed has no note (placed, or with a fraction of 1 recomputed whole).
+                composed = i > 0 and not finished.notes[i] and not use.block_note
+                use.block_mode = "composed" if composed else "exact"
+                if i and finished.notes[i]:
+                    use.block_note = finished.notes[i]
+                if composed:
+                    use.cache_key, use.cache_source = block.record.cache_key, source
+            report.total_us = int((time.perf_counter() - started) * 1e6)
+            yield report
+            return
+        for i, note in enumerate(finished.notes):  # asked to compose, and the engine did not
+            if i and note and i < len(blocks):
+                blocks[i].use.block_note = note
         # Exact reuse is a prefix of the prompt: each block's share of it. A composed block reused its own.
         exact_end = finished.cached_tokens - sum(b.placement.placed_tokens for b in blocks if b.placement)
         for block in blocks:

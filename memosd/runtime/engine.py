@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from memosd.runtime.vllm_compose import Segment
+
 # Priorities: lower runs first (vLLM's convention). Interactive work (Generate, Activate called by a
 # client) goes ahead of the scheduler's background activations.
 PRIORITY_INTERACTIVE = 0
@@ -93,11 +95,26 @@ class Finished:
     total_us: int
     loaded_tokens: int = 0  # of cached_tokens, loaded from the block store
     error: str = ""  # reason "error": what failed (the request, not the engine)
+    # A composed generation (``Composition``): per segment, its tokens reused (the first: exactly; a later
+    # one: placed from its own blocks) and why a later one was not composed ("" if it was). Empty: not
+    # composed (exact), whatever was asked.
+    composed: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
     # reason "error" on the transformers engine: the exception the model work raised, for the caller to raise
     exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 StreamEvent = Token | Finished
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Generate with the prompt's memory blocks composed (``runtime.vllm_compose``): each block's own KV,
+    the later ones placed at their offsets with their first tokens recomputed. ``auto``: exact instead once
+    the engine has computed this combination exactly (which it then does behind a composed reply)."""
+
+    segments: tuple[Segment, ...]
+    auto: bool = False
 
 
 @dataclass
@@ -191,9 +208,14 @@ class Engine(Protocol):
     def prefill(self, token_ids: Sequence[int], *, salt: str, adapter: Adapter | None = None,
                 priority: int = PRIORITY_INTERACTIVE) -> Future[PrefillResult]: ...
 
+    @property
+    def compose_unsupported(self) -> str:
+        """Why this engine cannot compose blocks ("" if it can), in words for Generate's summary."""
+        ...
+
     def generate(self, token_ids: Sequence[int], sampling: Sampling, *, salt: str,
                  adapter: Adapter | None = None, priority: int = PRIORITY_INTERACTIVE,
-                 reuse: bool = True) -> TokenStream: ...
+                 reuse: bool = True, compose: Composition | None = None) -> TokenStream: ...
 
     def abort(self, request_id: str) -> None: ...
 

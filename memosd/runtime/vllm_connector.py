@@ -15,7 +15,15 @@ A request takes part only when it carries ``cache_salt`` (the cube) and
   beyond vLLM's own prefix-cache hit, are loaded instead of computed;
 * ``"persist_tokens": n``: the full blocks among the first ``n`` prompt tokens
   are saved once computed (Activate persists a memory block; Generate's
-  conversation is never persisted).
+  conversation is never persisted);
+* ``"compose": {"segments": [[salt, start, tokens, recompute], ...],
+  "ranges": [[segment, lo, hi], ...]}``: a composed request (``vllm_compose``):
+  instead of the prefix of its own salt's blocks, the connector offers the
+  engine blocks of those ranges, each assembled from its segment's own stored
+  blocks (keyed by the segment's tokens in this prompt and its salt: its
+  cube's), keys turned by the segment's start; nothing is saved;
+* ``"probe": true``: the engine's start-up check reads the request's blocks
+  after it finishes (``_Binding.probes``).
 
 Keys are memosd's chained block hashes (``kvblocks.block_keys``), computed
 here from the request's tokens with the engine's fingerprint (connector
@@ -46,6 +54,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from memosd.runtime import vllm_compose
 from memosd.runtime.kvblocks import (
     BlockMismatch,
     BlockStore,
@@ -99,6 +108,9 @@ class _Binding:
     stats: ConnectorStats = field(default_factory=ConnectorStats)
     # Per request id, until the engine takes it when the request finishes (both on the engine thread).
     reuse: dict[str, Reuse] = field(default_factory=dict)
+    inv_freq: Any = None  # the model's RoPE inv_freq (set by the engine): composed loads turn keys by it
+    caches: dict[str, Any] = field(default_factory=dict)  # the paged cache, per layer (worker side)
+    probes: dict[str, list[int]] = field(default_factory=dict)  # a probe request's block ids, once finished
 
 
 _BINDINGS: dict[str, _Binding] = {}
@@ -118,6 +130,11 @@ def take_reuse(name: str, request_id: str) -> Reuse | None:
     return _binding(name).reuse.pop(request_id, None)
 
 
+def binding_of(name: str) -> _Binding:
+    """The engine's view of what it registered (inv_freq, the probes, the paged cache)."""
+    return _binding(name)
+
+
 def unregister_store(name: str) -> None:
     with _BINDINGS_LOCK:
         _BINDINGS.pop(name, None)
@@ -133,11 +150,33 @@ def _binding(name: str) -> _Binding:
 
 @dataclass
 class MemosdConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc,unused-ignore]
-    """One step's work for the worker side: (engine block id, key) pairs."""
+    """One step's work for the worker side: which engine blocks to fill from which stored ones."""
 
-    # (request id, cache salt, engine block id, key): the worker side has no plans, only this.
-    loads: list[tuple[str, str, int, str]] = field(default_factory=list)
+    # The worker side has no plans, only this.
+    loads: list[Load] = field(default_factory=list)
+    # (request id, cache salt, engine block id, key)
     saves: list[tuple[str, str, int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Load:
+    """An engine block filled from stored blocks: (salt, key, first token, tokens, first slot) pieces, keys
+    turned by ``offset`` (0: an exact load of one whole block)."""
+
+    req_id: str
+    block_id: int
+    pieces: tuple[tuple[str, str, int, int, int], ...]
+    offset: int = 0
+
+
+@dataclass
+class _Composed:
+    """A composed request's segments (with their own blocks' keys) and the ranges to load."""
+
+    segments: list[vllm_compose.Segment]
+    keys: list[list[str]]
+    stores: list[BlockStore]
+    ranges: list[vllm_compose.LoadRange]
 
 
 @dataclass
@@ -153,6 +192,9 @@ class _Plan:
     match: tuple[int, int] = (0, 0)  # (first, end) block indices the last lookup found in the store
     pending_load: tuple[int, int] | None = None
     next_save: int = 0  # blocks below this are stored or were planned for saving
+    composed: _Composed | None = None
+    load_range: int = -1  # composed: the range the last lookup offered from
+    probe: bool = False
 
 
 class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
@@ -184,17 +226,36 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         keys = block_keys(tokens, fingerprint=self._binding.fingerprint, salt=request.cache_salt.encode(),
                           extra=extra, block_size=self._block_size)
         persist = int(params.get("persist_tokens", 0))
+        composed = self._composed(params.get("compose"), tokens, extra)
         plan = _Plan(keys=keys, salt=request.cache_salt, store=self._binding.stores.for_salt(request.cache_salt),
                      load=bool(params.get("load", True)),
-                     persist_blocks=min(len(keys), max(0, persist) // self._block_size))
+                     persist_blocks=0 if composed is not None else min(len(keys), max(0, persist) // self._block_size),
+                     composed=composed, probe=bool(params.get("probe", False)))
         self._plans[request.request_id] = plan
         return plan
+
+    def _composed(self, spec: Any, tokens: list[int], extra: bytes) -> _Composed | None:
+        """A composed request's plan: each segment's keys from its own tokens in this prompt and its own salt
+        (so a range loads only its cube's blocks of exactly these tokens), and the ranges to load."""
+        if not isinstance(spec, dict):
+            return None
+        segments = [vllm_compose.Segment(str(salt), int(start), int(n), int(r))
+                    for salt, start, n, r in spec["segments"]]
+        keys = [block_keys(tokens[s.start:s.start + s.tokens], fingerprint=self._binding.fingerprint,
+                           salt=s.salt.encode(), extra=extra, block_size=self._block_size) for s in segments]
+        ranges = [vllm_compose.LoadRange(int(i), int(lo), int(hi)) for i, lo, hi in spec["ranges"]]
+        for r in ranges:
+            if r.lo % self._block_size or r.hi % self._block_size or not 0 <= r.segment < len(segments):
+                raise ValueError(f"a composed range {r} is not in whole engine blocks of a segment")
+        return _Composed(segments, keys, [self._binding.stores.for_salt(s.salt) for s in segments], ranges)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         plan = self._plan(request)
         if plan is None or not plan.load:
             return 0, False
         # vLLM must compute at least the prompt's last token (its logits pick the first output token).
+        if plan.composed is not None:
+            return self._composed_match(request, plan, plan.composed, num_computed_tokens), False
         limit = min(len(plan.keys), (request.num_prompt_tokens - 1) // self._block_size)
         first = num_computed_tokens // self._block_size
         end = first
@@ -205,6 +266,27 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         self._binding.reuse[request.request_id] = Reuse(engine_tokens=num_computed_tokens)
         self.stats.lookups += 1
         return (end - first) * self._block_size, False
+
+    def _composed_match(self, request: Any, plan: _Plan, composed: _Composed, computed: int) -> int:
+        """Tokens to load after ``computed``: to the end of the range holding it, while every stored block
+        its engine blocks are assembled from is in its cube's store."""
+        size = self._block_size
+        self._binding.reuse[request.request_id] = Reuse(engine_tokens=computed)
+        self.stats.lookups += 1
+        limit = (request.num_prompt_tokens - 1) // size * size
+        plan.match, plan.load_range = (computed // size, computed // size), -1
+        for n, r in enumerate(composed.ranges):
+            if not r.lo <= computed < r.hi:
+                continue
+            segment, keys, store = composed.segments[r.segment], composed.keys[r.segment], composed.stores[r.segment]
+            end = computed
+            while end < min(r.hi, limit) and all(
+                    j < len(keys) and store.has(keys[j])
+                    for j, *_ in vllm_compose.pieces(end, segment.start, size)):
+                end += size
+            plan.match, plan.load_range = (computed // size, end // size), n
+            return end - computed
+        return 0
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         plan = self._plans.get(request.request_id)
@@ -248,12 +330,23 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
             self._plan_saves(req_id, plan, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
         return meta
 
-    @staticmethod
-    def _plan_loads(req_id: str, plan: _Plan, meta: MemosdConnectorMetadata) -> None:
+    def _plan_loads(self, req_id: str, plan: _Plan, meta: MemosdConnectorMetadata) -> None:
         if plan.pending_load is None:
             return
         first, end = plan.pending_load
-        meta.loads.extend((req_id, plan.salt, plan.block_ids[i], plan.keys[i]) for i in range(first, end))
+        composed = plan.composed
+        if composed is None:
+            meta.loads.extend(Load(req_id, plan.block_ids[i], ((plan.salt, plan.keys[i], 0, self._block_size, 0),))
+                              for i in range(first, end))
+        else:
+            segment_index = composed.ranges[plan.load_range].segment
+            segment, keys = composed.segments[segment_index], composed.keys[segment_index]
+            offset = 0 if segment_index == 0 else segment.start  # the first block is where it was computed
+            for i in range(first, end):
+                pieces = tuple((segment.salt, keys[j], lo, n, dst)
+                               for j, lo, n, dst in vllm_compose.pieces(i * self._block_size, segment.start,
+                                                                        self._block_size))
+                meta.loads.append(Load(req_id, plan.block_ids[i], pieces, offset))
         plan.next_save = max(plan.next_save, end)  # loaded blocks are stored already
         plan.pending_load = None
 
@@ -269,12 +362,15 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves happen in the step that computed the block (wait_for_save), so nothing is in flight here.
-        self._plans.pop(request.request_id, None)
+        plan = self._plans.pop(request.request_id, None)
+        if plan is not None and plan.probe:
+            self._binding.probes[request.request_id] = list(plan.block_ids)
         return False, None
 
     # -- worker side ----------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._caches = dict(kv_caches)
+        self._binding.caches = self._caches
         # The block index is the first dimension in the CPU layout ([blocks, kv heads, block, 2 * head]);
         # layouts that stack K and V first ([2, blocks, ...]) have it second.
         num_blocks = int(self._kv_cache_config.num_blocks)
@@ -291,15 +387,16 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         assert isinstance(meta, MemosdConnectorMetadata)
         binding = self._binding
         index: dict[str, int] = {}  # per request: how many of its loads came before this one
-        for req_id, salt, block_id, key in meta.loads:
+        decoded: dict[str, dict[str, torch.Tensor]] = {}  # this step's: a composed load reads a block twice
+        # Composed loads by (offset, pieces' layout), placed together after the loop.
+        composed: dict[tuple[int, tuple[tuple[int, int, int], ...]],
+                       list[tuple[int, list[str], list[dict[str, torch.Tensor]]]]] = {}
+        for load in meta.loads:
+            req_id, block_id = load.req_id, load.block_id
             nth = index[req_id] = index.get(req_id, -1) + 1
             views = self._block_views(block_id)
-            blob = binding.stores.for_salt(salt).get(key)
             try:
-                if blob is None:
-                    raise BlockMismatch(f"block {key[:16]} left the store after the lookup")
-                tensors = decode_block(blob, key=key, fingerprint=binding.fingerprint, block_size=self._block_size,
-                                       layers={n: (tuple(v.shape), v.dtype) for n, v in views.items()})
+                sources = [self._decoded(salt, key, views, decoded) for salt, key, *_ in load.pieces]
             except BlockMismatch:
                 # vLLM recomputes the request from the first bad block (kv_load_failure_policy = recompute).
                 self._load_errors.add(block_id)
@@ -308,9 +405,60 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
                 if reuse is not None and (reuse.failed_at is None or nth < reuse.failed_at):
                     reuse.failed_at = nth
                 continue
-            for name, view in views.items():
-                view.copy_(tensors[name])
-            binding.stats.blocks_loaded += 1
+            if len(load.pieces) == 1 and load.offset == 0 and load.pieces[0][3] == self._block_size:
+                for name, view in views.items():
+                    view.copy_(sources[0][name])
+                binding.stats.blocks_loaded += 1
+            else:
+                pieces = tuple((lo, n, at) for _s, _k, lo, n, at in load.pieces)
+                group = composed.setdefault((load.offset, pieces), [])
+                group.append((block_id, [key for _s, key, *_ in load.pieces], sources))
+        for (offset, layout), loads in composed.items():
+            self._place_group(offset, layout, loads)
+            binding.stats.blocks_loaded += len(loads)
+
+    def _place_group(self, offset: int, layout: tuple[tuple[int, int, int], ...],
+                     loads: list[tuple[int, list[str], list[dict[str, torch.Tensor]]]]) -> None:
+        """Composed loads of one step that share an offset and a piece layout (a range's engine blocks all
+        do: the segment's start fixes where its stored blocks cut them): assembled and turned together, then
+        written with one index_copy per layer, since per-block work costs its small ops hundreds of times.
+        Each stored block is copied once (a range's consecutive engine blocks share them: views)."""
+        import torch
+
+        names = list(self._caches)
+        order: dict[str, int] = {}
+        layers: list[torch.Tensor] = []
+        for _, keys, sources in loads:
+            for key, tensors in zip(keys, sources, strict=True):
+                if key not in order:
+                    order[key] = len(order)
+                    layers.extend(tensors[name] for name in names)
+        flat = torch.stack(layers)
+        stored = flat.view(len(order), len(names), *flat.shape[1:])  # [stored blocks, layers, ...]
+        picked = []
+        for p in range(len(layout)):
+            index = [order[keys[p]] for _, keys, _ in loads]
+            if index == list(range(index[0], index[0] + len(index))):
+                picked.append(stored[index[0]:index[0] + len(index)])
+            else:
+                picked.append(stored.index_select(0, torch.tensor(index, dtype=torch.long)))
+        blocks = vllm_compose.assemble([(src, lo, n, at) for src, (lo, n, at) in zip(picked, layout, strict=True)],
+                                       offset, self._binding.inv_freq)  # [loads, layers, heads, block, 2 x head]
+        ids = torch.tensor([block_id for block_id, _, _ in loads], dtype=torch.long)
+        for i, name in enumerate(names):
+            self._caches[name].index_copy_(self._block_dim, ids, blocks[:, i])
+
+    def _decoded(self, salt: str, key: str, views: dict[str, torch.Tensor],
+                 decoded: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if key in decoded:
+            return decoded[key]
+        blob = self._binding.stores.for_salt(salt).get(key)
+        if blob is None:
+            raise BlockMismatch(f"block {key[:16]} left the store after the lookup")
+        tensors = decode_block(blob, key=key, fingerprint=self._binding.fingerprint, block_size=self._block_size,
+                               layers={n: (tuple(v.shape), v.dtype) for n, v in views.items()})
+        decoded[key] = tensors
+        return tensors
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are whole blocks, done before the forward pass

@@ -22,6 +22,7 @@ is a multiple of ``BLOCK`` here, where transformers reuses the whole block.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -217,11 +218,74 @@ def test_a_recurring_combination_of_cubes_reuses_the_second_block(vc: Client, cu
     assert b - BLOCK <= again.memory[1].block_reused_tokens <= b  # reused up to the last full KV block
     assert again.memory[0].block_reused_tokens == a
     assert [u.block_reused_tokens for u in full.memory] == [0, 0]
-    # Composition asked for: not built on vLLM, so exact reuse, and the later block says why.
-    composed = ask(vc, [one, two], compose="composed")  # type: ignore[arg-type]
-    assert [u.block_reuse for u in composed.memory] == [t.BLOCK_REUSE_EXACT, t.BLOCK_REUSE_EXACT]
-    assert composed.memory[0].block_note == "" and "vllm engine does not compose" in composed.memory[1].block_note
-    assert_same_reply(composed, full)
+
+
+def composed_counts(n_a: int, n_b: int, fraction: float) -> tuple[int, int]:
+    """(first block reused, second block placed) of a first composed Generate over blocks of n_a then n_b
+    tokens: the first block's stored engine blocks; the second's engine blocks after its recomputed head (its
+    first ceil(f x n_b) tokens, rounded up to a whole engine block) to the end of its own stored blocks."""
+    head_end = math.ceil((n_a + math.ceil(n_b * fraction)) / BLOCK) * BLOCK
+    placed_end = (n_a + n_b // BLOCK * BLOCK) // BLOCK * BLOCK
+    return n_a // BLOCK * BLOCK, max(0, placed_end - head_end)
+
+
+def test_composed_blocks_on_vllm_are_placed_from_each_cubes_own_blocks(vc: Client, cube_name: str) -> None:
+    """Issue 13, point 2, on vLLM: a later block is loaded from its own cube's stored blocks at its offset
+    (keys turned), after its first tokens are recomputed; the summary counts per block; recomputing every
+    token gives the full prefill's reply; a twin cube (same facts) is placed from its own blocks; exact mode
+    stays exact, and a composed Generate leaves nothing behind that an exact one would reuse."""
+    facts = [f"{cube_name} fact {i}: bin {i} holds {i * 3 + 1} bolts." for i in range(14)]
+    one, two = seed(vc, cube_name + "-1", FACTS[:20]), seed(vc, cube_name + "-2", facts)
+    twin = seed(vc, cube_name + "-t", facts)
+    acts = {m.mount_id: vc.activate(m) for m in (one, two, twin)}
+    n_a, n_b = acts[one.mount_id].tokens, acts[two.mount_id].tokens
+    loaded_before = vc.stats().model.engine_stats.blocks_loaded
+    composed = ask(vc, [one, two], compose="composed", compose_recompute=0.01)  # type: ignore[arg-type]
+    reused_a, placed = composed_counts(n_a, n_b, 0.01)
+    assert placed > 0
+    assert [(u.block_reuse, u.block_reused_tokens, u.block_computed_tokens, u.block_note)
+            for u in composed.memory] == [(t.BLOCK_REUSE_EXACT, reused_a, n_a - reused_a, ""),
+                                          (t.BLOCK_REUSE_COMPOSED, placed, n_b - placed, "")]
+    assert composed.reused_tokens == reused_a + placed
+    assert composed.memory[1].cache_key == acts[two.mount_id].cache_key
+    # Loaded from the store: the first block's blocks and the placed ones (nothing of them was cached).
+    assert vc.stats().model.engine_stats.blocks_loaded - loaded_before == (reused_a + placed) // BLOCK
+    again = ask(vc, [one, two], compose="composed", compose_recompute=0.01)  # type: ignore[arg-type]
+    assert list(again.token_ids) == list(composed.token_ids)  # the same composition, the same reply
+    # Twin: the same facts in another cube, placed from the twin's own blocks.
+    twinned = ask(vc, [one, twin], compose="composed", compose_recompute=0.01)  # type: ignore[arg-type]
+    assert twinned.memory[1].block_reuse == t.BLOCK_REUSE_COMPOSED
+    assert twinned.memory[1].cache_key == acts[twin.mount_id].cache_key != acts[two.mount_id].cache_key
+    # Exact mode after composing: exact, the second block computed (the composed KV, salted apart, is not
+    # reused as this combination's), and the full prefill's reply (checked below).
+    exact = ask(vc, [one, two], compose="exact")  # type: ignore[arg-type]
+    assert [(u.block_reuse, u.block_note) for u in exact.memory] == [(t.BLOCK_REUSE_EXACT, ""),
+                                                                      (t.BLOCK_REUSE_EXACT, "")]
+    assert exact.memory[1].block_reused_tokens == 0
+    # Every token recomputed (the same chain of requests, nothing placed): the full prefill's reply.
+    whole = ask(vc, [one, two], compose="composed", compose_recompute=1.0)  # type: ignore[arg-type]
+    full = ask(vc, [one, two], bypass_kv_cache=True)  # type: ignore[arg-type]
+    assert_same_reply(whole, full)
+    assert_same_reply(exact, full)
+    assert [(u.block_reuse, u.block_reused_tokens) for u in whole.memory] == [
+        (t.BLOCK_REUSE_EXACT, reused_a), (t.BLOCK_REUSE_COMPOSED, 0)]
+
+
+def test_auto_on_vllm_composes_a_new_combination_then_reuses_it_exactly(vc: Client, cube_name: str) -> None:
+    one, two = seed(vc, cube_name + "-1", FACTS[:15]), seed(vc, cube_name + "-2", MORE_FACTS)
+    n_b = vc.activate(two).tokens
+    vc.activate(one)
+    first = ask(vc, [one, two], compose="auto")  # type: ignore[arg-type]
+    assert [u.block_reuse for u in first.memory] == [t.BLOCK_REUSE_EXACT, t.BLOCK_REUSE_COMPOSED]
+    deadline = time.monotonic() + 120
+    while True:  # the exact combination is computed behind the reply, at background priority
+        later = ask(vc, [one, two], compose="auto")  # type: ignore[arg-type]
+        if later.memory[1].block_reuse == t.BLOCK_REUSE_EXACT or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert later.memory[1].block_reuse == t.BLOCK_REUSE_EXACT
+    assert n_b - BLOCK <= later.memory[1].block_reused_tokens <= n_b  # from vLLM's prefix cache
+    assert_same_reply(later, ask(vc, [one, two], bypass_kv_cache=True))  # type: ignore[arg-type]
 
 
 def test_the_same_text_in_another_cube_shares_no_blocks(vc: Client, cube_name: str) -> None:

@@ -1635,10 +1635,10 @@ def test_chat_compose_sends_the_mode_and_fraction_and_show_memory_says_how_each_
                             block_reuse=types_pb2.BLOCK_REUSE_COMPOSED),
         types_pb2.MemoryUse(mount_id="m2", cube_id="c2", revision=1, activated=True, block_tokens=50,
                             block_computed_tokens=50, block_reuse=types_pb2.BLOCK_REUSE_EXACT,
-                            block_note="the vllm engine does not compose blocks yet"),
+                            block_note="its blocks are not in the engine's block store: computed"),
     ])
     lines = memory_lines(summary, {"m1": "team", "m2": "session"})
     assert lines[1] == ("  team (c1) at revision 2: activated, composed: 665 of 700 block tokens placed from its "
                         f"own cache from pool (key {'ab' * 6}), 35 recomputed")
     assert lines[4] == "  session (c2) at revision 1: activated, block prefilled (50 tokens)"
-    assert lines[5] == "    not composed: the vllm engine does not compose blocks yet"
+    assert lines[5] == "    not composed: its blocks are not in the engine's block store: computed"

@@ -16,6 +16,7 @@ pytest.importorskip("vllm")
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+from memosd.runtime import vllm_compose
 from memosd.runtime import vllm_connector as vc
 from memosd.runtime.kvblocks import BlockStore, MemoryBlockStore, OneStore, block_keys
 from memosd.store.blocks import RocksBlockStore, RocksBlockStores
@@ -104,7 +105,8 @@ def test_loads_go_to_the_allocated_blocks(connector: Any, store: BlockStore) -> 
     connector.update_state_after_alloc(request, None, 2 * B)
     meta = connector.build_connector_meta(_step(new=[("r", [40, 41, 42, 43], 2 * B)], scheduled={"r": B + 7}))
     keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
-    assert meta.loads == [("r", "cube-1", 40, keys[0]), ("r", "cube-1", 41, keys[1])] and meta.saves == []
+    assert meta.loads == [vc.Load("r", 40, (("cube-1", keys[0], 0, B, 0),)),
+                          vc.Load("r", 41, (("cube-1", keys[1], 0, B, 0),))] and meta.saves == []
 
 
 def test_saves_each_block_to_persist_in_the_step_that_completes_it(connector: Any, store: BlockStore) -> None:
@@ -135,7 +137,8 @@ def test_a_preempted_request_gets_its_loads_when_it_resumes(connector: Any, stor
     meta = connector.build_connector_meta(_step(cached=[("r", [8, 9, 10, 11], 2 * B)], scheduled={"r": B + 7},
                                                 resumed=["r"]))
     keys = block_keys(tokens, fingerprint=FP, salt=b"cube-1")
-    assert meta.loads == [("r", "cube-1", 8, keys[0]), ("r", "cube-1", 9, keys[1])]
+    assert meta.loads == [vc.Load("r", 8, (("cube-1", keys[0], 0, B, 0),)),
+                          vc.Load("r", 9, (("cube-1", keys[1], 0, B, 0),))]
 
 
 def test_reuse_counts_what_the_request_really_did_not_compute(connector: Any, store: BlockStore) -> None:
@@ -150,3 +153,53 @@ def test_reuse_counts_what_the_request_really_did_not_compute(connector: Any, st
     assert vc.take_reuse("test", "r") is None  # taken once
     reuse.failed_at = 1  # the second offered block failed its checks: vLLM recomputes from there
     assert reuse.tokens(B) == (B, B)
+
+
+def test_a_composed_request_loads_each_block_only_from_its_own_cubes_blocks(connector: Any) -> None:
+    """Issue 13 on vLLM: the later block's engine blocks come from its own cube's stored blocks of exactly its
+    tokens (keys from the segment's tokens and salt), assembled across two stored blocks at an unaligned
+    offset and turned by it; a twin cube's blocks of the very same tokens are never offered."""
+    stores = vc.binding_of("test").stores
+    a, b = list(range(1000, 1000 + 2 * B + 10)), list(range(5000, 5000 + 3 * B + 5))
+    prompt = a + b + list(range(20))
+    segments = [vllm_compose.Segment("cube-1", 0, len(a), 0), vllm_compose.Segment("cube-2", len(a), len(b), 2)]
+    ranges = [vllm_compose.load_range(i, s, s.tokens // B * B, B, (len(prompt) - 1) // B * B)
+              for i, s in enumerate(segments)]
+    assert ranges == [vllm_compose.LoadRange(0, 0, 2 * B), vllm_compose.LoadRange(1, 3 * B, 5 * B)]
+
+    def request(rid: str) -> Any:
+        r = _request(rid, prompt, salt="memosd-composed:x")
+        r.kv_transfer_params[vc.PARAMS_KEY]["compose"] = {
+            "segments": [[s.salt, s.start, s.tokens, s.recompute] for s in segments],
+            "ranges": [[r.segment, r.lo, r.hi] for r in ranges if r is not None]}
+        return r
+
+    def put(salt: str, tokens: list[int], n: int) -> list[str]:
+        keys = block_keys(tokens, fingerprint=FP, salt=salt.encode())[:n]
+        for key in keys:
+            stores.for_salt(salt).put(key, b"blob")
+        return keys
+
+    a_keys = put("cube-1", a, 2)
+    put("twin", b, 3)  # the same tokens in another cube
+    assert connector.get_num_new_matched_tokens(request("r1"), 0) == (2 * B, False)  # the first block, exactly
+    assert connector.get_num_new_matched_tokens(request("r2"), 3 * B) == (0, False)  # not the twin's
+    b_keys = put("cube-2", b, 3)
+    r3 = request("r3")
+    assert connector.get_num_new_matched_tokens(r3, 3 * B) == (2 * B, False)
+    assert connector.get_num_new_matched_tokens(request("r4"), 2 * B) == (0, False)  # b's head: computed
+    connector.update_state_after_alloc(r3, None, 2 * B)
+    meta = connector.build_connector_meta(_step(new=[("r3", [10, 11, 12, 13, 14, 15], 5 * B)], scheduled={"r3": 9}))
+    skip = B - (len(a) - 2 * B)  # b's token at prompt position 3B
+    assert meta.loads == [
+        vc.Load("r3", 13, (("cube-2", b_keys[0], skip, B - skip, 0), ("cube-2", b_keys[1], 0, skip, B - skip)),
+                offset=len(a)),
+        vc.Load("r3", 14, (("cube-2", b_keys[1], skip, B - skip, 0), ("cube-2", b_keys[2], 0, skip, B - skip)),
+                offset=len(a))]
+    assert meta.saves == []  # a composed request saves nothing
+    r1 = request("r5")
+    connector.get_num_new_matched_tokens(r1, 0)
+    connector.update_state_after_alloc(r1, None, 2 * B)
+    first = connector.build_connector_meta(_step(new=[("r5", [1, 2, 3, 4], 0)], scheduled={"r5": 3 * B}))
+    assert first.loads == [vc.Load("r5", 1, (("cube-1", a_keys[0], 0, B, 0),)),
+                           vc.Load("r5", 2, (("cube-1", a_keys[1], 0, B, 0),))]
