@@ -77,17 +77,23 @@ class MemOSServicer(GovernanceHandlers):
     def AllocCube(self, req: pb.AllocCubeRequest, call: Call) -> pb.AllocCubeResponse:
         info = self.kernel.alloc_cube(req.name, req.description, dict(req.labels), owner=call.caller.principal_id,
                                       cube_id=call.placed_cube_id)
-        return pb.AllocCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cv.cube(info))
+        cube = cv.cube(info)
+        cube.owner_node = self._node_name()  # where placement put it
+        return pb.AllocCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cube)
 
     def FreeCube(self, req: pb.FreeCubeRequest, call: Call) -> pb.FreeCubeResponse:
         freed = self.removal.free(req.cube)
         return pb.FreeCubeResponse(header=cv.header(freed.cube_id), revisions_deleted=freed.revisions,
                                    versions_deleted=freed.versions, mounts_closed=freed.mounts)
 
+    def _node_name(self) -> str:
+        """This node's cluster name ("" on a single node): a cube this node answers for is its own."""
+        return self.cluster.config.node_name if self.cluster is not None else ""
+
     def StatCube(self, req: pb.StatCubeRequest, call: Call) -> pb.StatCubeResponse:
         info = self.kernel.cube_info(self.kernel.cube(req.cube))
         cube = cv.cube(info, self._cube_usage(info.record.cube_id))
-        cube.owner_node = self.cluster.config.node_name if self.cluster is not None else ""
+        cube.owner_node = self._node_name()
         return pb.StatCubeResponse(header=cv.header(info.record.cube_id, info.record.head), cube=cube)
 
     def ListCubes(self, req: pb.ListCubesRequest, call: Call) -> pb.ListCubesResponse:

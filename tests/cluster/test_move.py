@@ -295,6 +295,8 @@ def test_memosctl_cluster_status_members_and_move(
     assert moved.returncode == 0, moved.stderr
     assert [line.split()[2] for line in moved.stderr.splitlines()] == [
         "draining", "frozen", "exported", "received", "switched", "settled", "done"]
-    assert f"moved: alpha-{run} -> beta-{run}" in " ".join(moved.stdout.split())
+    flat = " ".join(moved.stdout.split())
+    assert f"moved: alpha-{run} -> beta-{run}" in flat
+    assert f"({cube_id})" in flat and "head revision: 1" in flat  # the cube as moved, not the last step's blank
     refused = ctl("cluster", "move", cube_id, "nowhere")
     assert refused.returncode != 0 and "'nowhere' is not a live cluster member" in refused.stderr

@@ -77,6 +77,7 @@ def test_cubes_spread_over_the_members_and_serve_through_any_node(
             entry = directory.lookup(cube.cube_id)
             assert entry is not None and entry.name == cube.name and entry.epoch == 1
             assert entry.owner == place(cube.cube_id, members), "not placed by the documented rule"
+            assert cube.owner_node == entry.owner, "AllocCube's answer names the node it was placed on"
             owners[cube.cube_id] = entry.owner
             for via in (via_a, via_b, via_c):  # by id and by name, through every node
                 assert via.stat_cube(cube.cube_id).name == cube.name

@@ -839,7 +839,7 @@
  * @property {boolean} frozen Frozen (FreezeCube): read-only until ThawCube; commits are refused with CUBE_FROZEN.
  * @property {Retention | null} retention Which revisions compaction keeps (SetRetention); unset fields keep everything.
  * @property {number} oldest_revision The oldest revision that can still be read (mounted, diffed, rolled back to); older ones are compacted. 1 when nothing was compacted.
- * @property {string} owner_node On a cluster node: the node that owns the cube (ListCubes, StatCube); "" on a single node.
+ * @property {string} owner_node On a cluster node: the node that owns the cube (ListCubes, StatCube, AllocCube); "" on a single node.
  * @property {boolean} unavailable ListCubes on a cluster node: the owner is down or cannot be reached, so only the id, the name and owner_node are known; calls on the cube are CUBE_UNAVAILABLE until the owner is back.
  */
 

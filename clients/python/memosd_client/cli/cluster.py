@@ -78,9 +78,11 @@ def _move(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.json:
         out.emit_json([to_dict(s) for s in steps])
         return
-    out.block([("cube", f"{last.cube.name} ({last.cube.cube_id})" if last.cube.cube_id else args.cube),
+    # Only the "exported" step carries the cube (as it was moved); the last step says where it went.
+    cube = next((s.cube for s in reversed(steps) if s.cube.cube_id), last.cube)
+    out.block([("cube", f"{cube.name} ({cube.cube_id})" if cube.cube_id else args.cube),
                ("moved", f"{last.from_node} -> {last.to_node}"), ("epoch", last.epoch),
-               ("head revision", last.cube.head_revision), ("took", f"{last.elapsed_seconds:.2f} s")])
+               ("head revision", cube.head_revision), ("took", f"{last.elapsed_seconds:.2f} s")])
 
 
 def _config_get(client: Client, args: argparse.Namespace, out: Output) -> None:

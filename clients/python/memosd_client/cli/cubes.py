@@ -24,6 +24,7 @@ def cube_block(out: Output, cube: types_pb2.Cube) -> None:
     out.block([
         ("cube id", cube.cube_id),
         ("name", cube.name),
+        *([("node", cube.owner_node)] if cube.owner_node else []),  # on a cluster: the node that serves it
         ("description", cube.description or "-"),
         ("labels", fmt_map(cube.labels)),
         ("created", fmt_time(cube.create_time)),

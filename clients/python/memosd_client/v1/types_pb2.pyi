@@ -781,7 +781,7 @@ class Cube(_message.Message):
     to); older ones are compacted. 1 when nothing was compacted.
     """
     owner_node: _builtins.str
-    """On a cluster node: the node that owns the cube (ListCubes, StatCube); "" on a single node."""
+    """On a cluster node: the node that owns the cube (ListCubes, StatCube, AllocCube); "" on a single node."""
     unavailable: _builtins.bool
     """ListCubes on a cluster node: the owner is down or cannot be reached, so only the id, the name and
     owner_node are known; calls on the cube are CUBE_UNAVAILABLE until the owner is back.
