@@ -209,10 +209,13 @@ def close_commit_mount(kernel: Kernel, mount_id: str) -> None:
 
 def commit_result(kernel: Kernel, cube_id: str, mount_id: str, candidates: Sequence[Candidate], *, job_id: str,
                   message: str, author: str) -> Committed:
-    """Reconcile ``candidates`` with the cube's derived items the job's mount sees (its base: HEAD when the
-    job started) and commit the plan as one revision through it. Raises PermissionDenied when the mount was
-    closed under the job."""
+    """Reconcile ``candidates`` with the cube's derived items at HEAD now and commit the plan as one revision
+    through the job's mount. Raises PermissionDenied when the mount was closed under the job."""
     try:
+        # The mount was opened at HEAD when the job started, minutes ago perhaps; a commit with nothing staged
+        # moves its base to HEAD now, so reconcile compares with a derived item another writer committed
+        # meanwhile too (a client's structured Write), not only with what the cube held at the start.
+        kernel.commit(mount_id, "", author)
         mount = kernel.mount_info(kernel.mount_state(mount_id)).record
     except MountNotFound:
         raise PermissionDenied(f"the job's mount {mount_id} was closed while it ran (a Revoke, DisablePrincipal or "

@@ -23,7 +23,7 @@ from tiny_llama import save_tiny_llama
 
 from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountReadOnly, TooManyItems
 from memosd.kernel import validate
-from memosd.kernel.types import Message
+from memosd.kernel.types import ItemInput, Message
 from memosd.parametric.extract import Cancelled, EndpointError, EndpointExtractor, ModelExtractor
 from memosd.reader.prompt import extraction_messages
 from memosd.reader.types import SourceTurn
@@ -166,6 +166,27 @@ def test_reconcile_adds_updates_and_retires_and_diff_shows_it(rig: Rig, endpoint
     # Purging the dog turn takes the dog item (derived from it and, since its update, from the Max turn too).
     receipt = rig.kernel.purge("c", [turns[1]])
     assert receipt.derived_item_ids == [changed.item_id]
+
+
+def test_reconcile_sees_a_derived_item_committed_while_the_job_ran(rig: Rig, endpoint: Endpoint) -> None:
+    """The job reconciles with the cube at HEAD when it commits, not as of its start: a client's structured
+    Write of the same fact, committed while the extractor was still answering, makes the job's item a
+    duplicate (nothing added) rather than a second copy."""
+    mount, turns = ingest(rig, "c", [("Caroline", "My favourite colour is blue")])
+    endpoint.answers = [json.dumps([item("preference", "Caroline's favourite colour is blue.", ["t1"])])]
+    endpoint.gate.clear()  # the extractor's answer waits until the client's commit is in
+    job = rig.jobs.extract(mount, endpoint.url, "", "", 0, "read", "tester")
+    writer = rig.kernel.mount("c", 0, True).record.mount_id
+    [written] = rig.kernel.write(writer, [ItemInput("Caroline's favourite colour is blue.", tags=("kind:preference",),
+                                                    derived_from=(turns[0],))])[0]
+    assert rig.kernel.commit(writer, "client", "tester").revision is not None
+    endpoint.gate.set()
+    final = final_state(rig, job.job_id)
+    assert final.state == "succeeded", final.error
+    assert (final.progress["kept"], final.progress["added"], final.progress["duplicates"]) == (1, 0, 1)
+    assert final.result_revision == 0  # nothing to commit
+    texts = [v.text for v in rig.kernel.list_items(writer, 0, "")[0].entries]
+    assert texts.count("Caroline's favourite colour is blue.") == 1 and written
 
 
 def test_unparseable_and_unsupported_output_is_counted_never_stored(rig: Rig, endpoint: Endpoint) -> None:
