@@ -440,12 +440,19 @@ def test_train_loads_a_transformers_copy_for_the_job_and_its_adapter_is_served_a
 
 
 def test_after_a_restart_generate_loads_the_blocks_from_the_store(vdaemon: DaemonProcess, cube_name: str) -> None:
-    """Stops and starts the module's daemon on its data dir (the other tests reconnect per test)."""
+    """Stops and starts the module's daemon on its data dir (the other tests reconnect per test). Composed
+    reuse (issue 13, point 3: restarts) is checked on the same restart: two cubes' blocks, composed before
+    it and after it from the store, give the same per-block counts and the same reply."""
+    pair = [f"{cube_name}-pair-{i}" for i in (1, 2)]
     with Client(vdaemon.address, token=vdaemon.token, timeout=600) as before:
         wait_ready(before)
         mount = seed(before, cube_name, FACTS)
         activation = before.activate(mount)
         hot = ask(before, mount)
+        mounts = [seed(before, pair[0], FACTS[:20]), seed(before, pair[1], MORE_FACTS * 2)]
+        for m in mounts:
+            before.activate(m)
+        composed_hot = ask(before, mounts, compose="composed")  # type: ignore[arg-type]
     assert vdaemon.stop() == 0
     vdaemon.start()
     with Client(vdaemon.address, token=vdaemon.token, timeout=600) as after:
@@ -453,6 +460,12 @@ def test_after_a_restart_generate_loads_the_blocks_from_the_store(vdaemon: Daemo
         mount = after.mount(cube_name)
         cold = ask(after, mount)
         assert after.stats().model.engine_stats.blocks_loaded == full_blocks(activation.tokens)
+        composed_cold = ask(after, [after.mount(n) for n in pair], compose="composed")  # type: ignore[arg-type]
     assert_same_reply(hot, cold)
+    assert [u.block_reuse for u in composed_cold.memory] == [t.BLOCK_REUSE_EXACT, t.BLOCK_REUSE_COMPOSED]
+    assert composed_cold.memory[1].block_reused_tokens > 0  # placed from the second cube's stored blocks
+    assert [(u.block_reused_tokens, u.block_computed_tokens, u.cache_key) for u in composed_cold.memory] == [
+        (u.block_reused_tokens, u.block_computed_tokens, u.cache_key) for u in composed_hot.memory]
+    assert list(composed_cold.token_ids) == list(composed_hot.token_ids)
     assert cold.memory[0].cache_source == t.ACTIVATION_SOURCE_STORE
     assert cold.reused_tokens == full_blocks(activation.tokens) * BLOCK
