@@ -545,7 +545,8 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     failure = ""
     if daemon.cluster is not None:  # a member in the list is one that serves: joined only now
         try:
-            daemon.cluster.join(daemon.address, lambda: [(r.cube_id, r.name) for r in daemon.kernel.cube_records()])
+            daemon.cluster.join(daemon.address,
+                                lambda: [(r.cube_id, r.name, r.owner) for r in daemon.kernel.cube_records()])
         except ClusterStartError as error:
             failure = str(error)
     if not failure:

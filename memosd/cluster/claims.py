@@ -36,9 +36,9 @@ class DirectoryClaims:
         self.view = view
         self.node_tag = node_tag(node)
 
-    def claim(self, cube_id: str, name: str) -> bool:
+    def claim(self, cube_id: str, name: str, principal: str = "") -> bool:
         try:
-            entry = self.directory.claim(cube_id, self.node, name)
+            entry = self.directory.claim(cube_id, self.node, name, principal)
         except CubeClaimed:
             return False
         except EtcdError as e:  # EtcdUnavailable (no quorum, no endpoint) or etcd refusing the txn

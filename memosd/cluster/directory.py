@@ -2,9 +2,11 @@
 
 Keys (under ``root``, ``memosd/`` in a cluster):
 
-  cubes/<cube_id>  JSON {owner, epoch, name, state}: the owner node's name; the epoch, 1 at the claim and
-                   +1 at each move; the cube's name ("" for none); its state ("active": served by its
-                   owner; the move protocol may add others)
+  cubes/<cube_id>  JSON {owner, epoch, name, state, principal}: the owner node's name; the epoch, 1 at the
+                   claim and +1 at each move; the cube's name ("" for none); its state ("active": served by
+                   its owner; the move protocol may add others); the principal that owns the cube (absent in
+                   an entry an older memosd wrote), so a ListCubes through another node can show that
+                   principal its cube while the owner node is down
   names/<name>     the cube id holding the name: names are unique cluster-wide, as on one node
 
 Every change is one txn, so the two keys never disagree and two nodes never both win:
@@ -65,16 +67,19 @@ class Entry:
     name: str = ""
     state: str = "active"
     mod_revision: int = 0  # etcd's revision of the entry's last change (the CAS compares it)
+    principal: str = ""  # the cube's owning principal id; "" where unknown
 
     def record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "epoch": self.epoch, "name": self.name, "state": self.state},
-                          sort_keys=True).encode()
+        doc = {"owner": self.owner, "epoch": self.epoch, "name": self.name, "state": self.state}
+        if self.principal:
+            doc["principal"] = self.principal
+        return json.dumps(doc, sort_keys=True).encode()
 
     @staticmethod
     def from_kv(cube_id: str, kv: KeyValue) -> Entry:
         doc = kv.json()
         return Entry(cube_id, str(doc["owner"]), int(doc["epoch"]), str(doc.get("name", "")),
-                     str(doc.get("state", "active")), kv.mod_revision)
+                     str(doc.get("state", "active")), kv.mod_revision, str(doc.get("principal", "")))
 
 
 def _check_cube_id(cube_id: str) -> None:
@@ -121,13 +126,13 @@ class Directory:
 
     # -- changes (one txn each) ------------------------------------------------------------------------
 
-    def claim(self, cube_id: str, owner: str, name: str = "") -> Entry:
+    def claim(self, cube_id: str, owner: str, name: str = "", principal: str = "") -> Entry:
         """Enter a new cube, owned by ``owner`` at epoch 1, with its name if it has one. Raises
         CubeNameTaken (the name is held by another cube) or CubeClaimed (the id already has an entry)."""
         _check_cube_id(cube_id)
         if name and not CUBE_NAME_RE.fullmatch(name):
             raise ValueError(f"not a cube name: {name!r}")
-        entry = Entry(cube_id, owner, 1, name)
+        entry = Entry(cube_id, owner, 1, name, principal=principal)
         cube_key = self._cube_key(cube_id)
         compare = [Compare.create_revision(cube_key, "==", 0)]
         success = [Put(cube_key, entry.record())]
@@ -138,7 +143,7 @@ class Directory:
             failure.append(Get(self._name_key(name)))
         result = self.client.txn(compare, success, failure)
         if result.succeeded:
-            return Entry(cube_id, owner, 1, name, entry.state, result.revision)
+            return Entry(cube_id, owner, 1, name, entry.state, result.revision, principal)
         held = [r.kvs[0] if isinstance(r, RangeResult) and r.kvs else None for r in result.responses]
         if held[0] is not None:
             raise CubeClaimed(Entry.from_kv(cube_id, held[0]))
@@ -154,7 +159,7 @@ class Directory:
         if from_owner == to_owner:
             raise ValueError(f"cube {cube_id}: a move from {from_owner!r} to itself")
         current = self._current(cube_id, from_owner, epoch)
-        moved = Entry(cube_id, to_owner, epoch + 1, current.name, current.state)
+        moved = Entry(cube_id, to_owner, epoch + 1, current.name, current.state, principal=current.principal)
         key = self._cube_key(cube_id)
         result = self.client.txn([Compare.mod_revision(key, "==", current.mod_revision), *fence],
                                  [Put(key, moved.record())], [Get(key)])
@@ -164,7 +169,7 @@ class Directory:
                 # The entry is as read: a fence compare failed (a member's record was made again).
                 raise FenceFailed(f"cube {cube_id}: the move's fence did not hold (a member registered again)")
             raise self._lost(cube_id, read, from_owner, epoch)
-        return Entry(cube_id, to_owner, epoch + 1, current.name, current.state, result.revision)
+        return Entry(cube_id, to_owner, epoch + 1, current.name, current.state, result.revision, current.principal)
 
     def touch(self, cube_id: str, owner: str, epoch: int) -> Entry:
         """Write the entry again, unchanged, if ``owner`` at ``epoch`` holds it: its mod_revision moves on, so

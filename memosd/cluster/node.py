@@ -41,7 +41,7 @@ from memosd.config import ClusterConfig
 from memosd.errors import MemosError
 from memosd.logfmt import log_event
 
-LocalCubes = Callable[[], Sequence[tuple[str, str]]]  # (cube id, name) of every cube in the local store
+LocalCubes = Callable[[], Sequence[tuple[str, str, str]]]  # (cube id, name, owning principal) of each local cube
 
 log = logging.getLogger("memosd.cluster")
 
@@ -191,16 +191,16 @@ class ClusterNode:
         self._reader = threading.Thread(target=self._follow_members, name="cluster-members", daemon=True)
         self._reader.start()
 
-    def reconcile(self, local: Sequence[tuple[str, str]]) -> None:
+    def reconcile(self, local: Sequence[tuple[str, str, str]]) -> None:
         """The rule at join (see the module docstring): claim what is ours and unclaimed, report the rest."""
         node = self.config.node_name
-        mine = {cube_id for cube_id, _ in local}
+        mine = {cube_id for cube_id, _, _ in local}
         not_served = []
-        for cube_id, name in local:
+        for cube_id, name, principal in local:
             entry = self.view.lookup(cube_id)
             if entry is None:
                 try:
-                    if self.claims.claim(cube_id, name):
+                    if self.claims.claim(cube_id, name, principal):
                         log_event(log, "cluster_cube_claimed", cube=cube_id, name=name)
                         continue
                 except MemosError as e:  # the name is another cube's in the cluster (or etcd failed)

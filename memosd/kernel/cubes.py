@@ -55,7 +55,7 @@ class CubeAdmin:
         cube_id = cube_id or ids.new_id(ids.CUBE_PREFIX)
         # Claimed in the cluster's directory first, outside the lock (a network round trip): the name is
         # then ours cluster-wide, and a local commit that fails gives the claim back.
-        if not self._directory.claim(cube_id, name):
+        if not self._directory.claim(cube_id, name, owner):
             raise InvalidField(f"the placed cube id {cube_id!r} is already in the cluster's directory",
                                field="cube_id")
         try:

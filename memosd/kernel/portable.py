@@ -221,7 +221,7 @@ class CubePorter:
             cube_id = source_id if kept else ids.new_id(ids.CUBE_PREFIX)
             self._reserved.add(cube_id)
         if not moved_from:
-            cube_id, kept = self._claim(cube_id, name, kept)
+            cube_id, kept = self._claim(cube_id, name, kept, owner)
         loader = _Loader(self._store, self._embedder, cube_id, header, accept_kv if kept else (lambda _: False))
         cube: CubeState | None = None
         try:
@@ -254,15 +254,15 @@ class CubePorter:
         return ImportResult(self._tables.cube_info(cube), summary, loader.reembed, kept, loader.kv_loaded,
                             loader.kv_skipped, kv_reason)
 
-    def _claim(self, cube_id: str, name: str, kept: bool) -> tuple[str, bool]:
+    def _claim(self, cube_id: str, name: str, kept: bool, owner: str) -> tuple[str, bool]:
         """Claim the id in the cluster's directory, outside the lock; an id claimed elsewhere is not kept."""
         try:
-            if not self._directory.claim(cube_id, name):
+            if not self._directory.claim(cube_id, name, owner):
                 with self._tables.lock:
                     self._reserved.discard(cube_id)
                     kept, cube_id = False, ids.new_id(ids.CUBE_PREFIX)
                     self._reserved.add(cube_id)
-                self._directory.claim(cube_id, name)
+                self._directory.claim(cube_id, name, owner)
         except BaseException:
             with self._tables.lock:
                 self._reserved.discard(cube_id)

@@ -74,9 +74,9 @@ class DirectoryPort(Protocol):
 
     node_tag: bytes  # put into this node's mount ids (ids.new_id), so any node can route a mount
 
-    def claim(self, cube_id: str, name: str) -> bool:
-        """Enter a new cube owned by this node, before it is committed locally. False: the id is
-        already claimed (an import keeping its source's id then takes a new one)."""
+    def claim(self, cube_id: str, name: str, principal: str = "") -> bool:
+        """Enter a new cube owned by this node (and by ``principal``), before it is committed locally.
+        False: the id is already claimed (an import keeping its source's id then takes a new one)."""
         ...
 
     def check_changeable(self, cube_id: str) -> None:
@@ -93,7 +93,7 @@ class _NoDirectory:
 
     node_tag = b""
 
-    def claim(self, cube_id: str, name: str) -> bool:
+    def claim(self, cube_id: str, name: str, principal: str = "") -> bool:
         return True
 
     def check_changeable(self, cube_id: str) -> None:

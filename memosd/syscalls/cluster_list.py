@@ -4,9 +4,10 @@ The node lists its own page as a single node does; it asks each other owner the 
 watch-fed view, cluster/view.py) for the same page of its own (``local`` set, the caller's token passed
 on, so each owner filters by the caller's rights as it always has and fills in its own stats); and a
 cube whose owner is not a live member, or does not answer in time, is listed from the directory alone
-(id, name, owner node) with ``unavailable`` set, if the caller may see it by the rights this node can
-check (an admin, or a grant: grants are cluster-wide, cluster/grants.py; a cube's owning principal is
-in the owner's store, so a principal that only owns a cube sees it again when its node is back).
+(id, name, owner node) with ``unavailable`` set, if the caller may see it by what this node can check:
+an admin, a grant (grants are cluster-wide, cluster/grants.py), or the cube's owning principal as its
+directory entry names it (an entry an older memosd wrote has none: that owner sees it again when its
+node is back).
 
 Why forwarding the owners' stats rather than listing names from the directory only: a listing that
 showed item counts, HEAD and mounts for some cubes and not others would be a different call on a
@@ -69,9 +70,9 @@ class ClusterLister:
             self._channels.clear()
 
     def page(self, request: pb.ListCubesRequest, authorization: Sequence[str], own: list[t.Cube], own_next: str,
-             visible: Callable[[str], bool]) -> tuple[list[t.Cube], str]:
+             visible: Callable[[Entry], bool]) -> tuple[list[t.Cube], str]:
         """The cluster's page: ``own`` (this node's page, its next token ``own_next``) merged with the other
-        owners' pages and the unavailable cubes the caller may see (``visible`` by cube id)."""
+        owners' pages and the unavailable cubes the caller may see (``visible``, by directory entry)."""
         size = page_size(request.page_size)
         after = str(decode_token(request.page_token, "cubes") or "")
         by_owner: dict[str, list[Entry]] = {}
@@ -114,7 +115,7 @@ class ClusterLister:
         for node, why in down.items():
             log_event(log, "cluster_list_owner_unavailable", level=logging.DEBUG, owner=node, reason=why)
             for entry in by_owner[node]:
-                if entry.cube_id not in merged and visible(entry.cube_id):
+                if entry.cube_id not in merged and visible(entry):
                     merged[entry.cube_id] = t.Cube(cube_id=entry.cube_id, name=entry.name, owner_node=node,
                                                    unavailable=True)
         ids = sorted(merged)

@@ -105,8 +105,11 @@ class MemOSServicer(GovernanceHandlers):
             for cube in cubes:
                 cube.owner_node = self.lister.node
             if not req.local:
-                cubes, next_token = self.lister.page(req, call.authorization, cubes, next_token,
-                                                     lambda cube_id: self.access.visible_by_id(call.caller, cube_id))
+                caller = call.caller
+                cubes, next_token = self.lister.page(
+                    req, call.authorization, cubes, next_token,
+                    lambda entry: (bool(entry.principal) and entry.principal == caller.principal_id)
+                    or self.access.visible_by_id(caller, entry.cube_id))
         return pb.ListCubesResponse(header=cv.header(), cubes=cubes, next_page_token=next_token)
 
     def ExportCube(self, req: pb.ExportCubeRequest, call: Call) -> Iterator[pb.ExportCubeResponse]:

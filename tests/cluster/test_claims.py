@@ -62,11 +62,13 @@ def test_the_join_rule(etcd: EtcdCluster, client: EtcdClient) -> None:
     node = ClusterNode(ClusterConfig(etcd=tuple(etcd.endpoints), node_name=me))
     node.view.start()
     try:
-        node.reconcile([(fresh, f"fresh-{run}"), (theirs, f"theirs-{run}"), (name_clash, f"clash-{run}")])
+        node.reconcile([(fresh, f"fresh-{run}", "prn_local"), (theirs, f"theirs-{run}", ""),
+                        (name_clash, f"clash-{run}", "")])
     finally:
         node.view.stop()
     entry = directory.lookup(fresh)
     assert entry is not None and entry.owner == me, "a local cube without an entry is claimed for this node"
+    assert entry.principal == "prn_local", "with its owning principal"
     assert node.not_served == tuple(sorted([theirs, name_clash]))
     assert node.missing == (missing,)
     owner = directory.lookup(theirs)

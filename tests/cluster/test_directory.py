@@ -33,6 +33,12 @@ def test_claim_lookup_and_the_keys_it_writes(directory: Directory, client: EtcdC
 
     unnamed = directory.claim(_cube(), "node-b")
     assert unnamed.name == "" and directory.lookup(unnamed.cube_id) == unnamed
+
+    owned = directory.claim(_cube(), "node-a", "owned", principal="prn_abc")
+    assert directory.lookup(owned.cube_id) == owned and owned.principal == "prn_abc"
+    kv = client.get(prefix + "cubes/" + owned.cube_id)
+    assert kv is not None and kv.json()["principal"] == "prn_abc"
+    directory.release(owned.cube_id, "node-a", 1)
     assert [e.cube_id for e in directory.list()] == sorted([cube, unnamed.cube_id])
 
 
@@ -80,9 +86,9 @@ def test_concurrent_claims_of_one_name_have_one_winner(directory: Directory) -> 
 
 def test_move_is_a_cas_on_the_epoch(directory: Directory) -> None:
     cube = _cube()
-    directory.claim(cube, "node-a", "moving")
+    directory.claim(cube, "node-a", "moving", principal="prn_abc")
     moved = directory.move(cube, "node-a", "node-b", 1)
-    assert (moved.owner, moved.epoch, moved.name) == ("node-b", 2, "moving")
+    assert (moved.owner, moved.epoch, moved.name, moved.principal) == ("node-b", 2, "moving", "prn_abc")
     assert directory.lookup(cube) == moved
     assert directory.lookup_name("moving") == cube
 

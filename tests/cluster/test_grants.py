@@ -235,3 +235,37 @@ def test_a_moved_cubes_grants_hold_on_its_new_owner(rig: Rig, etcd_cluster: Etcd
     with rig.client("alpha", token) as via_alpha:  # checked by beta, the new owner
         mount = via_alpha.mount(cube_id)
         assert [i.text for i in via_alpha.read(mount.mount_id, [item])] == ["written before the move"]
+
+
+def test_an_owner_sees_its_cube_listed_unavailable_while_its_node_is_down(rig: Rig) -> None:
+    """A principal that only owns a cube (no grant) finds it in ListCubes through another node while the
+    cube's node is down, marked unavailable: the directory entry names the owning principal. Then the node
+    comes back and serves it again."""
+    with rig.client("alpha", rig.admin_token) as admin:
+        fay, token = admin.create_principal(f"fay-{rig.run}")
+    with rig.client("alpha", token) as via_alpha:
+        _known_within(1.0, via_alpha)
+        cubes = {}
+        for i in range(12):  # placement decides where: one on beta is enough
+            cube = via_alpha.alloc_cube(f"fays-{rig.run}-{i}")
+            cubes[cube.cube_id] = cube.owner_node
+            if cube.owner_node == f"beta-{rig.run}":
+                break
+    [cube_id] = [c for c, node in cubes.items() if node == f"beta-{rig.run}"]
+    rig.procs["beta"].kill()
+    try:
+        with rig.client("gamma", token) as via_gamma:
+            deadline = time.monotonic() + 15
+            while True:  # beta's lease lapses (2 s), or the ask times out: listed from the directory
+                listed = {c.cube_id: c for c in via_gamma.list_cubes()}
+                if cube_id in listed and listed[cube_id].unavailable:
+                    break
+                assert time.monotonic() < deadline, listed.get(cube_id)
+                time.sleep(0.2)
+            assert set(listed) == set(cubes)  # fay's own cubes, every one, and no one else's
+            down = listed[cube_id]
+            assert (down.name, down.owner_node) == (f"fays-{rig.run}-{len(cubes) - 1}", f"beta-{rig.run}")
+    finally:
+        rig.procs["beta"].start()
+    with rig.client("beta", token) as via_beta:
+        assert via_beta.stat_cube(cube_id).owner_principal_id == fay.principal_id
