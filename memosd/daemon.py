@@ -334,7 +334,7 @@ def build(config: Config) -> Daemon:
     http_server = None
     if config.http.listen:
         try:
-            http_server = HttpServer(config.http.listen, servicer)
+            http_server = HttpServer(config.http.listen, servicer, router)
         except OSError as error:
             if metrics_server is not None:
                 metrics_server.stop()
