@@ -92,8 +92,9 @@ class OpenAIApp:
             return _error_response(await refuse_before_start(gate, _authorization(request), error))
         try:
             run = await open_chat(self.servicer, self.router, _authorization(request), chat)
-        except MemosError as error:  # no token, or cubes on several nodes: refused before any call
-            return _error_response(await refuse_before_start(gate, _authorization(request), error))
+        except Exception as error:  # no token, or cubes on several nodes: refused before any call
+            return _error_response(await refuse_before_start(gate, _authorization(request),
+                                                             gate.public_error(CHAT_METHOD, error)))
         try:
             await run.start()
             first = await run.next_event()  # validation errors surface here, before any byte is sent
