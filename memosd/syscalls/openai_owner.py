@@ -12,7 +12,8 @@ and one ``OpenAI.ChatCompletions`` audit record of its own naming the caller and
 Why not forward the HTTP request to the owner's HTTP listener: nodes advertise only their gRPC address, a
 node's ``[http] listen`` may be off or bound to loopback, and the gRPC path already has the channels, the
 TLS between nodes and the hop rule. The cost is three round trips (Mount, Generate's stream, Unmount)
-where one would do, on loopback a few milliseconds against a generation's hundreds.
+where one would do: ~13-22 ms at p50 on two loaded cores (BENCHMARKS.md, Cluster), against a real model's
+generation of hundreds of ms or more.
 
 Rules:
 - Every named cube must be on one node (the Generate runs where its mounts are, as gRPC's Generate must):
@@ -171,6 +172,10 @@ class OwnerChatRun:
         response = pb.GenerateResponse.FromString(raw)
         return response.summary if response.HasField("summary") else response.delta
 
+    async def _drain(self) -> None:
+        while await self._generate.read() is not grpc.aio.EOF:
+            pass
+
     async def finish(self, error: Exception | None, cancelled: bool = False) -> None:
         """The end, once: stop the Generate, unmount on the owner, write this node's audit record."""
         if self._closed:
@@ -178,9 +183,8 @@ class OwnerChatRun:
         self._closed = True
         if self._generate is not None:
             if error is None and not cancelled:  # the summary came: let the stream end, so the owner's is OK
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    while await self._generate.read() is not grpc.aio.EOF:
-                        pass
+                with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+                    await asyncio.wait_for(self._drain(), CALL_TIMEOUT)
             self._generate.cancel()  # a no-op once the stream ended; else the owner sees the call cancelled
         for mount_id in self._mounts:
             with contextlib.suppress(grpc.aio.AioRpcError):  # gone already, or the owner is: it frees it then
