@@ -334,7 +334,7 @@ def build(config: Config) -> Daemon:
     http_server = None
     if config.http.listen:
         try:
-            http_server = HttpServer(config.http.listen, servicer)
+            http_server = HttpServer(config.http.listen, servicer, router)
         except OSError as error:
             if metrics_server is not None:
                 metrics_server.stop()
@@ -588,12 +588,13 @@ def serve(daemon: Daemon, notifier: SystemdNotifier, signals: StopSignals | None
     daemon.loop.call(daemon.health.enter_graceful_shutdown())
     # Refuses new calls at once; in-flight calls get up to grace_seconds to finish.
     daemon.loop.call(daemon.server.stop(daemon.config.server.grace_seconds))
+    # Before the router: a chat on another node's cubes (syscalls/openai_owner.py) uses its channels.
+    if daemon.http_server is not None:  # its open replies see their calls end (gate.close below) and stop
+        daemon.loop.call(daemon.http_server.stop())
     if daemon.router is not None:  # its channels to the other nodes, once no call uses them
         daemon.loop.call(daemon.router.close())
     if daemon.servicer.lister is not None:
         daemon.servicer.lister.close()
-    if daemon.http_server is not None:  # its open replies see their calls end (gate.close below) and stop
-        daemon.loop.call(daemon.http_server.stop())
     daemon.servicer.gate.close()
     daemon.loop.close()
     if daemon.metrics_server is not None:  # before the parts it reads are closed

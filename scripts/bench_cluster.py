@@ -17,7 +17,11 @@ memosd_client.Client as a user would:
     (MoveCube), with the time of each step;
   * ListCubes through one node, its own cubes (local) against the cluster's (each owner asked for its
     page), with three cubes made on each node; p50 and p99.
---parts picks some of them (latency,listing,throughput,move): --parts listing --calls 200 takes ~1 min.
+  * the OpenAI-compatible HTTP surface (--parts http only; the nodes then load the tiny random Llama of
+    tests/tiny_llama.py and open `[http] listen`): POST /v1/chat/completions (8 tokens, greedy) on a cube of
+    alpha's with one fact, activated, through alpha (the owner: mounted and generated there) and through
+    beta (Mount, Generate and Unmount sent to alpha as gRPC calls), in alternating rounds; p50 and p99.
+--parts picks some of them (latency,listing,throughput,move,http): --parts listing --calls 200 takes ~1 min.
 Prints a table and writes JSON (--json, default bench-out/bench_cluster.json).
 """
 
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -184,6 +189,38 @@ def move(clients: dict[str, Client], directory: Directory, run: str, items: int)
             "steps_s": steps}
 
 
+def http_chat(procs: dict[str, DaemonProcess], clients: dict[str, Client], directory: Directory, run: str,
+              calls: int) -> dict[str, float]:
+    """A chat on a cube of alpha's, through alpha (its owner) and through beta (sent on to alpha), alternating."""
+    owner = clients["alpha"]
+    cube_id = cube_on(owner, directory, f"alpha-{run}", f"chat-{run}")
+    with owner.mount(cube_id, writable=True) as m:
+        m.write(["The launch code for the red rocket is 4471."])
+        m.commit("fact")
+    with owner.mount(cube_id) as m:
+        m.activate()
+    body = json.dumps({"model": f"memos:{owner.stat_cube(cube_id).name}", "max_tokens": 8, "temperature": 0,
+                       "messages": [{"role": "user", "content": "What is the launch code?"}]}).encode()
+    urls = {n: "http://" + json.loads((procs[n].data_dir / "daemon.json").read_text())["http_address"]
+            + "/v1/chat/completions" for n in ("alpha", "beta")}
+
+    def chat(node: str) -> float:
+        request = urllib.request.Request(urls[node], data=body, headers={"Content-Type": "application/json"})
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+        return (time.perf_counter() - started) * 1000
+
+    for node in ("alpha", "beta", "alpha", "beta"):  # warm the model and the channels
+        chat(node)
+    took: dict[str, list[float]] = {"alpha": [], "beta": []}
+    for _ in range(calls):  # alternating rounds: the same load on both
+        for node in ("alpha", "beta"):
+            took[node].append(chat(node))
+    return {"chat_owner_p50_ms": pct(took["alpha"], 0.5), "chat_owner_p99_ms": pct(took["alpha"], 0.99),
+            "chat_forwarded_p50_ms": pct(took["beta"], 0.5), "chat_forwarded_p99_ms": pct(took["beta"], 0.99)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=300, help="calls per latency measurement")
@@ -205,16 +242,21 @@ def main() -> None:
         (Path(tmp) / "etcd").mkdir()
         etcd = EtcdCluster(Path(tmp) / "etcd", binary)
         etcd.start()
+        parts = set(args.parts.split(","))
+        model: dict[str, str] = {}
+        if "http" in parts:  # the tiny random model (torch, transformers) only where a chat is measured
+            from tiny_llama import save_tiny_llama
+            model = {"MEMOSD_RUNTIME__MODEL": str(save_tiny_llama(Path(tmp) / "tiny-model", context=512)),
+                     "MEMOSD_RUNTIME__DEVICE": "cpu", "MEMOSD_HTTP__LISTEN": "127.0.0.1:0"}
         procs = {n: DaemonProcess(Path(tmp) / n, extra_args=["--log-level", "warning"], env={
             "MEMOSD_CLUSTER__ETCD": ",".join(etcd.endpoints), "MEMOSD_CLUSTER__NODE_NAME": f"{n}-{run}",
-            "MEMOSD_CLUSTER__LEASE_SECONDS": "5", "MEMOSD_SECURITY__AUTH": "false"}) for n in NODES}
+            "MEMOSD_CLUSTER__LEASE_SECONDS": "5", "MEMOSD_SECURITY__AUTH": "false", **model}) for n in NODES}
         clients: dict[str, Client] = {}
         try:
             for proc in procs.values():
                 proc.start()
             clients = {n: Client(p.address, timeout=600, retry=NO_RETRY) for n, p in procs.items()}
             directory = Directory(etcd.client())
-            parts = set(args.parts.split(","))
             if "latency" in parts:
                 result["latency"] = latency(clients, directory, run, args.calls)
             if "listing" in parts:
@@ -229,6 +271,8 @@ def main() -> None:
                 result["throughput_three_nodes"] = throughput(procs, spread, args.threads, args.seconds)
             if "move" in parts:
                 result["move"] = move(clients, directory, run, args.move_items)
+            if "http" in parts:
+                result["http"] = http_chat(procs, clients, directory, run, args.calls)
         finally:
             for c in clients.values():
                 c.close()
@@ -261,6 +305,11 @@ def main() -> None:
         print(f"\nmove of {moved['items']} items ({moved['archive_bytes']} archive bytes): {moved['move_s']:.2f} s "
               f"(fill took {moved['fill_s']:.1f} s)")
         print("  " + ", ".join(f"{k} at {v:.2f} s" for k, v in steps.items()))
+    chats = result.get("http")
+    if isinstance(chats, dict):
+        print(f"\nPOST /v1/chat/completions, 8 tokens ({args.calls} each, alternating)   p50 ms   p99 ms")
+        for label, key in (("through the owner (alpha)", "owner"), ("through beta (run on alpha)", "forwarded")):
+            print(f"{label:<62} {chats[f'chat_{key}_p50_ms']:>8.2f} {chats[f'chat_{key}_p99_ms']:>8.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

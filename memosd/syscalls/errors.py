@@ -63,6 +63,32 @@ def to_status(error: MemosError) -> grpc.Status:
     return converted
 
 
+def _declared(reason: str, code: str) -> type[MemosError]:
+    """The MemosError class declared for ``reason`` (memosd/errors.py), or one made for a reason this node
+    does not know (a newer owner's): the caller is told the owner's code and reason either way."""
+    pending: list[type[MemosError]] = [MemosError]
+    while pending:
+        cls = pending.pop()
+        if cls.reason == reason and cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return type("RelayedError", (MemosError,), {"code": code, "reason": reason})
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> MemosError | None:
+    """The MemosError another memosd node answered a call with (its status and ErrorInfo), so the HTTP
+    surface can report an owner's refusal as its own; None when no node answered (no ErrorInfo: the
+    connection failed, or the call was cancelled), which the caller words itself."""
+    details = next((v for k, v in error.trailing_metadata() or () if k == "grpc-status-details-bin"), None)
+    if not isinstance(details, bytes):
+        return None
+    status = status_pb2.Status.FromString(details)
+    info = error_details_pb2.ErrorInfo()
+    if not status.details or not status.details[0].Unpack(info) or info.domain != DOMAIN:
+        return None
+    return _declared(info.reason, error.code().name)(status.message, **dict(info.metadata))
+
+
 def internal(method: str, exc: BaseException) -> MemosError:
     """Log an unexpected exception in full; tell the caller only where to look."""
     ref = secrets.token_hex(4)

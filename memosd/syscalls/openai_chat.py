@@ -149,9 +149,10 @@ class ChatRun:
         self.gate.finish(self.entry, self.started, error)
 
 
-async def refuse_malformed(gate: Gate, authorization: list[str], error: MemosError) -> MemosError:
-    """A body that is not a chat request, refused before any syscall: the caller is still authenticated
-    first (no token is 401 whatever the body), and the refusal is audited and counted like any other."""
+async def refuse_before_start(gate: Gate, authorization: list[str], error: MemosError) -> MemosError:
+    """A chat refused before any syscall (a body that is not a chat request; on a cluster node, cubes on
+    several nodes): the caller is still authenticated first (no token is 401 whatever the body), and the
+    refusal is audited and counted like any other."""
     started, entry = time.perf_counter(), AuditEntry(CHAT_METHOD)
     try:
         gate.authenticate(CHAT_METHOD, authorization, entry)
@@ -170,9 +171,12 @@ def visible_cube_names(servicer: MemOSServicer, authorization: list[str]) -> lis
         names: list[str] = []
         token = ""
         while True:
-            # local: the HTTP surface serves this node's own cubes (it is not routed on a cluster node).
-            request = pb.ListCubesRequest(page_size=1000, page_token=token, local=True)
-            page = servicer.ListCubes(request, gate.authorize_call(caller, "ListCubes", request, done, entry))
+            # On a cluster node, the cluster's cubes (syscalls/cluster_list.py asks each owner with the
+            # caller's token): a chat through this node can use any of them (openai_owner.py).
+            request = pb.ListCubesRequest(page_size=1000, page_token=token)
+            call = gate.authorize_call(caller, "ListCubes", request, done, entry)
+            call.authorization = tuple(authorization)
+            page = servicer.ListCubes(request, call)
             names.extend(cube.name for cube in page.cubes)
             token = page.next_page_token
             if not token:

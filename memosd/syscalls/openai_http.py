@@ -26,10 +26,12 @@ from memosd.syscalls.openai_chat import (
     CHAT_METHOD,
     MODELS_METHOD,
     ChatRun,
-    refuse_malformed,
+    refuse_before_start,
     visible_cube_names,
 )
 from memosd.syscalls.openai_errors import error_body, http_status
+from memosd.syscalls.openai_owner import OwnerChatRun, open_chat
+from memosd.syscalls.router import Router
 from memosd.syscalls.servicer import MemOSServicer
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as gRPC's message limit
@@ -48,9 +50,13 @@ def _sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+Run = ChatRun | OwnerChatRun
+
+
 class OpenAIApp:
-    def __init__(self, servicer: MemOSServicer) -> None:
+    def __init__(self, servicer: MemOSServicer, router: Router | None = None) -> None:
         self.servicer = servicer
+        self.router = router  # a cluster node's: chats on other nodes' cubes run on their owner (openai_owner.py)
         self.created = int(time.time())
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -83,8 +89,12 @@ class OpenAIApp:
         try:
             chat = co.chat_request(await self._body(request))
         except MemosError as error:
-            return _error_response(await refuse_malformed(gate, _authorization(request), error))
-        run = ChatRun(self.servicer, _authorization(request), chat)
+            return _error_response(await refuse_before_start(gate, _authorization(request), error))
+        try:
+            run = await open_chat(self.servicer, self.router, _authorization(request), chat)
+        except Exception as error:  # no token, or cubes on several nodes: refused before any call
+            return _error_response(await refuse_before_start(gate, _authorization(request),
+                                                             gate.public_error(CHAT_METHOD, error)))
         try:
             await run.start()
             first = await run.next_event()  # validation errors surface here, before any byte is sent
@@ -99,7 +109,7 @@ class OpenAIApp:
                                      headers={"Cache-Control": "no-cache"})
         return await self._whole(run, first)
 
-    async def _whole(self, run: ChatRun, event: str | Any) -> Response:
+    async def _whole(self, run: Run, event: str | Any) -> Response:
         parts: list[str] = []
         try:
             while isinstance(event, str):
@@ -116,7 +126,7 @@ class OpenAIApp:
             return _error_response(run.gate.public_error(CHAT_METHOD, RuntimeError("no summary")))
         return JSONResponse(co.completion(run.chat, run.call_id, "".join(parts), event, run.names))
 
-    async def _stream(self, run: ChatRun, event: str | Any) -> AsyncIterator[bytes]:
+    async def _stream(self, run: Run, event: str | Any) -> AsyncIterator[bytes]:
         finished = False
         try:
             yield _sse(co.chunk(run.chat, run.call_id, {"role": "assistant", "content": ""}))
@@ -142,14 +152,14 @@ class OpenAIApp:
 class HttpServer:
     """uvicorn on the daemon's loop, on a socket bound here (so a taken port fails at once, and port 0 works)."""
 
-    def __init__(self, listen: str, servicer: MemOSServicer) -> None:
+    def __init__(self, listen: str, servicer: MemOSServicer, router: Router | None = None) -> None:
         host, _, port = listen.rpartition(":")
         bare = host.strip("[]")  # "[::1]" in config, "::1" to the socket
         # As the metrics server: the family of the first address the host resolves to; OSError if none.
         family = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self.socket = socket.create_server((bare, int(port)), family=family)
         self.address = f"{host}:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(OpenAIApp(servicer).app, log_config=None, access_log=False, lifespan="off",
+        config = uvicorn.Config(OpenAIApp(servicer, router).app, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None

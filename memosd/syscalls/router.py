@@ -114,10 +114,8 @@ class Router:
             return "", ""
         ref = _field(request, rule.cube) if rule.cube else ""
         if isinstance(ref, str) and ref:
-            entry = self.view.entry(ref)
-            if entry is None:  # created a moment ago elsewhere? ask the directory itself, off the loop
-                entry = await asyncio.get_running_loop().run_in_executor(None, self.view.lookup, ref)
-            return (entry.owner, f"cube {ref!r}") if entry is not None else ("", "")
+            owner = await self.cube_owner(ref)
+            return (owner, f"cube {ref!r}") if owner else ("", "")
         for path in (*rule.mounts, *(p for p, _ in rule.mounts_with)):
             mount_id = _first(_field(request, path))
             if mount_id:
@@ -126,6 +124,26 @@ class Router:
         if isinstance(job_id, str) and job_id:
             return self.view.node_of_tag(ids.tag_of(job_id, ids.JOB_PREFIX)), f"job {job_id}"
         return "", ""
+
+    async def cube_owner(self, ref: str) -> str:
+        """The node the directory names for cube ``ref`` (an id or a name), this one included; "" if none."""
+        entry = self.view.entry(ref)
+        if entry is None:  # created a moment ago elsewhere? ask the directory itself, off the loop
+            entry = await asyncio.get_running_loop().run_in_executor(None, self.view.lookup, ref)
+        return entry.owner if entry is not None else ""
+
+    def owner_channel(self, node: str, what: str) -> Any:
+        """The channel to ``node``, for the HTTP surface's calls on its cubes (syscalls/openai_owner.py):
+        the same channels (and TLS) as forwarded calls. CubeUnavailable when it is not a live member."""
+        owner = self.view.owner(node)
+        if not owner.live:
+            raise self._unavailable(node, what, "is not a live cluster member")
+        self.forwarded += 1
+        return self._channel(owner.address)
+
+    def unavailable(self, node: str, what: str, why: str) -> CubeUnavailable:
+        """CUBE_UNAVAILABLE for ``what`` (a cube, a mount), naming its owner ``node`` and the owner's address."""
+        return self._unavailable(node, what, why)
 
     def _unavailable(self, node: str, what: str, why: str) -> CubeUnavailable:
         owner = self.view.owner(node)

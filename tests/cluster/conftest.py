@@ -62,6 +62,6 @@ def empty_access(etcd: EtcdCluster) -> EtcdCluster:
 
 @pytest.fixture(scope="session")
 def three_nodes() -> ThreeNodes:
-    """The three-daemon rig test_routing.py and test_move.py share (tests/cluster/node_rig.py; each module
-    starts its own, once, and shares it among its tests)."""
+    """The three-daemon rig test_routing.py, test_move.py and test_http_routing.py share (tests/cluster/node_rig.py;
+    each module starts its own, once, and shares it among its tests)."""
     return start_three_nodes

@@ -1,11 +1,11 @@
-"""The three memosd nodes test_routing.py and test_move.py share (the ``three_nodes`` fixture in conftest.py):
+"""The three memosd nodes test_routing.py, test_move.py and test_http_routing.py share (the ``three_nodes`` fixture in conftest.py):
 alpha, beta and gamma on loopback against the session's etcd, started in parallel, once per module."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from daemon_proc import DaemonProcess
@@ -22,13 +22,15 @@ def node_env(endpoints: list[str], name: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def start_three_nodes(etcd: EtcdCluster, root: Path, run: str) -> Iterator[dict[str, DaemonProcess]]:
-    """alpha, beta and gamma (named ``<node>-<run>``, data dirs under ``root``) started in parallel against the
-    session's etcd, the last module's cluster config forgotten first; stopped (each must exit 0) at the end,
-    except one a test left killed."""
+def start_three_nodes(etcd: EtcdCluster, root: Path, run: str, env: Mapping[str, str] | None = None
+                      ) -> Iterator[dict[str, DaemonProcess]]:
+    """alpha, beta and gamma (named ``<node>-<run>``, data dirs under ``root``, ``env`` added to each one's)
+    started in parallel against the session's etcd, the last module's cluster config forgotten first; stopped
+    (each must exit 0) at the end, except one a test left killed."""
     etcd.restore()
     etcd.forget_cluster_config()  # this module's settings, not the last module's
-    procs = {n: DaemonProcess(root / n, env=node_env(etcd.endpoints, f"{n}-{run}")) for n in NODES}
+    procs = {n: DaemonProcess(root / n, env={**node_env(etcd.endpoints, f"{n}-{run}"), **(env or {})})
+             for n in NODES}
     errors: list[BaseException] = []
 
     def start(proc: DaemonProcess) -> None:
@@ -52,7 +54,7 @@ def start_three_nodes(etcd: EtcdCluster, root: Path, run: str) -> Iterator[dict[
                 assert proc.stop() == 0, proc.log()
 
 
-ThreeNodes = Callable[[EtcdCluster, Path, str], contextlib.AbstractContextManager[dict[str, DaemonProcess]]]
+ThreeNodes = Callable[..., contextlib.AbstractContextManager[dict[str, DaemonProcess]]]
 
 
 __all__ = ["NODES", "ThreeNodes", "node_env", "start_three_nodes"]

@@ -9,10 +9,14 @@ module; the tests run in a random order and each leaves etcd whole.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from daemon_proc import DaemonProcess
@@ -35,7 +39,7 @@ NODES = ("alpha", "beta", "gamma")
 
 def _env(endpoints: list[str], name: str) -> dict[str, str]:
     return {"MEMOSD_CLUSTER__ETCD": ",".join(endpoints), "MEMOSD_CLUSTER__NODE_NAME": name,
-            "MEMOSD_CLUSTER__LEASE_SECONDS": "2"}
+            "MEMOSD_CLUSTER__LEASE_SECONDS": "2", "MEMOSD_HTTP__LISTEN": "127.0.0.1:0"}  # the HTTP surface too
 
 
 class Rig:
@@ -269,3 +273,44 @@ def test_an_owner_sees_its_cube_listed_unavailable_while_its_node_is_down(rig: R
         rig.procs["beta"].start()
     with rig.client("beta", token) as via_beta:
         assert via_beta.stat_cube(cube_id).owner_principal_id == fay.principal_id
+
+
+def _http(proc: DaemonProcess, path: str, token: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    address = json.loads((proc.data_dir / "daemon.json").read_text())["http_address"]
+    request = urllib.request.Request(f"http://{address}/v1/{path}", method="GET" if body is None else "POST",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_http_surface_passes_the_callers_token_to_the_owner(rig: Rig, etcd_cluster: EtcdCluster) -> None:
+    """A chat through beta on a cube of gamma's is checked by gamma with the caller's own token: a made-up
+    token is 401, no grant is 404 and read alone 403 (the chat needs activate), answered by the owner; the
+    models list through beta shows the cube once it is granted. (No model here: the chat itself is
+    tests/cluster/test_http_routing.py's.)"""
+    cube_id = rig.cube_on("gamma", Directory(etcd_cluster.client()), "http")
+    with rig.client("alpha", rig.admin_token) as admin:
+        hana, token = admin.create_principal(f"hana-{rig.run}")
+        name = admin.stat_cube(cube_id).name
+    with rig.client("beta", token) as via_beta:
+        _known_within(1.0, via_beta)
+    beta = rig.procs["beta"]
+    chat = {"model": f"memos:{name}", "messages": [{"role": "user", "content": "hi"}]}
+    status, reply = _http(beta, "chat/completions", "not-a-token", chat)
+    assert status == 401 and reply["error"]["code"] == "UNAUTHENTICATED", reply
+    status, reply = _http(beta, "chat/completions", token, chat)
+    assert status == 404 and reply["error"]["code"] == "CUBE_NOT_FOUND", reply  # gamma: not visible to hana
+    assert f"memos:{name}" not in [m["id"] for m in _http(beta, "models", token)[1]["data"]]
+    with rig.client("alpha", rig.admin_token) as admin:
+        admin.grant(cube_id, hana.principal_id, ["read"])
+    status, reply = _http(beta, "chat/completions", token, chat)
+    assert status == 403 and reply["error"]["code"] == "PERMISSION_DENIED", reply
+    assert "activate" in reply["error"]["message"].lower()
+    assert f"memos:{name}" in [m["id"] for m in _http(beta, "models", token)[1]["data"]]
+    with rig.client("gamma", rig.admin_token) as owner:  # the owner checked and recorded the calls, as hana's
+        calls = {(r.method, r.code) for r in owner.audit() if r.principal_id == hana.principal_id}
+        assert {("Mount", "NOT_FOUND"), ("Mount", "OK"), ("Generate", "PERMISSION_DENIED")} <= calls, calls

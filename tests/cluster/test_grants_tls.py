@@ -7,7 +7,10 @@ owner demands one): plaintext forwarding to a TLS port would fail the call.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -64,7 +67,7 @@ def tls_nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactor
     certs = _certificates(root)
     env = {"MEMOSD_CLUSTER__ETCD": ",".join(etcd_cluster.endpoints), "MEMOSD_CLUSTER__LEASE_SECONDS": "2",
            "MEMOSD_SECURITY__TLS_CERT_FILE": str(certs["cert"]), "MEMOSD_SECURITY__TLS_KEY_FILE": str(certs["key"]),
-           "MEMOSD_SECURITY__TLS_CLIENT_CA_FILE": str(certs["ca"])}
+           "MEMOSD_SECURITY__TLS_CLIENT_CA_FILE": str(certs["ca"]), "MEMOSD_HTTP__LISTEN": "127.0.0.1:0"}
     etcd_cluster.forget_cluster_config()  # this module's settings, not the last module's
     procs = {n: DaemonProcess(root / n, env={**env, "MEMOSD_CLUSTER__NODE_NAME": f"{n}-{run}"})
              for n in ("east", "west")}
@@ -104,3 +107,27 @@ def test_calls_are_forwarded_over_tls_to_the_owner(
     # The nodes serve TLS only: a plaintext call (what forwarding did before) is refused by the port.
     with grpc.insecure_channel(procs["west"].address) as plain, pytest.raises(grpc.RpcError):
         memos_pb2_grpc.MemOSStub(plain).WhoAmI(memos_pb2.WhoAmIRequest(), timeout=5)
+
+
+def test_the_http_surface_reaches_the_owner_over_tls(
+        tls_nodes: tuple[dict[str, DaemonProcess], dict[str, Path], str], etcd_cluster: EtcdCluster) -> None:
+    """A chat through east on west's cube runs its Mount and Generate on west over the router's TLS channel:
+    west answers (no model here: MODEL_UNAVAILABLE from its Generate), where a plaintext channel would not
+    reach it at all (CUBE_UNAVAILABLE); and the mount it made there is gone after."""
+    procs, certs, run = tls_nodes
+    token = procs["east"].token
+    directory = Directory(etcd_cluster.client())
+    with Client(procs["east"].address, token=token, tls_ca=str(certs["ca"]), tls_cert=str(certs["cert"]),
+                tls_key=str(certs["key"]), timeout=30, retry=NO_RETRY) as via_east:
+        cube = next(c for c in (via_east.alloc_cube(f"tls-http-{run}-{i}") for i in range(20))
+                    if directory.lookup(c.cube_id).owner == f"west-{run}")  # type: ignore[union-attr]
+        address = json.loads((procs["east"].data_dir / "daemon.json").read_text())["http_address"]
+        body = {"model": f"memos:{cube.name}", "messages": [{"role": "user", "content": "hi"}]}
+        request = urllib.request.Request(f"http://{address}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        reply = json.loads(refused.value.read())
+        assert reply["error"]["code"] == "MODEL_UNAVAILABLE", reply
+        assert via_east.stat_cube(cube.cube_id).mount_count == 0

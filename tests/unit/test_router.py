@@ -1,5 +1,6 @@
 """syscalls/router.py's choice of owner, against a fake directory view (no etcd, no second node): which
-request field routes each kind of call, and what stays local. tests/cluster/test_routing.py forwards for real."""
+request field routes each kind of call, and what stays local (and where the HTTP surface runs a chat).
+tests/cluster/test_routing.py forwards for real."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from memosd_client.v1 import memos_pb2 as pb
 
 from memosd.cluster.directory import Entry
 from memosd.cluster.view import Owner, node_tag
-from memosd.errors import CubeUnavailable
+from memosd.errors import CubeUnavailable, InvalidField
 from memosd.kernel import ids
+from memosd.syscalls.convert_openai import chat_request
+from memosd.syscalls.openai_owner import chat_owner
 from memosd.syscalls.router import HOP, Router
 
 CUBE = ids.new_id(ids.CUBE_PREFIX)
@@ -91,3 +94,33 @@ def test_a_dead_owner_or_a_second_hop_is_cube_unavailable(view: FakeView) -> Non
                        "which is not a live cluster member") as refused:
         _route(view, "StatCube", pb.StatCubeRequest(cube="notes"))
     assert refused.value.metadata == {"owner": "beta", "address": "127.0.0.1:3"}
+
+
+def _chat(cubes: list[str], adapter: str = "", remember: str = "") -> Any:
+    memos: dict[str, Any] = {"cubes": cubes}
+    if adapter:
+        memos["adapter"] = adapter
+    if remember:
+        memos["remember"] = remember
+    return chat_request({"model": "memosd", "messages": [{"role": "user", "content": "hi"}], "memos": memos})
+
+
+def test_a_chat_runs_where_all_its_cubes_are(view: FakeView) -> None:
+    """syscalls/openai_owner.py: the HTTP surface's choice of node, on the router's view."""
+    view.entries["cube_here"] = Entry("cube_here", "alpha", 1, "mine")
+    view.entries["cube_gamma"] = Entry("cube_gamma", "gamma", 1, "far")
+    router = Router(view, "alpha", max_message_bytes=1 << 20)  # type: ignore[arg-type]
+
+    def owner(chat: Any) -> str:
+        return asyncio.run(chat_owner(router, chat))
+
+    assert owner(_chat(["notes"])) == "beta"  # another node's cube: run there
+    assert owner(_chat(["notes", "unknown"], remember="notes")) == "beta"  # no directory names "unknown"
+    assert owner(_chat(["mine"])) == ""  # this node's own: run here
+    assert owner(_chat(["unknown"])) == ""  # the local CUBE_NOT_FOUND
+    with pytest.raises(InvalidField) as refused:  # the adapter counts: it is mounted too
+        owner(_chat(["notes"], adapter="far"))
+    assert "'notes' on 'beta', 'far' on 'gamma'" in refused.value.message
+    assert refused.value.metadata["field"] == "memos.cubes"
+    with pytest.raises(InvalidField, match="'mine' on 'alpha', 'notes' on 'beta'"):
+        owner(_chat(["mine"], remember="notes"))

@@ -12,11 +12,13 @@ import pytest
 from memos import Client, CubeNotFound, InternalError
 
 from memosd.errors import CubeNotFound as DomainCubeNotFound
+from memosd.errors import CubeUnavailable, MemosError, RevisionNotFound
 from memosd.eventloop import EventLoopThread
 from memosd.governance.access import AccessControl
 from memosd.governance.audit import AuditLog
 from memosd.governance.principals import Principals
 from memosd.store.rocks import Store
+from memosd.syscalls.errors import from_rpc_error, to_status
 from memosd.syscalls.gate import Gate
 from memosd.syscalls.registry import generic_handler
 from memosd.syscalls.servicer import MemOSServicer
@@ -77,3 +79,27 @@ def test_unexpected_exception_is_internal_logged_and_not_leaked(
     with pytest.raises(CubeNotFound) as missing:
         client.stat_cube("ghost")
     assert missing.value.metadata == {"cube": "ghost"}
+
+
+def _answered(error: Exception) -> grpc.aio.AioRpcError:
+    """The error another node's gRPC server would send for ``error``, as this node's channel raises it."""
+    assert isinstance(error, MemosError)
+    status = to_status(error)
+    return grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata),
+                                status.details)
+
+
+def test_an_owners_answer_is_the_error_it_carries() -> None:
+    """The HTTP surface on a cluster node reports an owner's refusal as its own (syscalls/openai_owner.py)."""
+    for sent in (RevisionNotFound("cube 'x' has no revision 9", cube="x", revision=9),
+                 CubeUnavailable("served by 'beta' at 127.0.0.1:1, which is down", owner="beta", address="127.0.0.1:1")):
+        back = from_rpc_error(_answered(sent))
+        assert type(back) is type(sent) and back.message == sent.message and back.metadata == sent.metadata
+    # A reason this node does not know (a newer owner's) keeps its code and reason.
+    newer = type("Newer", (MemosError,), {"code": "FAILED_PRECONDITION", "reason": "SOMETHING_NEW"})("later")
+    back = from_rpc_error(_answered(newer))
+    assert back is not None and (back.code, back.reason, back.message) == ("FAILED_PRECONDITION", "SOMETHING_NEW",
+                                                                           "later")
+    # No ErrorInfo: nobody answered (a refused connection); the caller words that itself.
+    bare = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "refused")
+    assert from_rpc_error(bare) is None
