@@ -119,6 +119,35 @@ class _LiveCollector(Collector):
 
         yield _counter("memosd_audit_records", "Records in the audit log (its last sequence number).",
                        self._audit_records())
+        if s.HasField("cluster"):  # a cluster node: its own view (each node is scraped on its own)
+            yield from _cluster(s.cluster)
+
+
+def _cluster(c: Any) -> Iterator[Any]:
+    """The Stats syscall's cluster section as series (a single node has none)."""
+    yield _gauge("memosd_cluster_joined", "1 while this node is registered under a live etcd lease.", float(c.joined))
+    yield _gauge("memosd_cluster_etcd_ok", "1 when this node's last call to etcd worked (0: no quorum or no "
+                 "endpoint answered; directory and grant changes are refused meanwhile).", float(not c.last_error))
+    yield _gauge("memosd_cluster_members", "Live cluster members, as this node last read them.", len(c.members))
+    cubes = GaugeMetricFamily("memosd_cluster_cubes", "Cubes by owner node, from this node's directory view.",
+                              labels=("node",))
+    for node, count in sorted(c.cubes_per_node.items()):
+        cubes.add_metric([node], count)
+    yield cubes
+    yield _gauge("memosd_cluster_cubes_not_served", "Local cubes the directory gives to another node.",
+                 len(c.not_served))
+    yield _gauge("memosd_cluster_cubes_missing", "Cubes the directory gives to this node that it does not hold.",
+                 len(c.missing))
+    yield _gauge("memosd_cluster_cubes_moving", "Cubes being moved out of or into this node now.", len(c.moving))
+    yield _counter("memosd_cluster_forwarded_calls", "Calls this node forwarded to their cube's owner.",
+                   c.forwarded_calls)
+    moves = CounterMetricFamily("memosd_cluster_moves", "Cube moves: driven out and finished, given up, received.",
+                                labels=("outcome",))
+    for outcome, count in (("out", c.moves_out), ("given_up", c.moves_failed), ("in", c.moves_in)):
+        moves.add_metric([outcome], count)
+    yield moves
+    yield _counter("memosd_cluster_lease_renewals", "Membership leases granted again after one lapsed.",
+                   c.lease_renewals)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -8,7 +8,9 @@ owner; docs/ARCHITECTURE.md, Cluster), which is not what these tests are about.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from memosd_client.errors import QuotaExceeded
 from memosd_client.v1 import memos_pb2
 from memosd_client.v1.memos_pb2 import ClusterConfigResponse
 from node_rig import NODES, ThreeNodes, node_env
+from prometheus_client.parser import text_string_to_metric_families
 
 from memosd.cluster.directory import Directory
 from memosd.cluster.placement import place
@@ -321,3 +324,40 @@ def test_a_node_whose_must_agree_setting_differs_is_refused(
     assert "event=serving" not in log
     with _client(nodes["alpha"]) as via_a:
         assert f"delta-{run}" not in via_a.stats().cluster.members
+
+
+def _scrape(proc: DaemonProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    address = json.loads((proc.data_dir / "daemon.json").read_text())["metrics_address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_each_node_exports_its_cluster_metrics(nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster,
+                                               run: str) -> None:
+    """/metrics on a cluster node has its cluster section: joined, etcd reachable, members, cubes per owner
+    (as the directory has them), and a counter of the calls it forwarded that moves with a forwarded call."""
+    directory = Directory(etcd_cluster.client())
+    a, b, _ = (nodes[n] for n in NODES)
+    with _client(a) as via_a, _client(b) as via_b:
+        cube = via_a.alloc_cube(f"metered-{run}")
+        via = via_b if cube.owner_node == f"alpha-{run}" else via_a  # a node that does not own it
+        proc = b if via is via_b else a
+        before = _scrape(proc)
+        via.stat_cube(cube.cube_id)
+        after = _scrape(proc)
+    forwarded = "memosd_cluster_forwarded_calls_total", ()
+    assert after[forwarded] - before[forwarded] >= 1
+    assert after["memosd_cluster_joined", ()] == 1 and after["memosd_cluster_etcd_ok", ()] == 1
+    assert ("memosd_cluster_moves_total", (("outcome", "out"),)) in after
+    owners = [e.owner for e in directory.list()]
+    expected = {f"{n}-{run}": float(owners.count(f"{n}-{run}")) for n in NODES}
+    deadline = time.monotonic() + 10
+    while True:  # the member list is reread every half lease, the directory view follows etcd's watch
+        seen = {name: after.get(("memosd_cluster_cubes", (("node", name),)), 0.0) for name in expected}
+        if after["memosd_cluster_members", ()] >= 3 and seen == expected:  # others' members may be live too
+            break
+        assert time.monotonic() < deadline, (after["memosd_cluster_members", ()], seen, expected)
+        time.sleep(0.5)
+        after = _scrape(proc)
