@@ -19,7 +19,10 @@ single blocks, not whole caches like ``kvcache.to_chunks``:
   and block size in its metadata and a CRC-32 of its layers; decoding checks
   them against what the caller asked for, so a blob filed under the wrong key,
   written by another model, or damaged, is refused (``BlockMismatch``) and
-  recomputed, never loaded.
+  recomputed, never loaded. ``copy_block`` is decoding straight into the
+  engine's slices of a block (the connector's exact load: one copy per layer).
+  This CRC-32 is the only check of a block's bytes: RocksDB reads them
+  without its own (``store.rocks.Store.get_kv_block``).
 
 Pure Python apart from the codec (torch, safetensors), and importable without
 vLLM: the normal test suite checks it.

@@ -409,8 +409,8 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
             pieces = tuple((lo, n, at) for _s, _k, lo, n, at in load.pieces)
             group = composed.setdefault((load.offset, pieces), [])
             group.append((load.block_id, [key for _s, key, *_ in load.pieces], sources))
-        for (load, nth), loaded in zip(exact, map(self._load_exact, (load for load, _ in exact)), strict=True):
-            if loaded:
+        for load, nth in exact:  # one blob at a time, copied straight into its engine block
+            if self._load_exact(load):
                 binding.stats.blocks_loaded += 1
             else:
                 self._failed(load, nth)
