@@ -19,7 +19,10 @@ single blocks, not whole caches like ``kvcache.to_chunks``:
   and block size in its metadata and a CRC-32 of its layers; decoding checks
   them against what the caller asked for, so a blob filed under the wrong key,
   written by another model, or damaged, is refused (``BlockMismatch``) and
-  recomputed, never loaded.
+  recomputed, never loaded. ``copy_block`` is decoding straight into the
+  engine's slices of a block (the connector's exact load: one copy per layer).
+  This CRC-32 is the only check of a block's bytes: RocksDB reads them
+  without its own (``store.rocks.Store.get_kv_block``).
 
 Pure Python apart from the codec (torch, safetensors), and importable without
 vLLM: the normal test suite checks it.
@@ -183,9 +186,33 @@ def decode_block(blob: bytes, *, key: str, fingerprint: str, block_size: int,
                  layers: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
     """The block's tensors, checked against what the caller expects (``layers``: name -> shape, dtype).
 
-    The tensors are read-only views of ``blob`` (the connector copies them into the paged cache at once):
-    a cold load reads each byte twice, once for the checksum and once for that copy. Raises
+    The tensors are read-only views of ``blob`` (the caller copies from them, never writes). Raises
     ``BlockMismatch`` for anything else: the caller recomputes the block."""
+    data, spans = _checked(blob, key=key, fingerprint=fingerprint, block_size=block_size, layers=layers)
+    return {name: data[spans[name][0]:spans[name][1]].view(dtype).view(shape)
+            for name, (shape, dtype) in layers.items()}
+
+
+def copy_block(blob: bytes, into: Mapping[str, torch.Tensor], *, key: str, fingerprint: str, block_size: int) -> None:
+    """``decode_block`` straight into ``into`` (name -> the engine's slice of one block: the layers, shapes and
+    dtypes expected): each layer's bytes copied once, from the blob to the paged cache, with no tensor made per
+    layer but a view. Everything is checked before the first byte is written; raises ``BlockMismatch`` like
+    ``decode_block``, and then ``into`` is untouched."""
+    layers = {name: (tuple(t.shape), t.dtype) for name, t in into.items()}
+    data, spans = _checked(blob, key=key, fingerprint=fingerprint, block_size=block_size, layers=layers)
+    for name, dst in into.items():
+        begin, end = spans[name]
+        # In the cache's dtype, not as bytes: a copy of the same dtype is bit for bit either way, and 4x fewer
+        # elements keep it under torch's grain for splitting one copy across threads.
+        dst.copy_(data[begin:end].view(dst.dtype).view(dst.shape))
+
+
+def _checked(blob: bytes, *, key: str, fingerprint: str, block_size: int,
+             layers: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
+    """The blob as one read-only uint8 tensor (no copy) and each layer's byte span in it, once its metadata,
+    layers, shapes, dtypes, spans and CRC-32 are what the caller asked for (``BlockMismatch`` otherwise).
+
+    A cold load reads each byte twice: once for the checksum and once for the copy into the paged cache."""
     try:
         header, data_start = _header(blob)
     except Exception as e:  # not even a safetensors header
@@ -198,7 +225,7 @@ def decode_block(blob: bytes, *, key: str, fingerprint: str, block_size: int,
     if set(header) != set(layers):
         raise BlockMismatch(f"block {key[:16]} holds {len(header)} layers, not the engine's {len(layers)}")
     view = memoryview(blob)
-    spans: dict[str, memoryview] = {}
+    spans: dict[str, tuple[int, int]] = {}
     for name, (shape, dtype) in layers.items():
         entry = header[name]
         got_shape, got_dtype = tuple(entry.get("shape", ())), _DTYPES.get(entry.get("dtype"))
@@ -206,12 +233,14 @@ def decode_block(blob: bytes, *, key: str, fingerprint: str, block_size: int,
             raise BlockMismatch(f"block {key[:16]}, layer {name}: {got_shape} {entry.get('dtype')}, "
                                 f"expected {shape} {dtype}")
         begin, end = (data_start + int(o) for o in entry["data_offsets"])
-        if not data_start <= begin <= end <= len(blob) or end - begin != _nbytes(shape, dtype):
+        # Aligned to its dtype too (safetensors writes it so): the tensor is then a view of the blob.
+        if (not data_start <= begin <= end <= len(blob) or end - begin != _nbytes(shape, dtype)
+                or begin % dtype.itemsize):
             raise BlockMismatch(f"block {key[:16]}, layer {name}: its bytes are not where its header says")
-        spans[name] = view[begin:end]
-    if meta.get("crc32") != str(_crc32((name, spans[name]) for name in sorted(spans))):
+        spans[name] = (begin, end)
+    if meta.get("crc32") != str(_crc32((name, view[spans[name][0]:spans[name][1]]) for name in sorted(spans))):
         raise BlockMismatch(f"block {key[:16]} is damaged (checksum mismatch)")
-    return {name: _tensor(spans[name], *layers[name]) for name in layers}
+    return _as_tensor(blob), spans
 
 
 def _header(blob: bytes) -> tuple[dict[str, Any], int]:
@@ -240,12 +269,12 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(array)
 
 
-def _tensor(data: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _as_tensor(blob: bytes) -> torch.Tensor:
     import torch
 
     with warnings.catch_warnings():  # the blob is immutable bytes; the tensor is only read (copied from)
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype).view(shape)
+        return torch.frombuffer(blob, dtype=torch.uint8)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -60,6 +60,7 @@ from memosd.runtime.kvblocks import (
     BlockStore,
     BlockStores,
     block_keys,
+    copy_block,
     decode_block,
     encode_block,
 )
@@ -206,6 +207,7 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         self._plans: dict[str, _Plan] = {}
         self._caches: dict[str, torch.Tensor] = {}
         self._block_dim = 0
+        self._layers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._load_errors: set[int] = set()
 
     @property
@@ -378,6 +380,8 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         self._block_dim = 0 if sample.shape[0] == num_blocks else 1
         if sample.shape[self._block_dim] != num_blocks:
             raise RuntimeError(f"cannot find the block dimension in a KV cache of shape {tuple(sample.shape)}")
+        # What a stored block must hold: each layer's one-block slice, by shape and dtype.
+        self._layers = {name: (tuple(v.shape), v.dtype) for name, v in self._block_views(0).items()}
 
     def _block_views(self, block_id: int) -> dict[str, torch.Tensor]:
         return {name: t.select(self._block_dim, block_id) for name, t in self._caches.items()}
@@ -387,35 +391,55 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         assert isinstance(meta, MemosdConnectorMetadata)
         binding = self._binding
         index: dict[str, int] = {}  # per request: how many of its loads came before this one
+        exact: list[tuple[Load, int]] = []
         decoded: dict[str, dict[str, torch.Tensor]] = {}  # this step's: a composed load reads a block twice
         # Composed loads by (offset, pieces' layout), placed together after the loop.
         composed: dict[tuple[int, tuple[tuple[int, int, int], ...]],
                        list[tuple[int, list[str], list[dict[str, torch.Tensor]]]]] = {}
         for load in meta.loads:
-            req_id, block_id = load.req_id, load.block_id
-            nth = index[req_id] = index.get(req_id, -1) + 1
-            views = self._block_views(block_id)
-            try:
-                sources = [self._decoded(salt, key, views, decoded) for salt, key, *_ in load.pieces]
-            except BlockMismatch:
-                # vLLM recomputes the request from the first bad block (kv_load_failure_policy = recompute).
-                self._load_errors.add(block_id)
-                binding.stats.load_errors += 1
-                reuse = binding.reuse.get(req_id)
-                if reuse is not None and (reuse.failed_at is None or nth < reuse.failed_at):
-                    reuse.failed_at = nth
-                continue
+            nth = index[load.req_id] = index.get(load.req_id, -1) + 1
             if len(load.pieces) == 1 and load.offset == 0 and load.pieces[0][3] == self._block_size:
-                for name, view in views.items():
-                    view.copy_(sources[0][name])
+                exact.append((load, nth))
+                continue
+            try:
+                sources = [self._decoded(salt, key, decoded) for salt, key, *_ in load.pieces]
+            except BlockMismatch:
+                self._failed(load, nth)
+                continue
+            pieces = tuple((lo, n, at) for _s, _k, lo, n, at in load.pieces)
+            group = composed.setdefault((load.offset, pieces), [])
+            group.append((load.block_id, [key for _s, key, *_ in load.pieces], sources))
+        for load, nth in exact:  # one blob at a time, copied straight into its engine block
+            if self._load_exact(load):
                 binding.stats.blocks_loaded += 1
             else:
-                pieces = tuple((lo, n, at) for _s, _k, lo, n, at in load.pieces)
-                group = composed.setdefault((load.offset, pieces), [])
-                group.append((block_id, [key for _s, key, *_ in load.pieces], sources))
+                self._failed(load, nth)
         for (offset, layout), loads in composed.items():
             self._place_group(offset, layout, loads)
             binding.stats.blocks_loaded += len(loads)
+
+    def _load_exact(self, load: Load) -> bool:
+        """One stored block copied straight into the engine block (False: missing or refused by the codec).
+
+        Each blob is dropped once copied, so a load holds one block's bytes at a time, not the step's."""
+        salt, key, *_ = load.pieces[0]
+        blob = self._binding.stores.for_salt(salt).get(key)
+        if blob is None:  # left the store after the lookup
+            return False
+        try:
+            copy_block(blob, self._block_views(load.block_id), key=key, fingerprint=self._binding.fingerprint,
+                       block_size=self._block_size)
+        except BlockMismatch:
+            return False
+        return True
+
+    def _failed(self, load: Load, nth: int) -> None:
+        """vLLM recomputes the request from the first bad block (kv_load_failure_policy = recompute)."""
+        self._load_errors.add(load.block_id)
+        self._binding.stats.load_errors += 1
+        reuse = self._binding.reuse.get(load.req_id)
+        if reuse is not None and (reuse.failed_at is None or nth < reuse.failed_at):
+            reuse.failed_at = nth
 
     def _place_group(self, offset: int, layout: tuple[tuple[int, int, int], ...],
                      loads: list[tuple[int, list[str], list[dict[str, torch.Tensor]]]]) -> None:
@@ -448,15 +472,14 @@ class MemosdKVConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         for i, name in enumerate(names):
             self._caches[name].index_copy_(self._block_dim, ids, blocks[:, i])
 
-    def _decoded(self, salt: str, key: str, views: dict[str, torch.Tensor],
-                 decoded: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _decoded(self, salt: str, key: str, decoded: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if key in decoded:
             return decoded[key]
         blob = self._binding.stores.for_salt(salt).get(key)
         if blob is None:
             raise BlockMismatch(f"block {key[:16]} left the store after the lookup")
         tensors = decode_block(blob, key=key, fingerprint=self._binding.fingerprint, block_size=self._block_size,
-                               layers={n: (tuple(v.shape), v.dtype) for n, v in views.items()})
+                               layers=self._layers)
         decoded[key] = tensors
         return tensors
 

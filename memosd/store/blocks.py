@@ -11,7 +11,9 @@ One instance serves one cube and one model: the rows are keyed
 alone does not tell its cube. The blob is stored as given; decoding and its
 checks (``kvblocks.decode_block``) stay with the caller, so a damaged row is
 read back as its bytes and refused there, like a damaged file of
-``DirBlockStore``.
+``DirBlockStore``: blobs are read without RocksDB's own checksum (it checked
+the same bytes again, in software, a third of a cold load), so bytes damaged
+in a blob file on disk reach the codec too, instead of an exception.
 
 ``has`` and ``len`` read the small kv_block_index family, never a blob: the
 connector asks ``has`` for every block of every waiting request (31 stored

@@ -16,6 +16,7 @@ from memosd.runtime.kvblocks import (
     DirBlockStore,
     MemoryBlockStore,
     block_keys,
+    copy_block,
     decode_block,
     encode_block,
 )
@@ -143,6 +144,45 @@ def test_codec_refuses_damaged_and_foreign_bytes() -> None:
             decode_block(junk, key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
 
 
+def _paged(layers: dict[str, torch.Tensor], blocks: int = 5) -> dict[str, torch.Tensor]:
+    """A paged cache like vLLM's on CPU ([blocks, kv heads, block size, 2 x head] per layer), filled with junk."""
+    return {name: torch.full((blocks, *t.shape), -7.0, dtype=t.dtype) for name, t in layers.items()}
+
+
+def test_copy_block_writes_the_block_bit_for_bit_into_the_engines_slice_and_nothing_else() -> None:
+    layers = _layers()
+    layers["model.layers.0.self_attn.attn"][0, 0, 0] = float("nan")  # any bit pattern comes back as it was
+    blob = encode_block(layers, key="ab" * 32, fingerprint=FP, block_size=BLOCK)
+    cache = _paged(layers)
+    copy_block(blob, {name: t[3] for name, t in cache.items()}, key="ab" * 32, fingerprint=FP, block_size=BLOCK)
+    for name, t in layers.items():
+        assert cache[name][3].view(torch.int32).equal(t.view(torch.int32))
+        others = torch.cat([cache[name][:3], cache[name][4:]])
+        assert bool((others == -7.0).all()), "only the named block is written"
+
+
+def test_copy_block_refuses_what_decode_block_refuses_and_leaves_the_cache_untouched() -> None:
+    layers = _layers()
+    blob = encode_block(layers, key="ab" * 32, fingerprint=FP, block_size=BLOCK)
+    damaged = bytearray(blob)
+    damaged[-5] ^= 0xFF
+    cache = _paged(layers)
+    into = {name: t[1] for name, t in cache.items()}
+    refusals = [(bytes(damaged), "ab" * 32, FP, "damaged"), (blob, "cd" * 32, FP, "key"),
+                (blob, "ab" * 32, "fingerprint-b", "fingerprint"), (blob[:-100], "ab" * 32, FP, "not where"),
+                (b"not a block at all", "ab" * 32, FP, "not a readable")]
+    for data, key, fingerprint, why in refusals:
+        with pytest.raises(BlockMismatch, match=why):
+            copy_block(data, into, key=key, fingerprint=fingerprint, block_size=BLOCK)
+    with pytest.raises(BlockMismatch, match="layers"):  # the engine has a layer the block lacks
+        copy_block(blob, {**into, "model.layers.9.self_attn.attn": into[next(iter(into))]}, key="ab" * 32,
+                   fingerprint=FP, block_size=BLOCK)
+    with pytest.raises(BlockMismatch, match="expected"):  # another layout of the same bytes
+        copy_block(blob, {name: t.view(3, BLOCK * 2, 64) for name, t in into.items()}, key="ab" * 32,
+                   fingerprint=FP, block_size=BLOCK)
+    assert all(bool((t == -7.0).all()) for t in cache.values()), "a refused block writes nothing"
+
+
 @pytest.mark.parametrize("kind", _EVERY_KIND)
 def test_store_puts_gets_and_deletes_blocks(stores: _Stores, kind: str) -> None:
     store = _open(stores, kind)
@@ -199,6 +239,30 @@ def test_rocks_store_corrupted_in_place_reads_as_damaged(stores: _Stores) -> Non
     assert stored == b"\0" * 64
     with pytest.raises(BlockMismatch, match="not a readable"):
         decode_block(stored, key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
+
+
+def test_rocks_blob_file_damaged_on_disk_reads_as_damaged(stores: _Stores) -> None:
+    """RocksDB reads kv blocks without its own blob checksum (the codec's CRC-32 is the check): a byte flipped
+    in the blob file on disk still reaches the codec, which refuses the block as damaged."""
+    store = stores.open("rocks")
+    assert isinstance(store, RocksBlockStore)
+    layers = _layers()
+    blob = encode_block(layers, key="ab" * 32, fingerprint=FP, block_size=BLOCK)
+    store.put("ab" * 32, blob)
+    store.store.flush()  # the blob leaves the memtable for a blob file
+    [blob_file] = (stores.tmp_path / "store").glob("*.blob")
+    raw = bytearray(blob_file.read_bytes())
+    at = raw.find(blob[-64:])  # the last tensor bytes of the block, where they sit in the file
+    assert at > 0
+    raw[at + 10] ^= 0xFF
+    blob_file.write_bytes(bytes(raw))
+    stored = stores.open("rocks").get("ab" * 32)  # reopened: nothing is served from memory
+    assert stored is not None and stored != blob and len(stored) == len(blob)
+    with pytest.raises(BlockMismatch, match="damaged"):
+        decode_block(stored, key="ab" * 32, fingerprint=FP, block_size=BLOCK, layers=_shapes(layers))
+    with pytest.raises(BlockMismatch, match="damaged"):
+        copy_block(stored, {name: t[0] for name, t in _paged(layers).items()}, key="ab" * 32, fingerprint=FP,
+                   block_size=BLOCK)
 
 
 def _rocks_views(stores: _Stores) -> Callable[[str, str], RocksBlockStore]:
