@@ -131,7 +131,8 @@ def _cluster(c: Any) -> Iterator[Any]:
     yield _gauge("memosd_cluster_members", "Live cluster members, as this node last read them.", len(c.members))
     cubes = GaugeMetricFamily("memosd_cluster_cubes", "Cubes by owner node, from this node's directory view.",
                               labels=("node",))
-    for node, count in sorted(c.cubes_per_node.items()):
+    counts = {node: 0 for node in c.members} | dict(c.cubes_per_node)  # a live member with none shows 0
+    for node, count in sorted(counts.items()):
         cubes.add_metric([node], count)
     yield cubes
     yield _gauge("memosd_cluster_cubes_not_served", "Local cubes the directory gives to another node.",
