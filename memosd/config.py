@@ -200,7 +200,7 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Several memosd nodes sharing one etcd cluster (docs/ARCHITECTURE.md, Cluster (in progress)).
+    """Several memosd nodes sharing one etcd cluster (docs/ARCHITECTURE.md, Cluster).
 
     In progress: with etcd set the daemon is a member, claims its cubes in the directory and routes calls."""
 

@@ -22,5 +22,5 @@ it owns, as a single node does. One job a module:
   crash.py       MEMOSD_TEST_CRASH_AT: a test-only SIGKILL at a named step of a move
 
 Nothing here imports grpc: the wire stays in syscalls/ (syscalls/router.py forwards calls to owners)
-(docs/ARCHITECTURE.md, "Cluster (in progress)").
+(docs/ARCHITECTURE.md, "Cluster").
 """
