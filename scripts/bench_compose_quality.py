@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench_compose_quality.py --prompts 120 --needles 0   # (a) only
     .venv/bin/python scripts/bench_compose_quality.py --prompts 0 --needles 96 --needle-fractions 0.01 \
         --skip exact first-cube-only                                               # a larger needle run
+    .venv/bin/python scripts/bench_compose_quality.py --threads 1 --prompts 0 --needles 96 \
+        --in-process 0.05 0.01+0.02 --replies-from docs/bench/compose-needle96-2026-12-05.json   # (c)
 
 On the embedded SmolLM2-135M-Instruct, with memory blocks of about ``--block-tokens`` tokens of the shared
 BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
@@ -24,6 +26,15 @@ BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
     Modes side by side: full prefill (bypass_kv_cache), exact (compose EXACT: the later blocks computed,
     so the full prefill's reply), composed at each fraction, and first cube only (the needle's cube and
     every other after the first unmounted: what is lost without the later blocks).
+
+(c) **Needle, in process** (``--in-process`` with compositions): (b)'s questions, the same seed and
+    construction, rendered as Generate renders them and composed with ``compose_prefill``: the replies are
+    (b)'s word for word, at a fraction of the time (no daemon, and ``--replies-from`` a JSON of (b) or (c)
+    reuses the replies of the modes it has). ``--needles-only`` splits a run over processes.
+
+A composition is ``F`` (the first ``ceil(F x tokens)`` of each later block recomputed) or ``F+D`` (and
+``ceil(D x tokens)`` more, those whose KV deviates most: ``Placement.deviating``), in (a) and (c).
+On a loaded machine pass ``--threads 1``: two threads on two shared cores spin against each other.
 
 Prints tables and writes JSON (--json).
 """
