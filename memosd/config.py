@@ -141,6 +141,9 @@ class RuntimeConfig:
     # where a seen combination covers it, composed elsewhere). A request may choose (options.compose).
     compose: str = "exact"
     compose_recompute: float = 0.01  # composed: the share of each later block's first tokens recomputed
+    # composed, transformers engine: the share of each later block's tokens recomputed besides its first ones,
+    # those whose KV deviates most from the prompt's (CacheBlend's selection; one layer over the blocks' tokens)
+    compose_deviation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.engine": (lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
     "runtime.compose": (lambda v: v in COMPOSE_MODES, f"one of {', '.join(COMPOSE_MODES)}"),
     "runtime.compose_recompute": (lambda v: 0 <= v <= 1, "a number from 0 to 1 (a share of a block's tokens)"),
+    "runtime.compose_deviation": (lambda v: 0 <= v <= 1, "a number from 0 to 1 (a share of a block's tokens)"),
     "runtime.max_lora_rank": (lambda v: v in LORA_RANKS, f"one of {', '.join(map(str, LORA_RANKS))}"),
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),

@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench_compose_quality.py --prompts 120 --needles 0   # (a) only
     .venv/bin/python scripts/bench_compose_quality.py --prompts 0 --needles 96 --needle-fractions 0.01 \
         --skip exact first-cube-only                                               # a larger needle run
+    .venv/bin/python scripts/bench_compose_quality.py --threads 1 --prompts 0 --needles 96 \
+        --in-process 0.05 0.01+0.02 --replies-from docs/bench/compose-needle96-2026-12-05.json   # (c)
 
 On the embedded SmolLM2-135M-Instruct, with memory blocks of about ``--block-tokens`` tokens of the shared
 BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
@@ -24,6 +26,15 @@ BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
     Modes side by side: full prefill (bypass_kv_cache), exact (compose EXACT: the later blocks computed,
     so the full prefill's reply), composed at each fraction, and first cube only (the needle's cube and
     every other after the first unmounted: what is lost without the later blocks).
+
+(c) **Needle, in process** (``--in-process`` with compositions): (b)'s questions, the same seed and
+    construction, rendered as Generate renders them and composed with ``compose_prefill``: the replies are
+    (b)'s word for word, at a fraction of the time (no daemon, and ``--replies-from`` a JSON of (b) or (c)
+    reuses the replies of the modes it has). ``--needles-only`` splits a run over processes.
+
+A composition is ``F`` (the first ``ceil(F x tokens)`` of each later block recomputed) or ``F+D`` (and
+``ceil(D x tokens)`` more, those whose KV deviates most: ``Placement.deviating``), in (a) and (c).
+On a loaded machine pass ``--threads 1``: two threads on two shared cores spin against each other.
 
 Prints tables and writes JSON (--json).
 """
@@ -51,8 +62,9 @@ from transformers import DynamicCache  # noqa: E402
 
 from memosd.activation import render  # noqa: E402
 from memosd.runtime.kvcache import KVCache, compute_prefix_cache, prepare_generation  # noqa: E402
-from memosd.runtime.kvcompose import Placement, compose_prefill, recompute_tokens  # noqa: E402
+from memosd.runtime.kvcompose import Placement, compose_prefill, deviating_tokens, recompute_tokens  # noqa: E402
 from memosd.runtime.model import LoadedModel, ModelSpec, load_model  # noqa: E402
+from memosd.runtime.transformers_engine import eos_token_ids  # noqa: E402
 
 NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kwame", "Lena",
          "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Soren", "Tamar"]
@@ -76,15 +88,35 @@ def next_logprobs(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def composed_logprobs(lm: LoadedModel, caches: list[KVCache], prompt: list[int], fraction: float) -> torch.Tensor:
-    """The next-token distribution after ``prompt`` as the transformers engine composes it: the first block's
-    cache, then ``kvcompose.compose_prefill`` (the engine's own prefill of composed blocks)."""
+def variant(spec: str) -> tuple[float, float]:
+    """A composition as the command line names it: ``F`` (each later block's first ``ceil(F x tokens)``
+    recomputed) or ``F+D`` (and ``ceil(D x tokens)`` more, those whose KV deviates most)."""
+    fraction, _, deviation = spec.partition("+")
+    return float(fraction), float(deviation or 0)
+
+
+def label(spec: str) -> str:
+    fraction, deviation = variant(spec)
+    return f"composed@{fraction:g}" + (f"+dev{deviation:g}" if deviation else "")
+
+
+def composed_prefill(lm: LoadedModel, caches: list[KVCache], prompt: list[int], spec: str) -> tuple[DynamicCache,
+                                                                                                     torch.Tensor]:
+    """``prompt`` prefilled as the transformers engine composes it: the first block's cache, then
+    ``kvcompose.compose_prefill`` (the engine's own prefill of composed blocks). The cache and the logits."""
+    fraction, deviation = variant(spec)
     dyn, _ = prepare_generation(lm, caches[0], prompt)
     placements, start = [], caches[0].n_tokens
     for cache in caches[1:]:
-        placements.append(Placement(start, cache, recompute_tokens(cache.n_tokens, fraction)))
+        first = recompute_tokens(cache.n_tokens, fraction)
+        placements.append(Placement(start, cache, first, deviating_tokens(cache.n_tokens, deviation, first)))
         start += cache.n_tokens
     logits = compose_prefill(lm, dyn, prompt, caches[0].n_tokens, placements, chunk=len(prompt))
+    return dyn, logits
+
+
+def composed_logprobs(lm: LoadedModel, caches: list[KVCache], prompt: list[int], spec: str) -> torch.Tensor:
+    _, logits = composed_prefill(lm, caches, prompt, spec)
     return torch.log_softmax(logits[0, -1].float(), dim=-1)
 
 
@@ -93,7 +125,8 @@ def agreement(lm: LoadedModel, passages: list[str], args: argparse.Namespace) ->
     pool = [passages_of(passages, rng, args.block_tokens, lm.tokenizer) for _ in range(8)]
     blocks = [render.block_token_ids(lm.tokenizer, f"cube-{j}", texts) for j, texts in enumerate(pool)]
     own = [compute_prefix_cache(lm, ids, salt=f"cube-{j}".encode())[0] for j, ids in enumerate(blocks)]
-    cases = [f"composed@{f:g}" for f in args.fractions] + ["first cube only"]
+    specs = {label(spec): spec for spec in args.fractions}
+    cases = [*specs, "first cube only"]
     agree = dict.fromkeys(cases, 0)
     kls: dict[str, list[float]] = {c: [] for c in cases}
     started = time.perf_counter()
@@ -103,13 +136,16 @@ def agreement(lm: LoadedModel, passages: list[str], args: argparse.Namespace) ->
         tail = render.tail_token_ids(lm.tokenizer, [], [{"role": "user", "content": f"What does the memory say "
                                                          f"about: {about}?"}], after_block=True)
         prompt = [t for j in chosen for t in blocks[j]] + tail
-        full = next_logprobs(lm, DynamicCache(), prompt)
+        # The full prefill, its first block from its own cache (exact: the same tokens at the same positions,
+        # nothing before them): a third less to compute.
+        dyn, rest = prepare_generation(lm, own[chosen[0]], prompt)
+        full = next_logprobs(lm, dyn, rest)
         for case in cases:
             if case == "first cube only":
                 dyn, _ = prepare_generation(lm, own[chosen[0]], blocks[chosen[0]] + tail)
                 got = next_logprobs(lm, dyn, tail)
             else:
-                got = composed_logprobs(lm, [own[j] for j in chosen], prompt, float(case.split("@")[1]))
+                got = composed_logprobs(lm, [own[j] for j in chosen], prompt, specs[case])
             agree[case] += int(got.argmax() == full.argmax())
             kls[case].append(float((full.exp() * (full - got)).sum()))
         if (i + 1) % 20 == 0:
@@ -119,6 +155,106 @@ def agreement(lm: LoadedModel, passages: list[str], args: argparse.Namespace) ->
             "cases": {c: {"top1_agreement": agree[c] / args.prompts, "kl_mean": sum(kls[c]) / args.prompts,
                           "kl_p95": sorted(kls[c])[int(0.95 * (args.prompts - 1))], "kl_max": max(kls[c])}
                       for c in cases}}
+
+
+# --- (c) the needle, in process --------------------------------------------------------------------
+
+def greedy(lm: LoadedModel, dyn: DynamicCache, logits: torch.Tensor, max_tokens: int) -> list[int]:
+    model: Any = lm.model
+    eos, out = eos_token_ids(lm), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(logits[0, -1].argmax())
+            if token in eos:
+                break
+            out.append(token)
+            logits = model(input_ids=torch.tensor([[token]]), past_key_values=dyn, use_cache=True).logits
+    return out
+
+
+def needles_in_process(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """(b)'s needles (the same construction and seed, so the same questions), prompts rendered as Generate
+    renders them, in process: the full prefill (its first block from its own cache, which is exact: the
+    same tokens at the same positions, nothing before them; the rest computed), then each composition of
+    ``--in-process``, side by side, with the same greedy decoding (the replies are (b)'s, word for word).
+
+    ``--replies-from`` a JSON of (b) or (c) takes its replies (greedy, so they do not change) for the modes
+    it has instead of computing them again, checked to be the same questions. ``--needle-range`` computes
+    (or ``--needles-only``) computes
+    only those questions (the others are drawn and skipped), to split a run over processes."""
+    rng = random.Random(args.seed + 1)
+    tok = lm.tokenizer
+    recorded: list[dict[str, Any]] = []
+    if args.replies_from:
+        data = json.loads(args.replies_from.read_text())
+        recorded = (data.get("needle") or data["needle_in_process"])["samples"]
+
+    def block(name: str, texts: list[str]) -> tuple[list[int], KVCache]:
+        ids = render.block_token_ids(tok, name, texts)
+        return ids, compute_prefix_cache(lm, ids, salt=name.encode())[0]
+
+    fillers = [block(f"filler-{j}", passages_of(passages, rng, args.block_tokens, tok)) for j in range(4)]
+    specs = {label(spec): spec for spec in args.in_process}
+    modes = list(dict.fromkeys(["full", *specs]))
+    first, last = args.needle_range or (0, args.needles)
+    only = set(args.needles_only or range(first, last))
+    last = min(last, max(only) + 1)
+    prefill_ms: dict[str, list[float]] = {m: [] for m in modes}
+    samples: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for i in range(last):
+        name, code = rng.choice(NAMES) + f" {rng.choice('BCDFGHKLMNPRST')}.", f"{rng.randrange(10000):04d}"
+        texts = passages_of(passages, rng, args.block_tokens, tok)
+        texts.insert(rng.randrange(len(texts) + 1), f"The locker code of {name} is {code}.")
+        n = rng.choice([3, 4])
+        others = rng.sample(fillers, n - 1)
+        at = rng.choice([1, 2])
+        if i not in only:
+            continue
+        needle = block(f"needle-{i}", texts)
+        chosen = [*others[:at], needle, *others[at:]]
+        question = f"What is the locker code of {name}? Reply with the code only."
+        tail = render.tail_token_ids(tok, [], [{"role": "user", "content": question}], after_block=True)
+        prompt = [t for ids, _ in chosen for t in ids] + tail
+        sample: dict[str, Any] = {"index": i, "code": code, "cubes": n, "needle_at": at + 1}
+        known = recorded[i] if i < len(recorded) else {}
+        if known and (known["code"], known["cubes"], known["needle_at"]) != (code, n, at + 1):
+            raise SystemExit(f"--replies-from: question {i} is not this run's")
+        for mode in modes:
+            if mode in known:
+                sample[mode] = known[mode]
+                continue
+            clock = time.perf_counter()
+            if mode == "full":
+                dyn, rest = prepare_generation(lm, chosen[0][1], prompt)
+                logits = next_logits(lm, dyn, rest)
+            else:
+                dyn, logits = composed_prefill(lm, [cache for _, cache in chosen], prompt, specs[mode])
+            prefill_ms[mode].append((time.perf_counter() - clock) * 1000)
+            sample[mode] = tok.decode(greedy(lm, dyn, logits, 24))
+        samples.append(sample)
+        done = len(samples)
+        if done % 4 == 0 or i + 1 == last:
+            print(f"  (c) {done}/{len(only)} needles, {time.perf_counter() - started:.0f} s: "
+                  + ", ".join(f"{m} {sum(s['code'] in s[m] for s in samples)}" for m in modes), flush=True)
+            # What is done so far, for a run cut short.
+            args.json.with_suffix(".partial.json").write_text(json.dumps({"samples": samples}, indent=1))
+    paired = {m: {"lost": sum(s["code"] in s["full"] and s["code"] not in s[m] for s in samples),
+                  "gained": sum(s["code"] not in s["full"] and s["code"] in s[m] for s in samples)}
+              for m in modes if m != "full"}
+    return {"needles": len(samples), "only": sorted(only), "seconds": round(time.perf_counter() - started, 1),
+            "accuracy": {m: sum(s["code"] in s[m] for s in samples) / len(samples) for m in modes},
+            "paired_with_full": paired, "replies_from": str(args.replies_from or ""),
+            "prefill_ms_median": {m: sorted(v)[len(v) // 2] if v else None for m, v in prefill_ms.items()},
+            "samples": samples}
+
+
+def next_logits(lm: LoadedModel, dyn: DynamicCache, ids: list[int]) -> torch.Tensor:
+    model: Any = lm.model
+    with torch.no_grad():
+        logits: torch.Tensor = model(input_ids=torch.tensor([ids]), past_key_values=dyn, use_cache=True,
+                                     logits_to_keep=1).logits
+    return logits
 
 
 # --- (b) the needle, through gRPC ------------------------------------------------------------------
@@ -190,10 +326,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=120, help="(a): prompts of 2-4 blocks")
     parser.add_argument("--needles", type=int, default=40, help="(b): needle questions through the daemon")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.05],
-                        help="(a): recompute fractions")
+    parser.add_argument("--fractions", nargs="+", default=["0", "0.005", "0.01", "0.02", "0.05"],
+                        help="(a): compositions, F (recompute fraction) or F+D (and a deviation fraction)")
     parser.add_argument("--needle-fractions", type=float, nargs="+", default=[0.0, 0.01, 0.05],
                         help="(b): recompute fractions")
+    parser.add_argument("--in-process", nargs="*", default=[],
+                        help="(c): the needles in process instead of (b), with these compositions (F or F+D)")
+    parser.add_argument("--replies-from", type=Path, help="(c): take the replies of the modes this JSON has")
+    parser.add_argument("--needle-range", type=int, nargs=2, metavar=("FIRST", "END"), help="(c): only these")
+    parser.add_argument("--needles-only", type=int, nargs="+", help="(c): only these questions (0-based)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine: two "
+                        "threads on two shared cores spin against each other, 10x slower)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "first-cube-only"],
                         help="(b): modes left out (exact gives the full prefill's reply by construction)")
     parser.add_argument("--block-tokens", type=int, default=700)
@@ -202,14 +345,16 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench_compose_quality.json")
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     lm = load_model(ModelSpec(device="cpu"), args.model_cache)
     passages = load_passages()
     result: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()}", "cpus": os.cpu_count(),
                               "model": lm.name, "block_tokens": args.block_tokens}
     if args.prompts:
         result["agreement"] = agreement(lm, passages, args)
-    if args.needles:
+    if args.needles and args.in_process:
+        result["needle_in_process"] = needles_in_process(lm, passages, args)
+    elif args.needles:
         result["needle"] = needles(lm, passages, args)
     if "agreement" in result:
         a = result["agreement"]
@@ -226,6 +371,14 @@ def main() -> int:
         for mode, acc in b["accuracy"].items():
             pair = b["paired_with_full"].get(mode)
             print(f"{mode:>16} | {acc:>8.1%} | " + (f"{pair['lost']} / {pair['gained']}" if pair else ""))
+    if "needle_in_process" in result:
+        c = result["needle_in_process"]
+        print(f"\n(c) needle in cube 2 or 3 of 3-4 blocks, in process: {c['needles']} questions")
+        print(f"{'mode':>22} | {'accuracy':>8} | {'prefill ms (median)':>19} | lost / gained against full")
+        for mode, acc in c["accuracy"].items():
+            pair = c["paired_with_full"].get(mode)
+            print(f"{mode:>22} | {acc:>8.1%} | {c['prefill_ms_median'][mode] or 0:>19.0f} | "
+                  + (f"{pair['lost']} / {pair['gained']}" if pair else ""))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

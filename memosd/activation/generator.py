@@ -41,7 +41,7 @@ from memosd.park import Park
 from memosd.runtime.engine import Composition, Engine, Finished, Sampling, TokenStream
 from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache
-from memosd.runtime.kvcompose import Placement, compose_unsupported, recompute_tokens
+from memosd.runtime.kvcompose import Placement, compose_unsupported, deviating_tokens, recompute_tokens
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.transformers_engine import KeepPrefix
 from memosd.runtime.vllm_compose import Segment
@@ -281,7 +281,9 @@ class Generator:
                     cache.token_ids != tuple(block.record.token_ids):
                 use.block_note = "its KV cache is in neither the pool nor the store: computed"
                 continue
-            block.placement = Placement(block.start, cache, recompute_tokens(cache.n_tokens, fraction))
+            first = recompute_tokens(cache.n_tokens, fraction)
+            deviating = deviating_tokens(cache.n_tokens, self.host.config.compose_deviation, first)
+            block.placement = Placement(block.start, cache, first, deviating)
             use.cache_key, use.cache_source = block.record.cache_key, source
         return any(block.placement is not None for block in blocks)
 

@@ -17,10 +17,13 @@ computed alone: its *position* in the prompt, and the tokens *before* it.
   the block's own cache. The first tokens are the block's chat-template
   header, where attention sinks: recomputing them re-anchors the block after
   the earlier ones, which is what EPIC's LegoLink does (recompute each chunk's
-  first tokens) and what APE's shared prefix achieves; CacheBlend instead picks
-  the tokens whose KV deviates most, which needs a pass over every token.
-  Measured in BENCHMARKS.md ("Composed reuse"): top-1 agreement and KL against
-  the full prefill, and a needle test.
+  first tokens) and what APE's shared prefix achieves. Optionally (a placement's
+  ``deviating``, ``runtime.compose_deviation``) it also recomputes the tokens
+  whose KV deviates most, as CacheBlend picks them (``pick_deviating``: layer 0
+  over every block token in context, their layer-1 values against the cached
+  ones), at the cost of that one layer over the blocks. Measured in
+  BENCHMARKS.md ("Composed reuse"): top-1 agreement and KL against the full
+  prefill, and a needle test.
 
 The engine runs it as one prefill (``compose_prefill``): the placed parts go
 into the cache first and every computed token goes through the model in one
@@ -55,15 +58,22 @@ COMPOSABLE_ROPE = frozenset({"default", "linear", "llama3"})
 @dataclass(frozen=True)
 class Placement:
     """A memory block at ``start`` in the prompt whose KV comes from ``cache`` (its own, from position 0):
-    the first ``recompute`` of its tokens are computed over the prompt before them, the rest placed."""
+    the first ``recompute`` of its tokens are computed over the prompt before them, and so are the
+    ``deviating`` of the rest whose KV deviates most from the prompt's (``deviating_tokens``, picked in the
+    pass itself); the others are placed."""
 
     start: int
     cache: KVCache
     recompute: int
+    deviating: int = 0
+
+    @property
+    def recomputed_tokens(self) -> int:
+        return min(self.cache.n_tokens, self.recompute + self.deviating)
 
     @property
     def placed_tokens(self) -> int:
-        return self.cache.n_tokens - self.recompute
+        return self.cache.n_tokens - self.recomputed_tokens
 
 
 def compose_unsupported(loaded: LoadedModel) -> str:
@@ -116,6 +126,14 @@ def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int) -> torch.T
     return out.to(keys.dtype)
 
 
+def deviating_tokens(n_tokens: int, fraction: float, recompute: int) -> int:
+    """How many more of a block's tokens a composed placement recomputes, picked by deviation: ``fraction``
+    of its tokens, rounded up, and no more than those after its recomputed first ``recompute``."""
+    if fraction <= 0:
+        return 0
+    return max(0, min(n_tokens - recompute, math.ceil(n_tokens * fraction)))
+
+
 def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int], done: int,
                     placements: Sequence[Placement], *, chunk: int,
                     check: Callable[[], None] = lambda: None) -> torch.Tensor:
@@ -123,14 +141,15 @@ def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int
     the logits of the prompt's last token.
 
     One forward pass (in ``chunk``-token pieces, ``check`` before each) computes every token that is not
-    placed: the prompt between blocks, each block's first ``recompute`` tokens, and the conversation after
-    the last block. The placed parts go into the cache first, keys turned to their positions, so the cache
-    holds the prompt out of order: attention does not care where a key sits in memory, only which keys a
-    query may see, and that is given as a 4D mask by *position* (a query at ``p`` sees every key at
-    ``<= p``), with each computed token's RoPE position passed explicitly. That is the same arithmetic as
-    computing up to each block, placing it and going on, in one pass instead of one per block: on one core
-    a forward pass costs ~65 ms before its first token (BENCHMARKS.md, "Composed reuse"). Decoding after
-    it needs nothing special: a new token's position is the cache's length, and it sees every key."""
+    placed: the prompt between blocks, each block's first ``recompute`` tokens (and its ``deviating``
+    ones, see ``_deviating``), and the conversation after the last block. The placed parts go into the
+    cache first, keys turned to their positions, so the cache holds the prompt out of order: attention
+    does not care where a key sits in memory, only which keys a query may see, and that is given as a 4D
+    mask by *position* (a query at ``p`` sees every key at ``<= p``), with each computed token's RoPE
+    position passed explicitly. That is the same arithmetic as computing up to each block, placing it and
+    going on, in one pass instead of one per block: on one core a forward pass costs ~65 ms before its
+    first token (BENCHMARKS.md, "Composed reuse"). Decoding after it needs nothing special: a new token's
+    position is the cache's length, and it sees every key."""
     import torch
 
     end = done
@@ -143,18 +162,30 @@ def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int
     if end >= len(prompt):
         raise ValueError("the prompt needs at least one token after its reused KV")
     device = loaded.model.device
-    key_positions = [torch.arange(done, device=device)]
-    computed: list[range] = []
-    for placement in placements:
-        _place(loaded, dyn, placement)
-        block_end = placement.start + placement.cache.n_tokens
-        key_positions.append(torch.arange(placement.start + placement.recompute, block_end, device=device))
-        computed.append(range(done, placement.start + placement.recompute))
-        done = block_end
-    computed.append(range(done, len(prompt)))
-    positions = torch.tensor([p for span in computed for p in span], dtype=torch.long, device=device)
-    ids = torch.tensor([prompt[p] for span in computed for p in span], dtype=torch.long, device=device)
-    seen = torch.cat(key_positions)
+    # Before anything is placed: the deviating tokens are picked against dyn's prompt[:done].
+    picked = pick_deviating(loaded, dyn, prompt, done, placements, chunk=chunk, check=check) \
+        if any(p.deviating and p.placed_tokens for p in placements) else [None] * len(placements)
+    key_positions = [torch.arange(done)]
+    computed: list[torch.Tensor] = []
+    for placement, extra in zip(placements, picked, strict=True):
+        n = placement.cache.n_tokens
+        recomputed = torch.zeros(n, dtype=torch.bool)
+        recomputed[:placement.recompute] = True
+        if extra is not None:
+            recomputed[extra] = True
+        elif not placement.placed_tokens:  # the deviating ones are all the rest: nothing to pick
+            recomputed[:] = True
+        placed = (~recomputed).nonzero().flatten()
+        _place(loaded, dyn, placement, placed)
+        key_positions.append(placement.start + placed)
+        computed.append(torch.arange(done, placement.start))
+        computed.append(placement.start + recomputed.nonzero().flatten())
+        done = placement.start + n
+    computed.append(torch.arange(done, len(prompt)))
+    positions = torch.cat(computed)
+    ids = torch.tensor(list(prompt), dtype=torch.long)[positions].to(device)
+    positions = positions.to(device)
+    seen = torch.cat(key_positions).to(device)
     model: Any = loaded.model
     dtype = next(model.parameters()).dtype
     logits: torch.Tensor | None = None
@@ -171,14 +202,72 @@ def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int
     return logits
 
 
-def _place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement) -> None:
-    """Append the placed part of ``placement``'s block (after its recomputed first tokens) to the cache, keys
+def pick_deviating(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int], done: int,
+               placements: Sequence[Placement], *, chunk: int,
+               check: Callable[[], None]) -> list[torch.Tensor | None]:
+    """For each placement with ``deviating``, which of its tokens (block-relative) to recompute besides its
+    first ``recompute``: those whose layer-1 values, as the block's own cache has them, deviate most from
+    what they are after the prompt before them (CacheBlend's selection, on one layer).
+
+    Layer 0 is computed over every token from ``done`` to the last block's end, over ``dyn``'s layer 0
+    (``prompt[:done]``): it is exact there, because layer 0's input is the token alone. Its output gives
+    each token's layer-1 value in context; the squared distance to the placed one is how much the token
+    missed of the blocks before it. One layer of the blocks' tokens, about a thirtieth of their prefill
+    on SmolLM2 (measured in BENCHMARKS.md). Values, not keys: they carry no position and, in every
+    composable family, no norm, so the block's cached values compare as they are."""
+    import torch
+    from transformers import DynamicCache
+
+    model: Any = loaded.model
+    inner = model.model
+    device, dtype = model.device, next(model.parameters()).dtype
+    first, second = inner.layers[0], inner.layers[1]
+    begin = done
+    end = placements[-1].start + placements[-1].cache.n_tokens
+    past = DynamicCache()
+    if done:
+        layer: Any = dyn.layers[0]
+        past.update(layer.keys[:, :, :done], layer.values[:, :, :done], 0)
+    values: list[torch.Tensor] = []
+    with torch.no_grad():
+        for pos in range(begin, end, chunk):
+            check()
+            stop = min(end, pos + chunk)
+            ids = torch.tensor([list(prompt[pos:stop])], dtype=torch.long, device=device)
+            position_ids = torch.arange(pos, stop, device=device)[None]
+            hidden = inner.embed_tokens(ids)
+            keys = torch.arange(stop, device=device)
+            mask = torch.zeros((stop - pos, stop), dtype=dtype, device=device)
+            mask.masked_fill_(keys[None, :] > position_ids[0, :, None], torch.finfo(dtype).min)
+            hidden = first(hidden, attention_mask=mask[None, None], position_ids=position_ids, past_key_values=past,
+                           use_cache=True, position_embeddings=inner.rotary_emb(hidden, position_ids=position_ids))
+            values.append(second.self_attn.v_proj(second.input_layernorm(hidden))[0])
+    in_context = torch.cat(values)  # [tokens from done to end, kv heads x head dim]
+    picked: list[torch.Tensor | None] = []
+    for placement in placements:
+        n, skip = placement.cache.n_tokens, placement.recompute
+        count = min(placement.deviating, n - skip)
+        if count <= 0:
+            picked.append(None)
+            continue
+        own = placement.cache.values[1][0].to(device=device, dtype=dtype)  # [kv heads, n, head dim]
+        own = own.transpose(0, 1).reshape(n, -1)
+        at = placement.start - begin
+        deviation = (in_context[at + skip:at + n] - own[skip:]).float().pow(2).sum(-1)
+        picked.append((deviation.topk(count).indices + skip).sort().values.cpu())
+    return picked
+
+
+def _place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement, placed: torch.Tensor) -> None:
+    """Append the tokens ``placed`` (block-relative, ascending) of ``placement``'s block to the cache, keys
     turned to their positions (token ``j`` of the block sits at ``placement.start + j``)."""
-    cache, skip = placement.cache, placement.recompute
-    if skip >= cache.n_tokens:
+    if not len(placed):
         return
+    first, last = int(placed[0]), int(placed[-1])
+    # One run of tokens (every block without deviating ones) is a view; picked tokens are gathered.
+    pick: slice | torch.Tensor = slice(first, last + 1) if last - first + 1 == len(placed) else placed
     device, dtype = loaded.model.device, next(loaded.model.parameters()).dtype
-    for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-        placed_k = rotate_keys(loaded, k[:, :, skip:].to(device=device, dtype=dtype), placement.start)
+    for i, (k, v) in enumerate(zip(placement.cache.keys, placement.cache.values, strict=True)):
+        placed_k = rotate_keys(loaded, k[:, :, pick].to(device=device, dtype=dtype), placement.start)
         layer: Any = dyn.layers[i]  # full attention (compose_unsupported and check_model_supported)
-        layer.update(placed_k, v[:, :, skip:].to(device=device, dtype=dtype))
+        layer.update(placed_k, v[:, :, pick].to(device=device, dtype=dtype))

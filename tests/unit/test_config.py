@@ -202,6 +202,7 @@ def test_env_errors_name_key_and_variable(home: Path) -> None:
         "MEMOSD_LISTEN": ("nowhere", "server.listen", "host:port"),
         "MEMOSD_RUNTIME__COMPOSE": ("blended", "runtime.compose", "exact, composed, auto"),
         "MEMOSD_RUNTIME__COMPOSE_RECOMPUTE": ("1.5", "runtime.compose_recompute", "from 0 to 1"),
+        "MEMOSD_RUNTIME__COMPOSE_DEVIATION": ("-0.1", "runtime.compose_deviation", "from 0 to 1"),
     }
     for var, (value, key, expected) in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -231,6 +232,8 @@ def test_compose_defaults_to_exact_and_takes_a_mode_in_any_case(home: Path) -> N
     chosen = load_config(["--set", "runtime.compose=AUTO", "--set", "runtime.compose_recompute=0"],
                          env_with(home)).runtime
     assert (chosen.compose, chosen.compose_recompute) == ("auto", 0.0)
+    assert default.compose_deviation == 0.0  # only the first tokens, unless asked
+    assert load_config(["--set", "runtime.compose_deviation=0.02"], env_with(home)).runtime.compose_deviation == 0.02
 
 
 def test_env_values_are_converted(home: Path) -> None:

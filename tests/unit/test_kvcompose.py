@@ -25,6 +25,8 @@ from memosd.runtime.kvcompose import (
     Placement,
     compose_prefill,
     compose_unsupported,
+    deviating_tokens,
+    pick_deviating,
     recompute_tokens,
     rotate_keys,
 )
@@ -223,3 +225,80 @@ def test_the_recompute_fraction_rounds_up_and_one_recomputes_the_block() -> None
     assert recompute_tokens(700, 0.05) == 35
     assert recompute_tokens(700, 0.001) == 1
     assert recompute_tokens(700, 1.0) == 700
+
+
+def test_the_deviation_count_rounds_up_and_stops_at_the_block() -> None:
+    assert deviating_tokens(700, 0.0, 7) == 0
+    assert deviating_tokens(700, 0.02, 7) == 14
+    assert deviating_tokens(700, 0.001, 7) == 1
+    assert deviating_tokens(700, 1.0, 7) == 693  # no more than the tokens after the recomputed first ones
+    assert Placement(0, SimpleNamespace(n_tokens=700), 7, 14).placed_tokens == 679  # type: ignore[arg-type]
+
+
+def test_the_deviating_tokens_are_those_whose_layer_1_values_differ_most_from_the_full_prefill(
+        tiny: LoadedModel) -> None:
+    # Layer 1's values in context are exactly the full prefill's (layer 0 depends on nothing but tokens and
+    # positions), so the picks can be checked against an independent reference: the full prefill's layer-1
+    # values against the block's own, largest squared distance first, after its recomputed first tokens.
+    third = [37, 23, 16, 28, 20, 35, 26, 32] * 5
+    gap = [47, 48, 49]
+    prompt = FIRST + SECOND + gap + third + TAIL
+    first, _ = compute_prefix_cache(tiny, FIRST, salt=b"first")
+    second, _ = compute_prefix_cache(tiny, SECOND, salt=b"second")
+    own_third, _ = compute_prefix_cache(tiny, third, salt=b"third")
+    at_third = len(FIRST + SECOND + gap)
+    placements = [Placement(len(FIRST), second, 3, 7), Placement(at_third, own_third, 2, 5)]
+    full = _cache(tiny, prompt).layers[1].values
+    dyn, _ = prepare_generation(tiny, first, prompt)
+    picked = pick_deviating(tiny, dyn, prompt, len(FIRST), placements, chunk=16, check=lambda: None)
+    assert dyn.get_seq_length() == len(FIRST)  # picking changes nothing in the cache
+    for placement, got in zip(placements, picked, strict=True):
+        n, skip = placement.cache.n_tokens, placement.recompute
+        in_context = full[:, :, placement.start:placement.start + n]
+        deviation = (in_context - placement.cache.values[1]).pow(2).sum(dim=(0, 1, 3))[skip:]
+        want = sorted(int(j) + skip for j in deviation.topk(placement.deviating).indices)
+        assert got is not None and got.tolist() == want
+        assert deviation.max() > 1e-3  # not vacuous: the block alone has other values than in context
+
+
+def test_recomputing_the_deviating_tokens_recomputes_them_and_places_the_rest(
+        tiny: LoadedModel, engine: TransformersEngine) -> None:
+    prompt = FIRST + SECOND + TAIL
+    first, _ = compute_prefix_cache(tiny, FIRST, salt=b"first")
+    second, _ = compute_prefix_cache(tiny, SECOND, salt=b"second")
+    chosen = Placement(len(FIRST), second, 3, 9)
+    tokens, end = _first_logprobs(engine, tiny, prompt, prefix=first, placements=[chosen])
+    assert end.cached_tokens == len(FIRST) + len(SECOND) - 12  # what Generate's summary reports as reused
+    # In memory order: the prefix, the placed tokens, then the computed ones (the recomputed, the tail);
+    # layer 0's keys equal the full prefill's at those positions, and the logits are the composition's with
+    # exactly those tokens recomputed, written out by hand one token run at a time.
+    dyn, _ = prepare_generation(tiny, first, prompt)
+    picked = pick_deviating(tiny, dyn, prompt, len(FIRST), [chosen], chunk=32, check=lambda: None)[0]
+    assert picked is not None and len(picked) == 9 and min(picked.tolist()) >= 3
+    recomputed = [*range(3), *picked.tolist()]
+    placed = [j for j in range(len(SECOND)) if j not in recomputed]
+    logits = compose_prefill(tiny, dyn, prompt, len(FIRST), [chosen], chunk=32)
+    order = [*range(len(FIRST)), *(len(FIRST) + j for j in placed), *(len(FIRST) + j for j in recomputed),
+             *range(len(FIRST + SECOND), len(prompt))]
+    assert torch.allclose(dyn.layers[0].keys, _full_keys(tiny, prompt)[0][:, :, order], atol=1e-5)
+    reference = DynamicCache()
+    for i, (k, v) in enumerate(zip(first.keys, first.values, strict=True)):
+        reference.update(torch.cat([k, rotate_keys(tiny, second.keys[i][:, :, placed], len(FIRST))], dim=2),
+                         torch.cat([v, second.values[i][:, :, placed]], dim=2), i)
+    positions = torch.tensor([len(FIRST) + j for j in recomputed] + list(range(len(FIRST + SECOND), len(prompt))))
+    seen = torch.cat([torch.arange(len(FIRST)), len(FIRST) + torch.tensor(placed), positions])
+    mask = torch.zeros((len(positions), len(seen)))
+    mask.masked_fill_(seen[None, :] > positions[:, None], torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out = tiny.model(input_ids=torch.tensor([[prompt[p] for p in positions.tolist()]]),
+                         position_ids=positions[None], attention_mask=mask[None, None], past_key_values=reference,
+                         use_cache=True)
+    assert torch.allclose(logits[0, -1], out.logits[0, -1], atol=1e-4)
+    assert float(tokens[0].logprob or 0) == pytest.approx(
+        float(torch.log_softmax(logits[0, -1].float(), dim=-1)[tokens[0].token_id]), abs=1e-4)
+    # Every token picked: the block is recomputed whole, which is the full prefill.
+    whole, _ = _first_logprobs(engine, tiny, prompt, prefix=first,
+                               placements=[Placement(len(FIRST), second, 3, len(SECOND))])
+    full, _ = _first_logprobs(engine, tiny, prompt, prefix=None)
+    assert [t.token_id for t in whole] == [t.token_id for t in full]
+    assert [t.logprob for t in whole] == pytest.approx([t.logprob for t in full], abs=1e-4)
