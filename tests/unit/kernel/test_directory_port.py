@@ -27,14 +27,16 @@ class FakeDirectory:
         self.calls: list[tuple[str, str]] = []
         self.refuse: Exception | None = None  # raised by the next claim / check
         self.taken_ids: set[str] = set()
+        self.principals: dict[str, str] = {}  # cube id -> the owning principal its claim named
 
-    def claim(self, cube_id: str, name: str) -> bool:
+    def claim(self, cube_id: str, name: str, principal: str = "") -> bool:
         self.calls.append(("claim", cube_id))
         if self.refuse is not None:
             raise self.refuse
         if cube_id in self.taken_ids or cube_id in self.claimed:
             return False
         self.claimed[cube_id] = name
+        self.principals[cube_id] = principal
         return True
 
     def check_changeable(self, cube_id: str) -> None:
@@ -63,9 +65,10 @@ def kernel(tmp_path: Path, directory: FakeDirectory) -> Iterator[Kernel]:
 
 def test_alloc_claims_before_it_commits_and_keeps_the_placed_id(kernel: Kernel, directory: FakeDirectory) -> None:
     placed = ids.new_id(ids.CUBE_PREFIX)
-    info = kernel.alloc_cube("notes", "", {}, cube_id=placed)
+    info = kernel.alloc_cube("notes", "", {}, owner="prn_owner", cube_id=placed)
     assert info.record.cube_id == placed and directory.claimed == {placed: "notes"}
     assert directory.calls == [("claim", placed)]
+    assert directory.principals == {placed: "prn_owner"}  # the claim names the cube's owning principal
 
 
 def test_a_name_taken_in_the_cluster_or_no_quorum_creates_nothing(kernel: Kernel, directory: FakeDirectory) -> None:
