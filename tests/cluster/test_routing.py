@@ -68,6 +68,15 @@ def _client(proc: DaemonProcess) -> Client:
     return Client(proc.address, timeout=30, retry=NO_RETRY)
 
 
+def _alloc_on(via: Client, node: str, label: str) -> Any:
+    """A new cube that placement puts on ``node`` (rendezvous over 3 nodes: 1 in 3 of them; 30 tries)."""
+    for i in range(30):
+        cube = via.alloc_cube(f"{label}-{i}")
+        if cube.owner_node == node:
+            return cube
+    raise AssertionError(f"no cube landed on {node} in 30 tries")
+
+
 def test_cubes_spread_over_the_members_and_serve_through_any_node(
         nodes: dict[str, DaemonProcess], etcd_cluster: EtcdCluster, run: str) -> None:
     directory = Directory(etcd_cluster.client())
@@ -88,7 +97,9 @@ def test_cubes_spread_over_the_members_and_serve_through_any_node(
         assert len(set(owners.values())) >= 2, f"9 cubes all on one node: {owners}"
 
         # A cube owned by gamma, used entirely through alpha and beta: mount, write, commit, search, read.
-        cube_id = next(cid for cid, owner in owners.items() if owner == f"gamma-{run}")
+        # (9 cubes miss gamma 2.6% of the time: then one more that lands there)
+        cube_id = next((cid for cid, owner in owners.items() if owner == f"gamma-{run}"), None) or \
+            _alloc_on(via_a, f"gamma-{run}", f"spread-{run}-more").cube_id
         mount = via_a.mount(cube_id, writable=True)
         item_ids = via_b.write(mount.mount_id, ["the heron stands in the shallow river", "a kettle on the stove"])
         via_a.commit(mount.mount_id, "two items")
@@ -289,8 +300,9 @@ def test_the_cluster_config_is_shared_and_a_setting_reaches_every_node(
         # it when its watch brings the change, and refuses the second mount (the first too if other tests'
         # mounts are still open there).
         directory = Directory(etcd_cluster.client())
-        cubes = [via_a.alloc_cube(f"quota-{run}-{i}") for i in range(6)]
-        cube = next(x for x in cubes if directory.lookup(x.cube_id).owner == f"beta-{run}")  # type: ignore[union-attr]
+        cube = _alloc_on(via_a, f"beta-{run}", f"quota-{run}")
+        entry = directory.lookup(cube.cube_id)
+        assert entry is not None and entry.owner == f"beta-{run}"
         for m in [via_a.mount(cube.cube_id) for _ in range(2)]:
             via_a.unmount(m.mount_id)
         changed = via_a.set_cluster_config(key, "1")
