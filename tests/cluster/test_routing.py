@@ -182,7 +182,8 @@ def test_a_killed_owner_makes_its_cubes_unavailable_naming_it(
     with _client(a) as via_a:
         cubes = [via_a.alloc_cube(f"crash-{run}-{i}") for i in range(9)]
         owner = {cube.cube_id: directory.lookup(cube.cube_id).owner for cube in cubes}  # type: ignore[union-attr]
-        on_gamma = [cid for cid, o in owner.items() if o == f"gamma-{run}"]
+        on_gamma = [cid for cid, o in owner.items() if o == f"gamma-{run}"] or \
+            [_alloc_on(via_a, f"gamma-{run}", f"crash-{run}-more").cube_id]  # 9 miss gamma 2.6% of the time
         elsewhere = [cid for cid, o in owner.items() if o != f"gamma-{run}"]
         assert on_gamma and elsewhere, owner
         mount = via_a.mount(on_gamma[0], writable=True)
