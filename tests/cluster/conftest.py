@@ -17,6 +17,12 @@ from node_rig import ThreeNodes, start_three_nodes
 from memosd.cluster.etcd import EtcdClient
 
 
+@pytest.fixture(scope="module")
+def run() -> str:
+    """A tag of the module's own, in its node and cube names (the session's etcd is shared by every module)."""
+    return uuid.uuid4().hex[:6]
+
+
 @pytest.fixture(scope="session")
 def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     binary = etcd_binary()

@@ -29,11 +29,6 @@ Cubes = dict[str, str]  # node ("alpha") -> the name of a cube it owns
 
 
 @pytest.fixture(scope="module")
-def run() -> str:
-    return uuid.uuid4().hex[:6]
-
-
-@pytest.fixture(scope="module")
 def nodes(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory, run: str, three_nodes: ThreeNodes
           ) -> Iterator[dict[str, DaemonProcess]]:
     root = tmp_path_factory.mktemp("http-routing")

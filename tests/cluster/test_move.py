@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -34,11 +33,6 @@ def _env(endpoints: list[str], name: str, crash_at: str = "") -> dict[str, str]:
     if crash_at:
         env["MEMOSD_TEST_CRASH_AT"] = crash_at
     return env
-
-
-@pytest.fixture(scope="module")
-def run() -> str:
-    return uuid.uuid4().hex[:6]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,6 @@ from memosd.cluster.view import node_tag
 from memosd.kernel import ids
 
 _env = node_env
-
-
-@pytest.fixture(scope="module")
-def run() -> str:
-    return uuid.uuid4().hex[:6]  # node names and cube names of this module's own
 
 
 @pytest.fixture(scope="module")
