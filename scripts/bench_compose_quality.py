@@ -19,7 +19,7 @@ BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
     keys re-rotated; tests/unit/test_kvcompose.py checks the engine gives these very logits), for each
     recompute fraction ``f`` of ``--fractions``, and "first cube only" (the later blocks dropped). Top-1
     agreement and KL(full || composed) of the next-token distribution after the question.
-(b) **Needle**, through gRPC (a daemon on the transformers engine): ``--needles`` facts ("The locker code
+(b) **Needle**, through gRPC (a daemon on ``--engine``, transformers by default): ``--needles`` facts ("The locker code
     of <name> is <4 digits>."), each planted at a random place in a cube of passages that is the 2nd or 3rd
     of 3 or 4 activated cubes (the others drawn from 4 filler cubes), and the question "What is the locker
     code of <name>?". Greedy replies of up to 24 tokens (SmolLM2 spells a code digit by digit, after "The locker code of X is"); a reply is right when it contains the code.
@@ -266,7 +266,7 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
     rng = random.Random(args.seed + 1)
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
            "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__POOL_BYTES": str(2 << 30),
-           "MEMOSD_RUNTIME__ENGINE": "transformers", "MEMOSD_SCHEDULER__ENABLED": "false"}
+           "MEMOSD_RUNTIME__ENGINE": args.engine, "MEMOSD_SCHEDULER__ENABLED": "false"}
     modes = ["full", "exact"] + [f"composed@{f:g}" for f in args.needle_fractions] + ["first cube only"]
     modes = [m for m in modes if m.split("@")[0].replace(" ", "-") not in args.skip]
     right = dict.fromkeys(modes, 0)
@@ -317,7 +317,7 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
     paired = {m: {"lost": sum(s["code"] in s["full"] and s["code"] not in s[m] for s in samples),
                   "gained": sum(s["code"] not in s["full"] and s["code"] in s[m] for s in samples)}
               for m in modes if m != "full" and "full" in modes}
-    return {"needles": args.needles, "seconds": round(time.perf_counter() - started, 1),
+    return {"needles": args.needles, "engine": args.engine, "seconds": round(time.perf_counter() - started, 1),
             "accuracy": {m: right[m] / args.needles for m in modes}, "paired_with_full": paired,
             "samples": samples}
 
@@ -339,6 +339,8 @@ def main() -> int:
                         "threads on two shared cores spin against each other, 10x slower)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "first-cube-only"],
                         help="(b): modes left out (exact gives the full prefill's reply by construction)")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                        help="(b): the daemon's engine (vLLM composes whole engine blocks: see ARCHITECTURE)")
     parser.add_argument("--block-tokens", type=int, default=700)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache")
@@ -366,7 +368,8 @@ def main() -> int:
                   f"{r['kl_max']:>7.4f}")
     if "needle" in result:
         b = result["needle"]
-        print(f"\n(b) needle in cube 2 or 3 of 3-4 activated cubes, through gRPC: {b['needles']} questions")
+        print(f"\n(b) needle in cube 2 or 3 of 3-4 activated cubes, through gRPC on {b['engine']}: {b['needles']} "
+              "questions")
         print(f"{'mode':>16} | {'accuracy':>8} | lost / gained against full")
         for mode, acc in b["accuracy"].items():
             pair = b["paired_with_full"].get(mode)

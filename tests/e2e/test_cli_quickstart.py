@@ -98,6 +98,12 @@ def test_readme_access_control(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert "intact" in ctl(daemon, "audit", "verify").stdout
     audit = ctl(daemon, "audit", "list", "--cube", "cli-shared").stdout.splitlines()
     assert any(row.split()[2:5] == ["admin", "Grant", "cli-shared"] for row in audit[1:]), audit
+    # --principal takes a name as well as an id; a name nobody has is refused, not an empty listing.
+    bobs = as_json(daemon, "audit", "list", "--principal", "cli-bob")["records"]
+    assert bobs and {r["method"] for r in bobs} >= {"WhoAmI", "Read"}
+    assert len({r["principal_id"] for r in bobs}) == 1 and bobs[0]["principal_id"].startswith("prn_")
+    nobody = ctl(daemon, "audit", "list", "--principal", "cli-nobody", ok=False)
+    assert nobody.returncode == 2 and "no principal named 'cli-nobody'" in nobody.stderr
     # A purge that matches nothing says so, instead of printing a receipt of zeros.
     nothing = ctl(daemon, "purge", "cli-shared", "--source", "chat-2024-05", "--yes").stdout
     assert nothing == "nothing matched --source chat-2024-05 in cube cli-shared; nothing was purged\n"

@@ -133,14 +133,15 @@ def _grants(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 # -- audit ------------------------------------------------------------------------------------------
 def _audit_list(client: Client, args: argparse.Namespace, out: Output) -> None:
+    names = Names(client)
+    principal_id = names.principal_id(args.principal) if args.principal else ""
     records = client.audit(after_seq=args.after, limit=args.limit, cube=args.cube or "",
-                           principal_id=args.principal or "", method=args.method or "", outcome=args.outcome or "",
+                           principal_id=principal_id, method=args.method or "", outcome=args.outcome or "",
                            since=args.since, until=args.until, follow=args.follow)
     if out.json and not args.follow:
         out.emit_json({"records": [to_dict(r) | {"body": r.body.decode()} for r in records]})
         return
     headers = ["SEQ", "TIME", "PRINCIPAL", "METHOD", "CUBE", "REV", "OUTCOME", "CODE", "USED"]
-    names = Names(client)
     if args.follow:  # one line per record as it arrives
         for r in records:
             out.stdout.write("  ".join(str(c) for c in _audit_row(r, names)) + "\n")
@@ -243,7 +244,7 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     verbs = audit.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("list", help="records in order, filtered")
     p.add_argument("--cube")
-    p.add_argument("--principal", help="principal id")
+    p.add_argument("--principal", help="principal id or name")
     p.add_argument("--method", help="syscall name, e.g. Generate")
     p.add_argument("--outcome", choices=["ok", "denied", "failed"])
     p.add_argument("--since", metavar="TIME")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from memosd_client.cli.inputs import UsageError
 from memosd_client.client import Client
 from memosd_client.errors import MemosError
+
+PRINCIPAL_ID_PREFIX = "prn_"
 
 
 class Names:
@@ -35,14 +38,30 @@ class Names:
             self._cubes = self._load(lambda: ((c.cube_id, c.name) for c in self._client.list_cubes()))
         return self._cubes.get(cube_id) or cube_id
 
-    def principal(self, principal_id: str) -> str:
-        """The principal's name, or its id when unknown ("-" for none)."""
-        if not principal_id:
-            return "-"
+    def _principal_names(self) -> dict[str, str]:
+        """Principal id -> name: every principal for an admin, else the caller alone."""
         if self._principals is None:
             self._principals = self._load(
                 lambda: ((p.principal_id, p.name) for p in self._client.list_principals()))
             if not self._principals:  # not an admin: the caller's own name is still cheap to know
                 me = self._load(lambda: [(w.principal_id, w.name) for w in [self._client.whoami()]])
                 self._principals.update(me)
-        return self._principals.get(principal_id) or principal_id
+        return self._principals
+
+    def principal(self, principal_id: str) -> str:
+        """The principal's name, or its id when unknown ("-" for none)."""
+        if not principal_id:
+            return "-"
+        return self._principal_names().get(principal_id) or principal_id
+
+    def principal_id(self, ref: str) -> str:
+        """The id of the principal ``ref`` names: an id as it is, a name looked up (every name for an
+        admin, the caller's own otherwise). Raises ``UsageError`` for a name not found: a filter on it
+        would match nothing and say nothing."""
+        if ref.startswith(PRINCIPAL_ID_PREFIX):
+            return ref
+        by_name = {name: pid for pid, name in self._principal_names().items()}
+        if ref not in by_name:
+            raise UsageError(f"no principal named {ref!r} that you can see; pass its id (prn_...) or a name "
+                             "from `memosctl principal list`")
+        return by_name[ref]
