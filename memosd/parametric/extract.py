@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -29,8 +29,11 @@ from memosd.reader import reconcile
 from memosd.reader.pipeline import AnswerUnavailable, Turn
 from memosd.reader.types import ITEM_KINDS, KIND_TAG_PREFIX, Candidate, Counts, ItemKind
 from memosd.runtime.complete import GreedyDecode, PromptTooLong
+from memosd.runtime.engine import PRIORITY_BACKGROUND as ENGINE_BACKGROUND
+from memosd.runtime.engine import Engine, Finished, Sampling, StreamEvent, TokenStream
 from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
+from memosd.runtime.tokens import chat_token_ids
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 
 SOURCE = "memosd:extract"  # the source of every item an Extract job writes
@@ -49,21 +52,31 @@ class Cancelled(Exception):
 
 
 class ModelExtractor:
-    """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt. A prompt
-    is decoded in short steps (runtime/complete.GreedyDecode: a prefill chunk, or a few tokens), each one task
-    on the runtime worker at background priority, so a Generate waits for one step, not for a whole prompt
-    (~30 s of SmolLM2 on a CPU); ``stop`` is seen between steps. The answer is started with "[" for the
-    model, so it writes the array rather than a preamble; what it writes after is parsed as strictly as any
-    answer."""
+    """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt, the answer
+    held to the prompt's JSON schema (reader/schema.py) when one is given. ``stop`` is seen between steps.
+
+    On the vllm engine (``engine`` given) a prompt is one generation of the serving engine at background
+    priority, constrained by vLLM's structured outputs: it batches with the Generates beside it, which go
+    ahead of it, and needs no second copy of the weights. On transformers a prompt is decoded in short steps
+    (runtime/complete.GreedyDecode: a prefill chunk, or a few tokens, with xgrammar's mask), each one task on
+    the runtime worker at background priority, so a Generate waits for one step, not for a whole prompt
+    (~30 s of SmolLM2 on a CPU). Without a schema the answer is started with "[" for the model, so it writes
+    the array rather than a preamble. Whatever it writes is parsed as strictly as any answer."""
 
     def __init__(self, host: ModelHost, loaded: LoadedModel, max_tokens: int,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, *, engine: Engine | None = None, salt: str = "") -> None:
         self._host, self._loaded, self._max_tokens = host, loaded, max_tokens
         self._stop = stop if stop is not None else threading.Event()
+        self._engine, self._salt = engine, salt or SOURCE
 
-    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
-        def start() -> GreedyDecode:  # the tokenizer, too, is used on the worker only
-            return GreedyDecode(self._loaded, messages, self._max_tokens, prefix="[")  # JSON from the start
+    def complete(self, messages: Sequence[tuple[str, str]], schema: Mapping[str, Any] | None = None) -> str:
+        schema_text = json.dumps(schema, separators=(",", ":")) if schema is not None else ""
+        if self._engine is not None:
+            return self._on_engine(self._engine, messages, schema_text)
+
+        def start() -> GreedyDecode:  # the tokenizer (and the grammar's compile), too, on the worker only
+            return GreedyDecode(self._loaded, messages, self._max_tokens, prefix="" if schema_text else "[",
+                                schema=schema_text)
 
         try:
             decode = self._host.run(start, priority=PRIORITY_BACKGROUND)
@@ -80,6 +93,39 @@ class ModelExtractor:
                 raise Cancelled()
             self._host.run(step, priority=PRIORITY_BACKGROUND)
         return decode.text()
+
+    def _on_engine(self, engine: Engine, messages: Sequence[tuple[str, str]], schema_text: str) -> str:
+        loaded = self._loaded
+        ids = self._host.run(lambda: chat_token_ids(loaded.tokenizer, [{"role": r, "content": c} for r, c in messages],
+                                                    generation_prompt=True), priority=PRIORITY_BACKGROUND)
+        if len(ids) + self._max_tokens > loaded.context_length:
+            raise AnswerUnavailable("prompt_too_long")
+        sampling = Sampling(max_tokens=self._max_tokens, temperature=0.0, logprobs=False, json_schema=schema_text)
+        # Not reused: no cube's blocks are read or written for it (its salt is the reader's, not a cube's).
+        stream = engine.generate(ids, sampling, salt=self._salt, priority=ENGINE_BACKGROUND, reuse=False)
+        parts: list[str] = []
+        while True:
+            event = self._next(stream)
+            if isinstance(event, Finished):
+                if event.reason == "error":
+                    raise RuntimeError(f"the engine failed an extraction prompt: {event.error}")
+                if event.reason == "aborted":  # the engine stopped under it (memosd stopping)
+                    raise Cancelled()
+                return "".join(parts)
+            if not event.end:
+                parts.append(event.text)
+
+    def _next(self, stream: TokenStream) -> StreamEvent:
+        """The stream's next event; a stop aborts the generation (the engine frees its slot at once)."""
+        future = stream.next()
+        while True:
+            if self._stop.is_set():
+                stream.abort()
+                raise Cancelled()
+            try:
+                return future.result(timeout=_POLL_S)
+            except FutureTimeout:
+                continue
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -109,7 +155,9 @@ class EndpointExtractor:
         self._token, self._model, self._max_tokens, self._timeout = token, model, max_tokens, timeout
         self._stop = stop if stop is not None else threading.Event()
 
-    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
+    def complete(self, messages: Sequence[tuple[str, str]], schema: Mapping[str, Any] | None = None) -> str:
+        # ``schema`` is not sent: not every OpenAI-compatible server takes response_format's json_schema,
+        # and the answer is parsed strictly either way.
         body = json.dumps({"model": self._model, "temperature": 0, "max_tokens": self._max_tokens,
                            "messages": [{"role": r, "content": c} for r, c in messages]}).encode()
         headers = {"Content-Type": "application/json"}

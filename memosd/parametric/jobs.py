@@ -333,9 +333,13 @@ class JobManager:
             if settings["url"]:  # a cancel stops the wait for the endpoint, and a model's decode between steps
                 kept, counts = read_turns(turns, extract.EndpointExtractor(
                     settings["url"], token, settings["model"], settings["max_tokens"], stop=cancel), progress)
-            else:
-                with self.host.training_model() as loaded:  # the weights (a transformers copy on vllm)
-                    reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"], cancel)
+            elif self.host.engine is not None:  # vllm: the serving engine decodes it, constrained by vLLM
+                reader: Extractor = extract.ModelExtractor(self.host, self.host.model(), settings["max_tokens"], cancel,
+                                                           engine=self.host.engine)
+                kept, counts = read_turns(turns, reader, progress)
+            else:  # transformers: the serving model's weights, on the worker in short steps
+                with self.host.training_model() as loaded:
+                    reader = extract.ModelExtractor(self.host, loaded, settings["max_tokens"], cancel)
                     kept, counts = read_turns(turns, reader, progress)
             job = self.get(job_id)
             self._check_still_holds(job, Right.WRITE)  # an expired grant closes no mount: check it now

@@ -25,7 +25,9 @@ from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountRe
 from memosd.kernel import validate
 from memosd.kernel.types import ItemInput, Message
 from memosd.parametric.extract import Cancelled, EndpointError, EndpointExtractor, ModelExtractor
+from memosd.reader.parse import parse_answer
 from memosd.reader.prompt import extraction_messages
+from memosd.reader.schema import answer_schema
 from memosd.reader.types import SourceTurn
 from memosd.runtime import complete
 from memosd.runtime.worker import PRIORITY_INTERACTIVE
@@ -292,6 +294,22 @@ def test_the_in_process_model_path_drops_noise(rig: Rig) -> None:
     assert p["answers_dropped"].get("prompt_too_long") == 1  # counted, and the read went on
     assert p["proposed"] == p["kept"] + sum(p["dropped"].values()) + sum(p["refused"].values())
     assert p["kept"] == 0 and final.result_revision == 0  # a random model's 24 tokens are no JSON array
+
+
+def test_the_in_process_model_decodes_under_the_answer_schema(rig: Rig) -> None:
+    """Schema-constrained decoding on the transformers path (xgrammar's mask in GreedyDecode): even the random
+    model's answer is a JSON array of whole items naming shown refs, so the strict parse drops no answer;
+    without the schema the same model writes no JSON at all."""
+    turns = [SourceTurn("t1", "itm_a", "Caroline", "I adopted a dog last week", MAY8),
+             SourceTurn("t2", "itm_b", "Melanie", "I love pottery", MAY8)]
+    refs = {t.ref: t.item_id for t in turns}
+    extractor = ModelExtractor(rig.host, rig.loaded, 1024)  # the schema's bounds fit well within it
+    constrained = extractor.complete(extraction_messages(turns), answer_schema(list(refs)))
+    parsed = parse_answer(constrained, refs)
+    assert parsed.answer_dropped == "", constrained
+    assert set(parsed.dropped) <= {"bad_text", "bad_date"}, parsed.dropped  # what a grammar cannot say: checked
+    free = parse_answer(extractor.complete(extraction_messages(turns)), refs)
+    assert free.answer_dropped == "not_json"
 
 
 def test_a_job_whose_mount_is_closed_commits_nothing(rig: Rig, endpoint: Endpoint) -> None:
