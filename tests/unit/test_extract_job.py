@@ -377,6 +377,20 @@ def test_a_stop_ends_the_wait_for_an_endpoint(endpoint: Endpoint) -> None:
     assert time.monotonic() - started < 3
 
 
+def test_an_abandoned_endpoint_call_ends_its_request_thread_at_once(endpoint: Endpoint) -> None:
+    """A cancel stops the job's wait, and the request thread with it: its blocked read is ended (the socket
+    shut down), not left to run to the call's 300 s deadline."""
+    endpoint.gate.clear()  # the endpoint never answers
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(Cancelled):
+        EndpointExtractor(endpoint.url, "", "", 16, stop=stop).complete([("user", "hi")])
+    [request] = [th for th in threading.enumerate() if th.name == "extract-endpoint"] or [None]
+    if request is not None:
+        request.join(10)  # before the endpoint answers (its gate waits 30 s), and well under the 300 s deadline
+        assert not request.is_alive()
+
+
 def test_the_in_process_model_decodes_in_short_worker_tasks_that_a_chat_can_come_between(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review M5: one prompt is many worker tasks (prefill chunks, a few tokens each), so an interactive task
