@@ -254,10 +254,12 @@ class _Call:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-def turns_at(kernel: Kernel, cube_id: str, revision: int) -> list[Turn]:
+def turns_at(kernel: Kernel, cube_id: str, revision: int, since: int = 0) -> list[Turn]:
     """The conversation turns (items with a speaker, not themselves derived) alive and neither archived nor
-    expired at ``revision``, in the order they were said."""
-    metas = [m for m in kernel.visible_items(cube_id, revision, time.time_ns()) if m.speaker and not m.derived_from]
+    expired at ``revision``, in the order they were said; with ``since``, only those whose version was born
+    after that revision (ingested or edited since: an incremental read)."""
+    metas = [m for m in kernel.visible_items(cube_id, revision, time.time_ns())
+             if m.speaker and not m.derived_from and m.born > since]
     versions = kernel.versions(cube_id, [(m.item_id, m.born) for m in metas])
     turns = [Turn(v.item_id, v.speaker, v.text, v.event_ns) for v in versions if v is not None]
     return sorted(turns, key=lambda t: (t.event_ns, t.item_id))

@@ -112,7 +112,8 @@ def final_state(rig: Rig, job_id: str) -> JobRecord:
 
 def run(rig: Rig, mount: str, endpoint: Endpoint | None = None, **kw: Any) -> JobRecord:
     url = endpoint.url if endpoint is not None else ""
-    job = rig.jobs.extract(mount, url, kw.pop("token", ""), "", 0, kw.pop("message", "read"), "tester")
+    job = rig.jobs.extract(mount, url, kw.pop("token", ""), "", 0, kw.pop("message", "read"), "tester",
+                           reread=kw.pop("reread", False))
     final = final_state(rig, job.job_id)
     assert final.state == "succeeded", final.error
     return final
@@ -150,7 +151,7 @@ def test_reconcile_adds_updates_and_retires_and_diff_shows_it(rig: Rig, endpoint
         item("event", "Caroline adopted a dog named Max.", ["t2", "t4"], "2023-05-05"),
         item("event", "Caroline adopted a dog.", ["t2"]),
     ])]
-    second = run(rig, mount, endpoint)
+    second = run(rig, mount, endpoint, reread=True)  # every turn, so an item can name an old and a new one
     assert second.progress["kept"] == 3
     assert (second.progress["added"], second.progress["updated"], second.progress["retired"],
             second.progress["duplicates"]) == (1, 1, 1, 1)
@@ -168,6 +169,23 @@ def test_reconcile_adds_updates_and_retires_and_diff_shows_it(rig: Rig, endpoint
     # Purging the dog turn takes the dog item (derived from it and, since its update, from the Max turn too).
     receipt = rig.kernel.purge("c", [turns[1]])
     assert receipt.derived_item_ids == [changed.item_id]
+
+
+def test_a_run_reads_only_the_turns_born_since_the_last_successful_one_unless_asked_to_reread(
+        rig: Rig, endpoint: Endpoint) -> None:
+    mount, _ = ingest(rig, "c", [("Caroline", "My favourite colour is blue"), ("Melanie", "I love pottery")])
+    first = run(rig, mount, endpoint)
+    assert first.progress["turns_total"] == 2 and first.settings["since"] == 0
+    rig.kernel.unmount(mount)
+    mount, _ = ingest(rig, "c", [("Caroline", "I adopted a dog last Friday")], at=MAY8 + 10)
+    second = run(rig, mount, endpoint)
+    assert second.progress["turns_total"] == 1 and second.settings["since"] == first.revision
+    prompt = endpoint.requests[1]["messages"][-1]["content"]  # the turns it read (before it: the example)
+    assert "adopted a dog" in prompt and "pottery" not in prompt and "[t2]" not in prompt
+    with pytest.raises(CubeEmpty, match="nothing new to read"):  # the same revision again: nothing new
+        rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    everything = run(rig, mount, endpoint, reread=True)
+    assert everything.progress["turns_total"] == 3 and everything.settings["since"] == 0
 
 
 def test_reconcile_sees_a_derived_item_committed_while_the_job_ran(rig: Rig, endpoint: Endpoint) -> None:
