@@ -225,7 +225,7 @@ def test_unparseable_and_unsupported_output_is_counted_never_stored(rig: Rig, en
     assert texts == {"I love pottery", "Melanie loves pottery."}
 
     endpoint.answers = ["Sure! Here is the JSON you asked for: []"]
-    job = run(rig, mount, endpoint)
+    job = run(rig, mount, endpoint, reread=True)  # the same turn again
     assert job.result_revision == 0 and job.progress["answers_dropped"] == {"not_json": 1}
 
 
