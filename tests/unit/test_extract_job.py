@@ -30,6 +30,8 @@ from memosd.reader.prompt import extraction_messages
 from memosd.reader.schema import answer_schema
 from memosd.reader.types import SourceTurn
 from memosd.runtime import complete
+from memosd.runtime.engine import PRIORITY_BACKGROUND as ENGINE_BACKGROUND
+from memosd.runtime.engine import Finished, Sampling, Token, TokenStream
 from memosd.runtime.worker import PRIORITY_INTERACTIVE
 from memosd.store.records import JobRecord
 
@@ -407,6 +409,55 @@ def test_an_abandoned_endpoint_call_ends_its_request_thread_at_once(endpoint: En
     if request is not None:
         request.join(10)  # before the endpoint answers (its gate waits 30 s), and well under the 300 s deadline
         assert not request.is_alive()
+
+
+class FakeEngine:
+    """A stand-in for the vllm engine's generate (the real one runs in tests/e2e/test_vllm_engine.py):
+    keeps each request's sampling and stream, and aborts into a list."""
+
+    def __init__(self) -> None:
+        self.sampling: list[Sampling] = []
+        self.streams: list[TokenStream] = []
+        self.aborted: list[str] = []
+
+    def generate(self, token_ids: Any, sampling: Sampling, **kw: Any) -> TokenStream:
+        assert kw["priority"] == ENGINE_BACKGROUND and kw["reuse"] is False
+        self.sampling.append(sampling)
+        stream = TokenStream(f"g{len(self.streams)}", self.aborted.append)
+        self.streams.append(stream)
+        return stream
+
+
+def test_on_the_vllm_engine_a_prompt_is_one_constrained_generation_and_a_stop_aborts_it(rig: Rig) -> None:
+    engine = FakeEngine()
+    stop = threading.Event()
+    extractor = ModelExtractor(rig.host, rig.loaded, 64, stop, engine=engine)  # type: ignore[arg-type]
+    schema = answer_schema(["t1"])
+    answer: list[str] = []
+    first = threading.Thread(target=lambda: answer.append(extractor.complete([("user", "hi")], schema)))
+    first.start()
+    while not engine.streams:
+        time.sleep(0.01)
+    engine.streams[0].push(Token(1, None, "[]"))
+    engine.streams[0].push(Finished("end", 3, 0, 1, 0, 0))
+    first.join(30)
+    assert answer == ["[]"] and json.loads(engine.sampling[0].json_schema) == schema
+    assert engine.sampling[0].temperature == 0.0 and engine.sampling[0].max_tokens == 64
+    stopped: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            extractor.complete([("user", "hi")], schema)
+        except Cancelled as error:
+            stopped.append(error)
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    while len(engine.streams) < 2:
+        time.sleep(0.01)
+    stop.set()  # the engine never answers this one: the stop aborts it there
+    waiter.join(30)
+    assert stopped and engine.aborted == ["g1"]
 
 
 def test_the_in_process_model_decodes_in_short_worker_tasks_that_a_chat_can_come_between(
