@@ -66,8 +66,3 @@ class JsonConstraint:
     def accept(self, token: int) -> None:
         if not self._matcher.accept_token(token):
             raise RuntimeError(f"token {token} is not allowed by the answer's schema")  # the mask picked it
-
-    @property
-    def complete(self) -> bool:
-        """Whether the schema's value is whole (the matcher has reached its end)."""
-        return bool(self._matcher.is_terminated())
