@@ -4,8 +4,9 @@
     .venv/bin/python scripts/bench_reader.py --conversations 1 --max-turns 64     # a subset (minutes)
     .venv/bin/python scripts/bench_reader.py --data /work/shared/data/conversations/locomo-dev.json
 
-Starts a daemon with the embedded SmolLM2-135M (in process, transformers, on --device) on a temporary data
-dir. For each of the first --conversations conversations of the dev set (read in place, never copied) it
+Starts a daemon with the embedded SmolLM2-135M (in process, on --device, the --engine: vllm, the default,
+or transformers) on a temporary data dir; either engine decodes each prompt constrained to the answer's
+JSON schema (memosd/reader/schema.py). For each of the first --conversations conversations of the dev set (read in place, never copied) it
 ingests the first --max-turns turns into a cube of its own exactly as scripts/bench_conversation.py does
 (its ``load``: speaker, text plus the shared image's caption, the session as session id, the session's date
 as the turn's time), then runs one Extract job over them (the in-process model, greedy, --max-tokens a
@@ -189,6 +190,7 @@ def main() -> int:
     parser.add_argument("--max-turns", type=int, default=64, help="the first N turns of each conversation")
     parser.add_argument("--max-tokens", type=int, default=256, help="the answer budget a prompt (0: the default)")
     parser.add_argument("--device", default="cpu", help="runtime.device: cpu, cuda, auto")
+    parser.add_argument("--engine", default="vllm", choices=("vllm", "transformers"), help="runtime.engine")
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache",
                         help="where the dequantized model is kept between runs")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench_reader.json")
@@ -198,7 +200,7 @@ def main() -> int:
         args.data = DEFAULT_DATA
     convs = load(args.data)[: args.conversations]
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": args.device,
-           "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__ENGINE": "transformers"}
+           "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__ENGINE": args.engine}
     results, items = [], []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

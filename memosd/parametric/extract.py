@@ -10,12 +10,14 @@ cube's derived items at HEAD and commits them as one revision through a read-wri
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -29,8 +31,11 @@ from memosd.reader import reconcile
 from memosd.reader.pipeline import AnswerUnavailable, Turn
 from memosd.reader.types import ITEM_KINDS, KIND_TAG_PREFIX, Candidate, Counts, ItemKind
 from memosd.runtime.complete import GreedyDecode, PromptTooLong
+from memosd.runtime.engine import PRIORITY_BACKGROUND as ENGINE_BACKGROUND
+from memosd.runtime.engine import Engine, Finished, Sampling, StreamEvent, TokenStream
 from memosd.runtime.host import ModelHost
 from memosd.runtime.model import LoadedModel
+from memosd.runtime.tokens import chat_token_ids
 from memosd.runtime.worker import PRIORITY_BACKGROUND
 
 SOURCE = "memosd:extract"  # the source of every item an Extract job writes
@@ -49,21 +54,31 @@ class Cancelled(Exception):
 
 
 class ModelExtractor:
-    """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt. A prompt
-    is decoded in short steps (runtime/complete.GreedyDecode: a prefill chunk, or a few tokens), each one task
-    on the runtime worker at background priority, so a Generate waits for one step, not for a whole prompt
-    (~30 s of SmolLM2 on a CPU); ``stop`` is seen between steps. The answer is started with "[" for the
-    model, so it writes the array rather than a preamble; what it writes after is parsed as strictly as any
-    answer."""
+    """The in-process model: greedy, on the base model, at most ``max_tokens`` new tokens a prompt, the answer
+    held to the prompt's JSON schema (reader/schema.py) when one is given. ``stop`` is seen between steps.
+
+    On the vllm engine (``engine`` given) a prompt is one generation of the serving engine at background
+    priority, constrained by vLLM's structured outputs: it batches with the Generates beside it, which go
+    ahead of it, and needs no second copy of the weights. On transformers a prompt is decoded in short steps
+    (runtime/complete.GreedyDecode: a prefill chunk, or a few tokens, with xgrammar's mask), each one task on
+    the runtime worker at background priority, so a Generate waits for one step, not for a whole prompt
+    (~30 s of SmolLM2 on a CPU). Without a schema the answer is started with "[" for the model, so it writes
+    the array rather than a preamble. Whatever it writes is parsed as strictly as any answer."""
 
     def __init__(self, host: ModelHost, loaded: LoadedModel, max_tokens: int,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, *, engine: Engine | None = None, salt: str = "") -> None:
         self._host, self._loaded, self._max_tokens = host, loaded, max_tokens
         self._stop = stop if stop is not None else threading.Event()
+        self._engine, self._salt = engine, salt or SOURCE
 
-    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
-        def start() -> GreedyDecode:  # the tokenizer, too, is used on the worker only
-            return GreedyDecode(self._loaded, messages, self._max_tokens, prefix="[")  # JSON from the start
+    def complete(self, messages: Sequence[tuple[str, str]], schema: Mapping[str, Any] | None = None) -> str:
+        schema_text = json.dumps(schema, separators=(",", ":")) if schema is not None else ""
+        if self._engine is not None:
+            return self._on_engine(self._engine, messages, schema_text)
+
+        def start() -> GreedyDecode:  # the tokenizer (and the grammar's compile), too, on the worker only
+            return GreedyDecode(self._loaded, messages, self._max_tokens, prefix="" if schema_text else "[",
+                                schema=schema_text)
 
         try:
             decode = self._host.run(start, priority=PRIORITY_BACKGROUND)
@@ -81,56 +96,87 @@ class ModelExtractor:
             self._host.run(step, priority=PRIORITY_BACKGROUND)
         return decode.text()
 
+    def _on_engine(self, engine: Engine, messages: Sequence[tuple[str, str]], schema_text: str) -> str:
+        loaded = self._loaded
+        ids = self._host.run(lambda: chat_token_ids(loaded.tokenizer, [{"role": r, "content": c} for r, c in messages],
+                                                    generation_prompt=True), priority=PRIORITY_BACKGROUND)
+        if len(ids) + self._max_tokens > loaded.context_length:
+            raise AnswerUnavailable("prompt_too_long")
+        sampling = Sampling(max_tokens=self._max_tokens, temperature=0.0, logprobs=False, json_schema=schema_text)
+        # Not reused: no cube's blocks are read or written for it (its salt is the reader's, not a cube's).
+        stream = engine.generate(ids, sampling, salt=self._salt, priority=ENGINE_BACKGROUND, reuse=False)
+        parts: list[str] = []
+        while True:
+            event = self._next(stream)
+            if isinstance(event, Finished):
+                if event.reason == "error":
+                    raise RuntimeError(f"the engine failed an extraction prompt: {event.error}")
+                if event.reason == "aborted":  # the engine stopped under it (memosd stopping)
+                    raise Cancelled()
+                return "".join(parts)
+            if not event.end:
+                parts.append(event.text)
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error, never followed: following it would send the caller's token (and the cube's
-    turns) to a host the operator did not allow ([reader] endpoints)."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> None:
-        return None
-
-
-_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+    def _next(self, stream: TokenStream) -> StreamEvent:
+        """The stream's next event; a stop aborts the generation (the engine frees its slot at once)."""
+        future = stream.next()
+        while True:
+            if self._stop.is_set():
+                stream.abort()
+                raise Cancelled()
+            try:
+                return future.result(timeout=_POLL_S)
+            except FutureTimeout:
+                continue
 
 
 class EndpointExtractor:
     """An OpenAI-compatible endpoint (``POST <url>/chat/completions``), at temperature 0.
 
-    A call is bounded: its whole answer must come within ``timeout`` seconds (urllib's own timeout bounds each
+    A call is bounded: its whole answer must come within ``timeout`` seconds (a socket timeout bounds each
     socket operation, not the call: an endpoint that trickles bytes would hold it for good), else the job
     fails. The request runs on a thread of its own and the job thread waits for it, or for ``stop`` (a
-    CancelJob, memosd stopping), whichever comes first: a cancel does not wait for the endpoint. The
-    abandoned request ends at its next read (it checks the deadline and ``stop`` between chunks)."""
+    CancelJob, memosd stopping), whichever comes first: a cancel does not wait for the endpoint. An abandoned
+    call does not linger either: the job thread shuts its socket down, which ends the request thread's
+    blocked read at once (only a connect still in progress runs on, to its own timeout, and then stops).
+
+    Plain ``http.client``, which follows no redirect: a 3xx is an error naming its status, never followed, so
+    the caller's token (and the cube's turns) never go to a host the operator did not allow ([reader]
+    endpoints)."""
 
     def __init__(self, url: str, token: str, model: str, max_tokens: int, timeout: float = ENDPOINT_TIMEOUT_S,
                  stop: threading.Event | None = None) -> None:
-        self._url = url.rstrip("/") + "/chat/completions"
+        self._url = urllib.parse.urlsplit(url.rstrip("/") + "/chat/completions")
         self._token, self._model, self._max_tokens, self._timeout = token, model, max_tokens, timeout
         self._stop = stop if stop is not None else threading.Event()
 
-    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
+    def complete(self, messages: Sequence[tuple[str, str]], schema: Mapping[str, Any] | None = None) -> str:
+        # ``schema`` is not sent: not every OpenAI-compatible server takes response_format's json_schema,
+        # and the answer is parsed strictly either way.
         body = json.dumps({"model": self._model, "temperature": 0, "max_tokens": self._max_tokens,
                            "messages": [{"role": r, "content": c} for r, c in messages]}).encode()
         headers = {"Content-Type": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
         deadline = time.monotonic() + self._timeout
         answer: Future[bytes] = Future()
-        threading.Thread(target=self._fetch, args=(request, deadline, answer), name="extract-endpoint",
+        call = _Call()
+        threading.Thread(target=self._fetch, args=(body, headers, deadline, answer, call), name="extract-endpoint",
                          daemon=True).start()
-        while True:
-            if self._stop.is_set():
-                raise Cancelled()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise EndpointError(f"the extractor endpoint did not answer within {self._timeout:g} s")
-            try:
-                raw = answer.result(timeout=min(left, _POLL_S))
-                break
-            except FutureTimeout:
-                continue
+        try:
+            while True:
+                if self._stop.is_set():
+                    raise Cancelled()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EndpointError(f"the extractor endpoint did not answer within {self._timeout:g} s")
+                try:
+                    raw = answer.result(timeout=min(left, _POLL_S))
+                    break
+                except FutureTimeout:
+                    continue
+        finally:
+            call.abandon()  # a no-op once the answer is in; else the request thread's read ends now
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -139,42 +185,81 @@ class EndpointExtractor:
             raise EndpointError("the extractor endpoint's answer has no text content")
         return content
 
-    def _fetch(self, request: urllib.request.Request, deadline: float, answer: Future[bytes]) -> None:
+    def _fetch(self, body: bytes, headers: dict[str, str], deadline: float, answer: Future[bytes], call: _Call
+               ) -> None:
         """The HTTP call (on its own thread): the answer's bytes, or an EndpointError, into ``answer``."""
         try:
-            answer.set_result(self._read(request, deadline))
+            answer.set_result(self._read(body, headers, deadline, call))
         except EndpointError as error:
             answer.set_exception(error)
         except Exception as error:  # the job thread reports it; this thread must not die silently
             answer.set_exception(EndpointError(f"the extractor endpoint could not be asked ({type(error).__name__})"))
 
-    def _read(self, request: urllib.request.Request, deadline: float) -> bytes:
+    def _read(self, body: bytes, headers: dict[str, str], deadline: float, call: _Call) -> bytes:
+        url = self._url
+        timeout = max(0.1, deadline - time.monotonic())  # each socket operation: what is left of the call
+        conn = (http.client.HTTPSConnection(url.hostname or "", url.port, timeout=timeout,
+                                            context=ssl.create_default_context())
+                if url.scheme == "https" else http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout))
         try:
-            # The url was checked: http(s). Each socket operation is bounded by what is left of the call.
-            with _NO_REDIRECTS.open(request, timeout=max(0.1, deadline - time.monotonic())) as response:
-                parts: list[bytes] = []
-                size = 0
-                while size <= MAX_RESPONSE_BYTES:
-                    if self._stop.is_set() or time.monotonic() > deadline:
-                        raise EndpointError("the extractor endpoint's answer was abandoned (stopped or too slow)")
-                    part = response.read(min(_READ_CHUNK, MAX_RESPONSE_BYTES + 1 - size))
-                    if not part:
-                        break
-                    parts.append(part)
-                    size += len(part)
-        except urllib.error.HTTPError as error:
-            raise EndpointError(f"the extractor endpoint answered HTTP {error.code} ({error.reason})") from None
-        except (urllib.error.URLError, OSError) as error:
+            conn.connect()
+            if not call.hold(conn):  # abandoned while connecting
+                raise EndpointError("the extractor endpoint's answer was abandoned (stopped or too slow)")
+            conn.request("POST", url.path + (f"?{url.query}" if url.query else ""), body=body, headers=headers)
+            response = conn.getresponse()
+            if not 200 <= response.status < 300:
+                raise EndpointError(f"the extractor endpoint answered HTTP {response.status} ({response.reason})")
+            parts: list[bytes] = []
+            size = 0
+            while size <= MAX_RESPONSE_BYTES:
+                if call.abandoned or time.monotonic() > deadline:
+                    raise EndpointError("the extractor endpoint's answer was abandoned (stopped or too slow)")
+                part = response.read(min(_READ_CHUNK, MAX_RESPONSE_BYTES + 1 - size))
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+        except (OSError, http.client.HTTPException) as error:
+            if call.abandoned:
+                raise EndpointError("the extractor endpoint's answer was abandoned (stopped or too slow)") from None
             raise EndpointError(f"the extractor endpoint could not be reached: {error}") from None
+        finally:
+            conn.close()
         if size > MAX_RESPONSE_BYTES:
             raise EndpointError(f"the extractor endpoint's answer is over {MAX_RESPONSE_BYTES} bytes")
         return b"".join(parts)
 
 
-def turns_at(kernel: Kernel, cube_id: str, revision: int) -> list[Turn]:
+class _Call:
+    """One endpoint call's connection, shared by the job thread (which may abandon it) and the request thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self.abandoned = False
+
+    def hold(self, conn: http.client.HTTPConnection) -> bool:
+        """Keep ``conn`` (connected) for ``abandon``; False when the call was abandoned already."""
+        with self._lock:
+            self._conn = conn
+            return not self.abandoned
+
+    def abandon(self) -> None:
+        """Shut the call's socket down: a read blocked on it in the request thread returns at once."""
+        with self._lock:
+            self.abandoned = True
+            sock = self._conn.sock if self._conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed already (the call ended)
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def turns_at(kernel: Kernel, cube_id: str, revision: int, since: int = 0) -> list[Turn]:
     """The conversation turns (items with a speaker, not themselves derived) alive and neither archived nor
-    expired at ``revision``, in the order they were said."""
-    metas = [m for m in kernel.visible_items(cube_id, revision, time.time_ns()) if m.speaker and not m.derived_from]
+    expired at ``revision``, in the order they were said; with ``since``, only those whose version was born
+    after that revision (ingested or edited since: an incremental read)."""
+    metas = [m for m in kernel.visible_items(cube_id, revision, time.time_ns())
+             if m.speaker and not m.derived_from and m.born > since]
     versions = kernel.versions(cube_id, [(m.item_id, m.born) for m in metas])
     turns = [Turn(v.item_id, v.speaker, v.text, v.event_ns) for v in versions if v is not None]
     return sorted(turns, key=lambda t: (t.event_ns, t.item_id))

@@ -169,15 +169,22 @@ class JobManager:
         return job
 
     def extract(self, mount_id: str, url: str, token: str, model: str, max_tokens: int, message: str,
-                author: str, principal: str = "") -> JobRecord:
+                author: str, principal: str = "", *, reread: bool = False) -> JobRecord:
         """Start a MemReader job over the read-write mount's turns at its base revision (parametric/
-        extract.py); its result is committed at HEAD. ``token`` stays in memory: it is not in the record."""
+        extract.py); its result is committed at HEAD. ``token`` stays in memory: it is not in the record.
+        Incremental unless ``reread``: only the turns born after the revision the cube's last successful
+        extraction read (``read_through``) are read."""
         self.kernel.writable_mount(mount_id)  # MOUNT_READ_ONLY / CUBE_FROZEN now, not in the background
         mount = self.kernel.mount_state(mount_id)
         cube = self.kernel.cube_of(mount)
         revision = mount.record.base
         budget = validate.extractor(url, token, model, max_tokens, self._extract_endpoints)
-        turns = extract.turns_at(self.kernel, cube.cube_id, revision)
+        since = 0 if reread else min(self.read_through(cube.cube_id), revision)
+        turns = extract.turns_at(self.kernel, cube.cube_id, revision, since)
+        if not turns and since:
+            raise CubeEmpty(f"cube {cube.record.name!r} has no conversation turns new since revision {since}, which "
+                            "its last extraction read: there is nothing new to read. Ingest more, or ask to reread "
+                            "every turn", cube=cube.cube_id, revision=revision)
         if not turns:
             raise CubeEmpty(f"cube {cube.record.name!r} has no conversation turns at revision {revision}: there is "
                             "nothing to read. Ingest a conversation first", cube=cube.cube_id, revision=revision)
@@ -195,7 +202,7 @@ class JobManager:
                         f"cube {cube.record.name!r} already has extraction job {busy[0].job_id} ({busy[0].state}); "
                         "wait for it (WatchJob) or cancel it (CancelJob) first", job=busy[0].job_id)
                 settings = {"extractor": "endpoint" if url else "model", "url": url, "model": model,
-                            "max_tokens": budget, "commit_mount": commit_mount}
+                            "max_tokens": budget, "commit_mount": commit_mount, "since": since}
                 job = JobRecord(ids.new_id(ids.JOB_PREFIX), cube.cube_id, revision, settings, message, author,
                                 time.time_ns(), principal=principal, kind="extract",
                                 progress=extract.progress_of(Counts(), len(turns)))
@@ -215,6 +222,14 @@ class JobManager:
         log_event(log, "extract", job=job.job_id, cube=cube.cube_id, revision=revision, turns=len(turns),
                   extractor=settings["extractor"])
         return job
+
+    def read_through(self, cube_id: str) -> int:
+        """The revision the cube's last successful extraction read (0: none is on record). The mark is the job
+        records themselves (persisted, the last ``MAX_JOBS`` kept): once pruned, the next run reads every
+        turn again, which costs model time but stores nothing twice (reconcile finds the duplicates)."""
+        with self._cond:
+            return max((j.revision for j in self._jobs.values()
+                        if j.cube_id == cube_id and j.kind == "extract" and j.state == "succeeded"), default=0)
 
     def get(self, job_id: str) -> JobRecord:
         with self._cond:
@@ -333,9 +348,13 @@ class JobManager:
             if settings["url"]:  # a cancel stops the wait for the endpoint, and a model's decode between steps
                 kept, counts = read_turns(turns, extract.EndpointExtractor(
                     settings["url"], token, settings["model"], settings["max_tokens"], stop=cancel), progress)
-            else:
-                with self.host.training_model() as loaded:  # the weights (a transformers copy on vllm)
-                    reader: Extractor = extract.ModelExtractor(self.host, loaded, settings["max_tokens"], cancel)
+            elif self.host.engine is not None:  # vllm: the serving engine decodes it, constrained by vLLM
+                reader: Extractor = extract.ModelExtractor(self.host, self.host.model(), settings["max_tokens"], cancel,
+                                                           engine=self.host.engine)
+                kept, counts = read_turns(turns, reader, progress)
+            else:  # transformers: the serving model's weights, on the worker in short steps
+                with self.host.training_model() as loaded:
+                    reader = extract.ModelExtractor(self.host, loaded, settings["max_tokens"], cancel)
                     kept, counts = read_turns(turns, reader, progress)
             job = self.get(job_id)
             self._check_still_holds(job, Right.WRITE)  # an expired grant closes no mount: check it now

@@ -7,21 +7,25 @@ an OpenAI-compatible endpoint, or a test double. Whatever it answers goes throug
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from memosd.kernel import validate
 from memosd.reader.parse import parse_answer
 from memosd.reader.prompt import extraction_messages, refs_for
+from memosd.reader.schema import answer_schema
 from memosd.reader.support import refusal
 from memosd.reader.types import Candidate, Counts, SourceTurn
 
 
 class Extractor(Protocol):
-    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
-        """The model's answer to a chat of (role, content) pairs. Raises AnswerUnavailable when this prompt
-        gets no answer (counted, the read goes on); any other error ends the read."""
+    def complete(self, messages: Sequence[tuple[str, str]], schema: Mapping[str, Any] | None = None) -> str:
+        """The model's answer to a chat of (role, content) pairs; ``schema`` is the JSON schema the answer
+        should follow (schema.py), which an extractor that can constrain its decoding holds it to (the
+        in-process model does; an endpoint may ignore it: the answer is parsed strictly either way). Raises
+        AnswerUnavailable when this prompt gets no answer (counted, the read goes on); any other error ends
+        the read."""
         ...
 
 
@@ -57,7 +61,7 @@ def read_chunk(chunk: Sequence[SourceTurn], extractor: Extractor) -> tuple[list[
     """The supported candidates of one prompt's answer, and its counts."""
     counts = Counts(turns=len(chunk), prompts=1)
     try:
-        answer = extractor.complete(extraction_messages(chunk))
+        answer = extractor.complete(extraction_messages(chunk), answer_schema([t.ref for t in chunk]))
     except AnswerUnavailable as unavailable:
         counts.answers_dropped[unavailable.reason] += 1
         return [], counts

@@ -9,6 +9,9 @@ time, so a prompt done in one task would hold every Generate behind it. ``Greedy
 prefill chunk, or a few tokens, and the caller hands each step to the worker as its own task (as
 runtime/transformers_engine.py does for Generate), so other callers' tasks interleave between steps; the
 caller may also stop between steps. Its tensors are touched only inside ``step``, i.e. on the worker.
+
+With ``schema`` (a JSON schema's text) the decode is constrained to it (runtime/grammar.py): each pick is
+the likeliest token the schema allows next, and the answer ends once its value is whole.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from memosd.runtime.grammar import JsonConstraint
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.tokens import chat_token_ids, encode_text
 
@@ -30,12 +34,15 @@ class PromptTooLong(Exception):
 class GreedyDecode:
     """The model's answer to ``messages`` ((role, content) pairs), greedy, at most ``max_new_tokens``, built by
     calling ``step`` until ``done``; with ``prefix``, the answer is made to start with it (its tokens follow the
-    prompt, and ``text`` returns it too): "[" keeps a small model on a JSON array instead of a preamble.
-    Raises PromptTooLong at once when the prompt and the budget exceed the model's context."""
+    prompt, and ``text`` returns it too): "[" keeps a small model on a JSON array instead of a preamble; with
+    ``schema`` the answer is held to that JSON schema (no prefix is needed then: the schema says how it
+    starts). Raises PromptTooLong at once when the prompt and the budget exceed the model's context."""
 
     def __init__(self, loaded: LoadedModel, messages: Sequence[tuple[str, str]], max_new_tokens: int,
-                 prefix: str = "", *, prefill_chunk: int = PREFILL_CHUNK, tokens_per_step: int = TOKENS_PER_STEP
-                 ) -> None:
+                 prefix: str = "", *, schema: str = "", prefill_chunk: int = PREFILL_CHUNK,
+                 tokens_per_step: int = TOKENS_PER_STEP) -> None:
+        if prefix and schema:
+            raise ValueError("a constrained answer starts as its schema says: give a prefix or a schema")
         ids = chat_token_ids(loaded.tokenizer, [{"role": r, "content": c} for r, c in messages],
                              generation_prompt=True)
         ids += encode_text(loaded.tokenizer, prefix) if prefix else []
@@ -47,6 +54,7 @@ class GreedyDecode:
         self._cache: Any = None  # transformers' DynamicCache, made on the worker at the first step
         self._next: int | None = None  # the token picked last, not yet fed to the model
         self._out: list[int] = []
+        self._constraint = JsonConstraint(loaded.tokenizer, _vocab_size(loaded), schema) if schema else None
         self.steps = 0
         self.done = max_new_tokens <= 0
 
@@ -67,13 +75,21 @@ class GreedyDecode:
                 piece, self._pending = self._pending[:self._prefill_chunk], self._pending[self._prefill_chunk:]
                 logits = self._forward(model, piece)
                 if not self._pending:
-                    self._pick(int(logits.argmax()), eos)
+                    self._pick(self._choose(logits), eos)
                 return
             for _ in range(self._tokens_per_step):
                 if self.done or self._next is None:
                     return
                 logits = self._forward(model, [self._next])
-                self._pick(int(logits.argmax()), eos)
+                self._pick(self._choose(logits), eos)
+
+    def _choose(self, logits: Any) -> int:
+        """The greedy pick: the likeliest token, of those the schema allows next when there is one."""
+        if self._constraint is None:
+            return int(logits.argmax())
+        token = int(self._constraint.mask(logits).argmax())
+        self._constraint.accept(token)
+        return token
 
     def _forward(self, model: Any, tokens: list[int]) -> Any:
         import torch
@@ -104,10 +120,16 @@ class GreedyDecode:
         return self._prefix + str(self._loaded.tokenizer.decode(self._out, skip_special_tokens=True))
 
 
+def _vocab_size(loaded: LoadedModel) -> int:
+    """The rows of the model's logits (its config's vocabulary; the tokenizer's may be shorter)."""
+    size = getattr(loaded.structure.config, "vocab_size", None)
+    return int(size) if size else len(loaded.tokenizer)
+
+
 def greedy_complete(loaded: LoadedModel, messages: Sequence[tuple[str, str]], max_new_tokens: int,
-                    prefix: str = "") -> str:
+                    prefix: str = "", *, schema: str = "") -> str:
     """The whole answer in one call (on the worker thread): ``GreedyDecode`` stepped to its end."""
-    decode = GreedyDecode(loaded, messages, max_new_tokens, prefix)
+    decode = GreedyDecode(loaded, messages, max_new_tokens, prefix, schema=schema)
     while not decode.done:
         decode.step()
     return decode.text()

@@ -65,6 +65,10 @@ class Sampling:
     stop: tuple[str, ...] = ()
     logprobs: bool = True  # each token's log-probability under the model (before temperature and top-p)
     ignore_eos: bool = False  # benchmarks: always max_tokens
+    # A JSON schema's text the answer is held to (schema-constrained decoding; the MemReader's extraction):
+    # the vllm engine only (vLLM's structured outputs); the transformers engine's reader constrains its own
+    # decode (runtime/complete.py), and its Generate refuses a schema rather than ignore it.
+    json_schema: str = ""
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,9 @@ class TransformersEngine:
         prompt between them is computed as usual. ``keep`` is for exact prefixes only: never with them."""
         if keep is not None and placements:
             raise ValueError("a composed prefix is not exact: it cannot be kept as a combination")
+        if sampling.json_schema:  # no caller asks it of this engine; ignoring it would answer unconstrained
+            raise ValueError("the transformers engine's Generate does not constrain to a schema "
+                             "(runtime/complete.GreedyDecode does)")
         box: list[_Generation] = []
         stream = _PulledStream(uuid.uuid4().hex, lambda _rid: box[0].aborted.set(), lambda: self._step_if_due(box[0]))
         reused = (prefix.n_tokens if prefix is not None else 0) + sum(p.placed_tokens for p in placements)

@@ -383,7 +383,8 @@ class MemOSServicer(GovernanceHandlers):
     def Extract(self, req: pb.ExtractRequest, call: Call) -> pb.ExtractResponse:
         x = req.extractor
         job = self.jobs.extract(req.mount_id, x.url, x.token, x.model, x.max_tokens, req.message,
-                                req.author or call.caller.name, principal=call.caller.principal_id)
+                                req.author or call.caller.name, principal=call.caller.principal_id,
+                                reread=req.reread)
         call.note(artifacts=[f"job:{job.job_id}"])
         return pb.ExtractResponse(header=cv.header(job.cube_id, self.kernel.head(job.cube_id), job.revision),
                                   job=cv.job(job))

@@ -276,7 +276,7 @@ def test_extract_through_this_endpoint(client: Client, daemon: DaemonProcess, ba
     chats = [r for r in client.audit(method="OpenAI.ChatCompletions") if r.outcome == t.AUDIT_OUTCOME_OK]
     assert chats, "the job's request went through the gate"
     with client.mount("chat", writable=True) as m:  # a wrong token: the endpoint refuses, the job fails and says so
-        bad = m.extract(url=base_url, token="mtk.nobody.wrong", model="memosd")
+        bad = m.extract(url=base_url, token="mtk.nobody.wrong", model="memosd", reread=True)  # the same turn
         failed = client.wait_job(bad.job_id, timeout=120)
     assert failed.state == t.JOB_STATE_FAILED and "HTTP 401" in failed.error
     with client.mount("chat", writable=True) as m, pytest.raises(InvalidArgument, match=r"\[reader\] endpoints"):

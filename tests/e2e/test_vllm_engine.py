@@ -439,6 +439,26 @@ def test_train_loads_a_transformers_copy_for_the_job_and_its_adapter_is_served_a
     assert (list(tuned.token_ids), list(tuned.token_logprobs)) != (list(base.token_ids), list(base.token_logprobs))
 
 
+def test_extract_decodes_on_the_engine_under_the_answer_schema(
+    vc: Client, vdaemon: DaemonProcess, cube_name: str
+) -> None:
+    """On vllm the MemReader's prompts are generations of the serving engine, constrained by vLLM's
+    structured outputs (reader/schema.py): no transformers copy is loaded for them, and the 135M model's
+    answer is a JSON array (unconstrained it was not, 13-15 of 16 times: BENCHMARKS.md)."""
+    vc.alloc_cube(cube_name)
+    before = vdaemon.full_log().count("event=train_model_loaded")
+    with vc.mount(cube_name, writable=True) as m:
+        vc.ingest(m, [{"speaker": "Caroline", "text": "I adopted a dog last week. His name is Max."},
+                      {"speaker": "Melanie", "text": "I love pottery and I paint every Sunday."}], session_id="s1")
+        final = vc.wait_job(m.extract(max_tokens=256).job_id, timeout=600)
+    assert final.state == t.JOB_STATE_SUCCEEDED, final.error
+    x = final.extract
+    assert x.answers_dropped == 0, dict(x.answers_dropped_by_reason)  # the one answer parsed as an array
+    assert x.proposed == x.kept + x.dropped + x.refused  # "[]" is an answer too
+    assert set(x.dropped_by_reason) <= {"bad_text", "bad_date"}  # the rest the schema cannot write
+    assert vdaemon.full_log().count("event=train_model_loaded") == before
+
+
 def test_after_a_restart_generate_loads_the_blocks_from_the_store(vdaemon: DaemonProcess, cube_name: str) -> None:
     """Stops and starts the module's daemon on its data dir (the other tests reconnect per test). Composed
     reuse (issue 13, point 3: restarts) is checked on the same restart: two cubes' blocks, composed before

@@ -1482,6 +1482,7 @@ def test_mem_extract_follows_the_job_and_passes_the_token_from_the_environment(
     x = req.extractor
     assert (x.url, x.token, x.model, x.max_tokens, req.message, req.author) == (
         "http://127.0.0.1:9/v1", "sk-secret", "m", 64, "read it", "ops")
+    assert not req.reread  # incremental unless asked
     assert requests_of(fake, "Mount")[-1].mode == types_pb2.MOUNT_MODE_READ_WRITE
     assert "reading 3 turns of cube cube_0001" in r.err and "prompt 2/2 100% kept 2 dropped 1 refused 1" in r.err
     block = block_of(r.out)
@@ -1494,6 +1495,8 @@ def test_mem_extract_follows_the_job_and_passes_the_token_from_the_environment(
     assert "kept 2, dropped 1, refused 1 of 4 proposed" in listed.out
     r = ctl("mem", "extract", "chat", "--token-env", "NOT_SET_ANYWHERE")
     assert r.code != 0 and "NOT_SET_ANYWHERE" in r.err and len(requests_of(fake, "Extract")) == 1
+    assert ctl("mem", "extract", "chat", "--reread").code == 0
+    assert requests_of(fake, "Extract")[-1].reread
 
 
 def test_train_json_and_quiet_have_no_progress(ctl: Any, fake: FakeMemOS) -> None:

@@ -25,9 +25,13 @@ from memosd.errors import CubeEmpty, ExtractionInProgress, InvalidField, MountRe
 from memosd.kernel import validate
 from memosd.kernel.types import ItemInput, Message
 from memosd.parametric.extract import Cancelled, EndpointError, EndpointExtractor, ModelExtractor
+from memosd.reader.parse import parse_answer
 from memosd.reader.prompt import extraction_messages
+from memosd.reader.schema import answer_schema
 from memosd.reader.types import SourceTurn
 from memosd.runtime import complete
+from memosd.runtime.engine import PRIORITY_BACKGROUND as ENGINE_BACKGROUND
+from memosd.runtime.engine import Finished, Sampling, Token, TokenStream
 from memosd.runtime.worker import PRIORITY_INTERACTIVE
 from memosd.store.records import JobRecord
 
@@ -110,7 +114,8 @@ def final_state(rig: Rig, job_id: str) -> JobRecord:
 
 def run(rig: Rig, mount: str, endpoint: Endpoint | None = None, **kw: Any) -> JobRecord:
     url = endpoint.url if endpoint is not None else ""
-    job = rig.jobs.extract(mount, url, kw.pop("token", ""), "", 0, kw.pop("message", "read"), "tester")
+    job = rig.jobs.extract(mount, url, kw.pop("token", ""), "", 0, kw.pop("message", "read"), "tester",
+                           reread=kw.pop("reread", False))
     final = final_state(rig, job.job_id)
     assert final.state == "succeeded", final.error
     return final
@@ -148,7 +153,7 @@ def test_reconcile_adds_updates_and_retires_and_diff_shows_it(rig: Rig, endpoint
         item("event", "Caroline adopted a dog named Max.", ["t2", "t4"], "2023-05-05"),
         item("event", "Caroline adopted a dog.", ["t2"]),
     ])]
-    second = run(rig, mount, endpoint)
+    second = run(rig, mount, endpoint, reread=True)  # every turn, so an item can name an old and a new one
     assert second.progress["kept"] == 3
     assert (second.progress["added"], second.progress["updated"], second.progress["retired"],
             second.progress["duplicates"]) == (1, 1, 1, 1)
@@ -166,6 +171,23 @@ def test_reconcile_adds_updates_and_retires_and_diff_shows_it(rig: Rig, endpoint
     # Purging the dog turn takes the dog item (derived from it and, since its update, from the Max turn too).
     receipt = rig.kernel.purge("c", [turns[1]])
     assert receipt.derived_item_ids == [changed.item_id]
+
+
+def test_a_run_reads_only_the_turns_born_since_the_last_successful_one_unless_asked_to_reread(
+        rig: Rig, endpoint: Endpoint) -> None:
+    mount, _ = ingest(rig, "c", [("Caroline", "My favourite colour is blue"), ("Melanie", "I love pottery")])
+    first = run(rig, mount, endpoint)
+    assert first.progress["turns_total"] == 2 and first.settings["since"] == 0
+    rig.kernel.unmount(mount)
+    mount, _ = ingest(rig, "c", [("Caroline", "I adopted a dog last Friday")], at=MAY8 + 10)
+    second = run(rig, mount, endpoint)
+    assert second.progress["turns_total"] == 1 and second.settings["since"] == first.revision
+    prompt = endpoint.requests[1]["messages"][-1]["content"]  # the turns it read (before it: the example)
+    assert "adopted a dog" in prompt and "pottery" not in prompt and "[t2]" not in prompt
+    with pytest.raises(CubeEmpty, match="nothing new to read"):  # the same revision again: nothing new
+        rig.jobs.extract(mount, endpoint.url, "", "", 0, "", "t")
+    everything = run(rig, mount, endpoint, reread=True)
+    assert everything.progress["turns_total"] == 3 and everything.settings["since"] == 0
 
 
 def test_reconcile_sees_a_derived_item_committed_while_the_job_ran(rig: Rig, endpoint: Endpoint) -> None:
@@ -205,7 +227,7 @@ def test_unparseable_and_unsupported_output_is_counted_never_stored(rig: Rig, en
     assert texts == {"I love pottery", "Melanie loves pottery."}
 
     endpoint.answers = ["Sure! Here is the JSON you asked for: []"]
-    job = run(rig, mount, endpoint)
+    job = run(rig, mount, endpoint, reread=True)  # the same turn again
     assert job.result_revision == 0 and job.progress["answers_dropped"] == {"not_json": 1}
 
 
@@ -294,6 +316,22 @@ def test_the_in_process_model_path_drops_noise(rig: Rig) -> None:
     assert p["kept"] == 0 and final.result_revision == 0  # a random model's 24 tokens are no JSON array
 
 
+def test_the_in_process_model_decodes_under_the_answer_schema(rig: Rig) -> None:
+    """Schema-constrained decoding on the transformers path (xgrammar's mask in GreedyDecode): even the random
+    model's answer is a JSON array of whole items naming shown refs, so the strict parse drops no answer;
+    without the schema the same model writes no JSON at all."""
+    turns = [SourceTurn("t1", "itm_a", "Caroline", "I adopted a dog last week", MAY8),
+             SourceTurn("t2", "itm_b", "Melanie", "I love pottery", MAY8)]
+    refs = {t.ref: t.item_id for t in turns}
+    extractor = ModelExtractor(rig.host, rig.loaded, 1024)  # the schema's bounds fit well within it
+    constrained = extractor.complete(extraction_messages(turns), answer_schema(list(refs)))
+    parsed = parse_answer(constrained, refs)
+    assert parsed.answer_dropped == "", constrained
+    assert set(parsed.dropped) <= {"bad_text", "bad_date"}, parsed.dropped  # what a grammar cannot say: checked
+    free = parse_answer(extractor.complete(extraction_messages(turns)), refs)
+    assert free.answer_dropped == "not_json"
+
+
 def test_a_job_whose_mount_is_closed_commits_nothing(rig: Rig, endpoint: Endpoint) -> None:
     """A Revoke or DisablePrincipal closes the principal's mounts of the cube (AccessControl.close_mounts),
     the job's own commit mount among them: the job then fails and commits nothing."""
@@ -357,6 +395,69 @@ def test_a_stop_ends_the_wait_for_an_endpoint(endpoint: Endpoint) -> None:
     with pytest.raises(Cancelled):
         EndpointExtractor(endpoint.url, "", "", 16, stop=stop).complete([("user", "hi")])
     assert time.monotonic() - started < 3
+
+
+def test_an_abandoned_endpoint_call_ends_its_request_thread_at_once(endpoint: Endpoint) -> None:
+    """A cancel stops the job's wait, and the request thread with it: its blocked read is ended (the socket
+    shut down), not left to run to the call's 300 s deadline."""
+    endpoint.gate.clear()  # the endpoint never answers
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(Cancelled):
+        EndpointExtractor(endpoint.url, "", "", 16, stop=stop).complete([("user", "hi")])
+    [request] = [th for th in threading.enumerate() if th.name == "extract-endpoint"] or [None]
+    if request is not None:
+        request.join(10)  # before the endpoint answers (its gate waits 30 s), and well under the 300 s deadline
+        assert not request.is_alive()
+
+
+class FakeEngine:
+    """A stand-in for the vllm engine's generate (the real one runs in tests/e2e/test_vllm_engine.py):
+    keeps each request's sampling and stream, and aborts into a list."""
+
+    def __init__(self) -> None:
+        self.sampling: list[Sampling] = []
+        self.streams: list[TokenStream] = []
+        self.aborted: list[str] = []
+
+    def generate(self, token_ids: Any, sampling: Sampling, **kw: Any) -> TokenStream:
+        assert kw["priority"] == ENGINE_BACKGROUND and kw["reuse"] is False
+        self.sampling.append(sampling)
+        stream = TokenStream(f"g{len(self.streams)}", self.aborted.append)
+        self.streams.append(stream)
+        return stream
+
+
+def test_on_the_vllm_engine_a_prompt_is_one_constrained_generation_and_a_stop_aborts_it(rig: Rig) -> None:
+    engine = FakeEngine()
+    stop = threading.Event()
+    extractor = ModelExtractor(rig.host, rig.loaded, 64, stop, engine=engine)  # type: ignore[arg-type]
+    schema = answer_schema(["t1"])
+    answer: list[str] = []
+    first = threading.Thread(target=lambda: answer.append(extractor.complete([("user", "hi")], schema)))
+    first.start()
+    while not engine.streams:
+        time.sleep(0.01)
+    engine.streams[0].push(Token(1, None, "[]"))
+    engine.streams[0].push(Finished("end", 3, 0, 1, 0, 0))
+    first.join(30)
+    assert answer == ["[]"] and json.loads(engine.sampling[0].json_schema) == schema
+    assert engine.sampling[0].temperature == 0.0 and engine.sampling[0].max_tokens == 64
+    stopped: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            extractor.complete([("user", "hi")], schema)
+        except Cancelled as error:
+            stopped.append(error)
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    while len(engine.streams) < 2:
+        time.sleep(0.01)
+    stop.set()  # the engine never answers this one: the stop aborts it there
+    waiter.join(30)
+    assert stopped and engine.aborted == ["g1"]
 
 
 def test_the_in_process_model_decodes_in_short_worker_tasks_that_a_chat_can_come_between(

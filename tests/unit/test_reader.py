@@ -4,8 +4,9 @@ test double of the extractor (the in-process model is exercised by the e2e test)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from memosd.reader.parse import parse_answer
 from memosd.reader.pipeline import Turn, chunks, read_turns
 from memosd.reader.prompt import CONTEXT_NOTE, extraction_messages, one_line
 from memosd.reader.reconcile import Existing, plan, relation
+from memosd.reader.schema import MAX_ITEMS, MAX_TEXT_CHARS, answer_schema
 from memosd.reader.support import SUPPORT_THRESHOLD, refusal, share_supported, supported_days
 from memosd.reader.types import Candidate, SourceTurn, is_context
 from memosd.reader.words import content_words
@@ -252,9 +254,11 @@ class ScriptedExtractor:
     def __init__(self, answers: Sequence[str]) -> None:
         self.answers = list(answers)
         self.prompts: list[Sequence[tuple[str, str]]] = []
+        self.schemas: list[Mapping[str, Any] | None] = []
 
-    def complete(self, messages: Sequence[tuple[str, str]]) -> str:
+    def complete(self, messages: Sequence[tuple[str, str]], schema: Mapping[str, Any] | None = None) -> str:
         self.prompts.append(messages)
+        self.schemas.append(schema)
         return self.answers.pop(0)
 
 
@@ -298,3 +302,28 @@ def test_a_read_counts_answers_that_do_not_parse() -> None:
     kept, counts = read_turns(turns, extractor)
     assert kept == [] and counts.prompts == 2 and counts.proposed == 0 and counts.balanced
     assert dict(counts.answers_dropped) == {"not_json": 1}
+
+
+# -- the answer schema (schema-constrained decoding) ----------------------------------------------------------
+def test_a_read_asks_for_the_schema_of_its_prompt_and_every_answer_the_schema_allows_parses() -> None:
+    import jsonschema
+
+    turns = [Turn("itm_a", "Caroline", "I adopted two puppies last Friday", MAY8),
+             Turn("itm_b", "Melanie", "I love pottery", MAY8 + 1)]
+    extractor = ScriptedExtractor(["[]"])
+    read_turns(turns, extractor)
+    [schema] = extractor.schemas
+    assert schema == answer_schema(["t1", "t2"])  # the refs this prompt showed, and no other
+    allowed: list[dict[str, Any]] = [{"kind": "event", "text": "Caroline adopted two puppies.", "date": "2023-05-05", "sources": ["t1"]},
+               {"kind": "preference", "text": "Melanie loves pottery.", "date": None, "sources": ["t2", "t1"]}]
+    jsonschema.validate(allowed, schema)
+    parsed = parse_answer(json.dumps(allowed), {"t1": "itm_a", "t2": "itm_b"})
+    assert len(parsed.candidates) == 2 and not parsed.dropped and not parsed.answer_dropped
+    # Whatever parse.py would drop, the schema does not allow: the grammar cannot write it.
+    bad: Any
+    for bad in ([{**allowed[0], "sources": ["t3"]}], [{**allowed[0], "kind": "opinion"}],
+                [{**allowed[0], "extra": 1}], [{k: v for k, v in allowed[0].items() if k != "date"}],
+                [{**allowed[0], "date": "May 5"}], [{**allowed[0], "sources": []}], {"items": allowed},
+                [allowed[0]] * (MAX_ITEMS + 1), [{**allowed[0], "text": "x" * (MAX_TEXT_CHARS + 1)}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

@@ -484,6 +484,7 @@
  * @property {ExtractorSettings | null} extractor The extractor; unset: the in-process model.
  * @property {string} message Recorded on the revision that commits the items.
  * @property {string} author
+ * @property {boolean} reread Read every turn at the base revision. Unset: only the turns born (ingested or edited) after the revision the cube's last successful extraction read (its job record's revision); all of them when there is none.
  */
 
 /**

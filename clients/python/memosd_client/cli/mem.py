@@ -175,7 +175,7 @@ def _extract(client: Client, args: argparse.Namespace, out: Output) -> None:
                              reason="TOKEN_NOT_SET")
     with client.mount(args.cube, writable=True) as m:
         job = m.extract(url=args.url, token=token, model=args.model, max_tokens=args.max_tokens,
-                        message=args.message, author=args.author)
+                        message=args.message, author=args.author, reread=args.reread)
         if args.detach:
             emit_job(out, job)
             out.note(f"reading in the background; follow it with: memosctl job watch {job.job_id}")
@@ -262,6 +262,8 @@ def register(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="new tokens per answer (default: the daemon's, 256)")
     p.add_argument("-m", "--message", default="memosctl mem extract",
                    help="message of the revision that commits the items")
+    p.add_argument("--reread", action="store_true",
+                   help="read every turn again (default: only the turns new since the last successful extraction)")
     p.add_argument("--detach", action="store_true", help="start the job and return without watching it")
     author_arg(p)
     p.set_defaults(handler=_extract)

@@ -858,6 +858,7 @@ class Client:
         max_tokens: int = 0,
         message: str = "",
         author: str = "",
+        reread: bool = False,
     ) -> types_pb2.Job:
         """Start the MemReader on a read-write mount: derive facts, preferences and events from the cube's
         conversation turns at the mount's base revision, each naming its source turns.
@@ -867,13 +868,17 @@ class Client:
         derived items and committed at HEAD as one revision with ``message`` and ``author``. The extractor is
         the in-process model unless ``url`` names an OpenAI-compatible endpoint (``token``: its bearer token,
         never stored; ``model``: its model name). Raises ExtractionInProgress when the cube already has an
-        extraction job queued or running, CubeEmpty when it holds no turns.
+        extraction job queued or running, CubeEmpty when it holds no turns (or, unless ``reread``, none new).
+
+        Incremental: only the turns born after the revision the cube's last successful extraction read are
+        read; ``reread=True`` reads them all again (a new extractor, a turn restored by a Rollback).
         """
         req = memos_pb2.ExtractRequest(
             mount_id=_mount_id(mount),
             extractor=types_pb2.ExtractorSettings(url=url, token=token, model=model, max_tokens=max_tokens),
             message=message,
             author=author,
+            reread=reread,
         )
         return self._call(self._stub.Extract, req).job
 

@@ -2091,11 +2091,17 @@ class ExtractRequest(_message.Message):
     EXTRACTOR_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     AUTHOR_FIELD_NUMBER: _builtins.int
+    REREAD_FIELD_NUMBER: _builtins.int
     mount_id: _builtins.str
     """A read-write mount of the cube; its base revision's turns are read."""
     message: _builtins.str
     """Recorded on the revision that commits the items."""
     author: _builtins.str
+    reread: _builtins.bool
+    """Read every turn at the base revision. Unset: only the turns born (ingested or edited) after the
+    revision the cube's last successful extraction read (its job record's revision); all of them when
+    there is none.
+    """
     @_builtins.property
     def extractor(self) -> _types_pb2.ExtractorSettings:
         """The extractor; unset: the in-process model."""
@@ -2107,10 +2113,11 @@ class ExtractRequest(_message.Message):
         extractor: _types_pb2.ExtractorSettings | None = ...,
         message: _builtins.str = ...,
         author: _builtins.str = ...,
+        reread: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["extractor", b"extractor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "extractor", b"extractor", "message", b"message", "mount_id", b"mount_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "extractor", b"extractor", "message", b"message", "mount_id", b"mount_id", "reread", b"reread"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
