@@ -9,6 +9,10 @@ must be a day the sources name: a turn's own date, a relative expression timeref
 no single day, so a day inside it is a guess and is refused. Only the user's side counts: a turn by a context
 speaker (the assistant, types.CONTEXT_SPEAKERS) supports no word and no day, and an item whose sources are all
 such turns is refused as ``assistant_only`` (a copy of the assistant's reply is not the user's memory).
+An item must also be a statement: a question ("Are they yours?") or a transcript line ("Gina: Wow, ...", a
+source turn copied with its speaker) passes the word check, since every word is the turn's, yet it records
+nothing the turn asserts; both are refused as ``not_a_statement``. Measured: the one item the embedded
+135M model got past the word check on the LoCoMo subset was such a copy (BENCHMARKS, the MemReader).
 
 Why this is defensible as a gate (not as a judge of truth):
 - what an extractor invents (a name, a place, a number, a "not") is content words the turns do not hold, so
@@ -87,12 +91,24 @@ def share_supported(text: str, turns: Sequence[SourceTurn]) -> tuple[float, list
     return 1 - len(missing) / len(words), missing
 
 
+def is_statement(text: str, speakers: Iterable[str]) -> bool:
+    """Whether ``text`` asserts something: not a question, and not a line of the transcript (one of the
+    ``speakers``' names followed by a colon)."""
+    if "?" in text:
+        return False
+    head, colon, _rest = text.partition(":")
+    return not (colon and head.strip().casefold() in {s.strip().casefold() for s in speakers if s.strip()})
+
+
 def refusal(candidate: Candidate, turns: Sequence[SourceTurn]) -> str:
     """Why ``candidate`` is refused ("" when its source ``turns`` support it): ``no_content``,
-    ``assistant_only`` (every source is a context speaker's turn), ``unsupported`` (too few of its words in
-    the user's sources) or ``unsupported_date``."""
+    ``not_a_statement`` (a question, or a copied transcript line), ``assistant_only`` (every source is a
+    context speaker's turn), ``unsupported`` (too few of its words in the user's sources) or
+    ``unsupported_date``."""
     if not content_words(candidate.text):
         return "no_content"
+    if not is_statement(candidate.text, (t.speaker for t in turns)):
+        return "not_a_statement"
     turns = [t for t in turns if not is_context(t.speaker)]
     if not turns:
         return "assistant_only"

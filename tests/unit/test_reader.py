@@ -159,6 +159,18 @@ def test_the_known_blind_spot_words_recombined_from_the_sources_pass() -> None:
     assert refusal(fact("Caroline likes cats, not puppies."), [TURN]) == ""
 
 
+def test_a_question_or_a_copied_transcript_line_is_not_a_statement() -> None:
+    # Measured (BENCHMARKS, the MemReader, 2026-12-08): the one item SmolLM2-135M got past the word check was
+    # a source turn copied with its speaker, a question. Every word is the turn's; it asserts nothing.
+    gina = SourceTurn("t1", "itm_g", "Gina", "Wow, it looks awesome! Are they yours at the festival?", MAY8)
+    assert refusal(fact("Gina: Wow, it looks awesome! Are they yours at the festival?"), [gina]) == "not_a_statement"
+    assert refusal(fact("Are the puppies Caroline's?"), [TURN]) == "not_a_statement"
+    assert refusal(fact("caroline : I adopted two puppies last Friday"), [TURN]) == "not_a_statement"
+    # A colon after anything but a speaker's name, and a statement about the speaker, stay statements.
+    assert refusal(fact("Caroline adopted two puppies: last Friday."), [TURN]) == ""
+    assert refusal(fact("It looks awesome to Gina.", kind="preference"), [gina]) == ""
+
+
 GRIEF = SourceTurn("t1", "itm_u", "user", "My grandmother died last week and I miss her", MAY8)
 SORRY = SourceTurn("t2", "itm_s", "assistant", "I'm sorry for your loss.", MAY8 + 1)
 
