@@ -29,8 +29,10 @@ from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, 
 from memosd.store.records import StagedRecord
 
 MODES = ("hybrid", "dense", "lexical")
-# How much a hybrid hit gains when its event time is in a period the query names ("in May 2023"; see _lift).
+# How much a hybrid hit gains when its event time is in a period the query names ("in May 2023"; see _lift):
+# its fused score times 1 + PERIOD_BOOST, and then PERIOD_LIFT added (search.period_lift).
 PERIOD_BOOST = 0.5
+PERIOD_LIFT = 0.2
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SearchSettings:
     depth: int = 100  # candidates fetched from each list before fusing
     exact_below: int = 2048  # brute-force dense search when a tag filter leaves fewer versions
     session_match_weight: float = MATCH_WEIGHT  # hybrid: kernel/session_match.py; 0 turns it off
+    period_lift: float = PERIOD_LIFT  # hybrid: added to a hit in a period the query names; 0 turns it off
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,11 @@ class Searcher:
 
         A candidate whose event time falls in one of the ``periods`` the query names scores
         ``1 + PERIOD_BOOST`` times its fused score (a soft filter: a turn that tells of May in June still
-        competes). A reply lifted in that was not a candidate becomes one, if the search's filters let it
+        competes), and after the lifts gains ``settings.period_lift`` (0.2) more: the multiplication
+        helps only a turn the lists already found, while a session held on the day the query names
+        ("on 3 June, 2023") is often found by none of its turns; the constant lifts every turn of that
+        session (all carry the session's date as their time) as a session match of 0.2 would, as a
+        whole. A reply lifted in that was not a candidate becomes one, if the search's filters let it
         through."""
         staged_keys = {(c.mount.mount_id, c.staged_id): i for i, c in enumerate(candidates) if c.staged_id}
         sessions: dict[int, tuple[str, str]] = {}
@@ -204,6 +211,11 @@ class Searcher:
                  if self.settings.session_match_weight else None)
         scores = lift(scores, sessions, next_of, session_match=match,
                       match_weight=self.settings.session_match_weight)
+        if periods and self.settings.period_lift:
+            for key in scores:  # the lifted-in replies too
+                when = self._event_ns(candidates[key])
+                if when and any(p.contains(when) for p in periods):
+                    scores[key] += self.settings.period_lift
         ranked = sorted(scores, key=lambda key: (-scores[key], key))[:k]
         return [_Lifted(key, scores[key], *(_ranks(by_key[key]) if key in by_key else (0.0, 0.0, 0, 0)))
                 for key in ranked]
