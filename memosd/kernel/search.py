@@ -202,20 +202,18 @@ class Searcher:
                 sessions[nkey] = (cand.mount.mount_id, session_id)
         by_key = {hit.key: hit for hit in fused}
         scores = {hit.key: hit.score for hit in fused}
+        in_period: set[int] = set()
         if periods:
-            for key in scores:
-                when = self._event_ns(candidates[key])
-                if when and any(p.contains(when) for p in periods):
-                    scores[key] *= 1.0 + PERIOD_BOOST
+            in_period = {key for key in [*scores, *next_of.values()] if self._in(candidates[key], periods)}
+            for key in in_period & scores.keys():
+                scores[key] *= 1.0 + PERIOD_BOOST
         match = (self._session_match(query, set(sessions.values()), orders)
                  if self.settings.session_match_weight else None)
         scores = lift(scores, sessions, next_of, session_match=match,
                       match_weight=self.settings.session_match_weight)
-        if periods and self.settings.period_lift:
-            for key in scores:  # the lifted-in replies too
-                when = self._event_ns(candidates[key])
-                if when and any(p.contains(when) for p in periods):
-                    scores[key] += self.settings.period_lift
+        if self.settings.period_lift:
+            for key in in_period:  # the lifted-in replies too
+                scores[key] += self.settings.period_lift
         ranked = sorted(scores, key=lambda key: (-scores[key], key))[:k]
         return [_Lifted(key, scores[key], *(_ranks(by_key[key]) if key in by_key else (0.0, 0.0, 0, 0)))
                 for key in ranked]
@@ -273,6 +271,11 @@ class Searcher:
             return (staged.session_id, staged.item_id) if staged is not None and staged.session_id else None
         meta = cand.cube.catalog.by_vkey.get(cand.vkey)
         return (meta.session_id, meta.item_id) if meta is not None and meta.session_id else None
+
+    @classmethod
+    def _in(cls, cand: _Candidate, periods: Sequence[Period]) -> bool:
+        when = cls._event_ns(cand)
+        return bool(when) and any(p.contains(when) for p in periods)
 
     @staticmethod
     def _event_ns(cand: _Candidate) -> int:
