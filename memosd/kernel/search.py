@@ -181,8 +181,8 @@ class Searcher:
         helps only a turn the lists already found, while a session held on the day the query names
         ("on 3 June, 2023") is often ranked high by none of its turns; the constant lifts every turn of
         that session among the candidates (all carry the session's date as their time) as a session
-        match of 0.2 would, as a whole (turns no list found, nor a lift, are not candidates: the
-        lists rank a whole cube, so a day's turns cannot be fetched apart from them). A reply lifted in that was not a candidate becomes one, if the search's filters let it
+        match of 0.2 would, as a whole (a turn that no list nor lift brought in is not a candidate
+        and stays out). A reply lifted in that was not a candidate becomes one, if the search's filters let it
         through."""
         staged_keys = {(c.mount.mount_id, c.staged_id): i for i, c in enumerate(candidates) if c.staged_id}
         sessions: dict[int, tuple[str, str]] = {}
