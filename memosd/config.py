@@ -108,6 +108,7 @@ class SearchConfig:
     depth: int = 100  # candidates fetched from each list before fusion
     exact_below: int = 2048  # brute-force dense search when a filter leaves fewer candidates
     session_match_weight: float = 0.2  # memosd.kernel.turn_rank.MATCH_WEIGHT; 0: no session match
+    period_lift: float = 0.2  # memosd.kernel.search.PERIOD_LIFT: hybrid hits in a period the query names
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.depth": _POSITIVE_INT,
     "search.exact_below": (_non_negative, "an integer >= 0"),
     "search.session_match_weight": (_non_negative, "a number >= 0"),
+    "search.period_lift": (_non_negative, "a number >= 0"),
     "index.save_interval_seconds": _POSITIVE_NUM,
     "store.disk_check_seconds": _POSITIVE_NUM,
     "security.audit_unauthenticated_window_seconds": (_non_negative, "a number >= 0"),

@@ -247,7 +247,8 @@ def build(config: Config) -> Daemon:
     kernel.open()
     search = config.search
     searcher = Searcher(kernel, make_ranker(search), SearchSettings(
-        depth=search.depth, exact_below=search.exact_below, session_match_weight=search.session_match_weight))
+        depth=search.depth, exact_below=search.exact_below, session_match_weight=search.session_match_weight,
+        period_lift=search.period_lift))
     # The model loads on the runtime worker in the background; activation syscalls wait for it.
     model_host = ModelHost(config.runtime, Path(config.runtime.cache_dir).expanduser()
                            if config.runtime.cache_dir else config.data_dir,

@@ -29,8 +29,10 @@ from memosd.kernel.types import ItemView, MountHeader, SearchFilter, SearchHit, 
 from memosd.store.records import StagedRecord
 
 MODES = ("hybrid", "dense", "lexical")
-# How much a hybrid hit gains when its event time is in a period the query names ("in May 2023"; see _lift).
+# How much a hybrid hit gains when its event time is in a period the query names ("in May 2023"; see _lift):
+# its fused score times 1 + PERIOD_BOOST, and then PERIOD_LIFT added (search.period_lift).
 PERIOD_BOOST = 0.5
+PERIOD_LIFT = 0.2
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SearchSettings:
     depth: int = 100  # candidates fetched from each list before fusing
     exact_below: int = 2048  # brute-force dense search when a tag filter leaves fewer versions
     session_match_weight: float = MATCH_WEIGHT  # hybrid: kernel/session_match.py; 0 turns it off
+    period_lift: float = PERIOD_LIFT  # hybrid: added to a hit in a period the query names; 0 turns it off
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,12 @@ class Searcher:
 
         A candidate whose event time falls in one of the ``periods`` the query names scores
         ``1 + PERIOD_BOOST`` times its fused score (a soft filter: a turn that tells of May in June still
-        competes). A reply lifted in that was not a candidate becomes one, if the search's filters let it
+        competes), and after the lifts gains ``settings.period_lift`` (0.2) more: the multiplication
+        helps only a turn the lists already found, while a session held on the day the query names
+        ("on 3 June, 2023") is often ranked high by none of its turns; the constant lifts every turn of
+        that session among the candidates (all carry the session's date as their time) as a session
+        match of 0.2 would, as a whole (a turn that no list nor lift brought in is not a candidate
+        and stays out). A reply lifted in that was not a candidate becomes one, if the search's filters let it
         through."""
         staged_keys = {(c.mount.mount_id, c.staged_id): i for i, c in enumerate(candidates) if c.staged_id}
         sessions: dict[int, tuple[str, str]] = {}
@@ -195,15 +203,18 @@ class Searcher:
                 sessions[nkey] = (cand.mount.mount_id, session_id)
         by_key = {hit.key: hit for hit in fused}
         scores = {hit.key: hit.score for hit in fused}
+        in_period: set[int] = set()
         if periods:
-            for key in scores:
-                when = self._event_ns(candidates[key])
-                if when and any(p.contains(when) for p in periods):
-                    scores[key] *= 1.0 + PERIOD_BOOST
+            in_period = {key for key in [*scores, *next_of.values()] if self._in(candidates[key], periods)}
+            for key in in_period & scores.keys():
+                scores[key] *= 1.0 + PERIOD_BOOST
         match = (self._session_match(query, set(sessions.values()), orders)
                  if self.settings.session_match_weight else None)
         scores = lift(scores, sessions, next_of, session_match=match,
                       match_weight=self.settings.session_match_weight)
+        if self.settings.period_lift:
+            for key in in_period:  # the lifted-in replies too
+                scores[key] += self.settings.period_lift
         ranked = sorted(scores, key=lambda key: (-scores[key], key))[:k]
         return [_Lifted(key, scores[key], *(_ranks(by_key[key]) if key in by_key else (0.0, 0.0, 0, 0)))
                 for key in ranked]
@@ -261,6 +272,11 @@ class Searcher:
             return (staged.session_id, staged.item_id) if staged is not None and staged.session_id else None
         meta = cand.cube.catalog.by_vkey.get(cand.vkey)
         return (meta.session_id, meta.item_id) if meta is not None and meta.session_id else None
+
+    @classmethod
+    def _in(cls, cand: _Candidate, periods: Sequence[Period]) -> bool:
+        when = cls._event_ns(cand)
+        return bool(when) and any(p.contains(when) for p in periods)
 
     @staticmethod
     def _event_ns(cand: _Candidate) -> int:

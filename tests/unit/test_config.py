@@ -52,6 +52,7 @@ def test_defaults(home: Path) -> None:
     assert cfg.search.rrf_k == 5
     assert cfg.search.exact_below == 2048
     assert cfg.search.session_match_weight == 0.2  # kernel/session_match.py
+    assert cfg.search.period_lift == 0.2  # kernel/search.py PERIOD_LIFT
     assert cfg.index.save_interval_seconds == 30.0
     assert cfg.log.level == "info"
     assert cfg.config_file is None
@@ -195,6 +196,7 @@ def test_env_errors_name_key_and_variable(home: Path) -> None:
         "MEMOSD_SEARCH__DENSE_WEIGHT": ("nan", "search.dense_weight", "finite"),
         "MEMOSD_SEARCH__NOPE": ("1", "search.nope", "[search] has"),
         "MEMOSD_SEARCH__SESSION_MATCH_WEIGHT": ("-0.1", "search.session_match_weight", ">= 0"),
+        "MEMOSD_SEARCH__PERIOD_LIFT": ("-1", "search.period_lift", ">= 0"),
         "MEMOSD_NOPE__X": ("1", "nope.x", "no section 'nope'"),
         "MEMOSD_LOG_LEVEL": ("info", "MEMOSD_LOG_LEVEL", "MEMOSD_LOG__LEVEL"),
         "MEMOSD_QUOTAS__MAX_FOLLOWS_PER_PRINCIPAL": ("0", "quotas.max_follows_per_principal", "> 0"),

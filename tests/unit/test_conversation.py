@@ -350,6 +350,33 @@ def test_a_query_that_names_a_period_ranks_the_turns_of_that_time_first(kernel: 
     assert top("What did Maria do on 7 June, 2023?", "lexical").text == "we baked bread yesterday"
 
 
+def test_a_session_held_on_the_date_the_query_names_is_lifted_as_a_whole(kernel: Kernel) -> None:
+    """search.period_lift: after the lifts, every hit whose time is in a period the query names gains 0.2
+    (a constant, so a session of that day that matches weakly still comes first), the others nothing; a
+    reply the lift brought in gains it too. At 0 it is off, and a query naming no period is untouched."""
+    june3, july10 = 1_685_750_400 * S, 1_688_947_200 * S  # 3 June 2023, 10 July 2023 (00:00 UTC)
+    mount = rw(kernel)
+    kernel.ingest(mount, [Message("Maria", "I signed up for a pottery class", "s1", june3),
+                          Message("John", "nice, tell me more", "s1", june3 + S),
+                          Message("Maria", "I started a new activity: kickboxing", "s2", july10),
+                          Message("John", "wow", "s2", july10 + S)])
+    on = searcher(kernel)
+    off = Searcher(kernel, make_ranker(SearchConfig()), SearchSettings(period_lift=0.0))
+
+    def scores(search: Searcher, query: str) -> dict[str, tuple[str, float]]:
+        hits = search.search([mount], query, 10, SearchFilter(), "hybrid").hits
+        return {h.item.text: (h.item.session_id, h.score) for h in hits}
+
+    query = "What new activity did Maria start, as she mentioned on 3 June, 2023?"
+    base, lifted = scores(off, query), scores(on, query)
+    assert set(lifted) == set(base) and len(lifted) == 4
+    for text, (session, score) in lifted.items():
+        assert score - base[text][1] == pytest.approx(0.2 if session == "s1" else 0.0)
+    assert max(base, key=lambda t: base[t][1]) == "I started a new activity: kickboxing"
+    assert lifted[max(lifted, key=lambda t: lifted[t][1])][0] == "s1"
+    assert scores(on, "What new activity did Maria start?") == scores(off, "What new activity did Maria start?")
+
+
 def test_hybrid_search_lifts_each_turn_by_its_sessions_bm25_as_one_document(kernel: Kernel) -> None:
     """kernel/session_match.py through Search: every turn gains 0.2 x its session's BM25 (the session's
     turns the mount sees, as one document, against the other candidate sessions) over the best session's;
