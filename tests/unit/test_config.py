@@ -203,6 +203,8 @@ def test_env_errors_name_key_and_variable(home: Path) -> None:
         "MEMOSD_RUNTIME__COMPOSE": ("blended", "runtime.compose", "exact, composed, auto"),
         "MEMOSD_RUNTIME__COMPOSE_RECOMPUTE": ("1.5", "runtime.compose_recompute", "from 0 to 1"),
         "MEMOSD_RUNTIME__COMPOSE_DEVIATION": ("-0.1", "runtime.compose_deviation", "from 0 to 1"),
+        "MEMOSD_RUNTIME__COMPOSE_TEMPERATURE": ("0", "runtime.compose_temperature", "above 0"),
+        "MEMOSD_RUNTIME__COMPOSE_SCALE": ("-1", "runtime.compose_scale", "above 0"),
     }
     for var, (value, key, expected) in cases.items():
         with pytest.raises(ConfigError) as err:
