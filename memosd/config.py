@@ -145,7 +145,8 @@ class RuntimeConfig:
     # those whose KV deviates most from the prompt's (CacheBlend's selection; one layer over the blocks' tokens)
     compose_deviation: float = 0.0
     # composed, transformers engine: APE's attention adjustment of the later blocks' placed keys, for every
-    # query the request computes: logits q.k / T (temperature) and weights times S (scale). 1 and 1: none.
+    # query the request computes: logits q.k / T (temperature) and weights times S (scale). 1 and 1: none, the
+    # default (T=0.85 meets the needle target on SmolLM2 but is not proven beyond noise: BENCHMARKS.md). vLLM: unused.
     compose_temperature: float = 1.0
     compose_scale: float = 1.0
 

@@ -236,6 +236,11 @@ def test_compose_defaults_to_exact_and_takes_a_mode_in_any_case(home: Path) -> N
     assert (chosen.compose, chosen.compose_recompute) == ("auto", 0.0)
     assert default.compose_deviation == 0.0  # only the first tokens, unless asked
     assert load_config(["--set", "runtime.compose_deviation=0.02"], env_with(home)).runtime.compose_deviation == 0.02
+    # APE's adjustment of the placed keys is off unless asked (1 and 1: the plain composition)
+    assert (default.compose_temperature, default.compose_scale) == (1.0, 1.0)
+    ape = load_config(["--set", "runtime.compose_temperature=0.85", "--set", "runtime.compose_scale=0.9"],
+                      env_with(home)).runtime
+    assert (ape.compose_temperature, ape.compose_scale) == (0.85, 0.9)
 
 
 def test_env_values_are_converted(home: Path) -> None:
