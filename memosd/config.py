@@ -145,6 +145,11 @@ class RuntimeConfig:
     # composed, transformers engine: the share of each later block's tokens recomputed besides its first ones,
     # those whose KV deviates most from the prompt's (CacheBlend's selection; one layer over the blocks' tokens)
     compose_deviation: float = 0.0
+    # composed, transformers engine: APE's attention adjustment of the later blocks' placed keys, for every
+    # query the request computes: logits q.k / T (temperature) and weights times S (scale). 1 and 1: none, the
+    # default (T=0.85 meets the needle target on SmolLM2 but is not proven beyond noise: BENCHMARKS.md). vLLM: unused.
+    compose_temperature: float = 1.0
+    compose_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.compose": (lambda v: v in COMPOSE_MODES, f"one of {', '.join(COMPOSE_MODES)}"),
     "runtime.compose_recompute": (lambda v: 0 <= v <= 1, "a number from 0 to 1 (a share of a block's tokens)"),
     "runtime.compose_deviation": (lambda v: 0 <= v <= 1, "a number from 0 to 1 (a share of a block's tokens)"),
+    "runtime.compose_temperature": (lambda v: 0 < v <= 4, "a number above 0, at most 4 (1: no adjustment)"),
+    "runtime.compose_scale": (lambda v: 0 < v <= 4, "a number above 0, at most 4 (1: no adjustment)"),
     "runtime.max_lora_rank": (lambda v: v in LORA_RANKS, f"one of {', '.join(map(str, LORA_RANKS))}"),
     "log.level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), 'a "host:port" address with port 0-65535, or "" (off)'),

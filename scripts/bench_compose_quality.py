@@ -33,7 +33,10 @@ BEIR passages (../shared/data/retrieval), rendered as Activate renders them.
     reuses the replies of the modes it has). ``--needles-only`` splits a run over processes.
 
 A composition is ``F`` (the first ``ceil(F x tokens)`` of each later block recomputed) or ``F+D`` (and
-``ceil(D x tokens)`` more, those whose KV deviates most: ``Placement.deviating``), in (a) and (c).
+``ceil(D x tokens)`` more, those whose KV deviates most: ``Placement.deviating``), in (a) and (c), then
+optionally ``,t=T`` and ``,s=S``: APE's temperature and scale on the placed keys (``PlacedAttention``,
+``runtime.compose_temperature`` / ``compose_scale``; e.g. ``0.01,t=0.85``). In (b) they are the daemon's:
+``--compose-temperature`` / ``--compose-scale``.
 On a loaded machine pass ``--threads 1``: two threads on two shared cores spin against each other.
 
 Prints tables and writes JSON (--json).
@@ -49,6 +52,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +66,15 @@ from transformers import DynamicCache  # noqa: E402
 
 from memosd.activation import render  # noqa: E402
 from memosd.runtime.kvcache import KVCache, compute_prefix_cache, prepare_generation  # noqa: E402
-from memosd.runtime.kvcompose import Placement, compose_prefill, deviating_tokens, recompute_tokens  # noqa: E402
+from memosd.runtime.kvcompose import (  # noqa: E402
+    PlacedAttention,
+    Placement,
+    compose_prefill,
+    decode_mask,
+    deviating_tokens,
+    placed_keys,
+    recompute_tokens,
+)
 from memosd.runtime.model import LoadedModel, ModelSpec, load_model  # noqa: E402
 from memosd.runtime.transformers_engine import eos_token_ids  # noqa: E402
 
@@ -88,35 +100,49 @@ def next_logprobs(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def variant(spec: str) -> tuple[float, float]:
+def variant(spec: str) -> tuple[float, float, PlacedAttention]:
     """A composition as the command line names it: ``F`` (each later block's first ``ceil(F x tokens)``
-    recomputed) or ``F+D`` (and ``ceil(D x tokens)`` more, those whose KV deviates most)."""
-    fraction, _, deviation = spec.partition("+")
-    return float(fraction), float(deviation or 0)
+    recomputed) or ``F+D`` (and ``ceil(D x tokens)`` more, those whose KV deviates most), then optionally
+    ``,t=T`` and ``,s=S``: APE's temperature and scale on the placed keys (``PlacedAttention``)."""
+    first, *adjust = spec.split(",")
+    fraction, _, deviation = first.partition("+")
+    knobs = {"t": 1.0, "s": 1.0}
+    for part in adjust:
+        name, _, value = part.partition("=")
+        if name not in knobs:
+            raise SystemExit(f"composition {spec!r}: {part!r} is not t=T or s=S")
+        knobs[name] = float(value)
+    return float(fraction), float(deviation or 0), PlacedAttention(knobs["t"], knobs["s"])
 
 
 def label(spec: str) -> str:
-    fraction, deviation = variant(spec)
-    return f"composed@{fraction:g}" + (f"+dev{deviation:g}" if deviation else "")
+    fraction, deviation, attention = variant(spec)
+    return f"composed@{fraction:g}" + (f"+dev{deviation:g}" if deviation else "") \
+        + (f",T={attention.temperature:g}" if attention.temperature != 1 else "") \
+        + (f",S={attention.scale:g}" if attention.scale != 1 else "")
 
 
-def composed_prefill(lm: LoadedModel, caches: list[KVCache], prompt: list[int], spec: str) -> tuple[DynamicCache,
-                                                                                                     torch.Tensor]:
+def composed_prefill(lm: LoadedModel, caches: list[KVCache], prompt: list[int],
+                     spec: str) -> tuple[DynamicCache, torch.Tensor, Callable[[DynamicCache], torch.Tensor | None]]:
     """``prompt`` prefilled as the transformers engine composes it: the first block's cache, then
-    ``kvcompose.compose_prefill`` (the engine's own prefill of composed blocks). The cache and the logits."""
-    fraction, deviation = variant(spec)
+    ``kvcompose.compose_prefill`` (the engine's own prefill of composed blocks). The cache, the logits and
+    the mask each decoding step then needs (``kvcompose.decode_mask``, as the engine's steps)."""
+    fraction, deviation, attention = variant(spec)
     dyn, _ = prepare_generation(lm, caches[0], prompt)
     placements, start = [], caches[0].n_tokens
     for cache in caches[1:]:
         first = recompute_tokens(cache.n_tokens, fraction)
         placements.append(Placement(start, cache, first, deviating_tokens(cache.n_tokens, deviation, first)))
         start += cache.n_tokens
-    logits = compose_prefill(lm, dyn, prompt, caches[0].n_tokens, placements, chunk=len(prompt))
-    return dyn, logits
+    placed = placed_keys(caches[0].n_tokens, placements)
+    logits = compose_prefill(lm, dyn, prompt, caches[0].n_tokens, placements, chunk=len(prompt),
+                             attention=attention)
+    dtype = next(lm.model.parameters()).dtype
+    return dyn, logits, lambda d: decode_mask(attention, placed, d, dtype=dtype, device=lm.model.device)
 
 
 def composed_logprobs(lm: LoadedModel, caches: list[KVCache], prompt: list[int], spec: str) -> torch.Tensor:
-    _, logits = composed_prefill(lm, caches, prompt, spec)
+    _, logits, _ = composed_prefill(lm, caches, prompt, spec)
     return torch.log_softmax(logits[0, -1].float(), dim=-1)
 
 
@@ -159,7 +185,12 @@ def agreement(lm: LoadedModel, passages: list[str], args: argparse.Namespace) ->
 
 # --- (c) the needle, in process --------------------------------------------------------------------
 
-def greedy(lm: LoadedModel, dyn: DynamicCache, logits: torch.Tensor, max_tokens: int) -> list[int]:
+def no_mask(_dyn: DynamicCache) -> torch.Tensor | None:
+    return None
+
+
+def greedy(lm: LoadedModel, dyn: DynamicCache, logits: torch.Tensor, max_tokens: int,
+           mask: Callable[[DynamicCache], torch.Tensor | None] = no_mask) -> list[int]:
     model: Any = lm.model
     eos, out = eos_token_ids(lm), []
     with torch.no_grad():
@@ -168,7 +199,8 @@ def greedy(lm: LoadedModel, dyn: DynamicCache, logits: torch.Tensor, max_tokens:
             if token in eos:
                 break
             out.append(token)
-            logits = model(input_ids=torch.tensor([[token]]), past_key_values=dyn, use_cache=True).logits
+            logits = model(input_ids=torch.tensor([[token]]), past_key_values=dyn, use_cache=True,
+                           attention_mask=mask(dyn)).logits
     return out
 
 
@@ -225,13 +257,14 @@ def needles_in_process(lm: LoadedModel, passages: list[str], args: argparse.Name
                 sample[mode] = known[mode]
                 continue
             clock = time.perf_counter()
+            mask: Callable[[DynamicCache], torch.Tensor | None] = no_mask
             if mode == "full":
                 dyn, rest = prepare_generation(lm, chosen[0][1], prompt)
                 logits = next_logits(lm, dyn, rest)
             else:
-                dyn, logits = composed_prefill(lm, [cache for _, cache in chosen], prompt, specs[mode])
+                dyn, logits, mask = composed_prefill(lm, [cache for _, cache in chosen], prompt, specs[mode])
             prefill_ms[mode].append((time.perf_counter() - clock) * 1000)
-            sample[mode] = tok.decode(greedy(lm, dyn, logits, 24))
+            sample[mode] = tok.decode(greedy(lm, dyn, logits, 24, mask))
         samples.append(sample)
         done = len(samples)
         if done % 4 == 0 or i + 1 == last:
@@ -266,7 +299,10 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
     rng = random.Random(args.seed + 1)
     env = {"MEMOSD_RUNTIME__MODEL": "SmolLM2-135M-Instruct", "MEMOSD_RUNTIME__DEVICE": "cpu",
            "MEMOSD_RUNTIME__CACHE_DIR": str(args.model_cache), "MEMOSD_RUNTIME__POOL_BYTES": str(2 << 30),
-           "MEMOSD_RUNTIME__ENGINE": args.engine, "MEMOSD_SCHEDULER__ENABLED": "false"}
+           "MEMOSD_RUNTIME__ENGINE": args.engine, "MEMOSD_SCHEDULER__ENABLED": "false",
+           # APE's adjustment of the placed keys, daemon-wide (runtime.compose_temperature / compose_scale)
+           "MEMOSD_RUNTIME__COMPOSE_TEMPERATURE": str(args.compose_temperature),
+           "MEMOSD_RUNTIME__COMPOSE_SCALE": str(args.compose_scale)}
     modes = ["full", "exact"] + [f"composed@{f:g}" for f in args.needle_fractions] + ["first cube only"]
     modes = [m for m in modes if m.split("@")[0].replace(" ", "-") not in args.skip]
     right = dict.fromkeys(modes, 0)
@@ -318,6 +354,7 @@ def needles(lm: LoadedModel, passages: list[str], args: argparse.Namespace) -> d
                   "gained": sum(s["code"] not in s["full"] and s["code"] in s[m] for s in samples)}
               for m in modes if m != "full" and "full" in modes}
     return {"needles": args.needles, "engine": args.engine, "seconds": round(time.perf_counter() - started, 1),
+            "compose_temperature": args.compose_temperature, "compose_scale": args.compose_scale,
             "accuracy": {m: right[m] / args.needles for m in modes}, "paired_with_full": paired,
             "samples": samples}
 
@@ -337,10 +374,14 @@ def main() -> int:
     parser.add_argument("--needles-only", type=int, nargs="+", help="(c): only these questions (0-based)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine: two "
                         "threads on two shared cores spin against each other, 10x slower)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "first-cube-only"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["full", "exact", "first-cube-only"],
                         help="(b): modes left out (exact gives the full prefill's reply by construction)")
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                         help="(b): the daemon's engine (vLLM composes whole engine blocks: see ARCHITECTURE)")
+    parser.add_argument("--compose-temperature", type=float, default=1.0,
+                        help="(b): the daemon's runtime.compose_temperature (1: no adjustment)")
+    parser.add_argument("--compose-scale", type=float, default=1.0,
+                        help="(b): the daemon's runtime.compose_scale (1: no adjustment)")
     parser.add_argument("--block-tokens", type=int, default=700)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-cache", type=Path, default=ROOT / "bench-out" / "model-cache")

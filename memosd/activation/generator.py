@@ -41,7 +41,13 @@ from memosd.park import Park
 from memosd.runtime.engine import Composition, Engine, Finished, Sampling, TokenStream
 from memosd.runtime.host import ModelHost
 from memosd.runtime.kvcache import ComputeCancelled, KVCache
-from memosd.runtime.kvcompose import Placement, compose_unsupported, deviating_tokens, recompute_tokens
+from memosd.runtime.kvcompose import (
+    PlacedAttention,
+    Placement,
+    compose_unsupported,
+    deviating_tokens,
+    recompute_tokens,
+)
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.transformers_engine import KeepPrefix
 from memosd.runtime.vllm_compose import Segment
@@ -223,7 +229,8 @@ class Generator:
 
             def start() -> TokenStream:
                 stream = self.host.transformers.generate(loaded, prompt, sampling, prefix=prefix, prepare=prepare,
-                                                         cancel=cancel, keep=keep, placements=placements)
+                                                         cancel=cancel, keep=keep, placements=placements,
+                                                         attention=self._placed_attention())
                 if compose == "auto" and placements and prefix is not None:
                     # Composed this time; computed exactly behind it (queued after this prefill, at background
                     # priority), so the same combination is reused exactly the next time.
@@ -253,6 +260,10 @@ class Generator:
                 recompute = 0 if i == 0 else recompute_tokens(size, fraction)
             segments.append(Segment(block.cube.cube_id, block.start, size, recompute))
         return Composition(tuple(segments), auto=auto)
+
+    def _placed_attention(self) -> PlacedAttention:
+        config = self.host.config
+        return PlacedAttention(config.compose_temperature, config.compose_scale)
 
     def _compose_mode(self, params: GenerateParams) -> tuple[str, float]:
         config = self.host.config

@@ -76,6 +76,35 @@ class Placement:
         return self.cache.n_tokens - self.recomputed_tokens
 
 
+@dataclass(frozen=True)
+class PlacedAttention:
+    """APE's attention adjustment for the placed keys (Yang et al., ICLR 2025): every query the request
+    computes (the recomputed tokens, the question, each decoded token) attends to the later blocks'
+    *placed* keys with logits ``q.k / (T sqrt(d))`` (``temperature`` T) and with their unnormalised
+    weights times ``scale`` S; to every other key as the model does. The defaults (1, 1) are no
+    adjustment: exactly the plain composition. The first block (exact: computed from position 0, where it
+    sits) and every computed token are not adjusted, only what composition approximates."""
+
+    temperature: float = 1.0
+    scale: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.temperature != 1.0 or self.scale != 1.0
+
+    def key_bias(self, placed: slice, length: int, *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """A row over ``length`` keys in memory order: ``log(scale)`` at the ``placed`` ones, 0 elsewhere.
+        Added to the mask (an additive ``log S`` before the softmax is a factor S on the weight)."""
+        import torch
+
+        bias = torch.zeros(length, dtype=dtype, device=device)
+        bias[placed] = math.log(self.scale)
+        return bias
+
+
+NO_ADJUSTMENT = PlacedAttention()
+
+
 def compose_unsupported(loaded: LoadedModel) -> str:
     """Why this model's blocks cannot be composed ("" if they can), in words for Generate's summary."""
     config: Any = loaded.config
@@ -102,11 +131,12 @@ def recompute_tokens(n_tokens: int, fraction: float) -> int:
     return min(n_tokens, math.ceil(n_tokens * fraction))
 
 
-def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int) -> torch.Tensor:
-    """``keys`` ([1, heads, n, head_dim], computed at positions 0..n-1) as if computed ``offset`` later."""
+def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int, *, factor: float = 1.0) -> torch.Tensor:
+    """``keys`` ([1, heads, n, head_dim], computed at positions 0..n-1) as if computed ``offset`` later,
+    times ``factor`` (folded into the turn: free)."""
     import torch
 
-    if offset == 0:
+    if offset == 0 and factor == 1.0:
         return keys
     model: Any = loaded.model
     inv_freq: torch.Tensor = model.model.rotary_emb.inv_freq
@@ -114,7 +144,7 @@ def rotate_keys(loaded: LoadedModel, keys: torch.Tensor, offset: int) -> torch.T
     # rotate_half(k) = (-k_hi, k_lo) and cos/sin repeat over both halves, so each half is two fused passes
     # into one new tensor: a third of the time of building rotate_half(k), k cos and its sin apart.
     angles = offset * inv_freq.to(dtype=torch.float64, device=keys.device)
-    cos, sin = angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+    cos, sin = (angles.cos() * factor).to(torch.float32), (angles.sin() * factor).to(torch.float32)
     k = keys.to(torch.float32)
     half = k.shape[-1] // 2
     low, high = k[..., :half], k[..., half:]
@@ -136,7 +166,8 @@ def deviating_tokens(n_tokens: int, fraction: float, recompute: int) -> int:
 
 def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int], done: int,
                     placements: Sequence[Placement], *, chunk: int,
-                    check: Callable[[], None] = lambda: None) -> torch.Tensor:
+                    check: Callable[[], None] = lambda: None,
+                    attention: PlacedAttention = NO_ADJUSTMENT) -> torch.Tensor:
     """Prefill ``prompt[done:]`` on ``dyn`` (which holds ``prompt[:done]``) with ``placements`` composed in:
     the logits of the prompt's last token.
 
@@ -149,7 +180,12 @@ def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int
     position passed explicitly. That is the same arithmetic as computing up to each block, placing it and
     going on, in one pass instead of one per block: on one core a forward pass costs ~65 ms before its
     first token (BENCHMARKS.md, "Composed reuse"). Decoding after it needs nothing special: a new token's
-    position is the cache's length, and it sees every key."""
+    position is the cache's length, and it sees every key.
+
+    With an active ``attention`` (``PlacedAttention``), the placed keys are divided by its temperature as
+    they go into ``dyn`` (this request's cache, never the block's own), and the mask adds ``log(scale)``
+    at them: they are the cache's keys ``placed_keys(done, placements)`` in memory order. Decoding then
+    needs that bias too (``decode_mask``); the divided keys it finds in ``dyn``."""
     import torch
 
     end = done
@@ -165,6 +201,7 @@ def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int
     # Before anything is placed: the deviating tokens are picked against dyn's prompt[:done].
     picked = pick_deviating(loaded, dyn, prompt, done, placements, chunk=chunk, check=check) \
         if any(p.deviating and p.placed_tokens for p in placements) else [None] * len(placements)
+    placed_range = placed_keys(done, placements)
     key_positions = [torch.arange(done)]
     computed: list[torch.Tensor] = []
     for placement, extra in zip(placements, picked, strict=True):
@@ -176,7 +213,7 @@ def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int
         elif not placement.placed_tokens:  # the deviating ones are all the rest: nothing to pick
             recomputed[:] = True
         placed = (~recomputed).nonzero().flatten()
-        _place(loaded, dyn, placement, placed)
+        _place(loaded, dyn, placement, placed, 1.0 / attention.temperature)
         key_positions.append(placement.start + placed)
         computed.append(torch.arange(done, placement.start))
         computed.append(placement.start + recomputed.nonzero().flatten())
@@ -189,17 +226,39 @@ def compose_prefill(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int
     model: Any = loaded.model
     dtype = next(model.parameters()).dtype
     logits: torch.Tensor | None = None
+    # log(S) at the placed keys (they stay where they are in memory: after prompt[:done], before anything
+    # computed), then the mask by position over it.
+    bias = attention.key_bias(placed_range, len(seen) + len(ids), dtype=dtype, device=device) \
+        if attention.scale != 1.0 else None
     with torch.no_grad():
         for pos in range(0, len(ids), chunk):
             check()
             query = positions[pos:pos + chunk]
             seen = torch.cat((seen, query))
             mask = torch.zeros((len(query), len(seen)), dtype=dtype, device=device)
+            if bias is not None:
+                mask += bias[:len(seen)]
             mask.masked_fill_(seen[None, :] > query[:, None], torch.finfo(dtype).min)
             logits = model(input_ids=ids[None, pos:pos + chunk], position_ids=query[None], attention_mask=mask[None, None],
                            past_key_values=dyn, use_cache=True, logits_to_keep=1).logits
     assert logits is not None  # at least the prompt's last token is computed (checked above)
     return logits
+
+
+def placed_keys(done: int, placements: Sequence[Placement]) -> slice:
+    """Where ``compose_prefill`` puts the placed keys in the cache's memory order: every block's placed
+    tokens, one after the other, right after the ``done`` tokens the cache held."""
+    return slice(done, done + sum(p.placed_tokens for p in placements))
+
+
+def decode_mask(attention: PlacedAttention, placed: slice, dyn: DynamicCache, *, dtype: torch.dtype,
+                device: torch.device | str) -> torch.Tensor | None:
+    """The mask for decoding one token on ``dyn`` after a composed prefill with ``attention``: its
+    ``log(scale)`` at the ``placed`` keys (``placed_keys``), 0 at every other key (a new token sees all of
+    them). None when there is no scale to add: the model's own (no) mask."""
+    if attention.scale == 1.0 or placed.stop <= placed.start:
+        return None
+    return attention.key_bias(placed, dyn.get_seq_length() + 1, dtype=dtype, device=device)[None, None, None]
 
 
 def pick_deviating(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int], done: int,
@@ -258,9 +317,11 @@ def pick_deviating(loaded: LoadedModel, dyn: DynamicCache, prompt: Sequence[int]
     return picked
 
 
-def _place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement, placed: torch.Tensor) -> None:
+def _place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement, placed: torch.Tensor,
+           key_factor: float = 1.0) -> None:
     """Append the tokens ``placed`` (block-relative, ascending) of ``placement``'s block to the cache, keys
-    turned to their positions (token ``j`` of the block sits at ``placement.start + j``)."""
+    turned to their positions (token ``j`` of the block sits at ``placement.start + j``) and times
+    ``key_factor`` (a ``PlacedAttention``'s 1/T: into ``dyn`` only, the block's own cache is untouched)."""
     if not len(placed):
         return
     first, last = int(placed[0]), int(placed[-1])
@@ -268,6 +329,7 @@ def _place(loaded: LoadedModel, dyn: DynamicCache, placement: Placement, placed:
     pick: slice | torch.Tensor = slice(first, last + 1) if last - first + 1 == len(placed) else placed
     device, dtype = loaded.model.device, next(loaded.model.parameters()).dtype
     for i, (k, v) in enumerate(zip(placement.cache.keys, placement.cache.values, strict=True)):
-        placed_k = rotate_keys(loaded, k[:, :, pick].to(device=device, dtype=dtype), placement.start)
+        placed_k = rotate_keys(loaded, k[:, :, pick].to(device=device, dtype=dtype), placement.start,
+                               factor=key_factor)
         layer: Any = dyn.layers[i]  # full attention (compose_unsupported and check_model_supported)
         layer.update(placed_k, v[:, :, pick].to(device=device, dtype=dtype))

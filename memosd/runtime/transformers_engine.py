@@ -41,7 +41,14 @@ from memosd.runtime.kvcache import (
     prepare_generation,
     snapshot_prefix,
 )
-from memosd.runtime.kvcompose import Placement, compose_prefill
+from memosd.runtime.kvcompose import (
+    NO_ADJUSTMENT,
+    PlacedAttention,
+    Placement,
+    compose_prefill,
+    decode_mask,
+    placed_keys,
+)
 from memosd.runtime.model import LoadedModel
 from memosd.runtime.worker import PRIORITY_INTERACTIVE, RuntimeWorker, WorkerClosedError
 
@@ -84,6 +91,8 @@ class _Generation:
     picked: int = 0  # tokens picked so far, the end token included
     ttft_us: int = 0
     due: bool = False  # a step is owed: queued at the consumer's next ``next()``
+    attention: PlacedAttention = NO_ADJUSTMENT  # composed: APE's adjustment of the placed keys (kvcompose)
+    placed: slice = field(default_factory=lambda: slice(0))  # composed: where the placed keys are in the cache (kvcompose.placed_keys)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -114,11 +123,14 @@ class TransformersEngine:
 
     def generate(self, loaded: LoadedModel, token_ids: Sequence[int], sampling: Sampling, *,
                  prefix: KVCache | None, prepare: Callable[[], None], cancel: threading.Event,
-                 keep: KeepPrefix | None = None, placements: Sequence[Placement] = ()) -> TokenStream:
+                 keep: KeepPrefix | None = None, placements: Sequence[Placement] = (),
+                 attention: PlacedAttention = NO_ADJUSTMENT) -> TokenStream:
         """Stream the reply to ``token_ids``, whose first ``prefix.n_tokens`` are ``prefix``'s tokens; with
         ``keep``, also hand over the KV of a longer prefix once it is computed. ``placements`` (in prompt
         order, after the prefix) are memory blocks composed from their own caches (``kvcompose``): the
-        prompt between them is computed as usual. ``keep`` is for exact prefixes only: never with them."""
+        prompt between them is computed as usual, and every query (the prefill's and each decoded token's)
+        attends to their placed keys as ``attention`` says. ``keep`` is for exact prefixes only: never with
+        them."""
         if keep is not None and placements:
             raise ValueError("a composed prefix is not exact: it cannot be kept as a combination")
         if sampling.json_schema:  # no caller asks it of this engine; ignoring it would answer unconstrained
@@ -128,7 +140,7 @@ class TransformersEngine:
         stream = _PulledStream(uuid.uuid4().hex, lambda _rid: box[0].aborted.set(), lambda: self._step_if_due(box[0]))
         reused = (prefix.n_tokens if prefix is not None else 0) + sum(p.placed_tokens for p in placements)
         gen = _Generation(stream, loaded, sampling, prepare, cancel, len(token_ids), reused, time.perf_counter(),
-                          keep)
+                          keep, attention=attention if placements else NO_ADJUSTMENT)
         box.append(gen)
         prompt = list(token_ids)
         self._queue(gen, lambda: self._start(gen, prefix, prompt, tuple(placements)))
@@ -177,8 +189,10 @@ class TransformersEngine:
             def check() -> None:
                 if gen.stopping:
                     raise ComputeCancelled("generation cancelled during prefill")
+            gen.placed = placed_keys(done, placements)
             logits: torch.Tensor | None = compose_prefill(gen.loaded, gen.cache, prompt, done, placements,
-                                                          chunk=self.prefill_chunk, check=check)
+                                                          chunk=self.prefill_chunk, check=check,
+                                                          attention=gen.attention)
         else:
             logits = self._forward(gen, prompt[done:])  # its last token's logits pick the first token
         if logits is None:
@@ -220,7 +234,12 @@ class TransformersEngine:
         model: Any = gen.loaded.model
         with torch.no_grad():
             piece = torch.tensor([[gen.pending]], dtype=torch.long, device=model.device)
-            out = model(input_ids=piece, past_key_values=gen.cache, use_cache=True, logits_to_keep=1)
+            # A composed prompt's scale on its placed keys holds for every decoded token too (its temperature
+            # is in the placed keys themselves); None otherwise: the model's own mask.
+            mask = decode_mask(gen.attention, gen.placed, gen.cache, dtype=next(model.parameters()).dtype,
+                               device=model.device)
+            out = model(input_ids=piece, past_key_values=gen.cache, use_cache=True, logits_to_keep=1,
+                        attention_mask=mask)
         gen.logits = out.logits[0, -1]
         self._pick(gen)
 

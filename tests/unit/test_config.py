@@ -205,6 +205,8 @@ def test_env_errors_name_key_and_variable(home: Path) -> None:
         "MEMOSD_RUNTIME__COMPOSE": ("blended", "runtime.compose", "exact, composed, auto"),
         "MEMOSD_RUNTIME__COMPOSE_RECOMPUTE": ("1.5", "runtime.compose_recompute", "from 0 to 1"),
         "MEMOSD_RUNTIME__COMPOSE_DEVIATION": ("-0.1", "runtime.compose_deviation", "from 0 to 1"),
+        "MEMOSD_RUNTIME__COMPOSE_TEMPERATURE": ("0", "runtime.compose_temperature", "above 0"),
+        "MEMOSD_RUNTIME__COMPOSE_SCALE": ("-1", "runtime.compose_scale", "above 0"),
     }
     for var, (value, key, expected) in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -236,6 +238,11 @@ def test_compose_defaults_to_exact_and_takes_a_mode_in_any_case(home: Path) -> N
     assert (chosen.compose, chosen.compose_recompute) == ("auto", 0.0)
     assert default.compose_deviation == 0.0  # only the first tokens, unless asked
     assert load_config(["--set", "runtime.compose_deviation=0.02"], env_with(home)).runtime.compose_deviation == 0.02
+    # APE's adjustment of the placed keys is off unless asked (1 and 1: the plain composition)
+    assert (default.compose_temperature, default.compose_scale) == (1.0, 1.0)
+    ape = load_config(["--set", "runtime.compose_temperature=0.85", "--set", "runtime.compose_scale=0.9"],
+                      env_with(home)).runtime
+    assert (ape.compose_temperature, ape.compose_scale) == (0.85, 0.9)
 
 
 def test_env_values_are_converted(home: Path) -> None:

@@ -22,9 +22,11 @@ from memosd.runtime import LoadedModel, ModelSpec, load_model
 from memosd.runtime.engine import Finished, Sampling, Token
 from memosd.runtime.kvcache import compute_prefix_cache, prepare_generation
 from memosd.runtime.kvcompose import (
+    PlacedAttention,
     Placement,
     compose_prefill,
     compose_unsupported,
+    decode_mask,
     deviating_tokens,
     pick_deviating,
     recompute_tokens,
@@ -190,6 +192,72 @@ def test_one_pass_over_several_blocks_gaps_and_chunks_is_the_block_by_block_comp
     greedy, _ = _first_logprobs(engine, tiny, prompt, prefix=None)
     assert [t.token_id for t in exact] == [t.token_id for t in greedy]
     assert [t.logprob for t in exact] == pytest.approx([t.logprob for t in greedy], abs=1e-4)
+
+
+def test_the_placed_keys_temperature_and_scale_are_those_of_keys_divided_and_duplicated(
+        tiny: LoadedModel, engine: TransformersEngine) -> None:
+    # APE's adjustment, checked against arithmetic that needs no mask: a scale of 2 on a key's weight is
+    # that key (and its value) present twice, and a temperature T on q.k is the key divided by T. So the
+    # reference composes block by block with each placed part appended twice, its keys divided by T, and
+    # every computed query (the tail, each decoded token) attends to it; the first block and every computed
+    # token stay as they are. Three blocks and a gap, to check where the placed keys are in the cache.
+    third = [37, 23, 16, 28, 20, 35, 26, 32] * 5
+    gap = [47, 48, 49]
+    prompt = FIRST + SECOND + gap + third + TAIL * 2
+    first, _ = compute_prefix_cache(tiny, FIRST, salt=b"first")
+    second, _ = compute_prefix_cache(tiny, SECOND, salt=b"second")
+    own_third, _ = compute_prefix_cache(tiny, third, salt=b"third")
+    own_keys = [k.clone() for k in second.keys]
+    blocks = [(len(FIRST), second, 5), (len(FIRST + SECOND + gap), own_third, 9)]
+    temperature, scale = 0.5, 2.0
+    tokens, _ = _first_logprobs(engine, tiny, prompt, prefix=first, placements=[Placement(*b) for b in blocks],
+                                attention=PlacedAttention(temperature, scale))
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(zip(first.keys, first.values, strict=True)):
+        cache.update(k.clone(), v.clone(), i)
+    done = first.n_tokens
+
+    def run(ids: list[int], at: int) -> torch.Tensor:  # positions passed: the duplicates lengthen the cache
+        out = tiny.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(at, at + len(ids))[None],
+                         past_key_values=cache, use_cache=True)
+        return out.logits[0, -1]
+
+    with torch.no_grad():
+        for start, block, recompute in blocks:
+            run(prompt[done:start + recompute], done)
+            for _ in range(2):
+                for i, (k, v) in enumerate(zip(block.keys, block.values, strict=True)):
+                    cache.update(rotate_keys(tiny, k[:, :, recompute:], start) / temperature, v[:, :, recompute:], i)
+            done = start + block.n_tokens
+        logits = run(prompt[done:], done)
+        reference = torch.log_softmax(logits.float(), dim=-1)
+        picked = [int(reference.argmax())]
+        logprobs = [float(reference[picked[0]])]
+        while len(picked) < len(tokens):
+            step = torch.log_softmax(run(picked[-1:], len(prompt) + len(picked) - 1).float(), dim=-1)
+            picked.append(int(step.argmax()))
+            logprobs.append(float(step[picked[-1]]))
+    assert [t.token_id for t in tokens] == picked
+    assert [t.logprob for t in tokens] == pytest.approx(logprobs, abs=1e-4)
+    # Not vacuous: the plain composition gives other logprobs, and the blocks' own caches are untouched.
+    plain, _ = _first_logprobs(engine, tiny, prompt, prefix=first, placements=[Placement(*b) for b in blocks])
+    assert max(abs(float(a.logprob or 0) - float(b.logprob or 0)) for a, b in zip(plain, tokens, strict=True)) > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(own_keys, second.keys, strict=True))
+
+
+def test_no_adjustment_adds_no_mask_and_the_scale_is_a_log_bias_on_the_placed_keys_only() -> None:
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, 10, 4), torch.zeros(1, 1, 10, 4), 0)
+    placed = slice(3, 7)
+    assert decode_mask(PlacedAttention(), placed, cache, dtype=torch.float32, device="cpu") is None
+    assert decode_mask(PlacedAttention(0.5), placed, cache, dtype=torch.float32, device="cpu") is None
+    assert not PlacedAttention().active and PlacedAttention(0.8).active and PlacedAttention(1.0, 0.9).active
+    mask = decode_mask(PlacedAttention(1.0, 0.5), placed, cache, dtype=torch.float32, device="cpu")
+    assert mask is not None and mask.shape == (1, 1, 1, 11)  # the cache's keys and the new token's
+    expected = torch.zeros(11)
+    expected[3:7] = torch.log(torch.tensor(0.5))
+    assert torch.allclose(mask[0, 0, 0], expected)
 
 
 def test_a_placement_must_sit_on_its_own_tokens_and_is_never_kept(
