@@ -364,7 +364,8 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
         self.requests.append(("Extract", request))
         mount = self._mount(request.mount_id, context)[0]
         job = types_pb2.Job(job_id=self._id("job"), state=types_pb2.JOB_STATE_QUEUED, cube_id=mount.cube_id,
-                            revision=mount.base_revision, kind=types_pb2.JOB_KIND_EXTRACT, total_steps=2,
+                            revision=mount.base_revision, kind=types_pb2.JOB_KIND_EXTRACT,
+                            total_steps=0,  # as the daemon's: its prompts are counted when it starts
                             extract=types_pb2.ExtractProgress(turns_total=3))
         job.create_time.FromSeconds(1714560000)
         self.jobs[job.job_id] = job
@@ -373,6 +374,7 @@ class FakeMemOS(memos_pb2_grpc.MemOSServicer):
 
     def _watch_extract(self, job: types_pb2.Job) -> Any:
         """An Extract job as it is watched: two prompts, then it succeeds, committing a revision."""
+        job.total_steps = 2
         for step, (read, kept, dropped, refused) in enumerate(((2, 1, 1, 0), (3, 2, 1, 1)), start=1):
             x = types_pb2.ExtractProgress(turns_total=3, turns_read=read, proposed=kept + dropped + refused,
                                           kept=kept, dropped=dropped, refused=refused,
@@ -1485,6 +1487,7 @@ def test_mem_extract_follows_the_job_and_passes_the_token_from_the_environment(
     assert not req.reread  # incremental unless asked
     assert requests_of(fake, "Mount")[-1].mode == types_pb2.MOUNT_MODE_READ_WRITE
     assert "reading 3 turns of cube cube_0001" in r.err and "prompt 2/2 100% kept 2 dropped 1 refused 1" in r.err
+    assert "reading [" in r.err and "training" not in r.err  # queued too: the bar is named for the job's kind
     block = block_of(r.out)
     assert (block["kind"], block["state"], block["prompts"], block["turns"], block["result revision"]) == (
         "extract", "succeeded", "2/2", "3/3", "1")

@@ -126,7 +126,8 @@ def emit_job(out: Output, job: types_pb2.Job) -> None:
 
 
 class JobProgress(Progress):
-    """A training job's bar: step/total, loss and ETA, redrawn from each Job update."""
+    """A job's bar, redrawn from each Job update: a Train job's step/total, loss and ETA; an Extract job's
+    prompts and its kept/dropped/refused counts."""
 
     def __init__(self, out: Output, label: str = "training") -> None:
         super().__init__(0, label, out.stderr, enabled=not (out.quiet or out.json), unit="steps")
@@ -146,8 +147,8 @@ class JobProgress(Progress):
     def render(self, now: float) -> str:
         job = self.job
         state = state_name(job) if job is not None else "?"
-        if job is None or not self.total:
-            return f"{self.label} {bar(0.0)} {state}"
+        if job is None or not self.total:  # queued, or no total yet: the bar of the job's own kind
+            return f"{'reading' if job is not None and is_extract(job) else self.label} {bar(0.0)} {state}"
         frac = min(self.done / self.total, 1.0)
         if is_extract(job):
             x = job.extract
