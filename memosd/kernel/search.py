@@ -177,13 +177,11 @@ class Searcher:
 
         A candidate whose event time falls in one of the ``periods`` the query names scores
         ``1 + PERIOD_BOOST`` times its fused score (a soft filter: a turn that tells of May in June still
-        competes), and after the lifts gains ``settings.period_lift`` (0.2) more: the multiplication
-        helps only a turn the lists already found, while a session held on the day the query names
-        ("on 3 June, 2023") is often ranked high by none of its turns; the constant lifts every turn of
-        that session among the candidates (all carry the session's date as their time) as a session
-        match of 0.2 would, as a whole (a turn that no list nor lift brought in is not a candidate
-        and stays out). A reply lifted in that was not a candidate becomes one, if the search's filters let it
-        through."""
+        competes), and after the lifts gains ``settings.period_lift`` (0.2) more. Why both: the factor
+        helps only a turn the lists already rank well, while a session held on the day the query names
+        ("on 3 June, 2023") often has no such turn. Its turns carry the session's date as their time, so
+        the constant lifts all of them among the candidates together, as a session match would. A reply
+        lifted in that was not a candidate becomes one, if the search's filters let it through."""
         staged_keys = {(c.mount.mount_id, c.staged_id): i for i, c in enumerate(candidates) if c.staged_id}
         sessions: dict[int, tuple[str, str]] = {}
         next_of: dict[int, int] = {}

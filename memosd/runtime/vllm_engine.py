@@ -569,10 +569,11 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         # A schema compiles to a grammar (xgrammar, vLLM's default backend; cached per schema) that masks
-        # every step's logits: on the CPU build too. One line, no free whitespace: the compact JSON the
-        # MemReader's worked example shows, and no budget spent on indentation.
+        # every step's logits: on the CPU build too. It asks for no free whitespace, the compact JSON the
+        # MemReader's worked example shows (line breaks still came through on this build: BENCHMARKS.md).
         structured = StructuredOutputsParams(json=s.json_schema, disable_any_whitespace=True) if s.json_schema else None
-        return SamplingParams(structured_outputs=structured,
+        return SamplingParams(
+            structured_outputs=structured,
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
             stop=list(s.stop) or None, logprobs=0 if s.logprobs else None, ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
